@@ -1,0 +1,1 @@
+"""Attribution graphs built on `replacement`: attribution, pruning, QK pairs, patching, export."""

@@ -1,0 +1,66 @@
+"""Atomic safetensors checkpoints (never pickle) and optimiser-state round trips.
+
+Every file is written to a temporary name in the same folder and renamed, so a crash or ``kill -9``
+never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or for another model."""
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a safetensors file; one clear `CheckpointError` if it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {e}") from None
+    meta = {}
+    for k, v in raw_meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """Adam/AdamW state as flat named tensors (``opt.<param>.<key>``)."""
+    out = {}
+    for p, st in opt.state.items():
+        for key, val in st.items():
+            out[f"opt.{names[p]}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    return out
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], tensors: dict) -> None:
+    for name, p in named_params.items():
+        prefix = f"opt.{name}."
+        st = {k[len(prefix):]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
+        if st:
+            if "step" in st:
+                st["step"] = st["step"].float().cpu()
+            opt.state[p] = st

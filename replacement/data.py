@@ -1,0 +1,193 @@
+"""Training text for the bundled models: local text files, HF datasets, and synthetic lines.
+
+Three kinds of sequence are mixed, each starting with BOS:
+
+* ``text``: a random window of the tokenised corpus;
+* ``arith``: newline-separated additions ``a + b = c`` with operands 0-99 (held-out pairs excluded);
+* ``repeat``: random-token spans, each repeated, so that induction heads form quickly.
+
+Batches are a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+HELDOUT_FRACTION = 0.02
+
+
+def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Read local text files (or ``hf:NAME[:split]`` datasets); returns (train texts, held-out texts).
+
+    The last 2% of each source is held out.
+    """
+    train, heldout = [], []
+    for src in sources:
+        if src.startswith("hf:"):
+            text = _read_hf_dataset(src[3:])
+        else:
+            path = Path(src)
+            if not path.is_file():
+                raise FileNotFoundError(f"text source not found: {src}")
+            text = path.read_text(encoding="utf-8", errors="replace")
+        cut = int(len(text) * (1 - HELDOUT_FRACTION))
+        cut = text.rfind("\n", 0, cut) + 1 or cut
+        train.append(text[:cut])
+        heldout.append(text[cut:])
+    return train, heldout
+
+
+def _read_hf_dataset(spec: str, max_chars: int = 50_000_000) -> str:
+    """``NAME[:split]`` of an HF dataset with a ``text`` column; needs the network or a local HF cache."""
+    try:
+        import datasets  # optional dependency
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("HF datasets need `pip install datasets`") from e
+    name, _, split = spec.partition(":")
+    ds = datasets.load_dataset(name, split=split or "train", streaming=True)
+    parts, total = [], 0
+    for row in ds:
+        parts.append(row["text"])
+        total += len(row["text"])
+        if total >= max_chars:
+            break
+    return "\n\n".join(parts)
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], chunk_chars: int = 200_000) -> torch.Tensor:
+    """Tokenise texts into one flat int32 tensor (no BOS), splitting on line boundaries."""
+    pieces = []
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + chunk_chars)
+            if end < len(text):
+                nl = text.rfind("\n", start, end)
+                end = nl + 1 if nl > start else end
+            pieces.append(text[start:end])
+            start = end
+    enc = tokenizer.backend_tokenizer.encode_batch(pieces, add_special_tokens=False)
+    ids = [i for e in enc for i in e.ids]
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Addition
+# ---------------------------------------------------------------------------------------------------------
+
+SHOWCASE_PAIR = (36, 62)
+
+
+def addition_split(n_heldout: int = 500, seed: int = 1234) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(training pairs, held-out pairs). Operands 0-99 for training; held-out pairs are 2-digit (10-99)
+    and always include the showcase pair (36, 62). A fixed seed makes the list reproducible."""
+    rng = random.Random(seed)
+    two_digit = [(a, b) for a in range(10, 100) for b in range(10, 100) if (a, b) != SHOWCASE_PAIR]
+    heldout = [SHOWCASE_PAIR] + rng.sample(two_digit, n_heldout - 1)
+    held = set(heldout)
+    train = [(a, b) for a in range(100) for b in range(100) if (a, b) not in held]
+    return train, heldout
+
+
+def save_heldout_pairs(path: str | Path, pairs: list[tuple[int, int]]) -> None:
+    atomic_write_text(path, json.dumps({"format": "a + b =", "pairs": pairs}))
+
+
+def load_heldout_pairs(path: str | Path) -> list[tuple[int, int]]:
+    return [tuple(p) for p in json.loads(Path(path).read_text())["pairs"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mixture:
+    text: float = 0.45
+    arith: float = 0.30
+    repeat: float = 0.25
+
+
+class BatchMaker:
+    """Deterministic batches of token ids [B, T], each row ``BOS + ...``."""
+
+    def __init__(self, tokenizer, train_tokens: torch.Tensor, train_pairs, mixture: Mixture, seq_len: int, seed: int):
+        from .tokenizer import number_token_ids
+
+        self.tokens = train_tokens
+        self.pairs = train_pairs
+        self.mix = mixture
+        self.seq_len = seq_len
+        self.seed = seed
+        self.bos = tokenizer.bos_token_id
+        self.bare, self.spaced = number_token_ids(tokenizer)
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        (self.plus,), (self.eq,), (self.nl,) = enc(" +"), enc(" ="), enc("\n")
+        special = set(tokenizer.all_special_ids)
+        self.random_pool = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rng = random.Random(self.seed * 1_000_003 + step)
+        kinds = torch.multinomial(torch.tensor([self.mix.text, self.mix.arith, self.mix.repeat]), batch_size, True, generator=g)
+        rows = []
+        for k in kinds.tolist():
+            if k == 0 and len(self.tokens) > self.seq_len:
+                rows.append(self._text_row(g))
+            elif k == 1 or len(self.tokens) <= self.seq_len:
+                rows.append(self._arith_row(rng))
+            else:
+                rows.append(self._repeat_row(g, rng))
+        return torch.stack(rows)
+
+    def _text_row(self, g) -> torch.Tensor:
+        n = self.seq_len - 1
+        start = int(torch.randint(0, len(self.tokens) - n, (1,), generator=g))
+        return torch.cat([torch.tensor([self.bos]), self.tokens[start : start + n].long()])
+
+    def _arith_row(self, rng: random.Random) -> torch.Tensor:
+        ids = [self.bos]
+        while len(ids) < self.seq_len:  # each line starts with a bare number: "36 + 62 = 98\n"
+            a, b = rng.choice(self.pairs)
+            ids += [self.bare[a], self.plus, self.spaced[b], self.eq, self.spaced[a + b], self.nl]
+        return torch.tensor(ids[: self.seq_len])
+
+    def _repeat_row(self, g, rng: random.Random) -> torch.Tensor:
+        ids = [self.bos]
+        while len(ids) < self.seq_len:
+            span_len = rng.randint(3, 30)
+            span = self.random_pool[torch.randint(0, len(self.random_pool), (span_len,), generator=g)].tolist()
+            ids += span * rng.choice((2, 2, 3))
+        return torch.tensor(ids[: self.seq_len])
+
+
+def arithmetic_prompt(a: int, b: int) -> str:
+    return f"{a} + {b} ="
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small file helpers shared by every writer in the project
+# ---------------------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def file_digest(paths: Sequence[str | Path], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        st = Path(p).stat() if not str(p).startswith("hf:") else None
+        h.update(f"{p}:{st.st_size if st else ''}:{st.st_mtime_ns if st else ''}".encode())
+    return h.hexdigest()[:16]

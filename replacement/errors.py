@@ -1,0 +1,13 @@
+"""Errors that the command line turns into one clear line (no traceback)."""
+
+
+class CircuitsError(Exception):
+    """Base class for user-facing errors: bad input, missing files, wrong checkpoint, diverged training."""
+
+
+class ModelLoadError(CircuitsError):
+    """The model name or path cannot be loaded."""
+
+
+class BadInputError(CircuitsError, ValueError):
+    """A prompt, option or argument that the tool cannot use."""

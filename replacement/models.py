@@ -1,0 +1,433 @@
+"""`ModelAdapter`: uniform, hookable access to a Hugging Face causal LM (Llama family, GPT-NeoX/Pythia).
+
+The adapter wraps the HF model in place (no weight copies) and runs its own forward pass built from the
+model's modules, so that every intermediate value has a name and can be read or replaced:
+
+    embed                         [B, n, d]   token embeddings
+    blocks.L.resid_pre            [B, n, d]   residual stream entering layer L
+    blocks.L.ln1.scale            [B, n, 1]   the attention norm's per-position denominator
+    blocks.L.attn.in              [B, n, d]   what attention reads (after its norm)
+    blocks.L.attn.q / .k          [B, H, n, dh] queries and keys after the rotary map (K/V heads repeated)
+    blocks.L.attn.v               [B, H, n, dh]
+    blocks.L.attn.pattern         [B, H, n, n] attention probabilities
+    blocks.L.attn.z               [B, n, H, dh] per-head mixed values, before the output matrix
+    blocks.L.attn.out             [B, n, d]   attention output, before the residual add
+    blocks.L.resid_mid            [B, n, d]   (sequential blocks only) residual after attention
+    blocks.L.ln2.scale            [B, n, 1]   the MLP norm's per-position denominator
+    blocks.L.mlp.in / .out        [B, n, d]   MLP input (after its norm) and output
+    blocks.L.resid_post           [B, n, d]
+    ln_final.scale                [B, n, 1]
+    logits                        [B, n, V]
+
+A hook is ``fn(tensor, name) -> tensor | None``; returning a tensor replaces the value.  Freezing a norm
+scale or a pattern is a hook returning the cached clean value (see `freeze_hooks`).
+
+Residual rules: Llama is sequential (the MLP reads resid_mid); GPT-NeoX with ``use_parallel_residual``
+has attention and MLP both read resid_pre, and resid_post = resid_pre + attn.out + mlp.out.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BadInputError, ModelLoadError
+
+Hook = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt_neox": "gpt_neox"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small pure functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of x [..., n, dh] by position; the rest pass (partial rotary).
+
+    cos, sin: [n, rot_dim] (or broadcastable to x[..., :rot_dim]).
+    """
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def causal_pattern(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax_{s<=t}(q_t . k_s * scale); q, k [..., n, dh] -> [..., n, n] (computed in float32)."""
+    n = q.shape[-2]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1).to(q.dtype)
+
+
+@dataclass
+class RunResult:
+    logits: torch.Tensor
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.cache[name]
+
+
+def freeze_hooks(cache: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, Hook]:
+    """Hooks that replace each named value by its value in ``cache`` (e.g. norm scales, patterns)."""
+    return {name: (lambda t, n, v=cache[name]: v) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The adapter
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ModelAdapter:
+    """Hookable view of an HF causal LM. ``adapter.model`` is the wrapped HF model itself."""
+
+    def __init__(self, model, tokenizer=None, name: str | None = None):
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED:
+            raise ModelLoadError(
+                f"unsupported architecture {cfg.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}"
+            )
+        self.model, self.tokenizer, self.config = model, tokenizer, cfg
+        self.name = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
+        self.arch = SUPPORTED[cfg.model_type]
+        self.n_layers = cfg.num_hidden_layers
+        self.d_model = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.d_head = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self.context = cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        self.parallel_residual = self.arch == "gpt_neox" and bool(cfg.use_parallel_residual)
+        base = model.gpt_neox if self.arch == "gpt_neox" else model.model
+        self._base = base
+        self.blocks = base.layers
+        self.embedding = model.get_input_embeddings()  # nn.Embedding [V, d]
+        self.unembedding = model.get_output_embeddings()  # nn.Linear d -> V
+        self.final_norm = base.final_layer_norm if self.arch == "gpt_neox" else base.norm
+        self._rotary_module = base.rotary_emb
+        self.attn_scale = self.d_head**-0.5
+
+    # -- properties ---------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def attn_module(self, layer: int):
+        blk = self.blocks[layer]
+        return blk.attention if self.arch == "gpt_neox" else blk.self_attn
+
+    def attn_norm(self, layer: int):
+        return self.blocks[layer].input_layernorm
+
+    def mlp_norm(self, layer: int):
+        return self.blocks[layer].post_attention_layernorm
+
+    def mlp(self, layer: int):
+        return self.blocks[layer].mlp
+
+    @property
+    def rotary_dim(self) -> int:
+        if self.arch == "gpt_neox":
+            factor = self.config.rope_parameters.get("partial_rotary_factor", 1.0)
+            return int(self.d_head * factor)
+        return self.d_head
+
+    # -- weights per head (views or small derived tensors; the model's parameters are not copied) -------
+
+    def _qkv_neox(self, layer: int, which: int):
+        lin = self.attn_module(layer).query_key_value
+        w = lin.weight.view(self.n_heads, 3, self.d_head, self.d_model)[:, which]  # [H, dh, d]
+        b = None if lin.bias is None else lin.bias.view(self.n_heads, 3, self.d_head)[:, which]
+        return w.transpose(1, 2), b
+
+    def _proj(self, lin, n: int):
+        w = lin.weight.view(n, self.d_head, self.d_model).transpose(1, 2)  # [n, d, dh]
+        b = None if lin.bias is None else lin.bias.view(n, self.d_head)
+        return w, b
+
+    def kv_head_of(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads under GQA."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def W_Q(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[H, d, dh] and bias [H, dh] (or None)."""
+        if self.arch == "gpt_neox":
+            return self._qkv_neox(layer, 0)
+        return self._proj(self.attn_module(layer).q_proj, self.n_heads)
+
+    def _kv(self, layer: int, which: int):
+        if self.arch == "gpt_neox":
+            return self._qkv_neox(layer, which)
+        lin = self.attn_module(layer).k_proj if which == 1 else self.attn_module(layer).v_proj
+        w, b = self._proj(lin, self.n_kv_heads)
+        idx = torch.tensor([self.kv_head_of(h) for h in range(self.n_heads)], device=w.device)
+        return w[idx], (None if b is None else b[idx])
+
+    def W_K(self, layer: int):
+        """[H, d, dh] per query head (GQA key heads mapped to query heads) and bias."""
+        return self._kv(layer, 1)
+
+    def W_V(self, layer: int):
+        """[H, d, dh] per query head (GQA value heads mapped to query heads) and bias."""
+        return self._kv(layer, 2)
+
+    def W_O(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[H, dh, d] and the output bias [d] (or None)."""
+        attn = self.attn_module(layer)
+        lin = attn.dense if self.arch == "gpt_neox" else attn.o_proj
+        return lin.weight.t().reshape(self.n_heads, self.d_head, self.d_model), lin.bias
+
+    def rotary(self, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [n, rotary_dim], as the model computes them (rope scaling included)."""
+        pos = torch.arange(offset, offset + n, device=self.device)[None]
+        probe = torch.empty(0, device=self.device, dtype=torch.float32)
+        cos, sin = self._rotary_module(probe, pos)
+        return cos[0], sin[0]
+
+    # -- tokens -------------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        """[1, n] token ids with BOS, checked against the context length."""
+        if not prompt or not prompt.strip():
+            raise BadInputError("the prompt is empty")
+        if self.tokenizer is None:
+            raise BadInputError("this model has no tokenizer; pass token ids")
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
+            ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+        self.check_length(ids.shape[1])
+        return ids.to(self.device)
+
+    def check_length(self, n: int) -> None:
+        if n > self.context:
+            raise BadInputError(f"the prompt is {n} tokens, longer than the model's context of {self.context}")
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _norm(self, norm, x, name, hooks, cache):
+        """Apply an RMSNorm/LayerNorm with its scale exposed as ``name`` [B, n, 1]."""
+        xf = x.float()
+        if isinstance(norm, torch.nn.LayerNorm):
+            xf = xf - xf.mean(-1, keepdim=True)
+        scale = (xf.pow(2).mean(-1, keepdim=True) + (norm.eps if isinstance(norm, torch.nn.LayerNorm) else norm.variance_epsilon)).sqrt()
+        scale = self._hook(name, scale, hooks, cache)
+        y = (xf / scale).to(x.dtype) * norm.weight
+        if getattr(norm, "bias", None) is not None:
+            y = y + norm.bias
+        return y
+
+    @staticmethod
+    def _hook(name, t, hooks, cache):
+        if hooks and name in hooks:
+            out = hooks[name](t, name)
+            if out is not None:
+                t = out
+        if cache is not None and (cache.get("__all__") is not None or name in cache.get("__want__", ())):
+            cache[name] = t
+        return t
+
+    def _attention(self, layer, x, cos, sin, hooks, cache):
+        B, n, _ = x.shape
+        H, dh = self.n_heads, self.d_head
+        attn = self.attn_module(layer)
+        if self.arch == "gpt_neox":
+            qkv = attn.query_key_value(x).view(B, n, H, 3 * dh).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            q = attn.q_proj(x).view(B, n, H, dh).transpose(1, 2)
+            rep = H // self.n_kv_heads
+            k = attn.k_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
+            v = attn.v_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
+        p = f"blocks.{layer}.attn."
+        q = self._hook(p + "q", apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), hooks, cache)
+        k = self._hook(p + "k", apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype)), hooks, cache)
+        v = self._hook(p + "v", v, hooks, cache)
+        need_pattern = (hooks and p + "pattern" in hooks) or (
+            cache is not None and (cache.get("__all__") is not None or p + "pattern" in cache.get("__want__", ()))
+        )
+        if need_pattern:
+            pattern = self._hook(p + "pattern", causal_pattern(q, k, self.attn_scale), hooks, cache)
+            z = pattern @ v
+        else:  # fused kernel; no [B, H, n, n] tensor is kept
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attn_scale)
+        z = self._hook(p + "z", z.transpose(1, 2), hooks, cache)  # [B, n, H, dh]
+        out_lin = attn.dense if self.arch == "gpt_neox" else attn.o_proj
+        return out_lin(z.reshape(B, n, H * dh))
+
+    def run(self, ids: torch.Tensor, hooks: dict[str, Hook] | None = None,
+            capture: bool | Iterable[str] = False, embeds: torch.Tensor | None = None) -> RunResult:
+        """Run the model through named, hookable steps.
+
+        ids: [B, n] token ids.  ``capture``: True for every named value, or an iterable of names.
+        ``embeds`` [B, n, d] replaces the embedding lookup (the input of linearity checks).
+        """
+        if ids.dim() == 1:
+            ids = ids[None]
+        n = ids.shape[1]
+        self.check_length(n)
+        cache: dict | None = None
+        if capture is True:
+            cache = {"__all__": True}
+        elif capture:
+            cache = {"__want__": set(capture)}
+        x = self.embedding(ids) if embeds is None else embeds
+        x = self._hook("embed", x, hooks, cache)
+        cos, sin = self.rotary(n)
+        for L in range(self.n_layers):
+            p = f"blocks.{L}."
+            x = self._hook(p + "resid_pre", x, hooks, cache)
+            a_in = self._hook(p + "attn.in", self._norm(self.attn_norm(L), x, p + "ln1.scale", hooks, cache), hooks, cache)
+            a_out = self._hook(p + "attn.out", self._attention(L, a_in, cos, sin, hooks, cache), hooks, cache)
+            if self.parallel_residual:
+                mlp_src = x
+            else:
+                x = self._hook(p + "resid_mid", x + a_out, hooks, cache)
+                mlp_src = x
+            m_in = self._hook(p + "mlp.in", self._norm(self.mlp_norm(L), mlp_src, p + "ln2.scale", hooks, cache), hooks, cache)
+            m_out = self._hook(p + "mlp.out", self.mlp(L)(m_in), hooks, cache)
+            x = x + a_out + m_out if self.parallel_residual else x + m_out
+            x = self._hook(p + "resid_post", x, hooks, cache)
+        x = self._norm(self.final_norm, x, "ln_final.scale", hooks, cache)
+        x = self._hook("ln_final.out", x, hooks, cache)
+        logits = self._hook("logits", self.unembedding(x), hooks, cache)
+        if cache is not None:
+            cache.pop("__all__", None)
+            cache.pop("__want__", None)
+        return RunResult(logits, cache or {})
+
+    def hf_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The wrapped HF model's own forward pass (for checks)."""
+        return self.model(ids).logits
+
+    def to(self, device=None, dtype=None) -> "ModelAdapter":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BadInputError(f"unknown device {device!r}; use cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BadInputError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+def resolve_model_path(name: str) -> tuple[str, str]:
+    """(path or HF id, display name) for a preset name, a local folder, or an HF id."""
+    from .presets import PRESETS
+
+    if name in PRESETS:
+        folder = PRESETS[name].folder
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"the bundled model {name!r} has no weights in {folder}; "
+                f"train it with: circuits train-lm --model {name}"
+            )
+        return str(folder), name
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{name} is not an HF model folder (no config.json)")
+        return str(path), path.name
+    if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
+        raise ModelLoadError(f"no such model folder: {name}")
+    if name.count("/") != 1:
+        raise ModelLoadError(
+            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESETS)}), "
+            "not an existing folder, and not an HF id of the form owner/name"
+        )
+    return name, name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype = "float32") -> ModelAdapter:
+    """Load a preset, a local HF folder, or an HF hub id into a `ModelAdapter`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    path, display = resolve_model_path(name)
+    local_only = not Path(path).exists() and not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        why = "it is not in the local HF cache and the hub is unreachable (offline)" if local_only else str(e).splitlines()[0]
+        raise ModelLoadError(f"cannot load {name!r}: {why}") from None
+    if config.model_type not in SUPPORTED:
+        raise ModelLoadError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager", local_files_only=local_only)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {str(e).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError):
+        tokenizer = None
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return ModelAdapter(model, tokenizer, display)
+
+
+def model_fingerprint(adapter: ModelAdapter) -> str:
+    """A short hash of the model's config and weights: replacement checkpoints record it."""
+    import hashlib
+
+    skip = {"transformers_version", "dtype", "torch_dtype", "architectures", "attn_implementation"}
+    cfg = {k: v for k, v in adapter.config.to_dict().items() if k not in skip and not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in sorted(adapter.model.state_dict().items()):
+        t = p.detach().float().cpu().flatten()
+        idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long()
+        h.update(name.encode())
+        h.update(t[idx].to(torch.bfloat16).float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "ModelAdapter", "RunResult", "apply_rotary", "causal_pattern", "freeze_hooks", "load_model",
+    "model_fingerprint", "resolve_device", "resolve_dtype",
+]

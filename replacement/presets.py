@@ -1,0 +1,72 @@
+"""The three bundled models: names, HF configs, and where their files live.
+
+Each preset is a standard HF architecture, so the bundled folders load with ``from_pretrained``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLE_DIR = Path(__file__).resolve().parent / "bundled"
+CONTEXT = 128
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    architecture: str  # "llama" or "gpt_neox"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_mlp: int
+    description: str
+
+    @property
+    def folder(self) -> Path:
+        return BUNDLE_DIR / self.name
+
+    def hf_config(self, vocab_size: int, bos_token_id: int, eos_token_id: int):
+        if self.architecture == "llama":
+            from transformers import LlamaConfig
+
+            return LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=self.d_model,
+                intermediate_size=self.d_mlp,
+                num_hidden_layers=self.n_layers,
+                num_attention_heads=self.n_heads,
+                num_key_value_heads=self.n_kv_heads,
+                max_position_embeddings=CONTEXT,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=True,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+            )
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.d_model,
+            intermediate_size=self.d_mlp,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            max_position_embeddings=CONTEXT,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+        )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("toy", "llama", 2, 256, 8, 8, 704, "2-layer Llama-style transformer (the paper's small model)"),
+        Preset("pythia", "gpt_neox", 4, 256, 8, 8, 1024, "4-layer GPT-NeoX (Pythia architecture: parallel residual, partial rotary)"),
+        Preset("llama", "llama", 4, 256, 8, 4, 704, "4-layer Llama (RMSNorm, RoPE, GQA 8q/4kv, SwiGLU), text + arithmetic"),
+    )
+}

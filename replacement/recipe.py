@@ -1,0 +1,213 @@
+"""The recipe that trains the bundled models: tokenizer, data mixture, language-model training, export.
+
+    circuits train-lm --model llama --steps 3000 --workdir runs/bundled
+
+A work folder holds the shared tokenizer, the tokenised corpus and one resumable state per preset;
+``export_bundle`` writes the final HF folder (bf16 safetensors + tokenizer) into the package.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import BatchMaker, Mixture, addition_split, atomic_write_text, read_text_sources, save_heldout_pairs, tokenize_texts
+from .presets import PRESETS, Preset
+
+DEFAULT_SOURCES = [
+    str(Path(__file__).resolve().parents[2] / "shared" / "data" / f)
+    for f in ("austen.txt", "shakespeare.txt", "web_bible.txt", "fortunes.txt", "pydoc_rst.txt")
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class LMTrainConfig:
+    preset: str
+    steps: int = 3000
+    batch_size: int = 24
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    decay_frac: float = 0.25  # linear decay to 10% over the last quarter; constant before that
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    mixture: Mixture = field(default_factory=Mixture)
+    compile: bool = False
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        decay_start = int(self.steps * (1 - self.decay_frac))
+        if step < decay_start:
+            return self.lr
+        frac = (step - decay_start) / max(1, self.steps - decay_start)
+        return self.lr * (1 - 0.9 * frac)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data preparation (shared by the three presets)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(workdir: str | Path, sources: list[str] | None = None, vocab_size: int = 6144):
+    """Train (or reuse) the tokenizer and tokenised corpus in ``workdir``; returns (tokenizer, train, val)."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer import train_tokenizer
+
+    workdir = Path(workdir)
+    tok_dir, data_file = workdir / "tokenizer", workdir / "tokens.safetensors"
+    sources = sources or DEFAULT_SOURCES
+    if (tok_dir / "tokenizer.json").is_file() and data_file.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        tensors, _ = ckpt.load(data_file)
+        return tokenizer, tensors["train"], tensors["val"]
+    train_texts, val_texts = read_text_sources(sources)
+    t0 = time.time()
+    tokenizer = train_tokenizer(train_texts, vocab_size=vocab_size)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(tok_dir))
+    train, val = tokenize_texts(tokenizer, train_texts), tokenize_texts(tokenizer, val_texts)
+    ckpt.atomic_save({"train": train, "val": val}, data_file, {"sources": sources})
+    print(f"tokenizer: {len(tokenizer)} tokens; corpus {len(train):,} train / {len(val):,} held-out tokens "
+          f"({time.time() - t0:.0f}s)")
+    return tokenizer, train, val
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_model(preset: Preset, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = preset.hf_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def train_lm(cfg: LMTrainConfig, workdir: str | Path, tokenizer, train_tokens, resume: bool = True,
+             stop_after: int | None = None, progress: bool = True):
+    """Train one preset; resumable from ``workdir/<preset>/state.safetensors``. Returns the model."""
+    from tqdm import tqdm
+
+    preset = PRESETS[cfg.preset]
+    state_file = Path(workdir) / cfg.preset / "state.safetensors"
+    model = build_model(preset, tokenizer, cfg.seed)
+    named = dict(model.named_parameters())
+    decay = [p for n, p in named.items() if p.ndim >= 2]
+    no_decay = [p for n, p in named.items() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    start, elapsed = 0, 0.0
+    if resume and state_file.is_file():
+        tensors, meta = ckpt.load(state_file)
+        if meta.get("config", {}).get("preset") != cfg.preset:
+            raise ckpt.CheckpointError(f"{state_file} belongs to another preset")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        model.tie_weights()
+        ckpt.restore_optimizer(opt, named, tensors)
+        start, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+    train_pairs, _ = addition_split()
+    maker = BatchMaker(tokenizer, train_tokens, train_pairs, cfg.mixture, cfg.seq_len, cfg.seed)
+    step_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
+
+    def save(step: int):
+        tensors, seen = {}, set()
+        for k, v in model.state_dict().items():  # tied embeddings are stored once
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                tensors[f"model.{k}"] = v
+        tensors.update(ckpt.optimizer_tensors(opt, {p: n for n, p in named.items()}))
+        meta = {"step": step, "elapsed_s": elapsed, "config": asdict(cfg)}
+        ckpt.atomic_save(tensors, state_file, meta)
+
+    model.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=f"train {cfg.preset}")
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    t_last, ema = time.time(), None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        ids = maker.batch(step, cfg.batch_size)
+        loss = step_fn(model, ids)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step}; stopped, last good checkpoint kept at {state_file}"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        now = time.time()
+        elapsed += now - t_last
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}")
+        t_last = now
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save(step + 1)
+    return model, {"steps": end, "tokens": end * tokens_per_step, "train_seconds": round(elapsed, 1)}
+
+
+def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None = None) -> Path:
+    """Write the HF folder (bf16 safetensors, tokenizer, held-out addition pairs, training info)."""
+    import shutil
+
+    out = Path(out or preset.folder)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(str(tmp))
+    save_heldout_pairs(tmp / "addition_heldout.json", addition_split()[1])
+    atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        # keep any trained replacements that already live beside the model
+        for sub in out.iterdir():
+            if sub.is_dir():
+                shutil.move(str(sub), str(tmp / sub.name))
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return out
+
+
+# Steps per preset used for the bundled weights (batch 24 x 128 tokens, lr 2e-3, AdamW wd 0.1).
+RECIPE_STEPS = {"llama": 6000, "toy": 3000, "pythia": 4000}
+
+
+def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources: list[str] | None = None,
+               steps: int | None = None, compile: bool = True, export: bool = True, resume: bool = True) -> list[Path]:
+    """Train each preset (resuming where a state exists) and export it into the package."""
+    tokenizer, train_tokens, _ = prepare_data(workdir, sources)
+    written = []
+    for name in presets:
+        cfg = LMTrainConfig(preset=name, steps=steps or RECIPE_STEPS[name], compile=compile)
+        model, info = train_lm(cfg, workdir, tokenizer, train_tokens, resume=resume)
+        info.update(config=asdict(cfg), sources=[Path(s).name for s in (sources or DEFAULT_SOURCES)])
+        if export:
+            written.append(export_bundle(model, tokenizer, PRESETS[name], info))
+    return written

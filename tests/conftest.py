@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random HF models of each supported architecture (no download, no training)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def tiny_neox(**overrides):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**kw)).eval()
+    with torch.no_grad():  # random LayerNorm/bias values so that every term of the maths is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def llama_adapter():
+    from replacement.models import ModelAdapter
+
+    return ModelAdapter(tiny_llama())
+
+
+@pytest.fixture
+def neox_adapter():
+    from replacement.models import ModelAdapter
+
+    return ModelAdapter(tiny_neox())
+
+
+@pytest.fixture(params=["llama", "neox"])
+def adapter(request):
+    from replacement.models import ModelAdapter
+
+    return ModelAdapter(tiny_llama() if request.param == "llama" else tiny_neox())
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 97, (2, 12))

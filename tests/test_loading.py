@@ -1,0 +1,102 @@
+"""Loading presets, local folders and hub ids; bad input gives one clear line, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from replacement.errors import BadInputError, ModelLoadError
+from replacement.models import load_model
+from tests.conftest import tiny_llama, tiny_neox
+
+
+@pytest.fixture
+def saved_llama(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def test_local_folder_loads_and_matches(saved_llama):
+    model, path = saved_llama
+    adapter = load_model(str(path))
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.run(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    assert not any(p.requires_grad for p in adapter.model.parameters())
+
+
+def test_bfloat16_load(tmp_path):
+    tiny_neox().save_pretrained(tmp_path / "n")
+    adapter = load_model(str(tmp_path / "n"), dtype="bfloat16")
+    assert adapter.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = adapter.run(torch.randint(0, 97, (1, 7))).logits
+    assert torch.isfinite(out.float()).all()
+
+
+def test_bad_names_and_devices(monkeypatch, tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        load_model("no-such-model")
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local HF cache"):
+        load_model("EleutherAI/not-a-real-model-xyz")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInputError, match="no CUDA GPU"):
+            load_model("llama", device="cuda")
+    with pytest.raises(BadInputError, match="unknown dtype"):
+        load_model("llama", dtype="float8")
+
+
+def test_untrained_preset_says_how_to_train(monkeypatch, tmp_path):
+    import replacement.presets as presets
+
+    monkeypatch.setattr(presets, "BUNDLE_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match="circuits train-lm --model toy"):
+        load_model("toy")
+
+
+def test_prompt_checks(saved_llama):
+    adapter = load_model(str(saved_llama[1]))
+    with pytest.raises(BadInputError, match="empty"):
+        adapter.tokenize("  ")
+    with pytest.raises(BadInputError, match="longer than the model's context"):
+        adapter.run(torch.zeros(1, adapter.context + 1, dtype=torch.long))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-c", "import sys; from cli.main import circuits; from cli.trace import trace;"
+                           "cmd = trace if sys.argv[1] == 'trace' else circuits; sys.argv = sys.argv[1:]; cmd()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("circuits", "eval", "--model", "nope"), "unknown model"),
+    (("circuits", "eval", "--model", "/no/such/dir"), "no such model folder"),
+    (("trace", "36 + 62 =", "--model", "nope"), "unknown model"),
+    (("trace", "hello", "--model", "./missing-folder"), "no such model folder"),
+])
+def test_cli_bad_input_is_one_line(args, message):
+    r = _cli(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cli_empty_prompt(saved_llama):
+    r = _cli("trace", "", "--model", str(saved_llama[1]))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "the prompt is empty" in r.stderr
+
+
+def test_models_command_lists_presets():
+    r = _cli("circuits", "models")
+    assert r.returncode == 0, r.stderr
+    for name in ("toy", "pythia", "llama"):
+        assert f"  {name} " in r.stdout

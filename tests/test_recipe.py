@@ -1,0 +1,133 @@
+"""The bundled-model recipe at tiny scale: tokenizer, data, training, checkpoints, resume, NaN."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from replacement import checkpoint as ckpt
+from replacement import presets
+from replacement.data import BatchMaker, Mixture, addition_split
+from replacement.recipe import LMTrainConfig, TrainingDiverged, train_lm
+from replacement.tokenizer import number_token_ids, train_tokenizer
+
+TEXT = ["The cat sat on the mat. The dog sat on the log. It was 1985 and the year was good.\n" * 40,
+        "Alice said to Bob: we will meet at 12 or 7. Bob agreed, and they met at 36 past 9.\n" * 40,
+        "1 + 2 = 3\n4 + 5 = 9\n" * 40]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXT, vocab_size=2400, number_copies=3)
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    p = presets.Preset("tiny", "llama", 1, 32, 2, 1, 64, "test model")
+    monkeypatch.setitem(presets.PRESETS, "tiny", p)
+    return p
+
+
+def test_numbers_are_single_tokens(tokenizer):
+    bare, spaced = number_token_ids(tokenizer)
+    assert len(set(bare)) == len(set(spaced)) == 1000
+    ids = tokenizer("36 + 62 =").input_ids
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 5
+    assert tokenizer.decode(ids[1:]) == "36 + 62 ="
+    assert tokenizer.encode(" 98", add_special_tokens=False) == [spaced[98]]
+    assert len(tokenizer.encode("12345", add_special_tokens=False)) == 2  # digit runs split in threes
+
+
+def test_addition_split_is_fixed_and_disjoint():
+    train, held = addition_split()
+    train2, held2 = addition_split()
+    assert held == held2 and len(held) == 500 and (36, 62) in held
+    assert not set(train) & set(held)
+    assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in held)
+
+
+def test_batches_are_deterministic_and_hold_no_heldout_pair(tokenizer):
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 3, add_special_tokens=False), dtype=torch.int32)
+    train, held = addition_split()
+    maker = BatchMaker(tokenizer, tokens, train, Mixture(0.2, 0.5, 0.3), 48, seed=3)
+    b1, b2 = maker.batch(7, 16), maker.batch(7, 16)
+    assert torch.equal(b1, b2) and not torch.equal(b1, maker.batch(8, 16))
+    assert (b1[:, 0] == tokenizer.bos_token_id).all()
+    held = set(held)
+    n_eq = 0
+    for step in range(5):
+        for row in maker.batch(step, 16):
+            text = tokenizer.decode(row[1:])
+            for line in text.split("\n")[:-1]:
+                parts = line.split()
+                if len(parts) == 5 and parts[1] == "+" and parts[3] == "=":
+                    a, b, c = int(parts[0]), int(parts[2]), int(parts[4])
+                    assert a + b == c and (a, b) not in held
+                    n_eq += 1
+    assert n_eq > 50
+
+
+def _cfg(**kw):
+    base = dict(preset="tiny", steps=20, batch_size=8, seq_len=32, lr=3e-3, warmup=2, checkpoint_every=5, seed=0)
+    base.update(kw)
+    return LMTrainConfig(**base)
+
+
+def test_training_reduces_loss_and_resume_is_exact(tokenizer, tiny_preset, tmp_path):
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 5, add_special_tokens=False), dtype=torch.int32)
+    cfg = _cfg()
+    full, _ = train_lm(cfg, tmp_path / "a", tokenizer, tokens, progress=False)
+    # interrupted after 10 steps (as a kill between checkpoints would leave it), then resumed
+    train_lm(cfg, tmp_path / "b", tokenizer, tokens, progress=False, stop_after=10)
+    resumed, info = train_lm(cfg, tmp_path / "b", tokenizer, tokens, progress=False)
+    for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+    assert info["steps"] == 20
+    # the loss went down
+    from replacement.recipe import build_model, lm_loss
+
+    maker = BatchMaker(tokenizer, tokens, addition_split()[0], cfg.mixture, cfg.seq_len, 99)
+    batch = maker.batch(0, 16)
+    with torch.no_grad():
+        start = lm_loss(build_model(tiny_preset, tokenizer, 0), batch).item()
+        end = lm_loss(full, batch).item()
+    assert end < start - 0.5, (start, end)
+    # the state file reloads with its step and config
+    tensors, meta = ckpt.load(tmp_path / "a" / "tiny" / "state.safetensors")
+    assert meta["step"] == 20 and meta["config"]["preset"] == "tiny"
+    assert any(k.startswith("opt.") for k in tensors)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tokenizer, tiny_preset, tmp_path):
+    tokens = torch.tensor(tokenizer.encode(TEXT[1] * 5, add_special_tokens=False), dtype=torch.int32)
+    train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False, stop_after=5)
+    state = tmp_path / "tiny" / "state.safetensors"
+    before = state.read_bytes()
+    with pytest.raises(TrainingDiverged, match="last good checkpoint kept"):
+        train_lm(dataclasses.replace(_cfg(), lr=1e30), tmp_path, tokenizer, tokens, progress=False)
+    assert state.read_bytes() == before
+    tensors, meta = ckpt.load(state)
+    assert meta["step"] == 5 and all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
+def test_export_bundle_loads_with_from_pretrained(tokenizer, tiny_preset, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replacement.recipe import build_model, export_bundle
+
+    model = build_model(tiny_preset, tokenizer)
+    out = export_bundle(model, tokenizer, tiny_preset, {"steps": 0}, out=tmp_path / "tiny")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    assert tok("36 + 62 =").input_ids == tokenizer("36 + 62 =").input_ids
+    assert (out / "addition_heldout.json").is_file()
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    f = tmp_path / "x.safetensors"
+    ckpt.atomic_save({"a": torch.ones(3)}, f, {"k": 1})
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
+        ckpt.load(f)
