@@ -100,7 +100,7 @@ class ModelAdapter:
                 f"unsupported architecture {cfg.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}"
             )
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
-        self.name = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
+        self.name = name or getattr(cfg, "_name_or_path", "") or f"unnamed-{cfg.model_type}"
         self.arch = SUPPORTED[cfg.model_type]
         self.n_layers = cfg.num_hidden_layers
         self.d_model = cfg.hidden_size

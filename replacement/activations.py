@@ -1,0 +1,111 @@
+"""Activation batches for training replacements: one model pass feeds every layer's modules.
+
+Token sources all answer ``batch(step, batch_size) -> LongTensor [B, T]`` deterministically, so training
+resumes exactly and data-parallel ranks can take disjoint rows of one global batch:
+
+* `replacement.data.BatchMaker`: the bundled models' mixture (text, additions, repeated spans);
+* `TextSource`: windows of any local text files (or ``hf:NAME`` datasets);
+* `RandomTokenSource`: uniform random tokens (tests).
+
+Activations can also be cached to disk as sharded safetensors (`cache_to_disk`) and replayed with
+`ShardSource`, which then skips the model entirely.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+
+
+def hook_points(kind: str, layer: int) -> tuple[str, str]:
+    """(input, target) names: Lorsa reads attn.in and predicts attn.out; transcoders read mlp.in/out."""
+    return (f"blocks.{layer}.attn.in", f"blocks.{layer}.attn.out") if kind == "lorsa" else (
+        f"blocks.{layer}.mlp.in", f"blocks.{layer}.mlp.out")
+
+
+class RandomTokenSource:
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, bos: int | None = None):
+        self.vocab_size, self.seq_len, self.seed, self.bos = vocab_size, seq_len, seed, bos
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        ids = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=g)
+        if self.bos is not None:
+            ids[:, 0] = self.bos
+        return ids
+
+
+class TextSource:
+    """Random windows (BOS + seq_len-1 tokens) of tokenised text files."""
+
+    def __init__(self, tokenizer, files: list[str], seq_len: int, seed: int = 0, heldout: bool = False):
+        from .data import read_text_sources, tokenize_texts
+
+        train, held = read_text_sources(files)
+        self.tokens = tokenize_texts(tokenizer, held if heldout else train)
+        if len(self.tokens) < seq_len:
+            raise ValueError(f"the text has {len(self.tokens)} tokens, fewer than one sequence of {seq_len}")
+        self.bos, self.seq_len, self.seed = tokenizer.bos_token_id, seq_len, seed
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n = self.seq_len - 1
+        starts = torch.randint(0, len(self.tokens) - n, (batch_size,), generator=g)
+        rows = torch.stack([self.tokens[s : s + n].long() for s in starts.tolist()])
+        return torch.cat([torch.full((batch_size, 1), self.bos), rows], dim=1)
+
+
+def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = False):
+    """The bundled models' training mixture when the model is a preset; text files otherwise."""
+    from .data import BatchMaker, Mixture, addition_split
+    from .presets import PRESETS
+    from .recipe import DEFAULT_SOURCES
+
+    seq_len = min(seq_len, adapter.context)
+    files = [f for f in DEFAULT_SOURCES if Path(f).is_file()]
+    if adapter.name in PRESETS and adapter.tokenizer is not None and files:
+        from .data import read_text_sources, tokenize_texts
+
+        train, held = read_text_sources(files)
+        tokens = tokenize_texts(adapter.tokenizer, held if heldout else train)
+        return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], Mixture(), seq_len, seed + (1 if heldout else 0))
+    if adapter.tokenizer is not None and files:
+        return TextSource(adapter.tokenizer, files, seq_len, seed, heldout)
+    return RandomTokenSource(adapter.vocab_size, seq_len, seed + (1 if heldout else 0),
+                             adapter.config.bos_token_id)
+
+
+@torch.no_grad()
+def collect(adapter, ids: torch.Tensor, points: list[str]) -> dict[str, torch.Tensor]:
+    """One forward pass capturing every named point (all layers at once)."""
+    return adapter.run(ids.to(adapter.device), capture=points).cache
+
+
+class ShardSource:
+    """Replays activations cached by `cache_to_disk`; ``acts(step)`` returns that step's dict."""
+
+    def __init__(self, folder: str | Path):
+        self.files = sorted(Path(folder).glob("shard_*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"no activation shards in {folder}")
+
+    def acts(self, step: int) -> dict[str, torch.Tensor]:
+        tensors, _ = ckpt.load(self.files[step % len(self.files)])
+        return tensors
+
+
+def cache_to_disk(adapter, source, points: list[str], folder: str | Path, n_batches: int, batch_size: int,
+                  dtype=torch.bfloat16, progress: bool = True) -> Path:
+    """Write ``n_batches`` shards of activations (one per training step) as safetensors."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    for step in tqdm(range(n_batches), disable=not progress, desc="caching activations"):
+        path = folder / f"shard_{step:06d}.safetensors"
+        if path.is_file():
+            continue  # resumable
+        acts = collect(adapter, source.batch(step, batch_size), points)
+        ckpt.atomic_save({k: v.to(dtype) for k, v in acts.items()}, path, {"step": step})
+    return folder

@@ -1,0 +1,50 @@
+"""What Lorsa and transcoders share: top-K sparse codes, decoding, and their small config base."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+
+@dataclass
+class SparseCode:
+    """K active units per token: values [..., K] and indices [..., K] into the dictionary."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    def dense(self, size: int) -> torch.Tensor:
+        """[..., size] with zeros where a unit is inactive."""
+        out = torch.zeros(*self.values.shape[:-1], size, dtype=self.values.dtype, device=self.values.device)
+        return out.scatter(-1, self.indices, self.values)
+
+
+def topk_relu(pre: torch.Tensor, scale: torch.Tensor, k: int) -> SparseCode:
+    """a = TopK_k(ReLU(pre * scale)) / scale, as (values, indices).
+
+    pre: [..., N] pre-activations, scale: [N] positive (the decoder norms), so units are ranked by the size
+    of what they would write. Units with a non-positive pre-activation get value 0 even when selected.
+    """
+    ranked = torch.relu(pre * scale)
+    _, idx = ranked.topk(k, dim=-1)
+    vals = torch.relu(pre.gather(-1, idx))
+    return SparseCode(vals, idx)
+
+
+def decode(code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """y = sum_k values_k W_dec[indices_k] + b_dec.  W_dec: [N, d] -> y: [..., d]."""
+    return code.dense(W_dec.shape[0]) @ W_dec + b_dec
+
+
+@dataclass
+class ModuleConfig:
+    """Fields every replacement module records next to its weights."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,103 @@
+"""The replacement checkpoint folder: one file per module, a folder-level ``config.json`` naming the model.
+
+    <folder>/config.json                       {"model", "architecture", "fingerprint", "modules": {...}}
+    <folder>/layer{L}.lorsa.safetensors        weights; metadata: kind, config, metrics, fingerprint
+    <folder>/layer{L}.transcoder.safetensors
+
+Weights are stored in bf16 by default (float32 on request) and always loaded as float32.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, atomic_save, load
+from .data import atomic_write_text
+from .lorsa import Lorsa, LorsaConfig
+from .transcoder import Transcoder, TranscoderConfig
+
+KINDS = {"lorsa": (Lorsa, LorsaConfig), "transcoder": (Transcoder, TranscoderConfig)}
+
+
+def module_filename(kind: str, layer: int) -> str:
+    return f"layer{layer}.{kind}.safetensors"
+
+
+def save_module(module, kind: str, folder: str | Path, fingerprint: str, model_name: str, metrics: dict | None = None,
+                dtype: torch.dtype = torch.bfloat16) -> Path:
+    folder = Path(folder)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in ("inv_freq", "rope_scaling") else v)
+               for k, v in module.state_dict().items()}
+    path = folder / module_filename(kind, module.cfg.layer)
+    atomic_save(tensors, path, {"kind": kind, "config": json.loads(module.cfg.to_json()),
+                                "metrics": metrics or {}, "fingerprint": fingerprint, "model": model_name})
+    _update_folder_config(folder, kind, module.cfg.layer, fingerprint, model_name, metrics or {})
+    return path
+
+
+def _update_folder_config(folder: Path, kind: str, layer: int, fingerprint: str, model_name: str, metrics: dict):
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if cfg.get("fingerprint") not in (None, fingerprint):
+        cfg = {}  # a folder retrained for another model starts afresh
+    cfg.update(model=model_name, fingerprint=fingerprint)
+    cfg.setdefault("modules", {})[f"layer{layer}.{kind}"] = {"file": module_filename(kind, layer), "metrics": metrics}
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
+    """Load one module file; with ``fingerprint`` it must have been trained on that model."""
+    tensors, meta = load(path, device)
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise CheckpointError(f"{path} is not a Lorsa or transcoder checkpoint")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on model {meta.get('model')!r} (fingerprint {meta.get('fingerprint')}), "
+            f"not on the model loaded now (fingerprint {fingerprint})"
+        )
+    cls, cfg_cls = KINDS[kind]
+    module = cls(cfg_cls.from_dict(meta["config"]))
+    try:
+        module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its own config: {str(e).splitlines()[0]}") from None
+    return module.to(device), meta
+
+
+def load_replacements(folder: str | Path, adapter, device=None) -> dict[tuple[str, int], torch.nn.Module]:
+    """Every module in ``folder`` for ``adapter``'s model, keyed by (kind, layer)."""
+    from .models import model_fingerprint
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"no trained replacements in {folder}; train them with: circuits train --model {adapter.name} --what all"
+        )
+    cfg = json.loads(cfg_path.read_text())
+    fp = model_fingerprint(adapter)
+    if cfg.get("fingerprint") != fp:
+        raise CheckpointError(
+            f"the replacements in {folder} were trained on model {cfg.get('model')!r}, not on {adapter.name!r} "
+            "(fingerprints differ)"
+        )
+    out = {}
+    for key, entry in sorted(cfg.get("modules", {}).items()):
+        module, meta = load_module(folder / entry["file"], fp, device or adapter.device)
+        out[(meta["kind"], module.cfg.layer)] = module.eval()
+    return out
+
+
+def default_folder(adapter) -> Path:
+    """Where a model's replacements live: beside a bundled or local model, else ./replacements/<name>."""
+    from .presets import PRESETS
+
+    if adapter.name in PRESETS:
+        return PRESETS[adapter.name].folder / "replacements"
+    path = Path(getattr(adapter.config, "_name_or_path", "") or "")
+    if path.is_dir():
+        return path / "replacements"
+    return Path("replacements") / adapter.name.replace("/", "--")

@@ -1,0 +1,441 @@
+"""One training engine for Lorsa and transcoders.
+
+Every step runs the model once, capturing each layer's attention and MLP input/output, and feeds all the
+modules being trained (``--what all`` trains every Lorsa and transcoder of the model in one pass over the
+data).  Inputs and targets are normalised by dataset-wide average norms, estimated before training; the
+scales are folded back into the weights at export, so saved modules act on raw activations.  The BOS
+position is read (it is a key for attention) but left out of every loss and metric: its activations are
+outliers.
+
+Adam, linear warmup, constant then linear decay, gradient clipping, optional K annealing, an AuxK loss that
+revives dead units, bf16 autocast on CUDA, periodic atomic checkpoints, exact ``--resume``, NaN detection,
+and data-parallel training under ``torchrun`` (each rank takes its rows of the global batch; gradients are
+all-reduced).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .activations import hook_points
+from .errors import CircuitsError
+from .lorsa import LorsaConfig, lorsa_for_model
+from .sparse import SparseCode, topk_relu
+from .transcoder import Transcoder, TranscoderConfig
+
+
+class TrainingDiverged(CircuitsError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    what: str = "all"  # lorsa | transcoder | all
+    layers: list[int] | None = None  # default: every layer
+    steps: int = 1500
+    batch_size: int = 16  # sequences per step (the global batch under torchrun)
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup: int = 50
+    decay_frac: float = 0.3
+    grad_clip: float = 1.0
+    aux_coef: float = 1 / 32
+    dead_after_tokens: int = 100_000
+    k_start_mult: float = 1.0  # > 1: anneal K from k_start_mult * K down to K over the first 30% of steps
+    checkpoint_every: int = 100
+    seed: int = 0
+    norm_batches: int = 4
+    # Lorsa
+    lorsa_qk_per_head: int = 4  # n_qk = lorsa_qk_per_head x the model's heads
+    lorsa_heads_per_group: int = 64
+    lorsa_d_qk: int | None = None  # default: the model's head dimension
+    lorsa_top_k: int = 64
+    lorsa_init: str = "model"  # model | random
+    allow_weak_config: bool = False
+    # transcoders
+    tc_expansion: int = 8
+    tc_top_k: int = 32
+    tc_skip: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def kinds(self) -> list[str]:
+        if self.what not in ("lorsa", "transcoder", "all"):
+            raise CircuitsError(f"--what must be lorsa, transcoder or all, not {self.what!r}")
+        return ["lorsa", "transcoder"] if self.what == "all" else [self.what]
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        start = int(self.steps * (1 - self.decay_frac))
+        return self.lr if step < start else self.lr * (1 - 0.9 * (step - start) / max(1, self.steps - start))
+
+    def k_at(self, k: int, step: int) -> int:
+        if self.k_start_mult <= 1:
+            return k
+        frac = max(0.0, 1 - step / max(1, 0.3 * self.steps))
+        return int(round(k * (1 + (self.k_start_mult - 1) * frac)))
+
+
+class Unit:
+    """One module being trained, with its optimiser, normalisation scales and dead-unit counters."""
+
+    def __init__(self, kind: str, layer: int, module: torch.nn.Module, lr: float):
+        self.kind, self.layer, self.module = kind, layer, module
+        self.name = f"{kind}{layer}"
+        self.opt = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999))
+        n_units = module.decoder()[0].shape[0]
+        self.since_fired = torch.zeros(n_units, dtype=torch.long)
+        self.c_x = self.c_y = 1.0
+
+    def forward(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, SparseCode, torch.Tensor]:
+        """(y_hat [.., d], code, pre-activations) in normalised space."""
+        pre = self.module.pre_activations(x)
+        W, b = self.module.decoder()
+        code = topk_relu(pre, W.norm(dim=-1), k)
+        y = code.dense(W.shape[0]) @ W + b
+        if self.kind == "transcoder" and self.module.W_skip is not None:
+            y = y + x @ self.module.W_skip
+        return y, code, pre
+
+
+def build_units(adapter, cfg: TrainConfig) -> list[Unit]:
+    layers = cfg.layers if cfg.layers is not None else list(range(adapter.n_layers))
+    units = []
+    for L in layers:
+        if not 0 <= L < adapter.n_layers:
+            raise CircuitsError(f"layer {L} does not exist; the model has {adapter.n_layers} layers")
+        torch.manual_seed(cfg.seed * 1000 + L)
+        for kind in cfg.kinds():
+            if kind == "lorsa":
+                lc = LorsaConfig.default_for(adapter, L, cfg.lorsa_heads_per_group, cfg.lorsa_qk_per_head, cfg.lorsa_top_k)
+                if cfg.lorsa_d_qk:
+                    lc.d_qk = cfg.lorsa_d_qk
+                try:
+                    module = lorsa_for_model(adapter, L, lc, allow_weak=cfg.allow_weak_config)
+                except ValueError as e:
+                    raise CircuitsError(str(e)) from None
+            else:
+                tc = TranscoderConfig.default_for(adapter, L, cfg.tc_expansion, cfg.tc_top_k)
+                tc.skip = cfg.tc_skip
+                module = Transcoder(tc)
+            units.append(Unit(kind, L, module.to(adapter.device), cfg.lr))
+    return units
+
+
+def _points(units: list[Unit]) -> list[str]:
+    return sorted({p for u in units for p in hook_points(u.kind, u.layer)})
+
+
+def _xy(unit: Unit, acts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (x, y): [B, n, d] for Lorsa (whole sequences), [tokens, d] without BOS for transcoders."""
+    xn, yn = hook_points(unit.kind, unit.layer)
+    x, y = acts[xn].float() * unit.c_x, acts[yn].float() * unit.c_y
+    if unit.kind == "transcoder":
+        x, y = x[:, 1:].reshape(-1, x.shape[-1]), y[:, 1:].reshape(-1, y.shape[-1])
+    return x, y
+
+
+def _drop_bos(unit: Unit, t: torch.Tensor) -> torch.Tensor:
+    return t[:, 1:].reshape(-1, t.shape[-1]) if unit.kind == "lorsa" else t
+
+
+def fvu(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained, sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over tokens [N, d]."""
+    return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class Trainer:
+    def __init__(self, adapter, cfg: TrainConfig, source, state_file: str | Path, world: int = 1, rank: int = 0,
+                 activations=None):
+        self.adapter, self.cfg, self.source = adapter, cfg, source
+        self.state_file = Path(state_file)
+        self.world, self.rank = world, rank
+        if cfg.batch_size % world:
+            raise CircuitsError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
+        self.activations = activations  # optional ShardSource (cached activations)
+        self.units = build_units(adapter, cfg)
+        self.points = _points(self.units)
+        self.step = 0
+        self.elapsed = 0.0
+
+    # -- data ---------------------------------------------------------------------------------------------
+
+    def acts(self, step: int, local: bool = True) -> dict[str, torch.Tensor]:
+        """A step's activations: this rank's rows of the global batch (or all rows with local=False)."""
+        if self.activations is not None:
+            acts = self.activations.acts(step)
+        else:
+            ids = self.source.batch(step, self.cfg.batch_size)
+            acts = self.adapter.run(ids.to(self.adapter.device), capture=self.points).cache
+        if self.world > 1 and local:
+            per = self.cfg.batch_size // self.world
+            acts = {k: v[self.rank * per : (self.rank + 1) * per] for k, v in acts.items()}
+        return {k: v.detach() for k, v in acts.items()}
+
+    @torch.no_grad()
+    def estimate_norms(self) -> None:
+        """Dataset-wide average norms (BOS excluded) from batches that training does not use."""
+        sums = {u.name: [0.0, 0.0, 0] for u in self.units}
+        for i in range(self.cfg.norm_batches):
+            ids = self.source.batch(10**9 + i, self.cfg.batch_size)
+            acts = self.adapter.run(ids.to(self.adapter.device), capture=self.points).cache
+            for u in self.units:
+                xn, yn = hook_points(u.kind, u.layer)
+                x, y = acts[xn][:, 1:].float(), acts[yn][:, 1:].float()
+                s = sums[u.name]
+                s[0] += x.norm(dim=-1).sum().item()
+                s[1] += y.norm(dim=-1).sum().item()
+                s[2] += x.shape[0] * x.shape[1]
+        d = self.adapter.d_model
+        for u in self.units:
+            sx, sy, n = sums[u.name]
+            u.c_x, u.c_y = math.sqrt(d) / (sx / n), math.sqrt(d) / (sy / n)
+
+    @torch.no_grad()
+    def init_modules(self) -> None:
+        """Q/K from the model's heads (Lorsa), and output biases at the target's mean."""
+        acts = self.acts(10**9, local=False)  # identical on every rank
+        torch.manual_seed(self.cfg.seed)
+        for u in self.units:
+            x, y = _xy(u, acts)
+            u.module.decoder()[1].copy_(_drop_bos(u, y).mean(0))
+            if u.kind == "lorsa" and self.cfg.lorsa_init == "model":
+                u.module.init_qk_from_model(self.adapter, u.layer, x_scale=u.c_x)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        if self.rank != 0:
+            return
+        for u in self.units:
+            if not all(torch.isfinite(p).all() for p in u.module.parameters()):
+                raise TrainingDiverged(f"{u.name}: weights are not finite at step {self.step}; stopped, "
+                                       f"last good checkpoint kept at {self.state_file}")
+        tensors = {}
+        for u in self.units:
+            names = {p: n for n, p in u.module.named_parameters()}
+            tensors.update({f"{u.name}.param.{n}": p for n, p in u.module.state_dict().items()})
+            tensors.update({f"{u.name}.{k}": v for k, v in ckpt.optimizer_tensors(u.opt, names).items()})
+            tensors[f"{u.name}.since_fired"] = u.since_fired
+            tensors[f"{u.name}.scales"] = torch.tensor([u.c_x, u.c_y], dtype=torch.float64)
+        meta = {"step": self.step, "elapsed_s": self.elapsed, "config": asdict(self.cfg), "model": self.adapter.name}
+        ckpt.atomic_save(tensors, self.state_file, meta)
+
+    def load_state(self) -> bool:
+        if not self.state_file.is_file():
+            return False
+        tensors, meta = ckpt.load(self.state_file, self.adapter.device)
+        if meta.get("model") != self.adapter.name:
+            raise ckpt.CheckpointError(f"{self.state_file} is a training state for {meta.get('model')!r}, not {self.adapter.name!r}")
+        for u in self.units:
+            pre = f"{u.name}.param."
+            own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            if not own:
+                raise ckpt.CheckpointError(f"{self.state_file} has no state for {u.name}; start without --resume")
+            u.module.load_state_dict(own)
+            ckpt.restore_optimizer(u.opt, dict(u.module.named_parameters()),
+                                   {k[len(u.name) + 1:]: v for k, v in tensors.items() if k.startswith(u.name + ".opt.")})
+            u.since_fired = tensors[f"{u.name}.since_fired"].cpu()
+            u.c_x, u.c_y = tensors[f"{u.name}.scales"].tolist()
+        self.step, self.elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+        return True
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def _aux_loss(self, u: Unit, pre, y_hat, y) -> torch.Tensor:
+        dead = u.since_fired.to(pre.device) > self.cfg.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.cfg.aux_coef == 0:
+            return pre.new_zeros(())
+        W, _ = u.module.decoder()
+        masked = torch.where(dead, pre, torch.full_like(pre, -1e9))
+        code = topk_relu(masked, W.norm(dim=-1), min(n_dead, 2 * u.module.cfg.top_k))
+        recon = code.dense(W.shape[0]) @ W
+        err = (y - y_hat).detach()
+        recon, err = _drop_bos(u, recon), _drop_bos(u, err)
+        return (recon - err).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        acts = self.acts(step)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.adapter.device.type == "cuda" else _null()
+        out = {}
+        for u in self.units:
+            for g in u.opt.param_groups:
+                g["lr"] = self.cfg.lr_at(step)
+            x, y = _xy(u, acts)
+            with autocast:
+                y_hat, code, pre = u.forward(x, self.cfg.k_at(u.module.cfg.top_k, step))
+            y_hat = y_hat.float()
+            mse = (_drop_bos(u, y_hat) - _drop_bos(u, y)).pow(2).mean()
+            loss = mse + self.cfg.aux_coef * self._aux_loss(u, pre.float(), y_hat, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"{u.name}: loss is {loss.item()} at step {step}; stopped, "
+                                       f"last good checkpoint kept at {self.state_file}")
+            u.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            fired = (_drop_bos(u, code.dense(pre.shape[-1])) > 0).any(0)
+            if self.world > 1:
+                for p in u.module.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+                fired = fired.to(torch.int32)
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+            torch.nn.utils.clip_grad_norm_(u.module.parameters(), self.cfg.grad_clip)
+            u.opt.step()
+            n_tok = _drop_bos(u, y).shape[0] * self.world
+            u.since_fired = torch.where(fired.cpu(), torch.zeros_like(u.since_fired), u.since_fired + n_tok)
+            with torch.no_grad():
+                out[u.name] = fvu(_drop_bos(u, y_hat), _drop_bos(u, y)).item()
+        return out
+
+    def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
+        from tqdm import tqdm
+
+        if not (resume and self.load_state()):
+            self.estimate_norms()
+            self.init_modules()
+            self.step = 0
+        end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
+        tokens = self.cfg.batch_size * self.cfg.seq_len
+        bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="train replacements",
+                   disable=not progress or self.rank != 0)
+        t_last = time.time()
+        for step in bar:
+            fvus = self.train_step(step)
+            self.step = step + 1
+            now = time.time()
+            self.elapsed += now - t_last
+            bar.set_postfix(tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}",
+                            fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
+                            worst=max(fvus, key=fvus.get))
+            t_last = now
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                self.save_state()
+
+    # -- export -------------------------------------------------------------------------------------------
+
+    def folded_modules(self) -> dict[tuple[str, int], torch.nn.Module]:
+        """Copies whose weights act on raw activations (normalisation folded in)."""
+        return {(u.kind, u.layer): fold_scales(u.module, u.c_x, u.c_y) for u in self.units}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.no_grad()
+def fold_scales(module: torch.nn.Module, c_x: float, c_y: float) -> torch.nn.Module:
+    """A copy of a module trained on (c_x x -> c_y y) that maps x -> y.
+
+    Lorsa: W_Q, W_K, W_V scale by c_x (scores and values unchanged); W_O, b_O by 1/c_y.
+    Transcoder: W_enc by c_x; W_dec, b_dec by 1/c_y; W_skip by c_x / c_y.
+    TopK ranks are unchanged: every decoder norm is scaled by the same factor."""
+    m = copy.deepcopy(module).float()
+    if isinstance(m, Transcoder):
+        m.W_enc.mul_(c_x)
+        m.W_dec.div_(c_y)
+        m.b_dec.div_(c_y)
+        if m.W_skip is not None:
+            m.W_skip.mul_(c_x / c_y)
+    else:
+        m.W_Q.mul_(c_x)
+        m.W_K.mul_(c_x)
+        m.W_V.mul_(c_x)
+        m.W_O.div_(c_y)
+        m.b_O.div_(c_y)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation of trained (folded) modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], source, n_batches: int = 8,
+                     batch_size: int = 16) -> dict[str, dict]:
+    """Per module on held-out batches: FVU, mean L0, dead fraction (never fired), and the next-token loss
+    with that one layer spliced (its attention by Lorsa, or its MLP by the transcoder) against the clean
+    loss and the loss with that output zero-ablated. BOS is excluded everywhere."""
+    points = sorted({p for (k, L) in modules for p in hook_points(k, L)})
+    stats = {key: {"se": 0.0, "var_y": [], "l0": 0.0, "n": 0, "fired": None, "spliced": 0.0, "zero": 0.0}
+             for key in modules}
+    clean_total, n_pred = 0.0, 0
+    ys = {key: [] for key in modules}
+    for i in range(n_batches):
+        ids = source.batch(i, batch_size).to(adapter.device)
+        clean = adapter.run(ids, capture=points)
+        clean_total += _next_token_loss(clean.logits, ids) * ids.shape[0]
+        n_pred += ids.shape[0]
+        for key, m in modules.items():
+            kind, L = key
+            xn, yn = hook_points(kind, L)
+            x, y = clean.cache[xn].float(), clean.cache[yn].float()
+            y_hat, code = m(x)
+            y_hat[:, 0] = y[:, 0]  # BOS keeps its real output (it is an error node in the graph)
+            s = stats[key]
+            s["se"] += (y_hat - y)[:, 1:].pow(2).sum().item()
+            ys[key].append(y[:, 1:].reshape(-1, y.shape[-1]).cpu())
+            active = code.dense(m.decoder()[0].shape[0])[:, 1:] > 0
+            s["l0"] += active.sum().item()
+            s["n"] += active.shape[0] * active.shape[1]
+            fired = active.reshape(-1, active.shape[-1]).any(0).cpu()
+            s["fired"] = fired if s["fired"] is None else s["fired"] | fired
+            s["spliced"] += _next_token_loss(adapter.run(ids, hooks={yn: lambda t, n, v=y_hat: v.to(t.dtype)}).logits, ids) * ids.shape[0]
+            s["zero"] += _next_token_loss(adapter.run(ids, hooks={yn: lambda t, n: torch.zeros_like(t)}).logits, ids) * ids.shape[0]
+    out = {}
+    clean_loss = clean_total / n_pred
+    for (kind, L), s in stats.items():
+        y = torch.cat(ys[(kind, L)])
+        var = (y - y.mean(0)).pow(2).sum().item()
+        out[f"layer{L}.{kind}"] = {
+            "fvu": s["se"] / var, "l0": s["l0"] / s["n"], "dead_fraction": 1 - s["fired"].float().mean().item(),
+            "clean_loss": clean_loss, "spliced_loss": s["spliced"] / n_pred, "zero_ablation_loss": s["zero"] / n_pred,
+            "eval_tokens": s["n"],
+        }
+    return out
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean loss over predicted tokens 2..n (the prediction made at BOS is left out)."""
+    lg = logits[:, 1:-1].float()
+    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 2:].reshape(-1)).item()
+
+
+def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = None, resume: bool = True,
+                     progress: bool = True, source=None, eval_source=None, activations=None,
+                     world: int = 1, rank: int = 0) -> dict[str, dict]:
+    """Train, evaluate and save every requested module of ``adapter``; returns the metrics per module."""
+    from .activations import default_source
+    from .models import model_fingerprint
+    from .store import default_folder, save_module
+
+    out = Path(out_folder) if out_folder else default_folder(adapter)
+    source = source or default_source(adapter, cfg.seq_len, cfg.seed)
+    state = out / f".train_state.{cfg.what}.safetensors"
+    trainer = Trainer(adapter, cfg, source, state, world=world, rank=rank, activations=activations)
+    trainer.train(resume=resume, progress=progress)
+    if rank != 0:
+        return {}
+    modules = trainer.folded_modules()
+    eval_source = eval_source or default_source(adapter, cfg.seq_len, cfg.seed, heldout=True)
+    metrics = evaluate_modules(adapter, modules, eval_source, batch_size=min(16, cfg.batch_size))
+    fp = model_fingerprint(adapter)
+    for (kind, L), m in modules.items():
+        info = dict(metrics[f"layer{L}.{kind}"], train_steps=trainer.step, train_seconds=round(trainer.elapsed, 1),
+                    train_tokens=trainer.step * cfg.batch_size * cfg.seq_len)
+        save_module(m, kind, out, fp, adapter.name, info)
+    state.unlink(missing_ok=True)
+    return metrics

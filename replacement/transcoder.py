@@ -1,0 +1,136 @@
+"""TopK transcoders: read what the MLP reads (after its norm), predict the MLP's output.
+
+    f = TopK_K(ReLU(W_enc x + b_enc))        ranked by f * ||W_dec row||, like Lorsa's heads
+    y_hat = W_dec^T f + b_dec (+ W_skip x, optional, off by default)
+
+Decoder rows are not constrained to unit norm; instead features are ranked by what they write
+(activation x decoder norm), so a feature cannot win the top-K by shrinking its decoder.
+
+Interoperability: circuit-tracer per-layer files (``W_enc [d_tc, d]``, ``W_dec [d_tc, d]``, ``b_enc``,
+``b_dec``, optional ``W_skip``; ``config.yaml``) and Llamascopium files (``W_E [d, d_tc]``, ``b_E``,
+``W_D [d_tc, d]``, ``b_D``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .sparse import ModuleConfig, SparseCode, decode, topk_relu
+
+
+@dataclass
+class TranscoderConfig(ModuleConfig):
+    d_model: int
+    n_features: int
+    top_k: int
+    skip: bool = False
+    layer: int = 0
+
+    @classmethod
+    def default_for(cls, adapter, layer: int = 0, expansion: int = 8, top_k: int = 32) -> "TranscoderConfig":
+        return cls(d_model=adapter.d_model, n_features=expansion * adapter.d_model, top_k=top_k, layer=layer)
+
+
+class Transcoder(nn.Module):
+    def __init__(self, cfg: TranscoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, N = cfg.d_model, cfg.n_features
+        self.W_enc = nn.Parameter(torch.randn(N, d) / math.sqrt(d))  # [N, d]
+        self.b_enc = nn.Parameter(torch.zeros(N))
+        self.W_dec = nn.Parameter(self.W_enc.detach().clone() * 0.1)  # [N, d]
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.W_skip = nn.Parameter(torch.zeros(d, d)) if cfg.skip else None  # y += x @ W_skip
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., N] from x [..., d]."""
+        return x @ self.W_enc.t() + self.b_enc
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> SparseCode:
+        return topk_relu(self.pre_activations(x), self.W_dec.norm(dim=-1), k or self.cfg.top_k)
+
+    def decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.W_dec, self.b_dec
+
+    def decode(self, code: SparseCode, x: torch.Tensor | None = None) -> torch.Tensor:
+        y = decode(code, self.W_dec, self.b_dec)
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("a transcoder with a skip connection needs x to decode")
+            y = y + x @ self.W_skip
+        return y
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+        code = self.encode(x)
+        return self.decode(code, x), code
+
+    # -- foreign formats ----------------------------------------------------------------------------------
+
+    def to_circuit_tracer(self, folder: str | Path, layer: int, feature_input_hook: str = "mlp.hook_in",
+                          feature_output_hook: str = "mlp.hook_out", model_kind: str = "transcoder_set") -> Path:
+        """Write circuit-tracer's ``layer_{i}.safetensors`` (and ``config.yaml`` if absent)."""
+        from .checkpoint import atomic_save
+        from .data import atomic_write_text
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        t = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.W_skip is not None:
+            t["W_skip"] = self.W_skip.t()  # circuit-tracer: skip = x @ W_skip.T
+        path = folder / f"layer_{layer}.safetensors"
+        atomic_save(t, path)
+        cfg = folder / "config.yaml"
+        if not cfg.exists():
+            atomic_write_text(cfg, f"model_kind: {model_kind}\nfeature_input_hook: {feature_input_hook}\n"
+                                   f"feature_output_hook: {feature_output_hook}\n"
+                                   f"top_k: {self.cfg.top_k}\n")
+        return path
+
+    @classmethod
+    def from_circuit_tracer(cls, folder: str | Path, layer: int, top_k: int | None = None) -> "Transcoder":
+        from .checkpoint import load
+
+        folder = Path(folder)
+        conf = _read_simple_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+        t, _ = load(folder / f"layer_{layer}.safetensors")
+        k = top_k or int(conf.get("top_k", 0)) or None
+        if k is None:
+            raise ValueError("circuit-tracer transcoder has no top_k in config.yaml; pass top_k")
+        W_skip = t.get("W_skip")
+        tc = cls(TranscoderConfig(d_model=t["W_enc"].shape[1], n_features=t["W_enc"].shape[0], top_k=k,
+                                  skip=W_skip is not None, layer=layer))
+        tc._assign(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], None if W_skip is None else W_skip.t())
+        return tc
+
+    @classmethod
+    def from_llamascope(cls, path: str | Path, top_k: int, layer: int = 0) -> "Transcoder":
+        """Llamascopium layout: ``W_E [d, d_tc]``, ``b_E``, ``W_D [d_tc, d]``, ``b_D``."""
+        from .checkpoint import load
+
+        t, _ = load(path)
+        tc = cls(TranscoderConfig(d_model=t["W_E"].shape[0], n_features=t["W_E"].shape[1], top_k=top_k, layer=layer))
+        tc._assign(t["W_E"].t(), t["b_E"], t["W_D"], t["b_D"], None)
+        return tc
+
+    @torch.no_grad()
+    def _assign(self, W_enc, b_enc, W_dec, b_dec, W_skip):
+        self.W_enc.copy_(W_enc)
+        self.b_enc.copy_(b_enc)
+        self.W_dec.copy_(W_dec)
+        self.b_dec.copy_(b_dec)
+        if W_skip is not None:
+            self.W_skip.copy_(W_skip)
+
+
+def _read_simple_yaml(path: Path) -> dict:
+    """``key: value`` lines (the flat config.yaml circuit-tracer writes); no YAML dependency."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if ":" in line and not line.lstrip().startswith("#") and not line.startswith(" "):
+            k, _, v = line.partition(":")
+            out[k.strip()] = v.strip().strip("'\"")
+    return out

@@ -1,0 +1,258 @@
+"""The training engine and checkpoint format for Lorsa and transcoders (tiny models, seconds each)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from replacement import checkpoint as ckpt
+from replacement.activations import RandomTokenSource
+from replacement.lorsa import Lorsa, LorsaConfig, from_llamascope
+from replacement.models import ModelAdapter, model_fingerprint
+from replacement.store import load_module, load_replacements, save_module
+from replacement.train import TrainConfig, Trainer, TrainingDiverged, evaluate_modules, fit_replacements, fold_scales
+from replacement.transcoder import Transcoder, TranscoderConfig
+from tests.conftest import tiny_llama, tiny_neox
+
+SMALL = dict(batch_size=4, seq_len=16, lorsa_heads_per_group=4, lorsa_qk_per_head=2, lorsa_top_k=4,
+             tc_expansion=2, tc_top_k=4, checkpoint_every=5, warmup=2, norm_batches=1)
+
+
+def _source(seed=0):
+    return RandomTokenSource(97, 16, seed, bos=1)
+
+
+def _lorsa(rd=4):
+    torch.manual_seed(0)
+    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2).float() / rd))
+    m = Lorsa(LorsaConfig(d_model=64, n_qk=2, d_qk=8, heads_per_group=3, top_k=2, rotary_dim=rd), inv_freq=inv)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _tc(skip=False):
+    torch.manual_seed(0)
+    m = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=5, skip=skip))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("make", [_lorsa, lambda: _tc(skip=True)], ids=["lorsa", "transcoder_skip"])
+def test_folding_the_normalisation_is_exact(make):
+    m, c_x, c_y = make(), 3.7, 0.42
+    x = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        expected = m(x * c_x)[0] / c_y
+        got = fold_scales(m, c_x, c_y)(x)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [_lorsa, _tc])
+def test_checkpoint_round_trip_is_exact(make, tmp_path):
+    m = make()
+    path = save_module(m, "lorsa" if isinstance(m, Lorsa) else "transcoder", tmp_path, "fp1", "toy", {"fvu": 0.1},
+                       dtype=torch.float32)
+    loaded, meta = load_module(path, "fp1")
+    for (n, a), b in zip(m.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert meta["metrics"]["fvu"] == 0.1 and meta["config"]["top_k"] == m.cfg.top_k
+    with pytest.raises(ckpt.CheckpointError, match="trained on model 'toy'"):
+        load_module(path, "another-fingerprint")
+    # bf16 storage (the default) reloads as float32 with bf16-rounded values
+    loaded16, _ = load_module(save_module(m, "lorsa" if isinstance(m, Lorsa) else "transcoder", tmp_path / "b", "fp1", "toy"))
+    first = next(iter(m.state_dict()))
+    torch.testing.assert_close(loaded16.state_dict()[first], m.state_dict()[first].bfloat16().float())
+
+
+def test_replacements_for_another_model_fail_clearly(tmp_path):
+    a, b = ModelAdapter(tiny_llama(), name="a"), ModelAdapter(tiny_neox(), name="b")
+    save_module(_tc(), "transcoder", tmp_path, model_fingerprint(a), "a")
+    assert set(load_replacements(tmp_path, a)) == {("transcoder", 0)}
+    with pytest.raises(ckpt.CheckpointError, match="trained on model 'a', not on 'b'"):
+        load_replacements(tmp_path, b)
+    with pytest.raises(ckpt.CheckpointError, match="circuits train --model a"):
+        load_replacements(tmp_path / "none", a)
+
+
+def test_one_model_pass_feeds_every_module():
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    calls = []
+    run = adapter.run
+    adapter.run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    trainer = Trainer(adapter, TrainConfig(steps=3, **SMALL), _source(), "/dev/null")
+    trainer.estimate_norms()
+    calls.clear()
+    trainer.train_step(0)
+    assert len(calls) == 1 and len(trainer.units) == 4  # 2 layers x (Lorsa + transcoder)
+
+
+def test_training_lowers_fvu_and_resume_is_exact(tmp_path):
+    adapter = ModelAdapter(tiny_neox(), name="t")
+    cfg = TrainConfig(steps=40, lr=3e-3, **SMALL)
+    full = Trainer(adapter, cfg, _source(), tmp_path / "a.safetensors")
+    full.estimate_norms()
+    full.init_modules()
+    before = evaluate_modules(adapter, full.folded_modules(), _source(1), n_batches=2, batch_size=4)
+    full.train(resume=True, progress=False)  # a state written before a first step does not exist: fresh start
+    after = evaluate_modules(adapter, full.folded_modules(), _source(1), n_batches=2, batch_size=4)
+    for key in after:
+        assert after[key]["fvu"] < 0.8 * before[key]["fvu"], (key, before[key]["fvu"], after[key]["fvu"])
+    half = Trainer(adapter, cfg, _source(), tmp_path / "b.safetensors")
+    half.train(resume=False, progress=False, stop_after=20)
+    resumed = Trainer(adapter, cfg, _source(), tmp_path / "b.safetensors")
+    resumed.train(resume=True, progress=False)
+    assert resumed.step == 40
+    for u, v in zip(full.units, resumed.units):
+        for (n, p), q in zip(u.module.named_parameters(), v.module.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{u.name}.{n}")
+
+
+def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    state = tmp_path / "s.safetensors"
+    Trainer(adapter, TrainConfig(steps=10, **SMALL), _source(), state).train(progress=False, stop_after=5)
+    before = state.read_bytes()
+    bad = Trainer(adapter, TrainConfig(steps=10, **SMALL, lr=1e30), _source(), state)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint kept"):
+        bad.train(progress=False)
+    assert state.read_bytes() == before
+    tensors, meta = ckpt.load(state)
+    assert meta["step"] == 5 and all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.conftest import tiny_llama
+from tests.test_train import SMALL, _source
+from replacement.models import ModelAdapter
+from replacement.train import TrainConfig, Trainer
+adapter = ModelAdapter(tiny_llama(), name="t")
+cfg = TrainConfig(steps={steps}, **SMALL)
+t = Trainer(adapter, cfg, _source(), {state!r})
+orig = t.train_step
+def slow(step):
+    time.sleep(0.05)
+    return orig(step)
+t.train_step = slow
+t.train(resume=True, progress=False)
+print("finished", t.step)
+"""
+
+
+def test_kill_minus_9_then_resume(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    state = str(tmp_path / "s.safetensors")
+    script = KILL_SCRIPT.format(root=root, steps=60, state=state)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if os.path.exists(state) and ckpt.load(state)[1]["step"] >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = ckpt.load(state)[1]["step"]
+    assert 10 <= saved < 60
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "finished 60" in done.stdout
+
+
+DIST_SCRIPT = """
+import sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.conftest import tiny_llama
+from tests.test_train import SMALL, _source
+from replacement.models import ModelAdapter
+from replacement.train import TrainConfig, Trainer
+from replacement.checkpoint import atomic_save
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{rdv}", rank=rank, world_size=2)
+adapter = ModelAdapter(tiny_llama(), name="t")
+t = Trainer(adapter, TrainConfig(steps=8, **SMALL), _source(), {state!r}, world=2, rank=rank)
+t.train(resume=False, progress=False)
+if rank == 0:
+    atomic_save({{f"{{u.name}}.{{n}}": p for u in t.units for n, p in u.module.named_parameters()}}, {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = DIST_SCRIPT.format(root=root, rdv=str(tmp_path / "rdv"), state=str(tmp_path / "d.safetensors"),
+                                out=str(tmp_path / "dist.safetensors"))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stderr=subprocess.PIPE) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err.decode()[-2000:]
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    single = Trainer(adapter, TrainConfig(steps=8, **SMALL), _source(), tmp_path / "s.safetensors")
+    single.train(resume=False, progress=False)
+    dist_params, _ = ckpt.load(tmp_path / "dist.safetensors")
+    assert len(dist_params) == sum(1 for u in single.units for _ in u.module.parameters())
+    for u in single.units:
+        for n, p in u.module.named_parameters():
+            torch.testing.assert_close(dist_params[f"{u.name}.{n}"], p.detach(), atol=1e-5, rtol=0)
+
+
+def test_fit_replacements_writes_loadable_folder(tmp_path):
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    metrics = fit_replacements(adapter, TrainConfig(steps=10, layers=[1], **SMALL), tmp_path, progress=False,
+                               source=_source(), eval_source=_source(1))
+    assert set(metrics) == {"layer1.lorsa", "layer1.transcoder"}
+    for m in metrics.values():
+        assert {"fvu", "l0", "dead_fraction", "spliced_loss", "clean_loss", "zero_ablation_loss"} <= set(m)
+        assert m["l0"] <= 4
+    mods = load_replacements(tmp_path, adapter)
+    assert set(mods) == {("lorsa", 1), ("transcoder", 1)}
+    folder_cfg = json.loads((tmp_path / "config.json").read_text())
+    assert folder_cfg["fingerprint"] == model_fingerprint(adapter)
+    assert not list(tmp_path.glob(".train_state*"))
+
+
+def test_circuit_tracer_and_llamascope_transcoders(tmp_path):
+    tc = _tc()
+    x = torch.randn(5, 64)
+    path = tc.to_circuit_tracer(tmp_path / "ct", layer=3)
+    t, _ = ckpt.load(path)
+    assert t["W_enc"].shape == (32, 64) and t["W_dec"].shape == (32, 64)
+    conf = (tmp_path / "ct" / "config.yaml").read_text()
+    for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
+        assert key in conf
+    back = Transcoder.from_circuit_tracer(tmp_path / "ct", 3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], tc(x)[0])
+    # a Llamascopium file written in its own layout: W_E [d, d_tc], W_D [d_tc, d]
+    ckpt.atomic_save({"W_E": tc.W_enc.detach().t().contiguous(), "b_E": tc.b_enc.detach(), "W_D": tc.W_dec.detach(),
+                      "b_D": tc.b_dec.detach()}, tmp_path / "ls.safetensors")
+    ls = Transcoder.from_llamascope(tmp_path / "ls.safetensors", top_k=5)
+    with torch.no_grad():
+        torch.testing.assert_close(ls(x)[0], tc(x)[0])
+
+
+def test_llamascope_lorsa_loader(tmp_path):
+    m = _lorsa(rd=4)
+    t = {k: v.detach().clone() for k, v in m.named_parameters()}
+    t["b_D"] = t.pop("b_O")
+    ckpt.atomic_save(t, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "n_qk_heads": 2, "d_qk_head": 8, "top_k": 2, "rotary_dim": 4, "rotary_base": 10000,
+        "norm_activation": "none", "hook_point_in": "blocks.0.ln1.hook_normalized",
+        "hook_point_out": "blocks.0.hook_attn_out"}))
+    loaded = from_llamascope(tmp_path)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], m(x)[0])
