@@ -69,13 +69,88 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
         click.echo(f"wrote {out}")
 
 
+@circuits.command("train")
+@model_options
+@click.option("--what", type=click.Choice(["lorsa", "transcoder", "all"]), default="all", show_default=True)
+@click.option("--layers", default=None, help="Comma-separated layers (default: all).")
+@click.option("--steps", type=int, default=1500, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per step (global under torchrun).")
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
+@click.option("--resume/--no-resume", default=True, show_default=True)
+@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to stream activations from.")
+@click.option("--cache-activations", type=click.Path(), default=None, help="Cache activations here as safetensors shards, then train from them.")
+@click.option("--lorsa-qk-per-head", type=int, default=4, show_default=True, help="QK groups per model head.")
+@click.option("--lorsa-heads-per-group", type=int, default=64, show_default=True)
+@click.option("--lorsa-d-qk", type=int, default=None, help="QK dimension (default: the model's head dim).")
+@click.option("--lorsa-top-k", type=int, default=64, show_default=True)
+@click.option("--lorsa-init", type=click.Choice(["model", "random"]), default="model", show_default=True)
+@click.option("--allow-weak-config", is_flag=True, help="Train a Lorsa that breaks the paper's d_qk / n_qk constraints.")
+@click.option("--tc-expansion", type=int, default=8, show_default=True)
+@click.option("--tc-top-k", type=int, default=32, show_default=True)
+@click.option("--tc-skip", is_flag=True, help="Add a linear skip connection to the transcoders.")
+def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
+              cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
+              allow_weak_config, tc_expansion, tc_top_k, tc_skip):
+    """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all).
+
+    Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
+    import torch.distributed as dist
+
+    from replacement.activations import ShardSource, TextSource, cache_to_disk, hook_points
+    from replacement.models import load_model
+    from replacement.train import TrainConfig, fit_replacements
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    adapter = load_model(model_name, device, dtype)
+    try:
+        layer_list = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        raise click.BadParameter("use comma-separated integers, e.g. 0,2", param_hint="--layers") from None
+    cfg = TrainConfig(what=what, layers=layer_list, steps=steps, batch_size=batch_size, seq_len=min(seq_len, adapter.context),
+                      lr=lr, lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
+                      lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
+                      allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip)
+    source = eval_source = None
+    if texts:
+        source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed)
+        eval_source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 1, heldout=True)
+    shards = None
+    if cache_activations:
+        from replacement.activations import default_source
+
+        layers_ = layer_list if layer_list is not None else range(adapter.n_layers)
+        points = sorted({p for L in layers_ for k in cfg.kinds() for p in hook_points(k, L)})
+        src = source or default_source(adapter, cfg.seq_len, cfg.seed)
+        shards = ShardSource(cache_to_disk(adapter, src, points, cache_activations, steps, batch_size))
+    metrics = fit_replacements(adapter, cfg, out, resume=resume, source=source, eval_source=eval_source,
+                               activations=shards, world=world, rank=rank)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        _print_replacement_metrics(metrics)
+
+
+def _print_replacement_metrics(metrics: dict) -> None:
+    click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}")
+    for name, m in sorted(metrics.items()):
+        click.echo(f"{name:<20}{m['fvu']:>8.3f}{m['l0']:>7.1f}{m['dead_fraction']:>7.1%}{m['clean_loss']:>8.3f}"
+                   f"{m['spliced_loss']:>9.3f}{m['zero_ablation_loss']:>9.3f}")
+
+
 @circuits.command("eval")
 @model_options
 @click.option("--text", "texts", multiple=True, help="Held-out text files (default: ../shared/data corpora).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--samples/--no-samples", default=True, show_default=True)
-def eval_cmd(model_name, device, dtype, texts, as_json, samples):
-    """Metrics of a model: induction, addition, held-out text loss, samples."""
+@click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
+def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
+    """Metrics of a model (induction, addition, held-out text loss, samples) and of its replacements."""
     from replacement import evaluate as ev
     from replacement.data import addition_split, read_text_sources, tokenize_texts
     from replacement.models import load_model
@@ -97,6 +172,11 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples):
             out["heldout_text_loss"] = ev.text_loss(adapter, tokenize_texts(adapter.tokenizer, held_text))
         if samples:
             out["samples"] = {p: ev.sample(adapter, p) for p in ("The", "It is a truth", "And God said")}
+    from replacement.store import default_folder
+
+    rep_cfg = Path(replacements or default_folder(adapter)) / "config.json"
+    if rep_cfg.is_file():
+        out["replacements"] = {k: v["metrics"] for k, v in json.loads(rep_cfg.read_text())["modules"].items()}
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -113,6 +193,11 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples):
         click.echo(f"  held-out text loss {out['heldout_text_loss']:.3f} nats/token")
     for p, s in out.get("samples", {}).items():
         click.echo(f"  sample: {s!r}")
+    if "replacements" in out:
+        click.echo("replacements (held-out tokens, BOS excluded; losses in nats/token):")
+        _print_replacement_metrics(out["replacements"])
+    else:
+        click.echo(f"no trained replacements yet: circuits train --model {model_name} --what all")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,25 @@ def adapter(request):
 def ids():
     torch.manual_seed(1)
     return torch.randint(0, 97, (2, 12))
+
+
+def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa_k=4, seed=0, attention="lorsa"):
+    """A ReplacementModel with random (untrained) Lorsa and transcoders: the graph maths must hold anyway."""
+    from replacement.assemble import ReplacementModel
+    from replacement.lorsa import LorsaConfig, lorsa_for_model
+    from replacement.transcoder import Transcoder, TranscoderConfig
+
+    torch.manual_seed(seed)
+    modules = {}
+    for L in range(adapter.n_layers):
+        cfg = LorsaConfig.default_for(adapter, L, heads_per_group=heads_per_group, qk_per_head=1, top_k=lorsa_k)
+        lorsa = lorsa_for_model(adapter, L, cfg)
+        tc = Transcoder(TranscoderConfig(adapter.d_model, n_features, tc_k, layer=L))
+        with torch.no_grad():
+            for m in (lorsa, tc):
+                for name, p in m.named_parameters():
+                    if name.startswith("b_"):
+                        p.normal_(0, 0.2)
+        modules[("lorsa", L)] = lorsa.eval()
+        modules[("transcoder", L)] = tc.eval()
+    return ReplacementModel(adapter, modules, attention)

@@ -1,0 +1,330 @@
+"""Attribution graphs: direct linear effects between embeddings, Lorsa heads, transcoder features, error
+nodes and logits, with the norm scales, the Lorsa patterns and the errors frozen.
+
+The residual stream is a sum of writes.  Number its write slots: slot 0 holds the embedding; attention of
+layer L writes slot 2L+1 and its MLP slot 2L+2.  Attention L reads slot 2L (everything written at slots
+<= 2L); the MLP of a sequential block reads slot 2L+1 (it sees layer L's attention), the MLP of a parallel
+block reads slot 2L (it does not); the logits read slot 2N.
+
+Every target's pre-activation is a linear function of what it reads, so it has a *read gradient* R
+([n, d], per position) at its read slot:
+
+    transcoder feature f at t:  R[t] = P(w_ln2 * W_enc[f]) / sigma2[t]
+    Lorsa head h at query t:    R[s] = A_{t,s} P(w_ln1 * w_v^h) / sigma1[s]   for s <= t   (the OV edge)
+    logit v (demeaned) at T:    R[T] = P(w_lnf * (W_U[v] - mean W_U)) / sigmaf[T]
+
+(P centres a vector for LayerNorm and is the identity for RMSNorm.)  In Lorsa mode no path runs through
+another node, so a write at slot w <= r meets the same gradient: edge(i -> target) = R[pos_i] . u_i.
+In frozen-attention mode (transcoders only) attention is a fixed linear map between slots 2L and 2L+1 and
+the gradient is carried through it explicitly:  G_w = G_{w+1} + [w = 2L] VJP_attn_L(G_{2L+1}).
+
+Edges come in batches of targets of one kind and layer, as matrix products; never one pass per edge.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from replacement.assemble import Record, ReplacementModel
+from replacement.errors import BadInputError
+
+from .graph import AttributionGraph, EdgeArrays, Node
+
+
+@dataclass
+class Source:
+    slot: int
+    pos: int
+    vector: torch.Tensor  # [d] what the node writes into the residual stream
+
+
+class Linearised:
+    """The frozen linear structure of one recorded prompt (read vectors, slot biases, attention VJPs)."""
+
+    def __init__(self, model: ReplacementModel, rec: Record):
+        self.model, self.rec, self.adapter = model, rec, model.adapter
+        a = self.adapter
+        self.N, self.n, self.d = a.n_layers, rec.ids.shape[0], a.d_model
+        self.layernorm = isinstance(a.final_norm, torch.nn.LayerNorm)
+        self.final_slot = 2 * self.N
+
+    # -- small maps ---------------------------------------------------------------------------------------
+
+    def _p(self, v: torch.Tensor) -> torch.Tensor:
+        """P: centre the last dim for LayerNorm, identity for RMSNorm."""
+        return v - v.mean(-1, keepdim=True) if self.layernorm else v
+
+    @staticmethod
+    def _w(norm) -> torch.Tensor:
+        return norm.weight.detach().float()
+
+    @staticmethod
+    def _b(norm) -> torch.Tensor | None:
+        b = getattr(norm, "bias", None)
+        return None if b is None else b.detach().float()
+
+    def mlp_read_slot(self, L: int) -> int:
+        return 2 * L if self.adapter.parallel_residual else 2 * L + 1
+
+    # -- read gradients and intrinsic constants ------------------------------------------------------------
+
+    def read_transcoder(self, L: int, feats: torch.Tensor, pos: torch.Tensor):
+        """R [B, n, d] and intrinsic constants [B] for transcoder features (feats, pos: [B])."""
+        tc = self.model.transcoders[L]
+        norm = self.adapter.mlp_norm(L)
+        W = tc.W_enc[feats].float()  # [B, d]
+        R = torch.zeros(len(feats), self.n, self.d)
+        sig = self.rec.layers[L].ln2_scale[pos]  # [B, 1]
+        R[torch.arange(len(feats)), pos] = self._p(W * self._w(norm)) / sig
+        const = tc.b_enc[feats].float()
+        if self._b(norm) is not None:
+            const = const + W @ self._b(norm)
+        return R, const
+
+    def read_lorsa(self, L: int, heads: torch.Tensor, pos: torch.Tensor):
+        lorsa = self.model.lorsas[L]
+        norm = self.adapter.attn_norm(L)
+        lr = self.rec.layers[L]
+        groups = heads // lorsa.cfg.heads_per_group
+        A = lr.lorsa_pattern[groups, pos]  # [B, n] row t of each head's group pattern
+        wv = lorsa.W_V[heads].float()  # [B, d]
+        read = self._p(wv * self._w(norm))  # [B, d]
+        R = A[:, :, None] * read[:, None, :] / lr.ln1_scale[None, :, :]  # [B, n, d]
+        per_pos = lorsa.b_V[heads].float()
+        if self._b(norm) is not None:
+            per_pos = per_pos + wv @ self._b(norm)
+        return R, A.sum(-1) * per_pos
+
+    def read_logits(self, token_ids: torch.Tensor):
+        a = self.adapter
+        W_U = a.unembedding.weight.detach().float()
+        Wd = W_U[token_ids] - W_U.mean(0)  # [B, d] demeaned
+        R = torch.zeros(len(token_ids), self.n, self.d)
+        T = self.n - 1
+        R[:, T] = self._p(Wd * self._w(a.final_norm)) / self.rec.final_scale[T]
+        const = torch.zeros(len(token_ids))
+        if self._b(a.final_norm) is not None:
+            const = const + Wd @ self._b(a.final_norm)
+        b_U = getattr(a.unembedding, "bias", None)
+        if b_U is not None:
+            b = b_U.detach().float()
+            const = const + b[token_ids] - b.mean()
+        return R, const
+
+    # -- what each slot's writes contain besides nodes -------------------------------------------------
+
+    def slot_bias(self, slot: int) -> torch.Tensor | None:
+        """The constant vector [d] written at every position at a slot (biases), or None."""
+        if slot == 0:
+            return None
+        L, is_mlp = (slot - 1) // 2, slot % 2 == 0
+        if is_mlp:
+            return self.model.transcoders[L].b_dec.detach().float()
+        if self.model.attention == "lorsa":
+            return self.model.lorsas[L].b_O.detach().float()
+        a = self.adapter
+        (Wv, bv), (Wo, bo) = a.W_V(L), a.W_O(L)
+        v_const = torch.zeros(a.n_heads, a.d_head) if bv is None else bv.float()
+        if self._b(a.attn_norm(L)) is not None:
+            v_const = v_const + torch.einsum("d,hde->he", self._b(a.attn_norm(L)), Wv.float())
+        out = torch.einsum("he,hed->d", v_const, Wo.float())
+        return out if bo is None else out + bo.float()
+
+    def attn_vjp(self, L: int, g_out: torch.Tensor) -> torch.Tensor:
+        """Frozen MHSA of layer L as a linear map slot 2L -> 2L+1; returns the gradient at its input [B, n, d]."""
+        a = self.adapter
+        (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)
+        A = self.rec.layers[L].pattern  # [H, n, n]
+        g_z = torch.einsum("btd,hed->bhte", g_out, Wo.float())
+        g_v = torch.einsum("hts,bhte->bhse", A, g_z)
+        g_x = torch.einsum("bhse,hde->bsd", g_v, Wv.float())
+        return self._p(g_x * self._w(a.attn_norm(L))) / self.rec.layers[L].ln1_scale[None]
+
+    def slot_gradients(self, R: torch.Tensor, read_slot: int) -> list[torch.Tensor | None]:
+        """G_w [B, n, d] for w = 0..read_slot (None above it)."""
+        G: list[torch.Tensor | None] = [None] * (self.final_slot + 1)
+        G[read_slot] = R
+        for w in range(read_slot - 1, -1, -1):
+            g = G[w + 1]
+            if self.model.attention == "frozen" and w % 2 == 0 and w + 1 <= read_slot:
+                g = g + self.attn_vjp(w // 2, G[w + 1])
+            G[w] = g
+        return G
+
+
+def _select_logits(probs: torch.Tensor, coverage: float, max_logits: int, target: int | None) -> list[int]:
+    order = probs.argsort(descending=True).tolist()
+    chosen, total = [], 0.0
+    for i in order[:max_logits]:
+        chosen.append(i)
+        total += probs[i].item()
+        if total >= coverage:
+            break
+    if target is not None and target not in chosen:
+        chosen = chosen[: max_logits - 1] + [target]
+    return chosen
+
+
+@torch.no_grad()
+def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
+              logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
+              edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False) -> AttributionGraph:
+    """The full (unpruned) attribution graph of ``prompt`` under ``model``.
+
+    ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
+    the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
+    ``sparse_record``: trace the pure sparse model itself (all errors are then zero)."""
+    t0 = time.time()
+    a = model.adapter
+    ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
+    rec = model.record(ids[0], sparse=sparse_record)
+    lin = Linearised(model, rec)
+    n, N = lin.n, lin.N
+    tok = a.tokenizer
+    tokens = [tok.decode([i]) if tok is not None else str(i) for i in rec.ids.tolist()]
+
+    nodes: list[Node] = []
+    sources: dict[str, Source] = {}
+
+    def add_source(node: Node, slot: int, vec: torch.Tensor):
+        nodes.append(node)
+        sources[node.id] = Source(slot, node.pos, vec)
+
+    for p in range(n):
+        add_source(Node(f"emb@{p}", "embedding", -1, p, int(rec.ids[p]), label=tokens[p]), 0, rec.embed[p])
+    targets: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # (kind, layer, node rows, index/pos)
+    for L in range(N):
+        lr = rec.layers[L]
+        if model.attention == "lorsa":
+            lorsa = model.lorsas[L]
+            rows = []
+            for p in range(n):
+                for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
+                    if v > 0:
+                        node = Node(f"lorsa.{L}.{h}@{p}", "lorsa", L, p, h, activation=v, label=f"L{L}.H{h}",
+                                    preact=float(lr.lorsa_z[p, h]))
+                        add_source(node, 2 * L + 1, v * lorsa.W_O[h].float())
+                        rows.append((len(nodes) - 1, h, p))
+            targets.append(("lorsa", L, *map(torch.tensor, zip(*rows))) if rows else ("lorsa", L, None, None, None))
+            for p in range(n):
+                add_source(Node(f"attn_err.{L}@{p}", "attn_error", L, p, -1, activation=float(lr.attn_err[p].norm()),
+                                label=f"L{L} attn err"), 2 * L + 1, lr.attn_err[p])
+        tc = model.transcoders[L]
+        if tc.W_skip is not None:
+            raise BadInputError("attribution through a transcoder skip connection is not supported")
+        pre = tc.pre_activations(lr.mlp_in)
+        rows = []
+        for p in range(n):
+            for v, f in zip(lr.tc_code.values[p].tolist(), lr.tc_code.indices[p].tolist()):
+                if v > 0:
+                    node = Node(f"tc.{L}.{f}@{p}", "transcoder", L, p, f, activation=v, label=f"L{L}.F{f}",
+                                preact=float(pre[p, f]))
+                    add_source(node, 2 * L + 2, v * tc.W_dec[f].float())
+                    rows.append((len(nodes) - 1, f, p))
+        targets.append(("transcoder", L, *map(torch.tensor, zip(*rows))) if rows else ("transcoder", L, None, None, None))
+        for p in range(n):
+            add_source(Node(f"mlp_err.{L}@{p}", "mlp_error", L, p, -1, activation=float(lr.mlp_err[p].norm()),
+                            label=f"L{L} mlp err"), 2 * L + 2, lr.mlp_err[p])
+
+    # logits
+    logits = rec.logits[n - 1]
+    probs = logits.softmax(-1)
+    target_id = None
+    if target is not None:
+        t_ids = tok.encode(target, add_special_tokens=False) if tok is not None else []
+        if len(t_ids) != 1:
+            raise BadInputError(f"target {target!r} is not a single token of this model's vocabulary")
+        target_id = t_ids[0]
+    chosen = _select_logits(probs, logit_coverage, max_logits, target_id)
+    demeaned = logits - logits.mean()
+    rows = []
+    for v in chosen:
+        label = tok.decode([v]) if tok is not None else str(v)
+        nodes.append(Node(f"logit.{v}@{n - 1}", "logit", N, n - 1, v, activation=float(demeaned[v]),
+                          label=label, prob=float(probs[v]), preact=float(demeaned[v])))
+        rows.append((len(nodes) - 1, v, n - 1))
+    targets.append(("logit", N, *map(torch.tensor, zip(*rows))))
+
+    # sources grouped by (slot, position) for the products
+    index = {node.id: i for i, node in enumerate(nodes)}
+    groups: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
+    tmp: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for nid, s in sources.items():
+        tmp.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
+    for key, items in tmp.items():
+        groups[key] = ([i for i, _ in items], torch.stack([v for _, v in items]))
+
+    edges = EdgeArrays()
+    n_targets = sum(0 if t[2] is None else len(t[2]) for t in targets)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_targets, desc="attribution", disable=not progress)
+    for kind, L, node_rows, idx, pos in targets:
+        if node_rows is None:
+            continue
+        for start in range(0, len(node_rows), batch_size):
+            sl = slice(start, start + batch_size)
+            b_rows, b_idx, b_pos = node_rows[sl], idx[sl], pos[sl]
+            if kind == "lorsa":
+                R, const = lin.read_lorsa(L, b_idx, b_pos)
+                read_slot = 2 * L
+            elif kind == "transcoder":
+                R, const = lin.read_transcoder(L, b_idx, b_pos)
+                read_slot = lin.mlp_read_slot(L)
+            else:
+                R, const = lin.read_logits(b_idx)
+                read_slot = lin.final_slot
+            G = lin.slot_gradients(R, read_slot)
+            W = torch.zeros(len(b_rows), len(nodes))
+            for w in range(read_slot + 1):
+                bias = lin.slot_bias(w)
+                if bias is not None:
+                    const = const + G[w].sum(1) @ bias
+                for p in range(n):
+                    if (w, p) not in groups:
+                        continue
+                    g = G[w][:, p]  # [B, d]
+                    live = g.abs().sum(-1) > 0
+                    if not live.any():
+                        continue
+                    cols, U = groups[(w, p)]
+                    W[live.nonzero()[:, 0][:, None], torch.tensor(cols)[None]] = g[live] @ U.t()
+            _emit_edges(W, b_rows.tolist(), const, nodes, edges, "ov" if kind == "lorsa" else "direct", edges_per_target)
+            bar.update(len(b_rows))
+    bar.close()
+    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
+                "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
+                "seconds": round(time.time() - t0, 3)}
+    prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
+    return AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
+
+
+def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
+                kind: str, keep: int | None) -> None:
+    """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only)."""
+    for r, row in enumerate(target_rows):
+        w = W[r]
+        nz = w.nonzero()[:, 0]
+        node = nodes[row]
+        node.const = float(const[r])
+        if keep is not None and len(nz) > keep:
+            kept = nz[w[nz].abs().topk(keep).indices]
+            node.dropped = float(w[nz].sum() - w[kept].sum())
+            nz = kept
+        store.add(nz, torch.full_like(nz, row), w[nz], kind)
+
+
+def reconstruction_errors(graph: AttributionGraph) -> dict[str, float]:
+    """For every target: |sum(incoming) + const + dropped - preact| / max(|preact|, 1e-6)."""
+    E = graph.edge_arrays
+    sums = torch.zeros(len(graph.node_list), dtype=torch.float64)
+    mask = E.kind != EdgeArrays.KINDS.index("qk")
+    sums.index_add_(0, E.tgt[mask], E.w[mask].double())
+    out = {}
+    for i, node in enumerate(graph.node_list):
+        if node.type in ("lorsa", "transcoder", "logit"):
+            total = float(sums[i]) + node.const + node.dropped
+            out[node.id] = abs(total - node.preact) / max(abs(node.preact), 1e-6)
+    return out

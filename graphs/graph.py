@@ -1,0 +1,251 @@
+"""`AttributionGraph`: typed nodes, typed weighted edges, the prompt, settings, and queries.
+
+Node ids never collide between types:
+
+    emb@{pos}                 token embedding at a position
+    lorsa.{L}.{head}@{pos}    a Lorsa head active at a query position
+    tc.{L}.{feature}@{pos}    a transcoder feature active at a position
+    attn_err.{L}@{pos}        the attention error of layer L at a position
+    mlp_err.{L}@{pos}         the MLP error of layer L at a position
+    logit.{token_id}@{pos}    an output logit (demeaned) at the last position
+
+Edges run source -> target; ``kind`` is ``ov`` (into a Lorsa head, weighted by its pattern), ``direct``
+(into a feature or a logit through the residual stream), or ``qk`` (a query-side node x key-side node pair
+explaining a Lorsa head's attention score; see graphs/qk.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+NODE_TYPES = ("embedding", "lorsa", "transcoder", "attn_error", "mlp_error", "logit")
+
+
+@dataclass
+class Node:
+    id: str
+    type: str  # one of NODE_TYPES
+    layer: int  # -1 for embeddings, n_layers for logits
+    pos: int
+    index: int  # head, feature or token id (-1 for errors and embeddings)
+    activation: float = 0.0  # head/feature activation; logit value for logits
+    influence: float = 0.0
+    label: str = ""
+    prob: float = 0.0  # logits only
+    const: float = 0.0  # targets: bias terms of the pre-activation
+    preact: float = 0.0  # targets: the pre-activation the incoming edges (plus const) explain
+    dropped: float = 0.0  # targets: summed weight of incoming edges not kept (edges_per_target)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Edge:
+    source: str
+    target: str
+    weight: float
+    kind: str = "direct"  # ov | direct | qk
+    extra: dict = field(default_factory=dict)
+
+
+class EdgeArrays:
+    """Compact edge storage: node-index tensors src/tgt, weights, and kind codes (ov, direct)."""
+
+    KINDS = ("ov", "direct", "qk")
+
+    def __init__(self, src=None, tgt=None, w=None, kind=None):
+        self._parts: list[tuple] = []
+        if src is not None:
+            self._parts.append((src.long(), tgt.long(), w.float(), kind.to(torch.int8)))
+        self._cat = None
+
+    def add(self, src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, kind: str) -> None:
+        code = torch.full((len(src),), self.KINDS.index(kind), dtype=torch.int8)
+        self._parts.append((src.long(), tgt.long(), w.float(), code))
+        self._cat = None
+
+    def _merged(self):
+        if self._cat is None:
+            if not self._parts:
+                e = torch.zeros(0, dtype=torch.long)
+                self._cat = (e, e, torch.zeros(0), torch.zeros(0, dtype=torch.int8))
+            else:
+                self._cat = tuple(torch.cat(x) for x in zip(*self._parts))
+                self._parts = [self._cat]
+        return self._cat
+
+    src = property(lambda self: self._merged()[0])
+    tgt = property(lambda self: self._merged()[1])
+    w = property(lambda self: self._merged()[2])
+    kind = property(lambda self: self._merged()[3])
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def select(self, mask: torch.Tensor, remap: torch.Tensor | None = None) -> "EdgeArrays":
+        src, tgt = self.src[mask], self.tgt[mask]
+        if remap is not None:
+            src, tgt = remap[src], remap[tgt]
+        return EdgeArrays(src, tgt, self.w[mask], self.kind[mask])
+
+
+class AttributionGraph:
+    def __init__(self, prompt: str, tokens: list[str], token_ids: list[int], nodes: list[Node],
+                 edges: "EdgeArrays | list[Edge]", settings: dict | None = None, scores: dict | None = None,
+                 qk: list[Edge] | None = None):
+        self.prompt, self.tokens, self.token_ids = prompt, tokens, token_ids
+        self.node_list = nodes
+        self.index = {n.id: i for i, n in enumerate(nodes)}
+        if isinstance(edges, list):  # from Edge objects (files, tests)
+            edges = EdgeArrays(torch.tensor([self.index[e.source] for e in edges], dtype=torch.long),
+                               torch.tensor([self.index[e.target] for e in edges], dtype=torch.long),
+                               torch.tensor([e.weight for e in edges], dtype=torch.float32),
+                               torch.tensor([EdgeArrays.KINDS.index(e.kind) for e in edges], dtype=torch.int8))
+        self.edge_arrays = edges
+        self.qk = qk or []  # QK pair edges: source = query-side node, extra = {query, key, key_pos, ...}
+        self.settings = settings or {}
+        self.scores = scores or {}
+
+    # -- queries ------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.node_list)
+
+    @property
+    def edges(self) -> list[Edge]:
+        """Every OV/direct edge as an `Edge` (use on pruned graphs; full graphs can hold millions)."""
+        E = self.edge_arrays
+        ids = [n.id for n in self.node_list]
+        return [Edge(ids[s], ids[t], w, EdgeArrays.KINDS[k]) for s, t, w, k in
+                zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist())]
+
+    def node(self, node_id: str) -> Node:
+        if node_id not in self.index:
+            raise KeyError(f"no node {node_id!r} in this graph")
+        return self.node_list[self.index[node_id]]
+
+    def nodes(self, type: str | None = None, layer: int | None = None, position: int | None = None) -> list[Node]:
+        return [n for n in self.node_list if (type is None or n.type == type) and (layer is None or n.layer == layer)
+                and (position is None or n.pos == position)]
+
+    def logits(self) -> list[Node]:
+        return sorted(self.nodes(type="logit"), key=lambda n: -n.prob)
+
+    def _edges_where(self, mask: torch.Tensor, k: int | None) -> list[Edge]:
+        E = self.edge_arrays
+        idx = mask.nonzero()[:, 0]
+        idx = idx[E.w[idx].abs().argsort(descending=True)][:k]
+        ids = [n.id for n in self.node_list]
+        return [Edge(ids[int(E.src[i])], ids[int(E.tgt[i])], float(E.w[i]), EdgeArrays.KINDS[int(E.kind[i])]) for i in idx]
+
+    def incoming(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> list[Edge]:
+        nid = node if isinstance(node, str) else node.id
+        if kind == "qk":
+            return self.qk_pairs(nid)[:k]
+        mask = self.edge_arrays.tgt == self.index[self.node(nid).id]
+        if kind is not None:
+            mask &= self.edge_arrays.kind == EdgeArrays.KINDS.index(kind)
+        return self._edges_where(mask, k)
+
+    def outgoing(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> list[Edge]:
+        nid = node if isinstance(node, str) else node.id
+        mask = self.edge_arrays.src == self.index[self.node(nid).id]
+        if kind is not None:
+            mask &= self.edge_arrays.kind == EdgeArrays.KINDS.index(kind)
+        return self._edges_where(mask, k)
+
+    def qk_pairs(self, node: "str | Node") -> list[Edge]:
+        nid = node if isinstance(node, str) else node.id
+        return sorted([e for e in self.qk if e.target == nid], key=lambda e: -abs(e.weight))
+
+    def to_networkx(self, include_qk: bool = False):
+        """A networkx DiGraph; node attributes are the Node fields, edge attributes weight and kind.
+
+        QK edges are pairs (two sources) and are left out unless ``include_qk``: then each pair becomes two
+        edges (query side, key side) into the head, with attribute ``pair``."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for n in self.node_list:
+            g.add_node(n.id, **{k: v for k, v in n.__dict__.items() if k != "id"})
+        for e in self.edges:
+            g.add_edge(e.source, e.target, weight=e.weight, kind=e.kind)
+        if include_qk:
+            for e in self.qk:
+                for side in ("query", "key"):
+                    if not g.has_edge(e.extra[side], e.target):
+                        g.add_edge(e.extra[side], e.target, weight=e.weight, kind="qk",
+                                   pair=(e.extra["query"], e.extra["key"]))
+        return g
+
+    def top_paths(self, to: str | None = None, k: int = 10, max_len: int = 12) -> list[tuple[float, list[str]]]:
+        """The k strongest paths from any source (embedding or error) into ``to`` (default: the top logit).
+
+        A path's strength is the product, along it, of each edge's share of its target's absolute input;
+        paths come out strongest first (networkx's shortest simple paths on -log shares)."""
+        import networkx as nx
+
+        target = to or self.logits()[0].id
+        E = self.edge_arrays
+        totals = torch.zeros(len(self.node_list)).index_add_(0, E.tgt, E.w.abs())
+        g = nx.DiGraph()
+        ids = [n.id for n in self.node_list]
+        for s, t, w in zip(E.src.tolist(), E.tgt.tolist(), E.w.abs().tolist()):
+            if w > 0:
+                g.add_edge(ids[s], ids[t], cost=-math.log(w / float(totals[t])))
+        if target not in g:
+            return []
+        g.add_node("__src__")
+        for n in self.node_list:
+            if n.type in ("embedding", "attn_error", "mlp_error") and n.id in g:
+                g.add_edge("__src__", n.id, cost=0.0)
+        out = []
+        try:
+            for path in nx.shortest_simple_paths(g, "__src__", target, weight="cost"):
+                path = path[1:]
+                if len(path) > max_len:
+                    continue
+                cost = sum(g[a][b]["cost"] for a, b in zip(path, path[1:]))
+                out.append((math.exp(-cost), path))
+                if len(out) == k:
+                    break
+        except nx.NetworkXNoPath:
+            pass
+        return out
+
+    def subgraph(self, node_ids) -> "AttributionGraph":
+        keep = set(node_ids)
+        kept = [i for i, n in enumerate(self.node_list) if n.id in keep]
+        remap = torch.full((len(self.node_list),), -1, dtype=torch.long)
+        remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+        E = self.edge_arrays
+        mask = (remap[E.src] >= 0) & (remap[E.tgt] >= 0)
+        qk = [e for e in self.qk if e.target in keep and e.extra.get("query") in keep and e.extra.get("key") in keep]
+        return AttributionGraph(self.prompt, self.tokens, self.token_ids, [self.node_list[i] for i in kept],
+                                E.select(mask, remap), dict(self.settings), dict(self.scores), qk)
+
+    # -- files --------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        from .export import write_json
+
+        return write_json(self, path)
+
+    @staticmethod
+    def load(path: str | Path) -> "AttributionGraph":
+        from .export import read_json
+
+        return read_json(path)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, AttributionGraph):
+            return NotImplemented
+        return (self.prompt, self.tokens, self.token_ids, self.node_list, self.edges, self.qk, self.settings,
+                self.scores) == (other.prompt, other.tokens, other.token_ids, other.node_list, other.edges, other.qk,
+                                 other.settings, other.scores)
+
+    def __repr__(self) -> str:
+        counts = {t: len(self.nodes(type=t)) for t in NODE_TYPES}
+        return f"AttributionGraph({self.prompt!r}, nodes={counts}, edges={len(self.edge_arrays)}, qk={len(self.qk)})"

@@ -1,0 +1,177 @@
+"""`ReplacementModel`: the wrapped model with every attention layer's Lorsa and every MLP's transcoder.
+
+For a prompt, `record` runs the real model and keeps, per layer and position: the norm scales, the real
+attention patterns, the Lorsa patterns and sparse activations, the transcoder activations, and the errors
+
+    attn_err = real attention output - Lorsa output         (one attention error node per layer, position)
+    mlp_err  = real MLP output      - transcoder output      (one MLP error node per layer, position)
+
+Adding the errors back reproduces the real model exactly.  With ``attention="frozen"`` (transcoders only,
+circuit-tracer's method) attention stays the real MHSA with its patterns frozen, and has no error nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CircuitsError
+from .models import ModelAdapter, freeze_hooks
+from .sparse import SparseCode
+
+
+@dataclass
+class LayerRecord:
+    attn_in: torch.Tensor  # [n, d] what attention reads (after its norm)
+    attn_out: torch.Tensor  # [n, d] real attention output
+    mlp_in: torch.Tensor  # [n, d]
+    mlp_out: torch.Tensor  # [n, d]
+    ln1_scale: torch.Tensor  # [n, 1]
+    ln2_scale: torch.Tensor  # [n, 1]
+    pattern: torch.Tensor  # [H, n, n] real attention pattern
+    tc_code: SparseCode  # values/indices [n, K]
+    tc_out: torch.Tensor  # [n, d]
+    mlp_err: torch.Tensor  # [n, d]
+    lorsa_pattern: torch.Tensor | None = None  # [n_qk, n, n]
+    lorsa_z: torch.Tensor | None = None  # [n, H_lorsa] pre-TopK head activations
+    lorsa_code: SparseCode | None = None
+    lorsa_out: torch.Tensor | None = None
+    attn_err: torch.Tensor | None = None
+
+
+@dataclass
+class Record:
+    ids: torch.Tensor  # [n]
+    logits: torch.Tensor  # [n, V] real logits
+    embed: torch.Tensor  # [n, d]
+    final_scale: torch.Tensor  # [n, 1]
+    layers: list[LayerRecord] = field(default_factory=list)
+    attention: str = "lorsa"
+    cache: dict = field(default_factory=dict, repr=False)
+
+
+class ReplacementModel:
+    def __init__(self, adapter: ModelAdapter, modules: dict[tuple[str, int], torch.nn.Module], attention: str = "lorsa"):
+        if attention not in ("lorsa", "frozen"):
+            raise CircuitsError(f"attention must be 'lorsa' or 'frozen', not {attention!r}")
+        self.adapter, self.attention = adapter, attention
+        self.transcoders = {L: m for (k, L), m in modules.items() if k == "transcoder"}
+        self.lorsas = {L: m for (k, L), m in modules.items() if k == "lorsa"}
+        need = {("transcoder", L) for L in range(adapter.n_layers)}
+        if attention == "lorsa":
+            need |= {("lorsa", L) for L in range(adapter.n_layers)}
+        missing = sorted(need - set(modules))
+        if missing:
+            what = "all" if attention == "lorsa" else "transcoder"
+            raise CircuitsError(
+                f"missing trained replacements {', '.join(f'layer{L}.{k}' for k, L in missing)}; "
+                f"train them with: circuits train --model {adapter.name} --what {what}"
+            )
+
+    @classmethod
+    def load(cls, adapter: ModelAdapter, folder=None, attention: str = "lorsa") -> "ReplacementModel":
+        from .store import default_folder, load_replacements
+
+        return cls(adapter, load_replacements(folder or default_folder(adapter), adapter), attention)
+
+    @torch.no_grad()
+    def record(self, ids: torch.Tensor, sparse: bool = False) -> Record:
+        """Run the real model on one prompt [n] (or [1, n]) and record everything the graph needs.
+
+        ``sparse=True`` records the pure sparse model instead (every block's output is its replacement's),
+        so that all errors are zero up to rounding."""
+        ids = ids.reshape(-1).to(self.adapter.device)
+        self._last_in = {}
+        res = self.adapter.run(ids[None], hooks=self._module_hooks(None, False) if sparse else None, capture=True)
+        c = {k: v[0].float() for k, v in res.cache.items()}
+        rec = Record(ids=ids, logits=res.logits[0].float(), embed=c["embed"], final_scale=c["ln_final.scale"],
+                     attention=self.attention, cache=c)
+        for L in range(self.adapter.n_layers):
+            p = f"blocks.{L}."
+            tc = self.transcoders[L]
+            tc_out, tc_code = tc(c[p + "mlp.in"])
+            lr = LayerRecord(attn_in=c[p + "attn.in"], attn_out=c[p + "attn.out"], mlp_in=c[p + "mlp.in"],
+                             mlp_out=c[p + "mlp.out"], ln1_scale=c[p + "ln1.scale"], ln2_scale=c[p + "ln2.scale"],
+                             pattern=c[p + "attn.pattern"], tc_code=tc_code, tc_out=tc_out,
+                             mlp_err=c[p + "mlp.out"] - tc_out)
+            if self.attention == "lorsa":
+                lorsa = self.lorsas[L]
+                x = lr.attn_in[None]
+                lr.lorsa_pattern = lorsa.patterns(x)[0]
+                lr.lorsa_z = lorsa.head_activations(x, lr.lorsa_pattern[None])[0]
+                lr.lorsa_code = lorsa.encode(x, lr.lorsa_pattern[None])
+                lr.lorsa_code = SparseCode(lr.lorsa_code.values[0], lr.lorsa_code.indices[0])
+                lr.lorsa_out = lorsa.decode(lr.lorsa_code)
+                lr.attn_err = lr.attn_out - lr.lorsa_out
+            rec.layers.append(lr)
+        return rec
+
+    # -- runs with replaced modules -----------------------------------------------------------------------
+
+    def _module_hooks(self, rec: Record | None, with_errors: bool) -> dict:
+        """Hooks that compute each block's output from its replacement (plus the recorded error)."""
+        hooks = {}
+        for L in range(self.adapter.n_layers):
+            p = f"blocks.{L}."
+            tc = self.transcoders[L]
+
+            def mlp_hook(t, name, L=L, tc=tc, p=p):
+                return self._add_err(tc(self._last_in[p + "mlp.in"])[0], rec, L, "mlp", with_errors).to(t.dtype)
+
+            hooks[p + "mlp.out"] = mlp_hook
+            hooks[p + "mlp.in"] = self._stash
+            if self.attention == "lorsa":
+                lorsa = self.lorsas[L]
+
+                def attn_hook(t, name, L=L, lorsa=lorsa, p=p):
+                    pat = None if rec is None or not with_errors else rec.layers[L].lorsa_pattern[None]
+                    y = lorsa(self._last_in[p + "attn.in"], pat)[0]
+                    return self._add_err(y, rec, L, "attn", with_errors).to(t.dtype)
+
+                hooks[p + "attn.out"] = attn_hook
+                hooks[p + "attn.in"] = self._stash
+        return hooks
+
+    def _stash(self, t, name):
+        self._last_in[name] = t.float()
+
+    @staticmethod
+    def _add_err(y, rec, L, kind, with_errors):
+        if not with_errors or rec is None:
+            return y
+        return y + (rec.layers[L].attn_err if kind == "attn" else rec.layers[L].mlp_err)
+
+    @torch.no_grad()
+    def run_with_errors(self, rec: Record) -> torch.Tensor:
+        """Logits [n, V] of the replacement model with every error added back (equals the real model)."""
+        self._last_in = {}
+        return self.adapter.run(rec.ids[None], hooks=self._module_hooks(rec, True)).logits[0]
+
+    @torch.no_grad()
+    def run_sparse(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the pure sparse model: no error terms, Lorsa patterns computed live."""
+        self._last_in = {}
+        return self.adapter.run(ids.reshape(1, -1).to(self.adapter.device), hooks=self._module_hooks(None, False)).logits[0]
+
+    # -- the frozen replacement model (for checks of the attribution graph) -----------------------------
+
+    @torch.no_grad()
+    def frozen_run(self, rec: Record, attn_writes: list[torch.Tensor] | None, mlp_writes: list[torch.Tensor],
+                   embed: torch.Tensor) -> dict:
+        """Run the model with norm scales (and, in frozen mode, attention patterns) frozen and every block's
+        output replaced by the given writes [n, d] (in Lorsa mode, attention too). Returns the cache."""
+        c = rec.cache
+        names = [k for k in c if k.endswith(".scale")]
+        if self.attention == "frozen":
+            names += [f"blocks.{L}.attn.pattern" for L in range(self.adapter.n_layers)]
+        hooks = freeze_hooks({k: v[None].to(self.adapter.dtype) if k.endswith("pattern") else v[None] for k, v in c.items()}, names)
+        hooks["embed"] = lambda t, n: embed[None].to(t.dtype)
+        for L in range(self.adapter.n_layers):
+            hooks[f"blocks.{L}.mlp.out"] = lambda t, n, v=mlp_writes[L]: v[None].to(t.dtype)
+            if attn_writes is not None:
+                hooks[f"blocks.{L}.attn.out"] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
+        points = [f"blocks.{L}.{k}" for L in range(self.adapter.n_layers) for k in ("attn.in", "mlp.in")]
+        res = self.adapter.run(rec.ids[None], hooks=hooks, capture=points)
+        out = {k: v[0].float() for k, v in res.cache.items()}
+        out["logits"] = res.logits[0].float()
+        return out
