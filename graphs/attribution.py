@@ -170,12 +170,15 @@ def _select_logits(probs: torch.Tensor, coverage: float, max_logits: int, target
 @torch.no_grad()
 def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
-              edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False) -> AttributionGraph:
+              edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
+              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8) -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
     the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
-    ``sparse_record``: trace the pure sparse model itself (all errors are then zero)."""
+    ``sparse_record``: trace the pure sparse model itself (all errors are then zero).
+    ``qk``: explain the attention scores of Lorsa heads (all of them, or the ``qk_heads`` most influential)
+    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py)."""
     t0 = time.time()
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
@@ -295,10 +298,25 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
             bar.update(len(b_rows))
     bar.close()
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
-                "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
-                "seconds": round(time.time() - t0, 3)}
+                "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
-    return AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
+    graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
+    settings["seconds_ov"] = round(time.time() - t0, 3)
+    if qk and model.attention == "lorsa":
+        from .qk import qk_attribution
+
+        t1 = time.time()
+        heads = [i for i, node in enumerate(nodes) if node.type == "lorsa"]
+        if qk_heads is not None:
+            from .prune import influence
+
+            infl = influence(graph)
+            heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
+        graph.qk = qk_attribution(lin, nodes, sources, heads, qk_top_keys, qk_top_pairs)
+        settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs,
+                        seconds_qk=round(time.time() - t1, 3))
+    settings["seconds"] = round(time.time() - t0, 3)
+    return graph
 
 
 def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",

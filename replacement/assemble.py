@@ -55,6 +55,8 @@ class ReplacementModel:
         if attention not in ("lorsa", "frozen"):
             raise CircuitsError(f"attention must be 'lorsa' or 'frozen', not {attention!r}")
         self.adapter, self.attention = adapter, attention
+        for m in modules.values():
+            m.requires_grad_(False)
         self.transcoders = {L: m for (k, L), m in modules.items() if k == "transcoder"}
         self.lorsas = {L: m for (k, L), m in modules.items() if k == "lorsa"}
         need = {("transcoder", L) for L in range(adapter.n_layers)}

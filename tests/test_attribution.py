@@ -139,3 +139,45 @@ def test_edges_per_target_keeps_the_identity():
     assert max(reconstruction_errors(graph).values()) <= 1e-4
     counts = torch.bincount(graph.edge_arrays.tgt)
     assert counts.max() <= 5
+
+
+def _hand_graph():
+    from graphs.graph import AttributionGraph, Edge, Node
+
+    nodes = [Node("emb@0", "embedding", -1, 0, 5), Node("emb@1", "embedding", -1, 1, 6),
+             Node("tc.0.3@1", "transcoder", 0, 1, 3, activation=1.0), Node("mlp_err.0@1", "mlp_error", 0, 1, -1),
+             Node("logit.7@1", "logit", 1, 1, 7, prob=0.6), Node("logit.8@1", "logit", 1, 1, 8, prob=0.2)]
+    edges = [Edge("emb@0", "tc.0.3@1", 2.0), Edge("emb@1", "tc.0.3@1", -2.0), Edge("tc.0.3@1", "logit.7@1", 1.0),
+             Edge("emb@0", "logit.7@1", 3.0), Edge("mlp_err.0@1", "logit.8@1", 1.0)]
+    return AttributionGraph("ab", ["a", "b"], [5, 6], nodes, edges)
+
+
+def test_influence_and_scores_closed_form():
+    from graphs.prune import influence, scores
+
+    g = _hand_graph()
+    inf = dict(zip([n.id for n in g.node_list], influence(g).tolist()))
+    # logit weights 0.75 / 0.25; logit.7 reads tc 1/4, emb@0 3/4; tc reads emb@0 and emb@1 1/2 each
+    assert inf["tc.0.3@1"] == pytest.approx(0.75 * 0.25)
+    assert inf["emb@0"] == pytest.approx(0.75 * 0.75 + 0.75 * 0.25 * 0.5)
+    assert inf["emb@1"] == pytest.approx(0.75 * 0.25 * 0.5)
+    assert inf["mlp_err.0@1"] == pytest.approx(0.25)
+    s = scores(g)
+    assert s["replacement_score"] == pytest.approx(0.75 / 1.0)
+    # completeness: targets tc (share 1), logit.7 (1), logit.8 (0), weighted by influence
+    expected = (0.1875 * 1 + 0.75 * 1 + 0.25 * 0) / (0.1875 + 0.75 + 0.25)
+    assert s["completeness_score"] == pytest.approx(expected)
+
+
+def test_prune_keeps_logits_and_checks_thresholds():
+    from graphs.prune import prune
+
+    _, model, ids = _setup("llama")
+    graph = attribute(model, ids)
+    pruned = prune(graph, 0.5, 0.9)
+    assert len(pruned) < len(graph) and len(pruned.edge_arrays) < len(graph.edge_arrays)
+    assert {n.id for n in pruned.logits()} == {n.id for n in graph.logits()}
+    assert 0 <= pruned.scores["replacement_score"] <= 1 and 0 <= pruned.scores["completeness_score"] <= 1
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            prune(graph, bad, 0.9)

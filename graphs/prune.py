@@ -1,0 +1,123 @@
+"""Influence, pruning, and the replacement / completeness scores.
+
+With A the normalised absolute adjacency (each target's incoming |weights| sum to 1), the influence of every
+node on the logits is  w A + w A^2 + ... = w A (I - A)^-1,  where w holds the logit nodes' probabilities
+(renormalised).  The graph is a DAG, so the power series ends after at most (depth) terms.
+"""
+from __future__ import annotations
+
+import torch
+
+from .graph import AttributionGraph
+
+ERROR_TYPES = ("attn_error", "mlp_error")
+SOURCE_TYPES = ("embedding",) + ERROR_TYPES
+FEATURE_TYPES = ("lorsa", "transcoder")
+
+
+def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
+    """|w| / (sum of |w| into the same target), per OV/direct edge."""
+    E = graph.edge_arrays
+    totals = torch.zeros(len(graph)).index_add_(0, E.tgt, E.w.abs())
+    return E.w.abs() / totals[E.tgt].clamp_min(1e-30)
+
+
+def logit_weights(graph: AttributionGraph) -> torch.Tensor:
+    w = torch.zeros(len(graph))
+    for i, n in enumerate(graph.node_list):
+        if n.type == "logit":
+            w[i] = n.prob
+    return w / w.sum().clamp_min(1e-30)
+
+
+def influence(graph: AttributionGraph, max_steps: int = 1000) -> torch.Tensor:
+    """[n_nodes] influence of each node on the logits (logit nodes: their own weight)."""
+    E = graph.edge_arrays
+    a = normalised_weights(graph)
+    v = logit_weights(graph)
+    total = v.clone()
+    for _ in range(max_steps):
+        v = torch.zeros(len(graph)).index_add_(0, E.src, v[E.tgt] * a)
+        if v.abs().sum() < 1e-12:
+            break
+        total += v
+    return total
+
+
+def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[str, float]:
+    """Replacement score: the share of the logits' influence that ends in embeddings rather than error
+    nodes.  Completeness: the influence-weighted share of each node's input that comes from non-error nodes."""
+    infl = influence(graph) if infl is None else infl
+    types = [n.type for n in graph.node_list]
+    emb = sum(float(infl[i]) for i, t in enumerate(types) if t == "embedding")
+    err = sum(float(infl[i]) for i, t in enumerate(types) if t in ERROR_TYPES)
+    E = graph.edge_arrays
+    from_err = torch.tensor([t in ERROR_TYPES for t in types])[E.src]
+    total_in = torch.zeros(len(graph)).index_add_(0, E.tgt, E.w.abs())
+    err_in = torch.zeros(len(graph)).index_add_(0, E.tgt[from_err], E.w[from_err].abs())
+    is_target = torch.tensor([t in FEATURE_TYPES + ("logit",) for t in types]) & (total_in > 0)
+    share = 1 - err_in / total_in.clamp_min(1e-30)
+    weight = infl * is_target
+    completeness = float((weight * share).sum() / weight.sum().clamp_min(1e-30))
+    return {"replacement_score": emb / max(emb + err, 1e-30), "completeness_score": completeness}
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
+    """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
+    ``edge_threshold`` of the influence-weighted edge mass; repeat until nothing changes.  Embeddings,
+    error nodes and logits are always kept (while they have edges).  Scores are computed on the full graph
+    and stored with the pruned one, with each node's influence."""
+    for name, t in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
+        if not 0 < t <= 1:
+            raise ValueError(f"the {name} must be in (0, 1], not {t}")
+    infl = influence(graph)
+    full_scores = scores(graph, infl)
+    for i, n in enumerate(graph.node_list):
+        n.influence = float(infl[i])
+    types = [n.type for n in graph.node_list]
+    feat = torch.tensor([t in FEATURE_TYPES for t in types])
+    keep = ~feat
+    f_idx = feat.nonzero()[:, 0]
+    if len(f_idx):
+        order = f_idx[infl[f_idx].argsort(descending=True)]
+        cum = infl[order].cumsum(0)
+        n_keep = int((cum < node_threshold * cum[-1]).sum()) + 1
+        keep[order[:n_keep]] = True
+    E = graph.edge_arrays
+    edge_keep = keep[E.src] & keep[E.tgt]
+    for _ in range(50):
+        score = normalised_weights(graph) * infl[E.tgt] * edge_keep
+        order = score.argsort(descending=True)
+        cum = score[order].cumsum(0)
+        n_keep = int((cum < edge_threshold * cum[-1]).sum()) + 1 if len(cum) and cum[-1] > 0 else 0
+        new_edges = torch.zeros_like(edge_keep)
+        new_edges[order[:n_keep]] = True
+        new_edges &= edge_keep
+        # nodes that no longer reach anything (no outgoing edge) drop out, except logits
+        has_out = torch.zeros(len(graph), dtype=torch.bool)
+        has_out[E.src[new_edges]] = True
+        has_in = torch.zeros(len(graph), dtype=torch.bool)
+        has_in[E.tgt[new_edges]] = True
+        is_logit = torch.tensor([t == "logit" for t in types])
+        new_keep = keep & (has_out | is_logit)
+        new_edges &= new_keep[E.src] & new_keep[E.tgt]
+        if torch.equal(new_keep, keep) and torch.equal(new_edges, edge_keep):
+            break
+        keep, edge_keep = new_keep, new_edges
+    index = graph.index
+    for e in graph.qk:  # a kept head keeps the nodes of its QK pairs
+        if keep[index[e.target]]:
+            keep[index[e.extra["query"]]] = keep[index[e.extra["key"]]] = True
+    kept = keep.nonzero()[:, 0]
+    remap = torch.full((len(graph),), -1, dtype=torch.long)
+    remap[kept] = torch.arange(len(kept))
+    ids = {graph.node_list[i].id for i in kept.tolist()}
+    qk = [e for e in graph.qk if e.target in ids and e.extra.get("query") in ids and e.extra.get("key") in ids]
+    pruned = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, [graph.node_list[i] for i in kept.tolist()],
+                              E.select(edge_keep, remap), dict(graph.settings), dict(graph.scores), qk)
+    pruned.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
+    pruned.scores.update({k: v for k, v in full_scores.items()},
+                         full_nodes=len(graph), full_edges=len(E), pruned_nodes=len(pruned), pruned_edges=len(pruned.edge_arrays))
+    pruned.scores.update({f"pruned_{k}": v for k, v in scores(pruned).items()})
+    return pruned
+

@@ -1,0 +1,63 @@
+"""QK feature-pair attribution: the pair table sums to the real pre-softmax score, rotary included."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from graphs.attribution import attribute
+from replacement.models import ModelAdapter
+from tests.conftest import random_replacements, tiny_llama, tiny_neox
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox,
+                                  lambda: tiny_neox(use_parallel_residual=False)],
+                         ids=["llama_rope_gqa", "neox_partial_rotary", "neox_sequential"])
+def test_pair_table_sums_to_the_real_score(make):
+    adapter = ModelAdapter(make(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (1, 10))
+    graph = attribute(model, ids, qk_top_keys=3)
+    rec = model.record(ids)
+    heads = graph.nodes(type="lorsa")
+    assert heads and graph.qk
+    checked = 0
+    for head in heads:
+        lorsa = model.lorsas[head.layer]
+        q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])  # independent: the module's own Q/K
+        g = head.index // lorsa.cfg.heads_per_group
+        infos = head.extra["qk"]
+        assert len(infos) == min(3, head.pos + 1)
+        for info in infos:
+            s = info["key_pos"]
+            real = float((q[0, g, head.pos] @ k[0, g, s]).detach()) / math.sqrt(lorsa.cfg.d_qk)
+            assert abs(info["score"] - real) <= 1e-4 * max(1.0, abs(real)), (head.id, s)
+            parts = info["pairs_total"] + info["query_bias_x_keys"] + info["queries_x_key_bias"] + info["bias_x_bias"]
+            assert parts == pytest.approx(info["score"], rel=1e-5, abs=1e-5)
+            checked += 1
+        # top keys are the strongest of the head's pattern row
+        A = rec.layers[head.layer].lorsa_pattern[g, head.pos]
+        assert infos[0]["attention"] == pytest.approx(float(A.max()))
+    assert checked > 20
+
+
+def test_qk_edges_link_query_and_key_positions():
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    graph = attribute(model, torch.randint(0, 97, (1, 8)), qk_heads=5, qk_top_pairs=4)
+    heads = {e.target for e in graph.qk}
+    assert 0 < len(heads) <= 5
+    for e in graph.qk:
+        head = graph.node(e.target)
+        qn, kn = graph.node(e.extra["query"]), graph.node(e.extra["key"])
+        assert qn.pos == head.pos and kn.pos == e.extra["key_pos"]
+        assert qn.layer < head.layer and kn.layer < head.layer  # written before the head reads
+    for h in heads:
+        pairs = graph.qk_pairs(h)
+        per_key = {}
+        for e in pairs:
+            per_key.setdefault(e.extra["key_pos"], []).append(e)
+        assert all(len(v) <= 4 for v in per_key.values())
+        assert abs(pairs[0].weight) >= abs(pairs[-1].weight)
