@@ -1,0 +1,224 @@
+"""Path patching: a component's causal effect on a logit through the residual stream and the MLPs only.
+
+The component's output is ablated (zero, mean, or a counterfactual prompt's value); every attention
+layer's output (so every other head's output and pattern) stays at its clean value, while the residual
+stream, the norms and the MLPs respond.  Components:
+
+    lorsa.L.H@P       a Lorsa head's output at a query position
+    head.L.H[@P]      an original attention head's output (at one position, or all)
+    tc.L.F@P          a transcoder feature's output
+    attn_err.L@P / mlp_err.L@P   an error node
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from replacement.assemble import ReplacementModel
+from replacement.errors import BadInputError
+
+_PATTERN = re.compile(r"^(lorsa|head|tc|attn_err|mlp_err)\.(\d+)(?:\.(\d+))?(?:@(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str  # lorsa | head | tc | attn_err | mlp_err
+    layer: int
+    index: int = -1
+    pos: int | None = None
+
+    def __str__(self) -> str:
+        s = f"{self.kind}.{self.layer}" + (f".{self.index}" if self.index >= 0 else "")
+        return s + (f"@{self.pos}" if self.pos is not None else "")
+
+    @property
+    def writes_to(self) -> str:
+        return "mlp" if self.kind in ("tc", "mlp_err") else "attn"
+
+
+def parse_component(text: str) -> Component:
+    m = _PATTERN.match(text.strip())
+    if not m:
+        raise BadInputError(f"cannot parse component {text!r}; use lorsa.L.H@P, head.L.H[@P], tc.L.F@P, "
+                            "attn_err.L@P or mlp_err.L@P")
+    kind, layer, index, pos = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    needs_index = kind in ("lorsa", "head", "tc")
+    if needs_index != (index is not None) or (kind != "head" and pos is None):
+        raise BadInputError(f"component {text!r}: {kind} needs " + ("an index and " if needs_index else "") + "a position")
+    return Component(kind, layer, int(index) if index is not None else -1, int(pos) if pos is not None else None)
+
+
+@dataclass
+class PatchResult:
+    component: Component
+    clean: float  # the clean metric (target logit, or logit difference)
+    patched: float
+    effect: float  # patched - clean
+
+
+class PathPatcher:
+    """Path patching on one prompt; ``effects`` evaluates many components in batched forward passes."""
+
+    def __init__(self, model: ReplacementModel, ids: torch.Tensor, target: int, baseline: int | None = None,
+                 counterfactual: torch.Tensor | None = None, demean: bool = False, freeze_norms: bool = False):
+        self.model, self.adapter = model, model.adapter
+        self.ids = ids.reshape(-1).to(self.adapter.device)
+        a = self.adapter
+        if self.ids.shape[0] > a.context:
+            raise BadInputError(f"the prompt is longer than the model's context of {a.context}")
+        self.rec = model.record(self.ids)
+        self.cf = None
+        if counterfactual is not None:
+            cf = counterfactual.reshape(-1).to(a.device)
+            if cf.shape != self.ids.shape:
+                raise BadInputError("the counterfactual prompt must have as many tokens as the prompt")
+            self.cf = model.record(cf)
+        self.target, self.baseline, self.demean, self.freeze_norms = target, baseline, demean, freeze_norms
+        self.clean = self.metric(self.rec.logits[None])[0].item()
+        self._z = None
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B] target logit (minus the baseline's, or minus the mean logit with ``demean``) at the last position."""
+        last = logits[:, -1].float()
+        out = last[:, self.target] - (last.mean(-1) if self.demean and self.baseline is None else 0)
+        return out - last[:, self.baseline] if self.baseline is not None else out
+
+    # -- what a component writes -----------------------------------------------------------------------
+
+    def _head_z(self):
+        if self._z is None:
+            with torch.no_grad():
+                self._z = self.adapter.run(self.ids[None], capture=[f"blocks.{L}.attn.z" for L in range(self.adapter.n_layers)]).cache
+        return self._z
+
+    def write(self, c: Component, rec) -> torch.Tensor:
+        """[n, d]: what component c writes into the residual stream on the prompt recorded in ``rec``."""
+        a, n = self.adapter, self.ids.shape[0]
+        out = torch.zeros(n, a.d_model)
+        if not 0 <= c.layer < a.n_layers:
+            raise BadInputError(f"layer {c.layer} does not exist (the model has {a.n_layers})")
+        if c.pos is not None and not 0 <= c.pos < n:
+            raise BadInputError(f"position {c.pos} is outside the prompt's {n} tokens")
+        lr = rec.layers[c.layer]
+        if c.kind == "lorsa":
+            if lr.lorsa_code is None:
+                raise BadInputError("Lorsa components need --attention lorsa and trained Lorsa modules")
+            lorsa = self.model.lorsas[c.layer]
+            hit = lr.lorsa_code.indices[c.pos] == c.index
+            act = float(lr.lorsa_code.values[c.pos][hit].sum())
+            out[c.pos] = act * lorsa.W_O[c.index].float()
+        elif c.kind == "tc":
+            hit = lr.tc_code.indices[c.pos] == c.index
+            act = float(lr.tc_code.values[c.pos][hit].sum())
+            out[c.pos] = act * self.model.transcoders[c.layer].W_dec[c.index].float()
+        elif c.kind == "attn_err":
+            if lr.attn_err is None:
+                raise BadInputError("attention error nodes exist only with --attention lorsa")
+            out[c.pos] = lr.attn_err[c.pos]
+        elif c.kind == "mlp_err":
+            out[c.pos] = lr.mlp_err[c.pos]
+        else:  # an original attention head
+            if not 0 <= c.index < a.n_heads:
+                raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
+            z = (self._head_z() if rec is self.rec else _cf_z(self, rec))[f"blocks.{c.layer}.attn.z"][0, :, c.index]
+            Wo, _ = a.W_O(c.layer)
+            contrib = z.float() @ Wo[c.index].float()
+            if c.pos is None:
+                out = contrib
+            else:
+                out[c.pos] = contrib[c.pos]
+        return out
+
+    def delta(self, c: Component, mode: str, mean_write: torch.Tensor | None = None) -> torch.Tensor:
+        clean = self.write(c, self.rec)
+        if mode == "zero":
+            return -clean
+        if mode == "mean":
+            if mean_write is None:
+                raise BadInputError("mean ablation needs the component's mean output (mean_write)")
+            return mean_write - clean
+        if mode == "counterfactual":
+            if self.cf is None:
+                raise BadInputError("counterfactual ablation needs a counterfactual prompt")
+            return self.write(c, self.cf) - clean
+        raise BadInputError(f"unknown ablation {mode!r}; use zero, mean or counterfactual")
+
+    # -- runs -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def effects(self, components: list[Component], mode: str = "zero", batch_size: int = 32) -> list[PatchResult]:
+        a = self.adapter
+        results = []
+        clean_attn = [self.rec.layers[L].attn_out for L in range(a.n_layers)]
+        for start in range(0, len(components), batch_size):
+            batch = components[start : start + batch_size]
+            B = len(batch)
+            deltas = {}
+            for b, c in enumerate(batch):
+                key = (c.layer, c.writes_to)
+                deltas.setdefault(key, torch.zeros(B, *clean_attn[0].shape))[b] += self.delta(c, mode)
+            hooks = {}
+            if self.freeze_norms:  # the linear regime of the attribution graph
+                for name, v in self.rec.cache.items():
+                    if name.endswith(".scale"):
+                        hooks[name] = lambda t, n, v=v: v[None].expand(t.shape[0], -1, -1)
+            for L in range(a.n_layers):
+                d_attn = deltas.get((L, "attn"))
+                hooks[f"blocks.{L}.attn.out"] = (lambda t, n, v=clean_attn[L], d=d_attn:
+                                                 (v[None] + (0 if d is None else d)).to(t.dtype))
+                if (L, "mlp") in deltas:
+                    hooks[f"blocks.{L}.mlp.out"] = lambda t, n, d=deltas[(L, "mlp")]: t + d.to(t.dtype)
+            logits = a.run(self.ids[None].expand(B, -1), hooks=hooks).logits
+            for c, m in zip(batch, self.metric(logits).tolist()):
+                results.append(PatchResult(c, self.clean, m, m - self.clean))
+        return results
+
+
+def _cf_z(patcher: PathPatcher, rec) -> dict:
+    with torch.no_grad():
+        return patcher.adapter.run(rec.ids[None], capture=[f"blocks.{L}.attn.z" for L in range(patcher.adapter.n_layers)]).cache
+
+
+def path_patch(model: ReplacementModel, ids: torch.Tensor, component: str | Component, target: int,
+               baseline: int | None = None, mode: str = "zero", counterfactual: torch.Tensor | None = None) -> PatchResult:
+    c = parse_component(component) if isinstance(component, str) else component
+    return PathPatcher(model, ids, target, baseline, counterfactual).effects([c], mode)[0]
+
+
+def rank_lorsa_heads(model: ReplacementModel, ids: torch.Tensor, layer: int, target: int, baseline: int | None = None,
+                     positions: list[int] | None = None, mode: str = "zero",
+                     counterfactual: torch.Tensor | None = None) -> list[PatchResult]:
+    """Every Lorsa head of ``layer`` active at ``positions`` (default: the last), ranked by |effect|."""
+    patcher = PathPatcher(model, ids, target, baseline, counterfactual)
+    lr = patcher.rec.layers[layer]
+    if lr.lorsa_code is None:
+        raise BadInputError("ranking Lorsa heads needs --attention lorsa")
+    positions = positions if positions is not None else [patcher.ids.shape[0] - 1]
+    comps = [Component("lorsa", layer, h, p) for p in positions
+             for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()) if v > 0]
+    return sorted(patcher.effects(comps, mode), key=lambda r: -abs(r.effect))
+
+
+def graph_effects(graph, logit_id: str) -> torch.Tensor:
+    """[n_nodes]: the graph's prediction of zero-ablating each node, i.e. minus its total linear effect on
+    the logit through paths whose intermediate nodes are transcoder features (attention stays frozen, as in
+    path patching):  e(t) = w(t -> logit) + sum_u w(t -> u) e(u) / a(u)  over transcoder features u."""
+    E = graph.edge_arrays
+    n = len(graph)
+    logit = graph.index[logit_id]
+    e = torch.zeros(n, dtype=torch.float64)
+    direct = E.tgt == logit
+    e.index_add_(0, E.src[direct], E.w[direct].double())
+    layers = torch.tensor([nd.layer if nd.type == "transcoder" else -10 for nd in graph.node_list])
+    acts = torch.tensor([nd.activation for nd in graph.node_list], dtype=torch.float64)
+    for L in sorted({int(x) for x in layers.tolist() if x >= 0}, reverse=True):
+        into = (layers[E.tgt] == L) & (acts[E.tgt] > 0)
+        coef = e / acts.clamp_min(1e-30)
+        e.index_add_(0, E.src[into], E.w[into].double() * coef[E.tgt[into]])
+    return -e
+
+
+def graph_effect(graph, node_id: str, logit_id: str) -> float:
+    return float(graph_effects(graph, logit_id)[graph.index[node_id]])
