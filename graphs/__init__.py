@@ -1,1 +1,10 @@
 """Attribution graphs built on `replacement`: attribution, pruning, QK pairs, patching, export."""
+from .graph import AttributionGraph, Edge, Node
+
+
+def load(path) -> AttributionGraph:
+    """Read a graph JSON file back into an `AttributionGraph`."""
+    return AttributionGraph.load(path)
+
+
+__all__ = ["AttributionGraph", "Edge", "Node", "load"]

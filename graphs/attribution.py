@@ -202,12 +202,15 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
         lr = rec.layers[L]
         if model.attention == "lorsa":
             lorsa = model.lorsas[L]
+            values = lr.attn_in @ lorsa.W_V.t().float() + lorsa.b_V.float()  # [n, H]: every head's v_s
             rows = []
             for p in range(n):
                 for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
                     if v > 0:
+                        zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, p] * values[:, h]  # sums to z
                         node = Node(f"lorsa.{L}.{h}@{p}", "lorsa", L, p, h, activation=v, label=f"L{L}.H{h}",
-                                    preact=float(lr.lorsa_z[p, h]))
+                                    preact=float(lr.lorsa_z[p, h]),
+                                    extra={"z_pattern": [round(float(x), 5) for x in zp[: p + 1]]})
                         add_source(node, 2 * L + 1, v * lorsa.W_O[h].float())
                         rows.append((len(nodes) - 1, h, p))
             targets.append(("lorsa", L, *map(torch.tensor, zip(*rows))) if rows else ("lorsa", L, None, None, None))

@@ -62,11 +62,13 @@ def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[st
     return {"replacement_score": emb / max(emb + err, 1e-30), "completeness_score": completeness}
 
 
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          max_nodes: int | None = None) -> AttributionGraph:
     """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
     ``edge_threshold`` of the influence-weighted edge mass; repeat until nothing changes.  Embeddings,
     error nodes and logits are always kept (while they have edges).  Scores are computed on the full graph
-    and stored with the pruned one, with each node's influence."""
+    and stored with the pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the
+    most influential ones."""
     for name, t in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
         if not 0 < t <= 1:
             raise ValueError(f"the {name} must be in (0, 1], not {t}")
@@ -82,6 +84,8 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         order = f_idx[infl[f_idx].argsort(descending=True)]
         cum = infl[order].cumsum(0)
         n_keep = int((cum < node_threshold * cum[-1]).sum()) + 1
+        if max_nodes is not None:
+            n_keep = min(n_keep, max_nodes)
         keep[order[:n_keep]] = True
     E = graph.edge_arrays
     edge_keep = keep[E.src] & keep[E.tgt]

@@ -122,7 +122,7 @@ def _explain(tabs: QKTables, nodes: list[Node], g: int, t: int, s: int, top_pair
     body = tab[:mq, :mk]
     flat = body.flatten()
     top = flat.abs().topk(min(top_pairs, flat.numel())).indices if flat.numel() else torch.zeros(0, dtype=torch.long)
-    pairs = [(nodes[q_rows[i // mk]].id, nodes[k_rows[i % mk]].id, float(flat[i])) for i in top.tolist()]
+    pairs = [[nodes[q_rows[i // mk]].id, nodes[k_rows[i % mk]].id, float(flat[i])] for i in top.tolist()]
     q_marg = body.sum(1) + tab[:mq, -1]
     k_marg = body.sum(0) + tab[-1, :mk]
     qi = q_marg.abs().topk(min(top_pairs, mq)).indices.tolist() if mq else []
@@ -134,6 +134,6 @@ def _explain(tabs: QKTables, nodes: list[Node], g: int, t: int, s: int, top_pair
         "query_bias_x_keys": float(tab[-1, :mk].sum()),
         "queries_x_key_bias": float(tab[:mq, -1].sum()),
         "bias_x_bias": float(tab[-1, -1]),
-        "query_marginals": [(nodes[q_rows[i]].id, float(q_marg[i])) for i in qi],
-        "key_marginals": [(nodes[k_rows[i]].id, float(k_marg[i])) for i in ki],
+        "query_marginals": [[nodes[q_rows[i]].id, float(q_marg[i])] for i in qi],
+        "key_marginals": [[nodes[k_rows[i]].id, float(k_marg[i])] for i in ki],
     }

@@ -387,7 +387,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype = "float32") -> ModelAdapter:
     """Load a preset, a local HF folder, or an HF hub id into a `ModelAdapter`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our commands print one line per error; HF's bars and warnings add noise
+    hf_logging.set_verbosity_error()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path, display = resolve_model_path(name)
     local_only = not Path(path).exists() and not _hub_reachable()
