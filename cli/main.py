@@ -200,5 +200,97 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
         click.echo(f"no trained replacements yet: circuits train --model {model_name} --what all")
 
 
+@circuits.command()
+@click.argument("prompt")
+@model_options
+@click.option("--component", "components", multiple=True, required=True,
+              help="lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P (repeatable).")
+@click.option("--target", default=None, help="Target token (default: the model's top prediction).")
+@click.option("--baseline", default=None, help="Report the logit difference target - baseline.")
+@click.option("--mode", type=click.Choice(["zero", "counterfactual"]), default="zero", show_default=True)
+@click.option("--counterfactual", default=None, help="Counterfactual prompt (same token count) for --mode counterfactual.")
+@click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True)
+@click.option("--replacements", type=click.Path(), default=None)
+def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, attention, replacements):
+    """Path-patch components: their effect on a logit through the residual stream and MLPs only."""
+    from graphs.patching import PathPatcher, parse_component
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    adapter = load_model(model_name, device, dtype)
+    ids = adapter.tokenize(prompt)
+    model = ReplacementModel.load(adapter, replacements, attention)
+    t_id = _single_token(adapter, target) if target else None
+    if t_id is None:
+        import torch
+
+        with torch.no_grad():
+            t_id = int(adapter.run(ids).logits[0, -1].argmax())
+    b_id = _single_token(adapter, baseline) if baseline else None
+    cf = adapter.tokenize(counterfactual) if counterfactual else None
+    patcher = PathPatcher(model, ids, t_id, b_id, cf)
+    metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
+    click.echo(f"clean {metric} = {patcher.clean:.4f}")
+    for r in patcher.effects([parse_component(c) for c in components], mode):
+        click.echo(f"  {str(r.component):<24} patched {r.patched:.4f}  effect {r.effect:+.4f}")
+
+
+def _single_token(adapter, text: str) -> int:
+    from replacement.errors import BadInputError
+
+    ids = adapter.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise BadInputError(f"{text!r} is not a single token of this model's vocabulary ({len(ids)} tokens)")
+    return ids[0]
+
+
+@circuits.command()
+@click.argument("graph_json", type=click.Path())
+@click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png.")
+def render(graph_json, fmt):
+    """Render a graph JSON file to DOT/SVG/PNG next to it."""
+    import graphs
+    from graphs.export import RenderError, render as render_dot, write_dot
+
+    g = graphs.load(graph_json)
+    dot = write_dot(g, Path(graph_json).with_suffix(".dot"))
+    click.echo(f"wrote {dot}")
+    for f in [x.strip() for x in fmt.split(",") if x.strip() and x.strip() != "dot"]:
+        try:
+            click.echo(f"wrote {render_dot(dot, f)}")
+        except RenderError as e:
+            click.echo(f"note: {e}")
+
+
+@circuits.command()
+@click.argument("graph_json", type=click.Path())
+@click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs).")
+@click.option("--paths", default=5, show_default=True, help="How many strongest paths to the top logit.")
+@click.option("--type", "node_type", default=None, help="List nodes of a type (lorsa, transcoder, ...).")
+@click.option("--layer", type=int, default=None)
+@click.option("--position", type=int, default=None)
+def query(graph_json, node, paths, node_type, layer, position):
+    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position."""
+    import graphs
+
+    g = graphs.load(graph_json)
+    click.echo(repr(g))
+    if node:
+        n = g.node(node)
+        click.echo(f"{n.id}: activation {n.activation:.4g}, influence {n.influence:.4g}")
+        for e in g.incoming(n, k=10):
+            click.echo(f"  <- {e.source:<28} {e.weight:+.4f} ({e.kind})")
+        for e in g.outgoing(n, k=10):
+            click.echo(f"  -> {e.target:<28} {e.weight:+.4f} ({e.kind})")
+        for e in g.qk_pairs(n)[:10]:
+            click.echo(f"  qk {e.extra['query']} x {e.extra['key']} (key pos {e.extra['key_pos']}) {e.weight:+.4f}")
+    elif node_type or layer is not None or position is not None:
+        for n in g.nodes(type=node_type, layer=layer, position=position):
+            click.echo(f"  {n.id:<28} act {n.activation:.4g}  influence {n.influence:.4g}")
+    else:
+        for strength, path in g.top_paths(k=paths):
+            click.echo(f"  {strength:.4f}  " + " -> ".join(path))
+
+
 if __name__ == "__main__":
     circuits()

@@ -195,8 +195,10 @@ def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None
     return out
 
 
-# Steps per preset used for the bundled weights (batch 24 x 128 tokens, lr 2e-3, AdamW wd 0.1).
-RECIPE_STEPS = {"llama": 6000, "toy": 3000, "pythia": 4000}
+# Steps per preset used for the bundled weights (batch 24 x 128 tokens, lr 2e-3, AdamW wd 0.1), and the data
+# mixture: llama learns addition too; toy and pythia only need induction, so they see more repeated spans.
+RECIPE_STEPS = {"llama": 6000, "toy": 3000, "pythia": 3500}
+RECIPE_MIXTURE = {"llama": Mixture(0.45, 0.30, 0.25), "toy": Mixture(0.40, 0.10, 0.50), "pythia": Mixture(0.40, 0.10, 0.50)}
 
 
 def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources: list[str] | None = None,
@@ -205,7 +207,7 @@ def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources
     tokenizer, train_tokens, _ = prepare_data(workdir, sources)
     written = []
     for name in presets:
-        cfg = LMTrainConfig(preset=name, steps=steps or RECIPE_STEPS[name], compile=compile)
+        cfg = LMTrainConfig(preset=name, steps=steps or RECIPE_STEPS[name], compile=compile, mixture=RECIPE_MIXTURE[name])
         model, info = train_lm(cfg, workdir, tokenizer, train_tokens, resume=resume)
         info.update(config=asdict(cfg), sources=[Path(s).name for s in (sources or DEFAULT_SOURCES)])
         if export:
