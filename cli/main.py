@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -169,7 +170,9 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
         sources = [s for s in (list(texts) or DEFAULT_SOURCES) if s.startswith("hf:") or Path(s).is_file()]
         if sources:
             _, held_text = read_text_sources(sources)
-            out["heldout_text_loss"] = ev.text_loss(adapter, tokenize_texts(adapter.tokenizer, held_text))
+            loss = ev.text_loss(adapter, tokenize_texts(adapter.tokenizer, held_text))
+            if not math.isnan(loss):
+                out["heldout_text_loss"] = loss
         if samples:
             out["samples"] = {p: ev.sample(adapter, p) for p in ("The", "It is a truth", "And God said")}
     from replacement.store import default_folder

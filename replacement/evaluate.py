@@ -55,8 +55,11 @@ def addition_accuracy(adapter: ModelAdapter, pairs: list[tuple[int, int]], batch
 
 @torch.no_grad()
 def text_loss(adapter: ModelAdapter, tokens: torch.Tensor, seq_len: int = 128, n_seqs: int = 64) -> float:
-    """Mean next-token loss over ``n_seqs`` evenly spaced windows of held-out tokens (BOS + seq_len-1)."""
-    n = seq_len - 1
+    """Mean next-token loss over ``n_seqs`` evenly spaced windows of held-out tokens (BOS + seq_len-1);
+    NaN when there are too few tokens for one window."""
+    n = min(seq_len, adapter.context) - 1
+    if len(tokens) < n + 2:
+        return float("nan")
     starts = torch.linspace(0, len(tokens) - n - 1, n_seqs).long().tolist()
     bos = adapter.tokenizer.bos_token_id
     ids = torch.stack([torch.cat([torch.tensor([bos]), tokens[s : s + n].long()]) for s in starts]).to(adapter.device)

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .activations import hook_points
 from .errors import CircuitsError
 from .lorsa import LorsaConfig, lorsa_for_model
-from .sparse import SparseCode, topk_relu
+from .sparse import SparseCode, decode, topk_relu
 from .transcoder import Transcoder, TranscoderConfig
 
 
@@ -99,7 +99,7 @@ class Unit:
         pre = self.module.pre_activations(x)
         W, b = self.module.decoder()
         code = topk_relu(pre, W.norm(dim=-1), k)
-        y = code.dense(W.shape[0]) @ W + b
+        y = decode(code, W, b)
         if self.kind == "transcoder" and self.module.W_skip is not None:
             y = y + x @ self.module.W_skip
         return y, code, pre
@@ -257,7 +257,7 @@ class Trainer:
         W, _ = u.module.decoder()
         masked = torch.where(dead, pre, torch.full_like(pre, -1e9))
         code = topk_relu(masked, W.norm(dim=-1), min(n_dead, 2 * u.module.cfg.top_k))
-        recon = code.dense(W.shape[0]) @ W
+        recon = decode(code, W, torch.zeros_like(W[0]))
         err = (y - y_hat).detach()
         recon, err = _drop_bos(u, recon), _drop_bos(u, err)
         return (recon - err).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp_min(1e-12)

@@ -153,3 +153,21 @@ def test_trace_without_replacements_and_with_foreign_ones(saved_model, tmp_path)
     f.write_bytes(f.read_bytes()[:100])
     r = _trace("the cat", "--model", str(broken), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_circuits_train_and_eval_commands(saved_model, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log.\n" * 200)
+    out = tmp_path / "rep"
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "train", "--model", str(saved_model),
+                        "--what", "transcoder", "--layers", "1", "--steps", "4", "--batch-size", "4", "--seq-len", "16",
+                        "--tc-expansion", "2", "--text", str(text), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "layer1.transcoder" in r.stdout and (out / "layer1.transcoder.safetensors").is_file()
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "eval", "--model", str(saved_model),
+                        "--replacements", str(out), "--json", "--no-samples", "--text", str(text)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert "layer1.transcoder" in d["replacements"] and d["replacements"]["layer1.transcoder"]["l0"] <= 32

@@ -1,0 +1,98 @@
+"""Induction, traced: a repeated random-token span on `toy` (or `pythia`).
+
+    python examples/induction.py [--model toy] [--out examples/out]
+
+Finds the strongest path to the correct logit, the Lorsa head on it at the last position, where its z pattern
+peaks (the token after the earlier occurrence), that head's strongest QK pair (query side: the current
+token; key side: a node written at the earlier position by an earlier layer's previous-token head), checks
+the head with path patching, and renders the circuit to SVG.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def induction_prompt(adapter, span: int = 8, seed: int = 1) -> torch.Tensor:
+    """BOS + r + r[:-1]: the next token is r[-1], predictable only by induction."""
+    g = torch.Generator().manual_seed(seed)
+    special = set(adapter.tokenizer.all_special_ids)
+    pool = torch.tensor([i for i in range(len(adapter.tokenizer)) if i not in special])
+    r = pool[torch.randint(0, len(pool), (span,), generator=g)]
+    return torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), r, r[:-1]])[None], int(r[-1])
+
+
+def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int = 1, verbose: bool = True) -> dict:
+    from graphs.attribution import attribute
+    from graphs.export import RenderError, render, write_dot, write_json
+    from graphs.patching import PathPatcher, graph_effects, parse_component
+    from graphs.prune import prune
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    say = print if verbose else (lambda *a, **k: None)
+    adapter = load_model(model_name)
+    model = ReplacementModel.load(adapter)
+    ids, answer = induction_prompt(adapter, seed=seed)
+    n = ids.shape[1]
+    tok = adapter.tokenizer
+    target = tok.decode([answer])
+    full = attribute(model, ids, target=target)
+    graph = prune(full, 0.8, 0.98)
+    logit = graph.node(f"logit.{answer}@{n - 1}")
+    say(f"prompt tokens: {[tok.decode([i]) for i in ids[0].tolist()]}; correct next token {target!r} (p={logit.prob:.3f})")
+    # the strongest path to the correct logit that passes through a Lorsa head at the last position
+    head = None
+    for strength, path in graph.top_paths(to=logit.id, k=50):
+        heads = [graph.node(x) for x in path if graph.node(x).type == "lorsa" and graph.node(x).pos == n - 1]
+        if heads:
+            head = max(heads, key=lambda h: h.layer)
+            say(f"strongest path through a last-position Lorsa head ({strength:.3f}): " + " -> ".join(path))
+            break
+    if head is None:
+        raise RuntimeError("no path to the correct logit runs through a Lorsa head at the last position")
+    zp = torch.tensor(head.extra["z_pattern"])
+    peak = int(zp.abs().argmax())
+    span = (n - 1) // 2
+    expected_peak = n - 1 - span + 1  # the token after the earlier occurrence of the current token
+    say(f"head {head.id}: z pattern peaks at position {peak} ({tok.decode([int(ids[0, peak])])!r}); "
+        f"the token after the earlier occurrence is at {expected_peak}")
+    pairs = sorted(full.qk_pairs(head.id), key=lambda e: -abs(e.weight))
+    top = pairs[0] if pairs else None
+    if top is not None:
+        say(f"top QK pair: query {top.extra['query']} x key {top.extra['key']} (key pos {top.extra['key_pos']}) "
+            f"= {top.weight:+.3f}")
+    patcher = PathPatcher(model, ids, answer, demean=True)
+    patched = patcher.effects([parse_component(head.id)])[0].effect
+    predicted = float(graph_effects(full, logit.id)[full.index[head.id]])
+    say(f"path patching {head.id}: logit change {patched:+.3f}; the graph predicts {predicted:+.3f}")
+    out = Path(out)
+    write_json(graph, out / "induction.json")
+    dot = write_dot(graph.subgraph(_circuit_nodes(graph, head, logit)), out / "induction.dot")
+    try:
+        svg = render(dot, "svg")
+        say(f"wrote {svg}")
+    except RenderError as e:
+        say(f"note: {e}")
+    return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "graph": graph,
+            "full": full, "patched": patched, "predicted": predicted, "ids": ids, "answer": answer}
+
+
+def _circuit_nodes(graph, head, logit, k: int = 6) -> set[str]:
+    keep = {head.id, logit.id}
+    keep |= {e.source for e in graph.incoming(head, k=k)}
+    keep |= {e.source for e in graph.incoming(logit, k=k)}
+    for e in graph.qk_pairs(head)[:k]:
+        keep |= {e.extra["query"], e.extra["key"]}
+    keep |= {n.id for n in graph.nodes(type="embedding")}
+    return keep
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--out", default="examples/out")
+    a = ap.parse_args()
+    analyse(a.model, a.out)

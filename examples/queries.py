@@ -1,0 +1,48 @@
+"""Querying a graph from Python: load it, strongest paths, Lorsa heads with their QK pairs, positions, networkx.
+
+    python examples/queries.py [graph.json]      (default: traces `36 + 62 =` on llama first)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import networkx as nx
+
+import graphs
+
+
+def main(path: str | None = None) -> None:
+    if path is None:
+        path = "traces/36-62/graph.json"
+        if not Path(path).is_file():
+            from cli.trace import trace
+
+            trace.main(["36 + 62 =", "--model", "llama", "--format", "json", "--out", "traces/36-62"], standalone_mode=False)
+    g = graphs.load(path)  # 1. load
+    print(g)
+    target = g.logits()[0]
+    print(f"\ntop 10 paths to {target.label!r}:")  # 2. strongest paths
+    for strength, p in g.top_paths(to=target.id, k=10):
+        print(f"  {strength:.4f}  " + " -> ".join(p))
+    print("\nLorsa heads in layer 1 and their strongest QK pairs:")  # 3. heads + QK pairs
+    for head in g.nodes(type="lorsa", layer=1):
+        pairs = g.qk_pairs(head)[:2]
+        desc = "; ".join(f"{e.extra['query']} x {e.extra['key']} = {e.weight:+.3f}" for e in pairs) or "(no QK pairs kept)"
+        print(f"  {head.id:<22} act {head.activation:.3f}  {desc}")
+    last = len(g.tokens) - 1
+    print(f"\nnodes at the last position ({g.tokens[last]!r}):")  # 4. by position
+    for n in g.nodes(position=last):
+        print(f"  {n.type:<11} {n.id}")
+    G = g.to_networkx()  # 5. networkx
+    first = g.nodes(type="embedding")[0]
+    G2 = G.copy()
+    for a, b, d in G2.edges(data=True):
+        d["cost"] = 1.0 / (abs(d["weight"]) + 1e-9)
+    if nx.has_path(G2, first.id, target.id):
+        print(f"\ncheapest path (cost 1/|w|) {first.id} -> {target.id}: {nx.shortest_path(G2, first.id, target.id, weight='cost')}")
+    print(f"ancestors of {target.id}: {len(nx.ancestors(G, target.id))} nodes")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
