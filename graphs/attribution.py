@@ -167,6 +167,9 @@ def _select_logits(probs: torch.Tensor, coverage: float, max_logits: int, target
     return chosen
 
 
+Target = tuple  # (kind, layer, node rows [B], unit index [B], position [B])
+
+
 @torch.no_grad()
 def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
@@ -184,122 +187,11 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
     rec = model.record(ids[0], sparse=sparse_record)
     lin = Linearised(model, rec)
-    n, N = lin.n, lin.N
     tok = a.tokenizer
     tokens = [tok.decode([i]) if tok is not None else str(i) for i in rec.ids.tolist()]
-
-    nodes: list[Node] = []
-    sources: dict[str, Source] = {}
-
-    def add_source(node: Node, slot: int, vec: torch.Tensor):
-        nodes.append(node)
-        sources[node.id] = Source(slot, node.pos, vec)
-
-    for p in range(n):
-        add_source(Node(f"emb@{p}", "embedding", -1, p, int(rec.ids[p]), label=tokens[p]), 0, rec.embed[p])
-    targets: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # (kind, layer, node rows, index/pos)
-    for L in range(N):
-        lr = rec.layers[L]
-        if model.attention == "lorsa":
-            lorsa = model.lorsas[L]
-            values = lr.attn_in @ lorsa.W_V.t().float() + lorsa.b_V.float()  # [n, H]: every head's v_s
-            rows = []
-            for p in range(n):
-                for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
-                    if v > 0:
-                        zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, p] * values[:, h]  # sums to z
-                        node = Node(f"lorsa.{L}.{h}@{p}", "lorsa", L, p, h, activation=v, label=f"L{L}.H{h}",
-                                    preact=float(lr.lorsa_z[p, h]),
-                                    extra={"z_pattern": [round(float(x), 5) for x in zp[: p + 1]]})
-                        add_source(node, 2 * L + 1, v * lorsa.W_O[h].float())
-                        rows.append((len(nodes) - 1, h, p))
-            targets.append(("lorsa", L, *map(torch.tensor, zip(*rows))) if rows else ("lorsa", L, None, None, None))
-            for p in range(n):
-                add_source(Node(f"attn_err.{L}@{p}", "attn_error", L, p, -1, activation=float(lr.attn_err[p].norm()),
-                                label=f"L{L} attn err"), 2 * L + 1, lr.attn_err[p])
-        tc = model.transcoders[L]
-        if tc.W_skip is not None:
-            raise BadInputError("attribution through a transcoder skip connection is not supported")
-        pre = tc.pre_activations(lr.mlp_in)
-        rows = []
-        for p in range(n):
-            for v, f in zip(lr.tc_code.values[p].tolist(), lr.tc_code.indices[p].tolist()):
-                if v > 0:
-                    node = Node(f"tc.{L}.{f}@{p}", "transcoder", L, p, f, activation=v, label=f"L{L}.F{f}",
-                                preact=float(pre[p, f]))
-                    add_source(node, 2 * L + 2, v * tc.W_dec[f].float())
-                    rows.append((len(nodes) - 1, f, p))
-        targets.append(("transcoder", L, *map(torch.tensor, zip(*rows))) if rows else ("transcoder", L, None, None, None))
-        for p in range(n):
-            add_source(Node(f"mlp_err.{L}@{p}", "mlp_error", L, p, -1, activation=float(lr.mlp_err[p].norm()),
-                            label=f"L{L} mlp err"), 2 * L + 2, lr.mlp_err[p])
-
-    # logits
-    logits = rec.logits[n - 1]
-    probs = logits.softmax(-1)
-    target_id = None
-    if target is not None:
-        t_ids = tok.encode(target, add_special_tokens=False) if tok is not None else []
-        if len(t_ids) != 1:
-            raise BadInputError(f"target {target!r} is not a single token of this model's vocabulary")
-        target_id = t_ids[0]
-    chosen = _select_logits(probs, logit_coverage, max_logits, target_id)
-    demeaned = logits - logits.mean()
-    rows = []
-    for v in chosen:
-        label = tok.decode([v]) if tok is not None else str(v)
-        nodes.append(Node(f"logit.{v}@{n - 1}", "logit", N, n - 1, v, activation=float(demeaned[v]),
-                          label=label, prob=float(probs[v]), preact=float(demeaned[v])))
-        rows.append((len(nodes) - 1, v, n - 1))
-    targets.append(("logit", N, *map(torch.tensor, zip(*rows))))
-
-    # sources grouped by (slot, position) for the products
-    index = {node.id: i for i, node in enumerate(nodes)}
-    groups: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
-    tmp: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for nid, s in sources.items():
-        tmp.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
-    for key, items in tmp.items():
-        groups[key] = ([i for i, _ in items], torch.stack([v for _, v in items]))
-
-    edges = EdgeArrays()
-    n_targets = sum(0 if t[2] is None else len(t[2]) for t in targets)
-    from tqdm import tqdm
-
-    bar = tqdm(total=n_targets, desc="attribution", disable=not progress)
-    for kind, L, node_rows, idx, pos in targets:
-        if node_rows is None:
-            continue
-        for start in range(0, len(node_rows), batch_size):
-            sl = slice(start, start + batch_size)
-            b_rows, b_idx, b_pos = node_rows[sl], idx[sl], pos[sl]
-            if kind == "lorsa":
-                R, const = lin.read_lorsa(L, b_idx, b_pos)
-                read_slot = 2 * L
-            elif kind == "transcoder":
-                R, const = lin.read_transcoder(L, b_idx, b_pos)
-                read_slot = lin.mlp_read_slot(L)
-            else:
-                R, const = lin.read_logits(b_idx)
-                read_slot = lin.final_slot
-            G = lin.slot_gradients(R, read_slot)
-            W = torch.zeros(len(b_rows), len(nodes))
-            for w in range(read_slot + 1):
-                bias = lin.slot_bias(w)
-                if bias is not None:
-                    const = const + G[w].sum(1) @ bias
-                for p in range(n):
-                    if (w, p) not in groups:
-                        continue
-                    g = G[w][:, p]  # [B, d]
-                    live = g.abs().sum(-1) > 0
-                    if not live.any():
-                        continue
-                    cols, U = groups[(w, p)]
-                    W[live.nonzero()[:, 0][:, None], torch.tensor(cols)[None]] = g[live] @ U.t()
-            _emit_edges(W, b_rows.tolist(), const, nodes, edges, "ov" if kind == "lorsa" else "direct", edges_per_target)
-            bar.update(len(b_rows))
-    bar.close()
+    nodes, sources, targets = _feature_nodes(model, rec, tokens)
+    targets.append(_logit_nodes(rec, nodes, tok, target, logit_coverage, max_logits, lin.N))
+    edges = _edges(lin, nodes, sources, targets, batch_size, edges_per_target, progress)
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
@@ -320,6 +212,129 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
                         seconds_qk=round(time.time() - t1, 3))
     settings["seconds"] = round(time.time() - t0, 3)
     return graph
+
+
+def _feature_nodes(model: ReplacementModel, rec: Record, tokens: list[str]):
+    """Embedding, Lorsa-head, transcoder-feature and error nodes, with what each writes (its source vector)
+    and the target groups (one per kind and layer)."""
+    n, N = rec.ids.shape[0], model.adapter.n_layers
+    nodes: list[Node] = []
+    sources: dict[str, Source] = {}
+    targets: list[Target] = []
+
+    def add(node: Node, slot: int, vec: torch.Tensor) -> int:
+        nodes.append(node)
+        sources[node.id] = Source(slot, node.pos, vec)
+        return len(nodes) - 1
+
+    def target_group(kind: str, L: int, rows: list[tuple[int, int, int]]) -> Target:
+        return (kind, L, *map(torch.tensor, zip(*rows))) if rows else (kind, L, None, None, None)
+
+    for p in range(n):
+        add(Node(f"emb@{p}", "embedding", -1, p, int(rec.ids[p]), label=tokens[p]), 0, rec.embed[p])
+    for L in range(N):
+        lr = rec.layers[L]
+        if model.attention == "lorsa":
+            lorsa = model.lorsas[L]
+            values = lr.attn_in @ lorsa.W_V.t().float() + lorsa.b_V.float()  # [n, H]: every head's v_s
+            rows = []
+            for p in range(n):
+                for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
+                    if v > 0:
+                        zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, p] * values[:, h]  # sums to z
+                        node = Node(f"lorsa.{L}.{h}@{p}", "lorsa", L, p, h, activation=v, label=f"L{L}.H{h}",
+                                    preact=float(lr.lorsa_z[p, h]),
+                                    extra={"z_pattern": [round(float(x), 5) for x in zp[: p + 1]]})
+                        rows.append((add(node, 2 * L + 1, v * lorsa.W_O[h].float()), h, p))
+            targets.append(target_group("lorsa", L, rows))
+            for p in range(n):
+                add(Node(f"attn_err.{L}@{p}", "attn_error", L, p, -1, activation=float(lr.attn_err[p].norm()),
+                         label=f"L{L} attn err"), 2 * L + 1, lr.attn_err[p])
+        tc = model.transcoders[L]
+        if tc.W_skip is not None:
+            raise BadInputError("attribution through a transcoder skip connection is not supported")
+        pre = tc.pre_activations(lr.mlp_in)
+        rows = []
+        for p in range(n):
+            for v, f in zip(lr.tc_code.values[p].tolist(), lr.tc_code.indices[p].tolist()):
+                if v > 0:
+                    node = Node(f"tc.{L}.{f}@{p}", "transcoder", L, p, f, activation=v, label=f"L{L}.F{f}",
+                                preact=float(pre[p, f]))
+                    rows.append((add(node, 2 * L + 2, v * tc.W_dec[f].float()), f, p))
+        targets.append(target_group("transcoder", L, rows))
+        for p in range(n):
+            add(Node(f"mlp_err.{L}@{p}", "mlp_error", L, p, -1, activation=float(lr.mlp_err[p].norm()),
+                     label=f"L{L} mlp err"), 2 * L + 2, lr.mlp_err[p])
+    return nodes, sources, targets
+
+
+def _logit_nodes(rec: Record, nodes: list[Node], tok, target: str | None, coverage: float, max_logits: int,
+                 n_layers: int) -> Target:
+    """Append the logit nodes (demeaned, the smallest set covering ``coverage``, at most ``max_logits``)."""
+    n = rec.ids.shape[0]
+    logits = rec.logits[n - 1]
+    probs = logits.softmax(-1)
+    target_id = None
+    if target is not None:
+        t_ids = tok.encode(target, add_special_tokens=False) if tok is not None else []
+        if len(t_ids) != 1:
+            raise BadInputError(f"target {target!r} is not a single token of this model's vocabulary")
+        target_id = t_ids[0]
+    demeaned = logits - logits.mean()
+    rows = []
+    for v in _select_logits(probs, coverage, max_logits, target_id):
+        label = tok.decode([v]) if tok is not None else str(v)
+        nodes.append(Node(f"logit.{v}@{n - 1}", "logit", n_layers, n - 1, v, activation=float(demeaned[v]),
+                          label=label, prob=float(probs[v]), preact=float(demeaned[v])))
+        rows.append((len(nodes) - 1, v, n - 1))
+    return ("logit", n_layers, *map(torch.tensor, zip(*rows)))
+
+
+def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], batch_size: int,
+           edges_per_target: int | None, progress: bool) -> "EdgeArrays":
+    """Every target's incoming edges, in batches of targets of one kind and layer (one product per source
+    group per batch); also sets each target's constant terms."""
+    from tqdm import tqdm
+
+    n = lin.n
+    index = {node.id: i for i, node in enumerate(nodes)}
+    grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for nid, s in sources.items():
+        grouped.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
+    groups = {key: (torch.tensor([i for i, _ in items]), torch.stack([v for _, v in items]))
+              for key, items in grouped.items()}
+    edges = EdgeArrays()
+    bar = tqdm(total=sum(0 if t[2] is None else len(t[2]) for t in targets), desc="attribution", disable=not progress)
+    for kind, L, node_rows, idx, pos in targets:
+        if node_rows is None:
+            continue
+        for start in range(0, len(node_rows), batch_size):
+            sl = slice(start, start + batch_size)
+            b_rows, b_idx, b_pos = node_rows[sl], idx[sl], pos[sl]
+            if kind == "lorsa":
+                (R, const), read_slot = lin.read_lorsa(L, b_idx, b_pos), 2 * L
+            elif kind == "transcoder":
+                (R, const), read_slot = lin.read_transcoder(L, b_idx, b_pos), lin.mlp_read_slot(L)
+            else:
+                (R, const), read_slot = lin.read_logits(b_idx), lin.final_slot
+            G = lin.slot_gradients(R, read_slot)
+            W = torch.zeros(len(b_rows), len(nodes))
+            for w in range(read_slot + 1):
+                bias = lin.slot_bias(w)
+                if bias is not None:
+                    const = const + G[w].sum(1) @ bias
+                for p in range(n):
+                    if (w, p) not in groups:
+                        continue
+                    g = G[w][:, p]  # [B, d]
+                    live = (g.abs().sum(-1) > 0).nonzero()[:, 0]
+                    if len(live):
+                        cols, U = groups[(w, p)]
+                        W[live[:, None], cols[None]] = g[live] @ U.t()
+            _emit_edges(W, b_rows.tolist(), const, nodes, edges, "ov" if kind == "lorsa" else "direct", edges_per_target)
+            bar.update(len(b_rows))
+    bar.close()
+    return edges
 
 
 def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
