@@ -73,10 +73,6 @@ class QKTables:
         self.M = M
         self.scale = 1 / math.sqrt(e)
 
-    def table(self, group: int, t: int, s: int) -> torch.Tensor:
-        """[M, M] pair contributions (query rows x key columns; last row/column = bias)."""
-        return self.Q[group, t] @ self.K[group, s].t() * self.scale
-
     def rows(self, p: int) -> list[int | None]:
         """Node row of each table index at position p (None for padding, 'bias' for the last)."""
         ids = self.node_ids[p]
@@ -85,55 +81,71 @@ class QKTables:
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,
                    top_pairs: int = 8) -> list[Edge]:
-    """QK edges for the Lorsa head nodes ``head_rows``; also fills each head's ``extra['qk']``."""
-    by_layer: dict[int, list[int]] = {}
+    """QK edges for the Lorsa head nodes ``head_rows``; also fills each head's ``extra['qk']``.
+
+    The tables of one layer and query position are computed together, as one batched product over the
+    (QK group, key position) combinations that its explained heads need."""
+    by_layer_pos: dict[tuple[int, int], list[int]] = {}
     for r in head_rows:
-        by_layer.setdefault(nodes[r].layer, []).append(r)
+        by_layer_pos.setdefault((nodes[r].layer, nodes[r].pos), []).append(r)
     edges: list[Edge] = []
-    for L, rows in sorted(by_layer.items()):
-        tabs = QKTables(lin, nodes, sources, L)
+    tables: dict[int, QKTables] = {}
+    for (L, t), rows in sorted(by_layer_pos.items()):
+        if L not in tables:
+            tables[L] = QKTables(lin, nodes, sources, L)
+        tabs = tables[L]
         hpg = tabs.lorsa.cfg.heads_per_group
         pattern = lin.rec.layers[L].lorsa_pattern  # [G, n, n]
-        cache: dict[tuple[int, int, int], dict] = {}
+        wanted: dict[int, list[int]] = {}  # group -> key positions
+        for r in rows:
+            g = nodes[r].index // hpg
+            if g not in wanted:
+                wanted[g] = pattern[g, t, : t + 1].topk(min(top_keys, t + 1)).indices.tolist()
+        combos = [(g, s) for g, keys in wanted.items() for s in keys]
+        infos = _explain_batch(tabs, nodes, t, combos, top_pairs)
         for r in rows:
             head = nodes[r]
-            g, t = head.index // hpg, head.pos
-            A = pattern[g, t, : t + 1]
-            keys = A.topk(min(top_keys, t + 1)).indices.tolist()
+            g = head.index // hpg
             explained = []
-            for s in keys:
-                key = (g, t, s)
-                if key not in cache:
-                    cache[key] = _explain(tabs, nodes, g, t, s, top_pairs)
-                info = dict(cache[key], key_pos=s, attention=float(A[s]))
+            for s in wanted[g]:
+                info = dict(infos[(g, s)], key_pos=s, attention=float(pattern[g, t, s]))
                 explained.append(info)
                 for q_id, k_id, val in info["pairs"]:
                     edges.append(Edge(q_id, head.id, val, "qk", {"query": q_id, "key": k_id, "key_pos": s,
-                                                               "attention": float(A[s])}))
+                                                               "attention": info["attention"]}))
             head.extra["qk"] = explained
     return edges
 
 
-def _explain(tabs: QKTables, nodes: list[Node], g: int, t: int, s: int, top_pairs: int) -> dict:
-    tab = tabs.table(g, t, s)
-    q_rows, k_rows = tabs.rows(t), tabs.rows(s)
+def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple[int, int]], top_pairs: int) -> dict:
+    """Pair tables for query position t and each (group, key position), with their top pairs and marginals."""
+    gs = torch.tensor([g for g, _ in combos])
+    ss = torch.tensor([s for _, s in combos])
+    tab = torch.bmm(tabs.Q[gs, t], tabs.K[gs, ss].transpose(1, 2)) * tabs.scale  # [P, M, M]
     mq = len(tabs.node_ids[t])
-    mk = len(tabs.node_ids[s])
-    body = tab[:mq, :mk]
-    flat = body.flatten()
-    top = flat.abs().topk(min(top_pairs, flat.numel())).indices if flat.numel() else torch.zeros(0, dtype=torch.long)
-    pairs = [[nodes[q_rows[i // mk]].id, nodes[k_rows[i % mk]].id, float(flat[i])] for i in top.tolist()]
-    q_marg = body.sum(1) + tab[:mq, -1]
-    k_marg = body.sum(0) + tab[-1, :mk]
-    qi = q_marg.abs().topk(min(top_pairs, mq)).indices.tolist() if mq else []
-    ki = k_marg.abs().topk(min(top_pairs, mk)).indices.tolist() if mk else []
-    return {
-        "score": float(tab[:mq, :mk].sum() + tab[:mq, -1].sum() + tab[-1, :mk].sum() + tab[-1, -1]),
-        "pairs": pairs,
-        "pairs_total": float(body.sum()),
-        "query_bias_x_keys": float(tab[-1, :mk].sum()),
-        "queries_x_key_bias": float(tab[:mq, -1].sum()),
-        "bias_x_bias": float(tab[-1, -1]),
-        "query_marginals": [[nodes[q_rows[i]].id, float(q_marg[i])] for i in qi],
-        "key_marginals": [[nodes[k_rows[i]].id, float(k_marg[i])] for i in ki],
-    }
+    q_rows = tabs.rows(t)
+    out = {}
+    for i, (g, s) in enumerate(combos):
+        mk = len(tabs.node_ids[s])
+        k_rows = tabs.rows(s)
+        T = tab[i]
+        body = T[:mq, :mk]
+        flat = body.reshape(-1)
+        top = flat.abs().topk(min(top_pairs, flat.numel())).indices.tolist() if flat.numel() else []
+        q_marg = body.sum(1) + T[:mq, -1]
+        k_marg = body.sum(0) + T[-1, :mk]
+        qi = q_marg.abs().topk(min(top_pairs, mq)).indices.tolist() if mq else []
+        ki = k_marg.abs().topk(min(top_pairs, mk)).indices.tolist() if mk else []
+        pairs_total = float(body.sum())
+        q_bias_keys, queries_k_bias, bias_bias = float(T[-1, :mk].sum()), float(T[:mq, -1].sum()), float(T[-1, -1])
+        out[(g, s)] = {
+            "score": pairs_total + q_bias_keys + queries_k_bias + bias_bias,
+            "pairs": [[nodes[q_rows[j // mk]].id, nodes[k_rows[j % mk]].id, float(flat[j])] for j in top],
+            "pairs_total": pairs_total,
+            "query_bias_x_keys": q_bias_keys,
+            "queries_x_key_bias": queries_k_bias,
+            "bias_x_bias": bias_bias,
+            "query_marginals": [[nodes[q_rows[j]].id, float(q_marg[j])] for j in qi],
+            "key_marginals": [[nodes[k_rows[j]].id, float(k_marg[j])] for j in ki],
+        }
+    return out
