@@ -152,9 +152,14 @@ def _short_label(graph: AttributionGraph, n: Node) -> str:
     return f"{tok}\\n{kind}"
 
 
-def to_dot(graph: AttributionGraph) -> str:
+def to_dot(graph: AttributionGraph, max_edges: int = 300, qk_per_head: int = 2, max_qk: int = 120) -> str:
     """Nodes ranked by layer (embeddings at the bottom, logits on top), ordered by token position; node type
-    by colour and shape; edge width by |weight|, colour by sign; QK edges dashed."""
+    by colour and shape; edge width by |weight|, colour by sign; QK edges dashed.
+
+    A drawing of thousands of edges is neither readable nor quick to lay out, so the DOT keeps the
+    ``max_edges`` strongest OV/direct edges (by |weight| x the target's influence), the ``qk_per_head``
+    strongest QK pairs of the drawn heads (``max_qk`` at most), and the nodes they touch; the JSON keeps all."""
+    graph = _drawable(graph, max_edges, qk_per_head, max_qk)
     lines = ["digraph attribution {", "  rankdir=BT; newrank=true; splines=true; nodesep=0.15; ranksep=0.5;",
              '  node [style=filled, fontname="Helvetica", fontsize=10, margin="0.05,0.03"];',
              f'  label={_q(graph.prompt + "  " + _score_line(graph))}; labelloc=t; fontname="Helvetica";']
@@ -186,6 +191,30 @@ def to_dot(graph: AttributionGraph) -> str:
     lines += _legend()
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _drawable(graph: AttributionGraph, max_edges: int, qk_per_head: int, max_qk: int) -> AttributionGraph:
+    E = graph.edge_arrays
+    if len(E) <= max_edges and len(graph.qk) <= max_qk:
+        return graph
+    import torch
+
+    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list]) + 1e-12
+    top = (E.w.abs() * infl[E.tgt]).argsort(descending=True)[:max_edges]
+    keep = {graph.node_list[i].id for i in torch.cat([E.src[top], E.tgt[top]]).tolist()}
+    keep |= {n.id for n in graph.node_list if n.type == "logit"}
+    qk: list[Edge] = []
+    for head in sorted({e.target for e in graph.qk if e.target in keep}):
+        qk += graph.qk_pairs(head)[:qk_per_head]
+    qk = sorted(qk, key=lambda e: -abs(e.weight))[:max_qk]
+    keep |= {e.extra[side] for e in qk for side in ("query", "key")}
+    sub = graph.subgraph(keep)
+    mask = torch.zeros(len(sub.edge_arrays), dtype=torch.bool)
+    chosen = {(int(E.src[i]), int(E.tgt[i])) for i in top.tolist()}
+    for j, (a, b) in enumerate(zip(sub.edge_arrays.src.tolist(), sub.edge_arrays.tgt.tolist())):
+        mask[j] = (graph.index[sub.node_list[a].id], graph.index[sub.node_list[b].id]) in chosen
+    return AttributionGraph(sub.prompt, sub.tokens, sub.token_ids, sub.node_list, sub.edge_arrays.select(mask),
+                            sub.settings, sub.scores, qk)
 
 
 def _score_line(graph: AttributionGraph) -> str:

@@ -65,7 +65,8 @@ def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[st
 def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
           max_nodes: int | None = None) -> AttributionGraph:
     """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
-    ``edge_threshold`` of the influence-weighted edge mass; repeat until nothing changes.  Embeddings,
+    ``edge_threshold`` of the influence-weighted edge mass, then drop nodes left without outgoing edges until
+    nothing changes.  Embeddings,
     error nodes and logits are always kept (while they have edges).  Scores are computed on the full graph
     and stored with the pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the
     most influential ones."""
@@ -89,22 +90,21 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         keep[order[:n_keep]] = True
     E = graph.edge_arrays
     edge_keep = keep[E.src] & keep[E.tgt]
-    for _ in range(50):
-        score = normalised_weights(graph) * infl[E.tgt] * edge_keep
-        order = score.argsort(descending=True)
-        cum = score[order].cumsum(0)
-        n_keep = int((cum < edge_threshold * cum[-1]).sum()) + 1 if len(cum) and cum[-1] > 0 else 0
-        new_edges = torch.zeros_like(edge_keep)
-        new_edges[order[:n_keep]] = True
-        new_edges &= edge_keep
-        # nodes that no longer reach anything (no outgoing edge) drop out, except logits
+    # edges: the smallest set among the kept nodes covering edge_threshold of the influence-weighted mass
+    score = normalised_weights(graph) * infl[E.tgt] * edge_keep
+    order = score.argsort(descending=True)
+    cum = score[order].cumsum(0)
+    n_keep = int((cum < edge_threshold * cum[-1]).sum()) + 1 if len(cum) and cum[-1] > 0 else 0
+    chosen = torch.zeros_like(edge_keep)
+    chosen[order[:n_keep]] = True
+    edge_keep &= chosen
+    # then drop, until nothing changes, nodes left without an outgoing edge (logits stay) and their edges
+    is_logit = torch.tensor([t == "logit" for t in types])
+    while True:
         has_out = torch.zeros(len(graph), dtype=torch.bool)
-        has_out[E.src[new_edges]] = True
-        has_in = torch.zeros(len(graph), dtype=torch.bool)
-        has_in[E.tgt[new_edges]] = True
-        is_logit = torch.tensor([t == "logit" for t in types])
+        has_out[E.src[edge_keep]] = True
         new_keep = keep & (has_out | is_logit)
-        new_edges &= new_keep[E.src] & new_keep[E.tgt]
+        new_edges = edge_keep & new_keep[E.src] & new_keep[E.tgt]
         if torch.equal(new_keep, keep) and torch.equal(new_edges, edge_keep):
             break
         keep, edge_keep = new_keep, new_edges
