@@ -207,7 +207,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
 
             infl = influence(graph)
             heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
-        graph.qk = qk_attribution(lin, nodes, sources, heads, qk_top_keys, qk_top_pairs)
+        qk_attribution(lin, nodes, sources, heads, qk_top_keys, qk_top_pairs)
         settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs,
                         seconds_qk=round(time.time() - t1, 3))
     settings["seconds"] = round(time.time() - t0, 3)

@@ -83,11 +83,9 @@ def from_dict(d: dict) -> AttributionGraph:
                           activation=x["activation"], influence=x["influence"], label=x.get("label", ""),
                           prob=x["token_prob"], const=x["const"], preact=x["preact"], dropped=x["dropped"], extra=extra))
     edges = [Edge(e["source"], e["target"], e["weight"], e["kind"]) for e in d["links"]]
-    qk = [Edge(e["query"], e["target"], e["weight"], "qk", {"query": e["query"], "key": e["key"], "key_pos": e["key_pos"],
-                                                           "attention": e["attention"]}) for e in d.get("qk_links", [])]
-    m = d["metadata"]
+    m = d["metadata"]  # qk_links are a flat view of the heads' "qk" fields, from which the graph derives them
     return AttributionGraph(m["prompt"], m["prompt_tokens"], m.get("prompt_token_ids", []), nodes, edges,
-                            m.get("settings", {}), m.get("scores", {}), qk)
+                            m.get("settings", {}), m.get("scores", {}))
 
 
 def validate(d: dict) -> None:

@@ -104,9 +104,19 @@ class AttributionGraph:
                                torch.tensor([e.weight for e in edges], dtype=torch.float32),
                                torch.tensor([EdgeArrays.KINDS.index(e.kind) for e in edges], dtype=torch.int8))
         self.edge_arrays = edges
-        self.qk = qk or []  # QK pair edges: source = query-side node, extra = {query, key, key_pos, ...}
+        self._qk = qk  # None: derived from the Lorsa heads' extra["qk"] (see `qk`)
         self.settings = settings or {}
         self.scores = scores or {}
+
+    @property
+    def qk(self) -> list[Edge]:
+        """QK pair edges (source = query-side node; extra: query, key, key_pos, attention), derived from each
+        Lorsa head's ``extra['qk']`` and limited to pairs whose two nodes are in this graph."""
+        if self._qk is None:
+            self._qk = [Edge(q, n.id, v, "qk", {"query": q, "key": k, "key_pos": info["key_pos"], "attention": info["attention"]})
+                        for n in self.node_list for info in n.extra.get("qk", ())
+                        for q, k, v in info["pairs"] if q in self.index and k in self.index]
+        return self._qk
 
     # -- queries ------------------------------------------------------------------------------------------
 
@@ -222,9 +232,8 @@ class AttributionGraph:
         remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
         E = self.edge_arrays
         mask = (remap[E.src] >= 0) & (remap[E.tgt] >= 0)
-        qk = [e for e in self.qk if e.target in keep and e.extra.get("query") in keep and e.extra.get("key") in keep]
         return AttributionGraph(self.prompt, self.tokens, self.token_ids, [self.node_list[i] for i in kept],
-                                E.select(mask, remap), dict(self.settings), dict(self.scores), qk)
+                                E.select(mask, remap), dict(self.settings), dict(self.scores))
 
     # -- files --------------------------------------------------------------------------------------------
 

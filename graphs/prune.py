@@ -109,16 +109,15 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
             break
         keep, edge_keep = new_keep, new_edges
     index = graph.index
-    for e in graph.qk:  # a kept head keeps the nodes of its QK pairs
-        if keep[index[e.target]]:
-            keep[index[e.extra["query"]]] = keep[index[e.extra["key"]]] = True
+    for i in keep.nonzero()[:, 0].tolist():  # a kept head keeps the nodes of its QK pairs
+        for info in graph.node_list[i].extra.get("qk", ()):
+            for q, k, _ in info["pairs"]:
+                keep[index[q]] = keep[index[k]] = True
     kept = keep.nonzero()[:, 0]
     remap = torch.full((len(graph),), -1, dtype=torch.long)
     remap[kept] = torch.arange(len(kept))
-    ids = {graph.node_list[i].id for i in kept.tolist()}
-    qk = [e for e in graph.qk if e.target in ids and e.extra.get("query") in ids and e.extra.get("key") in ids]
     pruned = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, [graph.node_list[i] for i in kept.tolist()],
-                              E.select(edge_keep, remap), dict(graph.settings), dict(graph.scores), qk)
+                              E.select(edge_keep, remap), dict(graph.settings), dict(graph.scores))
     pruned.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
     pruned.scores.update({k: v for k, v in full_scores.items()},
                          full_nodes=len(graph), full_edges=len(E), pruned_nodes=len(pruned), pruned_edges=len(pruned.edge_arrays))

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .graph import Edge, Node
+from .graph import Node
 
 
 class QKTables:
@@ -73,22 +73,22 @@ class QKTables:
         self.M = M
         self.scale = 1 / math.sqrt(e)
 
-    def rows(self, p: int) -> list[int | None]:
-        """Node row of each table index at position p (None for padding, 'bias' for the last)."""
-        ids = self.node_ids[p]
-        return ids + [None] * (self.M - 1 - len(ids)) + ["bias"]
+    def rows(self, p: int) -> list[int]:
+        """Node row of each table index < (number of nodes at p); higher indices are padding or the bias."""
+        return self.node_ids[p]
 
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,
-                   top_pairs: int = 8) -> list[Edge]:
-    """QK edges for the Lorsa head nodes ``head_rows``; also fills each head's ``extra['qk']``.
+                   top_pairs: int = 8) -> None:
+    """Explain the Lorsa head nodes ``head_rows``: each gets ``extra['qk']``, one entry per explained key
+    position (score, attention, top pairs, marginals, bias terms).  Heads of one QK group share their
+    pattern, so at one query position they share these entries (one object, not copies).
 
     The tables of one layer and query position are computed together, as one batched product over the
     (QK group, key position) combinations that its explained heads need."""
     by_layer_pos: dict[tuple[int, int], list[int]] = {}
     for r in head_rows:
         by_layer_pos.setdefault((nodes[r].layer, nodes[r].pos), []).append(r)
-    edges: list[Edge] = []
     tables: dict[int, QKTables] = {}
     for (L, t), rows in sorted(by_layer_pos.items()):
         if L not in tables:
@@ -103,49 +103,75 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
                 wanted[g] = pattern[g, t, : t + 1].topk(min(top_keys, t + 1)).indices.tolist()
         combos = [(g, s) for g, keys in wanted.items() for s in keys]
         infos = _explain_batch(tabs, nodes, t, combos, top_pairs)
+        for (g, s), info in infos.items():
+            info.update(key_pos=s, attention=float(pattern[g, t, s]))
         for r in rows:
-            head = nodes[r]
-            g = head.index // hpg
-            explained = []
-            for s in wanted[g]:
-                info = dict(infos[(g, s)], key_pos=s, attention=float(pattern[g, t, s]))
-                explained.append(info)
-                for q_id, k_id, val in info["pairs"]:
-                    edges.append(Edge(q_id, head.id, val, "qk", {"query": q_id, "key": k_id, "key_pos": s,
-                                                               "attention": info["attention"]}))
-            head.extra["qk"] = explained
-    return edges
+            g = nodes[r].index // hpg
+            nodes[r].extra["qk"] = [infos[(g, s)] for s in wanted[g]]
 
 
-def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple[int, int]], top_pairs: int) -> dict:
-    """Pair tables for query position t and each (group, key position), with their top pairs and marginals."""
+def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple[int, int]], top_pairs: int,
+                   screen: int = 32) -> dict:
+    """Pair tables for query position t and each (group, key position): exact sums, marginals and top pairs.
+
+    Sums and marginals need no table: sum_ij q_i.k_j = (sum_i q_i).(sum_j k_j), and a query node's marginal
+    is q_i.(sum_j k_j + k_bias).  The top pairs come from the sub-table of the ``screen`` largest query and
+    key vectors, which is provably exact when its k-th largest |pair| is at least the largest bound
+    |q_i||k_j| of any pair left out; combinations that fail the test get their full table."""
     gs = torch.tensor([g for g, _ in combos])
     ss = torch.tensor([s for _, s in combos])
-    tab = torch.bmm(tabs.Q[gs, t], tabs.K[gs, ss].transpose(1, 2)) * tabs.scale  # [P, M, M]
-    mq = len(tabs.node_ids[t])
+    M = tabs.M
+    Q, K = tabs.Q[gs, t], tabs.K[gs, ss]  # [P, M, e]; row M-1 is the bias
+    Qn, Kn, qb, kb = Q[:, : M - 1], K[:, : M - 1], Q[:, M - 1], K[:, M - 1]
+    c = tabs.scale
+    qsum, ksum = Qn.sum(1), Kn.sum(1)
+    pairs_total = (qsum * ksum).sum(-1) * c
+    q_bias_keys, queries_k_bias, bias_bias = (qb * ksum).sum(-1) * c, (qsum * kb).sum(-1) * c, (qb * kb).sum(-1) * c
+    q_marg = torch.einsum("pme,pe->pm", Qn, ksum + kb) * c
+    k_marg = torch.einsum("pme,pe->pm", Kn, qsum + qb) * c
+    # top pairs, screened
+    qnorm, knorm = Qn.norm(dim=-1), Kn.norm(dim=-1)  # [P, M-1] (padding rows are 0)
+    R = min(screen, M - 1)
+    qv, qi = qnorm.topk(R, dim=1)
+    kv, ki = knorm.topk(R, dim=1)
+    sub = torch.bmm(torch.gather(Q, 1, qi[..., None].expand(-1, -1, Q.shape[-1])),
+                    torch.gather(K, 1, ki[..., None].expand(-1, -1, K.shape[-1])).transpose(1, 2)) * c
+    kk = min(top_pairs, R * R)
+    top_abs, top_flat = sub.abs().flatten(1).topk(kk, dim=1)
+    q_out = qnorm.topk(min(R + 1, M - 1), dim=1).values[:, -1] if M - 1 > R else torch.zeros(len(combos))
+    k_out = knorm.topk(min(R + 1, M - 1), dim=1).values[:, -1] if M - 1 > R else torch.zeros(len(combos))
+    bound = torch.maximum(q_out * kv[:, 0], qv[:, 0] * k_out) * c
+    exact = (top_abs[:, -1] >= bound).tolist()
+    q_idx = torch.gather(qi, 1, top_flat // R).tolist()
+    k_idx = torch.gather(ki, 1, top_flat % R).tolist()
+    vals = torch.gather(sub.flatten(1), 1, top_flat).tolist()
+    km_ = min(top_pairs, M - 1)
+    q_top = q_marg.abs().topk(km_, dim=1).indices
+    k_top = k_marg.abs().topk(km_, dim=1).indices
+    q_top_v, k_top_v = torch.gather(q_marg, 1, q_top).tolist(), torch.gather(k_marg, 1, k_top).tolist()
+    q_top, k_top = q_top.tolist(), k_top.tolist()
+    sums = torch.stack([pairs_total, q_bias_keys, queries_k_bias, bias_bias], 1).tolist()
     q_rows = tabs.rows(t)
+    mq = len(tabs.node_ids[t])
     out = {}
     for i, (g, s) in enumerate(combos):
         mk = len(tabs.node_ids[s])
         k_rows = tabs.rows(s)
-        T = tab[i]
-        body = T[:mq, :mk]
-        flat = body.reshape(-1)
-        top = flat.abs().topk(min(top_pairs, flat.numel())).indices.tolist() if flat.numel() else []
-        q_marg = body.sum(1) + T[:mq, -1]
-        k_marg = body.sum(0) + T[-1, :mk]
-        qi = q_marg.abs().topk(min(top_pairs, mq)).indices.tolist() if mq else []
-        ki = k_marg.abs().topk(min(top_pairs, mk)).indices.tolist() if mk else []
-        pairs_total = float(body.sum())
-        q_bias_keys, queries_k_bias, bias_bias = float(T[-1, :mk].sum()), float(T[:mq, -1].sum()), float(T[-1, -1])
+        if exact[i]:
+            cand = zip(q_idx[i], k_idx[i], vals[i])
+        else:  # the screen could not prove its top pairs: use the full table
+            flat = ((Qn[i] @ Kn[i].t()) * c).flatten()
+            top = flat.abs().topk(min(top_pairs, flat.numel())).indices
+            cand = zip((top // (M - 1)).tolist(), (top % (M - 1)).tolist(), flat[top].tolist())
+        pt, qbk, qkb, bb = sums[i]
         out[(g, s)] = {
-            "score": pairs_total + q_bias_keys + queries_k_bias + bias_bias,
-            "pairs": [[nodes[q_rows[j // mk]].id, nodes[k_rows[j % mk]].id, float(flat[j])] for j in top],
-            "pairs_total": pairs_total,
-            "query_bias_x_keys": q_bias_keys,
-            "queries_x_key_bias": queries_k_bias,
-            "bias_x_bias": bias_bias,
-            "query_marginals": [[nodes[q_rows[j]].id, float(q_marg[j])] for j in qi],
-            "key_marginals": [[nodes[k_rows[j]].id, float(k_marg[j])] for j in ki],
+            "score": pt + qbk + qkb + bb,
+            "pairs": [[nodes[q_rows[a]].id, nodes[k_rows[b]].id, v] for a, b, v in cand if a < mq and b < mk and v != 0],
+            "pairs_total": pt,
+            "query_bias_x_keys": qbk,
+            "queries_x_key_bias": qkb,
+            "bias_x_bias": bb,
+            "query_marginals": [[nodes[q_rows[j]].id, v] for j, v in zip(q_top[i], q_top_v[i]) if j < mq],
+            "key_marginals": [[nodes[k_rows[j]].id, v] for j, v in zip(k_top[i], k_top_v[i]) if j < mk],
         }
     return out

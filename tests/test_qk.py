@@ -61,3 +61,40 @@ def test_qk_edges_link_query_and_key_positions():
             per_key.setdefault(e.extra["key_pos"], []).append(e)
         assert all(len(v) <= 4 for v in per_key.values())
         assert abs(pairs[0].weight) >= abs(pairs[-1].weight)
+
+
+def test_screened_top_pairs_equal_the_full_table():
+    """The screened top pairs are exactly the top pairs of the full table (brute force)."""
+    from graphs.attribution import Linearised
+    from graphs import qk as qkmod
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter, lorsa_k=8, heads_per_group=8, tc_k=8)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (1, 10))
+    for screen in (2, 4, 64):
+        orig = qkmod._explain_batch
+        qkmod._explain_batch = lambda *a, **k: orig(*a, **{**k, "screen": screen})
+        try:
+            graph = attribute(model, ids, qk_top_pairs=5)
+        finally:
+            qkmod._explain_batch = orig
+        rec = model.record(ids)
+        for head in graph.nodes(type="lorsa", layer=1)[:6]:
+            for info in head.extra["qk"]:
+                lorsa = model.lorsas[1]
+                g = head.index // lorsa.cfg.heads_per_group
+                # brute force: every node at the two positions, through the module's own projections
+                lin = Linearised(model, rec)
+                tabs = qkmod.QKTables(lin, graph.node_list, _sources(graph, model, rec), 1)
+                full = tabs.Q[g, head.pos, :-1] @ tabs.K[g, info["key_pos"], :-1].t() * tabs.scale
+                best = full.flatten().abs().topk(len(info["pairs"])).values
+                got = torch.tensor([abs(p[2]) for p in info["pairs"]])
+                torch.testing.assert_close(got, best, atol=1e-6, rtol=1e-5)
+
+
+def _sources(graph, model, rec):
+    from graphs.attribution import _feature_nodes
+
+    _, sources, _ = _feature_nodes(model, rec, graph.tokens)
+    return sources
