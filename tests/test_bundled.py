@@ -71,3 +71,42 @@ def test_pure_sparse_model_agreement(replaced):
     agreement = (sparse == real).float().mean().item()
     print(f"{name}: pure sparse model agrees with the real model on {agreement:.0%} of next tokens")
     assert agreement > 0.2
+
+
+def test_graph_effects_equal_small_patches_in_the_replacement_model():
+    """On the bundled llama: the graph's linear prediction of removing a little of a Lorsa head equals
+    patching the replacement model itself (transcoders in place of the MLPs, errors and norm scales
+    frozen, attention frozen).  The real MLPs can respond differently (see the closing notes)."""
+    from graphs.attribution import attribute
+    from graphs.patching import PathPatcher, graph_effects, parse_component
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    _need("llama", replacements=True)
+    a = load_model("llama")
+    m = ReplacementModel.load(a)
+    ids = a.tokenize("36 + 62 =")
+    g = attribute(m, ids, qk=False, target=" 98")
+    logit = [n for n in g.logits() if n.label == " 98"][0]
+    eff = graph_effects(g, logit.id)
+    rec = m.record(ids)
+    p = PathPatcher(m, ids, logit.index, demean=True)
+
+    def run(c, eps):
+        d = -eps * p.write(c, rec)
+        store = {}
+        hooks = {k: (lambda t, n, v=v: v[None]) for k, v in rec.cache.items() if k.endswith(".scale")}
+        for L in range(a.n_layers):
+            hooks[f"blocks.{L}.attn.out"] = lambda t, n, L=L: (rec.layers[L].attn_out + (d if L == c.layer else 0))[None]
+            hooks[f"blocks.{L}.mlp.in"] = lambda t, n, L=L: store.__setitem__(L, t)
+            hooks[f"blocks.{L}.mlp.out"] = lambda t, n, L=L: (m.transcoders[L](store[L][0])[0] + rec.layers[L].mlp_err)[None]
+        with torch.no_grad():
+            lg = a.run(ids, hooks=hooks).logits[0, -1]
+        return float(lg[logit.index] - lg.mean())
+
+    heads = sorted(g.nodes(type="lorsa", position=4), key=lambda n: -abs(float(eff[g.index[n.id]])))[:5]
+    base = run(parse_component(heads[0].id), 0.0)
+    for h in heads:
+        got = (run(parse_component(h.id), 1e-2) - base) / 1e-2
+        want = float(eff[g.index[h.id]])
+        assert abs(got - want) <= 0.02 * max(1.0, abs(want)), (h.id, got, want)
