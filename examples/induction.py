@@ -43,22 +43,24 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     graph = prune(full, 0.8, 0.98)
     logit = graph.node(f"logit.{answer}@{n - 1}")
     say(f"prompt tokens: {[tok.decode([i]) for i in ids[0].tolist()]}; correct next token {target!r} (p={logit.prob:.3f})")
-    # the strongest path to the correct logit that passes through a Lorsa head at the last position
-    head = None
-    for strength, path in graph.top_paths(to=logit.id, k=50):
-        heads = [graph.node(x) for x in path if graph.node(x).type == "lorsa" and graph.node(x).pos == n - 1]
-        if heads:
-            head = max(heads, key=lambda h: h.layer)
-            say(f"strongest path through a last-position Lorsa head ({strength:.3f}): " + " -> ".join(path))
-            break
-    if head is None:
-        raise RuntimeError("no path to the correct logit runs through a Lorsa head at the last position")
-    zp = torch.tensor(head.extra["z_pattern"])
-    peak = int(zp.abs().argmax())
-    span = (n - 1) // 2
-    expected_peak = n - 1 - span + 1  # the token after the earlier occurrence of the current token
-    say(f"head {head.id}: z pattern peaks at position {peak} ({tok.decode([int(ids[0, peak])])!r}); "
-        f"the token after the earlier occurrence is at {expected_peak}")
+    current = int(ids[0, n - 1])
+    earlier = [p for p in range(n - 1) if int(ids[0, p]) == current]
+    expected_peak = earlier[-1] + 1  # the token after the earlier occurrence of the current token
+    # the last-position Lorsa head whose z pattern peaks there, with the strongest direct edge to the logit
+    into_logit = {e.source: e.weight for e in full.incoming(logit.id)}
+
+    def peak_of(h):
+        return int(torch.tensor(h.extra["z_pattern"]).abs().argmax())
+
+    heads = [h for h in full.nodes(type="lorsa", position=n - 1) if h.id in into_logit and peak_of(h) == expected_peak]
+    if not heads:
+        raise RuntimeError("no last-position Lorsa head attends to the token after the earlier occurrence")
+    head = max(heads, key=lambda h: into_logit[h.id])
+    peak = peak_of(head)
+    for strength, path in graph.top_paths(to=logit.id, k=3):
+        say(f"  path ({strength:.3f}): " + " -> ".join(path))
+    say(f"induction head {head.id} (layer {head.layer}): edge into {target!r} {into_logit[head.id]:+.3f}; z pattern "
+        f"peaks at position {peak} ({tok.decode([int(ids[0, peak])])!r}), the token after the earlier occurrence")
     pairs = sorted(full.qk_pairs(head.id), key=lambda e: -abs(e.weight))
     top = pairs[0] if pairs else None
     if top is not None:
