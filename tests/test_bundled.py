@@ -107,6 +107,6 @@ def test_graph_effects_equal_small_patches_in_the_replacement_model():
     heads = sorted(g.nodes(type="lorsa", position=4), key=lambda n: -abs(float(eff[g.index[n.id]])))[:5]
     base = run(parse_component(heads[0].id), 0.0)
     for h in heads:
-        got = (run(parse_component(h.id), 1e-2) - base) / 1e-2
+        got = (run(parse_component(h.id), 1e-3) - base) / 1e-3  # small: Top-K sets must not change
         want = float(eff[g.index[h.id]])
         assert abs(got - want) <= 0.02 * max(1.0, abs(want)), (h.id, got, want)
