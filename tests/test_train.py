@@ -186,6 +186,7 @@ t = Trainer(adapter, TrainConfig(steps=8, **SMALL), _source(), {state!r}, world=
 t.train(resume=False, progress=False)
 if rank == 0:
     atomic_save({{f"{{u.name}}.{{n}}": p for u in t.units for n, p in u.module.named_parameters()}}, {out!r})
+dist.barrier()  # both ranks are done communicating before either tears the group down
 dist.destroy_process_group()
 """
 
