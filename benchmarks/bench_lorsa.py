@@ -8,10 +8,8 @@ H x n x n tensor: memory should grow like n_qk * n^2 (the per-group patterns), n
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, resource, sys, time, torch

@@ -10,7 +10,6 @@ Batches are a pure function of (seed, step), so a resumed run sees exactly the b
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -100,10 +99,6 @@ def save_heldout_pairs(path: str | Path, pairs: list[tuple[int, int]]) -> None:
     atomic_write_text(path, json.dumps({"format": "a + b =", "pairs": pairs}))
 
 
-def load_heldout_pairs(path: str | Path) -> list[tuple[int, int]]:
-    return [tuple(p) for p in json.loads(Path(path).read_text())["pairs"]]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------------
@@ -169,10 +164,6 @@ class BatchMaker:
         return torch.tensor(ids[: self.seq_len])
 
 
-def arithmetic_prompt(a: int, b: int) -> str:
-    return f"{a} + {b} ="
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Small file helpers shared by every writer in the project
 # ---------------------------------------------------------------------------------------------------------
@@ -183,11 +174,3 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def file_digest(paths: Sequence[str | Path], extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in paths:
-        st = Path(p).stat() if not str(p).startswith("hf:") else None
-        h.update(f"{p}:{st.st_size if st else ''}:{st.st_mtime_ns if st else ''}".encode())
-    return h.hexdigest()[:16]

@@ -11,3 +11,7 @@ class ModelLoadError(CircuitsError):
 
 class BadInputError(CircuitsError, ValueError):
     """A prompt, option or argument that the tool cannot use."""
+
+
+class TrainingDiverged(CircuitsError):
+    """A loss or weight became NaN or infinite; training stopped and the last good checkpoint is kept."""

@@ -16,16 +16,13 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import BatchMaker, Mixture, addition_split, atomic_write_text, read_text_sources, save_heldout_pairs, tokenize_texts
+from .errors import TrainingDiverged
 from .presets import PRESETS, Preset
 
 DEFAULT_SOURCES = [
     str(Path(__file__).resolve().parents[2] / "shared" / "data" / f)
     for f in ("austen.txt", "shakespeare.txt", "web_bible.txt", "fortunes.txt", "pydoc_rst.txt")
 ]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass

@@ -9,7 +9,6 @@ function checks the guarantee after training and fails loudly if BPE did not pro
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Iterator
 
 BOS = "<|bos|>"
@@ -85,7 +84,3 @@ def check_number_tokens(tokenizer) -> None:
     for text in (" +", " ="):
         if len(tokenizer.encode(text, add_special_tokens=False)) != 1:
             raise ValueError(f"tokenizer splits {text!r}; train it on text that contains additions")
-
-
-def save_tokenizer(tokenizer, folder: str | Path) -> None:
-    tokenizer.save_pretrained(str(folder))

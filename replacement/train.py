@@ -25,14 +25,10 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .activations import hook_points
-from .errors import CircuitsError
+from .errors import CircuitsError, TrainingDiverged
 from .lorsa import LorsaConfig, lorsa_for_model
 from .sparse import SparseCode, decode, topk_relu
 from .transcoder import Transcoder, TranscoderConfig
-
-
-class TrainingDiverged(CircuitsError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -370,7 +366,7 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
     with that one layer spliced (its attention by Lorsa, or its MLP by the transcoder) against the clean
     loss and the loss with that output zero-ablated. BOS is excluded everywhere."""
     points = sorted({p for (k, L) in modules for p in hook_points(k, L)})
-    stats = {key: {"se": 0.0, "var_y": [], "l0": 0.0, "n": 0, "fired": None, "spliced": 0.0, "zero": 0.0}
+    stats = {key: {"se": 0.0, "l0": 0.0, "n": 0, "fired": None, "spliced": 0.0, "zero": 0.0}
              for key in modules}
     clean_total, n_pred = 0.0, 0
     ys = {key: [] for key in modules}

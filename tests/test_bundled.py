@@ -62,7 +62,6 @@ def test_graph_reconstruction_on_bundled(replaced):
 
 def test_pure_sparse_model_agreement(replaced):
     """Next-token agreement of the pure sparse model (no error terms) with the real model (reported)."""
-    from replacement.data import BatchMaker  # noqa: F401  (the mixture defines the bundled data)
 
     name, model = replaced
     ids = model.adapter.tokenize("It is a truth universally acknowledged, that a single man in possession of a good")

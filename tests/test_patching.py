@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphs.attribution import attribute
 from graphs.patching import PathPatcher, graph_effects, parse_component, path_patch, rank_lorsa_heads
 from replacement.errors import BadInputError
 from replacement.models import ModelAdapter
