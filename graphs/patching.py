@@ -77,7 +77,6 @@ class PathPatcher:
             self.cf = model.record(cf)
         self.target, self.baseline, self.demean, self.freeze_norms = target, baseline, demean, freeze_norms
         self.clean = self.metric(self.rec.logits[None])[0].item()
-        self._z = None
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """[B] target logit (minus the baseline's, or minus the mean logit with ``demean``) at the last position."""
@@ -86,12 +85,6 @@ class PathPatcher:
         return out - last[:, self.baseline] if self.baseline is not None else out
 
     # -- what a component writes -----------------------------------------------------------------------
-
-    def _head_z(self):
-        if self._z is None:
-            with torch.no_grad():
-                self._z = self.adapter.run(self.ids[None], capture=[f"blocks.{L}.attn.z" for L in range(self.adapter.n_layers)]).cache
-        return self._z
 
     def write(self, c: Component, rec) -> torch.Tensor:
         """[n, d]: what component c writes into the residual stream on the prompt recorded in ``rec``."""
@@ -122,7 +115,7 @@ class PathPatcher:
         else:  # an original attention head
             if not 0 <= c.index < a.n_heads:
                 raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
-            z = (self._head_z() if rec is self.rec else _cf_z(self, rec))[f"blocks.{c.layer}.attn.z"][0, :, c.index]
+            z = rec.cache[f"blocks.{c.layer}.attn.z"][:, c.index]  # [n, dh], recorded with the prompt
             Wo, _ = a.W_O(c.layer)
             contrib = z.float() @ Wo[c.index].float()
             if c.pos is None:
@@ -174,11 +167,6 @@ class PathPatcher:
             for c, m in zip(batch, self.metric(logits).tolist()):
                 results.append(PatchResult(c, self.clean, m, m - self.clean))
         return results
-
-
-def _cf_z(patcher: PathPatcher, rec) -> dict:
-    with torch.no_grad():
-        return patcher.adapter.run(rec.ids[None], capture=[f"blocks.{L}.attn.z" for L in range(patcher.adapter.n_layers)]).cache
 
 
 def path_patch(model: ReplacementModel, ids: torch.Tensor, component: str | Component, target: int,
