@@ -248,6 +248,80 @@ def _single_token(adapter, text: str) -> int:
 
 
 @circuits.command()
+@model_options
+@click.option("--layer", type=int, required=True)
+@click.option("--head", type=int, default=None, help="Show this Lorsa head in full.")
+@click.option("--feature", type=int, default=None, help="Show this transcoder feature in full.")
+@click.option("--top", type=int, default=10, show_default=True, help="Without --head/--feature: list this many of each kind.")
+@click.option("--n-seqs", type=int, default=64, show_default=True, help="Held-out sequences to scan (first run only).")
+@click.option("--text", "texts", multiple=True, help="Text files to scan instead of the model's held-out data.")
+@click.option("--cache-dir", type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")
+@click.option("--rebuild", is_flag=True, help="Ignore the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the selected dashboard as JSON.")
+@click.option("--replacements", type=click.Path(), default=None)
+def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, cache_dir, rebuild, as_json, replacements):
+    """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
+    from replacement.assemble import ReplacementModel
+    from replacement.dashboards import DashboardConfig, load_or_build
+    from replacement.errors import BadInputError
+    from replacement.models import load_model
+
+    adapter = load_model(model_name, device, dtype)
+    if not 0 <= layer < adapter.n_layers:
+        raise BadInputError(f"--layer {layer} out of range: {adapter.name} has layers 0-{adapter.n_layers - 1}")
+    if n_seqs < 1:
+        raise BadInputError("--n-seqs must be at least 1")
+    model = ReplacementModel.load(adapter, replacements)
+    for flag, i, n in (("--head", head, model.lorsas[layer].cfg.n_heads), ("--feature", feature, model.transcoders[layer].W_dec.shape[0])):
+        if i is not None and not 0 <= i < n:
+            raise BadInputError(f"{flag} {i} out of range: layer {layer} has {n}")
+    dash = load_or_build(model, DashboardConfig(n_seqs=n_seqs), list(texts) or None, cache_dir, rebuild)
+    picks = [("lorsa", head)] if head is not None else []
+    picks += [("transcoder", feature)] if feature is not None else []
+    if as_json:
+        sel = picks or [(k, i) for k in ("lorsa", "transcoder") for i in dash.ranked(k, layer)[:top]]
+        click.echo(json.dumps([dash.entry(k, layer, i) for k, i in sel], indent=1))
+        return
+    if picks:
+        for kind, i in picks:
+            _print_dashboard(dash.entry(kind, layer, i))
+        return
+    for kind in ("lorsa", "transcoder"):
+        name = "Lorsa heads" if kind == "lorsa" else "transcoder features"
+        click.echo(f"layer {layer}: {dash.n_features(kind, layer)} {name}, strongest first")
+        for i in dash.ranked(kind, layer)[:top]:
+            e = dash.entry(kind, layer, i)
+            ctx = e["contexts"][0] if e["contexts"] else None
+            up = ", ".join(repr(t) for t, _ in e["logits_up"][:3])
+            snippet = _context_line(ctx) if ctx else "(never active)"
+            click.echo(f"  {_node_name(kind, layer, i):<10} density {e['density']:.2%}  {snippet}  -> {up}")
+
+
+def _node_name(kind: str, layer: int, index: int) -> str:
+    return f"L{layer}.{'H' if kind == 'lorsa' else 'F'}{index}"
+
+
+def _context_line(ctx: dict, width: int = 8) -> str:
+    q = ctx["query"]
+    toks = [repr(t)[1:-1] for t in ctx["tokens"]]
+    left = "".join(toks[max(0, q - width) : q])
+    right = "".join(toks[q + 1 : q + 3])
+    return f"{ctx['activation']:7.2f}  ...{left}[{toks[q]}]{right}"
+
+
+def _print_dashboard(e: dict) -> None:
+    click.echo(f"{_node_name(e['kind'], e['layer'], e['index'])} ({e['kind']}): active on {e['density']:.2%} of tokens")
+    click.echo("  promotes: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_up"]))
+    click.echo("  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_down"]))
+    if not e["contexts"]:
+        click.echo("  never active on the sample")
+    for ctx in e["contexts"]:
+        click.echo("  " + _context_line(ctx, 12))
+        if "z_top" in ctx:
+            click.echo("      reads " + ", ".join(f"{z['token']!r} at {z['offset']:+d} (z {z['z']:+.2f})" for z in ctx["z_top"]))
+
+
+@circuits.command()
 @click.argument("graph_json", type=click.Path())
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png.")
 def render(graph_json, fmt):

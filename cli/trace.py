@@ -9,7 +9,7 @@ import torch
 
 from .common import FriendlyCommand, model_options
 
-FORMATS = ("json", "dot", "svg", "png")
+FORMATS = ("json", "dot", "svg", "png", "html")
 
 
 def _formats(value: str) -> list[str]:
@@ -34,7 +34,7 @@ def _formats(value: str) -> list[str]:
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")
 @click.option("--qk/--no-qk", default=True, show_default=True, help="Explain Lorsa attention scores by QK feature pairs.")
 @click.option("--qk-heads", type=int, default=None, help="Explain only the N most influential Lorsa heads.")
-@click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png.")
+@click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
 @click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, qk,
           qk_heads, fmt, replacements):
@@ -86,16 +86,27 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     base = out_dir / "graph"
     if "json" in fmts:
         written.append(write_json(graph, base.with_suffix(".json")))
-    if {"dot", "svg", "png"} & set(fmts):
+    if {"dot", "svg", "png", "html"} & set(fmts):
         dot = write_dot(graph, base.with_suffix(".dot"))
         if "dot" in fmts:
             written.append(dot)
         for f in ("svg", "png"):
-            if f in fmts:
+            if f in fmts or (f == "svg" and "html" in fmts):
                 try:
-                    written.append(render(dot, f))
+                    out = render(dot, f)
+                    if f in fmts:
+                        written.append(out)
                 except RenderError as e:
                     click.echo(f"note: {e}")
+        svg = base.with_suffix(".svg")
+        if "html" in fmts and svg.is_file():
+            from graphs.html import write_html
+            from replacement.dashboards import load_or_build
+
+            dash = load_or_build(model)
+            written.append(write_html(graph, svg, base.with_suffix(".html"), dash))
+            if "svg" not in fmts:
+                svg.unlink()
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: load {t_load:.1f}s, attribution + pruning {t_graph:.1f}s")
 

@@ -98,7 +98,7 @@ def validate(d: dict) -> None:
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -144,10 +144,10 @@ def _short_label(graph: AttributionGraph, n: Node) -> str:
     if n.type == "embedding":
         return f"{tok}"
     if n.type == "logit":
-        return f"{repr(n.label)[1:-1]}\\np={n.prob:.2f}"
+        return f"{repr(n.label)[1:-1]}\np={n.prob:.2f}"
     kind = {"lorsa": f"L{n.layer}.H{n.index}", "transcoder": f"L{n.layer}.F{n.index}",
             "attn_error": f"L{n.layer} attn err", "mlp_error": f"L{n.layer} mlp err"}[n.type]
-    return f"{tok}\\n{kind}"
+    return f"{tok}\n{kind}"
 
 
 def to_dot(graph: AttributionGraph, max_edges: int = 300, qk_per_head: int = 2, max_qk: int = 120) -> str:

@@ -79,3 +79,24 @@ def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa
         modules[("lorsa", L)] = lorsa.eval()
         modules[("transcoder", L)] = tc.eval()
     return ReplacementModel(adapter, modules, attention)
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    """A tiny Llama with a tokenizer and random replacements, saved as a local model folder."""
+    from replacement.models import load_model, model_fingerprint
+    from replacement.store import save_module
+    from replacement.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tok = train_tokenizer(["the cat sat on the mat. 1 + 2 = 3\n" * 50], vocab_size=2400, number_copies=2)
+    model = tiny_llama(vocab_size=len(tok), bos_token_id=tok.bos_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    adapter = load_model(str(folder))
+    rm = random_replacements(adapter)
+    fp = model_fingerprint(adapter)
+    for (kind, L), m in list({("lorsa", L): rm.lorsas[L] for L in rm.lorsas}.items()) + \
+            list({("transcoder", L): rm.transcoders[L] for L in rm.transcoders}.items()):
+        save_module(m, kind, folder / "replacements", fp, adapter.name, dtype=torch.float32)
+    return folder

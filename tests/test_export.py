@@ -14,8 +14,7 @@ import graphs
 from graphs.attribution import attribute
 from graphs.export import SCHEMA_PATH, render, to_dict, to_dot, validate, write_dot, write_json
 from graphs.prune import prune
-from replacement.models import ModelAdapter, model_fingerprint
-from replacement.store import save_module
+from replacement.models import ModelAdapter
 from tests.conftest import random_replacements, tiny_llama
 
 
@@ -79,27 +78,6 @@ def test_queries(graph):
     assert all(n.pos == 3 for n in graph.nodes(position=3))
     sub = graph.subgraph([n.id for n in graph.node_list if n.type != "mlp_error"])
     assert not sub.nodes(type="mlp_error") and len(sub.edge_arrays) <= len(graph.edge_arrays)
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """A tiny Llama with a tokenizer and random replacements, saved as a local model folder."""
-    from replacement.tokenizer import train_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tok = train_tokenizer(["the cat sat on the mat. 1 + 2 = 3\n" * 50], vocab_size=2400, number_copies=2)
-    model = tiny_llama(vocab_size=len(tok), bos_token_id=tok.bos_token_id)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    from replacement.models import load_model
-
-    adapter = load_model(str(folder))
-    rm = random_replacements(adapter)
-    fp = model_fingerprint(adapter)
-    for (kind, L), m in list({("lorsa", L): rm.lorsas[L] for L in rm.lorsas}.items()) + \
-            list({("transcoder", L): rm.transcoders[L] for L in rm.transcoders}.items()):
-        save_module(m, kind, folder / "replacements", fp, adapter.name, dtype=torch.float32)
-    return folder
 
 
 def _trace(*args, cwd=None):

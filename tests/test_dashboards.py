@@ -1,0 +1,125 @@
+"""Dashboards: top contexts, z patterns and logit lens against brute-force recomputations; the cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replacement.dashboards import DashboardConfig, load_or_build, logit_lens, top_locations, window_positions
+from replacement.models import ModelAdapter
+from tests.conftest import random_replacements, tiny_llama, tiny_neox
+
+CFG = DashboardConfig(n_seqs=6, seq_len=24, batch_size=3, top_contexts=4, before=5, after=2, top_logits=5)
+
+
+def test_top_locations_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    N, K, F, c = 50, 3, 7, 4
+    values = torch.rand(N, K, generator=g) * (torch.rand(N, K, generator=g) > 0.2)
+    indices = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(N)])
+    vals, tok = top_locations(values, indices, F, c)
+    for f in range(F):
+        hits = sorted(((float(values[t, j]), t) for t in range(N) for j in range(K)
+                       if indices[t, j] == f and values[t, j] > 0), reverse=True)[:c]
+        assert vals[f, : len(hits)].tolist() == pytest.approx([v for v, _ in hits])
+        assert tok[f, : len(hits)].tolist() == [t for _, t in hits]
+        assert (tok[f, len(hits):] == -1).all() and (vals[f, len(hits):] == 0).all()
+
+
+def test_window_positions():
+    w = window_positions(torch.tensor([0, 5, 9]), 10, 2, 1)
+    assert w.tolist() == [[-1, -1, 0, 1], [3, 4, 5, 6], [7, 8, 9, -1]]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox])
+def test_logit_lens_is_the_unembedded_direction(make):
+    """Through the real final norm and unembedding: logits(norm(w)) - logits(norm(0)) = lens(w) / scale(w)."""
+    a = ModelAdapter(make())
+    W = torch.randn(6, a.d_model)
+    ids, vals, low_ids, low = logit_lens(W, a.final_norm.weight.detach(), a.unembedding.weight.detach(),
+                                         isinstance(a.final_norm, torch.nn.LayerNorm), 4)
+    with torch.no_grad():
+        real = a.unembedding(a.final_norm(W)) - a.unembedding(a.final_norm(torch.zeros(1, a.d_model)))
+        centred = W - W.mean(-1, keepdim=True) if isinstance(a.final_norm, torch.nn.LayerNorm) else W
+        eps = getattr(a.final_norm, "eps", None) or getattr(a.final_norm, "variance_epsilon")
+        scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    assert torch.equal(ids, real.topk(4, dim=-1).indices)
+    assert torch.allclose(vals / scale, real.topk(4, dim=-1).values, atol=1e-5)
+    assert torch.equal(low_ids, real.topk(4, dim=-1, largest=False).indices)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    cache = tmp_path_factory.mktemp("dash")
+    return model, load_or_build(model, CFG, cache_dir=cache, progress=False), cache
+
+
+def _sample(model):
+    from replacement.activations import default_source
+
+    src = default_source(model.adapter, CFG.seq_len, CFG.seed, heldout=True)
+    return torch.cat([src.batch(10_000 + b, CFG.batch_size) for b in range(CFG.n_seqs // CFG.batch_size)])
+
+
+def test_contexts_match_a_direct_recomputation(built):
+    model, dash, _ = built
+    ids = _sample(model)
+    a = model.adapter
+    with torch.no_grad():
+        cache = a.run(ids, capture=True).cache
+    for L in range(a.n_layers):
+        lorsa, tc = model.lorsas[L], model.transcoders[L]
+        x = cache[f"blocks.{L}.attn.in"]
+        lorsa_acts = lorsa.encode(x).dense(lorsa.cfg.n_heads)  # [S, n, H]
+        tc_acts = tc.encode(cache[f"blocks.{L}.mlp.in"]).dense(tc.W_dec.shape[0])
+        for kind, acts in (("lorsa", lorsa_acts), ("transcoder", tc_acts)):
+            for f in dash.ranked(kind, L)[:5]:
+                e = dash.entry(kind, L, f)
+                col = acts[..., f]
+                assert e["density"] == pytest.approx(float((col > 0).float().mean()))
+                best = col.flatten().topk(len(e["contexts"])).values
+                assert [c["activation"] for c in e["contexts"]] == pytest.approx(best.tolist(), rel=1e-5)
+                for c in e["contexts"]:
+                    s, t, q = c["seq"], c["pos"], c["query"]
+                    lo = t - q
+                    assert c["acts"] == pytest.approx(col[s, lo : lo + len(c["acts"])].tolist(), abs=2e-2, rel=1e-2)
+                    if kind == "lorsa":  # z pattern: A[t, s] v_s, summing to the head's activation
+                        z = lorsa.z_pattern(x[s : s + 1], f, t)[0]
+                        assert float(z.sum()) == pytest.approx(c["activation"], rel=1e-4, abs=1e-5)
+                        window = z[lo : lo + len(c["z"])]
+                        window = torch.where(torch.arange(lo, lo + len(c["z"])) <= t, window, torch.zeros_like(window))
+                        assert c["z"] == pytest.approx(window.tolist(), abs=2e-2, rel=1e-2)
+                        strongest = z.abs().argmax()
+                        assert c["z_top"][0]["pos"] == int(strongest)
+                        assert c["z_top"][0]["offset"] == int(strongest) - t
+
+
+def test_cache_is_reused_and_keyed_by_the_weights(built, monkeypatch):
+    model, dash, cache = built
+    import replacement.dashboards as dmod
+
+    def no_build(*a, **k):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(dmod, "build", no_build)
+    again = load_or_build(model, CFG, cache_dir=cache, progress=False)
+    for L, tensors in dash.layers.items():
+        assert tensors.keys() == again.layers[L].keys()
+        assert all(torch.equal(tensors[k], again.layers[L][k]) for k in tensors)
+    with torch.no_grad():
+        model.transcoders[0].W_dec.mul_(1.5)  # new weights: a new key, so a build
+    try:
+        with pytest.raises(AssertionError, match="rebuilt"):
+            load_or_build(model, CFG, cache_dir=cache, progress=False)
+    finally:
+        with torch.no_grad():
+            model.transcoders[0].W_dec.div_(1.5)
+
+
+def test_bad_index_is_one_clear_error(built):
+    from replacement.errors import BadInputError
+
+    _, dash, _ = built
+    with pytest.raises(BadInputError, match="out of range"):
+        dash.entry("lorsa", 0, 10**6)
