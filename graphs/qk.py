@@ -43,33 +43,36 @@ class QKTables:
             b = lin.slot_bias(w)
             if b is not None:
                 const = const + b
-        self.node_ids: list[list[int]] = []  # per position: node rows (the last row of each table is the bias)
-        rows_per_pos = []
-        for p in range(n):
-            ids = [index[nid] for nid, s in sources.items() if s.pos == p and s.slot <= read_slot]
-            U = torch.stack([sources[nodes[i].id].vector for i in ids]) if ids else torch.zeros(0, d)
-            sig = lin.rec.layers[layer].ln1_scale[p]
-            X = w_ln * lin._p(U) / sig  # node parts of the normalised input (LayerNorm centres, then scales)
-            xc = w_ln * lin._p(const) / sig + (0 if b_ln is None else b_ln)
-            rows_per_pos.append((X, xc))
-            self.node_ids.append(ids)
-        M = max(len(x) for x, _ in rows_per_pos) + 1
+        by_pos: list[list[int]] = [[] for _ in range(n)]
+        for nid, src in sources.items():
+            if src.slot <= read_slot:
+                by_pos[src.pos].append(index[nid])
+        self.node_ids = [sorted(ids) for ids in by_pos]  # per position: node rows of the tables
+        M = max(len(ids) for ids in self.node_ids) + 1  # the last row of each table is the bias
+        # every node write that this layer reads, normalised (LayerNorm centres, then scales), packed by position
+        pos = torch.tensor([p for p, ids in enumerate(self.node_ids) for _ in ids], dtype=torch.long)
+        rank = torch.tensor([r for ids in self.node_ids for r in range(len(ids))], dtype=torch.long)
+        U = torch.stack([sources[nodes[i].id].vector for ids in self.node_ids for i in ids])  # [R, d]
+        sig = lin.rec.layers[layer].ln1_scale.reshape(n, 1)
+        X = w_ln * lin._p(U) / sig[pos]
+        xc = w_ln * lin._p(const) / sig + (0 if b_ln is None else b_ln)  # [n, d] the constants
         G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
-        self.Q = torch.zeros(G, n, M, e)
-        self.K = torch.zeros(G, n, M, e)
         cos, sin = lorsa.rotary(n) if lorsa.cfg.rotary_dim else (None, None)
         from replacement.models import apply_rotary
 
-        for p, (X, xc) in enumerate(rows_per_pos):
-            m = len(X)
-            for W, b, out in ((lorsa.W_Q, lorsa.b_Q, self.Q), (lorsa.W_K, lorsa.b_K, self.K)):
-                parts = torch.einsum("md,gde->gme", X, W.float())
-                bias = torch.einsum("d,gde->ge", xc, W.float()) + b.float()
-                block = torch.cat([parts, bias[:, None]], dim=1)  # [G, m+1, e]
-                if cos is not None:
-                    block = apply_rotary(block, cos[p], sin[p])
-                out[:, p, :m] = block[:, :m]
-                out[:, p, M - 1] = block[:, m]  # the bias row is always the last
+        tables = []
+        for W, b in ((lorsa.W_Q, lorsa.b_Q), (lorsa.W_K, lorsa.b_K)):
+            W2 = W.float().permute(1, 0, 2).reshape(d, G * e)  # one product for all groups and positions
+            parts = (X @ W2).view(-1, G, e)
+            bias = (xc @ W2).view(n, G, e) + b.float()[None]
+            if cos is not None:  # rotary is linear: rotate each part at its own position
+                parts = apply_rotary(parts, cos[pos, None], sin[pos, None])
+                bias = apply_rotary(bias, cos[:, None], sin[:, None])
+            table = torch.zeros(G, n, M, e)  # rows past a position's nodes stay 0; the bias is row M-1
+            table[:, pos, rank] = parts.transpose(0, 1)
+            table[:, :, M - 1] = bias.transpose(0, 1)
+            tables.append(table)
+        self.Q, self.K = tables
         self.M = M
         self.scale = 1 / math.sqrt(e)
 
@@ -111,67 +114,77 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
 
 
 def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple[int, int]], top_pairs: int,
-                   screen: int = 32) -> dict:
+                   screen: int = 16) -> dict:
     """Pair tables for query position t and each (group, key position): exact sums, marginals and top pairs.
 
     Sums and marginals need no table: sum_ij q_i.k_j = (sum_i q_i).(sum_j k_j), and a query node's marginal
-    is q_i.(sum_j k_j + k_bias).  The top pairs come from the sub-table of the ``screen`` largest query and
-    key vectors, which is provably exact when its k-th largest |pair| is at least the largest bound
-    |q_i||k_j| of any pair left out; combinations that fail the test get their full table."""
+    is q_i.(sum_j k_j + k_bias).  The top pairs: see ``_top_pairs``."""
     gs = torch.tensor([g for g, _ in combos])
     ss = torch.tensor([s for _, s in combos])
     M = tabs.M
-    Q, K = tabs.Q[gs, t], tabs.K[gs, ss]  # [P, M, e]; row M-1 is the bias
-    Qn, Kn, qb, kb = Q[:, : M - 1], K[:, : M - 1], Q[:, M - 1], K[:, M - 1]
+    mq = len(tabs.node_ids[t])
+    mk = max(len(tabs.node_ids[s]) for _, s in combos)
+    Q, K = tabs.Q[gs, t], tabs.K[gs, ss]  # [P, M, e]; row M-1 is the bias, rows past a position's nodes are 0
+    Qn, Kn, qb, kb = Q[:, :mq], K[:, :mk], Q[:, M - 1], K[:, M - 1]
     c = tabs.scale
     qsum, ksum = Qn.sum(1), Kn.sum(1)
     pairs_total = (qsum * ksum).sum(-1) * c
     q_bias_keys, queries_k_bias, bias_bias = (qb * ksum).sum(-1) * c, (qsum * kb).sum(-1) * c, (qb * kb).sum(-1) * c
     q_marg = torch.einsum("pme,pe->pm", Qn, ksum + kb) * c
     k_marg = torch.einsum("pme,pe->pm", Kn, qsum + qb) * c
-    # top pairs, screened
-    qnorm, knorm = Qn.norm(dim=-1), Kn.norm(dim=-1)  # [P, M-1] (padding rows are 0)
-    R = min(screen, M - 1)
-    qv, qi = qnorm.topk(R, dim=1)
-    kv, ki = knorm.topk(R, dim=1)
-    sub = torch.bmm(torch.gather(Q, 1, qi[..., None].expand(-1, -1, Q.shape[-1])),
-                    torch.gather(K, 1, ki[..., None].expand(-1, -1, K.shape[-1])).transpose(1, 2)) * c
-    kk = min(top_pairs, R * R)
-    top_abs, top_flat = sub.abs().flatten(1).topk(kk, dim=1)
-    q_out = qnorm.topk(min(R + 1, M - 1), dim=1).values[:, -1] if M - 1 > R else torch.zeros(len(combos))
-    k_out = knorm.topk(min(R + 1, M - 1), dim=1).values[:, -1] if M - 1 > R else torch.zeros(len(combos))
-    bound = torch.maximum(q_out * kv[:, 0], qv[:, 0] * k_out) * c
-    exact = (top_abs[:, -1] >= bound).tolist()
-    q_idx = torch.gather(qi, 1, top_flat // R).tolist()
-    k_idx = torch.gather(ki, 1, top_flat % R).tolist()
-    vals = torch.gather(sub.flatten(1), 1, top_flat).tolist()
-    km_ = min(top_pairs, M - 1)
-    q_top = q_marg.abs().topk(km_, dim=1).indices
-    k_top = k_marg.abs().topk(km_, dim=1).indices
+    q_idx, k_idx, vals = _top_pairs(Qn, Kn, c, min(top_pairs, mq * mk), screen)
+    q_top = q_marg.abs().topk(min(top_pairs, mq), dim=1).indices
+    k_top = k_marg.abs().topk(min(top_pairs, mk), dim=1).indices
     q_top_v, k_top_v = torch.gather(q_marg, 1, q_top).tolist(), torch.gather(k_marg, 1, k_top).tolist()
     q_top, k_top = q_top.tolist(), k_top.tolist()
     sums = torch.stack([pairs_total, q_bias_keys, queries_k_bias, bias_bias], 1).tolist()
-    q_rows = tabs.rows(t)
-    mq = len(tabs.node_ids[t])
+    q_names = [nodes[r].id for r in tabs.rows(t)]
+    k_names = {s: [nodes[r].id for r in tabs.rows(s)] for s in set(ss.tolist())}
     out = {}
     for i, (g, s) in enumerate(combos):
-        mk = len(tabs.node_ids[s])
-        k_rows = tabs.rows(s)
-        if exact[i]:
-            cand = zip(q_idx[i], k_idx[i], vals[i])
-        else:  # the screen could not prove its top pairs: use the full table
-            flat = ((Qn[i] @ Kn[i].t()) * c).flatten()
-            top = flat.abs().topk(min(top_pairs, flat.numel())).indices
-            cand = zip((top // (M - 1)).tolist(), (top % (M - 1)).tolist(), flat[top].tolist())
+        kn = k_names[s]
         pt, qbk, qkb, bb = sums[i]
         out[(g, s)] = {
             "score": pt + qbk + qkb + bb,
-            "pairs": [[nodes[q_rows[a]].id, nodes[k_rows[b]].id, v] for a, b, v in cand if a < mq and b < mk and v != 0],
+            "pairs": [[q_names[a], kn[b], v] for a, b, v in zip(q_idx[i], k_idx[i], vals[i]) if b < len(kn) and v != 0],
             "pairs_total": pt,
             "query_bias_x_keys": qbk,
             "queries_x_key_bias": qkb,
             "bias_x_bias": bb,
-            "query_marginals": [[nodes[q_rows[j]].id, v] for j, v in zip(q_top[i], q_top_v[i]) if j < mq],
-            "key_marginals": [[nodes[k_rows[j]].id, v] for j, v in zip(k_top[i], k_top_v[i]) if j < mk],
+            "query_marginals": [[q_names[j], v] for j, v in zip(q_top[i], q_top_v[i])],
+            "key_marginals": [[kn[j], v] for j, v in zip(k_top[i], k_top_v[i]) if j < len(kn)],
         }
     return out
+
+
+def _top_pairs(Qn: torch.Tensor, Kn: torch.Tensor, c: float, k: int, screen: int):
+    """The k largest |q_i . k_j| c of each table, exactly, without building most of the tables.
+
+    Qn [P, mq, e], Kn [P, mk, e].  The rows of the ``screen`` longest query vectors and the columns of the
+    ``screen`` longest key vectors are computed in full; every pair left out has |q_i . k_j| <= |q_i| |k_j|,
+    at most the product of the (screen+1)-th longest on each side.  Where the k-th best pair found reaches
+    that bound the answer is exact; the other tables go again with a 4x wider screen (once the screen covers
+    a side, the table is complete and the bound is 0).  Returns (query index, key index, value) lists per table."""
+    P, mq, mk = Qn.shape[0], Qn.shape[1], Kn.shape[1]
+    R, Rk = min(screen, mq), min(screen, mk)
+    qn, kn = Qn.norm(dim=-1), Kn.norm(dim=-1)
+    qv, qi = qn.topk(min(R + 1, mq), dim=1)
+    kv, ki = kn.topk(min(Rk + 1, mk), dim=1)
+    bound = (qv[:, R] if mq > R else torch.zeros(P)) * (kv[:, Rk] if mk > Rk else torch.zeros(P)) * c
+    qi, ki = qi[:, :R], ki[:, :Rk]
+    e = Qn.shape[-1]
+    rows = torch.bmm(torch.gather(Qn, 1, qi[..., None].expand(-1, -1, e)), Kn.transpose(1, 2)) * c  # [P, R, mk]
+    cols = torch.bmm(Qn, torch.gather(Kn, 1, ki[..., None].expand(-1, -1, e)).transpose(1, 2)) * c  # [P, mq, Rk]
+    cols.scatter_(1, qi[..., None].expand(-1, -1, Rk), 0.0)  # those pairs are already in rows
+    cand = torch.cat([rows.flatten(1), cols.flatten(1)], 1)
+    top = cand.abs().topk(k, dim=1)
+    vals = torch.gather(cand, 1, top.indices)
+    in_rows = top.indices < R * mk
+    j = top.indices - R * mk
+    q_idx = torch.where(in_rows, torch.gather(qi, 1, (top.indices // mk).clamp(max=R - 1)), j.clamp(min=0) // Rk)
+    k_idx = torch.where(in_rows, top.indices % mk, torch.gather(ki, 1, (j.clamp(min=0) % Rk)))
+    redo = (top.values[:, -1] < bound).nonzero().squeeze(1)
+    if len(redo):  # tables the screen could not settle (so it covers neither side yet): a wider screen
+        q2, k2, v2 = _top_pairs(Qn[redo], Kn[redo], c, k, screen * 4)
+        q_idx[redo], k_idx[redo], vals[redo] = torch.tensor(q2), torch.tensor(k2), torch.tensor(v2)
+    return q_idx.tolist(), k_idx.tolist(), vals.tolist()

@@ -149,3 +149,27 @@ def test_circuits_train_and_eval_commands(saved_model, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert "layer1.transcoder" in d["replacements"] and d["replacements"]["layer1.transcoder"]["l0"] <= 32
+
+
+def test_json_loads_with_circuit_tracers_own_models(graph, tmp_path):
+    """circuit-tracer's pydantic graph models (frontend/graph_models.py, read from its wheel without installing
+    the package, whose pins clash with ours) accept the JSON we write."""
+    import os
+    import types
+    import zipfile
+
+    wheel = os.environ.get("CIRCUIT_TRACER_WHEEL")
+    if not wheel:
+        if os.environ.get("CIRCUITS_CI"):  # .ci/run fetches the wheel
+            pytest.fail("CIRCUIT_TRACER_WHEEL is not set")
+        pytest.skip("set CIRCUIT_TRACER_WHEEL to a circuit-tracer wheel (pip download --no-deps circuit-tracer)")
+    pytest.importorskip("pydantic")
+    source = zipfile.ZipFile(wheel).read("circuit_tracer/frontend/graph_models.py").decode()
+    mod = types.ModuleType("circuit_tracer_graph_models")
+    exec(compile(source, "graph_models.py", "exec", dont_inherit=True), mod.__dict__)  # not our __future__ flags
+    d = json.loads(write_json(graph, tmp_path / "g.json").read_text())
+    model = mod.Model.model_validate(d)
+    assert len(model.nodes) == len(d["nodes"]) and len(model.links) == len(d["links"])
+    assert {n.node_id for n in model.nodes} == {n.id for n in graph.node_list}
+    assert sum(n.is_target_logit for n in model.nodes) == 1
+    assert all(n.layer == "E" for n in model.nodes if n.feature_type == "embedding")
