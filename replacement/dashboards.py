@@ -110,12 +110,14 @@ def _lorsa_z(lorsa, x: torch.Tensor, heads: torch.Tensor, t: torch.Tensor) -> to
     """z patterns [C, n] of heads [C] at query positions t [C] of one sequence x [n, d] (0 after t)."""
     from .models import causal_pattern
 
-    q, k = lorsa.qk(x[None].float())  # [1, G, n, e]
+    dev = lorsa.W_V.device
+    x, heads, t = x.to(dev).float(), heads.to(dev), t.to(dev)
+    q, k = lorsa.qk(x[None])  # [1, G, n, e]
     g = heads // lorsa.cfg.heads_per_group
     A = causal_pattern(q[0, g], k[0, g], lorsa.cfg.d_qk**-0.5)  # [C, n, n]
-    A = A[torch.arange(len(t)), t]  # [C, n]
-    v = x.float() @ lorsa.W_V[heads].float().t() + lorsa.b_V[heads].float()  # [n, C]
-    return A * v.t()
+    A = A[torch.arange(len(t), device=dev), t]  # [C, n]
+    v = x @ lorsa.W_V[heads].float().t() + lorsa.b_V[heads].float()  # [n, C]
+    return (A * v.t()).cpu()
 
 
 @torch.no_grad()
@@ -147,7 +149,7 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
                 attn_in[L].append(x.cpu())
     ids = torch.cat(ids_all)  # [S, n]
     S, n = ids.shape
-    W_U, final_w = a.unembedding.weight.detach().cpu(), a.final_norm.weight.detach().cpu()
+    W_U, final_w = a.unembedding.weight.detach().float().cpu(), a.final_norm.weight.detach().float().cpu()
     centre = isinstance(a.final_norm, torch.nn.LayerNorm)
     out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in layers}
     for (kind, L), parts in tqdm(list(codes.items()), desc="dashboards: contexts", disable=not progress):
@@ -156,7 +158,7 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
         module = model.lorsas[L] if kind == "lorsa" else model.transcoders[L]
         values = torch.cat([p[0] for p in parts])  # [S*n, K]
         indices = torch.cat([p[1] for p in parts])
-        W_dec = module.decoder()[0].detach().cpu()
+        W_dec = module.decoder()[0].detach().float().cpu()
         F = W_dec.shape[0]
         vals, tok = top_locations(values, indices, F, cfg.top_contexts)  # [F, C]
         seq, t = tok.clamp(min=0) // n, tok.clamp(min=0) % n
