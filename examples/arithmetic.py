@@ -99,7 +99,6 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     for (h, _, _), r in zip(movers[:2], checks):
         say(f"  path patching {h.id}: ' 98' logit change {r.effect:+.3f} (graph {float(eff[full.index[h.id]]):+.3f})")
     # graph vs patching agreement over the most influential heads
-    heads = sorted(full.nodes(type="lorsa"), key=lambda n: -n.influence if n.influence else 0)
     from graphs.prune import influence
 
     infl = influence(full)

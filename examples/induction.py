@@ -61,11 +61,20 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
         say(f"  path ({strength:.3f}): " + " -> ".join(path))
     say(f"induction head {head.id} (layer {head.layer}): edge into {target!r} {into_logit[head.id]:+.3f}; z pattern "
         f"peaks at position {peak} ({tok.decode([int(ids[0, peak])])!r}), the token after the earlier occurrence")
-    pairs = sorted(full.qk_pairs(head.id), key=lambda e: -abs(e.weight))
+    # the head's strongest QK pair at that key position: what makes it attend there
+    pairs = sorted((e for e in full.qk_pairs(head.id) if e.extra["key_pos"] == peak), key=lambda e: -abs(e.weight))
     top = pairs[0] if pairs else None
+    prev_head = None
     if top is not None:
-        say(f"top QK pair: query {top.extra['query']} x key {top.extra['key']} (key pos {top.extra['key_pos']}) "
-            f"= {top.weight:+.3f}")
+        for e in pairs[:3]:
+            say(f"QK pair at key {peak}: query {e.extra['query']} x key {e.extra['key']} = {e.weight:+.3f}")
+        key = full.node(top.extra["key"])
+        if key.type == "lorsa" and key.layer < head.layer and "z_pattern" in key.extra:
+            src = int(torch.tensor(key.extra["z_pattern"]).abs().argmax())
+            if src == peak - 1:
+                prev_head = key
+            say(f"  key side {key.id}: an earlier-layer head whose z pattern peaks at position {src}"
+                + (" (the previous token: a previous-token head)" if src == peak - 1 else ""))
     patcher = PathPatcher(model, ids, answer, demean=True)
     patched = patcher.effects([parse_component(head.id)])[0].effect
     predicted = float(graph_effects(full, logit.id)[full.index[head.id]])
@@ -78,7 +87,7 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
         say(f"wrote {svg}")
     except RenderError as e:
         say(f"note: {e}")
-    return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "graph": graph,
+    return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "prev_head": prev_head, "graph": graph,
             "full": full, "patched": patched, "predicted": predicted, "ids": ids, "answer": answer}
 
 

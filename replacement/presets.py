@@ -52,9 +52,11 @@ class Preset:
             num_hidden_layers=self.n_layers,
             num_attention_heads=self.n_heads,
             max_position_embeddings=CONTEXT,
-            rotary_pct=0.25,
+            # 16 rotary dims per head, as in Pythia-160M (64 x 0.25); tied embeddings, which made repeated-span
+            # copying (induction) form much sooner than untied ones in small trial runs
+            rotary_pct=0.5,
             use_parallel_residual=True,
-            tie_word_embeddings=False,
+            tie_word_embeddings=True,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             bos_token_id=bos_token_id,

@@ -195,7 +195,7 @@ def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None
 # Steps per preset used for the bundled weights (batch 24 x 128 tokens, lr 2e-3, AdamW wd 0.1), and the data
 # mixture: llama learns addition too; toy and pythia only need induction, so most of their rows are
 # repeated spans (induction formed in llama, with 25% of such rows, between steps 3200 and 4100).
-RECIPE_STEPS = {"llama": 6000, "toy": 2200, "pythia": 2200}
+RECIPE_STEPS = {"llama": 6000, "toy": 2200, "pythia": 3000}
 RECIPE_MIXTURE = {"llama": Mixture(0.45, 0.30, 0.25), "toy": Mixture(0.30, 0.0, 0.70), "pythia": Mixture(0.30, 0.0, 0.70)}
 
 

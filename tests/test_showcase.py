@@ -24,7 +24,7 @@ def _need(name: str):
         pytest.fail(f"the bundled {name!r} model and its replacements are missing from the package")
 
 
-@pytest.mark.parametrize("model", ["toy"])  # the bundled pythia has not formed induction (closing notes)
+@pytest.mark.parametrize("model", ["toy", "pythia"])
 def test_induction_circuit(model, tmp_path):
     _need(model)
     r = _example("induction").analyse(model, tmp_path, verbose=False)
@@ -37,6 +37,12 @@ def test_induction_circuit(model, tmp_path):
     # its QK pairs explain its attention to that key position
     assert any(info["key_pos"] == r["expected_peak"] for info in head.extra["qk"])
     assert (tmp_path / "induction.svg").is_file() or (tmp_path / "induction.dot").is_file()
+    if model == "pythia":  # the textbook circuit (the 2-layer toy copies in layer 0 instead: see the README)
+        assert head.layer >= 1
+        # its strongest QK pair at that key: the key side is an earlier head that read the previous token
+        assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
+        # path patching the head moves the logit by >= 50% of what the graph predicts, with the same sign
+        assert r["predicted"] < 0 and r["patched"] <= 0.5 * r["predicted"]
 
 
 def test_addition_circuit(tmp_path):
