@@ -58,19 +58,18 @@ class QKTables:
         xc = w_ln * lin._p(const) / sig + (0 if b_ln is None else b_ln)  # [n, d] the constants
         G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
         cos, sin = lorsa.rotary(n) if lorsa.cfg.rotary_dim else (None, None)
-        from replacement.models import apply_rotary
-
+        # one product for both sides, all groups and all positions: [R, d] x [d, 2 G e]
+        W2 = torch.cat([W.float().permute(1, 0, 2).reshape(d, G * e) for W in (lorsa.W_Q, lorsa.W_K)], 1)
+        parts = (X @ W2).view(-1, 2, G, e)
+        bias = (xc @ W2).view(n, 2, G, e) + torch.stack([lorsa.b_Q, lorsa.b_K]).float()[None]
+        if cos is not None:  # rotary is linear: rotate each part at its own position
+            parts = _rotate(parts, cos[pos], sin[pos])
+            bias = _rotate(bias, cos, sin)
         tables = []
-        for W, b in ((lorsa.W_Q, lorsa.b_Q), (lorsa.W_K, lorsa.b_K)):
-            W2 = W.float().permute(1, 0, 2).reshape(d, G * e)  # one product for all groups and positions
-            parts = (X @ W2).view(-1, G, e)
-            bias = (xc @ W2).view(n, G, e) + b.float()[None]
-            if cos is not None:  # rotary is linear: rotate each part at its own position
-                parts = apply_rotary(parts, cos[pos, None], sin[pos, None])
-                bias = apply_rotary(bias, cos[:, None], sin[:, None])
+        for side in (0, 1):
             table = torch.zeros(G, n, M, e)  # rows past a position's nodes stay 0; the bias is row M-1
-            table[:, pos, rank] = parts.transpose(0, 1)
-            table[:, :, M - 1] = bias.transpose(0, 1)
+            table[:, pos, rank] = parts[:, side].transpose(0, 1)
+            table[:, :, M - 1] = bias[:, side].transpose(0, 1)
             tables.append(table)
         self.Q, self.K = tables
         self.M = M
@@ -79,6 +78,20 @@ class QKTables:
     def rows(self, p: int) -> list[int]:
         """Node row of each table index < (number of nodes at p); higher indices are padding or the bias."""
         return self.node_ids[p]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on x [R, ..., e] with cos, sin [R, rd] (rotate-half layout, whose two halves of cos/sin are equal,
+    as ``replacement.models.apply_rotary`` but without building rotate_half(x))."""
+    rd = cos.shape[-1]
+    h = rd // 2
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (h,)
+    c, s = cos[:, :h].reshape(shape), sin[:, :h].reshape(shape)
+    x1, x2 = x[..., :h], x[..., h:rd]
+    out = x.clone() if rd < x.shape[-1] else torch.empty_like(x)
+    out[..., :h] = x1 * c - x2 * s
+    out[..., h:rd] = x2 * c + x1 * s
+    return out
 
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,
