@@ -38,7 +38,7 @@ class QKTables:
         n, d = lin.n, lin.d
         index = {node.id: i for i, node in enumerate(nodes)}
         read_slot = 2 * layer
-        const = torch.zeros(d)
+        const = torch.zeros(d, device=lorsa.W_Q.device)
         for w in range(read_slot + 1):
             b = lin.slot_bias(w)
             if b is not None:
@@ -50,14 +50,15 @@ class QKTables:
         self.node_ids = [sorted(ids) for ids in by_pos]  # per position: node rows of the tables
         M = max(len(ids) for ids in self.node_ids) + 1  # the last row of each table is the bias
         # every node write that this layer reads, normalised (LayerNorm centres, then scales), packed by position
-        pos = torch.tensor([p for p, ids in enumerate(self.node_ids) for _ in ids], dtype=torch.long)
-        rank = torch.tensor([r for ids in self.node_ids for r in range(len(ids))], dtype=torch.long)
-        U = torch.stack([sources[nodes[i].id].vector for ids in self.node_ids for i in ids])  # [R, d]
+        U = torch.stack([sources[nodes[i].id].vector for ids in self.node_ids for i in ids]).float()  # [R, d]
+        dev = U.device
+        pos = torch.tensor([p for p, ids in enumerate(self.node_ids) for _ in ids], dtype=torch.long, device=dev)
+        rank = torch.tensor([r for ids in self.node_ids for r in range(len(ids))], dtype=torch.long, device=dev)
         sig = lin.rec.layers[layer].ln1_scale.reshape(n, 1)
         X = w_ln * lin._p(U) / sig[pos]
         xc = w_ln * lin._p(const) / sig + (0 if b_ln is None else b_ln)  # [n, d] the constants
         G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
-        cos, sin = lorsa.rotary(n) if lorsa.cfg.rotary_dim else (None, None)
+        cos, sin = lorsa.rotary(n, dev) if lorsa.cfg.rotary_dim else (None, None)
         # one product for both sides, all groups and all positions: [R, d] x [d, 2 G e]
         W2 = torch.cat([W.float().permute(1, 0, 2).reshape(d, G * e) for W in (lorsa.W_Q, lorsa.W_K)], 1)
         parts = (X @ W2).view(-1, 2, G, e)
@@ -67,7 +68,7 @@ class QKTables:
             bias = _rotate(bias, cos, sin)
         tables = []
         for side in (0, 1):
-            table = torch.zeros(G, n, M, e)  # rows past a position's nodes stay 0; the bias is row M-1
+            table = torch.zeros(G, n, M, e, device=dev)  # rows past a position's nodes stay 0; the bias is row M-1
             table[:, pos, rank] = parts[:, side].transpose(0, 1)
             table[:, :, M - 1] = bias[:, side].transpose(0, 1)
             tables.append(table)
@@ -183,7 +184,7 @@ def _top_pairs(Qn: torch.Tensor, Kn: torch.Tensor, c: float, k: int, screen: int
     qn, kn = Qn.norm(dim=-1), Kn.norm(dim=-1)
     qv, qi = qn.topk(min(R + 1, mq), dim=1)
     kv, ki = kn.topk(min(Rk + 1, mk), dim=1)
-    bound = (qv[:, R] if mq > R else torch.zeros(P)) * (kv[:, Rk] if mk > Rk else torch.zeros(P)) * c
+    bound = (qv[:, R] if mq > R else qv.new_zeros(P)) * (kv[:, Rk] if mk > Rk else kv.new_zeros(P)) * c
     qi, ki = qi[:, :R], ki[:, :Rk]
     e = Qn.shape[-1]
     rows = torch.bmm(torch.gather(Qn, 1, qi[..., None].expand(-1, -1, e)), Kn.transpose(1, 2)) * c  # [P, R, mk]
@@ -199,5 +200,6 @@ def _top_pairs(Qn: torch.Tensor, Kn: torch.Tensor, c: float, k: int, screen: int
     redo = (top.values[:, -1] < bound).nonzero().squeeze(1)
     if len(redo):  # tables the screen could not settle (so it covers neither side yet): a wider screen
         q2, k2, v2 = _top_pairs(Qn[redo], Kn[redo], c, k, screen * 4)
-        q_idx[redo], k_idx[redo], vals[redo] = torch.tensor(q2), torch.tensor(k2), torch.tensor(v2)
+        q_idx[redo], k_idx[redo] = q_idx.new_tensor(q2), k_idx.new_tensor(k2)
+        vals[redo] = vals.new_tensor(v2)
     return q_idx.tolist(), k_idx.tolist(), vals.tolist()
