@@ -48,6 +48,7 @@ class QKTables:
             if src.slot <= read_slot:
                 by_pos[src.pos].append(index[nid])
         self.node_ids = [sorted(ids) for ids in by_pos]  # per position: node rows of the tables
+        self.names = [[nodes[i].id for i in ids] for ids in self.node_ids]  # and their node ids
         M = max(len(ids) for ids in self.node_ids) + 1  # the last row of each table is the bias
         # every node write that this layer reads, normalised (LayerNorm centres, then scales), packed by position
         U = torch.stack([sources[nodes[i].id].vector for ids in self.node_ids for i in ids]).float()  # [R, d]
@@ -128,7 +129,7 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
 
 
 def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple[int, int]], top_pairs: int,
-                   screen: int = 16) -> dict:
+                   screen: int = 24) -> dict:
     """Pair tables for query position t and each (group, key position): exact sums, marginals and top pairs.
 
     Sums and marginals need no table: sum_ij q_i.k_j = (sum_i q_i).(sum_j k_j), and a query node's marginal
@@ -152,8 +153,7 @@ def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple
     q_top_v, k_top_v = torch.gather(q_marg, 1, q_top).tolist(), torch.gather(k_marg, 1, k_top).tolist()
     q_top, k_top = q_top.tolist(), k_top.tolist()
     sums = torch.stack([pairs_total, q_bias_keys, queries_k_bias, bias_bias], 1).tolist()
-    q_names = [nodes[r].id for r in tabs.rows(t)]
-    k_names = {s: [nodes[r].id for r in tabs.rows(s)] for s in set(ss.tolist())}
+    q_names, k_names = tabs.names[t], tabs.names
     out = {}
     for i, (g, s) in enumerate(combos):
         kn = k_names[s]
