@@ -148,29 +148,20 @@ def page_data(graph: AttributionGraph, drawn_ids: set[str], dashboards=None, n_e
 
 
 def to_html(graph: AttributionGraph, svg: str, dashboards=None) -> str:
+    import html
     import re
 
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE
-    drawn = {_unescape(t) for t in re.findall(r"<title>(.*?)</title>", svg)}
+    drawn = {html.unescape(t) for t in re.findall(r"<title>(.*?)</title>", svg)}
     data = json.dumps(page_data(graph, drawn, dashboards)).replace("</", "<\\/")
     title = f"{graph.prompt} - attribution graph"
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"zoom\"><button data-zoom=\"fit\">fit</button>"
             f"<button data-zoom=\"1\">100%</button><button data-zoom=\"1.25\">+</button><button data-zoom=\"0.8\">&minus;</button>"
             f"</div>{svg}</div>\n"
-            f"<div id=\"panel\"><h2>{_esc(graph.prompt)}</h2><div class=\"meta\">Hover over or click a node.</div></div>\n"
+            f"<div id=\"panel\"><h2>{html.escape(graph.prompt)}</h2><div class=\"meta\">Hover over or click a node.</div></div>\n"
             f"<script id=\"graph-data\" type=\"application/json\">{data}</script>\n<script>{SCRIPT}</script>\n"
             f"</body></html>\n")
-
-
-def _esc(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _unescape(s: str) -> str:
-    import html
-
-    return html.unescape(s)
 
 
 def write_html(graph: AttributionGraph, svg_path: str | Path, path: str | Path, dashboards=None) -> Path:

@@ -289,9 +289,6 @@ def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | 
     if texts:
         if a.tokenizer is None:
             raise BadInputError("the model has no tokenizer, so text files cannot be read")
-        missing = [t for t in texts if not t.startswith("hf:") and not Path(t).is_file()]
-        if missing:
-            raise BadInputError(f"text file not found: {missing[0]}")
         source = TextSource(a.tokenizer, list(texts), min(cfg.seq_len, a.context), cfg.seed, heldout=True)
         source_name = "|".join(sorted(texts))
     folder = Path(cache_dir or default_cache_dir()) / f"{a.name.replace('/', '--')}-{cache_key(model, cfg, source_name)}"
