@@ -186,13 +186,8 @@ def _gc_paused():
 
 
 @torch.no_grad()
-def attribute(model: ReplacementModel, prompt: str | torch.Tensor, **kwargs) -> AttributionGraph:
-    """The full (unpruned) attribution graph of ``prompt`` under ``model`` (see ``_attribute``)."""
-    with _gc_paused():
-        return _attribute(model, prompt, **kwargs)
-
-
-def _attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
+@_gc_paused()
+def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8) -> AttributionGraph:

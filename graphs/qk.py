@@ -28,7 +28,6 @@ class QKTables:
     """Per layer: each position's query-side and key-side contributions of every node, per QK group."""
 
     def __init__(self, lin, nodes: list[Node], sources: dict, layer: int):
-        self.lin, self.L = lin, layer
         lorsa = lin.model.lorsas[layer]
         self.lorsa = lorsa
         a = lin.adapter
@@ -47,14 +46,14 @@ class QKTables:
         for nid, src in sources.items():
             if src.slot <= read_slot:
                 by_pos[src.pos].append(index[nid])
-        self.node_ids = [sorted(ids) for ids in by_pos]  # per position: node rows of the tables
-        self.names = [[nodes[i].id for i in ids] for ids in self.node_ids]  # and their node ids
-        M = max(len(ids) for ids in self.node_ids) + 1  # the last row of each table is the bias
+        node_ids = [sorted(ids) for ids in by_pos]  # per position: node rows of the tables
+        self.names = [[nodes[i].id for i in ids] for ids in node_ids]  # per position: the tables' node ids
+        M = max(len(ids) for ids in node_ids) + 1  # the last row of each table is the bias
         # every node write that this layer reads, normalised (LayerNorm centres, then scales), packed by position
-        U = torch.stack([sources[nodes[i].id].vector for ids in self.node_ids for i in ids]).float()  # [R, d]
+        U = torch.stack([sources[nodes[i].id].vector for ids in node_ids for i in ids]).float()  # [R, d]
         dev = U.device
-        pos = torch.tensor([p for p, ids in enumerate(self.node_ids) for _ in ids], dtype=torch.long, device=dev)
-        rank = torch.tensor([r for ids in self.node_ids for r in range(len(ids))], dtype=torch.long, device=dev)
+        pos = torch.tensor([p for p, ids in enumerate(node_ids) for _ in ids], dtype=torch.long, device=dev)
+        rank = torch.tensor([r for ids in node_ids for r in range(len(ids))], dtype=torch.long, device=dev)
         sig = lin.rec.layers[layer].ln1_scale.reshape(n, 1)
         X = w_ln * lin._p(U) / sig[pos]
         xc = w_ln * lin._p(const) / sig + (0 if b_ln is None else b_ln)  # [n, d] the constants
@@ -77,9 +76,6 @@ class QKTables:
         self.M = M
         self.scale = 1 / math.sqrt(e)
 
-    def rows(self, p: int) -> list[int]:
-        """Node row of each table index < (number of nodes at p); higher indices are padding or the bias."""
-        return self.node_ids[p]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,8 +133,8 @@ def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple
     gs = torch.tensor([g for g, _ in combos])
     ss = torch.tensor([s for _, s in combos])
     M = tabs.M
-    mq = len(tabs.node_ids[t])
-    mk = max(len(tabs.node_ids[s]) for _, s in combos)
+    mq = len(tabs.names[t])
+    mk = max(len(tabs.names[s]) for _, s in combos)
     Q, K = tabs.Q[gs, t], tabs.K[gs, ss]  # [P, M, e]; row M-1 is the bias, rows past a position's nodes are 0
     Qn, Kn, qb, kb = Q[:, :mq], K[:, :mk], Q[:, M - 1], K[:, M - 1]
     c = tabs.scale

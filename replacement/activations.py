@@ -46,9 +46,10 @@ class TextSource:
         train, held = read_text_sources(files)
         self.tokens = tokenize_texts(tokenizer, held if heldout else train)
         if len(self.tokens) < seq_len:
+            from .data import HELDOUT_FRACTION
             from .errors import BadInputError
 
-            part = "held-out part (the last 2%) of the text" if heldout else "text"
+            part = f"held-out part (the last {HELDOUT_FRACTION:.0%}) of the text" if heldout else "text"
             raise BadInputError(f"the {part} has {len(self.tokens)} tokens, fewer than one sequence of {seq_len}")
         self.bos, self.seq_len, self.seed = tokenizer.bos_token_id, seq_len, seed
 

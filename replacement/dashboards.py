@@ -107,7 +107,8 @@ def window_positions(t: torch.Tensor, n: int, before: int, after: int) -> torch.
 
 @torch.no_grad()
 def _lorsa_z(lorsa, x: torch.Tensor, heads: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """z patterns [C, n] of heads [C] at query positions t [C] of one sequence x [n, d] (0 after t)."""
+    """z patterns [C, n] of heads [C] at query positions t [C] of one sequence x [n, d] (0 after t): what
+    ``Lorsa.z_pattern`` gives for one head and query, for many at once."""
     from .models import causal_pattern
 
     dev = lorsa.W_V.device
