@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -131,3 +132,31 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated"):
         ckpt.load(f)
+
+
+def test_later_stage_starts_from_the_exported_earlier_stage(tokenizer, tiny_preset, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from replacement import recipe
+
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 5, add_special_tokens=False), dtype=torch.int32)
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    ckpt.atomic_save({"train": tokens, "val": tokens[:200].clone()}, tmp_path / "tokens.safetensors", {})
+    monkeypatch.setitem(recipe.RECIPE_STEPS, "tiny", 10)
+    monkeypatch.setitem(recipe.RECIPE_MIXTURE, "tiny", Mixture(0.5, 0.25, 0.25))
+    # lr 0: the second stage must end exactly where the first one's bf16 export starts it
+    monkeypatch.setitem(recipe.RECIPE_LATER_STAGES, "tiny", [dict(stage="ft", steps=4, lr=0.0, seed=5, batch_size=4,
+                                                                 seq_len=32)])
+    monkeypatch.setattr(recipe, "LMTrainConfig", lambda **kw: _cfg(**{**dict(batch_size=8, seq_len=32), **kw}))
+    recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
+    first = load_file(tmp_path / "tiny" / "hf" / "model.safetensors")
+    assert json.loads((tmp_path / "tiny" / "hf" / "training_info.json").read_text())["steps"] == 10
+    tensors, meta = ckpt.load(tmp_path / "tiny-ft" / "state.safetensors")
+    assert meta["step"] == 4 and meta["config"]["init_from"] == str(tmp_path / "tiny" / "hf")
+    assert first["model.embed_tokens.weight"].dtype == torch.bfloat16
+    for k, v in first.items():
+        torch.testing.assert_close(tensors[f"model.{k}"], v.float(), atol=0, rtol=0, msg=k)
+    # a finished stage is not run again
+    mtime = (tmp_path / "tiny" / "hf" / "model.safetensors").stat().st_mtime_ns
+    recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
+    assert (tmp_path / "tiny" / "hf" / "model.safetensors").stat().st_mtime_ns == mtime
