@@ -24,167 +24,231 @@ import torch
 from .graph import Node
 
 
-class QKTables:
-    """Per layer: each position's query-side and key-side contributions of every node, per QK group."""
+class Writes:
+    """Every node that writes into the residual stream, as arrays (in node order): its slot and position, and
+    its write split as activation x unit vector.  A Lorsa head or transcoder feature writes its activation
+    times a fixed vector (w_o, a decoder row), and one unit is often active at several positions, so tables
+    take its product with W_Q, W_K once; an embedding or error node is its own unit (activation 1)."""
 
-    def __init__(self, lin, nodes: list[Node], sources: dict, layer: int):
+    def __init__(self, nodes: list[Node], sources: dict):
+        rows = sorted((i for i, nd in enumerate(nodes) if nd.id in sources))
+        self.names = [nodes[i].id for i in rows]
+        srcs = [sources[nodes[i].id] for i in rows]
+        dev = srcs[0].vector.device
+        self.slot = torch.tensor([s.slot for s in srcs], device=dev)
+        self.pos = torch.tensor([s.pos for s in srcs], device=dev)
+        unit = {"lorsa": 1, "transcoder": 2}
+        is_unit = [nodes[i].type in unit for i in rows]
+        self.act = torch.tensor([nodes[i].activation if u else 1.0 for i, u in zip(rows, is_unit)], device=dev)
+        # unit ids: (kind, layer, index) for Lorsa heads and features, a fresh negative id for the others
+        self.unit = torch.tensor([(unit[nodes[i].type] << 40) + (nodes[i].layer << 24) + nodes[i].index if u else -1 - r
+                                  for r, (i, u) in enumerate(zip(rows, is_unit))], device=dev)
+        self.unit_vec = torch.stack([s.vector for s in srcs]).float() / self.act[:, None]  # [N, d]
+
+
+class QKTables:
+    """One layer: the query-side and key-side contribution of every node it reads, per QK group.
+
+    ``parts`` [2G, n, M, e] holds them (the G query sides, then the G key sides; M rows per position, zero
+    after the position's nodes); ``bias`` [2G, n, e] holds the constant terms.  The e coordinates are
+    reordered on both sides alike (rotary pairs side by side), which leaves every q . k unchanged and makes
+    the rotary map one complex product."""
+
+    def __init__(self, lin, writes: Writes, layer: int):
         lorsa = lin.model.lorsas[layer]
         self.lorsa = lorsa
-        a = lin.adapter
-        norm = a.attn_norm(layer)
-        w_ln = lin._w(norm)
-        b_ln = lin._b(norm)
+        norm = lin.adapter.attn_norm(layer)
+        w_ln, b_ln = lin._w(norm), lin._b(norm)
         n, d = lin.n, lin.d
-        index = {node.id: i for i, node in enumerate(nodes)}
         read_slot = 2 * layer
         const = torch.zeros(d, device=lorsa.W_Q.device)
         for w in range(read_slot + 1):
             b = lin.slot_bias(w)
             if b is not None:
                 const = const + b
-        by_pos: list[list[int]] = [[] for _ in range(n)]
-        for nid, src in sources.items():
-            if src.slot <= read_slot:
-                by_pos[src.pos].append(index[nid])
-        node_ids = [sorted(ids) for ids in by_pos]  # per position: node rows of the tables
-        self.names = [[nodes[i].id for i in ids] for ids in node_ids]  # per position: the tables' node ids
-        M = max(len(ids) for ids in node_ids) + 1  # the last row of each table is the bias
-        # every node write that this layer reads, normalised (LayerNorm centres, then scales), packed by position
-        U = torch.stack([sources[nodes[i].id].vector for ids in node_ids for i in ids]).float()  # [R, d]
-        dev = U.device
-        pos = torch.tensor([p for p, ids in enumerate(node_ids) for _ in ids], dtype=torch.long, device=dev)
-        rank = torch.tensor([r for ids in node_ids for r in range(len(ids))], dtype=torch.long, device=dev)
-        sig = lin.rec.layers[layer].ln1_scale.reshape(n, 1)
-        X = w_ln * lin._p(U) / sig[pos]
-        xc = w_ln * lin._p(const) / sig + (0 if b_ln is None else b_ln)  # [n, d] the constants
+        # the rows this layer reads, packed by position (node order within a position)
+        sel = (writes.slot <= read_slot).nonzero().squeeze(1)
+        rows = sel[torch.argsort(writes.pos[sel], stable=True)]
+        pos = writes.pos[rows]
+        counts = torch.bincount(pos, minlength=n)
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        names = [writes.names[i] for i in rows.tolist()]
+        self.names = [names[a : a + m] for a, m in zip(starts, counts.tolist())]  # per position: each row's node
+        M = max(1, int(counts.max()))
+        # row p M + r of the tables is node r of position p; rows after a position's nodes are zero
+        units, row_unit = torch.unique(writes.unit[rows], return_inverse=True)
+        first = torch.full((len(units),), len(rows), device=rows.device).scatter_reduce_(
+            0, row_unit, torch.arange(len(rows), device=rows.device), "amin")
+        D = torch.cat([writes.unit_vec[rows[first]], writes.unit_vec.new_zeros(1, d)])  # [units + 1, d]; last: padding
+        dev = D.device
+        slots = pos * M + torch.arange(len(rows), device=dev) - torch.tensor(starts, device=dev)[pos]
+        slot_row = torch.full((n * M,), len(units), device=dev)
+        slot_row[slots] = row_unit
+        sig = lin.rec.layers[layer].ln1_scale.reshape(n)
+        slot_scale = torch.zeros(n * M, device=dev)
+        slot_scale[slots] = writes.act[rows] / sig[pos]
+        xc = w_ln * lin._p(const) / sig[:, None] + (0 if b_ln is None else b_ln)  # [n, d] the constants
         G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
-        cos, sin = lorsa.rotary(n, dev) if lorsa.cfg.rotary_dim else (None, None)
-        # one product for both sides, all groups and all positions: [R, d] x [d, 2 G e]
-        W2 = torch.cat([W.float().permute(1, 0, 2).reshape(d, G * e) for W in (lorsa.W_Q, lorsa.W_K)], 1)
-        parts = (X @ W2).view(-1, 2, G, e)
-        bias = (xc @ W2).view(n, 2, G, e) + torch.stack([lorsa.b_Q, lorsa.b_K]).float()[None]
-        if cos is not None:  # rotary is linear: rotate each part at its own position
-            parts = _rotate(parts, cos[pos], sin[pos])
-            bias = _rotate(bias, cos, sin)
-        tables = []
-        for side in (0, 1):
-            table = torch.zeros(G, n, M, e, device=dev)  # rows past a position's nodes stay 0; the bias is row M-1
-            table[:, pos, rank] = parts[:, side].transpose(0, 1)
-            table[:, :, M - 1] = bias[:, side].transpose(0, 1)
-            tables.append(table)
-        self.Q, self.K = tables
-        self.M = M
+        rd = lorsa.cfg.rotary_dim
+        perm = _pairs_side_by_side(e, rd)
+        W = torch.cat([lorsa.W_Q, lorsa.W_K]).float()[..., perm]  # [2G, d, e]: queries, then keys
+        # both sides, all groups, laid out so that the rows of one (side, group, position) are one block
+        per_unit = torch.einsum("ud,gde->gue", w_ln * lin._p(D), W)  # [2G, units + 1, e]
+        self.parts = per_unit.index_select(1, slot_row).view(2 * G, n, M, e)
+        self.bias = torch.einsum("nd,gde->gne", xc, W) + torch.cat([lorsa.b_Q, lorsa.b_K]).float()[:, None, perm]
+        # scale each row (activation / norm scale), and rotate it at its position: rotary is linear
+        slot_scale = slot_scale.view(n, M)
+        if rd:
+            cos, sin = lorsa.rotary(n, dev)
+            rot = torch.complex(cos[:, : rd // 2], sin[:, : rd // 2])  # [n, rd/2]
+            _rotate_(self.parts, rot[:, None] * slot_scale[..., None])
+            _rotate_(self.bias, rot)
+        if rd < e:
+            self.parts[..., rd:] *= slot_scale[..., None]
+        self.norms = self.parts.norm(dim=-1)  # [2G, n, M], for the top-pair screen
+        self.G = G
         self.scale = 1 / math.sqrt(e)
 
+    def side(self, side: int, groups: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+        """[P, width, e]: the contributions of the nodes at ``positions`` [P] to group ``groups`` [P]."""
+        return self.parts[side * self.G + groups, positions, :width]
+
+    def side_norms(self, side: int, groups: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+        """[P, width]: the lengths of the vectors of ``side``."""
+        return self.norms[side * self.G + groups, positions, :width]
+
+    def side_bias(self, side: int, groups: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[P, e]: the constant term of group ``groups`` [P] at ``positions`` [P]."""
+        return self.bias[side * self.G + groups, positions]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on x [R, ..., e] with cos, sin [R, rd] (rotate-half layout, whose two halves of cos/sin are equal,
-    as ``replacement.models.apply_rotary`` but without building rotate_half(x))."""
-    rd = cos.shape[-1]
+def _pairs_side_by_side(e: int, rd: int) -> list[int]:
+    """A reordering of e coordinates that puts each rotate-half pair (i, i + rd/2) next to each other."""
     h = rd // 2
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (h,)
-    c, s = cos[:, :h].reshape(shape), sin[:, :h].reshape(shape)
-    x1, x2 = x[..., :h], x[..., h:rd]
-    out = x.clone() if rd < x.shape[-1] else torch.empty_like(x)
-    out[..., :h] = x1 * c - x2 * s
-    out[..., h:rd] = x2 * c + x1 * s
-    return out
+    return [j for i in range(h) for j in (i, i + h)] + list(range(rd, e))
+
+
+def _rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
+    """Rotary, in place, on x [..., e] (pairs side by side in the first rd coordinates); rot [..., rd/2] complex
+    broadcasts against x's leading dims: each pair (a, b) becomes (a + ib) * rot, as rotate-half's
+    (a cos - b sin, b cos + a sin)."""
+    h = rot.shape[-1]
+    z = torch.view_as_complex(x[..., : 2 * h].unflatten(-1, (h, 2)))
+    z.mul_(rot)
 
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,
-                   top_pairs: int = 8) -> None:
+                   top_pairs: int = 8, chunk: int = 64) -> None:
     """Explain the Lorsa head nodes ``head_rows``: each gets ``extra['qk']``, one entry per explained key
     position (score, attention, top pairs, marginals, bias terms).  Heads of one QK group share their
     pattern, so at one query position they share these entries (one object, not copies).
 
-    The tables of one layer and query position are computed together, as one batched product over the
-    (QK group, key position) combinations that its explained heads need."""
-    by_layer_pos: dict[tuple[int, int], list[int]] = {}
+    The (QK group, query position) pairs of one layer are explained together, ``chunk`` at a time, each
+    with its ``top_keys`` strongest key positions, in batched products."""
+    by_layer: dict[int, list[int]] = {}
     for r in head_rows:
-        by_layer_pos.setdefault((nodes[r].layer, nodes[r].pos), []).append(r)
-    tables: dict[int, QKTables] = {}
-    for (L, t), rows in sorted(by_layer_pos.items()):
-        if L not in tables:
-            tables[L] = QKTables(lin, nodes, sources, L)
-        tabs = tables[L]
+        by_layer.setdefault(nodes[r].layer, []).append(r)
+    writes = Writes(nodes, sources)
+    for L, rows in sorted(by_layer.items()):
+        tabs = QKTables(lin, writes, L)
         hpg = tabs.lorsa.cfg.heads_per_group
-        pattern = lin.rec.layers[L].lorsa_pattern  # [G, n, n]
-        wanted: dict[int, list[int]] = {}  # group -> key positions
+        pattern = lin.rec.layers[L].lorsa_pattern  # [G, n, n], zero above the diagonal
+        n = pattern.shape[-1]
+        future = torch.ones(n, n, dtype=torch.bool, device=pattern.device).triu(1)
+        best = pattern.masked_fill(future, -1.0).topk(min(top_keys, n), dim=-1)  # [G, n, k]; the first t+1 are real
+        queries = sorted({(nodes[r].index // hpg, nodes[r].pos) for r in rows})
+        infos: dict[tuple[int, int], list[dict]] = {}
+        for i in range(0, len(queries), chunk):
+            infos.update(_explain_batch(tabs, queries[i : i + chunk], best.indices, best.values, top_pairs))
         for r in rows:
-            g = nodes[r].index // hpg
-            if g not in wanted:
-                wanted[g] = pattern[g, t, : t + 1].topk(min(top_keys, t + 1)).indices.tolist()
-        combos = [(g, s) for g, keys in wanted.items() for s in keys]
-        infos = _explain_batch(tabs, nodes, t, combos, top_pairs)
-        for (g, s), info in infos.items():
-            info.update(key_pos=s, attention=float(pattern[g, t, s]))
-        for r in rows:
-            g = nodes[r].index // hpg
-            nodes[r].extra["qk"] = [infos[(g, s)] for s in wanted[g]]
+            nodes[r].extra["qk"] = infos[(nodes[r].index // hpg, nodes[r].pos)]
 
 
-def _explain_batch(tabs: QKTables, nodes: list[Node], t: int, combos: list[tuple[int, int]], top_pairs: int,
-                   screen: int = 24) -> dict:
-    """Pair tables for query position t and each (group, key position): exact sums, marginals and top pairs.
+def _explain_batch(tabs: QKTables, queries: list[tuple[int, int]], keys: torch.Tensor, attention: torch.Tensor,
+                   top_pairs: int, screen: int = 12) -> dict:
+    """For each (group g, query position t) and each of its key positions s = keys[g, t, :] (attention
+    weights ``attention[g, t, :]``): the exact score split, marginals and top pairs of the (g, t, s) table.
 
     Sums and marginals need no table: sum_ij q_i.k_j = (sum_i q_i).(sum_j k_j), and a query node's marginal
-    is q_i.(sum_j k_j + k_bias).  The top pairs: see ``_top_pairs``."""
-    gs = torch.tensor([g for g, _ in combos])
-    ss = torch.tensor([s for _, s in combos])
-    M = tabs.M
-    mq = len(tabs.names[t])
-    mk = max(len(tabs.names[s]) for _, s in combos)
-    Q, K = tabs.Q[gs, t], tabs.K[gs, ss]  # [P, M, e]; row M-1 is the bias, rows past a position's nodes are 0
-    Qn, Kn, qb, kb = Q[:, :mq], K[:, :mk], Q[:, M - 1], K[:, M - 1]
+    is q_i.(sum_j k_j + k_bias).  The top pairs: see ``_top_pairs``.  The k tables of one (g, t) share its
+    query rows, which are gathered once."""
+    dev = tabs.parts.device
+    gq, tq = (torch.tensor(c, device=dev) for c in zip(*queries))  # [U]
+    k = keys.shape[-1]
+    real = torch.arange(k, device=dev)[None] <= tq[:, None]  # [U, k]: t < k-1 has only t+1 key positions
+    ks = torch.where(real, keys[gq, tq], tq[:, None])  # the others stand in for a real one, then are dropped
+    gp, sp = gq.repeat_interleave(k), ks.flatten()  # [P = U k] one table per (query, key slot)
+    names = tabs.names
+    mq = max(len(names[t]) for _, t in queries)
+    mk = max(len(names[s]) for s in sp.tolist())
+    Q, Kn = tabs.side(0, gq, tq, mq), tabs.side(1, gp, sp, mk)  # [U, mq, e], [P, mk, e]; zero rows past a position's nodes
+    qb, kb = tabs.side_bias(0, gq, tq), tabs.side_bias(1, gp, sp)  # [U, e], [P, e]
     c = tabs.scale
-    qsum, ksum = Qn.sum(1), Kn.sum(1)
+    qsum, ksum = Q.sum(1).repeat_interleave(k, 0), Kn.sum(1)  # [P, e]
+    qb_p = qb.repeat_interleave(k, 0)
     pairs_total = (qsum * ksum).sum(-1) * c
-    q_bias_keys, queries_k_bias, bias_bias = (qb * ksum).sum(-1) * c, (qsum * kb).sum(-1) * c, (qb * kb).sum(-1) * c
-    q_marg = torch.einsum("pme,pe->pm", Qn, ksum + kb) * c
-    k_marg = torch.einsum("pme,pe->pm", Kn, qsum + qb) * c
-    q_idx, k_idx, vals = _top_pairs(Qn, Kn, c, min(top_pairs, mq * mk), screen)
+    q_bias_keys, queries_k_bias, bias_bias = (qb_p * ksum).sum(-1) * c, (qsum * kb).sum(-1) * c, (qb_p * kb).sum(-1) * c
+    q_marg = torch.bmm(Q, (ksum + kb).view(len(queries), k, -1).transpose(1, 2)).transpose(1, 2).reshape(-1, mq) * c
+    k_marg = torch.bmm(Kn, (qsum + qb_p)[..., None])[..., 0] * c  # [P, mk]
+    q_idx, k_idx, vals = _top_pairs(Q, Kn, tabs.side_norms(0, gq, tq, mq), tabs.side_norms(1, gp, sp, mk), c,
+                                    min(top_pairs, mq * mk), screen, per=k)
     q_top = q_marg.abs().topk(min(top_pairs, mq), dim=1).indices
     k_top = k_marg.abs().topk(min(top_pairs, mk), dim=1).indices
     q_top_v, k_top_v = torch.gather(q_marg, 1, q_top).tolist(), torch.gather(k_marg, 1, k_top).tolist()
     q_top, k_top = q_top.tolist(), k_top.tolist()
     sums = torch.stack([pairs_total, q_bias_keys, queries_k_bias, bias_bias], 1).tolist()
-    q_names, k_names = tabs.names[t], tabs.names
+    key_pos, attn, real = ks.tolist(), attention[gq, tq].tolist(), real.tolist()
     out = {}
-    for i, (g, s) in enumerate(combos):
-        kn = k_names[s]
-        pt, qbk, qkb, bb = sums[i]
-        out[(g, s)] = {
-            "score": pt + qbk + qkb + bb,
-            "pairs": [[q_names[a], kn[b], v] for a, b, v in zip(q_idx[i], k_idx[i], vals[i]) if b < len(kn) and v != 0],
-            "pairs_total": pt,
-            "query_bias_x_keys": qbk,
-            "queries_x_key_bias": qkb,
-            "bias_x_bias": bb,
-            "query_marginals": [[q_names[j], v] for j, v in zip(q_top[i], q_top_v[i])],
-            "key_marginals": [[kn[j], v] for j, v in zip(k_top[i], k_top_v[i]) if j < len(kn)],
-        }
+    for u, (g, t) in enumerate(queries):
+        qn, entries = names[t], []
+        lq = len(qn)
+        for j in range(k):
+            if not real[u][j]:
+                continue
+            i, s = u * k + j, key_pos[u][j]
+            kn = names[s]
+            lk = len(kn)
+            pt, qbk, qkb, bb = sums[i]
+            entries.append({
+                "key_pos": s,
+                "attention": attn[u][j],
+                "score": pt + qbk + qkb + bb,
+                "pairs": [[qn[a], kn[b], v] for a, b, v in zip(q_idx[i], k_idx[i], vals[i])
+                          if a < lq and b < lk and v != 0],
+                "pairs_total": pt,
+                "query_bias_x_keys": qbk,
+                "queries_x_key_bias": qkb,
+                "bias_x_bias": bb,
+                "query_marginals": [[qn[a], v] for a, v in zip(q_top[i], q_top_v[i]) if a < lq],
+                "key_marginals": [[kn[b], v] for b, v in zip(k_top[i], k_top_v[i]) if b < lk],
+            })
+        out[(g, t)] = entries
     return out
 
 
-def _top_pairs(Qn: torch.Tensor, Kn: torch.Tensor, c: float, k: int, screen: int):
+def _top_pairs(Q: torch.Tensor, Kn: torch.Tensor, q_len: torch.Tensor, k_len: torch.Tensor, c: float, k: int,
+               screen: int, per: int = 1):
     """The k largest |q_i . k_j| c of each table, exactly, without building most of the tables.
 
-    Qn [P, mq, e], Kn [P, mk, e].  The rows of the ``screen`` longest query vectors and the columns of the
-    ``screen`` longest key vectors are computed in full; every pair left out has |q_i . k_j| <= |q_i| |k_j|,
-    at most the product of the (screen+1)-th longest on each side.  Where the k-th best pair found reaches
-    that bound the answer is exact; the other tables go again with a 4x wider screen (once the screen covers
-    a side, the table is complete and the bound is 0).  Returns (query index, key index, value) lists per table."""
-    P, mq, mk = Qn.shape[0], Qn.shape[1], Kn.shape[1]
+    Kn [P, mk, e]; Q [P / per, mq, e]: table p pairs Q[p // per] with Kn[p]; q_len, k_len: their lengths.  The rows of the ``screen``
+    longest query vectors and the columns of the ``screen`` longest key vectors are computed in full; every
+    pair left out has |q_i . k_j| <= |q_i| |k_j|, at most the product of the (screen+1)-th longest on each
+    side.  Where the k-th best pair found reaches that bound the answer is exact; the other tables go again
+    with a 2x wider screen (once the screen covers a side, the table is complete and the bound is 0).
+    Returns (query index, key index, value) lists per table."""
+    P, mq, mk, e = Kn.shape[0], Q.shape[1], Kn.shape[1], Kn.shape[2]
     R, Rk = min(screen, mq), min(screen, mk)
-    qn, kn = Qn.norm(dim=-1), Kn.norm(dim=-1)
-    qv, qi = qn.topk(min(R + 1, mq), dim=1)
-    kv, ki = kn.topk(min(Rk + 1, mk), dim=1)
-    bound = (qv[:, R] if mq > R else qv.new_zeros(P)) * (kv[:, Rk] if mk > Rk else kv.new_zeros(P)) * c
-    qi, ki = qi[:, :R], ki[:, :Rk]
-    e = Qn.shape[-1]
-    rows = torch.bmm(torch.gather(Qn, 1, qi[..., None].expand(-1, -1, e)), Kn.transpose(1, 2)) * c  # [P, R, mk]
-    cols = torch.bmm(Qn, torch.gather(Kn, 1, ki[..., None].expand(-1, -1, e)).transpose(1, 2)) * c  # [P, mq, Rk]
+    qv, qi = q_len.topk(min(R + 1, mq), dim=1)
+    kv, ki = k_len.topk(min(Rk + 1, mk), dim=1)
+    bound = (qv[:, R] if mq > R else qv.new_zeros(len(Q))).repeat_interleave(per) * c
+    bound = bound * (kv[:, Rk] if mk > Rk else kv.new_zeros(P))
+    qi = qi[:, :R].repeat_interleave(per, 0)  # [P, R]
+    ki = ki[:, :Rk]
+    Q_rows = torch.gather(Q, 1, qi[::per, :, None].expand(-1, -1, e)).repeat_interleave(per, 0)  # [P, R, e]
+    rows = torch.bmm(Q_rows, Kn.transpose(1, 2)) * c  # [P, R, mk]
+    K_cols = torch.gather(Kn, 1, ki[..., None].expand(-1, -1, e))  # [P, Rk, e]
+    cols = torch.bmm(Q, K_cols.view(-1, per * Rk, e).transpose(1, 2)) * c  # [P / per, mq, per Rk]
+    cols = cols.view(-1, mq, per, Rk).transpose(1, 2).reshape(P, mq, Rk)
     cols.scatter_(1, qi[..., None].expand(-1, -1, Rk), 0.0)  # those pairs are already in rows
     cand = torch.cat([rows.flatten(1), cols.flatten(1)], 1)
     top = cand.abs().topk(k, dim=1)
@@ -195,7 +259,7 @@ def _top_pairs(Qn: torch.Tensor, Kn: torch.Tensor, c: float, k: int, screen: int
     k_idx = torch.where(in_rows, top.indices % mk, torch.gather(ki, 1, (j.clamp(min=0) % Rk)))
     redo = (top.values[:, -1] < bound).nonzero().squeeze(1)
     if len(redo):  # tables the screen could not settle (so it covers neither side yet): a wider screen
-        q2, k2, v2 = _top_pairs(Qn[redo], Kn[redo], c, k, screen * 4)
+        q2, k2, v2 = _top_pairs(Q[redo // per], Kn[redo], q_len[redo // per], k_len[redo], c, k, screen * 2)
         q_idx[redo], k_idx[redo] = q_idx.new_tensor(q2), k_idx.new_tensor(k2)
         vals[redo] = vals.new_tensor(v2)
     return q_idx.tolist(), k_idx.tolist(), vals.tolist()

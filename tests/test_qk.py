@@ -86,8 +86,11 @@ def test_screened_top_pairs_equal_the_full_table():
                 g = head.index // lorsa.cfg.heads_per_group
                 # brute force: every node at the two positions, through the module's own projections
                 lin = Linearised(model, rec)
-                tabs = qkmod.QKTables(lin, graph.node_list, _sources(graph, model, rec), 1)
-                full = tabs.Q[g, head.pos, :-1] @ tabs.K[g, info["key_pos"], :-1].t() * tabs.scale
+                tabs = qkmod.QKTables(lin, qkmod.Writes(graph.node_list, _sources(graph, model, rec)), 1)
+                s = info["key_pos"]
+                Q = tabs.side(0, torch.tensor([g]), torch.tensor([head.pos]), len(tabs.names[head.pos]))[0]
+                K = tabs.side(1, torch.tensor([g]), torch.tensor([s]), len(tabs.names[s]))[0]
+                full = Q @ K.t() * tabs.scale
                 best = full.flatten().abs().topk(len(info["pairs"])).values
                 got = torch.tensor([abs(p[2]) for p in info["pairs"]])
                 torch.testing.assert_close(got, best, atol=1e-6, rtol=1e-5)
