@@ -369,14 +369,19 @@ def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, no
 
 
 def reconstruction_errors(graph: AttributionGraph) -> dict[str, float]:
-    """For every target: |sum(incoming) + const + dropped - preact| / max(|preact|, 1e-6)."""
+    """For every target: |sum(incoming) + const + dropped - preact|, relative to the larger of |preact| and
+    the terms' own size (sum |incoming| + |const| + |dropped|): a pre-activation near 0 made of large terms
+    that cancel carries float32 rounding of the size of those terms."""
     E = graph.edge_arrays
     sums = torch.zeros(len(graph.node_list), dtype=torch.float64)
+    sizes = torch.zeros(len(graph.node_list), dtype=torch.float64)
     mask = E.kind != EdgeArrays.KINDS.index("qk")
     sums.index_add_(0, E.tgt[mask], E.w[mask].double())
+    sizes.index_add_(0, E.tgt[mask], E.w[mask].double().abs())
     out = {}
     for i, node in enumerate(graph.node_list):
         if node.type in ("lorsa", "transcoder", "logit"):
             total = float(sums[i]) + node.const + node.dropped
-            out[node.id] = abs(total - node.preact) / max(abs(node.preact), 1e-6)
+            size = float(sizes[i]) + abs(node.const) + abs(node.dropped)
+            out[node.id] = abs(total - node.preact) / max(abs(node.preact), size, 1e-6)
     return out
