@@ -53,7 +53,7 @@ def _local_checkpoints(extra: list[Path]) -> list[tuple[str, str]]:
 @click.option("--model", "presets", default="all", show_default=True, help="toy, pythia, llama, or all.")
 @click.option("--workdir", default="runs/bundled", show_default=True, type=click.Path(), help="Tokenizer, data cache and resumable states.")
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME[:split]); default: ../shared/data corpora.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: the recipe's per preset).")
+@click.option("--steps", type=int, default=None, help="Steps of the first training stage (default: the recipe's per preset).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="torch.compile the training step.")
 @click.option("--export/--no-export", default=True, show_default=True, help="Write the result into the package's bundled folder.")
