@@ -226,7 +226,7 @@ def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources
     """Train each preset stage by stage (resuming where a state exists) and export it into the package.
 
     Every stage but the last exports to ``<workdir>/<run>/hf`` (bf16, as bundled), which the next stage starts
-    from; a stage whose export records all its steps is not run again."""
+    from; a stage whose export records all its steps is not run again (unless ``resume`` is off)."""
     tokenizer, train_tokens, _ = prepare_data(workdir, sources)
     written = []
     for name in presets:
@@ -237,7 +237,7 @@ def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources
             if k:
                 cfg.init_from = str(Path(workdir) / stages[k - 1].run_name / "hf")
             folder = None if last else Path(workdir) / cfg.run_name / "hf"
-            if folder is not None and _finished(folder, cfg):
+            if resume and folder is not None and _finished(folder, cfg):
                 history.append(json.loads((folder / "training_info.json").read_text()))
                 continue
             model, info = train_lm(cfg, workdir, tokenizer, train_tokens, resume=resume)
