@@ -181,7 +181,8 @@ def _explain_batch(tabs: QKTables, queries: list[tuple[int, int]], keys: torch.T
     names = tabs.names
     mq = max(len(names[t]) for _, t in queries)
     mk = max(len(names[s]) for s in sp.tolist())
-    Q, Kn = tabs.side(0, gq, tq, mq), tabs.side(1, gp, sp, mk)  # [U, mq, e], [P, mk, e]; zero rows past a position's nodes
+    # [U, mq, e] and [P, mk, e], zero after a position's nodes
+    Q, Kn = tabs.side(0, gq, tq, mq), tabs.side(1, gp, sp, mk)
     qb, kb = tabs.side_bias(0, gq, tq), tabs.side_bias(1, gp, sp)  # [U, e], [P, e]
     c = tabs.scale
     qsum, ksum = Q.sum(1).repeat_interleave(k, 0), Kn.sum(1)  # [P, e]
@@ -230,10 +231,10 @@ def _top_pairs(Q: torch.Tensor, Kn: torch.Tensor, q_len: torch.Tensor, k_len: to
                screen: int, per: int = 1):
     """The k largest |q_i . k_j| c of each table, exactly, without building most of the tables.
 
-    Kn [P, mk, e]; Q [P / per, mq, e]: table p pairs Q[p // per] with Kn[p]; q_len, k_len: their lengths.  The rows of the ``screen``
-    longest query vectors and the columns of the ``screen`` longest key vectors are computed in full; every
-    pair left out has |q_i . k_j| <= |q_i| |k_j|, at most the product of the (screen+1)-th longest on each
-    side.  Where the k-th best pair found reaches that bound the answer is exact; the other tables go again
+    Kn [P, mk, e]; Q [P / per, mq, e]: table p pairs Q[p // per] with Kn[p]; q_len, k_len: their vectors'
+    lengths.  The rows of the ``screen`` longest query vectors and the columns of the ``screen`` longest key
+    vectors are computed in full; every pair left out has |q_i . k_j| <= |q_i| |k_j|, at most the product of
+    the (screen+1)-th longest on each side.  Where the k-th best pair found reaches that bound the answer is exact; the other tables go again
     with a 2x wider screen (once the screen covers a side, the table is complete and the bound is 0).
     Returns (query index, key index, value) lists per table."""
     P, mq, mk, e = Kn.shape[0], Q.shape[1], Kn.shape[1], Kn.shape[2]
