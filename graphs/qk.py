@@ -234,9 +234,9 @@ def _top_pairs(Q: torch.Tensor, Kn: torch.Tensor, q_len: torch.Tensor, k_len: to
     Kn [P, mk, e]; Q [P / per, mq, e]: table p pairs Q[p // per] with Kn[p]; q_len, k_len: their vectors'
     lengths.  The rows of the ``screen`` longest query vectors and the columns of the ``screen`` longest key
     vectors are computed in full; every pair left out has |q_i . k_j| <= |q_i| |k_j|, at most the product of
-    the (screen+1)-th longest on each side.  Where the k-th best pair found reaches that bound the answer is exact; the other tables go again
-    with a 2x wider screen (once the screen covers a side, the table is complete and the bound is 0).
-    Returns (query index, key index, value) lists per table."""
+    the (screen+1)-th longest on each side.  Where the k-th best pair found reaches that bound the answer is
+    exact; the other tables go again with a 2x wider screen (once the screen covers a side, the table is
+    complete and the bound is 0).  Returns (query index, key index, value) lists per table."""
     P, mq, mk, e = Kn.shape[0], Q.shape[1], Kn.shape[1], Kn.shape[2]
     R, Rk = min(screen, mq), min(screen, mk)
     qv, qi = q_len.topk(min(R + 1, mq), dim=1)
