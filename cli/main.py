@@ -91,9 +91,12 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 @click.option("--tc-expansion", type=int, default=8, show_default=True)
 @click.option("--tc-top-k", type=int, default=32, show_default=True)
 @click.option("--tc-skip", is_flag=True, help="Add a linear skip connection to the transcoders.")
+@click.option("--tc-jacobian", type=float, default=0.0, show_default=True,
+              help="Weight of a term matching the MLP's Jacobian (JVPs along random directions); > 0 makes the "
+                   "graph's linear effects through the transcoders closer to the real MLPs'.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
-              allow_weak_config, tc_expansion, tc_top_k, tc_skip):
+              allow_weak_config, tc_expansion, tc_top_k, tc_skip, tc_jacobian):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all).
 
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
@@ -116,7 +119,8 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     cfg = TrainConfig(what=what, layers=layer_list, steps=steps, batch_size=batch_size, seq_len=min(seq_len, adapter.context),
                       lr=lr, lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
                       lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
-                      allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip)
+                      allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
+                      tc_jacobian=tc_jacobian)
     source = eval_source = None
     if texts:
         source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed)

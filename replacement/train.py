@@ -59,6 +59,8 @@ class TrainConfig:
     tc_expansion: int = 8
     tc_top_k: int = 32
     tc_skip: bool = False
+    tc_jacobian: float = 0.0  # > 0: also match the MLP's Jacobian (JVPs along random directions), this weight
+    tc_jacobian_tokens: int = 256  # tokens per step on which the JVPs are taken
     extra: dict = field(default_factory=dict)
 
     def kinds(self) -> list[str]:
@@ -142,6 +144,31 @@ def _drop_bos(unit: Unit, t: torch.Tensor) -> torch.Tensor:
     return t[:, 1:].reshape(-1, t.shape[-1]) if unit.kind == "lorsa" else t
 
 
+def transcoder_jvp(module: Transcoder, x: torch.Tensor, code: SparseCode, v: torch.Tensor) -> torch.Tensor:
+    """[T, d]: the transcoder's Jacobian at x [T, d] (active set ``code`` held, as in attribution) times v [T, d]:
+    sum over active features of (w_enc . v) w_dec, plus the skip."""
+    on = (code.values > 0).to(v.dtype)
+    g = torch.einsum("tkd,td->tk", module.W_enc[code.indices], v) * on
+    out = torch.einsum("tk,tkd->td", g, module.W_dec[code.indices])
+    return out if module.W_skip is None else out + v @ module.W_skip
+
+
+def jacobian_error(unit: "Unit", mlp: torch.nn.Module, x: torch.Tensor, code: SparseCode, n_tokens: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Relative error of the transcoder's JVPs against the MLP's, sum ||J_tc v - J_mlp v||^2 / sum ||J_mlp v||^2,
+    over ``n_tokens`` tokens of x [T, d] (normalised space) and a Gaussian direction v per token.  In normalised
+    units the MLP is y_n = c_y mlp(x_n / c_x), so its JVP is c_y / c_x J_mlp v."""
+    sub = torch.randperm(len(x), generator=generator)[:n_tokens].to(x.device)
+    v = torch.randn(len(sub), x.shape[-1], generator=generator).to(x)
+    with torch.no_grad():
+        dtype = next(mlp.parameters()).dtype
+        _, jm = torch.func.jvp(mlp, ((x[sub] / unit.c_x).to(dtype),), ((v / unit.c_x).to(dtype),))
+        jm = jm.float() * unit.c_y
+    sub_code = SparseCode(code.values[sub], code.indices[sub])
+    jt = transcoder_jvp(unit.module, x[sub], sub_code, v)
+    return (jt - jm).pow(2).sum() / jm.pow(2).sum().clamp_min(1e-12)
+
+
 def fvu(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained, sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over tokens [N, d]."""
     return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -160,6 +187,7 @@ class Trainer:
         self.points = _points(self.units)
         self.step = 0
         self.elapsed = 0.0
+        self.jacobian_errors: dict[str, float] = {}  # the last step's, per transcoder trained with tc_jacobian
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -261,7 +289,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         acts = self.acts(step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.adapter.device.type == "cuda" else _null()
-        out = {}
+        out, jac_errors = {}, {}
         for u in self.units:
             for g in u.opt.param_groups:
                 g["lr"] = self.cfg.lr_at(step)
@@ -271,6 +299,12 @@ class Trainer:
             y_hat = y_hat.float()
             mse = (_drop_bos(u, y_hat) - _drop_bos(u, y)).pow(2).mean()
             loss = mse + self.cfg.aux_coef * self._aux_loss(u, pre.float(), y_hat, y)
+            if u.kind == "transcoder" and self.cfg.tc_jacobian > 0:
+                # relative JVP error, scaled like the MSE (mean over coordinates of the normalised targets)
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # resumable: a function of step
+                jac = jacobian_error(u, self.adapter.mlp(u.layer), x, code, self.cfg.tc_jacobian_tokens, gen)
+                loss = loss + self.cfg.tc_jacobian * jac * y.pow(2).mean().detach()
+                jac_errors[u.name] = jac.item()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"{u.name}: loss is {loss.item()} at step {step}; stopped, "
                                        f"last good checkpoint kept at {self.state_file}")
@@ -290,6 +324,7 @@ class Trainer:
             u.since_fired = torch.where(fired.cpu(), torch.zeros_like(u.since_fired), u.since_fired + n_tok)
             with torch.no_grad():
                 out[u.name] = fvu(_drop_bos(u, y_hat), _drop_bos(u, y)).item()
+        self.jacobian_errors = jac_errors
         return out
 
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
@@ -309,9 +344,12 @@ class Trainer:
             self.step = step + 1
             now = time.time()
             self.elapsed += now - t_last
+            extra = {}
+            if self.jacobian_errors:
+                extra["jac_err"] = f"{sum(self.jacobian_errors.values()) / len(self.jacobian_errors):.3f}"
             bar.set_postfix(tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}",
                             fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
-                            worst=max(fvus, key=fvus.get))
+                            worst=max(fvus, key=fvus.get), **extra)
             t_last = now
             if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                 self.save_state()
