@@ -144,15 +144,6 @@ def _drop_bos(unit: Unit, t: torch.Tensor) -> torch.Tensor:
     return t[:, 1:].reshape(-1, t.shape[-1]) if unit.kind == "lorsa" else t
 
 
-def transcoder_jvp(module: Transcoder, x: torch.Tensor, code: SparseCode, v: torch.Tensor) -> torch.Tensor:
-    """[T, d]: the transcoder's Jacobian at x [T, d] (active set ``code`` held, as in attribution) times v [T, d]:
-    sum over active features of (w_enc . v) w_dec, plus the skip."""
-    on = (code.values > 0).to(v.dtype)
-    g = torch.einsum("tkd,td->tk", module.W_enc[code.indices], v) * on
-    out = torch.einsum("tk,tkd->td", g, module.W_dec[code.indices])
-    return out if module.W_skip is None else out + v @ module.W_skip
-
-
 def jacobian_error(unit: "Unit", mlp: torch.nn.Module, x: torch.Tensor, code: SparseCode, n_tokens: int,
                    generator: torch.Generator) -> torch.Tensor:
     """Relative error of the transcoder's JVPs against the MLP's, sum ||J_tc v - J_mlp v||^2 / sum ||J_mlp v||^2,
@@ -165,7 +156,7 @@ def jacobian_error(unit: "Unit", mlp: torch.nn.Module, x: torch.Tensor, code: Sp
         _, jm = torch.func.jvp(mlp, ((x[sub] / unit.c_x).to(dtype),), ((v / unit.c_x).to(dtype),))
         jm = jm.float() * unit.c_y
     sub_code = SparseCode(code.values[sub], code.indices[sub])
-    jt = transcoder_jvp(unit.module, x[sub], sub_code, v)
+    jt = unit.module.jvp(sub_code, v)
     return (jt - jm).pow(2).sum() / jm.pow(2).sum().clamp_min(1e-12)
 
 

@@ -68,6 +68,14 @@ class Transcoder(nn.Module):
         code = self.encode(x)
         return self.decode(code, x), code
 
+    def jvp(self, code: SparseCode, v: torch.Tensor) -> torch.Tensor:
+        """[T, d]: the Jacobian at the inputs that gave ``code`` (their active sets held, as attribution does)
+        times v [T, d]: the sum over active features of (w_enc . v) w_dec, plus the skip."""
+        on = (code.values > 0).to(v.dtype)
+        g = torch.einsum("tkd,td->tk", self.W_enc[code.indices], v) * on
+        out = torch.einsum("tk,tkd->td", g, self.W_dec[code.indices])
+        return out if self.W_skip is None else out + v @ self.W_skip
+
     # -- foreign formats ----------------------------------------------------------------------------------
 
     def to_circuit_tracer(self, folder: str | Path, layer: int, feature_input_hook: str = "mlp.hook_in",
