@@ -31,7 +31,7 @@ class Writes:
     take its product with W_Q, W_K once; an embedding or error node is its own unit (activation 1)."""
 
     def __init__(self, nodes: list[Node], sources: dict):
-        rows = sorted((i for i, nd in enumerate(nodes) if nd.id in sources))
+        rows = [i for i, nd in enumerate(nodes) if nd.id in sources]
         self.names = [nodes[i].id for i in rows]
         srcs = [sources[nodes[i].id] for i in rows]
         dev = srcs[0].vector.device
