@@ -226,21 +226,23 @@ def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources
     """Train each preset stage by stage (resuming where a state exists) and export it into the package.
 
     Every stage but the last exports to ``<workdir>/<run>/hf`` (bf16, as bundled), which the next stage starts
-    from; a stage whose export records all its steps is not run again (unless ``resume`` is off)."""
+    from; a stage whose export records all its steps is not run again (unless ``resume`` is off).  Once a stage
+    trains, the later stages start afresh: what they would resume began from another model."""
     tokenizer, train_tokens, _ = prepare_data(workdir, sources)
     written = []
     for name in presets:
         stages = recipe_stages(name, steps, compile)
-        history = []
+        history, keep = [], resume
         for k, cfg in enumerate(stages):
             last = k == len(stages) - 1
             if k:
                 cfg.init_from = str(Path(workdir) / stages[k - 1].run_name / "hf")
             folder = None if last else Path(workdir) / cfg.run_name / "hf"
-            if resume and folder is not None and _finished(folder, cfg):
+            if keep and folder is not None and _finished(folder, cfg):
                 history.append(json.loads((folder / "training_info.json").read_text()))
                 continue
-            model, info = train_lm(cfg, workdir, tokenizer, train_tokens, resume=resume)
+            model, info = train_lm(cfg, workdir, tokenizer, train_tokens, resume=keep)
+            keep = False
             info.update(config=asdict(cfg), sources=[Path(s).name for s in (sources or DEFAULT_SOURCES)])
             if history:
                 info["earlier_stages"] = list(history)

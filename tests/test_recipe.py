@@ -160,3 +160,12 @@ def test_later_stage_starts_from_the_exported_earlier_stage(tokenizer, tiny_pres
     mtime = (tmp_path / "tiny" / "hf" / "model.safetensors").stat().st_mtime_ns
     recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
     assert (tmp_path / "tiny" / "hf" / "model.safetensors").stat().st_mtime_ns == mtime
+    # a longer first stage trains on (resuming its own state), and the second stage then starts afresh from it
+    monkeypatch.setitem(recipe.RECIPE_STEPS, "tiny", 12)
+    recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
+    first = load_file(tmp_path / "tiny" / "hf" / "model.safetensors")
+    assert json.loads((tmp_path / "tiny" / "hf" / "training_info.json").read_text())["steps"] == 12
+    tensors, meta = ckpt.load(tmp_path / "tiny-ft" / "state.safetensors")
+    assert meta["step"] == 4
+    for k, v in first.items():
+        torch.testing.assert_close(tensors[f"model.{k}"], v.float(), atol=0, rtol=0, msg=k)
