@@ -91,12 +91,14 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 @click.option("--tc-expansion", type=int, default=8, show_default=True)
 @click.option("--tc-top-k", type=int, default=32, show_default=True)
 @click.option("--tc-skip", is_flag=True, help="Add a linear skip connection to the transcoders.")
+@click.option("--init-from", type=click.Path(), default=None,
+              help="A replacements folder of this model: start each module from its saved one (fine-tuning).")
 @click.option("--tc-jacobian", type=float, default=0.0, show_default=True,
               help="Weight of a term matching the MLP's Jacobian (JVPs along random directions); > 0 makes the "
                    "graph's linear effects through the transcoders closer to the real MLPs'.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
-              allow_weak_config, tc_expansion, tc_top_k, tc_skip, tc_jacobian):
+              allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all).
 
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
@@ -120,7 +122,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                       lr=lr, lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
                       lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
                       allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
-                      tc_jacobian=tc_jacobian)
+                      tc_jacobian=tc_jacobian, init_from=init_from)
     source = eval_source = None
     if texts:
         source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed)

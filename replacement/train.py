@@ -61,6 +61,7 @@ class TrainConfig:
     tc_skip: bool = False
     tc_jacobian: float = 0.0  # > 0: also match the MLP's Jacobian (JVPs along random directions), this weight
     tc_jacobian_tokens: int = 256  # tokens per step on which the JVPs are taken
+    init_from: str | None = None  # a replacements folder of this model: start each module from its saved one
     extra: dict = field(default_factory=dict)
 
     def kinds(self) -> list[str]:
@@ -215,7 +216,11 @@ class Trainer:
 
     @torch.no_grad()
     def init_modules(self) -> None:
-        """Q/K from the model's heads (Lorsa), and output biases at the target's mean."""
+        """Q/K from the model's heads (Lorsa), and output biases at the target's mean; or, with ``init_from``,
+        the saved modules (brought into the normalised units)."""
+        if self.cfg.init_from:
+            self._init_from_saved(self.cfg.init_from)
+            return
         acts = self.acts(10**9, local=False)  # identical on every rank
         torch.manual_seed(self.cfg.seed)
         for u in self.units:
@@ -223,6 +228,20 @@ class Trainer:
             u.module.decoder()[1].copy_(_drop_bos(u, y).mean(0))
             if u.kind == "lorsa" and self.cfg.lorsa_init == "model":
                 u.module.init_qk_from_model(self.adapter, u.layer, x_scale=u.c_x)
+
+    def _init_from_saved(self, folder: str) -> None:
+        from .store import load_replacements
+
+        saved = load_replacements(folder, self.adapter)
+        for u in self.units:
+            m = saved.get((u.kind, u.layer))
+            if m is None:
+                raise CircuitsError(f"{folder} has no {u.kind} for layer {u.layer} to start from")
+            if m.cfg != u.module.cfg:
+                raise CircuitsError(f"the {u.kind} of layer {u.layer} in {folder} has another configuration "
+                                    f"({m.cfg}); pass the same sizes")
+            with torch.no_grad():
+                u.module.load_state_dict(fold_scales(m, 1 / u.c_x, 1 / u.c_y).state_dict())
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

@@ -224,6 +224,30 @@ def test_fit_replacements_writes_loadable_folder(tmp_path):
     assert not list(tmp_path.glob(".train_state*"))
 
 
+def test_training_can_start_from_a_saved_folder(tmp_path):
+    """--init-from: the modules start as the saved ones (after the round trip through the normalised units)."""
+    from replacement.errors import CircuitsError
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    fit_replacements(adapter, TrainConfig(steps=10, layers=[1], **SMALL), tmp_path / "a", progress=False,
+                     source=_source(), eval_source=_source(1))
+    saved = load_replacements(tmp_path / "a", adapter)
+    t = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"), **SMALL), _source(3),
+                tmp_path / "s.safetensors")
+    t.estimate_norms()
+    t.init_modules()
+    folded = t.folded_modules()
+    assert set(folded) == set(saved)
+    for key, m in saved.items():
+        for (n, p), q in zip(m.named_parameters(), folded[key].parameters()):
+            torch.testing.assert_close(q, p.float(), rtol=1e-5, atol=1e-6, msg=f"{key} {n}")
+    other = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"), **{**SMALL, "tc_top_k": 3}),
+                    _source(3), tmp_path / "o.safetensors")
+    other.estimate_norms()
+    with pytest.raises(CircuitsError, match="another configuration"):
+        other.init_modules()
+
+
 def test_circuit_tracer_and_llamascope_transcoders(tmp_path):
     tc = _tc()
     x = torch.randn(5, 64)
