@@ -145,7 +145,7 @@ def _drop_bos(unit: Unit, t: torch.Tensor) -> torch.Tensor:
     return t[:, 1:].reshape(-1, t.shape[-1]) if unit.kind == "lorsa" else t
 
 
-def jacobian_error(unit: "Unit", mlp: torch.nn.Module, x: torch.Tensor, code: SparseCode, n_tokens: int,
+def jacobian_error(unit: Unit, mlp: torch.nn.Module, x: torch.Tensor, code: SparseCode, n_tokens: int,
                    generator: torch.Generator) -> torch.Tensor:
     """Relative error of the transcoder's JVPs against the MLP's, sum ||J_tc v - J_mlp v||^2 / sum ||J_mlp v||^2,
     over ``n_tokens`` tokens of x [T, d] (normalised space) and a Gaussian direction v per token.  In normalised
@@ -230,6 +230,7 @@ class Trainer:
                 u.module.init_qk_from_model(self.adapter, u.layer, x_scale=u.c_x)
 
     def _init_from_saved(self, folder: str) -> None:
+        """Each unit's module from the saved one in ``folder``, in the normalised units (under init_modules' no_grad)."""
         from .store import load_replacements
 
         saved = load_replacements(folder, self.adapter)
@@ -240,8 +241,7 @@ class Trainer:
             if m.cfg != u.module.cfg:
                 raise CircuitsError(f"the {u.kind} of layer {u.layer} in {folder} has another configuration "
                                     f"({m.cfg}); pass the same sizes")
-            with torch.no_grad():
-                u.module.load_state_dict(fold_scales(m, 1 / u.c_x, 1 / u.c_y).state_dict())
+            u.module.load_state_dict(fold_scales(m, 1 / u.c_x, 1 / u.c_y).state_dict())
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
