@@ -230,7 +230,8 @@ class Trainer:
                 u.module.init_qk_from_model(self.adapter, u.layer, x_scale=u.c_x)
 
     def _init_from_saved(self, folder: str) -> None:
-        """Each unit's module from the saved one in ``folder``, in the normalised units (under init_modules' no_grad)."""
+        """Each unit's module from the saved one in ``folder``, in the normalised units
+        (runs under init_modules' no_grad)."""
         from .store import load_replacements
 
         saved = load_replacements(folder, self.adapter)
