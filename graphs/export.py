@@ -19,6 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from replacement.data import atomic_write_text
+
 from .graph import AttributionGraph, Edge, Node
 
 SCHEMA_VERSION = 1
@@ -95,13 +97,6 @@ def validate(d: dict) -> None:
     jsonschema.validate(d, json.loads(SCHEMA_PATH.read_text()))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = None) -> Path:
     path = Path(path)
     d = to_dict(graph, slug)
@@ -109,7 +104,7 @@ def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = Non
         validate(d)
     except ImportError:  # jsonschema is a dev extra; the tests validate every graph they write
         pass
-    _atomic_write(path, json.dumps(d))
+    atomic_write_text(path, json.dumps(d))
     return path
 
 
@@ -235,7 +230,7 @@ def _legend() -> list[str]:
 
 def write_dot(graph: AttributionGraph, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_write(path, to_dot(graph))
+    atomic_write_text(path, to_dot(graph))
     return path
 
 

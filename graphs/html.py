@@ -165,8 +165,8 @@ def to_html(graph: AttributionGraph, svg: str, dashboards=None) -> str:
 
 
 def write_html(graph: AttributionGraph, svg_path: str | Path, path: str | Path, dashboards=None) -> Path:
-    from .export import _atomic_write
+    from replacement.data import atomic_write_text
 
     path = Path(path)
-    _atomic_write(path, to_html(graph, Path(svg_path).read_text(encoding="utf-8"), dashboards))
+    atomic_write_text(path, to_html(graph, Path(svg_path).read_text(encoding="utf-8"), dashboards))
     return path

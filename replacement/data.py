@@ -170,7 +170,9 @@ class BatchMaker:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to a temporary file beside ``path`` (creating its folder), then rename it into place."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
