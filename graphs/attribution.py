@@ -17,6 +17,8 @@ Every target's pre-activation is a linear function of what it reads, so it has a
 another node, so a write at slot w <= r meets the same gradient: edge(i -> target) = R[pos_i] . u_i.
 In frozen-attention mode (transcoders only) attention is a fixed linear map between slots 2L and 2L+1 and
 the gradient is carried through it explicitly:  G_w = G_{w+1} + [w = 2L] VJP_attn_L(G_{2L+1}).
+A transcoder skip connection (y += norm(x) W_skip) is such a fixed linear map too, from the MLP's read slot
+r to its write slot:  G_r += VJP_skip_L(G_{2L+2}); its norm-bias term is a constant of slot 2L+2.
 
 Edges come in batches of targets of one kind and layer, as matrix products; never one pass per edge.
 """
@@ -123,7 +125,12 @@ class Linearised:
             return None
         L, is_mlp = (slot - 1) // 2, slot % 2 == 0
         if is_mlp:
-            return self.model.transcoders[L].b_dec.detach().float()
+            tc = self.model.transcoders[L]
+            b = tc.b_dec.detach().float()
+            b_ln = self._b(self.adapter.mlp_norm(L))
+            if tc.W_skip is not None and b_ln is not None:
+                b = b + b_ln @ tc.W_skip.float()  # the skip of the norm's own bias
+            return b
         if self.model.attention == "lorsa":
             return self.model.lorsas[L].b_O.detach().float()
         a = self.adapter
@@ -144,14 +151,62 @@ class Linearised:
         g_x = torch.einsum("bhse,hde->bsd", g_v, Wv.float())
         return self._p(g_x * self._w(a.attn_norm(L))) / self.rec.layers[L].ln1_scale[None]
 
+    # -- transcoder skip connections: linear maps from slot mlp_read_slot(L) to slot 2L+2 ---------------------
+
+    def skip_layers(self, read_slot: int) -> list[int]:
+        """The layers whose MLP has a skip connection that writes at or below ``read_slot``, in order."""
+        return [L for L in range(self.N) if self.model.transcoders[L].W_skip is not None and 2 * L + 2 <= read_slot]
+
+    def skip_map(self, L: int, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The skip's linear part on residual vectors x [.., n, d] (or [R, d] at positions ``pos`` [R]):
+        (w_ln2 * P(x)) / sigma2 @ W_skip (the norm's bias is a constant: see slot_bias)."""
+        sig = self.rec.layers[L].ln2_scale  # [n, 1]
+        sig = sig if pos is None else sig[pos]
+        return (self._p(x) * self._w(self.adapter.mlp_norm(L)) / sig) @ self.model.transcoders[L].W_skip.float()
+
+    def skip_vjp(self, L: int, g_out: torch.Tensor) -> torch.Tensor:
+        """The transpose of skip_map: gradient [B, n, d] at the skip's output -> at its input."""
+        W = self.model.transcoders[L].W_skip.float()
+        return self._p((g_out @ W.t()) * self._w(self.adapter.mlp_norm(L))) / self.rec.layers[L].ln2_scale[None]
+
+    def through_skips(self, vectors: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, read_slot: int) -> torch.Tensor:
+        """What writes ``vectors`` [R, d] (at ``slots``, ``pos`` [R]) add to the stream read at ``read_slot``:
+        the write itself plus what every skip connection in between passes on (skips compose in order)."""
+        out = vectors.clone()
+        for L in self.skip_layers(read_slot):
+            seen = slots <= self.mlp_read_slot(L)
+            out[seen] += self.skip_map(L, out[seen], pos[seen])
+        return out
+
+    def read_constants(self, read_slot: int) -> torch.Tensor:
+        """[n, d]: the constant part of the stream read at ``read_slot`` (every bias, through the skips)."""
+        c = torch.zeros(self.n, self.d)
+        skips = set(self.skip_layers(read_slot))
+        at_read = {}
+        for w in range(read_slot + 1):
+            L = (w - 2) // 2
+            if w >= 2 and w % 2 == 0 and L in skips:
+                c = c + self.skip_map(L, at_read[L])
+            b = self.slot_bias(w)
+            if b is not None:
+                c = c + b
+            for L in skips:
+                if self.mlp_read_slot(L) == w:
+                    at_read[L] = c
+        return c
+
     def slot_gradients(self, R: torch.Tensor, read_slot: int) -> list[torch.Tensor | None]:
         """G_w [B, n, d] for w = 0..read_slot (None above it)."""
         G: list[torch.Tensor | None] = [None] * (self.final_slot + 1)
         G[read_slot] = R
+        skip_read = {self.mlp_read_slot(L): L for L in self.skip_layers(read_slot)}
         for w in range(read_slot - 1, -1, -1):
             g = G[w + 1]
             if self.model.attention == "frozen" and w % 2 == 0 and w + 1 <= read_slot:
                 g = g + self.attn_vjp(w // 2, G[w + 1])
+            if w in skip_read:
+                L = skip_read[w]
+                g = g + self.skip_vjp(L, G[2 * L + 2])
             G[w] = g
         return G
 
@@ -267,8 +322,6 @@ def _feature_nodes(model: ReplacementModel, rec: Record, tokens: list[str]):
                 add(Node(f"attn_err.{L}@{p}", "attn_error", L, p, -1, activation=float(lr.attn_err[p].norm()),
                          label=f"L{L} attn err"), 2 * L + 1, lr.attn_err[p])
         tc = model.transcoders[L]
-        if tc.W_skip is not None:
-            raise BadInputError("attribution through a transcoder skip connection is not supported")
         pre = tc.pre_activations(lr.mlp_in)
         rows = []
         for p in range(n):

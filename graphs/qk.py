@@ -2,7 +2,8 @@
 
 With the norm scales frozen, what a Lorsa QK group of layer L reads at position p is the sum of the writes
 u_i of the nodes at p (slots <= 2L: embedding, earlier heads, features, errors) plus constant biases c_p,
-normalised.  Q and K are affine in it, and the rotary map is linear, so
+normalised (a transcoder skip connection in between passes on a linear map of what it reads: the writes
+and constants are taken as they arrive at layer L).  Q and K are affine in it, and the rotary map is linear, so
 
     q_t = sum_i q_i + q_bias,   q_i = R_t W_Q^T P(w_ln * u_i) / sigma_t,   q_bias = R_t (W_Q^T x_c + b_Q)
     k_s = sum_j k_j + k_bias    (likewise at the key position s)
@@ -61,11 +62,7 @@ class QKTables:
         w_ln, b_ln = lin._w(norm), lin._b(norm)
         n, d = lin.n, lin.d
         read_slot = 2 * layer
-        const = torch.zeros(d, device=lorsa.W_Q.device)
-        for w in range(read_slot + 1):
-            b = lin.slot_bias(w)
-            if b is not None:
-                const = const + b
+        const = lin.read_constants(read_slot)  # [n, d]
         # the rows this layer reads, packed by position (node order within a position)
         sel = (writes.slot <= read_slot).nonzero().squeeze(1)
         rows = sel[torch.argsort(writes.pos[sel], stable=True)]
@@ -76,17 +73,23 @@ class QKTables:
         self.names = [names[a : a + m] for a, m in zip(starts, counts.tolist())]  # per position: each row's node
         M = max(1, int(counts.max()))
         # row p M + r of the tables is node r of position p; rows after a position's nodes are zero
-        units, row_unit = torch.unique(writes.unit[rows], return_inverse=True)
-        first = torch.full((len(units),), len(rows), device=rows.device).scatter_reduce_(
-            0, row_unit, torch.arange(len(rows), device=rows.device), "amin")
-        D = torch.cat([writes.unit_vec[rows[first]], writes.unit_vec.new_zeros(1, d)])  # [units + 1, d]; last: padding
+        sig = lin.rec.layers[layer].ln1_scale.reshape(n)
+        if lin.skip_layers(read_slot):
+            # a skip connection below maps each write by its position's norm scale: every row is its own unit
+            vec, row_unit = writes.unit_vec[rows] * writes.act[rows, None], torch.arange(len(rows), device=rows.device)
+            vec, act = lin.through_skips(vec, writes.slot[rows], pos, read_slot), torch.ones_like(writes.act[rows])
+        else:
+            units, row_unit = torch.unique(writes.unit[rows], return_inverse=True)
+            first = torch.full((len(units),), len(rows), device=rows.device).scatter_reduce_(
+                0, row_unit, torch.arange(len(rows), device=rows.device), "amin")
+            vec, act = writes.unit_vec[rows[first]], writes.act[rows]
+        D = torch.cat([vec, vec.new_zeros(1, d)])  # [units + 1, d]; the last row is padding
         dev = D.device
         slots = pos * M + torch.arange(len(rows), device=dev) - torch.tensor(starts, device=dev)[pos]
-        slot_row = torch.full((n * M,), len(units), device=dev)
+        slot_row = torch.full((n * M,), len(D) - 1, device=dev)
         slot_row[slots] = row_unit
-        sig = lin.rec.layers[layer].ln1_scale.reshape(n)
         slot_scale = torch.zeros(n * M, device=dev)
-        slot_scale[slots] = writes.act[rows] / sig[pos]
+        slot_scale[slots] = act / sig[pos]
         xc = w_ln * lin._p(const) / sig[:, None] + (0 if b_ln is None else b_ln)  # [n, d] the constants
         G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
         rd = lorsa.cfg.rotary_dim

@@ -161,15 +161,25 @@ class ReplacementModel:
     def frozen_run(self, rec: Record, attn_writes: list[torch.Tensor] | None, mlp_writes: list[torch.Tensor],
                    embed: torch.Tensor) -> dict:
         """Run the model with norm scales (and, in frozen mode, attention patterns) frozen and every block's
-        output replaced by the given writes [n, d] (in Lorsa mode, attention too). Returns the cache."""
+        output replaced by the given writes [n, d] (in Lorsa mode, attention too). A transcoder's skip
+        connection stays live: its change (mlp.in - recorded mlp.in) @ W_skip is added. Returns the cache."""
         c = rec.cache
         names = [k for k in c if k.endswith(".scale")]
         if self.attention == "frozen":
             names += [f"blocks.{L}.attn.pattern" for L in range(self.adapter.n_layers)]
         hooks = freeze_hooks({k: v[None].to(self.adapter.dtype) if k.endswith("pattern") else v[None] for k, v in c.items()}, names)
         hooks["embed"] = lambda t, n: embed[None].to(t.dtype)
+        live_in = {}
         for L in range(self.adapter.n_layers):
-            hooks[f"blocks.{L}.mlp.out"] = lambda t, n, v=mlp_writes[L]: v[None].to(t.dtype)
+            W_skip = self.transcoders[L].W_skip
+            if W_skip is None:
+                hooks[f"blocks.{L}.mlp.out"] = lambda t, n, v=mlp_writes[L]: v[None].to(t.dtype)
+            else:
+                def skip_out(t, n, v=mlp_writes[L], L=L, W=W_skip.float()):
+                    return (v + (live_in[L] - rec.layers[L].mlp_in) @ W)[None].to(t.dtype)
+
+                hooks[f"blocks.{L}.mlp.in"] = lambda t, n, L=L: live_in.__setitem__(L, t[0].float())
+                hooks[f"blocks.{L}.mlp.out"] = skip_out
             if attn_writes is not None:
                 hooks[f"blocks.{L}.attn.out"] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
         points = [f"blocks.{L}.{k}" for L in range(self.adapter.n_layers) for k in ("attn.in", "mlp.in")]

@@ -59,8 +59,10 @@ def ids():
     return torch.randint(0, 97, (2, 12))
 
 
-def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa_k=4, seed=0, attention="lorsa"):
-    """A ReplacementModel with random (untrained) Lorsa and transcoders: the graph maths must hold anyway."""
+def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa_k=4, seed=0, attention="lorsa",
+                        skip=False):
+    """A ReplacementModel with random (untrained) Lorsa and transcoders (with random skip connections if
+    ``skip``): the graph maths must hold anyway."""
     from replacement.assemble import ReplacementModel
     from replacement.lorsa import LorsaConfig, lorsa_for_model
     from replacement.transcoder import Transcoder, TranscoderConfig
@@ -70,8 +72,10 @@ def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa
     for L in range(adapter.n_layers):
         cfg = LorsaConfig.default_for(adapter, L, heads_per_group=heads_per_group, qk_per_head=1, top_k=lorsa_k)
         lorsa = lorsa_for_model(adapter, L, cfg)
-        tc = Transcoder(TranscoderConfig(adapter.d_model, n_features, tc_k, layer=L))
+        tc = Transcoder(TranscoderConfig(adapter.d_model, n_features, tc_k, layer=L, skip=skip))
         with torch.no_grad():
+            if skip:
+                tc.W_skip.normal_(0, 0.03 / adapter.d_model ** 0.5)  # outputs about the size of the stream
             for m in (lorsa, tc):
                 for name, p in m.named_parameters():
                     if name.startswith("b_"):

@@ -18,9 +18,9 @@ MODELS = {
 }
 
 
-def _setup(arch, attention="lorsa"):
+def _setup(arch, attention="lorsa", skip=False):
     adapter = ModelAdapter(MODELS[arch](), name=arch)
-    model = random_replacements(adapter, attention=attention)
+    model = random_replacements(adapter, attention=attention, skip=skip)
     torch.manual_seed(5)
     ids = torch.randint(0, 97, (1, 9))
     return adapter, model, ids
@@ -35,10 +35,11 @@ def test_errors_added_back_reproduce_the_model(arch):
         torch.testing.assert_close(rec.logits, adapter.hf_logits(ids)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["", "skip"])
 @pytest.mark.parametrize("attention", ["lorsa", "frozen"])
 @pytest.mark.parametrize("arch", sorted(MODELS))
-def test_every_target_is_reconstructed_exactly(arch, attention):
-    _, model, ids = _setup(arch, attention)
+def test_every_target_is_reconstructed_exactly(arch, attention, skip):
+    _, model, ids = _setup(arch, attention, skip)
     graph = attribute(model, ids, batch_size=7)  # small batches exercise the batching
     errs = reconstruction_errors(graph)
     n_targets = len(graph.nodes(type="transcoder")) + len(graph.nodes(type="lorsa")) + len(graph.nodes(type="logit"))
@@ -89,10 +90,12 @@ def _frozen_targets(model, rec, graph, ablate: str | None):
     return out
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["", "skip"])
 @pytest.mark.parametrize("attention", ["lorsa", "frozen"])
 @pytest.mark.parametrize("arch", ["llama", "neox_parallel"])
-def test_edges_are_real_effects(arch, attention):
-    _, model, ids = _setup(arch, attention)
+def test_edges_are_real_effects(arch, attention, skip):
+    """With ``skip``, transcoder skip connections stay live in the frozen model (frozen_run)."""
+    _, model, ids = _setup(arch, attention, skip)
     graph = attribute(model, ids)
     rec = model.record(ids)
     base = _frozen_targets(model, rec, graph, None)
