@@ -3,6 +3,7 @@ correlation between the graph's predicted effect of removing a head (through tra
 frozen) and path patching it on the real model, and how many of the top 5 agree in sign.
 
     python benchmarks/bench_agreement.py [--model llama] [--pairs 36+62,23+45,51+38,17+64,72+19,44+33]
+        [--module FILE.safetensors ...]   (use these saved modules instead of the bundled ones of their layers)
 """
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ def main():
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from graphs.prune import influence
     from replacement.assemble import ReplacementModel
-    from replacement.models import load_model
+    from replacement.models import load_model, model_fingerprint
+    from replacement.store import load_module
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
     ap.add_argument("--pairs", default="36+62,23+45,51+38,17+64,72+19,44+33")
+    ap.add_argument("--module", action="append", default=[], help="a saved module to use instead (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     adapter = load_model(args.model)
     model = ReplacementModel.load(adapter)
+    for path in args.module:
+        module, meta = load_module(path, model_fingerprint(adapter), adapter.device)
+        module.requires_grad_(False)
+        (model.lorsas if meta["kind"] == "lorsa" else model.transcoders)[module.cfg.layer] = module.eval()
     corrs, signs = [], []
     for pair in args.pairs.split(","):
         a, b = (int(x) for x in pair.split("+"))

@@ -61,6 +61,7 @@ class TrainConfig:
     tc_skip: bool = False
     tc_jacobian: float = 0.0  # > 0: also match the MLP's Jacobian (JVPs along random directions), this weight
     tc_jacobian_tokens: int = 256  # tokens per step on which the JVPs are taken
+    tc_token_norm: bool = False  # weigh each token's error by 1 / |y_t|^2 (see token_normalised_mse)
     init_from: str | None = None  # a replacements folder of this model: start each module from its saved one
     extra: dict = field(default_factory=dict)
 
@@ -159,6 +160,16 @@ def jacobian_error(unit: Unit, mlp: torch.nn.Module, x: torch.Tensor, code: Spar
     sub_code = SparseCode(code.values[sub], code.indices[sub])
     jt = unit.module.jvp(sub_code, v)
     return (jt - jm).pow(2).sum() / jm.pow(2).sum().clamp_min(1e-12)
+
+
+def token_normalised_mse(y_hat: torch.Tensor, y: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
+    """MSE over tokens [N, d] with each token's error weighted by m / (|y_t|^2 + floor m), m = mean |y_t|^2:
+    a relative error per token (the floor keeps near-zero outputs from dominating), on the plain MSE's scale.
+    Plain MSE lets the tokens with the largest outputs decide; this lets a small output count as much."""
+    norm2 = y.pow(2).sum(-1)  # [N]
+    m = norm2.mean().detach()
+    weight = m / (norm2.detach() + floor * m)
+    return ((y_hat - y).pow(2).sum(-1) * weight).mean() / y.shape[-1]
 
 
 def fvu(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -308,7 +319,10 @@ class Trainer:
             with autocast:
                 y_hat, code, pre = u.forward(x, self.cfg.k_at(u.module.cfg.top_k, step))
             y_hat = y_hat.float()
-            mse = (_drop_bos(u, y_hat) - _drop_bos(u, y)).pow(2).mean()
+            if u.kind == "transcoder" and self.cfg.tc_token_norm:
+                mse = token_normalised_mse(y_hat, y)
+            else:
+                mse = (_drop_bos(u, y_hat) - _drop_bos(u, y)).pow(2).mean()
             loss = mse + self.cfg.aux_coef * self._aux_loss(u, pre.float(), y_hat, y)
             if u.kind == "transcoder" and self.cfg.tc_jacobian > 0:
                 # relative JVP error, scaled like the MSE (mean over coordinates of the normalised targets)

@@ -353,3 +353,27 @@ def test_the_jacobian_term_is_trained(tmp_path):
         err.backward()
         opt.step()
     assert errors[-1] < 0.7 * errors[0], (errors[0], errors[-1])
+
+
+def test_token_normalised_mse_closed_form_and_use(tmp_path):
+    """Each token's squared error divided by its own output's squared norm (plus the floor), token by token;
+    a token 10x smaller counts 100x more than in the plain MSE; the trainer uses it only when asked."""
+    from replacement.train import token_normalised_mse
+
+    y = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])  # |y|^2 = 25, 0.25, 0
+    y_hat = y + torch.tensor([[1.0, 0.0], [0.0, 0.1], [0.2, 0.0]])
+    m = (25 + 0.25 + 0) / 3
+    by_hand = sum(e * m / (n2 + 0.01 * m) for e, n2 in [(1.0, 25), (0.01, 0.25), (0.04, 0.0)]) / 3 / 2
+    assert float(token_normalised_mse(y_hat, y)) == pytest.approx(by_hand, rel=1e-6)
+    plain_ratio = 0.01 / 1.0
+    weighted_ratio = (0.01 * m / (0.25 + 0.01 * m)) / (1.0 * m / (25 + 0.01 * m))
+    assert weighted_ratio > 50 * plain_ratio
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    finals = {}
+    for flag in (False, True):
+        cfg = TrainConfig(steps=4, what="transcoder", layers=[0], tc_token_norm=flag, **SMALL)
+        t = Trainer(adapter, cfg, _source(), tmp_path / f"{flag}.safetensors")
+        t.train(resume=False, progress=False)
+        finals[flag] = t.units[0].module.W_dec.detach().clone()
+    assert not torch.equal(finals[False], finals[True])  # same seed and data: only the loss differs
