@@ -10,8 +10,8 @@ from replacement.models import ModelAdapter
 from tests.conftest import random_replacements, tiny_llama, tiny_neox
 
 
-def _brute_force_head(adapter, ids, layer, head, pos, target):
-    """Every head's z is overwritten with its clean value, except the ablated head (zeroed at pos)."""
+def _brute_force_head(adapter, ids, layer, head, pos, target, scale=0.0):
+    """Every head's z is overwritten with its clean value, except the ablated head (times scale at pos)."""
     with torch.no_grad():
         clean = adapter.run(ids, capture=[f"blocks.{L}.attn.z" for L in range(adapter.n_layers)]).cache
         hooks = {}
@@ -19,9 +19,9 @@ def _brute_force_head(adapter, ids, layer, head, pos, target):
             z = clean[f"blocks.{L}.attn.z"].clone()
             if L == layer:
                 if pos is None:
-                    z[0, :, head] = 0
+                    z[0, :, head] *= scale
                 else:
-                    z[0, pos, head] = 0
+                    z[0, pos, head] *= scale
             hooks[f"blocks.{L}.attn.z"] = lambda t, n, z=z: z
             hooks[f"blocks.{L}.attn.pattern"] = lambda t, n: t  # (patterns do not matter once z is fixed)
         base = adapter.run(ids).logits[0, -1, target]
@@ -41,6 +41,25 @@ def test_path_patching_equals_brute_force(make, comp):
     expected = _brute_force_head(adapter, ids, c.layer, c.index, c.pos, 7)
     assert res.effect == pytest.approx(expected, abs=1e-5)
     assert abs(expected) > 1e-6  # the ablation does something
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
+def test_linear_effects_are_the_derivative_of_path_patching(make):
+    """Zero-ablating a head's write w changes the logit by f(0) - f(1), f(s) = logit with the write scaled
+    by s; its linear prediction is -f'(1), here a central difference of the brute-force run."""
+    adapter = ModelAdapter(make(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (1, 9))
+    comps = [parse_component(s) for s in ("head.0.1@8", "head.1.2", "head.0.3")]
+    linear = PathPatcher(model, ids, target=7).linear_effects(comps)
+    eps = 1e-2
+    for c, lin in zip(comps, linear):
+        up = _brute_force_head(adapter, ids, c.layer, c.index, c.pos, 7, scale=1 + eps)
+        down = _brute_force_head(adapter, ids, c.layer, c.index, c.pos, 7, scale=1 - eps)
+        expected = -(up - down) / (2 * eps)
+        assert abs(expected) > 1e-4
+        assert lin == pytest.approx(expected, rel=2e-3, abs=1e-5)
 
 
 def test_batched_effects_equal_one_at_a_time():
