@@ -96,12 +96,16 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 @click.option("--tc-jacobian", type=float, default=0.0, show_default=True,
               help="Weight of a term matching the MLP's Jacobian (JVPs along random directions); > 0 makes the "
                    "graph's linear effects through the transcoders closer to the real MLPs'.")
+@click.option("--tc-jacobian-readout", is_flag=True,
+              help="With --tc-jacobian: match the last MLP's Jacobian only along the directions the logits read "
+                   "(VJPs along the unembedding), not along random directions.")
 @click.option("--tc-token-norm", is_flag=True,
               help="Weigh each token's transcoder error by 1 / |MLP output|^2, so that tokens with small outputs "
                    "count as much as those with large ones.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
-              allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_token_norm):
+              allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
+              tc_token_norm):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all).
 
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
@@ -125,7 +129,8 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                       lr=lr, lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
                       lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
                       allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
-                      tc_jacobian=tc_jacobian, tc_token_norm=tc_token_norm, init_from=init_from)
+                      tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
+                      tc_token_norm=tc_token_norm, init_from=init_from)
     source = eval_source = None
     if texts:
         source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed)

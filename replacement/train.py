@@ -61,6 +61,7 @@ class TrainConfig:
     tc_skip: bool = False
     tc_jacobian: float = 0.0  # > 0: also match the MLP's Jacobian (JVPs along random directions), this weight
     tc_jacobian_tokens: int = 256  # tokens per step on which the JVPs are taken
+    tc_jacobian_readout: bool = False  # the last layer's Jacobian term: VJPs along the logit directions instead
     tc_token_norm: bool = False  # weigh each token's error by 1 / |y_t|^2 (see token_normalised_mse)
     init_from: str | None = None  # a replacements folder of this model: start each module from its saved one
     extra: dict = field(default_factory=dict)
@@ -147,19 +148,37 @@ def _drop_bos(unit: Unit, t: torch.Tensor) -> torch.Tensor:
 
 
 def jacobian_error(unit: Unit, mlp: torch.nn.Module, x: torch.Tensor, code: SparseCode, n_tokens: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Relative error of the transcoder's JVPs against the MLP's, sum ||J_tc v - J_mlp v||^2 / sum ||J_mlp v||^2,
-    over ``n_tokens`` tokens of x [T, d] (normalised space) and a Gaussian direction v per token.  In normalised
-    units the MLP is y_n = c_y mlp(x_n / c_x), so its JVP is c_y / c_x J_mlp v."""
+                   generator: torch.Generator, readout: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative error of the transcoder's Jacobian against the MLP's on ``n_tokens`` tokens of x [T, d]
+    (normalised space), one random direction per token:
+      JVPs  sum ||J_tc v - J_mlp v||^2 / sum ||J_mlp v||^2, v Gaussian at the input, or, given ``readout`` [R, d],
+      VJPs  the same with u J (u = xi @ readout, xi Gaussian [R]): only the output directions downstream reads.
+    In normalised units the MLP is y_n = c_y mlp(x_n / c_x), so its Jacobian is c_y / c_x J_mlp."""
     sub = torch.randperm(len(x), generator=generator)[:n_tokens].to(x.device)
-    v = torch.randn(len(sub), x.shape[-1], generator=generator).to(x)
+    d = x.shape[-1]
+    v = torch.randn(len(sub), d if readout is None else len(readout), generator=generator).to(x)
+    sub_code = SparseCode(code.values[sub], code.indices[sub])
     with torch.no_grad():
         dtype = next(mlp.parameters()).dtype
-        _, jm = torch.func.jvp(mlp, ((x[sub] / unit.c_x).to(dtype),), ((v / unit.c_x).to(dtype),))
+        x_in = (x[sub] / unit.c_x).to(dtype)
+        if readout is None:
+            _, jm = torch.func.jvp(mlp, (x_in,), ((v / unit.c_x).to(dtype),))
+        else:
+            v = v @ readout.to(v)  # [n, d] output directions
+            jm = torch.func.vjp(mlp, x_in)[1](v.to(dtype))[0] / unit.c_x
         jm = jm.float() * unit.c_y
-    sub_code = SparseCode(code.values[sub], code.indices[sub])
-    jt = unit.module.jvp(sub_code, v)
+    jt = unit.module.jvp(sub_code, v) if readout is None else unit.module.vjp(sub_code, v)
     return (jt - jm).pow(2).sum() / jm.pow(2).sum().clamp_min(1e-12)
+
+
+def readout_directions(adapter) -> torch.Tensor:
+    """[V, d]: the directions in which the logits (demeaned) read the last residual stream through the final
+    norm's weight: (W_U[v] - mean W_U) * w, centred over d for a LayerNorm."""
+    W = adapter.unembedding.weight.detach().float()
+    D = W - W.mean(0)
+    w = getattr(adapter.final_norm, "weight", None)
+    D = D if w is None else D * w.detach().float()
+    return D - D.mean(-1, keepdim=True) if isinstance(adapter.final_norm, torch.nn.LayerNorm) else D
 
 
 def token_normalised_mse(y_hat: torch.Tensor, y: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
@@ -327,7 +346,9 @@ class Trainer:
             if u.kind == "transcoder" and self.cfg.tc_jacobian > 0:
                 # relative JVP error, scaled like the MSE (mean over coordinates of the normalised targets)
                 gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # resumable: a function of step
-                jac = jacobian_error(u, self.adapter.mlp(u.layer), x, code, self.cfg.tc_jacobian_tokens, gen)
+                last = self.cfg.tc_jacobian_readout and u.layer == self.adapter.n_layers - 1
+                readout = readout_directions(self.adapter) if last else None
+                jac = jacobian_error(u, self.adapter.mlp(u.layer), x, code, self.cfg.tc_jacobian_tokens, gen, readout)
                 loss = loss + self.cfg.tc_jacobian * jac * y.pow(2).mean().detach()
                 jac_errors[u.name] = jac.item()
             if not torch.isfinite(loss):

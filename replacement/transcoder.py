@@ -76,6 +76,14 @@ class Transcoder(nn.Module):
         out = torch.einsum("tk,tkd->td", g, self.W_dec[code.indices])
         return out if self.W_skip is None else out + v @ self.W_skip
 
+    def vjp(self, code: SparseCode, u: torch.Tensor) -> torch.Tensor:
+        """[T, d]: u [T, d] (a direction at the output) times the Jacobian at the inputs that gave ``code``
+        (active sets held): the sum over active features of (w_dec . u) w_enc, plus the skip's transpose."""
+        on = (code.values > 0).to(u.dtype)
+        g = torch.einsum("tkd,td->tk", self.W_dec[code.indices], u) * on
+        out = torch.einsum("tk,tkd->td", g, self.W_enc[code.indices])
+        return out if self.W_skip is None else out + u @ self.W_skip.t()
+
     # -- foreign formats ----------------------------------------------------------------------------------
 
     def to_circuit_tracer(self, folder: str | Path, layer: int, feature_input_hook: str = "mlp.hook_in",

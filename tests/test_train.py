@@ -300,6 +300,8 @@ def test_transcoder_jvp_equals_autograd(skip):
     code = tc.encode(x)
     _, want = torch.func.jvp(_held_active_set(tc, code), (x,), (v,))
     torch.testing.assert_close(tc.jvp(code, v), want, atol=1e-5, rtol=1e-5)
+    _, vjp = torch.func.vjp(_held_active_set(tc, code), x)
+    torch.testing.assert_close(tc.vjp(code, v), vjp(v)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_jacobian_error_against_full_jacobians():
@@ -326,6 +328,40 @@ def test_jacobian_error_against_full_jacobians():
         num += float(((J_tc - J_mlp) @ v[i]).pow(2).sum())
         den += float((J_mlp @ v[i]).pow(2).sum())
     assert got.item() == pytest.approx(num / den, rel=1e-4)
+
+    # along the readout: u J with u = xi @ D for output directions D [R, d]
+    D = torch.randn(9, 64)
+    got = jacobian_error(unit, mlp, x, code, 5, torch.Generator().manual_seed(4), readout=D)
+    g = torch.Generator().manual_seed(4)
+    sub, xi = torch.randperm(12, generator=g)[:5], torch.randn(5, 9, generator=g)
+    num = den = 0.0
+    for i, t in enumerate(sub.tolist()):
+        J_mlp = torch.autograd.functional.jacobian(lambda z: unit.c_y * mlp(z / unit.c_x), x[t])
+        J_tc = torch.autograd.functional.jacobian(_held_active_set(tc, SparseCode(code.values[t], code.indices[t])), x[t])
+        u = xi[i] @ D
+        num += float((u @ (J_tc - J_mlp)).pow(2).sum())
+        den += float((u @ J_mlp).pow(2).sum())
+    assert got.item() == pytest.approx(num / den, rel=1e-4)
+
+
+def test_readout_directions_give_the_demeaned_logits():
+    """d(logit_v - mean logit) / d(residual) with the final norm's scale frozen is readout[v] / sigma."""
+    from replacement.train import readout_directions
+
+    for make in (tiny_llama, tiny_neox):
+        adapter = ModelAdapter(make(), name="t")
+        D = readout_directions(adapter)
+        x = torch.randn(1, 1, adapter.d_model)
+        norm = adapter.final_norm
+        if isinstance(norm, torch.nn.LayerNorm):
+            sigma = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt().detach()
+            frozen = lambda z: (z - z.mean(-1, keepdim=True)) / sigma * norm.weight + norm.bias  # noqa: E731
+        else:
+            sigma = x.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt().detach()
+            frozen = lambda z: z / sigma * norm.weight  # noqa: E731
+        logits = lambda z: adapter.unembedding(frozen(z))[0, 0]  # noqa: E731
+        J = torch.autograd.functional.jacobian(lambda z: logits(z) - logits(z).mean(), x)[:, 0, 0]  # [V, d]
+        torch.testing.assert_close(J, D / sigma[0, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_the_jacobian_term_is_trained(tmp_path):
