@@ -44,7 +44,8 @@ def main():
         corr = float(torch.corrcoef(torch.stack([predicted, patched]))[0, 1])
         return corr, int((predicted[top5].sign() == patched[top5].sign()).sum())
 
-    print(f"{'vs patching':<10} " + "".join(f"{h:>16}" for h in ("graph", "graph, frozen", "real linear", "real, frozen")))
+    columns = ("graph", "graph, frozen", "real linear", "real, frozen")
+    print(f"{'vs patching':<10} " + "".join(f"{h:>16}" for h in columns))
     for pair in args.pairs.split(","):
         a, b = (int(x) for x in pair.split("+"))
         prompt, target = f"{a} + {b} =", f" {a + b}"
@@ -60,7 +61,8 @@ def main():
             patcher = PathPatcher(model, ids, logit.index, demean=True, freeze_norms=freeze)
             patched = torch.tensor([r.effect for r in patcher.effects(comps)])
             rows["graph_fn" if freeze else "graph"].append(agreement(predicted, patched))
-            rows["real_fn" if freeze else "real"].append(agreement(torch.tensor(patcher.linear_effects(comps)), patched))
+            linear = torch.tensor(patcher.linear_effects(comps))
+            rows["real_fn" if freeze else "real"].append(agreement(linear, patched))
         cells = "".join(f"{c:+10.2f} {s}/5  " for c, s in (rows[k][-1] for k in rows))
         print(f"{prompt:<10} {cells}")
     means = "".join(f"{sum(c for c, _ in v) / len(v):+10.2f} {sum(s for _, s in v) / len(v):.1f}/5"

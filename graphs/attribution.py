@@ -169,7 +169,8 @@ class Linearised:
         W = self.model.transcoders[L].W_skip.float()
         return self._p((g_out @ W.t()) * self._w(self.adapter.mlp_norm(L))) / self.rec.layers[L].ln2_scale[None]
 
-    def through_skips(self, vectors: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, read_slot: int) -> torch.Tensor:
+    def through_skips(self, vectors: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                      read_slot: int) -> torch.Tensor:
         """What writes ``vectors`` [R, d] (at ``slots``, ``pos`` [R]) add to the stream read at ``read_slot``:
         the write itself plus what every skip connection in between passes on (skips compose in order)."""
         out = vectors.clone()

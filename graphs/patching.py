@@ -180,7 +180,8 @@ class PathPatcher:
         ``effects`` it measures how far the ablation is from the linear regime that attribution graphs assume."""
         a = self.adapter
         shape = self.rec.layers[0].attn_out.shape
-        deltas = {(L, w): torch.zeros(1, *shape, requires_grad=True) for L in range(a.n_layers) for w in ("attn", "mlp")}
+        deltas = {(L, w): torch.zeros(1, *shape, requires_grad=True)
+                  for L in range(a.n_layers) for w in ("attn", "mlp")}
         with torch.enable_grad():
             metric = self.metric(a.run(self.ids[None], hooks=self._hooks(deltas)).logits)[0]
             grads = dict(zip(deltas, (g.detach() for g in torch.autograd.grad(metric, list(deltas.values())))))

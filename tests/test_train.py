@@ -337,7 +337,8 @@ def test_jacobian_error_against_full_jacobians():
     num = den = 0.0
     for i, t in enumerate(sub.tolist()):
         J_mlp = torch.autograd.functional.jacobian(lambda z: unit.c_y * mlp(z / unit.c_x), x[t])
-        J_tc = torch.autograd.functional.jacobian(_held_active_set(tc, SparseCode(code.values[t], code.indices[t])), x[t])
+        code_t = SparseCode(code.values[t], code.indices[t])
+        J_tc = torch.autograd.functional.jacobian(_held_active_set(tc, code_t), x[t])
         u = xi[i] @ D
         num += float((u @ (J_tc - J_mlp)).pow(2).sum())
         den += float((u @ J_mlp).pow(2).sum())
