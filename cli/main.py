@@ -228,8 +228,12 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
 @click.option("--counterfactual", default=None, help="Counterfactual prompt (same token count) for --mode counterfactual.")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True)
 @click.option("--replacements", type=click.Path(), default=None)
-def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, attention, replacements):
-    """Path-patch components: their effect on a logit through the residual stream and MLPs only."""
+@click.option("--freeze-norms", is_flag=True,
+              help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
+def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, attention, replacements,
+          freeze_norms):
+    """Path-patch components: their effect on a logit through the residual stream and MLPs only, and the real
+    model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime)."""
     from graphs.patching import PathPatcher, parse_component
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -245,11 +249,12 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
             t_id = int(adapter.run(ids).logits[0, -1].argmax())
     b_id = _single_token(adapter, baseline) if baseline else None
     cf = adapter.tokenize(counterfactual) if counterfactual else None
-    patcher = PathPatcher(model, ids, t_id, b_id, cf)
+    patcher = PathPatcher(model, ids, t_id, b_id, cf, freeze_norms=freeze_norms)
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
-    click.echo(f"clean {metric} = {patcher.clean:.4f}")
-    for r in patcher.effects([parse_component(c) for c in components], mode):
-        click.echo(f"  {str(r.component):<24} patched {r.patched:.4f}  effect {r.effect:+.4f}")
+    click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
+    comps = [parse_component(c) for c in components]
+    for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
+        click.echo(f"  {str(r.component):<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
 
 
 def _single_token(adapter, text: str) -> int:

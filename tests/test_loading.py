@@ -100,3 +100,24 @@ def test_models_command_lists_presets():
     assert r.returncode == 0, r.stderr
     for name in ("toy", "pythia", "llama"):
         assert f"  {name} " in r.stdout
+
+
+@pytest.mark.slow
+def test_cli_patch_prints_the_patcher_figures():
+    """circuits patch on the bundled llama prints PathPatcher's effect and linear prediction, norms live or frozen."""
+    from graphs.patching import PathPatcher, parse_component
+    from replacement.assemble import ReplacementModel
+
+    adapter = load_model("llama")
+    model = ReplacementModel.load(adapter)
+    ids = adapter.tokenize("36 + 62 =")
+    target = adapter.tokenize(" 98")[0, -1].item()
+    comp = parse_component("head.0.1@4")
+    for flags, freeze in (((), False), (("--freeze-norms",), True)):
+        r = _cli("circuits", "patch", "36 + 62 =", "--model", "llama", "--component", str(comp), "--target", " 98",
+                 *flags)
+        assert r.returncode == 0, r.stderr
+        p = PathPatcher(model, ids, target, freeze_norms=freeze)
+        effect, linear = p.effects([comp])[0].effect, p.linear_effects([comp])[0]
+        line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(str(comp)))
+        assert f"effect {effect:+.4f}" in line and f"linear {linear:+.4f}" in line, (line, effect, linear)
