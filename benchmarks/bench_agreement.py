@@ -22,8 +22,7 @@ def main():
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from graphs.prune import influence
     from replacement.assemble import ReplacementModel
-    from replacement.models import load_model, model_fingerprint
-    from replacement.store import load_module
+    from replacement.models import load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
@@ -34,9 +33,7 @@ def main():
     adapter = load_model(args.model)
     model = ReplacementModel.load(adapter)
     for path in args.module:
-        module, meta = load_module(path, model_fingerprint(adapter), adapter.device)
-        module.requires_grad_(False)
-        (model.lorsas if meta["kind"] == "lorsa" else model.transcoders)[module.cfg.layer] = module.eval()
+        model.use_module(path)
     rows = {k: [] for k in ("graph", "graph_fn", "real", "real_fn")}
 
     def agreement(predicted: torch.Tensor, patched: torch.Tensor) -> tuple[float, int]:

@@ -26,8 +26,7 @@ def main():
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from graphs.prune import influence
     from replacement.assemble import ReplacementModel
-    from replacement.models import load_model, model_fingerprint
-    from replacement.store import load_module
+    from replacement.models import load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
@@ -38,9 +37,7 @@ def main():
     adapter = load_model(args.model)
     model = ReplacementModel.load(adapter)
     for path in args.module:
-        module, meta = load_module(path, model_fingerprint(adapter), adapter.device)
-        module.requires_grad_(False)
-        (model.lorsas if meta["kind"] == "lorsa" else model.transcoders)[module.cfg.layer] = module.eval()
+        model.use_module(path)
     a, b = (int(x) for x in args.pair.split("+"))
     ids = adapter.tokenize(f"{a} + {b} =")
     graph = attribute(model, ids, qk=False, target=f" {a + b}")

@@ -76,6 +76,18 @@ class ReplacementModel:
 
         return cls(adapter, load_replacements(folder or default_folder(adapter), adapter), attention)
 
+    def use_module(self, path) -> torch.nn.Module:
+        """Put the saved module at ``path`` (trained on this model) in place of the one of its kind and layer."""
+        from .models import model_fingerprint
+        from .store import load_module
+
+        module, meta = load_module(path, model_fingerprint(self.adapter), self.adapter.device)
+        if module.cfg.layer >= self.adapter.n_layers:
+            raise CircuitsError(f"{path} is for layer {module.cfg.layer}; the model has {self.adapter.n_layers}")
+        module.requires_grad_(False)
+        (self.lorsas if meta["kind"] == "lorsa" else self.transcoders)[module.cfg.layer] = module.eval()
+        return module
+
     @torch.no_grad()
     def record(self, ids: torch.Tensor, sparse: bool = False) -> Record:
         """Run the real model on one prompt [n] (or [1, n]) and record everything the graph needs.

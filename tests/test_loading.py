@@ -121,3 +121,21 @@ def test_cli_patch_prints_the_patcher_figures():
         effect, linear = p.effects([comp])[0].effect, p.linear_effects([comp])[0]
         line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(str(comp)))
         assert f"effect {effect:+.4f}" in line and f"linear {linear:+.4f}" in line, (line, effect, linear)
+
+
+def test_use_module_swaps_in_a_saved_module(tmp_path):
+    from replacement.checkpoint import CheckpointError
+    from replacement.models import ModelAdapter, model_fingerprint
+    from replacement.store import save_module
+    from tests.conftest import random_replacements
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model, other = random_replacements(adapter), random_replacements(adapter, seed=5)
+    path = save_module(other.transcoders[1], "transcoder", tmp_path, model_fingerprint(adapter), "m", dtype=torch.float32)
+    x = torch.randn(3, adapter.d_model)
+    assert not torch.allclose(model.transcoders[1](x)[0], other.transcoders[1](x)[0])
+    model.use_module(path)
+    torch.testing.assert_close(model.transcoders[1](x)[0], other.transcoders[1](x)[0])
+    neox = random_replacements(ModelAdapter(tiny_neox(), name="n"))
+    with pytest.raises(CheckpointError, match="was trained on model 'm'"):
+        neox.use_module(path)
