@@ -53,6 +53,7 @@ class Linearised:
         self.N, self.n, self.d = a.n_layers, rec.ids.shape[0], a.d_model
         self.layernorm = isinstance(a.final_norm, torch.nn.LayerNorm)
         self.final_slot = 2 * self.N
+        self.device = rec.embed.device  # every tensor built here lives with the record
 
     # -- small maps ---------------------------------------------------------------------------------------
 
@@ -79,7 +80,7 @@ class Linearised:
         tc = self.model.transcoders[L]
         norm = self.adapter.mlp_norm(L)
         W = tc.W_enc[feats].float()  # [B, d]
-        R = torch.zeros(len(feats), self.n, self.d)
+        R = torch.zeros(len(feats), self.n, self.d, device=self.device)
         sig = self.rec.layers[L].ln2_scale[pos]  # [B, 1]
         R[torch.arange(len(feats)), pos] = self._p(W * self._w(norm)) / sig
         const = tc.b_enc[feats].float()
@@ -105,10 +106,10 @@ class Linearised:
         a = self.adapter
         W_U = a.unembedding.weight.detach().float()
         Wd = W_U[token_ids] - W_U.mean(0)  # [B, d] demeaned
-        R = torch.zeros(len(token_ids), self.n, self.d)
+        R = torch.zeros(len(token_ids), self.n, self.d, device=self.device)
         T = self.n - 1
         R[:, T] = self._p(Wd * self._w(a.final_norm)) / self.rec.final_scale[T]
-        const = torch.zeros(len(token_ids))
+        const = torch.zeros(len(token_ids), device=self.device)
         if self._b(a.final_norm) is not None:
             const = const + Wd @ self._b(a.final_norm)
         b_U = getattr(a.unembedding, "bias", None)
@@ -135,7 +136,7 @@ class Linearised:
             return self.model.lorsas[L].b_O.detach().float()
         a = self.adapter
         (Wv, bv), (Wo, bo) = a.W_V(L), a.W_O(L)
-        v_const = torch.zeros(a.n_heads, a.d_head) if bv is None else bv.float()
+        v_const = torch.zeros(a.n_heads, a.d_head, device=self.device) if bv is None else bv.float()
         if self._b(a.attn_norm(L)) is not None:
             v_const = v_const + torch.einsum("d,hde->he", self._b(a.attn_norm(L)), Wv.float())
         out = torch.einsum("he,hed->d", v_const, Wo.float())
@@ -181,7 +182,7 @@ class Linearised:
 
     def read_constants(self, read_slot: int) -> torch.Tensor:
         """[n, d]: the constant part of the stream read at ``read_slot`` (every bias, through the skips)."""
-        c = torch.zeros(self.n, self.d)
+        c = torch.zeros(self.n, self.d, device=self.device)
         skips = set(self.skip_layers(read_slot))
         at_read = {}
         for w in range(read_slot + 1):
@@ -388,7 +389,7 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
             else:
                 (R, const), read_slot = lin.read_logits(b_idx), lin.final_slot
             G = lin.slot_gradients(R, read_slot)
-            W = torch.zeros(len(b_rows), len(nodes))
+            W = torch.zeros(len(b_rows), len(nodes), device=lin.device)
             for w in range(read_slot + 1):
                 bias = lin.slot_bias(w)
                 if bias is not None:
@@ -409,7 +410,8 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
 
 def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
                 kind: str, keep: int | None) -> None:
-    """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only)."""
+    """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only; on the CPU)."""
+    W, const = W.cpu(), const.cpu()
     for r, row in enumerate(target_rows):
         w = W[r]
         nz = w.nonzero()[:, 0]
