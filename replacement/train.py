@@ -205,7 +205,10 @@ class Trainer:
         if cfg.batch_size % world:
             raise CircuitsError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
         self.activations = activations  # optional ShardSource (cached activations)
+        if cfg.tc_jacobian_readout and cfg.tc_jacobian <= 0:
+            raise CircuitsError("--tc-jacobian-readout needs a Jacobian weight: --tc-jacobian W with W > 0")
         self.units = build_units(adapter, cfg)
+        self.readout = None  # [V, d] the logit directions, built on first use (tc_jacobian_readout)
         self.points = _points(self.units)
         self.step = 0
         self.elapsed = 0.0
@@ -347,7 +350,9 @@ class Trainer:
                 # relative JVP error, scaled like the MSE (mean over coordinates of the normalised targets)
                 gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # resumable: a function of step
                 last = self.cfg.tc_jacobian_readout and u.layer == self.adapter.n_layers - 1
-                readout = readout_directions(self.adapter) if last else None
+                if last and self.readout is None:
+                    self.readout = readout_directions(self.adapter).to(x.device)
+                readout = self.readout if last else None
                 jac = jacobian_error(u, self.adapter.mlp(u.layer), x, code, self.cfg.tc_jacobian_tokens, gen, readout)
                 loss = loss + self.cfg.tc_jacobian * jac * y.pow(2).mean().detach()
                 jac_errors[u.name] = jac.item()

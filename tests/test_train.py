@@ -370,6 +370,7 @@ def test_the_jacobian_term_is_trained(tmp_path):
     descending it on a batch lowers it."""
     from types import SimpleNamespace
 
+    from replacement.errors import CircuitsError
     from replacement.train import jacobian_error
 
     adapter = ModelAdapter(tiny_llama(), name="t")
@@ -378,6 +379,13 @@ def test_the_jacobian_term_is_trained(tmp_path):
         t = Trainer(adapter, cfg, _source(), tmp_path / f"{weight}.safetensors")
         t.train(resume=False, progress=False)
         assert bool(t.jacobian_errors) == (weight > 0)
+    last = adapter.n_layers - 1  # along the logit directions: used for the last layer only
+    cfg = TrainConfig(steps=2, what="transcoder", layers=[0, last], tc_jacobian=1.0, tc_jacobian_readout=True, **SMALL)
+    t = Trainer(adapter, cfg, _source(), tmp_path / "readout.safetensors")
+    t.train(resume=False, progress=False)
+    assert len(t.jacobian_errors) == 2 and t.readout.shape == (adapter.unembedding.weight.shape[0], adapter.d_model)
+    with pytest.raises(CircuitsError, match="needs a Jacobian weight"):
+        Trainer(adapter, TrainConfig(tc_jacobian_readout=True, **SMALL), _source(), tmp_path / "x.safetensors")
     tc = _tc()
     unit = SimpleNamespace(module=tc, c_x=1.0, c_y=1.0)
     x = torch.randn(64, 64)
