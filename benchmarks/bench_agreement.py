@@ -17,55 +17,68 @@ import argparse
 import torch
 
 
-def main():
-    from graphs.attribution import attribute
-    from graphs.patching import PathPatcher, graph_effects, parse_component
-    from graphs.prune import influence
+def load(model_name: str, modules: list[str]):
+    """The preset's replacement model, with the saved ``modules`` in place of the bundled ones of their layers."""
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
+
+    torch.set_num_threads(2)
+    model = ReplacementModel.load(load_model(model_name))
+    for path in modules:
+        model.use_module(path)
+    return model
+
+
+def addition_heads(model, a: int, b: int, n_heads: int = 20):
+    """The graph of `a + b =` (OV only) and its ``n_heads`` most influential Lorsa heads: (ids, logit node,
+    components, the graph's predicted effect of removing each [n_heads])."""
+    from graphs.attribution import attribute
+    from graphs.patching import graph_effects, parse_component
+    from graphs.prune import influence
+
+    ids = model.adapter.tokenize(f"{a} + {b} =")
+    graph = attribute(model, ids, qk=False, target=f" {a + b}")
+    logit = next(n for n in graph.logits() if n.label == f" {a + b}")
+    infl, effects = influence(graph), graph_effects(graph, logit.id)
+    heads = sorted(graph.nodes(type="lorsa"), key=lambda n: -float(infl[graph.index[n.id]]))[:n_heads]
+    predicted = torch.tensor([float(effects[graph.index[h.id]]) for h in heads])
+    return ids, logit, [parse_component(h.id) for h in heads], predicted
+
+
+def agreement(predicted, reference) -> tuple[float, int]:
+    """Correlation over all entries, and how many of the 5 largest |predicted| agree in sign with reference."""
+    p, r = torch.as_tensor(predicted), torch.as_tensor(reference)
+    top5 = p.abs().argsort(descending=True)[:5]
+    return float(torch.corrcoef(torch.stack([p, r]))[0, 1]), int((p[top5].sign() == r[top5].sign()).sum())
+
+
+def main():
+    from graphs.patching import PathPatcher
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
     ap.add_argument("--pairs", default="36+62,23+45,51+38,17+64,72+19,44+33")
     ap.add_argument("--module", action="append", default=[], help="a saved module to use instead (repeatable)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    adapter = load_model(args.model)
-    model = ReplacementModel.load(adapter)
-    for path in args.module:
-        model.use_module(path)
+    model = load(args.model, args.module)
     rows = {k: [] for k in ("graph", "graph_fn", "real", "real_fn")}
-
-    def agreement(predicted: torch.Tensor, patched: torch.Tensor) -> tuple[float, int]:
-        top5 = predicted.abs().argsort(descending=True)[:5]
-        corr = float(torch.corrcoef(torch.stack([predicted, patched]))[0, 1])
-        return corr, int((predicted[top5].sign() == patched[top5].sign()).sum())
-
     columns = ("graph", "graph, frozen", "real linear", "real, frozen")
     print(f"{'vs patching':<10} " + "".join(f"{h:>16}" for h in columns))
     for pair in args.pairs.split(","):
         a, b = (int(x) for x in pair.split("+"))
-        prompt, target = f"{a} + {b} =", f" {a + b}"
-        ids = adapter.tokenize(prompt)
-        graph = attribute(model, ids, qk=False, target=target)
-        logit = next(n for n in graph.logits() if n.label == target)
-        predicted_all = graph_effects(graph, logit.id)
-        infl = influence(graph)
-        heads = sorted(graph.nodes(type="lorsa"), key=lambda n: -float(infl[graph.index[n.id]]))[:20]
-        comps = [parse_component(h.id) for h in heads]
-        predicted = torch.tensor([float(predicted_all[graph.index[h.id]]) for h in heads])
+        ids, logit, comps, predicted = addition_heads(model, a, b)
         for freeze in (False, True):
             patcher = PathPatcher(model, ids, logit.index, demean=True, freeze_norms=freeze)
             patched = torch.tensor([r.effect for r in patcher.effects(comps)])
             rows["graph_fn" if freeze else "graph"].append(agreement(predicted, patched))
-            linear = torch.tensor(patcher.linear_effects(comps))
-            rows["real_fn" if freeze else "real"].append(agreement(linear, patched))
+            rows["real_fn" if freeze else "real"].append(agreement(patcher.linear_effects(comps), patched))
         cells = "".join(f"{c:+10.2f} {s}/5  " for c, s in (rows[k][-1] for k in rows))
-        print(f"{prompt:<10} {cells}")
+        print(f"{f'{a} + {b} =':<10} {cells}")
     means = "".join(f"{sum(c for c, _ in v) / len(v):+10.2f} {sum(s for _, s in v) / len(v):.1f}/5"
                     for v in rows.values())
     print(f"{'mean':<10} {means}")
     print("(each cell: correlation over the 20 heads, then how many of the top 5 agree in sign)")
+
 
 if __name__ == "__main__":
     main()

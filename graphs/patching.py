@@ -173,17 +173,27 @@ class PathPatcher:
                 results.append(PatchResult(c, self.clean, m, m - self.clean))
         return results
 
-    def linear_effects(self, components: list[Component], mode: str = "zero") -> list[float]:
+    def linear_effects(self, components: list[Component], mode: str = "zero",
+                       mlp_maps: dict | None = None) -> list[float]:
         """The real model's first-order prediction of each component's path-patching effect: the gradient of
         the metric with respect to what each block writes (attention frozen, as in ``effects``), at the clean
         run, dotted with the ablation's change.  One backward pass serves every component.  Set against
-        ``effects`` it measures how far the ablation is from the linear regime that attribution graphs assume."""
+        ``effects`` it measures how far the ablation is from the linear regime that attribution graphs assume.
+
+        ``mlp_maps`` {L: f} replaces layer L's MLP by a linear map around the clean point, out = clean out +
+        f(in - clean in), f: [n, d] -> [n, d] (e.g. its transcoder's Jacobian: what the graph sees there)."""
         a = self.adapter
         shape = self.rec.layers[0].attn_out.shape
         deltas = {(L, w): torch.zeros(1, *shape, requires_grad=True)
                   for L in range(a.n_layers) for w in ("attn", "mlp")}
+        hooks, live = self._hooks(deltas), {}
+        for L, f in (mlp_maps or {}).items():
+            lr = self.rec.layers[L]
+            hooks[f"blocks.{L}.mlp.in"] = lambda t, n, L=L: live.__setitem__(L, t[0].float())
+            hooks[f"blocks.{L}.mlp.out"] = (lambda t, n, L=L, lr=lr, f=f, d=deltas[(L, "mlp")]:
+                                            (lr.mlp_out + f(live[L] - lr.mlp_in) + d).to(t.dtype))
         with torch.enable_grad():
-            metric = self.metric(a.run(self.ids[None], hooks=self._hooks(deltas)).logits)[0]
+            metric = self.metric(a.run(self.ids[None], hooks=hooks).logits)[0]
             grads = dict(zip(deltas, (g.detach() for g in torch.autograd.grad(metric, list(deltas.values())))))
         with torch.no_grad():
             return [float((grads[(c.layer, c.writes_to)][0] * self.delta(c, mode)).sum()) for c in components]

@@ -62,6 +62,24 @@ def test_linear_effects_are_the_derivative_of_path_patching(make):
         assert lin == pytest.approx(expected, rel=2e-3, abs=1e-5)
 
 
+def test_linear_effects_through_mlp_maps():
+    """Replacing an MLP by its own Jacobian at the clean point changes no slope; replacing MLP 0 by zero
+    changes the slopes of layer-0 writes and leaves those of layer-1 writes alone."""
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(4)
+    ids = torch.randint(0, 97, (1, 9))
+    comps = [parse_component(s) for s in ("head.0.1@8", "head.0.2", "head.1.3")]
+    p = PathPatcher(model, ids, target=7, freeze_norms=True)
+    plain = p.linear_effects(comps)
+    mlp, x0 = adapter.mlp(1), p.rec.layers[1].mlp_in
+    own = p.linear_effects(comps, mlp_maps={1: lambda dx: torch.func.jvp(mlp, (x0,), (dx,))[1]})
+    assert own == pytest.approx(plain, rel=1e-4, abs=1e-6)
+    frozen = p.linear_effects(comps, mlp_maps={0: lambda dx: 0 * dx})
+    assert frozen[2] == pytest.approx(plain[2], rel=1e-4, abs=1e-6)  # a layer-1 write never meets MLP 0
+    assert abs(frozen[0] - plain[0]) > 1e-4 and abs(frozen[1] - plain[1]) > 1e-4
+
+
 def test_batched_effects_equal_one_at_a_time():
     adapter = ModelAdapter(tiny_llama(), name="m")
     model = random_replacements(adapter)
