@@ -89,7 +89,7 @@ class PathPatcher:
     def write(self, c: Component, rec) -> torch.Tensor:
         """[n, d]: what component c writes into the residual stream on the prompt recorded in ``rec``."""
         a, n = self.adapter, self.ids.shape[0]
-        out = torch.zeros(n, a.d_model)
+        out = torch.zeros(n, a.d_model, device=rec.embed.device)
         if not 0 <= c.layer < a.n_layers:
             raise BadInputError(f"layer {c.layer} does not exist (the model has {a.n_layers})")
         if c.pos is not None and not 0 <= c.pos < n:
@@ -167,7 +167,7 @@ class PathPatcher:
             deltas = {}
             for b, c in enumerate(batch):
                 key = (c.layer, c.writes_to)
-                deltas.setdefault(key, torch.zeros(B, *shape))[b] += self.delta(c, mode)
+                deltas.setdefault(key, torch.zeros(B, *shape, device=self.rec.embed.device))[b] += self.delta(c, mode)
             logits = a.run(self.ids[None].expand(B, -1), hooks=self._hooks(deltas)).logits
             for c, m in zip(batch, self.metric(logits).tolist()):
                 results.append(PatchResult(c, self.clean, m, m - self.clean))
@@ -184,7 +184,7 @@ class PathPatcher:
         f(in - clean in), f: [n, d] -> [n, d] (e.g. its transcoder's Jacobian: what the graph sees there)."""
         a = self.adapter
         shape = self.rec.layers[0].attn_out.shape
-        deltas = {(L, w): torch.zeros(1, *shape, requires_grad=True)
+        deltas = {(L, w): torch.zeros(1, *shape, device=self.rec.embed.device, requires_grad=True)
                   for L in range(a.n_layers) for w in ("attn", "mlp")}
         hooks, live = self._hooks(deltas), {}
         for L, f in (mlp_maps or {}).items():
