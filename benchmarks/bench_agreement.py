@@ -1,6 +1,7 @@
 """Graph vs path patching on addition prompts: for the 20 most influential Lorsa heads of each graph, the
 correlation between the graph's predicted effect of removing a head (through transcoder paths, attention
-frozen) and path patching it on the real model, and how many of the top 5 agree in sign.
+frozen) and path patching it on the real model, and how many of the top 5 agree in sign: the 5 most
+influential heads (the graph's ranking), and the 5 with the largest predicted effects.
 
 Two more comparisons separate the replacement's error from the linearisation's:
   frozen norms   the graph against path patching with the norm scales frozen too (the graph's own regime);
@@ -8,11 +9,13 @@ Two more comparisons separate the replacement's error from the linearisation's:
                  with and without frozen norms: what a perfect replacement's linear graph could reach.
 
     python benchmarks/bench_agreement.py [--model llama] [--pairs 36+62,23+45,51+38,17+64,72+19,44+33]
+        [--random N]                      (N random pairs a, b in 10..89 with a + b < 100 instead, seed 0)
         [--module FILE.safetensors ...]   (use these saved modules instead of the bundled ones of their layers)
 """
 from __future__ import annotations
 
 import argparse
+import random
 
 import torch
 
@@ -45,10 +48,21 @@ def addition_heads(model, a: int, b: int, n_heads: int = 20):
     return ids, logit, [parse_component(h.id) for h in heads], predicted
 
 
-def agreement(predicted, reference) -> tuple[float, int]:
-    """Correlation over all entries, and how many of the 5 largest |predicted| agree in sign with reference."""
+def random_pairs(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """n distinct pairs (a, b), both in 10..89 with a + b < 100 (two-digit operands and answer)."""
+    rng, pairs = random.Random(seed), []
+    while len(pairs) < n:
+        a, b = rng.randint(10, 89), rng.randint(10, 89)
+        if a + b < 100 and (a, b) not in pairs:
+            pairs.append((a, b))
+    return pairs
+
+
+def agreement(predicted, reference, first5: bool = False) -> tuple[float, int]:
+    """Correlation over all entries, and how many of the 5 largest |predicted| (with ``first5``: the first 5
+    entries, e.g. the most influential heads when the entries come in that order) agree in sign with reference."""
     p, r = torch.as_tensor(predicted), torch.as_tensor(reference)
-    top5 = p.abs().argsort(descending=True)[:5]
+    top5 = torch.arange(5) if first5 else p.abs().argsort(descending=True)[:5]
     return float(torch.corrcoef(torch.stack([p, r]))[0, 1]), int((p[top5].sign() == r[top5].sign()).sum())
 
 
@@ -58,27 +72,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
     ap.add_argument("--pairs", default="36+62,23+45,51+38,17+64,72+19,44+33")
+    ap.add_argument("--random", type=int, default=0, help="use this many random pairs instead of --pairs")
     ap.add_argument("--module", action="append", default=[], help="a saved module to use instead (repeatable)")
     args = ap.parse_args()
     model = load(args.model, args.module)
     rows = {k: [] for k in ("graph", "graph_fn", "real", "real_fn")}
     columns = ("graph", "graph, frozen", "real linear", "real, frozen")
-    print(f"{'vs patching':<10} " + "".join(f"{h:>16}" for h in columns))
-    for pair in args.pairs.split(","):
-        a, b = (int(x) for x in pair.split("+"))
+    print(f"{'vs patching':<10} " + "".join(f"{h:>20}" for h in columns))
+    pairs = random_pairs(args.random) if args.random else [tuple(map(int, p.split("+"))) for p in args.pairs.split(",")]
+    for a, b in pairs:
         ids, logit, comps, predicted = addition_heads(model, a, b)
         for freeze in (False, True):
             patcher = PathPatcher(model, ids, logit.index, demean=True, freeze_norms=freeze)
             patched = torch.tensor([r.effect for r in patcher.effects(comps)])
-            rows["graph_fn" if freeze else "graph"].append(agreement(predicted, patched))
-            rows["real_fn" if freeze else "real"].append(agreement(patcher.linear_effects(comps), patched))
-        cells = "".join(f"{c:+10.2f} {s}/5  " for c, s in (rows[k][-1] for k in rows))
+            real = patcher.linear_effects(comps)
+            for key, p in (("graph", predicted), ("real", real)):
+                (c, s), (_, s_infl) = agreement(p, patched), agreement(p, patched, first5=True)
+                rows[key + ("_fn" if freeze else "")].append((c, s_infl, s))
+        cells = "".join(f"{c:+10.2f} {i}/5 {s}/5  " for c, i, s in (rows[k][-1] for k in rows))
         print(f"{f'{a} + {b} =':<10} {cells}")
-    means = "".join(f"{sum(c for c, _ in v) / len(v):+10.2f} {sum(s for _, s in v) / len(v):.1f}/5"
-                    for v in rows.values())
+    means = "".join(f"{sum(r[0] for r in v) / len(v):+10.2f} " + " ".join(
+        f"{sum(r[j] for r in v) / len(v):.1f}" for j in (1, 2)) + "  " for v in rows.values())
     print(f"{'mean':<10} {means}")
-    print("(each cell: correlation over the 20 heads, then how many of the top 5 agree in sign)")
-
+    print("(each cell: correlation over the 20 heads, then how many of the top 5 agree in sign: the 5 most\n"
+          " influential heads, and the 5 with the largest predicted effects)")
 
 if __name__ == "__main__":
     main()

@@ -106,9 +106,11 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     patched = torch.tensor([r.effect for r in patcher.effects([parse_component(h.id) for h in heads])])
     predicted = torch.tensor([float(eff[full.index[h.id]]) for h in heads])
     corr = float(torch.corrcoef(torch.stack([predicted, patched]))[0, 1]) if len(heads) > 2 else float("nan")
-    top5 = predicted.abs().argsort(descending=True)[:5]
-    signs = int((predicted[top5].sign() == patched[top5].sign()).sum())
-    say(f"  20 most influential heads: correlation(graph, patching) = {corr:.3f}; signs agree for {signs}/5 of the top 5")
+    agree = predicted.sign() == patched.sign()  # heads in order of influence
+    signs = int(agree[:5].sum())  # the 5 most influential
+    signs_largest = int(agree[predicted.abs().argsort(descending=True)[:5]].sum())  # the 5 largest graph effects
+    say(f"  20 most influential heads: correlation(graph, patching) = {corr:.3f}; signs agree for {signs}/5 of the "
+        f"5 most influential, {signs_largest}/5 of the 5 with the largest graph effects")
     out = Path(out)
     write_json(graph, out / "arithmetic.json")
     dot = write_dot(graph, out / "arithmetic.dot")
@@ -122,6 +124,7 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
         png = operand_plot(model, h.layer, h.index, out / "operand_plot.png")
         say(f"wrote {png} (activation of {h.id.split('@')[0]} over a + b =, a down, b across)")
     return {"movers": movers, "graph": graph, "full": full, "checks": checks, "corr": corr, "signs": signs,
+            "signs_largest": signs_largest,
             "logit": logit, "png": png, "positions": (pos36, pos62, last)}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -272,10 +272,12 @@ class Trainer:
             m = saved.get((u.kind, u.layer))
             if m is None:
                 raise CircuitsError(f"{folder} has no {u.kind} for layer {u.layer} to start from")
-            if m.cfg != u.module.cfg:
+            adds_skip = u.kind == "transcoder" and u.module.cfg.skip and not m.cfg.skip
+            if m.cfg != (replace(u.module.cfg, skip=False) if adds_skip else u.module.cfg):
                 raise CircuitsError(f"the {u.kind} of layer {u.layer} in {folder} has another configuration "
                                     f"({m.cfg}); pass the same sizes")
-            u.module.load_state_dict(fold_scales(m, 1 / u.c_x, 1 / u.c_y).state_dict())
+            # a plain transcoder can start a skip one: the skip starts at zero
+            u.module.load_state_dict(fold_scales(m, 1 / u.c_x, 1 / u.c_y).state_dict(), strict=not adds_skip)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

@@ -57,6 +57,8 @@ def test_addition_circuit(tmp_path):
     assert len(r["checks"]) == 2
     for check in r["checks"]:  # path patching confirms the top two movers: ablating each lowers ' 98'
         assert check.effect < -0.1
+    # graph vs path patching on the real model: the 5 most influential Lorsa heads agree in sign
+    assert r["signs"] == 5
     png = r["png"].read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 

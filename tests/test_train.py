@@ -246,6 +246,15 @@ def test_training_can_start_from_a_saved_folder(tmp_path):
     other.estimate_norms()
     with pytest.raises(CircuitsError, match="another configuration"):
         other.init_modules()
+    # a plain transcoder can start a skip one: the same weights, and a skip at zero
+    skip = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"), what="transcoder",
+                                        tc_skip=True, **SMALL), _source(3), tmp_path / "k.safetensors")
+    skip.estimate_norms()
+    skip.init_modules()
+    tc, plain = skip.folded_modules()[("transcoder", 1)], saved[("transcoder", 1)]
+    assert tc.cfg.skip and not tc.W_skip.any()
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(getattr(tc, n), p.float(), rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_circuit_tracer_and_llamascope_transcoders(tmp_path):
