@@ -97,5 +97,6 @@ def main():
     print("(each cell: correlation over the 20 heads, then how many of the top 5 agree in sign: the 5 most\n"
           " influential heads, and the 5 with the largest predicted effects)")
 
+
 if __name__ == "__main__":
     main()
