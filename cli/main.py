@@ -224,20 +224,28 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
               help="lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P (repeatable).")
 @click.option("--target", default=None, help="Target token (default: the model's top prediction).")
 @click.option("--baseline", default=None, help="Report the logit difference target - baseline.")
-@click.option("--mode", type=click.Choice(["zero", "counterfactual"]), default="zero", show_default=True)
+@click.option("--mode", type=click.Choice(["zero", "mean", "counterfactual"]), default="zero", show_default=True)
 @click.option("--counterfactual", default=None, help="Counterfactual prompt (same token count) for --mode counterfactual.")
+@click.option("--mean-over", type=click.Path(), default=None,
+              help="For --mode mean: a text file of reference prompts, one per line; a component is set to its "
+                   "output averaged over every position (but BOS) of them.")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True)
 @click.option("--replacements", type=click.Path(), default=None)
 @click.option("--freeze-norms", is_flag=True,
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
-def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, attention, replacements,
-          freeze_norms):
+def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, mean_over, attention,
+          replacements, freeze_norms):
     """Path-patch components: their effect on a logit through the residual stream and MLPs only, and the real
     model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime)."""
     from graphs.patching import PathPatcher, parse_component
     from replacement.assemble import ReplacementModel
+    from replacement.errors import BadInputError
     from replacement.models import load_model
 
+    if mode == "counterfactual" and not counterfactual:
+        raise BadInputError("--mode counterfactual needs --counterfactual PROMPT")
+    if mode == "mean" and not mean_over:
+        raise BadInputError("--mode mean needs --mean-over FILE (reference prompts, one per line)")
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
     model = ReplacementModel.load(adapter, replacements, attention)
@@ -249,12 +257,37 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
             t_id = int(adapter.run(ids).logits[0, -1].argmax())
     b_id = _single_token(adapter, baseline) if baseline else None
     cf = adapter.tokenize(counterfactual) if counterfactual else None
-    patcher = PathPatcher(model, ids, t_id, b_id, cf, freeze_norms=freeze_norms)
+    reference = _reference_prompts(adapter, mean_over) if mean_over else None
+    patcher = PathPatcher(model, ids, t_id, b_id, cf, freeze_norms=freeze_norms, reference=reference)
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
     comps = [parse_component(c) for c in components]
     for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
         click.echo(f"  {str(r.component):<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
+
+
+def _reference_prompts(adapter, path: str) -> list:
+    """The non-empty lines of a text file, tokenised (cut to the model's context)."""
+    import torch
+
+    from replacement.errors import BadInputError
+
+    try:
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read --mean-over {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not lines:
+        raise BadInputError(f"--mean-over {path} has no prompts (one per line)")
+    tok = adapter.tokenizer
+    if tok is None:
+        raise BadInputError("this model has no tokenizer to read --mean-over text")
+    out = []
+    for ln in lines:
+        ids = tok(ln, return_tensors="pt").input_ids
+        if tok.bos_token_id is not None and (ids.shape[1] == 0 or ids[0, 0] != tok.bos_token_id):
+            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        out.append(ids[0, : adapter.context])
+    return out
 
 
 def _single_token(adapter, text: str) -> int:

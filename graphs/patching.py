@@ -1,8 +1,9 @@
 """Path patching: a component's causal effect on a logit through the residual stream and the MLPs only.
 
-The component's output is ablated (zero, mean, or a counterfactual prompt's value); every attention
-layer's output (so every other head's output and pattern) stays at its clean value, while the residual
-stream, the norms and the MLPs respond.  Components:
+The component's output is ablated (zero; mean: its output averaged over every position but BOS of some
+reference prompts; or a counterfactual prompt's value); every attention layer's output (so every other
+head's output and pattern) stays at its clean value, while the residual stream, the norms and the MLPs
+respond.  Components:
 
     lorsa.L.H@P       a Lorsa head's output at a query position
     head.L.H[@P]      an original attention head's output (at one position, or all)
@@ -62,7 +63,8 @@ class PathPatcher:
     """Path patching on one prompt; ``effects`` evaluates many components in batched forward passes."""
 
     def __init__(self, model: ReplacementModel, ids: torch.Tensor, target: int, baseline: int | None = None,
-                 counterfactual: torch.Tensor | None = None, demean: bool = False, freeze_norms: bool = False):
+                 counterfactual: torch.Tensor | None = None, demean: bool = False, freeze_norms: bool = False,
+                 reference: list[torch.Tensor] | None = None):
         self.model, self.adapter = model, model.adapter
         self.ids = ids.reshape(-1).to(self.adapter.device)
         a = self.adapter
@@ -77,6 +79,56 @@ class PathPatcher:
             self.cf = model.record(cf)
         self.target, self.baseline, self.demean, self.freeze_norms = target, baseline, demean, freeze_norms
         self.clean = self.metric(self.rec.logits[None])[0].item()
+        self.means = None if reference is None else self._mean_outputs(reference)
+
+    @torch.no_grad()
+    def _mean_outputs(self, prompts: list[torch.Tensor]) -> list[dict]:
+        """For mean ablation, per layer, over every position but BOS of the reference ``prompts`` (each [n] or
+        [1, n]): the mean activation of each Lorsa head [H] and transcoder feature [F], the mean error vectors
+        [d], and the mean output of each original attention head [heads, d]."""
+        a = self.adapter
+        bos = getattr(a.tokenizer, "bos_token_id", None) if a.tokenizer is not None else None
+        sums, count = None, 0
+        for ids in prompts:
+            ids = ids.reshape(-1).to(a.device)[: a.context]
+            keep = slice(1 if bos is not None and len(ids) and int(ids[0]) == bos else 0, None)
+            rec = self.model.record(ids)
+            per_layer = []
+            for L, lr in enumerate(rec.layers):
+                z = rec.cache[f"blocks.{L}.attn.z"][keep].float()  # [m, heads, dh]
+                Wo, _ = a.W_O(L)
+                out = {"head": torch.einsum("mhk,hkd->hd", z, Wo.float()),
+                       "tc": lr.tc_code.dense(self.model.transcoders[L].cfg.n_features)[keep].float().sum(0),
+                       "mlp_err": lr.mlp_err[keep].float().sum(0)}
+                if lr.lorsa_code is not None:
+                    out["lorsa"] = lr.lorsa_code.dense(self.model.lorsas[L].cfg.n_heads)[keep].float().sum(0)
+                    out["attn_err"] = lr.attn_err[keep].float().sum(0)
+                per_layer.append(out)
+            sums = per_layer if sums is None else [{k: s[k] + v for k, v in o.items()} for s, o in zip(sums, per_layer)]
+            count += len(ids[keep])
+        if not count:
+            raise BadInputError("mean ablation needs at least one reference prompt with a token after BOS")
+        return [{k: v / count for k, v in s.items()} for s in sums]
+
+    def mean_write(self, c: Component) -> torch.Tensor:
+        """[n, d]: component c's mean output over the reference prompts, at c's position (or every position)."""
+        if self.means is None:
+            raise BadInputError("mean ablation needs reference prompts (PathPatcher(reference=...), or "
+                                "circuits patch --mean-over FILE)")
+        self._check(c)
+        a, n = self.adapter, self.ids.shape[0]
+        m = self.means[c.layer]
+        if c.kind == "lorsa":
+            mean = m["lorsa"][c.index] * self.model.lorsas[c.layer].W_O[c.index].float()
+        elif c.kind == "tc":
+            mean = m["tc"][c.index] * self.model.transcoders[c.layer].W_dec[c.index].float()
+        elif c.kind == "head":
+            mean = m["head"][c.index]
+        else:
+            mean = m[c.kind]
+        out = torch.zeros(n, a.d_model, device=self.rec.embed.device)
+        out[slice(None) if c.pos is None else c.pos] = mean.to(out.device)
+        return out
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """[B] target logit (minus the baseline's, or minus the mean logit with ``demean``) at the last position."""
@@ -86,18 +138,25 @@ class PathPatcher:
 
     # -- what a component writes -----------------------------------------------------------------------
 
-    def write(self, c: Component, rec) -> torch.Tensor:
-        """[n, d]: what component c writes into the residual stream on the prompt recorded in ``rec``."""
+    def _check(self, c: Component) -> None:
         a, n = self.adapter, self.ids.shape[0]
-        out = torch.zeros(n, a.d_model, device=rec.embed.device)
         if not 0 <= c.layer < a.n_layers:
             raise BadInputError(f"layer {c.layer} does not exist (the model has {a.n_layers})")
         if c.pos is not None and not 0 <= c.pos < n:
             raise BadInputError(f"position {c.pos} is outside the prompt's {n} tokens")
+        if c.kind in ("lorsa", "attn_err") and self.rec.layers[c.layer].lorsa_code is None:
+            raise BadInputError("Lorsa components and attention error nodes need --attention lorsa and trained "
+                                "Lorsa modules")
+        if c.kind == "head" and not 0 <= c.index < a.n_heads:
+            raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
+
+    def write(self, c: Component, rec) -> torch.Tensor:
+        """[n, d]: what component c writes into the residual stream on the prompt recorded in ``rec``."""
+        a, n = self.adapter, self.ids.shape[0]
+        out = torch.zeros(n, a.d_model, device=rec.embed.device)
+        self._check(c)
         lr = rec.layers[c.layer]
         if c.kind == "lorsa":
-            if lr.lorsa_code is None:
-                raise BadInputError("Lorsa components need --attention lorsa and trained Lorsa modules")
             lorsa = self.model.lorsas[c.layer]
             hit = lr.lorsa_code.indices[c.pos] == c.index
             act = float(lr.lorsa_code.values[c.pos][hit].sum())
@@ -107,14 +166,10 @@ class PathPatcher:
             act = float(lr.tc_code.values[c.pos][hit].sum())
             out[c.pos] = act * self.model.transcoders[c.layer].W_dec[c.index].float()
         elif c.kind == "attn_err":
-            if lr.attn_err is None:
-                raise BadInputError("attention error nodes exist only with --attention lorsa")
             out[c.pos] = lr.attn_err[c.pos]
         elif c.kind == "mlp_err":
             out[c.pos] = lr.mlp_err[c.pos]
         else:  # an original attention head
-            if not 0 <= c.index < a.n_heads:
-                raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
             z = rec.cache[f"blocks.{c.layer}.attn.z"][:, c.index]  # [n, dh], recorded with the prompt
             Wo, _ = a.W_O(c.layer)
             contrib = z.float() @ Wo[c.index].float()
@@ -124,14 +179,13 @@ class PathPatcher:
                 out[c.pos] = contrib[c.pos]
         return out
 
-    def delta(self, c: Component, mode: str, mean_write: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, c: Component, mode: str) -> torch.Tensor:
+        """[n, d]: the ablation's change to what c writes."""
         clean = self.write(c, self.rec)
         if mode == "zero":
             return -clean
         if mode == "mean":
-            if mean_write is None:
-                raise BadInputError("mean ablation needs the component's mean output (mean_write)")
-            return mean_write - clean
+            return self.mean_write(c) - clean
         if mode == "counterfactual":
             if self.cf is None:
                 raise BadInputError("counterfactual ablation needs a counterfactual prompt")
@@ -200,16 +254,19 @@ class PathPatcher:
 
 
 def path_patch(model: ReplacementModel, ids: torch.Tensor, component: str | Component, target: int,
-               baseline: int | None = None, mode: str = "zero", counterfactual: torch.Tensor | None = None) -> PatchResult:
+               baseline: int | None = None, mode: str = "zero", counterfactual: torch.Tensor | None = None,
+               reference: list[torch.Tensor] | None = None) -> PatchResult:
     c = parse_component(component) if isinstance(component, str) else component
-    return PathPatcher(model, ids, target, baseline, counterfactual).effects([c], mode)[0]
+    return PathPatcher(model, ids, target, baseline, counterfactual, reference=reference).effects([c], mode)[0]
 
 
 def rank_lorsa_heads(model: ReplacementModel, ids: torch.Tensor, layer: int, target: int, baseline: int | None = None,
                      positions: list[int] | None = None, mode: str = "zero",
-                     counterfactual: torch.Tensor | None = None) -> list[PatchResult]:
-    """Every Lorsa head of ``layer`` active at ``positions`` (default: the last), ranked by |effect|."""
-    patcher = PathPatcher(model, ids, target, baseline, counterfactual)
+                     counterfactual: torch.Tensor | None = None,
+                     reference: list[torch.Tensor] | None = None) -> list[PatchResult]:
+    """Every Lorsa head of ``layer`` active at ``positions`` (default: the last), ranked by |effect|
+    (``reference``: the prompts whose mean output ``mode="mean"`` ablates to)."""
+    patcher = PathPatcher(model, ids, target, baseline, counterfactual, reference=reference)
     lr = patcher.rec.layers[layer]
     if lr.lorsa_code is None:
         raise BadInputError("ranking Lorsa heads needs --attention lorsa")

@@ -81,6 +81,10 @@ def _cli(*args):
     (("circuits", "eval", "--model", "/no/such/dir"), "no such model folder"),
     (("trace", "36 + 62 =", "--model", "nope"), "unknown model"),
     (("trace", "hello", "--model", "./missing-folder"), "no such model folder"),
+    (("circuits", "patch", "1 + 2 =", "--model", "llama", "--component", "mlp_err.0@1", "--mode", "mean"),
+     "needs --mean-over"),
+    (("circuits", "patch", "1 + 2 =", "--model", "llama", "--component", "mlp_err.0@1", "--mode", "mean",
+      "--mean-over", "/no/such/file"), "cannot read --mean-over"),
 ])
 def test_cli_bad_input_is_one_line(args, message):
     r = _cli(*args)
@@ -121,6 +125,32 @@ def test_cli_patch_prints_the_patcher_figures():
         effect, linear = p.effects([comp])[0].effect, p.linear_effects([comp])[0]
         line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(str(comp)))
         assert f"effect {effect:+.4f}" in line and f"linear {linear:+.4f}" in line, (line, effect, linear)
+
+
+@pytest.mark.slow
+def test_cli_patch_mean_ablation(tmp_path):
+    """--mode mean --mean-over FILE: the CLI prints PathPatcher's mean-ablation effect; the means leave BOS out."""
+    from graphs.patching import PathPatcher, parse_component
+    from replacement.assemble import ReplacementModel
+
+    adapter = load_model("llama")
+    model = ReplacementModel.load(adapter)
+    lines = ["12 + 34 = 46", "The cat sat on the mat."]
+    (tmp_path / "ref.txt").write_text("\n".join(lines[:1]) + "\n\n" + lines[1] + "\n")
+    refs = [adapter.tokenize(ln)[0] for ln in lines]
+    ids = adapter.tokenize("36 + 62 =")
+    target = adapter.tokenize(" 98")[0, -1].item()
+    p = PathPatcher(model, ids, target, reference=refs)
+    comps = [parse_component(c) for c in ("lorsa.0.1443@4", "mlp_err.1@4")]
+    r = _cli("circuits", "patch", "36 + 62 =", "--model", "llama", "--target", " 98", "--mode", "mean",
+             "--mean-over", str(tmp_path / "ref.txt"), *(a for c in comps for a in ("--component", str(c))))
+    assert r.returncode == 0, r.stderr
+    for comp, res in zip(comps, p.effects(comps, "mean")):
+        line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(str(comp)))
+        assert f"effect {res.effect:+.4f}" in line, (line, res.effect)
+    assert all(int(x[0]) == adapter.tokenizer.bos_token_id for x in refs)
+    errs = torch.cat([model.record(x).layers[1].mlp_err[1:] for x in refs]).float()  # every position but BOS
+    torch.testing.assert_close(p.mean_write(comps[1])[4], errs.mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_use_module_swaps_in_a_saved_module(tmp_path):

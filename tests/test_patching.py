@@ -96,6 +96,64 @@ def test_batched_effects_equal_one_at_a_time():
     assert [abs(r.effect) for r in ranked] == sorted((abs(r.effect) for r in ranked), reverse=True)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
+def test_mean_ablation_equals_brute_force(make):
+    """Mean ablation of an original head equals a forward pass in which that head's z at the position is its
+    mean over every position of the reference prompts (the tiny models have no BOS) and every other head's z
+    is clean."""
+    adapter = ModelAdapter(make(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(3)
+    ids, refs = torch.randint(0, 97, (1, 9)), [torch.randint(0, 97, (n,)) for n in (5, 7)]
+    with torch.no_grad():
+        zs = [adapter.run(r[None], capture=["blocks.1.attn.z"]).cache["blocks.1.attn.z"][0, :, 2] for r in refs]
+    mean_z = torch.cat(zs).mean(0)  # [dh]
+    with torch.no_grad():
+        clean = adapter.run(ids, capture=[f"blocks.{L}.attn.z" for L in range(adapter.n_layers)]).cache
+        hooks = {}
+        for L in range(adapter.n_layers):
+            z = clean[f"blocks.{L}.attn.z"].clone()
+            if L == 1:
+                z[0, 8, 2] = mean_z
+            hooks[f"blocks.{L}.attn.z"] = lambda t, n, z=z: z
+        expected = float(adapter.run(ids, hooks=hooks).logits[0, -1, 7] - adapter.run(ids).logits[0, -1, 7])
+    res = path_patch(model, ids, "head.1.2@8", target=7, mode="mean", reference=refs)
+    assert res.effect == pytest.approx(expected, abs=1e-5)
+    assert abs(expected) > 1e-6
+
+
+def test_mean_writes_of_heads_features_and_errors():
+    """The mean output of a Lorsa head / transcoder feature is its mean activation over the reference positions
+    (counted by hand from the sparse codes) times its output vector; an error node's is its mean error vector."""
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(4)
+    ids, refs = torch.randint(0, 97, (1, 8)), [torch.randint(0, 97, (n,)) for n in (6, 4)]
+    p = PathPatcher(model, ids, target=3, reference=refs)
+    recs = [model.record(r) for r in refs]
+    lr0 = recs[0].layers[1]
+    h, f = int(lr0.lorsa_code.indices[2, 0]), int(lr0.tc_code.indices[2, 0])
+
+    def mean_act(code_of, unit):
+        acts = [float(v) for rec in recs for p_ in range(rec.ids.shape[0])
+                for v, i in zip(code_of(rec).values[p_].tolist(), code_of(rec).indices[p_].tolist()) if i == unit]
+        return sum(acts) / sum(rec.ids.shape[0] for rec in recs)
+
+    want = {
+        f"lorsa.1.{h}@5": mean_act(lambda r: r.layers[1].lorsa_code, h) * model.lorsas[1].W_O[h].float(),
+        f"tc.1.{f}@5": mean_act(lambda r: r.layers[1].tc_code, f) * model.transcoders[1].W_dec[f].float(),
+        "mlp_err.0@5": torch.cat([r.layers[0].mlp_err for r in recs]).float().mean(0),
+        "attn_err.1@5": torch.cat([r.layers[1].attn_err for r in recs]).float().mean(0),
+    }
+    for comp, vec in want.items():
+        got = p.mean_write(parse_component(comp))
+        torch.testing.assert_close(got[5], vec, rtol=1e-5, atol=1e-6, msg=comp)
+        assert not got[torch.arange(8) != 5].any()
+        torch.testing.assert_close(p.delta(parse_component(comp), "mean"), got - p.write(parse_component(comp), p.rec))
+    with pytest.raises(BadInputError, match="reference prompts"):
+        PathPatcher(model, ids, target=3).effects([parse_component("mlp_err.0@5")], "mean")
+
+
 def test_graph_effects_closed_form():
     """e(t) = w(t -> logit) + sum over transcoder features u of w(t -> u) e(u) / a(u)."""
     from graphs.graph import AttributionGraph, Edge, Node
