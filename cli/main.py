@@ -224,7 +224,8 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
               help="lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P (repeatable).")
 @click.option("--target", default=None, help="Target token (default: the model's top prediction).")
 @click.option("--baseline", default=None, help="Report the logit difference target - baseline.")
-@click.option("--mode", type=click.Choice(["zero", "mean", "counterfactual"]), default="zero", show_default=True)
+@click.option("--mode", type=click.Choice(["zero", "mean", "counterfactual"]), default="zero", show_default=True,
+              help="The ablation: zero, mean (needs --mean-over) or counterfactual (needs --counterfactual).")
 @click.option("--counterfactual", default=None, help="Counterfactual prompt (same token count) for --mode counterfactual.")
 @click.option("--mean-over", type=click.Path(), default=None,
               help="For --mode mean: a text file of reference prompts, one per line; a component is set to its "
