@@ -269,8 +269,6 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
 
 def _reference_prompts(adapter, path: str) -> list:
     """The non-empty lines of a text file, tokenised (cut to the model's context)."""
-    import torch
-
     from replacement.errors import BadInputError
 
     try:
@@ -279,16 +277,7 @@ def _reference_prompts(adapter, path: str) -> list:
         raise BadInputError(f"cannot read --mean-over {path}: {getattr(e, 'strerror', None) or e}") from None
     if not lines:
         raise BadInputError(f"--mean-over {path} has no prompts (one per line)")
-    tok = adapter.tokenizer
-    if tok is None:
-        raise BadInputError("this model has no tokenizer to read --mean-over text")
-    out = []
-    for ln in lines:
-        ids = tok(ln, return_tensors="pt").input_ids
-        if tok.bos_token_id is not None and (ids.shape[1] == 0 or ids[0, 0] != tok.bos_token_id):
-            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
-        out.append(ids[0, : adapter.context])
-    return out
+    return [adapter.tokenize(ln, truncate=True)[0] for ln in lines]
 
 
 def _single_token(adapter, text: str) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replacement.assemble import ReplacementModel
+from replacement.assemble import ReplacementModel, linear_mlp_hooks
 from replacement.errors import BadInputError
 
 _PATTERN = re.compile(r"^(lorsa|head|tc|attn_err|mlp_err)\.(\d+)(?:\.(\d+))?(?:@(\d+))?$")
@@ -240,12 +240,9 @@ class PathPatcher:
         shape = self.rec.layers[0].attn_out.shape
         deltas = {(L, w): torch.zeros(1, *shape, device=self.rec.embed.device, requires_grad=True)
                   for L in range(a.n_layers) for w in ("attn", "mlp")}
-        hooks, live = self._hooks(deltas), {}
+        hooks = self._hooks(deltas)
         for L, f in (mlp_maps or {}).items():
-            lr = self.rec.layers[L]
-            hooks[f"blocks.{L}.mlp.in"] = lambda t, n, L=L: live.__setitem__(L, t[0].float())
-            hooks[f"blocks.{L}.mlp.out"] = (lambda t, n, L=L, lr=lr, f=f, d=deltas[(L, "mlp")]:
-                                            (lr.mlp_out + f(live[L] - lr.mlp_in) + d).to(t.dtype))
+            hooks.update(linear_mlp_hooks(self.rec, L, self.rec.layers[L].mlp_out + deltas[(L, "mlp")][0], f))
         with torch.enable_grad():
             metric = self.metric(a.run(self.ids[None], hooks=hooks).logits)[0]
             grads = dict(zip(deltas, (g.detach() for g in torch.autograd.grad(metric, list(deltas.values())))))

@@ -181,17 +181,12 @@ class ReplacementModel:
             names += [f"blocks.{L}.attn.pattern" for L in range(self.adapter.n_layers)]
         hooks = freeze_hooks({k: v[None].to(self.adapter.dtype) if k.endswith("pattern") else v[None] for k, v in c.items()}, names)
         hooks["embed"] = lambda t, n: embed[None].to(t.dtype)
-        live_in = {}
         for L in range(self.adapter.n_layers):
             W_skip = self.transcoders[L].W_skip
             if W_skip is None:
                 hooks[f"blocks.{L}.mlp.out"] = lambda t, n, v=mlp_writes[L]: v[None].to(t.dtype)
             else:
-                def skip_out(t, n, v=mlp_writes[L], L=L, W=W_skip.float()):
-                    return (v + (live_in[L] - rec.layers[L].mlp_in) @ W)[None].to(t.dtype)
-
-                hooks[f"blocks.{L}.mlp.in"] = lambda t, n, L=L: live_in.__setitem__(L, t[0].float())
-                hooks[f"blocks.{L}.mlp.out"] = skip_out
+                hooks.update(linear_mlp_hooks(rec, L, mlp_writes[L], lambda dx, W=W_skip.float(): dx @ W))
             if attn_writes is not None:
                 hooks[f"blocks.{L}.attn.out"] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
         points = [f"blocks.{L}.{k}" for L in range(self.adapter.n_layers) for k in ("attn.in", "mlp.in")]
@@ -199,3 +194,11 @@ class ReplacementModel:
         out = {k: v[0].float() for k, v in res.cache.items()}
         out["logits"] = res.logits[0].float()
         return out
+
+
+def linear_mlp_hooks(rec: Record, L: int, out: torch.Tensor, f) -> dict:
+    """Hooks (for one prompt) that make layer L's MLP write ``out`` [n, d] + f(its input - the recorded input),
+    f: [n, d] -> [n, d] linear: the MLP replaced by a linear map around the recorded point."""
+    live = {}
+    return {f"blocks.{L}.mlp.in": lambda t, n: live.__setitem__("x", t[0].float()),
+            f"blocks.{L}.mlp.out": lambda t, n: (out + f(live["x"] - rec.layers[L].mlp_in))[None].to(t.dtype)}

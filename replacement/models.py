@@ -203,8 +203,8 @@ class ModelAdapter:
 
     # -- tokens -------------------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: str) -> torch.Tensor:
-        """[1, n] token ids with BOS, checked against the context length."""
+    def tokenize(self, prompt: str, truncate: bool = False) -> torch.Tensor:
+        """[1, n] token ids with BOS, checked against the context length (or, with ``truncate``, cut to it)."""
         if not prompt or not prompt.strip():
             raise BadInputError("the prompt is empty")
         if self.tokenizer is None:
@@ -213,6 +213,8 @@ class ModelAdapter:
         bos = self.tokenizer.bos_token_id
         if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
             ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+        if truncate:
+            ids = ids[:, : self.context]
         self.check_length(ids.shape[1])
         return ids.to(self.device)
 
