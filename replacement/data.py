@@ -109,6 +109,7 @@ class Mixture:
     text: float = 0.45
     arith: float = 0.30
     repeat: float = 0.25
+    repeat_gap: int = 0  # up to this many random tokens before each later copy of a span (0: copies are contiguous)
 
 
 class BatchMaker:
@@ -159,9 +160,20 @@ class BatchMaker:
         ids = [self.bos]
         while len(ids) < self.seq_len:
             span_len = rng.randint(3, 30)
-            span = self.random_pool[torch.randint(0, len(self.random_pool), (span_len,), generator=g)].tolist()
-            ids += span * rng.choice((2, 2, 3))
+            span = self._random_tokens(span_len, g)
+            copies = rng.choice((2, 2, 3))
+            if not self.mix.repeat_gap:
+                ids += span * copies
+                continue
+            # a gap of random length makes the offset between copies vary, so that only induction (match the
+            # current token, copy what followed it) predicts the copy, not a head that looks a fixed distance back
+            ids += span
+            for _ in range(copies - 1):
+                ids += self._random_tokens(rng.randint(0, self.mix.repeat_gap), g) + span
         return torch.tensor(ids[: self.seq_len])
+
+    def _random_tokens(self, n: int, g) -> list[int]:
+        return self.random_pool[torch.randint(0, len(self.random_pool), (n,), generator=g)].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ class Preset:
     n_kv_heads: int
     d_mlp: int
     description: str
+    rope_theta: float = 10000.0
 
     @property
     def folder(self) -> Path:
@@ -38,6 +39,7 @@ class Preset:
                 num_attention_heads=self.n_heads,
                 num_key_value_heads=self.n_kv_heads,
                 max_position_embeddings=CONTEXT,
+                rope_theta=self.rope_theta,
                 rms_norm_eps=1e-5,
                 tie_word_embeddings=True,
                 bos_token_id=bos_token_id,
@@ -67,7 +69,11 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("toy", "llama", 2, 256, 8, 8, 704, "2-layer Llama-style transformer (the paper's small model)"),
+        # toy: Llama-3's rope_theta (500,000) leaves about half of each head's dims nearly position-free over the
+        # 128-token context, which content matching (induction) needs; with it and gaps between repeated spans
+        # (recipe.RECIPE_MIXTURE) induction formed, while the default 10,000 and contiguous copies gave heads that
+        # look a fixed distance back instead
+        Preset("toy", "llama", 2, 256, 8, 8, 704, "2-layer Llama-style transformer (the paper's small model)", 500000.0),
         Preset("pythia", "gpt_neox", 4, 256, 8, 8, 1024, "4-layer GPT-NeoX (Pythia architecture: parallel residual, partial rotary)"),
         Preset("llama", "llama", 4, 256, 8, 4, 704, "4-layer Llama (RMSNorm, RoPE, GQA 8q/4kv, SwiGLU), text + arithmetic"),
     )

@@ -69,6 +69,35 @@ def test_batches_are_deterministic_and_hold_no_heldout_pair(tokenizer):
     assert n_eq > 50
 
 
+def _copy_offsets(row: list[int]) -> tuple[float, list[int]]:
+    """Over the tokens seen before: the share whose next token is the one after their earlier occurrence
+    (induction's guess), and for those, the distance back to that occurrence."""
+    last, n_seen, offsets = {}, 0, []
+    for t, x in enumerate(row[:-1]):
+        if x in last:
+            n_seen += 1
+            if row[t + 1] == row[last[x] + 1]:
+                offsets.append(t - last[x])
+        last[x] = t
+    return len(offsets) / max(n_seen, 1), offsets
+
+
+def test_repeat_gap_varies_the_offset_between_copies(tokenizer):
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 3, add_special_tokens=False), dtype=torch.int32)
+    train, _ = addition_split()
+    for gap in (0, 12):
+        rows = BatchMaker(tokenizer, tokens, train, Mixture(0.0, 0.0, 1.0, repeat_gap=gap), 128, seed=1).batch(0, 32)
+        assert rows.shape == (32, 128) and (rows[:, 0] == tokenizer.bos_token_id).all()
+        offsets = []
+        for row in rows.tolist():
+            right, found = _copy_offsets(row[1:])
+            assert right > 0.75  # copies follow their span: induction predicts most repeated tokens
+            offsets += found
+        # contiguous copies sit one span (3-30 tokens) apart; a gap of 0-12 random tokens before a copy adds to it
+        assert min(offsets) >= 3 and max(offsets) <= 30 + gap
+        assert (max(offsets) > 30) == bool(gap)
+
+
 def _cfg(**kw):
     base = dict(preset="tiny", steps=20, batch_size=8, seq_len=32, lr=3e-3, warmup=2, checkpoint_every=5, seed=0)
     base.update(kw)

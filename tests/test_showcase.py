@@ -37,12 +37,14 @@ def test_induction_circuit(model, tmp_path):
     # its QK pairs explain its attention to that key position
     assert any(info["key_pos"] == r["expected_peak"] for info in head.extra["qk"])
     assert (tmp_path / "induction.svg").is_file() or (tmp_path / "induction.dot").is_file()
-    if model == "pythia":  # the textbook circuit (the 2-layer toy copies in layer 0 instead: see the README)
-        assert head.layer >= 1
-        # its strongest QK pair at that key: the key side is an earlier head that read the previous token
-        assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
-        # path patching the head moves the logit by >= 50% of what the graph predicts, with the same sign
-        assert r["predicted"] < 0 and r["patched"] <= 0.5 * r["predicted"]
+    assert head.layer >= 1
+    # its strongest QK pair at that key: the key side is an earlier head that read the previous token
+    assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
+    # path patching the head moves the logit the way the graph predicts, by >= 50% of it on pythia (on the toy
+    # prompt by 31% of it: see the README)
+    assert r["predicted"] < 0 and r["patched"] < 0
+    if model == "pythia":
+        assert r["patched"] <= 0.5 * r["predicted"]
 
 
 def test_addition_circuit(tmp_path):
