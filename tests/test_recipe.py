@@ -9,8 +9,8 @@ import torch
 
 from replacement import checkpoint as ckpt
 from replacement import presets
-from replacement.data import BatchMaker, Mixture, addition_split
-from replacement.recipe import LMTrainConfig, TrainingDiverged, train_lm
+from replacement.data import BatchMaker, Mixture, addition_split, read_text_sources, tokenize_texts
+from replacement.recipe import LMTrainConfig, TrainingDiverged, prepare_data, train_lm
 from replacement.tokenizer import number_token_ids, train_tokenizer
 
 TEXT = ["The cat sat on the mat. The dog sat on the log. It was 1985 and the year was good.\n" * 40,
@@ -67,6 +67,17 @@ def test_batches_are_deterministic_and_hold_no_heldout_pair(tokenizer):
                     assert a + b == c and (a, b) not in held
                     n_eq += 1
     assert n_eq > 50
+
+
+def test_prepare_data_keeps_a_tokenizer_already_in_the_work_folder(tokenizer, tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text(TEXT[0] * 5)
+    tokenizer.save_pretrained(str(tmp_path / "work" / "tokenizer"))  # e.g. the bundled models' tokenizer
+    tok, train, val = prepare_data(tmp_path / "work", [str(src)])  # would train a 6,144-token one otherwise
+    assert len(tok) == len(tokenizer) and tok.get_vocab() == tokenizer.get_vocab()
+    assert torch.equal(train, tokenize_texts(tokenizer, read_text_sources([str(src)])[0]))  # tokenised with it
+    tok2, train2, _ = prepare_data(tmp_path / "work", [str(src)])  # the second call reuses the tokenised corpus
+    assert torch.equal(train, train2) and tok2.get_vocab() == tok.get_vocab()
 
 
 def _copy_offsets(row: list[int]) -> tuple[float, list[int]]:
