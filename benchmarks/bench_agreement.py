@@ -58,16 +58,8 @@ def random_pairs(n: int, seed: int = 0) -> list[tuple[int, int]]:
     return pairs
 
 
-def agreement(predicted, reference, first5: bool = False) -> tuple[float, int]:
-    """Correlation over all entries, and how many of the 5 largest |predicted| (with ``first5``: the first 5
-    entries, e.g. the most influential heads when the entries come in that order) agree in sign with reference."""
-    p, r = torch.as_tensor(predicted), torch.as_tensor(reference)
-    top5 = torch.arange(5) if first5 else p.abs().argsort(descending=True)[:5]
-    return float(torch.corrcoef(torch.stack([p, r]))[0, 1]), int((p[top5].sign() == r[top5].sign()).sum())
-
-
 def main():
-    from graphs.patching import PathPatcher
+    from graphs.patching import PathPatcher, agreement
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
@@ -87,8 +79,7 @@ def main():
             patched = torch.tensor([r.effect for r in patcher.effects(comps)])
             real = patcher.linear_effects(comps)
             for key, p in (("graph", predicted), ("real", real)):
-                (c, s), (_, s_infl) = agreement(p, patched), agreement(p, patched, first5=True)
-                rows[key + ("_fn" if freeze else "")].append((c, s_infl, s))
+                rows[key + ("_fn" if freeze else "")].append(agreement(p, patched))
         cells = "".join(f"{c:+10.2f} {i}/5 {s}/5  " for c, i, s in (rows[k][-1] for k in rows))
         print(f"{f'{a} + {b} =':<10} {cells}")
     means = "".join(f"{sum(r[0] for r in v) / len(v):+10.2f} " + " ".join(

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from bench_agreement import addition_heads, agreement, load
+from bench_agreement import addition_heads, load
+
+from graphs.patching import agreement
 
 
 def _agreement(predicted: list[float], reference: list[float]) -> str:
-    corr, signs = agreement(predicted, reference)
+    corr, _, signs = agreement(predicted, reference)  # the 5 largest |predicted|
     return f"correlation {corr:+.2f}, top-5 signs {signs}/5"
 
 

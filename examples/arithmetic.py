@@ -62,7 +62,7 @@ def operand_plot(model, layer: int, head: int, path: Path) -> Path:
 def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool = True) -> dict:
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
-    from graphs.patching import PathPatcher, graph_effects, parse_component
+    from graphs.patching import PathPatcher, agreement, graph_effects, parse_component
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -105,10 +105,8 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     heads = sorted(full.nodes(type="lorsa"), key=lambda n: -float(infl[full.index[n.id]]))[:20]
     patched = torch.tensor([r.effect for r in patcher.effects([parse_component(h.id) for h in heads])])
     predicted = torch.tensor([float(eff[full.index[h.id]]) for h in heads])
-    corr = float(torch.corrcoef(torch.stack([predicted, patched]))[0, 1]) if len(heads) > 2 else float("nan")
-    agree = predicted.sign() == patched.sign()  # heads in order of influence
-    signs = int(agree[:5].sum())  # the 5 most influential
-    signs_largest = int(agree[predicted.abs().argsort(descending=True)[:5]].sum())  # the 5 largest graph effects
+    # heads in order of influence: signs for the 5 most influential, signs_largest for the 5 largest graph effects
+    corr, signs, signs_largest = agreement(predicted, patched)
     say(f"  20 most influential heads: correlation(graph, patching) = {corr:.3f}; signs agree for {signs}/5 of the "
         f"5 most influential, {signs_largest}/5 of the 5 with the largest graph effects")
     out = Path(out)

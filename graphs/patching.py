@@ -294,3 +294,13 @@ def graph_effects(graph, logit_id: str) -> torch.Tensor:
 
 def graph_effect(graph, node_id: str, logit_id: str) -> float:
     return float(graph_effects(graph, logit_id)[graph.index[node_id]])
+
+
+def agreement(predicted, patched, k: int = 5) -> tuple[float, int, int]:
+    """How well predicted effects [m] (e.g. a graph's, listed most influential first) match path patching [m]:
+    their correlation (nan under 3 entries), and how many agree in sign among the first k entries and among
+    the k largest |predicted|."""
+    p, r = torch.as_tensor(predicted, dtype=torch.float32), torch.as_tensor(patched, dtype=torch.float32)
+    corr = float(torch.corrcoef(torch.stack([p, r]))[0, 1]) if len(p) > 2 else float("nan")
+    agree = p.sign() == r.sign()
+    return corr, int(agree[:k].sum()), int(agree[p.abs().argsort(descending=True)[:k]].sum())

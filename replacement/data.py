@@ -162,7 +162,7 @@ class BatchMaker:
             span_len = rng.randint(3, 30)
             span = self._random_tokens(span_len, g)
             copies = rng.choice((2, 2, 3))
-            if not self.mix.repeat_gap:
+            if not self.mix.repeat_gap:  # draws nothing more, so gap-0 batches are those made before gaps existed
                 ids += span * copies
                 continue
             # a gap of random length makes the offset between copies vary, so that only induction (match the

@@ -1,6 +1,8 @@
 """Path patching against a brute-force forward pass that overwrites every attention head's output."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -177,3 +179,18 @@ def test_bad_components():
     for bad in ("lorsa.1.3", "foo.1.2@3", "tc.1@2", "attn_err.1.2@3"):
         with pytest.raises(BadInputError):
             parse_component(bad)
+
+
+def test_agreement_by_hand():
+    from graphs.patching import agreement
+
+    predicted = [1.0, -2.0, 0.5, 4.0, -0.1, 3.0, -5.0]
+    patched = [2.0, 1.0, 0.5, 3.0, 0.2, -1.0, -4.0]
+    corr, first, largest = agreement(predicted, patched)
+    # signs agree at entries 0, 2, 3, 6; first five: 0, 2, 3 -> 3; five largest |predicted|: 6, 3, 5, 1, 0 -> 3
+    assert (first, largest) == (3, 3)
+    p, r = torch.tensor(predicted), torch.tensor(patched)
+    p, r = p - p.mean(), r - r.mean()
+    assert corr == pytest.approx(float((p * r).sum() / (p.norm() * r.norm())), abs=1e-6)
+    assert agreement([1.0, -1.0], [1.0, 1.0], k=2)[1:] == (1, 1)
+    assert math.isnan(agreement([1.0, 2.0], [2.0, 1.0])[0])  # no correlation from under 3 entries
