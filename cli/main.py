@@ -234,8 +234,9 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
 @click.option("--replacements", type=click.Path(), default=None)
 @click.option("--freeze-norms", is_flag=True,
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
+@click.option("--together", is_flag=True, help="Ablate all the components at once (one effect), not one at a time.")
 def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, mean_over, attention,
-          replacements, freeze_norms):
+          replacements, freeze_norms, together):
     """Path-patch components: their effect on a logit through the residual stream and MLPs only, and the real
     model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime)."""
     from graphs.patching import PathPatcher, parse_component
@@ -263,8 +264,11 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
     comps = [parse_component(c) for c in components]
+    if together:
+        comps = [tuple(comps)]
     for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
-        click.echo(f"  {str(r.component):<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
+        name = " + ".join(map(str, r.component)) if together else str(r.component)
+        click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
 
 
 def _reference_prompts(adapter, path: str) -> list:

@@ -2,10 +2,11 @@
 
     python examples/induction.py [--model toy] [--out examples/out]
 
-Finds the strongest path to the correct logit, the Lorsa head on it at the last position, where its z pattern
-peaks (the token after the earlier occurrence), that head's strongest QK pair (query side: the current
-token; key side: a node written at the earlier position by an earlier layer's previous-token head), checks
-the head with path patching, and renders the circuit to SVG.
+Prints the strongest paths to the correct logit, picks the last-position Lorsa head with the strongest edge into
+that logit among those whose z pattern peaks on the token after the earlier occurrence, finds that head's
+strongest QK pair (query side: the current token; key side: a node written at the earlier position by an
+earlier layer's previous-token head), checks the head with path patching (alone, and together with every
+other last-position head attending there), and renders the circuit to SVG.
 """
 from __future__ import annotations
 
@@ -75,10 +76,20 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
                 prev_head = key
             say(f"  key side {key.id}: an earlier-layer head whose z pattern peaks at position {src}"
                 + (" (the previous token: a previous-token head)" if src == peak - 1 else ""))
-    patcher = PathPatcher(model, ids, answer, demean=True)
-    patched = patcher.effects([parse_component(head.id)])[0].effect
-    predicted = float(graph_effects(full, logit.id)[full.index[head.id]])
-    say(f"path patching {head.id}: logit change {patched:+.3f}; the graph predicts {predicted:+.3f}")
+    # path patching: the head alone, then every last-position head of a later layer whose z pattern peaks on the
+    # same token, ablated together (Lorsa splits a layer's induction attention over many one-dimensional heads)
+    family = [h for h in full.nodes(type="lorsa", position=n - 1) if h.layer >= 1 and peak_of(h) == expected_peak]
+    comp = parse_component(head.id)
+    patched, family_patched = (r.effect for r in PathPatcher(model, ids, answer, demean=True).effects(
+        [comp, tuple(parse_component(h.id) for h in family)]))
+    frozen = PathPatcher(model, ids, answer, demean=True, freeze_norms=True).effects([comp])[0].effect
+    effects = graph_effects(full, logit.id)
+    predicted = float(effects[full.index[head.id]])
+    family_predicted = sum(float(effects[full.index[h.id]]) for h in family)
+    say(f"path patching {head.id}: logit change {patched:+.3f} ({frozen:+.3f} with the norm scales frozen too, "
+        f"as in the graph); the graph predicts {predicted:+.3f}")
+    say(f"the {len(family)} last-position heads of layers >= 1 that attend there, ablated together: "
+        f"{family_patched:+.3f}; the graph predicts {family_predicted:+.3f}")
     out = Path(out)
     write_json(graph, out / "induction.json")
     dot = write_dot(graph.subgraph(_circuit_nodes(graph, head, logit)), out / "induction.dot")
@@ -88,7 +99,8 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     except RenderError as e:
         say(f"note: {e}")
     return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "prev_head": prev_head, "graph": graph,
-            "full": full, "patched": patched, "predicted": predicted, "ids": ids, "answer": answer}
+            "full": full, "patched": patched, "predicted": predicted, "patched_frozen_norms": frozen, "family": family,
+            "family_patched": family_patched, "family_predicted": family_predicted, "ids": ids, "answer": answer}
 
 
 def _circuit_nodes(graph, head, logit, k: int = 6) -> set[str]:

@@ -9,6 +9,8 @@ respond.  Components:
     head.L.H[@P]      an original attention head's output (at one position, or all)
     tc.L.F@P          a transcoder feature's output
     attn_err.L@P / mlp_err.L@P   an error node
+
+A tuple of components is ablated together (e.g. every head of a circuit), in one run.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def parse_component(text: str) -> Component:
 
 @dataclass
 class PatchResult:
-    component: Component
+    component: Component | tuple[Component, ...]  # a tuple: ablated together
     clean: float  # the clean metric (target logit, or logit difference)
     patched: float
     effect: float  # patched - clean
@@ -211,7 +213,9 @@ class PathPatcher:
         return hooks
 
     @torch.no_grad()
-    def effects(self, components: list[Component], mode: str = "zero", batch_size: int = 32) -> list[PatchResult]:
+    def effects(self, components: list[Component | tuple[Component, ...]], mode: str = "zero",
+                batch_size: int = 32) -> list[PatchResult]:
+        """Each entry's path-patching effect; an entry that is a tuple of components ablates them together."""
         a = self.adapter
         results = []
         shape = self.rec.layers[0].attn_out.shape
@@ -219,15 +223,16 @@ class PathPatcher:
             batch = components[start : start + batch_size]
             B = len(batch)
             deltas = {}
-            for b, c in enumerate(batch):
-                key = (c.layer, c.writes_to)
-                deltas.setdefault(key, torch.zeros(B, *shape, device=self.rec.embed.device))[b] += self.delta(c, mode)
+            for b, group in enumerate(batch):
+                for c in _members(group):
+                    key = (c.layer, c.writes_to)
+                    deltas.setdefault(key, torch.zeros(B, *shape, device=self.rec.embed.device))[b] += self.delta(c, mode)
             logits = a.run(self.ids[None].expand(B, -1), hooks=self._hooks(deltas)).logits
             for c, m in zip(batch, self.metric(logits).tolist()):
                 results.append(PatchResult(c, self.clean, m, m - self.clean))
         return results
 
-    def linear_effects(self, components: list[Component], mode: str = "zero",
+    def linear_effects(self, components: list[Component | tuple[Component, ...]], mode: str = "zero",
                        mlp_maps: dict | None = None) -> list[float]:
         """The real model's first-order prediction of each component's path-patching effect: the gradient of
         the metric with respect to what each block writes (attention frozen, as in ``effects``), at the clean
@@ -247,7 +252,12 @@ class PathPatcher:
             metric = self.metric(a.run(self.ids[None], hooks=hooks).logits)[0]
             grads = dict(zip(deltas, (g.detach() for g in torch.autograd.grad(metric, list(deltas.values())))))
         with torch.no_grad():
-            return [float((grads[(c.layer, c.writes_to)][0] * self.delta(c, mode)).sum()) for c in components]
+            return [sum(float((grads[(c.layer, c.writes_to)][0] * self.delta(c, mode)).sum()) for c in _members(group))
+                    for group in components]
+
+
+def _members(group: Component | tuple[Component, ...]) -> tuple[Component, ...]:
+    return group if isinstance(group, tuple) else (group,)
 
 
 def path_patch(model: ReplacementModel, ids: torch.Tensor, component: str | Component, target: int,

@@ -108,7 +108,8 @@ def test_models_command_lists_presets():
 
 @pytest.mark.slow
 def test_cli_patch_prints_the_patcher_figures():
-    """circuits patch on the bundled llama prints PathPatcher's effect and linear prediction, norms live or frozen."""
+    """circuits patch on the bundled llama prints PathPatcher's effect and linear prediction, norms live or frozen,
+    and with --together one effect for the components ablated at once."""
     from graphs.patching import PathPatcher, parse_component
     from replacement.assemble import ReplacementModel
 
@@ -125,6 +126,13 @@ def test_cli_patch_prints_the_patcher_figures():
         effect, linear = p.effects([comp])[0].effect, p.linear_effects([comp])[0]
         line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(str(comp)))
         assert f"effect {effect:+.4f}" in line and f"linear {linear:+.4f}" in line, (line, effect, linear)
+    group = (comp, parse_component("lorsa.0.1443@4"))  # --together: one line, the two ablated in one run
+    r = _cli("circuits", "patch", "36 + 62 =", "--model", "llama", "--target", " 98", "--together",
+             *(a for c in group for a in ("--component", str(c))))
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if " effect " in ln]
+    effect = PathPatcher(model, ids, target).effects([group])[0].effect
+    assert len(lines) == 1 and f"effect {effect:+.4f}" in lines[0], (lines, effect)
 
 
 @pytest.mark.slow

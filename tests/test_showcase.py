@@ -41,10 +41,15 @@ def test_induction_circuit(model, tmp_path):
     # its strongest QK pair at that key: the key side is an earlier head that read the previous token
     assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
     # path patching the head moves the logit the way the graph predicts, by >= 50% of it on pythia (on the toy
-    # prompt by 31% of it: see the README)
+    # prompt by 31% of it, 174% with the norm scales frozen as in the graph: see the README)
     assert r["predicted"] < 0 and r["patched"] < 0
     if model == "pythia":
         assert r["patched"] <= 0.5 * r["predicted"]
+    else:
+        assert r["patched_frozen_norms"] <= 0.5 * r["predicted"]
+    # every last-position head of a later layer attending there, ablated together: >= 50% of the graph's prediction
+    assert head in r["family"] and len(r["family"]) > 1
+    assert r["family_predicted"] < 0 and r["family_patched"] <= 0.5 * r["family_predicted"]
 
 
 def test_addition_circuit(tmp_path):
