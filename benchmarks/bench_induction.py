@@ -15,17 +15,14 @@ import torch
 def probe(adapter, span: int, prefix: int, seed: int) -> tuple[float, list[float]]:
     """p(repeated token) and, per layer, the largest attention weight (over heads) from the last position to
     the token after the earlier occurrence."""
-    tok = adapter.tokenizer
-    g = torch.Generator().manual_seed(seed)
-    special = set(tok.all_special_ids)
-    pool = torch.tensor([i for i in range(len(tok)) if i not in special])
-    pre, r = (pool[torch.randint(0, len(pool), (k,), generator=g)] for k in (prefix, span))
-    ids = torch.cat([torch.tensor([tok.bos_token_id]), pre, r, r[:-1]])[None].to(adapter.device)
+    from replacement.evaluate import repeated_span_prompt
+
+    ids, answer = repeated_span_prompt(adapter, span, seed, prefix)
     after = prefix + span  # r[-1]: the token after the earlier occurrence of the last token, r[-2]
     names = [f"blocks.{L}.attn.pattern" for L in range(adapter.n_layers)]
     with torch.no_grad():
-        run = adapter.run(ids, capture=names)
-    p = float(run.logits[0, -1].float().softmax(-1)[r[-1]])
+        run = adapter.run(ids.to(adapter.device), capture=names)
+    p = float(run.logits[0, -1].float().softmax(-1)[answer])
     return p, [float(run.cache[nm][0, :, -1, after].max()) for nm in names]
 
 

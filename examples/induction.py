@@ -16,27 +16,19 @@ from pathlib import Path
 import torch
 
 
-def induction_prompt(adapter, span: int = 8, seed: int = 1) -> torch.Tensor:
-    """BOS + r + r[:-1]: the next token is r[-1], predictable only by induction."""
-    g = torch.Generator().manual_seed(seed)
-    special = set(adapter.tokenizer.all_special_ids)
-    pool = torch.tensor([i for i in range(len(adapter.tokenizer)) if i not in special])
-    r = pool[torch.randint(0, len(pool), (span,), generator=g)]
-    return torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), r, r[:-1]])[None], int(r[-1])
-
-
 def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int = 1, verbose: bool = True) -> dict:
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
+    from replacement.evaluate import repeated_span_prompt
     from replacement.models import load_model
 
     say = print if verbose else (lambda *a, **k: None)
     adapter = load_model(model_name)
     model = ReplacementModel.load(adapter)
-    ids, answer = induction_prompt(adapter, seed=seed)
+    ids, answer = repeated_span_prompt(adapter, span=8, seed=seed)  # BOS + r + r[:-1]; the answer is r[-1]
     n = ids.shape[1]
     tok = adapter.tokenizer
     target = tok.decode([answer])

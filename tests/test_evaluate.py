@@ -1,0 +1,45 @@
+"""The induction prompts and metrics of replacement/evaluate.py, on the bundled toy model."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from replacement.evaluate import induction_losses, random_token_pool, repeated_span_prompt
+from replacement.models import load_model
+
+
+def test_repeated_span_prompt():
+    adapter = load_model("toy")
+    tok = adapter.tokenizer
+    ids, answer = repeated_span_prompt(adapter, span=5, seed=3, prefix=4)
+    row = ids[0].tolist()
+    assert len(row) == 1 + 4 + 5 + 4 and row[0] == tok.bos_token_id
+    r = row[5:10]
+    assert row[10:] == r[:-1] and answer == r[-1]
+    assert not set(tok.all_special_ids) & set(row[1:])
+    assert repeated_span_prompt(adapter, 5, 3, 4)[0].tolist() == [row]  # a function of the seed
+    assert repeated_span_prompt(adapter, 5, 4, 4)[0].tolist() != [row]
+    assert len(random_token_pool(adapter)) == len(tok) - len(set(tok.all_special_ids))
+
+
+def test_induction_losses_by_hand():
+    """The reported copy losses are the mean cross-entropies of tokens 2..span of each copy, recomputed here
+    one prompt and one token at a time."""
+    adapter = load_model("toy")
+    span, n_seqs = 6, 3
+    out = induction_losses(adapter, span=span, n_seqs=n_seqs, seed=5)
+    g = torch.Generator().manual_seed(5)
+    pool = random_token_pool(adapter)
+    r = pool[torch.randint(0, len(pool), (n_seqs, span), generator=g)]
+    first, second = [], []
+    for row in r:
+        ids = torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), row, row])
+        with torch.no_grad():
+            logp = adapter.run(ids[None]).logits[0].float().log_softmax(-1)
+        for i in range(2, span + 1):  # token i of copy 1 is at position i, of copy 2 at span + i
+            first.append(-float(logp[i - 1, ids[i]]))
+            second.append(-float(logp[span + i - 1, ids[span + i]]))
+    assert math.isclose(out["first_copy_loss"], sum(first) / len(first), rel_tol=1e-4)
+    assert math.isclose(out["second_copy_loss"], sum(second) / len(second), rel_tol=1e-4)
+    assert out["second_copy_loss"] < out["first_copy_loss"]  # the toy does induction
