@@ -41,7 +41,7 @@ def test_induction_circuit(model, tmp_path):
     # its strongest QK pair at that key: the key side is an earlier head that read the previous token
     assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
     # path patching the head moves the logit the way the graph predicts, by >= 50% of it on pythia (on the toy
-    # prompt by 31% of it, 174% with the norm scales frozen as in the graph: see the README)
+    # prompt by 31% of it, 173% with the norm scales frozen as in the graph: see the README)
     assert r["predicted"] < 0 and r["patched"] < 0
     if model == "pythia":
         assert r["patched"] <= 0.5 * r["predicted"]
