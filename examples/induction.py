@@ -57,10 +57,19 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     # the head's strongest QK pair at that key position: what makes it attend there
     pairs = sorted((e for e in full.qk_pairs(head.id) if e.extra["key_pos"] == peak), key=lambda e: -abs(e.weight))
     top = pairs[0] if pairs else None
-    prev_head = None
+    prev_head = query_reads_current = None
     if top is not None:
         for e in pairs[:3]:
             say(f"QK pair at key {peak}: query {e.extra['query']} x key {e.extra['key']} = {e.weight:+.3f}")
+        # the query side carries the current token: a node written at the last position before the head's layer
+        # that reads only that token (the embedding, a head attending to its own position, or a layer-0 MLP
+        # node of a parallel-residual model, whose MLP reads the embedding alone)
+        query = full.node(top.extra["query"])
+        query_reads_current = query.pos == n - 1 and query.layer < head.layer and (
+            query.type == "embedding" or (query.type == "lorsa" and peak_of(query) == n - 1)
+            or (query.type in ("transcoder", "mlp_error") and query.layer == 0 and adapter.parallel_residual))
+        say(f"  query side {query.id}: written at the last position in layer {query.layer}"
+            + (", from the current token alone" if query_reads_current else ""))
         key = full.node(top.extra["key"])
         if key.type == "lorsa" and key.layer < head.layer and "z_pattern" in key.extra:
             src = int(torch.tensor(key.extra["z_pattern"]).abs().argmax())
@@ -90,7 +99,8 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
         say(f"wrote {svg}")
     except RenderError as e:
         say(f"note: {e}")
-    return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "prev_head": prev_head, "graph": graph,
+    return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "prev_head": prev_head,
+            "query_reads_current": query_reads_current, "graph": graph,
             "full": full, "patched": patched, "predicted": predicted, "patched_frozen_norms": frozen, "family": family,
             "family_patched": family_patched, "family_predicted": family_predicted, "ids": ids, "answer": answer}
 

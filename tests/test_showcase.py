@@ -38,8 +38,10 @@ def test_induction_circuit(model, tmp_path):
     assert any(info["key_pos"] == r["expected_peak"] for info in head.extra["qk"])
     assert (tmp_path / "induction.svg").is_file() or (tmp_path / "induction.dot").is_file()
     assert head.layer >= 1
-    # its strongest QK pair at that key: the key side is an earlier head that read the previous token
+    # its strongest QK pair at that key: the key side is an earlier head that read the previous token, the query
+    # side a node carrying the current token
     assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
+    assert r["query_reads_current"]
     # path patching the head moves the logit the way the graph predicts, by >= 50% of it on pythia (on the toy
     # prompt by 31% of it, 173% with the norm scales frozen as in the graph: see the README)
     assert r["predicted"] < 0 and r["patched"] < 0
