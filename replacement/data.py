@@ -112,6 +112,16 @@ class Mixture:
     repeat_gap: int = 0  # up to this many random tokens before each later copy of a span (0: copies are contiguous)
 
 
+def random_token_pool(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
+    """[V'] the token ids random spans draw from: the tokenizer's (below ``vocab_size`` too, if given; without a
+    tokenizer, every id below ``vocab_size``), its special tokens left out."""
+    n = len(tokenizer) if tokenizer is not None else vocab_size
+    if tokenizer is not None and vocab_size is not None:
+        n = min(n, vocab_size)
+    special = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+    return torch.tensor([i for i in range(n) if i not in special])
+
+
 class BatchMaker:
     """Deterministic batches of token ids [B, T], each row ``BOS + ...``."""
 
@@ -127,8 +137,7 @@ class BatchMaker:
         self.bare, self.spaced = number_token_ids(tokenizer)
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         (self.plus,), (self.eq,), (self.nl,) = enc(" +"), enc(" ="), enc("\n")
-        special = set(tokenizer.all_special_ids)
-        self.random_pool = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+        self.random_pool = random_token_pool(tokenizer)
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

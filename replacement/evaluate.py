@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data import random_token_pool
 from .models import ModelAdapter
 
 
@@ -13,18 +14,11 @@ def _token_losses(adapter: ModelAdapter, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
-def random_token_pool(adapter: ModelAdapter) -> torch.Tensor:
-    """[V'] the token ids random spans draw from: the vocabulary without its special tokens."""
-    special = set(adapter.tokenizer.all_special_ids) if adapter.tokenizer else set()
-    return torch.tensor([i for i in range(adapter.vocab_size) if i not in special and (
-        adapter.tokenizer is None or i < len(adapter.tokenizer))])
-
-
 def repeated_span_prompt(adapter: ModelAdapter, span: int = 8, seed: int = 1, prefix: int = 0) -> tuple[torch.Tensor, int]:
     """``BOS + p + r + r[:-1]`` [1, n] (p: ``prefix`` random tokens, r: a random span of ``span``) and r[-1], the
     next token, which only induction predicts (match the current token earlier, copy what followed it)."""
     g = torch.Generator().manual_seed(seed)
-    pool = random_token_pool(adapter)
+    pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     p, r = (pool[torch.randint(0, len(pool), (k,), generator=g)] for k in (prefix, span))
     return torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), p, r, r[:-1]])[None], int(r[-1])
 
@@ -35,7 +29,7 @@ def induction_losses(adapter: ModelAdapter, span: int = 20, n_seqs: int = 64, se
 
     Both copies are scored on their tokens 2..span (the first token of each copy cannot be predicted)."""
     g = torch.Generator().manual_seed(seed)
-    pool = random_token_pool(adapter)
+    pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     r = pool[torch.randint(0, len(pool), (n_seqs, span), generator=g)]
     bos = adapter.config.bos_token_id if adapter.config.bos_token_id is not None else int(pool[0])
     ids = torch.cat([torch.full((n_seqs, 1), bos), r, r], dim=1).to(adapter.device)

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from replacement.evaluate import induction_losses, random_token_pool, repeated_span_prompt
+from replacement.data import random_token_pool
+from replacement.evaluate import induction_losses, repeated_span_prompt
 from replacement.models import load_model
 
 
@@ -20,7 +21,7 @@ def test_repeated_span_prompt():
     assert not set(tok.all_special_ids) & set(row[1:])
     assert repeated_span_prompt(adapter, 5, 3, 4)[0].tolist() == [row]  # a function of the seed
     assert repeated_span_prompt(adapter, 5, 4, 4)[0].tolist() != [row]
-    assert len(random_token_pool(adapter)) == len(tok) - len(set(tok.all_special_ids))
+    assert len(random_token_pool(adapter.tokenizer, adapter.vocab_size)) == len(tok) - len(set(tok.all_special_ids))
 
 
 def test_induction_losses_by_hand():
@@ -30,7 +31,7 @@ def test_induction_losses_by_hand():
     span, n_seqs = 6, 3
     out = induction_losses(adapter, span=span, n_seqs=n_seqs, seed=5)
     g = torch.Generator().manual_seed(5)
-    pool = random_token_pool(adapter)
+    pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     r = pool[torch.randint(0, len(pool), (n_seqs, span), generator=g)]
     first, second = [], []
     for row in r:
