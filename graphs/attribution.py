@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from replacement.assemble import Record, ReplacementModel
-from replacement.errors import BadInputError
+from replacement.models import single_token
 
 from .graph import AttributionGraph, EdgeArrays, Node
 
@@ -345,12 +345,7 @@ def _logit_nodes(rec: Record, nodes: list[Node], tok, target: str | None, covera
     n = rec.ids.shape[0]
     logits = rec.logits[n - 1]
     probs = logits.softmax(-1)
-    target_id = None
-    if target is not None:
-        t_ids = tok.encode(target, add_special_tokens=False) if tok is not None else []
-        if len(t_ids) != 1:
-            raise BadInputError(f"target {target!r} is not a single token of this model's vocabulary")
-        target_id = t_ids[0]
+    target_id = None if target is None else single_token(tok, target)
     demeaned = logits - logits.mean()
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):

@@ -191,9 +191,14 @@ class BatchMaker:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to a temporary file beside ``path`` (creating its folder), then rename it into place."""
+    """Write UTF-8 text to a temporary file beside ``path`` (creating its folder), then rename it into place;
+    on any failure (a full disk, Ctrl-C) the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
