@@ -69,6 +69,14 @@ CASES = [
     Case("model-invalid-config-json", ["trace", "x", "--model", "{BADCONFIG}"], "cannot load"),
     Case("model-truncated-safetensors", ["trace", "x", "--model", "{TRUNCATED}"], "cannot load the weights"),
     Case("model-pickle-only", ["trace", "x", "--model", "{PICKLE}"], "only pickle weights (pytorch_model.bin)"),
+    Case("long-prompt-before-weights", ["trace", "the cat " * 60, "--model", "{TRUNCATED}"],
+         "longer than the model's context"),  # checked with the tokenizer alone: the broken weights never load
+    Case("bad-target-before-weights", ["trace", "the cat", "--model", "{TRUNCATED}", "--target", "zz qq"],
+         "is not a single token"),
+    Case("over-memory-budget", ["trace", "the cat sat on the mat", "--model", "{M}"], "more than the 100 KB available",
+         env={"CIRCUITS_MEMORY_BUDGET": "100K"}),
+    Case("memory-budget-unreadable", T, "CIRCUITS_MEMORY_BUDGET='lots' is not a size",
+         env={"CIRCUITS_MEMORY_BUDGET": "lots"}),
     Case("device-unknown", T + ["--device", "tpu"], "unknown device 'tpu'"),
     Case("model-nan-weights", ["trace", "the cat", "--model", "{NANMODEL}"], "NaN or infinite logits"),
     # replacements
