@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import signal
 import sys
+import threading
 
 import click
 
@@ -70,8 +71,8 @@ def run_friendly(fn, *args, **kwargs):
 
     SIGTERM and SIGHUP raise KeyboardInterrupt, so every ``finally`` and ``except`` on the way out runs
     (temporary files are removed, child processes killed) as it does for Ctrl-C."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as e:
@@ -80,6 +81,9 @@ def run_friendly(fn, *args, **kwargs):
         fail("input nested too deeply")
     except KeyboardInterrupt:
         fail("interrupted")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _interrupt(signum, frame):
