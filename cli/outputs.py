@@ -60,7 +60,8 @@ def _alive(pid: int) -> bool:
 
 
 class RunFolder:
-    """``with RunFolder(out) as run:`` write to ``run.path(name)``, then ``run.commit([names])``."""
+    """``with RunFolder(out) as run:`` (or ``run = RunFolder(out).open()`` ... ``run.close()``) write to
+    ``run.path(name)``, then ``run.commit([names])``."""
 
     def __init__(self, out: str | Path, flag: str = "--out"):
         self.out, self.flag = Path(out), flag
@@ -68,6 +69,13 @@ class RunFolder:
         self.created: list[Path] = []
 
     def __enter__(self) -> "RunFolder":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> "RunFolder":
+        """Create the output and the private folder (BadInputError if it cannot be written)."""
         missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +83,7 @@ class RunFolder:
             remove_leftovers(self.out)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".run-{os.getpid()}-", dir=self.out))
         except OSError as e:
-            self._cleanup()
+            self.close()
             raise BadInputError(f"cannot write to {self.flag} {self.out}: {e.strerror or e}") from None
         return self
 
@@ -93,10 +101,8 @@ class RunFolder:
             os.close(fd)  # releases the lock
         return [self.out / name for name in names]
 
-    def __exit__(self, *exc) -> None:
-        self._cleanup()
-
-    def _cleanup(self) -> None:
+    def close(self) -> None:
+        """Remove the private folder, and the folders this run created if they are empty."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
