@@ -78,6 +78,12 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
                f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
     click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
+    _print_decomposition(graph.scores.get("logit_decomposition", {}))
+    with torch.no_grad():
+        pure_top = int(model.run_sparse(ids)[-1].argmax()) if attention == "lorsa" else None
+    if pure_top is not None and pure_top != int(probs.argmax()):
+        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure_top])!r}, the real "
+                   f"model {tok.decode([int(probs.argmax())])!r}: this graph's answer rests on its error nodes")
     paths = graph.top_paths(k=1)
     if paths:
         strength, path = paths[0]
@@ -109,6 +115,21 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
                 svg.unlink()
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: load {t_load:.1f}s, attribution + pruning {t_graph:.1f}s")
+
+
+def _print_decomposition(dec: dict) -> None:
+    """The target logit's signed input (and its margin over the runner-up) by source: features, errors,
+    embeddings, constants.  Logits are demeaned over the vocabulary, as in the graph."""
+    parts = ("features", "errors", "embeddings", "constants")
+    for key, what in (("target", "logit {token!r} (demeaned)"), ("margin", "margin over {runner!r}")):
+        if key not in dec:
+            continue
+        d = dec[key]
+        name = what.format(token=dec["target"]["token"], runner=dec.get("runner_up", {}).get("token"))
+        terms = ", ".join(f"{p} {d[p]:+.2f}" for p in parts)
+        click.echo(f"{name} {d['total']:+.2f} = {terms}" + (f", pruned-away {d['dropped']:+.2f}" if d["dropped"] else ""))
+    if dec.get("error_share") is not None:
+        click.echo(f"errors carry {dec['error_share']:.0%} of the margin")
 
 
 def _check_writable(folder: Path) -> None:
