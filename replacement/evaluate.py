@@ -289,3 +289,19 @@ def _has_number_tokens(adapter: ModelAdapter) -> bool:
         return True
     except ValueError:
         return False
+
+
+def natural_copy_prompt(adapter: ModelAdapter, seed: int = 1, kind: str = "sentence") -> tuple[torch.Tensor, int, int]:
+    """A held-out natural-text copying prompt (case ``seed`` of that kind, see `natural_copy_cases`), cut in the
+    middle of the second copy: (ids [1, n], the next token, the position of that token in the first copy).
+    Only copying predicts it: match the current token earlier, read what followed it."""
+    from .corpus import heldout_texts
+
+    cases = [c for c in natural_copy_cases(adapter.tokenizer, heldout_texts(), seed + 1, adapter.context)
+             if c.kind == kind]
+    if len(cases) <= seed:
+        raise ValueError(f"only {len(cases)} held-out {kind} cases")
+    c = cases[seed]
+    j = max(1, c.length // 2)  # tokens of the second copy kept in the prompt
+    cut = c.second + j
+    return torch.tensor([c.ids[:cut]]), c.ids[cut], c.first + c.offset + j
