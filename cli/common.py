@@ -1,42 +1,116 @@
 """What every command shares: one-line errors instead of tracebacks, and the model options."""
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 import click
 
 from replacement.checkpoint import CheckpointError
-from replacement.errors import CircuitsError
+from replacement.errors import BadInputError, CircuitsError
 
-USER_ERRORS = (CircuitsError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS = (CircuitsError, CheckpointError, OSError)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on (control characters, escape sequences, line
+    breaks, lone surrogates) shown as a Python escape such as ``\\x1b``: safe to print, always one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message)}", err=True)
     sys.exit(1)
 
 
 class FriendlyCommand(click.Command):
-    """A click command that reports user errors as one line and exits 1."""
+    """A click command that reports user errors (usage errors included) as one line and exits 1."""
+
+    def main(self, *args, **kwargs):
+        return one_line_usage_errors(super().main, *args, **kwargs)
 
     def invoke(self, ctx):
-        return run_friendly(super().invoke, ctx)
+        return run_friendly(_checked_invoke, super().invoke, ctx)
 
 
 class FriendlyGroup(click.Group):
     """A click group whose commands report user errors as one line and exit 1."""
 
+    command_class = FriendlyCommand
+
+    def main(self, *args, **kwargs):
+        return one_line_usage_errors(super().main, *args, **kwargs)
+
     def invoke(self, ctx):
         return run_friendly(super().invoke, ctx)
 
 
+def one_line_usage_errors(main, *args, standalone_mode: bool = True, **kwargs):
+    """Click's ``main``, with a usage error (unknown option, bad value, missing argument) printed as one line
+    instead of click's usage block."""
+    if not standalone_mode:
+        return main(*args, standalone_mode=False, **kwargs)
+    try:
+        rv = main(*args, standalone_mode=False, **kwargs)
+    except _NO_ARGS_IS_HELP as e:  # a bare group or command: its help, as click shows it
+        e.show()
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        fail(f"{e.format_message()} (see --help)")
+    except click.Abort:
+        fail("interrupted")
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def run_friendly(fn, *args, **kwargs):
+    """Run ``fn``, turning user errors, full disks, Ctrl-C and SIGTERM/SIGHUP into one line on stderr and exit 1.
+
+    SIGTERM and SIGHUP raise KeyboardInterrupt, so every ``finally`` and ``except`` on the way out runs
+    (temporary files are removed, child processes killed) as it does for Ctrl-C."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as e:
-        fail(str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}")
+        fail(_message(e))
+    except RecursionError:
+        fail("input nested too deeply")
     except KeyboardInterrupt:
         fail("interrupted")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _message(e: BaseException) -> str:
+    if not isinstance(e, OSError):
+        return str(e)
+    what = e.strerror or str(e)
+    if e.errno in _DISK_FULL:
+        what = f"{what} (disk full?): nothing was written"
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+def _checked_invoke(invoke, ctx):
+    check_text_params(ctx)
+    return invoke(ctx)
+
+
+def check_text_params(ctx: click.Context) -> None:
+    """Refuse an argument that is not valid UTF-8 (Python holds the bad bytes as lone surrogates); paths are
+    left alone, since file names may be any bytes."""
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param.type, click.Path):
+            continue
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(v, str) and any("\ud800" <= c <= "\udfff" for c in v):
+                name = param.human_readable_name if isinstance(param, click.Argument) else param.opts[0]
+                raise BadInputError(f"{name} is not valid UTF-8 text")
 
 
 def model_options(f):

@@ -346,12 +346,9 @@ def _reference_prompts(adapter, path: str) -> list:
 
 
 def _single_token(adapter, text: str) -> int:
-    from replacement.errors import BadInputError
+    from replacement.models import single_token
 
-    ids = adapter.tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise BadInputError(f"{text!r} is not a single token of this model's vocabulary ({len(ids)} tokens)")
-    return ids[0]
+    return single_token(adapter.tokenizer, text, "token")
 
 
 @circuits.command()
@@ -433,17 +430,28 @@ def _print_dashboard(e: dict) -> None:
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png.")
 def render(graph_json, fmt):
     """Render a graph JSON file to DOT/SVG/PNG next to it."""
+    import shutil
+
     import graphs
     from graphs.export import RenderError, render as render_dot, write_dot
+    from replacement.errors import BadInputError
 
+    from .outputs import remove_leftovers
+
+    fmts = [x.strip() for x in fmt.split(",") if x.strip()]
+    if not fmts or set(fmts) - {"dot", "svg", "png"}:
+        raise BadInputError(f"unknown format(s) in {fmt!r}; choose from dot, svg, png")
+    if set(fmts) - {"dot"} and shutil.which("dot") is None:
+        raise BadInputError("--format svg/png needs graphviz's `dot`, which is not installed (apt-get install graphviz)")
     g = graphs.load(graph_json)
+    remove_leftovers(Path(graph_json).parent)
     dot = write_dot(g, Path(graph_json).with_suffix(".dot"))
     click.echo(f"wrote {dot}")
-    for f in [x.strip() for x in fmt.split(",") if x.strip() and x.strip() != "dot"]:
+    for f in [x for x in fmts if x != "dot"]:
         try:
             click.echo(f"wrote {render_dot(dot, f)}")
         except RenderError as e:
-            click.echo(f"note: {e}")
+            raise BadInputError(str(e)) from None
 
 
 @circuits.command()
@@ -456,24 +464,31 @@ def render(graph_json, fmt):
 def query(graph_json, node, paths, node_type, layer, position):
     """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position."""
     import graphs
+    from replacement.errors import BadInputError
+
+    from .common import printable as p
 
     g = graphs.load(graph_json)
     click.echo(repr(g))
     if node:
+        if node not in g.index:
+            raise BadInputError(f"no node {node!r} in {graph_json}")
         n = g.node(node)
-        click.echo(f"{n.id}: activation {n.activation:.4g}, influence {n.influence:.4g}")
+        click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
         for e in g.incoming(n, k=10):
-            click.echo(f"  <- {e.source:<28} {e.weight:+.4f} ({e.kind})")
+            click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.outgoing(n, k=10):
-            click.echo(f"  -> {e.target:<28} {e.weight:+.4f} ({e.kind})")
+            click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.qk_pairs(n)[:10]:
-            click.echo(f"  qk {e.extra['query']} x {e.extra['key']} (key pos {e.extra['key_pos']}) {e.weight:+.4f}")
+            click.echo(f"  qk {p(e.extra['query'])} x {p(e.extra['key'])} (key pos {e.extra['key_pos']}) {e.weight:+.4f}")
     elif node_type or layer is not None or position is not None:
         for n in g.nodes(type=node_type, layer=layer, position=position):
-            click.echo(f"  {n.id:<28} act {n.activation:.4g}  influence {n.influence:.4g}")
+            click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")
     else:
+        if paths < 1:
+            raise BadInputError(f"--paths must be at least 1, not {paths}")
         for strength, path in g.top_paths(k=paths):
-            click.echo(f"  {strength:.4f}  " + " -> ".join(path))
+            click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """`trace PROMPT --model NAME`: attribution graph of a prompt through the replacement model, exported."""
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import click
 import torch
 
+from replacement.errors import BadInputError
+
 from .common import FriendlyCommand, model_options
+from .outputs import RunFolder, default_out_dir
 
 FORMATS = ("json", "dot", "svg", "png", "html")
 
 
 def _formats(value: str) -> list[str]:
-    from replacement.errors import BadInputError
-
     fmts = [f.strip() for f in value.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
@@ -25,7 +28,7 @@ def _formats(value: str) -> list[str]:
 @click.command(cls=FriendlyCommand)
 @click.argument("prompt")
 @model_options
-@click.option("--out", type=click.Path(), default=None, help="Output folder (default: ./traces/<slug>).")
+@click.option("--out", type=click.Path(), default=None, help="Output folder (default: ./traces/<slug>-<hash of prompt, model and settings>).")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True,
               help="lorsa: attention replaced by Lorsa heads; frozen: real attention with frozen patterns (transcoders only).")
 @click.option("--target", default=None, help="A token whose logit must be in the graph (e.g. ' 98').")
@@ -40,79 +43,74 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
           qk_heads, fmt, replacements):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from graphs.attribution import attribute
-    from graphs.export import RenderError, _slug, render, write_dot, write_json
+    from graphs.export import RenderError, render, write_dot, write_json
     from graphs.prune import prune
+    from graphs.validate import check_finite
     from replacement.assemble import ReplacementModel
-    from replacement.errors import BadInputError
     from replacement.models import load_model
 
-    for name, t in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
-        if not 0 < t <= 1:
-            raise BadInputError(f"{name} must be in (0, 1], not {t}")
-    if max_nodes is not None and max_nodes < 1:
-        raise BadInputError("--max-nodes must be at least 1")
-    fmts = _formats(fmt)
-    if not prompt.strip():
-        raise BadInputError("the prompt is empty")
-    out_dir = Path(out or Path("traces") / _slug(prompt))
-    _check_writable(out_dir)
+    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, fmt)
+    _check_prompt_and_target(model_name, prompt, target)
+    settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
+                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
+                "replacements": replacements, "dtype": dtype}
+    out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
+    with RunFolder(out_dir) as run:
+        t0 = time.time()
+        adapter = load_model(model_name, device, dtype)
+        ids = adapter.tokenize(prompt)
+        model = ReplacementModel.load(adapter, replacements, attention)
+        _check_memory(model, ids.shape[1])
+        t_load = time.time() - t0
+        with torch.no_grad():
+            logits = adapter.run(ids).logits[0, -1].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise BadInputError(f"the model {adapter.name} outputs NaN or infinite logits (NaN weights?); no graph written")
+        probs = logits.softmax(-1)
+        tok = adapter.tokenizer
+        toks = [tok.decode([i]) for i in ids[0].tolist()]
+        click.echo(f"model {adapter.name} ({attention} attention), {len(toks)} tokens: {toks}")
+        vals, idx = probs.topk(5)
+        click.echo("top predictions: " + ", ".join(f"{tok.decode([i])!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-    t0 = time.time()
-    adapter = load_model(model_name, device, dtype)
-    ids = adapter.tokenize(prompt)
-    model = ReplacementModel.load(adapter, replacements, attention)
-    t_load = time.time() - t0
-    with torch.no_grad():
-        probs = adapter.run(ids).logits[0, -1].float().softmax(-1)
-    tok = adapter.tokenizer
-    toks = [tok.decode([i]) for i in ids[0].tolist()]
-    click.echo(f"model {adapter.name} ({attention} attention), {len(toks)} tokens: {toks}")
-    vals, idx = probs.topk(5)
-    click.echo("top predictions: " + ", ".join(f"{tok.decode([i])!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
-
-    t1 = time.time()
-    full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=True)
-    graph = prune(full, node_threshold, edge_threshold, max_nodes)
-    t_graph = time.time() - t1
-    s = graph.scores
-    click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
-               f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
-    click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
-    _print_decomposition(graph.scores.get("logit_decomposition", {}))
-    with torch.no_grad():
-        pure_top = int(model.run_sparse(ids)[-1].argmax()) if attention == "lorsa" else None
-    if pure_top is not None and pure_top != int(probs.argmax()):
-        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure_top])!r}, the real "
-                   f"model {tok.decode([int(probs.argmax())])!r}: this graph's answer rests on its error nodes")
-    paths = graph.top_paths(k=1)
-    if paths:
-        strength, path = paths[0]
-        click.echo(f"strongest path to {graph.logits()[0].label!r}: " + " -> ".join(path) + f"  (strength {strength:.3f})")
-    written = []
-    base = out_dir / "graph"
-    if "json" in fmts:
-        written.append(write_json(graph, base.with_suffix(".json")))
-    if {"dot", "svg", "png", "html"} & set(fmts):
-        dot = write_dot(graph, base.with_suffix(".dot"))
-        if "dot" in fmts:
-            written.append(dot)
-        for f in ("svg", "png"):
-            if f in fmts or (f == "svg" and "html" in fmts):
-                try:
-                    out = render(dot, f)
+        t1 = time.time()
+        full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
+        graph = prune(full, node_threshold, edge_threshold, max_nodes)
+        check_finite(graph)
+        t_graph = time.time() - t1
+        s = graph.scores
+        click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
+                   f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
+        click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
+        _print_decomposition(graph.scores.get("logit_decomposition", {}))
+        _warn_if_pure_model_disagrees(model, ids, probs)
+        paths = graph.top_paths(k=1)
+        if paths:
+            strength, path = paths[0]
+            click.echo(f"strongest path to {graph.logits()[0].label!r}: " + " -> ".join(path) + f"  (strength {strength:.3f})")
+        written = []
+        base = run.path("graph")
+        if "json" in fmts:
+            written.append(write_json(graph, base.with_suffix(".json")))
+        if {"dot", "svg", "png", "html"} & set(fmts):
+            dot = write_dot(graph, base.with_suffix(".dot"))
+            if "dot" in fmts:
+                written.append(dot)
+            for f in ("svg", "png"):
+                if f in fmts or (f == "svg" and "html" in fmts):
+                    try:
+                        svg_or_png = render(dot, f)
+                    except RenderError as e:
+                        raise BadInputError(f"{e}; nothing was written") from None
                     if f in fmts:
-                        written.append(out)
-                except RenderError as e:
-                    click.echo(f"note: {e}")
-        svg = base.with_suffix(".svg")
-        if "html" in fmts and svg.is_file():
-            from graphs.html import write_html
-            from replacement.dashboards import load_or_build
+                        written.append(svg_or_png)
+            if "html" in fmts:
+                from graphs.html import write_html
+                from replacement.dashboards import load_or_build
 
-            dash = load_or_build(model)
-            written.append(write_html(graph, svg, base.with_suffix(".html"), dash))
-            if "svg" not in fmts:
-                svg.unlink()
+                dash = load_or_build(model)
+                written.append(write_html(graph, base.with_suffix(".svg"), base.with_suffix(".html"), dash))
+        written = run.commit([p.name for p in written])  # the svg rendered only for the page stays behind
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: load {t_load:.1f}s, attribution + pruning {t_graph:.1f}s")
 
@@ -132,16 +130,53 @@ def _print_decomposition(dec: dict) -> None:
         click.echo(f"errors carry {dec['error_share']:.0%} of the margin")
 
 
-def _check_writable(folder: Path) -> None:
-    from replacement.errors import BadInputError
+def _warn_if_pure_model_disagrees(model, ids, probs) -> None:
+    """One line when the pure replacement model (no error nodes) predicts another token than the real model."""
+    if model.attention != "lorsa":
+        return
+    with torch.no_grad():
+        pure, real = int(model.run_sparse(ids)[-1].argmax()), int(probs.argmax())
+    if pure != real:
+        tok = model.adapter.tokenizer
+        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure])!r}, the real "
+                   f"model {tok.decode([real])!r}: this graph's answer rests on its error nodes")
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise BadInputError(f"cannot write to --out {folder}: {e.strerror or e}") from None
+
+def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, fmt) -> list[str]:
+    """Everything that can be checked before loading anything; returns the formats."""
+    for name, t in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
+        if not 0 < t <= 1:
+            raise BadInputError(f"{name} must be in (0, 1], not {t}")
+    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads)):
+        if v is not None and v < 1:
+            raise BadInputError(f"{name} must be at least 1, not {v}")
+    fmts = _formats(fmt)
+    if not prompt.strip():
+        raise BadInputError("the prompt is empty")
+    if {"svg", "png", "html"} & set(fmts) and shutil.which("dot") is None:
+        raise BadInputError(f"--format {','.join(fmts)} needs graphviz's `dot`, which is not installed "
+                            "(apt-get install graphviz); --format json,dot needs none")
+    return fmts
+
+
+def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -> None:
+    """Prompt length and --target, with the tokenizer alone (seconds before the model would have loaded)."""
+    from replacement.models import encode_prompt, load_tokenizer, single_token
+
+    tok, context = load_tokenizer(model_name)
+    if tok is not None:
+        encode_prompt(tok, prompt, context)
+        if target is not None:
+            single_token(tok, target, "--target")
+
+
+def _check_memory(model, n_tokens: int) -> None:
+    """Refuse in one line a graph whose estimated size exceeds the memory available (graphs/budget.py)."""
+    from graphs.budget import check, estimate
+
+    lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
+    tc_k = [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
+    check(estimate(n_tokens, lorsa_k, tc_k), n_tokens)
 
 
 main = trace

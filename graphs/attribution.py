@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from replacement.assemble import Record, ReplacementModel
-from replacement.errors import BadInputError
+from replacement.models import single_token
 
 from .graph import AttributionGraph, EdgeArrays, Node
 from .prune import logit_decomposition
@@ -264,7 +264,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     tok = a.tokenizer
     tokens = [tok.decode([i]) if tok is not None else str(i) for i in rec.ids.tolist()]
     nodes, sources, targets = _feature_nodes(model, rec, tokens)
-    target_id = _target_id(tok, target)
+    target_id = None if target is None else single_token(tok, target)
     targets.append(_logit_nodes(rec, nodes, tok, target_id, logit_coverage, max_logits, lin.N))
     edges = _edges(lin, nodes, sources, targets, batch_size, edges_per_target, progress)
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
@@ -340,15 +340,6 @@ def _feature_nodes(model: ReplacementModel, rec: Record, tokens: list[str]):
             add(Node(f"mlp_err.{L}@{p}", "mlp_error", L, p, -1, activation=float(lr.mlp_err[p].norm()),
                      label=f"L{L} mlp err"), 2 * L + 2, lr.mlp_err[p])
     return nodes, sources, targets
-
-
-def _target_id(tok, target: str | None) -> int | None:
-    if target is None:
-        return None
-    t_ids = tok.encode(target, add_special_tokens=False) if tok is not None else []
-    if len(t_ids) != 1:
-        raise BadInputError(f"target {target!r} is not a single token of this model's vocabulary")
-    return t_ids[0]
 
 
 def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, coverage: float, max_logits: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from replacement.data import atomic_write_text
 
 from .graph import AttributionGraph, Edge, Node
+from .validate import load_graph_dict, strict_dumps
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -100,16 +102,14 @@ def validate(d: dict) -> None:
 def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = None) -> Path:
     path = Path(path)
     d = to_dict(graph, slug)
-    try:
-        validate(d)
-    except ImportError:  # jsonschema is a dev extra; the tests validate every graph they write
-        pass
-    atomic_write_text(path, json.dumps(d))
+    validate(d)
+    atomic_write_text(path, strict_dumps(d))
     return path
 
 
 def read_json(path: str | Path) -> AttributionGraph:
-    return from_dict(json.loads(Path(path).read_text()))
+    """A graph file, checked (graphs/validate.py): any malformed file raises BadGraphError (one line)."""
+    return from_dict(load_graph_dict(path))
 
 
 def _slug(text: str) -> str:
@@ -130,7 +130,19 @@ STYLE = {  # fill colour, shape
 
 
 def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """A DOT string literal that shows ``s`` as written: backslashes and quotes escaped, newlines as line
+    breaks, ``&`` as ``&amp;`` (Graphviz decodes HTML entities in strings), and characters that XML forbids
+    (control characters, lone surrogates, U+FFFE/U+FFFF) as visible escapes such as ``\\x01``."""
+    s = s.replace("\\", "\\\\").replace('"', '\\"').replace("&", "&amp;")
+    return '"' + _XML_UNSAFE.sub(_visible_escape, s).replace("\n", "\\n") + '"'
+
+
+_XML_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def _visible_escape(m: "re.Match") -> str:
+    c = ord(m.group())
+    return f"\\\\x{c:02x}" if c < 0x100 else f"\\\\u{c:04x}"
 
 
 def _short_label(graph: AttributionGraph, n: Node) -> str:
@@ -246,9 +258,33 @@ def render(dot_path: str | Path, fmt: str = "svg") -> Path:
         raise RenderError("graphviz's `dot` is not installed (apt-get install graphviz); the DOT file was written")
     out = dot_path.with_suffix("." + fmt)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    r = subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
+    try:  # on any exit (error, timeout, Ctrl-C, SIGTERM) subprocess.run kills dot; the except removes its file
+        r = subprocess.run([exe, f"-T{fmt}", str(dot_path), "-o", str(tmp)], capture_output=True, text=True,
+                           errors="replace", timeout=300, preexec_fn=_die_with_parent(os.getpid()))
+        if r.returncode != 0:
+            raise RenderError(f"dot failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        os.replace(tmp, out)
+    except subprocess.TimeoutExpired:
         tmp.unlink(missing_ok=True)
-        raise RenderError(f"dot failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    os.replace(tmp, out)
+        raise RenderError("dot took more than 300 s; the DOT file was written") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
+
+
+def _die_with_parent(parent: int):
+    """A ``preexec_fn`` that has Linux send the child SIGKILL when this process dies, even by SIGKILL (which
+    runs no cleanup here), so no ``dot`` outlives us; elsewhere it does nothing."""
+
+    def arm() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm

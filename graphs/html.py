@@ -147,13 +147,25 @@ def page_data(graph: AttributionGraph, drawn_ids: set[str], dashboards=None, n_e
     return {"prompt": graph.prompt, "tokens": graph.tokens, "nodes": nodes, "dashboards": dash}
 
 
+def script_json(obj) -> str:
+    """JSON safe inside ``<script type="application/json">``: ``<``, ``>`` and ``&`` (which can only occur in its
+    strings) become ``\\u003c``-style escapes, so no ``</script``, ``<!--`` or ``<script`` in a prompt or label
+    can end or swallow the block; ``JSON.parse`` reads the same values back."""
+    from .validate import strict_dumps
+
+    text = strict_dumps(obj)
+    for c in "<>&\u2028\u2029":
+        text = text.replace(c, f"\\u{ord(c):04x}")
+    return text
+
+
 def to_html(graph: AttributionGraph, svg: str, dashboards=None) -> str:
     import html
     import re
 
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE
     drawn = {html.unescape(t) for t in re.findall(r"<title>(.*?)</title>", svg)}
-    data = json.dumps(page_data(graph, drawn, dashboards)).replace("</", "<\\/")
+    data = script_json(page_data(graph, drawn, dashboards))
     title = f"{graph.prompt} - attribution graph"
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"zoom\"><button data-zoom=\"fit\">fit</button>"

@@ -23,8 +23,14 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, Ctrl-C: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, SafetensorError):  # how safetensors reports a failed write (e.g. no space left)
+            raise CheckpointError(f"cannot write {path}: {e}") from None
+        raise
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

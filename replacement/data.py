@@ -221,12 +221,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path`` (creating its folder), then rename it into place."""
+    """Write bytes to a temporary file beside ``path`` (creating its folder), then rename it into place;
+    on any failure (a full disk, Ctrl-C) the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise

@@ -71,6 +71,37 @@ def causal_pattern(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     return scores.masked_fill(mask, float("-inf")).softmax(-1).to(q.dtype)
 
 
+def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False) -> torch.Tensor:
+    """[1, n] token ids with BOS, checked against the context length (or, with ``truncate``, cut to it).
+
+    Text that spells a special token (``<|bos|>``) stays text: only the BOS this function adds is special."""
+    if not prompt or not prompt.strip():
+        raise BadInputError("the prompt is empty")
+    if tokenizer is None:
+        raise BadInputError("this model has no tokenizer; pass token ids")
+    ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
+        ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+    if truncate:
+        ids = ids[:, :context]
+    check_length(ids.shape[1], context)
+    return ids
+
+
+def check_length(n: int, context: int) -> None:
+    if n > context:
+        raise BadInputError(f"the prompt is {n} tokens, longer than the model's context of {context}")
+
+
+def single_token(tokenizer, text: str, what: str = "target") -> int:
+    """The id of ``text`` if it is exactly one token (a spelled-out special token is not); else BadInputError."""
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if tokenizer is not None else []
+    if len(ids) != 1:
+        raise BadInputError(f"{what} {text!r} is not a single token of this model's vocabulary ({len(ids)} tokens)")
+    return ids[0]
+
+
 @dataclass
 class RunResult:
     logits: torch.Tensor
@@ -205,22 +236,10 @@ class ModelAdapter:
 
     def tokenize(self, prompt: str, truncate: bool = False) -> torch.Tensor:
         """[1, n] token ids with BOS, checked against the context length (or, with ``truncate``, cut to it)."""
-        if not prompt or not prompt.strip():
-            raise BadInputError("the prompt is empty")
-        if self.tokenizer is None:
-            raise BadInputError("this model has no tokenizer; pass token ids")
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
-            ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
-        if truncate:
-            ids = ids[:, : self.context]
-        self.check_length(ids.shape[1])
-        return ids.to(self.device)
+        return encode_prompt(self.tokenizer, prompt, self.context, truncate).to(self.device)
 
     def check_length(self, n: int) -> None:
-        if n > self.context:
-            raise BadInputError(f"the prompt is {n} tokens, longer than the model's context of {self.context}")
+        check_length(n, self.context)
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -388,7 +407,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype = "float32") -> ModelAdapter:
     """Load a preset, a local HF folder, or an HF hub id into a `ModelAdapter`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our commands print one line per error; HF's bars and warnings add noise
@@ -398,23 +417,59 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
     local_only = not Path(path).exists() and not _hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
-    except (OSError, ValueError) as e:
-        why = "it is not in the local HF cache and the hub is unreachable (offline)" if local_only else str(e).splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - an unreadable config.json raises OSError, ValueError or JSONDecodeError
+        why = "it is not in the local HF cache and the hub is unreachable (offline)" if local_only else _first_line(e)
         raise ModelLoadError(f"cannot load {name!r}: {why}") from None
     if config.model_type not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}")
+    _check_safetensors_only(path, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager", local_files_only=local_only)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {str(e).splitlines()[0]}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    except (OSError, ValueError):
-        tokenizer = None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager",
+                                                     local_files_only=local_only, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds (SafetensorError, ...)
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {_first_line(e)}") from None
+    tokenizer = _load_tokenizer(path, local_only)
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return ModelAdapter(model, tokenizer, display)
+
+
+def load_tokenizer(name: str) -> tuple[object | None, int]:
+    """The tokenizer (None if the model has none) and context length of a model, without loading its weights:
+    prompts and targets are checked with them before the (slow) model load."""
+    from transformers import AutoConfig
+
+    path, _ = resolve_model_path(name)
+    local_only = not Path(path).exists() and not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    except Exception as e:  # noqa: BLE001 - reported in full by load_model
+        raise ModelLoadError(f"cannot load {name!r}: {_first_line(e)}") from None
+    return _load_tokenizer(path, local_only), getattr(config, "max_position_embeddings", None) or 2**31
+
+
+def _load_tokenizer(path: str, local_only: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except Exception:  # noqa: BLE001 - a model without a (readable) tokenizer takes token ids
+        return None
+
+
+def _check_safetensors_only(path: str, name: str) -> None:
+    """A local folder must hold its weights as safetensors: pickle files (``pytorch_model.bin``) are never loaded."""
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        why = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"
+        raise ModelLoadError(f"cannot load {name!r}: the folder holds {why}; convert them to safetensors")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def model_fingerprint(adapter: ModelAdapter) -> str:
@@ -433,6 +488,6 @@ def model_fingerprint(adapter: ModelAdapter) -> str:
 
 
 __all__ = [
-    "ModelAdapter", "RunResult", "apply_rotary", "causal_pattern", "freeze_hooks", "load_model",
-    "model_fingerprint", "resolve_device", "resolve_dtype",
+    "ModelAdapter", "RunResult", "apply_rotary", "causal_pattern", "check_length", "encode_prompt", "freeze_hooks",
+    "load_model", "load_tokenizer", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
 ]

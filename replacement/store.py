@@ -9,6 +9,7 @@ Weights are stored in bf16 by default (float32 on request) and always loaded as 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def save_module(module, kind: str, folder: str | Path, fingerprint: str, model_n
 
 def _update_folder_config(folder: Path, kind: str, layer: int, fingerprint: str, model_name: str, metrics: dict):
     cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = read_folder_config(cfg_path) if cfg_path.is_file() else {}
     if cfg.get("fingerprint") not in (None, fingerprint):
         cfg = {}  # a folder retrained for another model starts afresh
     cfg.update(model=model_name, fingerprint=fingerprint)
@@ -59,7 +60,10 @@ def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
             f"not on the model loaded now (fingerprint {fingerprint})"
         )
     cls, cfg_cls = KINDS[kind]
-    module = cls(cfg_cls.from_dict(meta["config"]))
+    try:
+        module = cls(cfg_cls.from_dict(meta["config"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} has no valid module config in its metadata ({type(e).__name__})") from None
     try:
         module.load_state_dict({k: v.float() for k, v in tensors.items()})
     except RuntimeError as e:
@@ -81,7 +85,7 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
         raise CheckpointError(
             f"no trained replacements in {folder}; train them with: circuits train --model {adapter.name} --what all"
         )
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_folder_config(cfg_path)
     fp = model_fingerprint(adapter)
     same_model = cfg.get("fingerprint") == fp or (earlier_version and cfg.get("model") == adapter.name)
     if not same_model:
@@ -90,13 +94,34 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
             "(fingerprints differ)"
         )
     out = {}
-    for key, entry in sorted(cfg.get("modules", {}).items()):
-        module, meta = load_module(folder / entry["file"], cfg.get("fingerprint"), device or adapter.device)
+    for key, entry in sorted(cfg["modules"].items()):
+        module, meta = load_module(_module_path(folder, entry), cfg.get("fingerprint"), device or adapter.device)
         if module.cfg.d_model != adapter.d_model or module.cfg.layer >= adapter.n_layers:
             raise CheckpointError(f"{folder / entry['file']} does not fit {adapter.name}: width {module.cfg.d_model}, "
                                   f"layer {module.cfg.layer}")
         out[(meta["kind"], module.cfg.layer)] = module.eval()
     return out
+
+
+def read_folder_config(path: Path) -> dict:
+    """A replacements folder's config.json; CheckpointError (one line) if it is not the expected JSON."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("modules", {}), dict):
+        raise CheckpointError(f"{path} is not a replacements config (an object with a \"modules\" object)")
+    cfg.setdefault("modules", {})
+    return cfg
+
+
+def _module_path(folder: Path, entry) -> Path:
+    """The file a config entry names, confined to the folder: a bare ``layer{L}.{kind}.safetensors`` name."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"layer\d+\.(lorsa|transcoder)\.safetensors", name):
+        raise CheckpointError(f"{folder / 'config.json'} names a module file {name!r} outside its folder or not of "
+                              "the form layer<L>.<lorsa|transcoder>.safetensors")
+    return folder / name
 
 
 def default_folder(adapter) -> Path:

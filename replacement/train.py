@@ -211,6 +211,7 @@ class Trainer:
         self.readout = None  # [V, d] the logit directions, built on first use (tc_jacobian_readout)
         self.points = _points(self.units)
         self.step = 0
+        self.resumed_at: int | None = None  # the step a resumed run started from
         self.elapsed = 0.0
         self.jacobian_errors: dict[str, float] = {}  # the last step's, per transcoder trained with tc_jacobian
 
@@ -297,7 +298,17 @@ class Trainer:
             own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
             if not own:
                 raise ckpt.CheckpointError(f"{self.state_file} has no state for {u.name}; start without --resume")
-            u.module.load_state_dict(own)
+            bad = [k for k, v in tensors.items() if k.startswith(u.name + ".") and v.is_floating_point()
+                   and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise ckpt.CheckpointError(f"{self.state_file} holds NaN or infinite values ({bad[0]}): corrupt; "
+                                           "start afresh with --no-resume")
+            try:
+                u.module.load_state_dict(own)
+            except RuntimeError:
+                raise ckpt.CheckpointError(
+                    f"{self.state_file} was saved with other settings for {u.name} (e.g. --tc-expansion or "
+                    "--lorsa-*); resume with the same settings or start afresh with --no-resume") from None
             ckpt.restore_optimizer(u.opt, dict(u.module.named_parameters()),
                                    {k[len(u.name) + 1:]: v for k, v in tensors.items() if k.startswith(u.name + ".opt.")})
             u.since_fired = tensors[f"{u.name}.since_fired"].cpu()
@@ -348,7 +359,9 @@ class Trainer:
                 jac_errors[u.name] = jac.item()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"{u.name}: loss is {loss.item()} at step {step}; stopped, "
-                                       f"last good checkpoint kept at {self.state_file}")
+                                       f"last good checkpoint kept at {self.state_file}"
+                                       + (" (the state this run resumed from; --no-resume starts afresh)"
+                                          if step == self.resumed_at else ""))
             u.opt.zero_grad(set_to_none=True)
             loss.backward()
             fired = (_drop_bos(u, code.dense(pre.shape[-1])) > 0).any(0)
@@ -371,7 +384,9 @@ class Trainer:
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
         from tqdm import tqdm
 
-        if not (resume and self.load_state()):
+        if resume and self.load_state():
+            self.resumed_at = self.step
+        else:
             self.estimate_norms()
             self.init_modules()
             self.step = 0

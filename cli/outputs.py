@@ -1,0 +1,107 @@
+"""Where a command's files go, so that runs never lose or delete each other's files.
+
+* The default folder of `trace` is ``traces/<slug>-<hash>``: the hash (8 hex digits of SHA-256) covers the
+  prompt, the model and every setting that changes the graph, so two different traces never share a folder.
+* `RunFolder`: a run writes into its own temporary folder ``<out>/.run-<pid>-<random>``, then moves its files
+  into ``<out>`` with one rename each, holding a lock on ``<out>`` (``flock``) so two runs' sets of files are
+  never interleaved.  On every exit (error, Ctrl-C, SIGTERM) the temporary folder is removed, and so is
+  ``<out>`` if this run created it and left it empty.  SIGKILL runs no cleanup: the next run into the same
+  folder removes what a dead process left (temporary folders and ``.NAME.tmp<pid>`` files whose pid is gone).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from replacement.errors import BadInputError
+
+_LEFTOVER = re.compile(r"^\.(?:run-(\d+)-.+|.+\.tmp(\d+))$")
+
+
+def default_out_dir(prompt: str, model: str, settings: dict, root: str | Path = "traces") -> Path:
+    """``root/<slug of the prompt>-<short hash of prompt, model and settings>``."""
+    from graphs.export import _slug
+
+    key = json.dumps({"prompt": prompt, "model": model, "settings": settings}, sort_keys=True, default=str)
+    return Path(root) / f"{_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove temporary folders and files left in ``folder`` by processes that no longer exist."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _LEFTOVER.match(p.name)
+        if m and not _alive(int(m.group(1) or m.group(2))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+class RunFolder:
+    """``with RunFolder(out) as run:`` write to ``run.path(name)``, then ``run.commit([names])``."""
+
+    def __init__(self, out: str | Path, flag: str = "--out"):
+        self.out, self.flag = Path(out), flag
+        self.tmp: Path | None = None
+        self.created: list[Path] = []
+
+    def __enter__(self) -> "RunFolder":
+        missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.created = missing  # deepest first
+            remove_leftovers(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".run-{os.getpid()}-", dir=self.out))
+        except OSError as e:
+            self._cleanup()
+            raise BadInputError(f"cannot write to {self.flag} {self.out}: {e.strerror or e}") from None
+        return self
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def commit(self, names: list[str]) -> list[Path]:
+        """Move the named files into the output folder (under its lock); returns their final paths."""
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for name in names:
+                os.replace(self.tmp / name, self.out / name)
+        finally:
+            os.close(fd)  # releases the lock
+        return [self.out / name for name in names]
+
+    def __exit__(self, *exc) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        for folder in self.created:  # what this run created, if it is still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break

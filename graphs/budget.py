@@ -1,0 +1,113 @@
+"""A memory estimate made before attribution, so that a prompt too long for this machine is refused in one
+line instead of being killed by the kernel.
+
+The estimate is an upper bound on the edges of the full graph, from the model's shape alone (every Lorsa head
+and transcoder feature slot assumed active: top-K of each per position, plus one error node per block and
+position).  A target reads the sources written before it: a Lorsa head at position t reads every earlier
+block's nodes at positions 0..t (through its pattern); a transcoder feature and a logit read those at their
+own position (through frozen attention, with ``attention="frozen"``, at positions 0..t too).  On the bundled
+llama every head and feature slot is active, so the bound is exact: 19,999,002 edges at 31 tokens, 71.66M at 60
+(71,664,205 counted), 317.8M at 128.  Each edge costs ``BYTES_PER_EDGE`` at the peak (the edge store's index,
+weight and kind tensors, merged once, plus pruning's per-edge temporaries): the peak resident memory of
+attribution + pruning over the loaded model was 72 bytes per edge at 31 tokens (1.37 GB), 67 at 60 (4.6 GB), and
+about 60 at 127 tokens (18.7 GB, the figure of issue 21), so 72 bounds it from above (tests/test_budget.py
+measures it again).  The full budgeted attribution, which stops at a node budget instead, is another piece of
+work.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from replacement.errors import BadInputError
+
+BYTES_PER_EDGE = 72
+BUDGET_ENV = "CIRCUITS_MEMORY_BUDGET"
+
+
+@dataclass
+class Estimate:
+    edges: int
+    bytes: int
+
+
+def estimate(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], max_logits: int = 10) -> Estimate:
+    """Upper bound on the edges and peak bytes of a full graph of ``n_tokens`` positions.
+
+    ``lorsa_k``: per layer, the Lorsa heads active per position (None: frozen real attention, no Lorsa nodes);
+    ``tc_k``: per layer, the transcoder features active per position."""
+    n, tri = n_tokens, n_tokens * (n_tokens + 1) // 2
+    per_pos = 1  # sources written so far at one position: the embedding, then each block's nodes and error
+    edges = 0
+    for L, k_tc in enumerate(tc_k):
+        if lorsa_k is not None:
+            edges += lorsa_k[L] * per_pos * tri
+            per_pos += lorsa_k[L] + 1
+        edges += k_tc * per_pos * (n if lorsa_k is not None else tri)
+        per_pos += k_tc + 1
+    edges += max_logits * per_pos * (1 if lorsa_k is not None else n)
+    return Estimate(edges, edges * BYTES_PER_EDGE)
+
+
+def available_bytes() -> int | None:
+    """``$CIRCUITS_MEMORY_BUDGET`` (bytes; K/M/G suffixes) if set, else the memory available now (Linux:
+    MemAvailable, capped by a cgroup limit); None where neither can be read."""
+    value = os.environ.get(BUDGET_ENV)
+    if value:
+        return parse_bytes(value)
+    avail = _meminfo_available()
+    limit = _cgroup_room()
+    if avail is None or limit is None:
+        return avail if limit is None else limit
+    return min(avail, limit)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise BadInputError(f"{BUDGET_ENV}={text!r} is not a size such as 8G or 500M") from None
+    if not value > 0:
+        raise BadInputError(f"{BUDGET_ENV}={text!r} must be positive")
+    return int(value)
+
+
+def check(est: Estimate, n_tokens: int) -> None:
+    """Raise BadInputError (one line) if ``est`` does not fit the memory available."""
+    room = available_bytes()
+    if room is not None and est.bytes > room:
+        raise BadInputError(
+            f"a graph of {n_tokens} tokens needs about {_gb(est.bytes)} (up to {est.edges:,} edges), more than the "
+            f"{_gb(room)} available; use a shorter prompt or a machine with more memory (${BUDGET_ENV} sets the budget)")
+
+
+def _gb(b: int) -> str:
+    if b >= 2**30 / 10:
+        return f"{b / 2**30:.1f} GB"
+    return f"{b / 2**20:.0f} MB" if b >= 2**20 else f"{b / 2**10:.0f} KB"
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return int(limit) - int(f.read().strip())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,121 @@
+"""Graphs read from disk and graphs about to be written: one clear line for anything wrong, never a traceback.
+
+A graph.json can come from anywhere (another tool, a truncated copy, a hostile file), so `load_graph_dict`
+reads it strictly: UTF-8, strict JSON (no NaN/Infinity, no number too large for a float, bounded nesting),
+the schema (graphs/schema/graph.schema.json), unique node ids, links between existing nodes and at least one
+logit node.  `check_finite` refuses a traced graph holding NaN or infinite values (NaN weights in the model or
+its replacements) before any file is written: strict JSON readers reject bare ``NaN``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from replacement.errors import BadInputError
+
+
+class BadGraphError(BadInputError):
+    """A graph file that cannot be read, or a graph that cannot be written faithfully."""
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number in strict JSON")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:20]} is too large for a float")
+    return x
+
+
+def strict_loads(text: str):
+    """``json.loads`` that rejects NaN, Infinity and overflowing numbers (raises ValueError or RecursionError)."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def strict_dumps(obj) -> str:
+    """``json.dumps`` that refuses NaN and infinities instead of writing bare ``NaN`` (raises BadGraphError)."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:
+        raise BadGraphError("the graph holds NaN or infinite values; not written") from None
+
+
+def load_graph_dict(path: str | Path) -> dict:
+    """The checked contents of a graph JSON file; raises BadGraphError (one line) for any malformed file."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadGraphError(f"{path} is not a graph file: not UTF-8 text (byte {e.start})") from None
+    try:
+        d = strict_loads(text)
+    except RecursionError:
+        raise BadGraphError(f"{path} is not a graph file: JSON nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise BadGraphError(f"{path} is not a graph file: invalid JSON ({str(e).splitlines()[0]})") from None
+    check_graph_dict(d, path)
+    return d
+
+
+def check_graph_dict(d, where: str | Path = "graph") -> None:
+    """Schema and references of a graph dictionary; raises BadGraphError with the first problem."""
+    import jsonschema
+
+    from .export import SCHEMA_PATH
+
+    if not isinstance(d, dict):
+        raise BadGraphError(f"{where} is not a graph file: the top level is a {type(d).__name__}, not an object")
+    version = d.get("metadata", {}).get("schema_version") if isinstance(d.get("metadata"), dict) else None
+    if "metadata" in d and version != 1:
+        raise BadGraphError(f"{where}: unsupported graph schema version {_short(version)} (this version reads 1)")
+    try:
+        jsonschema.validate(d, json.loads(SCHEMA_PATH.read_text()))
+    except jsonschema.ValidationError as e:
+        at = "/".join(str(p) for p in e.absolute_path) or "top level"
+        raise BadGraphError(f"{where} does not follow the graph schema at {at}: {_short(e.message)}") from None
+    except RecursionError:
+        raise BadGraphError(f"{where} is not a graph file: nested too deeply") from None
+    ids = [n["node_id"] for n in d["nodes"]]
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise BadGraphError(f"{where}: node id {_short(i)} appears twice")
+        seen.add(i)
+    for e in d["links"]:
+        for end in ("source", "target"):
+            if e[end] not in seen:
+                raise BadGraphError(f"{where}: a link's {end} {_short(e[end])} is not a node of the graph")
+    for n in d["nodes"]:
+        for field in ("activation", "influence"):
+            if n[field] is None:
+                raise BadGraphError(f"{where}: node {_short(n['node_id'])} has no {field} (null)")
+    if not any(n["type"] == "logit" for n in d["nodes"]):
+        raise BadGraphError(f"{where}: the graph has no logit node")
+
+
+def check_finite(graph) -> None:
+    """Raise BadGraphError if any node value, edge weight or score of ``graph`` is NaN or infinite."""
+    import torch
+
+    for n in graph.node_list:
+        for field in ("activation", "influence", "prob", "const", "preact", "dropped"):
+            if not math.isfinite(getattr(n, field)):
+                raise BadGraphError(f"node {n.id} has {field} {getattr(n, field)}: the model or its replacements "
+                                    "hold NaN or infinite weights; no graph written")
+    if len(graph.edge_arrays) and not bool(torch.isfinite(graph.edge_arrays.w).all()):
+        raise BadGraphError("edge weights are NaN or infinite: the model or its replacements hold NaN or infinite "
+                            "weights; no graph written")
+    for k, v in graph.scores.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadGraphError(f"the {k.replace('_', ' ')} is {v}: the model or its replacements hold NaN or "
+                                "infinite weights; no graph written")
+
+
+def _short(value, width: int = 60) -> str:
+    """A value for an error message: repr (so control characters are escaped), cut to ``width`` characters."""
+    r = repr(value)
+    return r if len(r) <= width else r[: width - 3] + "..."

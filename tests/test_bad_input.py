@@ -1,0 +1,324 @@
+"""A corpus of bad input, each case run through the real command-line entry points (`trace`, `circuits`) in a
+subprocess: every case must exit non-zero with exactly one line on stderr (the expected message), no
+traceback, no file created, and every file already there byte-for-byte intact.
+
+The cases share one world (a tiny saved model with random replacements, its broken variants, malformed graph
+files, an earlier output folder); a snapshot of the whole world is compared before and after each case.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = ("import sys; from cli.main import circuits; from cli.trace import trace; "
+         "cmd = trace if sys.argv[1] == 'trace' else circuits; sys.argv = sys.argv[1:]; cmd()")
+
+
+@dataclass
+class Case:
+    id: str
+    args: list  # str or bytes; "{M}" and other {NAMES} are replaced by paths of the world
+    expect: str  # must appear in the one line on stderr
+    path: str | None = None  # PATH for the run: a folder of the world ("{NODOT}", "{FAILDOT}")
+    fsize: int | None = None  # a file-size limit (bytes): writes beyond it fail as on a full disk
+    env: dict = field(default_factory=dict)
+
+
+T = ["trace", "the cat sat", "--model", "{M}", "--out", "{PREV}"]  # a good trace into an earlier output folder
+CASES = [
+    # prompts and options of `trace`, checked before the model loads
+    Case("empty-prompt", ["trace", "", "--model", "{M}"], "the prompt is empty"),
+    Case("blank-prompt", ["trace", " \n\t ", "--model", "{M}"], "the prompt is empty"),
+    Case("invalid-utf8-prompt", ["trace", b"ab\xff\xfe", "--model", "{M}"], "PROMPT is not valid UTF-8"),
+    Case("invalid-utf8-target", T + ["--target", b"\xc3"], "--target is not valid UTF-8"),
+    Case("too-long-prompt", ["trace", "the cat " * 60, "--model", "{M}", "--out", "{PREV}"], "longer than the model's context"),
+    Case("multi-token-target", T + ["--target", "zzqqxx yy"], "is not a single token"),
+    Case("special-token-target", T + ["--target", "<|bos|>"], "is not a single token"),
+    Case("node-threshold-0", T + ["--node-threshold", "0"], "--node-threshold must be in (0, 1]"),
+    Case("node-threshold-1.5", T + ["--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
+    Case("node-threshold-nan", T + ["--node-threshold", "nan"], "--node-threshold must be in (0, 1]"),
+    Case("edge-threshold-negative", T + ["--edge-threshold", "-1"], "--edge-threshold must be in (0, 1]"),
+    Case("edge-threshold-text", T + ["--edge-threshold", "abc"], "Invalid value for '--edge-threshold'"),
+    Case("max-nodes-0", T + ["--max-nodes", "0"], "--max-nodes must be at least 1"),
+    Case("qk-heads-0", T + ["--qk-heads", "0"], "--qk-heads must be at least 1"),
+    Case("qk-heads-negative", T + ["--qk-heads", "-3"], "--qk-heads must be at least 1"),
+    Case("format-unknown", T + ["--format", "gif"], "unknown format"),
+    Case("format-empty", T + ["--format", ""], "unknown format"),
+    Case("format-only-commas", T + ["--format", " , "], "unknown format"),
+    Case("attention-unknown", T + ["--attention", "bogus"], "Invalid value for '--attention'"),
+    Case("dtype-unknown", T + ["--dtype", "float16"], "Invalid value for '--dtype'"),
+    Case("unknown-option", T + ["--bogus"], "No such option"),
+    Case("missing-prompt", ["trace", "--model", "{M}"], "Missing argument 'PROMPT'"),
+    Case("no-dot-for-svg", T + ["--format", "json,svg"], "needs graphviz's `dot`", path="{NODOT}"),
+    Case("no-dot-for-html", T + ["--format", "html"], "needs graphviz's `dot`", path="{NODOT}"),
+    # models
+    Case("model-unknown", ["trace", "x", "--model", "nope"], "unknown model"),
+    Case("model-missing-folder", ["trace", "x", "--model", "./missing-folder"], "no such model folder"),
+    Case("model-folder-without-config", ["trace", "x", "--model", "{EMPTY}"], "not an HF model folder"),
+    Case("model-invalid-config-json", ["trace", "x", "--model", "{BADCONFIG}"], "cannot load"),
+    Case("model-truncated-safetensors", ["trace", "x", "--model", "{TRUNCATED}"], "cannot load the weights"),
+    Case("model-pickle-only", ["trace", "x", "--model", "{PICKLE}"], "only pickle weights (pytorch_model.bin)"),
+    Case("long-prompt-before-weights", ["trace", "the cat " * 60, "--model", "{TRUNCATED}"],
+         "longer than the model's context"),  # checked with the tokenizer alone: the broken weights never load
+    Case("bad-target-before-weights", ["trace", "the cat", "--model", "{TRUNCATED}", "--target", "zz qq"],
+         "is not a single token"),
+    Case("over-memory-budget", ["trace", "the cat sat on the mat", "--model", "{M}"], "more than the 100 KB available",
+         env={"CIRCUITS_MEMORY_BUDGET": "100K"}),
+    Case("memory-budget-unreadable", T, "CIRCUITS_MEMORY_BUDGET='lots' is not a size",
+         env={"CIRCUITS_MEMORY_BUDGET": "lots"}),
+    Case("device-unknown", T + ["--device", "tpu"], "unknown device 'tpu'"),
+    Case("model-nan-weights", ["trace", "the cat", "--model", "{NANMODEL}"], "NaN or infinite logits"),
+    # replacements
+    Case("replacements-missing", T + ["--replacements", "{WORLD}/no-such-folder"], "no trained replacements"),
+    Case("replacements-invalid-json", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_BADJSON}"],
+         "is not valid JSON"),
+    Case("replacements-config-list", T + ["--replacements", "{REP_LIST}"], "is not a replacements config"),
+    Case("replacements-file-outside", T + ["--replacements", "{REP_ESCAPE}"], "'../../etc/passwd' outside its folder"),
+    Case("replacements-truncated-module", T + ["--replacements", "{REP_TRUNC}"], "corrupt or truncated checkpoint"),
+    Case("replacements-nan-weights", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_NAN}",
+                                      "--out", "{WORLD}/new/nested/out"], "NaN or infinite"),
+    # output folders and writing
+    Case("out-is-a-file", ["trace", "the cat", "--model", "{M}", "--out", "{PREV}/graph.json"], "cannot write to --out"),
+    Case("out-under-a-file", ["trace", "the cat", "--model", "{M}", "--out", "{PREV}/graph.json/sub"],
+         "cannot write to --out"),
+    Case("dot-fails", T + ["--format", "json,dot,svg"], "dot failed: Error: syntax error", path="{FAILDOT}"),
+    Case("disk-full", ["trace", "the cat", "--model", "{M}"], "disk full?", fsize=4096),
+    # graph files: `circuits query` and `circuits render`
+    Case("query-missing-file", ["circuits", "query", "{WORLD}/nope.json"], "No such file or directory"),
+    Case("query-directory", ["circuits", "query", "{WORLD}"], "Is a directory"),
+    Case("query-empty-file", ["circuits", "query", "{G}/empty.json"], "invalid JSON"),
+    Case("query-truncated", ["circuits", "query", "{G}/truncated.json"], "invalid JSON"),
+    Case("query-empty-object", ["circuits", "query", "{G}/object.json"], "'metadata' is a required property"),
+    Case("query-list", ["circuits", "query", "{G}/list.json"], "the top level is a list"),
+    Case("query-binary", ["circuits", "query", "{G}/binary.json"], "not UTF-8 text"),
+    Case("query-dangling-edge", ["circuits", "query", "{G}/dangling.json"], "is not a node of the graph"),
+    Case("query-wrong-types", ["circuits", "query", "{G}/types.json"], "does not follow the graph schema at nodes/0/ctx_idx"),
+    Case("query-schema-version-2", ["circuits", "query", "{G}/v2.json"], "unsupported graph schema version 2"),
+    Case("query-deeply-nested", ["circuits", "query", "{G}/nested.json"], "nested too deeply"),
+    Case("query-nan", ["circuits", "query", "{G}/nan.json"], "NaN is not a number in strict JSON"),
+    Case("query-huge-number", ["circuits", "query", "{G}/huge.json"], "too large for a float"),
+    Case("query-duplicate-ids", ["circuits", "query", "{G}/duplicate.json"], "appears twice"),
+    Case("query-null-activation", ["circuits", "query", "{G}/null.json"], "has no activation"),
+    Case("query-no-logit", ["circuits", "query", "{G}/nologit.json"], "has no logit node"),
+    Case("query-bad-qk", ["circuits", "query", "{G}/badqk.json"], "does not follow the graph schema"),
+    Case("query-unknown-node", ["circuits", "query", "{G}/good.json", "--node", "emb@99"], "no node 'emb@99'"),
+    Case("query-node-escape", ["circuits", "query", "{G}/good.json", "--node", "\x1b[2Jx"], "no node '\\x1b[2Jx'"),
+    Case("query-paths-0", ["circuits", "query", "{G}/good.json", "--paths", "0"], "--paths must be at least 1"),
+    Case("render-unknown-format", ["circuits", "render", "{G}/good.json", "--format", "pdf"], "unknown format"),
+    Case("render-truncated", ["circuits", "render", "{G}/truncated.json"], "invalid JSON"),
+    Case("render-binary", ["circuits", "render", "{G}/binary.json"], "not UTF-8 text"),
+    Case("render-nested", ["circuits", "render", "{G}/nested.json"], "nested too deeply"),
+    # other commands
+    Case("patch-invalid-utf8-target", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
+                                       "--target", b"\xff"], "--target is not valid UTF-8"),
+    Case("train-resume-other-expansion", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",
+                                          "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--tc-expansion", "4",
+                                          "--text", "{TEXT}", "--out", "{TRAIN}"], "saved with other settings"),
+    Case("train-resume-nan-state", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",
+                                    "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--tc-expansion", "2",
+                                    "--text", "{TEXT}", "--out", "{TRAIN_NAN}"], "start afresh with --no-resume"),
+]
+
+
+def _subst(arg, names: dict):
+    if isinstance(arg, bytes):
+        return arg
+    for k, v in names.items():
+        arg = arg.replace("{" + k + "}", str(v))
+    return arg
+
+
+def _snapshot(root: Path) -> dict:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.join(dirpath, d)] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(saved_model, tmp_path_factory):
+    from replacement import checkpoint as ckpt
+
+    w = tmp_path_factory.mktemp("world")
+    names = {"WORLD": w, "M": w / "model", "PREV": w / "prev", "G": w / "graphs", "TEXT": w / "text.txt"}
+    shutil.copytree(saved_model, names["M"])
+    names["PREV"].mkdir()
+    (names["PREV"] / "graph.json").write_text("an earlier run's graph\n")
+    (names["PREV"] / "graph.svg").write_text("<svg/>\n")
+    names["TEXT"].write_text("the cat sat on the mat and the dog sat on the log.\n" * 200)
+    for name, fill in (("NODOT", None), ("FAILDOT", "#!/bin/sh\necho 'Error: syntax error in line 1' >&2\nexit 1\n")):
+        folder = names[name] = w / name.lower()
+        folder.mkdir()
+        if fill:
+            (folder / "dot").write_text(fill)
+            (folder / "dot").chmod(0o755)
+    _broken_models(w, names)
+    _broken_replacements(w, names, ckpt)
+    _graph_files(w, names)
+    _training_states(w, names, ckpt)
+    return names
+
+
+def _broken_models(w: Path, names: dict) -> None:
+    from safetensors.torch import load_file, save_file
+
+    m = names["M"]
+    names["EMPTY"] = w / "empty-model"
+    names["EMPTY"].mkdir()
+    names["BADCONFIG"] = w / "bad-config"
+    shutil.copytree(m, names["BADCONFIG"], ignore=shutil.ignore_patterns("replacements"))
+    (names["BADCONFIG"] / "config.json").write_text('{"model_type": "llama", ')
+    names["TRUNCATED"] = w / "truncated"
+    shutil.copytree(m, names["TRUNCATED"], ignore=shutil.ignore_patterns("replacements"))
+    weights = names["TRUNCATED"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    names["PICKLE"] = w / "pickle-only"
+    shutil.copytree(m, names["PICKLE"], ignore=shutil.ignore_patterns("replacements", "*.safetensors"))
+    (names["PICKLE"] / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    names["NANMODEL"] = w / "nan-model"
+    shutil.copytree(m, names["NANMODEL"])
+    tensors = load_file(str(names["NANMODEL"] / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(names["NANMODEL"] / "model.safetensors"), metadata={"format": "pt"})
+    _refingerprint(names["NANMODEL"])
+
+
+def _refingerprint(folder: Path) -> None:
+    """Mark the replacements in ``folder`` as trained on the (modified) model there."""
+    from replacement import checkpoint as ckpt
+    from replacement.models import load_model, model_fingerprint
+
+    fp = model_fingerprint(load_model(str(folder)))
+    rep = folder / "replacements"
+    for f in rep.glob("*.safetensors"):
+        tensors, meta = ckpt.load(f)
+        ckpt.atomic_save(tensors, f, {**meta, "fingerprint": fp})
+    cfg = json.loads((rep / "config.json").read_text())
+    (rep / "config.json").write_text(json.dumps({**cfg, "fingerprint": fp}))
+
+
+def _broken_replacements(w: Path, names: dict, ckpt) -> None:
+    rep = names["M"] / "replacements"
+
+    def variant(name: str) -> Path:
+        names[name] = w / name.lower()
+        shutil.copytree(rep, names[name])
+        return names[name]
+
+    (variant("REP_BADJSON") / "config.json").write_text('{"modules": {')
+    (variant("REP_LIST") / "config.json").write_text("[1]")
+    cfg_path = variant("REP_ESCAPE") / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules"]["layer0.lorsa"]["file"] = "../../etc/passwd"
+    cfg_path.write_text(json.dumps(cfg))
+    module = variant("REP_TRUNC") / "layer1.transcoder.safetensors"
+    module.write_bytes(module.read_bytes()[:100])
+    module = variant("REP_NAN") / "layer0.transcoder.safetensors"
+    tensors, meta = ckpt.load(module)
+    tensors["W_dec"] = torch.full_like(tensors["W_dec"], float("nan"))
+    ckpt.atomic_save(tensors, module, meta)
+
+
+def _graph_files(w: Path, names: dict) -> None:
+    from graphs.attribution import attribute
+    from graphs.export import to_dict
+    from graphs.prune import prune
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    g = names["G"]
+    g.mkdir()
+    adapter = load_model(str(names["M"]))
+    graph = prune(attribute(ReplacementModel.load(adapter), "the cat sat", qk_heads=2), 0.9, 0.98)
+    d = to_dict(graph)
+    good = json.dumps(d)
+    (g / "good.json").write_text(good)
+    (g / "empty.json").write_text("")
+    (g / "truncated.json").write_text(good[: len(good) // 2])
+    (g / "object.json").write_text("{}")
+    (g / "list.json").write_text("[1]")
+    (g / "binary.json").write_bytes(bytes(range(256)) * 4)
+    (g / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    (g / "nan.json").write_text(good.replace('"influence": ', '"influence": NaN, "x": ', 1))
+    (g / "huge.json").write_text(good.replace('"influence": ', '"influence": 1e999, "x": ', 1))
+
+    def mutated(name: str, change) -> None:
+        x = json.loads(good)
+        change(x)
+        (g / name).write_text(json.dumps(x))
+
+    mutated("dangling.json", lambda x: x["links"].append({"source": "emb@0", "target": "tc.9.9@99", "weight": 1.0,
+                                                           "kind": "direct"}))
+    mutated("types.json", lambda x: x["nodes"][0].update(ctx_idx="a"))
+    mutated("v2.json", lambda x: x["metadata"].update(schema_version=2))
+    mutated("duplicate.json", lambda x: x["nodes"].append(dict(x["nodes"][0])))
+    mutated("null.json", lambda x: x["nodes"][0].update(activation=None))
+    mutated("nologit.json", lambda x: x.update(nodes=[n for n in x["nodes"] if n["type"] != "logit"],
+                                               links=[e for e in x["links"] if not e["target"].startswith("logit")]))
+    head = next(i for i, n in enumerate(d["nodes"]) if n.get("qk"))
+    mutated("badqk.json", lambda x: x["nodes"][head]["qk"][0].update(pairs=[["a", "b"]]))
+
+
+def _training_states(w: Path, names: dict, ckpt) -> None:
+    """An interrupted `circuits train` (its state file), and a copy of it holding a NaN."""
+    from replacement.activations import TextSource
+    from replacement.models import load_model
+    from replacement.train import TrainConfig, Trainer
+
+    adapter = load_model(str(names["M"]))
+    cfg = TrainConfig(what="transcoder", layers=[1], steps=4, batch_size=4, seq_len=16, tc_expansion=2)
+    names["TRAIN"] = w / "train"
+    state = names["TRAIN"] / ".train_state.transcoder.safetensors"
+    Trainer(adapter, cfg, TextSource(adapter.tokenizer, [str(names["TEXT"])], 16, cfg.seed), state).train(
+        progress=False, stop_after=2)
+    names["TRAIN_NAN"] = w / "train-nan"
+    shutil.copytree(names["TRAIN"], names["TRAIN_NAN"])
+    tensors, meta = ckpt.load(names["TRAIN_NAN"] / state.name)
+    key = next(k for k in tensors if ".param.W_enc" in k)
+    tensors[key][0, 0] = float("nan")
+    ckpt.atomic_save(tensors, names["TRAIN_NAN"] / state.name, meta)
+
+
+def run_cli(args: list, cwd: Path, path: str | None = None, fsize: int | None = None, env: dict | None = None):
+    def limit():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as a full disk would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CIRCUITS_CACHE": str(cwd / "cache"), **(env or {})}
+    if path is not None:
+        full_env["PATH"] = path
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=cwd, capture_output=True, timeout=300, env=full_env,
+                          preexec_fn=limit if fsize else None)
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world):
+    before = _snapshot(world["WORLD"])
+    args = [_subst(a, world) for a in case.args]
+    r = run_cli(args, world["WORLD"], _subst(case.path, world) if case.path else None, case.fsize, case.env)
+    stderr = r.stderr.decode("utf-8", errors="replace")
+    lines = stderr.splitlines()
+    assert r.returncode != 0, (case.id, r.stdout[-2000:])
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    assert case.expect in lines[0], lines[0]
+    assert _snapshot(world["WORLD"]) == before  # no file created, removed or changed

@@ -1,0 +1,224 @@
+"""Property-based tests (Hypothesis) of the graph writers and readers, on small hand-built graphs whose prompt,
+tokens, labels and node ids are arbitrary Unicode text:
+
+* graph.json is strict JSON (no NaN/Infinity), passes the schema and reads back equal; a graph holding a
+  non-finite value is refused, not written;
+* graph.dot is accepted by `dot`, and the SVG it renders is well-formed XML naming every node;
+* the HTML page's data block can only end where it should and parses back to the page's data, whatever the
+  text (a `<!--<script>` prompt included); Chromium runs the page's script on such a page;
+* `circuits query` / `circuits render` on arbitrary bytes, arbitrary JSON and single-field mutations of a
+  valid graph either succeed (printing no control character) or fail with one line, writing nothing.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from graphs.export import read_json, to_dict, to_dot, validate, write_json
+from graphs.graph import AttributionGraph, Edge, Node
+from graphs.html import page_data, to_html
+from graphs.validate import BadGraphError, strict_dumps, strict_loads
+
+EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                                HealthCheck.too_slow])
+text = st.text(max_size=40)  # any Unicode text but lone surrogates (a command line refuses those: invalid UTF-8)
+hostile = st.sampled_from(["<!--<script>", "</script><script>alert(1)</script>", "&lt;b&gt;", "\x00\x01\x1b[31m",
+                           "\\N\\G\\L", '"quoted" \\"', "\ufffe\uffff", "\u2028\u2029", "]]>", "-->"])
+any_text = st.one_of(text, hostile, st.lists(st.one_of(text, hostile), max_size=4).map("".join))
+
+
+def fake_graph(prompt: str, tokens: list[str], label: str, odd_id: str, value: float = 0.5) -> AttributionGraph:
+    """Embeddings, a Lorsa head with a z pattern and a QK pair, a transcoder feature with an arbitrary id, an
+    MLP error and a logit, linked as a traced graph would be."""
+    n = len(tokens)
+    last = n - 1
+    nodes = [Node(f"emb@{p}", "embedding", -1, p, -1, label=tokens[p]) for p in range(n)]
+    head = Node(f"lorsa.0.3@{last}", "lorsa", 0, last, 3, activation=1.5, influence=0.3, preact=1.2, const=0.1,
+                extra={"z_pattern": [1.0 / n] * n,
+                       "qk": [{"key_pos": 0, "attention": 0.9, "score": 2.0, "pairs": [[f"emb@{last}", "emb@0", 0.7]]}]})
+    taken = {x.id for x in nodes} | {f"lorsa.0.3@{last}", f"mlp_err.0@{last}", f"logit.5@{last}", ""}
+    feature_id = f"tc.0.7@{last}" if odd_id in taken else odd_id
+    nodes += [head,
+              Node(feature_id, "transcoder", 0, last, 7, activation=value, influence=0.2, label=label, preact=0.8),
+              Node(f"mlp_err.0@{last}", "mlp_error", 0, last, -1, activation=0.1, influence=0.1),
+              Node(f"logit.5@{last}", "logit", 1, last, 5, activation=3.0, influence=1.0, label=label, prob=0.6)]
+    edges = [Edge(f"emb@{p}", head.id, 0.1 * (p + 1), "ov") for p in range(n)]
+    edges += [Edge(head.id, feature_id, -0.4), Edge(f"emb@{last}", feature_id, 0.3),
+              Edge(feature_id, f"logit.5@{last}", 1.1), Edge(f"mlp_err.0@{last}", f"logit.5@{last}", -0.2)]
+    return AttributionGraph(prompt, tokens, list(range(n)), nodes, edges, {"model": "m", "node_threshold": 0.8},
+                            {"replacement_score": 0.7, "completeness_score": 0.9})
+
+
+graphs_ = st.builds(fake_graph, any_text, st.lists(any_text, min_size=1, max_size=4), any_text, any_text)
+
+
+@EXAMPLES
+@given(graph=graphs_)
+def test_json_is_strict_valid_and_round_trips(graph, tmp_path):
+    path = write_json(graph, tmp_path / "g.json")
+    d = strict_loads(path.read_text(encoding="utf-8"))  # raises on NaN, Infinity or overflow
+    validate(d)
+    assert read_json(path) == graph
+
+
+@EXAMPLES
+@given(graph=graphs_, bad=st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_non_finite_values_are_refused_not_written(graph, bad, tmp_path):
+    graph.node_list[-3].activation = bad
+    with pytest.raises(BadGraphError, match="NaN or infinite"):
+        write_json(graph, tmp_path / "g.json")
+    assert not list(tmp_path.iterdir())
+
+
+def _dot() -> str:
+    exe = shutil.which("dot")
+    if exe is None:
+        import os
+
+        if os.environ.get("CIRCUITS_CI"):
+            pytest.fail("graphviz's dot is required here")
+        pytest.skip("graphviz is not installed")
+    return exe
+
+
+def _svg(dot_source: str) -> str:
+    r = subprocess.run([_dot(), "-Tsvg"], input=dot_source.encode(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-500:]
+    return r.stdout.decode("utf-8")
+
+
+@EXAMPLES
+@given(graph=graphs_)
+def test_dot_is_accepted_and_svg_is_xml(graph):
+    svg = _svg(to_dot(graph))
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    titles = {t.text for g in root.iter(f"{ns}g") if g.get("class") == "node" for t in g.iter(f"{ns}title")}
+    xml_safe = re.compile("^[^\x00-\x1f\x7f\ufffe\uffff]*$")  # no control character
+    # every node is drawn, under its own id (ids with characters XML forbids are shown escaped; DOT keeps a
+    # name's backslashes doubled and renames names starting with "%", which Graphviz reserves for anonymous
+    # objects: the ids of traced graphs hold neither)
+    drawn = {n.id.replace("\\", "\\\\") for n in graph.node_list
+             if xml_safe.match(n.id) and not n.id.startswith("%")}
+    assert drawn <= titles
+
+
+def _data_block(page: str) -> str:
+    """The JSON block as an HTML parser sees it: from the opening tag to the first `</script` that ends it."""
+    start = page.index('<script id="graph-data" type="application/json">') + len('<script id="graph-data" type="application/json">')
+    end = re.compile(r"</script[\t\n\f\r />]", re.I).search(page, start).start()
+    return page[start:end]
+
+
+def _fake_svg(graph) -> str:
+    return "<svg>" + "".join(f'<g class="node"><title>{html.escape(n.id)}</title></g>' for n in graph.node_list) + "</svg>"
+
+
+@EXAMPLES
+@given(graph=graphs_)
+def test_html_data_block_cannot_be_broken(graph):
+    page = to_html(graph, _fake_svg(graph))
+    block = _data_block(page)
+    # in a script element only "<!--" (escaped states) or "</script" changes where the block ends
+    assert "<!--" not in block and "<script" not in block.lower() and "</" not in block
+    # the page binds the nodes drawn in the SVG (Graphviz titles never hold a raw line break)
+    expected = strict_loads(strict_dumps(page_data(graph, {n.id for n in graph.node_list if "\n" not in n.id})))
+    assert json.loads(block) == expected
+    assert page[page.index(block) + len(block):].startswith("</script>\n<script>")
+
+
+def test_hostile_prompt_page_runs_its_script_in_chromium(tmp_path):
+    """The page of a graph whose prompt, tokens and labels hold `<!--<script>` still runs: every drawn node is
+    bound and clicking one fills the panel."""
+    from tests.test_html import _chromium, _dom
+
+    chromium = _chromium()
+    graph = fake_graph("<!--<script>", ["<!--<script>", "</script>x"], "<!--", "tc.0.7@1")
+    page = tmp_path / "g.html"
+    page.write_text(to_html(graph, _svg(to_dot(graph))), encoding="utf-8")
+    dom = _dom(chromium, page, tmp_path, "#node=tc.0.7%401", ("--dump-dom",))
+    bound = re.search(r'data-bound-nodes="(\d+)"', dom)
+    assert bound and int(bound.group(1)) == len(graph.node_list), dom[-2000:]
+    assert 'id="panel-title"' in dom and "tc.0.7@1" in dom
+
+
+# -- the readers, through the command line (in-process) ---------------------------------------------------
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(text, kids, max_size=3),
+                           max_leaves=10)
+BASE = to_dict(fake_graph("the cat", ["<bos>", "the", " cat"], " sat", "tc.0.7@2"))
+
+
+def _paths(x, prefix=()):
+    yield prefix
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _paths(v, prefix + (i,))
+
+
+PATHS = [p for p in _paths(BASE) if p]
+
+
+@st.composite
+def mutated_graphs(draw) -> bytes:
+    d = json.loads(json.dumps(BASE))
+    path = draw(st.sampled_from(PATHS))
+    parent = d
+    for k in path[:-1]:
+        parent = parent[k]
+    if draw(st.booleans()):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = draw(json_values)
+    return json.dumps(d).encode()
+
+
+files = st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()), mutated_graphs())
+
+
+def _circuits(*args):
+    from cli.main import circuits
+
+    return CliRunner().invoke(circuits, list(args))
+
+
+@EXAMPLES
+@given(content=files, command=st.sampled_from(["query", "render"]))
+def test_query_and_render_any_file(content, command, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("f")
+    path = folder / "g.json"
+    path.write_bytes(content)
+    args = [command, str(path)] + (["--format", "dot"] if command == "render" else [])
+    r = _circuits(*args)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    if r.exit_code == 0:  # a valid graph: what is printed holds no control character
+        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)
+        return
+    assert r.exit_code == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["g.json"]  # nothing written beside it
+
+
+@EXAMPLES
+@given(graph=graphs_)
+def test_query_escapes_hostile_node_ids(graph, tmp_path_factory):
+    path = write_json(graph, tmp_path_factory.mktemp("q") / "g.json")
+    odd = graph.node_list[-3].id
+    for args in ([], ["--type", "transcoder"], ["--node", odd]):
+        r = _circuits("query", str(path), *args)
+        assert r.exit_code == 0, r.stderr
+        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)

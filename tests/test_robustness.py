@@ -1,0 +1,290 @@
+"""Issue 21 item by item, beyond the bad-input corpus (tests/test_bad_input.py) and the writers' properties
+(tests/test_properties.py): output folders that never collide, runs that never delete each other's files,
+temporary files and `dot` children removed on every exit path (SIGKILL included, as far as it allows),
+full disks, control characters in prompts, special-token text, and a misleading training error."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.outputs import RunFolder, default_out_dir, remove_leftovers
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"attention": "lorsa", "target": None, "node_threshold": 0.8}
+
+
+def _trace(*args, cwd: Path, path: str | None = None, popen: bool = False):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CIRCUITS_CACHE": str(cwd / "cache")}
+    if path is not None:
+        env["PATH"] = path
+    cmd = [sys.executable, "-c", "from cli.trace import trace; trace()", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# -- item 2: default output folders -------------------------------------------------------------------------
+
+
+def test_default_folders_never_collide():
+    names = {default_out_dir(p, "toy", SETTINGS) for p in ("36 + 62 =", "36 - 62 =", "36 * 62 =", "+", "-", "?!", "...")}
+    assert len(names) == 7
+    assert default_out_dir("36 + 62 =", "toy", SETTINGS).name.startswith("36-62-")
+    assert default_out_dir("?!", "toy", SETTINGS).name.startswith("graph-")
+    same = default_out_dir("36 + 62 =", "toy", dict(SETTINGS))
+    assert same == default_out_dir("36 + 62 =", "toy", SETTINGS)  # the same trace goes to the same folder
+    assert default_out_dir("36 + 62 =", "llama", SETTINGS) != same
+    assert default_out_dir("36 + 62 =", "toy", {**SETTINGS, "node_threshold": 0.9}) != same
+
+
+def test_two_prompts_with_one_slug_keep_both_graphs(saved_model, tmp_path):
+    for prompt in ("the cat + sat", "the cat - sat"):
+        r = _trace(prompt, "--model", str(saved_model), "--format", "json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    folders = sorted((tmp_path / "traces").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("the-cat-sat-") for f in folders)
+    prompts = {__import__("json").loads((f / "graph.json").read_text())["metadata"]["prompt"] for f in folders}
+    assert prompts == {"the cat + sat", "the cat - sat"}
+
+
+# -- item 8: runs into one folder -----------------------------------------------------------------------------
+
+
+def test_an_html_run_keeps_the_svg_another_run_wrote(saved_model, tmp_path):
+    """The former trace rendered graph.svg for the page, then deleted it: the svg another run had written."""
+    out = tmp_path / "o"
+    r = _trace("the cat sat", "--model", str(saved_model), "--out", str(out), "--format", "svg", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    svg = (out / "graph.svg").read_bytes()
+    r = _trace("the dog sat", "--model", str(saved_model), "--out", str(out), "--format", "json,html", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out / "graph.svg").read_bytes() == svg and (out / "graph.html").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["graph.html", "graph.json", "graph.svg"]
+
+
+def test_concurrent_runs_keep_their_files(saved_model, tmp_path):
+    out = tmp_path / "o"
+    procs = [_trace("the cat sat", "--model", str(saved_model), "--out", str(out), "--format", fmt, cwd=tmp_path,
+                    popen=True) for fmt in ("svg", "json,html", "json,dot")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["graph.dot", "graph.html", "graph.json", "graph.svg"]
+
+
+def test_run_folders_are_private_and_cleaned(tmp_path):
+    out = tmp_path / "a" / "b"
+    with RunFolder(out) as one, RunFolder(out) as two:
+        assert one.tmp != two.tmp and one.tmp.parent == out == two.tmp.parent
+        one.path("graph.json").write_text("one")
+        two.path("graph.json").write_text("two")
+        two.path("graph.svg").write_text("svg of two")
+        assert one.commit(["graph.json"]) == [out / "graph.json"]
+    assert (out / "graph.json").read_text() == "one" and _files(out) == {"graph.json"}
+    with pytest.raises(RuntimeError):
+        with RunFolder(tmp_path / "new" / "deeper") as run:
+            run.path("graph.json").write_text("x")
+            raise RuntimeError("a failed run")
+    assert not (tmp_path / "new").exists()  # the folders it created are gone with it
+
+
+def test_commit_waits_for_the_folder_lock(tmp_path):
+    out = tmp_path / "o"
+    with RunFolder(out) as run:
+        run.path("graph.json").write_text("new")
+        fd = os.open(out, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another run moving its files in
+        t = threading.Thread(target=run.commit, args=(["graph.json"],))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and not (out / "graph.json").exists()
+        os.close(fd)
+        t.join(10)
+        assert not t.is_alive() and (out / "graph.json").read_text() == "new"
+
+
+def test_leftovers_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".run-{pid}-abc").mkdir()
+    (tmp_path / f".run-{pid}-abc" / "graph.json").write_text("x")
+    (tmp_path / f".graph.png.tmp{pid}").write_text("x")
+    (tmp_path / f".run-{os.getpid()}-live").mkdir()  # a live run's folder stays
+    (tmp_path / "graph.json").write_text("kept")
+    remove_leftovers(tmp_path)
+    assert _files(tmp_path) == {f".run-{os.getpid()}-live", "graph.json"}
+
+
+# -- items 9 and 4: killed runs, the dot child, full disks -----------------------------------------------------
+
+SLOW_DOT = "#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n"
+
+
+def _slow_dot(tmp_path: Path) -> tuple[Path, Path]:
+    folder, pidfile = tmp_path / "bin", tmp_path / "dot.pid"
+    folder.mkdir()
+    (folder / "dot").write_text(SLOW_DOT.format(pidfile=pidfile))
+    (folder / "dot").chmod(0o755)
+    return folder, pidfile
+
+
+def _wait_for(path: Path, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    """True once ``pid`` has exited (a zombie waiting for its new parent to reap it counts as exited)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_during_rendering(saved_model, tmp_path, sig):
+    """SIGTERM: the run stops with one line, kills dot and removes its files.  SIGKILL runs no code in the
+    process: the kernel kills dot (PR_SET_PDEATHSIG) and the next run into the folder removes what was left."""
+    bin_dir, pidfile = _slow_dot(tmp_path)
+    out = tmp_path / "o"
+    p = _trace("the cat sat", "--model", str(saved_model), "--out", str(out), "--format", "json,svg", cwd=tmp_path,
+               path=f"{bin_dir}:{os.environ['PATH']}", popen=True)
+    dot_pid = _wait_for(pidfile)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert _gone(dot_pid), "dot outlived the run"
+    if sig == signal.SIGTERM:
+        assert p.returncode == 1 and err.strip() == "error: interrupted"
+        assert not out.exists()  # it created the folder and wrote nothing into it
+        return
+    assert p.returncode == -signal.SIGKILL
+    assert [x.name for x in out.iterdir() if x.name.startswith(".run-")]  # SIGKILL left its folder behind
+    r = _trace("the cat sat", "--model", str(saved_model), "--out", str(out), "--format", "json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _files(out) == {"graph.json"}
+
+
+def test_atomic_writes_leave_nothing_on_a_full_disk(tmp_path, monkeypatch):
+    from replacement import checkpoint as ckpt
+    from replacement.data import atomic_write_text
+
+    target = tmp_path / "graph.json"
+    target.write_text("before")
+    real_write = Path.write_text
+
+    def full_disk(self, text, *a, **k):
+        real_write(self, text[:3], *a, **k)  # part of it reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(target, "after")
+    monkeypatch.undo()
+    assert _files(tmp_path) == {"graph.json"} and target.read_text() == "before"
+
+    import safetensors.torch
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise safetensors.SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    with pytest.raises(ckpt.CheckpointError, match="No space left"):
+        ckpt.atomic_save({"w": torch.zeros(2)}, tmp_path / "m.safetensors")
+    assert _files(tmp_path) == {"graph.json"}
+
+
+def test_a_full_disk_is_one_line():
+    from cli.common import _message
+
+    e = OSError(errno.ENOSPC, "No space left on device", "/data/traces/x/.graph.json.tmp12")
+    assert _message(e) == "No space left on device (disk full?): nothing was written: /data/traces/x/.graph.json.tmp12"
+
+
+# -- items 5 and 12: what a prompt can hold ---------------------------------------------------------------------
+
+
+def test_control_characters_and_entities_in_a_prompt(saved_model, tmp_path):
+    prompt = "the \x01cat &lt; \x1b[31m sat\x7f"
+    out = tmp_path / "o"
+    r = _trace(prompt, "--model", str(saved_model), "--out", str(out), "--format", "json,dot,svg", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    root = ET.parse(out / "graph.svg").getroot()  # well-formed XML
+    texts = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert "the \\x01cat &lt; \\x1b[31m sat\\x7f" in texts  # shown as written, the entity not decoded
+    r = subprocess.run([sys.executable, "-m", "cli.main", "render", str(out / "graph.json"), "--format", "svg"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ET.parse(out / "graph.svg")
+
+
+def test_spelled_special_tokens_stay_text(saved_model):
+    from replacement.models import encode_prompt, load_tokenizer
+
+    tok, context = load_tokenizer(str(saved_model))
+    ids = encode_prompt(tok, "<|bos|>the cat<|eos|>", context)[0].tolist()
+    assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:] and tok.eos_token_id not in ids
+    assert tok.decode(ids[1:]) == "<|bos|>the cat<|eos|>"
+
+
+# -- item 11: a resumed state whose loss is not finite --------------------------------------------------------
+
+
+def test_a_bad_resumed_state_names_no_resume(tmp_path):
+    from replacement import checkpoint as ckpt
+    from replacement.errors import TrainingDiverged
+    from replacement.models import ModelAdapter
+    from replacement.train import TrainConfig, Trainer
+    from tests.conftest import tiny_llama
+    from tests.test_train import SMALL, _source
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    state = tmp_path / "s.safetensors"
+    cfg = TrainConfig(steps=10, **SMALL)
+    Trainer(adapter, cfg, _source(), state).train(progress=False, stop_after=5)
+    tensors, meta = ckpt.load(state)
+    key = next(k for k in tensors if k.endswith(".scales"))
+    tensors[key] = torch.tensor([1.0, 1e300], dtype=torch.float64)  # finite, but the loss overflows
+    ckpt.atomic_save(tensors, state, meta)
+    with pytest.raises(TrainingDiverged, match=r"at step 5; .*the state this run resumed from; --no-resume starts afresh"):
+        Trainer(adapter, cfg, _source(), state).train(progress=False)
+    Trainer(adapter, cfg, _source(), state).train(resume=False, progress=False)  # --no-resume trains afresh
+
+
+def test_a_loss_diverging_later_does_not_blame_the_state(tmp_path):
+    from replacement.errors import TrainingDiverged
+    from replacement.models import ModelAdapter
+    from replacement.train import TrainConfig, Trainer
+    from tests.conftest import tiny_llama
+    from tests.test_train import SMALL, _source
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    with pytest.raises(TrainingDiverged) as e:
+        Trainer(adapter, TrainConfig(steps=10, **SMALL, lr=1e30), _source(), tmp_path / "s.safetensors").train(
+            progress=False)
+    assert "last good checkpoint kept" in str(e.value) and "--no-resume" not in str(e.value)
