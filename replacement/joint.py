@@ -13,8 +13,8 @@ error terms; the model's own weights stay frozen.  The reconstruction term keeps
 its layer (FVU measured at the real model's inputs, BOS excluded), so the graph's error nodes stay small.
 
 Units that stay silent for ``resample_every`` steps are re-initialised towards tokens with a large error
-(dead-unit resampling): the encoder (Lorsa: the value vector) along the token's input, the decoder along the
-module's error there, at a fifth of the live units' mean decoder norm.
+(dead-unit resampling): the encoder (Lorsa: the value vector) along the token's centred input, the decoder along
+the module's error there, each at a fifth of the live units' mean norm.
 
 As in per-layer training, modules train in normalised units (inputs and targets scaled to an average norm of
 sqrt(d)); the scales are folded back at export.  Batches are a function of the step, states are saved
@@ -155,7 +155,9 @@ class JointTrainer:
             weight = err.pow(2).sum(-1)
             tok = torch.multinomial(weight.cpu() / weight.sum().cpu(), len(dead), replacement=True, generator=g)
             tok = tok.to(x.device)
-            xd = F.normalize(x[tok], dim=-1)  # [D, d]
+            # the token's input direction, centred: the residual stream's common direction would make a unit fire
+            # on every token (uncentred, one resampling of pythia took its mean FVU from 0.09 to 0.49)
+            xd = F.normalize(x[tok] - x.mean(0), dim=-1)  # [D, d]
             ed = F.normalize(err[tok], dim=-1)
             enc, W_dec = (m.W_V, m.W_O) if key[0] == "lorsa" else (m.W_enc, m.W_dec)
             bias = m.b_V if key[0] == "lorsa" else m.b_enc
@@ -164,7 +166,7 @@ class JointTrainer:
             enc_norm = enc[alive].norm(dim=-1).mean() if alive.any() else 1.0
             dec_norm = W_dec[alive].norm(dim=-1).mean() if alive.any() else 1.0
             d = dead.to(W_dec.device)
-            enc[d] = xd * enc_norm
+            enc[d] = xd * enc_norm * 0.2
             bias[d] = 0.0
             W_dec[d] = ed * dec_norm * 0.2
             for p in (enc, bias, W_dec):  # fresh Adam moments for the new rows
