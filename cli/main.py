@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -52,7 +51,8 @@ def _local_checkpoints(extra: list[Path]) -> list[tuple[str, str]]:
 @circuits.command("train-lm")
 @click.option("--model", "presets", default="all", show_default=True, help="toy, pythia, llama, or all.")
 @click.option("--workdir", default="runs/bundled", show_default=True, type=click.Path(), help="Tokenizer, data cache and resumable states.")
-@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME[:split]); default: ../shared/data corpora.")
+@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME[:split]); default: the recipe's corpora in $CIRCUITS_DATA "
+                   "(else ~/.cache/circuits/data).")
 @click.option("--steps", type=int, default=None, help="Steps of the first training stage (default: the recipe's per preset).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="torch.compile the training step.")
@@ -76,8 +76,17 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 @click.option("--layers", default=None, help="Comma-separated layers (default: all).")
 @click.option("--steps", type=int, default=1500, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per step (global under torchrun).")
-@click.option("--seq-len", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: 128; 64 with --joint).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: 2e-3; 1e-4 with --joint).")
+@click.option("--joint", is_flag=True,
+              help="The joint stage: fine-tune every saved module of the model together, spliced in with no error "
+                   "terms, on KL to the real model's next-token distribution plus their reconstruction losses "
+                   "(starts from --init-from or the modules beside the model).")
+@click.option("--kl-coef", type=float, default=1.0, show_default=True, help="With --joint: weight of the KL term.")
+@click.option("--recon-coef", type=float, default=0.5, show_default=True,
+              help="With --joint: weight of the modules' mean FVU.")
+@click.option("--resample-every", type=int, default=250, show_default=True,
+              help="With --joint: re-initialise units silent for this many steps (0: never).")
 @click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to stream activations from.")
@@ -105,11 +114,17 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
               allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
-              tc_token_norm):
-    """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all).
+              tc_token_norm, joint, kl_coef, recon_coef, resample_every):
+    """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all), or,
+    with --joint, fine-tune them all together for faithfulness.
 
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
     import torch.distributed as dist
+
+    if joint:
+        return _train_joint(model_name, device, dtype, steps, batch_size, seq_len, lr, out, resume, init_from,
+                            kl_coef, recon_coef, resample_every)
+    seq_len, lr = seq_len or 128, lr or 2e-3
 
     from replacement.activations import ShardSource, TextSource, cache_to_disk, hook_points
     from replacement.models import load_model
@@ -151,6 +166,17 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
         _print_replacement_metrics(metrics)
 
 
+def _train_joint(model_name, device, dtype, steps, batch_size, seq_len, lr, out, resume, init_from, kl_coef,
+                 recon_coef, resample_every):
+    from replacement.joint import JointConfig, fit_joint
+    from replacement.models import load_model
+
+    adapter = load_model(model_name, device, dtype)
+    cfg = JointConfig(steps=steps, batch_size=batch_size, seq_len=min(seq_len or 64, adapter.context), lr=lr or 1e-4,
+                      kl_coef=kl_coef, recon_coef=recon_coef, resample_every=resample_every)
+    _print_replacement_metrics(fit_joint(adapter, cfg, init_from, out, resume=resume))
+
+
 def _print_replacement_metrics(metrics: dict) -> None:
     click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}")
     for name, m in sorted(metrics.items()):
@@ -160,43 +186,52 @@ def _print_replacement_metrics(metrics: dict) -> None:
 
 @circuits.command("eval")
 @model_options
-@click.option("--text", "texts", multiple=True, help="Held-out text files (default: ../shared/data corpora).")
+@click.option("--text", "texts", multiple=True,
+              help="Text files whose last 2% is the held-out text (default: the held-out sample shipped with the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--samples/--no-samples", default=True, show_default=True)
 @click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
-def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
-    """Metrics of a model (induction, addition, held-out text loss, samples) and of its replacements."""
+@click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
+              help="Also measure the pure (error-free) replacement model against the real one.")
+def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, faithfulness):
+    """Metrics of a model (induction, addition, held-out text loss, copying in natural text, samples) and of its
+    replacements (the pure replacement model's agreement with the real one, and each module's FVU, L0, dead
+    fraction and spliced loss)."""
     from replacement import evaluate as ev
-    from replacement.data import addition_split, read_text_sources, tokenize_texts
+    from replacement.corpus import heldout_texts
     from replacement.models import load_model
-    from replacement.recipe import DEFAULT_SOURCES
-
-    adapter = load_model(model_name, device, dtype)
-    out = {"model": adapter.name, "induction": ev.induction_losses(adapter)}
-    if adapter.tokenizer is not None:
-        try:
-            train_pairs, heldout = addition_split()
-            out["addition_heldout"] = ev.addition_accuracy(adapter, heldout)
-            out["addition_train_sample"] = ev.addition_accuracy(adapter, train_pairs[::15])
-            out["showcase"] = {"prompt": "36 + 62 =", "greedy": ev.greedy_answer(adapter, "36 + 62 =")}
-        except ValueError:
-            pass  # a tokenizer without single-token numbers: addition is not defined
-        sources = [s for s in (list(texts) or DEFAULT_SOURCES) if s.startswith("hf:") or Path(s).is_file()]
-        if sources:
-            _, held_text = read_text_sources(sources)
-            loss = ev.text_loss(adapter, tokenize_texts(adapter.tokenizer, held_text))
-            if not math.isnan(loss):
-                out["heldout_text_loss"] = loss
-        if samples:
-            out["samples"] = {p: ev.sample(adapter, p) for p in ("The", "It is a truth", "And God said")}
     from replacement.store import default_folder
 
+    adapter = load_model(model_name, device, dtype)
+    held = heldout_texts(list(texts) or None) if adapter.tokenizer is not None else None
+    out = ev.model_report(adapter, held, samples)
     rep_cfg = Path(replacements or default_folder(adapter)) / "config.json"
     if rep_cfg.is_file():
         out["replacements"] = {k: v["metrics"] for k, v in json.loads(rep_cfg.read_text())["modules"].items()}
+        if faithfulness:
+            from replacement.assemble import ReplacementModel
+            from replacement.errors import CircuitsError
+
+            try:
+                model = ReplacementModel.load(adapter, replacements, "lorsa")
+            except CircuitsError as e:  # an incomplete set: no pure replacement model to measure
+                out["pure_replacement"] = {"skipped": str(e)}
+            else:
+                out["pure_replacement"] = ev.faithfulness_report(model, held)
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
+    _print_model_report(out)
+    if "replacements" in out:
+        click.echo("replacements (held-out batches of the training mixture, BOS excluded; losses in nats/token):")
+        _print_replacement_metrics(out["replacements"])
+    else:
+        click.echo(f"no trained replacements yet: circuits train --model {model_name} --what all")
+    if "pure_replacement" in out:
+        _print_faithfulness(out["pure_replacement"])
+
+
+def _print_model_report(out: dict) -> None:
     ind = out["induction"]
     click.echo(f"model {out['model']}")
     click.echo(f"  induction ({ind['span']} random tokens repeated): first copy {ind['first_copy_loss']:.2f} nats, "
@@ -208,13 +243,39 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements):
         click.echo(f"  36 + 62 = ->{out['showcase']['greedy']!r}")
     if "heldout_text_loss" in out:
         click.echo(f"  held-out text loss {out['heldout_text_loss']:.3f} nats/token")
-    for p, s in out.get("samples", {}).items():
+    if "natural_copying" in out:
+        _print_copying(out["natural_copying"], "  ")
+    for s in out.get("samples", {}).values():
         click.echo(f"  sample: {s!r}")
-    if "replacements" in out:
-        click.echo("replacements (held-out tokens, BOS excluded; losses in nats/token):")
-        _print_replacement_metrics(out["replacements"])
-    else:
-        click.echo(f"no trained replacements yet: circuits train --model {model_name} --what all")
+
+
+def _print_copying(stats: dict, indent: str) -> None:
+    click.echo(f"{indent}copying in held-out natural text (tokens of the second copy after its first; "
+               "in brackets the same tokens in the first copy):")
+    for kind, s in stats.items():
+        click.echo(f"{indent}  {kind:<9} {s['n']} cases: top-1 {s['copy_top1']:.1%}, mean p {s['copy_prob']:.3f} "
+                   f"({s['first_top1']:.1%}, {s['first_prob']:.3f})")
+
+
+def _print_faithfulness(f: dict) -> None:
+    if "skipped" in f:
+        click.echo(f"no pure replacement model to measure: {f['skipped']}")
+        return
+    click.echo("pure replacement model (every Lorsa and transcoder, no error terms) against the real model:")
+    if "natural_text" in f:
+        t = f["natural_text"]
+        click.echo(f"  held-out natural text ({t['tokens']} tokens): top-1 agreement {t['top1_agreement']:.1%}, "
+                   f"KL {t['kl']:.3f} nats/token")
+    if "addition_heldout" in f:
+        click.echo(f"  addition held-out {f['addition_heldout']['accuracy']:.1%} of {f['addition_heldout']['n']}; "
+                   f"36 + 62 = ->{f['showcase']['greedy']!r}")
+    ind = f["induction"]
+    click.echo(f"  induction: first copy {ind['first_copy_loss']:.2f} nats, second copy {ind['second_copy_loss']:.2f} nats")
+    if "natural_copying" in f:
+        _print_copying(f["natural_copying"], "  ")
+    if "modules_natural_text" in f:
+        click.echo("  modules on held-out natural text:")
+        _print_replacement_metrics(f["modules_natural_text"])
 
 
 @circuits.command()

@@ -55,64 +55,91 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
                 "replacements": replacements, "dtype": dtype}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
-    run = RunFolder(out_dir).open()  # this run's private folder, removed on every exit (cli/outputs.py)
-    click.get_current_context().call_on_close(run.close)
+    with RunFolder(out_dir) as run:
+        t0 = time.time()
+        adapter = load_model(model_name, device, dtype)
+        ids = adapter.tokenize(prompt)
+        model = ReplacementModel.load(adapter, replacements, attention)
+        _check_memory(model, ids.shape[1])
+        t_load = time.time() - t0
+        with torch.no_grad():
+            logits = adapter.run(ids).logits[0, -1].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise BadInputError(f"the model {adapter.name} outputs NaN or infinite logits (NaN weights?); no graph written")
+        probs = logits.softmax(-1)
+        tok = adapter.tokenizer
+        toks = [tok.decode([i]) for i in ids[0].tolist()]
+        click.echo(f"model {adapter.name} ({attention} attention), {len(toks)} tokens: {toks}")
+        vals, idx = probs.topk(5)
+        click.echo("top predictions: " + ", ".join(f"{tok.decode([i])!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-    t0 = time.time()
-    adapter = load_model(model_name, device, dtype)
-    ids = adapter.tokenize(prompt)
-    model = ReplacementModel.load(adapter, replacements, attention)
-    _check_memory(model, ids.shape[1])
-    t_load = time.time() - t0
-    with torch.no_grad():
-        logits = adapter.run(ids).logits[0, -1].float()
-    if not bool(torch.isfinite(logits).all()):
-        raise BadInputError(f"the model {adapter.name} outputs NaN or infinite logits (NaN weights?); no graph written")
-    probs = logits.softmax(-1)
-    tok = adapter.tokenizer
-    toks = [tok.decode([i]) for i in ids[0].tolist()]
-    click.echo(f"model {adapter.name} ({attention} attention), {len(toks)} tokens: {toks}")
-    vals, idx = probs.topk(5)
-    click.echo("top predictions: " + ", ".join(f"{tok.decode([i])!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
-
-    t1 = time.time()
-    full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
-    graph = prune(full, node_threshold, edge_threshold, max_nodes)
-    check_finite(graph)
-    t_graph = time.time() - t1
-    s = graph.scores
-    click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
-               f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
-    click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
-    paths = graph.top_paths(k=1)
-    if paths:
-        strength, path = paths[0]
-        click.echo(f"strongest path to {graph.logits()[0].label!r}: " + " -> ".join(path) + f"  (strength {strength:.3f})")
-    written = []
-    base = run.path("graph")
-    if "json" in fmts:
-        written.append(write_json(graph, base.with_suffix(".json")))
-    if {"dot", "svg", "png", "html"} & set(fmts):
-        dot = write_dot(graph, base.with_suffix(".dot"))
-        if "dot" in fmts:
-            written.append(dot)
-        for f in ("svg", "png"):
-            if f in fmts or (f == "svg" and "html" in fmts):
-                try:
-                    out = render(dot, f)
+        t1 = time.time()
+        full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
+        graph = prune(full, node_threshold, edge_threshold, max_nodes)
+        check_finite(graph)
+        t_graph = time.time() - t1
+        s = graph.scores
+        click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
+                   f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
+        click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
+        _print_decomposition(graph.scores.get("logit_decomposition", {}))
+        _warn_if_pure_model_disagrees(model, ids, probs)
+        paths = graph.top_paths(k=1)
+        if paths:
+            strength, path = paths[0]
+            click.echo(f"strongest path to {graph.logits()[0].label!r}: " + " -> ".join(path) + f"  (strength {strength:.3f})")
+        written = []
+        base = run.path("graph")
+        if "json" in fmts:
+            written.append(write_json(graph, base.with_suffix(".json")))
+        if {"dot", "svg", "png", "html"} & set(fmts):
+            dot = write_dot(graph, base.with_suffix(".dot"))
+            if "dot" in fmts:
+                written.append(dot)
+            for f in ("svg", "png"):
+                if f in fmts or (f == "svg" and "html" in fmts):
+                    try:
+                        svg_or_png = render(dot, f)
+                    except RenderError as e:
+                        raise BadInputError(f"{e}; nothing was written") from None
                     if f in fmts:
-                        written.append(out)
-                except RenderError as e:
-                    raise BadInputError(f"{e}; nothing was written") from None
-        if "html" in fmts:
-            from graphs.html import write_html
-            from replacement.dashboards import load_or_build
+                        written.append(svg_or_png)
+            if "html" in fmts:
+                from graphs.html import write_html
+                from replacement.dashboards import load_or_build
 
-            dash = load_or_build(model)
-            written.append(write_html(graph, base.with_suffix(".svg"), base.with_suffix(".html"), dash))
-    written = run.commit([p.name for p in written])  # an svg rendered only for the page stays behind
+                dash = load_or_build(model)
+                written.append(write_html(graph, base.with_suffix(".svg"), base.with_suffix(".html"), dash))
+        written = run.commit([p.name for p in written])  # the svg rendered only for the page stays behind
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: load {t_load:.1f}s, attribution + pruning {t_graph:.1f}s")
+
+
+def _print_decomposition(dec: dict) -> None:
+    """The target logit's signed input (and its margin over the runner-up) by source: features, errors,
+    embeddings, constants.  Logits are demeaned over the vocabulary, as in the graph."""
+    parts = ("features", "errors", "embeddings", "constants")
+    for key, what in (("target", "logit {token!r} (demeaned)"), ("margin", "margin over {runner!r}")):
+        if key not in dec:
+            continue
+        d = dec[key]
+        name = what.format(token=dec["target"]["token"], runner=dec.get("runner_up", {}).get("token"))
+        terms = ", ".join(f"{p} {d[p]:+.2f}" for p in parts)
+        click.echo(f"{name} {d['total']:+.2f} = {terms}" + (f", pruned-away {d['dropped']:+.2f}" if d["dropped"] else ""))
+    if dec.get("error_share") is not None:
+        click.echo(f"errors carry {dec['error_share']:.0%} of the margin")
+
+
+def _warn_if_pure_model_disagrees(model, ids, probs) -> None:
+    """One line when the pure replacement model (no error nodes) predicts another token than the real model."""
+    if model.attention != "lorsa":
+        return
+    with torch.no_grad():
+        pure, real = int(model.run_sparse(ids)[-1].argmax()), int(probs.argmax())
+    if pure != real:
+        tok = model.adapter.tokenizer
+        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure])!r}, the real "
+                   f"model {tok.decode([real])!r}: this graph's answer rests on its error nodes")
 
 
 def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, fmt) -> list[str]:

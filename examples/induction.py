@@ -1,6 +1,9 @@
-"""Induction, traced: a repeated random-token span on `toy` (or `pythia`).
+"""Induction, traced: a held-out English sentence that recurs (or a repeated random-token span) on `toy` or `pythia`.
 
-    python examples/induction.py [--model toy] [--out examples/out]
+    python examples/induction.py [--model toy] [--prompt natural|random] [--seed N] [--out examples/out]
+
+The natural prompt (`replacement.evaluate.natural_copy_prompt`): a sentence of the held-out text, what follows it,
+then the sentence again, cut in the middle; the next token is the one that followed there in the first copy.
 
 Prints the strongest paths to the correct logit, picks the last-position Lorsa head with the strongest edge into
 that logit among those whose z pattern peaks on the token after the earlier occurrence, finds that head's
@@ -16,19 +19,27 @@ from pathlib import Path
 import torch
 
 
-def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int = 1, verbose: bool = True) -> dict:
+NATURAL_SEED = 5  # "And we ought to lay down our lives for the brothers. [...] And we ought to lay down" -> " our"
+
+
+def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int | None = None, verbose: bool = True,
+            prompt: str = "natural") -> dict:
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
-    from replacement.evaluate import repeated_span_prompt
+    from replacement.evaluate import natural_copy_prompt, repeated_span_prompt
     from replacement.models import load_model
 
     say = print if verbose else (lambda *a, **k: None)
     adapter = load_model(model_name)
     model = ReplacementModel.load(adapter)
-    ids, answer = repeated_span_prompt(adapter, span=8, seed=seed)  # BOS + r + r[:-1]; the answer is r[-1]
+    if prompt == "natural":
+        ids, answer, expected_peak = natural_copy_prompt(adapter, NATURAL_SEED if seed is None else seed)
+    else:
+        ids, answer = repeated_span_prompt(adapter, span=8, seed=1 if seed is None else seed)  # BOS + r + r[:-1]
+        expected_peak = ids.shape[1] - 8  # the answer r[-1] in the first copy, after the earlier r[-2]
     n = ids.shape[1]
     tok = adapter.tokenizer
     target = tok.decode([answer])
@@ -36,9 +47,6 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     graph = prune(full, 0.8, 0.98)
     logit = graph.node(f"logit.{answer}@{n - 1}")
     say(f"prompt tokens: {[tok.decode([i]) for i in ids[0].tolist()]}; correct next token {target!r} (p={logit.prob:.3f})")
-    current = int(ids[0, n - 1])
-    earlier = [p for p in range(n - 1) if int(ids[0, p]) == current]
-    expected_peak = earlier[-1] + 1  # the token after the earlier occurrence of the current token
     # the last-position Lorsa head whose z pattern peaks there, with the strongest direct edge to the logit
     into_logit = {e.source: e.weight for e in full.incoming(logit.id)}
 
@@ -119,5 +127,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--out", default="examples/out")
+    ap.add_argument("--prompt", choices=["natural", "random"], default="natural")
+    ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args()
-    analyse(a.model, a.out)
+    analyse(a.model, a.out, a.seed, prompt=a.prompt)

@@ -35,6 +35,7 @@ from replacement.assemble import Record, ReplacementModel
 from replacement.models import single_token
 
 from .graph import AttributionGraph, EdgeArrays, Node
+from .prune import logit_decomposition
 
 
 @dataclass
@@ -219,7 +220,7 @@ def _select_logits(probs: torch.Tensor, coverage: float, max_logits: int, target
     for i in order[:max_logits]:
         chosen.append(i)
         total += probs[i].item()
-        if total >= coverage:
+        if total >= coverage and len(chosen) >= 2:  # the runner-up too, for the margin's decomposition
             break
     if target is not None and target not in chosen:
         chosen = chosen[: max_logits - 1] + [target]
@@ -263,12 +264,14 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     tok = a.tokenizer
     tokens = [tok.decode([i]) if tok is not None else str(i) for i in rec.ids.tolist()]
     nodes, sources, targets = _feature_nodes(model, rec, tokens)
-    targets.append(_logit_nodes(rec, nodes, tok, target, logit_coverage, max_logits, lin.N))
+    target_id = None if target is None else single_token(tok, target)
+    targets.append(_logit_nodes(rec, nodes, tok, target_id, logit_coverage, max_logits, lin.N))
     edges = _edges(lin, nodes, sources, targets, batch_size, edges_per_target, progress)
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
     graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
+    graph.scores["logit_decomposition"] = logit_decomposition(graph, target_id)
     settings["seconds_ov"] = round(time.time() - t0, 3)
     if qk and model.attention == "lorsa":
         from .qk import qk_attribution
@@ -339,13 +342,13 @@ def _feature_nodes(model: ReplacementModel, rec: Record, tokens: list[str]):
     return nodes, sources, targets
 
 
-def _logit_nodes(rec: Record, nodes: list[Node], tok, target: str | None, coverage: float, max_logits: int,
+def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, coverage: float, max_logits: int,
                  n_layers: int) -> Target:
-    """Append the logit nodes (demeaned, the smallest set covering ``coverage``, at most ``max_logits``)."""
+    """Append the logit nodes (demeaned, the smallest set of at least two covering ``coverage``, at most
+    ``max_logits``; with the token ``target_id`` among them)."""
     n = rec.ids.shape[0]
     logits = rec.logits[n - 1]
     probs = logits.softmax(-1)
-    target_id = None if target is None else single_token(tok, target)
     demeaned = logits - logits.mean()
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):

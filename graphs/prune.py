@@ -124,3 +124,47 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     pruned.scores.update({f"pruned_{k}": v for k, v in scores(pruned).items()})
     return pruned
 
+
+
+# which part of a logit's input each source type is (constants: the biases and the demeaning, `Node.const`)
+DECOMPOSITION_PARTS = {"embedding": "embeddings", "lorsa": "features", "transcoder": "features",
+                       "attn_error": "errors", "mlp_error": "errors"}
+
+
+def signed_inputs(graph: AttributionGraph, node_index: int) -> dict[str, float]:
+    """The signed input of one target node, summed by what sends it: features (Lorsa heads and transcoder
+    features), errors, embeddings, and constants; ``total`` equals the node's pre-activation (exact on a full
+    graph; on a pruned one the edges it lost go to ``dropped``)."""
+    E = graph.edge_arrays
+    into = E.tgt == node_index
+    out = {"features": 0.0, "errors": 0.0, "embeddings": 0.0}
+    for s, w in zip(E.src[into].tolist(), E.w[into].tolist()):
+        out[DECOMPOSITION_PARTS[graph.node_list[s].type]] += w
+    node = graph.node_list[node_index]
+    out["constants"] = node.const
+    out["dropped"] = node.dropped
+    out["total"] = sum(out.values())
+    return out
+
+
+def logit_decomposition(graph: AttributionGraph, target: int | None = None) -> dict:
+    """The signed decomposition of the target logit (token id ``target``, default the most probable logit
+    node) and of its margin over the runner-up logit node: {"target": {...}, "runner_up": {...}, "margin":
+    {...}, "error_share": errors / margin}.  Unsigned scores (replacement, completeness) miss cancellation
+    between features and errors; this does not."""
+    logits = sorted((i for i, n in enumerate(graph.node_list) if n.type == "logit"),
+                    key=lambda i: -graph.node_list[i].prob)
+    if not logits:
+        return {}
+    first = next((i for i in logits if graph.node_list[i].index == target), logits[0])
+    out = {"target": dict(signed_inputs(graph, first), token=graph.node_list[first].label,
+                          node=graph.node_list[first].id)}
+    rest = [i for i in logits if i != first]
+    if rest:
+        out["runner_up"] = dict(signed_inputs(graph, rest[0]), token=graph.node_list[rest[0]].label,
+                                node=graph.node_list[rest[0]].id)
+        margin = {k: out["target"][k] - out["runner_up"][k] for k in ("features", "errors", "embeddings", "constants",
+                                                                     "dropped", "total")}
+        out["margin"] = margin
+        out["error_share"] = margin["errors"] / margin["total"] if margin["total"] else None
+    return out

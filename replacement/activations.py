@@ -38,13 +38,17 @@ class RandomTokenSource:
 
 
 class TextSource:
-    """Random windows (BOS + seq_len-1 tokens) of tokenised text files."""
+    """Random windows (BOS + seq_len-1 tokens) of tokenised text: ``files`` (their training part, or their last 2%
+    with ``heldout``) or an already tokenised tensor [N]."""
 
-    def __init__(self, tokenizer, files: list[str], seq_len: int, seed: int = 0, heldout: bool = False):
+    def __init__(self, tokenizer, files: list[str] | torch.Tensor, seq_len: int, seed: int = 0, heldout: bool = False):
         from .data import read_text_sources, tokenize_texts
 
-        train, held = read_text_sources(files)
-        self.tokens = tokenize_texts(tokenizer, held if heldout else train)
+        if isinstance(files, torch.Tensor):
+            self.tokens = files
+        else:
+            train, held = read_text_sources(files)
+            self.tokens = tokenize_texts(tokenizer, held if heldout else train)
         if len(self.tokens) < seq_len:
             from .data import HELDOUT_FRACTION
             from .errors import BadInputError
@@ -62,23 +66,22 @@ class TextSource:
 
 
 def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = False):
-    """The bundled models' training mixture when the model is a preset; text files otherwise."""
-    from .data import BatchMaker, Mixture, addition_split
+    """The bundled models' training mixture when the model is a preset, windows of the recipe's corpora otherwise:
+    their held-out part (shipped with the package) with ``heldout``, else the training corpora
+    (`replacement.corpus.training_files`, a one-line error when absent).  A model without a tokenizer cannot
+    read text: it gets uniform random tokens."""
+    from .corpus import heldout_texts, training_files
+    from .data import BatchMaker, Mixture, addition_split, read_text_sources, tokenize_texts
     from .presets import PRESETS
-    from .recipe import DEFAULT_SOURCES
 
     seq_len = min(seq_len, adapter.context)
-    files = [f for f in DEFAULT_SOURCES if Path(f).is_file()]
-    if adapter.name in PRESETS and adapter.tokenizer is not None and files:
-        from .data import read_text_sources, tokenize_texts
-
-        train, held = read_text_sources(files)
-        tokens = tokenize_texts(adapter.tokenizer, held if heldout else train)
+    if adapter.tokenizer is None:
+        return RandomTokenSource(adapter.vocab_size, seq_len, seed + (1 if heldout else 0), adapter.config.bos_token_id)
+    texts = heldout_texts() if heldout else read_text_sources(training_files())[0]
+    tokens = tokenize_texts(adapter.tokenizer, texts)
+    if adapter.name in PRESETS:
         return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], Mixture(), seq_len, seed + (1 if heldout else 0))
-    if adapter.tokenizer is not None and files:
-        return TextSource(adapter.tokenizer, files, seq_len, seed, heldout)
-    return RandomTokenSource(adapter.vocab_size, seq_len, seed + (1 if heldout else 0),
-                             adapter.config.bos_token_id)
+    return TextSource(adapter.tokenizer, tokens, seq_len, seed + (1 if heldout else 0))
 
 
 @torch.no_grad()

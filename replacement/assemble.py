@@ -161,11 +161,16 @@ class ReplacementModel:
         self._last_in = {}
         return self.adapter.run(rec.ids[None], hooks=self._module_hooks(rec, True)).logits[0]
 
+    def sparse_hooks(self) -> dict:
+        """Run hooks of the pure sparse (error-free) replacement model: every block's output is its replacement
+        module's, Lorsa patterns computed live.  Fresh hooks for each run; batches [B, n] work too."""
+        self._last_in = {}
+        return self._module_hooks(None, False)
+
     @torch.no_grad()
     def run_sparse(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits of the pure sparse model: no error terms, Lorsa patterns computed live."""
-        self._last_in = {}
-        return self.adapter.run(ids.reshape(1, -1).to(self.adapter.device), hooks=self._module_hooks(None, False)).logits[0]
+        """Logits [n, V] of the pure sparse model: no error terms, Lorsa patterns computed live."""
+        return self.adapter.run(ids.reshape(1, -1).to(self.adapter.device), hooks=self.sparse_hooks()).logits[0]
 
     # -- the frozen replacement model (for checks of the attribution graph) -----------------------------
 

@@ -213,6 +213,18 @@ def _lorsa_contexts(lorsa, X: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def default_source_name(adapter) -> str:
+    """What the default sample is, for the cache key: the shipped held-out text (by content), or random tokens
+    for a model without a tokenizer."""
+    if adapter.tokenizer is None:
+        return "random-tokens"
+    from .corpus import HELDOUT_SAMPLE
+
+    if not HELDOUT_SAMPLE.is_file():
+        return "missing"  # building from it fails with the corpus module's one-line error
+    return "heldout-sample:" + hashlib.sha256(HELDOUT_SAMPLE.read_bytes()).hexdigest()[:16]
+
+
 def cache_key(model, cfg: DashboardConfig, source_name: str) -> str:
     """Model fingerprint + the replacement weights + the sample: any change gives a new key."""
     from .models import model_fingerprint
@@ -286,7 +298,7 @@ def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | 
 
     cfg = cfg or DashboardConfig()
     a = model.adapter
-    source, source_name = None, "default"
+    source, source_name = None, default_source_name(a)
     if texts:
         if a.tokenizer is None:
             raise BadInputError("the model has no tokenizer, so text files cannot be read")

@@ -4,7 +4,10 @@ Three kinds of sequence are mixed, each starting with BOS:
 
 * ``text``: a random window of the tokenised corpus;
 * ``arith``: newline-separated additions ``a + b = c`` with operands 0-99 (held-out pairs excluded);
-* ``repeat``: random-token spans, each repeated, so that induction heads form quickly.
+* ``repeat``: random-token spans, each repeated, so that induction heads form quickly;
+* ``natural``: a window of the corpus into which passages of itself are copied again later (a phrase or a name,
+  a sentence-length passage, or a copy that starts mid-passage, after a gap of up to the whole context), so that
+  the model learns to copy in natural text and not only in random-token spans.
 
 Batches are a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
 """
@@ -110,6 +113,12 @@ class Mixture:
     arith: float = 0.30
     repeat: float = 0.25
     repeat_gap: int = 0  # up to this many random tokens before each later copy of a span (0: copies are contiguous)
+    natural: float = 0.0  # rows of corpus text holding later copies of their own passages
+
+    def weights(self) -> list[float]:
+        """Row-kind probabilities; the ``natural`` kind only where used, so older recipes draw the same rows."""
+        w = [self.text, self.arith, self.repeat]
+        return w + [self.natural] if self.natural else w
 
 
 def random_token_pool(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
@@ -142,10 +151,12 @@ class BatchMaker:
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rng = random.Random(self.seed * 1_000_003 + step)
-        kinds = torch.multinomial(torch.tensor([self.mix.text, self.mix.arith, self.mix.repeat]), batch_size, True, generator=g)
+        kinds = torch.multinomial(torch.tensor(self.mix.weights()), batch_size, True, generator=g)
         rows = []
         for k in kinds.tolist():
-            if k == 0 and len(self.tokens) > self.seq_len:
+            if k == 3 and len(self.tokens) > self.seq_len:
+                rows.append(self._natural_row(g, rng))
+            elif k == 0 and len(self.tokens) > self.seq_len:
                 rows.append(self._text_row(g))
             elif k == 1 or len(self.tokens) <= self.seq_len:
                 rows.append(self._arith_row(rng))
@@ -157,6 +168,20 @@ class BatchMaker:
         n = self.seq_len - 1
         start = int(torch.randint(0, len(self.tokens) - n, (1,), generator=g))
         return torch.cat([torch.tensor([self.bos]), self.tokens[start : start + n].long()])
+
+    def _natural_row(self, g, rng: random.Random) -> torch.Tensor:
+        """A text window with one or two of its passages copied again later in it: a name or short phrase (1-4
+        tokens), or a passage of 5-40 tokens, a third of the time copied from a point inside it (a partial
+        repeat); the copy goes anywhere after the first occurrence, so gaps reach the whole context."""
+        n = self.seq_len - 1
+        row = self._text_row(g)[1:].tolist()
+        for _ in range(rng.choice((1, 1, 2))):
+            span = rng.randint(1, 4) if rng.random() < 0.3 else rng.randint(5, 40)
+            p = rng.randint(0, max(0, len(row) - span - 1))
+            first = p + (rng.randint(1, span // 2) if span >= 6 and rng.random() < 0.33 else 0)
+            q = rng.randint(p + span, max(p + span, n - 2))
+            row = row[:q] + row[first : p + span] + row[q:]
+        return torch.tensor([self.bos] + row[:n])
 
     def _arith_row(self, rng: random.Random) -> torch.Tensor:
         ids = [self.bos]
@@ -191,13 +216,18 @@ class BatchMaker:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to a temporary file beside ``path`` (creating its folder), then rename it into place;
+    """Write UTF-8 text to a temporary file beside ``path`` (creating its folder), then rename it into place."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to a temporary file beside ``path`` (creating its folder), then rename it into place;
     on any failure (a full disk, Ctrl-C) the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

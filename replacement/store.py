@@ -71,8 +71,12 @@ def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
     return module.to(device), meta
 
 
-def load_replacements(folder: str | Path, adapter, device=None) -> dict[tuple[str, int], torch.nn.Module]:
-    """Every module in ``folder`` for ``adapter``'s model, keyed by (kind, layer)."""
+def load_replacements(folder: str | Path, adapter, device=None, earlier_version: bool = False
+                      ) -> dict[tuple[str, int], torch.nn.Module]:
+    """Every module in ``folder`` for ``adapter``'s model, keyed by (kind, layer).
+
+    ``earlier_version``: also accept modules trained on an earlier version of this model (same name and width,
+    other weights, e.g. before a fine-tuning stage), as a starting point for training."""
     from .models import model_fingerprint
 
     folder = Path(folder)
@@ -83,14 +87,18 @@ def load_replacements(folder: str | Path, adapter, device=None) -> dict[tuple[st
         )
     cfg = read_folder_config(cfg_path)
     fp = model_fingerprint(adapter)
-    if cfg.get("fingerprint") != fp:
+    same_model = cfg.get("fingerprint") == fp or (earlier_version and cfg.get("model") == adapter.name)
+    if not same_model:
         raise CheckpointError(
             f"the replacements in {folder} were trained on model {cfg.get('model')!r}, not on {adapter.name!r} "
             "(fingerprints differ)"
         )
     out = {}
     for key, entry in sorted(cfg["modules"].items()):
-        module, meta = load_module(_module_path(folder, entry), fp, device or adapter.device)
+        module, meta = load_module(_module_path(folder, entry), cfg.get("fingerprint"), device or adapter.device)
+        if module.cfg.d_model != adapter.d_model or module.cfg.layer >= adapter.n_layers:
+            raise CheckpointError(f"{folder / entry['file']} does not fit {adapter.name}: width {module.cfg.d_model}, "
+                                  f"layer {module.cfg.layer}")
         out[(meta["kind"], module.cfg.layer)] = module.eval()
     return out
 

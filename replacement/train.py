@@ -229,24 +229,12 @@ class Trainer:
             acts = {k: v[self.rank * per : (self.rank + 1) * per] for k, v in acts.items()}
         return {k: v.detach() for k, v in acts.items()}
 
-    @torch.no_grad()
     def estimate_norms(self) -> None:
         """Dataset-wide average norms (BOS excluded) from batches that training does not use."""
-        sums = {u.name: [0.0, 0.0, 0] for u in self.units}
-        for i in range(self.cfg.norm_batches):
-            ids = self.source.batch(10**9 + i, self.cfg.batch_size)
-            acts = self.adapter.run(ids.to(self.adapter.device), capture=self.points).cache
-            for u in self.units:
-                xn, yn = hook_points(u.kind, u.layer)
-                x, y = acts[xn][:, 1:].float(), acts[yn][:, 1:].float()
-                s = sums[u.name]
-                s[0] += x.norm(dim=-1).sum().item()
-                s[1] += y.norm(dim=-1).sum().item()
-                s[2] += x.shape[0] * x.shape[1]
-        d = self.adapter.d_model
+        scales = norm_scales(self.adapter, self.source, [(u.kind, u.layer) for u in self.units],
+                             self.cfg.batch_size, self.cfg.norm_batches)
         for u in self.units:
-            sx, sy, n = sums[u.name]
-            u.c_x, u.c_y = math.sqrt(d) / (sx / n), math.sqrt(d) / (sy / n)
+            u.c_x, u.c_y = scales[(u.kind, u.layer)]
 
     @torch.no_grad()
     def init_modules(self) -> None:
@@ -268,7 +256,7 @@ class Trainer:
         (runs under init_modules' no_grad)."""
         from .store import load_replacements
 
-        saved = load_replacements(folder, self.adapter)
+        saved = load_replacements(folder, self.adapter, earlier_version=True)
         for u in self.units:
             m = saved.get((u.kind, u.layer))
             if m is None:
@@ -427,6 +415,27 @@ class Trainer:
     def folded_modules(self) -> dict[tuple[str, int], torch.nn.Module]:
         """Copies whose weights act on raw activations (normalisation folded in)."""
         return {(u.kind, u.layer): fold_scales(u.module, u.c_x, u.c_y) for u in self.units}
+
+
+@torch.no_grad()
+def norm_scales(adapter, source, keys: list[tuple[str, int]], batch_size: int, n_batches: int = 4
+                ) -> dict[tuple[str, int], tuple[float, float]]:
+    """(c_x, c_y) per (kind, layer): sqrt(d) / the average norm of the module's input and target over
+    ``n_batches`` batches that training does not use (BOS excluded), so that c x has an average norm of sqrt(d)."""
+    points = sorted({p for kind, L in keys for p in hook_points(kind, L)})
+    sums = {key: [0.0, 0.0, 0] for key in keys}
+    for i in range(n_batches):
+        ids = source.batch(10**9 + i, batch_size)
+        acts = adapter.run(ids.to(adapter.device), capture=points).cache
+        for key in keys:
+            xn, yn = hook_points(*key)
+            x, y = acts[xn][:, 1:].float(), acts[yn][:, 1:].float()
+            s = sums[key]
+            s[0] += x.norm(dim=-1).sum().item()
+            s[1] += y.norm(dim=-1).sum().item()
+            s[2] += x.shape[0] * x.shape[1]
+    root_d = math.sqrt(adapter.d_model)
+    return {key: (root_d / (sx / n), root_d / (sy / n)) for key, (sx, sy, n) in sums.items()}
 
 
 class _null:

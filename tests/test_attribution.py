@@ -184,3 +184,29 @@ def test_prune_keeps_logits_and_checks_thresholds():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="threshold"):
             prune(graph, bad, 0.9)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox_parallel"])
+def test_logit_decomposition_sums_to_the_logit_and_its_margin(arch):
+    from graphs.prune import logit_decomposition
+
+    _, model, ids = _setup(arch)
+    graph = attribute(model, ids, qk=False)
+    dec = graph.scores["logit_decomposition"]
+    logits = sorted(graph.nodes(type="logit"), key=lambda n: -n.prob)
+    assert len(logits) >= 2 and dec["target"]["node"] == logits[0].id and dec["runner_up"]["node"] == logits[1].id
+    for key, node in (("target", logits[0]), ("runner_up", logits[1])):
+        d = dec[key]
+        parts = {"features": 0.0, "errors": 0.0, "embeddings": 0.0}  # independently, from the Edge objects
+        for e in graph.edges:
+            if e.target == node.id:
+                t = graph.node(e.source).type
+                parts["features" if t in ("lorsa", "transcoder") else "errors" if "error" in t else "embeddings"] += e.weight
+        for p, v in parts.items():
+            assert d[p] == pytest.approx(v, rel=1e-5, abs=1e-6)
+        assert d["total"] == pytest.approx(node.preact, rel=1e-4, abs=1e-4)  # exact: edges + constants
+    m = dec["margin"]
+    assert m["total"] == pytest.approx(logits[0].preact - logits[1].preact, rel=1e-4, abs=1e-4)
+    assert dec["error_share"] == pytest.approx(m["errors"] / m["total"])
+    second = logit_decomposition(graph, logits[1].index)  # another target: the runner-up is then the top one
+    assert second["target"]["node"] == logits[1].id and second["runner_up"]["node"] == logits[0].id

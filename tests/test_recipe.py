@@ -209,3 +209,84 @@ def test_later_stage_starts_from_the_exported_earlier_stage(tokenizer, tiny_pres
     assert meta["step"] == 4
     for k, v in first.items():
         torch.testing.assert_close(tensors[f"model.{k}"], v.float(), atol=0, rtol=0, msg=k)
+
+
+def _occurs_at(row: list[int], piece: list[int]) -> list[int]:
+    return [i for i in range(len(row) - len(piece) + 1) if row[i : i + len(piece)] == piece]
+
+
+def test_natural_rows_hold_later_copies_of_their_own_text(tokenizer):
+    """Each natural row is corpus text with one or two of its passages copied again later: remove the copies
+    and what is left is one contiguous window of the corpus."""
+    tokens = torch.tensor(tokenizer.encode(" ".join(TEXT) * 20, add_special_tokens=False), dtype=torch.int32)
+    train, _ = addition_split()
+    maker = BatchMaker(tokenizer, tokens, train, Mixture(0.0, 0.0, 0.0, natural=1.0), 64, seed=2)
+    rows = maker.batch(0, 24)
+    assert rows.shape == (24, 64) and (rows[:, 0] == tokenizer.bos_token_id).all()
+    corpus = tokens.tolist()
+    n_far = 0
+    for row in rows.tolist():
+        body = row[1:]
+        # the row's first tokens are corpus text, and its last repeated passage recurs somewhere before it
+        assert _occurs_at(corpus, body[:3])
+        right, offsets = _copy_offsets(body)
+        assert offsets, "no passage of the row recurs in it"
+        n_far += max(offsets) > 20
+    assert n_far > 0  # some copies come far after their first occurrence
+    # mixtures without the natural kind draw exactly the rows they drew before it existed
+    old = BatchMaker(tokenizer, tokens, train, Mixture(0.4, 0.3, 0.3), 64, seed=2).batch(3, 8)
+    same = BatchMaker(tokenizer, tokens, train, Mixture(0.4, 0.3, 0.3, natural=0.0), 64, seed=2).batch(3, 8)
+    assert torch.equal(old, same)
+    assert Mixture(0.4, 0.3, 0.3).weights() == [0.4, 0.3, 0.3]
+
+
+def test_natural_copy_cases_repeat_their_passage(tokenizer):
+    from replacement.evaluate import NATURAL_KINDS, natural_copy_cases
+
+    text = ("The cat sat on the mat and the dog sat on the log. It was good, and then Alice met Bob at the mat. "
+            "The dog and the cat sat on the log as it was 1985. They met at the mat, and Bob said it was good. ") * 8
+    cases = natural_copy_cases(tokenizer, [text], n_per_kind=5, context=128)
+    kinds = {c.kind for c in cases}
+    assert kinds <= set(NATURAL_KINDS) and {"sentence", "name"} <= kinds
+    for c in cases:
+        first = c.ids[c.first + c.offset : c.first + c.offset + c.length]
+        second = c.ids[c.second : c.second + c.length]
+        assert first == second and c.length >= 2 and len(c.ids) <= 128 and c.ids[0] == tokenizer.bos_token_id
+        assert c.second > c.first + c.offset + c.length - 1  # the copy comes after the first occurrence
+        if c.kind == "partial":
+            assert c.offset > 0
+        if c.kind == "name":
+            assert tokenizer.decode(second).strip()[0].isupper()
+
+
+def test_shipped_sample_is_the_held_out_part(tmp_path, monkeypatch):
+    from replacement import corpus
+    from replacement.errors import BadInputError
+
+    files = []
+    for i, name in enumerate(corpus.CORPUS_FILES):
+        f = tmp_path / name
+        f.write_text("".join(f"line {j} of file {i}\n" for j in range(300)))
+        files.append(str(f))
+    out = corpus.write_heldout_sample(files, tmp_path / "sample.json.xz")
+    monkeypatch.setattr(corpus, "HELDOUT_SAMPLE", out)
+    corpus._shipped_heldout.cache_clear()
+    try:
+        assert corpus.heldout_texts() == read_text_sources(files)[1]
+    finally:
+        corpus._shipped_heldout.cache_clear()
+    assert corpus.heldout_texts(files[:1]) == read_text_sources(files[:1])[1]
+    assert corpus.training_files(tmp_path) == files
+    (tmp_path / "austen.txt").unlink()
+    with pytest.raises(BadInputError, match="austen.txt"):
+        corpus.training_files(tmp_path)
+    monkeypatch.setattr(corpus, "HELDOUT_SAMPLE", tmp_path / "missing.json.xz")
+    with pytest.raises(BadInputError, match="missing"):
+        corpus.heldout_texts()
+
+
+def test_the_package_ships_its_held_out_sample():
+    from replacement.corpus import CORPUS_FILES, heldout_texts
+
+    texts = heldout_texts()
+    assert len(texts) == len(CORPUS_FILES) and all(len(t) > 20_000 for t in texts)

@@ -1,0 +1,299 @@
+"""The joint stage: every replacement module spliced into the model at once, trained to be faithful.
+
+Per-layer training (`replacement.train`) fits each module to its own layer's output.  Spliced in together
+with no error terms, small errors compound, and a module can reconstruct its layer well while missing the few
+directions that later layers and the logits read.  This stage fine-tunes all modules together (end-to-end
+sparse dictionary learning, Braun et al. 2024):
+
+    loss = kl_coef x KL(real next-token distribution || the pure replacement model's)
+         + recon_coef x mean over modules of FVU(module(x_clean), y_clean)
+
+The pure replacement model runs every Lorsa (live patterns) and transcoder in place of its block, with no
+error terms; the model's own weights stay frozen.  The reconstruction term keeps each module a dictionary of
+its layer (FVU measured at the real model's inputs, BOS excluded), so the graph's error nodes stay small.
+
+Units that stay silent for ``resample_every`` steps are re-initialised towards tokens with a large error
+(dead-unit resampling): the encoder (Lorsa: the value vector) along the token's centred input, the decoder along
+the module's error there, each at a fifth of the live units' mean norm.
+
+As in per-layer training, modules train in normalised units (inputs and targets scaled to an average norm of
+sqrt(d)); the scales are folded back at export.  Batches are a function of the step, states are saved
+atomically and resume exactly, and a non-finite loss stops training with the last good state kept.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .activations import hook_points
+from .data import Mixture
+from .errors import CircuitsError, TrainingDiverged
+from .evaluate import kl_per_token
+from .sparse import SparseCode
+from .train import fold_scales, fvu, norm_scales
+
+Key = tuple[str, int]  # (kind, layer)
+
+
+@dataclass
+class JointConfig:
+    steps: int = 1500
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 1e-4
+    warmup: int = 50
+    decay_frac: float = 0.3  # linear decay to 10% over the last 30%
+    kl_coef: float = 1.0
+    recon_coef: float = 0.5
+    grad_clip: float = 1.0
+    resample_every: int = 250  # 0: never resample dead units
+    resample_stop: float = 0.7  # no resampling after this fraction of the steps, so resampled units settle
+    checkpoint_every: int = 50
+    seed: int = 0
+    # the bundled models' data: natural text, text with recurring passages, additions, random-token repeats
+    mixture: Mixture = field(default_factory=lambda: Mixture(0.35, 0.25, 0.15, natural=0.25))
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        start = int(self.steps * (1 - self.decay_frac))
+        return self.lr if step < start else self.lr * (1 - 0.9 * (step - start) / max(1, self.steps - start))
+
+
+class JointTrainer:
+    """Fine-tunes ``modules`` (raw-space modules of ``adapter``, keyed by (kind, layer)) together."""
+
+    def __init__(self, adapter, modules: dict[Key, torch.nn.Module], cfg: JointConfig, source,
+                 state_file: str | Path):
+        if not modules:
+            raise CircuitsError("the joint stage needs trained modules to start from")
+        self.adapter, self.cfg, self.source = adapter, cfg, source
+        self.state_file = Path(state_file)
+        for p in adapter.model.parameters():
+            p.requires_grad_(False)
+        self.keys = sorted(modules)
+        self.scales = norm_scales(adapter, source, self.keys, cfg.batch_size)
+        self.mods = {k: fold_scales(modules[k], 1 / self.scales[k][0], 1 / self.scales[k][1]).to(adapter.device)
+                     for k in self.keys}
+        for m in self.mods.values():
+            m.requires_grad_(True).train()
+        self.named = {f"{kind}{L}.{n}": p for (kind, L), m in self.mods.items() for n, p in m.named_parameters()}
+        self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
+        self.fired = {k: torch.zeros(m.decoder()[0].shape[0], dtype=torch.bool) for k, m in self.mods.items()}
+        self.points = sorted({p for k in self.keys for p in hook_points(*k)})
+        self.step, self.elapsed, self.resampled = 0, 0.0, 0
+
+    # -- the pure replacement model -----------------------------------------------------------------------
+
+    def spliced_hooks(self) -> dict:
+        """Hooks that replace each module's block output by the module's output on the live input."""
+        live, hooks = {}, {}
+        for key, m in self.mods.items():
+            xn, yn = hook_points(*key)
+            c_x, c_y = self.scales[key]
+            hooks[xn] = lambda t, n: live.__setitem__(n, t.float())
+            hooks[yn] = (lambda t, n, m=m, xn=xn, c_x=c_x, c_y=c_y:
+                         (m(live[xn] * c_x)[0] / c_y).to(t.dtype))
+        return hooks
+
+    def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """KL, the mean FVU and each module's (FVU, code, x, y, y_hat) on one batch [B, n]."""
+        with torch.no_grad():
+            clean = self.adapter.run(ids, capture=self.points)
+        logits = self.adapter.run(ids, hooks=self.spliced_hooks()).logits
+        kl = kl_per_token(clean.logits[:, 1:], logits[:, 1:]).mean()
+        per = {}
+        for key, m in self.mods.items():
+            xn, yn = hook_points(*key)
+            c_x, c_y = self.scales[key]
+            x, y = clean.cache[xn].float() * c_x, clean.cache[yn].float() * c_y
+            y_hat, code = m(x)
+            flat = lambda t: t[:, 1:].reshape(-1, t.shape[-1])  # noqa: E731  BOS left out
+            per[key] = (fvu(flat(y_hat), flat(y)), code, flat(x), flat(y), flat(y_hat))
+        recon = torch.stack([v[0] for v in per.values()]).mean()
+        return {"kl": kl, "recon": recon, "per": per}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        ids = self.source.batch(step, cfg.batch_size).to(self.adapter.device)
+        out = self.losses(ids)
+        loss = cfg.kl_coef * out["kl"] + cfg.recon_coef * out["recon"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"joint loss is {loss.item()} at step {step}; stopped, last good state kept at "
+                                   f"{self.state_file} (resume, or start again with --no-resume)")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.named.values()), cfg.grad_clip)
+        self.opt.step()
+        for key, (_, code, *_rest) in out["per"].items():
+            idx = code.indices[:, 1:][code.values[:, 1:] > 0]
+            self.fired[key][idx.cpu()] = True
+        if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 < cfg.resample_stop * cfg.steps:
+            self.resample(out["per"], step)
+        return {"kl": out["kl"].item(), "fvu": out["recon"].item()}
+
+    # -- dead units -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def resample(self, per: dict, step: int) -> None:
+        """Re-initialise the units that never fired since the last resampling (see the module docstring)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        for key, (_, _, x, y, y_hat) in per.items():
+            dead = (~self.fired[key]).nonzero().flatten()
+            self.fired[key].zero_()
+            if not len(dead):
+                continue
+            m = self.mods[key]
+            err = (y - y_hat).float()
+            weight = err.pow(2).sum(-1)
+            tok = torch.multinomial(weight.cpu() / weight.sum().cpu(), len(dead), replacement=True, generator=g)
+            tok = tok.to(x.device)
+            # the token's input direction, centred: the residual stream's common direction would make a unit fire
+            # on every token (uncentred, one resampling of pythia took its mean FVU from 0.09 to 0.49)
+            xd = F.normalize(x[tok] - x.mean(0), dim=-1)  # [D, d]
+            ed = F.normalize(err[tok], dim=-1)
+            enc, W_dec = (m.W_V, m.W_O) if key[0] == "lorsa" else (m.W_enc, m.W_dec)
+            bias = m.b_V if key[0] == "lorsa" else m.b_enc
+            alive = torch.ones(len(W_dec), dtype=torch.bool, device=W_dec.device)
+            alive[dead.to(W_dec.device)] = False
+            enc_norm = enc[alive].norm(dim=-1).mean() if alive.any() else 1.0
+            dec_norm = W_dec[alive].norm(dim=-1).mean() if alive.any() else 1.0
+            d = dead.to(W_dec.device)
+            enc[d] = xd * enc_norm * 0.2
+            bias[d] = 0.0
+            W_dec[d] = ed * dec_norm * 0.2
+            for p in (enc, bias, W_dec):  # fresh Adam moments for the new rows
+                st = self.opt.state.get(p, {})
+                for name in ("exp_avg", "exp_avg_sq"):
+                    if name in st:
+                        st[name][d] = 0.0
+            self.resampled += len(dead)
+
+    # -- checkpoints and the loop ---------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        for name, p in self.named.items():
+            if not torch.isfinite(p).all():
+                raise TrainingDiverged(f"{name} is not finite at step {self.step}; stopped, last good state kept "
+                                       f"at {self.state_file}")
+        tensors = {f"param.{n}": p for n, p in self.named.items()}
+        tensors.update(ckpt.optimizer_tensors(self.opt, {p: n for n, p in self.named.items()}))
+        tensors.update({f"fired.{k[0]}{k[1]}": f for k, f in self.fired.items()})
+        tensors["scales"] = torch.tensor([self.scales[k] for k in self.keys], dtype=torch.float64)
+        meta = {"step": self.step, "elapsed_s": self.elapsed, "resampled": self.resampled,
+                "config": asdict(self.cfg), "model": self.adapter.name}
+        ckpt.atomic_save(tensors, self.state_file, meta)
+
+    def load_state(self) -> bool:
+        if not self.state_file.is_file():
+            return False
+        tensors, meta = ckpt.load(self.state_file, self.adapter.device)
+        if meta.get("model") != self.adapter.name:
+            raise ckpt.CheckpointError(f"{self.state_file} is a joint-training state for {meta.get('model')!r}, "
+                                       f"not {self.adapter.name!r}")
+        missing = [n for n in self.named if f"param.{n}" not in tensors]
+        if missing or tensors[f"param.{next(iter(self.named))}"].shape != next(iter(self.named.values())).shape:
+            raise ckpt.CheckpointError(f"{self.state_file} holds other modules; start again with --no-resume")
+        with torch.no_grad():
+            for n, p in self.named.items():
+                if tensors[f"param.{n}"].shape != p.shape:
+                    raise ckpt.CheckpointError(f"{self.state_file}: {n} has another shape; start again with --no-resume")
+                p.copy_(tensors[f"param.{n}"])
+        ckpt.restore_optimizer(self.opt, self.named, tensors)
+        for k in self.keys:
+            self.fired[k] = tensors[f"fired.{k[0]}{k[1]}"].cpu().bool()
+        self.scales = {k: tuple(v) for k, v in zip(self.keys, tensors["scales"].tolist())}
+        self.step, self.elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+        self.resampled = int(meta.get("resampled", 0))
+        return True
+
+    def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
+        from tqdm import tqdm
+
+        if not (resume and self.load_state()):
+            self.step = 0
+        end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
+        bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="joint stage",
+                   disable=not progress)
+        t_last, ema = time.time(), None
+        for step in bar:
+            m = self.train_step(step)
+            self.step = step + 1
+            now = time.time()
+            self.elapsed += now - t_last
+            t_last = now
+            ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
+            bar.set_postfix(kl=f"{ema['kl']:.3f}", fvu=f"{ema['fvu']:.3f}", resampled=self.resampled)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                self.save_state()
+
+    def folded_modules(self) -> dict[Key, torch.nn.Module]:
+        """Copies acting on raw activations, gradients off."""
+        out = {}
+        for k, m in self.mods.items():
+            f = fold_scales(m, *self.scales[k])
+            out[k] = f.requires_grad_(False).eval()
+        return out
+
+
+def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None, out_folder: str | Path | None = None,
+              resume: bool = True, progress: bool = True, source=None) -> dict[str, dict]:
+    """Run the joint stage from the modules in ``start_folder`` (default: the model's replacement folder) and
+    save them, with held-out metrics, to ``out_folder`` (default: the same folder).  Returns the metrics."""
+    from .models import model_fingerprint
+    from .store import default_folder, load_replacements, save_module
+    from .train import evaluate_modules
+
+    start = Path(start_folder) if start_folder else default_folder(adapter)
+    out = Path(out_folder) if out_folder else start
+    modules = load_replacements(start, adapter, earlier_version=start_folder is not None)
+    source = source or joint_source(adapter, cfg)
+    trainer = JointTrainer(adapter, modules, cfg, source, out / ".train_state.joint.safetensors")
+    trainer.train(resume=resume, progress=progress)
+    folded = trainer.folded_modules()
+    from .activations import default_source
+
+    metrics = evaluate_modules(adapter, folded, default_source(adapter, cfg.seq_len * 2, cfg.seed, heldout=True))
+    fp = model_fingerprint(adapter)
+    old = _saved_metrics(start)
+    for (kind, L), m in folded.items():
+        name = f"layer{L}.{kind}"
+        info = dict(metrics[name], joint_steps=trainer.step, joint_seconds=round(trainer.elapsed, 1),
+                    joint_resampled=trainer.resampled, joint_config=asdict(cfg))
+        for k in ("train_steps", "train_seconds", "train_tokens"):  # the per-layer stage's record
+            if k in old.get(name, {}):
+                info[k] = old[name][k]
+        save_module(m, kind, out, fp, adapter.name, info)
+    (out / ".train_state.joint.safetensors").unlink(missing_ok=True)
+    return metrics
+
+
+def _saved_metrics(folder: Path) -> dict:
+    import json
+
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return {}
+    return {k: v.get("metrics", {}) for k, v in json.loads(cfg.read_text()).get("modules", {}).items()}
+
+
+def joint_source(adapter, cfg: JointConfig):
+    """The joint stage's batches: the bundled models' mixture (with recurring passages) for a preset, text
+    windows of the training corpora otherwise."""
+    from .activations import TextSource
+    from .corpus import training_files
+    from .data import BatchMaker, addition_split, read_text_sources, tokenize_texts
+    from .presets import PRESETS
+
+    seq_len = min(cfg.seq_len, adapter.context)
+    tokens = tokenize_texts(adapter.tokenizer, read_text_sources(training_files())[0])
+    if adapter.name in PRESETS:
+        return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], cfg.mixture, seq_len, cfg.seed + 5)
+    return TextSource(adapter.tokenizer, tokens, seq_len, cfg.seed + 5)

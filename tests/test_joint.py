@@ -1,0 +1,122 @@
+"""The joint (faithfulness) stage and the pure replacement model's metrics, on tiny random models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replacement.activations import RandomTokenSource
+from replacement.evaluate import agreement, kl_per_token
+from replacement.joint import JointConfig, JointTrainer, fit_joint
+from replacement.models import ModelAdapter, model_fingerprint
+from replacement.store import load_replacements, save_module
+from tests.conftest import random_replacements, tiny_llama
+
+SMALL = dict(batch_size=4, seq_len=16, warmup=2, checkpoint_every=5)
+
+
+def _modules(rm):
+    return {("lorsa", L): m for L, m in rm.lorsas.items()} | {("transcoder", L): m for L, m in rm.transcoders.items()}
+
+
+def _trainer(tmp_path, adapter, **kw):
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    cfg = JointConfig(**(SMALL | dict(steps=10, lr=3e-3, resample_every=0) | kw))
+    return JointTrainer(adapter, _modules(rm), cfg, RandomTokenSource(97, 16, 0, bos=1), tmp_path / "state.safetensors")
+
+
+def test_kl_per_token_matches_its_definition():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 7), torch.randn(3, 7)
+    p, q = a.softmax(-1), b.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1)
+    torch.testing.assert_close(kl_per_token(a, b), expected)
+    assert kl_per_token(a, a).abs().max() < 1e-6
+
+
+def test_spliced_hooks_are_the_pure_replacement_model(tmp_path):
+    adapter = ModelAdapter(tiny_llama())
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    trainer = JointTrainer(adapter, _modules(rm), JointConfig(**SMALL), RandomTokenSource(97, 16, 0, bos=1),
+                           tmp_path / "s.safetensors")
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        spliced = adapter.run(ids, hooks=trainer.spliced_hooks()).logits[0]
+    torch.testing.assert_close(spliced, rm.run_sparse(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_agreement_of_a_model_with_itself_and_with_a_brute_force(tmp_path):
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (the adapter needs a BOS id only)
+
+    adapter = ModelAdapter(tiny_llama())
+    adapter.tokenizer = type("T", (), {"bos_token_id": 1})()
+    tokens = torch.randint(2, 97, (400,))
+    same = agreement(adapter, tokens, lambda: {}, seq_len=16, n_seqs=4)
+    assert same["top1_agreement"] == 1.0 and abs(same["kl"]) < 1e-6 and same["tokens"] == 4 * 15
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    got = agreement(adapter, tokens, rm.sparse_hooks, seq_len=16, n_seqs=4)
+    starts = torch.linspace(0, len(tokens) - 16, 4).long().tolist()
+    agree = kl = 0.0
+    for s in starts:  # one window at a time, through run_sparse
+        ids = torch.cat([torch.tensor([1]), tokens[s : s + 15]])
+        real, pure = adapter.run(ids[None]).logits[0, 1:], rm.run_sparse(ids)[1:]
+        agree += (real.argmax(-1) == pure.argmax(-1)).sum().item()
+        p, q = real.softmax(-1), pure.softmax(-1)
+        kl += (p * (p.log() - q.log())).sum().item()
+    assert got["top1_agreement"] == pytest.approx(agree / 60)
+    assert got["kl"] == pytest.approx(kl / 60, rel=1e-4)
+
+
+def test_joint_stage_lowers_the_kl_of_the_pure_model(tmp_path):
+    adapter = ModelAdapter(tiny_llama())
+    trainer = _trainer(tmp_path, adapter, steps=40, recon_coef=0.0, lr=1e-2)
+    ids = RandomTokenSource(97, 16, 7, bos=1).batch(0, 8)
+    before = trainer.losses(ids)["kl"].item()
+    trainer.train(progress=False)
+    after = trainer.losses(ids)["kl"].item()
+    assert after < 0.75 * before
+    for p in adapter.model.parameters():  # the model itself is not trained
+        assert p.grad is None
+
+
+def test_joint_stage_resumes_exactly(tmp_path):
+    adapter = ModelAdapter(tiny_llama())
+    full = _trainer(tmp_path / "a", adapter)
+    full.train(progress=False)
+    part = _trainer(tmp_path / "b", adapter)
+    part.train(progress=False, stop_after=5)
+    resumed = _trainer(tmp_path / "b", adapter)
+    resumed.train(progress=False)
+    for n, p in full.named.items():
+        torch.testing.assert_close(resumed.named[n], p, atol=1e-6, rtol=1e-6)
+
+
+def test_resampling_revives_dead_units(tmp_path):
+    adapter = ModelAdapter(tiny_llama())
+    trainer = _trainer(tmp_path, adapter, steps=12, resample_every=4, resample_stop=1.0)
+    tc = trainer.mods[("transcoder", 0)]
+    with torch.no_grad():  # kill half the features: they can never win the top-K
+        tc.b_enc[:16] = -1e4
+    trainer.train(progress=False)
+    assert trainer.resampled >= 16
+    assert (tc.b_enc[:16] > -1e3).all()
+    ids = RandomTokenSource(97, 16, 3, bos=1).batch(0, 8)
+    code = trainer.losses(ids)["per"][("transcoder", 0)][1]
+    assert (code.indices[code.values > 0] < 16).any()  # some revived feature fires again
+
+
+def test_fit_joint_saves_modules_for_the_model_and_starts_from_an_earlier_version(tmp_path):
+    adapter = ModelAdapter(tiny_llama())
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    start = tmp_path / "start"
+    for (kind, L), m in _modules(rm).items():  # saved under another fingerprint: an earlier version of the model
+        save_module(m, kind, start, "0123456789abcdef", adapter.name, dtype=torch.float32)
+    with pytest.raises(Exception, match="fingerprints differ"):
+        load_replacements(start, adapter)
+    cfg = JointConfig(**(SMALL | dict(steps=3, resample_every=0)))
+    metrics = fit_joint(adapter, cfg, start, tmp_path / "out", progress=False,
+                        source=RandomTokenSource(97, 16, 0, bos=1))
+    assert set(metrics) == {f"layer{L}.{k}" for k, L in _modules(rm)}
+    saved = load_replacements(tmp_path / "out", adapter)  # now under this model's fingerprint
+    assert set(saved) == set(_modules(rm))
+    assert not (tmp_path / "out" / ".train_state.joint.safetensors").exists()
+    assert model_fingerprint(adapter)
