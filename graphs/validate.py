@@ -79,6 +79,10 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
         raise BadGraphError(f"{where} does not follow the graph schema at {at}: {_short(e.message)}") from None
     except RecursionError:
         raise BadGraphError(f"{where} is not a graph file: nested too deeply") from None
+    scores = d["metadata"].get("scores", {})
+    for key in ("replacement_score", "completeness_score"):  # drawn in the DOT title
+        if key in scores and (isinstance(scores[key], bool) or not isinstance(scores[key], (int, float))):
+            raise BadGraphError(f"{where}: metadata.scores.{key} is {_short(scores[key])}, not a number")
     ids = [n["node_id"] for n in d["nodes"]]
     seen: set[str] = set()
     for i in ids:

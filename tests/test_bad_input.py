@@ -111,6 +111,7 @@ CASES = [
     Case("query-duplicate-ids", ["circuits", "query", "{G}/duplicate.json"], "appears twice"),
     Case("query-null-activation", ["circuits", "query", "{G}/null.json"], "has no activation"),
     Case("query-no-logit", ["circuits", "query", "{G}/nologit.json"], "has no logit node"),
+    Case("render-null-score", ["circuits", "render", "{G}/nullscore.json"], "metadata.scores.replacement_score is None"),
     Case("query-bad-qk", ["circuits", "query", "{G}/badqk.json"], "does not follow the graph schema"),
     Case("query-unknown-node", ["circuits", "query", "{G}/good.json", "--node", "emb@99"], "no node 'emb@99'"),
     Case("query-node-escape", ["circuits", "query", "{G}/good.json", "--node", "\x1b[2Jx"], "no node '\\x1b[2Jx'"),
@@ -271,6 +272,7 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("null.json", lambda x: x["nodes"][0].update(activation=None))
     mutated("nologit.json", lambda x: x.update(nodes=[n for n in x["nodes"] if n["type"] != "logit"],
                                                links=[e for e in x["links"] if not e["target"].startswith("logit")]))
+    mutated("nullscore.json", lambda x: x["metadata"]["scores"].update(replacement_score=None))
     head = next(i for i, n in enumerate(d["nodes"]) if n.get("qk"))
     mutated("badqk.json", lambda x: x["nodes"][head]["qk"][0].update(pairs=[["a", "b"]]))
 

@@ -214,11 +214,13 @@ def test_query_and_render_any_file(content, command, tmp_path_factory):
 
 
 @EXAMPLES
-@given(graph=graphs_)
-def test_query_escapes_hostile_node_ids(graph, tmp_path_factory):
+@given(graph=graphs_, how=st.sampled_from(["paths", "type", "node"]))
+def test_query_escapes_hostile_node_ids(graph, how, tmp_path_factory):
     path = write_json(graph, tmp_path_factory.mktemp("q") / "g.json")
     odd = graph.node_list[-3].id
-    for args in ([], ["--type", "transcoder"], ["--node", odd]):
-        r = _circuits("query", str(path), *args)
-        assert r.exit_code == 0, r.stderr
-        assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)
+    args = {"paths": [], "type": ["--type", "transcoder"], "node": ["--node", odd]}[how]
+    r = _circuits("query", str(path), *args)
+    assert r.exit_code == 0, r.stderr
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)
+    if how != "paths":  # the odd node is listed, escaped
+        assert "".join(c if c.isprintable() else repr(c)[1:-1] for c in odd) in r.stdout
