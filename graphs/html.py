@@ -192,9 +192,9 @@ function show(id) {
     return;
   }
   let h = `<h2 id="panel-title">${esc(n.title)}</h2><div class="meta">${esc(id)} &middot; ${esc(n.type)} at position ${n.pos} ` +
-    `(${tok(DATA.tokens[n.pos] ?? '')}) &middot; activation ${fmt(n.activation)} &middot; influence ${fmt(n.influence)} ` +
-    `(rank ${n.rank} of ${DATA.total})</div>`;
-  if (n.meaning) h += `<div class="meta">An error node: ${esc(n.meaning)}.</div>`;
+    `(${tok(DATA.tokens[n.pos] ?? '')}) &middot; ${n.type === 'logit' ? 'demeaned logit' : 'activation'} ${fmt(n.activation)} ` +
+    `&middot; influence ${fmt(n.influence)} (rank ${n.rank} of ${DATA.total})</div>`;
+  if (n.meaning) h += `<div class="meta">This is ${esc(n.meaning)}.</div>`;
   if (n.z_pattern) {
     h += section('z pattern on this prompt (share of each key position)',
       `<div class="ctx">${tokens(DATA.tokens.slice(0, n.z_pattern.length), n.z_pattern, n.pos)}</div>`);

@@ -23,8 +23,9 @@ EMPTY_COL_W, EMPTY_ROW_H = 44.0, 10.0
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
 TARGET_ASPECT = 1.5  # width : height the wrap aims at
 MAX_TOKEN_CHARS = 12
-ERROR_MEANING = {"attn_error": "what layer {L}'s Lorsa heads miss of the real attention output here",
-                 "mlp_error": "what layer {L}'s transcoder misses of the real MLP output here"}
+MEANING = {"attn_error": "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
+           "mlp_error": "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",
+           "logit": "its value is the demeaned logit: the logit minus its mean over the vocabulary"}
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
@@ -66,14 +67,14 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
         return f"emb {at}"
     if n.type == "logit":
         return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
-    if n.type in ERROR_MEANING:
+    if n.type.endswith("error"):
         return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'} error {at}"
     return f"{box_label(graph, n)} {at}"
 
 
 def meaning(n: Node) -> str:
-    """What an error node stands for ('' for other nodes)."""
-    return ERROR_MEANING[n.type].format(L=n.layer) if n.type in ERROR_MEANING else ""
+    """What an error node stands for, what a logit's value is ('' for other nodes)."""
+    return MEANING[n.type].format(L=n.layer) if n.type in MEANING else ""
 
 
 # -- which nodes and edges ----------------------------------------------------------------------------------------
