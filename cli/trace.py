@@ -73,6 +73,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         ids = adapter.tokenize(prompt)
         model = ReplacementModel.load(adapter, replacements, attention)
     times["load"] = time.time() - t0
+    t1 = time.time()
     with torch.no_grad():
         probs = adapter.run(ids).logits[0, -1].float().softmax(-1)
     tok = adapter.tokenizer
@@ -81,15 +82,14 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     vals, idx = probs.topk(5)
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-    t1 = time.time()
     full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=True)
     graph = prune(full, node_threshold, edge_threshold, max_nodes)
-    times["attribution + pruning"] = time.time() - t1
     s = graph.scores
     click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
                f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
     click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
     _print_paths(graph)
+    times["attribution + pruning"] = time.time() - t1
     written = []
     base = out_dir / "graph"
     t2 = time.time()

@@ -80,10 +80,10 @@ def meaning(n: Node) -> str:
 # -- which nodes and edges ----------------------------------------------------------------------------------------
 
 def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES) -> list[Node]:
-    """The logits, then the most influential other nodes, ``max_nodes`` in all (at least the logits)."""
-    logits = [n for n in graph.node_list if n.type == "logit"]
+    """``max_nodes`` nodes: the logits (the likeliest first), then the most influential other nodes."""
+    logits = sorted((n for n in graph.node_list if n.type == "logit"), key=lambda n: -n.prob)[:max_nodes]
     rest = sorted((n for n in graph.node_list if n.type != "logit"), key=lambda n: -n.influence)
-    return logits + rest[: max(0, max_nodes - len(logits))]
+    return logits + rest[: max_nodes - len(logits)]
 
 
 def edge_order(graph: AttributionGraph) -> torch.Tensor:
