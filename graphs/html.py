@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .graph import AttributionGraph
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_order, grid, meaning, node_name)
+                     drawn_qk, edge_order, grid, meaning, node_name, token_text)
 
 STYLE = """
 body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
@@ -328,7 +328,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
     import html
 
     data = json.dumps(page_data(graph, dashboards, draw_nodes)).replace("</", "<\\/")
-    title = f"{graph.prompt} - attribution graph"
+    title = f"{token_text(graph.prompt)} - attribution graph"
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"toolbar\">"
             f"<input id=\"search\" type=\"search\" list=\"names\" placeholder=\"find a node: id, name or token\">"
@@ -341,7 +341,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"|weight|; dashed: a head's QK pair. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
             f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses).</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
-            f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(graph.prompt)}</h2><div class=\"meta\">Click, search for or "
+            f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
             f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "
             f"(grey: not drawn at this threshold)</h3><ol id=\"node-list\"></ol></div></div>\n"
             f"<script id=\"graph-data\" type=\"application/json\">{data}</script>\n<script>{SCRIPT}</script>\n"

@@ -19,9 +19,9 @@ DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
 EDGES_PER_NODE = 3  # drawn edges per drawn node
 NODE_W, NODE_H = 66.0, 30.0  # points
 GAP, COL_GAP, ROW_GAP = 6.0, 26.0, 18.0  # between the nodes of a cell, between columns, between rows
-EMPTY_COL_W, EMPTY_ROW_H = 44.0, 10.0
+EMPTY_COL_W, EMPTY_ROW_H = 44.0, 16.0
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
-TARGET_ASPECT = 1.5  # width : height the wrap aims at
+TARGET_ASPECT = 1.3  # width : height the wrap aims at (the page's graph area at 1600 x 1000)
 MAX_TOKEN_CHARS = 12
 MEANING = {"attn_error": "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
            "mlp_error": "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",

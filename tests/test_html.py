@@ -208,3 +208,40 @@ def test_circuits_heads(saved_model, tmp_path):
         r = _run(call, "heads", "--model", str(saved_model), *args, env=env)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode != 0 and len(lines) == 1 and msg in lines[0], r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["llama", "pythia"])
+def test_bundled_showcase_pictures(model_name, tmp_path):
+    """`36 + 62 =` on llama and a repeated random-token span on pythia, drawn with the default budget: the SVG's
+    nodes and the page's (in Chromium at 1600 x 1000, on opening) lie on the grid, all of them and the logits
+    on screen, the drawing between 1:2 and 3:1."""
+    import graphs
+    from graphs.attribution import attribute
+    from graphs.export import render, write_dot, write_json
+    from graphs.html import write_html
+    from graphs.layout import DEFAULT_DRAW_NODES
+    from graphs.prune import prune
+    from replacement.assemble import ReplacementModel
+    from replacement.evaluate import repeated_span_prompt
+    from replacement.models import load_model
+    from replacement.presets import PRESETS
+
+    if not (PRESETS[model_name].folder / "replacements" / "config.json").is_file():
+        pytest.fail(f"the bundled {model_name!r} model and its replacements are missing from the package")
+    chromium = _chromium()
+    adapter = load_model(model_name)
+    ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else repeated_span_prompt(adapter, span=8, seed=1)[0]
+    graph = prune(attribute(ReplacementModel.load(adapter), ids), 0.8, 0.98)
+    graph = graphs.load(write_json(graph, tmp_path / "graph.json"))  # as a reader of the file sees it
+    n_drawn = min(DEFAULT_DRAW_NODES, len(graph.node_list))
+    assert len(graph.node_list) > n_drawn  # the budget matters here
+    root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot"), "svg").read_text())
+    boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in graph.index}
+    assert len(boxes) == n_drawn
+    svg.assert_grid(graph, boxes)
+    w, h = svg.size(root)
+    assert 0.5 <= w / h <= 3, (w, h)
+    page = write_html(graph, tmp_path / "graph.html")
+    aspect = check_opening_view(graph, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), n_drawn)
+    assert 0.5 <= aspect <= 3
