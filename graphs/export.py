@@ -152,7 +152,8 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
              "  layout=neato; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
              '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
              f'width={NODE_W / 72:.3f}, height={NODE_H / 72:.3f}];',
-             f'  label={_q(_legend(graph, len(nodes)), newline=LEFT_LINE)}; labelloc=t; labeljust=l; fontname="Helvetica"; fontsize=11;']
+             f"  label={_q(_legend(graph, len(nodes)), newline=LEFT_LINE)}; labelloc=t; labeljust=l;",
+             '  fontname="Helvetica"; fontsize=11;']
     for n in nodes:
         fill, shape, style = STYLE[n.type]
         x, y = g.xy[n.id]
@@ -169,7 +170,8 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     node_ids = [n.id for n in graph.node_list]
     for i in chosen:
         w = float(E.w[i])
-        lines.append(f"  {_q(node_ids[int(E.src[i])])} -> {_q(node_ids[int(E.tgt[i])])} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
+        source, target = node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]
+        lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
                      f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(f'{w:+.3g}')}];")
     for e in qk:
         color = QK_COLOURS[0] if e.weight > 0 else QK_COLOURS[1]

@@ -3,7 +3,7 @@
 Columns are token positions in prompt order, left to right; rows are the model's stages, bottom to top:
 embeddings, then each layer's attention (Lorsa heads, attention error) and MLP (transcoder features, MLP
 error), then the logits.  The nodes of one (row, column) cell sit side by side, wrapping onto more lines
-when the cell is crowded; the wrap is chosen so that the whole grid is about as wide as a screen is.
+when the cell is crowded, at the width that brings the whole grid closest to ``TARGET_ASPECT`` (width : height).
 DOT/SVG/PNG (graphs/export.py) and the HTML page (graphs/html.py) both draw these coordinates as they are.
 """
 from __future__ import annotations
@@ -116,7 +116,9 @@ def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, ord
 
 def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[Edge]:
     """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, ``most`` in all."""
-    pairs = [e for head in sorted(ids) for e in [p for p in graph.qk_pairs(head) if p.extra["query"] in ids and p.extra["key"] in ids][:per_head]]
+    pairs = []
+    for head in sorted(ids):
+        pairs += [p for p in graph.qk_pairs(head) if p.extra["query"] in ids and p.extra["key"] in ids][:per_head]
     return sorted(pairs, key=lambda e: -abs(e.weight))[:most]
 
 

@@ -250,3 +250,31 @@ def test_json_loads_with_circuit_tracers_own_models(graph, tmp_path):
     assert {n.node_id for n in model.nodes} == {n.id for n in graph.node_list}
     assert sum(n.is_target_logit for n in model.nodes) == 1
     assert all(n.layer == "E" for n in model.nodes if n.feature_type == "embedding")
+
+
+SPIN = "import time\nfrom cli.common import spinner\nwith spinner('loading m'):\n    time.sleep(0.6)\nprint('done')"
+
+
+def test_spinner_shows_on_a_terminal_and_stays_out_of_logs():
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a process whose stdout and stderr are a terminal
+        os.execv(sys.executable, [sys.executable, "-c", SPIN])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the child is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode()
+    frames = re.findall(r"\r([|/\\-]) loading m (\d+\.\d)s", text)
+    assert len(frames) >= 3 and len({f for f, _ in frames}) >= 3, text  # it turns, counting the seconds
+    last = re.search(r"\rloading m (\d+\.\d)s\r?\n", text)  # then the time it took, on a line of its own
+    assert last and float(last.group(1)) >= 0.6 and text.rstrip().endswith("done"), text
+    r = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "done\n" and r.stderr == ""

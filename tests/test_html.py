@@ -123,7 +123,8 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     assert node not in data["steps"][data["default_step"]]["xy"]
     dom = _dom(chromium, out / "graph.html", tmp_path, "#node=" + urllib.parse.quote(node), ("--dump-dom",))
     panel = _panel(dom)
-    assert re.search(r'<h2 id="panel-title">(.*?)</h2>', panel).group(1) == html_lib.escape(data["nodes"][node]["title"], quote=False)
+    title = re.search(r'<h2 id="panel-title">(.*?)</h2>', panel).group(1)
+    assert title == html_lib.escape(data["nodes"][node]["title"], quote=False)
     assert f'data-node="{html_lib.escape(node)}"' in panel[:300] and f"rank {len(data['order'])} of {len(data['order'])}" in panel
     assert dom.count("node selected") == 1 and f'class="node selected" data-node="{node}"' in dom
     boxes, (L, T, R, B) = on_screen(dom)
@@ -133,7 +134,8 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     panel = _panel(_dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",)))
     assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
     other, _ = data["nodes"][head]["out"][0]  # edge lists name the node at the other end (type, layer, token)
-    assert f'<a href="#node={urllib.parse.quote(other)}">{html_lib.escape(data["nodes"][other]["title"], quote=False)}</a>' in panel
+    name = html_lib.escape(data["nodes"][other]["title"], quote=False)
+    assert f'<a href="#node={urllib.parse.quote(other)}">{name}</a>' in panel
     dom = _dom(chromium, out / "graph.html", tmp_path, "#node=tc.99.1@0", ("--dump-dom",))
     assert "no node tc.99.1@0" in _panel(dom)
 
