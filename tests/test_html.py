@@ -167,6 +167,17 @@ CHECK_EVERY_NODE = r"""<script>
     await wait();
     if (!ok(id)) bad.push('search ' + id);
   }
+  const box = () => scene.viewBox.baseVal, r = scene.getBoundingClientRect();
+  document.querySelector('[data-zoom="fit"]').click();
+  const fitted = box().width;
+  scene.dispatchEvent(new WheelEvent('wheel', {deltaY: -400, clientX: r.left + 200, clientY: r.top + 200, cancelable: true}));
+  const zoomed = box().width, x0 = box().x;  // the wheel zooms in; a drag pans by as much as the pointer moved
+  scene.dispatchEvent(new PointerEvent('pointerdown', {clientX: r.left + 300, clientY: r.top + 300, bubbles: true}));
+  window.dispatchEvent(new PointerEvent('pointermove', {clientX: r.left + 200, clientY: r.top + 300}));
+  window.dispatchEvent(new PointerEvent('pointerup', {}));
+  const perPixel = Math.max(box().width / scene.clientWidth, box().height / scene.clientHeight);  // the SVG "meets"
+  const panned = (box().x - x0) / (100 * perPixel);
+  if (!(zoomed < 0.7 * fitted) || Math.abs(panned - 1) > 0.05) bad.push(`zoom ${fitted} -> ${zoomed}, pan ${panned}`);
   slider.value = DATA.steps.length - 1; slider.dispatchEvent(new Event('input'));
   document.body.dataset.checked = DATA.order.length;
   document.body.dataset.drawnAtTheEnd = document.querySelectorAll('#scene g.node').length;
@@ -177,7 +188,8 @@ CHECK_EVERY_NODE = r"""<script>
 
 def test_every_node_can_be_selected_by_anchor_click_and_search(page, tmp_path):
     """Every node of graph.json: ``#node=`` and the search box select it (drawing it, bringing it into view,
-    filling the panel); so does a click on every drawn node; the slider's far end draws them all."""
+    filling the panel); so does a click on every drawn node; the wheel zooms, a drag pans; the slider's far
+    end draws every node."""
     chromium = _chromium()
     out, html, data = page
     probe = out / "probe.html"
