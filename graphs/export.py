@@ -23,7 +23,7 @@ from replacement.data import atomic_write_text
 
 from .graph import AttributionGraph, Edge, Node
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, grid, meaning, node_name)
+                     drawn_qk, grid, meaning, node_name, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -205,13 +205,14 @@ def _score_line(graph: AttributionGraph) -> str:
 
 def _legend(graph: AttributionGraph, drawn: int) -> str:
     left = len(graph.node_list) - drawn
-    lines = [f"{graph.prompt}  {_score_line(graph)}".rstrip(),
-             f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" +
-             (f"; {left} left out: draw more with --draw-nodes {len(graph.node_list)}, or open graph.html (slider, search, list)"
-              if left else ""),
-             "nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit; dashed orange octagon: "
-             "error node = what the replacement misses of the real layer",
-             "edges: blue excites, red inhibits, width by |weight|; dashed purple/orange: QK pair (query and key side) of a head"]
+    lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
+             f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" + (f"; {left} left out:" if left else "")]
+    if left:
+        lines.append(f"    draw them with --draw-nodes {len(graph.node_list)} (trace, circuits render), or see every node "
+                     "in the HTML page (--format html)")
+    lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
+              "    dashed orange octagon: error node, what the replacement misses of the real layer",
+              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +227,8 @@ class RenderError(RuntimeError):
 
 
 def render(dot_path: str | Path, fmt: str = "svg") -> Path:
-    """Render a DOT file with graphviz's ``dot``; raises RenderError (one line) if dot is missing or fails."""
+    """Render a DOT file with graphviz's ``dot`` (the file names its engine: neato, which keeps the pinned grid
+    positions); raises RenderError (one line) if dot is missing or fails."""
     dot_path = Path(dot_path)
     exe = shutil.which("dot")
     if exe is None:
