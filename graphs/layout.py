@@ -3,7 +3,8 @@
 Columns are token positions in prompt order, left to right; rows are the model's stages, bottom to top:
 embeddings, then each layer's attention (Lorsa heads, attention error) and MLP (transcoder features, MLP
 error), then the logits.  The nodes of one (row, column) cell sit side by side, wrapping onto more lines
-when the cell is crowded, at the width that brings the whole grid closest to ``TARGET_ASPECT`` (width : height).
+when the cell is crowded, at the width that lets the whole grid be drawn largest in a ``VIEW`` (the HTML
+page's graph area at 1600 x 1000).
 DOT/SVG/PNG (graphs/export.py) and the HTML page (graphs/html.py) both draw these coordinates as they are.
 """
 from __future__ import annotations
@@ -18,10 +19,10 @@ from .graph import AttributionGraph, Edge, Node
 DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
 EDGES_PER_NODE = 3  # drawn edges per drawn node
 NODE_W, NODE_H = 66.0, 30.0  # points
-GAP, COL_GAP, ROW_GAP = 6.0, 26.0, 18.0  # between the nodes of a cell, between columns, between rows
+GAP, COL_GAP, ROW_GAP = 6.0, 16.0, 18.0  # between the nodes of a cell, between columns, between rows
 EMPTY_COL_W, EMPTY_ROW_H = 44.0, 16.0
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
-TARGET_ASPECT = 1.3  # width : height the wrap aims at (the page's graph area at 1600 x 1000)
+VIEW = (1160.0, 800.0)  # the HTML page's graph area at 1600 x 1000, in pixels
 MAX_TOKEN_CHARS = 12
 MEANING = {"attn_error": "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
            "mlp_error": "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",
@@ -158,9 +159,9 @@ class Grid:
         return self.width / self.height
 
 
-def grid(graph: AttributionGraph, nodes: list[Node], aspect: float = TARGET_ASPECT) -> Grid:
-    """Lay ``nodes`` out on the (token position, layer) grid; cells wrap at the width that brings the whole
-    picture closest to ``aspect``."""
+def grid(graph: AttributionGraph, nodes: list[Node], view: tuple[float, float] = VIEW) -> Grid:
+    """Lay ``nodes`` out on the (token position, layer) grid, each column as many nodes wide as lets the whole
+    picture be drawn largest in ``view`` (see `_per_line`)."""
     layers = n_layers(graph)
     n_rows, n_cols = 2 * layers + 2, max(len(graph.tokens), 1 + max([n.pos for n in nodes], default=0))
     cells: dict[tuple[int, int], list[Node]] = {}
@@ -168,40 +169,61 @@ def grid(graph: AttributionGraph, nodes: list[Node], aspect: float = TARGET_ASPE
         cells.setdefault((row_of(n, layers), n.pos), []).append(n)
     for ns in cells.values():
         ns.sort(key=lambda n: (n.type.endswith("error"), -n.influence, n.index))
+    return _place(graph, cells, _per_line(cells, n_rows, n_cols, view), n_rows, layers)
+
+
+def _per_line(cells, n_rows: int, n_cols: int, view: tuple[float, float]) -> list[int]:
+    """Nodes per line in each column (0: an empty column).  From one node per line, while the picture's height
+    is what limits its scale in ``view``, widen by one node the column that lets it be drawn largest (of equals,
+    the one with the tallest cell); the best seen wins."""
     widest = [max([len(ns) for (r, c), ns in cells.items() if c == col], default=0) for col in range(n_cols)]
-    sizes = {w: _size(cells, widest, n_rows, w) for w in range(1, max(widest + [1]) + 1)}
-    wrap = min(sizes, key=lambda w: (abs(math.log(sizes[w][0] / sizes[w][1] / aspect)), w))
-    return _place(graph, cells, widest, n_rows, wrap, layers)
+
+    def fit(k: list[int]) -> tuple[float, bool]:  # the scale that fits the picture in view; is it the height's?
+        w, h = _size(cells, k, n_rows)
+        return min(view[0] / w, view[1] / h), view[1] / h < view[0] / w
+
+    def widened(c: int) -> list[int]:
+        return k[:c] + [k[c] + 1] + k[c + 1:]
+
+    k = best = [min(1, m) for m in widest]
+    while fit(k)[1] and k != widest:
+        lines = _lines(cells, k)
+        c = max((c for c in range(n_cols) if k[c] < widest[c]),
+                key=lambda c: (fit(widened(c))[0], max(n for (r, cc), n in lines.items() if cc == c)))
+        k = widened(c)
+        if fit(k)[0] > fit(best)[0]:
+            best = k
+    return best
 
 
-def _col_widths(widest: list[int], wrap: int) -> list[float]:
-    return [min(k, wrap) * (NODE_W + GAP) - GAP if k else EMPTY_COL_W for k in widest]
+def _lines(cells, per_line: list[int]) -> dict[tuple[int, int], int]:
+    return {(r, c): math.ceil(len(ns) / per_line[c]) for (r, c), ns in cells.items()}
 
 
-def _row_lines(cells, widest, n_rows: int, wrap: int) -> list[int]:
+def _col_widths(per_line: list[int]) -> list[float]:
+    return [k * (NODE_W + GAP) - GAP if k else EMPTY_COL_W for k in per_line]
+
+
+def _row_heights(cells, per_line: list[int], n_rows: int) -> list[float]:
     lines = [0] * n_rows
-    for (r, c), ns in cells.items():
-        lines[r] = max(lines[r], math.ceil(len(ns) / min(widest[c], wrap)))
-    return lines
-
-
-def _row_heights(lines: list[int]) -> list[float]:
+    for (r, c), k in _lines(cells, per_line).items():
+        lines[r] = max(lines[r], k)
     return [k * (NODE_H + GAP) - GAP if k else EMPTY_ROW_H for k in lines]
 
 
-def _size(cells, widest, n_rows: int, wrap: int) -> tuple[float, float]:
-    w = LABEL_W + sum(_col_widths(widest, wrap)) + COL_GAP * len(widest)
-    h = 2 * HEADER_H + sum(_row_heights(_row_lines(cells, widest, n_rows, wrap))) + ROW_GAP * (n_rows - 1)
+def _size(cells, per_line: list[int], n_rows: int) -> tuple[float, float]:
+    w = LABEL_W + sum(_col_widths(per_line)) + COL_GAP * len(per_line)
+    h = 2 * HEADER_H + sum(_row_heights(cells, per_line, n_rows)) + ROW_GAP * (n_rows - 1)
     return w, h
 
 
-def _place(graph, cells, widest, n_rows: int, wrap: int, layers: int) -> Grid:
-    col_w = _col_widths(widest, wrap)
+def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
+    col_w = _col_widths(per_line)
     col_x, x = [], LABEL_W + COL_GAP / 2
     for w in col_w:
         col_x.append(x)  # left edge
         x += w + COL_GAP
-    row_h = _row_heights(_row_lines(cells, widest, n_rows, wrap))
+    row_h = _row_heights(cells, per_line, n_rows)
     row_top, y = [], HEADER_H
     for h in row_h:  # bottom to top
         row_top.append(y + h)
@@ -209,10 +231,9 @@ def _place(graph, cells, widest, n_rows: int, wrap: int, layers: int) -> Grid:
     height = y - ROW_GAP + HEADER_H
     xy = {}
     for (r, c), ns in cells.items():
-        per_line = min(widest[c], wrap)
-        for k, n in enumerate(ns):
-            line, slot = divmod(k, per_line)
-            on_line = min(per_line, len(ns) - line * per_line)
+        for i, n in enumerate(ns):
+            line, slot = divmod(i, per_line[c])
+            on_line = min(per_line[c], len(ns) - line * per_line[c])
             left = col_x[c] + (col_w[c] - (on_line * (NODE_W + GAP) - GAP)) / 2  # centre each line in its column
             xy[n.id] = (left + slot * (NODE_W + GAP) + NODE_W / 2, row_top[r] - line * (NODE_H + GAP) - NODE_H / 2)
     columns = [(col_x[c] + col_w[c] / 2, _column_label(graph, c, col_w[c])) for c in range(len(col_w))]
