@@ -48,16 +48,17 @@ def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
 
 
 def box_label(graph: AttributionGraph, n: Node) -> str:
-    """The text inside a drawn node (its column says the token, its row the layer); at most two lines."""
-    if n.type == "embedding":
-        return token_text(n.label or graph.tokens[n.pos], MAX_TOKEN_CHARS)
+    """The text inside a drawn node, two lines: what it is (its row says the layer, its column the token) and
+    where; distinct nodes get distinct labels."""
     if n.type == "logit":
         return f'"{token_text(n.label, MAX_TOKEN_CHARS)}"\np={n.prob:.2f}'
-    if n.type == "lorsa":
-        return f"L{n.layer}.H{n.index}"
-    if n.type == "transcoder":
-        return f"L{n.layer}.F{n.index}"
-    return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'}\nerror"
+    if n.type == "embedding":
+        what = token_text(n.label or graph.tokens[n.pos], MAX_TOKEN_CHARS)
+    elif n.type in ("lorsa", "transcoder"):
+        what = f"L{n.layer}.{'H' if n.type == 'lorsa' else 'F'}{n.index}"
+    else:  # an error node: "L1 MLP" over "error @4"
+        return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'}\nerror @{n.pos}"
+    return f"{what}\n@{n.pos}"
 
 
 def node_name(graph: AttributionGraph, n: Node) -> str:
@@ -70,7 +71,7 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
         return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
     if n.type.endswith("error"):
         return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'} error {at}"
-    return f"{box_label(graph, n)} {at}"
+    return f"{box_label(graph, n).splitlines()[0]} {at}"
 
 
 def meaning(n: Node) -> str:

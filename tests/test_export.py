@@ -91,11 +91,12 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
 def test_node_names_are_distinct_and_readable(graph, saved_model):
     from transformers import AutoTokenizer
 
-    from graphs.layout import node_name, token_text
+    from graphs.layout import box_label, node_name, token_text
     from replacement.tokenizer import token_text as decode
 
-    names = [node_name(graph, n) for n in graph.node_list]
-    assert len(set(names)) == len(names)
+    for label in (node_name, box_label):
+        names = [label(graph, n) for n in graph.node_list]
+        assert len(set(names)) == len(names)
     assert token_text("a\nb\tc\x01") == "a\\nb\\tc\\x01"
     tok = AutoTokenizer.from_pretrained(saved_model)
     texts = [decode(tok, i) for i in range(len(tok))]
