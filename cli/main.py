@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from graphs.layout import DEFAULT_DRAW_NODES
+
 from .common import FriendlyGroup, model_options
 
 
@@ -427,9 +429,11 @@ def _print_dashboard(e: dict) -> None:
 
 @circuits.command()
 @click.argument("graph_json", type=click.Path())
-@click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png.")
-def render(graph_json, fmt):
-    """Render a graph JSON file to DOT/SVG/PNG next to it."""
+@click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png, html.")
+@click.option("--draw-nodes", type=click.IntRange(min=1), default=DEFAULT_DRAW_NODES, show_default=True,
+              help="Draw at most this many nodes (the most influential).")
+def render(graph_json, fmt, draw_nodes):
+    """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
     import shutil
 
     import graphs
@@ -439,15 +443,21 @@ def render(graph_json, fmt):
     from .outputs import remove_leftovers
 
     fmts = [x.strip() for x in fmt.split(",") if x.strip()]
-    if not fmts or set(fmts) - {"dot", "svg", "png"}:
-        raise BadInputError(f"unknown format(s) in {fmt!r}; choose from dot, svg, png")
-    if set(fmts) - {"dot"} and shutil.which("dot") is None:
+    if not fmts or set(fmts) - {"dot", "svg", "png", "html"}:
+        raise BadInputError(f"unknown format(s) in {fmt!r}; choose from dot, svg, png, html")
+    if set(fmts) - {"dot", "html"} and shutil.which("dot") is None:
         raise BadInputError("--format svg/png needs graphviz's `dot`, which is not installed (apt-get install graphviz)")
     g = graphs.load(graph_json)
     remove_leftovers(Path(graph_json).parent)
-    dot = write_dot(g, Path(graph_json).with_suffix(".dot"))
+    if "html" in fmts:
+        from graphs.html import write_html
+
+        click.echo(f"wrote {write_html(g, Path(graph_json).with_suffix('.html'), None, draw_nodes)}")
+    if not set(fmts) - {"html"}:
+        return
+    dot = write_dot(g, Path(graph_json).with_suffix(".dot"), draw_nodes)
     click.echo(f"wrote {dot}")
-    for f in [x for x in fmts if x != "dot"]:
+    for f in [x for x in fmts if x not in ("dot", "html")]:
         try:
             click.echo(f"wrote {render_dot(dot, f)}")
         except RenderError as e:
@@ -472,7 +482,7 @@ def query(graph_json, node, paths, node_type, layer, position):
     click.echo(repr(g))
     if node:
         if node not in g.index:
-            raise BadInputError(f"no node {node!r} in {graph_json}")
+            raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)
         click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
         for e in g.incoming(n, k=10):

@@ -31,6 +31,7 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     from replacement.assemble import ReplacementModel
     from replacement.evaluate import natural_copy_prompt, repeated_span_prompt
     from replacement.models import load_model
+    from replacement.tokenizer import token_text
 
     say = print if verbose else (lambda *a, **k: None)
     adapter = load_model(model_name)
@@ -46,7 +47,8 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     full = attribute(model, ids, target=target)
     graph = prune(full, 0.8, 0.98)
     logit = graph.node(f"logit.{answer}@{n - 1}")
-    say(f"prompt tokens: {[tok.decode([i]) for i in ids[0].tolist()]}; correct next token {target!r} (p={logit.prob:.3f})")
+    say(f"prompt tokens: {[token_text(tok, i) for i in ids[0].tolist()]}; correct next token {token_text(tok, answer)!r} "
+        f"(p={logit.prob:.3f})")
     # the last-position Lorsa head whose z pattern peaks there, with the strongest direct edge to the logit
     into_logit = {e.source: e.weight for e in full.incoming(logit.id)}
 
@@ -60,8 +62,9 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     peak = peak_of(head)
     for strength, path in graph.top_paths(to=logit.id, k=3):
         say(f"  path ({strength:.3f}): " + " -> ".join(path))
-    say(f"induction head {head.id} (layer {head.layer}): edge into {target!r} {into_logit[head.id]:+.3f}; z pattern "
-        f"peaks at position {peak} ({tok.decode([int(ids[0, peak])])!r}), the token after the earlier occurrence")
+    say(f"induction head {head.id} (layer {head.layer}): edge into {token_text(tok, answer)!r} {into_logit[head.id]:+.3f}; "
+        f"z pattern "
+        f"peaks at position {peak} ({token_text(tok, int(ids[0, peak]))!r}), the token after the earlier occurrence")
     # the head's strongest QK pair at that key position: what makes it attend there
     pairs = sorted((e for e in full.qk_pairs(head.id) if e.extra["key_pos"] == peak), key=lambda e: -abs(e.weight))
     top = pairs[0] if pairs else None
