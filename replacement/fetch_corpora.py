@@ -277,19 +277,23 @@ def deb_data_tar(path: str | Path) -> tarfile.TarFile:
     name = next((m for m in members if m.startswith("data.tar")), None)
     if name is None:
         raise FetchError(f"{path.name}: a .deb without data.tar")
-    blob = members[name]
+    # Decompressed as it is read (a package's data can be ten times its size): tarfile reads the index in one
+    # pass, then the members asked for in archive order (`tar_files`), so the stream is rewound once.
+    raw = io.BytesIO(members.pop(name))
+    if name.endswith((".xz", ".lzma")):
+        stream = lzma.LZMAFile(raw)
+    elif name.endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=raw)
+    elif name.endswith(".bz2"):
+        stream = bz2.BZ2File(raw)
+    elif name.endswith(".zst"):
+        stream = io.BytesIO(_dpkg_fsys_tarfile(path))
+    else:
+        stream = raw
     try:
-        if name.endswith(".xz") or name.endswith(".lzma"):
-            blob = lzma.decompress(blob)
-        elif name.endswith(".gz"):
-            blob = gzip.decompress(blob)
-        elif name.endswith(".bz2"):
-            blob = bz2.decompress(blob)
-        elif name.endswith(".zst"):
-            blob = _dpkg_fsys_tarfile(path)
-    except (lzma.LZMAError, OSError, EOFError) as e:
+        return tarfile.open(fileobj=stream, mode="r:")
+    except (tarfile.TarError, lzma.LZMAError, OSError, EOFError) as e:
         raise FetchError(f"{path.name}: corrupt {name}: {e}") from None
-    return tarfile.open(fileobj=io.BytesIO(blob), mode="r:")
 
 
 def _dpkg_fsys_tarfile(path: Path) -> bytes:
@@ -305,22 +309,27 @@ def _dpkg_fsys_tarfile(path: Path) -> bytes:
 def tar_files(tar: tarfile.TarFile, keep: Callable[[str], bool]) -> dict[str, bytes]:
     """The regular files (and symbolic links to regular files of the archive) whose normalised path (no
     leading ``./``) passes ``keep``.  Only reads member contents; nothing is written to the disk."""
-    members = {_norm(m.name): m for m in tar.getmembers()}
-    out = {}
-    for name, m in members.items():
-        if not keep(name):
-            continue
-        seen = set()
-        while m is not None and (m.issym() or m.islnk()) and name not in seen:
-            seen.add(name)
-            target = m.linkname if m.islnk() else str(PurePosixPath(name).parent / m.linkname)
-            m = members.get(_norm(target))
-        if m is None or not m.isfile():
-            continue
-        f = tar.extractfile(m)
-        if f is not None:
-            out[name] = f.read()
-    return out
+    try:
+        members = {_norm(m.name): m for m in tar.getmembers()}
+        wanted = {}  # name -> the regular member that holds its bytes
+        for name, m in members.items():
+            if not keep(name):
+                continue
+            seen, at = set(), name
+            while m is not None and (m.issym() or m.islnk()) and at not in seen:
+                seen.add(at)
+                at = _norm(m.linkname if m.islnk() else str(PurePosixPath(at).parent / m.linkname))
+                m = members.get(at)
+            if m is not None and m.isfile():
+                wanted[name] = m
+        out, read = {}, {}
+        for name, m in sorted(wanted.items(), key=lambda item: item[1].offset_data):  # archive order
+            if m.offset_data not in read:
+                read[m.offset_data] = tar.extractfile(m).read()
+            out[name] = read[m.offset_data]
+        return out
+    except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError, OSError) as e:
+        raise FetchError(f"cannot read the archive: {e}") from None
 
 
 def _norm(name: str) -> str:
