@@ -113,7 +113,7 @@ def fetch_corpora(dest: str | Path, work: str | Path | None = None, progress: bo
         tmp = tempfile.mkdtemp(prefix="circuits-corpora-")
         work = Path(tmp)
     else:
-        work = Path(work)
+        work = Path(work).resolve()  # the clients run inside it
         work.mkdir(parents=True, exist_ok=True)
     try:
         archives = {s.corpus: download(s, work, say) for s in SOURCES}
@@ -159,6 +159,7 @@ def _say(msg: str) -> None:
 
 def download(source: Source, work: Path, say: Callable[[str], None] = _say) -> Path:
     """The package file of ``source`` in ``work``: one already there, else one downloaded now."""
+    work = Path(work).resolve()
     if source.registry == "debian":
         return _download_deb(source, work, say)
     return _download_sdist(source, work, say)

