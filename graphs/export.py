@@ -210,9 +210,9 @@ def _frame(g: Grid) -> list[str]:
 
 def _score_line(graph: AttributionGraph) -> str:
     s = graph.scores
-    if "replacement_score" in s:
-        return f"(replacement {s['replacement_score']:.2f}, completeness {s['completeness_score']:.2f})"
-    return ""
+    parts = [f"{name} {s[f'{name}_score']:.2f}" for name in ("replacement", "completeness")
+             if isinstance(s.get(f"{name}_score"), (int, float))]  # a graph file may hold null or nothing
+    return f"({', '.join(parts)})" if parts else ""
 
 
 def _legend(graph: AttributionGraph, drawn: int) -> str:
