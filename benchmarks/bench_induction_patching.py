@@ -28,6 +28,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="toy")
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--prompt", choices=["natural", "random"], default="random",
+                    help="held-out English sentences that recur, or repeated random-token spans")
     args = ap.parse_args()
     torch.set_num_threads(2)
     example = _example()
@@ -35,7 +37,11 @@ def main():
     print(f"{args.model}: patched / predicted logit change (correct token, demeaned)")
     with tempfile.TemporaryDirectory() as out:
         for seed in range(1, args.seeds + 1):
-            r = example.analyse(args.model, out, seed=seed, verbose=False)
+            try:
+                r = example.analyse(args.model, out, seed=seed, verbose=False, prompt=args.prompt)
+            except RuntimeError as e:  # no last-position head attends to the earlier occurrence
+                print(f"seed {seed:>2} {e}")
+                continue
             row = {"head": r["patched"] / r["predicted"],
                    "head, norms frozen": r["patched_frozen_norms"] / r["predicted"],
                    "heads together": r["family_patched"] / r["family_predicted"]}

@@ -1,10 +1,13 @@
 """What every command shares: one-line errors instead of tracebacks, and the model options."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -124,3 +127,30 @@ def model_options(f):
     f = click.option("--model", "model_name", default="llama", show_default=True,
                      help="A bundled preset (toy, pythia, llama), a local HF folder, or an HF id.")(f)
     return f
+
+
+@contextlib.contextmanager
+def spinner(message: str):
+    """On a terminal, show that ``message`` is under way: a spinner and the seconds elapsed (on stderr)."""
+    stream = click.get_text_stream("stderr")
+    if not stream.isatty():
+        yield
+        return
+    done, t0 = threading.Event(), time.time()
+
+    def spin():
+        for frame in itertools.cycle("|/-\\"):
+            stream.write(f"\r{frame} {message} {time.time() - t0:.1f}s")
+            stream.flush()
+            if done.wait(0.1):
+                break
+        stream.write(f"\r{message} {time.time() - t0:.1f}s\n")
+        stream.flush()
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

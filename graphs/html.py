@@ -1,43 +1,177 @@
-"""One self-contained HTML page per graph: the rendered SVG plus a side panel.
+"""One self-contained HTML page per graph: the graph on its grid (graphs/layout.py) plus a side panel.
 
-Hovering or clicking a node shows its activation and influence, its strongest edges, and, from the
-dashboards (``replacement.dashboards``), its top-activating contexts and logit lens; for Lorsa heads also its
-z pattern on this prompt and its top QK pairs.  Everything (SVG, data, script, style) is inlined, so the file
-opens without network access.  ``page.html#node=ID`` selects a node on load (by dispatching a click on it).
+The page opens fitted to the graph, logits on top; the wheel zooms, dragging pans.  A slider sets the
+pruning threshold: how many of the graph's nodes are drawn, the most influential first (every node of
+graph.json at its far end).  Clicking a node, picking one in the search box or in the list of all nodes, or
+opening ``page.html#node=ID`` selects it: it is drawn (the slider moves if it has to), brought into view,
+and the panel shows its activation and influence, its strongest edges (by name and token, each a link),
+and, from the dashboards (``replacement.dashboards``), its top-activating contexts and logit lens; for Lorsa
+heads also its z pattern on this prompt and its top QK pairs.  Everything (data, script, style) is inlined,
+so the file opens without network access; the page draws the SVG itself from the grid's coordinates.
 """
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 from .graph import AttributionGraph
+from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
+                     drawn_qk, edge_order, grid, meaning, node_name, token_text)
 
 STYLE = """
-body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; }
-#graph { flex: 1; overflow: auto; border-right: 1px solid #ccc; }
-#graph { position: relative; }
-#graph svg { height: auto; }
-#zoom { position: sticky; top: 0; left: 0; z-index: 1; background: rgba(255,255,255,0.9); padding: 4px; display: inline-block; }
-#zoom button { font-size: 12px; margin-right: 2px; }
-#graph g.node { cursor: pointer; }
-#graph g.node.selected polygon, #graph g.node.selected ellipse { stroke: #000; stroke-width: 3px; }
-#panel { width: 460px; overflow: auto; padding: 10px 14px; background: #fafafa; }
+body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
+#graph { flex: 1; display: flex; flex-direction: column; min-width: 0; border-right: 1px solid #ccc; }
+#toolbar { padding: 5px 8px; background: #f4f4f4; border-bottom: 1px solid #ddd; display: flex; flex-wrap: wrap; gap: 6px 12px; align-items: center; }
+#toolbar input[type=search] { width: 260px; }
+#toolbar input[type=range] { width: 200px; vertical-align: middle; }
+#legend { font-size: 11px; color: #444; padding: 3px 8px; border-bottom: 1px solid #eee; }
+#scene { flex: 1; width: 100%; min-height: 0; cursor: grab; background: #fff; }
+#scene g.node { cursor: pointer; }
+#scene g.node.selected > :first-child { stroke: #000; stroke-width: 3px; }
+#scene text { font-family: Helvetica, Arial, sans-serif; pointer-events: none; }
+#panel { width: 440px; display: flex; flex-direction: column; background: #fafafa; }
+#info { flex: 0 1 auto; max-height: 65%; overflow: auto; padding: 10px 14px; }
+#list { flex: 1 1 0; min-height: 120px; overflow: auto; padding: 0 14px; border-top: 1px solid #ddd; }
 #panel h2 { font-size: 16px; margin: 4px 0; }
 #panel h3 { font-size: 13px; margin: 12px 0 4px; color: #444; }
+#node-list { font-size: 12px; padding-left: 2.5em; margin: 4px 0; }
+#node-list li.selected { background: #ffe9a8; }
+#node-list li.undrawn a { color: #777; }
 .meta { color: #555; }
 .ctx { font-family: Menlo, Consolas, monospace; font-size: 12px; margin: 3px 0; white-space: pre-wrap; word-break: break-all; }
 .tok { border-radius: 2px; padding: 0 1px; }
 .tok.q { outline: 2px solid #000; }
 .num { color: #666; font-size: 11px; }
+a { color: #1a4f8a; text-decoration: none; } a:hover { text-decoration: underline; }
 table { border-collapse: collapse; } td { padding: 1px 6px 1px 0; vertical-align: top; }
 """
 
 SCRIPT = r"""
 const DATA = JSON.parse(document.getElementById('graph-data').textContent);
-const panel = document.getElementById('panel');
+const NS = 'http://www.w3.org/2000/svg';
+const scene = document.getElementById('scene');
+const info = document.getElementById('info');
+const slider = document.getElementById('slider');
 const esc = s => String(s).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
 const tok = s => esc(JSON.stringify(String(s)).slice(1, -1));
 const fmt = v => (v === null || v === undefined) ? '' : Number(v).toPrecision(3);
+const name = id => DATA.nodes[id] ? DATA.nodes[id].title : id;
+const link = id => DATA.nodes[id] ? `<a href="#node=${encodeURIComponent(id)}">${esc(name(id))}</a>` : esc(id);
+let step = null, view = null, selected = null;
+
+// -- drawing -------------------------------------------------------------------------------------------
+function el(tag, attrs, parent) {
+  const e = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (parent) parent.appendChild(e);
+  return e;
+}
+function text(parent, x, y, lines, attrs) {
+  const t = el('text', {x, y: y - (lines.length - 1) * 5.5, 'text-anchor': 'middle', 'dominant-baseline': 'middle', ...attrs}, parent);
+  lines.forEach((line, i) => { const s = el('tspan', {x, dy: i ? 11 : 0}, t); s.textContent = line; });
+  return t;
+}
+function shape(g, n, x, y) {
+  const [fill, kind] = DATA.style[n.type], w = DATA.node_w, h = DATA.node_h;
+  if (kind === 'ellipse') return el('ellipse', {cx: x, cy: y, rx: w / 2, ry: h / 2, fill, stroke: '#333'}, g);
+  if (kind === 'box') return el('rect', {x: x - w / 2, y: y - h / 2, width: w, height: h, fill, stroke: '#333'}, g);
+  const a = w / 2, b = h / 2, c = 0.3 * a;  // an octagon, dashed: an error node
+  const pts = [[-a + c, -b], [a - c, -b], [a, -b / 2], [a, b / 2], [a - c, b], [-a + c, b], [-a, b / 2], [-a, -b / 2]];
+  return el('polygon', {points: pts.map(([u, v]) => `${x + u},${y + v}`).join(' '), fill, stroke: '#333', 'stroke-dasharray': '4 2'}, g);
+}
+const Y = y => step.height - y;  // the grid's y runs up, the SVG's down
+function draw(i) {
+  step = DATA.steps[i];
+  slider.value = i;
+  scene.textContent = '';
+  const root = el('g', {id: 'content'}, scene);
+  for (const [x, label] of step.columns) for (const y of step.header_y)
+    text(root, x, Y(y), [label], {'font-size': 11, 'font-weight': 'bold'});
+  for (const [y, label] of step.rows) text(root, DATA.label_w / 2, Y(y), [label], {'font-size': 11, fill: '#555'});
+  const wmax = Math.max(1e-12, ...step.edges.map(e => Math.abs(e[2])));
+  const curve = (a, b) => {
+    const [x1, y1] = step.xy[a], [x2, y2] = step.xy[b];
+    const ya = Y(y1) - DATA.node_h / 2, yb = Y(y2) + DATA.node_h / 2, m = (ya + yb) / 2;
+    return `M${x1},${ya} C${x1},${m} ${x2},${m} ${x2},${yb}`;
+  };
+  for (const [a, b, w] of step.edges)
+    el('path', {d: curve(a, b), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', 'stroke-opacity': 0.55,
+                'stroke-width': 0.4 + 3.6 * Math.abs(w) / wmax}, root).appendChild(el('title', {})).textContent =
+      `${name(a)} -> ${name(b)}: ${fmt(w)}`;
+  for (const [q, k, head, w] of step.qk) for (const src of [q, k])
+    el('path', {d: curve(src, head), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d', 'stroke-opacity': 0.5,
+                'stroke-dasharray': '5 3', 'stroke-width': 1}, root);
+  for (const [id, [x, y]] of Object.entries(step.xy)) {
+    const n = DATA.nodes[id];
+    const g = el('g', {class: 'node' + (id === selected ? ' selected' : ''), 'data-node': id}, root);
+    shape(g, n, x, Y(y));
+    el('title', {}, g).textContent = n.title + (n.meaning ? ` (${n.meaning})` : '');
+    text(g, x, Y(y), n.label.split('\n'), {'font-size': 9.5});
+    g.addEventListener('click', () => { if (!dragged) go(id); });
+    g.addEventListener('mouseenter', () => { if (!selected) show(id); });
+  }
+  const left = DATA.total - step.n;
+  document.getElementById('count').textContent = `${step.n} of ${DATA.total} nodes drawn`;
+  document.getElementById('threshold').textContent = fmt(step.threshold);
+  document.getElementById('left-out').textContent = left ? `${left} nodes are left out: move the slider right, ` +
+    'search, or pick them from the list on the right.' : 'All nodes are drawn.';
+  for (const li of document.querySelectorAll('#node-list li')) li.classList.toggle('undrawn', !(li.dataset.node in step.xy));
+  document.body.dataset.drawnNodes = step.n;
+}
+
+// -- zoom and pan ----------------------------------------------------------------------------------------
+function setView(v) {
+  view = v;
+  scene.setAttribute('viewBox', `${v.x} ${v.y} ${v.w} ${v.h}`);
+}
+function fit() {
+  const m = 8;
+  setView({x: -m, y: -m, w: step.width + 2 * m, h: step.height + 2 * m});
+  measure();
+}
+function zoom(f, cx, cy) {
+  cx = cx ?? view.x + view.w / 2; cy = cy ?? view.y + view.h / 2;
+  setView({x: cx - (cx - view.x) / f, y: cy - (cy - view.y) / f, w: view.w / f, h: view.h / f});
+}
+function toScene(ev) {
+  const p = scene.createSVGPoint(); p.x = ev.clientX; p.y = ev.clientY;
+  return p.matrixTransform(scene.getScreenCTM().inverse());
+}
+scene.addEventListener('wheel', ev => {
+  ev.preventDefault();
+  const p = toScene(ev);
+  zoom(Math.exp(-ev.deltaY * 0.0015), p.x, p.y);
+}, {passive: false});
+let drag = null, dragged = false;
+scene.addEventListener('pointerdown', ev => { drag = {x: ev.clientX, y: ev.clientY, v: view}; dragged = false; });
+window.addEventListener('pointermove', ev => {
+  if (!drag) return;
+  const s = view.w / scene.clientWidth, s2 = view.h / scene.clientHeight, k = Math.max(s, s2);
+  const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+  if (Math.abs(dx) + Math.abs(dy) > 3) dragged = true;
+  if (dragged) setView({...drag.v, x: drag.v.x - dx * k, y: drag.v.y - dy * k});
+});
+window.addEventListener('pointerup', () => { drag = null; });
+document.getElementById('toolbar').addEventListener('click', ev => {
+  const f = ev.target.dataset.zoom;
+  if (f) f === 'fit' ? fit() : zoom(Number(f));
+});
+function bringIntoView(id) {  // centre the node if it is off screen or drawn too small to read
+  const [x, y] = step.xy[id], w = DATA.node_w, h = DATA.node_h;
+  const inside = x - w / 2 >= view.x && x + w / 2 <= view.x + view.w && Y(y) - h / 2 >= view.y && Y(y) + h / 2 <= view.y + view.h;
+  const f = Math.max(1, view.w / scene.clientWidth, view.h / scene.clientHeight);  // > 1: smaller than 100%
+  if (!inside || f > 1.5) setView({x: x - view.w / f / 2, y: Y(y) - view.h / f / 2, w: view.w / f, h: view.h / f});
+}
+function measure() {  // where each drawn node is on screen, for whoever checks the page (tests, scripts)
+  const r = scene.getBoundingClientRect();
+  scene.dataset.screen = [r.left, r.top, r.right, r.bottom].map(Math.round).join(' ');
+  for (const g of scene.querySelectorAll('g.node')) {
+    const b = g.getBoundingClientRect();
+    g.dataset.screen = [b.left, b.top, b.right, b.bottom].map(v => v.toFixed(1)).join(' ');
+  }
+}
+
+// -- the panel -------------------------------------------------------------------------------------------
 function shade(v, m) {
   const a = m > 0 ? Math.min(1, Math.abs(v) / m) * 0.6 : 0;
   return v >= 0 ? `rgba(33,102,172,${a})` : `rgba(178,24,43,${a})`;
@@ -50,12 +184,16 @@ function tokens(toks, vals, q) {
 const section = (title, body) => `<h3>${esc(title)}</h3>${body}`;
 function show(id) {
   const n = DATA.nodes[id];
-  if (!n) return;
-  document.querySelectorAll('#graph g.node.selected').forEach(e => e.classList.remove('selected'));
-  const el = document.querySelector(`#graph g.node[data-node="${CSS.escape(id)}"]`);
-  if (el) el.classList.add('selected');
-  let h = `<h2 id="panel-title">${esc(n.title)}</h2><div class="meta">${esc(n.type)} at position ${n.pos} ` +
-    `(${tok(DATA.tokens[n.pos] ?? '')}) &middot; activation ${fmt(n.activation)} &middot; influence ${fmt(n.influence)}</div>`;
+  if (!n) {
+    info.innerHTML = `<h2 id="panel-title">no node ${esc(id)}</h2><div class="meta">This graph has no node with that id; ` +
+      'search for one, or pick it from the list below.</div>';
+    delete info.dataset.node;
+    return;
+  }
+  let h = `<h2 id="panel-title">${esc(n.title)}</h2><div class="meta">${esc(id)} &middot; ${esc(n.type)} at position ${n.pos} ` +
+    `(${tok(DATA.tokens[n.pos] ?? '')}) &middot; ${n.type === 'logit' ? 'demeaned logit' : 'activation'} ${fmt(n.activation)} ` +
+    `&middot; influence ${fmt(n.influence)} (rank ${n.rank} of ${DATA.total})</div>`;
+  if (n.meaning) h += `<div class="meta">This is ${esc(n.meaning)}.</div>`;
   if (n.z_pattern) {
     h += section('z pattern on this prompt (share of each key position)',
       `<div class="ctx">${tokens(DATA.tokens.slice(0, n.z_pattern.length), n.z_pattern, n.pos)}</div>`);
@@ -65,12 +203,12 @@ function show(id) {
     for (const e of n.qk) {
       rows += `<tr><td>key ${e.key_pos} (${tok(DATA.tokens[e.key_pos] ?? '')})</td><td>attn ${fmt(e.attention)}</td>` +
         `<td>score ${fmt(e.score)}</td></tr>`;
-      for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${esc(q)} &times; ${esc(k)}: ${fmt(v)}</td></tr>`;
+      for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
     }
     h += section('QK: top key positions and feature pairs', `<table>${rows}</table>`);
   }
-  const edges = (list, arrow) => list.map(([o, w]) => `<div class="num">${arrow} ${esc(o)} ${fmt(w)}</div>`).join('');
-  if (n.in.length || n.out.length) h += section('strongest edges', edges(n.in, '&larr;') + edges(n.out, '&rarr;'));
+  const edges = (list, arrow) => list.map(([o, w]) => `<div class="num">${arrow} ${link(o)} ${fmt(w)}</div>`).join('');
+  if (n.in.length || n.out.length) h += section('strongest edges', edges(n.in, '&larr; from') + edges(n.out, '&rarr; to'));
   const d = n.dash ? DATA.dashboards[n.dash] : null;
   if (d) {
     h += `<div class="meta">active on ${(100 * d.density).toFixed(2)}% of held-out tokens</div>`;
@@ -83,37 +221,45 @@ function show(id) {
   } else if (n.type === 'lorsa' || n.type === 'transcoder') {
     h += '<div class="num">(no dashboard in this file)</div>';
   }
-  panel.innerHTML = h;
-  panel.dataset.node = id;
+  info.innerHTML = h;
+  info.dataset.node = id;
 }
-const svgEl = document.querySelector('#graph svg');
-const natural = svgEl ? svgEl.getBoundingClientRect().width : 0;
-function zoom(f) {
-  if (!svgEl) return;
-  const box = document.getElementById('graph');
-  const w = f === 'fit' ? box.clientWidth - 20 : f === 1 ? natural : svgEl.getBoundingClientRect().width * f;
-  svgEl.style.width = `${Math.max(100, w)}px`;
+function go(id) {  // select a node: draw it, bring it into view, fill the panel, mark it in the list
+  if (DATA.nodes[id] && !(id in step.xy)) { draw(DATA.steps.findIndex(s => id in s.xy)); fit(); }
+  selected = DATA.nodes[id] ? id : null;
+  for (const g of scene.querySelectorAll('g.node.selected')) g.classList.remove('selected');
+  for (const li of document.querySelectorAll('#node-list li.selected')) li.classList.remove('selected');
+  show(id);
+  if (!selected) return;
+  scene.querySelector(`g.node[data-node="${CSS.escape(id)}"]`).classList.add('selected');
+  bringIntoView(id);
+  const li = document.querySelector(`#node-list li[data-node="${CSS.escape(id)}"]`);
+  li.classList.add('selected');
+  li.scrollIntoView({block: 'nearest'});
+  measure();
 }
-document.getElementById('zoom').addEventListener('click', e => {
-  const f = e.target.dataset.zoom;
-  if (f) zoom(f === 'fit' ? 'fit' : Number(f));
+
+// -- search, slider, list, #node= --------------------------------------------------------------------------
+const byName = new Map(Object.entries(DATA.nodes).map(([id, n]) => [n.title, id]));
+document.getElementById('names').innerHTML = Object.entries(DATA.nodes)
+  .map(([id, n]) => `<option value="${esc(n.title)}">${esc(id)}</option>`).join('');
+document.getElementById('search').addEventListener('change', ev => {
+  const q = ev.target.value.trim();
+  const id = DATA.nodes[q] ? q : byName.get(q) ?? Object.keys(DATA.nodes).find(k => name(k).includes(q) || k.includes(q));
+  if (q) location.hash = 'node=' + encodeURIComponent(id ?? q);
 });
-let bound = 0;
-for (const g of document.querySelectorAll('#graph g.node')) {
-  const t = g.querySelector('title');
-  const id = t ? t.textContent : '';
-  if (!DATA.nodes[id]) continue;
-  g.dataset.node = id;
-  g.addEventListener('click', () => show(id));
-  g.addEventListener('mouseenter', () => { if (!panel.dataset.pinned) show(id); });
-  bound++;
+slider.max = DATA.steps.length - 1;
+slider.addEventListener('input', () => { draw(Number(slider.value)); fit(); if (selected && selected in step.xy) go(selected); });
+document.getElementById('node-list').innerHTML = DATA.order
+  .map(id => `<li data-node="${esc(id)}">${link(id)} <span class="num">${fmt(DATA.nodes[id].influence)}</span></li>`).join('');
+function fromHash() {
+  const m = location.hash.match(/^#node=(.+)$/);
+  if (m) go(decodeURIComponent(m[1]));
 }
-document.body.dataset.boundNodes = bound;
-const m = location.hash.match(/^#node=(.+)$/);
-if (m) {
-  const el = document.querySelector(`#graph g.node[data-node="${CSS.escape(decodeURIComponent(m[1]))}"]`);
-  if (el) el.dispatchEvent(new MouseEvent('click', {bubbles: true}));
-}
+window.addEventListener('hashchange', fromHash);
+draw(DATA.default_step);
+fit();
+fromHash();
 """
 
 
@@ -121,16 +267,40 @@ def _dash_key(node) -> str | None:
     return f"{node.type}.{node.layer}.{node.index}" if node.type in ("lorsa", "transcoder") else None
 
 
-def page_data(graph: AttributionGraph, drawn_ids: set[str], dashboards=None, n_edges: int = 5) -> dict:
-    """The JSON the page embeds: the drawn nodes (with their strongest edges) and their dashboards."""
+def slider_steps(total: int, default: int) -> list[int]:
+    """The node counts the page's slider offers: from 10, about x1.5 each step, ``default`` and ``total``."""
+    steps, k = {min(default, total), total}, 10
+    while k < total:
+        steps.add(k)
+        k = math.ceil(k * 1.5)
+    return sorted(steps)
+
+
+def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
+    """One slider step: the ``n_nodes`` most influential nodes on their grid, with the edges and QK pairs drawn."""
+    nodes = draw_budget(graph, n_nodes)
+    ids = {n.id for n in nodes}
+    g = grid(graph, nodes)
+    E, names = graph.edge_arrays, [n.id for n in graph.node_list]
+    edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5)]
+             for i in drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order)]
+    qk = [[e.extra["query"], e.extra["key"], e.target, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
+    rest = [n.influence for n in nodes if n.type != "logit"]
+    return {"n": len(nodes), "threshold": min(rest, default=0.0), "width": round(g.width, 1), "height": round(g.height, 1),
+            "xy": {k: [round(x, 1), round(y, 1)] for k, (x, y) in g.xy.items()}, "columns": g.columns, "rows": g.rows,
+            "header_y": list(g.header_y), "edges": edges, "qk": qk}
+
+
+def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES, n_edges: int = 5) -> dict:
+    """The JSON the page embeds: every node (with its strongest edges) and its dashboard, and the pictures
+    the slider steps through."""
     from replacement.errors import BadInputError
 
-    from .export import _short_label
+    from .export import STYLE as NODE_STYLE
 
+    order = sorted(graph.node_list, key=lambda n: -n.influence)
     nodes, dash = {}, {}
-    for n in graph.node_list:
-        if n.id not in drawn_ids:
-            continue
+    for rank, n in enumerate(order, 1):
         key = _dash_key(n)
         if key and dashboards is not None and key not in dash:
             try:
@@ -138,13 +308,19 @@ def page_data(graph: AttributionGraph, drawn_ids: set[str], dashboards=None, n_e
             except BadInputError:  # a layer without dashboards: the panel says so
                 key = None
         nodes[n.id] = {
-            "title": f"{n.id}: {_short_label(graph, n).replace(chr(10), ' ')}", "type": n.type, "pos": n.pos,
-            "activation": n.activation, "influence": n.influence, "z_pattern": n.extra.get("z_pattern"),
-            "qk": n.extra.get("qk"), "dash": key if key in dash else None,
+            "title": node_name(graph, n), "label": box_label(graph, n), "meaning": meaning(n), "type": n.type,
+            "pos": n.pos, "rank": rank, "activation": n.activation, "influence": n.influence,
+            "z_pattern": n.extra.get("z_pattern"), "qk": n.extra.get("qk"), "dash": key if key in dash else None,
             "in": [[e.source, round(e.weight, 5)] for e in graph.incoming(n, k=n_edges)],
             "out": [[e.target, round(e.weight, 5)] for e in graph.outgoing(n, k=n_edges)],
         }
-    return {"prompt": graph.prompt, "tokens": graph.tokens, "nodes": nodes, "dashboards": dash}
+    edge_rank = edge_order(graph)
+    steps = [picture(graph, k, edge_rank) for k in slider_steps(len(graph.node_list), draw_nodes)]
+    default = next(i for i, s in enumerate(steps) if s["n"] >= min(draw_nodes, len(graph.node_list)))
+    return {"prompt": graph.prompt, "tokens": graph.tokens, "nodes": nodes, "order": [n.id for n in order],
+            "total": len(graph.node_list), "dashboards": dash, "steps": steps, "default_step": default,
+            "style": {t: [fill, shape] for t, (fill, shape, _) in NODE_STYLE.items()}, "node_w": NODE_W, "node_h": NODE_H,
+            "label_w": LABEL_W}
 
 
 def script_json(obj) -> str:
@@ -159,26 +335,33 @@ def script_json(obj) -> str:
     return text
 
 
-def to_html(graph: AttributionGraph, svg: str, dashboards=None) -> str:
+def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES) -> str:
     import html
-    import re
 
-    svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE
-    drawn = {html.unescape(t) for t in re.findall(r"<title>(.*?)</title>", svg)}
-    data = script_json(page_data(graph, drawn, dashboards))
-    title = f"{graph.prompt} - attribution graph"
+    data = script_json(page_data(graph, dashboards, draw_nodes))
+    title = f"{token_text(graph.prompt)} - attribution graph"
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"zoom\"><button data-zoom=\"fit\">fit</button>"
-            f"<button data-zoom=\"1\">100%</button><button data-zoom=\"1.25\">+</button><button data-zoom=\"0.8\">&minus;</button>"
-            f"</div>{svg}</div>\n"
-            f"<div id=\"panel\"><h2>{html.escape(graph.prompt)}</h2><div class=\"meta\">Hover over or click a node.</div></div>\n"
+            f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"toolbar\">"
+            f"<input id=\"search\" type=\"search\" list=\"names\" placeholder=\"find a node: id, name or token\">"
+            f"<datalist id=\"names\"></datalist>"
+            f"<label>pruning threshold: influence &ge; <span id=\"threshold\"></span> "
+            f"<input id=\"slider\" type=\"range\" min=\"0\" step=\"1\"></label><span id=\"count\"></span>"
+            f"<span><button data-zoom=\"fit\">fit</button><button data-zoom=\"1.25\">+</button>"
+            f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
+            f"<div id=\"legend\"><span id=\"left-out\"></span> Edges run upwards: blue excites, red inhibits, width by "
+            f"|weight|; dashed: a head's QK pair. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
+            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses).</div>"
+            f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
+            f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
+            f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "
+            f"(grey: not drawn at this threshold)</h3><ol id=\"node-list\"></ol></div></div>\n"
             f"<script id=\"graph-data\" type=\"application/json\">{data}</script>\n<script>{SCRIPT}</script>\n"
             f"</body></html>\n")
 
 
-def write_html(graph: AttributionGraph, svg_path: str | Path, path: str | Path, dashboards=None) -> Path:
+def write_html(graph: AttributionGraph, path: str | Path, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES) -> Path:
     from replacement.data import atomic_write_text
 
     path = Path(path)
-    atomic_write_text(path, to_html(graph, Path(svg_path).read_text(encoding="utf-8"), dashboards))
+    atomic_write_text(path, to_html(graph, dashboards, draw_nodes))
     return path

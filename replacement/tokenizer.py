@@ -9,6 +9,7 @@ function checks the guarantee after training and fails loudly if BPE did not pro
 """
 from __future__ import annotations
 
+import codecs
 from typing import Iterable, Iterator
 
 BOS = "<|bos|>"
@@ -84,3 +85,28 @@ def check_number_tokens(tokenizer) -> None:
     for text in (" +", " ="):
         if len(tokenizer.encode(text, add_special_tokens=False)) != 1:
             raise ValueError(f"tokenizer splits {text!r}; train it on text that contains additions")
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as text.  A token holding part of a multi-byte character (which decodes to U+FFFD alone)
+    reads as its bytes, e.g. ``<0xE2>`` or ``<0xE2><0x80>``, so that distinct tokens never read the same."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece.startswith("<0x"):  # sentencepiece's byte fallback names bytes so already
+        return piece
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE: one character per byte
+    if not all(c in byte_of for c in piece):
+        return piece
+    return bytes(byte_of[c] for c in piece).decode("utf-8", errors=_HEX_BYTES)
+
+
+def _hex_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"<0x{b:02X}>" for b in err.object[err.start : err.end]), err.end
+
+
+_HEX_BYTES = "circuits-hex-bytes"
+codecs.register_error(_HEX_BYTES, _hex_bytes)

@@ -61,7 +61,7 @@ CASES = [
     Case("unknown-option", T + ["--bogus"], "No such option"),
     Case("missing-prompt", ["trace", "--model", "{M}"], "Missing argument 'PROMPT'"),
     Case("no-dot-for-svg", T + ["--format", "json,svg"], "needs graphviz's `dot`", path="{NODOT}"),
-    Case("no-dot-for-html", T + ["--format", "html"], "needs graphviz's `dot`", path="{NODOT}"),
+    Case("no-dot-for-png", T + ["--format", "png"], "needs graphviz's `dot`", path="{NODOT}"),
     # models
     Case("model-unknown", ["trace", "x", "--model", "nope"], "unknown model"),
     Case("model-missing-folder", ["trace", "x", "--model", "./missing-folder"], "no such model folder"),

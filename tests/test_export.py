@@ -3,18 +3,22 @@ on a tiny saved model with random replacements."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import graphs
 from graphs.attribution import attribute
-from graphs.export import SCHEMA_PATH, render, to_dict, to_dot, validate, write_dot, write_json
+from graphs.export import SCHEMA_PATH, render, to_dict, validate, write_dot, write_json
 from graphs.prune import prune
 from replacement.models import ModelAdapter
+from tests import svg
 from tests.conftest import random_replacements, tiny_llama
 
 
@@ -53,15 +57,52 @@ def test_schema_rejects_broken_files(graph):
         validate(d)
 
 
-def test_dot_and_render(graph, tmp_path):
-    dot = to_dot(graph)
-    assert dot.startswith("digraph") and "rank=same" in dot and "style=dashed" in dot and "legend" in dot
-    assert "L1.H" in dot or "L0.H" in dot
-    path = write_dot(graph, tmp_path / "g.dot")
+def _svg(graph, tmp_path, draw_nodes):
     if shutil.which("dot") is None:
+        if os.environ.get("CIRCUITS_CI"):
+            pytest.fail("graphviz's dot is required here (apt-get install graphviz)")
         pytest.skip("graphviz is not installed")
-    svg = render(path, "svg")
-    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    return svg.parse(render(write_dot(graph, tmp_path / "g.dot", draw_nodes), "svg").read_text())
+
+
+def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
+    root = _svg(graph, tmp_path, draw_nodes=30)
+    boxes = {k: v for k, v in svg.node_boxes(root).items() if k in graph.index}
+    logits = [n.id for n in graph.node_list if n.type == "logit"]
+    rest = sorted((n for n in graph.node_list if n.type != "logit"), key=lambda n: -n.influence)
+    assert set(boxes) == set(logits) | {n.id for n in rest[: 30 - len(logits)]}
+    svg.assert_grid(graph, {k: v["box"] for k, v in boxes.items()})
+    w, h = svg.size(root)
+    assert 0.5 <= w / h <= 3, (w, h)
+    text = " ".join(t.text or "" for t in root.iter(svg.NS + "text"))
+    assert f"30 of {len(graph.node_list)} nodes drawn" in text and f"{len(graph.node_list) - 30} left out" in text
+    assert "--draw-nodes" in text
+    for p, tok in enumerate(graph.tokens):  # each column is labelled with its token, under and over the grid
+        assert text.count(f'{p}: "{tok}"') == 2
+    for k, v in boxes.items():  # error nodes are dashed and say so; the others are not
+        is_error = graph.node(k).type.endswith("error")
+        assert bool(v["shape"].get("stroke-dasharray")) == is_error and ("error" in v["text"]) == is_error
+    weights = {(e.source, e.target): e.weight for e in graph.edges}
+    solid = [e for e in svg.edges(root) if not e["dashed"]]
+    assert solid and all(e["stroke"] == ("#2166ac" if weights[e["source"], e["target"]] > 0 else "#b2182b") for e in solid)
+    assert all(e["source"] in boxes and e["target"] in boxes for e in svg.edges(root))
+
+
+def test_node_names_are_distinct_and_readable(graph, saved_model):
+    from transformers import AutoTokenizer
+
+    from graphs.layout import box_label, node_name, token_text
+    from replacement.tokenizer import token_text as decode
+
+    for label in (node_name, box_label):
+        names = [label(graph, n) for n in graph.node_list]
+        assert len(set(names)) == len(names)
+    assert token_text("a\nb\tc\x01") == "a\\nb\\tc\\x01"
+    tok = AutoTokenizer.from_pretrained(saved_model)
+    texts = [decode(tok, i) for i in range(len(tok))]
+    assert len(set(texts)) == len(texts) and "\ufffd" not in "".join(texts)
+    ids = tok.encode("caf\u00e9 \u2014", add_special_tokens=False)  # bytes the tiny tokenizer never merged
+    assert "".join(decode(tok, i) for i in ids) == "caf<0xC3><0xA9> <0xE2><0x80><0x94>"
 
 
 def test_queries(graph):
@@ -86,13 +127,50 @@ def _trace(*args, cwd=None):
 
 
 def test_trace_writes_json_dot_svg(saved_model, tmp_path):
-    r = _trace("the cat sat", "--model", str(saved_model), "--out", str(tmp_path / "o"))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", "the cat sat", "--model", str(saved_model),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    wall = time.time() - t0
     assert r.returncode == 0, r.stderr
-    assert "replacement score" in r.stdout and "strongest path" in r.stdout
+    assert "replacement score" in r.stdout
+    g = graphs.load(tmp_path / "o" / "graph.json")
     validate(json.loads((tmp_path / "o" / "graph.json").read_text()))
     assert (tmp_path / "o" / "graph.dot").is_file()
     if shutil.which("dot"):
         assert (tmp_path / "o" / "graph.svg").is_file()
+    # the strongest path printed starts at an embedding; the strongest from an error node has a line of its own
+    feature = re.search(r"^strongest feature path .*\n  ids: (.*)$", r.stdout, re.M)
+    error = re.search(r"^strongest error path .*\n  ids: (.*)$", r.stdout, re.M)
+    assert feature and error, r.stdout
+    assert feature.group(1).split(" -> ") == g.top_paths(k=1, sources=("embedding",))[0][1]
+    assert g.node(error.group(1).split(" -> ")[0]).type.endswith("error")
+    top = g.logits()[0]
+    assert f"top logit {top.label!r}: {top.activation:.2f} demeaned" in r.stdout
+    # the time line covers the command: its parts add up to its total, and the total to the process's life
+    # but for the interpreter's start (and this test's own overhead, on a busy machine)
+    m = re.search(r"^time: ([\d.]+)s in all \((.*)\)$", r.stdout, re.M)
+    parts = {k: float(v) for k, v in re.findall(r"([a-z +]+) ([\d.]+)s", m.group(2))}
+    assert {"imports", "load", "attribution + pruning", "files"} <= {k.strip() for k in parts}
+    assert abs(sum(parts.values()) - float(m.group(1))) <= 0.1 * len(parts)
+    assert wall - 1.5 <= float(m.group(1)) <= wall, (m.group(0), wall)
+
+
+def test_query_and_render_commands(saved_model, tmp_path):
+    r = _trace("the cat sat", "--model", str(saved_model), "--out", str(tmp_path), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    path = str(tmp_path / "graph.json")
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", path, "--node", "tc.9.9@99"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "no node 'tc.9.9@99'" in lines[0], r.stderr
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "render", path, "--format",
+                        "svg,html", "--draw-nodes", "7"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "graph.html").is_file()
+    if shutil.which("dot"):
+        g = graphs.load(path)
+        drawn = set(svg.node_boxes(svg.parse((tmp_path / "graph.svg").read_text()))) & set(g.index)
+        assert len(drawn) == 7
 
 
 @pytest.mark.parametrize("args, message", [
@@ -173,3 +251,31 @@ def test_json_loads_with_circuit_tracers_own_models(graph, tmp_path):
     assert {n.node_id for n in model.nodes} == {n.id for n in graph.node_list}
     assert sum(n.is_target_logit for n in model.nodes) == 1
     assert all(n.layer == "E" for n in model.nodes if n.feature_type == "embedding")
+
+
+SPIN = "import time\nfrom cli.common import spinner\nwith spinner('loading m'):\n    time.sleep(0.6)\nprint('done')"
+
+
+def test_spinner_shows_on_a_terminal_and_stays_out_of_logs():
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a process whose stdout and stderr are a terminal
+        os.execv(sys.executable, [sys.executable, "-c", SPIN])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the child is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode()
+    frames = re.findall(r"\r([|/\\-]) loading m (\d+\.\d)s", text)
+    assert len(frames) >= 3 and len({f for f, _ in frames}) >= 3, text  # it turns, counting the seconds
+    last = re.search(r"\rloading m (\d+\.\d)s\r?\n", text)  # then the time it took, on a line of its own
+    assert last and float(last.group(1)) >= 0.6 and text.rstrip().endswith("done"), text
+    r = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "done\n" and r.stderr == ""

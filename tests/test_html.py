@@ -1,14 +1,18 @@
 """The self-contained HTML page, opened in headless Chromium; and `circuits heads`."""
 from __future__ import annotations
 
+import html as html_lib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
+
+from tests import svg
 
 
 def _chromium() -> str:
@@ -25,28 +29,35 @@ def _run(module_call: str, *args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+DRAW = 30
+WINDOW = (1600, 1000)
+
+
 @pytest.fixture(scope="module")
 def page(saved_model, tmp_path_factory):
-    if shutil.which("dot") is None:
-        pytest.skip("graphviz is not installed")
     out = tmp_path_factory.mktemp("html")
     r = _run("from cli.trace import trace; trace()", "the cat sat on the mat", "--model", str(saved_model),
-             "--out", str(out), "--format", "json,html", env={"CIRCUITS_CACHE": str(out / "cache")})
+             "--out", str(out), "--format", "json,html", "--draw-nodes", str(DRAW), env={"CIRCUITS_CACHE": str(out / "cache")})
     assert r.returncode == 0, r.stderr
-    html = (out / "graph.html").read_text(encoding="utf-8")
-    data = json.loads(re.search(r'<script id="graph-data" type="application/json">(.*?)</script>', html, re.S)
+    return out, (out / "graph.html").read_text(encoding="utf-8"), page_data(out / "graph.html")
+
+
+def page_data(path) -> dict:
+    html = path.read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script id="graph-data" type="application/json">(.*?)</script>', html, re.S)
                       .group(1).replace("<\\/", "</"))
-    return out, html, data
 
 
-def test_page_is_self_contained(page):
+def test_page_is_self_contained_and_holds_every_node(page):
     out, html, data = page
-    assert not (out / "graph.svg").exists()  # only asked for json and html
-    assert "<svg" in html and "http://" not in html.split("<svg", 1)[0] and "<script src" not in html
+    assert not (out / "graph.svg").exists() and not (out / "graph.dot").exists()  # only asked for json and html
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "<script src" not in html  # SVG's namespace
     assert "<link" not in html
     graph = json.loads((out / "graph.json").read_text())
-    ids = {n["node_id"] for n in graph["nodes"]}
-    assert data["nodes"] and set(data["nodes"]) <= ids
+    ids = [n["node_id"] for n in graph["nodes"]]
+    assert set(data["nodes"]) == set(ids) and sorted(data["order"]) == sorted(ids)
+    steps = [s["n"] for s in data["steps"]]
+    assert steps == sorted(steps) and steps[-1] == len(ids) and data["steps"][data["default_step"]]["n"] == DRAW
     heads = [k for k, n in data["nodes"].items() if n["type"] == "lorsa"]
     assert heads and all(data["nodes"][h]["z_pattern"] for h in heads)
     assert all(data["nodes"][h]["dash"] in data["dashboards"] for h in heads)
@@ -54,39 +65,139 @@ def test_page_is_self_contained(page):
 
 def _dom(chromium, path, tmp_path, anchor="", extra=()):
     r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-                        "--virtual-time-budget=5000", *extra, f"file://{path}{anchor}"],
-                       capture_output=True, text=True, timeout=120)
+                        "--virtual-time-budget=10000", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars", *extra,
+                        f"file://{path}{anchor}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
 
 def _panel(dom: str) -> str:
     """The side panel's HTML in a DOM dump (the script after it holds the same words as text)."""
-    return dom[dom.index('<div id="panel"') : dom.index('<script id="graph-data"')]
+    return dom[dom.index('<div id="info"') : dom.index('<div id="list"')]
 
 
-def test_chromium_renders_the_graph_and_a_click_opens_the_panel(page, tmp_path):
+def on_screen(dom: str) -> tuple[dict, tuple]:
+    """From a DOM dump: each drawn node's box on screen (left, top, right, bottom, in CSS pixels, as the page
+    measured it) and the graph area's box."""
+    boxes = {html_lib.unescape(i): tuple(map(float, b.split())) for i, b in
+             re.findall(r'<g class="node[^"]*" data-node="([^"]+)" data-screen="([^"]+)"', dom)}
+    area = tuple(map(float, re.search(r'<svg id="scene"[^>]* data-screen="([^"]+)"', dom).group(1).split()))
+    return boxes, area
+
+
+def check_opening_view(graph, dom: str, n_drawn: int, min_node_px: float = 30) -> float:
+    """The page opened fitted: every drawn node wholly inside the graph area, laid out on the grid, the logits
+    among them, each node at least ``min_node_px`` wide; returns the drawing's aspect ratio on screen."""
+    boxes, (L, T, R, B) = on_screen(dom)
+    assert len(boxes) == n_drawn
+    assert all(L <= b[0] and b[2] <= R and T <= b[1] and b[3] <= B for b in boxes.values()), (L, T, R, B)
+    assert all(b[2] - b[0] >= min_node_px for b in boxes.values())
+    assert {n.id for n in graph.logits()} <= set(boxes)
+    svg.assert_grid(graph, boxes)
+    xs = [x for b in boxes.values() for x in (b[0], b[2])]
+    ys = [y for b in boxes.values() for y in (b[1], b[3])]
+    return (max(xs) - min(xs)) / (max(ys) - min(ys))
+
+
+def test_page_opens_fitted_to_the_drawn_grid(page, tmp_path):
+    import graphs
+
     chromium = _chromium()
     out, html, data = page
-    path = out / "graph.html"
-    dom = _dom(chromium, path, tmp_path, extra=("--dump-dom",))
-    drawn = {t for t in re.findall(r"<title>(.*?)</title>", html.split("<svg", 1)[1])} & set(data["nodes"])
-    assert f'data-bound-nodes="{len(drawn)}"' in dom  # the script ran and wired every drawn node
+    dom = _dom(chromium, out / "graph.html", tmp_path, extra=("--dump-dom",))
+    assert f'data-drawn-nodes="{DRAW}"' in dom  # the script ran and drew the budget
+    aspect = check_opening_view(graphs.load(out / "graph.json"), dom, DRAW)
+    assert 0.5 <= aspect <= 3
     assert 'id="panel-title"' not in _panel(dom)  # nothing selected yet
-    head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa"), key=lambda k: data["nodes"][k]["influence"])
-    dom = _dom(chromium, path, tmp_path, f"#node={head}", ("--dump-dom",))
-    panel = _panel(dom)
-    title = re.search(r'<h2 id="panel-title">(.*?)</h2>', panel)
-    assert title and title.group(1).startswith(head)
-    assert f'data-node="{head}"' in panel[:200]
-    assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
-    n_ctx = len(data["dashboards"][data["nodes"][head]["dash"]]["contexts"])
-    assert "top-activating contexts" in panel and panel.count('<div class="ctx">') == n_ctx + 1  # + the z pattern
-    assert dom.count("node selected") == 1 and f'class="node selected" data-node="{head}"' in dom
+    assert f"{len(data['nodes']) - DRAW} nodes are left out" in dom
     shot = tmp_path / "page.png"
-    _dom(chromium, path, tmp_path, f"#node={head}", (f"--screenshot={shot}", "--window-size=1400,900", "--hide-scrollbars"))
+    _dom(chromium, out / "graph.html", tmp_path, extra=(f"--screenshot={shot}",))
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_path):
+    chromium = _chromium()
+    out, html, data = page
+    node = data["order"][-1]  # the least influential: not drawn on opening
+    assert node not in data["steps"][data["default_step"]]["xy"]
+    dom = _dom(chromium, out / "graph.html", tmp_path, "#node=" + urllib.parse.quote(node), ("--dump-dom",))
+    panel = _panel(dom)
+    title = re.search(r'<h2 id="panel-title">(.*?)</h2>', panel).group(1)
+    assert title == html_lib.escape(data["nodes"][node]["title"], quote=False)
+    assert f'data-node="{html_lib.escape(node)}"' in panel[:300] and f"rank {len(data['order'])} of {len(data['order'])}" in panel
+    assert dom.count("node selected") == 1 and f'class="node selected" data-node="{node}"' in dom
+    boxes, (L, T, R, B) = on_screen(dom)
+    x0, y0, x1, y1 = boxes[node]
+    assert L <= x0 and x1 <= R and T <= y0 and y1 <= B  # brought into view
+    head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa"), key=lambda k: data["nodes"][k]["influence"])
+    panel = _panel(_dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",)))
+    assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
+    other, _ = data["nodes"][head]["out"][0]  # edge lists name the node at the other end (type, layer, token)
+    name = html_lib.escape(data["nodes"][other]["title"], quote=False)
+    assert f'<a href="#node={urllib.parse.quote(other)}">{name}</a>' in panel
+    dom = _dom(chromium, out / "graph.html", tmp_path, "#node=tc.99.1@0", ("--dump-dom",))
+    assert "no node tc.99.1@0" in _panel(dom)
+
+
+CHECK_EVERY_NODE = r"""<script>
+(async () => {
+  const bad = [], wait = () => new Promise(r => setTimeout(r, 0));
+  const inView = id => {
+    const b = document.querySelector(`#scene g.node[data-node="${CSS.escape(id)}"]`).getBoundingClientRect();
+    const a = document.getElementById('scene').getBoundingClientRect();
+    return b.left >= a.left && b.right <= a.right && b.top >= a.top && b.bottom <= a.bottom;
+  };
+  const ok = id => document.getElementById('info').dataset.node === id && inView(id) &&
+    document.getElementById('panel-title').textContent === DATA.nodes[id].title;
+  for (const id of DATA.order) {  // #node= on every node
+    location.hash = 'node=' + encodeURIComponent(id);
+    await wait();
+    if (!ok(id)) bad.push('hash ' + id);
+  }
+  slider.value = DATA.default_step; slider.dispatchEvent(new Event('input'));
+  for (const g of [...document.querySelectorAll('#scene g.node')]) {  // a click on every drawn node
+    const id = g.dataset.node;
+    g.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+    if (!ok(id)) bad.push('click ' + id);
+  }
+  const search = document.getElementById('search');
+  for (const id of DATA.order) {  // the search box, by name
+    search.value = DATA.nodes[id].title; search.dispatchEvent(new Event('change'));
+    await wait();
+    if (!ok(id)) bad.push('search ' + id);
+  }
+  const box = () => scene.viewBox.baseVal, r = scene.getBoundingClientRect();
+  document.querySelector('[data-zoom="fit"]').click();
+  const fitted = box().width;
+  scene.dispatchEvent(new WheelEvent('wheel', {deltaY: -400, clientX: r.left + 200, clientY: r.top + 200, cancelable: true}));
+  const zoomed = box().width, x0 = box().x;  // the wheel zooms in; a drag pans by as much as the pointer moved
+  scene.dispatchEvent(new PointerEvent('pointerdown', {clientX: r.left + 300, clientY: r.top + 300, bubbles: true}));
+  window.dispatchEvent(new PointerEvent('pointermove', {clientX: r.left + 200, clientY: r.top + 300}));
+  window.dispatchEvent(new PointerEvent('pointerup', {}));
+  const perPixel = Math.max(box().width / scene.clientWidth, box().height / scene.clientHeight);  // the SVG "meets"
+  const panned = (box().x - x0) / (100 * perPixel);
+  if (!(zoomed < 0.7 * fitted) || Math.abs(panned - 1) > 0.05) bad.push(`zoom ${fitted} -> ${zoomed}, pan ${panned}`);
+  slider.value = DATA.steps.length - 1; slider.dispatchEvent(new Event('input'));
+  document.body.dataset.checked = DATA.order.length;
+  document.body.dataset.drawnAtTheEnd = document.querySelectorAll('#scene g.node').length;
+  document.body.dataset.bad = bad.slice(0, 5).join('|') || 'none';
+})();
+</script></body>"""
+
+
+def test_every_node_can_be_selected_by_anchor_click_and_search(page, tmp_path):
+    """Every node of graph.json: ``#node=`` and the search box select it (drawing it, bringing it into view,
+    filling the panel); so does a click on every drawn node; the wheel zooms, a drag pans; the slider's far
+    end draws every node."""
+    chromium = _chromium()
+    out, html, data = page
+    probe = out / "probe.html"
+    probe.write_text(html.replace("</body>", CHECK_EVERY_NODE, 1), encoding="utf-8")
+    dom = _dom(chromium, probe, tmp_path, extra=("--dump-dom",))
+    assert f'data-checked="{len(data["nodes"])}"' in dom
+    assert 'data-bad="none"' in dom, re.search(r'data-bad="([^"]*)"', dom).group(1)
+    assert f'data-drawn-at-the-end="{len(data["nodes"])}"' in dom
 
 
 def test_circuits_heads(saved_model, tmp_path):
@@ -111,3 +222,40 @@ def test_circuits_heads(saved_model, tmp_path):
         r = _run(call, "heads", "--model", str(saved_model), *args, env=env)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode != 0 and len(lines) == 1 and msg in lines[0], r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["llama", "pythia"])
+def test_bundled_showcase_pictures(model_name, tmp_path):
+    """`36 + 62 =` on llama and a repeated random-token span on pythia, drawn with the default budget: the SVG's
+    nodes and the page's (in Chromium at 1600 x 1000, on opening) lie on the grid, all of them and the logits
+    on screen, the drawing between 1:2 and 3:1."""
+    import graphs
+    from graphs.attribution import attribute
+    from graphs.export import render, write_dot, write_json
+    from graphs.html import write_html
+    from graphs.layout import DEFAULT_DRAW_NODES
+    from graphs.prune import prune
+    from replacement.assemble import ReplacementModel
+    from replacement.evaluate import repeated_span_prompt
+    from replacement.models import load_model
+    from replacement.presets import PRESETS
+
+    if not (PRESETS[model_name].folder / "replacements" / "config.json").is_file():
+        pytest.fail(f"the bundled {model_name!r} model and its replacements are missing from the package")
+    chromium = _chromium()
+    adapter = load_model(model_name)
+    ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else repeated_span_prompt(adapter, span=8, seed=1)[0]
+    graph = prune(attribute(ReplacementModel.load(adapter), ids), 0.8, 0.98)
+    graph = graphs.load(write_json(graph, tmp_path / "graph.json"))  # as a reader of the file sees it
+    n_drawn = min(DEFAULT_DRAW_NODES, len(graph.node_list))
+    assert len(graph.node_list) > n_drawn  # the budget matters here
+    root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot"), "svg").read_text())
+    boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in graph.index}
+    assert len(boxes) == n_drawn
+    svg.assert_grid(graph, boxes)
+    w, h = svg.size(root)
+    assert 0.5 <= w / h <= 3, (w, h)
+    page = write_html(graph, tmp_path / "graph.html")
+    aspect = check_opening_view(graph, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), n_drawn)
+    assert 0.5 <= aspect <= 3

@@ -11,7 +11,6 @@ tokens, labels and node ids are arbitrary Unicode text:
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -119,36 +118,30 @@ def _data_block(page: str) -> str:
     return page[start:end]
 
 
-def _fake_svg(graph) -> str:
-    return "<svg>" + "".join(f'<g class="node"><title>{html.escape(n.id)}</title></g>' for n in graph.node_list) + "</svg>"
-
-
 @EXAMPLES
 @given(graph=graphs_)
 def test_html_data_block_cannot_be_broken(graph):
-    page = to_html(graph, _fake_svg(graph))
+    page = to_html(graph)
     block = _data_block(page)
     # in a script element only "<!--" (escaped states) or "</script" changes where the block ends
     assert "<!--" not in block and "<script" not in block.lower() and "</" not in block
-    # the page binds the nodes drawn in the SVG (Graphviz titles never hold a raw line break)
-    expected = strict_loads(strict_dumps(page_data(graph, {n.id for n in graph.node_list if "\n" not in n.id})))
-    assert json.loads(block) == expected
+    assert json.loads(block) == strict_loads(strict_dumps(page_data(graph)))  # the page reads its data back whole
     assert page[page.index(block) + len(block):].startswith("</script>\n<script>")
 
 
 def test_hostile_prompt_page_runs_its_script_in_chromium(tmp_path):
-    """The page of a graph whose prompt, tokens and labels hold `<!--<script>` still runs: every drawn node is
-    bound and clicking one fills the panel."""
+    """The page of a graph whose prompt, tokens and labels hold `<!--<script>` still runs: it draws its nodes and
+    `#node=` fills the panel."""
     from tests.test_html import _chromium, _dom
 
     chromium = _chromium()
     graph = fake_graph("<!--<script>", ["<!--<script>", "</script>x"], "<!--", "tc.0.7@1")
     page = tmp_path / "g.html"
-    page.write_text(to_html(graph, _svg(to_dot(graph))), encoding="utf-8")
+    page.write_text(to_html(graph), encoding="utf-8")
     dom = _dom(chromium, page, tmp_path, "#node=tc.0.7%401", ("--dump-dom",))
-    bound = re.search(r'data-bound-nodes="(\d+)"', dom)
-    assert bound and int(bound.group(1)) == len(graph.node_list), dom[-2000:]
-    assert 'id="panel-title"' in dom and "tc.0.7@1" in dom
+    drawn = re.search(r'data-drawn-nodes="(\d+)"', dom)
+    assert drawn and int(drawn.group(1)) == len(graph.node_list), dom[-2000:]
+    assert 'id="info" data-node="tc.0.7@1"' in dom
 
 
 # -- the readers, through the command line (in-process) ---------------------------------------------------

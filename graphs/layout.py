@@ -1,0 +1,242 @@
+"""The picture of a graph: which nodes to draw (a budget chosen by influence), where (a grid), and their labels.
+
+Columns are token positions in prompt order, left to right; rows are the model's stages, bottom to top:
+embeddings, then each layer's attention (Lorsa heads, attention error) and MLP (transcoder features, MLP
+error), then the logits.  The nodes of one (row, column) cell sit side by side, wrapping onto more lines
+when the cell is crowded, at the width that lets the whole grid be drawn largest in a ``VIEW`` (the HTML
+page's graph area at 1600 x 1000).
+DOT/SVG/PNG (graphs/export.py) and the HTML page (graphs/html.py) both draw these coordinates as they are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .graph import AttributionGraph, Edge, Node
+
+DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
+EDGES_PER_NODE = 3  # drawn edges per drawn node
+NODE_W, NODE_H = 66.0, 30.0  # points
+GAP, COL_GAP, ROW_GAP = 6.0, 16.0, 18.0  # between the nodes of a cell, between columns, between rows
+EMPTY_COL_W, EMPTY_ROW_H = 44.0, 16.0
+LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
+VIEW = (1160.0, 800.0)  # the HTML page's graph area at 1600 x 1000, in pixels
+MAX_TOKEN_CHARS = 12
+MEANING = {"attn_error": "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
+           "mlp_error": "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",
+           "logit": "its value is the demeaned logit: the logit minus its mean over the vocabulary"}
+
+
+# -- labels ---------------------------------------------------------------------------------------------------
+
+def token_text(text: str, limit: int | None = None) -> str:
+    """A token as one readable line: newlines, tabs and other control characters escaped (``\\n``)."""
+    out = "".join({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, c if c.isprintable() or c == " " else f"\\x{ord(c):02x}")
+                  for c in text)
+    return out if limit is None or len(out) <= limit else out[: limit - 1] + "…"
+
+
+def _token(graph: AttributionGraph, pos: int) -> str:
+    return token_text(graph.tokens[pos]) if 0 <= pos < len(graph.tokens) else "?"
+
+
+def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
+    room = max(3, int((width + COL_GAP) / 6.5) - len(str(pos)) - 4)  # about 6.5 points a character
+    return f'{pos}: "{token_text(graph.tokens[pos], room) if pos < len(graph.tokens) else "?"}"'
+
+
+def box_label(graph: AttributionGraph, n: Node) -> str:
+    """The text inside a drawn node, two lines: what it is (its row says the layer, its column the token) and
+    where; distinct nodes get distinct labels."""
+    if n.type == "logit":
+        return f'"{token_text(n.label, MAX_TOKEN_CHARS)}"\np={n.prob:.2f}'
+    if n.type == "embedding":
+        what = token_text(n.label or graph.tokens[n.pos], MAX_TOKEN_CHARS)
+    elif n.type in ("lorsa", "transcoder"):
+        what = f"L{n.layer}.{'H' if n.type == 'lorsa' else 'F'}{n.index}"
+    else:  # an error node: "L1 MLP" over "error @4"
+        return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'}\nerror @{n.pos}"
+    return f"{what}\n@{n.pos}"
+
+
+def node_name(graph: AttributionGraph, n: Node) -> str:
+    """One line naming a node for people: what it is, where, and the token there.  Distinct nodes get
+    distinct names (their ids differ in type, layer, index or position, and each of those is in the name)."""
+    at = f'@{n.pos} "{_token(graph, n.pos)}"'
+    if n.type == "embedding":
+        return f"emb {at}"
+    if n.type == "logit":
+        return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
+    if n.type.endswith("error"):
+        return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'} error {at}"
+    return f"{box_label(graph, n).splitlines()[0]} {at}"
+
+
+def meaning(n: Node) -> str:
+    """What an error node stands for, what a logit's value is ('' for other nodes)."""
+    return MEANING[n.type].format(L=n.layer) if n.type in MEANING else ""
+
+
+# -- which nodes and edges ----------------------------------------------------------------------------------------
+
+def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES) -> list[Node]:
+    """``max_nodes`` nodes: the logits (the likeliest first), then the most influential other nodes."""
+    logits = sorted((n for n in graph.node_list if n.type == "logit"), key=lambda n: -n.prob)[:max_nodes]
+    rest = sorted((n for n in graph.node_list if n.type != "logit"), key=lambda n: -n.influence)
+    return logits + rest[: max_nodes - len(logits)]
+
+
+def edge_order(graph: AttributionGraph) -> torch.Tensor:
+    """Indices into ``graph.edge_arrays``, the edges a picture should show first: by |weight| x the target's
+    influence (an edge matters as much as it moves something that matters)."""
+    E = graph.edge_arrays
+    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list]) + 1e-12
+    return (E.w.abs() * infl[E.tgt]).argsort(descending=True)
+
+
+def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, order: torch.Tensor | None = None) -> list[int]:
+    """Indices of the edges to draw among ``node_ids``: each drawn source's strongest edge (so that no drawn
+    node hangs loose), then the strongest others, ``max_edges`` in all."""
+    E = graph.edge_arrays
+    order = edge_order(graph) if order is None else order
+    inside = torch.tensor([n.id in node_ids for n in graph.node_list], dtype=torch.bool)
+    order = order[inside[E.src[order]] & inside[E.tgt[order]]]
+    first, seen = [], set()
+    for i, s in zip(order.tolist(), E.src[order].tolist()):
+        if s not in seen:
+            seen.add(s)
+            first.append(i)
+    chosen = dict.fromkeys(first[:max_edges])
+    for i in order.tolist():
+        if len(chosen) >= max_edges:
+            break
+        chosen.setdefault(i)
+    return list(chosen)
+
+
+def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[Edge]:
+    """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, ``most`` in all."""
+    pairs = []
+    for head in sorted(ids):
+        pairs += [p for p in graph.qk_pairs(head) if p.extra["query"] in ids and p.extra["key"] in ids][:per_head]
+    return sorted(pairs, key=lambda e: -abs(e.weight))[:most]
+
+
+
+# -- where -------------------------------------------------------------------------------------------------------
+
+def n_layers(graph: AttributionGraph) -> int:
+    logits = [n.layer for n in graph.node_list if n.type == "logit"]
+    return logits[0] if logits else max([n.layer for n in graph.node_list], default=-1) + 1
+
+
+def row_of(n: Node, layers: int) -> int:
+    if n.type == "embedding":
+        return 0
+    if n.type == "logit":
+        return 2 * layers + 1
+    return 1 + 2 * n.layer + (n.type in ("transcoder", "mlp_error"))
+
+
+def row_names(layers: int) -> list[str]:
+    return ["embeddings", *(f"L{L} {part}" for L in range(layers) for part in ("attention", "MLP")), "logits"]
+
+
+@dataclass
+class Grid:
+    """Node centres in points, y up (graphviz's convention), the origin at the bottom left."""
+
+    xy: dict[str, tuple[float, float]]
+    width: float
+    height: float
+    columns: list[tuple[float, str]]  # (x centre, "pos: token") per token position
+    rows: list[tuple[float, str]]  # (y centre, name) per row, bottom to top
+    header_y: tuple[float, float]  # y of the token labels below and above the grid
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+def grid(graph: AttributionGraph, nodes: list[Node], view: tuple[float, float] = VIEW) -> Grid:
+    """Lay ``nodes`` out on the (token position, layer) grid, each column as many nodes wide as lets the whole
+    picture be drawn largest in ``view`` (see `_per_line`)."""
+    layers = n_layers(graph)
+    n_rows, n_cols = 2 * layers + 2, max(len(graph.tokens), 1 + max([n.pos for n in nodes], default=0))
+    cells: dict[tuple[int, int], list[Node]] = {}
+    for n in nodes:
+        cells.setdefault((row_of(n, layers), n.pos), []).append(n)
+    for ns in cells.values():
+        ns.sort(key=lambda n: (n.type.endswith("error"), -n.influence, n.index))
+    return _place(graph, cells, _per_line(cells, n_rows, n_cols, view), n_rows, layers)
+
+
+def _per_line(cells, n_rows: int, n_cols: int, view: tuple[float, float]) -> list[int]:
+    """Nodes per line in each column (0: an empty column).  From one node per line, while the picture's height
+    is what limits its scale in ``view``, widen by one node the column that lets it be drawn largest (of equals,
+    the one with the tallest cell); the best seen wins."""
+    widest = [max([len(ns) for (r, c), ns in cells.items() if c == col], default=0) for col in range(n_cols)]
+
+    def fit(k: list[int]) -> tuple[float, bool]:  # the scale that fits the picture in view; is it the height's?
+        w, h = _size(cells, k, n_rows)
+        return min(view[0] / w, view[1] / h), view[1] / h < view[0] / w
+
+    def widened(c: int) -> list[int]:
+        return k[:c] + [k[c] + 1] + k[c + 1:]
+
+    k = best = [min(1, m) for m in widest]
+    while fit(k)[1] and k != widest:
+        lines = _lines(cells, k)
+        c = max((c for c in range(n_cols) if k[c] < widest[c]),
+                key=lambda c: (fit(widened(c))[0], max(n for (r, cc), n in lines.items() if cc == c)))
+        k = widened(c)
+        if fit(k)[0] > fit(best)[0]:
+            best = k
+    return best
+
+
+def _lines(cells, per_line: list[int]) -> dict[tuple[int, int], int]:
+    return {(r, c): math.ceil(len(ns) / per_line[c]) for (r, c), ns in cells.items()}
+
+
+def _col_widths(per_line: list[int]) -> list[float]:
+    return [k * (NODE_W + GAP) - GAP if k else EMPTY_COL_W for k in per_line]
+
+
+def _row_heights(cells, per_line: list[int], n_rows: int) -> list[float]:
+    lines = [0] * n_rows
+    for (r, c), k in _lines(cells, per_line).items():
+        lines[r] = max(lines[r], k)
+    return [k * (NODE_H + GAP) - GAP if k else EMPTY_ROW_H for k in lines]
+
+
+def _size(cells, per_line: list[int], n_rows: int) -> tuple[float, float]:
+    w = LABEL_W + sum(_col_widths(per_line)) + COL_GAP * len(per_line)
+    h = 2 * HEADER_H + sum(_row_heights(cells, per_line, n_rows)) + ROW_GAP * (n_rows - 1)
+    return w, h
+
+
+def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
+    col_w = _col_widths(per_line)
+    col_x, x = [], LABEL_W + COL_GAP / 2
+    for w in col_w:
+        col_x.append(x)  # left edge
+        x += w + COL_GAP
+    row_h = _row_heights(cells, per_line, n_rows)
+    row_top, y = [], HEADER_H
+    for h in row_h:  # bottom to top
+        row_top.append(y + h)
+        y += h + ROW_GAP
+    height = y - ROW_GAP + HEADER_H
+    xy = {}
+    for (r, c), ns in cells.items():
+        for i, n in enumerate(ns):
+            line, slot = divmod(i, per_line[c])
+            on_line = min(per_line[c], len(ns) - line * per_line[c])
+            left = col_x[c] + (col_w[c] - (on_line * (NODE_W + GAP) - GAP)) / 2  # centre each line in its column
+            xy[n.id] = (left + slot * (NODE_W + GAP) + NODE_W / 2, row_top[r] - line * (NODE_H + GAP) - NODE_H / 2)
+    columns = [(col_x[c] + col_w[c] / 2, _column_label(graph, c, col_w[c])) for c in range(len(col_w))]
+    rows = [(row_top[r] - row_h[r] / 2, name) for r, name in enumerate(row_names(layers))]
+    return Grid(xy, x - COL_GAP / 2, height, columns, rows, (HEADER_H / 2, height - HEADER_H / 2))

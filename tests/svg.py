@@ -1,0 +1,71 @@
+"""Reading graphviz's SVG back: where each node was drawn, and each edge's colour."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+NS = "{http://www.w3.org/2000/svg}"
+
+
+def _box(shape) -> tuple[float, float, float, float]:
+    if shape.tag == NS + "ellipse":
+        cx, cy, rx, ry = (float(shape.get(k)) for k in ("cx", "cy", "rx", "ry"))
+        return cx - rx, cy - ry, cx + rx, cy + ry
+    xs, ys = zip(*(tuple(map(float, p.split(","))) for p in shape.get("points").split()))
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def parse(svg_text: str) -> ET.Element:
+    return ET.fromstring(svg_text.encode())
+
+
+def node_boxes(root: ET.Element) -> dict[str, dict]:
+    """{title: {"box": (x0, y0, x1, y1) in SVG coordinates (y down), "shape": element, "text": its text}}."""
+    out = {}
+    for g in root.iter(NS + "g"):
+        if g.get("class") != "node":
+            continue
+        shape = next((c for c in g.iter() if c.tag in (NS + "ellipse", NS + "polygon")), None)
+        text = "\n".join(t.text or "" for t in g.iter(NS + "text"))
+        out[g.find(NS + "title").text] = {"box": _box(shape) if shape is not None else None, "shape": shape, "text": text}
+    return out
+
+
+def edges(root: ET.Element) -> list[dict]:
+    """[{"source", "target", "stroke", "dashed"}] for every drawn edge."""
+    out = []
+    for g in root.iter(NS + "g"):
+        if g.get("class") == "edge":
+            a, b = g.find(NS + "title").text.split("->")
+            path = next(g.iter(NS + "path"))
+            out.append({"source": a, "target": b, "stroke": path.get("stroke"), "dashed": bool(path.get("stroke-dasharray"))})
+    return out
+
+
+def size(root: ET.Element) -> tuple[float, float]:
+    """The drawing's width and height in points."""
+    return tuple(float(root.get(k).removesuffix("pt")) for k in ("width", "height"))
+
+
+def stage(node) -> float:
+    """Where a node's layer sits, bottom to top: embeddings, then each layer's attention and MLP, then logits."""
+    if node.type == "embedding":
+        return -1
+    if node.type == "logit":
+        return float("inf")
+    return 2 * node.layer + (node.type in ("transcoder", "mlp_error"))
+
+
+def assert_grid(graph, boxes: dict) -> None:
+    """Boxes (x0, y0, x1, y1), y down, of drawn nodes of ``graph``: every node of an earlier token position lies
+    wholly left of every node of a later one, and every node of an earlier stage wholly below every later one."""
+    drawn = [graph.node(i) for i in boxes]
+    for key, lo, hi, what in ((lambda n: n.pos, 2, 0, "x follows token position"), (stage, 1, 3, "y follows layer")):
+        groups: dict = {}
+        for n in drawn:
+            groups.setdefault(key(n), []).append(boxes[n.id])
+        keys = sorted(groups)
+        for a, b in zip(keys, keys[1:]):
+            if what.startswith("x"):  # right edge of column a < left edge of column b
+                assert max(x[lo] for x in groups[a]) < min(x[hi] for x in groups[b]), (what, a, b)
+            else:  # the top of stage a is below the bottom of stage b (y grows downwards)
+                assert min(x[lo] for x in groups[a]) > max(x[hi] for x in groups[b]), (what, a, b)
