@@ -78,8 +78,9 @@ def test_addition_circuit(tmp_path):
     assert len(r["checks"]) == 2
     for check in r["checks"]:  # path patching confirms the top two movers: ablating each lowers ' 98'
         assert check.effect < -0.1
-    # graph vs path patching on the real model: the 5 most influential Lorsa heads agree in sign
-    assert r["signs"] == 5
+    # graph vs path patching on the real model: of the 5 most influential Lorsa heads, at least 4 agree in sign
+    # (the faithfulness issue's bar; 4 with the jointly trained replacements, 5 with the former per-layer ones)
+    assert r["signs"] >= 4
     png = r["png"].read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 
