@@ -44,3 +44,38 @@ def test_induction_losses_by_hand():
     assert math.isclose(out["first_copy_loss"], sum(first) / len(first), rel_tol=1e-4)
     assert math.isclose(out["second_copy_loss"], sum(second) / len(second), rel_tol=1e-4)
     assert out["second_copy_loss"] < out["first_copy_loss"]  # the toy does induction
+
+
+def test_eval_and_heads_read_the_shipped_sample_and_fail_in_one_line_without_it(saved_model, tmp_path, monkeypatch):
+    """Without --text, `circuits eval` and `circuits heads` read the held-out sample shipped with the package (no
+    ../shared, no random tokens); with no sample at all they stop with one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import circuits
+    from replacement import corpus
+    from replacement.data import tokenize_texts
+
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    r = runner.invoke(circuits, ["eval", "--model", str(saved_model), "--json", "--no-samples", "--no-faithfulness"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    adapter = load_model(str(saved_model))
+    from replacement.evaluate import text_loss
+
+    assert out["heldout_text_loss"] == text_loss(adapter, tokenize_texts(adapter.tokenizer, corpus.heldout_texts()))
+    assert sum(k["n"] for k in out["natural_copying"].values()) > 0
+    r = runner.invoke(circuits, ["heads", "--model", str(saved_model), "--layer", "0", "--top", "2", "--n-seqs", "2"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(corpus, "HELDOUT_SAMPLE", tmp_path / "missing.json.xz")
+    corpus._shipped_heldout.cache_clear()
+    try:
+        for args in (["eval", "--model", str(saved_model), "--no-samples"],
+                     ["heads", "--model", str(saved_model), "--layer", "0", "--rebuild"]):
+            r = runner.invoke(circuits, args)
+            lines = r.stderr.strip().splitlines()
+            assert r.exit_code == 1 and len(lines) == 1 and "held-out text sample" in lines[0], r.output
+    finally:
+        corpus._shipped_heldout.cache_clear()
