@@ -70,3 +70,18 @@ def restore_optimizer(opt: torch.optim.Optimizer, named_params: dict[str, torch.
             if "step" in st:
                 st["step"] = st["step"].float().cpu()
             opt.state[p] = st
+
+
+def load_training_state(path: str | Path, model_name: str, device="cpu", what: str = "training state"):
+    """(tensors, metadata) of a resumable state saved for ``model_name``; None when there is none yet.  A state of
+    another model, or one holding NaN or infinite values, is a `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    tensors, meta = load(path, device)
+    if meta.get("model") != model_name:
+        raise CheckpointError(f"{path} is a {what} for {meta.get('model')!r}, not {model_name!r}")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite values ({bad[0]}): corrupt; start afresh with --no-resume")
+    return tensors, meta

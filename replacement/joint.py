@@ -192,12 +192,10 @@ class JointTrainer:
         ckpt.atomic_save(tensors, self.state_file, meta)
 
     def load_state(self) -> bool:
-        if not self.state_file.is_file():
+        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device, "joint-training state")
+        if state is None:
             return False
-        tensors, meta = ckpt.load(self.state_file, self.adapter.device)
-        if meta.get("model") != self.adapter.name:
-            raise ckpt.CheckpointError(f"{self.state_file} is a joint-training state for {meta.get('model')!r}, "
-                                       f"not {self.adapter.name!r}")
+        tensors, meta = state
         missing = [n for n in self.named if f"param.{n}" not in tensors]
         if missing or tensors[f"param.{next(iter(self.named))}"].shape != next(iter(self.named.values())).shape:
             raise ckpt.CheckpointError(f"{self.state_file} holds other modules; start again with --no-resume")

@@ -288,21 +288,15 @@ class Trainer:
         ckpt.atomic_save(tensors, self.state_file, meta)
 
     def load_state(self) -> bool:
-        if not self.state_file.is_file():
+        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device)
+        if state is None:
             return False
-        tensors, meta = ckpt.load(self.state_file, self.adapter.device)
-        if meta.get("model") != self.adapter.name:
-            raise ckpt.CheckpointError(f"{self.state_file} is a training state for {meta.get('model')!r}, not {self.adapter.name!r}")
+        tensors, meta = state
         for u in self.units:
             pre = f"{u.name}.param."
             own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
             if not own:
                 raise ckpt.CheckpointError(f"{self.state_file} has no state for {u.name}; start without --resume")
-            bad = [k for k, v in tensors.items() if k.startswith(u.name + ".") and v.is_floating_point()
-                   and not bool(torch.isfinite(v).all())]
-            if bad:
-                raise ckpt.CheckpointError(f"{self.state_file} holds NaN or infinite values ({bad[0]}): corrupt; "
-                                           "start afresh with --no-resume")
             try:
                 u.module.load_state_dict(own)
             except RuntimeError:
