@@ -65,11 +65,11 @@ class TextSource:
         return torch.cat([torch.full((batch_size, 1), self.bos), rows], dim=1)
 
 
-def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = False):
+def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = False, mixture=None):
     """The bundled models' training mixture when the model is a preset, windows of the recipe's corpora otherwise:
     their held-out part (shipped with the package) with ``heldout``, else the training corpora
     (`replacement.corpus.training_files`, a one-line error when absent).  A model without a tokenizer cannot
-    read text: it gets uniform random tokens."""
+    read text: it gets uniform random tokens.  ``mixture``: the presets' row kinds (default `Mixture()`)."""
     from .corpus import heldout_texts, training_files
     from .data import BatchMaker, Mixture, addition_split, read_text_sources, tokenize_texts
     from .presets import PRESETS
@@ -80,7 +80,8 @@ def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = F
     texts = heldout_texts() if heldout else read_text_sources(training_files())[0]
     tokens = tokenize_texts(adapter.tokenizer, texts)
     if adapter.name in PRESETS:
-        return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], Mixture(), seq_len, seed + (1 if heldout else 0))
+        return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], mixture or Mixture(), seq_len,
+                          seed + (1 if heldout else 0))
     return TextSource(adapter.tokenizer, tokens, seq_len, seed + (1 if heldout else 0))
 
 

@@ -285,13 +285,6 @@ def _saved_metrics(folder: Path) -> dict:
 def joint_source(adapter, cfg: JointConfig):
     """The joint stage's batches: the bundled models' mixture (with recurring passages) for a preset, text
     windows of the training corpora otherwise."""
-    from .activations import TextSource
-    from .corpus import training_files
-    from .data import BatchMaker, addition_split, read_text_sources, tokenize_texts
-    from .presets import PRESETS
+    from .activations import default_source
 
-    seq_len = min(cfg.seq_len, adapter.context)
-    tokens = tokenize_texts(adapter.tokenizer, read_text_sources(training_files())[0])
-    if adapter.name in PRESETS:
-        return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], cfg.mixture, seq_len, cfg.seed + 5)
-    return TextSource(adapter.tokenizer, tokens, seq_len, cfg.seed + 5)
+    return default_source(adapter, cfg.seq_len, cfg.seed + 5, mixture=cfg.mixture)
