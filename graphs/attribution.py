@@ -20,14 +20,14 @@ the gradient is carried through it explicitly:  G_w = G_{w+1} + [w = 2L] VJP_att
 A transcoder skip connection (y += norm(x) W_skip) is such a fixed linear map too, from the MLP's read slot
 r to its write slot:  G_r += VJP_skip_L(G_{2L+2}); its norm-bias term is a constant of slot 2L+2.
 
-Edges come in batches of targets of one kind and layer, as matrix products; never one pass per edge.
+Edges come in batches of targets of one kind and layer, as matrix products; never one pass per edge.  The
+linear maps themselves (read gradients, slot gradients, slot biases) are graphs/linear.py's `Linearised`.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -35,184 +35,9 @@ from replacement.assemble import Record, ReplacementModel
 from replacement.models import single_token
 from replacement.tokenizer import token_text
 
-from .graph import AttributionGraph, EdgeArrays, Node
+from .graph import TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
+from .linear import Linearised, Source
 from .prune import logit_decomposition
-
-
-@dataclass
-class Source:
-    slot: int
-    pos: int
-    vector: torch.Tensor  # [d] what the node writes into the residual stream
-
-
-class Linearised:
-    """The frozen linear structure of one recorded prompt (read vectors, slot biases, attention VJPs)."""
-
-    def __init__(self, model: ReplacementModel, rec: Record):
-        self.model, self.rec, self.adapter = model, rec, model.adapter
-        a = self.adapter
-        self.N, self.n, self.d = a.n_layers, rec.ids.shape[0], a.d_model
-        self.layernorm = isinstance(a.final_norm, torch.nn.LayerNorm)
-        self.final_slot = 2 * self.N
-        self.device = rec.embed.device  # every tensor built here lives with the record
-
-    # -- small maps ---------------------------------------------------------------------------------------
-
-    def _p(self, v: torch.Tensor) -> torch.Tensor:
-        """P: centre the last dim for LayerNorm, identity for RMSNorm."""
-        return v - v.mean(-1, keepdim=True) if self.layernorm else v
-
-    @staticmethod
-    def _w(norm) -> torch.Tensor:
-        return norm.weight.detach().float()
-
-    @staticmethod
-    def _b(norm) -> torch.Tensor | None:
-        b = getattr(norm, "bias", None)
-        return None if b is None else b.detach().float()
-
-    def mlp_read_slot(self, L: int) -> int:
-        return 2 * L if self.adapter.parallel_residual else 2 * L + 1
-
-    # -- read gradients and intrinsic constants ------------------------------------------------------------
-
-    def read_transcoder(self, L: int, feats: torch.Tensor, pos: torch.Tensor):
-        """R [B, n, d] and intrinsic constants [B] for transcoder features (feats, pos: [B])."""
-        tc = self.model.transcoders[L]
-        norm = self.adapter.mlp_norm(L)
-        W = tc.W_enc[feats].float()  # [B, d]
-        R = torch.zeros(len(feats), self.n, self.d, device=self.device)
-        sig = self.rec.layers[L].ln2_scale[pos]  # [B, 1]
-        R[torch.arange(len(feats)), pos] = self._p(W * self._w(norm)) / sig
-        const = tc.b_enc[feats].float()
-        if self._b(norm) is not None:
-            const = const + W @ self._b(norm)
-        return R, const
-
-    def read_lorsa(self, L: int, heads: torch.Tensor, pos: torch.Tensor):
-        lorsa = self.model.lorsas[L]
-        norm = self.adapter.attn_norm(L)
-        lr = self.rec.layers[L]
-        groups = heads // lorsa.cfg.heads_per_group
-        A = lr.lorsa_pattern[groups, pos]  # [B, n] row t of each head's group pattern
-        wv = lorsa.W_V[heads].float()  # [B, d]
-        read = self._p(wv * self._w(norm))  # [B, d]
-        R = A[:, :, None] * read[:, None, :] / lr.ln1_scale[None, :, :]  # [B, n, d]
-        per_pos = lorsa.b_V[heads].float()
-        if self._b(norm) is not None:
-            per_pos = per_pos + wv @ self._b(norm)
-        return R, A.sum(-1) * per_pos
-
-    def read_logits(self, token_ids: torch.Tensor):
-        a = self.adapter
-        W_U = a.unembedding.weight.detach().float()
-        Wd = W_U[token_ids] - W_U.mean(0)  # [B, d] demeaned
-        R = torch.zeros(len(token_ids), self.n, self.d, device=self.device)
-        T = self.n - 1
-        R[:, T] = self._p(Wd * self._w(a.final_norm)) / self.rec.final_scale[T]
-        const = torch.zeros(len(token_ids), device=self.device)
-        if self._b(a.final_norm) is not None:
-            const = const + Wd @ self._b(a.final_norm)
-        b_U = getattr(a.unembedding, "bias", None)
-        if b_U is not None:
-            b = b_U.detach().float()
-            const = const + b[token_ids] - b.mean()
-        return R, const
-
-    # -- what each slot's writes contain besides nodes -------------------------------------------------
-
-    def slot_bias(self, slot: int) -> torch.Tensor | None:
-        """The constant vector [d] written at every position at a slot (biases), or None."""
-        if slot == 0:
-            return None
-        L, is_mlp = (slot - 1) // 2, slot % 2 == 0
-        if is_mlp:
-            tc = self.model.transcoders[L]
-            b = tc.b_dec.detach().float()
-            b_ln = self._b(self.adapter.mlp_norm(L))
-            if tc.W_skip is not None and b_ln is not None:
-                b = b + b_ln @ tc.W_skip.float()  # the skip of the norm's own bias
-            return b
-        if self.model.attention == "lorsa":
-            return self.model.lorsas[L].b_O.detach().float()
-        a = self.adapter
-        (Wv, bv), (Wo, bo) = a.W_V(L), a.W_O(L)
-        v_const = torch.zeros(a.n_heads, a.d_head, device=self.device) if bv is None else bv.float()
-        if self._b(a.attn_norm(L)) is not None:
-            v_const = v_const + torch.einsum("d,hde->he", self._b(a.attn_norm(L)), Wv.float())
-        out = torch.einsum("he,hed->d", v_const, Wo.float())
-        return out if bo is None else out + bo.float()
-
-    def attn_vjp(self, L: int, g_out: torch.Tensor) -> torch.Tensor:
-        """Frozen MHSA of layer L as a linear map slot 2L -> 2L+1; returns the gradient at its input [B, n, d]."""
-        a = self.adapter
-        (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)
-        A = self.rec.layers[L].pattern  # [H, n, n]
-        g_z = torch.einsum("btd,hed->bhte", g_out, Wo.float())
-        g_v = torch.einsum("hts,bhte->bhse", A, g_z)
-        g_x = torch.einsum("bhse,hde->bsd", g_v, Wv.float())
-        return self._p(g_x * self._w(a.attn_norm(L))) / self.rec.layers[L].ln1_scale[None]
-
-    # -- transcoder skip connections: linear maps from slot mlp_read_slot(L) to slot 2L+2 ---------------------
-
-    def skip_layers(self, read_slot: int) -> list[int]:
-        """The layers whose MLP has a skip connection that writes at or below ``read_slot``, in order."""
-        return [L for L in range(self.N) if self.model.transcoders[L].W_skip is not None and 2 * L + 2 <= read_slot]
-
-    def skip_map(self, L: int, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """The skip's linear part on residual vectors x [.., n, d] (or [R, d] at positions ``pos`` [R]):
-        (w_ln2 * P(x)) / sigma2 @ W_skip (the norm's bias is a constant: see slot_bias)."""
-        sig = self.rec.layers[L].ln2_scale  # [n, 1]
-        sig = sig if pos is None else sig[pos]
-        return (self._p(x) * self._w(self.adapter.mlp_norm(L)) / sig) @ self.model.transcoders[L].W_skip.float()
-
-    def skip_vjp(self, L: int, g_out: torch.Tensor) -> torch.Tensor:
-        """The transpose of skip_map: gradient [B, n, d] at the skip's output -> at its input."""
-        W = self.model.transcoders[L].W_skip.float()
-        return self._p((g_out @ W.t()) * self._w(self.adapter.mlp_norm(L))) / self.rec.layers[L].ln2_scale[None]
-
-    def through_skips(self, vectors: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
-                      read_slot: int) -> torch.Tensor:
-        """What writes ``vectors`` [R, d] (at ``slots``, ``pos`` [R]) add to the stream read at ``read_slot``:
-        the write itself plus what every skip connection in between passes on (skips compose in order)."""
-        out = vectors.clone()
-        for L in self.skip_layers(read_slot):
-            seen = slots <= self.mlp_read_slot(L)
-            out[seen] += self.skip_map(L, out[seen], pos[seen])
-        return out
-
-    def read_constants(self, read_slot: int) -> torch.Tensor:
-        """[n, d]: the constant part of the stream read at ``read_slot`` (every bias, through the skips)."""
-        c = torch.zeros(self.n, self.d, device=self.device)
-        skips = set(self.skip_layers(read_slot))
-        at_read = {}
-        for w in range(read_slot + 1):
-            L = (w - 2) // 2
-            if w >= 2 and w % 2 == 0 and L in skips:
-                c = c + self.skip_map(L, at_read[L])
-            b = self.slot_bias(w)
-            if b is not None:
-                c = c + b
-            for L in skips:
-                if self.mlp_read_slot(L) == w:
-                    at_read[L] = c
-        return c
-
-    def slot_gradients(self, R: torch.Tensor, read_slot: int) -> list[torch.Tensor | None]:
-        """G_w [B, n, d] for w = 0..read_slot (None above it)."""
-        G: list[torch.Tensor | None] = [None] * (self.final_slot + 1)
-        G[read_slot] = R
-        skip_read = {self.mlp_read_slot(L): L for L in self.skip_layers(read_slot)}
-        for w in range(read_slot - 1, -1, -1):
-            g = G[w + 1]
-            if self.model.attention == "frozen" and w % 2 == 0 and w + 1 <= read_slot:
-                g = g + self.attn_vjp(w // 2, G[w + 1])
-            if w in skip_read:
-                L = skip_read[w]
-                g = g + self.skip_vjp(L, G[2 * L + 2])
-            G[w] = g
-        return G
 
 
 def _select_logits(probs: torch.Tensor, coverage: float, max_logits: int, target: int | None) -> list[int]:
@@ -264,10 +89,11 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     lin = Linearised(model, rec)
     tok = a.tokenizer
     tokens = [token_text(tok, i) if tok is not None else str(i) for i in rec.ids.tolist()]
-    nodes, sources, targets = _feature_nodes(model, rec, tokens)
+    made = _graph_nodes(model, rec, tokens)
     target_id = None if target is None else single_token(tok, target)
-    targets.append(_logit_nodes(rec, nodes, tok, target_id, logit_coverage, max_logits, lin.N))
-    edges = _edges(lin, nodes, sources, targets, batch_size, edges_per_target, progress)
+    _logit_nodes(made, rec, tok, target_id, logit_coverage, max_logits, lin.N)
+    nodes, sources = made.nodes, made.sources
+    edges = _edges(lin, nodes, sources, made.targets, batch_size, edges_per_target, progress)
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
@@ -278,7 +104,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
         from .qk import qk_attribution
 
         t1 = time.time()
-        heads = [i for i, node in enumerate(nodes) if node.type == "lorsa"]
+        heads = [i for i, node in enumerate(nodes) if node.type == NodeKind.LORSA]
         if qk_heads is not None:
             from .prune import influence
 
@@ -291,62 +117,82 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     return graph
 
 
-def _feature_nodes(model: ReplacementModel, rec: Record, tokens: list[str]):
-    """Embedding, Lorsa-head, transcoder-feature and error nodes, with what each writes (its source vector)
-    and the target groups (one per kind and layer)."""
-    n, N = rec.ids.shape[0], model.adapter.n_layers
-    nodes: list[Node] = []
-    sources: dict[str, Source] = {}
-    targets: list[Target] = []
+class _Nodes:
+    """The nodes of a graph as they are made, each with what it writes (its `Source`), and the target groups
+    (one per kind and layer: node rows, unit indices, positions)."""
 
-    def add(node: Node, slot: int, vec: torch.Tensor) -> int:
-        nodes.append(node)
-        sources[node.id] = Source(slot, node.pos, vec)
-        return len(nodes) - 1
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.sources: dict[str, Source] = {}
+        self.targets: list[Target] = []
 
-    def target_group(kind: str, L: int, rows: list[tuple[int, int, int]]) -> Target:
-        return (kind, L, *map(torch.tensor, zip(*rows))) if rows else (kind, L, None, None, None)
+    def add(self, node: Node, slot: int, vec: torch.Tensor | None) -> int:
+        """Append ``node`` (writing ``vec`` [d] at ``slot``; None: it writes nothing, a logit); its row."""
+        self.nodes.append(node)
+        if vec is not None:
+            self.sources[node.id] = Source(slot, node.pos, vec)
+        return len(self.nodes) - 1
 
-    for p in range(n):
-        add(Node(f"emb@{p}", "embedding", -1, p, int(rec.ids[p]), label=tokens[p]), 0, rec.embed[p])
-    for L in range(N):
-        lr = rec.layers[L]
+    def add_targets(self, kind: NodeKind, L: int, rows: list[tuple[int, int, int]]) -> None:
+        """A target group from (node row, unit index, position) triples."""
+        self.targets.append((kind, L, *map(torch.tensor, zip(*rows))) if rows else (kind, L, None, None, None))
+
+
+def _graph_nodes(model: ReplacementModel, rec: Record, tokens: list[str]) -> _Nodes:
+    """Every node but the logits, in order: embeddings, then per layer its Lorsa heads and attention errors
+    (Lorsa mode), its transcoder features and MLP errors."""
+    out = _Nodes()
+    for p in range(rec.ids.shape[0]):
+        out.add(Node.make(NodeKind.EMBEDDING, -1, int(rec.ids[p]), p, label=tokens[p]), 0, rec.embed[p])
+    for L in range(model.adapter.n_layers):
         if model.attention == "lorsa":
-            lorsa = model.lorsas[L]
-            values = lr.attn_in @ lorsa.W_V.t().float() + lorsa.b_V.float()  # [n, H]: every head's v_s
-            rows = []
-            for p in range(n):
-                for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
-                    if v > 0:
-                        zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, p] * values[:, h]  # sums to z
-                        node = Node(f"lorsa.{L}.{h}@{p}", "lorsa", L, p, h, activation=v, label=f"L{L}.H{h}",
-                                    preact=float(lr.lorsa_z[p, h]),
-                                    extra={"z_pattern": [round(float(x), 5) for x in zp[: p + 1]]})
-                        rows.append((add(node, 2 * L + 1, v * lorsa.W_O[h].float()), h, p))
-            targets.append(target_group("lorsa", L, rows))
-            for p in range(n):
-                add(Node(f"attn_err.{L}@{p}", "attn_error", L, p, -1, activation=float(lr.attn_err[p].norm()),
-                         label=f"L{L} attn err"), 2 * L + 1, lr.attn_err[p])
-        tc = model.transcoders[L]
-        pre = tc.pre_activations(lr.mlp_in)
-        rows = []
-        for p in range(n):
-            for v, f in zip(lr.tc_code.values[p].tolist(), lr.tc_code.indices[p].tolist()):
-                if v > 0:
-                    node = Node(f"tc.{L}.{f}@{p}", "transcoder", L, p, f, activation=v, label=f"L{L}.F{f}",
-                                preact=float(pre[p, f]))
-                    rows.append((add(node, 2 * L + 2, v * tc.W_dec[f].float()), f, p))
-        targets.append(target_group("transcoder", L, rows))
-        for p in range(n):
-            add(Node(f"mlp_err.{L}@{p}", "mlp_error", L, p, -1, activation=float(lr.mlp_err[p].norm()),
-                     label=f"L{L} mlp err"), 2 * L + 2, lr.mlp_err[p])
-    return nodes, sources, targets
+            _lorsa_nodes(out, model, rec, L)
+            _error_nodes(out, NodeKind.ATTN_ERROR, L, rec.layers[L].attn_err, 2 * L + 1)
+        _transcoder_nodes(out, model, rec, L)
+        _error_nodes(out, NodeKind.MLP_ERROR, L, rec.layers[L].mlp_err, 2 * L + 2)
+    return out
 
 
-def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, coverage: float, max_logits: int,
-                 n_layers: int) -> Target:
+def _lorsa_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
+    """The active Lorsa heads of layer L (each with its z pattern), and their target group."""
+    lr, lorsa = rec.layers[L], model.lorsas[L]
+    values = lr.attn_in @ lorsa.W_V.t().float() + lorsa.b_V.float()  # [n, H]: every head's v_s
+    rows = []
+    for p in range(rec.ids.shape[0]):
+        for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
+            if v > 0:
+                zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, p] * values[:, h]  # sums to z
+                node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h),
+                                 preact=float(lr.lorsa_z[p, h]), z_pattern=[round(float(x), 5) for x in zp[: p + 1]])
+                rows.append((out.add(node, 2 * L + 1, v * lorsa.W_O[h].float()), h, p))
+    out.add_targets(NodeKind.LORSA, L, rows)
+
+
+def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
+    """The active transcoder features of layer L, and their target group."""
+    lr, tc = rec.layers[L], model.transcoders[L]
+    pre = tc.pre_activations(lr.mlp_in)
+    rows = []
+    for p in range(rec.ids.shape[0]):
+        for v, f in zip(lr.tc_code.values[p].tolist(), lr.tc_code.indices[p].tolist()):
+            if v > 0:
+                node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v,
+                                 label=unit_label(NodeKind.TRANSCODER, L, f), preact=float(pre[p, f]))
+                rows.append((out.add(node, 2 * L + 2, v * tc.W_dec[f].float()), f, p))
+    out.add_targets(NodeKind.TRANSCODER, L, rows)
+
+
+def _error_nodes(out: _Nodes, kind: NodeKind, L: int, err: torch.Tensor, slot: int) -> None:
+    """One error node per position (err [n, d]: what the replacement misses of the real layer's output)."""
+    what = "attn" if kind == NodeKind.ATTN_ERROR else "mlp"
+    for p in range(err.shape[0]):
+        out.add(Node.make(kind, L, -1, p, activation=float(err[p].norm()), label=f"L{L} {what} err"), slot, err[p])
+
+
+def _logit_nodes(out: _Nodes, rec: Record, tok, target_id: int | None, coverage: float, max_logits: int,
+                 n_layers: int) -> None:
     """Append the logit nodes (demeaned, the smallest set of at least two covering ``coverage``, at most
-    ``max_logits``; with the token ``target_id`` among them)."""
+    ``max_logits``; with the token ``target_id`` among them) and their target group."""
     n = rec.ids.shape[0]
     logits = rec.logits[n - 1]
     probs = logits.softmax(-1)
@@ -354,10 +200,10 @@ def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, cov
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):
         label = token_text(tok, v) if tok is not None else str(v)
-        nodes.append(Node(f"logit.{v}@{n - 1}", "logit", n_layers, n - 1, v, activation=float(demeaned[v]),
-                          label=label, prob=float(probs[v]), preact=float(demeaned[v])))
-        rows.append((len(nodes) - 1, v, n - 1))
-    return ("logit", n_layers, *map(torch.tensor, zip(*rows)))
+        node = Node.make(NodeKind.LOGIT, n_layers, v, n - 1, activation=float(demeaned[v]), label=label,
+                         prob=float(probs[v]), preact=float(demeaned[v]))
+        rows.append((out.add(node, -1, None), v, n - 1))
+    out.add_targets(NodeKind.LOGIT, n_layers, rows)
 
 
 def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], batch_size: int,
@@ -381,9 +227,9 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
         for start in range(0, len(node_rows), batch_size):
             sl = slice(start, start + batch_size)
             b_rows, b_idx, b_pos = node_rows[sl], idx[sl], pos[sl]
-            if kind == "lorsa":
+            if kind == NodeKind.LORSA:
                 (R, const), read_slot = lin.read_lorsa(L, b_idx, b_pos), 2 * L
-            elif kind == "transcoder":
+            elif kind == NodeKind.TRANSCODER:
                 (R, const), read_slot = lin.read_transcoder(L, b_idx, b_pos), lin.mlp_read_slot(L)
             else:
                 (R, const), read_slot = lin.read_logits(b_idx), lin.final_slot
@@ -401,7 +247,7 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
                     if len(live):
                         cols, U = groups[(w, p)]
                         W[live[:, None], cols[None]] = g[live] @ U.t()
-            _emit_edges(W, b_rows.tolist(), const, nodes, edges, "ov" if kind == "lorsa" else "direct", edges_per_target)
+            _emit_edges(W, b_rows.tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct", edges_per_target)
             bar.update(len(b_rows))
     bar.close()
     return edges
@@ -430,12 +276,11 @@ def reconstruction_errors(graph: AttributionGraph) -> dict[str, float]:
     E = graph.edge_arrays
     sums = torch.zeros(len(graph.node_list), dtype=torch.float64)
     sizes = torch.zeros(len(graph.node_list), dtype=torch.float64)
-    mask = E.kind != EdgeArrays.KINDS.index("qk")
-    sums.index_add_(0, E.tgt[mask], E.w[mask].double())
-    sizes.index_add_(0, E.tgt[mask], E.w[mask].double().abs())
+    sums.index_add_(0, E.tgt, E.w.double())
+    sizes.index_add_(0, E.tgt, E.w.double().abs())
     out = {}
     for i, node in enumerate(graph.node_list):
-        if node.type in ("lorsa", "transcoder", "logit"):
+        if node.type in TARGET_KINDS:
             total = float(sums[i]) + node.const + node.dropped
             size = float(sizes[i]) + abs(node.const) + abs(node.dropped)
             out[node.id] = abs(total - node.preact) / max(abs(node.preact), size, 1e-6)

@@ -7,9 +7,9 @@ JSON layout (schema: graphs/schema/graph.schema.json, version 1):
     qParams   pinnedIds, supernodes, linkType, clickedId, sg_pos (the viewer's state)
     nodes     node_id, feature, layer ("E" for embeddings, "L" for layer L, n_layers+1 for logits), ctx_idx,
               feature_type, jsNodeId, clerp, influence, activation, token_prob, is_target_logit;
-              ours: type, model_layer, index, preact, const, dropped, z_pattern (Lorsa heads), qk (Lorsa heads)
+              ours: type, model_layer, index, preact, const, dropped, z_pattern (Lorsa heads), qk (Lorsa heads:
+              one object per explained key position, `graph.QKEntry`; pairs as [query, key, weight])
     links     source, target, weight; ours: kind (ov | direct)
-    qk_links  ours: query, key, target (the Lorsa head), key_pos, attention, weight
 """
 from __future__ import annotations
 
@@ -22,52 +22,59 @@ from pathlib import Path
 
 from replacement.data import atomic_write_text
 
-from .graph import AttributionGraph, Edge, Node
+from .graph import FEATURE_KINDS, AttributionGraph, Edge, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
                      drawn_qk, grid, meaning, node_name, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
-FEATURE_TYPES = {"embedding": "embedding", "transcoder": "cross layer transcoder", "mlp_error": "mlp reconstruction error",
-                 "logit": "logit", "lorsa": "lorsa head", "attn_error": "attention reconstruction error"}
-_NODE_FIELDS = ("id", "type", "layer", "pos", "index", "activation", "influence", "label", "prob", "const", "preact", "dropped")
+# the circuit-tracer viewer's name for each node kind (its "feature_type")
+VIEWER_FEATURE_TYPE = {NodeKind.EMBEDDING: "embedding", NodeKind.TRANSCODER: "cross layer transcoder",
+                       NodeKind.MLP_ERROR: "mlp reconstruction error", NodeKind.LOGIT: "logit",
+                       NodeKind.LORSA: "lorsa head", NodeKind.ATTN_ERROR: "attention reconstruction error"}
 
 
 def _viewer_layer(node: Node, n_layers: int) -> str:
-    if node.type == "embedding":
+    if node.type == NodeKind.EMBEDDING:
         return "E"
-    return str(n_layers + 1) if node.type == "logit" else str(node.layer)
+    return str(n_layers + 1) if node.type == NodeKind.LOGIT else str(node.layer)
 
 
 def _clerp(node: Node) -> str:
-    if node.type == "logit":
+    if node.type == NodeKind.LOGIT:
         return f'Output "{node.label}" (p={node.prob:.3f})'
-    if node.type == "embedding":
+    if node.type == NodeKind.EMBEDDING:
         return f'Emb: "{node.label}"'
     return node.label
 
 
+def _node_dict(n: Node, n_layers: int, is_target: bool) -> dict:
+    d = {"node_id": n.id, "feature": n.index, "layer": _viewer_layer(n, n_layers), "ctx_idx": n.pos,
+         "feature_type": VIEWER_FEATURE_TYPE[n.type], "jsNodeId": n.id, "clerp": _clerp(n), "influence": n.influence,
+         "activation": n.activation, "token_prob": n.prob, "is_target_logit": is_target,
+         "run_idx": 0, "reverse_ctx_idx": 0, "type": n.type.value, "model_layer": n.layer, "index": n.index,
+         "preact": n.preact, "const": n.const, "dropped": n.dropped, "label": n.label}
+    if n.z_pattern is not None:
+        d["z_pattern"] = n.z_pattern
+    if n.qk:
+        d["qk"] = [entry.to_json() for entry in n.qk]
+    return d
+
+
+def _node_from_dict(x: dict) -> Node:
+    return Node(id=x["node_id"], type=x["type"], layer=x["model_layer"], pos=x["ctx_idx"], index=x["index"],
+                activation=x["activation"], influence=x["influence"], label=x.get("label", ""), prob=x["token_prob"],
+                const=x["const"], preact=x["preact"], dropped=x["dropped"], z_pattern=x.get("z_pattern"),
+                qk=[QKEntry.from_json(e) for e in x.get("qk", ())])
+
+
 def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
-    n_layers = max([n.layer for n in graph.node_list if n.type == "logit"], default=0)
+    n_layers = max([n.layer for n in graph.node_list if n.type == NodeKind.LOGIT], default=0)
     target_ids = {n.id for n in graph.logits()[:1]}
-    nodes = []
-    for n in graph.node_list:
-        d = {"node_id": n.id, "feature": n.index, "layer": _viewer_layer(n, n_layers), "ctx_idx": n.pos,
-             "feature_type": FEATURE_TYPES[n.type], "jsNodeId": n.id, "clerp": _clerp(n), "influence": n.influence,
-             "activation": n.activation, "token_prob": n.prob, "is_target_logit": n.id in target_ids,
-             "run_idx": 0, "reverse_ctx_idx": 0, "type": n.type, "model_layer": n.layer, "index": n.index,
-             "preact": n.preact, "const": n.const, "dropped": n.dropped, "label": n.label}
-        if "z_pattern" in n.extra:
-            d["z_pattern"] = n.extra["z_pattern"]
-        if "qk" in n.extra:
-            d["qk"] = n.extra["qk"]
-        nodes.append(d)
+    nodes = [_node_dict(n, n_layers, n.id in target_ids) for n in graph.node_list]
     links = [{"source": e.source, "target": e.target, "weight": e.weight, "kind": e.kind} for e in graph.edges]
-    qk_links = [{"query": e.extra["query"], "key": e.extra["key"], "target": e.target, "key_pos": e.extra["key_pos"],
-                 "attention": e.extra.get("attention", 0.0), "weight": e.weight} for e in graph.qk]
-    transcoders = sorted({f"layer{n.layer}.{'lorsa' if n.type == 'lorsa' else 'transcoder'}"
-                          for n in graph.node_list if n.type in ("lorsa", "transcoder")})
+    transcoders = sorted({f"layer{n.layer}.{n.type.value}" for n in graph.node_list if n.type in FEATURE_KINDS})
     return {
         "metadata": {"slug": slug or _slug(graph.prompt), "scan": str(graph.settings.get("model", "")),
                      "prompt": graph.prompt, "prompt_tokens": graph.tokens, "prompt_token_ids": graph.token_ids,
@@ -75,21 +82,16 @@ def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
                      "node_threshold": graph.settings.get("node_threshold"), "settings": graph.settings,
                      "scores": graph.scores},
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": nodes, "links": links, "qk_links": qk_links,
+        "nodes": nodes, "links": links,
     }
 
 
 def from_dict(d: dict) -> AttributionGraph:
     if d.get("metadata", {}).get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"unsupported graph schema version {d.get('metadata', {}).get('schema_version')!r}")
-    nodes = []
-    for x in d["nodes"]:
-        extra = {k: x[k] for k in ("z_pattern", "qk") if k in x}
-        nodes.append(Node(id=x["node_id"], type=x["type"], layer=x["model_layer"], pos=x["ctx_idx"], index=x["index"],
-                          activation=x["activation"], influence=x["influence"], label=x.get("label", ""),
-                          prob=x["token_prob"], const=x["const"], preact=x["preact"], dropped=x["dropped"], extra=extra))
+    nodes = [_node_from_dict(x) for x in d["nodes"]]
     edges = [Edge(e["source"], e["target"], e["weight"], e["kind"]) for e in d["links"]]
-    m = d["metadata"]  # qk_links are a flat view of the heads' "qk" fields, from which the graph derives them
+    m = d["metadata"]
     return AttributionGraph(m["prompt"], m["prompt_tokens"], m.get("prompt_token_ids", []), nodes, edges,
                             m.get("settings", {}), m.get("scores", {}))
 
@@ -126,9 +128,9 @@ def _slug(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 STYLE = {  # fill colour, shape, style
-    "embedding": ("#d9d9d9", "box", "filled"), "lorsa": ("#9ecae1", "ellipse", "filled"),
-    "transcoder": ("#a1d99b", "ellipse", "filled"), "attn_error": ("#fdd0a2", "octagon", "filled,dashed"),
-    "mlp_error": ("#fdae6b", "octagon", "filled,dashed"), "logit": ("#fcbba1", "box", "filled"),
+    NodeKind.EMBEDDING: ("#d9d9d9", "box", "filled"), NodeKind.LORSA: ("#9ecae1", "ellipse", "filled"),
+    NodeKind.TRANSCODER: ("#a1d99b", "ellipse", "filled"), NodeKind.ATTN_ERROR: ("#fdd0a2", "octagon", "filled,dashed"),
+    NodeKind.MLP_ERROR: ("#fdae6b", "octagon", "filled,dashed"), NodeKind.LOGIT: ("#fcbba1", "box", "filled"),
 }
 POSITIVE, NEGATIVE, QK_COLOURS = "#2166ac", "#b2182b", ("#6a51a3", "#e6550d")
 LEFT_LINE = "\\l"  # DOT: end a left-justified line
@@ -187,9 +189,9 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
                      f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(f'{w:+.3g}')}];")
     for e in qk:
         color = QK_COLOURS[0] if e.weight > 0 else QK_COLOURS[1]
-        for side in ("query", "key"):
-            tip = f"QK {side} side, key position {e.extra['key_pos']}: {e.weight:+.3g}"
-            lines.append(f"  {_q(e.extra[side])} -> {_q(e.target)} [style=dashed, penwidth=1, color={_q(color)}, arrowsize=0.4, "
+        for side, node_id in (("query", e.query), ("key", e.key)):
+            tip = f"QK {side} side, key position {e.key_pos}: {e.weight:+.3g}"
+            lines.append(f"  {_q(node_id)} -> {_q(e.head)} [style=dashed, penwidth=1, color={_q(color)}, arrowsize=0.4, "
                          f"tooltip={_q(tip)}];")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
-"""`AttributionGraph`: typed nodes, typed weighted edges, the prompt, settings, and queries.
+"""`AttributionGraph`: typed nodes, typed weighted edges, typed QK results, the prompt, settings, and queries.
 
-Node ids never collide between types:
+A node's identity is a `NodeKey` (kind, layer, index, position).  Its string form, the node id, is made by
+`NodeKey.__str__` and read back by `NodeKey.parse`, and nowhere else; ids never collide between kinds:
 
     emb@{pos}                 token embedding at a position
     lorsa.{L}.{head}@{pos}    a Lorsa head active at a query position
@@ -9,28 +10,160 @@ Node ids never collide between types:
     mlp_err.{L}@{pos}         the MLP error of layer L at a position
     logit.{token_id}@{pos}    an output logit (demeaned) at the last position
 
-Edges run source -> target; ``kind`` is ``ov`` (into a Lorsa head, weighted by its pattern), ``direct``
-(into a feature or a logit through the residual stream), or ``qk`` (a query-side node x key-side node pair
-explaining a Lorsa head's attention score; see graphs/qk.py).
+Edges run source -> target; ``kind`` is ``ov`` (into a Lorsa head, weighted by its pattern) or ``direct``
+(into a feature or a logit through the residual stream).  A Lorsa head's attention scores are explained
+by `QKEntry`s (one per explained key position) of `QKPair`s (a query-side node x a key-side node; see
+graphs/qk.py); `AttributionGraph.qk` lists them as `QKLink`s.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-NODE_TYPES = ("embedding", "lorsa", "transcoder", "attn_error", "mlp_error", "logit")
+from replacement.errors import BadInputError
+
+
+class NodeKind(str, Enum):
+    """What a node is; equal to (and printed as) its plain name, e.g. ``NodeKind.LORSA == "lorsa"``."""
+
+    EMBEDDING = "embedding"
+    LORSA = "lorsa"
+    TRANSCODER = "transcoder"
+    ATTN_ERROR = "attn_error"
+    MLP_ERROR = "mlp_error"
+    LOGIT = "logit"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+NODE_TYPES = tuple(NodeKind)
+FEATURE_KINDS = (NodeKind.LORSA, NodeKind.TRANSCODER)  # sparse units: written by an activation, explained by edges
+ERROR_KINDS = (NodeKind.ATTN_ERROR, NodeKind.MLP_ERROR)
+INPUT_KINDS = (NodeKind.EMBEDDING,) + ERROR_KINDS  # nodes with no incoming edges
+TARGET_KINDS = FEATURE_KINDS + (NodeKind.LOGIT,)  # nodes whose pre-activation the incoming edges explain
+
+# the id's prefix, and which of layer and index the id holds, per kind
+_ID_PREFIX = {NodeKind.EMBEDDING: "emb", NodeKind.LORSA: "lorsa", NodeKind.TRANSCODER: "tc",
+              NodeKind.ATTN_ERROR: "attn_err", NodeKind.MLP_ERROR: "mlp_err", NodeKind.LOGIT: "logit"}
+_ID_KIND = {v: k for k, v in _ID_PREFIX.items()}
+_ID_HAS_LAYER = {NodeKind.LORSA, NodeKind.TRANSCODER, NodeKind.ATTN_ERROR, NodeKind.MLP_ERROR}
+_ID_HAS_INDEX = {NodeKind.LORSA, NodeKind.TRANSCODER, NodeKind.LOGIT}
+_ID_PATTERN = re.compile(r"^([a-z_]+)((?:\.\d+){0,2})@(\d+)$")
+ID_FORMS = "emb@P, lorsa.L.H@P, tc.L.F@P, attn_err.L@P, mlp_err.L@P or logit.T@P"
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A node's identity.  ``layer`` and ``index`` are -1 where the id holds none (an embedding's layer and
+    token, a logit's layer, an error node's index); the node itself keeps them (`Node.layer`, `Node.index`)."""
+
+    kind: NodeKind
+    layer: int = -1
+    index: int = -1
+    pos: int = 0
+
+    def __post_init__(self):
+        kind = NodeKind(self.kind)
+        object.__setattr__(self, "kind", kind)
+        if kind not in _ID_HAS_LAYER:
+            object.__setattr__(self, "layer", -1)
+        if kind not in _ID_HAS_INDEX:
+            object.__setattr__(self, "index", -1)
+
+    def __str__(self) -> str:
+        parts = [_ID_PREFIX[self.kind]] + [str(self.layer)] * (self.kind in _ID_HAS_LAYER)
+        return ".".join(parts + [str(self.index)] * (self.kind in _ID_HAS_INDEX)) + f"@{self.pos}"
+
+    @staticmethod
+    def parse(text: str) -> "NodeKey":
+        """The key of a node id (see the module docstring); raises BadInputError (one line) otherwise."""
+        m = _ID_PATTERN.match(text.strip())
+        kind = _ID_KIND.get(m.group(1)) if m else None
+        numbers = [int(x) for x in m.group(2).split(".")[1:]] if m else []
+        if kind is None or len(numbers) != (kind in _ID_HAS_LAYER) + (kind in _ID_HAS_INDEX):
+            raise BadInputError(f"cannot parse node id {text!r}; use {ID_FORMS}")
+        layer = numbers.pop(0) if kind in _ID_HAS_LAYER else -1
+        return NodeKey(kind, layer, numbers[0] if numbers else -1, int(m.group(3)))
+
+
+def unit_label(kind: NodeKind, layer: int, index: int) -> str:
+    """The short name of a Lorsa head (``L1.H5``) or transcoder feature (``L1.F5``)."""
+    return f"L{layer}.{'H' if kind == NodeKind.LORSA else 'F'}{index}"
+
+
+@dataclass
+class QKPair:
+    """One term of a head's attention score at one key position: a query-side node x a key-side node."""
+
+    query: str  # node id
+    key: str  # node id
+    weight: float
+
+    def to_json(self) -> list:
+        return [self.query, self.key, self.weight]
+
+
+@dataclass
+class QKEntry:
+    """A Lorsa head's pre-softmax score at one key position, split exactly: pairs_total (sum of every
+    query-node x key-node term, of which ``pairs`` are the strongest) + query_bias_x_keys + queries_x_key_bias
+    + bias_x_bias = score; marginals: each node's summed share of the score, strongest first."""
+
+    key_pos: int
+    attention: float
+    score: float = 0.0
+    pairs: list[QKPair] = field(default_factory=list)
+    pairs_total: float = 0.0
+    query_bias_x_keys: float = 0.0
+    queries_x_key_bias: float = 0.0
+    bias_x_bias: float = 0.0
+    query_marginals: list[tuple[str, float]] = field(default_factory=list)
+    key_marginals: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in _QK_NUMBERS}
+        d.update(pairs=[p.to_json() for p in self.pairs], query_marginals=[list(m) for m in self.query_marginals],
+                 key_marginals=[list(m) for m in self.key_marginals])
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "QKEntry":
+        return QKEntry(**{k: d[k] for k in _QK_NUMBERS}, pairs=[QKPair(*p) for p in d["pairs"]],
+                       query_marginals=[tuple(m) for m in d["query_marginals"]],
+                       key_marginals=[tuple(m) for m in d["key_marginals"]])
+
+
+_QK_NUMBERS = ("key_pos", "attention", "score", "pairs_total", "query_bias_x_keys", "queries_x_key_bias", "bias_x_bias")
+
+
+@dataclass(frozen=True)
+class QKLink:
+    """A QK pair in the context of its head (a view: `AttributionGraph.qk`, `qk_pairs`)."""
+
+    head: str  # the Lorsa head's node id
+    entry: QKEntry
+    pair: QKPair
+
+    query = property(lambda self: self.pair.query)
+    key = property(lambda self: self.pair.key)
+    weight = property(lambda self: self.pair.weight)
+    key_pos = property(lambda self: self.entry.key_pos)
+    attention = property(lambda self: self.entry.attention)
 
 
 @dataclass
 class Node:
     id: str
-    type: str  # one of NODE_TYPES
+    type: NodeKind  # a plain name ("lorsa") is taken as its NodeKind
     layer: int  # -1 for embeddings, n_layers for logits
     pos: int
-    index: int  # head, feature or token id (-1 for errors and embeddings)
+    index: int  # head, feature or token id (-1 for errors)
     activation: float = 0.0  # head/feature activation; logit value for logits
     influence: float = 0.0
     label: str = ""
@@ -38,7 +171,20 @@ class Node:
     const: float = 0.0  # targets: bias terms of the pre-activation
     preact: float = 0.0  # targets: the pre-activation the incoming edges (plus const) explain
     dropped: float = 0.0  # targets: summed weight of incoming edges not kept (edges_per_target)
-    extra: dict = field(default_factory=dict)
+    z_pattern: list[float] | None = None  # Lorsa heads: A_{t,s} v_s for s <= t (sums to the head's z)
+    qk: list[QKEntry] = field(default_factory=list)  # Lorsa heads: the explained key positions
+
+    def __post_init__(self):
+        self.type = NodeKind(self.type)
+
+    @staticmethod
+    def make(kind: NodeKind, layer: int, index: int, pos: int, **fields) -> "Node":
+        """A node with the id of its key."""
+        return Node(str(NodeKey(kind, layer, index, pos)), kind, layer, pos, index, **fields)
+
+    @property
+    def key(self) -> NodeKey:
+        return NodeKey(self.type, self.layer, self.index, self.pos)
 
 
 @dataclass
@@ -46,14 +192,13 @@ class Edge:
     source: str
     target: str
     weight: float
-    kind: str = "direct"  # ov | direct | qk
-    extra: dict = field(default_factory=dict)
+    kind: str = "direct"  # ov | direct
 
 
 class EdgeArrays:
     """Compact edge storage: node-index tensors src/tgt, weights, and kind codes (ov, direct)."""
 
-    KINDS = ("ov", "direct", "qk")
+    KINDS = ("ov", "direct")
 
     def __init__(self, src=None, tgt=None, w=None, kind=None):
         self._parts: list[tuple] = []
@@ -93,8 +238,7 @@ class EdgeArrays:
 
 class AttributionGraph:
     def __init__(self, prompt: str, tokens: list[str], token_ids: list[int], nodes: list[Node],
-                 edges: "EdgeArrays | list[Edge]", settings: dict | None = None, scores: dict | None = None,
-                 qk: list[Edge] | None = None):
+                 edges: "EdgeArrays | list[Edge]", settings: dict | None = None, scores: dict | None = None):
         self.prompt, self.tokens, self.token_ids = prompt, tokens, token_ids
         self.node_list = nodes
         self.index = {n.id: i for i, n in enumerate(nodes)}
@@ -104,18 +248,16 @@ class AttributionGraph:
                                torch.tensor([e.weight for e in edges], dtype=torch.float32),
                                torch.tensor([EdgeArrays.KINDS.index(e.kind) for e in edges], dtype=torch.int8))
         self.edge_arrays = edges
-        self._qk = qk  # None: derived from the Lorsa heads' extra["qk"] (see `qk`)
+        self._qk: list[QKLink] | None = None  # derived from the Lorsa heads' `qk` (see `qk`)
         self.settings = settings or {}
         self.scores = scores or {}
 
     @property
-    def qk(self) -> list[Edge]:
-        """QK pair edges (source = query-side node; extra: query, key, key_pos, attention), derived from each
-        Lorsa head's ``extra['qk']`` and limited to pairs whose two nodes are in this graph."""
+    def qk(self) -> list[QKLink]:
+        """Every QK pair of every Lorsa head's `qk` entries whose two nodes are in this graph."""
         if self._qk is None:
-            self._qk = [Edge(q, n.id, v, "qk", {"query": q, "key": k, "key_pos": info["key_pos"], "attention": info["attention"]})
-                        for n in self.node_list for info in n.extra.get("qk", ())
-                        for q, k, v in info["pairs"] if q in self.index and k in self.index]
+            self._qk = [QKLink(n.id, entry, p) for n in self.node_list for entry in n.qk for p in entry.pairs
+                        if p.query in self.index and p.key in self.index]
         return self._qk
 
     # -- queries ------------------------------------------------------------------------------------------
@@ -150,7 +292,7 @@ class AttributionGraph:
         ids = [n.id for n in self.node_list]
         return [Edge(ids[int(E.src[i])], ids[int(E.tgt[i])], float(E.w[i]), EdgeArrays.KINDS[int(E.kind[i])]) for i in idx]
 
-    def incoming(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> list[Edge]:
+    def incoming(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> "list[Edge] | list[QKLink]":
         nid = node if isinstance(node, str) else node.id
         if kind == "qk":
             return self.qk_pairs(nid)[:k]
@@ -166,9 +308,10 @@ class AttributionGraph:
             mask &= self.edge_arrays.kind == EdgeArrays.KINDS.index(kind)
         return self._edges_where(mask, k)
 
-    def qk_pairs(self, node: "str | Node") -> list[Edge]:
+    def qk_pairs(self, node: "str | Node") -> list[QKLink]:
+        """The QK pairs of one Lorsa head (all its explained key positions), strongest first."""
         nid = node if isinstance(node, str) else node.id
-        return sorted([e for e in self.qk if e.target == nid], key=lambda e: -abs(e.weight))
+        return sorted([e for e in self.qk if e.head == nid], key=lambda e: -abs(e.weight))
 
     def to_networkx(self, include_qk: bool = False):
         """A networkx DiGraph; node attributes are the Node fields, edge attributes weight and kind.
@@ -184,14 +327,13 @@ class AttributionGraph:
             g.add_edge(e.source, e.target, weight=e.weight, kind=e.kind)
         if include_qk:
             for e in self.qk:
-                for side in ("query", "key"):
-                    if not g.has_edge(e.extra[side], e.target):
-                        g.add_edge(e.extra[side], e.target, weight=e.weight, kind="qk",
-                                   pair=(e.extra["query"], e.extra["key"]))
+                for side in (e.query, e.key):
+                    if not g.has_edge(side, e.head):
+                        g.add_edge(side, e.head, weight=e.weight, kind="qk", pair=(e.query, e.key))
         return g
 
     def top_paths(self, to: str | None = None, k: int = 10, max_len: int = 12,
-                  sources: tuple[str, ...] = ("embedding", "attn_error", "mlp_error")) -> list[tuple[float, list[str]]]:
+                  sources: tuple[str, ...] = INPUT_KINDS) -> list[tuple[float, list[str]]]:
         """The k strongest paths from a source node of the types ``sources`` (by default embeddings and error
         nodes; the types with no incoming edges) into ``to`` (default: the top logit).
 

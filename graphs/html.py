@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .graph import AttributionGraph
+from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
                      drawn_qk, edge_order, grid, meaning, node_name, token_text)
 
@@ -264,7 +264,7 @@ fromHash();
 
 
 def _dash_key(node) -> str | None:
-    return f"{node.type}.{node.layer}.{node.index}" if node.type in ("lorsa", "transcoder") else None
+    return f"{node.type}.{node.layer}.{node.index}" if node.type in FEATURE_KINDS else None
 
 
 def slider_steps(total: int, default: int) -> list[int]:
@@ -284,8 +284,8 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
     E, names = graph.edge_arrays, [n.id for n in graph.node_list]
     edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5)]
              for i in drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order)]
-    qk = [[e.extra["query"], e.extra["key"], e.target, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
-    rest = [n.influence for n in nodes if n.type != "logit"]
+    qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
+    rest = [n.influence for n in nodes if n.type != NodeKind.LOGIT]
     return {"n": len(nodes), "threshold": min(rest, default=0.0), "width": round(g.width, 1), "height": round(g.height, 1),
             "xy": {k: [round(x, 1), round(y, 1)] for k, (x, y) in g.xy.items()}, "columns": g.columns, "rows": g.rows,
             "header_y": list(g.header_y), "edges": edges, "qk": qk}
@@ -310,7 +310,7 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
         nodes[n.id] = {
             "title": node_name(graph, n), "label": box_label(graph, n), "meaning": meaning(n), "type": n.type,
             "pos": n.pos, "rank": rank, "activation": n.activation, "influence": n.influence,
-            "z_pattern": n.extra.get("z_pattern"), "qk": n.extra.get("qk"), "dash": key if key in dash else None,
+            "z_pattern": n.z_pattern, "qk": [e.to_json() for e in n.qk] or None, "dash": key if key in dash else None,
             "in": [[e.source, round(e.weight, 5)] for e in graph.incoming(n, k=n_edges)],
             "out": [[e.target, round(e.weight, 5)] for e in graph.outgoing(n, k=n_edges)],
         }
@@ -319,7 +319,7 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
     default = next(i for i, s in enumerate(steps) if s["n"] >= min(draw_nodes, len(graph.node_list)))
     return {"prompt": graph.prompt, "tokens": graph.tokens, "nodes": nodes, "order": [n.id for n in order],
             "total": len(graph.node_list), "dashboards": dash, "steps": steps, "default_step": default,
-            "style": {t: [fill, shape] for t, (fill, shape, _) in NODE_STYLE.items()}, "node_w": NODE_W, "node_h": NODE_H,
+            "style": {t.value: [fill, shape] for t, (fill, shape, _) in NODE_STYLE.items()}, "node_w": NODE_W, "node_h": NODE_H,
             "label_w": LABEL_W}
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph import AttributionGraph, Edge, Node
+from .graph import ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, unit_label
 
 DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
 EDGES_PER_NODE = 3  # drawn edges per drawn node
@@ -24,9 +24,9 @@ EMPTY_COL_W, EMPTY_ROW_H = 44.0, 16.0
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
 VIEW = (1160.0, 800.0)  # the HTML page's graph area at 1600 x 1000, in pixels
 MAX_TOKEN_CHARS = 12
-MEANING = {"attn_error": "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
-           "mlp_error": "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",
-           "logit": "its value is the demeaned logit: the logit minus its mean over the vocabulary"}
+MEANING = {NodeKind.ATTN_ERROR: "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
+           NodeKind.MLP_ERROR: "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",
+           NodeKind.LOGIT: "its value is the demeaned logit: the logit minus its mean over the vocabulary"}
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
@@ -50,14 +50,14 @@ def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
 def box_label(graph: AttributionGraph, n: Node) -> str:
     """The text inside a drawn node, two lines: what it is (its row says the layer, its column the token) and
     where; distinct nodes get distinct labels."""
-    if n.type == "logit":
+    if n.type == NodeKind.LOGIT:
         return f'"{token_text(n.label, MAX_TOKEN_CHARS)}"\np={n.prob:.2f}'
-    if n.type == "embedding":
+    if n.type == NodeKind.EMBEDDING:
         what = token_text(n.label or graph.tokens[n.pos], MAX_TOKEN_CHARS)
-    elif n.type in ("lorsa", "transcoder"):
-        what = f"L{n.layer}.{'H' if n.type == 'lorsa' else 'F'}{n.index}"
+    elif n.type in FEATURE_KINDS:
+        what = unit_label(n.type, n.layer, n.index)
     else:  # an error node: "L1 MLP" over "error @4"
-        return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'}\nerror @{n.pos}"
+        return f"L{n.layer} {_error_part(n)}\nerror @{n.pos}"
     return f"{what}\n@{n.pos}"
 
 
@@ -65,13 +65,17 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
     """One line naming a node for people: what it is, where, and the token there.  Distinct nodes get
     distinct names (their ids differ in type, layer, index or position, and each of those is in the name)."""
     at = f'@{n.pos} "{_token(graph, n.pos)}"'
-    if n.type == "embedding":
+    if n.type == NodeKind.EMBEDDING:
         return f"emb {at}"
-    if n.type == "logit":
+    if n.type == NodeKind.LOGIT:
         return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
-    if n.type.endswith("error"):
-        return f"L{n.layer} {'attn' if n.type == 'attn_error' else 'MLP'} error {at}"
+    if n.type in ERROR_KINDS:
+        return f"L{n.layer} {_error_part(n)} error {at}"
     return f"{box_label(graph, n).splitlines()[0]} {at}"
+
+
+def _error_part(n: Node) -> str:
+    return "attn" if n.type == NodeKind.ATTN_ERROR else "MLP"
 
 
 def meaning(n: Node) -> str:
@@ -83,8 +87,8 @@ def meaning(n: Node) -> str:
 
 def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES) -> list[Node]:
     """``max_nodes`` nodes: the logits (the likeliest first), then the most influential other nodes."""
-    logits = sorted((n for n in graph.node_list if n.type == "logit"), key=lambda n: -n.prob)[:max_nodes]
-    rest = sorted((n for n in graph.node_list if n.type != "logit"), key=lambda n: -n.influence)
+    logits = sorted((n for n in graph.node_list if n.type == NodeKind.LOGIT), key=lambda n: -n.prob)[:max_nodes]
+    rest = sorted((n for n in graph.node_list if n.type != NodeKind.LOGIT), key=lambda n: -n.influence)
     return logits + rest[: max_nodes - len(logits)]
 
 
@@ -116,11 +120,11 @@ def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, ord
     return list(chosen)
 
 
-def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[Edge]:
+def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[QKLink]:
     """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, ``most`` in all."""
     pairs = []
     for head in sorted(ids):
-        pairs += [p for p in graph.qk_pairs(head) if p.extra["query"] in ids and p.extra["key"] in ids][:per_head]
+        pairs += [p for p in graph.qk_pairs(head) if p.query in ids and p.key in ids][:per_head]
     return sorted(pairs, key=lambda e: -abs(e.weight))[:most]
 
 
@@ -128,16 +132,16 @@ def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: in
 # -- where -------------------------------------------------------------------------------------------------------
 
 def n_layers(graph: AttributionGraph) -> int:
-    logits = [n.layer for n in graph.node_list if n.type == "logit"]
+    logits = [n.layer for n in graph.node_list if n.type == NodeKind.LOGIT]
     return logits[0] if logits else max([n.layer for n in graph.node_list], default=-1) + 1
 
 
 def row_of(n: Node, layers: int) -> int:
-    if n.type == "embedding":
+    if n.type == NodeKind.EMBEDDING:
         return 0
-    if n.type == "logit":
+    if n.type == NodeKind.LOGIT:
         return 2 * layers + 1
-    return 1 + 2 * n.layer + (n.type in ("transcoder", "mlp_error"))
+    return 1 + 2 * n.layer + (n.type in (NodeKind.TRANSCODER, NodeKind.MLP_ERROR))
 
 
 def row_names(layers: int) -> list[str]:

@@ -22,35 +22,44 @@ import torch
 from replacement.assemble import ReplacementModel, linear_mlp_hooks
 from replacement.errors import BadInputError
 
-_PATTERN = re.compile(r"^(lorsa|head|tc|attn_err|mlp_err)\.(\d+)(?:\.(\d+))?(?:@(\d+))?$")
+from .graph import ERROR_KINDS, FEATURE_KINDS, NodeKey, NodeKind
+
+HEAD = "head"  # an original attention head: not a node of the graph, so not a NodeKind
+_HEAD_PATTERN = re.compile(r"^head\.(\d+)\.(\d+)(?:@(\d+))?$")
+_PATCHABLE = FEATURE_KINDS + ERROR_KINDS
+_FORMS = "lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P"
 
 
 @dataclass(frozen=True)
 class Component:
-    kind: str  # lorsa | head | tc | attn_err | mlp_err
+    kind: "NodeKind | str"  # a Lorsa head, transcoder feature or error node (a NodeKind), or HEAD
     layer: int
     index: int = -1
     pos: int | None = None
 
     def __str__(self) -> str:
-        s = f"{self.kind}.{self.layer}" + (f".{self.index}" if self.index >= 0 else "")
-        return s + (f"@{self.pos}" if self.pos is not None else "")
+        if self.kind == HEAD:
+            return f"head.{self.layer}.{self.index}" + (f"@{self.pos}" if self.pos is not None else "")
+        return str(NodeKey(self.kind, self.layer, self.index, self.pos))
 
     @property
     def writes_to(self) -> str:
-        return "mlp" if self.kind in ("tc", "mlp_err") else "attn"
+        return "mlp" if self.kind in (NodeKind.TRANSCODER, NodeKind.MLP_ERROR) else "attn"
 
 
 def parse_component(text: str) -> Component:
-    m = _PATTERN.match(text.strip())
-    if not m:
-        raise BadInputError(f"cannot parse component {text!r}; use lorsa.L.H@P, head.L.H[@P], tc.L.F@P, "
-                            "attn_err.L@P or mlp_err.L@P")
-    kind, layer, index, pos = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-    needs_index = kind in ("lorsa", "head", "tc")
-    if needs_index != (index is not None) or (kind != "head" and pos is None):
-        raise BadInputError(f"component {text!r}: {kind} needs " + ("an index and " if needs_index else "") + "a position")
-    return Component(kind, layer, int(index) if index is not None else -1, int(pos) if pos is not None else None)
+    """A component from its name: a node id of a Lorsa head, transcoder feature or error node
+    (graphs/graph.py's `NodeKey`), or an original head ``head.L.H[@P]``."""
+    m = _HEAD_PATTERN.match(text.strip())
+    if m:
+        return Component(HEAD, int(m.group(1)), int(m.group(2)), None if m.group(3) is None else int(m.group(3)))
+    try:
+        key = NodeKey.parse(text)
+    except BadInputError:
+        raise BadInputError(f"cannot parse component {text!r}; use {_FORMS}") from None
+    if key.kind not in _PATCHABLE:
+        raise BadInputError(f"component {text!r} names a node of kind {key.kind}, which cannot be patched; use {_FORMS}")
+    return Component(key.kind, key.layer, key.index, key.pos)
 
 
 @dataclass
@@ -99,12 +108,12 @@ class PathPatcher:
             for L, lr in enumerate(rec.layers):
                 z = rec.cache[f"blocks.{L}.attn.z"][keep].float()  # [m, heads, dh]
                 Wo, _ = a.W_O(L)
-                out = {"head": torch.einsum("mhk,hkd->hd", z, Wo.float()),
-                       "tc": lr.tc_code.dense(self.model.transcoders[L].cfg.n_features)[keep].float().sum(0),
-                       "mlp_err": lr.mlp_err[keep].float().sum(0)}
+                out = {HEAD: torch.einsum("mhk,hkd->hd", z, Wo.float()),
+                       NodeKind.TRANSCODER: lr.tc_code.dense(self.model.transcoders[L].cfg.n_features)[keep].float().sum(0),
+                       NodeKind.MLP_ERROR: lr.mlp_err[keep].float().sum(0)}
                 if lr.lorsa_code is not None:
-                    out["lorsa"] = lr.lorsa_code.dense(self.model.lorsas[L].cfg.n_heads)[keep].float().sum(0)
-                    out["attn_err"] = lr.attn_err[keep].float().sum(0)
+                    out[NodeKind.LORSA] = lr.lorsa_code.dense(self.model.lorsas[L].cfg.n_heads)[keep].float().sum(0)
+                    out[NodeKind.ATTN_ERROR] = lr.attn_err[keep].float().sum(0)
                 per_layer.append(out)
             sums = per_layer if sums is None else [{k: s[k] + v for k, v in o.items()} for s, o in zip(sums, per_layer)]
             count += len(ids[keep])
@@ -120,12 +129,12 @@ class PathPatcher:
         self._check(c)
         a, n = self.adapter, self.ids.shape[0]
         m = self.means[c.layer]
-        if c.kind == "lorsa":
-            mean = m["lorsa"][c.index] * self.model.lorsas[c.layer].W_O[c.index].float()
-        elif c.kind == "tc":
-            mean = m["tc"][c.index] * self.model.transcoders[c.layer].W_dec[c.index].float()
-        elif c.kind == "head":
-            mean = m["head"][c.index]
+        if c.kind == NodeKind.LORSA:
+            mean = m[c.kind][c.index] * self.model.lorsas[c.layer].W_O[c.index].float()
+        elif c.kind == NodeKind.TRANSCODER:
+            mean = m[c.kind][c.index] * self.model.transcoders[c.layer].W_dec[c.index].float()
+        elif c.kind == HEAD:
+            mean = m[HEAD][c.index]
         else:
             mean = m[c.kind]
         out = torch.zeros(n, a.d_model, device=self.rec.embed.device)
@@ -146,10 +155,10 @@ class PathPatcher:
             raise BadInputError(f"layer {c.layer} does not exist (the model has {a.n_layers})")
         if c.pos is not None and not 0 <= c.pos < n:
             raise BadInputError(f"position {c.pos} is outside the prompt's {n} tokens")
-        if c.kind in ("lorsa", "attn_err") and self.rec.layers[c.layer].lorsa_code is None:
+        if c.kind in (NodeKind.LORSA, NodeKind.ATTN_ERROR) and self.rec.layers[c.layer].lorsa_code is None:
             raise BadInputError("Lorsa components and attention error nodes need --attention lorsa and trained "
                                 "Lorsa modules")
-        if c.kind == "head" and not 0 <= c.index < a.n_heads:
+        if c.kind == HEAD and not 0 <= c.index < a.n_heads:
             raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
 
     def write(self, c: Component, rec) -> torch.Tensor:
@@ -158,18 +167,18 @@ class PathPatcher:
         out = torch.zeros(n, a.d_model, device=rec.embed.device)
         self._check(c)
         lr = rec.layers[c.layer]
-        if c.kind == "lorsa":
+        if c.kind == NodeKind.LORSA:
             lorsa = self.model.lorsas[c.layer]
             hit = lr.lorsa_code.indices[c.pos] == c.index
             act = float(lr.lorsa_code.values[c.pos][hit].sum())
             out[c.pos] = act * lorsa.W_O[c.index].float()
-        elif c.kind == "tc":
+        elif c.kind == NodeKind.TRANSCODER:
             hit = lr.tc_code.indices[c.pos] == c.index
             act = float(lr.tc_code.values[c.pos][hit].sum())
             out[c.pos] = act * self.model.transcoders[c.layer].W_dec[c.index].float()
-        elif c.kind == "attn_err":
+        elif c.kind == NodeKind.ATTN_ERROR:
             out[c.pos] = lr.attn_err[c.pos]
-        elif c.kind == "mlp_err":
+        elif c.kind == NodeKind.MLP_ERROR:
             out[c.pos] = lr.mlp_err[c.pos]
         else:  # an original attention head
             z = rec.cache[f"blocks.{c.layer}.attn.z"][:, c.index]  # [n, dh], recorded with the prompt
@@ -278,7 +287,7 @@ def rank_lorsa_heads(model: ReplacementModel, ids: torch.Tensor, layer: int, tar
     if lr.lorsa_code is None:
         raise BadInputError("ranking Lorsa heads needs --attention lorsa")
     positions = positions if positions is not None else [patcher.ids.shape[0] - 1]
-    comps = [Component("lorsa", layer, h, p) for p in positions
+    comps = [Component(NodeKind.LORSA, layer, h, p) for p in positions
              for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()) if v > 0]
     return sorted(patcher.effects(comps, mode), key=lambda r: -abs(r.effect))
 
@@ -293,17 +302,13 @@ def graph_effects(graph, logit_id: str) -> torch.Tensor:
     e = torch.zeros(n, dtype=torch.float64)
     direct = E.tgt == logit
     e.index_add_(0, E.src[direct], E.w[direct].double())
-    layers = torch.tensor([nd.layer if nd.type == "transcoder" else -10 for nd in graph.node_list])
+    layers = torch.tensor([nd.layer if nd.type == NodeKind.TRANSCODER else -10 for nd in graph.node_list])
     acts = torch.tensor([nd.activation for nd in graph.node_list], dtype=torch.float64)
     for L in sorted({int(x) for x in layers.tolist() if x >= 0}, reverse=True):
         into = (layers[E.tgt] == L) & (acts[E.tgt] > 0)
         coef = e / acts.clamp_min(1e-30)
         e.index_add_(0, E.src[into], E.w[into].double() * coef[E.tgt[into]])
     return -e
-
-
-def graph_effect(graph, node_id: str, logit_id: str) -> float:
-    return float(graph_effects(graph, logit_id)[graph.index[node_id]])
 
 
 def agreement(predicted, patched, k: int = 5) -> tuple[float, int, int]:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph import AttributionGraph
-
-ERROR_TYPES = ("attn_error", "mlp_error")
-SOURCE_TYPES = ("embedding",) + ERROR_TYPES
-FEATURE_TYPES = ("lorsa", "transcoder")
+from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, NodeKind
 
 
 def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
@@ -25,7 +21,7 @@ def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
 def logit_weights(graph: AttributionGraph) -> torch.Tensor:
     w = torch.zeros(len(graph))
     for i, n in enumerate(graph.node_list):
-        if n.type == "logit":
+        if n.type == NodeKind.LOGIT:
             w[i] = n.prob
     return w / w.sum().clamp_min(1e-30)
 
@@ -49,13 +45,13 @@ def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[st
     nodes.  Completeness: the influence-weighted share of each node's input that comes from non-error nodes."""
     infl = influence(graph) if infl is None else infl
     types = [n.type for n in graph.node_list]
-    emb = sum(float(infl[i]) for i, t in enumerate(types) if t == "embedding")
-    err = sum(float(infl[i]) for i, t in enumerate(types) if t in ERROR_TYPES)
+    emb = sum(float(infl[i]) for i, t in enumerate(types) if t == NodeKind.EMBEDDING)
+    err = sum(float(infl[i]) for i, t in enumerate(types) if t in ERROR_KINDS)
     E = graph.edge_arrays
-    from_err = torch.tensor([t in ERROR_TYPES for t in types])[E.src]
+    from_err = torch.tensor([t in ERROR_KINDS for t in types])[E.src]
     total_in = torch.zeros(len(graph)).index_add_(0, E.tgt, E.w.abs())
     err_in = torch.zeros(len(graph)).index_add_(0, E.tgt[from_err], E.w[from_err].abs())
-    is_target = torch.tensor([t in FEATURE_TYPES + ("logit",) for t in types]) & (total_in > 0)
+    is_target = torch.tensor([t in TARGET_KINDS for t in types]) & (total_in > 0)
     share = 1 - err_in / total_in.clamp_min(1e-30)
     weight = infl * is_target
     completeness = float((weight * share).sum() / weight.sum().clamp_min(1e-30))
@@ -66,10 +62,10 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
           max_nodes: int | None = None) -> AttributionGraph:
     """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
     ``edge_threshold`` of the influence-weighted edge mass, then drop nodes left without outgoing edges until
-    nothing changes.  Embeddings,
-    error nodes and logits are always kept (while they have edges).  Scores are computed on the full graph
-    and stored with the pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the
-    most influential ones."""
+    nothing changes.  Embeddings, error nodes and logits are always kept (while they have edges); a kept
+    Lorsa head keeps the nodes of its QK pairs.  Scores are computed on the full graph and stored with the
+    pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the most influential
+    ones."""
     for name, t in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
         if not 0 < t <= 1:
             raise ValueError(f"the {name} must be in (0, 1], not {t}")
@@ -77,42 +73,11 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     full_scores = scores(graph, infl)
     for i, n in enumerate(graph.node_list):
         n.influence = float(infl[i])
-    types = [n.type for n in graph.node_list]
-    feat = torch.tensor([t in FEATURE_TYPES for t in types])
-    keep = ~feat
-    f_idx = feat.nonzero()[:, 0]
-    if len(f_idx):
-        order = f_idx[infl[f_idx].argsort(descending=True)]
-        cum = infl[order].cumsum(0)
-        n_keep = int((cum < node_threshold * cum[-1]).sum()) + 1
-        if max_nodes is not None:
-            n_keep = min(n_keep, max_nodes)
-        keep[order[:n_keep]] = True
     E = graph.edge_arrays
-    edge_keep = keep[E.src] & keep[E.tgt]
-    # edges: the smallest set among the kept nodes covering edge_threshold of the influence-weighted mass
-    score = normalised_weights(graph) * infl[E.tgt] * edge_keep
-    order = score.argsort(descending=True)
-    cum = score[order].cumsum(0)
-    n_keep = int((cum < edge_threshold * cum[-1]).sum()) + 1 if len(cum) and cum[-1] > 0 else 0
-    chosen = torch.zeros_like(edge_keep)
-    chosen[order[:n_keep]] = True
-    edge_keep &= chosen
-    # then drop, until nothing changes, nodes left without an outgoing edge (logits stay) and their edges
-    is_logit = torch.tensor([t == "logit" for t in types])
-    while True:
-        has_out = torch.zeros(len(graph), dtype=torch.bool)
-        has_out[E.src[edge_keep]] = True
-        new_keep = keep & (has_out | is_logit)
-        new_edges = edge_keep & new_keep[E.src] & new_keep[E.tgt]
-        if torch.equal(new_keep, keep) and torch.equal(new_edges, edge_keep):
-            break
-        keep, edge_keep = new_keep, new_edges
-    index = graph.index
-    for i in keep.nonzero()[:, 0].tolist():  # a kept head keeps the nodes of its QK pairs
-        for info in graph.node_list[i].extra.get("qk", ()):
-            for q, k, _ in info["pairs"]:
-                keep[index[q]] = keep[index[k]] = True
+    keep = _kept_nodes(graph, infl, node_threshold, max_nodes)
+    edge_keep = _kept_edges(graph, infl, keep, edge_threshold)
+    keep, edge_keep = _drop_dead_ends(graph, keep, edge_keep)
+    _keep_qk_nodes(graph, keep)
     kept = keep.nonzero()[:, 0]
     remap = torch.full((len(graph),), -1, dtype=torch.long)
     remap[kept] = torch.arange(len(kept))
@@ -125,10 +90,62 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     return pruned
 
 
+def _kept_nodes(graph: AttributionGraph, infl: torch.Tensor, node_threshold: float, max_nodes: int | None) -> torch.Tensor:
+    """[n_nodes] bool: every non-feature node, and the most influential features covering ``node_threshold``
+    of the features' total influence (at most ``max_nodes``)."""
+    feat = torch.tensor([n.type in FEATURE_KINDS for n in graph.node_list], dtype=torch.bool)
+    keep = ~feat
+    f_idx = feat.nonzero()[:, 0]
+    if len(f_idx):
+        order = f_idx[infl[f_idx].argsort(descending=True)]
+        cum = infl[order].cumsum(0)
+        n_keep = int((cum < node_threshold * cum[-1]).sum()) + 1
+        if max_nodes is not None:
+            n_keep = min(n_keep, max_nodes)
+        keep[order[:n_keep]] = True
+    return keep
+
+
+def _kept_edges(graph: AttributionGraph, infl: torch.Tensor, keep: torch.Tensor, edge_threshold: float) -> torch.Tensor:
+    """[n_edges] bool: among the edges between kept nodes, the smallest set covering ``edge_threshold`` of the
+    influence-weighted mass (normalised |weight| x the target's influence)."""
+    E = graph.edge_arrays
+    edge_keep = keep[E.src] & keep[E.tgt]
+    score = normalised_weights(graph) * infl[E.tgt] * edge_keep
+    order = score.argsort(descending=True)
+    cum = score[order].cumsum(0)
+    n_keep = int((cum < edge_threshold * cum[-1]).sum()) + 1 if len(cum) and cum[-1] > 0 else 0
+    chosen = torch.zeros_like(edge_keep)
+    chosen[order[:n_keep]] = True
+    return edge_keep & chosen
+
+
+def _drop_dead_ends(graph: AttributionGraph, keep: torch.Tensor, edge_keep: torch.Tensor):
+    """Drop, until nothing changes, the nodes left without an outgoing edge (logits stay) and their edges."""
+    E = graph.edge_arrays
+    is_logit = torch.tensor([n.type == NodeKind.LOGIT for n in graph.node_list], dtype=torch.bool)
+    while True:
+        has_out = torch.zeros(len(graph), dtype=torch.bool)
+        has_out[E.src[edge_keep]] = True
+        new_keep = keep & (has_out | is_logit)
+        new_edges = edge_keep & new_keep[E.src] & new_keep[E.tgt]
+        if torch.equal(new_keep, keep) and torch.equal(new_edges, edge_keep):
+            return keep, edge_keep
+        keep, edge_keep = new_keep, new_edges
+
+
+def _keep_qk_nodes(graph: AttributionGraph, keep: torch.Tensor) -> None:
+    """A kept head keeps the nodes of its QK pairs (in place)."""
+    index = graph.index
+    for i in keep.nonzero()[:, 0].tolist():
+        for entry in graph.node_list[i].qk:
+            for p in entry.pairs:
+                keep[index[p.query]] = keep[index[p.key]] = True
+
 
 # which part of a logit's input each source type is (constants: the biases and the demeaning, `Node.const`)
-DECOMPOSITION_PARTS = {"embedding": "embeddings", "lorsa": "features", "transcoder": "features",
-                       "attn_error": "errors", "mlp_error": "errors"}
+DECOMPOSITION_PARTS = {NodeKind.EMBEDDING: "embeddings", **{k: "features" for k in FEATURE_KINDS},
+                       **{k: "errors" for k in ERROR_KINDS}}
 
 
 def signed_inputs(graph: AttributionGraph, node_index: int) -> dict[str, float]:
@@ -152,7 +169,7 @@ def logit_decomposition(graph: AttributionGraph, target: int | None = None) -> d
     node) and of its margin over the runner-up logit node: {"target": {...}, "runner_up": {...}, "margin":
     {...}, "error_share": errors / margin}.  Unsigned scores (replacement, completeness) miss cancellation
     between features and errors; this does not."""
-    logits = sorted((i for i, n in enumerate(graph.node_list) if n.type == "logit"),
+    logits = sorted((i for i, n in enumerate(graph.node_list) if n.type == NodeKind.LOGIT),
                     key=lambda i: -graph.node_list[i].prob)
     if not logits:
         return {}

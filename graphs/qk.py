@@ -22,7 +22,9 @@ import math
 
 import torch
 
-from .graph import Node
+from replacement.norms import norm_bias, norm_weight
+
+from .graph import FEATURE_KINDS, Node, QKEntry, QKPair
 
 
 class Writes:
@@ -38,12 +40,11 @@ class Writes:
         dev = srcs[0].vector.device
         self.slot = torch.tensor([s.slot for s in srcs], device=dev)
         self.pos = torch.tensor([s.pos for s in srcs], device=dev)
-        unit = {"lorsa": 1, "transcoder": 2}
-        is_unit = [nodes[i].type in unit for i in rows]
+        is_unit = [nodes[i].type in FEATURE_KINDS for i in rows]
         self.act = torch.tensor([nodes[i].activation if u else 1.0 for i, u in zip(rows, is_unit)], device=dev)
         # unit ids: (kind, layer, index) for Lorsa heads and features, a fresh negative id for the others
-        self.unit = torch.tensor([(unit[nodes[i].type] << 40) + (nodes[i].layer << 24) + nodes[i].index if u else -1 - r
-                                  for r, (i, u) in enumerate(zip(rows, is_unit))], device=dev)
+        self.unit = torch.tensor([(FEATURE_KINDS.index(nodes[i].type) + 1 << 40) + (nodes[i].layer << 24) + nodes[i].index
+                                  if u else -1 - r for r, (i, u) in enumerate(zip(rows, is_unit))], device=dev)
         self.unit_vec = torch.stack([s.vector for s in srcs]).float() / self.act[:, None]  # [N, d]
 
 
@@ -59,7 +60,7 @@ class QKTables:
         lorsa = lin.model.lorsas[layer]
         self.lorsa = lorsa
         norm = lin.adapter.attn_norm(layer)
-        w_ln, b_ln = lin._w(norm), lin._b(norm)
+        w_ln, b_ln = norm_weight(norm), norm_bias(norm)
         n, d = lin.n, lin.d
         read_slot = 2 * layer
         const = lin.read_constants(read_slot)  # [n, d]
@@ -90,13 +91,13 @@ class QKTables:
         slot_row[slots] = row_unit
         slot_scale = torch.zeros(n * M, device=dev)
         slot_scale[slots] = act / sig[pos]
-        xc = w_ln * lin._p(const) / sig[:, None] + (0 if b_ln is None else b_ln)  # [n, d] the constants
+        xc = w_ln * lin.p(const) / sig[:, None] + (0 if b_ln is None else b_ln)  # [n, d] the constants
         G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
         rd = lorsa.cfg.rotary_dim
         perm = _pairs_side_by_side(e, rd)
         W = torch.cat([lorsa.W_Q, lorsa.W_K]).float()[..., perm]  # [2G, d, e]: queries, then keys
         # both sides, all groups, laid out so that the rows of one (side, group, position) are one block
-        per_unit = torch.einsum("ud,gde->gue", w_ln * lin._p(D), W)  # [2G, units + 1, e]
+        per_unit = torch.einsum("ud,gde->gue", w_ln * lin.p(D), W)  # [2G, units + 1, e]
         self.parts = per_unit.index_select(1, slot_row).view(2 * G, n, M, e)
         self.bias = torch.einsum("nd,gde->gne", xc, W) + torch.cat([lorsa.b_Q, lorsa.b_K]).float()[:, None, perm]
         # scale each row (activation / norm scale), and rotate it at its position: rotary is linear
@@ -142,7 +143,7 @@ def _rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,
                    top_pairs: int = 8, chunk: int = 64) -> None:
-    """Explain the Lorsa head nodes ``head_rows``: each gets ``extra['qk']``, one entry per explained key
+    """Explain the Lorsa head nodes ``head_rows``: each gets ``qk``, one `QKEntry` per explained key
     position (score, attention, top pairs, marginals, bias terms).  Heads of one QK group share their
     pattern, so at one query position they share these entries (one object, not copies).
 
@@ -160,15 +161,15 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
         future = torch.ones(n, n, dtype=torch.bool, device=pattern.device).triu(1)
         best = pattern.masked_fill(future, -1.0).topk(min(top_keys, n), dim=-1)  # [G, n, k]; the first t+1 are real
         queries = sorted({(nodes[r].index // hpg, nodes[r].pos) for r in rows})
-        infos: dict[tuple[int, int], list[dict]] = {}
+        infos: dict[tuple[int, int], list[QKEntry]] = {}
         for i in range(0, len(queries), chunk):
             infos.update(_explain_batch(tabs, queries[i : i + chunk], best.indices, best.values, top_pairs))
         for r in rows:
-            nodes[r].extra["qk"] = infos[(nodes[r].index // hpg, nodes[r].pos)]
+            nodes[r].qk = infos[(nodes[r].index // hpg, nodes[r].pos)]
 
 
 def _explain_batch(tabs: QKTables, queries: list[tuple[int, int]], keys: torch.Tensor, attention: torch.Tensor,
-                   top_pairs: int, screen: int = 12) -> dict:
+                   top_pairs: int, screen: int = 12) -> dict[tuple[int, int], list[QKEntry]]:
     """For each (group g, query position t) and each of its key positions s = keys[g, t, :] (attention
     weights ``attention[g, t, :]``): the exact score split, marginals and top pairs of the (g, t, s) table.
 
@@ -181,53 +182,55 @@ def _explain_batch(tabs: QKTables, queries: list[tuple[int, int]], keys: torch.T
     real = torch.arange(k, device=dev)[None] <= tq[:, None]  # [U, k]: t < k-1 has only t+1 key positions
     ks = torch.where(real, keys[gq, tq], tq[:, None])  # the others stand in for a real one, then are dropped
     gp, sp = gq.repeat_interleave(k), ks.flatten()  # [P = U k] one table per (query, key slot)
-    names = tabs.names
-    mq = max(len(names[t]) for _, t in queries)
-    mk = max(len(names[s]) for s in sp.tolist())
+    mq = max(len(tabs.names[t]) for _, t in queries)
+    mk = max(len(tabs.names[s]) for s in sp.tolist())
     # [U, mq, e] and [P, mk, e], zero after a position's nodes
     Q, Kn = tabs.side(0, gq, tq, mq), tabs.side(1, gp, sp, mk)
-    qb, kb = tabs.side_bias(0, gq, tq), tabs.side_bias(1, gp, sp)  # [U, e], [P, e]
-    c = tabs.scale
-    qsum, ksum = Q.sum(1).repeat_interleave(k, 0), Kn.sum(1)  # [P, e]
-    qb_p = qb.repeat_interleave(k, 0)
-    pairs_total = (qsum * ksum).sum(-1) * c
-    q_bias_keys, queries_k_bias, bias_bias = (qb_p * ksum).sum(-1) * c, (qsum * kb).sum(-1) * c, (qb_p * kb).sum(-1) * c
-    q_marg = torch.bmm(Q, (ksum + kb).view(len(queries), k, -1).transpose(1, 2)).transpose(1, 2).reshape(-1, mq) * c
-    k_marg = torch.bmm(Kn, (qsum + qb_p)[..., None])[..., 0] * c  # [P, mk]
-    q_idx, k_idx, vals = _top_pairs(Q, Kn, tabs.side_norms(0, gq, tq, mq), tabs.side_norms(1, gp, sp, mk), c,
-                                    min(top_pairs, mq * mk), screen, per=k)
+    sums, q_marg, k_marg = _score_split(tabs, Q, Kn, gq, tq, gp, sp, k)
+    top = _top_pairs(Q, Kn, tabs.side_norms(0, gq, tq, mq), tabs.side_norms(1, gp, sp, mk), tabs.scale,
+                     min(top_pairs, mq * mk), screen, per=k)
     q_top = q_marg.abs().topk(min(top_pairs, mq), dim=1).indices
     k_top = k_marg.abs().topk(min(top_pairs, mk), dim=1).indices
-    q_top_v, k_top_v = torch.gather(q_marg, 1, q_top).tolist(), torch.gather(k_marg, 1, k_top).tolist()
-    q_top, k_top = q_top.tolist(), k_top.tolist()
-    sums = torch.stack([pairs_total, q_bias_keys, queries_k_bias, bias_bias], 1).tolist()
-    key_pos, attn, real = ks.tolist(), attention[gq, tq].tolist(), real.tolist()
-    out = {}
-    for u, (g, t) in enumerate(queries):
-        qn, entries = names[t], []
-        lq = len(qn)
-        for j in range(k):
-            if not real[u][j]:
-                continue
-            i, s = u * k + j, key_pos[u][j]
-            kn = names[s]
-            lk = len(kn)
-            pt, qbk, qkb, bb = sums[i]
-            entries.append({
-                "key_pos": s,
-                "attention": attn[u][j],
-                "score": pt + qbk + qkb + bb,
-                "pairs": [[qn[a], kn[b], v] for a, b, v in zip(q_idx[i], k_idx[i], vals[i])
-                          if a < lq and b < lk and v != 0],
-                "pairs_total": pt,
-                "query_bias_x_keys": qbk,
-                "queries_x_key_bias": qkb,
-                "bias_x_bias": bb,
-                "query_marginals": [[qn[a], v] for a, v in zip(q_top[i], q_top_v[i]) if a < lq],
-                "key_marginals": [[kn[b], v] for b, v in zip(k_top[i], k_top_v[i]) if b < lk],
-            })
-        out[(g, t)] = entries
-    return out
+    marginals = (q_top.tolist(), torch.gather(q_marg, 1, q_top).tolist(), k_top.tolist(),
+                 torch.gather(k_marg, 1, k_top).tolist())
+    tables = (ks.tolist(), attention[gq, tq].tolist(), real.tolist(), sums.tolist())
+    return {(g, t): _entries(tabs.names[t], tabs.names, u * k, tables, top, marginals, u)
+            for u, (g, t) in enumerate(queries)}
+
+
+def _score_split(tabs: QKTables, Q: torch.Tensor, Kn: torch.Tensor, gq, tq, gp, sp, k: int):
+    """The score of each table split four ways ([P, 4]: pairs, query bias x keys, queries x key bias, bias x
+    bias) and the marginals of its query nodes [P, mq] and key nodes [P, mk]; Q [U, mq, e], Kn [P = U k, mk, e]."""
+    c = tabs.scale
+    qb, kb = tabs.side_bias(0, gq, tq), tabs.side_bias(1, gp, sp)  # [U, e], [P, e]
+    qsum, ksum = Q.sum(1).repeat_interleave(k, 0), Kn.sum(1)  # [P, e]
+    qb_p = qb.repeat_interleave(k, 0)
+    sums = torch.stack([(qsum * ksum).sum(-1), (qb_p * ksum).sum(-1), (qsum * kb).sum(-1), (qb_p * kb).sum(-1)], 1) * c
+    q_marg = torch.bmm(Q, (ksum + kb).view(len(Q), k, -1).transpose(1, 2)).transpose(1, 2).reshape(-1, Q.shape[1]) * c
+    k_marg = torch.bmm(Kn, (qsum + qb_p)[..., None])[..., 0] * c  # [P, mk]
+    return sums, q_marg, k_marg
+
+
+def _entries(qn: list[str], names: list[list[str]], first: int, tables, top, marginals, u: int) -> list[QKEntry]:
+    """The QKEntry of each real key slot of query ``u`` (its tables are rows first .. first + k - 1)."""
+    key_pos, attn, real, sums = tables
+    q_idx, k_idx, vals = top
+    q_top, q_top_v, k_top, k_top_v = marginals
+    entries = []
+    for j, is_real in enumerate(real[u]):
+        if not is_real:
+            continue
+        i, s = first + j, key_pos[u][j]
+        kn = names[s]
+        pt, qbk, qkb, bb = sums[i]
+        entries.append(QKEntry(
+            key_pos=s, attention=attn[u][j], score=pt + qbk + qkb + bb,
+            pairs=[QKPair(qn[a], kn[b], v) for a, b, v in zip(q_idx[i], k_idx[i], vals[i])
+                   if a < len(qn) and b < len(kn) and v != 0],
+            pairs_total=pt, query_bias_x_keys=qbk, queries_x_key_bias=qkb, bias_x_bias=bb,
+            query_marginals=[(qn[a], v) for a, v in zip(q_top[i], q_top_v[i]) if a < len(qn)],
+            key_marginals=[(kn[b], v) for b, v in zip(k_top[i], k_top_v[i]) if b < len(kn)]))
+    return entries
 
 
 def _top_pairs(Q: torch.Tensor, Kn: torch.Tensor, q_len: torch.Tensor, k_len: torch.Tensor, c: float, k: int,

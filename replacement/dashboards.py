@@ -25,6 +25,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import BadInputError
+from .norms import centre as centre_
+from .norms import is_layernorm
 
 KINDS = ("lorsa", "transcoder")
 
@@ -59,8 +61,7 @@ def logit_lens(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, ce
     outs = []
     for i in range(0, len(W), chunk):
         w = W[i : i + chunk].float()
-        if centre:
-            w = w - w.mean(-1, keepdim=True)
+        w = centre_(w, centre)
         logits = (w * norm_weight.float()) @ W_U.float().t()  # [f, V]
         top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
         outs.append((top.indices, top.values, bottom.indices, bottom.values))
@@ -106,22 +107,6 @@ def window_positions(t: torch.Tensor, n: int, before: int, after: int) -> torch.
 
 
 @torch.no_grad()
-def _lorsa_z(lorsa, x: torch.Tensor, heads: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """z patterns [C, n] of heads [C] at query positions t [C] of one sequence x [n, d] (0 after t): what
-    ``Lorsa.z_pattern`` gives for one head and query, for many at once."""
-    from .models import causal_pattern
-
-    dev = lorsa.W_V.device
-    x, heads, t = x.to(dev).float(), heads.to(dev), t.to(dev)
-    q, k = lorsa.qk(x[None])  # [1, G, n, e]
-    g = heads // lorsa.cfg.heads_per_group
-    A = causal_pattern(q[0, g], k[0, g], lorsa.cfg.d_qk**-0.5)  # [C, n, n]
-    A = A[torch.arange(len(t), device=dev), t]  # [C, n]
-    v = x @ lorsa.W_V[heads].float().t() + lorsa.b_V[heads].float()  # [n, C]
-    return (A * v.t()).cpu()
-
-
-@torch.no_grad()
 def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Dashboards of every layer: {layer: tensors} (see ``Dashboards`` for the names)."""
     from tqdm import tqdm
@@ -151,7 +136,7 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
     ids = torch.cat(ids_all)  # [S, n]
     S, n = ids.shape
     W_U, final_w = a.unembedding.weight.detach().float().cpu(), a.final_norm.weight.detach().float().cpu()
-    centre = isinstance(a.final_norm, torch.nn.LayerNorm)
+    centre = is_layernorm(a.final_norm)
     out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in layers}
     for (kind, L), parts in tqdm(list(codes.items()), desc="dashboards: contexts", disable=not progress):
         if not parts:
@@ -198,7 +183,8 @@ def _lorsa_contexts(lorsa, X: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, 
     seq_f, t_f, used_f = seq.reshape(-1), t.reshape(-1), used.reshape(-1)
     for s in seq_f[used_f].unique().tolist():
         rows = ((seq_f == s) & used_f).nonzero().squeeze(1)
-        z = _lorsa_z(lorsa, X[s], heads[rows], t_f[rows])  # [R, n]
+        with torch.no_grad():
+            z = lorsa.z_patterns(X[s].to(lorsa.W_V.device).float(), heads[rows], t_f[rows]).cpu()  # [R, n]
         w = win[rows]
         z_win[rows] = torch.where(w >= 0, torch.gather(z, 1, w.clamp(min=0)), torch.zeros_like(w, dtype=z.dtype))
         k = min(cfg.top_z, n)

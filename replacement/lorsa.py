@@ -153,13 +153,20 @@ class Lorsa(nn.Module):
 
     def z_pattern(self, x: torch.Tensor, head: int, query: int) -> torch.Tensor:
         """[B, n]: (A_{t,s} v_s^h)_s for head h at query position t; it sums to z_t^h."""
-        g, j = divmod(head, self.cfg.heads_per_group)
-        q, k = self.qk(x)
+        return torch.stack([self.z_patterns(xb, torch.tensor([head]), torch.tensor([query]))[0] for xb in x])
+
+    def z_patterns(self, x: torch.Tensor, heads: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """[C, n]: the z patterns of heads [C] at query positions queries [C] on one sequence x [n, d] (zero
+        after each query position): (A_{t,s} v_s^h)_s, which sums to z_t^h."""
         from .models import causal_pattern
 
-        A = causal_pattern(q[:, g], k[:, g], 1 / math.sqrt(self.cfg.d_qk))[:, query]  # [B, n]
-        v = x @ self.W_V[head] + self.b_V[head]  # [B, n]
-        return A * v
+        heads, queries = heads.to(x.device), queries.to(x.device)
+        q, k = self.qk(x[None])  # [1, G, n, e]
+        g = heads // self.cfg.heads_per_group
+        A = causal_pattern(q[0, g], k[0, g], 1 / math.sqrt(self.cfg.d_qk))  # [C, n, n]
+        A = A[torch.arange(len(queries), device=x.device), queries]  # [C, n]
+        v = x @ self.W_V[heads].to(x.dtype).t() + self.b_V[heads].to(x.dtype)  # [n, C]
+        return A * v.t()
 
     # -- initialisation -----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .activations import hook_points
+from .norms import centre, is_layernorm
 from .errors import CircuitsError, TrainingDiverged
 from .lorsa import LorsaConfig, lorsa_for_model
 from .sparse import SparseCode, decode, topk_relu
@@ -102,7 +103,7 @@ class Unit:
         code = topk_relu(pre, W.norm(dim=-1), k)
         y = decode(code, W, b)
         if self.kind == "transcoder" and self.module.W_skip is not None:
-            y = y + x @ self.module.W_skip
+            y = y + self.module.skip(x)
         return y, code, pre
 
 
@@ -178,7 +179,7 @@ def readout_directions(adapter) -> torch.Tensor:
     D = W - W.mean(0)
     w = getattr(adapter.final_norm, "weight", None)
     D = D if w is None else D * w.detach().float()
-    return D - D.mean(-1, keepdim=True) if isinstance(adapter.final_norm, torch.nn.LayerNorm) else D
+    return centre(D, is_layernorm(adapter.final_norm))
 
 
 def token_normalised_mse(y_hat: torch.Tensor, y: torch.Tensor, floor: float = 0.01) -> torch.Tensor:

@@ -56,12 +56,16 @@ class Transcoder(nn.Module):
     def decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W_dec, self.b_dec
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """The skip connection's term x [.., d] @ W_skip [d, d] (in x's dtype); zero without one."""
+        return torch.zeros_like(x) if self.W_skip is None else x @ self.W_skip.to(x.dtype)
+
     def decode(self, code: SparseCode, x: torch.Tensor | None = None) -> torch.Tensor:
         y = decode(code, self.W_dec, self.b_dec)
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("a transcoder with a skip connection needs x to decode")
-            y = y + x @ self.W_skip
+            y = y + self.skip(x)
         return y
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
@@ -74,7 +78,7 @@ class Transcoder(nn.Module):
         on = (code.values > 0).to(v.dtype)
         g = torch.einsum("tkd,td->tk", self.W_enc[code.indices], v) * on
         out = torch.einsum("tk,tkd->td", g, self.W_dec[code.indices])
-        return out if self.W_skip is None else out + v @ self.W_skip
+        return out if self.W_skip is None else out + self.skip(v)
 
     def vjp(self, code: SparseCode, u: torch.Tensor) -> torch.Tensor:
         """[T, d]: u [T, d] (a direction at the output) times the Jacobian at the inputs that gave ``code``
