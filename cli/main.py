@@ -383,6 +383,7 @@ def _single_token(adapter, text: str) -> int:
 @click.option("--replacements", type=click.Path(), default=None)
 def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, cache_dir, rebuild, as_json, replacements):
     """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
+    from graphs.graph import unit_label
     from replacement.assemble import ReplacementModel
     from replacement.dashboards import DashboardConfig, load_or_build
     from replacement.errors import BadInputError
@@ -416,11 +417,7 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
             ctx = e["contexts"][0] if e["contexts"] else None
             up = ", ".join(repr(t) for t, _ in e["logits_up"][:3])
             snippet = _context_line(ctx) if ctx else "(never active)"
-            click.echo(f"  {_node_name(kind, layer, i):<10} density {e['density']:.2%}  {snippet}  -> {up}")
-
-
-def _node_name(kind: str, layer: int, index: int) -> str:
-    return f"L{layer}.{'H' if kind == 'lorsa' else 'F'}{index}"
+            click.echo(f"  {unit_label(kind, layer, i):<10} density {e['density']:.2%}  {snippet}  -> {up}")
 
 
 def _context_line(ctx: dict, width: int = 8) -> str:
@@ -432,7 +429,9 @@ def _context_line(ctx: dict, width: int = 8) -> str:
 
 
 def _print_dashboard(e: dict) -> None:
-    click.echo(f"{_node_name(e['kind'], e['layer'], e['index'])} ({e['kind']}): active on {e['density']:.2%} of tokens")
+    from graphs.graph import unit_label
+
+    click.echo(f"{unit_label(e['kind'], e['layer'], e['index'])} ({e['kind']}): active on {e['density']:.2%} of tokens")
     click.echo("  promotes: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_up"]))
     click.echo("  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_down"]))
     if not e["contexts"]:
@@ -506,7 +505,7 @@ def query(graph_json, node, paths, node_type, layer, position):
         for e in g.outgoing(n, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.qk_pairs(n)[:10]:
-            click.echo(f"  qk {p(e.extra['query'])} x {p(e.extra['key'])} (key pos {e.extra['key_pos']}) {e.weight:+.4f}")
+            click.echo(f"  qk {p(e.query)} x {p(e.key)} (key pos {e.key_pos}) {e.weight:+.4f}")
     elif node_type or layer is not None or position is not None:
         for n in g.nodes(type=node_type, layer=layer, position=position):
             click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")

@@ -192,12 +192,13 @@ def _check_memory(model, n_tokens: int) -> None:
 def _print_paths(graph) -> None:
     """The strongest path from an embedding through features to the top logit, and the strongest from an error
     node on its own line (an error node stands for what the replacement misses, so it explains nothing)."""
+    from graphs.graph import ERROR_KINDS, NodeKind
     from graphs.layout import node_name
 
     top = graph.logits()[0]
     click.echo(f"top logit {top.label!r}: {top.activation:.2f} demeaned (the logit minus its mean over the vocabulary; "
                f"p={top.prob:.3f})")
-    for kind, sources in (("feature", ("embedding",)), ("error", ("attn_error", "mlp_error"))):
+    for kind, sources in (("feature", (NodeKind.EMBEDDING,)), ("error", ERROR_KINDS)):
         paths = graph.top_paths(k=1, sources=sources)
         if not paths:
             click.echo(f"strongest {kind} path: none in the pruned graph")

@@ -210,3 +210,66 @@ def test_logit_decomposition_sums_to_the_logit_and_its_margin(arch):
     assert dec["error_share"] == pytest.approx(m["errors"] / m["total"])
     second = logit_decomposition(graph, logits[1].index)  # another target: the runner-up is then the top one
     assert second["target"]["node"] == logits[1].id and second["runner_up"]["node"] == logits[0].id
+
+
+def test_prune_matches_brute_force_influence():
+    """Influence is w (I - M)^-1 with M[t, s] the normalised |weight| of s -> t (a dense float64 solve, not
+    the power series); pruning keeps features only from the most influential ones covering the node
+    threshold, edges only from the strongest influence-weighted ones among them covering the edge
+    threshold, no kept node but a logit without an outgoing edge, and stores the full graph's scores."""
+    from graphs.prune import influence, prune
+
+    _, model, ids = _setup("llama")
+    graph = attribute(model, ids, qk=False)
+    n, E = len(graph), graph.edge_arrays
+    M = torch.zeros(n, n, dtype=torch.float64)
+    M.index_put_((E.tgt, E.src), E.w.double().abs(), accumulate=True)
+    M = M / M.sum(1, keepdim=True).clamp_min(1e-300)
+    w = torch.tensor([nd.prob if nd.type == "logit" else 0.0 for nd in graph.node_list], dtype=torch.float64)
+    x = torch.linalg.solve((torch.eye(n, dtype=torch.float64) - M).t(), w / w.sum())
+    torch.testing.assert_close(influence(graph).double(), x, atol=1e-6, rtol=1e-4)
+    ids_ = [nd.id for nd in graph.node_list]
+    feats = sorted((i for i, nd in enumerate(graph.node_list) if nd.type in ("lorsa", "transcoder")), key=lambda i: -x[i])
+    total, top = float(x[feats].sum()), set()
+    for i in feats:
+        top.add(i)
+        if float(x[list(top)].sum()) >= 0.6 * total:
+            break
+    allowed = {i for i, nd in enumerate(graph.node_list) if nd.type not in ("lorsa", "transcoder")} | top
+    cand = [(float(M[t, s] * x[t]), s, t) for s, t in zip(E.src.tolist(), E.tgt.tolist()) if s in allowed and t in allowed]
+    cand.sort(reverse=True)
+    mass, edges, got = sum(c[0] for c in cand), set(), 0.0
+    for m, s, t in cand:
+        edges.add((ids_[s], ids_[t]))
+        got += m
+        if got >= 0.9 * mass:
+            break
+    pruned = prune(graph, 0.6, 0.9)
+    kept_feats = {graph.index[nd.id] for nd in pruned.node_list if nd.type in ("lorsa", "transcoder")}
+    assert kept_feats and kept_feats <= top
+    assert {(e.source, e.target) for e in pruned.edges} <= edges
+    has_out = {e.source for e in pruned.edges}
+    assert all(nd.id in has_out for nd in pruned.node_list if nd.type != "logit")
+    emb = sum(float(x[i]) for i, nd in enumerate(graph.node_list) if nd.type == "embedding")
+    err = sum(float(x[i]) for i, nd in enumerate(graph.node_list) if nd.type in ("attn_error", "mlp_error"))
+    assert pruned.scores["replacement_score"] == pytest.approx(emb / (emb + err), rel=1e-4)
+    for nd in pruned.node_list:
+        assert nd.influence == pytest.approx(float(x[graph.index[nd.id]]), abs=1e-6, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox_parallel"])
+def test_node_ids_are_their_keys(arch):
+    """Every node's id is its NodeKey's string form, and parsing the id gives the key back; malformed ids
+    are refused in one line."""
+    from graphs.graph import NodeKey, NodeKind
+    from replacement.errors import BadInputError
+
+    _, model, ids = _setup(arch)
+    graph = attribute(model, ids, qk=False)
+    assert {n.type for n in graph.node_list} == set(NodeKind)
+    for n in graph.node_list:
+        assert str(n.key) == n.id and NodeKey.parse(n.id) == n.key
+        assert (n.key.kind, n.key.pos) == (n.type, n.pos)
+    for bad in ("emb.1@2", "lorsa.1@3", "tc.1.2", "logit.3.4@1", "mlp_err.1.2@0", "head.0.1@2", "", "tc.1.2@-1"):
+        with pytest.raises(BadInputError, match="cannot parse node id"):
+            NodeKey.parse(bad)

@@ -43,9 +43,26 @@ def test_json_validates_and_round_trips(graph, tmp_path):
     assert sum(n["is_target_logit"] for n in d["nodes"]) == 1
     ids = [n["node_id"] for n in d["nodes"]]
     assert len(ids) == len(set(ids))
-    assert d["qk_links"] and any("z_pattern" in n for n in d["nodes"])
+    assert any("qk" in n for n in d["nodes"]) and any("z_pattern" in n for n in d["nodes"])
     back = graphs.load(path)
     assert back == graph
+
+
+def test_qk_entries_round_trip_as_typed_objects(graph, tmp_path):
+    """The QK results are written with their heads and read back as the same QKEntry / QKPair objects."""
+    from graphs.graph import QKEntry, QKPair
+
+    back = graphs.load(write_json(graph, tmp_path / "g.json"))
+    heads = [n for n in graph.node_list if n.qk]
+    assert heads and graph.qk
+    for n in heads:
+        got = back.node(n.id).qk
+        assert all(isinstance(e, QKEntry) and all(isinstance(p, QKPair) for p in e.pairs) for e in got)
+        assert got == n.qk
+        for e in got:  # the score's four parts, as read back, still add up to it
+            assert e.pairs_total + e.query_bias_x_keys + e.queries_x_key_bias + e.bias_x_bias == pytest.approx(e.score, abs=1e-5)
+    assert [(e.head, e.query, e.key, e.key_pos, e.weight) for e in back.qk] == \
+        [(e.head, e.query, e.key, e.key_pos, e.weight) for e in graph.qk]
 
 
 def test_schema_rejects_broken_files(graph):

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from graphs.export import read_json, to_dict, to_dot, validate, write_json
-from graphs.graph import AttributionGraph, Edge, Node
+from graphs.graph import AttributionGraph, Edge, Node, QKEntry, QKPair
 from graphs.html import page_data, to_html
 from graphs.validate import BadGraphError, strict_dumps, strict_loads
 
@@ -42,8 +42,8 @@ def fake_graph(prompt: str, tokens: list[str], label: str, odd_id: str, value: f
     last = n - 1
     nodes = [Node(f"emb@{p}", "embedding", -1, p, -1, label=tokens[p]) for p in range(n)]
     head = Node(f"lorsa.0.3@{last}", "lorsa", 0, last, 3, activation=1.5, influence=0.3, preact=1.2, const=0.1,
-                extra={"z_pattern": [1.0 / n] * n,
-                       "qk": [{"key_pos": 0, "attention": 0.9, "score": 2.0, "pairs": [[f"emb@{last}", "emb@0", 0.7]]}]})
+                z_pattern=[1.0 / n] * n,
+                qk=[QKEntry(key_pos=0, attention=0.9, score=2.0, pairs=[QKPair(f"emb@{last}", "emb@0", 0.7)])])
     taken = {x.id for x in nodes} | {f"lorsa.0.3@{last}", f"mlp_err.0@{last}", f"logit.5@{last}", ""}
     feature_id = f"tc.0.7@{last}" if odd_id in taken else odd_id
     nodes += [head,

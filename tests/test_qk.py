@@ -30,22 +30,22 @@ def test_pair_table_sums_to_the_real_score(make, skip):
         lorsa = model.lorsas[head.layer]
         q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])  # independent: the module's own Q/K
         g = head.index // lorsa.cfg.heads_per_group
-        infos = head.extra["qk"]
+        infos = head.qk
         assert len(infos) == min(3, head.pos + 1)
         for info in infos:
-            s = info["key_pos"]
+            s = info.key_pos
             qv, kv = q[0, g, head.pos].detach(), k[0, g, s].detach()
             real = float(qv @ kv) / math.sqrt(lorsa.cfg.d_qk)
             # with skips, random biases 10x the tiny model's stream cancel against error nodes twice over;
             # float32 rounding then scales with |q| |k| (>= |score|), not with the score
             size = max(1.0, abs(real), float(qv.norm() * kv.norm()) / math.sqrt(lorsa.cfg.d_qk) if skip else 0.0)
-            assert abs(info["score"] - real) <= 1e-4 * size, (head.id, s)
-            parts = info["pairs_total"] + info["query_bias_x_keys"] + info["queries_x_key_bias"] + info["bias_x_bias"]
-            assert parts == pytest.approx(info["score"], rel=1e-5, abs=1e-5)
+            assert abs(info.score - real) <= 1e-4 * size, (head.id, s)
+            parts = info.pairs_total + info.query_bias_x_keys + info.queries_x_key_bias + info.bias_x_bias
+            assert parts == pytest.approx(info.score, rel=1e-5, abs=1e-5)
             checked += 1
         # top keys are the strongest of the head's pattern row
         A = rec.layers[head.layer].lorsa_pattern[g, head.pos]
-        assert infos[0]["attention"] == pytest.approx(float(A.max()))
+        assert infos[0].attention == pytest.approx(float(A.max()))
     assert checked > 20
 
 
@@ -53,25 +53,25 @@ def test_qk_edges_link_query_and_key_positions():
     adapter = ModelAdapter(tiny_llama(), name="m")
     model = random_replacements(adapter)
     graph = attribute(model, torch.randint(0, 97, (1, 8)), qk_heads=5, qk_top_pairs=4)
-    heads = {e.target for e in graph.qk}
+    heads = {e.head for e in graph.qk}
     assert 0 < len(heads) <= 5
     for e in graph.qk:
-        head = graph.node(e.target)
-        qn, kn = graph.node(e.extra["query"]), graph.node(e.extra["key"])
-        assert qn.pos == head.pos and kn.pos == e.extra["key_pos"]
+        head = graph.node(e.head)
+        qn, kn = graph.node(e.query), graph.node(e.key)
+        assert qn.pos == head.pos and kn.pos == e.key_pos
         assert qn.layer < head.layer and kn.layer < head.layer  # written before the head reads
     for h in heads:
         pairs = graph.qk_pairs(h)
         per_key = {}
         for e in pairs:
-            per_key.setdefault(e.extra["key_pos"], []).append(e)
+            per_key.setdefault(e.key_pos, []).append(e)
         assert all(len(v) <= 4 for v in per_key.values())
         assert abs(pairs[0].weight) >= abs(pairs[-1].weight)
 
 
 def test_screened_top_pairs_equal_the_full_table():
     """The screened top pairs are exactly the top pairs of the full table (brute force)."""
-    from graphs.attribution import Linearised
+    from graphs.linear import Linearised
     from graphs import qk as qkmod
 
     adapter = ModelAdapter(tiny_llama(), name="m")
@@ -87,23 +87,22 @@ def test_screened_top_pairs_equal_the_full_table():
             qkmod._explain_batch = orig
         rec = model.record(ids)
         for head in graph.nodes(type="lorsa", layer=1)[:6]:
-            for info in head.extra["qk"]:
+            for info in head.qk:
                 lorsa = model.lorsas[1]
                 g = head.index // lorsa.cfg.heads_per_group
                 # brute force: every node at the two positions, through the module's own projections
                 lin = Linearised(model, rec)
                 tabs = qkmod.QKTables(lin, qkmod.Writes(graph.node_list, _sources(graph, model, rec)), 1)
-                s = info["key_pos"]
+                s = info.key_pos
                 Q = tabs.side(0, torch.tensor([g]), torch.tensor([head.pos]), len(tabs.names[head.pos]))[0]
                 K = tabs.side(1, torch.tensor([g]), torch.tensor([s]), len(tabs.names[s]))[0]
                 full = Q @ K.t() * tabs.scale
-                best = full.flatten().abs().topk(len(info["pairs"])).values
-                got = torch.tensor([abs(p[2]) for p in info["pairs"]])
+                best = full.flatten().abs().topk(len(info.pairs)).values
+                got = torch.tensor([abs(p.weight) for p in info.pairs])
                 torch.testing.assert_close(got, best, atol=1e-6, rtol=1e-5)
 
 
 def _sources(graph, model, rec):
-    from graphs.attribution import _feature_nodes
+    from graphs.attribution import _graph_nodes
 
-    _, sources, _ = _feature_nodes(model, rec, graph.tokens)
-    return sources
+    return _graph_nodes(model, rec, graph.tokens).sources
