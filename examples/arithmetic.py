@@ -59,10 +59,16 @@ def operand_plot(model, layer: int, head: int, path: Path) -> Path:
     return write_png(path, grid)
 
 
-def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool = True) -> dict:
+PROMPT, ANSWER = "36 + 62 =", " 98"
+
+
+def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool = True):
+    """Trace the prompt, find the operand movers (graphs/circuits.py), check them and the 20 most influential
+    heads by path patching, write the graph, its picture and the operand plot; returns (pruned graph, full
+    graph, movers sorted by |graph effect|, patching figures, the PNG or None)."""
     from graphs.attribution import attribute
-    from graphs.export import RenderError, render, write_dot, write_json
-    from graphs.patching import PathPatcher, agreement, graph_effects, parse_component
+    from graphs.circuits import operand_movers
+    from graphs.patching import graph_effects
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -70,60 +76,65 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     say = print if verbose else (lambda *a, **k: None)
     adapter = load_model("llama")
     model = ReplacementModel.load(adapter)
-    prompt = "36 + 62 ="
-    ids = adapter.tokenize(prompt)
-    tok = adapter.tokenizer
-    toks = [tok.decode([i]) for i in ids[0].tolist()]
+    ids = adapter.tokenize(PROMPT)
+    toks = [adapter.tokenizer.decode([i]) for i in ids[0].tolist()]
     pos36, pos62, last = toks.index("36"), toks.index(" 62"), len(toks) - 1
-    full = attribute(model, ids, target=" 98")
+    full = attribute(model, ids, target=ANSWER)
     graph = prune(full, 0.8, 0.98)
-    logit = graph.node(f"logit.{tok.encode(' 98', add_special_tokens=False)[0]}@{last}")
-    say(f"{prompt!r} -> ' 98' p={logit.prob:.3f}; replacement score {graph.scores['replacement_score']:.3f}")
-    # operand movers: last-position heads whose z pattern puts most of its mass on an operand position
-    movers = []
-    for h in full.nodes(type="lorsa", position=last):
-        zp = torch.tensor(h.extra["z_pattern"]).abs()
-        share = zp / zp.sum().clamp_min(1e-9)
-        for p in (pos36, pos62):
-            if share[p] > 0.5:
-                movers.append((h, p, float(share[p])))
+    logit = graph.node(f"logit.{adapter.tokenizer.encode(ANSWER, add_special_tokens=False)[0]}@{last}")
     eff = graph_effects(full, logit.id)
-    movers.sort(key=lambda m: -abs(float(eff[full.index[m[0].id]])))
-    for h, p, s in movers[:6]:
-        say(f"  operand mover {h.id}: {s:.0%} of its z pattern on {toks[p]!r}; graph effect on ' 98' "
-            f"{float(eff[full.index[h.id]]):+.3f}")
-    downstream = sorted({e.target for h, _, _ in movers[:4] for e in full.outgoing(h.id) if e.target.startswith("tc.")})
-    say(f"  transcoder features downstream of the top movers: {downstream[:8]}")
-    patcher = PathPatcher(model, ids, logit.index, demean=True)
-    checks = patcher.effects([parse_component(h.id) for h, _, _ in movers[:2]])
-    for (h, _, _), r in zip(movers[:2], checks):
-        say(f"  path patching {h.id}: ' 98' logit change {r.effect:+.3f} (graph {float(eff[full.index[h.id]]):+.3f})")
-    # graph vs patching agreement over the most influential heads
-    from graphs.prune import influence
+    movers = sorted(operand_movers(full, [pos36, pos62], last), key=lambda m: -abs(float(eff[full.index[m.head.id]])))
+    checks = patch_checks(model, ids, logit.index, full, [m.head for m in movers[:2]], eff)
+    _report(say, toks, graph, full, logit, movers, checks, eff)
+    _write(say, graph, Path(out))
+    png = None
+    if plot and movers:
+        h = movers[0].head
+        png = operand_plot(model, h.layer, h.index, Path(out) / "operand_plot.png")
+        say(f"wrote {png} (activation of {h.id.split('@')[0]} over a + b =, a down, b across)")
+    return graph, full, movers, checks, png
 
-    infl = influence(full)
-    heads = sorted(full.nodes(type="lorsa"), key=lambda n: -float(infl[full.index[n.id]]))[:20]
+
+def patch_checks(model, ids, target: int, full, movers: list, eff) -> dict:
+    """Path patching of ``movers``, and the graph vs path patching agreement over the 20 most influential heads
+    (their correlation; signs for the 5 most influential, and for the 5 largest graph effects)."""
+    from graphs.circuits import most_influential
+    from graphs.graph import NodeKind
+    from graphs.patching import PathPatcher, agreement, parse_component
+
+    patcher = PathPatcher(model, ids, target, demean=True)
+    checks = patcher.effects([parse_component(h.id) for h in movers])
+    heads = most_influential(full, NodeKind.LORSA, 20)
     patched = torch.tensor([r.effect for r in patcher.effects([parse_component(h.id) for h in heads])])
     predicted = torch.tensor([float(eff[full.index[h.id]]) for h in heads])
-    # heads in order of influence: signs for the 5 most influential, signs_largest for the 5 largest graph effects
     corr, signs, signs_largest = agreement(predicted, patched)
-    say(f"  20 most influential heads: correlation(graph, patching) = {corr:.3f}; signs agree for {signs}/5 of the "
-        f"5 most influential, {signs_largest}/5 of the 5 with the largest graph effects")
-    out = Path(out)
+    return {"movers": checks, "corr": corr, "signs": signs, "signs_largest": signs_largest}
+
+
+def _report(say, toks, graph, full, logit, movers, checks, eff) -> None:
+    from graphs.circuits import downstream_features
+
+    say(f"{PROMPT!r} -> {ANSWER!r} p={logit.prob:.3f}; replacement score {graph.scores['replacement_score']:.3f}")
+    for m in movers[:6]:
+        say(f"  operand mover {m.head.id}: {m.share:.0%} of its z pattern on {toks[m.pos]!r}; graph effect on "
+            f"{ANSWER!r} {float(eff[full.index[m.head.id]]):+.3f}")
+    say(f"  transcoder features downstream of the top movers: {downstream_features(full, [m.head for m in movers[:4]])[:8]}")
+    for m, r in zip(movers, checks["movers"]):
+        say(f"  path patching {m.head.id}: {ANSWER!r} logit change {r.effect:+.3f} (graph {float(eff[full.index[m.head.id]]):+.3f})")
+    say(f"  20 most influential heads: correlation(graph, patching) = {checks['corr']:.3f}; signs agree for "
+        f"{checks['signs']}/5 of the 5 most influential, {checks['signs_largest']}/5 of the 5 with the largest "
+        "graph effects")
+
+
+def _write(say, graph, out: Path) -> None:
+    from graphs.export import RenderError, render, write_dot, write_json
+
     write_json(graph, out / "arithmetic.json")
     dot = write_dot(graph, out / "arithmetic.dot")
     try:
         say(f"wrote {render(dot, 'svg')}")
     except RenderError as e:
         say(f"note: {e}")
-    png = None
-    if plot and movers:
-        h = movers[0][0]
-        png = operand_plot(model, h.layer, h.index, out / "operand_plot.png")
-        say(f"wrote {png} (activation of {h.id.split('@')[0]} over a + b =, a down, b across)")
-    return {"movers": movers, "graph": graph, "full": full, "checks": checks, "corr": corr, "signs": signs,
-            "signs_largest": signs_largest,
-            "logit": logit, "png": png, "positions": (pos36, pos62, last)}
 
 
 if __name__ == "__main__":

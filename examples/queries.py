@@ -28,7 +28,7 @@ def main(path: str | None = None) -> None:
     print("\nLorsa heads in layer 1 and their strongest QK pairs:")  # 3. heads + QK pairs
     for head in g.nodes(type="lorsa", layer=1):
         pairs = g.qk_pairs(head)[:2]
-        desc = "; ".join(f"{e.extra['query']} x {e.extra['key']} = {e.weight:+.3f}" for e in pairs) or "(no QK pairs kept)"
+        desc = "; ".join(f"{e.query} x {e.key} = {e.weight:+.3f}" for e in pairs) or "(no QK pairs kept)"
         print(f"  {head.id:<22} act {head.activation:.3f}  {desc}")
     last = len(g.tokens) - 1
     print(f"\nnodes at the last position ({g.tokens[last]!r}):")  # 4. by position

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -24,69 +25,151 @@ def _need(name: str):
         pytest.fail(f"the bundled {name!r} model and its replacements are missing from the package")
 
 
+def _load(name: str):
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    adapter = load_model(name)
+    return adapter, ReplacementModel.load(adapter)
+
+
 # pythia copies a held-out English sentence that recurs; the 2-layer toy copies 41% of such tokens (top-1) and not
 # the example's (p = 0.006), so it is shown on a repeated random-token span
 @pytest.mark.parametrize("model,prompt", [("toy", "random"), ("pythia", "natural")])
-def test_induction_circuit(model, prompt, tmp_path):
+def test_induction_circuit(model, prompt):
+    from graphs.circuits import heads_attending, induction_circuit
+    from graphs.patching import PathPatcher, graph_effects, parse_component
+
+    from graphs.attribution import attribute
+
     _need(model)
-    r = _example("induction").analyse(model, tmp_path, verbose=False, prompt=prompt)
-    head = r["head"]
-    # a Lorsa head at the last position whose z pattern peaks on the token after the earlier occurrence,
-    # writing the correct token's logit; the model predicts that token (its most probable next token)
-    assert head.pos == r["ids"].shape[1] - 1 and r["peak"] == r["expected_peak"]
-    answer = r["graph"].node(f"logit.{r['answer']}@{head.pos}")
-    assert answer.prob == max(n.prob for n in r["graph"].logits())
-    assert any(e.source == head.id and e.weight > 0 for e in r["full"].incoming(f"logit.{r['answer']}@{head.pos}"))
+    adapter, rm = _load(model)
+    ids, answer, expected_peak = _example("induction").showcase_prompt(adapter, prompt)
+    full = attribute(rm, ids, target=adapter.tokenizer.decode([answer]))
+    n = ids.shape[1]
+    logit_id = f"logit.{answer}@{n - 1}"
+    c = induction_circuit(full, logit_id, expected_peak, adapter.parallel_residual)
+    head = c.head
+    # a Lorsa head at the last position whose z pattern peaks on the token after the earlier occurrence, with the
+    # strongest positive edge into the correct token's logit among such heads; the model predicts that token
+    assert head.pos == n - 1 and c.peak == expected_peak and head.layer >= 1
+    assert full.node(logit_id).prob == max(x.prob for x in full.logits())
+    into = {e.source: e.weight for e in full.incoming(logit_id)}
+    rivals = [h for h in full.nodes(type="lorsa", position=n - 1) if h.id in into
+              and max(range(len(h.z_pattern)), key=lambda s: abs(h.z_pattern[s])) == expected_peak]
+    assert into[head.id] > 0 and into[head.id] == max(into[h.id] for h in rivals)
     # its QK pairs explain its attention to that key position
-    assert any(info["key_pos"] == r["expected_peak"] for info in head.extra["qk"])
-    assert (tmp_path / "induction.svg").is_file() or (tmp_path / "induction.dot").is_file()
-    assert head.layer >= 1
+    assert any(e.key_pos == expected_peak for e in head.qk) and c.pairs
     if prompt == "random":
         # its strongest QK pair at that key: the key side is an earlier head that read the previous token, the query
         # side a node carrying the current token
-        assert r["prev_head"] is not None and r["prev_head"].id == r["top_pair"].extra["key"]
-        assert r["query_reads_current"]
+        assert c.prev_head is not None and c.prev_head.id == c.pairs[0].key and c.key_source == expected_peak - 1
+        assert c.query_reads_current
     else:
         # in the sentence, its strongest QK pair matches context: an earlier-layer head at the last position and one
         # at the key position read the same token, at the same distance back from the current token and from the
         # token before the key (the earlier occurrence of the current token)
-        ids, n, peak = r["ids"][0], r["ids"].shape[1], r["peak"]
-        q, k = r["query_source"], r["key_source"]
-        assert q is not None and k is not None and q < n - 1 and k < peak
-        assert int(ids[q]) == int(ids[k]) and (n - 1) - q == (peak - 1) - k
+        q, k = c.query_source, c.key_source
+        assert q is not None and k is not None and q < n - 1 and k < expected_peak
+        assert int(ids[0, q]) == int(ids[0, k]) and (n - 1) - q == (expected_peak - 1) - k
     # path patching the head moves the logit the way the graph predicts, by >= 50% of it on pythia (on the toy
     # prompt, with the norm scales frozen as in the graph: see the README)
-    assert r["predicted"] < 0 and r["patched"] < 0
+    effects = graph_effects(full, logit_id)
+    predicted = float(effects[full.index[head.id]])
+    comp = parse_component(head.id)
+    family = heads_attending(full, n - 1, expected_peak, min_layer=1)
+    patched, family_patched = (r.effect for r in PathPatcher(rm, ids, answer, demean=True).effects(
+        [comp, tuple(parse_component(h.id) for h in family)]))
+    assert predicted < 0 and patched < 0
     if model == "pythia":
-        assert r["patched"] <= 0.5 * r["predicted"]
+        assert patched <= 0.5 * predicted
     else:
-        assert r["patched_frozen_norms"] <= 0.5 * r["predicted"]
+        frozen = PathPatcher(rm, ids, answer, demean=True, freeze_norms=True).effects([comp])[0].effect
+        assert frozen <= 0.5 * predicted
     # every last-position head of a later layer attending there, ablated together: >= 50% of the graph's prediction
-    assert head in r["family"] and len(r["family"]) > 1
-    assert r["family_predicted"] < 0 and r["family_patched"] <= 0.5 * r["family_predicted"]
+    family_predicted = sum(float(effects[full.index[h.id]]) for h in family)
+    assert head in family and len(family) > 1
+    assert family_predicted < 0 and family_patched <= 0.5 * family_predicted
+
+
+def test_induction_example(tmp_path):
+    """The example script finds the same head as the library, prints it, and writes the circuit's picture."""
+    _need("toy")
+    graph, full, c, checks = _example("induction").analyse("toy", tmp_path, verbose=False, prompt="random")
+    assert c.head.id in full.index and c.head.pos == len(full.tokens) - 1
+    assert (tmp_path / "induction.json").is_file()
+    assert (tmp_path / "induction.svg").is_file() or (tmp_path / "induction.dot").is_file()
+    assert checks["predicted"] < 0 and c.head in checks["family"]
 
 
 def test_addition_circuit(tmp_path):
+    from graphs.circuits import downstream_features, most_influential, operand_movers, z_share
+    from graphs.patching import PathPatcher, agreement, graph_effects, parse_component
+
+    from graphs.attribution import attribute
+
     _need("llama")
-    r = _example("arithmetic").analyse(tmp_path, verbose=False, plot=True)
-    pos36, pos62, last = r["positions"]
-    movers = r["movers"]
-    assert {p for _, p, _ in movers} == {pos36, pos62}  # heads that move each operand to the last position
-    assert r["logit"].label == " 98"
-    downstream = [e for h, _, _ in movers[:4] for e in r["full"].outgoing(h.id) if e.target.startswith("tc.")]
-    assert downstream
-    assert len(r["checks"]) == 2
-    for check in r["checks"]:  # path patching confirms the top two movers: ablating each lowers ' 98'
-        assert check.effect < -0.1
+    adapter, rm = _load("llama")
+    ids = adapter.tokenize("36 + 62 =")
+    full = attribute(rm, ids, target=" 98")
+    toks = [adapter.tokenizer.decode([i]) for i in ids[0].tolist()]
+    pos36, pos62, last = toks.index("36"), toks.index(" 62"), len(toks) - 1
+    logit = full.logits()[0]
+    assert logit.label == " 98"
+    movers = operand_movers(full, [pos36, pos62], last)
+    assert {m.pos for m in movers} == {pos36, pos62}  # heads that move each operand to the last position
+    for m in movers:
+        zp = [abs(x) for x in m.head.z_pattern]
+        assert m.head.pos == last and m.share == pytest.approx(zp[m.pos] / sum(zp), rel=1e-5) and m.share > 0.5
+    others = [h for h in full.nodes(type="lorsa", position=last) if h.id not in {m.head.id for m in movers}]
+    assert all(z_share(h, p) <= 0.5 for h in others for p in (pos36, pos62))
+    eff = graph_effects(full, logit.id)
+    movers.sort(key=lambda m: -abs(float(eff[full.index[m.head.id]])))
+    downstream = downstream_features(full, [m.head for m in movers[:4]])
+    assert downstream and all(full.node(f).type == "transcoder" for f in downstream)
+    patcher = PathPatcher(rm, ids, logit.index, demean=True)
+    for check in patcher.effects([parse_component(m.head.id) for m in movers[:2]]):
+        assert check.effect < -0.1  # path patching confirms the top two movers: ablating each lowers ' 98'
     # graph vs path patching on the real model: of the 5 most influential Lorsa heads, at least 4 agree in sign
     # (the faithfulness issue's bar; 4 with the jointly trained replacements, 5 with the former per-layer ones)
-    assert r["signs"] >= 4
-    png = r["png"].read_bytes()
+    heads = most_influential(full, "lorsa", 20)
+    patched = [r.effect for r in patcher.effects([parse_component(h.id) for h in heads])]
+    assert agreement([float(eff[full.index[h.id]]) for h in heads], patched)[1] >= 4
+    png = _example("arithmetic").operand_plot(rm, movers[0].head.layer, movers[0].head.index, tmp_path / "p.png")
+    png = png.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 
 
-def test_queries_example(tmp_path, monkeypatch):
+def test_queries_example(tmp_path, monkeypatch, capsys):
+    """The queries example traces `36 + 62 =`, and what it prints is true of the graph file: its paths are
+    chains of edges from an embedding or error node to the top logit, strongest first, its heads are layer 1's,
+    and the ancestor count is a breadth-first search over the file's links."""
+    import graphs
+
     _need("llama")
     monkeypatch.chdir(tmp_path)
     _example("queries").main(None)
-    assert (tmp_path / "traces" / "36-62" / "graph.json").is_file()
+    out = capsys.readouterr().out
+    g = graphs.load(tmp_path / "traces" / "36-62" / "graph.json")
+    target = g.logits()[0]
+    edges = {(e.source, e.target) for e in g.edges}
+    paths = re.findall(r"^  ([0-9.]+)  (\S.*)$", out.split("top 10 paths")[1].split("Lorsa heads")[0], re.M)
+    assert paths and len(paths) <= 10
+    strengths = [float(s) for s, _ in paths]
+    assert strengths == sorted(strengths, reverse=True) and all(0 < s <= 1 for s in strengths)
+    for _, p in paths:
+        chain = p.split(" -> ")
+        assert chain[-1] == target.id and g.node(chain[0]).type in ("embedding", "attn_error", "mlp_error")
+        assert all(pair in edges for pair in zip(chain, chain[1:]))
+    listed = re.findall(r"^  (lorsa\.1\.\d+@\d+) ", out, re.M)
+    assert listed == [h.id for h in g.nodes(type="lorsa", layer=1)]
+    parents: dict[str, set] = {}
+    for s, t in edges:
+        parents.setdefault(t, set()).add(s)
+    seen, todo = set(), [target.id]
+    while todo:
+        for s in parents.get(todo.pop(), ()):
+            if s not in seen:
+                seen.add(s)
+                todo.append(s)
+    assert f"ancestors of {target.id}: {len(seen)} nodes" in out

@@ -1,0 +1,133 @@
+"""Circuit finding on an attribution graph: the queries behind the two showcases (induction, addition).
+
+Everything here reads a graph only (node kinds, z patterns, edges, QK pairs); path patching, which needs the
+model, is graphs/patching.py.
+
+Induction: a Lorsa head at the last position whose z pattern peaks on the token after the earlier occurrence
+of the current token, writing the logit of that token; its strongest QK pair at that key position pairs a
+query-side node carrying the current token with a key-side node written at the key position by an earlier
+head (a previous-token head when that head reads the position before).
+
+Addition: operand movers are last-position Lorsa heads whose z pattern puts most of its mass on an operand
+position; the transcoder features they write into are downstream of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graph import AttributionGraph, Node, NodeKind, QKLink
+
+
+def z_peak(head: Node) -> int:
+    """The key position where a Lorsa head's z pattern is largest in size."""
+    return int(torch.tensor(head.z_pattern).abs().argmax())
+
+
+def z_share(head: Node, pos: int) -> float:
+    """The share of a Lorsa head's z pattern (in size) on key position ``pos``."""
+    zp = torch.tensor(head.z_pattern).abs()
+    return float(zp[pos] / zp.sum().clamp_min(1e-9)) if pos < len(zp) else 0.0
+
+
+# -- induction ----------------------------------------------------------------------------------------------
+
+
+def heads_attending(graph: AttributionGraph, position: int, peak: int, min_layer: int = 0) -> list[Node]:
+    """The Lorsa heads at ``position`` (of layer >= ``min_layer``) whose z pattern peaks at ``peak``."""
+    return [h for h in graph.nodes(type=NodeKind.LORSA, position=position) if h.layer >= min_layer and z_peak(h) == peak]
+
+
+def induction_heads(graph: AttributionGraph, logit_id: str, peak: int) -> list[Node]:
+    """The candidate induction heads for the logit ``logit_id``: Lorsa heads at the logit's position with a
+    direct edge into it whose z pattern peaks at ``peak`` (the token after the earlier occurrence), the
+    strongest (most positive) edge first."""
+    logit = graph.node(logit_id)
+    into = {e.source: e.weight for e in graph.incoming(logit_id)}
+    heads = [h for h in heads_attending(graph, logit.pos, peak) if h.id in into]
+    return sorted(heads, key=lambda h: -into[h.id])
+
+
+@dataclass
+class InductionCircuit:
+    head: Node  # the induction head
+    peak: int  # where its z pattern peaks
+    pairs: list[QKLink]  # its QK pairs at that key position, strongest first
+    query: Node | None  # the query side of the strongest pair
+    key: Node | None  # the key side of the strongest pair
+    query_reads_current: bool  # the query side carries the current token alone
+    query_source: int | None  # the position a query-side head reads (z peak), if the query side is such a head
+    key_source: int | None  # the position a key-side head reads (z peak), if the key side is an earlier head
+    prev_head: Node | None  # the key side, if it is a previous-token head (it reads the position before the peak)
+
+
+def induction_circuit(graph: AttributionGraph, logit_id: str, peak: int, parallel_residual: bool = False) -> InductionCircuit:
+    """The strongest induction head for ``logit_id`` attending to ``peak`` and what its strongest QK pair
+    there is made of.  ``parallel_residual``: a layer-0 MLP node then reads the embedding alone (so it
+    carries the current token).  Raises LookupError if no head qualifies."""
+    heads = induction_heads(graph, logit_id, peak)
+    if not heads:
+        raise LookupError("no Lorsa head at the last position attends to the token after the earlier occurrence")
+    head = heads[0]
+    pairs = sorted((e for e in graph.qk_pairs(head) if e.key_pos == peak), key=lambda e: -abs(e.weight))
+    query = graph.node(pairs[0].query) if pairs else None
+    key = graph.node(pairs[0].key) if pairs else None
+    key_source = z_peak(key) if _earlier_head(key, head) else None
+    query_source = z_peak(query) if _earlier_head(query, head) and query.pos == head.pos else None
+    return InductionCircuit(head, z_peak(head), pairs, query, key, _carries_current_token(query, head, parallel_residual),
+                            query_source, key_source, key if key_source is not None and key_source == peak - 1 else None)
+
+
+def _earlier_head(node: Node | None, head: Node) -> bool:
+    return node is not None and node.type == NodeKind.LORSA and node.layer < head.layer and node.z_pattern is not None
+
+
+def _carries_current_token(query: Node | None, head: Node, parallel_residual: bool) -> bool:
+    """A node written at the head's position before its layer that reads only the token there: the embedding,
+    a head attending to its own position, or a layer-0 MLP node of a parallel-residual model."""
+    if query is None or query.pos != head.pos or query.layer >= head.layer:
+        return False
+    return (query.type == NodeKind.EMBEDDING or (query.type == NodeKind.LORSA and z_peak(query) == head.pos)
+            or (query.type in (NodeKind.TRANSCODER, NodeKind.MLP_ERROR) and query.layer == 0 and parallel_residual))
+
+
+def circuit_nodes(graph: AttributionGraph, head: Node, logit: Node, k: int = 6) -> set[str]:
+    """A small picture of a head's circuit: the head, the logit, the ``k`` strongest sources of each, the
+    nodes of the head's ``k`` strongest QK pairs, and every embedding."""
+    keep = {head.id, logit.id}
+    keep |= {e.source for e in graph.incoming(head, k=k)} | {e.source for e in graph.incoming(logit, k=k)}
+    for e in graph.qk_pairs(head)[:k]:
+        keep |= {e.query, e.key}
+    return keep | {n.id for n in graph.nodes(type=NodeKind.EMBEDDING)}
+
+
+# -- addition -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OperandMover:
+    head: Node
+    pos: int  # the operand position it reads
+    share: float  # the share of its z pattern there
+
+
+def operand_movers(graph: AttributionGraph, operands: list[int], position: int, min_share: float = 0.5) -> list[OperandMover]:
+    """The Lorsa heads at ``position`` that put more than ``min_share`` of their z pattern on one of the
+    ``operands`` positions, in graph order."""
+    return [OperandMover(h, p, z_share(h, p)) for h in graph.nodes(type=NodeKind.LORSA, position=position)
+            for p in operands if z_share(h, p) > min_share]
+
+
+def downstream_features(graph: AttributionGraph, heads: list[Node]) -> list[str]:
+    """The transcoder features that ``heads`` have an edge into, sorted by id."""
+    return sorted({e.target for h in heads for e in graph.outgoing(h)
+                   if graph.node(e.target).type == NodeKind.TRANSCODER})
+
+
+def most_influential(graph: AttributionGraph, kind: NodeKind, k: int, influence: torch.Tensor | None = None) -> list[Node]:
+    """The ``k`` nodes of ``kind`` with the largest influence on the logits (graphs/prune.py), largest first."""
+    from .prune import influence as influence_of
+
+    infl = influence_of(graph) if influence is None else influence
+    return sorted(graph.nodes(type=kind), key=lambda n: -float(infl[graph.index[n.id]]))[:k]

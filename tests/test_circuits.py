@@ -1,0 +1,85 @@
+"""graphs/circuits.py on small hand-made graphs, against what each query means, worked out by hand."""
+from __future__ import annotations
+
+import pytest
+
+from graphs.circuits import (circuit_nodes, downstream_features, heads_attending, induction_circuit, induction_heads,
+                             most_influential, operand_movers, z_peak, z_share)
+from graphs.graph import AttributionGraph, Edge, Node, QKEntry, QKPair
+
+
+def _induction_graph(parallel: bool = False) -> AttributionGraph:
+    """Tokens a b c a (positions 0-3); the answer b follows the earlier a, at key position 1.  Layer 0: a
+    previous-token head at position 1 (reads position 0) and a head at position 3 reading its own token;
+    layer 1: two heads at position 3 peaking at 1 (edges +2 and +1 into the logit), one peaking at 2 (+5)."""
+    emb = [Node(f"emb@{p}", "embedding", -1, p, 10 + p) for p in range(4)]
+    prev = Node("lorsa.0.4@1", "lorsa", 0, 1, 4, activation=1.0, z_pattern=[0.9, 0.1])
+    own = Node("lorsa.0.5@3", "lorsa", 0, 3, 5, activation=1.0, z_pattern=[0.0, 0.1, 0.1, -0.8])
+    pairs = [QKPair("emb@3", "emb@1", 0.5), QKPair("lorsa.0.5@3", "lorsa.0.4@1", -2.0)]
+    strong = Node("lorsa.1.7@3", "lorsa", 1, 3, 7, activation=1.0, z_pattern=[0.1, -0.7, 0.1, 0.1],
+                  qk=[QKEntry(1, 0.8, 3.0, pairs), QKEntry(2, 0.1, 0.2, [QKPair("emb@3", "emb@2", 9.0)])])
+    weak = Node("lorsa.1.8@3", "lorsa", 1, 3, 8, activation=1.0, z_pattern=[0.0, 0.6, 0.2, 0.2])
+    other = Node("lorsa.1.9@3", "lorsa", 1, 3, 9, activation=1.0, z_pattern=[0.0, 0.1, 0.8, 0.1])
+    mlp = Node("tc.0.2@3", "transcoder", 0, 3, 2, activation=1.0)
+    logit = Node("logit.11@3", "logit", 2, 3, 11, prob=0.9)
+    edges = [Edge("lorsa.1.7@3", "logit.11@3", 2.0), Edge("lorsa.1.8@3", "logit.11@3", 1.0),
+             Edge("lorsa.1.9@3", "logit.11@3", 5.0), Edge("emb@3", "lorsa.1.7@3", 1.0), Edge("emb@1", "lorsa.0.4@1", 1.0),
+             Edge("lorsa.0.5@3", "tc.0.2@3", 1.0), Edge("emb@3", "lorsa.0.5@3", 1.0)]
+    return AttributionGraph("a b c a", ["a", "b", "c", "a"], [10, 11, 12, 10],
+                            emb + [prev, own, mlp, strong, weak, other, logit], edges)
+
+
+def test_z_peak_and_share():
+    h = Node("lorsa.1.7@3", "lorsa", 1, 3, 7, z_pattern=[0.1, -0.7, 0.1, 0.1])
+    assert z_peak(h) == 1
+    assert z_share(h, 1) == pytest.approx(0.7) and z_share(h, 0) == pytest.approx(0.1) and z_share(h, 9) == 0.0
+
+
+def test_induction_heads_and_circuit():
+    g = _induction_graph()
+    assert [h.id for h in heads_attending(g, 3, 1)] == ["lorsa.1.7@3", "lorsa.1.8@3"]
+    assert [h.id for h in heads_attending(g, 3, 3)] == ["lorsa.0.5@3"]
+    assert heads_attending(g, 3, 3, min_layer=1) == []
+    # the head peaking at 2 has the strongest edge, but not at the key position asked for
+    assert [h.id for h in induction_heads(g, "logit.11@3", 1)] == ["lorsa.1.7@3", "lorsa.1.8@3"]
+    c = induction_circuit(g, "logit.11@3", 1)
+    assert c.head.id == "lorsa.1.7@3" and c.peak == 1
+    # pairs at key 1 only, strongest |weight| first: the layer-0 pair, then the embeddings'
+    assert [(e.query, e.key) for e in c.pairs] == [("lorsa.0.5@3", "lorsa.0.4@1"), ("emb@3", "emb@1")]
+    assert c.query.id == "lorsa.0.5@3" and c.query_source == 3 and c.query_reads_current  # it reads its own token
+    assert c.key.id == "lorsa.0.4@1" and c.key_source == 0 and c.prev_head is c.key  # 0 = 1 - 1: previous token
+    # k = 1: the strongest source of each, the strongest QK pair over every key position (emb@3 x emb@2, 9.0)
+    embs = {"emb@0", "emb@1", "emb@2", "emb@3"}
+    assert circuit_nodes(g, c.head, g.node("logit.11@3"), k=1) == {"lorsa.1.7@3", "logit.11@3", "lorsa.1.9@3"} | embs
+    assert circuit_nodes(g, c.head, g.node("logit.11@3"), k=2) == {
+        "lorsa.1.7@3", "logit.11@3", "lorsa.1.9@3", "lorsa.1.7@3", "lorsa.0.5@3", "lorsa.0.4@1"} | embs
+    with pytest.raises(LookupError):
+        induction_circuit(g, "logit.11@3", 0)
+
+
+def test_query_side_that_does_not_carry_the_current_token():
+    g = _induction_graph()
+    g.node("lorsa.0.5@3").z_pattern = [0.0, 0.9, 0.0, 0.1]  # now it reads position 1, not its own token
+    c = induction_circuit(g, "logit.11@3", 1)
+    assert not c.query_reads_current and c.query_source == 1
+    g.node("lorsa.0.4@1").z_pattern = [0.1, 0.9]  # the key side reads its own position: no previous-token head
+    assert induction_circuit(g, "logit.11@3", 1).prev_head is None
+
+
+def test_operand_movers_downstream_and_influence():
+    nodes = [Node("emb@0", "embedding", -1, 0, 1), Node("emb@1", "embedding", -1, 1, 2),
+             Node("lorsa.0.1@2", "lorsa", 0, 2, 1, z_pattern=[0.6, 0.2, 0.2]),
+             Node("lorsa.0.2@2", "lorsa", 0, 2, 2, z_pattern=[0.1, -0.8, 0.1]),
+             Node("lorsa.0.3@2", "lorsa", 0, 2, 3, z_pattern=[0.5, 0.5, 0.0]),  # exactly half: not a mover
+             Node("lorsa.0.4@1", "lorsa", 0, 1, 4, z_pattern=[0.9, 0.1]),  # not at the last position
+             Node("tc.0.5@2", "transcoder", 0, 2, 5, activation=1.0), Node("logit.3@2", "logit", 1, 2, 3, prob=1.0)]
+    edges = [Edge("lorsa.0.1@2", "tc.0.5@2", 1.0), Edge("lorsa.0.1@2", "logit.3@2", 1.0),
+             Edge("lorsa.0.2@2", "logit.3@2", -3.0), Edge("tc.0.5@2", "logit.3@2", 4.0), Edge("emb@0", "lorsa.0.1@2", 1.0)]
+    g = AttributionGraph("x + y", ["x", "+", "y"], [1, 2, 3], nodes, edges)
+    movers = operand_movers(g, [0, 1], 2)
+    assert [(m.head.id, m.pos) for m in movers] == [("lorsa.0.1@2", 0), ("lorsa.0.2@2", 1)]
+    assert [m.share for m in movers] == pytest.approx([0.6, 0.8])
+    assert downstream_features(g, [m.head for m in movers]) == ["tc.0.5@2"]
+    # influence (normalised |weights| into the logit: lorsa.0.1 1/8, lorsa.0.2 3/8, tc 4/8; tc passes 4/8 on
+    # to lorsa.0.1, all it reads): lorsa.0.1 1/8 + 4/8 = 5/8 > lorsa.0.2 3/8 > the others' 0
+    assert [h.id for h in most_influential(g, "lorsa", 2)] == ["lorsa.0.1@2", "lorsa.0.2@2"]
