@@ -64,26 +64,13 @@ class QKTables:
         n, d = lin.n, lin.d
         read_slot = 2 * layer
         const = lin.read_constants(read_slot)  # [n, d]
-        # the rows this layer reads, packed by position (node order within a position)
-        sel = (writes.slot <= read_slot).nonzero().squeeze(1)
-        rows = sel[torch.argsort(writes.pos[sel], stable=True)]
-        pos = writes.pos[rows]
-        counts = torch.bincount(pos, minlength=n)
-        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        rows, pos, counts, starts = _packed_rows(writes, read_slot, n)
         names = [writes.names[i] for i in rows.tolist()]
         self.names = [names[a : a + m] for a, m in zip(starts, counts.tolist())]  # per position: each row's node
         M = max(1, int(counts.max()))
         # row p M + r of the tables is node r of position p; rows after a position's nodes are zero
         sig = lin.rec.layers[layer].ln1_scale.reshape(n)
-        if lin.skip_layers(read_slot):
-            # a skip connection below maps each write by its position's norm scale: every row is its own unit
-            vec, row_unit = writes.unit_vec[rows] * writes.act[rows, None], torch.arange(len(rows), device=rows.device)
-            vec, act = lin.through_skips(vec, writes.slot[rows], pos, read_slot), torch.ones_like(writes.act[rows])
-        else:
-            units, row_unit = torch.unique(writes.unit[rows], return_inverse=True)
-            first = torch.full((len(units),), len(rows), device=rows.device).scatter_reduce_(
-                0, row_unit, torch.arange(len(rows), device=rows.device), "amin")
-            vec, act = writes.unit_vec[rows[first]], writes.act[rows]
+        vec, act, row_unit = _row_units(lin, writes, rows, pos, read_slot)
         D = torch.cat([vec, vec.new_zeros(1, d)])  # [units + 1, d]; the last row is padding
         dev = D.device
         slots = pos * M + torch.arange(len(rows), device=dev) - torch.tensor(starts, device=dev)[pos]
@@ -124,6 +111,30 @@ class QKTables:
     def side_bias(self, side: int, groups: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[P, e]: the constant term of group ``groups`` [P] at ``positions`` [P]."""
         return self.bias[side * self.G + groups, positions]
+
+
+def _packed_rows(writes: Writes, read_slot: int, n: int):
+    """The write rows a layer reading ``read_slot`` sees, packed by position (node order within a position):
+    (rows [R], their positions [R], rows per position [n], each position's first row)."""
+    sel = (writes.slot <= read_slot).nonzero().squeeze(1)
+    rows = sel[torch.argsort(writes.pos[sel], stable=True)]
+    pos = writes.pos[rows]
+    counts = torch.bincount(pos, minlength=n)
+    return rows, pos, counts, (torch.cumsum(counts, 0) - counts).tolist()
+
+
+def _row_units(lin, writes: Writes, rows: torch.Tensor, pos: torch.Tensor, read_slot: int):
+    """(unit vectors [U, d], each row's activation [R], each row's unit [R]): a Lorsa head or feature active at
+    several positions is one unit; with a skip connection below, which maps each write by its position's
+    norm scale, every row is its own unit (its write as it arrives at ``read_slot``, activation 1)."""
+    if lin.skip_layers(read_slot):
+        vec = writes.unit_vec[rows] * writes.act[rows, None]
+        return (lin.through_skips(vec, writes.slot[rows], pos, read_slot), torch.ones_like(writes.act[rows]),
+                torch.arange(len(rows), device=rows.device))
+    units, row_unit = torch.unique(writes.unit[rows], return_inverse=True)
+    first = torch.full((len(units),), len(rows), device=rows.device).scatter_reduce_(
+        0, row_unit, torch.arange(len(rows), device=rows.device), "amin")
+    return writes.unit_vec[rows[first]], writes.act[rows], row_unit
 
 
 def _pairs_side_by_side(e: int, rd: int) -> list[int]:
