@@ -38,8 +38,8 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         for seed in range(1, args.seeds + 1):
             try:
-                r = example.analyse(args.model, out, seed=seed, verbose=False, prompt=args.prompt)
-            except RuntimeError as e:  # no last-position head attends to the earlier occurrence
+                graph, _, c, r = example.analyse(args.model, out, seed=seed, verbose=False, prompt=args.prompt)
+            except LookupError as e:  # no last-position head attends to the earlier occurrence
                 print(f"seed {seed:>2} {e}")
                 continue
             row = {"head": r["patched"] / r["predicted"],
@@ -47,8 +47,8 @@ def main():
                    "heads together": r["family_patched"] / r["family_predicted"]}
             for k, v in row.items():
                 ratios[k].append(v)
-            p = r["graph"].node(f"logit.{r['answer']}@{r['head'].pos}").prob
-            print(f"seed {seed:>2} p={p:.2f} {r['head'].id:<18} {r['patched']:+6.2f} / {r['predicted']:+6.2f} = "
+            p = graph.logit(r["answer"]).prob
+            print(f"seed {seed:>2} p={p:.2f} {c.head.id:<18} {r['patched']:+6.2f} / {r['predicted']:+6.2f} = "
                   f"{row['head']:5.2f}   norms frozen {row['head, norms frozen']:5.2f}   {len(r['family'])} heads "
                   f"together {r['family_patched']:+6.2f} / {r['family_predicted']:+6.2f} = {row['heads together']:.2f}")
     for k, v in ratios.items():

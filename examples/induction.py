@@ -45,8 +45,8 @@ def patch_checks(model, ids, answer: int, full, circuit) -> dict:
     patched, family_patched = (r.effect for r in PathPatcher(model, ids, answer, demean=True).effects(
         [comp, tuple(parse_component(h.id) for h in family)]))
     frozen = PathPatcher(model, ids, answer, demean=True, freeze_norms=True).effects([comp])[0].effect
-    effects = graph_effects(full, f"logit.{answer}@{n - 1}")
-    return {"family": family, "patched": patched, "patched_frozen_norms": frozen,
+    effects = graph_effects(full, full.logit(answer).id)
+    return {"answer": answer, "family": family, "patched": patched, "patched_frozen_norms": frozen,
             "predicted": float(effects[full.index[head.id]]), "family_patched": family_patched,
             "family_predicted": sum(float(effects[full.index[h.id]]) for h in family)}
 
@@ -67,7 +67,7 @@ def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: 
     ids, answer, expected_peak = showcase_prompt(adapter, prompt, seed)
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]))
     graph = prune(full, 0.8, 0.98)
-    logit = graph.node(f"logit.{answer}@{ids.shape[1] - 1}")
+    logit = graph.logit(answer)
     circuit = induction_circuit(full, logit.id, expected_peak, adapter.parallel_residual)
     checks = patch_checks(model, ids, answer, full, circuit)
     _report(say, adapter.tokenizer, ids, graph, full, logit, circuit, checks)

@@ -285,6 +285,13 @@ class AttributionGraph:
     def logits(self) -> list[Node]:
         return sorted(self.nodes(type="logit"), key=lambda n: -n.prob)
 
+    def logit(self, token_id: int) -> Node:
+        """The logit node of a token (KeyError if the token is not among the graph's logits)."""
+        for n in self.nodes(type=NodeKind.LOGIT):
+            if n.index == token_id:
+                return n
+        raise KeyError(f"no logit node for token {token_id} in this graph")
+
     def _edges_where(self, mask: torch.Tensor, k: int | None) -> list[Edge]:
         E = self.edge_arrays
         idx = mask.nonzero()[:, 0]
