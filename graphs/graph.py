@@ -407,5 +407,5 @@ class AttributionGraph:
                                  other.settings, other.scores)
 
     def __repr__(self) -> str:
-        counts = {t: len(self.nodes(type=t)) for t in NODE_TYPES}
+        counts = {t.value: len(self.nodes(type=t)) for t in NODE_TYPES}
         return f"AttributionGraph({self.prompt!r}, nodes={counts}, edges={len(self.edge_arrays)}, qk={len(self.qk)})"

@@ -101,7 +101,7 @@ class Linearised:
             b = tc.b_dec.detach().float()
             b_ln = norm_bias(self.adapter.mlp_norm(L))
             if tc.W_skip is not None and b_ln is not None:
-                b = b + b_ln @ tc.W_skip.float()  # the skip of the norm's own bias
+                b = b + tc.skip(b_ln)  # the skip of the norm's own bias
             return b
         if self.model.attention == "lorsa":
             return self.model.lorsas[L].b_O.detach().float()
