@@ -94,11 +94,6 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
             if e[end] not in seen:
                 raise BadGraphError(f"{where}: a link's {end} {_short(e[end])} is not a node of the graph")
     for n in d["nodes"]:
-        for entry in n.get("qk", ()):  # a QK pair names a query-side and a key-side node of the graph
-            for node_id in (x for pair in entry["pairs"] for x in pair[:2]):
-                if node_id not in seen:
-                    raise BadGraphError(f"{where}: a QK pair of {_short(n['node_id'])} names {_short(node_id)}, "
-                                        "which is not a node of the graph")
         for field in ("activation", "influence"):
             if n[field] is None:
                 raise BadGraphError(f"{where}: node {_short(n['node_id'])} has no {field} (null)")

@@ -113,7 +113,6 @@ CASES = [
     Case("query-no-logit", ["circuits", "query", "{G}/nologit.json"], "has no logit node"),
     Case("render-null-score", ["circuits", "render", "{G}/nullscore.json"], "metadata.scores.replacement_score is None"),
     Case("query-bad-qk", ["circuits", "query", "{G}/badqk.json"], "does not follow the graph schema"),
-    Case("query-qk-unknown-node", ["circuits", "query", "{G}/qknode.json"], "which is not a node of the graph"),
     Case("query-unknown-node", ["circuits", "query", "{G}/good.json", "--node", "emb@99"], "no node 'emb@99'"),
     Case("query-node-escape", ["circuits", "query", "{G}/good.json", "--node", "\x1b[2Jx"], "no node '\\x1b[2Jx'"),
     Case("query-paths-0", ["circuits", "query", "{G}/good.json", "--paths", "0"], "--paths must be at least 1"),
@@ -276,7 +275,6 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("nullscore.json", lambda x: x["metadata"]["scores"].update(replacement_score=None))
     head = next(i for i, n in enumerate(d["nodes"]) if n.get("qk"))
     mutated("badqk.json", lambda x: x["nodes"][head]["qk"][0].update(pairs=[["a", "b"]]))
-    mutated("qknode.json", lambda x: x["nodes"][head]["qk"][0].update(pairs=[["emb@0", "emb@99", 1.0]]))
 
 
 def _training_states(w: Path, names: dict, ckpt) -> None:
