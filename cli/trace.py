@@ -39,18 +39,20 @@ def _formats(value: str) -> list[str]:
 @click.option("--node-threshold", type=float, default=0.8, show_default=True)
 @click.option("--edge-threshold", type=float, default=0.98, show_default=True)
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")
+@click.option("--full", is_flag=True, help="Write the whole pruned graph (by default graph.json keeps at most 1500 "
+              "features and 80,000 edges, so it stays under 20 MB).")
 @click.option("--qk/--no-qk", default=True, show_default=True, help="Explain Lorsa attention scores by QK feature pairs.")
 @click.option("--qk-heads", type=int, default=None, help="Explain only the N most influential Lorsa heads.")
 @click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
 @click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
-def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, qk,
-          qk_heads, fmt, draw_nodes, replacements):
+def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, full,
+          qk, qk_heads, fmt, draw_nodes, replacements):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
-    from graphs.prune import prune
+    from graphs.prune import file_caps, prune
     from graphs.validate import check_finite
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -59,7 +61,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
-                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
+                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "full": full, "qk": qk, "qk_heads": qk_heads,
                 "replacements": replacements, "dtype": dtype}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
@@ -83,8 +85,8 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         vals, idx = probs.topk(5)
         click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-        full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
-        graph = prune(full, node_threshold, edge_threshold, max_nodes)
+        whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
+        graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
         check_finite(graph)
         s = graph.scores
         click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "

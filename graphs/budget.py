@@ -24,6 +24,7 @@ from replacement.errors import BadInputError
 
 BYTES_PER_EDGE = 76
 BUDGET_ENV = "CIRCUITS_MEMORY_BUDGET"
+AVAILABLE_SHARE = 0.8  # of the memory available now: the default budget leaves room for the rest of the machine
 
 
 @dataclass
@@ -51,16 +52,18 @@ def estimate(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], max_logi
 
 
 def available_bytes() -> int | None:
-    """``$CIRCUITS_MEMORY_BUDGET`` (bytes; K/M/G suffixes) if set, else the memory available now (Linux:
-    MemAvailable, capped by a cgroup limit); None where neither can be read."""
+    """``$CIRCUITS_MEMORY_BUDGET`` (bytes; K/M/G suffixes) if set, else ``AVAILABLE_SHARE`` of the memory
+    available now (Linux: MemAvailable, capped by a cgroup limit); None where neither can be read."""
     value = os.environ.get(BUDGET_ENV)
     if value:
         return parse_bytes(value)
     avail = _meminfo_available()
     limit = _cgroup_room()
     if avail is None or limit is None:
-        return avail if limit is None else limit
-    return min(avail, limit)
+        room = avail if limit is None else limit
+    else:
+        room = min(avail, limit)
+    return None if room is None else int(room * AVAILABLE_SHARE)
 
 
 def parse_bytes(text: str) -> int:

@@ -58,14 +58,29 @@ def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[st
     return {"replacement_score": emb / max(emb + err, 1e-30), "completeness_score": completeness}
 
 
+# a default trace's file caps (graph.json <= 20 MB at any prompt length): a link is ~105 bytes of JSON, a
+# Lorsa head's node ~3.3 KB at 31 tokens (its z pattern and QK entries; ~4.5 KB at 127), any other ~450 bytes:
+# 1500 x 4.5 KB + 80,000 x 105 B + ~1,200 error and embedding nodes is ~16 MB.  `trace --full` lifts them.
+FILE_MAX_FEATURES = 1500
+FILE_MAX_EDGES = 80_000
+
+
+def file_caps(max_nodes: int | None, full: bool) -> tuple[int | None, int | None]:
+    """(max_nodes, max_edges) for `prune` in a command: the file caps unless ``full``; ``max_nodes`` (the
+    user's) wins where it is smaller."""
+    if full:
+        return max_nodes, None
+    return min(max_nodes or FILE_MAX_FEATURES, FILE_MAX_FEATURES), FILE_MAX_EDGES
+
+
 def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-          max_nodes: int | None = None) -> AttributionGraph:
+          max_nodes: int | None = None, max_edges: int | None = None) -> AttributionGraph:
     """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
     ``edge_threshold`` of the influence-weighted edge mass, then drop nodes left without outgoing edges until
     nothing changes.  Embeddings, error nodes and logits are always kept (while they have edges); a kept
     Lorsa head keeps the nodes of its QK pairs.  Scores are computed on the full graph and stored with the
     pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the most influential
-    ones."""
+    ones, ``max_edges`` the kept edges at the strongest (by the same influence-weighted score)."""
     for name, t in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
         if not 0 < t <= 1:
             raise ValueError(f"the {name} must be in (0, 1], not {t}")
@@ -75,7 +90,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         n.influence = float(infl[i])
     E = graph.edge_arrays
     keep = _kept_nodes(graph, infl, node_threshold, max_nodes)
-    edge_keep = _kept_edges(graph, infl, keep, edge_threshold)
+    edge_keep = _kept_edges(graph, infl, keep, edge_threshold, max_edges)
     keep, edge_keep = _drop_dead_ends(graph, keep, edge_keep)
     _keep_qk_nodes(graph, keep)
     kept = keep.nonzero()[:, 0]
@@ -83,7 +98,8 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     remap[kept] = torch.arange(len(kept))
     pruned = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, [graph.node_list[i] for i in kept.tolist()],
                               E.select(edge_keep, remap), dict(graph.settings), dict(graph.scores))
-    pruned.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
+    pruned.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes,
+                           max_edges=max_edges)
     pruned.scores.update({k: v for k, v in full_scores.items()},
                          full_nodes=len(graph), full_edges=len(E), pruned_nodes=len(pruned), pruned_edges=len(pruned.edge_arrays))
     pruned.scores.update({f"pruned_{k}": v for k, v in scores(pruned).items()})
@@ -106,15 +122,18 @@ def _kept_nodes(graph: AttributionGraph, infl: torch.Tensor, node_threshold: flo
     return keep
 
 
-def _kept_edges(graph: AttributionGraph, infl: torch.Tensor, keep: torch.Tensor, edge_threshold: float) -> torch.Tensor:
+def _kept_edges(graph: AttributionGraph, infl: torch.Tensor, keep: torch.Tensor, edge_threshold: float,
+                max_edges: int | None = None) -> torch.Tensor:
     """[n_edges] bool: among the edges between kept nodes, the smallest set covering ``edge_threshold`` of the
-    influence-weighted mass (normalised |weight| x the target's influence)."""
+    influence-weighted mass (normalised |weight| x the target's influence), at most ``max_edges``."""
     E = graph.edge_arrays
     edge_keep = keep[E.src] & keep[E.tgt]
     score = normalised_weights(graph) * infl[E.tgt] * edge_keep
     order = score.argsort(descending=True)
     cum = score[order].cumsum(0)
     n_keep = int((cum < edge_threshold * cum[-1]).sum()) + 1 if len(cum) and cum[-1] > 0 else 0
+    if max_edges is not None:
+        n_keep = min(n_keep, max_edges)
     chosen = torch.zeros_like(edge_keep)
     chosen[order[:n_keep]] = True
     return edge_keep & chosen
