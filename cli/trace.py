@@ -56,8 +56,10 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     from graphs.validate import check_finite
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
+    from replacement.threads import set_threads
     from replacement.tokenizer import token_text
 
+    set_threads()
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,

@@ -1,6 +1,7 @@
 """Working at real sizes: the file caps of a default trace, and (graphs/budget.py) what bounds memory."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from graphs.attribution import attribute
@@ -36,3 +37,26 @@ def test_file_caps():
     assert file_caps(None, False) == (FILE_MAX_FEATURES, FILE_MAX_EDGES)
     assert file_caps(7, False) == (7, FILE_MAX_EDGES) and file_caps(10**6, False)[0] == FILE_MAX_FEATURES
     assert file_caps(None, True) == (None, None) and file_caps(7, True) == (7, None)
+
+
+def test_thread_policy(monkeypatch):
+    """Threads: never more than the free cores, never fewer than 1, never more than torch's default; the busy
+    cores read from /proc/loadavg's text; an explicit count wins, a bad one is refused in one line."""
+    from replacement.errors import BadInputError
+    from replacement.threads import busy_cores, set_threads, thread_count
+
+    assert busy_cores("0.10 0.20 0.30 1/300 123") == 0  # only this process runnable, no load
+    assert busy_cores("0.10 0.20 0.30 3/300 123") == 2  # two others runnable now
+    assert busy_cores("1.90 0.20 0.30 1/300 123") == 1  # a busy minute, whole cores
+    assert busy_cores("garbage") == 0
+    assert thread_count(2, 0, 2) == 2 and thread_count(2, 1, 2) == 1 and thread_count(2, 5, 2) == 1
+    assert thread_count(16, 2, 8) == 8
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("CIRCUITS_THREADS", "1")
+        assert set_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("CIRCUITS_THREADS", "many")
+        with pytest.raises(BadInputError, match="CIRCUITS_THREADS='many' must be a whole number"):
+            set_threads()
+    finally:
+        torch.set_num_threads(before)
