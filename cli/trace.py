@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 import torch  # noqa: E402
 
+from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
@@ -39,6 +40,8 @@ def _formats(value: str) -> list[str]:
 @click.option("--node-threshold", type=float, default=0.8, show_default=True)
 @click.option("--edge-threshold", type=float, default=0.98, show_default=True)
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")
+@click.option("--max-feature-nodes", type=int, default=DEFAULT_MAX_FEATURE_NODES, show_default=True,
+              help="Attribute at most this many features/heads, the most influential first (saves time and memory).")
 @click.option("--full", is_flag=True, help="Write the whole pruned graph (by default graph.json keeps at most 1500 "
               "features and 80,000 edges, so it stays under 20 MB).")
 @click.option("--qk/--no-qk", default=True, show_default=True, help="Explain Lorsa attention scores by QK feature pairs.")
@@ -47,8 +50,8 @@ def _formats(value: str) -> list[str]:
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
 @click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
-def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, full,
-          qk, qk_heads, fmt, draw_nodes, replacements):
+def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes,
+          max_feature_nodes, full, qk, qk_heads, fmt, draw_nodes, replacements):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
@@ -60,10 +63,12 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     from replacement.tokenizer import token_text
 
     set_threads()
-    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
+    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt,
+                          max_feature_nodes)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
-                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "full": full, "qk": qk, "qk_heads": qk_heads,
+                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "full": full,
+                "max_feature_nodes": max_feature_nodes, "qk": qk, "qk_heads": qk_heads,
                 "replacements": replacements, "dtype": dtype}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
@@ -73,7 +78,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
             adapter = load_model(model_name, device, dtype)
             ids = adapter.tokenize(prompt)
             model = ReplacementModel.load(adapter, replacements, attention)
-        _check_memory(model, ids.shape[1])
+        _check_memory(model, ids.shape[1], max_feature_nodes)
         times["load"] = time.time() - t0
         t1 = time.time()
         with torch.no_grad():
@@ -87,7 +92,8 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         vals, idx = probs.topk(5)
         click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-        whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
+        whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(),
+                          max_feature_nodes=max_feature_nodes)
         graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
         check_finite(graph)
         s = graph.scores
@@ -156,12 +162,14 @@ def _warn_if_pure_model_disagrees(model, ids, probs) -> None:
                    f"model {tok.decode([real])!r}: this graph's answer rests on its error nodes")
 
 
-def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:
+def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt,
+                   max_feature_nodes=None) -> list[str]:
     """Everything that can be checked before loading anything; returns the formats."""
     for name, t in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0 < t <= 1:
             raise BadInputError(f"{name} must be in (0, 1], not {t}")
-    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads), ("--draw-nodes", draw_nodes)):
+    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads), ("--draw-nodes", draw_nodes),
+                    ("--max-feature-nodes", max_feature_nodes)):
         if v is not None and v < 1:
             raise BadInputError(f"{name} must be at least 1, not {v}")
     fmts = _formats(fmt)
@@ -184,13 +192,13 @@ def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -
             single_token(tok, target, "--target")
 
 
-def _check_memory(model, n_tokens: int) -> None:
+def _check_memory(model, n_tokens: int, max_feature_nodes: int | None) -> None:
     """Refuse in one line a graph whose estimated size exceeds the memory available (graphs/budget.py)."""
     from graphs.budget import check, estimate
 
     lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
     tc_k = [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
-    check(estimate(n_tokens, lorsa_k, tc_k), n_tokens)
+    check(estimate(n_tokens, lorsa_k, tc_k, max_feature_nodes=max_feature_nodes), n_tokens)
 
 
 def _print_paths(graph) -> None:

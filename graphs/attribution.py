@@ -74,14 +74,18 @@ def _gc_paused():
 def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
-              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8) -> AttributionGraph:
+              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
+              max_feature_nodes: int | None = None) -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
     the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
     ``sparse_record``: trace the pure sparse model itself (all errors are then zero).
     ``qk``: explain the attention scores of Lorsa heads (all of them, or the ``qk_heads`` most influential)
-    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py)."""
+    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py).
+    ``max_feature_nodes``: where the prompt has more active features (Lorsa heads and transcoder features)
+    than this, expand only this many, the most influential first (graphs/budgeted.py); the graph then holds
+    those features only (the rest's edges summed into each target's ``dropped``)."""
     t0 = time.time()
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
@@ -92,29 +96,46 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     made = _graph_nodes(model, rec, tokens)
     target_id = None if target is None else single_token(tok, target)
     _logit_nodes(made, rec, tok, target_id, logit_coverage, max_logits, lin.N)
-    nodes, sources = made.nodes, made.sources
-    edges = _edges(lin, nodes, sources, made.targets, batch_size, edges_per_target, progress)
+    all_nodes, sources = made.nodes, made.sources
+    n_features = sum(len(t[2]) for t in made.targets if t[0] != NodeKind.LOGIT and t[2] is not None)
+    budgeted = max_feature_nodes is not None and n_features > max_feature_nodes
+    if budgeted:
+        from .budgeted import grow
+
+        nodes, edges = grow(lin, all_nodes, sources, made.targets, max_feature_nodes, batch_size, progress)
+    else:
+        nodes, edges = all_nodes, _edges(lin, all_nodes, sources, made.targets, batch_size, edges_per_target, progress)
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
-                "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
+                "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
+                "max_feature_nodes": max_feature_nodes, "active_features": n_features, "budgeted": budgeted}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
     graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
     graph.scores["logit_decomposition"] = logit_decomposition(graph, target_id)
     settings["seconds_ov"] = round(time.time() - t0, 3)
     if qk and model.attention == "lorsa":
-        from .qk import qk_attribution
-
         t1 = time.time()
-        heads = [i for i, node in enumerate(nodes) if node.type == NodeKind.LORSA]
-        if qk_heads is not None:
-            from .prune import influence
-
-            infl = influence(graph)
-            heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
-        qk_attribution(lin, nodes, sources, heads, qk_top_keys, qk_top_pairs)
+        _explain_heads(lin, graph, all_nodes, sources, qk_heads, qk_top_keys, qk_top_pairs)
         settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs,
                         seconds_qk=round(time.time() - t1, 3))
     settings["seconds"] = round(time.time() - t0, 3)
     return graph
+
+
+def _explain_heads(lin: Linearised, graph: AttributionGraph, all_nodes: list[Node], sources: dict,
+                   qk_heads: int | None, top_keys: int, top_pairs: int) -> None:
+    """QK entries for the graph's Lorsa heads (the ``qk_heads`` most influential, or all).  Every node that
+    writes (``all_nodes``, with the features a budgeted graph left out) enters the exact score split."""
+    from .qk import qk_attribution
+
+    nodes = graph.node_list
+    heads = [i for i, node in enumerate(nodes) if node.type == NodeKind.LORSA]
+    if qk_heads is not None:
+        from .prune import influence
+
+        infl = influence(graph)
+        heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
+    row = {node.id: i for i, node in enumerate(all_nodes)}
+    qk_attribution(lin, all_nodes, sources, [row[nodes[i].id] for i in heads], top_keys, top_pairs)
 
 
 class _Nodes:
@@ -212,13 +233,7 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
     group per batch); also sets each target's constant terms."""
     from tqdm import tqdm
 
-    n = lin.n
-    index = {node.id: i for i, node in enumerate(nodes)}
-    grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for nid, s in sources.items():
-        grouped.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
-    groups = {key: (torch.tensor([i for i, _ in items]), torch.stack([v for _, v in items]))
-              for key, items in grouped.items()}
+    groups = source_groups(nodes, sources)
     edges = EdgeArrays()
     bar = tqdm(total=sum(0 if t[2] is None else len(t[2]) for t in targets), desc="attribution", disable=not progress)
     for kind, L, node_rows, idx, pos in targets:
@@ -226,31 +241,49 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
             continue
         for start in range(0, len(node_rows), batch_size):
             sl = slice(start, start + batch_size)
-            b_rows, b_idx, b_pos = node_rows[sl], idx[sl], pos[sl]
-            if kind == NodeKind.LORSA:
-                (R, const), read_slot = lin.read_lorsa(L, b_idx, b_pos), 2 * L
-            elif kind == NodeKind.TRANSCODER:
-                (R, const), read_slot = lin.read_transcoder(L, b_idx, b_pos), lin.mlp_read_slot(L)
-            else:
-                (R, const), read_slot = lin.read_logits(b_idx), lin.final_slot
-            G = lin.slot_gradients(R, read_slot)
-            W = torch.zeros(len(b_rows), len(nodes), device=lin.device)
-            for w in range(read_slot + 1):
-                bias = lin.slot_bias(w)
-                if bias is not None:
-                    const = const + G[w].sum(1) @ bias
-                for p in range(n):
-                    if (w, p) not in groups:
-                        continue
-                    g = G[w][:, p]  # [B, d]
-                    live = (g.abs().sum(-1) > 0).nonzero()[:, 0]
-                    if len(live):
-                        cols, U = groups[(w, p)]
-                        W[live[:, None], cols[None]] = g[live] @ U.t()
-            _emit_edges(W, b_rows.tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct", edges_per_target)
-            bar.update(len(b_rows))
+            W, const = target_rows(lin, groups, len(nodes), kind, L, idx[sl], pos[sl])
+            _emit_edges(W, node_rows[sl].tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct",
+                        edges_per_target)
+            bar.update(len(node_rows[sl]))
     bar.close()
     return edges
+
+
+def source_groups(nodes: list[Node], sources: dict) -> dict:
+    """(slot, pos) -> (node rows [S], written vectors [S, d]) of every node that writes."""
+    index = {node.id: i for i, node in enumerate(nodes)}
+    grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for nid, s in sources.items():
+        grouped.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
+    return {key: (torch.tensor([i for i, _ in items]), torch.stack([v for _, v in items]))
+            for key, items in grouped.items()}
+
+
+def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: int, idx: torch.Tensor,
+                pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense incoming rows W [B, n_nodes] and constant terms [B] of B targets of one kind and layer
+    (units ``idx``, positions ``pos``: [B])."""
+    if kind == NodeKind.LORSA:
+        (R, const), read_slot = lin.read_lorsa(L, idx, pos), 2 * L
+    elif kind == NodeKind.TRANSCODER:
+        (R, const), read_slot = lin.read_transcoder(L, idx, pos), lin.mlp_read_slot(L)
+    else:
+        (R, const), read_slot = lin.read_logits(idx), lin.final_slot
+    G = lin.slot_gradients(R, read_slot)
+    W = torch.zeros(len(idx), n_nodes, device=lin.device)
+    for w in range(read_slot + 1):
+        bias = lin.slot_bias(w)
+        if bias is not None:
+            const = const + G[w].sum(1) @ bias
+        for p in range(lin.n):
+            if (w, p) not in groups:
+                continue
+            g = G[w][:, p]  # [B, d]
+            live = (g.abs().sum(-1) > 0).nonzero()[:, 0]
+            if len(live):
+                cols, U = groups[(w, p)]
+                W[live[:, None], cols[None]] = g[live] @ U.t()
+    return W, const
 
 
 def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",

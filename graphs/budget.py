@@ -24,6 +24,7 @@ from replacement.errors import BadInputError
 
 BYTES_PER_EDGE = 76
 BUDGET_ENV = "CIRCUITS_MEMORY_BUDGET"
+DEFAULT_MAX_FEATURE_NODES = 1500  # `trace`'s node budget: 127 tokens on the bundled llama, <= 51M edges (3.6 GB)
 AVAILABLE_SHARE = 0.8  # of the memory available now: the default budget leaves room for the rest of the machine
 
 
@@ -33,22 +34,38 @@ class Estimate:
     bytes: int
 
 
-def estimate(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], max_logits: int = 10) -> Estimate:
-    """Upper bound on the edges and peak bytes of a full graph of ``n_tokens`` positions.
+def estimate(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], max_logits: int = 10,
+             max_feature_nodes: int | None = None) -> Estimate:
+    """Upper bound on the edges and peak bytes of a graph of ``n_tokens`` positions: the full graph, or with
+    ``max_feature_nodes`` a budgeted one (graphs/budgeted.py: the logits' rows and that many feature rows,
+    bounded by the longest rows there can be).
 
     ``lorsa_k``: per layer, the Lorsa heads active per position (None: frozen real attention, no Lorsa nodes);
     ``tc_k``: per layer, the transcoder features active per position."""
-    n, tri = n_tokens, n_tokens * (n_tokens + 1) // 2
+    rows, logit_edges = _row_sizes(n_tokens, lorsa_k, tc_k)
+    edges = logit_edges * max_logits
+    budget = float("inf") if max_feature_nodes is None else max_feature_nodes
+    for size, count in sorted(rows, reverse=True):
+        take = int(min(count, budget))
+        edges += size * take
+        budget -= take
+        if budget <= 0:
+            break
+    return Estimate(edges, edges * BYTES_PER_EDGE)
+
+
+def _row_sizes(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """([(sources one feature row may read, how many such rows)], sources one logit row may read)."""
+    n = n_tokens
     per_pos = 1  # sources written so far at one position: the embedding, then each block's nodes and error
-    edges = 0
+    rows = []
     for L, k_tc in enumerate(tc_k):
         if lorsa_k is not None:
-            edges += lorsa_k[L] * per_pos * tri
+            rows += [(per_pos * (t + 1), lorsa_k[L]) for t in range(n)]
             per_pos += lorsa_k[L] + 1
-        edges += k_tc * per_pos * (n if lorsa_k is not None else tri)
+        rows += [(per_pos * (1 if lorsa_k is not None else t + 1), k_tc) for t in range(n)]
         per_pos += k_tc + 1
-    edges += max_logits * per_pos * (1 if lorsa_k is not None else n)
-    return Estimate(edges, edges * BYTES_PER_EDGE)
+    return rows, per_pos * (1 if lorsa_k is not None else n)
 
 
 def available_bytes() -> int | None:
@@ -85,7 +102,8 @@ def check(est: Estimate, n_tokens: int) -> None:
     if room is not None and est.bytes > room:
         raise BadInputError(
             f"a graph of {n_tokens} tokens needs about {_gb(est.bytes)} (up to {est.edges:,} edges), more than the "
-            f"{_gb(room)} available; use a shorter prompt or a machine with more memory (${BUDGET_ENV} sets the budget)")
+            f"{_gb(room)} available; use a smaller --max-feature-nodes, a shorter prompt or a machine with more "
+            f"memory (${BUDGET_ENV} sets the budget)")
 
 
 def _gb(b: int) -> str:

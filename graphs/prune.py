@@ -29,11 +29,19 @@ def logit_weights(graph: AttributionGraph) -> torch.Tensor:
 def influence(graph: AttributionGraph, max_steps: int = 1000) -> torch.Tensor:
     """[n_nodes] influence of each node on the logits (logit nodes: their own weight)."""
     E = graph.edge_arrays
-    a = normalised_weights(graph)
-    v = logit_weights(graph)
-    total = v.clone()
+    return influence_of(E.src, E.tgt, E.w, logit_weights(graph), max_steps)
+
+
+def influence_of(src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, start: torch.Tensor,
+                 max_steps: int = 1000) -> torch.Tensor:
+    """[n_nodes] influence on the logits from edges src -> tgt of weights w [E] and the logits' weights
+    ``start`` [n_nodes] (zero elsewhere): start A + start A^2 + ... plus start itself."""
+    n = len(start)
+    totals = torch.zeros(n).index_add_(0, tgt, w.abs())
+    a = w.abs() / totals[tgt].clamp_min(1e-30)
+    v, total = start.clone(), start.clone()
     for _ in range(max_steps):
-        v = torch.zeros(len(graph)).index_add_(0, E.src, v[E.tgt] * a)
+        v = torch.zeros(n).index_add_(0, src, v[tgt] * a)
         if v.abs().sum() < 1e-12:
             break
         total += v

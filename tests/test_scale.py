@@ -60,3 +60,79 @@ def test_thread_policy(monkeypatch):
             set_threads()
     finally:
         torch.set_num_threads(before)
+
+
+BUDGET_CASES = [("llama", "lorsa"), ("neox", "lorsa"), ("llama", "frozen")]
+
+
+def _model(arch, attention):
+    from tests.conftest import tiny_neox
+
+    adapter = ModelAdapter(tiny_llama() if arch == "llama" else tiny_neox(), name=arch)
+    model = random_replacements(adapter, attention=attention)
+    torch.manual_seed(3)
+    return model, torch.randint(0, 97, (1, 9))
+
+
+def _rows(graph) -> dict[str, dict[str, float]]:
+    """target id -> {source id: weight}, from the Edge objects."""
+    out: dict[str, dict[str, float]] = {}
+    for e in graph.edges:
+        out.setdefault(e.target, {})[e.source] = e.weight
+    return out
+
+
+@pytest.mark.parametrize("arch, attention", BUDGET_CASES)
+def test_budgeted_rows_equal_the_full_graphs_rows(arch, attention):
+    """Every row the budgeted graph computes is the full graph's row: the edges from the nodes it kept are the
+    full graph's edges, those from the features it left out are summed in `dropped`, the constants agree; it
+    keeps every embedding, error node and logit, and exactly ``max_feature_nodes`` features."""
+    from graphs.attribution import reconstruction_errors
+
+    model, ids = _model(arch, attention)
+    full = attribute(model, ids, qk=False)
+    n_feat = full.settings["active_features"]
+    k = n_feat // 3
+    part = attribute(model, ids, qk=False, max_feature_nodes=k, batch_size=4)
+    assert part.settings["budgeted"] and not full.settings["budgeted"]
+    kept = set(part.index)
+    assert sum(n.type in ("lorsa", "transcoder") for n in part.node_list) == k
+    assert {n.id for n in full.node_list if n.type not in ("lorsa", "transcoder")} <= kept <= set(full.index)
+    full_rows, part_rows = _rows(full), _rows(part)
+    for node in part.node_list:
+        if node.type not in ("lorsa", "transcoder", "logit"):
+            continue
+        whole = full_rows.get(node.id, {})
+        inside = {s: w for s, w in whole.items() if s in kept}
+        got = part_rows.get(node.id, {})
+        assert got.keys() == inside.keys(), node.id
+        for s, w in inside.items():
+            assert got[s] == pytest.approx(w, rel=1e-5, abs=1e-6)
+        assert node.dropped == pytest.approx(sum(w for s, w in whole.items() if s not in kept), rel=1e-4, abs=1e-5)
+        assert node.const == pytest.approx(full.node(node.id).const, rel=1e-5, abs=1e-6)
+    assert max(reconstruction_errors(part).values()) < 1e-4
+
+
+@pytest.mark.parametrize("arch, attention", BUDGET_CASES)
+def test_budgeted_keeps_the_most_influential_features(arch, attention):
+    """The k features a budgeted graph expands carry (almost) the full graph's top-k influence, counted in the
+    full graph (influence is a dense solve there: tests/test_attribution.py checks it)."""
+    model, ids = _model(arch, attention)
+    full = attribute(model, ids, qk=False)
+    x = influence(full)
+    feats = sorted((i for i, n in enumerate(full.node_list) if n.type in ("lorsa", "transcoder")), key=lambda i: -x[i])
+    for k in (5, 20, len(feats) // 2):
+        part = attribute(model, ids, qk=False, max_feature_nodes=k, batch_size=2)
+        got = [full.index[n.id] for n in part.node_list if n.type in ("lorsa", "transcoder")]
+        top = feats[:k]
+        assert len(set(got) & set(top)) >= k - max(1, k // 10)
+        assert float(x[got].sum()) >= 0.97 * float(x[top].sum()), float(x[got].sum()) / float(x[top].sum())
+
+
+def test_budget_above_the_active_features_is_the_full_graph():
+    model, ids = _model("llama", "lorsa")
+    full = attribute(model, ids, qk=False)
+    same = attribute(model, ids, qk=False, max_feature_nodes=full.settings["active_features"])
+    assert not same.settings["budgeted"]
+    assert [n.id for n in same.node_list] == [n.id for n in full.node_list]
+    assert torch.equal(same.edge_arrays.w, full.edge_arrays.w)
