@@ -162,12 +162,15 @@ def _drop_dead_ends(graph: AttributionGraph, keep: torch.Tensor, edge_keep: torc
 
 
 def _keep_qk_nodes(graph: AttributionGraph, keep: torch.Tensor) -> None:
-    """A kept head keeps the nodes of its QK pairs (in place)."""
+    """A kept head keeps the nodes of its QK pairs (in place; those in the graph: a budgeted graph leaves out
+    the features it did not expand, which still enter the QK split)."""
     index = graph.index
     for i in keep.nonzero()[:, 0].tolist():
         for entry in graph.node_list[i].qk:
             for p in entry.pairs:
-                keep[index[p.query]] = keep[index[p.key]] = True
+                for nid in (p.query, p.key):
+                    if nid in index:
+                        keep[index[nid]] = True
 
 
 # which part of a logit's input each source type is (constants: the biases and the demeaning, `Node.const`)

@@ -136,3 +136,17 @@ def test_budget_above_the_active_features_is_the_full_graph():
     assert not same.settings["budgeted"]
     assert [n.id for n in same.node_list] == [n.id for n in full.node_list]
     assert torch.equal(same.edge_arrays.w, full.edge_arrays.w)
+
+
+def test_budgeted_graph_with_qk_prunes_and_explains_scores_exactly():
+    """A budgeted graph's heads are explained with every writer (the features it left out too), so each QK
+    entry still adds up to the head's score; pruning keeps only QK pair nodes that are in the graph."""
+    model, ids = _model("llama", "lorsa")
+    part = attribute(model, ids, max_feature_nodes=20, batch_size=4)
+    entries = [e for n in part.node_list for e in n.qk]
+    assert entries
+    for e in entries:
+        total = e.pairs_total + e.query_bias_x_keys + e.queries_x_key_bias + e.bias_x_bias
+        assert total == pytest.approx(e.score, rel=1e-4, abs=1e-4)
+    pruned = prune(part, 0.9, 0.99)
+    assert all(link.query in pruned.index and link.key in pruned.index for link in pruned.qk)
