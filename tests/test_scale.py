@@ -150,3 +150,24 @@ def test_budgeted_graph_with_qk_prunes_and_explains_scores_exactly():
         assert total == pytest.approx(e.score, rel=1e-4, abs=1e-4)
     pruned = prune(part, 0.9, 0.99)
     assert all(link.query in pruned.index and link.key in pruned.index for link in pruned.qk)
+
+
+@pytest.mark.slow
+def test_long_llama_prompt_fits_six_gb_and_twenty_mb(tmp_path):
+    """The 127-token llama prompt of issue 23 (the full graph: 313M edges, 18.7 GB) under the default node
+    budget: the process peaks under 6 GB and graph.json stays under 20 MB."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prompt = " ".join(str(i % 100) for i in range(126))  # BOS and 126 numbers
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", prompt, "--model", "llama", "--out",
+                        str(tmp_path / "o"), "--format", "json"], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "127 tokens" in r.stdout
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 6 * 2**30
+    assert (tmp_path / "o" / "graph.json").stat().st_size < 20 * 2**20
