@@ -108,6 +108,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
                 "max_feature_nodes": max_feature_nodes, "active_features": n_features, "budgeted": budgeted}
+    z_patterns(model, rec, nodes)
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
     graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
     graph.scores["logit_decomposition"] = logit_decomposition(graph, target_id)
@@ -175,31 +176,51 @@ def _graph_nodes(model: ReplacementModel, rec: Record, tokens: list[str]) -> _No
 
 
 def _lorsa_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
-    """The active Lorsa heads of layer L (each with its z pattern), and their target group."""
+    """The active Lorsa heads of layer L, and their target group (z patterns: `z_patterns`, for the heads a
+    graph keeps)."""
     lr, lorsa = rec.layers[L], model.lorsas[L]
-    values = lr.attn_in @ lorsa.W_V.t().float() + lorsa.b_V.float()  # [n, H]: every head's v_s
+    code = lr.lorsa_code
+    preacts = lr.lorsa_z.gather(1, code.indices).tolist()  # [n][k]
+    W_O = lorsa.W_O.float()
     rows = []
-    for p in range(rec.ids.shape[0]):
-        for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()):
+    for p, (vals, heads) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
+        for v, h, z in zip(vals, heads, preacts[p]):
             if v > 0:
-                zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, p] * values[:, h]  # sums to z
-                node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h),
-                                 preact=float(lr.lorsa_z[p, h]), z_pattern=[round(float(x), 5) for x in zp[: p + 1]])
-                rows.append((out.add(node, 2 * L + 1, v * lorsa.W_O[h].float()), h, p))
+                node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
+                rows.append((out.add(node, 2 * L + 1, v * W_O[h]), h, p))
     out.add_targets(NodeKind.LORSA, L, rows)
+
+
+def z_patterns(model: ReplacementModel, rec: Record, nodes: list[Node]) -> None:
+    """Set each Lorsa head node's ``z_pattern``: A_{t,s} v_s for s <= t (sums to its z), rounded to 5 decimals;
+    one product per layer for the heads in ``nodes``."""
+    by_layer: dict[int, list[Node]] = {}
+    for node in nodes:
+        if node.type == NodeKind.LORSA:
+            by_layer.setdefault(node.layer, []).append(node)
+    for L, heads in by_layer.items():
+        lr, lorsa = rec.layers[L], model.lorsas[L]
+        h = torch.tensor([n.index for n in heads], device=lr.attn_in.device)
+        pos = torch.tensor([n.pos for n in heads], device=lr.attn_in.device)
+        values = lr.attn_in @ lorsa.W_V[h].t().float() + lorsa.b_V[h].float()  # [n, B]: each head's v_s
+        zp = lr.lorsa_pattern[h // lorsa.cfg.heads_per_group, pos] * values.t()  # [B, n]
+        for node, row in zip(heads, zp.double().round(decimals=5).tolist()):
+            node.z_pattern = row[: node.pos + 1]
 
 
 def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
     """The active transcoder features of layer L, and their target group."""
     lr, tc = rec.layers[L], model.transcoders[L]
-    pre = tc.pre_activations(lr.mlp_in)
+    code = lr.tc_code
+    preacts = tc.pre_activations(lr.mlp_in).gather(1, code.indices).tolist()  # [n][k]
+    W_dec = tc.W_dec.float()
     rows = []
-    for p in range(rec.ids.shape[0]):
-        for v, f in zip(lr.tc_code.values[p].tolist(), lr.tc_code.indices[p].tolist()):
+    for p, (vals, feats) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
+        for v, f, pre in zip(vals, feats, preacts[p]):
             if v > 0:
                 node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v,
-                                 label=unit_label(NodeKind.TRANSCODER, L, f), preact=float(pre[p, f]))
-                rows.append((out.add(node, 2 * L + 2, v * tc.W_dec[f].float()), f, p))
+                                 label=unit_label(NodeKind.TRANSCODER, L, f), preact=pre)
+                rows.append((out.add(node, 2 * L + 2, v * W_dec[f]), f, p))
     out.add_targets(NodeKind.TRANSCODER, L, rows)
 
 
@@ -288,16 +309,21 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
 
 def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
                 kind: str, keep: int | None) -> None:
-    """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only; on the CPU)."""
+    """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only, row by row;
+    on the CPU)."""
     W, const = W.cpu(), const.cpu()
+    for row, c in zip(target_rows, const.tolist()):
+        nodes[row].const = c
+    if keep is None:
+        r, cols = W.nonzero(as_tuple=True)  # row-major: each target's edges together, in source order
+        store.add(cols, torch.tensor(target_rows)[r], W[r, cols], kind)
+        return
     for r, row in enumerate(target_rows):
         w = W[r]
         nz = w.nonzero()[:, 0]
-        node = nodes[row]
-        node.const = float(const[r])
-        if keep is not None and len(nz) > keep:
+        if len(nz) > keep:
             kept = nz[w[nz].abs().topk(keep).indices]
-            node.dropped = float(w[nz].sum() - w[kept].sum())
+            nodes[row].dropped = float(w[nz].sum() - w[kept].sum())
             nz = kept
         store.add(nz, torch.full_like(nz, row), w[nz], kind)
 
