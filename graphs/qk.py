@@ -54,10 +54,14 @@ class QKTables:
     ``parts`` [2G, n, M, e] holds them (the G query sides, then the G key sides; M rows per position, zero
     after the position's nodes); ``bias`` [2G, n, e] holds the constant terms.  The e coordinates are
     reordered on both sides alike (rotary pairs side by side), which leaves every q . k unchanged and makes
-    the rotary map one complex product."""
+    the rotary map one complex product.  ``groups`` [G] (default: all): the QK groups to tabulate; the
+    methods take the layer's own group numbers."""
 
-    def __init__(self, lin, writes: Writes, layer: int):
+    def __init__(self, lin, writes: Writes, layer: int, groups: torch.Tensor | None = None):
         lorsa = lin.model.lorsas[layer]
+        groups = torch.arange(lorsa.cfg.n_qk) if groups is None else groups.cpu()
+        self.local = torch.full((lorsa.cfg.n_qk,), -1, dtype=torch.long)  # the layer's group -> its row here
+        self.local[groups] = torch.arange(len(groups))
         self.lorsa = lorsa
         norm = lin.adapter.attn_norm(layer)
         w_ln, b_ln = norm_weight(norm), norm_bias(norm)
@@ -79,14 +83,14 @@ class QKTables:
         slot_scale = torch.zeros(n * M, device=dev)
         slot_scale[slots] = act / sig[pos]
         xc = w_ln * lin.p(const) / sig[:, None] + (0 if b_ln is None else b_ln)  # [n, d] the constants
-        G, e = lorsa.cfg.n_qk, lorsa.cfg.d_qk
+        G, e = len(groups), lorsa.cfg.d_qk
         rd = lorsa.cfg.rotary_dim
         perm = _pairs_side_by_side(e, rd)
-        W = torch.cat([lorsa.W_Q, lorsa.W_K]).float()[..., perm]  # [2G, d, e]: queries, then keys
+        W = torch.cat([lorsa.W_Q[groups], lorsa.W_K[groups]]).float()[..., perm]  # [2G, d, e]: queries, then keys
         # both sides, all groups, laid out so that the rows of one (side, group, position) are one block
         per_unit = torch.einsum("ud,gde->gue", w_ln * lin.p(D), W)  # [2G, units + 1, e]
         self.parts = per_unit.index_select(1, slot_row).view(2 * G, n, M, e)
-        self.bias = torch.einsum("nd,gde->gne", xc, W) + torch.cat([lorsa.b_Q, lorsa.b_K]).float()[:, None, perm]
+        self.bias = torch.einsum("nd,gde->gne", xc, W) + torch.cat([lorsa.b_Q[groups], lorsa.b_K[groups]]).float()[:, None, perm]
         # scale each row (activation / norm scale), and rotate it at its position: rotary is linear
         slot_scale = slot_scale.view(n, M)
         if rd:
@@ -102,15 +106,18 @@ class QKTables:
 
     def side(self, side: int, groups: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
         """[P, width, e]: the contributions of the nodes at ``positions`` [P] to group ``groups`` [P]."""
-        return self.parts[side * self.G + groups, positions, :width]
+        return self.parts[side * self.G + self._row(groups), positions, :width]
 
     def side_norms(self, side: int, groups: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
         """[P, width]: the lengths of the vectors of ``side``."""
-        return self.norms[side * self.G + groups, positions, :width]
+        return self.norms[side * self.G + self._row(groups), positions, :width]
 
     def side_bias(self, side: int, groups: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[P, e]: the constant term of group ``groups`` [P] at ``positions`` [P]."""
-        return self.bias[side * self.G + groups, positions]
+        return self.bias[side * self.G + self._row(groups), positions]
+
+    def _row(self, groups: torch.Tensor) -> torch.Tensor:
+        return self.local[groups.cpu()].to(groups.device)
 
 
 def _packed_rows(writes: Writes, read_slot: int, n: int):
@@ -165,8 +172,8 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
         by_layer.setdefault(nodes[r].layer, []).append(r)
     writes = Writes(nodes, sources)
     for L, rows in sorted(by_layer.items()):
-        tabs = QKTables(lin, writes, L)
-        hpg = tabs.lorsa.cfg.heads_per_group
+        hpg = lin.model.lorsas[L].cfg.heads_per_group
+        tabs = QKTables(lin, writes, L, torch.tensor(sorted({nodes[r].index // hpg for r in rows})))
         pattern = lin.rec.layers[L].lorsa_pattern  # [G, n, n], zero above the diagonal
         n = pattern.shape[-1]
         future = torch.ones(n, n, dtype=torch.bool, device=pattern.device).triu(1)
