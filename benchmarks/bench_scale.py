@@ -73,7 +73,7 @@ def run_one(model, device: str, n_tokens: int, max_feature_nodes: int) -> dict:
     from graphs.prune import FILE_MAX_EDGES, FILE_MAX_FEATURES, prune
 
     ks = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)], [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
-    est = estimate(n_tokens, *ks, max_feature_nodes=max_feature_nodes)
+    est = estimate(n_tokens, *ks, max_feature_nodes=max_feature_nodes, d_model=model.adapter.d_model)
     out = {"tokens": n_tokens, "est_edges": est.edges, "est_gb": est.bytes / 2**30,
            "budget_gb": (available_bytes() or 0) / 2**30}
     if available_bytes() is not None and est.bytes > available_bytes():

@@ -198,7 +198,7 @@ def _check_memory(model, n_tokens: int, max_feature_nodes: int | None) -> None:
 
     lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
     tc_k = [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
-    check(estimate(n_tokens, lorsa_k, tc_k, max_feature_nodes=max_feature_nodes), n_tokens)
+    check(estimate(n_tokens, lorsa_k, tc_k, max_feature_nodes=max_feature_nodes, d_model=model.adapter.d_model), n_tokens)
 
 
 def _print_paths(graph) -> None:

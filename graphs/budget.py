@@ -35,14 +35,16 @@ class Estimate:
 
 
 def estimate(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], max_logits: int = 10,
-             max_feature_nodes: int | None = None) -> Estimate:
+             max_feature_nodes: int | None = None, d_model: int | None = None, batch: int = 256) -> Estimate:
     """Upper bound on the edges and peak bytes of a graph of ``n_tokens`` positions: the full graph, or with
     ``max_feature_nodes`` a budgeted one (graphs/budgeted.py: the logits' rows and that many feature rows,
-    bounded by the longest rows there can be).
+    bounded by the longest rows there can be).  With ``d_model``, the bytes also count the working memory
+    that does not grow with the edges (`working_bytes`), which dominates on wide models.
 
     ``lorsa_k``: per layer, the Lorsa heads active per position (None: frozen real attention, no Lorsa nodes);
     ``tc_k``: per layer, the transcoder features active per position."""
     rows, logit_edges = _row_sizes(n_tokens, lorsa_k, tc_k)
+    extra = 0 if d_model is None else working_bytes(n_tokens, lorsa_k, tc_k, d_model, batch)
     edges = logit_edges * max_logits
     budget = float("inf") if max_feature_nodes is None else max_feature_nodes
     for size, count in sorted(rows, reverse=True):
@@ -51,7 +53,16 @@ def estimate(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], max_logi
         budget -= take
         if budget <= 0:
             break
-    return Estimate(edges, edges * BYTES_PER_EDGE)
+    return Estimate(edges, edges * BYTES_PER_EDGE + extra)
+
+
+def working_bytes(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int], d_model: int, batch: int = 256) -> int:
+    """Float32 bytes of what every node writes [nodes, d], one batch's read gradients [B, n, d] at the write
+    slots (one tensor shared by all slots but a new one below each frozen attention layer or skip
+    connection: graphs/linear.py's `slot_gradients`) and its dense rows [B, nodes]."""
+    nodes = n_tokens * (1 + sum(k + 1 for k in tc_k) + sum(k + 1 for k in (lorsa_k or [])))
+    slots = 1 + len(tc_k) * (2 if lorsa_k is None else 1)
+    return 4 * (nodes * d_model + slots * batch * n_tokens * d_model + batch * nodes)
 
 
 def _row_sizes(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int]) -> tuple[list[tuple[int, int]], int]:
