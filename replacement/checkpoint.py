@@ -13,9 +13,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or for another model."""
+__all__ = ["CheckpointError", "atomic_save", "load", "load_training_state", "optimizer_tensors", "restore_optimizer"]
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,7 +64,6 @@ class TrainConfig:
     tc_jacobian_readout: bool = False  # the last layer's Jacobian term: VJPs along the logit directions instead
     tc_token_norm: bool = False  # weigh each token's error by 1 / |y_t|^2 (see token_normalised_mse)
     init_from: str | None = None  # a replacements folder of this model: start each module from its saved one
-    extra: dict = field(default_factory=dict)
 
     def kinds(self) -> list[str]:
         if self.what not in ("lorsa", "transcoder", "all"):
