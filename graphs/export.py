@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from replacement.data import atomic_write_text
+from replacement.io import atomic_write_text
 
 from .graph import AttributionGraph, Edge, Node
 from .validate import load_graph_dict, strict_dumps

@@ -60,7 +60,8 @@ def heldout_texts(files: list[str] | None = None) -> list[str]:
 def write_heldout_sample(files: list[str], out: str | Path = HELDOUT_SAMPLE) -> Path:
     """Write the held-out part of ``files`` as the package's compressed sample (run once per corpus change):
     ``python -c "from replacement.corpus import *; write_heldout_sample(training_files())"``."""
-    from .data import atomic_write_bytes, read_text_sources
+    from .data import read_text_sources
+    from .io import atomic_write_bytes
 
     held = read_text_sources(files)[1]
     names = [Path(f).name for f in files]

@@ -51,7 +51,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from .corpus import CORPUS_FILES
-from .data import atomic_write_text
+from .io import atomic_write_text
 from .errors import CircuitsError
 
 # sha256 and size of each corpus the bundled models were trained on.

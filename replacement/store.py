@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_save, load
-from .data import atomic_write_text
+from .io import atomic_write_text
 from .lorsa import Lorsa, LorsaConfig
 from .transcoder import Transcoder, TranscoderConfig
 
