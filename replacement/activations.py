@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .hooks import hook_name
 
 
 def hook_points(kind: str, layer: int) -> tuple[str, str]:
     """(input, target) names: Lorsa reads attn.in and predicts attn.out; transcoders read mlp.in/out."""
-    return (f"blocks.{layer}.attn.in", f"blocks.{layer}.attn.out") if kind == "lorsa" else (
-        f"blocks.{layer}.mlp.in", f"blocks.{layer}.mlp.out")
+    part = "attn" if kind == "lorsa" else "mlp"
+    return hook_name(layer, f"{part}.in"), hook_name(layer, f"{part}.out")
 
 
 class RandomTokenSource:

@@ -25,6 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import BadInputError
+from .hooks import hook_name, layer_names
 
 KINDS = ("lorsa", "transcoder")
 
@@ -133,18 +134,18 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
     source = source or default_source(a, seq_len, cfg.seed, heldout=True)
     n_batches = -(-cfg.n_seqs // cfg.batch_size)
     layers = range(a.n_layers)
-    points = [f"blocks.{L}.{p}" for L in layers for p in ("attn.in", "mlp.in")]
+    points = layer_names(layers, "attn.in", "mlp.in")
     ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
     for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
         ids = source.batch(10_000 + b, cfg.batch_size)[:, :seq_len]
         cache = a.run(ids.to(a.device), capture=points).cache
         ids_all.append(ids.cpu())
         for L in layers:
-            x_mlp = cache[f"blocks.{L}.mlp.in"].float()
+            x_mlp = cache[hook_name(L, "mlp.in")].float()
             c = model.transcoders[L].encode(x_mlp)
             codes[("transcoder", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
             if L in model.lorsas:
-                x = cache[f"blocks.{L}.attn.in"].float()
+                x = cache[hook_name(L, "attn.in")].float()
                 c = model.lorsas[L].encode(x)
                 codes[("lorsa", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
                 attn_in[L].append(x.cpu())
