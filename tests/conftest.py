@@ -90,7 +90,7 @@ def saved_model(tmp_path_factory):
     """A tiny Llama with a tokenizer and random replacements, saved as a local model folder."""
     from replacement.models import load_model, model_fingerprint
     from replacement.store import save_module
-    from replacement.tokenizer import train_tokenizer
+    from replacement.lm.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     tok = train_tokenizer(["the cat sat on the mat. 1 + 2 = 3\n" * 50], vocab_size=2400, number_copies=2)

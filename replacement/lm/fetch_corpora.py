@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from .corpus import CORPUS_FILES
-from .io import atomic_write_text
-from .errors import CircuitsError
+from ..corpus import CORPUS_FILES
+from ..errors import CircuitsError
+from ..io import atomic_write_text
 
 # sha256 and size of each corpus the bundled models were trained on.
 EXPECTED_SHA256 = {

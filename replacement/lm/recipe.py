@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .corpus import CORPUS_FILES, training_files
-from .data import BatchMaker, Mixture, addition_split, read_text_sources, save_heldout_pairs, tokenize_texts
-from .errors import TrainingDiverged
-from .io import atomic_write_text
+from .. import checkpoint as ckpt
+from ..corpus import CORPUS_FILES, training_files
+from ..data import BatchMaker, Mixture, addition_split, read_text_sources, save_heldout_pairs, tokenize_texts
+from ..errors import TrainingDiverged
+from ..io import atomic_write_text
 from .presets import PRESETS, Preset
 
 
