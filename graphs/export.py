@@ -69,7 +69,7 @@ def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
     transcoders = sorted({f"layer{n.layer}.{'lorsa' if n.type == 'lorsa' else 'transcoder'}"
                           for n in graph.node_list if n.type in ("lorsa", "transcoder")})
     return {
-        "metadata": {"slug": slug or _slug(graph.prompt), "scan": str(graph.settings.get("model", "")),
+        "metadata": {"slug": slug or prompt_slug(graph.prompt), "scan": str(graph.settings.get("model", "")),
                      "prompt": graph.prompt, "prompt_tokens": graph.tokens, "prompt_token_ids": graph.token_ids,
                      "schema_version": SCHEMA_VERSION, "transcoder_list": transcoders,
                      "node_threshold": graph.settings.get("node_threshold"), "settings": graph.settings,
@@ -114,7 +114,8 @@ def read_json(path: str | Path) -> AttributionGraph:
     return from_dict(load_graph_dict(path))
 
 
-def _slug(text: str) -> str:
+def prompt_slug(text: str) -> str:
+    """A short name for a prompt, safe in file names: lower-case letters and digits, other runs as one dash."""
     out = "".join(c if c.isalnum() else "-" for c in text.strip().lower())
     while "--" in out:
         out = out.replace("--", "-")
