@@ -350,6 +350,15 @@ class ModelAdapter:
         x = x + a_out + m_out if self.parallel_residual else x + m_out
         return h("resid_post", x)
 
+    @torch.no_grad()
+    def next_token_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[V] the next-token distribution after the last of ``ids`` [1, n]; `BadInputError` if the logits are
+        not finite (NaN weights)."""
+        logits = self.run(ids).logits[0, -1].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise BadInputError(f"the model {self.name} outputs NaN or infinite logits (NaN weights?)")
+        return logits.softmax(-1)
+
     def hf_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The wrapped HF model's own forward pass (for checks)."""
         return self.model(ids).logits
@@ -406,6 +415,26 @@ def resolve_model_path(name: str) -> tuple[str, str]:
             "not an existing folder, and not an HF id of the form owner/name"
         )
     return name, name
+
+
+def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
+    """(name, where) of the HF checkpoints in sight: models in the HF hub cache (``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``) and folders with a config.json and safetensors weights in ./ and in ``extra``."""
+    import os
+
+    found = []
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    if cache.is_dir():
+        for repo in sorted(cache.glob("models--*")):
+            if any(repo.glob("snapshots/*/config.json")):
+                found.append((repo.name[len("models--"):].replace("--", "/"), str(repo)))
+    for root in [Path.cwd(), *map(Path, extra)]:
+        if root.is_dir():
+            for cfg in sorted(root.glob("*/config.json")):
+                if any(cfg.parent.glob("*.safetensors")):
+                    found.append((str(cfg.parent), "local folder"))
+    return found
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -505,5 +534,5 @@ def model_fingerprint(adapter: ModelAdapter) -> str:
 
 __all__ = [
     "ModelAdapter", "RunResult", "apply_rotary", "causal_pattern", "check_length", "encode_prompt", "freeze_hooks",
-    "load_model", "load_tokenizer", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
+    "load_model", "load_tokenizer", "local_checkpoints", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
 ]

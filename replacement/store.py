@@ -103,6 +103,15 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
     return out
 
 
+def saved_metrics(folder: str | Path) -> dict[str, dict]:
+    """The metrics recorded for each module of a replacements folder ({} when it has no config.json), keyed
+    ``layer<L>.<kind>``."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    return {k: v.get("metrics", {}) if isinstance(v, dict) else {} for k, v in read_folder_config(path)["modules"].items()}
+
+
 def read_folder_config(path: Path) -> dict:
     """A replacements folder's config.json; CheckpointError (one line) if it is not the expected JSON."""
     try:
