@@ -31,6 +31,15 @@ from .sparse import SparseCode, decode, topk_relu
 from .transcoder import Transcoder, TranscoderConfig
 
 
+def warmup_then_decay(lr: float, step: int, steps: int, warmup: int, decay_frac: float) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps, constant, then a linear decay to 10%
+    over the last ``decay_frac`` of the ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    start = int(steps * (1 - decay_frac))
+    return lr if step < start else lr * (1 - 0.9 * (step - start) / max(1, steps - start))
+
+
 @dataclass
 class TrainConfig:
     what: str = "all"  # lorsa | transcoder | all
@@ -71,10 +80,7 @@ class TrainConfig:
         return ["lorsa", "transcoder"] if self.what == "all" else [self.what]
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        start = int(self.steps * (1 - self.decay_frac))
-        return self.lr if step < start else self.lr * (1 - 0.9 * (step - start) / max(1, self.steps - start))
+        return warmup_then_decay(self.lr, step, self.steps, self.warmup, self.decay_frac)
 
     def k_at(self, k: int, step: int) -> int:
         if self.k_start_mult <= 1:
