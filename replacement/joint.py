@@ -34,7 +34,6 @@ from .activations import hook_points
 from .data import Mixture
 from .errors import CircuitsError, TrainingDiverged
 from .evaluate import kl_per_token
-from .sparse import SparseCode
 from .train import fold_scales, fvu, norm_scales, warmup_then_decay
 
 Key = tuple[str, int]  # (kind, layer)

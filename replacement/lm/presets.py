@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle import PRESET_NAMES, preset_folder
+from ..bundle import preset_folder
 
 CONTEXT = 128
 
