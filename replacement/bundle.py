@@ -1,7 +1,8 @@
 """Where the bundled models live: one folder per preset name inside the package.
 
-This is all the generic engine knows of the bundled models; how they are built (their architectures,
-tokenizer, data mixture and training) is the recipe's, in `replacement.lm`.
+This is all the generic engine knows of the bundled models' recipe; how they are built (their architectures,
+tokenizer training, training corpora and staged training) is `replacement.lm`'s.  The token mixture they were
+trained on (`replacement.data.BatchMaker`) stays generic: replacement training and dashboards draw from it too.
 """
 from __future__ import annotations
 
