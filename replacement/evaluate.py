@@ -293,7 +293,7 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
     from .corpus import heldout_texts
     from .store import default_folder, saved_metrics
 
-    held = heldout_texts(list(texts) or None) if adapter.tokenizer is not None else None
+    held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
     out = model_report(adapter, held, samples)
     metrics = saved_metrics(replacements or default_folder(adapter))
     if not metrics:
