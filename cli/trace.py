@@ -18,6 +18,7 @@ from replacement.errors import BadInputError  # noqa: E402
 from .common import FriendlyCommand, model_options, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
+
 @click.command(cls=FriendlyCommand)
 @click.argument("prompt")
 @model_options
