@@ -11,10 +11,9 @@ import time
 
 import click
 
-from replacement.checkpoint import CheckpointError
 from replacement.errors import BadInputError, CircuitsError
 
-USER_ERRORS = (CircuitsError, CheckpointError, OSError)
+USER_ERRORS = (CircuitsError, OSError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 

@@ -19,6 +19,9 @@ model's modules, so that every intermediate value has a name and can be read or 
     ln_final.scale                [B, n, 1]
     logits                        [B, n, V]
 
+Names are made by `replacement.hooks.hook_name` (``hook_name(L, "attn.out")``); `ModelAdapter.run` refuses a
+name the model does not have (`replacement.hooks.UnknownHookError`).
+
 A hook is ``fn(tensor, name) -> tensor | None``; returning a tensor replaces the value.  Freezing a norm
 scale or a pattern is a hook returning the cached clean value (see `freeze_hooks`).
 
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BadInputError, ModelLoadError
+from .hooks import EMBED, FINAL_OUT, FINAL_SCALE, LOGITS, check_hook_names, hook_name, model_hook_names
 
 Hook = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
@@ -149,6 +153,7 @@ class ModelAdapter:
         self.final_norm = base.final_layer_norm if self.arch == "gpt_neox" else base.norm
         self._rotary_module = base.rotary_emb
         self.attn_scale = self.d_head**-0.5
+        self.hook_names = model_hook_names(self.n_layers, self.parallel_residual)  # every name `run` knows
 
     # -- properties ---------------------------------------------------------------------------------------
 
@@ -277,19 +282,19 @@ class ModelAdapter:
             rep = H // self.n_kv_heads
             k = attn.k_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
             v = attn.v_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
-        p = f"blocks.{layer}.attn."
-        q = self._hook(p + "q", apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), hooks, cache)
-        k = self._hook(p + "k", apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype)), hooks, cache)
-        v = self._hook(p + "v", v, hooks, cache)
-        need_pattern = (hooks and p + "pattern" in hooks) or (
-            cache is not None and (cache.get("__all__") is not None or p + "pattern" in cache.get("__want__", ()))
+        q = self._hook(hook_name(layer, "attn.q"), apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), hooks, cache)
+        k = self._hook(hook_name(layer, "attn.k"), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype)), hooks, cache)
+        v = self._hook(hook_name(layer, "attn.v"), v, hooks, cache)
+        pat = hook_name(layer, "attn.pattern")
+        need_pattern = (hooks and pat in hooks) or (
+            cache is not None and (cache.get("__all__") is not None or pat in cache.get("__want__", ()))
         )
         if need_pattern:
-            pattern = self._hook(p + "pattern", causal_pattern(q, k, self.attn_scale), hooks, cache)
+            pattern = self._hook(pat, causal_pattern(q, k, self.attn_scale), hooks, cache)
             z = pattern @ v
         else:  # fused kernel; no [B, H, n, n] tensor is kept
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attn_scale)
-        z = self._hook(p + "z", z.transpose(1, 2), hooks, cache)  # [B, n, H, dh]
+        z = self._hook(hook_name(layer, "attn.z"), z.transpose(1, 2), hooks, cache)  # [B, n, H, dh]
         out_lin = attn.dense if self.arch == "gpt_neox" else attn.o_proj
         return out_lin(z.reshape(B, n, H * dh))
 
@@ -299,40 +304,60 @@ class ModelAdapter:
 
         ids: [B, n] token ids.  ``capture``: True for every named value, or an iterable of names.
         ``embeds`` [B, n, d] replaces the embedding lookup (the input of linearity checks).
+        A hook or capture name the model does not have is an `UnknownHookError`.
         """
         if ids.dim() == 1:
             ids = ids[None]
         n = ids.shape[1]
         self.check_length(n)
-        cache: dict | None = None
-        if capture is True:
-            cache = {"__all__": True}
-        elif capture:
-            cache = {"__want__": set(capture)}
+        cache = self._new_cache(hooks, capture)
         x = self.embedding(ids) if embeds is None else embeds
-        x = self._hook("embed", x, hooks, cache)
+        x = self._hook(EMBED, x, hooks, cache)
         cos, sin = self.rotary(n)
         for L in range(self.n_layers):
-            p = f"blocks.{L}."
-            x = self._hook(p + "resid_pre", x, hooks, cache)
-            a_in = self._hook(p + "attn.in", self._norm(self.attn_norm(L), x, p + "ln1.scale", hooks, cache), hooks, cache)
-            a_out = self._hook(p + "attn.out", self._attention(L, a_in, cos, sin, hooks, cache), hooks, cache)
-            if self.parallel_residual:
-                mlp_src = x
-            else:
-                x = self._hook(p + "resid_mid", x + a_out, hooks, cache)
-                mlp_src = x
-            m_in = self._hook(p + "mlp.in", self._norm(self.mlp_norm(L), mlp_src, p + "ln2.scale", hooks, cache), hooks, cache)
-            m_out = self._hook(p + "mlp.out", self.mlp(L)(m_in), hooks, cache)
-            x = x + a_out + m_out if self.parallel_residual else x + m_out
-            x = self._hook(p + "resid_post", x, hooks, cache)
-        x = self._norm(self.final_norm, x, "ln_final.scale", hooks, cache)
-        x = self._hook("ln_final.out", x, hooks, cache)
-        logits = self._hook("logits", self.unembedding(x), hooks, cache)
+            x = self._block(L, x, cos, sin, hooks, cache)
+        x = self._norm(self.final_norm, x, FINAL_SCALE, hooks, cache)
+        x = self._hook(FINAL_OUT, x, hooks, cache)
+        logits = self._hook(LOGITS, self.unembedding(x), hooks, cache)
         if cache is not None:
             cache.pop("__all__", None)
             cache.pop("__want__", None)
         return RunResult(logits, cache or {})
+
+    def _new_cache(self, hooks, capture) -> dict | None:
+        """The run's cache (None: nothing captured), after checking every hook and capture name."""
+        check_hook_names(hooks or (), self.hook_names, "hook")
+        if capture is True:
+            return {"__all__": True}
+        if not capture:
+            return None
+        want = set(capture)
+        check_hook_names(sorted(want), self.hook_names, "capture")
+        return {"__want__": want}
+
+    def _block(self, L: int, x, cos, sin, hooks, cache):
+        """One transformer block on the residual stream x [B, n, d]; returns resid_post."""
+        def h(point, t):
+            return self._hook(hook_name(L, point), t, hooks, cache)
+
+        x = h("resid_pre", x)
+        a_in = h("attn.in", self._norm(self.attn_norm(L), x, hook_name(L, "ln1.scale"), hooks, cache))
+        a_out = h("attn.out", self._attention(L, a_in, cos, sin, hooks, cache))
+        if not self.parallel_residual:
+            x = h("resid_mid", x + a_out)
+        m_in = h("mlp.in", self._norm(self.mlp_norm(L), x, hook_name(L, "ln2.scale"), hooks, cache))
+        m_out = h("mlp.out", self.mlp(L)(m_in))
+        x = x + a_out + m_out if self.parallel_residual else x + m_out
+        return h("resid_post", x)
+
+    @torch.no_grad()
+    def next_token_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[V] the next-token distribution after the last of ``ids`` [1, n]; `BadInputError` if the logits are
+        not finite (NaN weights)."""
+        logits = self.run(ids).logits[0, -1].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise BadInputError(f"the model {self.name} outputs NaN or infinite logits (NaN weights?)")
+        return logits.softmax(-1)
 
     def hf_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The wrapped HF model's own forward pass (for checks)."""
@@ -367,10 +392,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_model_path(name: str) -> tuple[str, str]:
     """(path or HF id, display name) for a preset name, a local folder, or an HF id."""
-    from .presets import PRESETS
+    from .bundle import PRESET_NAMES, is_preset, preset_folder
 
-    if name in PRESETS:
-        folder = PRESETS[name].folder
+    if is_preset(name):
+        folder = preset_folder(name)
         if not (folder / "config.json").is_file():
             raise ModelLoadError(
                 f"the bundled model {name!r} has no weights in {folder}; "
@@ -386,10 +411,30 @@ def resolve_model_path(name: str) -> tuple[str, str]:
         raise ModelLoadError(f"no such model folder: {name}")
     if name.count("/") != 1:
         raise ModelLoadError(
-            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESETS)}), "
+            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESET_NAMES)}), "
             "not an existing folder, and not an HF id of the form owner/name"
         )
     return name, name
+
+
+def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
+    """(name, where) of the HF checkpoints in sight: models in the HF hub cache (``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``) and folders with a config.json and safetensors weights in ./ and in ``extra``."""
+    import os
+
+    found = []
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    if cache.is_dir():
+        for repo in sorted(cache.glob("models--*")):
+            if any(repo.glob("snapshots/*/config.json")):
+                found.append((repo.name[len("models--"):].replace("--", "/"), str(repo)))
+    for root in [Path.cwd(), *map(Path, extra)]:
+        if root.is_dir():
+            for cfg in sorted(root.glob("*/config.json")):
+                if any(cfg.parent.glob("*.safetensors")):
+                    found.append((str(cfg.parent), "local folder"))
+    return found
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -489,5 +534,5 @@ def model_fingerprint(adapter: ModelAdapter) -> str:
 
 __all__ = [
     "ModelAdapter", "RunResult", "apply_rotary", "causal_pattern", "check_length", "encode_prompt", "freeze_hooks",
-    "load_model", "load_tokenizer", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
+    "load_model", "load_tokenizer", "local_checkpoints", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
 ]

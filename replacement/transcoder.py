@@ -94,7 +94,7 @@ class Transcoder(nn.Module):
                           feature_output_hook: str = "mlp.hook_out", model_kind: str = "transcoder_set") -> Path:
         """Write circuit-tracer's ``layer_{i}.safetensors`` (and ``config.yaml`` if absent)."""
         from .checkpoint import atomic_save
-        from .data import atomic_write_text
+        from .io import atomic_write_text
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

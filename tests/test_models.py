@@ -176,3 +176,38 @@ def test_pythia_160m_shape_forward():
         ref = adapter.hf_logits(ids)
     assert logits.shape == (1, 64, 50304)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(ARCH_VARIANTS))
+def test_every_name_the_helper_makes_is_hooked_and_captured(variant, ids):
+    """Each name of `replacement.hooks` reaches a hook exactly once per run and is captured; resid_mid exists only
+    in sequential blocks."""
+    from replacement.hooks import BLOCK_POINTS, GLOBAL_POINTS, layer_names
+
+    adapter = ModelAdapter(ARCH_VARIANTS[variant]())
+    names = [n for n in [*GLOBAL_POINTS, *layer_names(range(adapter.n_layers), *BLOCK_POINTS)]
+             if not (adapter.parallel_residual and n.endswith(".resid_mid"))]
+    calls = {}
+    hooks = {n: (lambda t, name: calls.__setitem__(name, calls.get(name, 0) + 1)) for n in names}
+    with torch.no_grad():
+        run = adapter.run(ids, hooks=hooks, capture=names)
+        everything = adapter.run(ids, capture=True)
+    assert calls == {n: 1 for n in names}
+    assert set(run.cache) == set(names) == set(everything.cache)
+
+
+def test_unknown_hook_and_capture_names_raise(adapter, ids):
+    from replacement.errors import CircuitsError
+    from replacement.hooks import UnknownHookError, hook_name
+
+    for bad in ("blocks.0.attn.outt", f"blocks.{adapter.n_layers}.attn.out", "blocks.0.mlp_out", "final.scale"):
+        with pytest.raises(UnknownHookError, match="unknown hook name"):
+            adapter.run(ids, hooks={bad: lambda t, n: torch.zeros_like(t)})
+    with pytest.raises(UnknownHookError, match=r"unknown capture name 'blocks.0.attn.patern' \(did you mean 'blocks.0.attn.pattern'"):
+        adapter.run(ids, capture=["blocks.0.attn.pattern", "blocks.0.attn.patern"])
+    if adapter.parallel_residual:  # no residual between attention and MLP to hook
+        with pytest.raises(UnknownHookError):
+            adapter.run(ids, capture=["blocks.0.resid_mid"])
+    with pytest.raises(UnknownHookError, match="unknown hook point 'attn.outt'"):
+        hook_name(0, "attn.outt")
+    assert issubclass(UnknownHookError, CircuitsError)
