@@ -228,6 +228,12 @@ RECIPE_MIXTURE = {
 # in natural text, and its loss on copied tokens of held-out natural rows (3.32 nats) stayed at 3.23-3.50 after
 # 200-400 steps of each of: 30% such rows at lr 5e-4; 55% at 8e-4; 45% plus random-gap repeats at 8e-4 and at 2e-3
 # (pythia's, with 40% at 5e-4: from 2.42 to 1.69 in 400 steps).
+# Two more attempts failed: the bundled llama with rope_theta 500,000 (as toy), 300 steps at lr 1e-3 of 40% such rows
+# plus random-gap repeats (copied-token top-1 19% -> 23%; held-out addition 88% -> 30%); and llama trained from
+# scratch with rope_theta 500,000 and Mixture(0.25, 0.30, 0.15, repeat_gap=12, natural=0.30) from the first step:
+# by step 4,300 of 5,000 it had no induction even in random spans (2nd-copy loss 8.71 nats, as the 1st copy) and
+# copied 19-20% of natural repeats (top-1).  Induction there needs more repeated-span rows than 15% (25% formed it
+# between steps 3,200 and 4,100 in the bundled run) before natural rows can help.
 _NATURAL = dict(stage="natural", lr=5e-4, warmup=50, decay_frac=0.5, seed=11)
 RECIPE_LATER_STAGES = {
     "llama": [dict(stage="arith", steps=2000, lr=3e-4, warmup=50, seed=7, mixture=Mixture(0.25, 0.50, 0.25))],
