@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import FriendlyCommand, model_options, spinner  # noqa: E402
+from .common import REPLACEMENTS_HELP, FriendlyCommand, model_options, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 FORMATS = ("json", "dot", "svg", "png", "html")
@@ -44,7 +44,7 @@ def _formats(value: str) -> list[str]:
 @click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
-@click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, qk,
           qk_heads, fmt, draw_nodes, replacements):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
@@ -53,9 +53,11 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     from graphs.prune import prune
     from graphs.validate import check_finite
     from replacement.assemble import ReplacementModel
+    from replacement.foreign import replacement_specs
     from replacement.models import load_model
     from replacement.tokenizer import token_text
 
+    replacements = replacement_specs(replacements)
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
@@ -69,7 +71,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
             adapter = load_model(model_name, device, dtype)
             ids = adapter.tokenize(prompt)
             model = ReplacementModel.load(adapter, replacements, attention)
-        _check_memory(model, ids.shape[1])
+        _check_memory(model, ids)
         times["load"] = time.time() - t0
         t1 = time.time()
         with torch.no_grad():
@@ -180,13 +182,13 @@ def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -
             single_token(tok, target, "--target")
 
 
-def _check_memory(model, n_tokens: int) -> None:
+def _check_memory(model, ids) -> None:
     """Refuse in one line a graph whose estimated size exceeds the memory available (graphs/budget.py)."""
     from graphs.budget import check, estimate
+    from replacement.foreign import feature_bound
 
     lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
-    tc_k = [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
-    check(estimate(n_tokens, lorsa_k, tc_k), n_tokens)
+    check(estimate(ids.shape[1], lorsa_k, feature_bound(model, ids)), ids.shape[1])
 
 
 def _print_paths(graph) -> None:

@@ -72,9 +72,11 @@ class ReplacementModel:
 
     @classmethod
     def load(cls, adapter: ModelAdapter, folder=None, attention: str = "lorsa") -> "ReplacementModel":
-        from .store import default_folder, load_replacements
+        """``folder``: ours, a circuit-tracer or Llamascopium folder, a cached HF repo id, or a list of them (later
+        ones replace earlier ones' modules); None: the model's default folder (replacement/foreign.py)."""
+        from .foreign import load_specs
 
-        return cls(adapter, load_replacements(folder or default_folder(adapter), adapter), attention)
+        return cls(adapter, load_specs(folder, adapter), attention)
 
     def use_module(self, path) -> torch.nn.Module:
         """Put the saved module at ``path`` (trained on this model) in place of the one of its kind and layer."""

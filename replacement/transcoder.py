@@ -119,19 +119,24 @@ class Transcoder(nn.Module):
 
     @classmethod
     def from_circuit_tracer(cls, folder: str | Path, layer: int, top_k: int | None = None) -> "Transcoder":
-        """circuit-tracer's ``layer_{layer}.safetensors``: ReLU, or JumpReLU where the file holds
-        ``activation_function.threshold``; with a skip where it holds ``W_skip`` (applied as x @ W_skip.T).
-        ``top_k`` (else ``top_k`` in ``config.yaml``, else none): keep only the k strongest features."""
-        from .checkpoint import load
-
+        """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``; ``top_k`` (else ``top_k`` in its
+        ``config.yaml``, else none): see `from_circuit_tracer_file`."""
         folder = Path(folder)
         conf = _read_simple_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-        path = folder / f"layer_{layer}.safetensors"
-        t, _ = load(path)
-        N, d = _check_circuit_tracer_tensors(t, path)
         k = top_k if top_k is not None else _config_top_k(conf, folder)
+        return cls.from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k)
+
+    @classmethod
+    def from_circuit_tracer_file(cls, path: str | Path, layer: int, top_k: int = 0) -> "Transcoder":
+        """One circuit-tracer per-layer file: ReLU, or JumpReLU where it holds ``activation_function.threshold``;
+        with a skip where it holds ``W_skip`` (applied as x @ W_skip.T).  ``top_k`` > 0 keeps only the k
+        strongest features; 0 keeps every feature that passes its activation (circuit-tracer's rule)."""
+        from .checkpoint import load
+
+        t, _ = load(path)
+        N, d = _check_circuit_tracer_tensors(t, Path(path))
         W_skip, theta = t.get("W_skip"), t.get("activation_function.threshold")
-        tc = cls(TranscoderConfig(d_model=d, n_features=N, top_k=k, skip=W_skip is not None, layer=layer,
+        tc = cls(TranscoderConfig(d_model=d, n_features=N, top_k=top_k, skip=W_skip is not None, layer=layer,
                                   jumprelu=theta is not None))
         tc._assign(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], None if W_skip is None else W_skip.t())
         if theta is not None:

@@ -110,3 +110,158 @@ def test_jumprelu_transcoder_round_trips_through_our_format(tmp_path):
     x = torch.randn(6, 8)
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], tc(x)[0])
+
+
+# -- whole folders: detection, loading, mixing, the graph, the command line --------------------------------
+
+
+def _ct_set(folder, adapter, threshold=0.3, skip=False, top_k=None, layers=None):
+    """circuit-tracer transcoders for every layer of ``adapter`` (or ``layers``), written in its layout."""
+    d = adapter.d_model
+    layers = range(adapter.n_layers) if layers is None else layers
+    return write_ct_folder(folder, {L: _ct_tensors(d, 48, seed=L, threshold=threshold, skip=skip) for L in layers},
+                           top_k=top_k)
+
+
+@pytest.mark.parametrize("threshold,skip,top_k", [(0.3, False, None), (None, True, None), (0.3, False, 5)],
+                         ids=["jumprelu", "relu-skip", "topk"])
+def test_circuit_tracer_folder_gives_an_exact_graph(tmp_path, threshold, skip, top_k):
+    from graphs.attribution import attribute, reconstruction_errors
+    from replacement.assemble import ReplacementModel
+    from replacement.foreign import detect_format
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    folder = _ct_set(tmp_path / "ct", adapter, threshold, skip, top_k)
+    assert detect_format(folder) == "circuit-tracer"
+    model = ReplacementModel.load(adapter, str(folder), "frozen")
+    assert all(model.transcoders[L].cfg.jumprelu == (threshold is not None) for L in range(adapter.n_layers))
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    rec = model.record(ids)
+    for L in range(adapter.n_layers):  # the recorded activations are circuit-tracer's, feature by feature
+        t = {k: v for k, v in _ct_tensors(adapter.d_model, 48, seed=L, threshold=threshold, skip=skip).items()}
+        a, _ = circuit_tracer_formula(t, rec.layers[L].mlp_in)
+        if top_k:
+            a = a * torch.zeros_like(a).scatter(-1, (a * t["W_dec"].norm(dim=-1)).topk(top_k, -1).indices, 1.0)
+        torch.testing.assert_close(rec.layers[L].tc_code.dense(48), a, rtol=1e-5, atol=1e-6)
+    graph = attribute(model, ids)
+    errs = reconstruction_errors(graph)
+    assert len(errs) > 10 and max(errs.values()) <= 1e-4
+
+
+def test_lorsa_from_ours_and_transcoders_from_circuit_tracer_mix(tmp_path, saved_model):
+    from graphs.attribution import attribute, reconstruction_errors
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+    from replacement.store import load_replacements
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter)
+    model = ReplacementModel.load(adapter, [str(saved_model / "replacements"), str(ct)], "lorsa")
+    ours = load_replacements(saved_model / "replacements", adapter)
+    for L in range(adapter.n_layers):
+        assert model.transcoders[L].cfg.jumprelu and not ours[("transcoder", L)].cfg.jumprelu
+        torch.testing.assert_close(model.lorsas[L].W_Q, ours[("lorsa", L)].W_Q)
+    graph = attribute(model, adapter.tokenize("the cat sat on the mat"))
+    assert max(reconstruction_errors(graph).values()) <= 1e-4
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", *args] if args[0] != "trace"
+                          else [sys.executable, "-c", "from cli.trace import main; main()", *args[1:]],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_trace_and_patch_take_circuit_tracer_folders(tmp_path, saved_model):
+    import json
+    from pathlib import Path
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter)
+    repo = str(Path(__file__).resolve().parents[1])
+    r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(ct), "--attention", "frozen",
+             "--format", "json", "--out", str(tmp_path / "g1"), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    g = json.loads((tmp_path / "g1" / "graph.json").read_text())
+    assert any(n["feature_type"] == "cross layer transcoder" for n in g["nodes"])
+    r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
+             "--replacements", str(ct), "--format", "json", "--out", str(tmp_path / "g2"), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    r = _cli("patch", "the cat sat", "--model", str(saved_model), "--replacements", str(ct), "--attention", "frozen",
+             "--component", "mlp_err.0@1", cwd=repo)
+    assert r.returncode == 0, r.stderr
+
+
+def _broken_sets(tmp_path, adapter) -> dict:
+    """Foreign folders that must each fail in one line, with what the line must say."""
+    from safetensors.torch import save_file
+
+    out = {}
+    f = _ct_set(tmp_path / "truncated", adapter)
+    p = f / "layer_1.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    out["truncated"] = (f, "corrupt or truncated")
+    out["partial"] = (_ct_set(tmp_path / "partial", adapter, layers=[0]), "missing trained replacements layer1.transcoder")
+    wide = {L: _ct_tensors(adapter.d_model + 8, 48, seed=L) for L in range(adapter.n_layers)}
+    out["width"] = (write_ct_folder(tmp_path / "width", wide), f"has d_model {adapter.d_model}")
+    deep = _ct_set(tmp_path / "deep", adapter, layers=range(adapter.n_layers + 1))
+    out["layers"] = (deep, f"has {adapter.n_layers} layers")
+    hooks = write_ct_folder(tmp_path / "hooks", {0: _ct_tensors(adapter.d_model, 48)}, hooks=("hook_resid_mid", "hook_mlp_out"))
+    out["hooks"] = (hooks, "only those that read the MLP's normalised input")
+    clt = tmp_path / "clt"
+    clt.mkdir()
+    (clt / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: mlp.hook_in\n")
+    out["clt"] = (clt, "cross-layer transcoders")
+    bad_yaml = _ct_set(tmp_path / "yaml", adapter)
+    (bad_yaml / "config.yaml").write_text("model_kind: [unclosed\n")
+    out["yaml"] = (bad_yaml, "not valid YAML")
+    lorsa = tmp_path / "ls"
+    lorsa.mkdir()
+    save_file({"W_Q": torch.zeros(1, adapter.d_model, 4)}, str(lorsa / "sae_weights.safetensors"))
+    (lorsa / "config.json").write_text('{"hook_point_in": "blocks.0.ln1.hook_normalized", "top_k": 2}')
+    out["llamascope-partial"] = (lorsa, "not a complete Llamascopium checkpoint")
+    return out
+
+
+def test_corrupt_partial_or_mismatched_foreign_folders_fail_in_one_line(tmp_path):
+    from replacement.assemble import ReplacementModel
+    from replacement.checkpoint import CheckpointError
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    for name, (folder, message) in _broken_sets(tmp_path, adapter).items():
+        with pytest.raises((CircuitsError, CheckpointError)) as e:
+            ReplacementModel.load(adapter, str(folder), "frozen")
+        assert message in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+
+
+@pytest.mark.slow
+def test_trace_refuses_a_broken_foreign_folder_in_one_line(tmp_path, saved_model):
+    from pathlib import Path
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    repo = str(Path(__file__).resolve().parents[1])
+    for name in ("width", "clt"):
+        folder, message = _broken_sets(tmp_path / name, adapter)[name]
+        r = _cli("trace", "the cat", "--model", str(saved_model), "--replacements", str(folder), "--attention",
+                 "frozen", "--format", "json", "--out", str(tmp_path / "out"), cwd=repo)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_an_uncached_hf_repo_id_fails_in_one_line(tmp_path, monkeypatch):
+    from replacement.foreign import resolve_spec
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CircuitsError, match="not .*in the local HF cache|no HF repo"):
+        resolve_spec("someone/transcoders-nowhere")
