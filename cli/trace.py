@@ -45,8 +45,11 @@ def _formats(value: str) -> list[str]:
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
 @click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--bos", type=click.Choice(["keep", "zero"]), default="keep", show_default=True,
+              help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
+                   "(circuit-tracer's convention).")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, qk,
-          qk_heads, fmt, draw_nodes, replacements):
+          qk_heads, fmt, draw_nodes, replacements, bos):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from graphs.attribution import attribute
     from graphs.export import RenderError, render, write_dot, write_json
@@ -62,7 +65,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
-                "replacements": replacements, "dtype": dtype}
+                "replacements": replacements, "dtype": dtype, "bos": bos}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
     with RunFolder(out_dir) as run:
@@ -85,7 +88,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         vals, idx = probs.topk(5)
         click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
 
-        full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
+        full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos)
         graph = prune(full, node_threshold, edge_threshold, max_nodes)
         check_finite(graph)
         s = graph.scores

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from replacement.assemble import Record, ReplacementModel
+from replacement.errors import BadInputError
 from replacement.models import single_token
 from replacement.tokenizer import token_text
 
@@ -56,6 +57,7 @@ class Linearised:
         self.layernorm = isinstance(a.final_norm, torch.nn.LayerNorm)
         self.final_slot = 2 * self.N
         self.device = rec.embed.device  # every tensor built here lives with the record
+        self.folded: dict = {}  # {(slot, pos): [d]} writes of nodes folded into constants (bos="zero")
 
     # -- small maps ---------------------------------------------------------------------------------------
 
@@ -194,6 +196,9 @@ class Linearised:
             b = self.slot_bias(w)
             if b is not None:
                 c = c + b
+            for (fw, fp), vec in self.folded.items():
+                if fw == w:
+                    c = c.index_add(0, torch.tensor([fp], device=c.device), vec[None].to(c.dtype))  # not in place
             for L in skips:
                 if self.mlp_read_slot(L) == w:
                     at_read[L] = c
@@ -249,15 +254,20 @@ def _gc_paused():
 def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
-              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8) -> AttributionGraph:
+              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
+              bos: str = "keep") -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
     the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
     ``sparse_record``: trace the pure sparse model itself (all errors are then zero).
     ``qk``: explain the attention scores of Lorsa heads (all of them, or the ``qk_heads`` most influential)
-    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py)."""
+    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py).
+    ``bos``: "keep" makes nodes of every Lorsa head, transcoder feature and error at position 0 as anywhere;
+    "zero" (circuit-tracer's convention) makes none there: what they write joins the targets' constants."""
     t0 = time.time()
+    if bos not in ("keep", "zero"):
+        raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
     rec = model.record(ids[0], sparse=sparse_record)
@@ -265,10 +275,11 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     tok = a.tokenizer
     tokens = [token_text(tok, i) if tok is not None else str(i) for i in rec.ids.tolist()]
     nodes, sources, targets = _feature_nodes(model, rec, tokens)
+    lin.folded = fold_position(nodes, sources, targets, 0) if bos == "zero" else {}
     target_id = None if target is None else single_token(tok, target)
     targets.append(_logit_nodes(rec, nodes, tok, target_id, logit_coverage, max_logits, lin.N))
     edges = _edges(lin, nodes, sources, targets, batch_size, edges_per_target, progress)
-    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
+    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage, "bos": bos,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
     graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
@@ -343,6 +354,26 @@ def _feature_nodes(model: ReplacementModel, rec: Record, tokens: list[str]):
     return nodes, sources, targets
 
 
+def fold_position(nodes: list[Node], sources: dict, targets: list[Target], pos: int) -> dict:
+    """Remove every Lorsa-head, transcoder-feature and error node at ``pos`` (in place: from ``nodes``,
+    ``sources`` and ``targets``); returns what they wrote, summed per slot: {(slot, pos): [d]}."""
+    drop = [i for i, nd in enumerate(nodes) if nd.pos == pos and nd.type not in ("embedding", "logit")]
+    folded: dict = {}
+    for i in drop:
+        s = sources.pop(nodes[i].id)
+        folded[(s.slot, pos)] = folded.get((s.slot, pos), 0) + s.vector
+    gone = set(drop)
+    new_row = {old: new for new, old in enumerate(i for i in range(len(nodes)) if i not in gone)}
+    nodes[:] = [nd for i, nd in enumerate(nodes) if i not in gone]
+    for j, (kind, L, rows, idx, p) in enumerate(targets):
+        if rows is None:
+            continue
+        keep = [r for r, q in enumerate(p.tolist()) if q != pos]
+        rows = torch.tensor([new_row[int(rows[r])] for r in keep], dtype=torch.long)
+        targets[j] = (kind, L, rows, idx[keep], p[keep]) if keep else (kind, L, None, None, None)
+    return folded
+
+
 def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, coverage: float, max_logits: int,
                  n_layers: int) -> Target:
     """Append the logit nodes (demeaned, the smallest set of at least two covering ``coverage``, at most
@@ -363,7 +394,7 @@ def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, cov
 def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], batch_size: int,
            edges_per_target: int | None, progress: bool) -> "EdgeArrays":
     """Every target's incoming edges, in batches of targets of one kind and layer (one product per source
-    group per batch); also sets each target's constant terms."""
+    group per batch); also sets each target's constant terms (``lin.folded`` writes included)."""
     from tqdm import tqdm
 
     n = lin.n
@@ -393,6 +424,9 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
                 bias = lin.slot_bias(w)
                 if bias is not None:
                     const = const + G[w].sum(1) @ bias
+                for (fw, fp), vec in lin.folded.items():
+                    if fw == w:
+                        const = const + G[w][:, fp] @ vec
                 for p in range(n):
                     if (w, p) not in groups:
                         continue

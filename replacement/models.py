@@ -80,13 +80,22 @@ def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False) 
     if tokenizer is None:
         raise BadInputError("this model has no tokenizer; pass token ids")
     ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
-    bos = tokenizer.bos_token_id
+    bos = start_token(tokenizer)
     if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
         ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
     if truncate:
         ids = ids[:, :context]
     check_length(ids.shape[1], context)
     return ids
+
+
+def start_token(tokenizer) -> int | None:
+    """The token every prompt starts with: BOS; for a tokenizer without one (Qwen2), circuit-tracer's stand-in,
+    the first of pad, eos and the other special tokens that is set and not id 0 (its rule skips id 0 too)."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.all_special_ids]
+    return next((i for i in candidates if i), None)
 
 
 def check_length(n: int, context: int) -> None:

@@ -187,10 +187,11 @@ def test_trace_and_patch_take_circuit_tracer_folders(tmp_path, saved_model):
     ct = _ct_set(tmp_path / "ct", adapter)
     repo = str(Path(__file__).resolve().parents[1])
     r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(ct), "--attention", "frozen",
-             "--format", "json", "--out", str(tmp_path / "g1"), cwd=repo)
+             "--format", "json", "--out", str(tmp_path / "g1"), "--bos", "zero", cwd=repo)
     assert r.returncode == 0, r.stderr
     g = json.loads((tmp_path / "g1" / "graph.json").read_text())
     assert any(n["feature_type"] == "cross layer transcoder" for n in g["nodes"])
+    assert {n["feature_type"] for n in g["nodes"] if n["ctx_idx"] == 0} == {"embedding"}  # --bos zero
     r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
              "--replacements", str(ct), "--format", "json", "--out", str(tmp_path / "g2"), cwd=repo)
     assert r.returncode == 0, r.stderr
