@@ -1,4 +1,4 @@
-"""`ModelAdapter`: uniform, hookable access to a Hugging Face causal LM (Llama family, GPT-NeoX/Pythia).
+"""`ModelAdapter`: uniform, hookable access to a Hugging Face causal LM (Llama family with Mistral, Qwen2 and Qwen3 (per-head QK-norm), GPT-NeoX/Pythia).
 
 The adapter wraps the HF model in place (no weight copies) and runs its own forward pass built from the
 model's modules, so that every intermediate value has a name and can be read or replaced:
@@ -39,7 +39,7 @@ from .errors import BadInputError, ModelLoadError
 
 Hook = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
-SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt_neox": "gpt_neox"}
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gpt_neox": "gpt_neox"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -98,6 +98,12 @@ def start_token(tokenizer) -> int | None:
     return next((i for i in candidates if i), None)
 
 
+def _qk_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of queries or keys (before the rotary map), x [B, n, heads, dh]; others: x."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 def check_length(n: int, context: int) -> None:
     if n > context:
         raise BadInputError(f"the prompt is {n} tokens, longer than the model's context of {context}")
@@ -142,6 +148,8 @@ class ModelAdapter:
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         self.name = name or getattr(cfg, "_name_or_path", "") or f"unnamed-{cfg.model_type}"
         self.arch = SUPPORTED[cfg.model_type]
+        if getattr(cfg, "use_sliding_window", False):
+            raise ModelLoadError(f"{cfg.model_type} with sliding-window attention (use_sliding_window) is not supported")
         self.n_layers = cfg.num_hidden_layers
         self.d_model = cfg.hidden_size
         self.n_heads = cfg.num_attention_heads
@@ -282,9 +290,10 @@ class ModelAdapter:
             qkv = attn.query_key_value(x).view(B, n, H, 3 * dh).transpose(1, 2)
             q, k, v = qkv.chunk(3, dim=-1)
         else:
-            q = attn.q_proj(x).view(B, n, H, dh).transpose(1, 2)
+            q = _qk_norm(attn, "q_norm", attn.q_proj(x).view(B, n, H, dh)).transpose(1, 2)
             rep = H // self.n_kv_heads
-            k = attn.k_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
+            k = _qk_norm(attn, "k_norm", attn.k_proj(x).view(B, n, self.n_kv_heads, dh))
+            k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
             v = attn.v_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
         p = f"blocks.{layer}.attn."
         q = self._hook(p + "q", apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), hooks, cache)
