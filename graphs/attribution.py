@@ -65,9 +65,9 @@ class Linearised:
         """P: centre the last dim for LayerNorm, identity for RMSNorm."""
         return v - v.mean(-1, keepdim=True) if self.layernorm else v
 
-    @staticmethod
-    def _w(norm) -> torch.Tensor:
-        return norm.weight.detach().float()
+    def _w(self, norm) -> torch.Tensor:
+        """The factor the norm multiplies by (1 + weight for Gemma-2)."""
+        return self.adapter.norm_weight(norm).detach().float()
 
     @staticmethod
     def _b(norm) -> torch.Tensor | None:
@@ -150,6 +150,9 @@ class Linearised:
         """Frozen MHSA of layer L as a linear map slot 2L -> 2L+1; returns the gradient at its input [B, n, d]."""
         a = self.adapter
         (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)
+        post = a.post_norm(L, "attn")
+        if post is not None:  # Gemma-2: the output's own norm, its scale frozen
+            g_out = g_out * self._w(post) / self.rec.cache[f"blocks.{L}.ln1_post.scale"][None]
         A = self.rec.layers[L].pattern  # [H, n, n]
         g_z = torch.einsum("btd,hed->bhte", g_out, Wo.float())
         g_v = torch.einsum("hts,bhte->bhse", A, g_z)
@@ -379,8 +382,8 @@ def _logit_nodes(rec: Record, nodes: list[Node], tok, target_id: int | None, cov
     """Append the logit nodes (demeaned, the smallest set of at least two covering ``coverage``, at most
     ``max_logits``; with the token ``target_id`` among them)."""
     n = rec.ids.shape[0]
-    logits = rec.logits[n - 1]
-    probs = logits.softmax(-1)
+    probs = rec.logits[n - 1].softmax(-1)
+    logits = (rec.logits if rec.logits_linear is None else rec.logits_linear)[n - 1]  # before soft-capping
     demeaned = logits - logits.mean()
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):

@@ -48,6 +48,7 @@ class Record:
     layers: list[LayerRecord] = field(default_factory=list)
     attention: str = "lorsa"
     cache: dict = field(default_factory=dict, repr=False)
+    logits_linear: torch.Tensor | None = None  # [n, V] before the logits' soft-capping (Gemma-2), else None
 
 
 class ReplacementModel:
@@ -102,6 +103,9 @@ class ReplacementModel:
         c = {k: v[0].float() for k, v in res.cache.items()}
         rec = Record(ids=ids, logits=res.logits[0].float(), embed=c["embed"], final_scale=c["ln_final.scale"],
                      attention=self.attention, cache=c)
+        if getattr(self.adapter, "logit_softcap", None):
+            U = self.adapter.unembedding
+            rec.logits_linear = c["ln_final.out"] @ U.weight.float().t() + (0 if U.bias is None else U.bias.float())
         for L in range(self.adapter.n_layers):
             p = f"blocks.{L}."
             tc = self.transcoders[L]

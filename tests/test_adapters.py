@@ -1,5 +1,6 @@
-"""Adapters beyond Llama and GPT-NeoX (Qwen2: attention biases; Qwen3: per-head QK-norm), each against the HF
-forward pass on a random small config, with Lorsa's closed form and the graph's reconstruction."""
+"""Adapters beyond Llama and GPT-NeoX (Qwen2: attention biases; Qwen3: per-head QK-norm; Gemma-2: sandwich norms,
+(1 + w) norm weights, attention and logit soft-capping, GeGLU, sliding windows), each against the HF forward pass
+on a random small config, with Lorsa's closed form and the graph's reconstruction."""
 from __future__ import annotations
 
 import pytest
@@ -36,7 +37,17 @@ def tiny_qwen3():
     return _randomise(Qwen3ForCausalLM(Qwen3Config(head_dim=16, attention_bias=True, **SMALL)))  # QK-norm
 
 
-MODELS = {"qwen2": tiny_qwen2, "qwen3": tiny_qwen3}
+def tiny_gemma2(**overrides):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    kw = dict(SMALL, head_dim=16, query_pre_attn_scalar=16, sliding_window=5, final_logit_softcapping=0.5,
+              attn_logit_softcapping=2.0)  # caps small enough to bend this model's logits and scores
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return _randomise(Gemma2ForCausalLM(Gemma2Config(**kw)))
+
+
+MODELS = {"qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "gemma2": tiny_gemma2}
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -60,12 +71,24 @@ def test_patterns_equal_hf_attentions(arch, ids):
         torch.testing.assert_close(cache[f"blocks.{L}.attn.pattern"], hf[L], atol=1e-6, rtol=0)
 
 
+def test_soft_caps_bend_the_tiny_gemma():
+    """The caps of tiny_gemma2 are active: without them the logits differ (so the 1e-5 match above tests them)."""
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        capped = ModelAdapter(tiny_gemma2()).run(ids).logits
+        free = ModelAdapter(tiny_gemma2(final_logit_softcapping=None, attn_logit_softcapping=None)).run(ids).logits
+    assert (capped - free).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("head", [0, 3])
-def test_one_group_lorsa_equals_a_qwen2_head(head, ids):
-    """Qwen2's biased Q/K/V heads in Lorsa's closed form (see tests/test_lorsa.py)."""
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_one_group_lorsa_equals_a_real_head(arch, head, ids):
+    """Qwen2's biased and Gemma-2's Q/K/V heads in Lorsa's closed form (see tests/test_lorsa.py); Gemma-2 without
+    attention soft-capping, which no bilinear QK can express, and with a full window on the tested layer."""
     from replacement.lorsa import one_head_lorsa
 
-    adapter = ModelAdapter(tiny_qwen2())
+    model = tiny_qwen2() if arch == "qwen2" else tiny_gemma2(attn_logit_softcapping=None)
+    adapter = ModelAdapter(model)
     with torch.no_grad():
         cache = adapter.run(ids, capture=True).cache
         x = cache["blocks.1.attn.in"]
