@@ -217,6 +217,7 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, f
     fraction and spliced loss)."""
     from replacement import evaluate as ev
     from replacement.corpus import heldout_texts
+    from replacement.foreign import replacement_specs, saved_metrics
     from replacement.models import load_model
     from replacement.store import default_folder
 

@@ -266,3 +266,44 @@ def test_an_uncached_hf_repo_id_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CircuitsError, match="not .*in the local HF cache|no HF repo"):
         resolve_spec("someone/transcoders-nowhere")
+
+
+def test_a_cached_hf_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
+    """The hub's cache layout (refs/main naming a snapshot), built by hand: ``owner/name/sub`` loads from it."""
+    import huggingface_hub.constants as hub
+
+    from replacement.assemble import ReplacementModel
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_llama
+
+    repo = tmp_path / "hub" / "models--someone--transcoders"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    _ct_set(repo / "snapshots" / "0123abcd" / "relu", adapter, threshold=None)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = ReplacementModel.load(adapter, "someone/transcoders/relu", "frozen")
+    assert sorted(model.transcoders) == list(range(adapter.n_layers))
+    assert not model.transcoders[0].cfg.jumprelu and model.transcoders[0].cfg.top_k == 0
+
+
+@pytest.mark.slow
+def test_eval_and_heads_take_a_mix(tmp_path, saved_model):
+    import json
+    from pathlib import Path
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. 1 + 2 = 3\n" * 400)
+    repo = str(Path(__file__).resolve().parents[1])
+    mix = ["--replacements", str(saved_model / "replacements"), "--replacements", str(ct)]
+    r = _cli("eval", "--model", str(saved_model), *mix, "--json", "--no-samples", "--text", str(text), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert "layer0.lorsa" in d["replacements"] and "top1_agreement" in json.dumps(d["pure_replacement"])
+    r = _cli("heads", "--model", str(saved_model), "--layer", "1", *mix, "--n-seqs", "2", "--text", str(text),
+             "--cache-dir", str(tmp_path / "cache"), cwd=repo)
+    assert r.returncode == 0, r.stderr
