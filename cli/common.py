@@ -119,6 +119,10 @@ def check_text_params(ctx: click.Context) -> None:
                 raise BadInputError(f"{name} is not valid UTF-8 text")
 
 
+REPLACEMENTS_HELP = ("Replacements folder (default: beside the model): ours, circuit-tracer transcoders, Llamascopium, or a "
+                     "cached HF repo id; repeat to mix (a later folder replaces the modules it holds).")
+
+
 def model_options(f):
     f = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
                      help="Precision of the model weights.")(f)

@@ -8,7 +8,7 @@ import click
 
 from graphs.layout import DEFAULT_DRAW_NODES
 
-from .common import FriendlyGroup, model_options
+from .common import REPLACEMENTS_HELP, FriendlyGroup, model_options
 
 
 @click.group(cls=FriendlyGroup)
@@ -164,7 +164,7 @@ def _print_replacement_metrics(metrics: dict) -> None:
               help="Text files whose last 2% is the held-out text (default: the held-out sample shipped with the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--samples/--no-samples", default=True, show_default=True)
-@click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 @click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
               help="Also measure the pure (error-free) replacement model against the real one.")
 def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, faithfulness):
@@ -172,9 +172,11 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, f
     replacements (the pure replacement model's agreement with the real one, and each module's FVU, L0, dead
     fraction and spliced loss)."""
     from replacement.evaluate import report
+    from replacement.foreign import replacement_specs
     from replacement.models import load_model
 
-    out = report(load_model(model_name, device, dtype), list(texts) or None, samples, replacements, faithfulness)
+    out = report(load_model(model_name, device, dtype), list(texts) or None, samples, replacement_specs(replacements),
+                 faithfulness)
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -249,7 +251,7 @@ def _print_faithfulness(f: dict) -> None:
               help="For --mode mean: a text file of reference prompts, one per line; a component is set to its "
                    "output averaged over every position (but BOS) of them.")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True)
-@click.option("--replacements", type=click.Path(), default=None)
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 @click.option("--freeze-norms", is_flag=True,
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
 @click.option("--together", is_flag=True, help="Ablate all the components at once (one effect), not one at a time.")
@@ -266,9 +268,11 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
         raise BadInputError("--mode counterfactual needs --counterfactual PROMPT")
     if mode == "mean" and not mean_over:
         raise BadInputError("--mode mean needs --mean-over FILE (reference prompts, one per line)")
+    from replacement.foreign import replacement_specs
+
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
-    model = ReplacementModel.load(adapter, replacements, attention)
+    model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)
     t_id = _single_token(adapter, target) if target else int(adapter.next_token_probs(ids).argmax())
     b_id = _single_token(adapter, baseline) if baseline else None
     cf = adapter.tokenize(counterfactual) if counterfactual else None
@@ -314,7 +318,7 @@ def _single_token(adapter, text: str) -> int:
 @click.option("--cache-dir", type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")
 @click.option("--rebuild", is_flag=True, help="Ignore the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the selected dashboard as JSON.")
-@click.option("--replacements", type=click.Path(), default=None)
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, cache_dir, rebuild, as_json, replacements):
     """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
     from graphs.graph import unit_label
@@ -328,7 +332,9 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
         raise BadInputError(f"--layer {layer} out of range: {adapter.name} has layers 0-{adapter.n_layers - 1}")
     if n_seqs < 1:
         raise BadInputError("--n-seqs must be at least 1")
-    model = ReplacementModel.load(adapter, replacements)
+    from replacement.foreign import replacement_specs
+
+    model = ReplacementModel.load(adapter, replacement_specs(replacements))
     for flag, i, n in (("--head", head, model.lorsas[layer].cfg.n_heads), ("--feature", feature, model.transcoders[layer].W_dec.shape[0])):
         if i is not None and not 0 <= i < n:
             raise BadInputError(f"{flag} {i} out of range: layer {layer} has {n}")

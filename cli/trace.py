@@ -15,7 +15,7 @@ from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import FriendlyCommand, model_options, spinner  # noqa: E402
+from .common import REPLACEMENTS_HELP, FriendlyCommand, model_options, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 
@@ -34,15 +34,21 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
 @click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
-@click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--bos", type=click.Choice(["keep", "zero"]), default="keep", show_default=True,
+              help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
+                   "(circuit-tracer's convention).")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes, qk,
-          qk_heads, fmt, draw_nodes, replacements):
+          qk_heads, fmt, draw_nodes, replacements, bos):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
+    from replacement.foreign import replacement_specs
+
+    replacements = replacement_specs(replacements)
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
-                "replacements": replacements, "dtype": dtype}
+                "replacements": replacements, "dtype": dtype, "bos": bos}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
     with RunFolder(out_dir) as run:
@@ -51,7 +57,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
             model, ids = _load(model_name, device, dtype, prompt, replacements, attention)
         times["load"] = time.time() - t0
         t1 = time.time()
-        graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes)
+        graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos)
         times["attribution + pruning"] = time.time() - t1
         written = _write(run, graph, model, fmts, draw_nodes, times)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -66,11 +72,11 @@ def _load(model_name, device, dtype, prompt, replacements, attention):
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
     model = ReplacementModel.load(adapter, replacements, attention)
-    _check_memory(model, ids.shape[1])
+    _check_memory(model, ids)
     return model, ids
 
 
-def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes):
+def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos="keep"):
     """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
     scores, its strongest paths and the target logit's decomposition."""
     from graphs.attribution import attribute
@@ -85,7 +91,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     click.echo(f"model {adapter.name} ({model.attention} attention), {len(toks)} tokens: {toks}")
     vals, idx = probs.topk(5)
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
-    full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty())
+    full = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos)
     graph = prune(full, node_threshold, edge_threshold, max_nodes)
     check_finite(graph)
     s = graph.scores
@@ -158,13 +164,13 @@ def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -
             single_token(tok, target, "--target")
 
 
-def _check_memory(model, n_tokens: int) -> None:
+def _check_memory(model, ids) -> None:
     """Refuse in one line a graph whose estimated size exceeds the memory available (graphs/budget.py)."""
     from graphs.budget import check, estimate
+    from replacement.foreign import feature_bound
 
     lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
-    tc_k = [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
-    check(estimate(n_tokens, lorsa_k, tc_k), n_tokens)
+    check(estimate(ids.shape[1], lorsa_k, feature_bound(model, ids)), ids.shape[1])
 
 
 def _print_paths(graph) -> None:

@@ -32,10 +32,11 @@ import time
 import torch
 
 from replacement.assemble import Record, ReplacementModel
+from replacement.errors import BadInputError
 from replacement.models import single_token
 from replacement.tokenizer import token_text
 
-from .graph import TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
+from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
 from .linear import Linearised, Source
 from .prune import logit_decomposition
 
@@ -74,15 +75,20 @@ def _gc_paused():
 def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
-              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8) -> AttributionGraph:
+              qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
+              bos: str = "keep") -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
     the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
     ``sparse_record``: trace the pure sparse model itself (all errors are then zero).
     ``qk``: explain the attention scores of Lorsa heads (all of them, or the ``qk_heads`` most influential)
-    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py)."""
+    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py).
+    ``bos``: "keep" makes nodes of every Lorsa head, transcoder feature and error at position 0 as anywhere;
+    "zero" (circuit-tracer's convention) makes none there: what they write joins the targets' constants."""
     t0 = time.time()
+    if bos not in ("keep", "zero"):
+        raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
     rec = model.record(ids[0], sparse=sparse_record)
@@ -90,11 +96,12 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     tok = a.tokenizer
     tokens = [token_text(tok, i) if tok is not None else str(i) for i in rec.ids.tolist()]
     made = _graph_nodes(model, rec, tokens)
+    lin.folded = fold_position(made, 0) if bos == "zero" else {}
     target_id = None if target is None else single_token(tok, target)
     _logit_nodes(made, rec, tok, target_id, logit_coverage, max_logits, lin.N)
     nodes, sources = made.nodes, made.sources
     edges = _edges(lin, nodes, sources, made.targets, batch_size, edges_per_target, progress)
-    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
+    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage, "bos": bos,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record}
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
     graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)
@@ -189,13 +196,33 @@ def _error_nodes(out: _Nodes, kind: NodeKind, L: int, err: torch.Tensor, slot: i
         out.add(Node.make(kind, L, -1, p, activation=float(err[p].norm()), label=f"L{L} {what} err"), slot, err[p])
 
 
+def fold_position(made: _Nodes, pos: int) -> dict:
+    """Remove every Lorsa-head, transcoder-feature and error node at ``pos`` from ``made`` (its nodes, sources
+    and target groups); returns what they wrote, summed per slot: {(slot, pos): [d]} (bos="zero")."""
+    drop = [i for i, nd in enumerate(made.nodes) if nd.pos == pos and nd.type in (*FEATURE_KINDS, *ERROR_KINDS)]
+    folded: dict = {}
+    for i in drop:
+        s = made.sources.pop(made.nodes[i].id)
+        folded[(s.slot, pos)] = folded.get((s.slot, pos), 0) + s.vector
+    gone = set(drop)
+    new_row = {old: new for new, old in enumerate(i for i in range(len(made.nodes)) if i not in gone)}
+    made.nodes[:] = [nd for i, nd in enumerate(made.nodes) if i not in gone]
+    for j, (kind, L, rows, idx, p) in enumerate(made.targets):
+        if rows is None:
+            continue
+        keep = [r for r, q in enumerate(p.tolist()) if q != pos]
+        rows = torch.tensor([new_row[int(rows[r])] for r in keep], dtype=torch.long)
+        made.targets[j] = (kind, L, rows, idx[keep], p[keep]) if keep else (kind, L, None, None, None)
+    return folded
+
+
 def _logit_nodes(out: _Nodes, rec: Record, tok, target_id: int | None, coverage: float, max_logits: int,
                  n_layers: int) -> None:
     """Append the logit nodes (demeaned, the smallest set of at least two covering ``coverage``, at most
     ``max_logits``; with the token ``target_id`` among them) and their target group."""
     n = rec.ids.shape[0]
-    logits = rec.logits[n - 1]
-    probs = logits.softmax(-1)
+    probs = rec.logits[n - 1].softmax(-1)
+    logits = (rec.logits if rec.logits_linear is None else rec.logits_linear)[n - 1]  # before soft-capping
     demeaned = logits - logits.mean()
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):
@@ -209,7 +236,7 @@ def _logit_nodes(out: _Nodes, rec: Record, tok, target_id: int | None, coverage:
 def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], batch_size: int,
            edges_per_target: int | None, progress: bool) -> "EdgeArrays":
     """Every target's incoming edges, in batches of targets of one kind and layer (one product per source
-    group per batch); also sets each target's constant terms."""
+    group per batch); also sets each target's constant terms (``lin.folded`` writes included)."""
     from tqdm import tqdm
 
     n = lin.n
@@ -239,6 +266,9 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
                 bias = lin.slot_bias(w)
                 if bias is not None:
                     const = const + G[w].sum(1) @ bias
+                for (fw, fp), vec in lin.folded.items():
+                    if fw == w:
+                        const = const + G[w][:, fp] @ vec
                 for p in range(n):
                     if (w, p) not in groups:
                         continue

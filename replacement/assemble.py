@@ -49,6 +49,7 @@ class Record:
     layers: list[LayerRecord] = field(default_factory=list)
     attention: str = "lorsa"
     cache: dict = field(default_factory=dict, repr=False)
+    logits_linear: torch.Tensor | None = None  # [n, V] before the logits' soft-capping (Gemma-2), else None
 
 
 class ReplacementModel:
@@ -73,9 +74,11 @@ class ReplacementModel:
 
     @classmethod
     def load(cls, adapter: ModelAdapter, folder=None, attention: str = "lorsa") -> "ReplacementModel":
-        from .store import default_folder, load_replacements
+        """``folder``: ours, a circuit-tracer or Llamascopium folder, a cached HF repo id, or a list of them (later
+        ones replace earlier ones' modules); None: the model's default folder (replacement/foreign.py)."""
+        from .foreign import load_specs
 
-        return cls(adapter, load_replacements(folder or default_folder(adapter), adapter), attention)
+        return cls(adapter, load_specs(folder, adapter), attention)
 
     def use_module(self, path) -> torch.nn.Module:
         """Put the saved module at ``path`` (trained on this model) in place of the one of its kind and layer."""
@@ -101,6 +104,9 @@ class ReplacementModel:
         c = {k: v[0].float() for k, v in res.cache.items()}
         rec = Record(ids=ids, logits=res.logits[0].float(), embed=c[EMBED], final_scale=c[FINAL_SCALE],
                      attention=self.attention, cache=c)
+        if getattr(self.adapter, "logit_softcap", None):
+            U = self.adapter.unembedding
+            rec.logits_linear = c["ln_final.out"] @ U.weight.float().t() + (0 if U.bias is None else U.bias.float())
         for L in range(self.adapter.n_layers):
             at = {p: c[hook_name(L, p)] for p in ("attn.in", "attn.out", "mlp.in", "mlp.out", "ln1.scale", "ln2.scale",
                                                    "attn.pattern")}

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import BadInputError
 from .norms import centre as centre_
-from .norms import is_layernorm
+from .norms import is_layernorm, norm_weight
 from .hooks import hook_name, layer_names
 
 KINDS = ("lorsa", "transcoder")
@@ -118,7 +118,7 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
     seq_len = min(cfg.seq_len, a.context)
     source = source or default_source(a, seq_len, cfg.seed, heldout=True)
     ids, codes, attn_in = _codes(model, cfg, source, seq_len, progress)
-    W_U, final_w = a.unembedding.weight.detach().float().cpu(), a.final_norm.weight.detach().float().cpu()
+    W_U, final_w = a.unembedding.weight.detach().float().cpu(), norm_weight(a.final_norm).cpu()
     centre = is_layernorm(a.final_norm)
     out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in range(a.n_layers)}
     for (kind, L), parts in tqdm(list(codes.items()), desc="dashboards: contexts", disable=not progress):

@@ -19,3 +19,7 @@ class TrainingDiverged(CircuitsError):
 
 class CheckpointError(CircuitsError):
     """A checkpoint or replacements folder that is missing, corrupt, or for another model."""
+
+
+class ForeignFormatError(CircuitsError, ValueError):
+    """A replacement folder or file written by another tool that is corrupt, partial, or does not fit the model."""

@@ -284,19 +284,20 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
 
 
 def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool = True,
-           replacements: str | Path | None = None, faithfulness: bool = True) -> dict:
+           replacements: str | Path | list | None = None, faithfulness: bool = True) -> dict:
     """Everything `circuits eval` shows: `model_report` on held-out text (the last 2% of ``texts`` files, by
-    default the shipped held-out sample), then, if the replacements folder (default: beside the model) has
-    trained modules, their saved metrics (``"replacements"``) and, with ``faithfulness``, the pure replacement
-    model's `faithfulness_report` (``{"skipped": why}`` when the set is incomplete)."""
+    default the shipped held-out sample), then, if the replacements (a folder, default beside the model, or
+    folders to mix: `foreign.load_specs`) hold trained modules, their saved metrics (``"replacements"``) and,
+    with ``faithfulness``, the pure replacement model's `faithfulness_report` (``{"skipped": why}`` when the set is incomplete)."""
     from .assemble import ReplacementModel
     from .corpus import heldout_texts
-    from .store import default_folder, saved_metrics
+    from .foreign import specs_metrics
+    from .store import default_folder
 
     held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
     out = model_report(adapter, held, samples)
-    metrics = saved_metrics(replacements or default_folder(adapter))
-    if not metrics:
+    metrics = specs_metrics(replacements, default_folder(adapter))
+    if metrics is None:
         return out
     out["replacements"] = metrics
     if faithfulness:

@@ -15,8 +15,9 @@ from .errors import BadInputError
 
 EMBED, FINAL_SCALE, FINAL_OUT, LOGITS = "embed", "ln_final.scale", "ln_final.out", "logits"
 GLOBAL_POINTS = (EMBED, FINAL_SCALE, FINAL_OUT, LOGITS)
+SANDWICH_ONLY = ("ln1_post.scale", "ln2_post.scale")  # Gemma-2's norms of the attention and MLP outputs
 BLOCK_POINTS = ("resid_pre", "ln1.scale", "attn.in", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z",
-                "attn.out", "resid_mid", "ln2.scale", "mlp.in", "mlp.out", "resid_post")
+                "attn.out", "resid_mid", "ln2.scale", "mlp.in", "mlp.out", "resid_post") + SANDWICH_ONLY
 SEQUENTIAL_ONLY = ("resid_mid",)  # a parallel-residual block (GPT-NeoX) has no residual between its halves
 
 
@@ -37,9 +38,10 @@ def layer_names(layers: Iterable[int], *points: str) -> list[str]:
     return [hook_name(L, p) for L in layers for p in points]
 
 
-def model_hook_names(n_layers: int, parallel_residual: bool = False) -> frozenset[str]:
-    """Every name a model with ``n_layers`` blocks exposes."""
-    points = [p for p in BLOCK_POINTS if not (parallel_residual and p in SEQUENTIAL_ONLY)]
+def model_hook_names(n_layers: int, parallel_residual: bool = False, sandwich: bool = False) -> frozenset[str]:
+    """Every name a model with ``n_layers`` blocks exposes (``sandwich``: Gemma-2's post-norms too)."""
+    points = [p for p in BLOCK_POINTS
+              if not (parallel_residual and p in SEQUENTIAL_ONLY) and (sandwich or p not in SANDWICH_ONLY)]
     return frozenset(GLOBAL_POINTS) | frozenset(layer_names(range(n_layers), *points))
 
 
@@ -57,5 +59,5 @@ def _suggest(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["BLOCK_POINTS", "EMBED", "FINAL_OUT", "FINAL_SCALE", "GLOBAL_POINTS", "LOGITS", "UnknownHookError",
+__all__ = ["BLOCK_POINTS", "EMBED", "SANDWICH_ONLY", "FINAL_OUT", "FINAL_SCALE", "GLOBAL_POINTS", "LOGITS", "UnknownHookError",
            "check_hook_names", "hook_name", "layer_names", "model_hook_names"]

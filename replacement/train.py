@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .activations import hook_points
-from .norms import centre, is_layernorm
+from .norms import centre, is_layernorm, norm_weight
 from .errors import CircuitsError, TrainingDiverged
 from .lorsa import LorsaConfig, lorsa_for_model
 from .sparse import SparseCode, decode, topk_relu
@@ -182,8 +182,7 @@ def readout_directions(adapter) -> torch.Tensor:
     norm's weight: (W_U[v] - mean W_U) * w, centred over d for a LayerNorm."""
     W = adapter.unembedding.weight.detach().float()
     D = W - W.mean(0)
-    w = getattr(adapter.final_norm, "weight", None)
-    D = D if w is None else D * w.detach().float()
+    D = D if getattr(adapter.final_norm, "weight", None) is None else D * norm_weight(adapter.final_norm)
     return centre(D, is_layernorm(adapter.final_norm))
 
 
