@@ -181,12 +181,13 @@ def test_pythia_160m_shape_forward():
 @pytest.mark.parametrize("variant", sorted(ARCH_VARIANTS))
 def test_every_name_the_helper_makes_is_hooked_and_captured(variant, ids):
     """Each name of `replacement.hooks` reaches a hook exactly once per run and is captured; resid_mid exists only
-    in sequential blocks."""
-    from replacement.hooks import BLOCK_POINTS, GLOBAL_POINTS, layer_names
+    in sequential blocks, the post-norm scales only in Gemma-2's sandwich blocks (tests/test_adapters.py)."""
+    from replacement.hooks import BLOCK_POINTS, GLOBAL_POINTS, SANDWICH_ONLY, layer_names
 
     adapter = ModelAdapter(ARCH_VARIANTS[variant]())
     names = [n for n in [*GLOBAL_POINTS, *layer_names(range(adapter.n_layers), *BLOCK_POINTS)]
-             if not (adapter.parallel_residual and n.endswith(".resid_mid"))]
+             if not (adapter.parallel_residual and n.endswith(".resid_mid"))
+             and not (not adapter.gemma and n.split(".", 2)[-1] in SANDWICH_ONLY)]
     calls = {}
     hooks = {n: (lambda t, name: calls.__setitem__(name, calls.get(name, 0) + 1)) for n in names}
     with torch.no_grad():
