@@ -323,7 +323,7 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
     from graphs.graph import unit_label
     from replacement.assemble import ReplacementModel
-    from replacement.dashboards import DashboardConfig, load_or_build
+    from replacement.dashboards import KINDS, DashboardConfig, load_or_build
     from replacement.errors import BadInputError
     from replacement.models import load_model
 
@@ -342,14 +342,14 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     picks = [("lorsa", head)] if head is not None else []
     picks += [("transcoder", feature)] if feature is not None else []
     if as_json:
-        sel = picks or [(k, i) for k in ("lorsa", "transcoder") for i in dash.ranked(k, layer)[:top]]
+        sel = picks or [(k, i) for k in KINDS for i in dash.ranked(k, layer)[:top]]
         click.echo(json.dumps([dash.entry(k, layer, i) for k, i in sel], indent=1))
         return
     if picks:
         for kind, i in picks:
             _print_dashboard(dash.entry(kind, layer, i))
         return
-    for kind in ("lorsa", "transcoder"):
+    for kind in KINDS:
         name = "Lorsa heads" if kind == "lorsa" else "transcoder features"
         click.echo(f"layer {layer}: {dash.n_features(kind, layer)} {name}, strongest first")
         for i in dash.ranked(kind, layer)[:top]:
