@@ -1,5 +1,6 @@
 """Against circuit-tracer 0.5.0's own code: the same random small Llama, transcoders written by its own classes,
-traced by both tools (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.
+traced by both tools (a Llama with
+ReLU and JumpReLU transcoders; a Qwen3 with JumpReLU ones) (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.
 
 Slow, and skipped unless CIRCUIT_TRACER_VENV names a venv with circuit-tracer 0.5.0 installed
 (benchmarks/make_circuit_tracer_venv.sh builds one; circuit-tracer pins transformers<=4.57, so it cannot share
@@ -47,6 +48,24 @@ def for_old_transformers(model_folder: Path, dest: Path) -> Path:
     return dest
 
 
+def model_folder(arch: str, saved_model: Path, dest: Path) -> Path:
+    """The random small model of ``arch`` as an HF folder with saved_model's tokenizer: llama is saved_model
+    itself; qwen3 has random QK-norm and norm weights and attention biases (tests/test_adapters.py's recipe)."""
+    if arch == "llama":
+        return saved_model
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.test_adapters import SMALL, _randomise
+
+    tok = AutoTokenizer.from_pretrained(saved_model)
+    torch.manual_seed(0)
+    conf = Qwen3Config(**{**SMALL, "vocab_size": len(tok)}, head_dim=16, attention_bias=True,
+                       bos_token_id=tok.bos_token_id)
+    _randomise(Qwen3ForCausalLM(conf)).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
 def circuit_tracer_node_ids(ct: dict, n_layers: int) -> list[str]:
     """circuit-tracer's node order: active features (layer, pos, feature), errors [layer][pos], tokens, logits."""
     n = len(ct["input_tokens"])
@@ -67,15 +86,16 @@ def our_matrix(graph, ids: list[str]) -> tuple[torch.Tensor, list[str]]:
     return W, extra
 
 
-@pytest.mark.parametrize("kind", ["relu", "jumprelu"])
-def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, kind):
+@pytest.mark.parametrize("arch,kind", [("llama", "relu"), ("llama", "jumprelu"), ("qwen3", "jumprelu")])
+def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch, kind):
     from graphs.attribution import attribute
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
-    adapter = load_model(str(saved_model))
+    folder = model_folder(arch, saved_model, tmp_path / arch)
+    adapter = load_model(str(folder))
     ids = adapter.tokenize(PROMPT)[0].tolist()
-    ct = run_circuit_tracer(for_old_transformers(saved_model, tmp_path / "model"), tmp_path / "ct", kind, ids)
+    ct = run_circuit_tracer(for_old_transformers(folder, tmp_path / "model"), tmp_path / "ct", kind, ids)
     assert ct["input_tokens"].tolist() == ids  # its own BOS rule kept ours
     model = ReplacementModel.load(adapter, str(tmp_path / "ct" / "transcoders"), "frozen")
     assert all(model.transcoders[L].cfg.jumprelu == (kind == "jumprelu") for L in range(adapter.n_layers))
