@@ -120,3 +120,31 @@ def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch,
     scale = theirs[rows].abs().amax(1, keepdim=True)
     rel = ((ours[rows] - theirs[rows]).abs() / scale).max()
     assert float(rel) <= 1e-4, float(rel)
+
+
+def test_the_trace_command_agrees_with_circuit_tracer(tmp_path, saved_model):
+    """The CLI path (`trace --replacements <its folder> --attention frozen --bos zero`): its pruned graph.json
+    holds only nodes circuit-tracer has, and every edge it keeps equals circuit-tracer's to 1e-4 relative."""
+    import json
+    import sys
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    ids = adapter.tokenize(PROMPT)[0].tolist()
+    ct = run_circuit_tracer(for_old_transformers(saved_model, tmp_path / "model"), tmp_path / "ct", "jumprelu", ids)
+    r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", PROMPT, "--model", str(saved_model),
+                        "--replacements", str(tmp_path / "ct" / "transcoders"), "--attention", "frozen", "--bos", "zero",
+                        "--format", "json", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=600, cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    g = json.loads((tmp_path / "out" / "graph.json").read_text())
+    node_ids = circuit_tracer_node_ids(ct, adapter.n_layers)
+    index = {i: k for k, i in enumerate(node_ids)}
+    assert [n["node_id"] for n in g["nodes"] if n["node_id"] not in index] == []
+    theirs = ct["adjacency_matrix"].double()
+    links = [(index[e["target"]], index[e["source"]], e["weight"]) for e in g["links"]]
+    assert len(links) > 100 and any(node_ids[t].startswith("tc.") for t, _, _ in links)
+    scale = theirs.abs().amax(1)
+    worst = max(abs(w - float(theirs[t, s])) / float(scale[t]) for t, s, w in links)
+    assert worst <= 1e-4, worst
