@@ -3,7 +3,7 @@ tests/test_circuit_tracer.py.  Uses only circuit-tracer's own code:
 
     python circuit_tracer_reference.py MODEL_FOLDER OUT_FOLDER KIND SEED IDS LOGIT_IDS
 
-1. writes random per-layer transcoders (KIND: relu or jumprelu) with its classes `SingleLayerTranscoder` and
+1. writes random per-layer transcoders (KIND: relu, jumprelu or jumprelu-skip) with its classes `SingleLayerTranscoder` and
    `TranscoderSet.to_safetensors` into OUT_FOLDER/transcoders (plus the config.yaml its loader reads);
 2. traces the token ids IDS (comma-separated, starting with BOS) with `ReplacementModel.from_pretrained_and_transcoders`
    (nnsight backend, float32, CPU) and `attribute`, the logit targets being LOGIT_IDS (or, given
@@ -26,13 +26,17 @@ def make_transcoders(d_model: int, n_layers: int, kind: str, seed: int, folder: 
     n_features = 4 * d_model
     tcs = {}
     for L in range(n_layers):
-        act = JumpReLU(torch.rand(n_features, generator=g) * 0.3, 0.1) if kind == "jumprelu" else torch.nn.ReLU()
-        tc = SingleLayerTranscoder(d_model, n_features, act, L, device=torch.device("cpu"), dtype=torch.float32)
+        jump = kind.startswith("jumprelu")
+        act = JumpReLU(torch.rand(n_features, generator=g) * 0.3, 0.1) if jump else torch.nn.ReLU()
+        tc = SingleLayerTranscoder(d_model, n_features, act, L, skip_connection=kind.endswith("-skip"),
+                                   device=torch.device("cpu"), dtype=torch.float32)
         with torch.no_grad():
             tc.W_enc.copy_(torch.randn(n_features, d_model, generator=g) * 0.4)
             tc.W_dec.copy_(torch.randn(n_features, d_model, generator=g) * 0.05)
             tc.b_enc.copy_(torch.randn(n_features, generator=g) * 0.1 - 0.2)
             tc.b_dec.copy_(torch.randn(d_model, generator=g) * 0.02)
+            if tc.W_skip is not None:
+                tc.W_skip.copy_(torch.randn(d_model, d_model, generator=g) * 0.05)
         tcs[L] = tc
     tset = TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out")
     tset.to_safetensors(str(folder))

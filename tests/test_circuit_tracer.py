@@ -1,6 +1,6 @@
 """Against circuit-tracer 0.5.0's own code: the same random small Llama, transcoders written by its own classes,
 traced by both tools (a Llama with
-ReLU and JumpReLU transcoders; a Qwen3 with JumpReLU ones) (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.
+ReLU, JumpReLU and JumpReLU-with-skip transcoders; a Qwen3 with JumpReLU ones) (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.
 
 Slow, and skipped unless CIRCUIT_TRACER_VENV names a venv with circuit-tracer 0.5.0 installed
 (benchmarks/make_circuit_tracer_venv.sh builds one; circuit-tracer pins transformers<=4.57, so it cannot share
@@ -86,7 +86,8 @@ def our_matrix(graph, ids: list[str]) -> tuple[torch.Tensor, list[str]]:
     return W, extra
 
 
-@pytest.mark.parametrize("arch,kind", [("llama", "relu"), ("llama", "jumprelu"), ("qwen3", "jumprelu")])
+@pytest.mark.parametrize("arch,kind", [("llama", "relu"), ("llama", "jumprelu"), ("llama", "jumprelu-skip"),
+                                       ("qwen3", "jumprelu")])
 def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch, kind):
     from graphs.attribution import attribute
     from replacement.assemble import ReplacementModel
@@ -98,7 +99,8 @@ def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch,
     ct = run_circuit_tracer(for_old_transformers(folder, tmp_path / "model"), tmp_path / "ct", kind, ids)
     assert ct["input_tokens"].tolist() == ids  # its own BOS rule kept ours
     model = ReplacementModel.load(adapter, str(tmp_path / "ct" / "transcoders"), "frozen")
-    assert all(model.transcoders[L].cfg.jumprelu == (kind == "jumprelu") for L in range(adapter.n_layers))
+    assert all(model.transcoders[L].cfg.jumprelu == kind.startswith("jumprelu") for L in range(adapter.n_layers))
+    assert all(model.transcoders[L].cfg.skip == kind.endswith("-skip") for L in range(adapter.n_layers))
     graph = attribute(model, torch.tensor([ids]), bos="zero", qk=False)
 
     node_ids = circuit_tracer_node_ids(ct, adapter.n_layers)
