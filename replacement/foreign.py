@@ -3,7 +3,8 @@
     ours             config.json with "modules", layer{L}.{lorsa|transcoder}.safetensors   (replacement/store.py)
     circuit-tracer   config.yaml (model_kind: transcoder_set) and/or layer_{L}.safetensors: per-layer transcoders,
                      ReLU or JumpReLU (activation_function.threshold), with or without W_skip; top_k in
-                     config.yaml makes them TopK (circuit-tracer itself writes none: every feature that passes)
+                     config.yaml makes them TopK (circuit-tracer itself writes none: every feature that passes);
+                     its CLTs (model_kind: cross_layer_transcoder, or W_enc_{L}/W_dec_{L}.safetensors) are refused
     Llamascopium     config.json (no "modules") + sae_weights.safetensors, in the folder or in one subfolder per
                      layer: Lorsa (W_Q ...) or transcoders (W_E ...); the layer comes from hook_point_in
 
@@ -60,6 +61,8 @@ def detect_format(folder: Path) -> str:
         return "circuit-tracer" if kind == "transcoder_set" else "circuit-tracer-clt"
     if any(folder.glob("layer_*.safetensors")):
         return "circuit-tracer"
+    if any(folder.glob("W_enc_*.safetensors")):  # what circuit-tracer's CrossLayerTranscoder.to_safetensors writes
+        return "circuit-tracer-clt"
     if _llamascope_parts(folder):
         return "llamascope"
     return "ours"

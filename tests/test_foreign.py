@@ -220,6 +220,14 @@ def _broken_sets(tmp_path, adapter) -> dict:
     clt.mkdir()
     (clt / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: mlp.hook_in\n")
     out["clt"] = (clt, "cross-layer transcoders")
+    clt_files = tmp_path / "clt-files"  # the layout of circuit-tracer's CrossLayerTranscoder.to_safetensors
+    clt_files.mkdir()
+    for L in range(adapter.n_layers):
+        save_file({f"W_enc_{L}": torch.zeros(4, adapter.d_model), f"b_enc_{L}": torch.zeros(4),
+                   f"b_dec_{L}": torch.zeros(adapter.d_model)}, str(clt_files / f"W_enc_{L}.safetensors"))
+        save_file({f"W_dec_{L}": torch.zeros(4, adapter.n_layers - L, adapter.d_model)},
+                  str(clt_files / f"W_dec_{L}.safetensors"))
+    out["clt-files"] = (clt_files, "cross-layer transcoders")
     bad_yaml = _ct_set(tmp_path / "yaml", adapter)
     (bad_yaml / "config.yaml").write_text("model_kind: [unclosed\n")
     out["yaml"] = (bad_yaml, "not valid YAML")
