@@ -128,15 +128,13 @@ def _report(say, toks, graph, full, logit, movers, checks, eff) -> None:
 
 
 def _write(say, graph, out: Path) -> None:
-    from graphs.export import RenderError, render, write_dot, write_json
+    from graphs.files import write_all
+    from replacement.errors import BadInputError
 
-    write_json(graph, out / "arithmetic.json")
-    dot = write_dot(graph, out / "arithmetic.dot")
     try:
-        say(f"wrote {render(dot, 'svg')}")
-    except RenderError as e:
+        say(f"wrote {write_all(graph, out / 'arithmetic', ['json', 'svg'])['svg']}")
+    except BadInputError as e:  # no graphviz: the JSON and DOT are written all the same
         say(f"note: {e}")
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -61,14 +61,9 @@ def test_adapter_equals_the_hf_forward_pass(arch, ids):
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_patterns_equal_hf_attentions(arch, ids):
-    model = MODELS[arch]()
-    model.config._attn_implementation = "eager"
-    adapter = ModelAdapter(model)
-    with torch.no_grad():
-        hf = model(ids, output_attentions=True).attentions
-        cache = adapter.run(ids, capture=True).cache
-    for L in range(adapter.n_layers):
-        torch.testing.assert_close(cache[f"blocks.{L}.attn.pattern"], hf[L], atol=1e-6, rtol=0)
+    from tests.test_models import assert_patterns_equal_hf
+
+    assert_patterns_equal_hf(MODELS[arch](), ids)
 
 
 def test_soft_caps_bend_the_tiny_gemma():

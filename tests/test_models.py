@@ -60,9 +60,8 @@ def test_block_updates_equal_hf_residual_updates(variant, ids):
         torch.testing.assert_close(cache[f"blocks.{L}.attn.in"], adapter.attn_norm(L)(x_in), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "neox_parallel"])
-def test_patterns_equal_hf_attentions(variant, ids):
-    model = ARCH_VARIANTS[variant]()
+def assert_patterns_equal_hf(model, ids) -> None:
+    """Every layer's captured attention pattern equals the HF model's own (eager) attentions."""
     model.config._attn_implementation = "eager"
     adapter = ModelAdapter(model)
     with torch.no_grad():
@@ -70,6 +69,11 @@ def test_patterns_equal_hf_attentions(variant, ids):
         cache = adapter.run(ids, capture=True).cache
     for L in range(adapter.n_layers):
         torch.testing.assert_close(cache[f"blocks.{L}.attn.pattern"], hf[L], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "neox_parallel"])
+def test_patterns_equal_hf_attentions(variant, ids):
+    assert_patterns_equal_hf(ARCH_VARIANTS[variant](), ids)
 
 
 def test_norm_scales_are_the_denominators(adapter, ids):
