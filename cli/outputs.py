@@ -26,10 +26,10 @@ _LEFTOVER = re.compile(r"^\.(?:run-(\d+)-.+|.+\.tmp(\d+))$")
 
 def default_out_dir(prompt: str, model: str, settings: dict, root: str | Path = "traces") -> Path:
     """``root/<slug of the prompt>-<short hash of prompt, model and settings>``."""
-    from graphs.export import _slug
+    from graphs.export import prompt_slug
 
     key = json.dumps({"prompt": prompt, "model": model, "settings": settings}, sort_keys=True, default=str)
-    return Path(root) / f"{_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return Path(root) / f"{prompt_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def remove_leftovers(folder: Path) -> None:

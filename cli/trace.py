@@ -5,29 +5,19 @@ import time
 
 T_START = time.time()  # before the heavy imports: the time line covers them too
 
-import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
-import torch  # noqa: E402
 
 from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
+from graphs.files import FORMATS, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
+from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import FriendlyCommand, model_options, spinner  # noqa: E402
+from .common import REPLACEMENTS_HELP, FriendlyCommand, model_options, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
-
-FORMATS = ("json", "dot", "svg", "png", "html")
-
-
-def _formats(value: str) -> list[str]:
-    fmts = [f.strip() for f in value.split(",") if f.strip()]
-    bad = [f for f in fmts if f not in FORMATS]
-    if bad or not fmts:
-        raise BadInputError(f"unknown format(s) {', '.join(bad) or value!r}; choose from {', '.join(FORMATS)}")
-    return fmts
 
 
 @click.command(cls=FriendlyCommand)
@@ -49,90 +39,103 @@ def _formats(value: str) -> list[str]:
 @click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
-@click.option("--replacements", type=click.Path(), default=None, help="Replacement folder (default: beside the model).")
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--bos", type=click.Choice(["keep", "zero"]), default="keep", show_default=True,
+              help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
+                   "(circuit-tracer's convention).")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes,
-          max_feature_nodes, full, qk, qk_heads, fmt, draw_nodes, replacements):
+          max_feature_nodes, full, qk, qk_heads, fmt, draw_nodes, replacements, bos):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
-    from graphs.attribution import attribute
-    from graphs.export import RenderError, render, write_dot, write_json
-    from graphs.prune import file_caps, prune
-    from graphs.validate import check_finite
-    from replacement.assemble import ReplacementModel
-    from replacement.models import load_model
+    from replacement.foreign import replacement_specs
     from replacement.threads import set_threads
-    from replacement.tokenizer import token_text
 
     set_threads()
-    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt,
-                          max_feature_nodes)
+    replacements = replacement_specs(replacements)
+    fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
+    check_count("--max-feature-nodes", max_feature_nodes)
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
-                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "full": full,
-                "max_feature_nodes": max_feature_nodes, "qk": qk, "qk_heads": qk_heads,
-                "replacements": replacements, "dtype": dtype}
+                "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
+                "replacements": replacements, "dtype": dtype, "bos": bos, "max_feature_nodes": max_feature_nodes,
+                "full": full}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
     with RunFolder(out_dir) as run:
         t0 = time.time()
         with spinner(f"loading {model_name} and its replacements"):
-            adapter = load_model(model_name, device, dtype)
-            ids = adapter.tokenize(prompt)
-            model = ReplacementModel.load(adapter, replacements, attention)
-        _check_memory(model, ids.shape[1], max_feature_nodes)
+            model, ids = _load(model_name, device, dtype, prompt, replacements, attention, max_feature_nodes)
         times["load"] = time.time() - t0
         t1 = time.time()
-        with torch.no_grad():
-            logits = adapter.run(ids).logits[0, -1].float()
-        if not bool(torch.isfinite(logits).all()):
-            raise BadInputError(f"the model {adapter.name} outputs NaN or infinite logits (NaN weights?); no graph written")
-        probs = logits.softmax(-1)
-        tok = adapter.tokenizer
-        toks = [token_text(tok, i) for i in ids[0].tolist()]
-        click.echo(f"model {adapter.name} ({attention} attention), {len(toks)} tokens: {toks}")
-        vals, idx = probs.topk(5)
-        click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
-
-        whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(),
-                          max_feature_nodes=max_feature_nodes)
-        graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
-        check_finite(graph)
-        s = graph.scores
-        click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
-                   f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
-        click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
-        _print_paths(graph)
-        _print_decomposition(graph.scores.get("logit_decomposition", {}))
-        _warn_if_pure_model_disagrees(model, ids, probs)
+        graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
+                           max_feature_nodes, full)
         times["attribution + pruning"] = time.time() - t1
-        written = []
-        base = run.path("graph")
-        t2 = time.time()
-        if "json" in fmts:
-            written.append(write_json(graph, base.with_suffix(".json")))
-        if {"dot", "svg", "png"} & set(fmts):
-            dot = write_dot(graph, base.with_suffix(".dot"), draw_nodes)
-            if "dot" in fmts:
-                written.append(dot)
-            for f in ("svg", "png"):
-                if f in fmts:
-                    try:
-                        written.append(render(dot, f))
-                    except RenderError as e:
-                        raise BadInputError(f"{e}; nothing was written") from None
-        times["files"] = time.time() - t2
-        if "html" in fmts:
-            from graphs.html import write_html
-            from replacement.dashboards import load_or_build
-
-            t3 = time.time()
-            dash = load_or_build(model)
-            times["dashboards"] = time.time() - t3
-            t4 = time.time()
-            written.append(write_html(graph, base.with_suffix(".html"), dash, draw_nodes))
-            times["files"] += time.time() - t4
-        written = run.commit([p.name for p in written])  # a DOT written only to render from stays behind
+        written = _write(run, graph, model, fmts, draw_nodes, times)
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: {time.time() - T_START:.1f}s in all (" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
+
+
+def _load(model_name, device, dtype, prompt, replacements, attention, max_feature_nodes=None):
+    """(the replacement model, the prompt's ids [1, n]), refused in one line if its graph would not fit in memory."""
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    adapter = load_model(model_name, device, dtype)
+    ids = adapter.tokenize(prompt)
+    model = ReplacementModel.load(adapter, replacements, attention)
+    _check_memory(model, ids, max_feature_nodes)
+    return model, ids
+
+
+def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos="keep",
+               max_feature_nodes=None, full=True):
+    """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
+    scores, its strongest paths and the target logit's decomposition."""
+    from graphs.attribution import attribute
+    from graphs.prune import file_caps, prune
+    from graphs.validate import check_finite
+    from replacement.evaluate import pure_model_disagrees
+    from replacement.tokenizer import token_text
+
+    adapter, tok = model.adapter, model.adapter.tokenizer
+    probs = adapter.next_token_probs(ids)
+    toks = [token_text(tok, i) for i in ids[0].tolist()]
+    click.echo(f"model {adapter.name} ({model.attention} attention), {len(toks)} tokens: {toks}")
+    vals, idx = probs.topk(5)
+    click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
+    whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos,
+                      max_feature_nodes=max_feature_nodes)
+    graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
+    check_finite(graph)
+    s = graph.scores
+    click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
+               f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
+    click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
+    _print_paths(graph)
+    _print_decomposition(graph.scores.get("logit_decomposition", {}))
+    pure = pure_model_disagrees(model, ids, probs)
+    if pure is not None:
+        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure])!r}, the real "
+                   f"model {tok.decode([int(probs.argmax())])!r}: this graph's answer rests on its error nodes")
+    return graph
+
+
+def _write(run, graph, model, fmts, draw_nodes, times) -> list[Path]:
+    """Write the asked formats into the run's folder and commit them (a DOT written only to render from stays
+    behind); the time spent on dashboards and on files goes into ``times``."""
+    from graphs.files import write_all
+
+    def dashboards():
+        from replacement.dashboards import load_or_build
+
+        t = time.time()
+        dash = load_or_build(model)
+        times["dashboards"] = time.time() - t
+        return dash
+
+    t0 = time.time()
+    written = write_all(graph, run.path("graph"), fmts, draw_nodes, dashboards)
+    times["files"] = time.time() - t0 - times.get("dashboards", 0.0)
+    return run.commit([written[f].name for f in FORMATS if f in fmts])
 
 
 def _print_decomposition(dec: dict) -> None:
@@ -150,34 +153,15 @@ def _print_decomposition(dec: dict) -> None:
         click.echo(f"errors carry {dec['error_share']:.0%} of the margin")
 
 
-def _warn_if_pure_model_disagrees(model, ids, probs) -> None:
-    """One line when the pure replacement model (no error nodes) predicts another token than the real model."""
-    if model.attention != "lorsa":
-        return
-    with torch.no_grad():
-        pure, real = int(model.run_sparse(ids)[-1].argmax()), int(probs.argmax())
-    if pure != real:
-        tok = model.adapter.tokenizer
-        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure])!r}, the real "
-                   f"model {tok.decode([real])!r}: this graph's answer rests on its error nodes")
-
-
-def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt,
-                   max_feature_nodes=None) -> list[str]:
+def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:
     """Everything that can be checked before loading anything; returns the formats."""
-    for name, t in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
-        if not 0 < t <= 1:
-            raise BadInputError(f"{name} must be in (0, 1], not {t}")
-    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads), ("--draw-nodes", draw_nodes),
-                    ("--max-feature-nodes", max_feature_nodes)):
-        if v is not None and v < 1:
-            raise BadInputError(f"{name} must be at least 1, not {v}")
-    fmts = _formats(fmt)
+    check_fraction("--node-threshold", node_threshold)
+    check_fraction("--edge-threshold", edge_threshold)
+    for name, v in (("--max-nodes", max_nodes), ("--qk-heads", qk_heads), ("--draw-nodes", draw_nodes)):
+        check_count(name, v)
+    fmts = parse_formats(fmt)
     if not prompt.strip():
         raise BadInputError("the prompt is empty")
-    if {"svg", "png"} & set(fmts) and shutil.which("dot") is None:
-        raise BadInputError(f"--format {','.join(fmts)} needs graphviz's `dot`, which is not installed "
-                            "(apt-get install graphviz); --format json,dot,html needs none")
     return fmts
 
 
@@ -192,13 +176,15 @@ def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -
             single_token(tok, target, "--target")
 
 
-def _check_memory(model, n_tokens: int, max_feature_nodes: int | None) -> None:
+def _check_memory(model, ids, max_feature_nodes: int | None = None) -> None:
     """Refuse in one line a graph whose estimated size exceeds the memory available (graphs/budget.py)."""
     from graphs.budget import check, estimate
+    from replacement.foreign import feature_bound
 
     lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
-    tc_k = [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]
-    check(estimate(n_tokens, lorsa_k, tc_k, max_feature_nodes=max_feature_nodes, d_model=model.adapter.d_model), n_tokens)
+    est = estimate(ids.shape[1], lorsa_k, feature_bound(model, ids), max_feature_nodes=max_feature_nodes,
+                   d_model=model.adapter.d_model)
+    check(est, ids.shape[1])
 
 
 def _print_paths(graph) -> None:

@@ -44,6 +44,7 @@ def write_png(path: Path, values: torch.Tensor) -> Path:
 @torch.no_grad()
 def operand_plot(model, layer: int, head: int, path: Path) -> Path:
     """Head activation (z) at the last position of `a + b =` for every a, b in 0..99."""
+    from replacement.hooks import hook_name
     from replacement.tokenizer import number_token_ids
 
     a = model.adapter
@@ -54,7 +55,7 @@ def operand_plot(model, layer: int, head: int, path: Path) -> Path:
     grid = torch.zeros(100, 100)
     for x in range(100):
         ids = torch.tensor([[tok.bos_token_id, bare[x], plus, spaced[y], eq] for y in range(100)])
-        attn_in = a.run(ids, capture=[f"blocks.{layer}.attn.in"]).cache[f"blocks.{layer}.attn.in"]
+        attn_in = a.run(ids, capture=[hook_name(layer, "attn.in")]).cache[hook_name(layer, "attn.in")]
         grid[x] = lorsa.head_activations(attn_in.float())[:, -1, head]
     return write_png(path, grid)
 
@@ -127,15 +128,13 @@ def _report(say, toks, graph, full, logit, movers, checks, eff) -> None:
 
 
 def _write(say, graph, out: Path) -> None:
-    from graphs.export import RenderError, render, write_dot, write_json
+    from graphs.files import write_all
+    from replacement.errors import BadInputError
 
-    write_json(graph, out / "arithmetic.json")
-    dot = write_dot(graph, out / "arithmetic.dot")
     try:
-        say(f"wrote {render(dot, 'svg')}")
-    except RenderError as e:
+        say(f"wrote {write_all(graph, out / 'arithmetic', ['json', 'svg'])['svg']}")
+    except BadInputError as e:  # no graphviz: the JSON and DOT are written all the same
         say(f"note: {e}")
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

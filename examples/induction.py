@@ -102,15 +102,16 @@ def _report(say, tok, ids, graph, full, logit, c, checks) -> None:
 
 
 def _write(say, graph, circuit: set[str], out: Path) -> None:
-    from graphs.export import RenderError, render, write_dot, write_json
+    """The whole graph as JSON; the circuit alone as DOT and SVG."""
+    from graphs.export import write_json
+    from graphs.files import write_all
+    from replacement.errors import BadInputError
 
     write_json(graph, out / "induction.json")
-    dot = write_dot(graph.subgraph(circuit), out / "induction.dot")
     try:
-        say(f"wrote {render(dot, 'svg')}")
-    except RenderError as e:
+        say(f"wrote {write_all(graph.subgraph(circuit), out / 'induction', ['svg'])['svg']}")
+    except BadInputError as e:  # no graphviz: the DOT is written all the same
         say(f"note: {e}")
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -32,10 +32,11 @@ import time
 import torch
 
 from replacement.assemble import Record, ReplacementModel
+from replacement.errors import BadInputError
 from replacement.models import single_token
 from replacement.tokenizer import token_text
 
-from .graph import TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
+from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
 from .linear import Linearised, Source
 from .prune import logit_decomposition
 
@@ -75,7 +76,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
-              max_feature_nodes: int | None = None) -> AttributionGraph:
+              max_feature_nodes: int | None = None, bos: str = "keep") -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
@@ -85,8 +86,12 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py).
     ``max_feature_nodes``: where the prompt has more active features (Lorsa heads and transcoder features)
     than this, expand only this many, the most influential first (graphs/budgeted.py); the graph then holds
-    those features only (the rest's edges summed into each target's ``dropped``)."""
+    those features only (the rest's edges summed into each target's ``dropped``).
+    ``bos``: "keep" makes nodes of every Lorsa head, transcoder feature and error at position 0 as anywhere;
+    "zero" (circuit-tracer's convention) makes none there: what they write joins the targets' constants."""
     t0 = time.time()
+    if bos not in ("keep", "zero"):
+        raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
     rec = model.record(ids[0], sparse=sparse_record)
@@ -94,18 +99,13 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     tok = a.tokenizer
     tokens = [token_text(tok, i) if tok is not None else str(i) for i in rec.ids.tolist()]
     made = _graph_nodes(model, rec, tokens)
+    lin.folded = fold_position(made, 0) if bos == "zero" else {}
     target_id = None if target is None else single_token(tok, target)
     _logit_nodes(made, rec, tok, target_id, logit_coverage, max_logits, lin.N)
     all_nodes, sources = made.nodes, made.sources
-    n_features = sum(len(t[2]) for t in made.targets if t[0] != NodeKind.LOGIT and t[2] is not None)
-    budgeted = max_feature_nodes is not None and n_features > max_feature_nodes
-    if budgeted:
-        from .budgeted import grow
-
-        nodes, edges = grow(lin, all_nodes, sources, made.targets, max_feature_nodes, batch_size, progress)
-    else:
-        nodes, edges = all_nodes, _edges(lin, all_nodes, sources, made.targets, batch_size, edges_per_target, progress)
-    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage,
+    nodes, edges, n_features, budgeted = _nodes_and_edges(lin, made, max_feature_nodes, batch_size, edges_per_target,
+                                                          progress)
+    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage, "bos": bos,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
                 "max_feature_nodes": max_feature_nodes, "active_features": n_features, "budgeted": budgeted}
     z_patterns(model, rec, nodes)
@@ -120,6 +120,19 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
                         seconds_qk=round(time.time() - t1, 3))
     settings["seconds"] = round(time.time() - t0, 3)
     return graph
+
+
+def _nodes_and_edges(lin: Linearised, made: "_Nodes", max_feature_nodes: int | None, batch_size: int,
+                     edges_per_target: int | None, progress: bool):
+    """(the graph's nodes, its edges, the active features, whether the node budget cut them)."""
+    n_features = sum(len(t[2]) for t in made.targets if t[0] != NodeKind.LOGIT and t[2] is not None)
+    if max_feature_nodes is not None and n_features > max_feature_nodes:
+        from .budgeted import grow
+
+        return (*grow(lin, made.nodes, made.sources, made.targets, max_feature_nodes, batch_size, progress),
+                n_features, True)
+    edges = _edges(lin, made.nodes, made.sources, made.targets, batch_size, edges_per_target, progress)
+    return made.nodes, edges, n_features, False
 
 
 def _explain_heads(lin: Linearised, graph: AttributionGraph, all_nodes: list[Node], sources: dict,
@@ -231,13 +244,33 @@ def _error_nodes(out: _Nodes, kind: NodeKind, L: int, err: torch.Tensor, slot: i
         out.add(Node.make(kind, L, -1, p, activation=float(err[p].norm()), label=f"L{L} {what} err"), slot, err[p])
 
 
+def fold_position(made: _Nodes, pos: int) -> dict:
+    """Remove every Lorsa-head, transcoder-feature and error node at ``pos`` from ``made`` (its nodes, sources
+    and target groups); returns what they wrote, summed per slot: {(slot, pos): [d]} (bos="zero")."""
+    drop = [i for i, nd in enumerate(made.nodes) if nd.pos == pos and nd.type in (*FEATURE_KINDS, *ERROR_KINDS)]
+    folded: dict = {}
+    for i in drop:
+        s = made.sources.pop(made.nodes[i].id)
+        folded[(s.slot, pos)] = folded.get((s.slot, pos), 0) + s.vector
+    gone = set(drop)
+    new_row = {old: new for new, old in enumerate(i for i in range(len(made.nodes)) if i not in gone)}
+    made.nodes[:] = [nd for i, nd in enumerate(made.nodes) if i not in gone]
+    for j, (kind, L, rows, idx, p) in enumerate(made.targets):
+        if rows is None:
+            continue
+        keep = [r for r, q in enumerate(p.tolist()) if q != pos]
+        rows = torch.tensor([new_row[int(rows[r])] for r in keep], dtype=torch.long)
+        made.targets[j] = (kind, L, rows, idx[keep], p[keep]) if keep else (kind, L, None, None, None)
+    return folded
+
+
 def _logit_nodes(out: _Nodes, rec: Record, tok, target_id: int | None, coverage: float, max_logits: int,
                  n_layers: int) -> None:
     """Append the logit nodes (demeaned, the smallest set of at least two covering ``coverage``, at most
     ``max_logits``; with the token ``target_id`` among them) and their target group."""
     n = rec.ids.shape[0]
-    logits = rec.logits[n - 1]
-    probs = logits.softmax(-1)
+    probs = rec.logits[n - 1].softmax(-1)
+    logits = (rec.logits if rec.logits_linear is None else rec.logits_linear)[n - 1]  # before soft-capping
     demeaned = logits - logits.mean()
     rows = []
     for v in _select_logits(probs, coverage, max_logits, target_id):
@@ -251,7 +284,7 @@ def _logit_nodes(out: _Nodes, rec: Record, tok, target_id: int | None, coverage:
 def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], batch_size: int,
            edges_per_target: int | None, progress: bool) -> "EdgeArrays":
     """Every target's incoming edges, in batches of targets of one kind and layer (one product per source
-    group per batch); also sets each target's constant terms."""
+    group per batch); also sets each target's constant terms (``lin.folded`` writes included)."""
     from tqdm import tqdm
 
     groups = source_groups(nodes, sources)
@@ -296,6 +329,9 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
         bias = lin.slot_bias(w)
         if bias is not None:
             const = const + G[w].sum(1) @ bias
+        for (fw, fp), vec in lin.folded.items():  # writes folded into the constants (bos="zero")
+            if fw == w:
+                const = const + G[w][:, fp] @ vec
         for p in range(lin.n):
             if (w, p) not in groups:
                 continue

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from replacement.data import atomic_write_text
+from replacement.io import atomic_write_text
 
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
@@ -76,7 +76,7 @@ def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
     links = [{"source": e.source, "target": e.target, "weight": e.weight, "kind": e.kind} for e in graph.edges]
     transcoders = sorted({f"layer{n.layer}.{n.type.value}" for n in graph.node_list if n.type in FEATURE_KINDS})
     return {
-        "metadata": {"slug": slug or _slug(graph.prompt), "scan": str(graph.settings.get("model", "")),
+        "metadata": {"slug": slug or prompt_slug(graph.prompt), "scan": str(graph.settings.get("model", "")),
                      "prompt": graph.prompt, "prompt_tokens": graph.tokens, "prompt_token_ids": graph.token_ids,
                      "schema_version": SCHEMA_VERSION, "transcoder_list": transcoders,
                      "node_threshold": graph.settings.get("node_threshold"), "settings": graph.settings,
@@ -116,7 +116,8 @@ def read_json(path: str | Path) -> AttributionGraph:
     return from_dict(load_graph_dict(path))
 
 
-def _slug(text: str) -> str:
+def prompt_slug(text: str) -> str:
+    """A short name for a prompt, safe in file names: lower-case letters and digits, other runs as one dash."""
     out = "".join(c if c.isalnum() else "-" for c in text.strip().lower())
     while "--" in out:
         out = out.replace("--", "-")

@@ -360,7 +360,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
 
 
 def write_html(graph: AttributionGraph, path: str | Path, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES) -> Path:
-    from replacement.data import atomic_write_text
+    from replacement.io import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, to_html(graph, dashboards, draw_nodes))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from replacement.assemble import Record, ReplacementModel
+from replacement.hooks import hook_name
 from replacement.norms import centre, is_layernorm, norm_bias, norm_weight
 
 
@@ -36,6 +37,7 @@ class Linearised:
         self.layernorm = is_layernorm(a.final_norm)
         self.final_slot = 2 * self.N
         self.device = rec.embed.device  # every tensor built here lives with the record
+        self.folded: dict = {}  # {(slot, pos): [d]} writes of nodes folded into constants (bos="zero")
 
     def p(self, v: torch.Tensor) -> torch.Tensor:
         """P: centre the last dim for LayerNorm, identity for RMSNorm (replacement/norms.py)."""
@@ -117,6 +119,9 @@ class Linearised:
         """Frozen MHSA of layer L as a linear map slot 2L -> 2L+1; returns the gradient at its input [B, n, d]."""
         a = self.adapter
         (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)
+        post = a.post_norm(L, "attn")
+        if post is not None:  # Gemma-2: the output's own norm, its scale frozen
+            g_out = g_out * norm_weight(post) / self.rec.cache[hook_name(L, "ln1_post.scale")][None]
         A = self.rec.layers[L].pattern  # [H, n, n]
         g_z = torch.einsum("btd,hed->bhte", g_out, Wo.float())
         g_v = torch.einsum("hts,bhte->bhse", A, g_z)
@@ -163,6 +168,9 @@ class Linearised:
             b = self.slot_bias(w)
             if b is not None:
                 c = c + b
+            for (fw, fp), vec in self.folded.items():
+                if fw == w:
+                    c = c.index_add(0, torch.tensor([fp], device=c.device), vec[None].to(c.dtype))  # not in place
             for L in skips:
                 if self.mlp_read_slot(L) == w:
                     at_read[L] = c

@@ -21,6 +21,7 @@ import torch
 
 from replacement.assemble import ReplacementModel, linear_mlp_hooks
 from replacement.errors import BadInputError
+from replacement.hooks import hook_name
 
 from .graph import ERROR_KINDS, FEATURE_KINDS, NodeKey, NodeKind
 
@@ -106,7 +107,7 @@ class PathPatcher:
             rec = self.model.record(ids)
             per_layer = []
             for L, lr in enumerate(rec.layers):
-                z = rec.cache[f"blocks.{L}.attn.z"][keep].float()  # [m, heads, dh]
+                z = rec.cache[hook_name(L, "attn.z")][keep].float()  # [m, heads, dh]
                 Wo, _ = a.W_O(L)
                 out = {HEAD: torch.einsum("mhk,hkd->hd", z, Wo.float()),
                        NodeKind.TRANSCODER: lr.tc_code.dense(self.model.transcoders[L].cfg.n_features)[keep].float().sum(0),
@@ -181,7 +182,7 @@ class PathPatcher:
         elif c.kind == NodeKind.MLP_ERROR:
             out[c.pos] = lr.mlp_err[c.pos]
         else:  # an original attention head
-            z = rec.cache[f"blocks.{c.layer}.attn.z"][:, c.index]  # [n, dh], recorded with the prompt
+            z = rec.cache[hook_name(c.layer, "attn.z")][:, c.index]  # [n, dh], recorded with the prompt
             Wo, _ = a.W_O(c.layer)
             contrib = z.float() @ Wo[c.index].float()
             if c.pos is None:
@@ -215,10 +216,10 @@ class PathPatcher:
                     hooks[name] = lambda t, n, v=v: v[None].expand(t.shape[0], -1, -1)
         for L in range(self.adapter.n_layers):
             d_attn = deltas.get((L, "attn"))
-            hooks[f"blocks.{L}.attn.out"] = (lambda t, n, v=self.rec.layers[L].attn_out, d=d_attn:
+            hooks[hook_name(L, "attn.out")] = (lambda t, n, v=self.rec.layers[L].attn_out, d=d_attn:
                                              (v[None] + (0 if d is None else d)).to(t.dtype))
             if (L, "mlp") in deltas:
-                hooks[f"blocks.{L}.mlp.out"] = lambda t, n, d=deltas[(L, "mlp")]: t + d.to(t.dtype)
+                hooks[hook_name(L, "mlp.out")] = lambda t, n, d=deltas[(L, "mlp")]: t + d.to(t.dtype)
         return hooks
 
     @torch.no_grad()

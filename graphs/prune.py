@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from replacement.checks import check_count, check_fraction
+
 from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, NodeKind
 
 
@@ -89,9 +91,10 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     Lorsa head keeps the nodes of its QK pairs.  Scores are computed on the full graph and stored with the
     pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the most influential
     ones, ``max_edges`` the kept edges at the strongest (by the same influence-weighted score)."""
-    for name, t in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
-        if not 0 < t <= 1:
-            raise ValueError(f"the {name} must be in (0, 1], not {t}")
+    check_fraction("node_threshold", node_threshold)
+    check_fraction("edge_threshold", edge_threshold)
+    check_count("max_nodes", max_nodes)
+    check_count("max_edges", max_edges)
     infl = influence(graph)
     full_scores = scores(graph, infl)
     for i, n in enumerate(graph.node_list):

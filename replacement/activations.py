@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .hooks import hook_name
 
 
 def hook_points(kind: str, layer: int) -> tuple[str, str]:
     """(input, target) names: Lorsa reads attn.in and predicts attn.out; transcoders read mlp.in/out."""
-    return (f"blocks.{layer}.attn.in", f"blocks.{layer}.attn.out") if kind == "lorsa" else (
-        f"blocks.{layer}.mlp.in", f"blocks.{layer}.mlp.out")
+    part = "attn" if kind == "lorsa" else "mlp"
+    return hook_name(layer, f"{part}.in"), hook_name(layer, f"{part}.out")
 
 
 class RandomTokenSource:
@@ -71,15 +72,15 @@ def default_source(adapter, seq_len: int = 128, seed: int = 0, heldout: bool = F
     (`replacement.corpus.training_files`, a one-line error when absent).  A model without a tokenizer cannot
     read text: it gets uniform random tokens.  ``mixture``: the presets' row kinds (default `Mixture()`)."""
     from .corpus import heldout_texts, training_files
+    from .bundle import is_preset
     from .data import BatchMaker, Mixture, addition_split, read_text_sources, tokenize_texts
-    from .presets import PRESETS
 
     seq_len = min(seq_len, adapter.context)
     if adapter.tokenizer is None:
         return RandomTokenSource(adapter.vocab_size, seq_len, seed + (1 if heldout else 0), adapter.config.bos_token_id)
     texts = heldout_texts() if heldout else read_text_sources(training_files())[0]
     tokens = tokenize_texts(adapter.tokenizer, texts)
-    if adapter.name in PRESETS:
+    if is_preset(adapter.name):
         return BatchMaker(adapter.tokenizer, tokens, addition_split()[0], mixture or Mixture(), seq_len,
                           seed + (1 if heldout else 0))
     return TextSource(adapter.tokenizer, tokens, seq_len, seed + (1 if heldout else 0))

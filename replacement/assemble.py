@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import CircuitsError
+from .hooks import EMBED, FINAL_SCALE, LOGITS, hook_name, layer_names
 from .models import ModelAdapter, freeze_hooks
 from .sparse import SparseCode
 
@@ -48,6 +49,7 @@ class Record:
     layers: list[LayerRecord] = field(default_factory=list)
     attention: str = "lorsa"
     cache: dict = field(default_factory=dict, repr=False)
+    logits_linear: torch.Tensor | None = None  # [n, V] before the logits' soft-capping (Gemma-2), else None
 
 
 class ReplacementModel:
@@ -72,9 +74,11 @@ class ReplacementModel:
 
     @classmethod
     def load(cls, adapter: ModelAdapter, folder=None, attention: str = "lorsa") -> "ReplacementModel":
-        from .store import default_folder, load_replacements
+        """``folder``: ours, a circuit-tracer or Llamascopium folder, a cached HF repo id, or a list of them (later
+        ones replace earlier ones' modules); None: the model's default folder (replacement/foreign.py)."""
+        from .foreign import load_specs
 
-        return cls(adapter, load_replacements(folder or default_folder(adapter), adapter), attention)
+        return cls(adapter, load_specs(folder, adapter), attention)
 
     def use_module(self, path) -> torch.nn.Module:
         """Put the saved module at ``path`` (trained on this model) in place of the one of its kind and layer."""
@@ -98,16 +102,18 @@ class ReplacementModel:
         self._last_in = {}
         res = self.adapter.run(ids[None], hooks=self._module_hooks(None, False) if sparse else None, capture=True)
         c = {k: v[0].float() for k, v in res.cache.items()}
-        rec = Record(ids=ids, logits=res.logits[0].float(), embed=c["embed"], final_scale=c["ln_final.scale"],
+        rec = Record(ids=ids, logits=res.logits[0].float(), embed=c[EMBED], final_scale=c[FINAL_SCALE],
                      attention=self.attention, cache=c)
+        if getattr(self.adapter, "logit_softcap", None):
+            U = self.adapter.unembedding
+            rec.logits_linear = c["ln_final.out"] @ U.weight.float().t() + (0 if U.bias is None else U.bias.float())
         for L in range(self.adapter.n_layers):
-            p = f"blocks.{L}."
-            tc = self.transcoders[L]
-            tc_out, tc_code = tc(c[p + "mlp.in"])
-            lr = LayerRecord(attn_in=c[p + "attn.in"], attn_out=c[p + "attn.out"], mlp_in=c[p + "mlp.in"],
-                             mlp_out=c[p + "mlp.out"], ln1_scale=c[p + "ln1.scale"], ln2_scale=c[p + "ln2.scale"],
-                             pattern=c[p + "attn.pattern"], tc_code=tc_code, tc_out=tc_out,
-                             mlp_err=c[p + "mlp.out"] - tc_out)
+            at = {p: c[hook_name(L, p)] for p in ("attn.in", "attn.out", "mlp.in", "mlp.out", "ln1.scale", "ln2.scale",
+                                                   "attn.pattern")}
+            tc_out, tc_code = self.transcoders[L](at["mlp.in"])
+            lr = LayerRecord(attn_in=at["attn.in"], attn_out=at["attn.out"], mlp_in=at["mlp.in"], mlp_out=at["mlp.out"],
+                             ln1_scale=at["ln1.scale"], ln2_scale=at["ln2.scale"], pattern=at["attn.pattern"],
+                             tc_code=tc_code, tc_out=tc_out, mlp_err=at["mlp.out"] - tc_out)
             if self.attention == "lorsa":
                 lorsa = self.lorsas[L]
                 x = lr.attn_in[None]
@@ -126,24 +132,23 @@ class ReplacementModel:
         """Hooks that compute each block's output from its replacement (plus the recorded error)."""
         hooks = {}
         for L in range(self.adapter.n_layers):
-            p = f"blocks.{L}."
-            tc = self.transcoders[L]
+            tc, mlp_in = self.transcoders[L], hook_name(L, "mlp.in")
 
-            def mlp_hook(t, name, L=L, tc=tc, p=p):
-                return self._add_err(tc(self._last_in[p + "mlp.in"])[0], rec, L, "mlp", with_errors).to(t.dtype)
+            def mlp_hook(t, name, L=L, tc=tc, mlp_in=mlp_in):
+                return self._add_err(tc(self._last_in[mlp_in])[0], rec, L, "mlp", with_errors).to(t.dtype)
 
-            hooks[p + "mlp.out"] = mlp_hook
-            hooks[p + "mlp.in"] = self._stash
+            hooks[hook_name(L, "mlp.out")] = mlp_hook
+            hooks[mlp_in] = self._stash
             if self.attention == "lorsa":
-                lorsa = self.lorsas[L]
+                lorsa, attn_in = self.lorsas[L], hook_name(L, "attn.in")
 
-                def attn_hook(t, name, L=L, lorsa=lorsa, p=p):
+                def attn_hook(t, name, L=L, lorsa=lorsa, attn_in=attn_in):
                     pat = None if rec is None or not with_errors else rec.layers[L].lorsa_pattern[None]
-                    y = lorsa(self._last_in[p + "attn.in"], pat)[0]
+                    y = lorsa(self._last_in[attn_in], pat)[0]
                     return self._add_err(y, rec, L, "attn", with_errors).to(t.dtype)
 
-                hooks[p + "attn.out"] = attn_hook
-                hooks[p + "attn.in"] = self._stash
+                hooks[hook_name(L, "attn.out")] = attn_hook
+                hooks[attn_in] = self._stash
         return hooks
 
     def _stash(self, t, name):
@@ -183,21 +188,21 @@ class ReplacementModel:
         c = rec.cache
         names = [k for k in c if k.endswith(".scale")]
         if self.attention == "frozen":
-            names += [f"blocks.{L}.attn.pattern" for L in range(self.adapter.n_layers)]
+            names += layer_names(range(self.adapter.n_layers), "attn.pattern")
         hooks = freeze_hooks({k: v[None].to(self.adapter.dtype) if k.endswith("pattern") else v[None] for k, v in c.items()}, names)
-        hooks["embed"] = lambda t, n: embed[None].to(t.dtype)
+        hooks[EMBED] = lambda t, n: embed[None].to(t.dtype)
         for L in range(self.adapter.n_layers):
             W_skip = self.transcoders[L].W_skip
             if W_skip is None:
-                hooks[f"blocks.{L}.mlp.out"] = lambda t, n, v=mlp_writes[L]: v[None].to(t.dtype)
+                hooks[hook_name(L, "mlp.out")] = lambda t, n, v=mlp_writes[L]: v[None].to(t.dtype)
             else:
                 hooks.update(linear_mlp_hooks(rec, L, mlp_writes[L], lambda dx, W=W_skip.float(): dx @ W))
             if attn_writes is not None:
-                hooks[f"blocks.{L}.attn.out"] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
-        points = [f"blocks.{L}.{k}" for L in range(self.adapter.n_layers) for k in ("attn.in", "mlp.in")]
+                hooks[hook_name(L, "attn.out")] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
+        points = layer_names(range(self.adapter.n_layers), "attn.in", "mlp.in")
         res = self.adapter.run(rec.ids[None], hooks=hooks, capture=points)
         out = {k: v[0].float() for k, v in res.cache.items()}
-        out["logits"] = res.logits[0].float()
+        out[LOGITS] = res.logits[0].float()
         return out
 
 
@@ -205,5 +210,5 @@ def linear_mlp_hooks(rec: Record, L: int, out: torch.Tensor, f) -> dict:
     """Hooks (for one prompt) that make layer L's MLP write ``out`` [n, d] + f(its input - the recorded input),
     f: [n, d] -> [n, d] linear: the MLP replaced by a linear map around the recorded point."""
     live = {}
-    return {f"blocks.{L}.mlp.in": lambda t, n: live.__setitem__("x", t[0].float()),
-            f"blocks.{L}.mlp.out": lambda t, n: (out + f(live["x"] - rec.layers[L].mlp_in))[None].to(t.dtype)}
+    return {hook_name(L, "mlp.in"): lambda t, n: live.__setitem__("x", t[0].float()),
+            hook_name(L, "mlp.out"): lambda t, n: (out + f(live["x"] - rec.layers[L].mlp_in))[None].to(t.dtype)}

@@ -6,31 +6,25 @@ never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .errors import CheckpointError
+from .io import atomic_path
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or for another model."""
+__all__ = ["CheckpointError", "atomic_save", "load", "load_training_state", "optimizer_tensors", "restore_optimizer"]
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, Ctrl-C: no partial file stays behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, SafetensorError):  # how safetensors reports a failed write (e.g. no space left)
-            raise CheckpointError(f"cannot write {path}: {e}") from None
-        raise
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    except SafetensorError as e:  # how safetensors reports a failed write (e.g. no space left)
+        raise CheckpointError(f"cannot write {path}: {e}") from None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:

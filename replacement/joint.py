@@ -34,8 +34,7 @@ from .activations import hook_points
 from .data import Mixture
 from .errors import CircuitsError, TrainingDiverged
 from .evaluate import kl_per_token
-from .sparse import SparseCode
-from .train import fold_scales, fvu, norm_scales
+from .train import fold_scales, fvu, norm_scales, warmup_then_decay
 
 Key = tuple[str, int]  # (kind, layer)
 
@@ -59,10 +58,7 @@ class JointConfig:
     mixture: Mixture = field(default_factory=lambda: Mixture(0.35, 0.25, 0.15, natural=0.25))
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        start = int(self.steps * (1 - self.decay_frac))
-        return self.lr if step < start else self.lr * (1 - 0.9 * (step - start) / max(1, self.steps - start))
+        return warmup_then_decay(self.lr, step, self.steps, self.warmup, self.decay_frac)
 
 
 class JointTrainer:
@@ -246,7 +242,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     """Run the joint stage from the modules in ``start_folder`` (default: the model's replacement folder) and
     save them, with held-out metrics, to ``out_folder`` (default: the same folder).  Returns the metrics."""
     from .models import model_fingerprint
-    from .store import default_folder, load_replacements, save_module
+    from .store import default_folder, load_replacements, save_module, saved_metrics
     from .train import evaluate_modules
 
     start = Path(start_folder) if start_folder else default_folder(adapter)
@@ -260,7 +256,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
 
     metrics = evaluate_modules(adapter, folded, default_source(adapter, cfg.seq_len * 2, cfg.seed, heldout=True))
     fp = model_fingerprint(adapter)
-    old = _saved_metrics(start)
+    old = saved_metrics(start)
     for (kind, L), m in folded.items():
         name = f"layer{L}.{kind}"
         info = dict(metrics[name], joint_steps=trainer.step, joint_seconds=round(trainer.elapsed, 1),
@@ -271,15 +267,6 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
         save_module(m, kind, out, fp, adapter.name, info)
     (out / ".train_state.joint.safetensors").unlink(missing_ok=True)
     return metrics
-
-
-def _saved_metrics(folder: Path) -> dict:
-    import json
-
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return {}
-    return {k: v.get("metrics", {}) for k, v in json.loads(cfg.read_text()).get("modules", {}).items()}
 
 
 def joint_source(adapter, cfg: JointConfig):

@@ -1,4 +1,4 @@
-"""`ModelAdapter`: uniform, hookable access to a Hugging Face causal LM (Llama family, GPT-NeoX/Pythia).
+"""`ModelAdapter`: uniform, hookable access to a Hugging Face causal LM (Llama family with Mistral, Qwen2 and Qwen3 (per-head QK-norm), GPT-NeoX/Pythia).
 
 The adapter wraps the HF model in place (no weight copies) and runs its own forward pass built from the
 model's modules, so that every intermediate value has a name and can be read or replaced:
@@ -11,16 +11,24 @@ model's modules, so that every intermediate value has a name and can be read or 
     blocks.L.attn.v               [B, H, n, dh]
     blocks.L.attn.pattern         [B, H, n, n] attention probabilities
     blocks.L.attn.z               [B, n, H, dh] per-head mixed values, before the output matrix
-    blocks.L.attn.out             [B, n, d]   attention output, before the residual add
+    blocks.L.attn.out             [B, n, d]   attention output, before the residual add (Gemma-2: after its
+                                              own norm, whose denominator is blocks.L.ln1_post.scale [B, n, 1])
     blocks.L.resid_mid            [B, n, d]   (sequential blocks only) residual after attention
     blocks.L.ln2.scale            [B, n, 1]   the MLP norm's per-position denominator
-    blocks.L.mlp.in / .out        [B, n, d]   MLP input (after its norm) and output
+    blocks.L.mlp.in / .out        [B, n, d]   MLP input (after its norm) and output (Gemma-2: after its own
+                                              norm, blocks.L.ln2_post.scale)
     blocks.L.resid_post           [B, n, d]
     ln_final.scale                [B, n, 1]
     logits                        [B, n, V]
 
+Names are made by `replacement.hooks.hook_name` (``hook_name(L, "attn.out")``); `ModelAdapter.run` refuses a
+name the model does not have (`replacement.hooks.UnknownHookError`).
+
 A hook is ``fn(tensor, name) -> tensor | None``; returning a tensor replaces the value.  Freezing a norm
 scale or a pattern is a hook returning the cached clean value (see `freeze_hooks`).
+
+Gemma-2 runs through the same names: norms multiply by (1 + weight), attention scores and logits are
+soft-capped (``logits`` is the capped value), local layers attend within their sliding window.
 
 Residual rules: Llama is sequential (the MLP reads resid_mid); GPT-NeoX with ``use_parallel_residual``
 has attention and MLP both read resid_pre, and resid_post = resid_pre + attn.out + mlp.out.
@@ -36,10 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BadInputError, ModelLoadError
+from .hooks import EMBED, FINAL_OUT, FINAL_SCALE, LOGITS, check_hook_names, hook_name, model_hook_names
 
 Hook = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
-SUPPORTED = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt_neox": "gpt_neox"}
+SUPPORTED = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama", "gemma2": "llama",
+             "gpt_neox": "gpt_neox"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -63,11 +73,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-def causal_pattern(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax_{s<=t}(q_t . k_s * scale); q, k [..., n, dh] -> [..., n, n] (computed in float32)."""
+def causal_pattern(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None = None,
+                   window: int | None = None) -> torch.Tensor:
+    """softmax_{s<=t}(q_t . k_s * scale); q, k [..., n, dh] -> [..., n, n] (computed in float32).
+    ``softcap``: scores -> softcap * tanh(scores / softcap) (Gemma-2); ``window``: only s > t - window."""
     n = q.shape[-2]
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    if window:
+        mask = mask | torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-window)
     return scores.masked_fill(mask, float("-inf")).softmax(-1).to(q.dtype)
 
 
@@ -80,13 +96,28 @@ def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False) 
     if tokenizer is None:
         raise BadInputError("this model has no tokenizer; pass token ids")
     ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
-    bos = tokenizer.bos_token_id
+    bos = start_token(tokenizer)
     if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
         ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
     if truncate:
         ids = ids[:, :context]
     check_length(ids.shape[1], context)
     return ids
+
+
+def start_token(tokenizer) -> int | None:
+    """The token every prompt starts with: BOS; for a tokenizer without one (Qwen2), circuit-tracer's stand-in,
+    the first of pad, eos and the other special tokens that is set and not id 0 (its rule skips id 0 too)."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.all_special_ids]
+    return next((i for i in candidates if i), None)
+
+
+def _qk_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of queries or keys (before the rotary map), x [B, n, heads, dh]; others: x."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
 
 
 def check_length(n: int, context: int) -> None:
@@ -133,6 +164,8 @@ class ModelAdapter:
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         self.name = name or getattr(cfg, "_name_or_path", "") or f"unnamed-{cfg.model_type}"
         self.arch = SUPPORTED[cfg.model_type]
+        if getattr(cfg, "use_sliding_window", False):
+            raise ModelLoadError(f"{cfg.model_type} with sliding-window attention (use_sliding_window) is not supported")
         self.n_layers = cfg.num_hidden_layers
         self.d_model = cfg.hidden_size
         self.n_heads = cfg.num_attention_heads
@@ -149,6 +182,30 @@ class ModelAdapter:
         self.final_norm = base.final_layer_norm if self.arch == "gpt_neox" else base.norm
         self._rotary_module = base.rotary_emb
         self.attn_scale = self.d_head**-0.5
+        self.gemma = cfg.model_type == "gemma2"  # sandwich norms, (1 + w) norm weights, soft-capping (its embedding module scales by sqrt(d) itself)
+        self.attn_softcap = self.logit_softcap = None
+        if self.gemma:
+            self._init_gemma2(cfg)
+        self.hook_names = model_hook_names(self.n_layers, self.parallel_residual, self.gemma)  # every name `run` knows
+
+    def _init_gemma2(self, cfg) -> None:
+        if getattr(cfg, "attention_bias", False):
+            raise ModelLoadError("gemma2 with attention biases is not supported (a post-attention norm would scale them "
+                                 "per position)")
+        self.attn_scale = cfg.query_pre_attn_scalar**-0.5
+        self.attn_softcap, self.logit_softcap = cfg.attn_logit_softcapping, cfg.final_logit_softcapping
+
+    def post_norm(self, layer: int, which: str):
+        """Gemma-2's norm of the attention ("attn") or MLP ("mlp") output before the residual add; else None."""
+        if not self.gemma:
+            return None
+        blk = self.blocks[layer]
+        return blk.post_attention_layernorm if which == "attn" else blk.post_feedforward_layernorm
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer's attention (Gemma-2's local layers), else None."""
+        types = getattr(self.config, "layer_types", None)
+        return self.config.sliding_window if types and types[layer] == "sliding_attention" else None
 
     # -- properties ---------------------------------------------------------------------------------------
 
@@ -168,7 +225,8 @@ class ModelAdapter:
         return self.blocks[layer].input_layernorm
 
     def mlp_norm(self, layer: int):
-        return self.blocks[layer].post_attention_layernorm
+        blk = self.blocks[layer]
+        return blk.pre_feedforward_layernorm if self.gemma else blk.post_attention_layernorm
 
     def mlp(self, layer: int):
         return self.blocks[layer].mlp
@@ -248,8 +306,10 @@ class ModelAdapter:
         xf = x.float()
         if isinstance(norm, torch.nn.LayerNorm):
             xf = xf - xf.mean(-1, keepdim=True)
-        scale = (xf.pow(2).mean(-1, keepdim=True) + (norm.eps if isinstance(norm, torch.nn.LayerNorm) else norm.variance_epsilon)).sqrt()
+        scale = (xf.pow(2).mean(-1, keepdim=True) + (norm.eps if isinstance(norm, torch.nn.LayerNorm) or self.gemma else norm.variance_epsilon)).sqrt()
         scale = self._hook(name, scale, hooks, cache)
+        if self.gemma:  # Gemma-2 multiplies in float32, then casts
+            return ((xf / scale) * (1.0 + norm.weight.float())).to(x.dtype)
         y = (xf / scale).to(x.dtype) * norm.weight
         if getattr(norm, "bias", None) is not None:
             y = y + norm.bias
@@ -273,25 +333,30 @@ class ModelAdapter:
             qkv = attn.query_key_value(x).view(B, n, H, 3 * dh).transpose(1, 2)
             q, k, v = qkv.chunk(3, dim=-1)
         else:
-            q = attn.q_proj(x).view(B, n, H, dh).transpose(1, 2)
+            q = _qk_norm(attn, "q_norm", attn.q_proj(x).view(B, n, H, dh)).transpose(1, 2)
             rep = H // self.n_kv_heads
-            k = attn.k_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
+            k = _qk_norm(attn, "k_norm", attn.k_proj(x).view(B, n, self.n_kv_heads, dh))
+            k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
             v = attn.v_proj(x).view(B, n, self.n_kv_heads, dh).transpose(1, 2).repeat_interleave(rep, dim=1)
-        p = f"blocks.{layer}.attn."
-        q = self._hook(p + "q", apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), hooks, cache)
-        k = self._hook(p + "k", apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype)), hooks, cache)
-        v = self._hook(p + "v", v, hooks, cache)
-        need_pattern = (hooks and p + "pattern" in hooks) or (
-            cache is not None and (cache.get("__all__") is not None or p + "pattern" in cache.get("__want__", ()))
+        q = self._hook(hook_name(layer, "attn.q"), apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), hooks, cache)
+        k = self._hook(hook_name(layer, "attn.k"), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype)), hooks, cache)
+        v = self._hook(hook_name(layer, "attn.v"), v, hooks, cache)
+        pat = hook_name(layer, "attn.pattern")
+        need_pattern = (hooks and pat in hooks) or (
+            cache is not None and (cache.get("__all__") is not None or pat in cache.get("__want__", ()))
         )
-        if need_pattern:
-            pattern = self._hook(p + "pattern", causal_pattern(q, k, self.attn_scale), hooks, cache)
+        window = self.window(layer)
+        if need_pattern or self.attn_softcap or window:
+            pattern = causal_pattern(q, k, self.attn_scale, self.attn_softcap, window)
+            pattern = self._hook(pat, pattern, hooks, cache)
             z = pattern @ v
         else:  # fused kernel; no [B, H, n, n] tensor is kept
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.attn_scale)
-        z = self._hook(p + "z", z.transpose(1, 2), hooks, cache)  # [B, n, H, dh]
+        z = self._hook(hook_name(layer, "attn.z"), z.transpose(1, 2), hooks, cache)  # [B, n, H, dh]
         out_lin = attn.dense if self.arch == "gpt_neox" else attn.o_proj
-        return out_lin(z.reshape(B, n, H * dh))
+        out = out_lin(z.reshape(B, n, H * dh))
+        post = self.post_norm(layer, "attn")
+        return out if post is None else self._norm(post, out, hook_name(layer, "ln1_post.scale"), hooks, cache)
 
     def run(self, ids: torch.Tensor, hooks: dict[str, Hook] | None = None,
             capture: bool | Iterable[str] = False, embeds: torch.Tensor | None = None) -> RunResult:
@@ -299,40 +364,66 @@ class ModelAdapter:
 
         ids: [B, n] token ids.  ``capture``: True for every named value, or an iterable of names.
         ``embeds`` [B, n, d] replaces the embedding lookup (the input of linearity checks).
+        A hook or capture name the model does not have is an `UnknownHookError`.
         """
         if ids.dim() == 1:
             ids = ids[None]
         n = ids.shape[1]
         self.check_length(n)
-        cache: dict | None = None
-        if capture is True:
-            cache = {"__all__": True}
-        elif capture:
-            cache = {"__want__": set(capture)}
+        cache = self._new_cache(hooks, capture)
         x = self.embedding(ids) if embeds is None else embeds
-        x = self._hook("embed", x, hooks, cache)
+        x = self._hook(EMBED, x, hooks, cache)
         cos, sin = self.rotary(n)
         for L in range(self.n_layers):
-            p = f"blocks.{L}."
-            x = self._hook(p + "resid_pre", x, hooks, cache)
-            a_in = self._hook(p + "attn.in", self._norm(self.attn_norm(L), x, p + "ln1.scale", hooks, cache), hooks, cache)
-            a_out = self._hook(p + "attn.out", self._attention(L, a_in, cos, sin, hooks, cache), hooks, cache)
-            if self.parallel_residual:
-                mlp_src = x
-            else:
-                x = self._hook(p + "resid_mid", x + a_out, hooks, cache)
-                mlp_src = x
-            m_in = self._hook(p + "mlp.in", self._norm(self.mlp_norm(L), mlp_src, p + "ln2.scale", hooks, cache), hooks, cache)
-            m_out = self._hook(p + "mlp.out", self.mlp(L)(m_in), hooks, cache)
-            x = x + a_out + m_out if self.parallel_residual else x + m_out
-            x = self._hook(p + "resid_post", x, hooks, cache)
-        x = self._norm(self.final_norm, x, "ln_final.scale", hooks, cache)
-        x = self._hook("ln_final.out", x, hooks, cache)
-        logits = self._hook("logits", self.unembedding(x), hooks, cache)
+            x = self._block(L, x, cos, sin, hooks, cache)
+        x = self._norm(self.final_norm, x, FINAL_SCALE, hooks, cache)
+        x = self._hook(FINAL_OUT, x, hooks, cache)
+        logits = self.unembedding(x)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        logits = self._hook(LOGITS, logits, hooks, cache)
         if cache is not None:
             cache.pop("__all__", None)
             cache.pop("__want__", None)
         return RunResult(logits, cache or {})
+
+    def _new_cache(self, hooks, capture) -> dict | None:
+        """The run's cache (None: nothing captured), after checking every hook and capture name."""
+        check_hook_names(hooks or (), self.hook_names, "hook")
+        if capture is True:
+            return {"__all__": True}
+        if not capture:
+            return None
+        want = set(capture)
+        check_hook_names(sorted(want), self.hook_names, "capture")
+        return {"__want__": want}
+
+    def _block(self, L: int, x, cos, sin, hooks, cache):
+        """One transformer block on the residual stream x [B, n, d]; returns resid_post."""
+        def h(point, t):
+            return self._hook(hook_name(L, point), t, hooks, cache)
+
+        x = h("resid_pre", x)
+        a_in = h("attn.in", self._norm(self.attn_norm(L), x, hook_name(L, "ln1.scale"), hooks, cache))
+        a_out = h("attn.out", self._attention(L, a_in, cos, sin, hooks, cache))
+        if not self.parallel_residual:
+            x = h("resid_mid", x + a_out)
+        m_in = h("mlp.in", self._norm(self.mlp_norm(L), x, hook_name(L, "ln2.scale"), hooks, cache))
+        m_out = self.mlp(L)(m_in)
+        if self.post_norm(L, "mlp") is not None:
+            m_out = self._norm(self.post_norm(L, "mlp"), m_out, hook_name(L, "ln2_post.scale"), hooks, cache)
+        m_out = h("mlp.out", m_out)
+        x = x + a_out + m_out if self.parallel_residual else x + m_out
+        return h("resid_post", x)
+
+    @torch.no_grad()
+    def next_token_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[V] the next-token distribution after the last of ``ids`` [1, n]; `BadInputError` if the logits are
+        not finite (NaN weights)."""
+        logits = self.run(ids).logits[0, -1].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise BadInputError(f"the model {self.name} outputs NaN or infinite logits (NaN weights?)")
+        return logits.softmax(-1)
 
     def hf_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The wrapped HF model's own forward pass (for checks)."""
@@ -367,10 +458,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_model_path(name: str) -> tuple[str, str]:
     """(path or HF id, display name) for a preset name, a local folder, or an HF id."""
-    from .presets import PRESETS
+    from .bundle import PRESET_NAMES, is_preset, preset_folder
 
-    if name in PRESETS:
-        folder = PRESETS[name].folder
+    if is_preset(name):
+        folder = preset_folder(name)
         if not (folder / "config.json").is_file():
             raise ModelLoadError(
                 f"the bundled model {name!r} has no weights in {folder}; "
@@ -386,10 +477,30 @@ def resolve_model_path(name: str) -> tuple[str, str]:
         raise ModelLoadError(f"no such model folder: {name}")
     if name.count("/") != 1:
         raise ModelLoadError(
-            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESETS)}), "
+            f"unknown model {name!r}: not a bundled preset ({', '.join(PRESET_NAMES)}), "
             "not an existing folder, and not an HF id of the form owner/name"
         )
     return name, name
+
+
+def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
+    """(name, where) of the HF checkpoints in sight: models in the HF hub cache (``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``) and folders with a config.json and safetensors weights in ./ and in ``extra``."""
+    import os
+
+    found = []
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    if cache.is_dir():
+        for repo in sorted(cache.glob("models--*")):
+            if any(repo.glob("snapshots/*/config.json")):
+                found.append((repo.name[len("models--"):].replace("--", "/"), str(repo)))
+    for root in [Path.cwd(), *map(Path, extra)]:
+        if root.is_dir():
+            for cfg in sorted(root.glob("*/config.json")):
+                if any(cfg.parent.glob("*.safetensors")):
+                    found.append((str(cfg.parent), "local folder"))
+    return found
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -489,5 +600,5 @@ def model_fingerprint(adapter: ModelAdapter) -> str:
 
 __all__ = [
     "ModelAdapter", "RunResult", "apply_rotary", "causal_pattern", "check_length", "encode_prompt", "freeze_hooks",
-    "load_model", "load_tokenizer", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
+    "load_model", "load_tokenizer", "local_checkpoints", "model_fingerprint", "single_token", "resolve_device", "resolve_dtype",
 ]

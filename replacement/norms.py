@@ -17,9 +17,14 @@ def centre(v: torch.Tensor, layernorm: bool) -> torch.Tensor:
     return v - v.mean(-1, keepdim=True) if layernorm else v
 
 
+# norms whose gain is 1 + weight (Gemma's RMSNorm stores the offset from 1)
+OFFSET_GAIN_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+
+
 def norm_weight(norm) -> torch.Tensor:
-    """[d] the norm's weight (gain), detached, float32."""
-    return norm.weight.detach().float()
+    """[d] the factor the norm multiplies by (its gain: the weight, or 1 + weight for Gemma), detached, float32."""
+    w = norm.weight.detach().float()
+    return w + 1.0 if type(norm).__name__ in OFFSET_GAIN_NORMS else w
 
 
 def norm_bias(norm) -> torch.Tensor | None:

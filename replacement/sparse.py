@@ -32,6 +32,17 @@ def topk_relu(pre: torch.Tensor, scale: torch.Tensor, k: int) -> SparseCode:
     return SparseCode(vals, idx)
 
 
+def gated_code(pre: torch.Tensor, threshold: torch.Tensor | None, scale: torch.Tensor, k: int) -> SparseCode:
+    """JumpReLU (``threshold`` [N]: a = pre where pre > threshold, else 0) or ReLU (``threshold`` None), then the
+    ``k`` largest a * scale; ``k`` = 0: every unit that passes (K = the most that pass in any row, at least 1;
+    the rest of a row is padded with zero values).  pre: [..., N] -> values/indices [..., K]."""
+    act = torch.relu(pre) if threshold is None else pre * (pre > threshold)
+    if not k:
+        k = max(1, int((act > 0).sum(-1).max())) if act.numel() else 1
+    _, idx = (act * scale).topk(min(k, pre.shape[-1]), dim=-1)
+    return SparseCode(act.gather(-1, idx), idx)
+
+
 def decode(code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """y = sum_k values_k W_dec[indices_k] + b_dec.  W_dec: [N, d] -> y: [..., d].
 

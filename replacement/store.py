@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_save, load
-from .data import atomic_write_text
+from .io import atomic_write_text
 from .lorsa import Lorsa, LorsaConfig
 from .transcoder import Transcoder, TranscoderConfig
 
@@ -103,6 +103,15 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
     return out
 
 
+def saved_metrics(folder: str | Path) -> dict[str, dict]:
+    """The metrics recorded for each module of a replacements folder ({} when it has no config.json), keyed
+    ``layer<L>.<kind>``."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    return {k: v.get("metrics", {}) if isinstance(v, dict) else {} for k, v in read_folder_config(path)["modules"].items()}
+
+
 def read_folder_config(path: Path) -> dict:
     """A replacements folder's config.json; CheckpointError (one line) if it is not the expected JSON."""
     try:
@@ -126,10 +135,10 @@ def _module_path(folder: Path, entry) -> Path:
 
 def default_folder(adapter) -> Path:
     """Where a model's replacements live: beside a bundled or local model, else ./replacements/<name>."""
-    from .presets import PRESETS
+    from .bundle import is_preset, preset_folder
 
-    if adapter.name in PRESETS:
-        return PRESETS[adapter.name].folder / "replacements"
+    if is_preset(adapter.name):
+        return preset_folder(adapter.name) / "replacements"
     path = Path(getattr(adapter.config, "_name_or_path", "") or "")
     if path.is_dir():
         return path / "replacements"

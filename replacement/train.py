@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,11 +25,20 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .activations import hook_points
-from .norms import centre, is_layernorm
+from .norms import centre, is_layernorm, norm_weight
 from .errors import CircuitsError, TrainingDiverged
 from .lorsa import LorsaConfig, lorsa_for_model
 from .sparse import SparseCode, decode, topk_relu
 from .transcoder import Transcoder, TranscoderConfig
+
+
+def warmup_then_decay(lr: float, step: int, steps: int, warmup: int, decay_frac: float) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps, constant, then a linear decay to 10%
+    over the last ``decay_frac`` of the ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    start = int(steps * (1 - decay_frac))
+    return lr if step < start else lr * (1 - 0.9 * (step - start) / max(1, steps - start))
 
 
 @dataclass
@@ -65,7 +74,6 @@ class TrainConfig:
     tc_jacobian_readout: bool = False  # the last layer's Jacobian term: VJPs along the logit directions instead
     tc_token_norm: bool = False  # weigh each token's error by 1 / |y_t|^2 (see token_normalised_mse)
     init_from: str | None = None  # a replacements folder of this model: start each module from its saved one
-    extra: dict = field(default_factory=dict)
 
     def kinds(self) -> list[str]:
         if self.what not in ("lorsa", "transcoder", "all"):
@@ -73,10 +81,7 @@ class TrainConfig:
         return ["lorsa", "transcoder"] if self.what == "all" else [self.what]
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        start = int(self.steps * (1 - self.decay_frac))
-        return self.lr if step < start else self.lr * (1 - 0.9 * (step - start) / max(1, self.steps - start))
+        return warmup_then_decay(self.lr, step, self.steps, self.warmup, self.decay_frac)
 
     def k_at(self, k: int, step: int) -> int:
         if self.k_start_mult <= 1:
@@ -177,8 +182,7 @@ def readout_directions(adapter) -> torch.Tensor:
     norm's weight: (W_U[v] - mean W_U) * w, centred over d for a LayerNorm."""
     W = adapter.unembedding.weight.detach().float()
     D = W - W.mean(0)
-    w = getattr(adapter.final_norm, "weight", None)
-    D = D if w is None else D * w.detach().float()
+    D = D if getattr(adapter.final_norm, "weight", None) is None else D * norm_weight(adapter.final_norm)
     return centre(D, is_layernorm(adapter.final_norm))
 
 

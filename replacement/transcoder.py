@@ -3,6 +3,9 @@
     f = TopK_K(ReLU(W_enc x + b_enc))        ranked by f * ||W_dec row||, like Lorsa's heads
     y_hat = W_dec^T f + b_dec (+ W_skip x, optional, off by default)
 
+Loaded from elsewhere, a transcoder may instead be JumpReLU (``jumprelu``: f_i = pre_i if pre_i > theta_i, else
+0, thresholds theta [N] >= 0) and may have no top-K (``top_k`` 0: every feature that passes its activation).
+
 Decoder rows are not constrained to unit norm; instead features are ranked by what they write
 (activation x decoder norm), so a feature cannot win the top-K by shrinking its decoder.
 
@@ -19,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .sparse import ModuleConfig, SparseCode, decode, topk_relu
+from .errors import ForeignFormatError
+from .sparse import ModuleConfig, SparseCode, decode, gated_code, topk_relu
 
 
 @dataclass
@@ -29,6 +33,7 @@ class TranscoderConfig(ModuleConfig):
     top_k: int
     skip: bool = False
     layer: int = 0
+    jumprelu: bool = False  # JumpReLU with per-feature thresholds (the ``threshold`` parameter [N])
 
     @classmethod
     def default_for(cls, adapter, layer: int = 0, expansion: int = 8, top_k: int = 32) -> "TranscoderConfig":
@@ -45,13 +50,17 @@ class Transcoder(nn.Module):
         self.W_dec = nn.Parameter(self.W_enc.detach().clone() * 0.1)  # [N, d]
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.W_skip = nn.Parameter(torch.zeros(d, d)) if cfg.skip else None  # y += x @ W_skip
+        self.threshold = nn.Parameter(torch.zeros(N)) if cfg.jumprelu else None  # [N] JumpReLU thresholds
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[..., N] from x [..., d]."""
         return x @ self.W_enc.t() + self.b_enc
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> SparseCode:
-        return topk_relu(self.pre_activations(x), self.W_dec.norm(dim=-1), k or self.cfg.top_k)
+        k = k or self.cfg.top_k
+        if self.threshold is None and k:
+            return topk_relu(self.pre_activations(x), self.W_dec.norm(dim=-1), k)
+        return gated_code(self.pre_activations(x), self.threshold, self.W_dec.norm(dim=-1), k)
 
     def decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W_dec, self.b_dec
@@ -94,36 +103,49 @@ class Transcoder(nn.Module):
                           feature_output_hook: str = "mlp.hook_out", model_kind: str = "transcoder_set") -> Path:
         """Write circuit-tracer's ``layer_{i}.safetensors`` (and ``config.yaml`` if absent)."""
         from .checkpoint import atomic_save
-        from .data import atomic_write_text
+        from .io import atomic_write_text
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         t = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.W_skip is not None:
             t["W_skip"] = self.W_skip.t()  # circuit-tracer: skip = x @ W_skip.T
+        if self.threshold is not None:
+            t["activation_function.threshold"] = self.threshold
         path = folder / f"layer_{layer}.safetensors"
         atomic_save(t, path)
         cfg = folder / "config.yaml"
         if not cfg.exists():
             atomic_write_text(cfg, f"model_kind: {model_kind}\nfeature_input_hook: {feature_input_hook}\n"
                                    f"feature_output_hook: {feature_output_hook}\n"
-                                   f"top_k: {self.cfg.top_k}\n")
+                                   + (f"top_k: {self.cfg.top_k}\n" if self.cfg.top_k else ""))
         return path
 
     @classmethod
     def from_circuit_tracer(cls, folder: str | Path, layer: int, top_k: int | None = None) -> "Transcoder":
-        from .checkpoint import load
-
+        """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``; ``top_k`` (else ``top_k`` in its
+        ``config.yaml``, else none): see `from_circuit_tracer_file`."""
         folder = Path(folder)
         conf = _read_simple_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-        t, _ = load(folder / f"layer_{layer}.safetensors")
-        k = top_k or int(conf.get("top_k", 0)) or None
-        if k is None:
-            raise ValueError("circuit-tracer transcoder has no top_k in config.yaml; pass top_k")
-        W_skip = t.get("W_skip")
-        tc = cls(TranscoderConfig(d_model=t["W_enc"].shape[1], n_features=t["W_enc"].shape[0], top_k=k,
-                                  skip=W_skip is not None, layer=layer))
+        k = top_k if top_k is not None else _config_top_k(conf, folder)
+        return cls.from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k)
+
+    @classmethod
+    def from_circuit_tracer_file(cls, path: str | Path, layer: int, top_k: int = 0) -> "Transcoder":
+        """One circuit-tracer per-layer file: ReLU, or JumpReLU where it holds ``activation_function.threshold``;
+        with a skip where it holds ``W_skip`` (applied as x @ W_skip.T).  ``top_k`` > 0 keeps only the k
+        strongest features; 0 keeps every feature that passes its activation (circuit-tracer's rule)."""
+        from .checkpoint import load
+
+        t, _ = load(path)
+        N, d = _check_circuit_tracer_tensors(t, Path(path))
+        W_skip, theta = t.get("W_skip"), t.get("activation_function.threshold")
+        tc = cls(TranscoderConfig(d_model=d, n_features=N, top_k=top_k, skip=W_skip is not None, layer=layer,
+                                  jumprelu=theta is not None))
         tc._assign(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], None if W_skip is None else W_skip.t())
+        if theta is not None:
+            with torch.no_grad():
+                tc.threshold.copy_(theta.float().expand(N))
         return tc
 
     @classmethod
@@ -144,6 +166,42 @@ class Transcoder(nn.Module):
         self.b_dec.copy_(b_dec)
         if W_skip is not None:
             self.W_skip.copy_(W_skip)
+
+
+def _check_circuit_tracer_tensors(t: dict, path: Path) -> tuple[int, int]:
+    """(n_features, d_model) of a circuit-tracer per-layer file; ForeignFormatError (one line) if a tensor is
+    missing, misshapen, not finite, or a threshold is negative (JumpReLU features would then write negative
+    activations, which no graph node can carry)."""
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in t]
+    if missing or "log_thresholds" in t:
+        what = f"lacks {', '.join(missing)}" if missing else "holds log_thresholds (not a circuit-tracer layout)"
+        raise ForeignFormatError(f"{path} is not a circuit-tracer transcoder file: it {what}")
+    N, d = t["W_enc"].shape if t["W_enc"].dim() == 2 else (-1, -1)
+    want = {"W_enc": (N, d), "W_dec": (N, d), "b_enc": (N,), "b_dec": (d,), "W_skip": (d, d)}
+    for k, shape in want.items():
+        if k in t and tuple(t[k].shape) != shape:
+            raise ForeignFormatError(f"{path}: {k} has shape {tuple(t[k].shape)}, expected {shape}")
+    theta = t.get("activation_function.threshold")
+    if theta is not None and (theta.numel() not in (1, N) or bool((theta.float() < 0).any())):
+        raise ForeignFormatError(f"{path}: activation_function.threshold must be {N} values >= 0 (or one)")
+    bad = [k for k, v in t.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ForeignFormatError(f"{path}: {bad[0]} holds NaN or infinite values")
+    return N, d
+
+
+def _config_top_k(conf: dict, folder: Path) -> int:
+    """``top_k`` of a circuit-tracer config.yaml (an extension of ours; circuit-tracer writes none): 0 if absent."""
+    raw = conf.get("top_k", "")
+    if raw in ("", "null", "None", "~"):
+        return 0
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ForeignFormatError(f"{folder / 'config.yaml'}: top_k {raw!r} is not a whole number") from None
+    if k < 0:
+        raise ForeignFormatError(f"{folder / 'config.yaml'}: top_k must be >= 0, not {k}")
+    return k
 
 
 def _read_simple_yaml(path: Path) -> dict:

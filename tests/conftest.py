@@ -88,9 +88,9 @@ def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa
 @pytest.fixture(scope="session")
 def saved_model(tmp_path_factory):
     """A tiny Llama with a tokenizer and random replacements, saved as a local model folder."""
+    from replacement.lm.tokenizer import train_tokenizer
     from replacement.models import load_model, model_fingerprint
     from replacement.store import save_module
-    from replacement.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     tok = train_tokenizer(["the cat sat on the mat. 1 + 2 = 3\n" * 50], vocab_size=2400, number_copies=2)

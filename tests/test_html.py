@@ -239,7 +239,7 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     from replacement.assemble import ReplacementModel
     from replacement.evaluate import repeated_span_prompt
     from replacement.models import load_model
-    from replacement.presets import PRESETS
+    from replacement.lm.presets import PRESETS
 
     if not (PRESETS[model_name].folder / "replacements" / "config.json").is_file():
         pytest.fail(f"the bundled {model_name!r} model and its replacements are missing from the package")

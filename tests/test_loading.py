@@ -55,9 +55,9 @@ def test_bad_names_and_devices(monkeypatch, tmp_path):
 
 
 def test_untrained_preset_says_how_to_train(monkeypatch, tmp_path):
-    import replacement.presets as presets
+    import replacement.bundle as bundle
 
-    monkeypatch.setattr(presets, "BUNDLE_DIR", tmp_path)
+    monkeypatch.setattr(bundle, "BUNDLE_DIR", tmp_path)
     with pytest.raises(ModelLoadError, match="circuits train-lm --model toy"):
         load_model("toy")
 
@@ -177,3 +177,13 @@ def test_use_module_swaps_in_a_saved_module(tmp_path):
     neox = random_replacements(ModelAdapter(tiny_neox(), name="n"))
     with pytest.raises(CheckpointError, match="was trained on model 'm'"):
         neox.use_module(path)
+
+
+def test_bundle_names_the_recipe_presets():
+    """The generic engine finds bundled models by `replacement.bundle` alone: the same names as the recipe's presets,
+    each at the folder the recipe exports to."""
+    from replacement import bundle
+    from replacement.lm.presets import PRESETS
+
+    assert bundle.PRESET_NAMES == tuple(PRESETS)
+    assert all(p.folder == bundle.BUNDLE_DIR / name for name, p in PRESETS.items())

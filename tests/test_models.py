@@ -60,9 +60,8 @@ def test_block_updates_equal_hf_residual_updates(variant, ids):
         torch.testing.assert_close(cache[f"blocks.{L}.attn.in"], adapter.attn_norm(L)(x_in), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "neox_parallel"])
-def test_patterns_equal_hf_attentions(variant, ids):
-    model = ARCH_VARIANTS[variant]()
+def assert_patterns_equal_hf(model, ids) -> None:
+    """Every layer's captured attention pattern equals the HF model's own (eager) attentions."""
     model.config._attn_implementation = "eager"
     adapter = ModelAdapter(model)
     with torch.no_grad():
@@ -70,6 +69,11 @@ def test_patterns_equal_hf_attentions(variant, ids):
         cache = adapter.run(ids, capture=True).cache
     for L in range(adapter.n_layers):
         torch.testing.assert_close(cache[f"blocks.{L}.attn.pattern"], hf[L], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "neox_parallel"])
+def test_patterns_equal_hf_attentions(variant, ids):
+    assert_patterns_equal_hf(ARCH_VARIANTS[variant](), ids)
 
 
 def test_norm_scales_are_the_denominators(adapter, ids):
@@ -176,3 +180,39 @@ def test_pythia_160m_shape_forward():
         ref = adapter.hf_logits(ids)
     assert logits.shape == (1, 64, 50304)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(ARCH_VARIANTS))
+def test_every_name_the_helper_makes_is_hooked_and_captured(variant, ids):
+    """Each name of `replacement.hooks` reaches a hook exactly once per run and is captured; resid_mid exists only
+    in sequential blocks, the post-norm scales only in Gemma-2's sandwich blocks (tests/test_adapters.py)."""
+    from replacement.hooks import BLOCK_POINTS, GLOBAL_POINTS, SANDWICH_ONLY, layer_names
+
+    adapter = ModelAdapter(ARCH_VARIANTS[variant]())
+    names = [n for n in [*GLOBAL_POINTS, *layer_names(range(adapter.n_layers), *BLOCK_POINTS)]
+             if not (adapter.parallel_residual and n.endswith(".resid_mid"))
+             and not (not adapter.gemma and n.split(".", 2)[-1] in SANDWICH_ONLY)]
+    calls = {}
+    hooks = {n: (lambda t, name: calls.__setitem__(name, calls.get(name, 0) + 1)) for n in names}
+    with torch.no_grad():
+        run = adapter.run(ids, hooks=hooks, capture=names)
+        everything = adapter.run(ids, capture=True)
+    assert calls == {n: 1 for n in names}
+    assert set(run.cache) == set(names) == set(everything.cache)
+
+
+def test_unknown_hook_and_capture_names_raise(adapter, ids):
+    from replacement.errors import CircuitsError
+    from replacement.hooks import UnknownHookError, hook_name
+
+    for bad in ("blocks.0.attn.outt", f"blocks.{adapter.n_layers}.attn.out", "blocks.0.mlp_out", "final.scale"):
+        with pytest.raises(UnknownHookError, match="unknown hook name"):
+            adapter.run(ids, hooks={bad: lambda t, n: torch.zeros_like(t)})
+    with pytest.raises(UnknownHookError, match=r"unknown capture name 'blocks.0.attn.patern' \(did you mean 'blocks.0.attn.pattern'"):
+        adapter.run(ids, capture=["blocks.0.attn.pattern", "blocks.0.attn.patern"])
+    if adapter.parallel_residual:  # no residual between attention and MLP to hook
+        with pytest.raises(UnknownHookError):
+            adapter.run(ids, capture=["blocks.0.resid_mid"])
+    with pytest.raises(UnknownHookError, match="unknown hook point 'attn.outt'"):
+        hook_name(0, "attn.outt")
+    assert issubclass(UnknownHookError, CircuitsError)

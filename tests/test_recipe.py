@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from replacement import checkpoint as ckpt
-from replacement import presets
+from replacement.lm import presets
 from replacement.data import BatchMaker, Mixture, addition_split, read_text_sources, tokenize_texts
-from replacement.recipe import LMTrainConfig, TrainingDiverged, prepare_data, train_lm
-from replacement.tokenizer import number_token_ids, train_tokenizer
+from replacement.lm.recipe import LMTrainConfig, TrainingDiverged, prepare_data, train_lm
+from replacement.lm.tokenizer import train_tokenizer
+from replacement.tokenizer import number_token_ids
 
 TEXT = ["The cat sat on the mat. The dog sat on the log. It was 1985 and the year was good.\n" * 40,
         "Alice said to Bob: we will meet at 12 or 7. Bob agreed, and they met at 36 past 9.\n" * 40,
@@ -126,7 +127,7 @@ def test_training_reduces_loss_and_resume_is_exact(tokenizer, tiny_preset, tmp_p
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
     assert info["steps"] == 20
     # the loss went down
-    from replacement.recipe import build_model, lm_loss
+    from replacement.lm.recipe import build_model, lm_loss
 
     maker = BatchMaker(tokenizer, tokens, addition_split()[0], cfg.mixture, cfg.seq_len, 99)
     batch = maker.batch(0, 16)
@@ -155,7 +156,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tokenizer, tiny_preset, tmp_pa
 def test_export_bundle_loads_with_from_pretrained(tokenizer, tiny_preset, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from replacement.recipe import build_model, export_bundle
+    from replacement.lm.recipe import build_model, export_bundle
 
     model = build_model(tiny_preset, tokenizer)
     out = export_bundle(model, tokenizer, tiny_preset, {"steps": 0}, out=tmp_path / "tiny")
@@ -177,7 +178,7 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
 def test_later_stage_starts_from_the_exported_earlier_stage(tokenizer, tiny_preset, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from replacement import recipe
+    from replacement.lm import recipe
 
     tokens = torch.tensor(tokenizer.encode(TEXT[0] * 5, add_special_tokens=False), dtype=torch.int32)
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))

@@ -191,7 +191,7 @@ def test_killed_during_rendering(saved_model, tmp_path, sig):
 
 def test_atomic_writes_leave_nothing_on_a_full_disk(tmp_path, monkeypatch):
     from replacement import checkpoint as ckpt
-    from replacement.data import atomic_write_text
+    from replacement.io import atomic_write_text
 
     target = tmp_path / "graph.json"
     target.write_text("before")

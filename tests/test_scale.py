@@ -82,18 +82,18 @@ def _rows(graph) -> dict[str, dict[str, float]]:
     return out
 
 
-@pytest.mark.parametrize("arch, attention", BUDGET_CASES)
-def test_budgeted_rows_equal_the_full_graphs_rows(arch, attention):
+@pytest.mark.parametrize("arch, attention, bos", [(*c, "keep") for c in BUDGET_CASES] + [("llama", "lorsa", "zero")])
+def test_budgeted_rows_equal_the_full_graphs_rows(arch, attention, bos):
     """Every row the budgeted graph computes is the full graph's row: the edges from the nodes it kept are the
     full graph's edges, those from the features it left out are summed in `dropped`, the constants agree; it
     keeps every embedding, error node and logit, and exactly ``max_feature_nodes`` features."""
     from graphs.attribution import reconstruction_errors
 
     model, ids = _model(arch, attention)
-    full = attribute(model, ids, qk=False)
+    full = attribute(model, ids, qk=False, bos=bos)
     n_feat = full.settings["active_features"]
     k = n_feat // 3
-    part = attribute(model, ids, qk=False, max_feature_nodes=k, batch_size=4)
+    part = attribute(model, ids, qk=False, max_feature_nodes=k, batch_size=4, bos=bos)
     assert part.settings["budgeted"] and not full.settings["budgeted"]
     kept = set(part.index)
     assert sum(n.type in ("lorsa", "transcoder") for n in part.node_list) == k

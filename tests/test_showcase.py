@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from replacement.presets import PRESETS
+from replacement.lm.presets import PRESETS
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

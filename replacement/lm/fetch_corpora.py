@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from .corpus import CORPUS_FILES
-from .data import atomic_write_text
-from .errors import CircuitsError
+from ..corpus import CORPUS_FILES
+from ..errors import CircuitsError
+from ..io import atomic_write_text
 
 # sha256 and size of each corpus the bundled models were trained on.
 EXPECTED_SHA256 = {
@@ -397,6 +397,26 @@ class _RReader:
             n = (hi << 32) + lo
         return n
 
+    def _chars(self, levels: int) -> str | None:
+        """A CHARSXP's string (latin-1 or UTF-8 by its flag; None for NA_character_)."""
+        n = self.int()
+        if n == -1:
+            return None
+        raw = self.take(n)
+        return raw.decode("latin-1") if levels & (1 << 2) else raw.decode("utf-8", "surrogateescape")
+
+    def _pairs(self, depth: int, has_attr: int, has_tag: int) -> list:
+        """A pairlist as [(tag, value), ...] (its attributes read and dropped)."""
+        if has_attr:
+            self.item(depth + 1)
+        tag = self.item(depth + 1) if has_tag else None
+        car = self.item(depth + 1)
+        cdr = self.item(depth + 1)
+        out = [(tag, car)]
+        if isinstance(cdr, list) and not isinstance(cdr, RList):
+            out += cdr
+        return out
+
     def item(self, depth: int = 0):
         if depth > 200:
             raise RFormatError("R data nested too deeply")
@@ -417,21 +437,9 @@ class _RReader:
             self.refs.append(name)
             return name
         if t == 9:  # CHARSXP
-            n = self.int()
-            if n == -1:
-                return None  # NA_character_
-            raw = self.take(n)
-            return raw.decode("latin-1") if levels & (1 << 2) else raw.decode("utf-8", "surrogateescape")
+            return self._chars(levels)
         if t in _R_PAIRS:
-            attrs = self.item(depth + 1) if has_attr else None
-            tag = self.item(depth + 1) if has_tag else None
-            car = self.item(depth + 1)
-            cdr = self.item(depth + 1)
-            out = [(tag, car)]
-            if isinstance(cdr, list) and not isinstance(cdr, RList):
-                out += cdr
-            del attrs
-            return out
+            return self._pairs(depth, has_attr, has_tag)
         if t in (10, 13):  # logical, integer
             n = self.length()
             v = RList(struct.unpack(f">{n}i", self.take(4 * n)), t)

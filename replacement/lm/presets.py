@@ -1,4 +1,4 @@
-"""The three bundled models: names, HF configs, and where their files live.
+"""The three bundled models: names, HF configs, and where their files live (`replacement.bundle`).
 
 Each preset is a standard HF architecture, so the bundled folders load with ``from_pretrained``.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-BUNDLE_DIR = Path(__file__).resolve().parent / "bundled"
+from ..bundle import preset_folder
+
 CONTEXT = 128
 
 
@@ -25,7 +26,7 @@ class Preset:
 
     @property
     def folder(self) -> Path:
-        return BUNDLE_DIR / self.name
+        return preset_folder(self.name)
 
     def hf_config(self, vocab_size: int, bos_token_id: int, eos_token_id: int):
         if self.architecture == "llama":

@@ -1,0 +1,271 @@
+"""Replacement folders from elsewhere, detected from their files and loaded as our modules.
+
+    ours             config.json with "modules", layer{L}.{lorsa|transcoder}.safetensors   (replacement/store.py)
+    circuit-tracer   config.yaml (model_kind: transcoder_set) and/or layer_{L}.safetensors: per-layer transcoders,
+                     ReLU or JumpReLU (activation_function.threshold), with or without W_skip; top_k in
+                     config.yaml makes them TopK (circuit-tracer itself writes none: every feature that passes);
+                     its CLTs (model_kind: cross_layer_transcoder, or W_enc_{L}/W_dec_{L}.safetensors) are refused
+    Llamascopium     config.json (no "modules") + sae_weights.safetensors, in the folder or in one subfolder per
+                     layer: Lorsa (W_Q ...) or transcoders (W_E ...); the layer comes from hook_point_in
+
+A spec is a folder, or an HF repo id (``owner/name[/subfolder]``) already in the local HF cache.  Several specs
+mix: each later folder replaces the modules (kind, layer) it holds, e.g. Lorsa from ours, transcoders from
+circuit-tracer.  Anything corrupt, partial or not fitting the model is a `ForeignFormatError` (one line).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import ForeignFormatError
+from .hooks import hook_name, layer_names
+
+# circuit-tracer hook names meaning "the MLP's input after its norm" and "what the MLP adds to the residual"
+CT_INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized")
+CT_OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
+
+
+def replacement_specs(values) -> str | list[str] | None:
+    """A ``--replacements`` option given 0, 1 or more times: None, the one folder, or the list (later wins)."""
+    values = [v for v in (values or ()) if v]
+    return None if not values else values[0] if len(values) == 1 else values
+
+
+def resolve_spec(spec: str | Path) -> Path:
+    """A folder as given, or the snapshot folder of a cached HF repo id ``owner/name[/subfolder]``."""
+    path = Path(spec).expanduser()
+    text = str(spec)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 1:
+        return path
+    from huggingface_hub import snapshot_download
+
+    owner, name, *sub = text.split("/")
+    try:
+        root = Path(snapshot_download(f"{owner}/{name}", local_files_only=True))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, a malformed id, an unreadable cache
+        raise ForeignFormatError(f"no folder {text} and no HF repo {owner}/{name} in the local HF cache "
+                                 f"(download it first, e.g. huggingface-cli download {owner}/{name})") from None
+    return root.joinpath(*sub)
+
+
+def detect_format(folder: Path) -> str:
+    """'ours', 'circuit-tracer', 'circuit-tracer-clt' or 'llamascope' (anything unrecognised: 'ours', whose loader
+    then reports what is missing)."""
+    if (folder / "config.yaml").is_file():
+        kind = _read_yaml(folder / "config.yaml").get("model_kind", "transcoder_set")
+        if kind not in ("transcoder_set", "cross_layer_transcoder"):
+            raise ForeignFormatError(f"{folder / 'config.yaml'}: unknown model_kind {kind!r}")
+        return "circuit-tracer" if kind == "transcoder_set" else "circuit-tracer-clt"
+    if any(folder.glob("layer_*.safetensors")):
+        return "circuit-tracer"
+    if any(folder.glob("W_enc_*.safetensors")):  # what circuit-tracer's CrossLayerTranscoder.to_safetensors writes
+        return "circuit-tracer-clt"
+    if _llamascope_parts(folder):
+        return "llamascope"
+    return "ours"
+
+
+def load_specs(specs, adapter, device=None) -> dict[tuple[str, int], torch.nn.Module]:
+    """Every module of one spec or a list of them (later ones replace earlier ones' (kind, layer)); no spec: the
+    model's default folder (replacement/store.py)."""
+    from .store import default_folder
+
+    if specs is None:
+        specs = [default_folder(adapter)]
+    elif isinstance(specs, (str, Path)):
+        specs = [specs]
+    out = {}
+    for spec in specs:
+        out.update(load_folder(resolve_spec(spec), adapter, device))
+    return out
+
+
+def load_folder(folder: Path, adapter, device=None) -> dict[tuple[str, int], torch.nn.Module]:
+    fmt = detect_format(folder)
+    device = device or adapter.device
+    if fmt == "ours":
+        from .store import load_replacements
+
+        return load_replacements(folder, adapter, device)
+    if fmt == "circuit-tracer-clt":
+        raise ForeignFormatError(f"{folder} holds circuit-tracer cross-layer transcoders (CLTs), which are not "
+                                 "supported yet; per-layer transcoder folders are")
+    modules = load_circuit_tracer(folder, adapter) if fmt == "circuit-tracer" else load_llamascope(folder, adapter)
+    for (kind, L), m in modules.items():
+        _check_fits(m, kind, L, adapter, folder)
+        m.requires_grad_(False)
+    return {k: m.to(device).eval() for k, m in modules.items()}
+
+
+# -- circuit-tracer ----------------------------------------------------------------------------------------
+
+
+def load_circuit_tracer(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
+    """Per-layer transcoders ``layer_{L}.safetensors`` (or those config.yaml lists by local path)."""
+    from .transcoder import Transcoder
+
+    conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+    _check_ct_hooks(conf, folder)
+    files = _ct_layer_files(folder, conf)
+    if not files:
+        raise ForeignFormatError(f"{folder} has a circuit-tracer config.yaml but no layer_<L>.safetensors files")
+    k = _ct_top_k(conf.get("top_k"), folder)
+    return {("transcoder", L): Transcoder.from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
+
+
+def _ct_top_k(raw, folder: Path) -> int:
+    if raw is None:
+        return 0
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ForeignFormatError(f"{folder / 'config.yaml'}: top_k must be a whole number >= 0, not {raw!r}")
+    return raw
+
+
+def _existing(path: Path, L: int) -> Path:
+    if not path.is_file():
+        raise ForeignFormatError(f"the layer-{L} transcoder file {path} does not exist")
+    return path
+
+
+def _ct_layer_files(folder: Path, conf: dict) -> dict[int, Path]:
+    listed = conf.get("transcoders")
+    if listed is None:
+        found = {int(m.group(1)): p for p in folder.glob("layer_*.safetensors")
+                 if (m := re.fullmatch(r"layer_(\d+)\.safetensors", p.name))}
+        return dict(sorted(found.items()))
+    if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+        raise ForeignFormatError(f"{folder / 'config.yaml'}: transcoders must be a list of paths")
+    remote = [p for p in listed if p.startswith("hf://")]
+    if remote:
+        raise ForeignFormatError(f"{folder / 'config.yaml'} lists hub files ({remote[0]}); download them and list "
+                                 "local paths, or use the repo's own folder")
+    return {L: (folder / p if not Path(p).is_absolute() else Path(p)) for L, p in enumerate(listed)}
+
+
+def _check_ct_hooks(conf: dict, folder: Path) -> None:
+    hin, hout = conf.get("feature_input_hook", CT_INPUT_HOOKS[0]), conf.get("feature_output_hook", CT_OUTPUT_HOOKS[0])
+    if hin not in CT_INPUT_HOOKS or hout not in CT_OUTPUT_HOOKS:
+        raise ForeignFormatError(f"{folder}: transcoders reading {hin!r} and writing {hout!r}; only those that read the "
+                                 f"MLP's normalised input ({' or '.join(CT_INPUT_HOOKS)}) and predict its output "
+                                 f"({' or '.join(CT_OUTPUT_HOOKS)}) replace an MLP")
+
+
+# -- Llamascopium ----------------------------------------------------------------------------------------
+
+
+def _llamascope_parts(folder: Path) -> list[Path]:
+    """The folder itself, or its subfolders, that hold config.json + sae_weights.safetensors."""
+    def is_part(p: Path) -> bool:
+        return (p / "sae_weights.safetensors").is_file() and (p / "config.json").is_file()
+
+    if not folder.is_dir():
+        return []
+    return [folder] if is_part(folder) else sorted(p for p in folder.iterdir() if p.is_dir() and is_part(p))
+
+
+def load_llamascope(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
+    from .checkpoint import load
+    from .lorsa import from_llamascope
+    from .transcoder import Transcoder
+
+    out = {}
+    for part in _llamascope_parts(folder):
+        conf = _read_json(part / "config.json")
+        L = _llamascope_layer(conf, part)
+        if conf.get("norm_activation", "none") not in ("none", None):
+            raise ForeignFormatError(f"{part}: norm_activation {conf['norm_activation']!r} is not supported (only 'none')")
+        keys = set(load(part / "sae_weights.safetensors")[0])
+        if "W_Q" in keys:
+            out[("lorsa", L)] = _checked(lambda: from_llamascope(part, L), part)
+        elif "W_E" in keys:
+            k = int(conf.get("top_k") or 0)
+            out[("transcoder", L)] = _checked(lambda: Transcoder.from_llamascope(
+                part / "sae_weights.safetensors", top_k=k, layer=L), part)
+        else:
+            raise ForeignFormatError(f"{part}/sae_weights.safetensors is neither a Lorsa (W_Q) nor a transcoder (W_E)")
+    return out
+
+
+def _llamascope_layer(conf: dict, part: Path) -> int:
+    m = re.search(r"blocks\.(\d+)\.", str(conf.get("hook_point_in", "")))
+    if not m:
+        raise ForeignFormatError(f"{part / 'config.json'}: no layer in hook_point_in {conf.get('hook_point_in')!r}")
+    return int(m.group(1))
+
+
+def _checked(make, part: Path):
+    """Run a loader, turning a missing tensor or a shape clash into one line."""
+    try:
+        return make()
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, ForeignFormatError):
+            raise
+        raise ForeignFormatError(f"{part} is not a complete Llamascopium checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+# -- shared checks ---------------------------------------------------------------------------------------
+
+
+def _check_fits(module, kind: str, L: int, adapter, folder: Path) -> None:
+    if module.cfg.d_model != adapter.d_model:
+        raise ForeignFormatError(f"{folder}: the layer-{L} {kind} has width {module.cfg.d_model}; {adapter.name} has "
+                                 f"d_model {adapter.d_model}")
+    if not 0 <= L < adapter.n_layers:
+        raise ForeignFormatError(f"{folder} has a {kind} for layer {L}; {adapter.name} has {adapter.n_layers} layers")
+    bad = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ForeignFormatError(f"{folder}: the layer-{L} {kind}'s {bad[0]} holds NaN or infinite values")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        conf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ForeignFormatError(f"{path} is not valid YAML ({type(e).__name__})") from None
+    if not isinstance(conf, dict):
+        raise ForeignFormatError(f"{path} is not a circuit-tracer config (a mapping of keys)")
+    return conf
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ForeignFormatError(f"{path} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(conf, dict):
+        raise ForeignFormatError(f"{path} is not a config object")
+    return conf
+
+
+def specs_metrics(specs, default: Path) -> dict | None:
+    """The training metrics our folders among ``specs`` (default: ``default``) record, by module name
+    (`store.saved_metrics`); {} when only foreign folders hold replacements; None when no folder holds any."""
+    from .store import saved_metrics
+
+    paths = [default] if specs is None else [specs] if isinstance(specs, (str, Path)) else list(specs)
+    found = None
+    for spec in paths:
+        folder = resolve_spec(spec)
+        if detect_format(folder) != "ours":
+            found = found if found is not None else {}
+        elif (folder / "config.json").is_file():
+            found = {**(found or {}), **{k: v for k, v in saved_metrics(folder).items() if v}}
+    return found
+
+
+def feature_bound(model, ids: torch.Tensor) -> list[int]:
+    """Per layer, the most transcoder features active at one position of the prompt ids [1, n]: a transcoder's
+    top_k, or, without one (every feature that passes), the count measured in one forward pass."""
+    tcs = model.transcoders
+    if all(tcs[L].cfg.top_k for L in sorted(tcs)):
+        return [tcs[L].cfg.top_k for L in sorted(tcs)]
+    with torch.no_grad():
+        cache = model.adapter.run(ids, capture=layer_names(tcs, "mlp.in")).cache
+        return [tcs[L].cfg.top_k or int((tcs[L].encode(cache[hook_name(L, "mlp.in")][0].float()).values > 0).sum(-1).max())
+                for L in sorted(tcs)]

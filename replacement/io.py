@@ -1,0 +1,47 @@
+"""Atomic file writing, shared by every writer in the project (checkpoints, configs, graphs, pages, corpora).
+
+A file is written to a temporary name beside its destination (``.NAME.tmp<pid>``) and renamed into place, so a
+full disk, Ctrl-C or ``kill -9`` never leaves a half-written file under the real name.  What a killed process
+leaves behind under the temporary name is recognised by its pid (`cli.outputs.remove_leftovers`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary name ``path`` is written under before its rename: ``.NAME.tmp<pid>`` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """``with atomic_path(p) as tmp:`` write ``tmp``; on leaving, it is renamed to ``p`` (its folder created
+    first).  On any failure (a full disk, Ctrl-C) the temporary file is removed and ``p`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to ``path`` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text to ``path`` atomically (see `atomic_path`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "temp_path"]

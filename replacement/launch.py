@@ -1,0 +1,84 @@
+"""Running the replacement trainers for a model by name, as `circuits train` does: loading the model, the
+process group under ``torchrun``, text sources, and the optional on-disk activation cache.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process loads the model on its own device, streams its rows of
+each global batch, and gradients are all-reduced; only rank 0 evaluates and saves.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from .joint import JointConfig
+from .train import TrainConfig
+
+
+def distributed_setup(device: str) -> tuple[str, int, int]:
+    """(device, world size, rank): under torchrun, this process's device (``cuda:<LOCAL_RANK>`` for cuda) with
+    the process group initialised (nccl on cuda, gloo on cpu); (device, 1, 0) in a plain run."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, world, rank
+
+
+def text_sources(adapter, texts: list[str], cfg: TrainConfig):
+    """(training, held-out) windows of text files: their first 98% and their last 2%."""
+    from .activations import TextSource
+
+    return (TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed),
+            TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 1, heldout=True))
+
+
+def cached_activations(adapter, cfg: TrainConfig, source, folder: str | Path):
+    """Cache one batch of activations per training step in ``folder`` (resumable), from ``source`` or the
+    model's default source; returns the `ShardSource` that replays them."""
+    from .activations import ShardSource, cache_to_disk, default_source, hook_points
+
+    layers = cfg.layers if cfg.layers is not None else range(adapter.n_layers)
+    points = sorted({p for L in layers for k in cfg.kinds() for p in hook_points(k, L)})
+    src = source or default_source(adapter, cfg.seq_len, cfg.seed)
+    return ShardSource(cache_to_disk(adapter, src, points, folder, cfg.steps, cfg.batch_size))
+
+
+def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
+                       out: str | Path | None = None, resume: bool = True, texts: list[str] | None = None,
+                       cache_folder: str | Path | None = None) -> dict[str, dict]:
+    """Train every module ``cfg`` asks for on ``model_name`` (``cfg.seq_len`` capped at the model's context);
+    the metrics per module on rank 0, {} on the other ranks."""
+    from .models import load_model
+    from .train import fit_replacements
+
+    device, world, rank = distributed_setup(device)
+    try:
+        adapter = load_model(model_name, device, dtype)
+        cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
+        source, eval_source = text_sources(adapter, texts, cfg) if texts else (None, None)
+        shards = cached_activations(adapter, cfg, source, cache_folder) if cache_folder else None
+        return fit_replacements(adapter, cfg, out, resume=resume, source=source, eval_source=eval_source,
+                                activations=shards, world=world, rank=rank)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: str = "float32",
+                init_from: str | Path | None = None, out: str | Path | None = None, resume: bool = True) -> dict:
+    """The joint stage on ``model_name`` (``cfg.seq_len`` capped at the model's context), starting from the
+    modules in ``init_from`` (default: beside the model); the metrics per module."""
+    from .joint import fit_joint
+    from .models import load_model
+
+    adapter = load_model(model_name, device, dtype)
+    cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
+    return fit_joint(adapter, cfg, init_from, out, resume=resume)
+
+
+__all__ = ["cached_activations", "distributed_setup", "text_sources", "train_joint", "train_replacements"]

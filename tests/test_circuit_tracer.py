@@ -1,0 +1,153 @@
+"""Against circuit-tracer 0.5.0's own code: the same random small Llama, transcoders written by its own classes,
+traced by both tools (a Llama with
+ReLU, JumpReLU and JumpReLU-with-skip transcoders; a Qwen3 with JumpReLU ones) (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.
+
+Slow, and skipped unless CIRCUIT_TRACER_VENV names a venv with circuit-tracer 0.5.0 installed
+(benchmarks/make_circuit_tracer_venv.sh builds one; circuit-tracer pins transformers<=4.57, so it cannot share
+this environment).  circuit-tracer's side runs in that venv as tests/circuit_tracer_reference.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+VENV = os.environ.get("CIRCUIT_TRACER_VENV")
+# in CI (.ci/run builds the venv) a missing venv fails instead of skipping
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not VENV and not os.environ.get("CIRCUITS_CI"), reason="set CIRCUIT_TRACER_VENV to a venv with circuit-tracer "
+                                                           "0.5.0 (bash benchmarks/make_circuit_tracer_venv.sh)")]
+PROMPT = "the cat sat on the mat. 1 + 2 = 3"
+
+
+def run_circuit_tracer(model_folder: Path, out: Path, kind: str, ids: list[int], seed: int = 0) -> dict:
+    """circuit-tracer's graph (its tensors) of the token ids, and the transcoders it wrote to out/transcoders."""
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).with_name("circuit_tracer_reference.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(Path(VENV) / "bin" / "python"), str(script), str(model_folder), str(out), kind, str(seed),
+                        ",".join(map(str, ids)), "auto"], capture_output=True, text=True, timeout=900, env=env,
+                       cwd=str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(str(out / "graph.safetensors"))
+
+
+def for_old_transformers(model_folder: Path, dest: Path) -> Path:
+    """A copy of the model folder that circuit-tracer's transformers (<=4.57) reads: our transformers names the
+    tokenizer class ``TokenizersBackend``, which it lacks; ``PreTrainedTokenizerFast`` reads the same tokenizer.json."""
+    import json
+    import shutil
+
+    shutil.copytree(model_folder, dest, ignore=shutil.ignore_patterns("replacements"))
+    conf = json.loads((dest / "tokenizer_config.json").read_text())
+    conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dest / "tokenizer_config.json").write_text(json.dumps(conf))
+    return dest
+
+
+def model_folder(arch: str, saved_model: Path, dest: Path) -> Path:
+    """The random small model of ``arch`` as an HF folder with saved_model's tokenizer: llama is saved_model
+    itself; qwen3 has random QK-norm and norm weights and attention biases (tests/test_adapters.py's recipe)."""
+    if arch == "llama":
+        return saved_model
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.test_adapters import SMALL, _randomise
+
+    tok = AutoTokenizer.from_pretrained(saved_model)
+    torch.manual_seed(0)
+    conf = Qwen3Config(**{**SMALL, "vocab_size": len(tok)}, head_dim=16, attention_bias=True,
+                       bos_token_id=tok.bos_token_id)
+    _randomise(Qwen3ForCausalLM(conf)).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def circuit_tracer_node_ids(ct: dict, n_layers: int) -> list[str]:
+    """circuit-tracer's node order: active features (layer, pos, feature), errors [layer][pos], tokens, logits."""
+    n = len(ct["input_tokens"])
+    feats = [f"tc.{L}.{f}@{p}" for L, p, f in ct["active_features"].tolist()]
+    errors = [f"mlp_err.{L}@{p}" for L in range(n_layers) for p in range(n)]
+    logits = [f"logit.{t}@{n - 1}" for t in ct["logit_token_ids"].tolist()]
+    return feats + errors + [f"emb@{p}" for p in range(n)] + logits
+
+
+def our_matrix(graph, ids: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Our edges as a dense [target, source] matrix in circuit-tracer's node order; our nodes it does not have."""
+    index = {i: k for k, i in enumerate(ids)}
+    W = torch.zeros(len(ids), len(ids), dtype=torch.float64)
+    extra = [n.id for n in graph.nodes() if n.id not in index]
+    for e in graph.edges:
+        if e.source in index and e.target in index:
+            W[index[e.target], index[e.source]] += e.weight
+    return W, extra
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "relu"), ("llama", "jumprelu"), ("llama", "jumprelu-skip"),
+                                       ("qwen3", "jumprelu")])
+def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch, kind):
+    from graphs.attribution import attribute
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    folder = model_folder(arch, saved_model, tmp_path / arch)
+    adapter = load_model(str(folder))
+    ids = adapter.tokenize(PROMPT)[0].tolist()
+    ct = run_circuit_tracer(for_old_transformers(folder, tmp_path / "model"), tmp_path / "ct", kind, ids)
+    assert ct["input_tokens"].tolist() == ids  # its own BOS rule kept ours
+    model = ReplacementModel.load(adapter, str(tmp_path / "ct" / "transcoders"), "frozen")
+    assert all(model.transcoders[L].cfg.jumprelu == kind.startswith("jumprelu") for L in range(adapter.n_layers))
+    assert all(model.transcoders[L].cfg.skip == kind.endswith("-skip") for L in range(adapter.n_layers))
+    graph = attribute(model, torch.tensor([ids]), bos="zero", qk=False)
+
+    node_ids = circuit_tracer_node_ids(ct, adapter.n_layers)
+    theirs = ct["adjacency_matrix"].double()
+    ours, extra = our_matrix(graph, node_ids)
+    assert extra == []  # every node of ours is one of theirs
+    ours_ids = {n.id for n in graph.nodes()}
+    alive = theirs.abs().sum(0) > 0  # a node of theirs with an edge out of it must be ours
+    assert all(node_ids[j] in ours_ids for j in torch.nonzero(alive).flatten().tolist())
+    n_feat = len(ct["active_features"])
+    assert n_feat > 20 and {n.id for n in graph.nodes("transcoder")} == set(node_ids[:n_feat])
+    assert {n.id for n in graph.logits()} == {i for i in node_ids if i.startswith("logit.")}
+    acts = {n.id: n.activation for n in graph.nodes("transcoder")}
+    theirs_acts = ct["activation_values"]
+    ours_acts = torch.tensor([acts[i] for i in node_ids[:n_feat]])
+    assert float((ours_acts - theirs_acts).abs().max()) <= 1e-4 * float(theirs_acts.abs().max())
+    rows = torch.nonzero(theirs.abs().sum(1) > 0).flatten()
+    assert len(rows) == n_feat + len(graph.logits())  # every feature and logit is a target in theirs
+    scale = theirs[rows].abs().amax(1, keepdim=True)
+    rel = ((ours[rows] - theirs[rows]).abs() / scale).max()
+    assert float(rel) <= 1e-4, float(rel)
+
+
+def test_the_trace_command_agrees_with_circuit_tracer(tmp_path, saved_model):
+    """The CLI path (`trace --replacements <its folder> --attention frozen --bos zero`): its pruned graph.json
+    holds only nodes circuit-tracer has, and every edge it keeps equals circuit-tracer's to 1e-4 relative."""
+    import json
+    import sys
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    ids = adapter.tokenize(PROMPT)[0].tolist()
+    ct = run_circuit_tracer(for_old_transformers(saved_model, tmp_path / "model"), tmp_path / "ct", "jumprelu", ids)
+    r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", PROMPT, "--model", str(saved_model),
+                        "--replacements", str(tmp_path / "ct" / "transcoders"), "--attention", "frozen", "--bos", "zero",
+                        "--format", "json", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=600, cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    g = json.loads((tmp_path / "out" / "graph.json").read_text())
+    node_ids = circuit_tracer_node_ids(ct, adapter.n_layers)
+    index = {i: k for k, i in enumerate(node_ids)}
+    assert [n["node_id"] for n in g["nodes"] if n["node_id"] not in index] == []
+    theirs = ct["adjacency_matrix"].double()
+    links = [(index[e["target"]], index[e["source"]], e["weight"]) for e in g["links"]]
+    assert len(links) > 100 and any(node_ids[t].startswith("tc.") for t, _, _ in links)
+    scale = theirs.abs().amax(1)
+    worst = max(abs(w - float(theirs[t, s])) / float(scale[t]) for t, s, w in links)
+    assert worst <= 1e-4, worst

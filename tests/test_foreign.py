@@ -1,0 +1,318 @@
+"""Replacements written by other tools: circuit-tracer per-layer transcoders (ReLU, JumpReLU, TopK; with or
+without skip), detected from their files, alone or mixed with our own folders."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from replacement.errors import CircuitsError
+from replacement.transcoder import Transcoder
+
+
+def _ct_tensors(d=8, N=16, seed=0, threshold=None, skip=False) -> dict:
+    """Random weights in circuit-tracer's per-layer layout (what its ``to_safetensors`` writes)."""
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(N, d, generator=g), "W_dec": torch.randn(N, d, generator=g) * 0.3,
+         "b_enc": torch.randn(N, generator=g) * 0.2, "b_dec": torch.randn(d, generator=g) * 0.1}
+    if threshold is not None:
+        t["activation_function.threshold"] = torch.full((N,), float(threshold))
+    if skip:
+        t["W_skip"] = torch.randn(d, d, generator=g) * 0.1
+    return t
+
+
+def write_ct_folder(folder, layers: dict, top_k=None, hooks=("mlp.hook_in", "mlp.hook_out")):
+    """A circuit-tracer transcoder folder: ``config.yaml`` (no top_k unless given) and ``layer_{i}.safetensors``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for L, t in layers.items():
+        save_file({k: v.contiguous() for k, v in t.items()}, str(folder / f"layer_{L}.safetensors"))
+    conf = f"model_kind: transcoder_set\nfeature_input_hook: {hooks[0]}\nfeature_output_hook: {hooks[1]}\n"
+    (folder / "config.yaml").write_text(conf + (f"top_k: {top_k}\n" if top_k is not None else ""))
+    return folder
+
+
+def circuit_tracer_formula(t: dict, x: torch.Tensor):
+    """circuit-tracer's transcoder, written out independently: a = act(x W_enc^T + b_enc) with act = JumpReLU
+    (pre * [pre > theta]) or ReLU; out = a W_dec + b_dec (+ x W_skip^T).  Returns (a [n, N], out [n, d])."""
+    pre = x @ t["W_enc"].T + t["b_enc"]
+    theta = t.get("activation_function.threshold")
+    a = torch.where(pre > theta, pre, torch.zeros_like(pre)) if theta is not None else pre.clamp(min=0)
+    out = a @ t["W_dec"] + t["b_dec"]
+    return a, out + (x @ t["W_skip"].T if "W_skip" in t else 0)
+
+
+@pytest.mark.parametrize("threshold,skip", [(0.5, False), (0.5, True), (None, False), (None, True)],
+                         ids=["jumprelu", "jumprelu-skip", "relu", "relu-skip"])
+def test_circuit_tracer_transcoder_without_top_k_matches_its_formula(tmp_path, threshold, skip):
+    t = _ct_tensors(threshold=threshold, skip=skip)
+    write_ct_folder(tmp_path, {2: t})
+    tc = Transcoder.from_circuit_tracer(tmp_path, 2)
+    assert tc.cfg.top_k == 0 and tc.cfg.jumprelu == (threshold is not None) and tc.cfg.skip == skip
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    a, out = circuit_tracer_formula(t, x)
+    with torch.no_grad():
+        y, code = tc(x)
+    torch.testing.assert_close(y, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(code.dense(16), a, rtol=0, atol=0)  # the same features, the same values
+    assert (code.values > 0).sum(-1).tolist() == (a > 0).sum(-1).tolist()
+
+
+def test_jumprelu_thresholds_change_the_active_set(tmp_path):
+    """The threshold is honoured: some feature with 0 < pre <= theta is active under ReLU and not under JumpReLU."""
+    t = _ct_tensors(threshold=0.5)
+    write_ct_folder(tmp_path / "j", {0: t})
+    write_ct_folder(tmp_path / "r", {0: {k: v for k, v in t.items() if k != "activation_function.threshold"}})
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        jump = (Transcoder.from_circuit_tracer(tmp_path / "j", 0)(x)[1].values > 0).sum()
+        relu = (Transcoder.from_circuit_tracer(tmp_path / "r", 0)(x)[1].values > 0).sum()
+    pre = x @ t["W_enc"].T + t["b_enc"]
+    assert int(jump) == int((pre > 0.5).sum()) < int(relu) == int((pre > 0).sum())
+
+
+def test_circuit_tracer_top_k_keeps_the_strongest_writes(tmp_path):
+    t = _ct_tensors(threshold=0.2)
+    write_ct_folder(tmp_path, {0: t}, top_k=3)
+    tc = Transcoder.from_circuit_tracer(tmp_path, 0)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    a, _ = circuit_tracer_formula(t, x)
+    ranked = a * t["W_dec"].norm(dim=-1)
+    keep = torch.zeros_like(a).scatter(-1, ranked.topk(3, dim=-1).indices, 1.0)  # brute-force top-3
+    with torch.no_grad():
+        y, code = tc(x)
+    torch.testing.assert_close(code.dense(16), a * keep)
+    torch.testing.assert_close(y, (a * keep) @ t["W_dec"] + t["b_dec"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda t: t.pop("b_dec"), "lacks b_dec"),
+    (lambda t: t.__setitem__("W_dec", torch.zeros(16, 9)), "W_dec has shape"),
+    (lambda t: t.__setitem__("activation_function.threshold", -torch.ones(16)), "must be 16 values >= 0"),
+    (lambda t: t["W_enc"].__setitem__((0, 0), float("nan")), "NaN"),
+])
+def test_bad_circuit_tracer_file_fails_in_one_line(tmp_path, break_it, message):
+    t = _ct_tensors(threshold=0.5)
+    break_it(t)
+    write_ct_folder(tmp_path, {0: t})
+    with pytest.raises(CircuitsError, match=message) as e:
+        Transcoder.from_circuit_tracer(tmp_path, 0)
+    assert "\n" not in str(e.value)
+
+
+def test_jumprelu_transcoder_round_trips_through_our_format(tmp_path):
+    from replacement.store import load_module, save_module
+
+    write_ct_folder(tmp_path / "ct", {1: _ct_tensors(threshold=0.4, skip=True)})
+    tc = Transcoder.from_circuit_tracer(tmp_path / "ct", 1)
+    save_module(tc, "transcoder", tmp_path / "ours", "fp", "m", dtype=torch.float32)
+    back, _ = load_module(tmp_path / "ours" / "layer1.transcoder.safetensors")
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], tc(x)[0])
+
+
+# -- whole folders: detection, loading, mixing, the graph, the command line --------------------------------
+
+
+def _ct_set(folder, adapter, threshold=0.3, skip=False, top_k=None, layers=None):
+    """circuit-tracer transcoders for every layer of ``adapter`` (or ``layers``), written in its layout."""
+    d = adapter.d_model
+    layers = range(adapter.n_layers) if layers is None else layers
+    return write_ct_folder(folder, {L: _ct_tensors(d, 48, seed=L, threshold=threshold, skip=skip) for L in layers},
+                           top_k=top_k)
+
+
+@pytest.mark.parametrize("threshold,skip,top_k", [(0.3, False, None), (None, True, None), (0.3, False, 5)],
+                         ids=["jumprelu", "relu-skip", "topk"])
+def test_circuit_tracer_folder_gives_an_exact_graph(tmp_path, threshold, skip, top_k):
+    from graphs.attribution import attribute, reconstruction_errors
+    from replacement.assemble import ReplacementModel
+    from replacement.foreign import detect_format
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    folder = _ct_set(tmp_path / "ct", adapter, threshold, skip, top_k)
+    assert detect_format(folder) == "circuit-tracer"
+    model = ReplacementModel.load(adapter, str(folder), "frozen")
+    assert all(model.transcoders[L].cfg.jumprelu == (threshold is not None) for L in range(adapter.n_layers))
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    rec = model.record(ids)
+    for L in range(adapter.n_layers):  # the recorded activations are circuit-tracer's, feature by feature
+        t = {k: v for k, v in _ct_tensors(adapter.d_model, 48, seed=L, threshold=threshold, skip=skip).items()}
+        a, _ = circuit_tracer_formula(t, rec.layers[L].mlp_in)
+        if top_k:
+            a = a * torch.zeros_like(a).scatter(-1, (a * t["W_dec"].norm(dim=-1)).topk(top_k, -1).indices, 1.0)
+        torch.testing.assert_close(rec.layers[L].tc_code.dense(48), a, rtol=1e-5, atol=1e-6)
+    graph = attribute(model, ids)
+    errs = reconstruction_errors(graph)
+    assert len(errs) > 10 and max(errs.values()) <= 1e-4
+
+
+def test_lorsa_from_ours_and_transcoders_from_circuit_tracer_mix(tmp_path, saved_model):
+    from graphs.attribution import attribute, reconstruction_errors
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+    from replacement.store import load_replacements
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter)
+    model = ReplacementModel.load(adapter, [str(saved_model / "replacements"), str(ct)], "lorsa")
+    ours = load_replacements(saved_model / "replacements", adapter)
+    for L in range(adapter.n_layers):
+        assert model.transcoders[L].cfg.jumprelu and not ours[("transcoder", L)].cfg.jumprelu
+        torch.testing.assert_close(model.lorsas[L].W_Q, ours[("lorsa", L)].W_Q)
+    graph = attribute(model, adapter.tokenize("the cat sat on the mat"))
+    assert max(reconstruction_errors(graph).values()) <= 1e-4
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", *args] if args[0] != "trace"
+                          else [sys.executable, "-c", "from cli.trace import main; main()", *args[1:]],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_trace_and_patch_take_circuit_tracer_folders(tmp_path, saved_model):
+    import json
+    from pathlib import Path
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter)
+    repo = str(Path(__file__).resolve().parents[1])
+    r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(ct), "--attention", "frozen",
+             "--format", "json", "--out", str(tmp_path / "g1"), "--bos", "zero", cwd=repo)
+    assert r.returncode == 0, r.stderr
+    g = json.loads((tmp_path / "g1" / "graph.json").read_text())
+    assert any(n["feature_type"] == "cross layer transcoder" for n in g["nodes"])
+    assert {n["feature_type"] for n in g["nodes"] if n["ctx_idx"] == 0} == {"embedding"}  # --bos zero
+    r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
+             "--replacements", str(ct), "--format", "json", "--out", str(tmp_path / "g2"), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    r = _cli("patch", "the cat sat", "--model", str(saved_model), "--replacements", str(ct), "--attention", "frozen",
+             "--component", "mlp_err.0@1", cwd=repo)
+    assert r.returncode == 0, r.stderr
+
+
+def _broken_sets(tmp_path, adapter) -> dict:
+    """Foreign folders that must each fail in one line, with what the line must say."""
+    from safetensors.torch import save_file
+
+    out = {}
+    f = _ct_set(tmp_path / "truncated", adapter)
+    p = f / "layer_1.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    out["truncated"] = (f, "corrupt or truncated")
+    out["partial"] = (_ct_set(tmp_path / "partial", adapter, layers=[0]), "missing trained replacements layer1.transcoder")
+    wide = {L: _ct_tensors(adapter.d_model + 8, 48, seed=L) for L in range(adapter.n_layers)}
+    out["width"] = (write_ct_folder(tmp_path / "width", wide), f"has d_model {adapter.d_model}")
+    deep = _ct_set(tmp_path / "deep", adapter, layers=range(adapter.n_layers + 1))
+    out["layers"] = (deep, f"has {adapter.n_layers} layers")
+    hooks = write_ct_folder(tmp_path / "hooks", {0: _ct_tensors(adapter.d_model, 48)}, hooks=("hook_resid_mid", "hook_mlp_out"))
+    out["hooks"] = (hooks, "only those that read the MLP's normalised input")
+    clt = tmp_path / "clt"
+    clt.mkdir()
+    (clt / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: mlp.hook_in\n")
+    out["clt"] = (clt, "cross-layer transcoders")
+    clt_files = tmp_path / "clt-files"  # the layout of circuit-tracer's CrossLayerTranscoder.to_safetensors
+    clt_files.mkdir()
+    for L in range(adapter.n_layers):
+        save_file({f"W_enc_{L}": torch.zeros(4, adapter.d_model), f"b_enc_{L}": torch.zeros(4),
+                   f"b_dec_{L}": torch.zeros(adapter.d_model)}, str(clt_files / f"W_enc_{L}.safetensors"))
+        save_file({f"W_dec_{L}": torch.zeros(4, adapter.n_layers - L, adapter.d_model)},
+                  str(clt_files / f"W_dec_{L}.safetensors"))
+    out["clt-files"] = (clt_files, "cross-layer transcoders")
+    bad_yaml = _ct_set(tmp_path / "yaml", adapter)
+    (bad_yaml / "config.yaml").write_text("model_kind: [unclosed\n")
+    out["yaml"] = (bad_yaml, "not valid YAML")
+    lorsa = tmp_path / "ls"
+    lorsa.mkdir()
+    save_file({"W_Q": torch.zeros(1, adapter.d_model, 4)}, str(lorsa / "sae_weights.safetensors"))
+    (lorsa / "config.json").write_text('{"hook_point_in": "blocks.0.ln1.hook_normalized", "top_k": 2}')
+    out["llamascope-partial"] = (lorsa, "not a complete Llamascopium checkpoint")
+    return out
+
+
+def test_corrupt_partial_or_mismatched_foreign_folders_fail_in_one_line(tmp_path):
+    from replacement.assemble import ReplacementModel
+    from replacement.checkpoint import CheckpointError
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    for name, (folder, message) in _broken_sets(tmp_path, adapter).items():
+        with pytest.raises((CircuitsError, CheckpointError)) as e:
+            ReplacementModel.load(adapter, str(folder), "frozen")
+        assert message in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+
+
+@pytest.mark.slow
+def test_trace_refuses_a_broken_foreign_folder_in_one_line(tmp_path, saved_model):
+    from pathlib import Path
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    repo = str(Path(__file__).resolve().parents[1])
+    for name in ("width", "clt"):
+        folder, message = _broken_sets(tmp_path / name, adapter)[name]
+        r = _cli("trace", "the cat", "--model", str(saved_model), "--replacements", str(folder), "--attention",
+                 "frozen", "--format", "json", "--out", str(tmp_path / "out"), cwd=repo)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_an_uncached_hf_repo_id_fails_in_one_line(tmp_path, monkeypatch):
+    from replacement.foreign import resolve_spec
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CircuitsError, match="not .*in the local HF cache|no HF repo"):
+        resolve_spec("someone/transcoders-nowhere")
+
+
+def test_a_cached_hf_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
+    """The hub's cache layout (refs/main naming a snapshot), built by hand: ``owner/name/sub`` loads from it."""
+    import huggingface_hub.constants as hub
+
+    from replacement.assemble import ReplacementModel
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_llama
+
+    repo = tmp_path / "hub" / "models--someone--transcoders"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    _ct_set(repo / "snapshots" / "0123abcd" / "relu", adapter, threshold=None)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = ReplacementModel.load(adapter, "someone/transcoders/relu", "frozen")
+    assert sorted(model.transcoders) == list(range(adapter.n_layers))
+    assert not model.transcoders[0].cfg.jumprelu and model.transcoders[0].cfg.top_k == 0
+
+
+@pytest.mark.slow
+def test_eval_and_heads_take_a_mix(tmp_path, saved_model):
+    import json
+    from pathlib import Path
+
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. 1 + 2 = 3\n" * 400)
+    repo = str(Path(__file__).resolve().parents[1])
+    mix = ["--replacements", str(saved_model / "replacements"), "--replacements", str(ct)]
+    r = _cli("eval", "--model", str(saved_model), *mix, "--json", "--no-samples", "--text", str(text), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert "replacements" in d and "skipped" not in d["pure_replacement"]  # the mix made a whole replacement model
+    assert "top1_agreement" in json.dumps(d["pure_replacement"])
+    r = _cli("heads", "--model", str(saved_model), "--layer", "1", *mix, "--n-seqs", "2", "--text", str(text),
+             "--cache-dir", str(tmp_path / "cache"), cwd=repo)
+    assert r.returncode == 0, r.stderr

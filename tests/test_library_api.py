@@ -1,0 +1,93 @@
+"""The library functions behind the commands: writing a graph's formats, the shared settings checks, the saved
+metrics of a replacements folder, and the learning-rate schedule the trainers share."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from graphs.attribution import attribute
+from graphs.export import to_dict, to_dot
+from graphs.files import parse_formats, write_all
+from graphs.prune import prune
+from replacement.checks import check_count, check_fraction
+from replacement.errors import BadInputError
+from replacement.models import ModelAdapter
+from tests.conftest import random_replacements, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def graph():
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    torch.manual_seed(0)
+    return prune(attribute(random_replacements(adapter), torch.randint(0, 97, (1, 8)), qk_heads=2), 0.9, 0.98)
+
+
+def test_write_all_writes_each_format_and_the_dot_that_rendering_needs(graph, tmp_path):
+    calls = []
+    written = write_all(graph, tmp_path / "g", ["json", "html"], 20, dashboards=lambda: calls.append(1))
+    assert list(written) == ["json", "html"] and calls == [1]  # dashboards asked for once, for the page
+    assert json.loads(written["json"].read_text()) == json.loads(json.dumps(to_dict(graph)))
+    assert not (tmp_path / "g.dot").exists()
+    assert list(write_all(graph, tmp_path / "h", ["json"], 20, dashboards=lambda: calls.append(2))) == ["json"]
+    assert calls == [1]  # no page, no dashboards
+    if shutil.which("dot"):
+        written = write_all(graph, tmp_path / "g", ["svg"], 20)
+        assert list(written) == ["dot", "svg"] and written["dot"].read_text() == to_dot(graph, 20)
+        assert written["svg"].read_text().lstrip().startswith(("<?xml", "<svg", "<!DOCTYPE"))
+
+
+def test_parse_formats(monkeypatch):
+    assert parse_formats(" json, html ") == ["json", "html"]
+    for bad in ("gif", "", " , ", "json,pdf"):
+        with pytest.raises(BadInputError, match="unknown format"):
+            parse_formats(bad)
+    with pytest.raises(BadInputError, match="unknown format"):
+        parse_formats("json", allowed=("dot", "svg"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(BadInputError, match="needs graphviz's `dot`"):
+        parse_formats("json,svg")
+    assert parse_formats("json,dot,html") == ["json", "dot", "html"]
+
+
+def test_settings_checks_and_prune_share_them(graph):
+    for ok in (1e-9, 0.5, 1.0):
+        check_fraction("x", ok)
+    for bad in (0.0, -1.0, 1.5, math.nan, math.inf):
+        with pytest.raises(BadInputError, match=r"x must be in \(0, 1\]"):
+            check_fraction("x", bad)
+    check_count("n", None)
+    check_count("n", 1)
+    with pytest.raises(BadInputError, match="n must be at least 1, not 0"):
+        check_count("n", 0)
+    with pytest.raises(BadInputError, match="max_nodes must be at least 1"):
+        prune(graph, 0.9, 0.98, max_nodes=0)
+
+
+def test_saved_metrics_reads_the_folder_config(tmp_path):
+    from replacement.errors import CheckpointError
+    from replacement.store import saved_metrics
+
+    assert saved_metrics(tmp_path) == {}
+    cfg = {"modules": {"layer0.lorsa": {"file": "layer0.lorsa.safetensors", "metrics": {"fvu": 0.25}},
+                       "layer1.transcoder": {"file": "layer1.transcoder.safetensors"}}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert saved_metrics(tmp_path) == {"layer0.lorsa": {"fvu": 0.25}, "layer1.transcoder": {}}
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        saved_metrics(tmp_path)
+
+
+def test_one_learning_rate_schedule():
+    """Warm-up, constant, then linear decay to 10%: checked at its corners against the closed form."""
+    from replacement.train import warmup_then_decay
+
+    lr, steps, warmup, frac = 1e-3, 1000, 100, 0.25
+    f = lambda s: warmup_then_decay(lr, s, steps, warmup, frac)  # noqa: E731
+    assert f(0) == pytest.approx(lr / warmup) and f(warmup - 1) == pytest.approx(lr)
+    assert f(warmup) == f(749) == lr
+    assert f(750) == pytest.approx(lr) and f(875) == pytest.approx(lr * (1 - 0.9 * 0.5))
+    assert f(steps) == pytest.approx(0.1 * lr)
