@@ -132,8 +132,10 @@ def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: in
 # -- where -------------------------------------------------------------------------------------------------------
 
 def n_layers(graph: AttributionGraph) -> int:
+    """The rows' layer count: the logits' layer, raised if a (malformed, read-in) graph has a node above it."""
     logits = [n.layer for n in graph.node_list if n.type == NodeKind.LOGIT]
-    return logits[0] if logits else max([n.layer for n in graph.node_list], default=-1) + 1
+    others = max([n.layer for n in graph.node_list if n.type != NodeKind.LOGIT], default=-1) + 1
+    return max(logits[0], others) if logits else others
 
 
 def row_of(n: Node, layers: int) -> int:

@@ -83,3 +83,16 @@ def test_operand_movers_downstream_and_influence():
     # influence (normalised |weights| into the logit: lorsa.0.1 1/8, lorsa.0.2 3/8, tc 4/8; tc passes 4/8 on
     # to lorsa.0.1, all it reads): lorsa.0.1 1/8 + 4/8 = 5/8 > lorsa.0.2 3/8 > the others' 0
     assert [h.id for h in most_influential(g, "lorsa", 2)] == ["lorsa.0.1@2", "lorsa.0.2@2"]
+
+
+def test_layout_places_a_node_above_the_logits_layer():
+    """A read-in graph may put a feature above the logits' layer (malformed, but readable): the grid makes rows for
+    it (it used to fail with an IndexError) and draws it above every other layer's row."""
+    from graphs.layout import grid
+
+    g = _induction_graph()
+    high = Node("tc.5.1@3", "transcoder", 5, 3, 1, activation=1.0)
+    g = AttributionGraph(g.prompt, g.tokens, g.token_ids, g.node_list + [high], [])
+    placed = grid(g, g.node_list)
+    assert set(placed.xy) == {n.id for n in g.node_list}
+    assert placed.xy["tc.5.1@3"][1] > max(y for i, (x, y) in placed.xy.items() if i not in ("tc.5.1@3", "logit.11@3"))
