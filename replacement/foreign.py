@@ -73,14 +73,15 @@ def load_specs(specs, adapter, device=None) -> dict[tuple[str, int], torch.nn.Mo
     model's default folder (replacement/store.py)."""
     from .store import default_folder
 
-    if specs is None:
-        specs = [default_folder(adapter)]
-    elif isinstance(specs, (str, Path)):
-        specs = [specs]
     out = {}
-    for spec in specs:
+    for spec in spec_list(specs, default_folder(adapter)):
         out.update(load_folder(resolve_spec(spec), adapter, device))
     return out
+
+
+def spec_list(specs, default: Path) -> list:
+    """One spec, a list of them, or None (then ``default``, the model's own folder) as a list."""
+    return [default] if specs is None else [specs] if isinstance(specs, (str, Path)) else list(specs)
 
 
 def load_folder(folder: Path, adapter, device=None) -> dict[tuple[str, int], torch.nn.Module]:
@@ -248,9 +249,8 @@ def specs_metrics(specs, default: Path) -> dict | None:
     (`store.saved_metrics`); {} when only foreign folders hold replacements; None when no folder holds any."""
     from .store import saved_metrics
 
-    paths = [default] if specs is None else [specs] if isinstance(specs, (str, Path)) else list(specs)
     found = None
-    for spec in paths:
+    for spec in spec_list(specs, default):
         folder = resolve_spec(spec)
         if detect_format(folder) != "ours":
             found = found if found is not None else {}
