@@ -296,7 +296,7 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
         for start in range(0, len(node_rows), batch_size):
             sl = slice(start, start + batch_size)
             W, const = target_rows(lin, groups, len(nodes), kind, L, idx[sl], pos[sl])
-            _emit_edges(W, node_rows[sl].tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct",
+            emit_edges(W, node_rows[sl].tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct",
                         edges_per_target)
             bar.update(len(node_rows[sl]))
     bar.close()
@@ -343,7 +343,7 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
     return W, const
 
 
-def _emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
+def emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
                 kind: str, keep: int | None) -> None:
     """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only, row by row;
     on the CPU)."""

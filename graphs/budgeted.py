@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .attribution import Target, _emit_edges, source_groups, target_rows
+from .attribution import Target, emit_edges, source_groups, target_rows
 from .graph import FEATURE_KINDS, EdgeArrays, Node, NodeKind
 from .linear import Linearised
 from .prune import influence_of
@@ -34,7 +34,7 @@ def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target
     start = start / start.sum().clamp_min(1e-30)
     is_feature = torch.tensor([n.type in FEATURE_KINDS for n in nodes])
     bar = tqdm(total=max_feature_nodes, desc="attribution (budgeted)", disable=not progress)
-    _expand(lin, groups, nodes, targets, table, is_logit, edges, expanded)
+    _expand(lin, groups, nodes, targets, table, is_logit, edges, expanded, batch_size)
     done = 0
     while done < max_feature_nodes:
         infl = influence_of(edges.src, edges.tgt, edges.w, start)
@@ -44,7 +44,7 @@ def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target
         take = cand[infl[cand].argsort(descending=True)][: min(batch_size, max_feature_nodes - done)]
         chosen = torch.zeros(len(nodes), dtype=torch.bool)
         chosen[take] = True
-        _expand(lin, groups, nodes, targets, table, chosen, edges, expanded)
+        _expand(lin, groups, nodes, targets, table, chosen, edges, expanded, batch_size)
         done += len(take)
         bar.update(len(take))
     bar.close()
@@ -68,7 +68,7 @@ def _expand(lin: Linearised, groups: dict, nodes: list[Node], targets: list[Targ
         for s in range(0, len(part), batch_size):
             rows, idx, pos = part[s : s + batch_size, 0], part[s : s + batch_size, 2], part[s : s + batch_size, 3]
             W, const = target_rows(lin, groups, len(nodes), kind, L, idx, pos)
-            _emit_edges(W, rows.tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct", None)
+            emit_edges(W, rows.tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct", None)
         expanded[part[:, 0]] = True
 
 
