@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 
 
-NATURAL_SEED = 5  # "And we ought to lay down our lives for the brothers. [...] And we ought to lay down" -> " our"
+# the held-out case each model is shown on (any seed works; these are cases the model copies, its top token):
+# pythia: "And we ought to lay down our lives for the brothers. [...] And we ought to lay down" -> " our"
+# toy: "set comprehension A compact way to process all or part of the elements [...] all or part" -> " of"
+NATURAL_SEEDS = {"pythia": 5, "toy": 4}
 
 
 def showcase_prompt(adapter, prompt: str = "natural", seed: int | None = None) -> tuple[torch.Tensor, int, int]:
@@ -28,7 +31,7 @@ def showcase_prompt(adapter, prompt: str = "natural", seed: int | None = None) -
     from replacement.evaluate import natural_copy_prompt, repeated_span_prompt
 
     if prompt == "natural":
-        return natural_copy_prompt(adapter, NATURAL_SEED if seed is None else seed)
+        return natural_copy_prompt(adapter, NATURAL_SEEDS.get(adapter.name, 5) if seed is None else seed)
     ids, answer = repeated_span_prompt(adapter, span=8, seed=1 if seed is None else seed)  # BOS + r + r[:-1]
     return ids, answer, ids.shape[1] - 8  # the answer r[-1] in the first copy, after the earlier r[-2]
 
