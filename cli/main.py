@@ -428,6 +428,13 @@ def query(graph_json, node, paths, node_type, layer, position):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.qk_pairs(n)[:10]:
             click.echo(f"  qk {p(e.query)} x {p(e.key)} (key pos {e.key_pos}) {e.weight:+.4f}")
+        if n.qk:
+            from graphs.contrast import describe
+
+            click.echo("  why these keys (raw score split, then the score minus the reference's, graphs/contrast.py):")
+            for entry in n.qk:
+                for line in describe(entry):
+                    click.echo("  " + p(line))
     elif node_type or layer is not None or position is not None:
         for n in g.nodes(type=node_type, layer=layer, position=position):
             click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")

@@ -204,8 +204,16 @@ function show(id) {
       rows += `<tr><td>key ${e.key_pos} (${tok(DATA.tokens[e.key_pos] ?? '')})</td><td>attn ${fmt(e.attention)}</td>` +
         `<td>score ${fmt(e.score)}</td></tr>`;
       for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
+      const c = e.contrast;
+      if (c) {
+        const ref = c.reference === 'mean' ? 'the mean key' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
+        rows += `<tr class="why"><td></td><td colspan="2" class="num">why, vs ${ref}: ${fmt(c.difference)} = pairs ${fmt(c.pairs_total)}` +
+          ` + query bias &times; keys ${fmt(c.query_bias_x_keys)} + position ${fmt(c.position)}</td></tr>`;
+        for (const [q, k, v] of c.pairs.slice(0, 3)) rows += `<tr class="why"><td></td><td colspan="2" class="num">` +
+          `${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
+      }
     }
-    h += section('QK: top key positions and feature pairs', `<table>${rows}</table>`);
+    h += section('QK: top key positions, feature pairs, and why each key wins', `<table>${rows}</table>`);
   }
   const edges = (list, arrow) => list.map(([o, w]) => `<div class="num">${arrow} ${link(o)} ${fmt(w)}</div>`).join('');
   if (n.in.length || n.out.length) h += section('strongest edges', edges(n.in, '&larr; from') + edges(n.out, '&rarr; to'));

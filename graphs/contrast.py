@@ -1,0 +1,160 @@
+"""Contrastive QK attribution: why a Lorsa head's query looks at key position s rather than elsewhere.
+
+The softmax sees only differences of scores across the keys of one query, so the raw split of score(t, s)
+(graphs/qk.py) is dominated by terms that are the same for every key.  Explain instead
+
+    score(t, s) - score_ref = q_t . (k_s - k_ref) / sqrt(d_qk),   k_ref = sum_p c_p k_p
+
+with weights c over the key positions p <= t: the attention row A_{t,p} (``mean``: the attention-weighted
+mean key; the weights sum to 1) or one-hot at the runner-up key r (``runner_up``).  With w_p = [p = s] - c_p
+(weights that sum to 0) and k_p = sum_{j at p} k_j + kb_p,
+
+    difference = sum_i sum_u q_i . dK_u / sqrt(d_qk)      pairs_total: query node i x key unit u
+               + q_bias . sum_u dK_u / sqrt(d_qk)          query_bias_x_keys
+               + q_t . dkb / sqrt(d_qk)                    position
+
+where dK_u = sum_p w_p k_{u@p} sums a unit (head, feature, token embedding, layer's error) over the key
+positions and dkb = sum_p w_p kb_p is the difference of the key biases.  A unit written alike at s and the
+reference cancels in dK_u, a constant key vector cancels in dkb (the weights sum to 0); what is left in dkb
+is position (rotary turns the key bias by the key's position) and the norm scale of each key position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graph import CONTRAST_REFERENCES, QKContrast, QKPair
+
+
+@dataclass
+class ContrastSplit:
+    """The exact split of k score differences of one query (k explained keys), tensors:
+    dK [k, U, e] the key units' weighted sums, dkb [k, e], and per key pairs_total, query_bias_x_keys,
+    position [k], query marginals [k, mq] (q_i . (sum_u dK_u + dkb)), key marginals [k, U] (dK_u . q_t)."""
+
+    dK: torch.Tensor
+    dkb: torch.Tensor
+    pairs_total: torch.Tensor
+    query_bias_x_keys: torch.Tensor
+    position: torch.Tensor
+    query_marginals: torch.Tensor
+    key_marginals: torch.Tensor
+
+    @property
+    def difference(self) -> torch.Tensor:
+        return self.pairs_total + self.query_bias_x_keys + self.position
+
+
+def reference_weights(attention: torch.Tensor, keys: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [k, t+1]: each explained key's contrast weights, the reference position per key [k], -1 for the
+    mean) from one query's attention row ``attention`` [t+1] and its explained keys ``keys`` [k].
+    ``mean``: w = onehot(s) - A; ``runner_up``: w = onehot(s) - onehot(r), r the strongest key other than s."""
+    if reference not in CONTRAST_REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(CONTRAST_REFERENCES)}, not {reference!r}")
+    n = len(attention)
+    onehot = torch.nn.functional.one_hot(keys, n).to(attention.dtype)  # [k, t+1]
+    if reference == "mean":
+        return onehot - attention[None], torch.full_like(keys, -1)
+    others = attention[None].expand(len(keys), n).masked_fill(onehot.bool(), -1.0)
+    runner = others.argmax(1)  # [k]
+    return onehot - torch.nn.functional.one_hot(runner, n).to(attention.dtype), runner
+
+
+def split_rows(Q: torch.Tensor, qb: torch.Tensor, K: torch.Tensor, row_pos: torch.Tensor, unit: torch.Tensor,
+               n_units: int, kb: torch.Tensor, w: torch.Tensor, scale: float) -> ContrastSplit:
+    """The exact split of the score differences of one query, for k contrasts at once.
+
+    Q [mq, e]: the query nodes' vectors; qb [e]: the query's constant term.  K [R, e]: the key-side node
+    vectors (any key position), row_pos [R] their positions (0..P-1), unit [R] their units (0..n_units-1).
+    kb [P, e]: the key's constant term per position.  w [k, P]: the contrast weights per position."""
+    w_rows = w[:, row_pos]  # [k, R]
+    dK = K.new_zeros(len(w), n_units, K.shape[1]).index_add_(1, unit, w_rows[..., None] * K[None])  # [k, U, e]
+    dkb = w @ kb  # [k, e]
+    q_sum = Q.sum(0)  # [e]
+    q_t = q_sum + qb
+    dK_sum = dK.sum(1)  # [k, e]
+    return ContrastSplit(
+        dK=dK, dkb=dkb,
+        pairs_total=dK_sum @ q_sum * scale, query_bias_x_keys=dK_sum @ qb * scale, position=dkb @ q_t * scale,
+        query_marginals=(dK_sum + dkb) @ Q.t() * scale,  # [k, mq]
+        key_marginals=dK @ q_t * scale)  # [k, U]
+
+
+def explain_query(tabs, g: int, t: int, keys: list[int], attention: torch.Tensor, reference: str,
+                  top_pairs: int, screen: int = 12) -> list[QKContrast | None]:
+    """The `QKContrast` of each key position in ``keys`` for QK group ``g`` (the layer's numbering) at query
+    ``t``; ``attention`` [t+1]: the group's pattern row.  None where the query has a single key."""
+    from .qk import _top_pairs
+
+    if t == 0:
+        return [None] * len(keys)
+    dev = tabs.parts.device
+    gt = torch.tensor([g], device=dev)
+    ks = torch.tensor(keys, device=dev)
+    w, ref_pos = reference_weights(attention[: t + 1].float(), ks, reference)  # [k, t+1]
+    used = (w != 0).any(0).nonzero().squeeze(1)  # [P] key positions that enter
+    w = w[:, used]
+    mq = len(tabs.names[t])
+    Q = tabs.side(0, gt, gt.new_tensor([t]), mq)[0]  # [mq, e]
+    qb = tabs.side_bias(0, gt, gt.new_tensor([t]))[0]  # [e]
+    row = tabs.G + int(tabs._row(gt))
+    groups = tabs.groups[used]  # [P, M]
+    real = groups >= 0
+    p_idx, r_idx = real.nonzero(as_tuple=True)  # rows: position index into used, row within the position
+    K = tabs.parts[row][used][p_idx, r_idx]  # [R, e]
+    units, unit = torch.unique(groups[p_idx, r_idx], return_inverse=True)
+    kb = tabs.bias[row][used]  # [P, e]
+    split = split_rows(Q, qb, K, p_idx, unit, len(units), kb, w, tabs.scale)
+    k_len = split.dK.norm(dim=-1)  # [k, U]
+    top = _top_pairs(Q[None], split.dK, Q.norm(dim=-1)[None], k_len, tabs.scale, min(top_pairs, mq * len(units)),
+                     screen, per=len(keys))
+    names_q = tabs.names[t]
+    pos_of = used[p_idx].tolist()  # each row's key position
+    row_names = [tabs.names[p][r] for p, r in zip(pos_of, r_idx.tolist())]
+    w_rows = w[:, p_idx]  # [k, R]
+    strength = w_rows.abs() * K.norm(dim=-1)[None]  # [k, R]: how much each row adds to its unit's dK
+    unit_list = unit.tolist()
+    sums = (split.pairs_total.tolist(), split.query_bias_x_keys.tolist(), split.position.tolist())
+    q_top = split.query_marginals.abs().topk(min(top_pairs, mq), dim=1).indices
+    k_top = split.key_marginals.abs().topk(min(top_pairs, len(units)), dim=1).indices
+    out = []
+    for j, s in enumerate(keys):
+        name = _unit_namer(unit_list, pos_of, row_names, strength[j].tolist(), s)
+        pt, qbk, pos = sums[0][j], sums[1][j], sums[2][j]
+        score = float(tabs.scale * (Q.sum(0) + qb) @ (tabs.parts[row, s].sum(0) + tabs.bias[row, s]))
+        diff = pt + qbk + pos
+        out.append(QKContrast(
+            reference=reference, reference_pos=int(ref_pos[j]), reference_score=score - diff, difference=diff,
+            pairs=[QKPair(names_q[a], name(b), v) for a, b, v in zip(*(x[j] for x in top)) if v != 0],
+            pairs_total=pt, query_bias_x_keys=qbk, position=pos,
+            query_marginals=[(names_q[a], float(split.query_marginals[j, a])) for a in q_top[j].tolist()],
+            key_marginals=[(name(b), float(split.key_marginals[j, b])) for b in k_top[j].tolist()]))
+    return out
+
+
+def _unit_namer(unit: list[int], pos: list[int], names: list[str], strength: list[float], s: int):
+    """unit index -> the id of its node at key position s, else of its node adding most to its sum."""
+    best: dict[int, tuple[float, str]] = {}
+    for u, p, nm, st in zip(unit, pos, names, strength):
+        rank = float("inf") if p == s else st
+        if u not in best or rank > best[u][0]:
+            best[u] = (rank, nm)
+    return lambda u: best[u][1]
+
+
+def describe(entry, k: int = 3) -> list[str]:
+    """Plain-text lines for one explained key (a `QKEntry`): its raw split, then why it wins (`QKContrast`)."""
+    e, c = entry, entry.contrast
+    lines = [f"key pos {e.key_pos}: attention {e.attention:.3f}, score {e.score:+.3f} = pairs {e.pairs_total:+.3f} "
+             f"+ query bias x keys {e.query_bias_x_keys:+.3f} + queries x key bias {e.queries_x_key_bias:+.3f} "
+             f"+ bias x bias {e.bias_x_bias:+.3f}"]
+    if c is None:
+        return lines + ["  (the only key: nothing to contrast)"]
+    ref = "the attention-weighted mean key" if c.reference == "mean" else f"runner-up key pos {c.reference_pos}"
+    lines.append(f"  vs {ref} (score {c.reference_score:+.3f}): difference {c.difference:+.3f} = pairs "
+                 f"{c.pairs_total:+.3f} + query bias x keys {c.query_bias_x_keys:+.3f} + position {c.position:+.3f}")
+    for p in c.pairs[:k]:
+        share = f" ({p.weight / c.difference:+.0%} of the difference)" if c.difference else ""
+        lines.append(f"    {p.query} x {p.key} {p.weight:+.4f}{share}")
+    return lines
