@@ -5,9 +5,11 @@ The softmax sees only differences of scores across the keys of one query, so the
 
     score(t, s) - score_ref = q_t . (k_s - k_ref) / sqrt(d_qk),   k_ref = sum_p c_p k_p
 
-with weights c over the key positions p <= t: the attention row A_{t,p} (``mean``: the attention-weighted
-mean key; the weights sum to 1) or one-hot at the runner-up key r (``runner_up``).  With w_p = [p = s] - c_p
-(weights that sum to 0) and k_p = sum_{j at p} k_j + kb_p,
+with weights c over the key positions p <= t: ``mean``, the attention-weighted mean of the *other* keys,
+c_p = A_{t,p} / sum_{p' != s} A_{t,p'} for p != s and c_s = 0 (their uniform mean where their attention
+underflows); or ``runner_up``, one-hot at the strongest other key r.  (A mean that included s itself would
+scale the difference by 1 - A_{t,s}, which vanishes exactly where the head is most decided.)  With
+w_p = [p = s] - c_p (weights that sum to 0) and k_p = sum_{j at p} k_j + kb_p,
 
     difference = sum_i sum_u q_i . dK_u / sqrt(d_qk)      pairs_total: query node i x key unit u
                + q_bias . sum_u dK_u / sqrt(d_qk)          query_bias_x_keys
@@ -48,14 +50,18 @@ class ContrastSplit:
 
 def reference_weights(attention: torch.Tensor, keys: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(w [k, t+1]: each explained key's contrast weights, the reference position per key [k], -1 for the
-    mean) from one query's attention row ``attention`` [t+1] and its explained keys ``keys`` [k].
-    ``mean``: w = onehot(s) - A; ``runner_up``: w = onehot(s) - onehot(r), r the strongest key other than s."""
+    mean) from one query's attention row ``attention`` [t+1] (t >= 1) and its explained keys ``keys`` [k].
+    ``mean``: w = onehot(s) - (A off s, renormalised; uniform off s where it sums below 1e-6);
+    ``runner_up``: w = onehot(s) - onehot(r), r the strongest key other than s."""
     if reference not in CONTRAST_REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(CONTRAST_REFERENCES)}, not {reference!r}")
     n = len(attention)
     onehot = torch.nn.functional.one_hot(keys, n).to(attention.dtype)  # [k, t+1]
     if reference == "mean":
-        return onehot - attention[None], torch.full_like(keys, -1)
+        rest = attention[None] * (1 - onehot)  # [k, t+1]
+        total = rest.sum(1, keepdim=True)
+        c = torch.where(total > 1e-6, rest / total.clamp(min=1e-30), (1 - onehot) / (n - 1))
+        return onehot - c, torch.full_like(keys, -1)
     others = attention[None].expand(len(keys), n).masked_fill(onehot.bool(), -1.0)
     runner = others.argmax(1)  # [k]
     return onehot - torch.nn.functional.one_hot(runner, n).to(attention.dtype), runner
@@ -151,10 +157,11 @@ def describe(entry, k: int = 3) -> list[str]:
              f"+ bias x bias {e.bias_x_bias:+.3f}"]
     if c is None:
         return lines + ["  (the only key: nothing to contrast)"]
-    ref = "the attention-weighted mean key" if c.reference == "mean" else f"runner-up key pos {c.reference_pos}"
+    ref = "the other keys' attention-weighted mean" if c.reference == "mean" else f"runner-up key pos {c.reference_pos}"
     lines.append(f"  vs {ref} (score {c.reference_score:+.3f}): difference {c.difference:+.3f} = pairs "
                  f"{c.pairs_total:+.3f} + query bias x keys {c.query_bias_x_keys:+.3f} + position {c.position:+.3f}")
-    for p in c.pairs[:k]:
-        share = f" ({p.weight / c.difference:+.0%} of the difference)" if c.difference else ""
-        lines.append(f"    {p.query} x {p.key} {p.weight:+.4f}{share}")
+    share = lambda v: f" ({v / c.difference:+.0%})" if c.difference else ""  # noqa: E731
+    lines.append("    top pairs: " + ", ".join(f"{p.query} x {p.key} {p.weight:+.4f}{share(p.weight)}" for p in c.pairs[:k]))
+    lines.append("    key units: " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.key_marginals[:k]))
+    lines.append("    query nodes: " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.query_marginals[:k]))
     return lines
