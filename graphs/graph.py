@@ -112,8 +112,8 @@ class QKPair:
 @dataclass
 class QKContrast:
     """Why the head looks at key position s rather than elsewhere: its score at s minus a reference score
-    (``reference`` "mean": the attention-weighted mean of the scores of every key, "runner_up": the score of
-    the strongest other key, at ``reference_pos``), split exactly (graphs/contrast.py):
+    (``reference`` "mean": the attention-weighted mean of the scores of the other keys, "runner_up": the
+    score of the strongest other key, at ``reference_pos``), split exactly (graphs/contrast.py):
 
         difference = pairs_total + query_bias_x_keys + position
 

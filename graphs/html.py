@@ -206,7 +206,7 @@ function show(id) {
       for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
       const c = e.contrast;
       if (c) {
-        const ref = c.reference === 'mean' ? 'the mean key' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
+        const ref = c.reference === 'mean' ? 'the other keys\' mean' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
         rows += `<tr class="why"><td></td><td colspan="2" class="num">why, vs ${ref}: ${fmt(c.difference)} = pairs ${fmt(c.pairs_total)}` +
           ` + query bias &times; keys ${fmt(c.query_bias_x_keys)} + position ${fmt(c.position)}</td></tr>`;
         for (const [q, k, v] of c.pairs.slice(0, 3)) rows += `<tr class="why"><td></td><td colspan="2" class="num">` +

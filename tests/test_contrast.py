@@ -42,9 +42,11 @@ def test_contrast_sums_to_the_real_score_difference(make, reference):
             if head.pos == 0:
                 assert c is None
                 continue
-            if reference == "mean":
+            if reference == "mean":  # the other keys, weighted by their attention
                 assert c.reference_pos == -1
-                ref = float(A @ scores)
+                rest = A.clone()
+                rest[e.key_pos] = 0
+                ref = float(rest @ scores / rest.sum())
             else:  # the strongest other key
                 others = A.clone()
                 others[e.key_pos] = -1
@@ -86,7 +88,9 @@ def test_top_pairs_are_those_of_the_full_unit_table():
         Q = tabs.parts[g, t, : len(tabs.names[t])]
         for e in head.qk:
             w = -A.clone()
-            w[e.key_pos] += 1
+            w[e.key_pos] = 0
+            w = w / -w.sum()
+            w[e.key_pos] = 1
             table: dict[tuple[str, tuple], float] = {}
             for p in range(t + 1):
                 K = tabs.parts[tabs.G + g, p, : len(tabs.names[p])]
@@ -97,7 +101,7 @@ def test_top_pairs_are_those_of_the_full_unit_table():
                         unit = (nd.type, nd.layer, nd.index)
                         table[(qn, unit)] = table.get((qn, unit), 0.0) + float(vals[a, b])
             c = e.contrast
-            assert sum(table.values()) == pytest.approx(c.pairs_total, abs=1e-4)
+            assert sum(table.values()) == pytest.approx(c.pairs_total, rel=1e-5, abs=1e-4)
             best = sorted(table.values(), key=abs, reverse=True)[: len(c.pairs)]
             torch.testing.assert_close(torch.tensor([p.weight for p in c.pairs]), torch.tensor(best),
                                        atol=1e-5, rtol=1e-4)
@@ -163,10 +167,13 @@ def test_the_one_pair_that_differs_carries_all_of_it():
 
 def test_mean_reference_cancels_a_constant_key_and_keeps_position():
     """w sums to 0: a key bias equal at every position contributes nothing; one that differs (rotary,
-    norm scale) is the position term, q_t . (kb_s - sum_p A_p kb_p)."""
+    norm scale) is the position term, q_t . (kb_s - sum_{p != s} A_p kb_p / sum_{p != s} A_p)."""
     A = torch.tensor([0.2, 0.5, 0.3])
     w, ref = contrast.reference_weights(A, torch.tensor([1, 2]), "mean")
     assert torch.allclose(w.sum(1), torch.zeros(2)) and ref.tolist() == [-1, -1]
+    assert torch.allclose(w, torch.tensor([[-0.4, 1.0, -0.6], [-0.2 / 0.7, -0.5 / 0.7, 1.0]]))
+    saturated, _ = contrast.reference_weights(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1]), "mean")
+    assert torch.allclose(saturated, torch.tensor([[-0.5, 1.0, -0.5]]))  # the others' uniform mean
     Q, qb = torch.randn(2, 3), torch.randn(3)
     K, row_pos, unit = torch.randn(4, 3), torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 0, 2])
     flat = contrast.split_rows(Q, qb, K, row_pos, unit, 3, torch.ones(3, 3), w, 1.0)
@@ -175,9 +182,12 @@ def test_mean_reference_cancels_a_constant_key_and_keeps_position():
     split = contrast.split_rows(Q, qb, K, row_pos, unit, 3, kb, w, 1.0)
     q_t = Q.sum(0) + qb
     for j, s in enumerate([1, 2]):
-        assert float(split.position[j]) == pytest.approx(float(q_t @ (kb[s] - A @ kb)), abs=1e-6)
+        c = A.clone()
+        c[s] = 0
+        c = c / c.sum()
+        assert float(split.position[j]) == pytest.approx(float(q_t @ (kb[s] - c @ kb)), abs=1e-6)
         scores = (torch.stack([K[row_pos == p].sum(0) for p in range(3)]) + kb) @ q_t
-        assert float(split.difference[j]) == pytest.approx(float(scores[s] - A @ scores), abs=1e-5)
+        assert float(split.difference[j]) == pytest.approx(float(scores[s] - c @ scores), abs=1e-5)
         assert float(split.key_marginals[j].sum()) == pytest.approx(
             float(split.pairs_total[j] + split.query_bias_x_keys[j]), abs=1e-5)
     with pytest.raises(ValueError, match="reference must be"):
