@@ -374,6 +374,11 @@ def _print_dashboard(e: dict) -> None:
     click.echo(f"{unit_label(e['kind'], e['layer'], e['index'])} ({e['kind']}): active on {e['density']:.2%} of tokens")
     click.echo("  promotes: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_up"]))
     click.echo("  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_down"]))
+    o = e.get("original_heads")
+    if o:  # replacement/correspond.py
+        click.echo(f"  original heads ({o['kind']}): " + ", ".join(f"h{m} R^2 {r:.2f}" for m, r in o["heads"])
+                   + f"; best {len(o['few'])} {o['few']} R^2 {o['few_r2']:.2f}; pattern closest to h{o['pattern_head']} "
+                   f"(overlap {o['pattern_overlap']:.2f})")
     if not e["contexts"]:
         click.echo("  never active on the sample")
     for ctx in e["contexts"]:

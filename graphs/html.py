@@ -220,6 +220,11 @@ function show(id) {
   const d = n.dash ? DATA.dashboards[n.dash] : null;
   if (d) {
     h += `<div class="meta">active on ${(100 * d.density).toFixed(2)}% of held-out tokens</div>`;
+    const o = d.original_heads;
+    if (o) h += section('original heads it comes from', `<div class="num">${esc(o.kind === 'one' ? 'one head' :
+      o.kind === 'few' ? 'a few heads' : o.kind)}: ` + o.heads.map(([m, r]) => `head ${m} R&sup2; ${fmt(r)}`).join(', ') +
+      `; best ${o.few.length} (${o.few.map(m => 'head ' + m).join(', ')}) R&sup2; ${fmt(o.few_r2)}; pattern closest to head ` +
+      `${o.pattern_head} (overlap ${fmt(o.pattern_overlap)})</div>`);
     h += section('top-activating contexts', d.contexts.map(c =>
       `<div class="ctx"><span class="num">${fmt(c.activation)}</span> ${tokens(c.tokens, c.z || c.acts, c.query)}` +
       (c.z_top ? `<div class="num">reads ${c.z_top.map(z => `${tok(z.token)} at ${z.offset} (z ${fmt(z.z)})`).join(', ')}</div>` : '') +

@@ -19,8 +19,8 @@ Attention-pattern overlap of a QK group g (shared by its heads) with original he
 positions t >= 1 of sum_s min(A^g_{t,s}, A^m_{t,s}) (1: the same pattern; 0: disjoint).  Distinct original
 heads' mutual overlap is the baseline.
 
-Everything is accumulated as sums over tokens (moments), so no [tokens, original heads, Lorsa heads] array
-is built: the covariances of the projections are w^T (sum_t o_t^m o_t^n^T) w per head.
+Everything is accumulated as sums over tokens (moments): per Lorsa head, of z, z^2, its M projections, their
+products with z and with each other ([H, M, M]); the R^2 of any set of original heads follows from them.
 """
 from __future__ import annotations
 
@@ -139,15 +139,18 @@ def classify(best_one: float, best_few: float, fired: int, share: float) -> str:
 
 
 class Moments:
-    """Sums over tokens for one layer (float64): of z [H], z^2, the original heads' outputs o [M, d], their
-    products o o^T [M, M, d, d] and z o [H, M, d]; pattern overlaps; TopK firing counts."""
+    """Sums over tokens for one layer (float64): of z [H], z^2, each Lorsa head's projections of the original
+    heads' outputs p [H, M], z p [H, M] and p p^T [H, M, M]; pattern overlaps; TopK firing counts.  The
+    projections are made ``chunk`` Lorsa heads at a time, so no [tokens, H, M] array of a whole batch is kept."""
 
-    def __init__(self, H: int, G: int, M: int, d: int):
+    def __init__(self, w_o: torch.Tensor, G: int, M: int, chunk: int = 256):
         f = dict(dtype=torch.float64)
-        self.T = 0
+        w = w_o.detach().double().cpu()
+        self.w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [H, d] the output directions
+        H = len(w)
+        self.T, self.chunk = 0, chunk
         self.Sz, self.Szz = torch.zeros(H, **f), torch.zeros(H, **f)
-        self.So, self.Soo = torch.zeros(M, d, **f), torch.zeros(M, M, d, d, **f)
-        self.Szo = torch.zeros(H, M, d, **f)
+        self.Sp, self.Szp, self.Spp = torch.zeros(H, M, **f), torch.zeros(H, M, **f), torch.zeros(H, M, M, **f)
         self.fired = torch.zeros(H, dtype=torch.long)
         self.ov_g, self.ov_m, self.n_rows = torch.zeros(G, M, **f), torch.zeros(M, M, **f), 0
 
@@ -158,53 +161,47 @@ class Moments:
         self.T += len(z)
         self.Sz += z.sum(0)
         self.Szz += (z * z).sum(0)
-        self.So += o.sum(0)
-        self.Soo += torch.einsum("tmd,tne->mnde", o, o)
-        self.Szo += torch.einsum("th,tmd->hmd", z, o)
+        for c in range(0, len(self.w), self.chunk):
+            sl = slice(c, c + self.chunk)
+            P = torch.einsum("tmd,hd->thm", o, self.w[sl])  # [T, Hc, M]
+            self.Sp[sl] += P.sum(0)
+            self.Szp[sl] += torch.einsum("th,thm->hm", z[:, sl], P)
+            self.Spp[sl] += torch.einsum("thm,thn->hmn", P, P)
         f = fired[fired >= 0]
         self.fired += torch.bincount(f, minlength=len(self.fired)).cpu()
         self.ov_g += pattern_overlap(A_lorsa.float(), A_orig.float()).double().cpu()
         self.ov_m += pattern_overlap(A_orig.float(), A_orig.float()).double().cpu()
         self.n_rows += A_orig.shape[0] * (A_orig.shape[-1] - 1)
 
-    def result(self, w_o: torch.Tensor, heads_per_group: int, cfg: CorrespondConfig, model: str,
-               layer: int) -> Correspondence:
-        """Each head's matches, from the moments and its output directions w_o [H, d]."""
+    def result(self, heads_per_group: int, cfg: CorrespondConfig, model: str, layer: int) -> Correspondence:
+        """Each head's matches, from the moments."""
         if self.T < 2:
             raise BadInputError("the sample has fewer than 2 tokens after BOS; use more or longer sequences")
-        T, M = self.T, self.So.shape[0]
-        w = w_o.double().cpu()
-        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [H, d]
-        mz = self.Sz / T
-        var_z = self.Szz / T - mz ** 2  # [H]
-        mp = w @ self.So.t() / T  # [H, M] mean projection
-        cov_zp = torch.einsum("hd,hmd->hm", w, self.Szo) / T - mz[:, None] * mp
-        # cov_pp[h, m, n] = w_h^T Soo[m, n] w_h / T - mp mp, one original-head pair at a time ([H, d] each)
-        cov_pp = torch.empty(len(w), M, M, dtype=torch.float64)
-        for m in range(M):
-            for n in range(m, M):
-                v = ((w @ self.Soo[m, n]) * w).sum(-1) / T - mp[:, m] * mp[:, n]
-                cov_pp[:, m, n] = cov_pp[:, n, m] = v
+        T, M = self.T, self.Sp.shape[1]
+        H = len(self.w)
+        mz, mp = self.Sz / T, self.Sp / T  # [H], [H, M]
+        var_z = self.Szz / T - mz ** 2
+        cov_zp = self.Szp / T - mz[:, None] * mp
+        cov_pp = self.Spp / T - mp[:, :, None] * mp[:, None, :]
         singles = subset_r2(cov_zp, cov_pp, var_z, torch.arange(M)[:, None])  # [H, M]
         k_max = min(cfg.few, M)
-        few_sets = [torch.tensor(list(itertools.combinations(range(M), k))) for k in range(1, k_max + 1)]
-        best_few = torch.zeros(len(w), dtype=torch.float64)
-        best_set = torch.zeros(len(w), k_max, dtype=torch.long) - 1
-        for sets in few_sets:
+        best_few = torch.zeros(H, dtype=torch.float64)
+        best_set = torch.full((H, k_max), -1, dtype=torch.long)
+        for k in range(1, k_max + 1):
+            sets = torch.tensor(list(itertools.combinations(range(M), k)))  # [S, k]
             r2 = subset_r2(cov_zp, cov_pp, var_z, sets)  # [H, S]
             v, i = r2.max(1)
             better = v > best_few + 1e-12
             best_few = torch.where(better, v, best_few)
-            best_set[better] = torch.nn.functional.pad(sets[i[better]], (0, k_max - sets.shape[1]), value=-1)
+            best_set[better] = torch.nn.functional.pad(sets[i[better]], (0, k_max - k), value=-1)
         all_r2 = subset_r2(cov_zp, cov_pp, var_z, torch.arange(M)[None])[:, 0]
         ov_g = (self.ov_g / self.n_rows).float()  # [G, M]
         top = singles.topk(min(cfg.top, M), dim=1)
         heads = []
-        for h in range(len(w)):
+        for h in range(H):
             g = h // heads_per_group
-            one = float(top.values[h, 0])
             heads.append(HeadMatch(
-                head=h, kind=classify(one, float(best_few[h]), int(self.fired[h]), cfg.share),
+                head=h, kind=classify(float(top.values[h, 0]), float(best_few[h]), int(self.fired[h]), cfg.share),
                 heads=top.indices[h].tolist(), r2=[round(float(x), 5) for x in top.values[h]],
                 few_heads=[m for m in best_set[h].tolist() if m >= 0], few_r2=round(float(best_few[h]), 5),
                 all_r2=round(float(all_r2[h]), 5), pattern_head=int(ov_g[g].argmax()),
@@ -245,8 +242,8 @@ def add_batch(moments: Moments, model, layer: int, cache: dict) -> None:
 
 
 def new_moments(model, layer: int) -> Moments:
-    lorsa, a = model.lorsas[layer], model.adapter
-    return Moments(lorsa.cfg.n_heads, lorsa.cfg.n_qk, a.n_heads, a.d_model)
+    lorsa = model.lorsas[layer]
+    return Moments(lorsa.W_O, lorsa.cfg.n_qk, model.adapter.n_heads)
 
 
 @torch.no_grad()
@@ -272,8 +269,7 @@ def correspond(model, layer: int, cfg: CorrespondConfig | None = None, source=No
         ids = source.batch(20_000 + b, min(cfg.batch_size, cfg.n_seqs - b * cfg.batch_size))[:, :seq_len]
         cache = a.run(ids.to(a.device), capture=layer_points(layer)).cache
         add_batch(moments, model, layer, cache)
-    return moments.result(model.lorsas[layer].W_O.detach(), model.lorsas[layer].cfg.heads_per_group, cfg, a.name,
-                          layer)
+    return moments.result(model.lorsas[layer].cfg.heads_per_group, cfg, a.name, layer)
 
 
 # ---------------------------------------------------------------------------------------------------------
