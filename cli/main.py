@@ -411,9 +411,20 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
     from replacement.io import atomic_write_text
     from replacement.models import load_model
 
+    want = None if layers == "all" else _layer_list(layers)
+    folder = Path(out) if out else None
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInputError(f"cannot write to --out {out}: {e.strerror}") from None
     adapter = load_model(model_name, device, dtype)
     model = ReplacementModel.load(adapter, replacement_specs(replacements), "lorsa")
-    want = sorted(model.lorsas) if layers == "all" else _layer_list(layers)
+    want = sorted(model.lorsas) if want is None else want
+    missing = [L for L in want if L not in model.lorsas]
+    if missing:
+        have = ", ".join(map(str, sorted(model.lorsas))) or "none"
+        raise BadInputError(f"no Lorsa for layer {missing[0]} (layers with one: {have})")
     cfg = CorrespondConfig(n_seqs=n_seqs, seq_len=seq_len, share=share, few=few)
     results = [run_correspond(model, L, cfg, progress=True) for L in want]
     for res in results:
@@ -429,14 +440,9 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
             click.echo(f"  L{res.layer}.H{h.head:<5} {h.kind:<7} " + " ".join(f"h{m}:{r:.2f}" for m, r in zip(h.heads, h.r2))
                        + f"  best {len(h.few_heads)}: {h.few_r2:.2f}  all: {h.all_r2:.2f}  pattern h{h.pattern_head} "
                        f"{h.pattern_overlap:.2f}")
-    if out:
+    if folder is not None:
         from graphs.export import render
 
-        folder = Path(out)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInputError(f"cannot write to --out {out}: {e.strerror}") from None
         atomic_write_text(folder / "correspond.json", json.dumps([r.to_json() for r in results], indent=1))
         title = f"{adapter.name}: which original heads each Lorsa head comes from (share {share}, few <= {few})"
         dot = folder / "correspond.dot"
