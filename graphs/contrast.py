@@ -116,17 +116,14 @@ def explain_query(tabs, g: int, t: int, keys: list[int], attention: torch.Tensor
     top = _top_pairs(Q[None], split.dK, Q.norm(dim=-1)[None], k_len, tabs.scale, min(top_pairs, mq * len(units)),
                      screen, per=len(keys))
     names_q = tabs.names[t]
-    pos_of = used[p_idx].tolist()  # each row's key position
-    row_names = [tabs.names[p][r] for p, r in zip(pos_of, r_idx.tolist())]
-    w_rows = w[:, p_idx]  # [k, R]
-    strength = w_rows.abs() * K.norm(dim=-1)[None]  # [k, R]: how much each row adds to its unit's dK
-    unit_list = unit.tolist()
+    rep = _representatives(unit, len(units), used[p_idx], ks, w[:, p_idx].abs() * K.norm(dim=-1)[None]).tolist()
+    pos_of, r_of = used[p_idx].tolist(), r_idx.tolist()
     sums = (split.pairs_total.tolist(), split.query_bias_x_keys.tolist(), split.position.tolist())
     q_top = split.query_marginals.abs().topk(min(top_pairs, mq), dim=1).indices
     k_top = split.key_marginals.abs().topk(min(top_pairs, len(units)), dim=1).indices
     out = []
     for j, s in enumerate(keys):
-        name = _unit_namer(unit_list, pos_of, row_names, strength[j].tolist(), s)
+        name = lambda u, j=j: tabs.names[pos_of[rep[j][u]]][r_of[rep[j][u]]]  # noqa: E731
         pt, qbk, pos = sums[0][j], sums[1][j], sums[2][j]
         score = float(tabs.scale * (Q.sum(0) + qb) @ (tabs.parts[row, s].sum(0) + tabs.bias[row, s]))
         diff = pt + qbk + pos
@@ -139,14 +136,16 @@ def explain_query(tabs, g: int, t: int, keys: list[int], attention: torch.Tensor
     return out
 
 
-def _unit_namer(unit: list[int], pos: list[int], names: list[str], strength: list[float], s: int):
-    """unit index -> the id of its node at key position s, else of its node adding most to its sum."""
-    best: dict[int, tuple[float, str]] = {}
-    for u, p, nm, st in zip(unit, pos, names, strength):
-        rank = float("inf") if p == s else st
-        if u not in best or rank > best[u][0]:
-            best[u] = (rank, nm)
-    return lambda u: best[u][1]
+def _representatives(unit: torch.Tensor, n_units: int, pos: torch.Tensor, keys: torch.Tensor,
+                     strength: torch.Tensor) -> torch.Tensor:
+    """[k, U]: the row that names each unit in contrast j: its row at key position keys[j] if it has one
+    there, else its row adding most to its sum (``strength`` [k, R]); unit [R], pos [R] the rows'."""
+    rank = strength + (pos[None] == keys[:, None]) * (strength.max() + 1)  # [k, R]; rows at s first
+    idx = unit[None].expand_as(rank)
+    best = rank.new_full((len(keys), n_units), -1.0).scatter_reduce(1, idx, rank, "amax")
+    rows = torch.arange(len(unit), device=unit.device)[None].expand_as(rank)
+    hit = torch.where(rank == best.gather(1, idx), rows, -1)
+    return torch.full_like(best, -1, dtype=torch.long).scatter_reduce(1, idx, hit, "amax")
 
 
 def describe(entry, k: int = 3) -> list[str]:
