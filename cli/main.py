@@ -374,12 +374,80 @@ def _print_dashboard(e: dict) -> None:
     click.echo(f"{unit_label(e['kind'], e['layer'], e['index'])} ({e['kind']}): active on {e['density']:.2%} of tokens")
     click.echo("  promotes: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_up"]))
     click.echo("  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_down"]))
+    o = e.get("original_heads")
+    if o:  # replacement/correspond.py
+        click.echo(f"  original heads ({o['kind']}): " + ", ".join(f"h{m} R^2 {r:.2f}" for m, r in o["heads"])
+                   + f"; best {len(o['few'])} {o['few']} R^2 {o['few_r2']:.2f}; pattern closest to h{o['pattern_head']} "
+                   f"(overlap {o['pattern_overlap']:.2f})")
     if not e["contexts"]:
         click.echo("  never active on the sample")
     for ctx in e["contexts"]:
         click.echo("  " + _context_line(ctx, 12))
         if "z_top" in ctx:
             click.echo("      reads " + ", ".join(f"{z['token']!r} at {z['offset']:+d} (z {z['z']:+.2f})" for z in ctx["z_top"]))
+
+
+@circuits.command()
+@model_options
+@click.option("--layer", "layers", required=True, help="A layer, comma-separated layers, or all.")
+@click.option("--n-seqs", type=click.IntRange(min=1), default=32, show_default=True, help="Held-out sequences to scan.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Variance share (R^2) that one head (kind one), or at most --few heads (kind few), must explain.")
+@click.option("--few", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Print this many Lorsa heads per layer (the live ones best explained by one head first).")
+@click.option("--out", type=click.Path(), default=None,
+              help="Write correspond.json and correspond.png (the summary histogram) into this folder.")
+@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, top, out, replacements):
+    """For every Lorsa head of a layer, the original attention heads it comes from: the share of its activation's
+    variance each original head's output (projected on the Lorsa head's output direction) explains, the best
+    set of a few, the pattern overlap, and its kind: one head / a few heads / spread (replacement/correspond.py)."""
+    from replacement.assemble import ReplacementModel
+    from replacement.correspond import CorrespondConfig, correspond as run_correspond, histogram_dot
+    from replacement.errors import BadInputError
+    from replacement.foreign import replacement_specs
+    from replacement.io import atomic_write_text
+    from replacement.models import load_model
+
+    want = None if layers == "all" else _layer_list(layers)
+    folder = Path(out) if out else None
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInputError(f"cannot write to --out {out}: {e.strerror}") from None
+    adapter = load_model(model_name, device, dtype)
+    model = ReplacementModel.load(adapter, replacement_specs(replacements), "lorsa")
+    want = sorted(model.lorsas) if want is None else want
+    missing = [L for L in want if L not in model.lorsas]
+    if missing:
+        have = ", ".join(map(str, sorted(model.lorsas))) or "none"
+        raise BadInputError(f"no Lorsa for layer {missing[0]} (layers with one: {have})")
+    cfg = CorrespondConfig(n_seqs=n_seqs, seq_len=seq_len, share=share, few=few)
+    results = [run_correspond(model, L, cfg, progress=True) for L in want]
+    for res in results:
+        s = res.summary()
+        c = s["counts"]
+        click.echo(f"layer {res.layer}: {len(res.heads)} Lorsa heads over {res.tokens} tokens -- one head {c['one']}, "
+                   f"a few heads {c['few']}, spread {c['spread']}, dead {c['dead']}; best single head explains > 50% "
+                   f"for {s['best_r2_over_half']:.0%} of live heads (median R^2 {s['median_best_r2']:.2f}); pattern "
+                   f"overlap with the best original head {s['mean_best_overlap']:.2f} (between original heads "
+                   f"{s['mean_original_overlap']:.2f})")
+        live = sorted((h for h in res.heads if h.kind != "dead"), key=lambda h: -h.r2[0])
+        for h in live[:top]:
+            click.echo(f"  L{res.layer}.H{h.head:<5} {h.kind:<7} " + " ".join(f"h{m}:{r:.2f}" for m, r in zip(h.heads, h.r2))
+                       + f"  best {len(h.few_heads)}: {h.few_r2:.2f}  all: {h.all_r2:.2f}  pattern h{h.pattern_head} "
+                       f"{h.pattern_overlap:.2f}")
+    if folder is not None:
+        from graphs.export import render
+
+        atomic_write_text(folder / "correspond.json", json.dumps([r.to_json() for r in results], indent=1))
+        title = f"{adapter.name}: which original heads each Lorsa head comes from (share {share}, few <= {few})"
+        dot = folder / "correspond.dot"
+        atomic_write_text(dot, histogram_dot({f"layer {r.layer}": r.counts() for r in results}, title))
+        click.echo(f"wrote {folder / 'correspond.json'}, {render(dot, 'png')}")
 
 
 @circuits.command()
@@ -428,6 +496,13 @@ def query(graph_json, node, paths, node_type, layer, position):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.qk_pairs(n)[:10]:
             click.echo(f"  qk {p(e.query)} x {p(e.key)} (key pos {e.key_pos}) {e.weight:+.4f}")
+        if n.qk:
+            from graphs.contrast import describe
+
+            click.echo("  why these keys (raw score split, then the score minus the reference's, graphs/contrast.py):")
+            for entry in n.qk:
+                for line in describe(entry):
+                    click.echo("  " + p(line))
     elif node_type or layer is not None or position is not None:
         for n in g.nodes(type=node_type, layer=layer, position=position):
             click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")

@@ -36,6 +36,9 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
               "features and 80,000 edges, so it stays under 20 MB).")
 @click.option("--qk/--no-qk", default=True, show_default=True, help="Explain Lorsa attention scores by QK feature pairs.")
 @click.option("--qk-heads", type=int, default=None, help="Explain only the N most influential Lorsa heads.")
+@click.option("--qk-reference", type=click.Choice(["mean", "runner_up", "none"]), default="mean", show_default=True,
+              help="Explain each explained key's score minus the attention-weighted mean key's (mean) or the "
+                   "strongest other key's (runner_up), by query-node x key-unit pairs; none: raw scores only.")
 @click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
@@ -44,7 +47,7 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
               help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
                    "(circuit-tracer's convention).")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes,
-          max_feature_nodes, full, qk, qk_heads, fmt, draw_nodes, replacements, bos):
+          max_feature_nodes, full, qk, qk_heads, qk_reference, fmt, draw_nodes, replacements, bos):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from replacement.foreign import replacement_specs
     from replacement.threads import set_threads
@@ -56,6 +59,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     _check_prompt_and_target(model_name, prompt, target)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
+                "qk_reference": qk_reference,
                 "replacements": replacements, "dtype": dtype, "bos": bos, "max_feature_nodes": max_feature_nodes,
                 "full": full}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
@@ -67,7 +71,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         times["load"] = time.time() - t0
         t1 = time.time()
         graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
-                           max_feature_nodes, full)
+                           max_feature_nodes, full, qk_reference)
         times["attribution + pruning"] = time.time() - t1
         written = _write(run, graph, model, fmts, draw_nodes, times)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -87,7 +91,7 @@ def _load(model_name, device, dtype, prompt, replacements, attention, max_featur
 
 
 def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos="keep",
-               max_feature_nodes=None, full=True):
+               max_feature_nodes=None, full=True, qk_reference="mean"):
     """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
     scores, its strongest paths and the target logit's decomposition."""
     from graphs.attribution import attribute
@@ -103,7 +107,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     vals, idx = probs.topk(5)
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
     whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos,
-                      max_feature_nodes=max_feature_nodes)
+                      max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference)
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
     check_finite(graph)
     s = graph.scores

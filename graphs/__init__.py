@@ -1,5 +1,5 @@
 """Attribution graphs built on `replacement`: attribution, pruning, QK pairs, patching, export."""
-from .graph import AttributionGraph, Edge, Node, NodeKey, NodeKind, QKEntry, QKLink, QKPair
+from .graph import AttributionGraph, Edge, Node, NodeKey, NodeKind, QKContrast, QKEntry, QKLink, QKPair
 
 
 def load(path) -> AttributionGraph:
@@ -7,4 +7,4 @@ def load(path) -> AttributionGraph:
     return AttributionGraph.load(path)
 
 
-__all__ = ["AttributionGraph", "Edge", "Node", "NodeKey", "NodeKind", "QKEntry", "QKLink", "QKPair", "load"]
+__all__ = ["AttributionGraph", "Edge", "Node", "NodeKey", "NodeKind", "QKContrast", "QKEntry", "QKLink", "QKPair", "load"]

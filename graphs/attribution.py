@@ -36,7 +36,8 @@ from replacement.errors import BadInputError
 from replacement.models import single_token
 from replacement.tokenizer import token_text
 
-from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
+from .graph import (CONTRAST_REFERENCES, ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node,
+                    NodeKind, unit_label)
 from .linear import Linearised, Source
 from .prune import logit_decomposition
 
@@ -76,6 +77,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
+              qk_reference: str | None = "mean",
               max_feature_nodes: int | None = None, bos: str = "keep") -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
@@ -83,7 +85,9 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
     ``sparse_record``: trace the pure sparse model itself (all errors are then zero).
     ``qk``: explain the attention scores of Lorsa heads (all of them, or the ``qk_heads`` most influential)
-    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py).
+    by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py), and each
+    such key's score minus that of ``qk_reference`` ("mean": the attention-weighted mean key; "runner_up":
+    the strongest other key; None: not) by query-node x key-unit pairs (graphs/contrast.py).
     ``max_feature_nodes``: where the prompt has more active features (Lorsa heads and transcoder features)
     than this, expand only this many, the most influential first (graphs/budgeted.py); the graph then holds
     those features only (the rest's edges summed into each target's ``dropped``).
@@ -92,6 +96,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     t0 = time.time()
     if bos not in ("keep", "zero"):
         raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
+    if qk_reference not in CONTRAST_REFERENCES + (None,):
+        raise BadInputError(f"qk_reference must be one of {', '.join(CONTRAST_REFERENCES)} or None, not {qk_reference!r}")
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
     rec = model.record(ids[0], sparse=sparse_record)
@@ -115,8 +121,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     settings["seconds_ov"] = round(time.time() - t0, 3)
     if qk and model.attention == "lorsa":
         t1 = time.time()
-        _explain_heads(lin, graph, all_nodes, sources, qk_heads, qk_top_keys, qk_top_pairs)
-        settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs,
+        _explain_heads(lin, graph, all_nodes, sources, qk_heads, qk_top_keys, qk_top_pairs, qk_reference)
+        settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs, qk_reference=qk_reference,
                         seconds_qk=round(time.time() - t1, 3))
     settings["seconds"] = round(time.time() - t0, 3)
     return graph
@@ -136,7 +142,7 @@ def _nodes_and_edges(lin: Linearised, made: "_Nodes", max_feature_nodes: int | N
 
 
 def _explain_heads(lin: Linearised, graph: AttributionGraph, all_nodes: list[Node], sources: dict,
-                   qk_heads: int | None, top_keys: int, top_pairs: int) -> None:
+                   qk_heads: int | None, top_keys: int, top_pairs: int, reference: str | None = "mean") -> None:
     """QK entries for the graph's Lorsa heads (the ``qk_heads`` most influential, or all).  Every node that
     writes (``all_nodes``, with the features a budgeted graph left out) enters the exact score split."""
     from .qk import qk_attribution
@@ -149,7 +155,8 @@ def _explain_heads(lin: Linearised, graph: AttributionGraph, all_nodes: list[Nod
         infl = influence(graph)
         heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
     row = {node.id: i for i, node in enumerate(all_nodes)}
-    qk_attribution(lin, all_nodes, sources, [row[nodes[i].id] for i in heads], top_keys, top_pairs)
+    qk_attribution(lin, all_nodes, sources, [row[nodes[i].id] for i in heads], top_keys, top_pairs,
+                   reference=reference)
 
 
 class _Nodes:

@@ -110,6 +110,50 @@ class QKPair:
 
 
 @dataclass
+class QKContrast:
+    """Why the head looks at key position s rather than elsewhere: its score at s minus a reference score
+    (``reference`` "mean": the attention-weighted mean of the scores of the other keys, "runner_up": the
+    score of the strongest other key, at ``reference_pos``), split exactly (graphs/contrast.py):
+
+        difference = pairs_total + query_bias_x_keys + position
+
+    The key side of a pair is a unit (a Lorsa head, a transcoder feature, a token's embedding, a layer's error)
+    summed over the key positions with weight (1 at s) - (its reference weight there), so what is the same at
+    s and the reference cancels; ``key`` names its node at s if it has one there, else its strongest node.
+    ``position``: the query (every node and the bias) x the difference of the key biases (the key's constant
+    terms: rotated by the key position where the model has rotary, divided by each position's norm scale).
+    Marginals: each node's row / column of the difference table, strongest first."""
+
+    reference: str
+    reference_pos: int  # the runner-up's key position; -1 for the mean
+    reference_score: float
+    difference: float
+    pairs: list[QKPair] = field(default_factory=list)
+    pairs_total: float = 0.0
+    query_bias_x_keys: float = 0.0
+    position: float = 0.0
+    query_marginals: list[tuple[str, float]] = field(default_factory=list)
+    key_marginals: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in _CONTRAST_NUMBERS}
+        d.update(pairs=[p.to_json() for p in self.pairs], query_marginals=[list(m) for m in self.query_marginals],
+                 key_marginals=[list(m) for m in self.key_marginals])
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "QKContrast":
+        return QKContrast(**{k: d[k] for k in _CONTRAST_NUMBERS}, pairs=[QKPair(*p) for p in d["pairs"]],
+                          query_marginals=[tuple(m) for m in d["query_marginals"]],
+                          key_marginals=[tuple(m) for m in d["key_marginals"]])
+
+
+_CONTRAST_NUMBERS = ("reference", "reference_pos", "reference_score", "difference", "pairs_total",
+                     "query_bias_x_keys", "position")
+CONTRAST_REFERENCES = ("mean", "runner_up")
+
+
+@dataclass
 class QKEntry:
     """A Lorsa head's pre-softmax score at one key position, split exactly: pairs_total (sum of every
     query-node x key-node term, of which ``pairs`` are the strongest) + query_bias_x_keys + queries_x_key_bias
@@ -125,18 +169,22 @@ class QKEntry:
     bias_x_bias: float = 0.0
     query_marginals: list[tuple[str, float]] = field(default_factory=list)
     key_marginals: list[tuple[str, float]] = field(default_factory=list)
+    contrast: QKContrast | None = None  # why this key rather than the reference (None: one key only)
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in _QK_NUMBERS}
         d.update(pairs=[p.to_json() for p in self.pairs], query_marginals=[list(m) for m in self.query_marginals],
                  key_marginals=[list(m) for m in self.key_marginals])
+        if self.contrast is not None:
+            d["contrast"] = self.contrast.to_json()
         return d
 
     @staticmethod
     def from_json(d: dict) -> "QKEntry":
         return QKEntry(**{k: d[k] for k in _QK_NUMBERS}, pairs=[QKPair(*p) for p in d["pairs"]],
                        query_marginals=[tuple(m) for m in d["query_marginals"]],
-                       key_marginals=[tuple(m) for m in d["key_marginals"]])
+                       key_marginals=[tuple(m) for m in d["key_marginals"]],
+                       contrast=QKContrast.from_json(d["contrast"]) if d.get("contrast") else None)
 
 
 _QK_NUMBERS = ("key_pos", "attention", "score", "pairs_total", "query_bias_x_keys", "queries_x_key_bias", "bias_x_bias")

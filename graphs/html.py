@@ -204,14 +204,27 @@ function show(id) {
       rows += `<tr><td>key ${e.key_pos} (${tok(DATA.tokens[e.key_pos] ?? '')})</td><td>attn ${fmt(e.attention)}</td>` +
         `<td>score ${fmt(e.score)}</td></tr>`;
       for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
+      const c = e.contrast;
+      if (c) {
+        const ref = c.reference === 'mean' ? 'the other keys\' mean' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
+        rows += `<tr class="why"><td></td><td colspan="2" class="num">why, vs ${ref}: ${fmt(c.difference)} = pairs ${fmt(c.pairs_total)}` +
+          ` + query bias &times; keys ${fmt(c.query_bias_x_keys)} + position ${fmt(c.position)}</td></tr>`;
+        for (const [q, k, v] of c.pairs.slice(0, 3)) rows += `<tr class="why"><td></td><td colspan="2" class="num">` +
+          `${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
+      }
     }
-    h += section('QK: top key positions and feature pairs', `<table>${rows}</table>`);
+    h += section('QK: top key positions, feature pairs, and why each key wins', `<table>${rows}</table>`);
   }
   const edges = (list, arrow) => list.map(([o, w]) => `<div class="num">${arrow} ${link(o)} ${fmt(w)}</div>`).join('');
   if (n.in.length || n.out.length) h += section('strongest edges', edges(n.in, '&larr; from') + edges(n.out, '&rarr; to'));
   const d = n.dash ? DATA.dashboards[n.dash] : null;
   if (d) {
     h += `<div class="meta">active on ${(100 * d.density).toFixed(2)}% of held-out tokens</div>`;
+    const o = d.original_heads;
+    if (o) h += section('original heads it comes from', `<div class="num">${esc(o.kind === 'one' ? 'one head' :
+      o.kind === 'few' ? 'a few heads' : o.kind)}: ` + o.heads.map(([m, r]) => `head ${m} R&sup2; ${fmt(r)}`).join(', ') +
+      `; best ${o.few.length} (${o.few.map(m => 'head ' + m).join(', ')}) R&sup2; ${fmt(o.few_r2)}; pattern closest to head ` +
+      `${o.pattern_head} (overlap ${fmt(o.pattern_overlap)})</div>`);
     h += section('top-activating contexts', d.contexts.map(c =>
       `<div class="ctx"><span class="num">${fmt(c.activation)}</span> ${tokens(c.tokens, c.z || c.acts, c.query)}` +
       (c.z_top ? `<div class="num">reads ${c.z_top.map(z => `${tok(z.token)} at ${z.offset} (z ${fmt(z.z)})`).join(', ')}</div>` : '') +

@@ -24,7 +24,7 @@ import torch
 
 from replacement.norms import norm_bias, norm_weight
 
-from .graph import FEATURE_KINDS, Node, QKEntry, QKPair
+from .graph import FEATURE_KINDS, NODE_TYPES, Node, QKEntry, QKPair
 
 
 class Writes:
@@ -46,6 +46,14 @@ class Writes:
         self.unit = torch.tensor([(FEATURE_KINDS.index(nodes[i].type) + 1 << 40) + (nodes[i].layer << 24) + nodes[i].index
                                   if u else -1 - r for r, (i, u) in enumerate(zip(rows, is_unit))], device=dev)
         self.unit_vec = torch.stack([s.vector for s in srcs]).float() / self.act[:, None]  # [N, d]
+        # what a node is apart from its position (graphs/contrast.py sums a key unit over positions)
+        self.group = torch.tensor([unit_group(nodes[i]) for i in rows], device=dev)
+
+
+def unit_group(node: Node) -> int:
+    """One integer per (kind, layer, index): a Lorsa head, a transcoder feature, a token's embedding (its
+    token id), a layer's attention or MLP error; equal for the node of one unit at two positions."""
+    return (NODE_TYPES.index(node.type) << 40) + ((node.layer + 1) << 24) + (node.index + 1)
 
 
 class QKTables:
@@ -80,6 +88,9 @@ class QKTables:
         slots = pos * M + torch.arange(len(rows), device=dev) - torch.tensor(starts, device=dev)[pos]
         slot_row = torch.full((n * M,), len(D) - 1, device=dev)
         slot_row[slots] = row_unit
+        self.groups = torch.full((n * M,), -1, dtype=torch.long, device=dev)  # [n, M] each row's unit_group; -1: none
+        self.groups[slots] = writes.group[rows]
+        self.groups = self.groups.view(n, M)
         slot_scale = torch.zeros(n * M, device=dev)
         slot_scale[slots] = act / sig[pos]
         xc = w_ln * lin.p(const) / sig[:, None] + (0 if b_ln is None else b_ln)  # [n, d] the constants
@@ -160,13 +171,16 @@ def _rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
 
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,
-                   top_pairs: int = 8, chunk: int = 64) -> None:
+                   top_pairs: int = 8, chunk: int = 64, reference: str | None = "mean") -> None:
     """Explain the Lorsa head nodes ``head_rows``: each gets ``qk``, one `QKEntry` per explained key
-    position (score, attention, top pairs, marginals, bias terms).  Heads of one QK group share their
+    position (score, attention, top pairs, marginals, bias terms, and with ``reference`` ("mean" or
+    "runner_up"; None: none) its `QKContrast`, graphs/contrast.py).  Heads of one QK group share their
     pattern, so at one query position they share these entries (one object, not copies).
 
     The (QK group, query position) pairs of one layer are explained together, ``chunk`` at a time, each
     with its ``top_keys`` strongest key positions, in batched products."""
+    from .contrast import explain_query
+
     by_layer: dict[int, list[int]] = {}
     for r in head_rows:
         by_layer.setdefault(nodes[r].layer, []).append(r)
@@ -182,6 +196,11 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
         infos: dict[tuple[int, int], list[QKEntry]] = {}
         for i in range(0, len(queries), chunk):
             infos.update(_explain_batch(tabs, queries[i : i + chunk], best.indices, best.values, top_pairs))
+        if reference is not None:
+            for (g, t), entries in infos.items():
+                why = explain_query(tabs, g, t, [e.key_pos for e in entries], pattern[g, t], reference, top_pairs)
+                for e, c in zip(entries, why):
+                    e.contrast = c
         for r in rows:
             nodes[r].qk = infos[(nodes[r].index // hpg, nodes[r].pos)]
 

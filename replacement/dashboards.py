@@ -30,6 +30,7 @@ from .norms import is_layernorm, norm_weight
 from .hooks import hook_name, layer_names
 
 KINDS = ("lorsa", "transcoder")
+CONTENTS_VERSION = 2  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
     a = model.adapter
     seq_len = min(cfg.seq_len, a.context)
     source = source or default_source(a, seq_len, cfg.seed, heldout=True)
-    ids, codes, attn_in = _codes(model, cfg, source, seq_len, progress)
+    ids, codes, attn_in, moments = _codes(model, cfg, source, seq_len, progress)
     W_U, final_w = a.unembedding.weight.detach().float().cpu(), norm_weight(a.final_norm).cpu()
     centre = is_layernorm(a.final_norm)
     out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in range(a.n_layers)}
@@ -129,18 +130,39 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
         indices = torch.cat([p[1] for p in parts])
         lens = logit_lens(module.decoder()[0].detach().float().cpu(), final_w, W_U, centre, cfg.top_logits)
         out[L].update(_entries(kind, module, values, indices, ids, lens, cfg, attn_in[L]))
+    for L, m in moments.items():  # which original heads each Lorsa head comes from (replacement/correspond.py)
+        out[L].update(_original_heads(m, model, L))
     return out
+
+
+def _original_heads(moments, model, L: int) -> dict[str, torch.Tensor]:
+    from .correspond import KINDS as MATCH_KINDS
+    from .correspond import CorrespondConfig
+
+    lorsa = model.lorsas[L]
+    res = moments.result(lorsa.cfg.heads_per_group, CorrespondConfig(), model.adapter.name, L)
+    k = max(len(h.heads) for h in res.heads)
+    return {"lorsa.orig_heads": torch.tensor([h.heads + [-1] * (k - len(h.heads)) for h in res.heads]).int(),
+            "lorsa.orig_r2": torch.tensor([h.r2 + [0.0] * (k - len(h.r2)) for h in res.heads]).float(),
+            "lorsa.orig_few": torch.tensor([h.few_heads + [-1] * (3 - len(h.few_heads)) for h in res.heads]).int(),
+            "lorsa.orig_few_r2": torch.tensor([h.few_r2 for h in res.heads]).float(),
+            "lorsa.orig_kind": torch.tensor([MATCH_KINDS.index(h.kind) for h in res.heads]).int(),
+            "lorsa.orig_pattern_head": torch.tensor([h.pattern_head for h in res.heads]).int(),
+            "lorsa.orig_pattern_overlap": torch.tensor([h.pattern_overlap for h in res.heads]).float()}
 
 
 def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
     """One pass over the sample: (ids [S, n], {(kind, layer): [(values, indices) [B*n, K] per batch]},
-    {layer: [Lorsa inputs [B, n, d] per batch]})."""
+    {layer: [Lorsa inputs [B, n, d] per batch]}, {Lorsa layer: its correspondence `Moments`})."""
     from tqdm import tqdm
+
+    from . import correspond
 
     a = model.adapter
     n_batches = -(-cfg.n_seqs // cfg.batch_size)
     layers = range(a.n_layers)
-    points = layer_names(layers, "attn.in", "mlp.in")
+    points = layer_names(layers, "attn.in", "mlp.in") + [p for L in model.lorsas for p in correspond.layer_points(L)]
+    moments = {L: correspond.new_moments(model, L) for L in model.lorsas}
     ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
     for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
         ids = source.batch(10_000 + b, cfg.batch_size)[:, :seq_len]
@@ -155,7 +177,8 @@ def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
                 c = model.lorsas[L].encode(x)
                 codes[("lorsa", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
                 attn_in[L].append(x.cpu())
-    return torch.cat(ids_all), codes, attn_in
+                correspond.add_batch(moments[L], model, L, cache)
+    return torch.cat(ids_all), codes, attn_in, moments
 
 
 def _entries(kind: str, module, values, indices, ids, lens, cfg: DashboardConfig, attn_in: list) -> dict:
@@ -235,6 +258,7 @@ def cache_key(model, cfg: DashboardConfig, source_name: str) -> str:
     h = hashlib.sha256()
     h.update(model_fingerprint(model.adapter).encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True).encode() + source_name.encode())
+    h.update(f"contents {CONTENTS_VERSION}".encode())
     for kind, mods in (("lorsa", model.lorsas), ("transcoder", model.transcoders)):
         for L in sorted(mods):
             for name, t in sorted(mods[L].state_dict().items()):
@@ -289,9 +313,21 @@ class Dashboards:
                                                        T[p + "z_top"][index, c].tolist()) if pos >= 0]
             contexts.append(ctx)
         lens = lambda i, v: [[self._tok(a), round(float(b), 3)] for a, b in zip(T[p + i][index].tolist(), T[p + v][index].tolist())]  # noqa: E731
-        return {"kind": kind, "layer": layer, "index": index, "density": float(T[p + "density"][index]),
-                "contexts": contexts, "logits_up": lens("logit_top_ids", "logit_top"),
-                "logits_down": lens("logit_bottom_ids", "logit_bottom")}
+        out = {"kind": kind, "layer": layer, "index": index, "density": float(T[p + "density"][index]),
+               "contexts": contexts, "logits_up": lens("logit_top_ids", "logit_top"),
+               "logits_down": lens("logit_bottom_ids", "logit_bottom")}
+        if kind == "lorsa" and "lorsa.orig_kind" in T:
+            from .correspond import KINDS as MATCH_KINDS
+
+            out["original_heads"] = {
+                "kind": MATCH_KINDS[int(T["lorsa.orig_kind"][index])],
+                "heads": [[int(m), round(float(r), 4)] for m, r in zip(T["lorsa.orig_heads"][index].tolist(),
+                                                                       T["lorsa.orig_r2"][index].tolist()) if m >= 0],
+                "few": [int(m) for m in T["lorsa.orig_few"][index].tolist() if m >= 0],
+                "few_r2": round(float(T["lorsa.orig_few_r2"][index]), 4),
+                "pattern_head": int(T["lorsa.orig_pattern_head"][index]),
+                "pattern_overlap": round(float(T["lorsa.orig_pattern_overlap"][index]), 4)}
+        return out
 
 
 def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | None = None,

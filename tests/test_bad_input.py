@@ -121,6 +121,12 @@ CASES = [
     Case("render-binary", ["circuits", "render", "{G}/binary.json"], "not UTF-8 text"),
     Case("render-nested", ["circuits", "render", "{G}/nested.json"], "nested too deeply"),
     # other commands
+    Case("correspond-no-such-layer", ["circuits", "correspond", "--model", "{M}", "--layer", "0,9"], "no Lorsa for layer 9"),
+    Case("correspond-layer-text", ["circuits", "correspond", "--model", "{M}", "--layer", "x"], "use comma-separated integers"),
+    Case("correspond-share-0", ["circuits", "correspond", "--model", "{M}", "--layer", "0", "--share", "0"],
+         "Invalid value for '--share'"),
+    Case("correspond-out-unwritable", ["circuits", "correspond", "--model", "{M}", "--layer", "0", "--out", "/proc/nope/x"],
+         "cannot write to --out"),
     Case("patch-invalid-utf8-target", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
                                        "--target", b"\xff"], "--target is not valid UTF-8"),
     Case("train-resume-other-expansion", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",

@@ -95,6 +95,27 @@ def test_contexts_match_a_direct_recomputation(built):
                         assert c["z_top"][0]["offset"] == int(strongest) - t
 
 
+def test_lorsa_dashboards_name_the_original_heads(built):
+    """Each Lorsa dashboard carries its head's correspondence (replacement/correspond.py) on the same sample."""
+    from replacement.activations import default_source
+    from replacement.correspond import CorrespondConfig, correspond
+
+    model, dash, _ = built
+    src = default_source(model.adapter, CFG.seq_len, CFG.seed, heldout=True)
+
+    class Same:  # the dashboards' batches, which `correspond` asks for by its own step numbers
+        batch = staticmethod(lambda step, size: src.batch(step - 20_000 + 10_000, size))
+
+    for L in model.lorsas:
+        res = correspond(model, L, CorrespondConfig(n_seqs=CFG.n_seqs, seq_len=CFG.seq_len, batch_size=CFG.batch_size),
+                         Same())
+        for h in res.heads:
+            o = dash.entry("lorsa", L, h.head)["original_heads"]
+            assert o["kind"] == h.kind and [m for m, _ in o["heads"]] == h.heads
+            assert [r for _, r in o["heads"]] == pytest.approx(h.r2, abs=1e-4)
+            assert o["few"] == h.few_heads and o["pattern_head"] == h.pattern_head
+
+
 def test_cache_is_reused_and_keyed_by_the_weights(built, monkeypatch):
     model, dash, cache = built
     import replacement.dashboards as dmod

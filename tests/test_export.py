@@ -180,6 +180,15 @@ def test_query_and_render_commands(saved_model, tmp_path):
                        capture_output=True, text=True, timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "no node 'tc.9.9@99'" in lines[0], r.stderr
+    g = graphs.load(path)
+    head = next(n for n in g.nodes(type="lorsa") if n.qk and n.qk[0].contrast is not None)
+    c = head.qk[0].contrast
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", path, "--node", head.id],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # the contrast of the head's top key, as the file holds it
+    assert f"vs the other keys' attention-weighted mean (score {c.reference_score:+.3f}): difference {c.difference:+.3f}" in r.stdout
+    assert f"{c.pairs[0].query} x {c.pairs[0].key} {c.pairs[0].weight:+.4f}" in r.stdout
     r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "render", path, "--format",
                         "svg,html", "--draw-nodes", "7"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

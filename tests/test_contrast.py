@@ -1,0 +1,206 @@
+"""Contrastive QK attribution: score(t, s) - reference splits exactly into query-node x key-unit pairs,
+checked against the module's own scores (brute force), and a pair that alone differs carries all of it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from graphs import contrast
+from graphs.attribution import attribute
+from graphs.graph import QKEntry
+from graphs.qk import QKTables
+from replacement.models import ModelAdapter
+from tests.conftest import random_replacements, tiny_llama, tiny_neox
+
+
+def _real_scores(model, rec, head) -> torch.Tensor:
+    """[t+1]: the head's pre-softmax scores at every key, from the Lorsa module's own Q and K."""
+    lorsa = model.lorsas[head.layer]
+    q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])
+    g = head.index // lorsa.cfg.heads_per_group
+    return (k[0, g, : head.pos + 1] @ q[0, g, head.pos]).detach() / math.sqrt(lorsa.cfg.d_qk)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox],
+                         ids=["llama_rope_gqa", "neox_partial_rotary"])
+@pytest.mark.parametrize("reference", ["mean", "runner_up"])
+def test_contrast_sums_to_the_real_score_difference(make, reference):
+    model = random_replacements(ModelAdapter(make(), name="m"))
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (1, 10))
+    graph = attribute(model, ids, qk_top_keys=3, qk_reference=reference)
+    rec = model.record(ids)
+    checked = 0
+    for head in graph.nodes(type="lorsa"):
+        scores = _real_scores(model, rec, head)
+        g = head.index // model.lorsas[head.layer].cfg.heads_per_group
+        A = rec.layers[head.layer].lorsa_pattern[g, head.pos, : head.pos + 1]
+        for e in head.qk:
+            c = e.contrast
+            if head.pos == 0:
+                assert c is None
+                continue
+            if reference == "mean":  # the other keys, weighted by their attention
+                assert c.reference_pos == -1
+                rest = A.clone()
+                rest[e.key_pos] = 0
+                ref = float(rest @ scores / rest.sum())
+            else:  # the strongest other key
+                others = A.clone()
+                others[e.key_pos] = -1
+                assert c.reference_pos == int(others.argmax())
+                ref = float(scores[c.reference_pos])
+            real = float(scores[e.key_pos]) - ref
+            size = max(1.0, float(scores.abs().max()))
+            assert c.difference == pytest.approx(real, abs=1e-4 * size), (head.id, e.key_pos)
+            assert c.reference_score == pytest.approx(ref, abs=1e-4 * size)
+            assert c.pairs_total + c.query_bias_x_keys + c.position == pytest.approx(c.difference, abs=1e-6 * size)
+            assert abs(c.pairs[0].weight) >= abs(c.pairs[-1].weight)
+            checked += 1
+    assert checked > 20
+
+
+def test_top_pairs_are_those_of_the_full_unit_table():
+    """Brute force: build every (query node, key unit) term of the difference from the per-node tables,
+    grouping key nodes by their (type, layer, index) read off the graph's nodes; the table sums to
+    pairs_total and its largest terms are the reported pairs."""
+    from graphs.attribution import _graph_nodes
+    from graphs.linear import Linearised
+    from graphs.qk import Writes
+
+    model = random_replacements(ModelAdapter(tiny_llama(), name="m"), lorsa_k=8, heads_per_group=8, tc_k=8)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (1, 9))
+    graph = attribute(model, ids, qk_top_pairs=5, qk_reference="mean")
+    rec = model.record(ids)
+    made = _graph_nodes(model, rec, graph.tokens)
+    by_id = {n.id: n for n in made.nodes}
+    tabs = QKTables(Linearised(model, rec), Writes(made.nodes, made.sources), 1)
+    hpg = model.lorsas[1].cfg.heads_per_group
+    checked = 0
+    for head in graph.nodes(type="lorsa", layer=1):
+        if head.pos < 2:
+            continue
+        g, t = head.index // hpg, head.pos
+        A = rec.layers[1].lorsa_pattern[g, t, : t + 1]
+        Q = tabs.parts[g, t, : len(tabs.names[t])]
+        for e in head.qk:
+            w = -A.clone()
+            w[e.key_pos] = 0
+            w = w / -w.sum()
+            w[e.key_pos] = 1
+            table: dict[tuple[str, tuple], float] = {}
+            for p in range(t + 1):
+                K = tabs.parts[tabs.G + g, p, : len(tabs.names[p])]
+                vals = Q @ K.t() * tabs.scale * w[p]  # [mq, mk]
+                for a, qn in enumerate(tabs.names[t]):
+                    for b, kn in enumerate(tabs.names[p]):
+                        nd = by_id[kn]
+                        unit = (nd.type, nd.layer, nd.index)
+                        table[(qn, unit)] = table.get((qn, unit), 0.0) + float(vals[a, b])
+            c = e.contrast
+            assert sum(table.values()) == pytest.approx(c.pairs_total, rel=1e-5, abs=1e-4)
+            best = sorted(table.values(), key=abs, reverse=True)[: len(c.pairs)]
+            torch.testing.assert_close(torch.tensor([p.weight for p in c.pairs]), torch.tensor(best),
+                                       atol=1e-5, rtol=1e-4)
+            for p in c.pairs:  # each pair's name: a query node at t, a key node of the unit
+                kn = by_id[p.key]
+                assert table[(p.query, (kn.type, kn.layer, kn.index))] == pytest.approx(p.weight, rel=1e-5, abs=1e-5)
+            checked += 1
+    assert checked > 5
+
+
+def _tables(q_nodes, q_bias, keys, k_bias) -> QKTables:
+    """QKTables of one QK group built by hand: q_nodes {name: [e]} at the query position (the last),
+    keys per position [{name: (unit, [e])}], biases [e] and [n, e]."""
+    n, e = len(keys), len(q_bias)
+    M = max(max(len(k) for k in keys), len(q_nodes))
+    tabs = object.__new__(QKTables)
+    tabs.parts = torch.zeros(2, n, M, e)
+    tabs.groups = torch.full((n, M), -1, dtype=torch.long)
+    tabs.names = [list(k) for k in keys]
+    for p, k in enumerate(keys):
+        for r, (unit, vec) in enumerate(k.values()):
+            tabs.parts[1, p, r], tabs.groups[p, r] = torch.tensor(vec), unit
+    t = n - 1
+    tabs.names[t] = list(q_nodes)
+    for r, vec in enumerate(q_nodes.values()):
+        tabs.parts[0, t, r] = torch.tensor(vec)
+    tabs.bias = torch.stack([torch.zeros(n, e), torch.tensor(k_bias)])
+    tabs.bias[0, t] = torch.tensor(q_bias)
+    tabs.norms = tabs.parts.norm(dim=-1)
+    tabs.local, tabs.G, tabs.scale = torch.tensor([0]), 1, 0.5
+    return tabs
+
+
+def test_the_one_pair_that_differs_carries_all_of_it():
+    """Keys 0 (the runner-up) and 1 hold the same two units with the same vectors and the same key bias;
+    key 1 also holds unit 9 (``tc.0.7@1``), orthogonal to every query vector (and the query bias) except
+    ``tc.0.2@2``'s: that pair is the whole difference, every other term is zero (to float precision)."""
+    e = 4
+    rng = torch.Generator().manual_seed(0)
+    shared = {5: torch.randn(e, generator=rng).tolist(), 6: torch.randn(e, generator=rng).tolist()}
+    keys = [{"emb@0": (5, shared[5]), "tc.0.1@0": (6, shared[6])},
+            {"emb@1": (5, shared[5]), "tc.0.1@1": (6, shared[6]), "tc.0.7@1": (9, [0.0, 3.0, 0.0, 0.0])},
+            {}]
+    kb = [[0.2, -0.1, 0.4, 0.0]] * 3
+    q_nodes = {"emb@2": [1.0, 0.0, 0.5, 0.3], "tc.0.2@2": [0.0, 2.0, 0.0, 0.0], "tc.0.3@2": [0.7, 0.0, -1.0, 0.2]}
+    keys[2] = {"emb@2": (7, [0.1, 0.0, 0.0, 0.1])}
+    tabs = _tables(q_nodes, [0.3, 0.0, 0.1, -0.4], keys, kb)
+    attention = torch.tensor([0.5, 0.3, 0.2])  # key 0 leads: the runner-up of key 1
+    c = contrast.explain_query(tabs, 0, 2, [1], attention, "runner_up", top_pairs=4)[0]
+    assert c.reference_pos == 0
+    want = 2.0 * 3.0 * tabs.scale  # q(tc.0.2) . k(tc.0.7)
+    assert c.difference == pytest.approx(want, abs=1e-6)
+    assert c.pairs[0].query == "tc.0.2@2" and c.pairs[0].key == "tc.0.7@1"
+    assert c.pairs[0].weight == pytest.approx(want, abs=1e-6)
+    assert all(abs(p.weight) < 1e-6 for p in c.pairs[1:])
+    assert c.position == pytest.approx(0.0, abs=1e-6) and c.query_bias_x_keys == pytest.approx(0.0, abs=1e-6)
+    # the raw scores, by contrast, are dominated by the shared units and biases
+    q_t = tabs.parts[0, 2].sum(0) + tabs.bias[0, 2]
+    raw = [float(q_t @ (tabs.parts[1, p].sum(0) + tabs.bias[1, p]) * tabs.scale) for p in (0, 1)]
+    assert c.reference_score == pytest.approx(raw[0], abs=1e-6)
+    assert raw[1] - raw[0] == pytest.approx(want, abs=1e-6)
+
+
+def test_mean_reference_cancels_a_constant_key_and_keeps_position():
+    """w sums to 0: a key bias equal at every position contributes nothing; one that differs (rotary,
+    norm scale) is the position term, q_t . (kb_s - sum_{p != s} A_p kb_p / sum_{p != s} A_p)."""
+    A = torch.tensor([0.2, 0.5, 0.3])
+    w, ref = contrast.reference_weights(A, torch.tensor([1, 2]), "mean")
+    assert torch.allclose(w.sum(1), torch.zeros(2)) and ref.tolist() == [-1, -1]
+    assert torch.allclose(w, torch.tensor([[-0.4, 1.0, -0.6], [-0.2 / 0.7, -0.5 / 0.7, 1.0]]))
+    saturated, _ = contrast.reference_weights(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1]), "mean")
+    assert torch.allclose(saturated, torch.tensor([[-0.5, 1.0, -0.5]]))  # the others' uniform mean
+    Q, qb = torch.randn(2, 3), torch.randn(3)
+    K, row_pos, unit = torch.randn(4, 3), torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 0, 2])
+    flat = contrast.split_rows(Q, qb, K, row_pos, unit, 3, torch.ones(3, 3), w, 1.0)
+    assert torch.allclose(flat.position, torch.zeros(2), atol=1e-6)
+    kb = torch.randn(3, 3)
+    split = contrast.split_rows(Q, qb, K, row_pos, unit, 3, kb, w, 1.0)
+    q_t = Q.sum(0) + qb
+    for j, s in enumerate([1, 2]):
+        c = A.clone()
+        c[s] = 0
+        c = c / c.sum()
+        assert float(split.position[j]) == pytest.approx(float(q_t @ (kb[s] - c @ kb)), abs=1e-6)
+        scores = (torch.stack([K[row_pos == p].sum(0) for p in range(3)]) + kb) @ q_t
+        assert float(split.difference[j]) == pytest.approx(float(scores[s] - c @ scores), abs=1e-5)
+        assert float(split.key_marginals[j].sum()) == pytest.approx(
+            float(split.pairs_total[j] + split.query_bias_x_keys[j]), abs=1e-5)
+    with pytest.raises(ValueError, match="reference must be"):
+        contrast.reference_weights(A, torch.tensor([1]), "median")
+
+
+def test_contrast_round_trips_through_json(tmp_path):
+    model = random_replacements(ModelAdapter(tiny_llama(), name="m"))
+    graph = attribute(model, torch.randint(0, 97, (1, 6)), qk_reference="runner_up")
+    entries = [e for n in graph.nodes(type="lorsa") for e in n.qk if e.contrast is not None]
+    assert entries
+    for e in entries[:20]:
+        back = QKEntry.from_json(e.to_json())
+        assert back == e
+    path = graph.save(tmp_path / "g.json")  # validates against the schema on write
+    assert type(graph).load(path) == graph
