@@ -79,7 +79,8 @@ def _frozen_targets(model, rec, graph, ablate: str | None):
         for node in graph.node_list:
             L, p = node.layer, node.pos
             if node.type == "transcoder":
-                out[node.id] = float(model.transcoders[L].pre_activations(cache[f"blocks.{L}.mlp.in"])[p, node.index])
+                tc = model.transcoders[L]  # its encoder reads mlp.in (or, circuit-tracer's hook_resid_mid, resid_mid)
+                out[node.id] = float(tc.pre_activations(cache[f"blocks.{L}.{tc.cfg.reads}"])[p, node.index])
             elif node.type == "lorsa":
                 x = cache[f"blocks.{L}.attn.in"][None]
                 z = model.lorsas[L].head_activations(x, rec.layers[L].lorsa_pattern[None])[0]
