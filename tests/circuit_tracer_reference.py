@@ -5,8 +5,8 @@ tests/test_circuit_tracer.py.  Uses only circuit-tracer's own code:
 
 1. writes random per-layer transcoders (KIND: relu, jumprelu or jumprelu-skip) with its classes `SingleLayerTranscoder` and
    `TranscoderSet.to_safetensors`, or (KIND: clt-jumprelu or clt-relu) a cross-layer transcoder with its class
-   `CrossLayerTranscoder` and its `to_safetensors`, into OUT_FOLDER/transcoders (plus the config.yaml its loader
-   reads);
+   `CrossLayerTranscoder` and its `to_safetensors` (KIND clt-jumprelu-resid: reading hook_resid_mid, the residual
+   stream before the MLP's norm), into OUT_FOLDER/transcoders (plus the config.yaml its loader reads);
 2. traces the token ids IDS (comma-separated, starting with BOS) with `ReplacementModel.from_pretrained_and_transcoders`
    (nnsight backend, float32, CPU) and `attribute`, the logit targets being LOGIT_IDS (or, given
    "auto", its own choice: at most 10, to 95% probability);
@@ -60,12 +60,13 @@ def make_clt(d_model: int, n_layers: int, kind: str, seed: int, folder: Path, ho
 
     g = torch.Generator().manual_seed(seed)
     n_features = 3 * d_model
-    jump = kind == "clt-jumprelu"
+    jump = kind.startswith("clt-jumprelu")
+    enc = 0.4 if hooks[0] != "hook_resid_mid" else 8.0  # the residual stream's entries are ~20x smaller
     clt = CrossLayerTranscoder(n_layers, n_features, d_model, activation_function="jump_relu" if jump else "relu",
                                lazy_decoder=False, feature_input_hook=hooks[0], feature_output_hook=hooks[1],
                                device=torch.device("cpu"), dtype=torch.float32)
     with torch.no_grad():
-        clt.W_enc.copy_(torch.randn(n_layers, n_features, d_model, generator=g) * 0.4)
+        clt.W_enc.copy_(torch.randn(n_layers, n_features, d_model, generator=g) * enc)
         clt.b_enc.copy_(torch.randn(n_layers, n_features, generator=g) * 0.1 - 0.2)
         clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g) * 0.02)
         for i in range(n_layers):
@@ -86,7 +87,8 @@ def main(model_folder: str, out: str, kind: str, seed: str, ids: str, logit_ids:
     out_dir = Path(out)
     conf = AutoConfig.from_pretrained(model_folder)
     make = make_clt if kind.startswith("clt-") else make_transcoders
-    tset = make(conf.hidden_size, conf.num_hidden_layers, kind, int(seed), out_dir / "transcoders", HOOKS[conf.model_type])
+    hooks = ("hook_resid_mid", HOOKS[conf.model_type][1]) if kind.endswith("-resid") else HOOKS[conf.model_type]
+    tset = make(conf.hidden_size, conf.num_hidden_layers, kind, int(seed), out_dir / "transcoders", hooks)
     model = ReplacementModel.from_pretrained_and_transcoders(model_folder, tset, backend="nnsight",
                                                              device=torch.device("cpu"), dtype=torch.float32)
     tokens = torch.tensor([int(t) for t in ids.split(",")])

@@ -1,7 +1,8 @@
 """Against circuit-tracer 0.5.0's own code: the same random small Llama, transcoders written by its own classes,
 traced by both tools (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.  Fixtures:
 a Llama with ReLU, JumpReLU and JumpReLU-with-skip per-layer transcoders and with JumpReLU and ReLU cross-layer
-transcoders (CLTs); a Qwen3 with JumpReLU per-layer transcoders and a JumpReLU CLT.
+transcoders (CLTs; a JumpReLU one reading hook_resid_mid too); a Qwen3 and a Gemma-2 with JumpReLU per-layer
+transcoders and a JumpReLU CLT.
 
 Slow, and skipped unless CIRCUIT_TRACER_VENV names a venv with circuit-tracer 0.5.0 installed
 (benchmarks/make_circuit_tracer_venv.sh builds one; circuit-tracer pins transformers<=4.57, so it cannot share
@@ -95,7 +96,8 @@ def our_matrix(graph, ids: list[str]) -> tuple[torch.Tensor, list[str]]:
 
 @pytest.mark.parametrize("arch,kind", [("llama", "relu"), ("llama", "jumprelu"), ("llama", "jumprelu-skip"),
                                        ("qwen3", "jumprelu"), ("llama", "clt-jumprelu"), ("llama", "clt-relu"),
-                                       ("qwen3", "clt-jumprelu"), ("gemma2", "jumprelu"), ("gemma2", "clt-jumprelu")])
+                                       ("qwen3", "clt-jumprelu"), ("gemma2", "jumprelu"), ("gemma2", "clt-jumprelu"),
+                                       ("llama", "clt-jumprelu-resid")])
 def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch, kind):
     from graphs.attribution import attribute
     from replacement.assemble import ReplacementModel

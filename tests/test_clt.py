@@ -305,3 +305,31 @@ def test_a_clt_does_not_mix_with_other_transcoders(tmp_path):
     assert "\n" not in str(e.value)
     model = ReplacementModel.load(adapter, [str(plt), str(clt)], "frozen")  # the CLT replaces every layer
     assert model.cross_layer
+
+
+@pytest.mark.slow
+def test_trace_and_patch_take_a_clt_folder(tmp_path, saved_model):
+    """The command line: `trace` (Lorsa mode beside our Lorsa folder, and frozen with --bos zero) and `circuits
+    patch` of a CLT feature."""
+    import json
+    from pathlib import Path
+
+    from replacement.models import load_model
+    from tests.test_foreign import _cli
+
+    adapter = load_model(str(saved_model))
+    clt = write_clt_folder(tmp_path / "clt", clt_tensors(adapter.n_layers, adapter.d_model))
+    repo = str(Path(__file__).resolve().parents[1])
+    r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
+             "--replacements", str(clt), "--format", "json", "--out", str(tmp_path / "g"), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    g = json.loads((tmp_path / "g" / "graph.json").read_text())
+    assert any(n["node_id"].startswith("tc.0.") for n in g["nodes"])
+    r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(clt), "--attention", "frozen",
+             "--bos", "zero", "--format", "json", "--out", str(tmp_path / "f"), cwd=repo)
+    assert r.returncode == 0, r.stderr
+    feature = next(n["node_id"] for n in json.loads((tmp_path / "f" / "graph.json").read_text())["nodes"]
+                   if n["node_id"].startswith("tc.0."))
+    r = _cli("patch", "the cat sat", "--model", str(saved_model), "--replacements", str(clt), "--attention", "frozen",
+             "--component", feature, cwd=repo)
+    assert r.returncode == 0 and feature in r.stdout, r.stderr

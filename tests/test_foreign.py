@@ -215,7 +215,7 @@ def _broken_sets(tmp_path, adapter) -> dict:
     out["width"] = (write_ct_folder(tmp_path / "width", wide), f"has d_model {adapter.d_model}")
     deep = _ct_set(tmp_path / "deep", adapter, layers=range(adapter.n_layers + 1))
     out["layers"] = (deep, f"has {adapter.n_layers} layers")
-    hooks = write_ct_folder(tmp_path / "hooks", {0: _ct_tensors(adapter.d_model, 48)}, hooks=("hook_resid_mid", "hook_mlp_out"))
+    hooks = write_ct_folder(tmp_path / "hooks", {0: _ct_tensors(adapter.d_model, 48)}, hooks=("hook_resid_pre", "hook_mlp_out"))
     out["hooks"] = (hooks, "only those that read the MLP's normalised input")
     clt = tmp_path / "clt"
     clt.mkdir()
