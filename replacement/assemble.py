@@ -21,6 +21,7 @@ import torch
 from .errors import CircuitsError
 from .hooks import EMBED, FINAL_SCALE, LOGITS, hook_name, layer_names
 from .models import ModelAdapter, freeze_hooks
+from .norms import norm_bias, norm_weight
 from .sparse import SparseCode, decode
 
 
@@ -134,7 +135,7 @@ class ReplacementModel:
         for L in range(self.adapter.n_layers):
             at = {p: c[hook_name(L, p)] for p in ("attn.in", "attn.out", "mlp.in", "mlp.out", "ln1.scale", "ln2.scale",
                                                    "attn.pattern")}
-            tc_in = c[hook_name(L, self.transcoders[L].cfg.reads)]
+            tc_in = transcoder_input(self.adapter, self.transcoders[L], L, c)
             codes[L] = tc_code = self.transcoders[L].encode(tc_in)
             tc_out = self.mlp_replacement(L, codes, at["mlp.in"])
             lr = LayerRecord(attn_in=at["attn.in"], attn_out=at["attn.out"], mlp_in=at["mlp.in"], mlp_out=at["mlp.out"],
@@ -159,10 +160,10 @@ class ReplacementModel:
         hooks = {}
         for L in range(self.adapter.n_layers):
             tc, mlp_in = self.transcoders[L], hook_name(L, "mlp.in")
-            tc_in = hook_name(L, tc.cfg.reads)
+            tc_in = hook_name(L, input_point(tc))
 
-            def mlp_hook(t, name, L=L, tc=tc, mlp_in=mlp_in, tc_in=tc_in):
-                self._codes[L] = tc.encode(self._last_in[tc_in])
+            def mlp_hook(t, name, L=L, tc=tc, mlp_in=mlp_in):
+                self._codes[L] = tc.encode(transcoder_input(self.adapter, tc, L, self._last_in))
                 y = self.mlp_replacement(L, self._codes, self._last_in[mlp_in])
                 return self._add_err(y, rec, L, "mlp", with_errors).to(t.dtype)
 
@@ -229,11 +230,28 @@ class ReplacementModel:
             if attn_writes is not None:
                 hooks[hook_name(L, "attn.out")] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
         points = layer_names(range(self.adapter.n_layers), "attn.in", "mlp.in")
-        points += [hook_name(L, tc.cfg.reads) for L, tc in self.transcoders.items() if tc.cfg.reads != "mlp.in"]
+        points += [hook_name(L, input_point(tc)) for L, tc in self.transcoders.items() if input_point(tc) != "mlp.in"]
         res = self.adapter.run(rec.ids[None], hooks=hooks, capture=points)
         out = {k: v[0].float() for k, v in res.cache.items()}
         out[LOGITS] = res.logits[0].float()
         return out
+
+
+def input_point(tc) -> str:
+    """The block point (replacement/hooks.py) a run must capture for transcoder tc's input."""
+    return "mlp.in" if tc.cfg.reads == "mlp.normalized" else tc.cfg.reads
+
+
+def transcoder_input(adapter: ModelAdapter, tc, L: int, cache: dict) -> torch.Tensor:
+    """[..., d]: what the layer-L transcoder tc's encoder reads, from a run's ``cache`` (hook name -> tensor, with
+    `input_point`): the MLP input, the residual stream before its norm, or the norm's output before its gain and
+    bias, (mlp.in - b) / w."""
+    x = cache[hook_name(L, input_point(tc))].float()
+    if tc.cfg.reads != "mlp.normalized":
+        return x
+    norm = adapter.mlp_norm(L)
+    b = norm_bias(norm)
+    return (x if b is None else x - b.to(x.device)) / norm_weight(norm).to(x.device)
 
 
 def linear_mlp_hooks(rec: Record, L: int, out: torch.Tensor, f) -> dict:

@@ -27,7 +27,7 @@ from .hooks import hook_name, layer_names
 
 # circuit-tracer hook names a transcoder may read (the MLP's input after its norm, or the residual stream before
 # it) and write ("what the MLP adds to the residual"); what each read is called here (replacement/hooks.py)
-CT_INPUT_HOOKS = {"mlp.hook_in": "mlp.in", "ln2.hook_normalized": "mlp.in", "hook_resid_mid": "resid_mid"}
+CT_INPUT_HOOKS = {"mlp.hook_in": "mlp.in", "ln2.hook_normalized": "mlp.normalized", "hook_resid_mid": "resid_mid"}
 CT_OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
 
 
@@ -133,8 +133,8 @@ def _reading(modules: dict, reads: str, folder: Path) -> dict:
     """``modules`` with their encoders reading ``reads`` (a point of replacement/hooks.py)."""
     for (_, L), tc in modules.items():
         if reads != "mlp.in" and tc.W_skip is not None:
-            raise ForeignFormatError(f"{folder}: the layer-{L} transcoder reads hook_resid_mid and has a skip "
-                                     "connection; only transcoders reading the MLP's normalised input may have one")
+            raise ForeignFormatError(f"{folder}: the layer-{L} transcoder reads {reads} and has a skip connection; "
+                                     "only transcoders reading the MLP's input (mlp.hook_in) may have one")
         tc.cfg.reads = reads
     return modules
 
@@ -309,6 +309,8 @@ def feature_bound(model, ids: torch.Tensor) -> list[int]:
     if all(tcs[L].cfg.top_k for L in sorted(tcs)):
         return [tcs[L].cfg.top_k for L in sorted(tcs)]
     with torch.no_grad():
-        cache = model.adapter.run(ids, capture=[hook_name(L, tcs[L].cfg.reads) for L in tcs]).cache
-        return [tcs[L].cfg.top_k or int((tcs[L].encode(cache[hook_name(L, tcs[L].cfg.reads)][0].float()).values > 0)
+        from .assemble import input_point, transcoder_input
+
+        cache = model.adapter.run(ids, capture=[hook_name(L, input_point(tcs[L])) for L in tcs]).cache
+        return [tcs[L].cfg.top_k or int((tcs[L].encode(transcoder_input(model.adapter, tcs[L], L, cache)[0]).values > 0)
                                         .sum(-1).max()) for L in sorted(tcs)]

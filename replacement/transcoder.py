@@ -40,8 +40,9 @@ class TranscoderConfig(ModuleConfig):
     layer: int = 0
     jumprelu: bool = False  # JumpReLU with per-feature thresholds (the ``threshold`` parameter [N])
     n_later: int = 0  # a CLT layer: its features also write into the MLP outputs of the next n_later layers
-    reads: str = "mlp.in"  # the block point the encoder reads: the MLP's normalised input, or "resid_mid" (the
-    #                        residual stream before the MLP's norm, circuit-tracer's hook_resid_mid)
+    reads: str = "mlp.in"  # what the encoder reads: the MLP's input ("mlp.in", after its norm and gain); the norm's
+    # output before its gain and bias ("mlp.normalized", TransformerLens's ln2.hook_normalized); or the residual
+    # stream before the norm ("resid_mid", circuit-tracer's hook_resid_mid)
 
     @classmethod
     def default_for(cls, adapter, layer: int = 0, expansion: int = 8, top_k: int = 32) -> "TranscoderConfig":

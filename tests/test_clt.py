@@ -333,3 +333,32 @@ def test_trace_and_patch_take_a_clt_folder(tmp_path, saved_model):
     r = _cli("patch", "the cat sat", "--model", str(saved_model), "--replacements", str(clt), "--attention", "frozen",
              "--component", feature, cwd=repo)
     assert r.returncode == 0 and feature in r.stdout, r.stderr
+
+
+def test_ln2_hook_normalized_reads_the_norm_before_its_gain(tmp_path):
+    """circuit-tracer's ln2.hook_normalized (Gemma Scope's input) is the MLP norm's output before its gain and
+    bias: on a sequential GPT-NeoX with random LayerNorm weights and biases, the recorded input is F.layer_norm of
+    the residual stream without them, and the graph is still exact."""
+    from graphs.attribution import attribute, reconstruction_errors
+    from replacement.assemble import ReplacementModel
+    from replacement.models import ModelAdapter
+    from tests.conftest import tiny_neox
+
+    adapter = ModelAdapter(tiny_neox(use_parallel_residual=False), name="neox")
+    folder = write_clt_folder(tmp_path / "clt", clt_tensors(adapter.n_layers, adapter.d_model),
+                              hooks=("ln2.hook_normalized", "hook_mlp_out"))
+    model = ReplacementModel.load(adapter, str(folder), "frozen")
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(4))
+    rec = model.record(ids)
+    for L, lr in enumerate(rec.layers):
+        norm = adapter.mlp_norm(L)
+        want = torch.nn.functional.layer_norm(rec.cache[f"blocks.{L}.resid_mid"], (adapter.d_model,), eps=norm.eps)
+        torch.testing.assert_close(lr.tc_in, want, rtol=1e-4, atol=1e-5)
+        assert (lr.tc_in - lr.mlp_in).abs().max() > 0.05  # the gain and bias matter here
+    graph = attribute(model, ids)
+    errs = reconstruction_errors(graph)
+    assert len(errs) > 20 and max(errs.values()) <= 1e-4
+    base = _ablated_targets(model, rec, graph, None)
+    for e in random.Random(1).sample([e for e in graph.edges if e.source.startswith(("tc.", "emb"))], 10):
+        change = base[e.target] - _ablated_targets(model, rec, graph, e.source)[e.target]
+        assert abs(change - e.weight) <= 1e-4 * max(1.0, abs(e.weight)), (e, change)
