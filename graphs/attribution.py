@@ -19,6 +19,8 @@ In frozen-attention mode (transcoders only) attention is a fixed linear map betw
 the gradient is carried through it explicitly:  G_w = G_{w+1} + [w = 2L] VJP_attn_L(G_{2L+1}).
 A transcoder skip connection (y += norm(x) W_skip) is such a fixed linear map too, from the MLP's read slot
 r to its write slot:  G_r += VJP_skip_L(G_{2L+2}); its norm-bias term is a constant of slot 2L+2.
+A cross-layer transcoder's feature of layer L is one node that writes a_f W_dec(L -> T)[f] at slot 2T+2 for every
+T >= L; its edge into a target sums its writes:  sum over its slots w <= r of G_w[pos] . u_w.
 
 Edges come in batches of targets of one kind and layer, as matrix products; never one pass per edge.  The
 linear maps themselves (read gradients, slot gradients, slot biases) are graphs/linear.py's `Linearised`.
@@ -168,11 +170,12 @@ class _Nodes:
         self.sources: dict[str, Source] = {}
         self.targets: list[Target] = []
 
-    def add(self, node: Node, slot: int, vec: torch.Tensor | None) -> int:
-        """Append ``node`` (writing ``vec`` [d] at ``slot``; None: it writes nothing, a logit); its row."""
+    def add(self, node: Node, slot: int, vec: torch.Tensor | None, later: tuple = ()) -> int:
+        """Append ``node`` (writing ``vec`` [d] at ``slot``, and the ``later`` (slot, [d]) writes of a cross-layer
+        feature; None: it writes nothing, a logit); its row."""
         self.nodes.append(node)
         if vec is not None:
-            self.sources[node.id] = Source(slot, node.pos, vec)
+            self.sources[node.id] = Source(slot, node.pos, vec, later)
         return len(self.nodes) - 1
 
     def add_targets(self, kind: NodeKind, L: int, rows: list[tuple[int, int, int]]) -> None:
@@ -229,18 +232,20 @@ def z_patterns(model: ReplacementModel, rec: Record, nodes: list[Node]) -> None:
 
 
 def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
-    """The active transcoder features of layer L, and their target group."""
+    """The active transcoder features of layer L, and their target group.  A cross-layer transcoder's feature is
+    one node that writes into every MLP output its decoders reach (its `Source`'s ``later`` writes)."""
     lr, tc = rec.layers[L], model.transcoders[L]
     code = lr.tc_code
-    preacts = tc.pre_activations(lr.mlp_in).gather(1, code.indices).tolist()  # [n][k]
-    W_dec = tc.W_dec.float()
+    preacts = tc.pre_activations(lr.tc_in).gather(1, code.indices).tolist()  # [n][k]
+    decoders = [(2 * T + 2, tc.decoder_into(T).float()) for T in tc.writes_into()]  # [(slot, [N, d])]
     rows = []
     for p, (vals, feats) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
         for v, f, pre in zip(vals, feats, preacts[p]):
             if v > 0:
                 node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v,
                                  label=unit_label(NodeKind.TRANSCODER, L, f), preact=pre)
-                rows.append((out.add(node, 2 * L + 2, v * W_dec[f]), f, p))
+                (slot, D), *later = decoders
+                rows.append((out.add(node, slot, v * D[f], tuple((w, v * Dw[f]) for w, Dw in later)), f, p))
     out.add_targets(NodeKind.TRANSCODER, L, rows)
 
 
@@ -257,8 +262,8 @@ def fold_position(made: _Nodes, pos: int) -> dict:
     drop = [i for i, nd in enumerate(made.nodes) if nd.pos == pos and nd.type in (*FEATURE_KINDS, *ERROR_KINDS)]
     folded: dict = {}
     for i in drop:
-        s = made.sources.pop(made.nodes[i].id)
-        folded[(s.slot, pos)] = folded.get((s.slot, pos), 0) + s.vector
+        for slot, vec in made.sources.pop(made.nodes[i].id).writes():
+            folded[(slot, pos)] = folded.get((slot, pos), 0) + vec
     gone = set(drop)
     new_row = {old: new for new, old in enumerate(i for i in range(len(made.nodes)) if i not in gone)}
     made.nodes[:] = [nd for i, nd in enumerate(made.nodes) if i not in gone]
@@ -311,11 +316,13 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
 
 
 def source_groups(nodes: list[Node], sources: dict) -> dict:
-    """(slot, pos) -> (node rows [S], written vectors [S, d]) of every node that writes."""
+    """(slot, pos) -> (node rows [S], written vectors [S, d]) of every write (a cross-layer feature's node is in
+    the group of each slot it writes)."""
     index = {node.id: i for i, node in enumerate(nodes)}
     grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
     for nid, s in sources.items():
-        grouped.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
+        for slot, vec in s.writes():
+            grouped.setdefault((slot, s.pos), []).append((index[nid], vec))
     return {key: (torch.tensor([i for i, _ in items]), torch.stack([v for _, v in items]))
             for key, items in grouped.items()}
 
@@ -346,7 +353,7 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
             live = (g.abs().sum(-1) > 0).nonzero()[:, 0]
             if len(live):
                 cols, U = groups[(w, p)]
-                W[live[:, None], cols[None]] = g[live] @ U.t()
+                W[live[:, None], cols[None]] += g[live] @ U.t()  # a cross-layer feature adds each slot's write
     return W, const
 
 

@@ -24,7 +24,12 @@ from replacement.norms import centre, is_layernorm, norm_bias, norm_weight
 class Source:
     slot: int
     pos: int
-    vector: torch.Tensor  # [d] what the node writes into the residual stream
+    vector: torch.Tensor  # [d] what the node writes into the residual stream at ``slot``
+    later: tuple = ()  # ((slot, [d]), ...): a cross-layer transcoder feature's writes into later MLP outputs
+
+    def writes(self) -> list[tuple[int, torch.Tensor]]:
+        """Every (slot, vector [d]) the node writes, its own slot first."""
+        return [(self.slot, self.vector), *self.later]
 
 
 class Linearised:
@@ -49,11 +54,19 @@ class Linearised:
     # -- read gradients and intrinsic constants ------------------------------------------------------------
 
     def read_transcoder(self, L: int, feats: torch.Tensor, pos: torch.Tensor):
-        """R [B, n, d] and intrinsic constants [B] for transcoder features (feats, pos: [B])."""
+        """R [B, n, d] and intrinsic constants [B] for transcoder features (feats, pos: [B]); an encoder that
+        reads the residual stream itself (resid_mid) has R[t] = W_enc[f], with no norm in between; one that reads
+        the norm's output before its gain (mlp.normalized) R[t] = P(W_enc[f]) / sigma2[t]."""
         tc = self.model.transcoders[L]
         norm = self.adapter.mlp_norm(L)
         W = tc.W_enc[feats].float()  # [B, d]
         R = torch.zeros(len(feats), self.n, self.d, device=self.device)
+        if tc.cfg.reads == "resid_mid":
+            R[torch.arange(len(feats)), pos] = W
+            return R, tc.b_enc[feats].float()
+        if tc.cfg.reads == "mlp.normalized":  # the norm's output before its gain and bias: P(x) / sigma2
+            R[torch.arange(len(feats)), pos] = self.p(W) / self.rec.layers[L].ln2_scale[pos]
+            return R, tc.b_enc[feats].float()
         sig = self.rec.layers[L].ln2_scale[pos]  # [B, 1]
         R[torch.arange(len(feats)), pos] = self.p(W * norm_weight(norm)) / sig
         const = tc.b_enc[feats].float()

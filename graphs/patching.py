@@ -7,7 +7,7 @@ respond.  Components:
 
     lorsa.L.H@P       a Lorsa head's output at a query position
     head.L.H[@P]      an original attention head's output (at one position, or all)
-    tc.L.F@P          a transcoder feature's output
+    tc.L.F@P          a transcoder feature's output (a cross-layer feature's: into every MLP output it reaches)
     attn_err.L@P / mlp_err.L@P   an error node
 
 A tuple of components is ablated together (e.g. every head of a circuit), in one run.
@@ -123,23 +123,30 @@ class PathPatcher:
         return [{k: v / count for k, v in s.items()} for s in sums]
 
     def mean_write(self, c: Component) -> torch.Tensor:
-        """[n, d]: component c's mean output over the reference prompts, at c's position (or every position)."""
+        """[n, d]: component c's mean output over the reference prompts into its own layer (`mean_writes`)."""
+        return self.mean_writes(c)[(c.layer, c.writes_to)]
+
+    def mean_writes(self, c: Component) -> dict[tuple[int, str], torch.Tensor]:
+        """{(layer, "attn" | "mlp"): [n, d]}: component c's mean output over the reference prompts, at c's
+        position (or every position), into each block output it writes (a cross-layer feature: several)."""
         if self.means is None:
             raise BadInputError("mean ablation needs reference prompts (PathPatcher(reference=...), or "
                                 "circuits patch --mean-over FILE)")
         self._check(c)
-        a, n = self.adapter, self.ids.shape[0]
         m = self.means[c.layer]
         if c.kind == NodeKind.LORSA:
-            mean = m[c.kind][c.index] * self.model.lorsas[c.layer].W_O[c.index].float()
+            means = {(c.layer, "attn"): m[c.kind][c.index] * self.model.lorsas[c.layer].W_O[c.index].float()}
         elif c.kind == NodeKind.TRANSCODER:
-            mean = m[c.kind][c.index] * self.model.transcoders[c.layer].W_dec[c.index].float()
-        elif c.kind == HEAD:
-            mean = m[HEAD][c.index]
+            tc = self.model.transcoders[c.layer]
+            means = {(T, "mlp"): m[c.kind][c.index] * tc.decoder_into(T)[c.index].float() for T in tc.writes_into()}
         else:
-            mean = m[c.kind]
-        out = torch.zeros(n, a.d_model, device=self.rec.embed.device)
-        out[slice(None) if c.pos is None else c.pos] = mean.to(out.device)
+            means = {(c.layer, c.writes_to): m[HEAD][c.index] if c.kind == HEAD else m[c.kind]}
+        return {key: self._at(c.pos, mean) for key, mean in means.items()}
+
+    def _at(self, pos: int | None, vec: torch.Tensor) -> torch.Tensor:
+        """[n, d]: vec [d] at ``pos`` (None: at every position), zero elsewhere."""
+        out = torch.zeros(self.ids.shape[0], self.adapter.d_model, device=self.rec.embed.device)
+        out[slice(None) if pos is None else pos] = vec.to(out.device)
         return out
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
@@ -163,46 +170,52 @@ class PathPatcher:
             raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
 
     def write(self, c: Component, rec) -> torch.Tensor:
-        """[n, d]: what component c writes into the residual stream on the prompt recorded in ``rec``."""
-        a, n = self.adapter, self.ids.shape[0]
-        out = torch.zeros(n, a.d_model, device=rec.embed.device)
+        """[n, d]: what component c writes into its own layer's block output on the prompt recorded in ``rec``
+        (a cross-layer feature writes into later layers too: `writes`)."""
+        return self.writes(c, rec)[(c.layer, c.writes_to)]
+
+    def writes(self, c: Component, rec) -> dict[tuple[int, str], torch.Tensor]:
+        """{(layer, "attn" | "mlp"): [n, d]}: what component c writes into each block output it reaches on the
+        prompt recorded in ``rec`` (a cross-layer transcoder feature: every MLP output its decoders reach)."""
         self._check(c)
         lr = rec.layers[c.layer]
         if c.kind == NodeKind.LORSA:
-            lorsa = self.model.lorsas[c.layer]
             hit = lr.lorsa_code.indices[c.pos] == c.index
             act = float(lr.lorsa_code.values[c.pos][hit].sum())
-            out[c.pos] = act * lorsa.W_O[c.index].float()
-        elif c.kind == NodeKind.TRANSCODER:
+            return {(c.layer, "attn"): self._at(c.pos, act * self.model.lorsas[c.layer].W_O[c.index].float())}
+        if c.kind == NodeKind.TRANSCODER:
             hit = lr.tc_code.indices[c.pos] == c.index
             act = float(lr.tc_code.values[c.pos][hit].sum())
-            out[c.pos] = act * self.model.transcoders[c.layer].W_dec[c.index].float()
-        elif c.kind == NodeKind.ATTN_ERROR:
-            out[c.pos] = lr.attn_err[c.pos]
-        elif c.kind == NodeKind.MLP_ERROR:
-            out[c.pos] = lr.mlp_err[c.pos]
-        else:  # an original attention head
-            z = rec.cache[hook_name(c.layer, "attn.z")][:, c.index]  # [n, dh], recorded with the prompt
-            Wo, _ = a.W_O(c.layer)
-            contrib = z.float() @ Wo[c.index].float()
-            if c.pos is None:
-                out = contrib
-            else:
-                out[c.pos] = contrib[c.pos]
-        return out
+            tc = self.model.transcoders[c.layer]
+            return {(T, "mlp"): self._at(c.pos, act * tc.decoder_into(T)[c.index].float()) for T in tc.writes_into()}
+        if c.kind in ERROR_KINDS:
+            err = lr.attn_err if c.kind == NodeKind.ATTN_ERROR else lr.mlp_err
+            return {(c.layer, c.writes_to): self._at(c.pos, err[c.pos])}
+        z = rec.cache[hook_name(c.layer, "attn.z")][:, c.index]  # an original head: [n, dh], recorded with the prompt
+        Wo, _ = self.adapter.W_O(c.layer)
+        contrib = z.float() @ Wo[c.index].float()  # [n, d]
+        if c.pos is not None:
+            contrib = self._at(c.pos, contrib[c.pos])
+        return {(c.layer, "attn"): contrib}
 
     def delta(self, c: Component, mode: str) -> torch.Tensor:
-        """[n, d]: the ablation's change to what c writes."""
-        clean = self.write(c, self.rec)
+        """[n, d]: the ablation's change to what c writes into its own layer (`deltas`: into every layer)."""
+        return self.deltas(c, mode)[(c.layer, c.writes_to)]
+
+    def deltas(self, c: Component, mode: str) -> dict[tuple[int, str], torch.Tensor]:
+        """{(layer, "attn" | "mlp"): [n, d]}: the ablation's change to what c writes into each block output."""
+        clean = self.writes(c, self.rec)
         if mode == "zero":
-            return -clean
+            return {k: -v for k, v in clean.items()}
         if mode == "mean":
-            return self.mean_write(c) - clean
-        if mode == "counterfactual":
+            other = self.mean_writes(c)
+        elif mode == "counterfactual":
             if self.cf is None:
                 raise BadInputError("counterfactual ablation needs a counterfactual prompt")
-            return self.write(c, self.cf) - clean
-        raise BadInputError(f"unknown ablation {mode!r}; use zero, mean or counterfactual")
+            other = self.writes(c, self.cf)
+        else:
+            raise BadInputError(f"unknown ablation {mode!r}; use zero, mean or counterfactual")
+        return {k: other[k] - v for k, v in clean.items()}
 
     # -- runs -------------------------------------------------------------------------------------------
 
@@ -235,8 +248,8 @@ class PathPatcher:
             deltas = {}
             for b, group in enumerate(batch):
                 for c in _members(group):
-                    key = (c.layer, c.writes_to)
-                    deltas.setdefault(key, torch.zeros(B, *shape, device=self.rec.embed.device))[b] += self.delta(c, mode)
+                    for key, d in self.deltas(c, mode).items():
+                        deltas.setdefault(key, torch.zeros(B, *shape, device=self.rec.embed.device))[b] += d
             logits = a.run(self.ids[None].expand(B, -1), hooks=self._hooks(deltas)).logits
             for c, m in zip(batch, self.metric(logits).tolist()):
                 results.append(PatchResult(c, self.clean, m, m - self.clean))
@@ -262,7 +275,7 @@ class PathPatcher:
             metric = self.metric(a.run(self.ids[None], hooks=hooks).logits)[0]
             grads = dict(zip(deltas, (g.detach() for g in torch.autograd.grad(metric, list(deltas.values())))))
         with torch.no_grad():
-            return [sum(float((grads[(c.layer, c.writes_to)][0] * self.delta(c, mode)).sum()) for c in _members(group))
+            return [sum(float((grads[key][0] * d).sum()) for c in _members(group) for key, d in self.deltas(c, mode).items())
                     for group in components]
 
 

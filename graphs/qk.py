@@ -1,7 +1,8 @@
 """Linearised QK feature-pair attribution for Lorsa heads.
 
 With the norm scales frozen, what a Lorsa QK group of layer L reads at position p is the sum of the writes
-u_i of the nodes at p (slots <= 2L: embedding, earlier heads, features, errors) plus constant biases c_p,
+u_i of the nodes at p (slots <= 2L: embedding, earlier heads, features, errors; a cross-layer transcoder
+feature's u_i is the sum of its writes into the MLP outputs below layer L) plus constant biases c_p,
 normalised (a transcoder skip connection in between passes on a linear map of what it reads: the writes
 and constants are taken as they arrive at layer L).  Q and K are affine in it, and the rotary map is linear, so
 
@@ -48,6 +49,23 @@ class Writes:
         self.unit_vec = torch.stack([s.vector for s in srcs]).float() / self.act[:, None]  # [N, d]
         # what a node is apart from its position (graphs/contrast.py sums a key unit over positions)
         self.group = torch.tensor([unit_group(nodes[i]) for i in rows], device=dev)
+        # a cross-layer transcoder feature's writes into later MLP outputs: [N, m, d] and their slots [N, m]
+        m = max(len(s.later) for s in srcs)
+        self.later_vec = self.later_slot = None
+        if m:
+            self.later_vec = torch.zeros(len(srcs), m, self.unit_vec.shape[1], device=dev)
+            self.later_slot = torch.full((len(srcs), m), 1 << 30, device=dev)
+            for r, s in enumerate(srcs):
+                for j, (slot, vec) in enumerate(s.later):
+                    self.later_vec[r, j], self.later_slot[r, j] = vec.float() / self.act[r], slot
+
+    def seen_at(self, rows: torch.Tensor, read_slot: int) -> torch.Tensor:
+        """[R, d]: the unit vectors of ``rows`` as a read at ``read_slot`` sees them: a cross-layer feature's
+        own write plus its writes into the MLP outputs at or below that slot."""
+        if self.later_vec is None:
+            return self.unit_vec[rows]
+        on = (self.later_slot[rows] <= read_slot).float()  # [R, m]
+        return self.unit_vec[rows] + torch.einsum("rm,rmd->rd", on, self.later_vec[rows])
 
 
 def unit_group(node: Node) -> int:
@@ -146,13 +164,15 @@ def _row_units(lin, writes: Writes, rows: torch.Tensor, pos: torch.Tensor, read_
     several positions is one unit; with a skip connection below, which maps each write by its position's
     norm scale, every row is its own unit (its write as it arrives at ``read_slot``, activation 1)."""
     if lin.skip_layers(read_slot):
+        if writes.later_vec is not None:  # foreign.load_specs refuses a CLT beside skip transcoders
+            raise ValueError("skip connections with cross-layer transcoder features are not supported")
         vec = writes.unit_vec[rows] * writes.act[rows, None]
         return (lin.through_skips(vec, writes.slot[rows], pos, read_slot), torch.ones_like(writes.act[rows]),
                 torch.arange(len(rows), device=rows.device))
     units, row_unit = torch.unique(writes.unit[rows], return_inverse=True)
     first = torch.full((len(units),), len(rows), device=rows.device).scatter_reduce_(
         0, row_unit, torch.arange(len(rows), device=rows.device), "amin")
-    return writes.unit_vec[rows[first]], writes.act[rows], row_unit
+    return writes.seen_at(rows[first], read_slot), writes.act[rows], row_unit
 
 
 def _pairs_side_by_side(e: int, rd: int) -> list[int]:

@@ -6,6 +6,9 @@ attention patterns, the Lorsa patterns and sparse activations, the transcoder ac
     attn_err = real attention output - Lorsa output         (one attention error node per layer, position)
     mlp_err  = real MLP output      - transcoder output      (one MLP error node per layer, position)
 
+where a cross-layer transcoder's "transcoder output" at layer T is the sum of every decoder into T (the
+features of layers L <= T: `mlp_replacement`).
+
 Adding the errors back reproduces the real model exactly.  With ``attention="frozen"`` (transcoders only,
 circuit-tracer's method) attention stays the real MHSA with its patterns frozen, and has no error nodes.
 """
@@ -18,7 +21,8 @@ import torch
 from .errors import CircuitsError
 from .hooks import EMBED, FINAL_SCALE, LOGITS, hook_name, layer_names
 from .models import ModelAdapter, freeze_hooks
-from .sparse import SparseCode
+from .norms import norm_bias, norm_weight
+from .sparse import SparseCode, decode
 
 
 @dataclass
@@ -38,6 +42,7 @@ class LayerRecord:
     lorsa_code: SparseCode | None = None
     lorsa_out: torch.Tensor | None = None
     attn_err: torch.Tensor | None = None
+    tc_in: torch.Tensor | None = None  # [n, d] what the transcoder's encoder reads (mlp_in, or resid_mid)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ReplacementModel:
             m.requires_grad_(False)
         self.transcoders = {L: m for (k, L), m in modules.items() if k == "transcoder"}
         self.lorsas = {L: m for (k, L), m in modules.items() if k == "lorsa"}
+        self._codes: dict = {}  # {layer: SparseCode} of the run in progress (`_module_hooks`)
         need = {("transcoder", L) for L in range(adapter.n_layers)}
         if attention == "lorsa":
             need |= {("lorsa", L) for L in range(adapter.n_layers)}
@@ -92,6 +98,24 @@ class ReplacementModel:
         (self.lorsas if meta["kind"] == "lorsa" else self.transcoders)[module.cfg.layer] = module.eval()
         return module
 
+    @property
+    def cross_layer(self) -> bool:
+        """Whether the transcoders are a cross-layer transcoder (features writing into later MLP outputs)."""
+        return any(tc.cfg.n_later for tc in self.transcoders.values())
+
+    def writers(self, T: int) -> list[int]:
+        """The layers whose transcoder features write into layer T's MLP output (T itself; a CLT's L <= T)."""
+        return [L for L in sorted(self.transcoders) if T in self.transcoders[L].writes_into()]
+
+    def mlp_replacement(self, T: int, codes: dict[int, SparseCode], x: torch.Tensor) -> torch.Tensor:
+        """[..., d]: what replaces layer T's MLP output: the decoder into T of every writer L applied to its
+        code ``codes[L]`` ([..., K]), plus layer T's bias and skip connection (x [..., d]: layer T's MLP input)."""
+        y = self.transcoders[T].decode(codes[T], x)
+        for L in self.writers(T):
+            if L != T:
+                y = y + decode(codes[L], self.transcoders[L].decoder_into(T).to(y.dtype), 0)
+        return y
+
     @torch.no_grad()
     def record(self, ids: torch.Tensor, sparse: bool = False) -> Record:
         """Run the real model on one prompt [n] (or [1, n]) and record everything the graph needs.
@@ -107,13 +131,16 @@ class ReplacementModel:
         if getattr(self.adapter, "logit_softcap", None):
             U = self.adapter.unembedding
             rec.logits_linear = c["ln_final.out"] @ U.weight.float().t() + (0 if U.bias is None else U.bias.float())
+        codes = {}
         for L in range(self.adapter.n_layers):
             at = {p: c[hook_name(L, p)] for p in ("attn.in", "attn.out", "mlp.in", "mlp.out", "ln1.scale", "ln2.scale",
                                                    "attn.pattern")}
-            tc_out, tc_code = self.transcoders[L](at["mlp.in"])
+            tc_in = transcoder_input(self.adapter, self.transcoders[L], L, c)
+            codes[L] = tc_code = self.transcoders[L].encode(tc_in)
+            tc_out = self.mlp_replacement(L, codes, at["mlp.in"])
             lr = LayerRecord(attn_in=at["attn.in"], attn_out=at["attn.out"], mlp_in=at["mlp.in"], mlp_out=at["mlp.out"],
                              ln1_scale=at["ln1.scale"], ln2_scale=at["ln2.scale"], pattern=at["attn.pattern"],
-                             tc_code=tc_code, tc_out=tc_out, mlp_err=at["mlp.out"] - tc_out)
+                             tc_code=tc_code, tc_out=tc_out, mlp_err=at["mlp.out"] - tc_out, tc_in=tc_in)
             if self.attention == "lorsa":
                 lorsa = self.lorsas[L]
                 x = lr.attn_in[None]
@@ -133,12 +160,15 @@ class ReplacementModel:
         hooks = {}
         for L in range(self.adapter.n_layers):
             tc, mlp_in = self.transcoders[L], hook_name(L, "mlp.in")
+            tc_in = hook_name(L, input_point(tc))
 
             def mlp_hook(t, name, L=L, tc=tc, mlp_in=mlp_in):
-                return self._add_err(tc(self._last_in[mlp_in])[0], rec, L, "mlp", with_errors).to(t.dtype)
+                self._codes[L] = tc.encode(transcoder_input(self.adapter, tc, L, self._last_in))
+                y = self.mlp_replacement(L, self._codes, self._last_in[mlp_in])
+                return self._add_err(y, rec, L, "mlp", with_errors).to(t.dtype)
 
             hooks[hook_name(L, "mlp.out")] = mlp_hook
-            hooks[mlp_in] = self._stash
+            hooks[mlp_in] = hooks[tc_in] = self._stash
             if self.attention == "lorsa":
                 lorsa, attn_in = self.lorsas[L], hook_name(L, "attn.in")
 
@@ -200,10 +230,28 @@ class ReplacementModel:
             if attn_writes is not None:
                 hooks[hook_name(L, "attn.out")] = lambda t, n, v=attn_writes[L]: v[None].to(t.dtype)
         points = layer_names(range(self.adapter.n_layers), "attn.in", "mlp.in")
+        points += [hook_name(L, input_point(tc)) for L, tc in self.transcoders.items() if input_point(tc) != "mlp.in"]
         res = self.adapter.run(rec.ids[None], hooks=hooks, capture=points)
         out = {k: v[0].float() for k, v in res.cache.items()}
         out[LOGITS] = res.logits[0].float()
         return out
+
+
+def input_point(tc) -> str:
+    """The block point (replacement/hooks.py) a run must capture for transcoder tc's input."""
+    return "mlp.in" if tc.cfg.reads == "mlp.normalized" else tc.cfg.reads
+
+
+def transcoder_input(adapter: ModelAdapter, tc, L: int, cache: dict) -> torch.Tensor:
+    """[..., d]: what the layer-L transcoder tc's encoder reads, from a run's ``cache`` (hook name -> tensor, with
+    `input_point`): the MLP input, the residual stream before its norm, or the norm's output before its gain and
+    bias, (mlp.in - b) / w."""
+    x = cache[hook_name(L, input_point(tc))].float()
+    if tc.cfg.reads != "mlp.normalized":
+        return x
+    norm = adapter.mlp_norm(L)
+    b = norm_bias(norm)
+    return (x if b is None else x - b.to(x.device)) / norm_weight(norm).to(x.device)
 
 
 def linear_mlp_hooks(rec: Record, L: int, out: torch.Tensor, f) -> dict:

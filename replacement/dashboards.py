@@ -161,7 +161,10 @@ def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
     a = model.adapter
     n_batches = -(-cfg.n_seqs // cfg.batch_size)
     layers = range(a.n_layers)
-    points = layer_names(layers, "attn.in", "mlp.in") + [p for L in model.lorsas for p in correspond.layer_points(L)]
+    from .assemble import input_point, transcoder_input
+
+    points = sorted(set(layer_names(layers, "attn.in")) | {hook_name(L, input_point(model.transcoders[L])) for L in layers}
+                    | {p for L in model.lorsas for p in correspond.layer_points(L)})
     moments = {L: correspond.new_moments(model, L) for L in model.lorsas}
     ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
     for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
@@ -169,7 +172,7 @@ def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
         cache = a.run(ids.to(a.device), capture=points).cache
         ids_all.append(ids.cpu())
         for L in layers:
-            x_mlp = cache[hook_name(L, "mlp.in")].float()
+            x_mlp = transcoder_input(a, model.transcoders[L], L, cache)  # what its encoder reads
             c = model.transcoders[L].encode(x_mlp)
             codes[("transcoder", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
             if L in model.lorsas:

@@ -277,7 +277,9 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
         tokens = tokenize_texts(adapter.tokenizer, texts)
         out["natural_text"] = agreement(adapter, tokens, hooks)
         out["natural_copying"] = natural_copying(adapter, texts, hooks_fn=hooks)
-        modules = {("lorsa", L): m for L, m in model.lorsas.items()} | {("transcoder", L): m for L, m in model.transcoders.items()}
+        modules = {("lorsa", L): m for L, m in model.lorsas.items()}
+        if not model.cross_layer:  # a CLT layer alone replaces no MLP (each output sums every earlier layer's decoder)
+            modules |= {("transcoder", L): m for L, m in model.transcoders.items()}
         source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
         out["modules_natural_text"] = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
     return out

@@ -4,13 +4,15 @@
     circuit-tracer   config.yaml (model_kind: transcoder_set) and/or layer_{L}.safetensors: per-layer transcoders,
                      ReLU or JumpReLU (activation_function.threshold), with or without W_skip; top_k in
                      config.yaml makes them TopK (circuit-tracer itself writes none: every feature that passes);
-                     its CLTs (model_kind: cross_layer_transcoder, or W_enc_{L}/W_dec_{L}.safetensors) are refused
+                     its CLTs (model_kind: cross_layer_transcoder, or W_enc_{L}/W_dec_{L}.safetensors): one
+                     transcoder per layer whose features also write into every later MLP output
     Llamascopium     config.json (no "modules") + sae_weights.safetensors, in the folder or in one subfolder per
                      layer: Lorsa (W_Q ...) or transcoders (W_E ...); the layer comes from hook_point_in
 
 A spec is a folder, or an HF repo id (``owner/name[/subfolder]``) already in the local HF cache.  Several specs
 mix: each later folder replaces the modules (kind, layer) it holds, e.g. Lorsa from ours, transcoders from
-circuit-tracer.  Anything corrupt, partial or not fitting the model is a `ForeignFormatError` (one line).
+circuit-tracer (a CLT's layers cannot mix with other transcoders: each MLP output is the sum of its decoders).
+Anything corrupt, partial or not fitting the model is a `ForeignFormatError` (one line).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import torch
 from .errors import ForeignFormatError
 from .hooks import hook_name, layer_names
 
-# circuit-tracer hook names meaning "the MLP's input after its norm" and "what the MLP adds to the residual"
-CT_INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized")
+# circuit-tracer hook names a transcoder may read (the MLP's input after its norm, or the residual stream before
+# it) and write ("what the MLP adds to the residual"); what each read is called here (replacement/hooks.py)
+CT_INPUT_HOOKS = {"mlp.hook_in": "mlp.in", "ln2.hook_normalized": "mlp.normalized", "hook_resid_mid": "resid_mid"}
 CT_OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
 
 
@@ -73,9 +76,18 @@ def load_specs(specs, adapter, device=None) -> dict[tuple[str, int], torch.nn.Mo
     model's default folder (replacement/store.py)."""
     from .store import default_folder
 
-    out = {}
-    for spec in spec_list(specs, default_folder(adapter)):
-        out.update(load_folder(resolve_spec(spec), adapter, device))
+    out, origin, clt = {}, {}, set()
+    for i, spec in enumerate(spec_list(specs, default_folder(adapter))):
+        folder = resolve_spec(spec)
+        modules = load_folder(folder, adapter, device)
+        out.update(modules)
+        origin.update({key: i for key in modules})
+        if detect_format(folder) == "circuit-tracer-clt":
+            clt.add(i)
+    from_ = {origin[k] for k in out if k[0] == "transcoder"}
+    if clt & from_ and len(from_) > 1:
+        raise ForeignFormatError("a cross-layer transcoder folder cannot be mixed with other transcoders (every MLP "
+                                 "output is the sum of the CLT's decoders into it); give Lorsa folders beside it only")
     return out
 
 
@@ -91,10 +103,9 @@ def load_folder(folder: Path, adapter, device=None) -> dict[tuple[str, int], tor
         from .store import load_replacements
 
         return load_replacements(folder, adapter, device)
-    if fmt == "circuit-tracer-clt":
-        raise ForeignFormatError(f"{folder} holds circuit-tracer cross-layer transcoders (CLTs), which are not "
-                                 "supported yet; per-layer transcoder folders are")
-    modules = load_circuit_tracer(folder, adapter) if fmt == "circuit-tracer" else load_llamascope(folder, adapter)
+    loaders = {"circuit-tracer": load_circuit_tracer, "circuit-tracer-clt": load_circuit_tracer_clt,
+               "llamascope": load_llamascope}
+    modules = loaders[fmt](folder, adapter)
     for (kind, L), m in modules.items():
         _check_fits(m, kind, L, adapter, folder)
         m.requires_grad_(False)
@@ -109,12 +120,38 @@ def load_circuit_tracer(folder: Path, adapter) -> dict[tuple[str, int], torch.nn
     from .transcoder import Transcoder
 
     conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-    _check_ct_hooks(conf, folder)
+    reads = _check_ct_hooks(conf, folder)
     files = _ct_layer_files(folder, conf)
     if not files:
         raise ForeignFormatError(f"{folder} has a circuit-tracer config.yaml but no layer_<L>.safetensors files")
     k = _ct_top_k(conf.get("top_k"), folder)
-    return {("transcoder", L): Transcoder.from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
+    out = {("transcoder", L): Transcoder.from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
+    return _reading(out, reads, folder)
+
+
+def _reading(modules: dict, reads: str, folder: Path) -> dict:
+    """``modules`` with their encoders reading ``reads`` (a point of replacement/hooks.py)."""
+    for (_, L), tc in modules.items():
+        if reads != "mlp.in" and tc.W_skip is not None:
+            raise ForeignFormatError(f"{folder}: the layer-{L} transcoder reads {reads} and has a skip connection; "
+                                     "only transcoders reading the MLP's input (mlp.hook_in) may have one")
+        tc.cfg.reads = reads
+    return modules
+
+
+def load_circuit_tracer_clt(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
+    """A cross-layer transcoder: ``W_enc_{L}`` / ``W_dec_{L}.safetensors`` (replacement/transcoder.py's
+    `clt_from_circuit_tracer`), with the hooks and top_k of its config.yaml (circuit-tracer's default input hook
+    for a CLT without one is hook_resid_mid)."""
+    from .transcoder import clt_from_circuit_tracer
+
+    conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+    reads = _check_ct_hooks(conf, folder, default_in="hook_resid_mid")
+    layers = clt_from_circuit_tracer(folder, _ct_top_k(conf.get("top_k"), folder))
+    if len(layers) != adapter.n_layers:
+        raise ForeignFormatError(f"{folder} is a CLT of {len(layers)} layers; {adapter.name} has {adapter.n_layers} "
+                                 "layers")
+    return _reading({("transcoder", L): tc for L, tc in layers.items()}, reads, folder)
 
 
 def _ct_top_k(raw, folder: Path) -> int:
@@ -146,12 +183,15 @@ def _ct_layer_files(folder: Path, conf: dict) -> dict[int, Path]:
     return {L: (folder / p if not Path(p).is_absolute() else Path(p)) for L, p in enumerate(listed)}
 
 
-def _check_ct_hooks(conf: dict, folder: Path) -> None:
-    hin, hout = conf.get("feature_input_hook", CT_INPUT_HOOKS[0]), conf.get("feature_output_hook", CT_OUTPUT_HOOKS[0])
+def _check_ct_hooks(conf: dict, folder: Path, default_in: str = "mlp.hook_in") -> str:
+    """The point (replacement/hooks.py) the transcoders of a circuit-tracer config read; one line if they do not
+    replace an MLP."""
+    hin, hout = conf.get("feature_input_hook", default_in), conf.get("feature_output_hook", CT_OUTPUT_HOOKS[0])
     if hin not in CT_INPUT_HOOKS or hout not in CT_OUTPUT_HOOKS:
         raise ForeignFormatError(f"{folder}: transcoders reading {hin!r} and writing {hout!r}; only those that read the "
-                                 f"MLP's normalised input ({' or '.join(CT_INPUT_HOOKS)}) and predict its output "
-                                 f"({' or '.join(CT_OUTPUT_HOOKS)}) replace an MLP")
+                                 f"MLP's normalised input or the residual stream before it ({', '.join(CT_INPUT_HOOKS)}) "
+                                 f"and predict its output ({' or '.join(CT_OUTPUT_HOOKS)}) replace an MLP")
+    return CT_INPUT_HOOKS[hin]
 
 
 # -- Llamascopium ----------------------------------------------------------------------------------------
@@ -217,6 +257,9 @@ def _check_fits(module, kind: str, L: int, adapter, folder: Path) -> None:
                                  f"d_model {adapter.d_model}")
     if not 0 <= L < adapter.n_layers:
         raise ForeignFormatError(f"{folder} has a {kind} for layer {L}; {adapter.name} has {adapter.n_layers} layers")
+    if getattr(module.cfg, "reads", "mlp.in") == "resid_mid" and adapter.parallel_residual:
+        raise ForeignFormatError(f"{folder}: transcoders reading hook_resid_mid need a sequential block; "
+                                 f"{adapter.name}'s attention and MLP read the same residual (no resid_mid)")
     bad = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise ForeignFormatError(f"{folder}: the layer-{L} {kind}'s {bad[0]} holds NaN or infinite values")
@@ -266,6 +309,8 @@ def feature_bound(model, ids: torch.Tensor) -> list[int]:
     if all(tcs[L].cfg.top_k for L in sorted(tcs)):
         return [tcs[L].cfg.top_k for L in sorted(tcs)]
     with torch.no_grad():
-        cache = model.adapter.run(ids, capture=layer_names(tcs, "mlp.in")).cache
-        return [tcs[L].cfg.top_k or int((tcs[L].encode(cache[hook_name(L, "mlp.in")][0].float()).values > 0).sum(-1).max())
-                for L in sorted(tcs)]
+        from .assemble import input_point, transcoder_input
+
+        cache = model.adapter.run(ids, capture=[hook_name(L, input_point(tcs[L])) for L in tcs]).cache
+        return [tcs[L].cfg.top_k or int((tcs[L].encode(transcoder_input(model.adapter, tcs[L], L, cache)[0]).values > 0)
+                                        .sum(-1).max()) for L in sorted(tcs)]

@@ -3,6 +3,11 @@
     f = TopK_K(ReLU(W_enc x + b_enc))        ranked by f * ||W_dec row||, like Lorsa's heads
     y_hat = W_dec^T f + b_dec (+ W_skip x, optional, off by default)
 
+A cross-layer transcoder (CLT) is one such module per layer L whose features also write into the MLP outputs
+of the ``n_later`` layers after L, each through its own decoder (``W_dec_later [N, n_later, d]``): the MLP
+output of layer T is then replaced by  sum over L <= T of W_dec(L -> T)^T f_L + b_dec(T)  (`decoder_into`;
+the sum itself: replacement/assemble.py's `ReplacementModel.mlp_replacement`).
+
 Loaded from elsewhere, a transcoder may instead be JumpReLU (``jumprelu``: f_i = pre_i if pre_i > theta_i, else
 0, thresholds theta [N] >= 0) and may have no top-K (``top_k`` 0: every feature that passes its activation).
 
@@ -34,6 +39,10 @@ class TranscoderConfig(ModuleConfig):
     skip: bool = False
     layer: int = 0
     jumprelu: bool = False  # JumpReLU with per-feature thresholds (the ``threshold`` parameter [N])
+    n_later: int = 0  # a CLT layer: its features also write into the MLP outputs of the next n_later layers
+    reads: str = "mlp.in"  # what the encoder reads: the MLP's input ("mlp.in", after its norm and gain); the norm's
+    # output before its gain and bias ("mlp.normalized", TransformerLens's ln2.hook_normalized); or the residual
+    # stream before the norm ("resid_mid", circuit-tracer's hook_resid_mid)
 
     @classmethod
     def default_for(cls, adapter, layer: int = 0, expansion: int = 8, top_k: int = 32) -> "TranscoderConfig":
@@ -51,6 +60,24 @@ class Transcoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.W_skip = nn.Parameter(torch.zeros(d, d)) if cfg.skip else None  # y += x @ W_skip
         self.threshold = nn.Parameter(torch.zeros(N)) if cfg.jumprelu else None  # [N] JumpReLU thresholds
+        # [N, n_later, d]: a CLT layer's decoders into layers layer+1 .. layer+n_later
+        self.W_dec_later = nn.Parameter(torch.zeros(N, cfg.n_later, d)) if cfg.n_later else None
+
+    def writes_into(self) -> range:
+        """The layers whose MLP output the features write: their own, and a CLT layer's ``n_later`` after it."""
+        return range(self.cfg.layer, self.cfg.layer + 1 + self.cfg.n_later)
+
+    def decoder_into(self, T: int) -> torch.Tensor:
+        """[N, d]: the decoder of the features into layer T's MLP output (T in `writes_into`)."""
+        if T not in self.writes_into():
+            raise ValueError(f"the layer-{self.cfg.layer} transcoder does not write into layer {T}")
+        return self.W_dec if T == self.cfg.layer else self.W_dec_later[:, T - self.cfg.layer - 1]
+
+    def write_norms(self) -> torch.Tensor:
+        """[N]: the size of everything a feature writes per unit of activation (its decoders, into every layer)."""
+        if self.W_dec_later is None:
+            return self.W_dec.norm(dim=-1)
+        return (self.W_dec.square().sum(-1) + self.W_dec_later.square().sum((-1, -2))).sqrt()
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[..., N] from x [..., d]."""
@@ -59,8 +86,8 @@ class Transcoder(nn.Module):
     def encode(self, x: torch.Tensor, k: int | None = None) -> SparseCode:
         k = k or self.cfg.top_k
         if self.threshold is None and k:
-            return topk_relu(self.pre_activations(x), self.W_dec.norm(dim=-1), k)
-        return gated_code(self.pre_activations(x), self.threshold, self.W_dec.norm(dim=-1), k)
+            return topk_relu(self.pre_activations(x), self.write_norms(), k)
+        return gated_code(self.pre_activations(x), self.threshold, self.write_norms(), k)
 
     def decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W_dec, self.b_dec
@@ -166,6 +193,78 @@ class Transcoder(nn.Module):
         self.b_dec.copy_(b_dec)
         if W_skip is not None:
             self.W_skip.copy_(W_skip)
+
+
+def clt_from_circuit_tracer(folder: str | Path, top_k: int = 0) -> dict[int, Transcoder]:
+    """circuit-tracer's cross-layer transcoder folder (what its ``CrossLayerTranscoder.to_safetensors`` writes),
+    as one `Transcoder` per layer L (``n_later`` = n_layers - 1 - L):
+
+        W_enc_{L}.safetensors   W_enc_{L} [N, d], b_enc_{L} [N], b_dec_{L} [d] (the bias of layer L's MLP
+                                output), threshold_{L} [N] (JumpReLU; absent: ReLU)
+        W_dec_{L}.safetensors   W_dec_{L} [N, n_layers - L, d]: slice j is the decoder into layer L + j
+
+    Layers are 0 .. n_layers - 1 with no gap.  Anything missing, misshapen or not finite: ForeignFormatError."""
+    import re
+
+    from .checkpoint import load
+
+    folder = Path(folder)
+    layers = sorted(int(m.group(1)) for p in folder.glob("W_enc_*.safetensors")
+                    if (m := re.fullmatch(r"W_enc_(\d+)\.safetensors", p.name)))
+    if not layers:
+        raise ForeignFormatError(f"{folder} holds no W_enc_<L>.safetensors files of a circuit-tracer CLT")
+    n = len(layers)
+    if layers != list(range(n)):
+        raise ForeignFormatError(f"{folder}: the CLT's W_enc_<L>.safetensors files must be layers 0..{n - 1} with "
+                                 f"no gap; found {layers}")
+    out, jump = {}, None
+    for L in range(n):
+        enc, _ = load(folder / f"W_enc_{L}.safetensors")
+        dec_path = folder / f"W_dec_{L}.safetensors"
+        if not dec_path.is_file():
+            raise ForeignFormatError(f"{folder} is a partial CLT: W_enc_{L}.safetensors has no W_dec_{L}.safetensors")
+        dec, _ = load(dec_path)
+        t = _clt_layer_tensors(enc, dec, L, n, folder)
+        N, d = t["W_enc"].shape
+        if jump is None:
+            jump, width = "threshold" in t, (N, d)
+        if ("threshold" in t) != jump or (N, d) != width:
+            raise ForeignFormatError(f"{folder}: the CLT's layer {L} differs from layer 0 (features, width or "
+                                     "activation); every layer must share them")
+        tc = Transcoder(TranscoderConfig(d_model=d, n_features=N, top_k=top_k, layer=L, jumprelu=jump,
+                                         n_later=n - 1 - L))
+        W_dec = t["W_dec"]  # [N, n - L, d]
+        tc._assign(t["W_enc"], t["b_enc"], W_dec[:, 0], t["b_dec"], None)
+        with torch.no_grad():
+            if tc.W_dec_later is not None:
+                tc.W_dec_later.copy_(W_dec[:, 1:])
+            if jump:
+                tc.threshold.copy_(t["threshold"].float().reshape(-1).expand(N))
+        out[L] = tc
+    return out
+
+
+def _clt_layer_tensors(enc: dict, dec: dict, L: int, n: int, folder: Path) -> dict:
+    """One CLT layer's tensors under our names (W_enc, b_enc, b_dec, W_dec, threshold), checked."""
+    names = {"W_enc": (enc, f"W_enc_{L}"), "b_enc": (enc, f"b_enc_{L}"), "b_dec": (enc, f"b_dec_{L}"),
+             "W_dec": (dec, f"W_dec_{L}"), "threshold": (enc, f"threshold_{L}")}
+    missing = [key for name, (src, key) in names.items() if key not in src and name != "threshold"]
+    if missing:
+        raise ForeignFormatError(f"{folder} is not a complete circuit-tracer CLT: layer {L} lacks {', '.join(missing)}")
+    t = {name: src[key] for name, (src, key) in names.items() if key in src}
+    N, d = t["W_enc"].shape if t["W_enc"].dim() == 2 else (-1, -1)
+    want = {"W_enc": (N, d), "b_enc": (N,), "b_dec": (d,), "W_dec": (N, n - L, d)}
+    for name, shape in want.items():
+        if tuple(t[name].shape) != shape:
+            raise ForeignFormatError(f"{folder}: the CLT's {names[name][1]} has shape {tuple(t[name].shape)}, expected "
+                                     f"{shape} (a CLT of {n} layers)")
+    theta = t.get("threshold")
+    if theta is not None and (theta.numel() not in (1, N) or bool((theta.float() < 0).any())):
+        raise ForeignFormatError(f"{folder}: threshold_{L} must be {N} values >= 0 (or one)")
+    bad = [names[k][1] for k, v in t.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ForeignFormatError(f"{folder}: the CLT's {bad[0]} holds NaN or infinite values")
+    return t
 
 
 def _check_circuit_tracer_tensors(t: dict, path: Path) -> tuple[int, int]:

@@ -4,7 +4,9 @@ tests/test_circuit_tracer.py.  Uses only circuit-tracer's own code:
     python circuit_tracer_reference.py MODEL_FOLDER OUT_FOLDER KIND SEED IDS LOGIT_IDS
 
 1. writes random per-layer transcoders (KIND: relu, jumprelu or jumprelu-skip) with its classes `SingleLayerTranscoder` and
-   `TranscoderSet.to_safetensors` into OUT_FOLDER/transcoders (plus the config.yaml its loader reads);
+   `TranscoderSet.to_safetensors`, or (KIND: clt-jumprelu or clt-relu) a cross-layer transcoder with its class
+   `CrossLayerTranscoder` and its `to_safetensors` (KIND clt-jumprelu-resid: reading hook_resid_mid, the residual
+   stream before the MLP's norm), into OUT_FOLDER/transcoders (plus the config.yaml its loader reads);
 2. traces the token ids IDS (comma-separated, starting with BOS) with `ReplacementModel.from_pretrained_and_transcoders`
    (nnsight backend, float32, CPU) and `attribute`, the logit targets being LOGIT_IDS (or, given
    "auto", its own choice: at most 10, to 95% probability);
@@ -18,7 +20,13 @@ import torch
 from safetensors.torch import save_file
 
 
-def make_transcoders(d_model: int, n_layers: int, kind: str, seed: int, folder: Path):
+# where circuit-tracer's transcoders read and write, per architecture (its nnsight hook names): the MLP's
+# normalised input and its output (Gemma-2: after the MLP's own post-norm)
+HOOKS = {"llama": ("mlp.hook_in", "mlp.hook_out"), "qwen3": ("mlp.hook_in", "mlp.hook_out"),
+         "gemma2": ("ln2.hook_normalized", "hook_mlp_out")}
+
+
+def make_transcoders(d_model: int, n_layers: int, kind: str, seed: int, folder: Path, hooks: tuple[str, str]):
     from circuit_tracer.transcoder.activation_functions import JumpReLU
     from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
 
@@ -38,11 +46,37 @@ def make_transcoders(d_model: int, n_layers: int, kind: str, seed: int, folder: 
             if tc.W_skip is not None:
                 tc.W_skip.copy_(torch.randn(d_model, d_model, generator=g) * 0.05)
         tcs[L] = tc
-    tset = TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out")
+    tset = TranscoderSet(tcs, feature_input_hook=hooks[0], feature_output_hook=hooks[1])
     tset.to_safetensors(str(folder))
-    (folder / "config.yaml").write_text("model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n"
-                                        "feature_output_hook: mlp.hook_out\n")
+    (folder / "config.yaml").write_text(f"model_kind: transcoder_set\nfeature_input_hook: {hooks[0]}\n"
+                                        f"feature_output_hook: {hooks[1]}\n")
     return tset
+
+
+def make_clt(d_model: int, n_layers: int, kind: str, seed: int, folder: Path, hooks: tuple[str, str]):
+    """A random cross-layer transcoder built and saved by circuit-tracer's own CrossLayerTranscoder: every layer's
+    features read that layer's MLP input and write into its own and every later MLP output."""
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+
+    g = torch.Generator().manual_seed(seed)
+    n_features = 3 * d_model
+    jump = kind.startswith("clt-jumprelu")
+    enc = 0.4 if hooks[0] != "hook_resid_mid" else 8.0  # the residual stream's entries are ~20x smaller
+    clt = CrossLayerTranscoder(n_layers, n_features, d_model, activation_function="jump_relu" if jump else "relu",
+                               lazy_decoder=False, feature_input_hook=hooks[0], feature_output_hook=hooks[1],
+                               device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(n_layers, n_features, d_model, generator=g) * enc)
+        clt.b_enc.copy_(torch.randn(n_layers, n_features, generator=g) * 0.1 - 0.2)
+        clt.b_dec.copy_(torch.randn(n_layers, d_model, generator=g) * 0.02)
+        for i in range(n_layers):
+            clt.W_dec[i].copy_(torch.randn(n_features, n_layers - i, d_model, generator=g) * 0.04)
+        if jump:
+            clt.activation_function.threshold.copy_(torch.rand(n_layers, 1, n_features, generator=g) * 0.3)
+    clt.to_safetensors(str(folder))
+    (folder / "config.yaml").write_text(f"model_kind: cross_layer_transcoder\nfeature_input_hook: {hooks[0]}\n"
+                                        f"feature_output_hook: {hooks[1]}\n")
+    return clt
 
 
 def main(model_folder: str, out: str, kind: str, seed: str, ids: str, logit_ids: str) -> None:
@@ -52,7 +86,9 @@ def main(model_folder: str, out: str, kind: str, seed: str, ids: str, logit_ids:
 
     out_dir = Path(out)
     conf = AutoConfig.from_pretrained(model_folder)
-    tset = make_transcoders(conf.hidden_size, conf.num_hidden_layers, kind, int(seed), out_dir / "transcoders")
+    make = make_clt if kind.startswith("clt-") else make_transcoders
+    hooks = ("hook_resid_mid", HOOKS[conf.model_type][1]) if kind.endswith("-resid") else HOOKS[conf.model_type]
+    tset = make(conf.hidden_size, conf.num_hidden_layers, kind, int(seed), out_dir / "transcoders", hooks)
     model = ReplacementModel.from_pretrained_and_transcoders(model_folder, tset, backend="nnsight",
                                                              device=torch.device("cpu"), dtype=torch.float32)
     tokens = torch.tensor([int(t) for t in ids.split(",")])

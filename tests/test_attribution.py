@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from graphs.attribution import attribute, reconstruction_errors
+from replacement.assemble import transcoder_input
 from replacement.models import ModelAdapter
 from tests.conftest import random_replacements, tiny_llama, tiny_neox
 
@@ -79,7 +80,8 @@ def _frozen_targets(model, rec, graph, ablate: str | None):
         for node in graph.node_list:
             L, p = node.layer, node.pos
             if node.type == "transcoder":
-                out[node.id] = float(model.transcoders[L].pre_activations(cache[f"blocks.{L}.mlp.in"])[p, node.index])
+                x = transcoder_input(model.adapter, model.transcoders[L], L, cache)  # mlp.in, or circuit-tracer's reads
+                out[node.id] = float(model.transcoders[L].pre_activations(x)[p, node.index])
             elif node.type == "lorsa":
                 x = cache[f"blocks.{L}.attn.in"][None]
                 z = model.lorsas[L].head_activations(x, rec.layers[L].lorsa_pattern[None])[0]

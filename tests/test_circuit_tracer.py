@@ -1,6 +1,8 @@
 """Against circuit-tracer 0.5.0's own code: the same random small Llama, transcoders written by its own classes,
-traced by both tools (a Llama with
-ReLU, JumpReLU and JumpReLU-with-skip transcoders; a Qwen3 with JumpReLU ones) (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.
+traced by both tools (ours: `--attention frozen`, `--bos zero`); every node and every edge must match.  Fixtures:
+a Llama with ReLU, JumpReLU and JumpReLU-with-skip per-layer transcoders and with JumpReLU and ReLU cross-layer
+transcoders (CLTs; a JumpReLU one reading hook_resid_mid too); a Qwen3 and a Gemma-2 with JumpReLU per-layer
+transcoders and a JumpReLU CLT.
 
 Slow, and skipped unless CIRCUIT_TRACER_VENV names a venv with circuit-tracer 0.5.0 installed
 (benchmarks/make_circuit_tracer_venv.sh builds one; circuit-tracer pins transformers<=4.57, so it cannot share
@@ -51,18 +53,23 @@ def for_old_transformers(model_folder: Path, dest: Path) -> Path:
 
 def model_folder(arch: str, saved_model: Path, dest: Path) -> Path:
     """The random small model of ``arch`` as an HF folder with saved_model's tokenizer: llama is saved_model
-    itself; qwen3 has random QK-norm and norm weights and attention biases (tests/test_adapters.py's recipe)."""
+    itself; qwen3 and gemma2 have random norm weights and biases (tests/test_adapters.py's recipe): QK-norm and
+    attention biases (qwen3); sandwich norms, GeGLU, a sliding window and soft-caps (gemma2)."""
     if arch == "llama":
         return saved_model
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from tests.test_adapters import SMALL, _randomise
 
     tok = AutoTokenizer.from_pretrained(saved_model)
     torch.manual_seed(0)
-    conf = Qwen3Config(**{**SMALL, "vocab_size": len(tok)}, head_dim=16, attention_bias=True,
-                       bos_token_id=tok.bos_token_id)
-    _randomise(Qwen3ForCausalLM(conf)).save_pretrained(dest)
+    common = {**SMALL, "vocab_size": len(tok), "head_dim": 16, "bos_token_id": tok.bos_token_id}
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, attention_bias=True))
+    else:  # sandwich norms, GeGLU, a sliding window on every other layer, both soft-caps
+        model = Gemma2ForCausalLM(Gemma2Config(**common, query_pre_attn_scalar=16, sliding_window=5,
+                                               final_logit_softcapping=0.5, attn_logit_softcapping=2.0))
+    _randomise(model).save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
 
@@ -88,7 +95,9 @@ def our_matrix(graph, ids: list[str]) -> tuple[torch.Tensor, list[str]]:
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "relu"), ("llama", "jumprelu"), ("llama", "jumprelu-skip"),
-                                       ("qwen3", "jumprelu")])
+                                       ("qwen3", "jumprelu"), ("llama", "clt-jumprelu"), ("llama", "clt-relu"),
+                                       ("qwen3", "clt-jumprelu"), ("gemma2", "jumprelu"), ("gemma2", "clt-jumprelu"),
+                                       ("llama", "clt-jumprelu-resid")])
 def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch, kind):
     from graphs.attribution import attribute
     from replacement.assemble import ReplacementModel
@@ -100,8 +109,9 @@ def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch,
     ct = run_circuit_tracer(for_old_transformers(folder, tmp_path / "model"), tmp_path / "ct", kind, ids)
     assert ct["input_tokens"].tolist() == ids  # its own BOS rule kept ours
     model = ReplacementModel.load(adapter, str(tmp_path / "ct" / "transcoders"), "frozen")
-    assert all(model.transcoders[L].cfg.jumprelu == kind.startswith("jumprelu") for L in range(adapter.n_layers))
+    assert all(model.transcoders[L].cfg.jumprelu == ("jumprelu" in kind) for L in range(adapter.n_layers))
     assert all(model.transcoders[L].cfg.skip == kind.endswith("-skip") for L in range(adapter.n_layers))
+    assert model.cross_layer == kind.startswith("clt-")
     graph = attribute(model, torch.tensor([ids]), bos="zero", qk=False)
 
     node_ids = circuit_tracer_node_ids(ct, adapter.n_layers)
@@ -122,6 +132,8 @@ def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch,
     assert len(rows) == n_feat + len(graph.logits())  # every feature and logit is a target in theirs
     scale = theirs[rows].abs().amax(1, keepdim=True)
     rel = ((ours[rows] - theirs[rows]).abs() / scale).max()
+    print(f"{arch} {kind}: {n_feat} features, {int((theirs != 0).sum())} edges, max |difference| / largest edge "
+          f"into its target {float(rel):.1e}")
     assert float(rel) <= 1e-4, float(rel)
 
 

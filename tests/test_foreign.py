@@ -1,5 +1,6 @@
 """Replacements written by other tools: circuit-tracer per-layer transcoders (ReLU, JumpReLU, TopK; with or
-without skip), detected from their files, alone or mixed with our own folders."""
+without skip) and Llamascopium Lorsa, detected from their files, alone or mixed with our own folders (CLTs:
+tests/test_clt.py)."""
 from __future__ import annotations
 
 import pytest
@@ -214,12 +215,12 @@ def _broken_sets(tmp_path, adapter) -> dict:
     out["width"] = (write_ct_folder(tmp_path / "width", wide), f"has d_model {adapter.d_model}")
     deep = _ct_set(tmp_path / "deep", adapter, layers=range(adapter.n_layers + 1))
     out["layers"] = (deep, f"has {adapter.n_layers} layers")
-    hooks = write_ct_folder(tmp_path / "hooks", {0: _ct_tensors(adapter.d_model, 48)}, hooks=("hook_resid_mid", "hook_mlp_out"))
+    hooks = write_ct_folder(tmp_path / "hooks", {0: _ct_tensors(adapter.d_model, 48)}, hooks=("hook_resid_pre", "hook_mlp_out"))
     out["hooks"] = (hooks, "only those that read the MLP's normalised input")
     clt = tmp_path / "clt"
     clt.mkdir()
     (clt / "config.yaml").write_text("model_kind: cross_layer_transcoder\nfeature_input_hook: mlp.hook_in\n")
-    out["clt"] = (clt, "cross-layer transcoders")
+    out["clt"] = (clt, "no W_enc_<L>.safetensors files")  # a CLT config.yaml without the CLT
     clt_files = tmp_path / "clt-files"  # the layout of circuit-tracer's CrossLayerTranscoder.to_safetensors
     clt_files.mkdir()
     for L in range(adapter.n_layers):
@@ -227,7 +228,8 @@ def _broken_sets(tmp_path, adapter) -> dict:
                    f"b_dec_{L}": torch.zeros(adapter.d_model)}, str(clt_files / f"W_enc_{L}.safetensors"))
         save_file({f"W_dec_{L}": torch.zeros(4, adapter.n_layers - L, adapter.d_model)},
                   str(clt_files / f"W_dec_{L}.safetensors"))
-    out["clt-files"] = (clt_files, "cross-layer transcoders")
+    (clt_files / f"W_dec_{adapter.n_layers - 1}.safetensors").unlink()  # no config.yaml, and the last decoder gone
+    out["clt-files"] = (clt_files, "partial CLT")
     bad_yaml = _ct_set(tmp_path / "yaml", adapter)
     (bad_yaml / "config.yaml").write_text("model_kind: [unclosed\n")
     out["yaml"] = (bad_yaml, "not valid YAML")
@@ -316,3 +318,62 @@ def test_eval_and_heads_take_a_mix(tmp_path, saved_model):
     r = _cli("heads", "--model", str(saved_model), "--layer", "1", *mix, "--n-seqs", "2", "--text", str(text),
              "--cache-dir", str(tmp_path / "cache"), cwd=repo)
     assert r.returncode == 0, r.stderr
+
+
+def write_llamascope_lorsa(folder, lorsa, layer: int, rotary_base: float = 10000.0):
+    """One Lorsa in Llamascopium's layout: config.json + sae_weights.safetensors (W_Q/W_K [n_qk, d, d_qk], b_Q/b_K,
+    W_V/W_O [H, d], b_V [H], b_D [d])."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t = {k: v.detach().clone().contiguous() for k, v in lorsa.named_parameters()}
+    t["b_D"] = t.pop("b_O")
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    c = lorsa.cfg
+    (folder / "config.json").write_text(json.dumps({
+        "n_qk_heads": c.n_qk, "d_qk_head": c.d_qk, "top_k": c.top_k, "rotary_dim": c.rotary_dim,
+        "rotary_base": rotary_base, "norm_activation": "none", "hook_point_in": f"blocks.{layer}.ln1.hook_normalized",
+        "hook_point_out": f"blocks.{layer}.hook_attn_out"}))
+    return folder
+
+
+@pytest.mark.parametrize("transcoders", ["plt", "clt"])
+def test_llamascope_lorsa_with_circuit_tracer_transcoders_gives_a_complete_graph(tmp_path, saved_model, transcoders):
+    """Lorsa mode end to end from foreign folders only: Llamascopium Lorsa (one subfolder per layer) plus
+    circuit-tracer transcoders (per-layer JumpReLU, or a CLT): the loaded heads are the ones written, and every
+    target of the graph (QK tables included) is reconstructed."""
+    import math
+
+    from graphs.attribution import attribute, reconstruction_errors
+    from replacement.assemble import ReplacementModel
+    from replacement.foreign import detect_format
+    from replacement.models import load_model
+    from tests.conftest import random_replacements
+    from tests.test_clt import clt_tensors, write_clt_folder
+
+    adapter = load_model(str(saved_model))
+    written = random_replacements(adapter, seed=3).lorsas
+    ls = tmp_path / "llamascope"
+    for L, lorsa in written.items():
+        write_llamascope_lorsa(ls / f"L{L}A", lorsa, L)
+    assert detect_format(ls) == "llamascope"
+    tc = (_ct_set(tmp_path / "ct", adapter) if transcoders == "plt"
+          else write_clt_folder(tmp_path / "clt", clt_tensors(adapter.n_layers, adapter.d_model)))
+    model = ReplacementModel.load(adapter, [str(ls), str(tc)], "lorsa")
+    assert model.cross_layer == (transcoders == "clt")
+    x = torch.randn(1, 7, adapter.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for L, lorsa in written.items():
+            torch.testing.assert_close(model.lorsas[L](x)[0], lorsa(x)[0], rtol=1e-5, atol=1e-6)
+    ids = adapter.tokenize("the cat sat on the mat. 1 + 2 = 3")
+    graph = attribute(model, ids)
+    errs = reconstruction_errors(graph)
+    assert len(graph.nodes(type="lorsa")) > 10 and len(errs) > 30 and max(errs.values()) <= 1e-4
+    rec = model.record(ids)
+    for head in graph.nodes(type="lorsa")[:20]:  # the QK split sums to the loaded module's own score
+        lorsa = model.lorsas[head.layer]
+        q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])
+        g = head.index // lorsa.cfg.heads_per_group
+        for info in head.qk:
+            real = float(q[0, g, head.pos] @ k[0, g, info.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
+            assert abs(info.score - real) <= 1e-4 * max(1.0, abs(real))
