@@ -36,7 +36,7 @@ from replacement.errors import BadInputError
 from replacement.models import single_token
 from replacement.tokenizer import token_text
 
-from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKind, unit_label
+from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node, NodeKey, NodeKind, unit_label
 from .linear import Linearised, Source
 from .prune import logit_decomposition
 
@@ -168,6 +168,14 @@ class _Nodes:
             self.sources[node.id] = Source(slot, node.pos, vec)
         return len(self.nodes) - 1
 
+    def add_many(self, nodes: list[Node], slot: int, vecs: torch.Tensor) -> list[int]:
+        """Append ``nodes`` (node i writing ``vecs[i]`` [d] at ``slot``); their rows."""
+        first = len(self.nodes)
+        self.nodes.extend(nodes)
+        for node, vec in zip(nodes, vecs):
+            self.sources[node.id] = Source(slot, node.pos, vec)
+        return list(range(first, len(self.nodes)))
+
     def add_targets(self, kind: NodeKind, L: int, rows: list[tuple[int, int, int]]) -> None:
         """A target group from (node row, unit index, position) triples."""
         self.targets.append((kind, L, *map(torch.tensor, zip(*rows))) if rows else (kind, L, None, None, None))
@@ -191,17 +199,23 @@ def _graph_nodes(model: ReplacementModel, rec: Record, tokens: list[str]) -> _No
 def _lorsa_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
     """The active Lorsa heads of layer L, and their target group (z patterns: `z_patterns`, for the heads a
     graph keeps)."""
-    lr, lorsa = rec.layers[L], model.lorsas[L]
-    code = lr.lorsa_code
-    preacts = lr.lorsa_z.gather(1, code.indices).tolist()  # [n][k]
-    W_O = lorsa.W_O.float()
-    rows = []
-    for p, (vals, heads) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
-        for v, h, z in zip(vals, heads, preacts[p]):
-            if v > 0:
-                node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
-                rows.append((out.add(node, 2 * L + 1, v * W_O[h]), h, p))
-    out.add_targets(NodeKind.LORSA, L, rows)
+    lr = rec.layers[L]
+    _unit_nodes(out, NodeKind.LORSA, L, lr.lorsa_code, lr.lorsa_z, model.lorsas[L].W_O, 2 * L + 1)
+
+
+def _unit_nodes(out: _Nodes, kind: NodeKind, L: int, code, preacts: torch.Tensor, W_out: torch.Tensor,
+                slot: int) -> None:
+    """The active units (activation > 0) of a sparse code (values, indices [n, k]) as nodes, position by
+    position, and their target group; ``preacts`` [n, units], ``W_out`` [units, d]: what one unit writes."""
+    pos, j = (code.values > 0).nonzero(as_tuple=True)  # [B], row-major: position by position, in code order
+    units = code.indices[pos, j]
+    acts = code.values[pos, j]
+    vecs = acts[:, None] * W_out[units].float()  # [B, d] what each node writes
+    pre, units_l, pos_l = preacts[pos, units].tolist(), units.tolist(), pos.tolist()
+    rows = out.add_many([Node(i, kind, L, p, u, activation=v, label=unit_label(kind, L, u), preact=z)
+                         for i, p, u, v, z in zip(NodeKey.ids(kind, L, units_l, pos_l), pos_l, units_l, acts.tolist(), pre)],
+                        slot, vecs)
+    out.add_targets(kind, L, list(zip(rows, units_l, pos_l)))
 
 
 def z_patterns(model: ReplacementModel, rec: Record, nodes: list[Node]) -> None:
@@ -224,24 +238,15 @@ def z_patterns(model: ReplacementModel, rec: Record, nodes: list[Node]) -> None:
 def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> None:
     """The active transcoder features of layer L, and their target group."""
     lr, tc = rec.layers[L], model.transcoders[L]
-    code = lr.tc_code
-    preacts = tc.pre_activations(lr.mlp_in).gather(1, code.indices).tolist()  # [n][k]
-    W_dec = tc.W_dec.float()
-    rows = []
-    for p, (vals, feats) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
-        for v, f, pre in zip(vals, feats, preacts[p]):
-            if v > 0:
-                node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v,
-                                 label=unit_label(NodeKind.TRANSCODER, L, f), preact=pre)
-                rows.append((out.add(node, 2 * L + 2, v * W_dec[f]), f, p))
-    out.add_targets(NodeKind.TRANSCODER, L, rows)
+    _unit_nodes(out, NodeKind.TRANSCODER, L, lr.tc_code, tc.pre_activations(lr.mlp_in), tc.W_dec, 2 * L + 2)
 
 
 def _error_nodes(out: _Nodes, kind: NodeKind, L: int, err: torch.Tensor, slot: int) -> None:
     """One error node per position (err [n, d]: what the replacement misses of the real layer's output)."""
-    what = "attn" if kind == NodeKind.ATTN_ERROR else "mlp"
-    for p in range(err.shape[0]):
-        out.add(Node.make(kind, L, -1, p, activation=float(err[p].norm()), label=f"L{L} {what} err"), slot, err[p])
+    label = f"L{L} {'attn' if kind == NodeKind.ATTN_ERROR else 'mlp'} err"
+    pos = list(range(err.shape[0]))
+    out.add_many([Node(i, kind, L, p, -1, activation=a, label=label)
+                  for i, p, a in zip(NodeKey.ids(kind, L, [], pos), pos, err.norm(dim=-1).tolist())], slot, err)
 
 
 def fold_position(made: _Nodes, pos: int) -> dict:
@@ -304,19 +309,35 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
 
 
 def source_groups(nodes: list[Node], sources: dict) -> dict:
-    """(slot, pos) -> (node rows [S], written vectors [S, d]) of every node that writes."""
+    """pos -> (slots [S], node rows [S], written vectors [S, d]) of every node that writes at that position,
+    in slot order (so that the writes of a range of slots are one slice)."""
     index = {node.id: i for i, node in enumerate(nodes)}
-    grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    grouped: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
     for nid, s in sources.items():
-        grouped.setdefault((s.slot, s.pos), []).append((index[nid], s.vector))
-    return {key: (torch.tensor([i for i, _ in items]), torch.stack([v for _, v in items]))
-            for key, items in grouped.items()}
+        grouped.setdefault(s.pos, []).append((s.slot, index[nid], s.vector))
+    out = {}
+    for p, items in grouped.items():
+        items.sort(key=lambda x: x[0])
+        out[p] = (torch.tensor([w for w, _, _ in items]), torch.tensor([i for _, i, _ in items]),
+                  torch.stack([v for _, _, v in items]))
+    return out
+
+
+def _runs(G: list, read_slot: int) -> list[tuple[int, int]]:
+    """The slots 0..read_slot as (first, last) runs that share one gradient tensor (in Lorsa mode one run: no
+    frozen attention or skip connection between a write and the read)."""
+    runs, lo = [], 0
+    for w in range(1, read_slot + 1):
+        if G[w] is not G[lo]:
+            runs.append((lo, w - 1))
+            lo = w
+    return runs + [(lo, read_slot)]
 
 
 def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: int, idx: torch.Tensor,
                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense incoming rows W [B, n_nodes] and constant terms [B] of B targets of one kind and layer
-    (units ``idx``, positions ``pos``: [B])."""
+    (units ``idx``, positions ``pos``: [B]).  One product per position and run of slots with one gradient."""
     if kind == NodeKind.LORSA:
         (R, const), read_slot = lin.read_lorsa(L, idx, pos), 2 * L
     elif kind == NodeKind.TRANSCODER:
@@ -325,21 +346,24 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
         (R, const), read_slot = lin.read_logits(idx), lin.final_slot
     G = lin.slot_gradients(R, read_slot)
     W = torch.zeros(len(idx), n_nodes, device=lin.device)
-    for w in range(read_slot + 1):
-        bias = lin.slot_bias(w)
-        if bias is not None:
-            const = const + G[w].sum(1) @ bias
+    for lo, hi in _runs(G, read_slot):
+        g_run = G[lo]  # [B, n, d]
+        biases = [b for b in map(lin.slot_bias, range(lo, hi + 1)) if b is not None]
+        if biases:
+            const = const + g_run.sum(1) @ sum(biases)
         for (fw, fp), vec in lin.folded.items():  # writes folded into the constants (bos="zero")
-            if fw == w:
-                const = const + G[w][:, fp] @ vec
-        for p in range(lin.n):
-            if (w, p) not in groups:
+            if lo <= fw <= hi:
+                const = const + g_run[:, fp] @ vec
+        live_at = g_run.abs().sum(-1) > 0  # [B, n]: which targets read each position at all
+        for p, (slots, cols, U) in groups.items():
+            a, b = int(torch.searchsorted(slots, lo)), int(torch.searchsorted(slots, hi, right=True))
+            if a == b:
                 continue
-            g = G[w][:, p]  # [B, d]
-            live = (g.abs().sum(-1) > 0).nonzero()[:, 0]
-            if len(live):
-                cols, U = groups[(w, p)]
-                W[live[:, None], cols[None]] = g[live] @ U.t()
+            live = live_at[:, p].nonzero()[:, 0]
+            if len(live) == len(idx):
+                W[:, cols[a:b]] = g_run[:, p] @ U[a:b].t()
+            elif len(live):
+                W[live[:, None], cols[None, a:b]] = g_run[live, p] @ U[a:b].t()
     return W, const
 
 
