@@ -34,12 +34,13 @@ ONE = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from benchmarks.bench_scale import build, run_one
-print(json.dumps(run_one(*build(sys.argv[2], sys.argv[5]), int(sys.argv[3]), int(sys.argv[4]))))
+print(json.dumps(run_one(*build(sys.argv[2], sys.argv[5], sys.argv[6]), int(sys.argv[3]), int(sys.argv[4]))))
 """
 
 
-def build(shape: str, device: str):
-    """(ReplacementModel, device) for a random model of ``shape`` with random paper-sized replacements."""
+def build(shape: str, device: str, dtype: str = "float32"):
+    """(ReplacementModel, device) for a random model of ``shape`` with random paper-sized replacements, the model
+    and the replacements' weights in ``dtype`` (bfloat16 halves the memory; attribution computes in float32)."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -50,6 +51,8 @@ def build(shape: str, device: str):
 
     arch, kw = SHAPES[shape]
     torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    torch.set_default_dtype(dt)  # the random weights are made in dtype: no float32 copy of a 1B model first
     hf = (GPTNeoXForCausalLM(GPTNeoXConfig(**kw)) if arch == "neox" else LlamaForCausalLM(LlamaConfig(**kw))).eval()
     adapter = ModelAdapter(hf.to(device), name=shape)
     modules = {}
@@ -57,8 +60,9 @@ def build(shape: str, device: str):
         cfg = LorsaConfig.default_for(adapter, L)  # 8 QK groups per head, 64 heads per group, K = 64
         lorsa = lorsa_for_model(adapter, L, cfg)
         tc = Transcoder(TranscoderConfig(adapter.d_model, cfg.n_heads, 64, layer=L))
-        modules[("lorsa", L)] = lorsa.to(device).eval()
-        modules[("transcoder", L)] = tc.to(device).eval()
+        modules[("lorsa", L)] = lorsa.to(device, dt).eval()
+        modules[("transcoder", L)] = tc.to(device, dt).eval()
+    torch.set_default_dtype(torch.float32)
     return ReplacementModel(adapter, modules, "lorsa"), device
 
 
@@ -100,11 +104,13 @@ def main():
     ap.add_argument("--tokens", default="16,64,256")
     ap.add_argument("--max-feature-nodes", type=int, default=1500)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="of the model's and the replacements' weights (bfloat16: the Llama-3.2-1B shape in 12 GB)")
     a = ap.parse_args()
     print(f"{a.shape}, random weights and paper-sized random replacements, --max-feature-nodes "
-          f"{a.max_feature_nodes}, {a.device}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+          f"{a.max_feature_nodes}, {a.device}, {a.dtype} weights, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     for n in (int(x) for x in a.tokens.split(",")):
-        r = subprocess.run([sys.executable, "-c", ONE, str(ROOT), a.shape, str(n), str(a.max_feature_nodes), a.device],
+        r = subprocess.run([sys.executable, "-c", ONE, str(ROOT), a.shape, str(n), str(a.max_feature_nodes), a.device, a.dtype],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if r.returncode != 0:
             print(f"  {n} tokens: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
