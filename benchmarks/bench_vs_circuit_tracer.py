@@ -13,8 +13,8 @@ transcoder features per layer.
 Every timed run is a fresh process of one tool that loads the model, attributes once (warm-up) and then times a
 second `attribute` (warm: model, transcoders and code loaded); the tools alternate run by run, so that a change
 of load on the machine touches both alike (the first pair, whose graphs are compared, counts as the first run
-of the first thread count).  The large size needs about 10 GB free: circuit-tracer's graph is a dense
-[nodes, nodes] matrix (~45,000 nodes), and ours holds the same edges as index arrays.  Printed: medians (wall and the process's CPU time), the ratio
+of the first thread count).  The large size needs over 10 GB free: circuit-tracer's graph is a dense
+[nodes, nodes] matrix, and ours holds the same edges as index arrays (our process reached 8.5 GB there).  Printed: medians (wall and the process's CPU time), the ratio
 theirs / ours, and the largest difference between the two graphs' edges relative to the largest edge into
 each target (they must agree: 1e-4 fails the run).
 """
