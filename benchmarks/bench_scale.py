@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="of the model's and the replacements' weights (bfloat16: the Llama-3.2-1B shape in 12 GB)")
     a = ap.parse_args()
-    print(f"{a.shape}, random weights and paper-sized random replacements, --max-feature-nodes "
+    print(f"{a.shape}, random weights and random replacements, --max-feature-nodes "
           f"{a.max_feature_nodes}, {a.device}, {a.dtype} weights, {a.qk_per_head} QK groups per head x {a.heads_per_group} heads per group, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     for n in (int(x) for x in a.tokens.split(",")):
         r = subprocess.run([sys.executable, "-c", ONE, str(ROOT), a.shape, str(n), str(a.max_feature_nodes), a.device, a.dtype,
