@@ -40,8 +40,8 @@ print(json.dumps(run_one(*build(sys.argv[2], sys.argv[5], sys.argv[6], int(sys.a
 
 
 def build(shape: str, device: str, dtype: str = "float32", qk_per_head: int = 8, heads_per_group: int = 64):
-    """(ReplacementModel, device) for a random model of ``shape`` with random paper-sized replacements, the model
-    and the replacements' weights in ``dtype`` (bfloat16 halves the memory; attribution computes in float32).
+    """(ReplacementModel, device) for a random model of ``shape`` with random paper-sized replacements, the model's
+    weights in ``dtype`` (bfloat16 halves them) and the replacements' in float32 (they run on float32 inputs).
     ``qk_per_head`` QK groups per model head and ``heads_per_group`` Lorsa heads per group (the paper's 8 and 64 by
     default); the transcoders are as wide as the Lorsa layer."""
     import torch
@@ -63,8 +63,8 @@ def build(shape: str, device: str, dtype: str = "float32", qk_per_head: int = 8,
         cfg = LorsaConfig.default_for(adapter, L, heads_per_group, qk_per_head)  # K = 64
         lorsa = lorsa_for_model(adapter, L, cfg)
         tc = Transcoder(TranscoderConfig(adapter.d_model, cfg.n_heads, 64, layer=L))
-        modules[("lorsa", L)] = lorsa.to(device, dt).eval()
-        modules[("transcoder", L)] = tc.to(device, dt).eval()
+        modules[("lorsa", L)] = lorsa.to(device, torch.float32).eval()
+        modules[("transcoder", L)] = tc.to(device, torch.float32).eval()
     torch.set_default_dtype(torch.float32)
     return ReplacementModel(adapter, modules, "lorsa"), device
 
@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--qk-per-head", type=int, default=8, help="QK groups per model head (the paper: 8)")
     ap.add_argument("--heads-per-group", type=int, default=64, help="Lorsa heads per QK group (the paper: 64)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="of the model's and the replacements' weights (bfloat16: the Llama-3.2-1B shape in 12 GB)")
+                    help="of the model's weights (the replacements stay float32)")
     a = ap.parse_args()
     print(f"{a.shape}, random weights and random replacements, --max-feature-nodes "
           f"{a.max_feature_nodes}, {a.device}, {a.dtype} weights, {a.qk_per_head} QK groups per head x {a.heads_per_group} heads per group, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
