@@ -34,12 +34,16 @@ ONE = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from benchmarks.bench_scale import build, run_one
-print(json.dumps(run_one(*build(sys.argv[2], sys.argv[5]), int(sys.argv[3]), int(sys.argv[4]))))
+print(json.dumps(run_one(*build(sys.argv[2], sys.argv[5], sys.argv[6], int(sys.argv[7]), int(sys.argv[8])),
+                         int(sys.argv[3]), int(sys.argv[4]))))
 """
 
 
-def build(shape: str, device: str):
-    """(ReplacementModel, device) for a random model of ``shape`` with random paper-sized replacements."""
+def build(shape: str, device: str, dtype: str = "float32", qk_per_head: int = 8, heads_per_group: int = 64):
+    """(ReplacementModel, device) for a random model of ``shape`` with random paper-sized replacements, the model's
+    weights in ``dtype`` (bfloat16 halves them) and the replacements' in float32 (they run on float32 inputs).
+    ``qk_per_head`` QK groups per model head and ``heads_per_group`` Lorsa heads per group (the paper's 8 and 64 by
+    default); the transcoders are as wide as the Lorsa layer."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -50,15 +54,18 @@ def build(shape: str, device: str):
 
     arch, kw = SHAPES[shape]
     torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    torch.set_default_dtype(dt)  # the random weights are made in dtype: no float32 copy of a 1B model first
     hf = (GPTNeoXForCausalLM(GPTNeoXConfig(**kw)) if arch == "neox" else LlamaForCausalLM(LlamaConfig(**kw))).eval()
     adapter = ModelAdapter(hf.to(device), name=shape)
     modules = {}
     for L in range(adapter.n_layers):
-        cfg = LorsaConfig.default_for(adapter, L)  # 8 QK groups per head, 64 heads per group, K = 64
+        cfg = LorsaConfig.default_for(adapter, L, heads_per_group, qk_per_head)  # K = 64
         lorsa = lorsa_for_model(adapter, L, cfg)
         tc = Transcoder(TranscoderConfig(adapter.d_model, cfg.n_heads, 64, layer=L))
-        modules[("lorsa", L)] = lorsa.to(device).eval()
-        modules[("transcoder", L)] = tc.to(device).eval()
+        modules[("lorsa", L)] = lorsa.to(device, torch.float32).eval()
+        modules[("transcoder", L)] = tc.to(device, torch.float32).eval()
+    torch.set_default_dtype(torch.float32)
     return ReplacementModel(adapter, modules, "lorsa"), device
 
 
@@ -100,11 +107,16 @@ def main():
     ap.add_argument("--tokens", default="16,64,256")
     ap.add_argument("--max-feature-nodes", type=int, default=1500)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--qk-per-head", type=int, default=8, help="QK groups per model head (the paper: 8)")
+    ap.add_argument("--heads-per-group", type=int, default=64, help="Lorsa heads per QK group (the paper: 64)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="of the model's weights (the replacements stay float32)")
     a = ap.parse_args()
-    print(f"{a.shape}, random weights and paper-sized random replacements, --max-feature-nodes "
-          f"{a.max_feature_nodes}, {a.device}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    print(f"{a.shape}, random weights and random replacements, --max-feature-nodes "
+          f"{a.max_feature_nodes}, {a.device}, {a.dtype} weights, {a.qk_per_head} QK groups per head x {a.heads_per_group} heads per group, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     for n in (int(x) for x in a.tokens.split(",")):
-        r = subprocess.run([sys.executable, "-c", ONE, str(ROOT), a.shape, str(n), str(a.max_feature_nodes), a.device],
+        r = subprocess.run([sys.executable, "-c", ONE, str(ROOT), a.shape, str(n), str(a.max_feature_nodes), a.device, a.dtype,
+                            str(a.qk_per_head), str(a.heads_per_group)],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if r.returncode != 0:
             print(f"  {n} tokens: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")

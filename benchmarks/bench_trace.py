@@ -5,7 +5,9 @@ it writes.
 
 cold: a fresh process running this checkout's `trace` (imports, model and replacement load, attribution,
 pruning, export, dot); its own time line gives the attribution + pruning part.
-warm: the same work again inside one process that has already traced once (model loaded, code warm).
+warm: a second `trace` of the same prompt inside one Python process (the library calling the command's function):
+imports done, the model and its replacements loaded once and kept (cli/trace.py's cache), code warm; it still
+runs the model on the prompt, attributes, prunes and writes every file.
 under load: the same cold runs while one competing torch process multiplies 512x512 matrices in a loop (as
 a training run would), started before and stopped after each run; idle and loaded runs alternate.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import re
 import statistics
 import subprocess
@@ -32,19 +35,25 @@ args = sys.argv[1:]
 runner = CliRunner()
 runner.invoke(trace, args, catch_exceptions=False)
 t = time.time()
+c = time.process_time()
 r = runner.invoke(trace, args, catch_exceptions=False)
-print(time.time() - t)
+print(time.time() - t, time.process_time() - c)
 """
 BUSY = "import torch\nx = torch.randn(512, 512)\nwhile True:\n    y = x @ x\n"
 
 
-def cold_run(args: list[str]) -> tuple[float, float]:
-    """(whole command, attribution + pruning) seconds of one fresh `trace` process."""
-    t = time.time()
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def cold_run(args: list[str]) -> tuple[float, float, float]:
+    """(whole command, attribution + pruning, the command's CPU time) seconds of one fresh `trace` process."""
+    t, c = time.time(), _child_cpu()
     out = subprocess.run([sys.executable, "-c", COLD, *args], check=True, capture_output=True, text=True, env=ENV)
     wall = time.time() - t
     m = re.search(r"attribution \+ pruning ([\d.]+)s", out.stdout)
-    return wall, float(m.group(1)) if m else float("nan")
+    return wall, float(m.group(1)) if m else float("nan"), _child_cpu() - c
 
 
 def loaded(fn, *args):
@@ -69,6 +78,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-load", action="store_true", help="skip the runs beside a busy process")
     a = ap.parse_args()
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         args = [a.prompt, "--model", a.model, "--out", tmp]
         idle, busy = [], []
@@ -79,18 +89,20 @@ def main():
         warm = []
         for _ in range(a.runs):
             out = subprocess.run([sys.executable, "-c", WARM, *args], check=True, capture_output=True, text=True, env=ENV)
-            warm.append(float(out.stdout.strip().splitlines()[-1]))
+            warm.append(tuple(map(float, out.stdout.strip().splitlines()[-1].split())))
         sizes = {p.name: p.stat().st_size for p in sorted(Path(tmp).iterdir())}
     print(f"trace {a.prompt!r} --model {a.model} (json, dot, svg), {os.cpu_count()} cores, load average before "
-          f"{os.getloadavg()[0]:.2f}")
-    print(f"  cold, idle: whole command {_med([w for w, _ in idle])}; attribution + pruning {_med([t for _, t in idle])}")
+          f"{load0:.2f}, after {os.getloadavg()[0]:.2f} (\"idle\" below: no competing process of ours)")
+    print(f"  cold, idle: whole command {_med([x[0] for x in idle])}; attribution + pruning {_med([x[1] for x in idle])}; "
+          f"CPU time {_med([x[2] for x in idle])}")
     if busy:
-        print(f"  cold, beside a busy torch process: whole command {_med([w for w, _ in busy])}; attribution + "
-              f"pruning {_med([t for _, t in busy])}")
+        print(f"  cold, beside a busy torch process: whole command {_med([x[0] for x in busy])}; attribution + "
+              f"pruning {_med([x[1] for x in busy])}")
         for i, what in ((0, "whole command"), (1, "attribution + pruning")):
             r = statistics.median([b[i] for b in busy]) / statistics.median([x[i] for x in idle])
             print(f"  under load / idle, {what}: {r:.2f}x")
-    print(f"  warm (in-process, second trace): {_med(warm)}")
+    print(f"  warm (second trace in one process, model cached): {_med([w for w, _ in warm])}; CPU time "
+          f"{_med([c for _, c in warm])}")
     for name, size in sizes.items():
         print(f"  {name}: {size / 1024:.0f} KB")
 

@@ -78,14 +78,22 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     click.echo(f"time: {time.time() - T_START:.1f}s in all (" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
 
 
+_MODELS: dict = {}  # (model, device, dtype, replacements, attention) -> ReplacementModel, for later traces in one process
+
+
 def _load(model_name, device, dtype, prompt, replacements, attention, max_feature_nodes=None):
-    """(the replacement model, the prompt's ids [1, n]), refused in one line if its graph would not fit in memory."""
+    """(the replacement model, the prompt's ids [1, n]), refused in one line if its graph would not fit in memory.
+    The model is loaded once per process: a second trace in the same process (the library or a test calling
+    `trace`) reuses it ("warm" in the README and benchmarks/bench_trace.py)."""
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
-    adapter = load_model(model_name, device, dtype)
-    ids = adapter.tokenize(prompt)
-    model = ReplacementModel.load(adapter, replacements, attention)
+    key = (model_name, str(device), str(dtype), repr(replacements), attention)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model at a time: a second one would double the memory
+        _MODELS[key] = ReplacementModel.load(load_model(model_name, device, dtype), replacements, attention)
+    model = _MODELS[key]
+    ids = model.adapter.tokenize(prompt)
     _check_memory(model, ids, max_feature_nodes)
     return model, ids
 

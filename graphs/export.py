@@ -103,10 +103,15 @@ def validate(d: dict) -> None:
     jsonschema.validate(d, json.loads(SCHEMA_PATH.read_text()))
 
 
-def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = None) -> Path:
+def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = None, check_schema: bool = False) -> Path:
+    """Write the graph's JSON.  ``to_dict`` makes it in the schema's shape by construction (the tests check every
+    file they write against the schema); ``check_schema`` checks it here too, at a cost of the order of the
+    attribution itself (jsonschema walks every node and link in Python).  NaN and infinities are refused either
+    way (`strict_dumps`)."""
     path = Path(path)
     d = to_dict(graph, slug)
-    validate(d)
+    if check_schema:
+        validate(d)
     atomic_write_text(path, strict_dumps(d))
     return path
 

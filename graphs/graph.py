@@ -81,6 +81,16 @@ class NodeKey:
         return ".".join(parts + [str(self.index)] * (self.kind in _ID_HAS_INDEX)) + f"@{self.pos}"
 
     @staticmethod
+    def ids(kind: NodeKind, layer: int, indices: list[int], positions: list[int]) -> list[str]:
+        """The ids of many nodes of one kind and layer (the same strings as ``str(NodeKey(...))``, made without
+        a key object per node)."""
+        key = NodeKey(kind, layer, 0, 0)
+        head = ".".join([_ID_PREFIX[key.kind]] + [str(key.layer)] * (key.kind in _ID_HAS_LAYER))
+        if key.kind in _ID_HAS_INDEX:
+            return [f"{head}.{i}@{p}" for i, p in zip(indices, positions)]
+        return [f"{head}@{p}" for p in positions]
+
+    @staticmethod
     def parse(text: str) -> "NodeKey":
         """The key of a node id (see the module docstring); raises BadInputError (one line) otherwise."""
         m = _ID_PATTERN.match(text.strip())
@@ -393,7 +403,46 @@ class AttributionGraph:
         nodes; the types with no incoming edges) into ``to`` (default: the top logit).
 
         A path's strength is the product, along it, of each edge's share of its target's absolute input;
-        paths come out strongest first (networkx's shortest simple paths on -log shares)."""
+        paths come out strongest first (networkx's shortest simple paths on -log shares; the strongest alone,
+        k = 1, by `_strongest_path` on the edge arrays, without networkx)."""
+        if k == 1:
+            best = self._strongest_path(to, max_len, sources)
+            return [] if best is None else [best]
+        return self._top_paths_nx(to, k, max_len, sources)
+
+    def _strongest_path(self, to: str | None, max_len: int, sources: tuple[str, ...]) -> tuple[float, list[str]] | None:
+        """The strongest path of at most ``max_len`` nodes from a node of the types ``sources`` into ``to``: a
+        hop-limited Bellman-Ford on -log shares, one vectorised relaxation per hop (costs are >= 0)."""
+        target = self.index.get(to or self.logits()[0].id)
+        if target is None:
+            return None
+        E, N = self.edge_arrays, len(self.node_list)
+        w = E.w.abs()
+        totals = torch.zeros(N).index_add_(0, E.tgt, w).double()
+        live = w > 0
+        src, tgt = E.src[live], E.tgt[live]
+        cost = -torch.log(w[live].double() / totals[tgt])  # [E]
+        kinds = {NodeKind(k) for k in sources}
+        dist = torch.tensor([0.0 if n.type in kinds else math.inf for n in self.node_list], dtype=torch.float64)
+        best, preds = (float(dist[target]), 0), []  # (cost, hops) of the best path into the target so far
+        for hop in range(1, max_len):
+            cand = dist[src] + cost  # [E]: paths of exactly `hop` edges ending with each edge
+            dist = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, tgt, cand, "amin")
+            hit = (cand == dist[tgt]) & torch.isfinite(cand)
+            pred = torch.full((N,), -1, dtype=torch.long)
+            pred[tgt[hit]] = src[hit]
+            preds.append(pred)
+            if float(dist[target]) < best[0]:
+                best = (float(dist[target]), hop)
+        if not math.isfinite(best[0]):
+            return None
+        path = [target]
+        for hop in range(best[1], 0, -1):
+            path.append(int(preds[hop - 1][path[-1]]))
+        ids = [self.node_list[i].id for i in reversed(path)]
+        return math.exp(-best[0]), ids
+
+    def _top_paths_nx(self, to: str | None, k: int, max_len: int, sources: tuple[str, ...]) -> list[tuple[float, list[str]]]:
         import networkx as nx
 
         target = to or self.logits()[0].id

@@ -43,6 +43,7 @@ class Linearised:
         self.final_slot = 2 * self.N
         self.device = rec.embed.device  # every tensor built here lives with the record
         self.folded: dict = {}  # {(slot, pos): [d]} writes of nodes folded into constants (bos="zero")
+        self._attn_cache: dict = {}  # layer -> its frozen attention's weights for attn_vjp
 
     def p(self, v: torch.Tensor) -> torch.Tensor:
         """P: centre the last dim for LayerNorm, identity for RMSNorm (replacement/norms.py)."""
@@ -129,17 +130,33 @@ class Linearised:
         return out if bo is None else out + bo.float()
 
     def attn_vjp(self, L: int, g_out: torch.Tensor) -> torch.Tensor:
-        """Frozen MHSA of layer L as a linear map slot 2L -> 2L+1; returns the gradient at its input [B, n, d]."""
+        """Frozen MHSA of layer L as a linear map slot 2L -> 2L+1; returns the gradient at its input [B, n, d].
+        Three products: through W_O to every query head, through the pattern, and (query heads of one GQA
+        group summed first) through each key/value head's W_V once."""
         a = self.adapter
-        (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)
         post = a.post_norm(L, "attn")
         if post is not None:  # Gemma-2: the output's own norm, its scale frozen
             g_out = g_out * norm_weight(post) / self.rec.cache[hook_name(L, "ln1_post.scale")][None]
+        Wo, Wv = self._attn_maps(L)  # [d, H*dh], [KV*dh, d]
         A = self.rec.layers[L].pattern  # [H, n, n]
-        g_z = torch.einsum("btd,hed->bhte", g_out, Wo.float())
-        g_v = torch.einsum("hts,bhte->bhse", A, g_z)
-        g_x = torch.einsum("bhse,hde->bsd", g_v, Wv.float())
+        H, n, B = A.shape[0], self.n, g_out.shape[0]
+        KV = Wv.shape[0] // (Wo.shape[1] // H)
+        g_z = (g_out @ Wo).view(B, n, H, -1).transpose(1, 2)  # [B, H, t, dh]
+        g_v = A.transpose(1, 2) @ g_z  # [B, H, s, dh]
+        g_v = g_v.view(B, KV, H // KV, n, -1).sum(2)  # [B, KV, s, dh]: a GQA group's query heads read one W_V
+        g_x = g_v.transpose(1, 2).reshape(B, n, -1) @ Wv  # [B, s, d]
         return self.p(g_x * norm_weight(a.attn_norm(L))) / self.rec.layers[L].ln1_scale[None]
+
+    def _attn_maps(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer L's W_O as [d, H*dh] and its key/value heads' W_V as [KV*dh, d], in float32, made once."""
+        if L not in self._attn_cache:
+            a = self.adapter
+            (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)  # [H, d, dh] per query head, [H, dh, d]
+            rep = a.n_heads // a.n_kv_heads if a.arch != "gpt_neox" else 1
+            Wv = Wv[::rep].float()  # [KV, d, dh]: query head h reads key/value head h // rep
+            self._attn_cache[L] = (Wo.reshape(-1, self.d).t().float().contiguous(),
+                                   Wv.transpose(1, 2).reshape(-1, self.d).contiguous())
+        return self._attn_cache[L]
 
     # -- transcoder skip connections: linear maps from slot mlp_read_slot(L) to slot 2L+2 ---------------------
 

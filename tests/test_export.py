@@ -305,3 +305,14 @@ def test_spinner_shows_on_a_terminal_and_stays_out_of_logs():
     assert last and float(last.group(1)) >= 0.6 and text.rstrip().endswith("done"), text
     r = subprocess.run([sys.executable, "-c", SPIN], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "done\n" and r.stderr == ""
+
+
+def test_strongest_path_equals_networkx_first_path(graph):
+    """top_paths(k=1) (a hop-limited Bellman-Ford on the edge arrays) finds networkx's first simple path."""
+    from graphs.graph import INPUT_KINDS
+
+    for sources in (INPUT_KINDS, ("embedding",)):
+        for to in [n.id for n in graph.logits()] + [n.id for n in graph.nodes("transcoder")][-3:]:
+            fast, slow = graph.top_paths(to=to, k=1, sources=sources), graph._top_paths_nx(to, 1, 12, sources)
+            assert [p for _, p in fast] == [p for _, p in slow]
+            assert all(abs(a - b) <= 1e-9 * b for (a, _), (b, _) in zip(fast, slow))
