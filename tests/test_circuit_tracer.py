@@ -137,18 +137,22 @@ def test_every_node_and_edge_matches_circuit_tracer(tmp_path, saved_model, arch,
     assert float(rel) <= 1e-4, float(rel)
 
 
-def test_the_trace_command_agrees_with_circuit_tracer(tmp_path, saved_model):
-    """The CLI path (`trace --replacements <its folder> --attention frozen --bos zero`): its pruned graph.json
-    holds only nodes circuit-tracer has, and every edge it keeps equals circuit-tracer's to 1e-4 relative."""
+@pytest.mark.parametrize("arch,kind", [("llama", "jumprelu"), ("llama", "clt-jumprelu"), ("qwen3", "jumprelu"),
+                                       ("gemma2", "clt-jumprelu")])
+def test_the_trace_command_agrees_with_circuit_tracer(tmp_path, saved_model, arch, kind):
+    """The CLI path (`trace --replacements <its folder> --attention frozen --bos zero`), with per-layer and
+    cross-layer transcoders: its pruned graph.json holds only nodes circuit-tracer has, and every edge it keeps
+    equals circuit-tracer's to 1e-4 relative."""
     import json
     import sys
 
     from replacement.models import load_model
 
-    adapter = load_model(str(saved_model))
+    folder = model_folder(arch, saved_model, tmp_path / arch)
+    adapter = load_model(str(folder))
     ids = adapter.tokenize(PROMPT)[0].tolist()
-    ct = run_circuit_tracer(for_old_transformers(saved_model, tmp_path / "model"), tmp_path / "ct", "jumprelu", ids)
-    r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", PROMPT, "--model", str(saved_model),
+    ct = run_circuit_tracer(for_old_transformers(folder, tmp_path / "model"), tmp_path / "ct", kind, ids)
+    r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", PROMPT, "--model", str(folder),
                         "--replacements", str(tmp_path / "ct" / "transcoders"), "--attention", "frozen", "--bos", "zero",
                         "--format", "json", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                        timeout=600, cwd=str(Path(__file__).resolve().parents[1]))
