@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 
-# the held-out case each model is shown on (any seed works; these are cases the model copies, its top token):
+# the held-out case each model is shown on by default (--seed picks another; in these the model copies: the answer
+# is its top token):
 # pythia: "And we ought to lay down our lives for the brothers. [...] And we ought to lay down" -> " our"
 # toy: "set comprehension A compact way to process all or part of the elements [...] all or part" -> " of"
 NATURAL_SEEDS = {"pythia": 5, "toy": 4}
