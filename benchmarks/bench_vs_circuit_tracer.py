@@ -50,9 +50,10 @@ t, c = time.perf_counter(), time.process_time()
 g = attribute(model, ids, bos="zero", qk=False)
 wall, cpu = time.perf_counter() - t, time.process_time() - c
 if save != "-":
+    from safetensors.torch import save_file
     E = g.edge_arrays
-    ids_ = [n.id for n in g.node_list]
-    torch.save({"ids": ids_, "src": E.src, "tgt": E.tgt, "w": E.w}, save)
+    save_file({"src": E.src.contiguous(), "tgt": E.tgt.contiguous(), "w": E.w.contiguous()}, save,
+              {"ids": json.dumps([n.id for n in g.node_list])})
 print(json.dumps({"wall": wall, "cpu": cpu}))
 """
 
@@ -65,10 +66,10 @@ from pathlib import Path
 from transformers import AutoConfig
 from circuit_tracer import ReplacementModel, attribute
 sys.path.insert(0, sys.argv[6])
-from circuit_tracer_reference import make_transcoders
+from circuit_tracer_reference import HOOKS, make_transcoders
 
 conf = AutoConfig.from_pretrained(folder)  # the same transcoders again (seeded), in memory
-tset = make_transcoders(conf.hidden_size, conf.num_hidden_layers, "relu", 0, Path(tcs + "-again"))
+tset = make_transcoders(conf.hidden_size, conf.num_hidden_layers, "relu", 0, Path(tcs + "-again"), HOOKS["llama"])
 model = ReplacementModel.from_pretrained_and_transcoders(folder, tset, backend="nnsight", device=torch.device("cpu"),
                                                          dtype=torch.float32)
 tokens = torch.tensor([int(t) for t in ids.split(",")])
@@ -89,8 +90,8 @@ MAKE_TRANSCODERS = r"""
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from circuit_tracer_reference import make_transcoders
-make_transcoders(int(sys.argv[2]), int(sys.argv[3]), "relu", 0, Path(sys.argv[4]))
+from circuit_tracer_reference import HOOKS, make_transcoders
+make_transcoders(int(sys.argv[2]), int(sys.argv[3]), "relu", 0, Path(sys.argv[4]), HOOKS["llama"])
 """
 
 
@@ -154,7 +155,11 @@ def disagreement(ours_file: Path, theirs_file: Path, n_layers: int) -> float:
     sys.path.insert(0, str(ROOT))
     from tests.test_circuit_tracer import circuit_tracer_node_ids
 
-    ct, ours = load_file(str(theirs_file)), torch.load(ours_file)
+    from safetensors import safe_open
+
+    ct, ours = load_file(str(theirs_file)), load_file(str(ours_file))
+    with safe_open(str(ours_file), "pt") as f:
+        ours["ids"] = json.loads(f.metadata()["ids"])
     ids = circuit_tracer_node_ids(ct, n_layers)
     index = {i: k for k, i in enumerate(ids)}
     where = torch.tensor([index.get(i, -1) for i in ours["ids"]])
@@ -187,9 +192,9 @@ def main():
             work = Path(tmp)
             case = make_case(size, work, ct_python)
             threads = [int(t) for t in a.threads.split(",")]
-            first = (timed(sys.executable, OURS, case, threads[0], str(work / "ours.pt")),
+            first = (timed(sys.executable, OURS, case, threads[0], str(work / "ours.safetensors")),
                      timed(ct_python, THEIRS, case, threads[0], str(work / "theirs.safetensors"), ct=True))
-            gap = disagreement(work / "ours.pt", work / "theirs.safetensors", size["layers"])
+            gap = disagreement(work / "ours.safetensors", work / "theirs.safetensors", size["layers"])
             print(f"{name}: {size['layers']} layers, d={size['d']}, {size['heads']} heads / {size['kv_heads']} kv heads, "
                   f"{size['tokens']} tokens; edges agree to {gap:.1e} of the largest edge into each target")
             if gap > 1e-4:
