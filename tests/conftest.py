@@ -85,6 +85,19 @@ def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa
     return ReplacementModel(adapter, modules, attention)
 
 
+def qk_entries_with_real_scores(model, graph, ids):
+    """Each Lorsa node's QK entries with the score its module computes itself: (head node, entry, real score)."""
+    import math
+
+    rec = model.record(ids)
+    for head in graph.nodes(type="lorsa"):
+        lorsa = model.lorsas[head.layer]
+        q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])
+        g = head.index // lorsa.cfg.heads_per_group
+        for entry in head.qk:
+            yield head, entry, float(q[0, g, head.pos] @ k[0, g, entry.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
+
+
 @pytest.fixture(scope="session")
 def saved_model(tmp_path_factory):
     """A tiny Llama with a tokenizer and random replacements, saved as a local model folder."""

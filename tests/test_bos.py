@@ -2,14 +2,13 @@
 position 0 and folds what they write into the targets' constants; the tokenizer rule for models without BOS."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from graphs.attribution import attribute, reconstruction_errors
 from replacement.models import ModelAdapter
-from tests.conftest import random_replacements, tiny_llama, tiny_neox
+from tests.conftest import qk_entries_with_real_scores, random_replacements, tiny_llama, tiny_neox
 
 
 def _edges(graph) -> dict:
@@ -48,17 +47,11 @@ def test_bos_zero_keeps_qk_tables_exact():
     model = random_replacements(adapter)
     ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(7))
     graph = attribute(model, ids, bos="zero", qk_top_keys=2)
-    rec = model.record(ids)
     checked = 0
-    for head in graph.nodes(type="lorsa"):
-        lorsa = model.lorsas[head.layer]
-        q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])
-        g = head.index // lorsa.cfg.heads_per_group
-        for e in head.qk:
-            real = float(q[0, g, head.pos] @ k[0, g, e.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
-            parts = e.pairs_total + e.query_bias_x_keys + e.queries_x_key_bias + e.bias_x_bias
-            assert parts == pytest.approx(real, rel=1e-4, abs=1e-4)
-            checked += 1
+    for _, e, real in qk_entries_with_real_scores(model, graph, ids):
+        parts = e.pairs_total + e.query_bias_x_keys + e.queries_x_key_bias + e.bias_x_bias
+        assert parts == pytest.approx(real, rel=1e-4, abs=1e-4)
+        checked += 1
     assert checked > 10
 
 

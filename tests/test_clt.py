@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from replacement.errors import CircuitsError
-from tests.conftest import random_replacements, tiny_llama
+from tests.conftest import qk_entries_with_real_scores, random_replacements, tiny_llama
 
 N_FEATURES = 40
 
@@ -199,16 +199,10 @@ def test_qk_tables_include_the_later_writes(tmp_path):
 
     model, _, ids = _model(tmp_path, "lorsa")
     graph = attribute(model, ids, qk_top_keys=3)
-    rec = model.record(ids)
     checked = 0
-    for head in graph.nodes(type="lorsa"):
-        lorsa = model.lorsas[head.layer]
-        q, k = lorsa.qk(rec.layers[head.layer].attn_in[None])
-        g = head.index // lorsa.cfg.heads_per_group
-        for info in head.qk:
-            real = float(q[0, g, head.pos] @ k[0, g, info.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
-            assert abs(info.score - real) <= 1e-4 * max(1.0, abs(real)), (head.id, info.key_pos)
-            checked += head.layer == 2
+    for head, info, real in qk_entries_with_real_scores(model, graph, ids):
+        assert abs(info.score - real) <= 1e-4 * max(1.0, abs(real)), (head.id, info.key_pos)
+        checked += head.layer == 2
     assert checked > 10
 
 
