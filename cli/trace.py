@@ -69,11 +69,14 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         with spinner(f"loading {model_name} and its replacements"):
             model, ids = _load(model_name, device, dtype, prompt, replacements, attention, max_feature_nodes)
         times["load"] = time.time() - t0
-        t1 = time.time()
-        graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
-                           max_feature_nodes, full, qk_reference)
-        times["attribution + pruning"] = time.time() - t1
-        written = _write(run, graph, model, fmts, draw_nodes, times)
+        from graphs.attribution import gc_paused
+
+        with gc_paused():
+            t1 = time.time()
+            graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
+                               max_feature_nodes, full, qk_reference)
+            times["attribution + pruning"] = time.time() - t1
+            written = _write(run, graph, model, fmts, draw_nodes, times)
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: {time.time() - T_START:.1f}s in all (" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
 
@@ -115,7 +118,8 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     vals, idx = probs.topk(5)
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
     whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos,
-                      max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference)
+                      max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference,
+                      qk_defer=True)  # only the heads pruning keeps are explained
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
     check_finite(graph)
     s = graph.scores

@@ -61,9 +61,10 @@ Target = tuple  # (kind, layer, node rows [B], unit index [B], position [B])
 
 
 @contextlib.contextmanager
-def _gc_paused():
-    """Building a graph allocates ~10^5 small lists and dicts (node ids, QK entries) and no reference cycles;
-    Python's cyclic collector would rescan the whole heap many times over (a third of the QK time)."""
+def gc_paused():
+    """Building, pruning and writing a graph allocate ~10^5 small lists and dicts (node ids, QK entries, JSON)
+    and no reference cycles; Python's cyclic collector would rescan the whole heap many times over (a third of
+    the QK time, half of writing graph.json)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -74,12 +75,12 @@ def _gc_paused():
 
 
 @torch.no_grad()
-@_gc_paused()
+@gc_paused()
 def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
-              qk_reference: str | None = "mean",
+              qk_reference: str | None = "mean", qk_defer: bool = False,
               max_feature_nodes: int | None = None, bos: str = "keep") -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
@@ -90,6 +91,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     by query-node x key-node pairs at their ``qk_top_keys`` strongest key positions (graphs/qk.py), and each
     such key's score minus that of ``qk_reference`` ("mean": the attention-weighted mean key; "runner_up":
     the strongest other key; None: not) by query-node x key-unit pairs (graphs/contrast.py).
+    ``qk_defer``: explain no head now; `prune` explains the heads it keeps (the ``qk_heads`` most influential of
+    them, or all), with the same entries, before keeping their QK pairs' nodes (``graph.explain_heads``).
     ``max_feature_nodes``: where the prompt has more active features (Lorsa heads and transcoder features)
     than this, expand only this many, the most influential first (graphs/budgeted.py); the graph then holds
     those features only (the rest's edges summed into each target's ``dropped``).
@@ -122,10 +125,20 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     graph.scores["logit_decomposition"] = logit_decomposition(graph, target_id)
     settings["seconds_ov"] = round(time.time() - t0, 3)
     if qk and model.attention == "lorsa":
-        t1 = time.time()
-        _explain_heads(lin, graph, all_nodes, sources, qk_heads, qk_top_keys, qk_top_pairs, qk_reference)
-        settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs, qk_reference=qk_reference,
-                        seconds_qk=round(time.time() - t1, 3))
+        settings.update(qk_heads=qk_heads, qk_top_keys=qk_top_keys, qk_top_pairs=qk_top_pairs, qk_reference=qk_reference)
+        explain = HeadExplainer(lin, all_nodes, sources, qk_top_keys, qk_top_pairs, qk_reference)
+        if qk_defer:
+            graph.explain_heads = explain
+        else:
+            t1 = time.time()
+            heads = [i for i, node in enumerate(nodes) if node.type == NodeKind.LORSA]
+            if qk_heads is not None:
+                from .prune import influence
+
+                infl = influence(graph)
+                heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
+            explain([nodes[i].id for i in heads])
+            settings["seconds_qk"] = round(time.time() - t1, 3)
     settings["seconds"] = round(time.time() - t0, 3)
     return graph
 
@@ -143,22 +156,27 @@ def _nodes_and_edges(lin: Linearised, made: "_Nodes", max_feature_nodes: int | N
     return made.nodes, edges, n_features, False
 
 
-def _explain_heads(lin: Linearised, graph: AttributionGraph, all_nodes: list[Node], sources: dict,
-                   qk_heads: int | None, top_keys: int, top_pairs: int, reference: str | None = "mean") -> None:
-    """QK entries for the graph's Lorsa heads (the ``qk_heads`` most influential, or all).  Every node that
-    writes (``all_nodes``, with the features a budgeted graph left out) enters the exact score split."""
-    from .qk import qk_attribution
+class HeadExplainer:
+    """Explains Lorsa heads of one attributed prompt on demand (graphs/qk.py): ``explainer(node_ids)`` sets the
+    ``qk`` entries of those heads not explained yet.  Every node that writes (``all_nodes``, with the features
+    a budgeted graph left out) enters the exact score split, so an entry does not depend on which heads are
+    explained or when.  It holds the prompt's linearised model, so it lives as long as its graph."""
 
-    nodes = graph.node_list
-    heads = [i for i, node in enumerate(nodes) if node.type == NodeKind.LORSA]
-    if qk_heads is not None:
-        from .prune import influence
+    def __init__(self, lin: Linearised, all_nodes: list[Node], sources: dict, top_keys: int, top_pairs: int,
+                 reference: str | None):
+        self.lin, self.nodes, self.sources = lin, all_nodes, sources
+        self.top_keys, self.top_pairs, self.reference = top_keys, top_pairs, reference
+        self.row = {node.id: i for i, node in enumerate(all_nodes)}
+        self.done: set[str] = set()
 
-        infl = influence(graph)
-        heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
-    row = {node.id: i for i, node in enumerate(all_nodes)}
-    qk_attribution(lin, all_nodes, sources, [row[nodes[i].id] for i in heads], top_keys, top_pairs,
-                   reference=reference)
+    def __call__(self, node_ids: list[str]) -> None:
+        from .qk import qk_attribution
+
+        todo = [nid for nid in node_ids if nid not in self.done]
+        if todo:
+            qk_attribution(self.lin, self.nodes, self.sources, [self.row[nid] for nid in todo], self.top_keys,
+                           self.top_pairs, reference=self.reference)
+            self.done.update(todo)
 
 
 class _Nodes:

@@ -307,6 +307,7 @@ class AttributionGraph:
                                torch.tensor([EdgeArrays.KINDS.index(e.kind) for e in edges], dtype=torch.int8))
         self.edge_arrays = edges
         self._qk: list[QKLink] | None = None  # derived from the Lorsa heads' `qk` (see `qk`)
+        self.explain_heads = None  # attribute(..., qk_defer=True): explains Lorsa heads on demand (`prune` calls it)
         self.settings = settings or {}
         self.scores = scores or {}
 

@@ -6,6 +6,8 @@ node on the logits is  w A + w A^2 + ... = w A (I - A)^-1,  where w holds the lo
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from replacement.checks import check_count, check_fraction
@@ -103,7 +105,10 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     keep = _kept_nodes(graph, infl, node_threshold, max_nodes)
     edge_keep = _kept_edges(graph, infl, keep, edge_threshold, max_edges)
     keep, edge_keep = _drop_dead_ends(graph, keep, edge_keep)
+    seconds_qk = _explain_kept_heads(graph, keep, infl)
     _keep_qk_nodes(graph, keep)
+    if seconds_qk is not None and graph.settings.get("qk_heads") is None:  # heads kept as pair nodes: theirs too
+        seconds_qk += _explain_kept_heads(graph, keep, infl)
     kept = keep.nonzero()[:, 0]
     remap = torch.full((len(graph),), -1, dtype=torch.long)
     remap[kept] = torch.arange(len(kept))
@@ -111,6 +116,8 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
                               E.select(edge_keep, remap), dict(graph.settings), dict(graph.scores))
     pruned.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes,
                            max_edges=max_edges)
+    if seconds_qk is not None:
+        pruned.settings["seconds_qk"] = seconds_qk
     pruned.scores.update({k: v for k, v in full_scores.items()},
                          full_nodes=len(graph), full_edges=len(E), pruned_nodes=len(pruned), pruned_edges=len(pruned.edge_arrays))
     pruned.scores.update({f"pruned_{k}": v for k, v in scores(pruned).items()})
@@ -162,6 +169,22 @@ def _drop_dead_ends(graph: AttributionGraph, keep: torch.Tensor, edge_keep: torc
         if torch.equal(new_keep, keep) and torch.equal(new_edges, edge_keep):
             return keep, edge_keep
         keep, edge_keep = new_keep, new_edges
+
+
+def _explain_kept_heads(graph: AttributionGraph, keep: torch.Tensor, infl: torch.Tensor) -> float | None:
+    """Where the graph's QK explanations were deferred (``graph.explain_heads``), explain its kept Lorsa heads
+    (the settings' ``qk_heads`` most influential of them, or all) before their pairs' nodes are kept: what the
+    pruned graph shows is what explaining every head would have shown.  Returns the seconds it took."""
+    if graph.explain_heads is None:
+        return None
+    t0 = time.time()
+    heads = [i for i in keep.nonzero()[:, 0].tolist() if graph.node_list[i].type == NodeKind.LORSA]
+    n = graph.settings.get("qk_heads")
+    if n is not None:
+        heads = sorted(heads, key=lambda i: -float(infl[i]))[:n]
+    graph.explain_heads([graph.node_list[i].id for i in heads])
+    graph._qk = None
+    return round(time.time() - t0, 3)
 
 
 def _keep_qk_nodes(graph: AttributionGraph, keep: torch.Tensor) -> None:

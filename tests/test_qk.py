@@ -106,3 +106,30 @@ def _sources(graph, model, rec):
     from graphs.attribution import _graph_nodes
 
     return _graph_nodes(model, rec, graph.tokens).sources
+
+
+@pytest.mark.parametrize("qk_heads", [None, 3])
+def test_deferred_explanations_equal_the_eager_ones_after_pruning(qk_heads):
+    """`trace` explains only the heads pruning keeps (attribute(..., qk_defer=True)): its pruned graph holds the
+    same heads, QK entries, pairs and kept pair nodes as a graph whose every head was explained first."""
+    from graphs.prune import prune
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    eager = attribute(model, ids, qk_heads=qk_heads)
+    assert sum(bool(n.qk) for n in eager.node_list) == (qk_heads or len(eager.nodes(type="lorsa")))
+    eager = prune(eager, 0.6, 0.9)
+    whole = attribute(model, ids, qk_heads=qk_heads, qk_defer=True)
+    assert not any(n.qk for n in whole.node_list)  # nothing explained before pruning
+    lazy = prune(whole, 0.6, 0.9)
+    assert [n.id for n in lazy.node_list] == [n.id for n in eager.node_list]
+    explained = [n for n in lazy.node_list if n.qk]
+    assert explained and len(explained) < len(whole.nodes(type="lorsa"))  # the point: fewer heads explained
+    if qk_heads is None:
+        assert all(n.qk for n in lazy.nodes(type="lorsa"))
+    for a, b in zip(eager.node_list, lazy.node_list):
+        if b.qk:  # eager's qk_heads picks the most influential of the whole graph, lazy's of the kept heads
+            assert a.qk == b.qk, a.id
+    if qk_heads is None:  # the same pairs shown, in the same order
+        assert [(e.head, e.query, e.key, e.weight) for e in lazy.qk] == [(e.head, e.query, e.key, e.weight) for e in eager.qk]
