@@ -43,13 +43,21 @@ def influence_of(src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, start: t
     n = len(start)
     totals = torch.zeros(n).index_add_(0, tgt, w.abs())
     a = w.abs() / totals[tgt].clamp_min(1e-30)
+    if n <= DENSE_INFLUENCE_NODES and len(a) > n:  # one matrix-vector product a step instead of a gather-scatter
+        A = torch.zeros(n, n).index_put_((src, tgt), a, accumulate=True)  # [n, n] A[source, target]
+        step = lambda v: A @ v  # noqa: E731
+    else:
+        step = lambda v: torch.zeros(n).index_add_(0, src, v[tgt] * a)  # noqa: E731
     v, total = start.clone(), start.clone()
     for _ in range(max_steps):
-        v = torch.zeros(n).index_add_(0, src, v[tgt] * a)
+        v = step(v)
         if v.abs().sum() < 1e-12:
             break
         total += v
     return total
+
+
+DENSE_INFLUENCE_NODES = 4096  # `influence_of` builds the [n, n] matrix (64 MB at most) up to this many nodes
 
 
 def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[str, float]:

@@ -214,13 +214,18 @@ def test_logit_decomposition_sums_to_the_logit_and_its_margin(arch):
     assert second["target"]["node"] == logits[1].id and second["runner_up"]["node"] == logits[0].id
 
 
-def test_prune_matches_brute_force_influence():
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "scatter"])
+def test_prune_matches_brute_force_influence(dense, monkeypatch):
     """Influence is w (I - M)^-1 with M[t, s] the normalised |weight| of s -> t (a dense float64 solve, not
-    the power series); pruning keeps features only from the most influential ones covering the node
+    the power series, whose steps are matrix products on small graphs and gather-scatters above
+    ``DENSE_INFLUENCE_NODES``: both are checked); pruning keeps features only from the most influential ones covering the node
     threshold, edges only from the strongest influence-weighted ones among them covering the edge
     threshold, no kept node but a logit without an outgoing edge, and stores the full graph's scores."""
+    import graphs.prune
     from graphs.prune import influence, prune
 
+    if not dense:
+        monkeypatch.setattr(graphs.prune, "DENSE_INFLUENCE_NODES", 0)
     _, model, ids = _setup("llama")
     graph = attribute(model, ids, qk=False)
     n, E = len(graph), graph.edge_arrays
