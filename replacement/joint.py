@@ -23,7 +23,6 @@ atomically and resume exactly, and a non-finite loss stops training with the las
 from __future__ import annotations
 
 import json
-
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
