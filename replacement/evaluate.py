@@ -293,9 +293,11 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
     with ``faithfulness``, the pure replacement model's `faithfulness_report` (``{"skipped": why}`` when the set is incomplete)."""
     from .assemble import ReplacementModel
     from .corpus import heldout_texts
-    from .foreign import specs_metrics
+    from .foreign import load_specs, specs_metrics
     from .store import default_folder
 
+    if replacements is not None:  # folders given: one without trained modules is an error, not "none trained yet"
+        load_specs(replacements, adapter)
     held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
     out = model_report(adapter, held, samples)
     metrics = specs_metrics(replacements, default_folder(adapter))

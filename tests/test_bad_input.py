@@ -81,6 +81,10 @@ CASES = [
     Case("model-nan-weights", ["trace", "the cat", "--model", "{NANMODEL}"], "NaN or infinite logits"),
     # replacements
     Case("replacements-missing", T + ["--replacements", "{WORLD}/no-such-folder"], "no trained replacements"),
+    Case("eval-replacements-missing", ["circuits", "eval", "--model", "{M}", "--no-samples", "--replacements", "{WORLD}/no-such-folder"],
+         "no trained replacements"),
+    Case("eval-replacements-truncated", ["circuits", "eval", "--model", "{M}", "--no-samples", "--replacements", "{REP_TRUNC}"],
+         "corrupt or truncated checkpoint"),
     Case("replacements-invalid-json", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_BADJSON}"],
          "is not valid JSON"),
     Case("replacements-config-list", T + ["--replacements", "{REP_LIST}"], "is not a replacements config"),
