@@ -1,0 +1,331 @@
+"""Head families (supernodes): the active Lorsa heads (or transcoder features) of one graph that do one thing.
+
+Lorsa splits one behaviour over many heads: at the last position of an induction prompt dozens of heads attend
+to the token after the earlier occurrence and write the same answer, each a few percent of the logit.  A
+**family** groups them into one unit of the graph.
+
+The rule (`FamilyConfig`; every field is a knob):
+
+- candidates are the graph's Lorsa heads and, with ``transcoders``, its transcoder features; heads and
+  features never share a family, and all members sit at one (query) position;
+- **key position**: a head's key is the position where its z pattern is largest in size (``key_rule="peak"``),
+  and a head whose peak holds less than ``min_share`` of its z pattern (in size) joins no family; members share
+  the key.  A transcoder feature reads its own position, which is its key;
+- **layers**: the members' layers span at most ``layer_span`` (0: one layer; 1: adjacent layers, the default);
+- **output direction**: a unit's direction is what it writes per unit of activation (a head's ``W_O`` row, a
+  feature's decoder into its own layer), and a unit joins a family only if the cosine of its direction with
+  the family leader's is at least ``cosine``.
+
+Grouping is greedy and deterministic (`group`): candidates are taken strongest first (activation x the norm of
+the direction: the size of what they write; ties by kind, layer, index); each joins the existing family of its
+kind, position and key, within the layer span, whose leader (its first, strongest member) it is most aligned
+with at or above ``cosine``, or else starts a family.  Groups of fewer than ``min_members`` are not families.
+
+A family's id is ``fam.lorsa.L.K@P`` or ``fam.tc.L.K@P`` (L: its lowest layer, K: its rank among the families
+of that kind, layer and position, strongest first, P: the position); ids never collide with node ids.
+
+Members carry their family on the node (``Node.family``, and ``Node.family_cosine``: the cosine of the
+member's direction with the family's mean direction), so a pruned or loaded graph keeps them; `families`
+lists the families of a graph whose members it still holds (at least ``min_members``, 2).
+
+`collapse` makes the graph in which each family is one node: its edges are the exact sums of its members'
+edges (each source's edges into the members summed into one edge into the family, each target's edges from
+the members summed into one edge from it, by kind); edges between two members of one family are **dropped**
+(no self-loop), so a family's incoming edges explain the sum of its members' pre-activations less what the
+members write into each other.  Its activation, influence, pre-activation, constants, dropped weight and z
+pattern are its members' sums.  QK pairs that touch a member are left out of the collapsed graph (its
+expanded form keeps them).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from replacement.errors import BadInputError
+
+from .graph import AttributionGraph, EdgeArrays, Node, NodeKind
+
+KIND_TAG = {NodeKind.LORSA: "lorsa", NodeKind.TRANSCODER: "tc"}
+_FAMILY_ID = re.compile(r"^fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)$")
+
+
+@dataclass(frozen=True)
+class FamilyConfig:
+    """The grouping rule (module docstring): ``cosine``, the least cosine of a member's output direction with its
+    family leader's; ``key_rule`` "peak" (members share the key position where their z pattern peaks);
+    ``min_share``, the least share of a head's z pattern (in size) at its peak for it to join a family;
+    ``layer_span``, the most layers a family spans minus one (0: one layer, 1: adjacent layers);
+    ``transcoders``, group transcoder features too (by position and decoder direction); ``min_members``, the
+    smallest family."""
+
+    cosine: float = 0.3
+    key_rule: str = "peak"
+    min_share: float = 0.0
+    layer_span: int = 1
+    transcoders: bool = True
+    min_members: int = 2
+
+    def __post_init__(self):
+        if not -1.0 <= self.cosine <= 1.0:
+            raise BadInputError(f"the family cosine threshold must be in [-1, 1], not {self.cosine}")
+        if self.key_rule != "peak":
+            raise BadInputError(f"unknown family key rule {self.key_rule!r}; use 'peak'")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise BadInputError(f"min_share must be in [0, 1], not {self.min_share}")
+        if self.layer_span < 0 or self.min_members < 2:
+            raise BadInputError("layer_span must be >= 0 and min_members >= 2")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_FAMILIES = FamilyConfig()
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A candidate member: its node's kind, layer, position, key position (-1: it joins no family) and size."""
+
+    kind: NodeKind
+    layer: int
+    pos: int
+    key: int
+    strength: float
+    index: int = 0
+
+
+@dataclass
+class Family:
+    """One family of a graph: ``members`` (node ids present in the graph, strongest first), the ``layers`` they
+    sit in, their ``pos``ition, the ``key_positions`` their z patterns peak on (one by construction; a
+    transcoder family's is its own position), and ``mean_cosine``, the mean over members of the cosine of each
+    member's output direction with the family's mean direction."""
+
+    id: str
+    kind: NodeKind
+    pos: int
+    members: list[str]
+    layers: tuple[int, ...]
+    key_positions: tuple[int, ...]
+    mean_cosine: float
+    activation: float = 0.0  # the members' summed activation
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+# -- the rule, on plain tensors -------------------------------------------------------------------------------
+
+def z_key(z_pattern: list[float], min_share: float) -> int:
+    """The key position where a z pattern [n_keys] is largest in size, or -1 if that holds less than
+    ``min_share`` of the pattern's total size."""
+    z = torch.tensor(z_pattern, dtype=torch.float64).abs()
+    if not len(z) or float(z.sum()) <= 0:
+        return -1
+    peak = int(z.argmax())
+    return peak if float(z[peak] / z.sum()) >= min_share else -1
+
+
+def group(units: list[Unit], directions: torch.Tensor, cfg: FamilyConfig) -> list[list[int]]:
+    """Greedy leader grouping (module docstring) of ``units`` with output ``directions`` [m, d]: the groups of at
+    least ``cfg.min_members`` units, as indices into ``units``, each strongest first; groups in order of their
+    leaders' strength."""
+    unit_dirs = directions.double() / directions.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)  # [m, d]
+    order = sorted(range(len(units)), key=lambda i: (-units[i].strength, units[i].kind.value, units[i].layer,
+                                                     units[i].index, i))
+    groups: list[list[int]] = []
+    by_slot: dict[tuple, list[int]] = {}  # (kind, pos, key) -> indices into groups
+    for i in order:
+        u = units[i]
+        if u.key < 0:
+            continue
+        slot = (u.kind, u.pos, u.key)
+        best, best_cos = None, cfg.cosine
+        for g in by_slot.get(slot, []):
+            layers = [units[j].layer for j in groups[g]] + [u.layer]
+            if max(layers) - min(layers) > cfg.layer_span:
+                continue
+            c = float(unit_dirs[groups[g][0]] @ unit_dirs[i])
+            if c >= best_cos:
+                best, best_cos = g, c
+        if best is None:
+            by_slot.setdefault(slot, []).append(len(groups))
+            groups.append([i])
+        else:
+            groups[best].append(i)
+    return [g for g in groups if len(g) >= cfg.min_members]
+
+
+def mean_direction_cosines(directions: torch.Tensor) -> torch.Tensor:
+    """[m]: the cosine of each of ``directions`` [m, d] with their mean unit direction."""
+    unit = directions.double() / directions.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    mean = unit.mean(0)
+    return (unit @ mean) / mean.norm().clamp_min(1e-30)
+
+
+def family_id(kind: NodeKind, layer: int, rank: int, pos: int) -> str:
+    return f"fam.{KIND_TAG[NodeKind(kind)]}.{layer}.{rank}@{pos}"
+
+
+def is_family_id(text: str) -> bool:
+    return bool(_FAMILY_ID.match(text.strip()))
+
+
+# -- on a graph -------------------------------------------------------------------------------------------------
+
+def output_directions(model, nodes: list[Node]) -> torch.Tensor:
+    """[m, d]: what each Lorsa head or transcoder feature node writes per unit of activation (a head's W_O row,
+    a feature's decoder into its own layer)."""
+    rows = []
+    for n in nodes:
+        if n.type == NodeKind.LORSA:
+            rows.append(model.lorsas[n.layer].W_O[n.index])
+        else:
+            rows.append(model.transcoders[n.layer].decoder_into(n.layer)[n.index])
+    d = model.adapter.d_model
+    return torch.stack([r.detach().float().cpu() for r in rows]) if rows else torch.zeros(0, d)
+
+
+def find_families(graph: AttributionGraph, model, cfg: FamilyConfig = DEFAULT_FAMILIES) -> list[Family]:
+    """Group the graph's active heads (and features) by the rule of ``cfg``, mark each member's node
+    (``family``, ``family_cosine``), record the rule in ``graph.settings["families"]`` and return the
+    families (`families`)."""
+    kinds = (NodeKind.LORSA, NodeKind.TRANSCODER) if cfg.transcoders else (NodeKind.LORSA,)
+    if model.attention != "lorsa":
+        kinds = tuple(k for k in kinds if k != NodeKind.LORSA)
+    nodes = [n for n in graph.node_list if n.type in kinds]
+    for n in graph.node_list:
+        n.family, n.family_cosine = None, None
+    dirs = output_directions(model, nodes)  # [m, d]
+    units = [Unit(n.type, n.layer, n.pos, _key(n, cfg), abs(n.activation) * float(dirs[i].norm()), n.index)
+             for i, n in enumerate(nodes)]
+    groups = group(units, dirs, cfg)
+    ranks: dict[tuple, int] = {}
+    for g in groups:
+        members = [nodes[i] for i in g]
+        lead = members[0]
+        low = min(m.layer for m in members)
+        rank = ranks[(lead.type, low, lead.pos)] = ranks.get((lead.type, low, lead.pos), -1) + 1
+        fid = family_id(lead.type, low, rank, lead.pos)
+        for m, c in zip(members, mean_direction_cosines(dirs[g]).tolist()):
+            m.family, m.family_cosine = fid, c
+    graph.settings["families"] = cfg.to_json()
+    return families(graph)
+
+
+def _key(n: Node, cfg: FamilyConfig) -> int:
+    if n.type == NodeKind.TRANSCODER:
+        return n.pos
+    return z_key(n.z_pattern, cfg.min_share) if n.z_pattern else -1
+
+
+def families(graph: AttributionGraph, min_members: int = 2) -> list[Family]:
+    """The families whose members the graph holds (at least ``min_members`` of them), by position, then
+    lowest layer, then id; members strongest (largest activation) first."""
+    found: dict[str, list[Node]] = {}
+    for n in graph.node_list:
+        if getattr(n, "family", None):
+            found.setdefault(n.family, []).append(n)
+    out = []
+    for fid, ns in found.items():
+        if len(ns) < min_members:
+            continue
+        ns.sort(key=lambda n: (-abs(n.activation), n.layer, n.index))
+        keys = tuple(sorted({n.pos if n.type == NodeKind.TRANSCODER else _key(n, FamilyConfig()) for n in ns}))
+        cos = [n.family_cosine for n in ns if n.family_cosine is not None]
+        out.append(Family(fid, ns[0].type, ns[0].pos, [n.id for n in ns], tuple(sorted({n.layer for n in ns})), keys,
+                          sum(cos) / len(cos) if cos else float("nan"), sum(n.activation for n in ns)))
+    return sorted(out, key=lambda f: (f.pos, f.layers[0], f.id))
+
+
+def family(graph: AttributionGraph, family_id_: str) -> Family:
+    """The family ``family_id_`` of the graph; raises BadInputError (one line) if there is none."""
+    fams = {f.id: f for f in families(graph)}
+    if family_id_ not in fams:
+        known = ", ".join(list(fams)[:8]) + (", ..." if len(fams) > 8 else "")
+        raise BadInputError(f"no family {family_id_!r} in this graph" + (f" (families: {known})" if fams else
+                                                                       " (it has no families)"))
+    return fams[family_id_]
+
+
+def family_label(f: Family) -> str:
+    """``L1 x21`` (a layer, or ``L1-2``, and the member count)."""
+    layers = f"L{f.layers[0]}" + (f"-{f.layers[-1]}" if len(f.layers) > 1 else "")
+    return f"{layers} x{len(f)}"
+
+
+def family_components(f: Family) -> tuple:
+    """The family as one unit for path patching: the tuple of its members (graphs/patching.py ablates a tuple
+    together)."""
+    from .patching import parse_component
+
+    return tuple(parse_component(m) for m in f.members)
+
+
+def predicted_effect(graph: AttributionGraph, f: Family, logit_id: str) -> float:
+    """The graph's prediction of zero-ablating the family: the sum of its members' `graph_effects` on the logit."""
+    from .patching import graph_effects
+
+    effects = graph_effects(graph, logit_id)
+    return sum(float(effects[graph.index[m]]) for m in f.members)
+
+
+# -- the collapsed graph ----------------------------------------------------------------------------------------
+
+def collapse_edges(src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, kind: torch.Tensor, group_of: torch.Tensor,
+                   is_member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Edges [E] (src, tgt, w, kind codes) mapped through ``group_of`` [N] (a node's index in the collapsed graph)
+    and summed per (source, target, kind); edges between two members of one family (``is_member`` [N]) are
+    dropped.  Returns the collapsed (src, tgt, w, kind), sorted by (source, target, kind)."""
+    s, t = group_of[src], group_of[tgt]
+    keep = ~((s == t) & is_member[src] & is_member[tgt])
+    s, t, w, kind = s[keep], t[keep], w[keep].double(), kind[keep].long()
+    n = int(group_of.max()) + 1 if len(group_of) else 1
+    code = (s * n + t) * len(EdgeArrays.KINDS) + kind
+    uniq, inv = torch.unique(code, return_inverse=True)
+    summed = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, w)
+    k = uniq % len(EdgeArrays.KINDS)
+    st = uniq // len(EdgeArrays.KINDS)
+    return st // n, st % n, summed.float(), k.to(torch.int8)
+
+
+def collapse(graph: AttributionGraph, fams: list[Family] | None = None) -> AttributionGraph:
+    """The graph with each family of ``fams`` (default: every family it holds) as one node (module docstring).
+    Other nodes keep their order; each family node takes the place of its first member in node order."""
+    fams = families(graph) if fams is None else fams
+    if not fams:
+        return graph
+    fam_of = {m: f for f in fams for m in f.members}
+    nodes, group_of, placed = [], [], {}
+    for n in graph.node_list:
+        f = fam_of.get(n.id)
+        if f is None:
+            group_of.append(len(nodes))
+            nodes.append(n)
+        else:
+            if f.id not in placed:
+                placed[f.id] = len(nodes)
+                nodes.append(_family_node(graph, f))
+            group_of.append(placed[f.id])
+    group_of_t = torch.tensor(group_of, dtype=torch.long)
+    is_member = torch.tensor([n.id in fam_of for n in graph.node_list], dtype=torch.bool)
+    E = graph.edge_arrays
+    src, tgt, w, kind = collapse_edges(E.src, E.tgt, E.w, E.kind, group_of_t, is_member)
+    out = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, nodes, EdgeArrays(src, tgt, w, kind),
+                           dict(graph.settings), dict(graph.scores))
+    return out
+
+
+def _family_node(graph: AttributionGraph, f: Family) -> Node:
+    ms = [graph.node(m) for m in f.members]
+    z = None
+    if all(m.z_pattern is not None for m in ms):
+        width = max(len(m.z_pattern) for m in ms)
+        z = [sum(m.z_pattern[s] for m in ms if s < len(m.z_pattern)) for s in range(width)]
+    rank = int(_FAMILY_ID.match(f.id).group(3))
+    return Node(f.id, f.kind, f.layers[0], f.pos, rank, activation=sum(m.activation for m in ms),
+                influence=sum(m.influence for m in ms), label=family_label(f), const=sum(m.const for m in ms),
+                preact=sum(m.preact for m in ms), dropped=sum(m.dropped for m in ms), z_pattern=z,
+                members=list(f.members))
