@@ -12,6 +12,7 @@ family rule asked for:
 One line per prompt and rule, flushed as it goes (the run is long on a busy machine), then a summary per rule.
 
     python benchmarks/bench_families.py [--model toy] [--seeds 20] [--cosine 0.3 ...] [--layer-span 1]
+                                        [--direction read weights]
 """
 from __future__ import annotations
 
@@ -32,14 +33,9 @@ def _example():
     return mod
 
 
-def induction_families(graph, pos: int, peak: int, min_layer: int = 1) -> list:
-    """The families of Lorsa heads at ``pos`` of layers >= ``min_layer`` whose key is ``peak``."""
-    return [f for f in graph.families() if f.kind == "lorsa" and f.pos == pos and f.key_positions == (peak,)
-            and f.layers[0] >= min_layer]
-
-
 def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dict]:
     """Per family rule: the strongest path, the induction family checked and its patched and predicted effects."""
+    from graphs.circuits import induction_families
     from graphs.families import find_families
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from graphs.prune import prune
@@ -74,6 +70,7 @@ def main():
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--cosine", type=float, nargs="+", default=[0.3])
     ap.add_argument("--layer-span", type=int, nargs="+", default=[1])
+    ap.add_argument("--direction", nargs="+", default=["read"], choices=["read", "weights"])
     args = ap.parse_args()
     from graphs.attribution import attribute
     from graphs.families import FamilyConfig
@@ -81,7 +78,8 @@ def main():
     from replacement.models import load_model
 
     example = _example()
-    configs = [FamilyConfig(cosine=c, layer_span=s) for c in args.cosine for s in args.layer_span]
+    configs = [FamilyConfig(cosine=c, layer_span=s, direction=d) for d in args.direction for c in args.cosine
+               for s in args.layer_span]
     for name in args.model:
         adapter = load_model(name)
         model = ReplacementModel.load(adapter)
@@ -101,15 +99,14 @@ def main():
                 if f is not None:
                     t["ratios"].append(ratio)
                     t["ok"] += ratio >= 0.5
-                first = next((x for x in row["path"] if x.startswith("fam.") or x.startswith("lorsa")), None)
-                print(f"{name} seed {seed:>2} p={p:.2f} cos>={row['cfg'].cosine} span {row['cfg'].layer_span}: path "
+                print(f"{name} seed {seed:>2} p={p:.2f} {row['cfg'].direction} cos>={row['cfg'].cosine} span {row['cfg'].layer_span}: path "
                       f"{row['strength']:.3f} {' -> '.join(row['path'])} | through induction family: "
                       f"{'yes' if row['through'] else 'no'} ({row['n_families']} induction families"
                       + (f"; {f.id} x{len(f)} patched {row['patched']:+.2f} / predicted {row['predicted']:+.2f} = "
                          f"{ratio:.2f}" if f is not None else "; none") + f") [{time.time() - t0:.0f}s]", flush=True)
         for cfg, t in tally.items():
             r = t["ratios"]
-            print(f"SUMMARY {name} cos>={cfg.cosine} span {cfg.layer_span}: strongest path through an induction family "
+            print(f"SUMMARY {name} {cfg.direction} cos>={cfg.cosine} span {cfg.layer_span}: strongest path through an induction family "
                   f"on {t['through']}/{t['prompts']}; patched >= 50% of predicted on {t['ok']}/{t['prompts']}"
                   + (f" (median {statistics.median(r):.2f}, min {min(r):.2f}, max {max(r):.2f})" if r else ""), flush=True)
 

@@ -488,7 +488,8 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png, html.")
 @click.option("--draw-nodes", type=click.IntRange(min=1), default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential).")
-def render(graph_json, fmt, draw_nodes):
+@click.option("--expand-families", is_flag=True, help="Draw every member of a family rather than one node per family.")
+def render(graph_json, fmt, draw_nodes, expand_families):
     """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
     import graphs
     from graphs.files import parse_formats, write_all
@@ -498,7 +499,7 @@ def render(graph_json, fmt, draw_nodes):
     fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
     g = graphs.load(graph_json)
     remove_leftovers(Path(graph_json).parent)
-    for path in write_all(g, graph_json, fmts, draw_nodes).values():
+    for path in write_all(g, graph_json, fmts, draw_nodes, expand_families=expand_families).values():
         click.echo(f"wrote {path}")
 
 
@@ -509,8 +510,10 @@ def render(graph_json, fmt, draw_nodes):
 @click.option("--type", "node_type", default=None, help="List nodes of a type (lorsa, transcoder, ...).")
 @click.option("--layer", type=int, default=None)
 @click.option("--position", type=int, default=None)
-def query(graph_json, node, paths, node_type, layer, position):
-    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position."""
+@click.option("--families", "show_families", is_flag=True,
+              help="List the head and feature families, and find the paths with each family as one node.")
+def query(graph_json, node, paths, node_type, layer, position, show_families):
+    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families."""
     import graphs
     from replacement.errors import BadInputError
 
@@ -518,7 +521,26 @@ def query(graph_json, node, paths, node_type, layer, position):
 
     g = graphs.load(graph_json)
     click.echo(repr(g))
-    if node:
+    if show_families:
+        fams = g.families()
+        click.echo(f"{len(fams)} families" + (" (the graph was traced without them, or they were pruned away)"
+                                              if not fams else ""))
+        for f in fams:
+            click.echo(f"  {f.id:<22} {len(f):>3} {'heads' if f.kind == 'lorsa' else 'features'}, layer(s) "
+                       f"{','.join(map(str, f.layers))}, key {','.join(map(str, f.key_positions))}, mean cosine "
+                       f"{f.mean_cosine:.2f}: {' '.join(p(m) for m in f.members[:6])}" + (" ..." if len(f) > 6 else ""))
+    if node and node in {f.id for f in g.families()}:
+        from graphs.families import family
+
+        f = family(g, node)
+        c = g.collapsed()
+        click.echo(f"{p(node)}: a family of {len(f)}, activation {c.node(node).activation:.4g}, influence "
+                   f"{c.node(node).influence:.4g} (its members' sums)")
+        for e in c.incoming(node, k=10):
+            click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
+        for e in c.outgoing(node, k=10):
+            click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
+    elif node:
         if node not in g.index:
             raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)
@@ -542,7 +564,7 @@ def query(graph_json, node, paths, node_type, layer, position):
     else:
         if paths < 1:
             raise BadInputError(f"--paths must be at least 1, not {paths}")
-        for strength, path in g.top_paths(k=paths):
+        for strength, path in g.top_paths(k=paths, families=show_families):
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
 
 

@@ -12,9 +12,13 @@ The rule (`FamilyConfig`; every field is a knob):
   and a head whose peak holds less than ``min_share`` of its z pattern (in size) joins no family; members share
   the key.  A transcoder feature reads its own position, which is its key;
 - **layers**: the members' layers span at most ``layer_span`` (0: one layer; 1: adjacent layers, the default);
-- **output direction**: a unit's direction is what it writes per unit of activation (a head's ``W_O`` row, a
-  feature's decoder into its own layer), and a unit joins a family only if the cosine of its direction with
-  the family leader's is at least ``cosine``.
+- **output direction** (``direction``): "read" (the default), what the graph's nodes read of what the unit
+  writes per unit of activation: its outgoing edge weights (into every later head, feature and logit of the
+  graph) divided by its activation, i.e. its ``W_O`` row (a feature's decoder) projected onto the read vectors
+  of the graph's targets; "weights", the ``W_O`` row or decoder itself (needs the model).  A unit joins a family
+  only if the cosine of its direction with the family leader's is at least ``cosine``.  The raw weights of
+  heads that attend to one key and promote one token are nearly orthogonal in the bundled models (most of a
+  ``W_O`` row is read by nothing downstream), hence the "read" default.
 
 Grouping is greedy and deterministic (`group`): candidates are taken strongest first (activation x the norm of
 the direction: the size of what they write; ties by kind, layer, index); each joins the existing family of its
@@ -54,13 +58,15 @@ _FAMILY_ID = re.compile(r"^fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)$")
 @dataclass(frozen=True)
 class FamilyConfig:
     """The grouping rule (module docstring): ``cosine``, the least cosine of a member's output direction with its
-    family leader's; ``key_rule`` "peak" (members share the key position where their z pattern peaks);
+    family leader's; ``direction``, "read" (its outgoing edges per unit of activation) or "weights" (its W_O row
+    or decoder); ``key_rule`` "peak" (members share the key position where their z pattern peaks);
     ``min_share``, the least share of a head's z pattern (in size) at its peak for it to join a family;
     ``layer_span``, the most layers a family spans minus one (0: one layer, 1: adjacent layers);
     ``transcoders``, group transcoder features too (by position and decoder direction); ``min_members``, the
     smallest family."""
 
     cosine: float = 0.3
+    direction: str = "read"
     key_rule: str = "peak"
     min_share: float = 0.0
     layer_span: int = 1
@@ -70,6 +76,8 @@ class FamilyConfig:
     def __post_init__(self):
         if not -1.0 <= self.cosine <= 1.0:
             raise BadInputError(f"the family cosine threshold must be in [-1, 1], not {self.cosine}")
+        if self.direction not in ("read", "weights"):
+            raise BadInputError(f"unknown family direction {self.direction!r}; use 'read' or 'weights'")
         if self.key_rule != "peak":
             raise BadInputError(f"unknown family key rule {self.key_rule!r}; use 'peak'")
         if not 0.0 <= self.min_share <= 1.0:
@@ -188,17 +196,33 @@ def output_directions(model, nodes: list[Node]) -> torch.Tensor:
     return torch.stack([r.detach().float().cpu() for r in rows]) if rows else torch.zeros(0, d)
 
 
-def find_families(graph: AttributionGraph, model, cfg: FamilyConfig = DEFAULT_FAMILIES) -> list[Family]:
+def read_directions(graph: AttributionGraph, nodes: list[Node]) -> torch.Tensor:
+    """[m, N]: each node's outgoing edge weights into the graph's N nodes, divided by its activation (what the
+    graph's targets read of its output direction; zero for a node with no activation)."""
+    E, N = graph.edge_arrays, len(graph.node_list)
+    row = torch.full((N,), -1, dtype=torch.long)
+    row[torch.tensor([graph.index[n.id] for n in nodes], dtype=torch.long)] = torch.arange(len(nodes))
+    keep = row[E.src] >= 0
+    out = torch.zeros(len(nodes), N, dtype=torch.float64)
+    out.index_put_((row[E.src[keep]], E.tgt[keep]), E.w[keep].double(), accumulate=True)
+    acts = torch.tensor([n.activation for n in nodes], dtype=torch.float64)
+    return out / torch.where(acts.abs() > 0, acts, torch.ones_like(acts))[:, None]
+
+
+def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAULT_FAMILIES) -> list[Family]:
     """Group the graph's active heads (and features) by the rule of ``cfg``, mark each member's node
     (``family``, ``family_cosine``), record the rule in ``graph.settings["families"]`` and return the
-    families (`families`)."""
+    families (`families`).  ``model`` is needed for ``direction="weights"`` only."""
     kinds = (NodeKind.LORSA, NodeKind.TRANSCODER) if cfg.transcoders else (NodeKind.LORSA,)
-    if model.attention != "lorsa":
-        kinds = tuple(k for k in kinds if k != NodeKind.LORSA)
     nodes = [n for n in graph.node_list if n.type in kinds]
     for n in graph.node_list:
         n.family, n.family_cosine = None, None
-    dirs = output_directions(model, nodes)  # [m, d]
+    if cfg.direction == "weights":
+        if model is None:
+            raise BadInputError("family direction 'weights' needs the model (its W_O rows and decoders)")
+        dirs = output_directions(model, nodes)  # [m, d]
+    else:
+        dirs = read_directions(graph, nodes)  # [m, N]
     units = [Unit(n.type, n.layer, n.pos, _key(n, cfg), abs(n.activation) * float(dirs[i].norm()), n.index)
              for i, n in enumerate(nodes)]
     groups = group(units, dirs, cfg)

@@ -333,11 +333,11 @@ def _pictures(graph: AttributionGraph, draw_nodes: int) -> tuple[list[dict], int
 
 
 def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES, n_edges: int = 5,
-              expand_families: bool = False) -> dict:
+              expand_families: bool = True) -> dict:
     """The JSON the page embeds: every node (with its strongest edges) and its dashboard, each family of heads
     or features (graphs/families.py) with its members, and the pictures the slider steps through: of the graph
     (``steps``) and of the graph with each family as one node (``family_steps``; the page's "families" box
-    switches between them and starts on these unless ``expand_families``)."""
+    switches between them; the page starts on these if not ``expand_families``)."""
     from replacement.errors import BadInputError
 
     from .export import STYLE as NODE_STYLE
@@ -394,7 +394,7 @@ def script_json(obj) -> str:
 
 
 def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES,
-            expand_families: bool = False) -> str:
+            expand_families: bool = True) -> str:
     import html
 
     data = script_json(page_data(graph, dashboards, draw_nodes, expand_families=expand_families))
@@ -422,7 +422,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
 
 
 def write_html(graph: AttributionGraph, path: str | Path, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES,
-               expand_families: bool = False) -> Path:
+               expand_families: bool = True) -> Path:
     from replacement.io import atomic_write_text
 
     path = Path(path)

@@ -129,6 +129,34 @@ def test_family_edges_are_exact_sums_of_members(seed):
     assert c.node("emb@0") is g.node("emb@0")
 
 
+def test_read_directions_are_outgoing_edges_per_activation():
+    from graphs.families import find_families, read_directions
+
+    g = _graph()
+    heads = g.nodes(type="lorsa")
+    got = read_directions(g, heads)
+    ids = [n.id for n in g.node_list]
+    for i, h in enumerate(heads):
+        want = [0.0] * len(ids)
+        for e in g.edges:
+            if e.source == h.id:
+                want[ids.index(e.target)] += e.weight / h.activation
+        assert got[i].tolist() == pytest.approx(want, abs=1e-6)
+    with pytest.raises(BadInputError, match="needs the model"):
+        find_families(g, None, FamilyConfig(direction="weights"))
+    # identical heads (same edges per unit of activation, same key) group, by the graph alone
+    twin = AttributionGraph(g.prompt, g.tokens, g.token_ids, [
+        Node.make(NodeKind.EMBEDDING, -1, 0, 0), Node.make(L, 1, 0, 1, activation=1.0, z_pattern=[0.9, 0.1]),
+        Node.make(L, 1, 1, 1, activation=2.0, z_pattern=[0.8, 0.2]), Node.make(L, 1, 2, 1, activation=1.0, z_pattern=[0.9, 0.1]),
+        Node.make(NodeKind.LOGIT, 2, 5, 1, prob=1.0), Node.make(NodeKind.LOGIT, 2, 6, 1, prob=0.0)],
+        [Edge("lorsa.1.0@1", "logit.5@1", 1.0), Edge("lorsa.1.0@1", "logit.6@1", -0.5),
+         Edge("lorsa.1.1@1", "logit.5@1", 2.0), Edge("lorsa.1.1@1", "logit.6@1", -1.0),
+         Edge("lorsa.1.2@1", "logit.5@1", 0.5), Edge("lorsa.1.2@1", "logit.6@1", 1.0)])  # the third: orthogonal
+    fams = find_families(twin, None, FamilyConfig(cosine=0.9))
+    assert [(f.id, f.members) for f in fams] == [("fam.lorsa.1.0@1", ["lorsa.1.1@1", "lorsa.1.0@1"])]
+    assert fams[0].mean_cosine == pytest.approx(1.0) and twin.settings["families"]["cosine"] == 0.9
+
+
 def test_families_query():
     g = _graph()
     f = family(g, "fam.lorsa.1.0@2")
@@ -244,14 +272,14 @@ def test_html_page_switches_between_families_and_members():
     from graphs.html import page_data, to_html
 
     g = _graph()
-    d = page_data(g, draw_nodes=100)
+    d = page_data(g, draw_nodes=100, expand_families=False)
     assert d["family_steps"] and not d["expand_families"]
     last = d["family_steps"][-1]
     assert "fam.lorsa.1.0@2" in last["xy"] and "lorsa.1.0@2" not in last["xy"]
     assert "lorsa.1.0@2" in d["steps"][-1]["xy"] and "fam.lorsa.1.0@2" not in d["steps"][-1]["xy"]
     assert d["nodes"]["fam.lorsa.1.0@2"]["members"] == family(g, "fam.lorsa.1.0@2").members
     assert d["nodes"]["lorsa.1.0@2"]["family"] == "fam.lorsa.1.0@2"
-    assert page_data(g, draw_nodes=100, expand_families=True)["expand_families"]
+    assert page_data(g, draw_nodes=100)["expand_families"]  # the page opens with every member drawn
     assert 'id="families"' in to_html(g)
 
 
