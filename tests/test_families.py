@@ -341,3 +341,34 @@ def test_patching_a_family_ablates_its_members_together(traced):
     assert together.component == comps
     assert together.effect == pytest.approx(reversed_.effect, abs=1e-5)  # a set of members, ablated at once
     assert abs(together.effect - first.effect) > 1e-6  # not just its first member
+
+
+# -- commands ----------------------------------------------------------------------------------------------------------
+
+def _circuits(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_query_lists_families_and_their_paths(tmp_path):
+    g = _graph()
+    path = str(g.save(tmp_path / "g.json"))
+    r = _circuits("query", path, "--families", "--paths", "2")
+    assert r.returncode == 0, r.stderr
+    for f in g.families():
+        assert f"{f.id}" in r.stdout and f"{len(f)} {'heads' if f.kind == L else 'features'}, layer(s) " \
+            f"{','.join(map(str, f.layers))}" in r.stdout
+    shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]
+    assert shown == [" -> ".join(p) for _, p in g.top_paths(k=2, families=True)]
+
+
+def test_patch_names_a_bad_family_in_one_line():
+    r = _circuits("patch", "the cat", "--model", "toy", "--family", "lorsa.1.2@3")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "cannot parse family id 'lorsa.1.2@3'" in lines[0], r.stderr
+    r = _circuits("patch", "the cat", "--model", "toy")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "--component ID or --family ID" in lines[0], r.stderr
