@@ -137,33 +137,57 @@ def z_key(z_pattern: list[float], min_share: float) -> int:
 
 
 def group(units: list[Unit], directions: torch.Tensor, cfg: FamilyConfig) -> list[list[int]]:
-    """Greedy leader grouping (module docstring) of ``units`` with output ``directions`` [m, d]: the groups of at
-    least ``cfg.min_members`` units, as indices into ``units``, each strongest first; groups in order of their
-    leaders' strength."""
-    unit_dirs = directions.double() / directions.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)  # [m, d]
+    """Greedy leader grouping (module docstring) of ``units`` with output ``directions`` [m, d] (dense, or a sparse
+    COO tensor): the groups of at least ``cfg.min_members`` units, as indices into ``units``, each strongest first;
+    groups in order of their leaders' strength.  Only units of one slot (kind, position, key) are compared."""
     order = sorted(range(len(units)), key=lambda i: (-units[i].strength, units[i].kind.value, units[i].layer,
                                                      units[i].index, i))
-    groups: list[list[int]] = []
-    by_slot: dict[tuple, list[int]] = {}  # (kind, pos, key) -> indices into groups
+    rank = {i: r for r, i in enumerate(order)}
+    slots: dict[tuple, list[int]] = {}
     for i in order:
-        u = units[i]
-        if u.key < 0:
+        if units[i].key >= 0:
+            slots.setdefault((units[i].kind, units[i].pos, units[i].key), []).append(i)
+    out = []
+    for members in slots.values():
+        if len(members) < cfg.min_members:
             continue
-        slot = (u.kind, u.pos, u.key)
-        best, best_cos = None, cfg.cosine
-        for g in by_slot.get(slot, []):
-            layers = [units[j].layer for j in groups[g]] + [u.layer]
-            if max(layers) - min(layers) > cfg.layer_span:
-                continue
-            c = float(unit_dirs[groups[g][0]] @ unit_dirs[i])
-            if c >= best_cos:
-                best, best_cos = g, c
-        if best is None:
-            by_slot.setdefault(slot, []).append(len(groups))
-            groups.append([i])
-        else:
-            groups[best].append(i)
-    return [g for g in groups if len(g) >= cfg.min_members]
+        cos = _cosines(directions, members)  # [k, k]
+        local: list[list[int]] = []  # positions in ``members``
+        for a, i in enumerate(members):
+            best, best_cos = None, cfg.cosine
+            for g in local:
+                layers = [units[members[b]].layer for b in g] + [units[i].layer]
+                if max(layers) - min(layers) <= cfg.layer_span and float(cos[g[0], a]) >= best_cos:
+                    best, best_cos = g, float(cos[g[0], a])
+            if best is None:
+                local.append([a])
+            else:
+                best.append(a)
+        out += [[members[b] for b in g] for g in local if len(g) >= cfg.min_members]
+    return sorted(out, key=lambda g: rank[g[0]])
+
+
+def _rows(directions: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """[k, d] dense float64: the given rows of a dense or sparse COO matrix."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    if directions.is_sparse:
+        return directions.index_select(0, idx).to_dense().double()
+    return directions[idx].double()
+
+
+def _row_norms(directions: torch.Tensor) -> torch.Tensor:
+    """[m] float64: the norm of each row of a dense or sparse COO matrix [m, d]."""
+    if not directions.is_sparse:
+        return directions.double().norm(dim=-1)
+    d = directions.coalesce()
+    return torch.zeros(d.shape[0], dtype=torch.float64).index_add_(0, d.indices()[0], d.values().double() ** 2).sqrt()
+
+
+def _cosines(directions: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """[k, k]: the cosines between the given rows of ``directions`` (0 with a zero row)."""
+    sub = _rows(directions, rows)
+    unit = sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return unit @ unit.T
 
 
 def mean_direction_cosines(directions: torch.Tensor) -> torch.Tensor:
@@ -197,16 +221,19 @@ def output_directions(model, nodes: list[Node]) -> torch.Tensor:
 
 
 def read_directions(graph: AttributionGraph, nodes: list[Node]) -> torch.Tensor:
-    """[m, N]: each node's outgoing edge weights into the graph's N nodes, divided by its activation (what the
-    graph's targets read of its output direction; zero for a node with no activation)."""
+    """[m, N] sparse COO float64: each node's outgoing edge weights into the graph's N nodes, divided by its
+    activation (what the graph's targets read of its output direction; zero for a node with no activation).
+    Sparse, so that a full graph of many thousand features costs its edges, not m x N."""
     E, N = graph.edge_arrays, len(graph.node_list)
     row = torch.full((N,), -1, dtype=torch.long)
-    row[torch.tensor([graph.index[n.id] for n in nodes], dtype=torch.long)] = torch.arange(len(nodes))
+    if nodes:
+        row[torch.tensor([graph.index[n.id] for n in nodes], dtype=torch.long)] = torch.arange(len(nodes))
     keep = row[E.src] >= 0
-    out = torch.zeros(len(nodes), N, dtype=torch.float64)
-    out.index_put_((row[E.src[keep]], E.tgt[keep]), E.w[keep].double(), accumulate=True)
     acts = torch.tensor([n.activation for n in nodes], dtype=torch.float64)
-    return out / torch.where(acts.abs() > 0, acts, torch.ones_like(acts))[:, None]
+    scale = 1.0 / torch.where(acts.abs() > 0, acts, torch.ones_like(acts))
+    r = row[E.src[keep]]
+    return torch.sparse_coo_tensor(torch.stack([r, E.tgt[keep]]), E.w[keep].double() * scale[r],
+                                   (len(nodes), N), check_invariants=True).coalesce()
 
 
 def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAULT_FAMILIES) -> list[Family]:
@@ -223,7 +250,8 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
         dirs = output_directions(model, nodes)  # [m, d]
     else:
         dirs = read_directions(graph, nodes)  # [m, N]
-    units = [Unit(n.type, n.layer, n.pos, _key(n, cfg), abs(n.activation) * float(dirs[i].norm()), n.index)
+    sizes = _row_norms(dirs)  # [m]
+    units = [Unit(n.type, n.layer, n.pos, _key(n, cfg), abs(n.activation) * float(sizes[i]), n.index)
              for i, n in enumerate(nodes)]
     groups = group(units, dirs, cfg)
     ranks: dict[tuple, int] = {}
@@ -233,7 +261,7 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
         low = min(m.layer for m in members)
         rank = ranks[(lead.type, low, lead.pos)] = ranks.get((lead.type, low, lead.pos), -1) + 1
         fid = family_id(lead.type, low, rank, lead.pos)
-        for m, c in zip(members, mean_direction_cosines(dirs[g]).tolist()):
+        for m, c in zip(members, mean_direction_cosines(_rows(dirs, g)).tolist()):
             m.family, m.family_cosine = fid, c
     graph.settings["families"] = cfg.to_json()
     return families(graph)

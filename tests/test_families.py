@@ -134,7 +134,7 @@ def test_read_directions_are_outgoing_edges_per_activation():
 
     g = _graph()
     heads = g.nodes(type="lorsa")
-    got = read_directions(g, heads)
+    got = read_directions(g, heads).to_dense()
     ids = [n.id for n in g.node_list]
     for i, h in enumerate(heads):
         want = [0.0] * len(ids)
