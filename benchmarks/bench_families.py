@@ -44,9 +44,9 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
     logit_id = full.logit(answer).id
     effects = graph_effects(full, logit_id)
     rows, groups = [], []
+    graph = prune(full, 0.8, 0.98)  # once: the pruned graph shares its nodes (and so their families) with the full one
     for cfg in configs:
         find_families(full, model, cfg)
-        graph = prune(full, 0.8, 0.98)
         paths = graph.top_paths(to=logit_id, k=1, families=True)
         strength, path = paths[0] if paths else (0.0, [])
         fams = induction_families(full, n - 1, peak)

@@ -9,6 +9,8 @@ A node's identity is a `NodeKey` (kind, layer, index, position).  Its string for
     attn_err.{L}@{pos}        the attention error of layer L at a position
     mlp_err.{L}@{pos}         the MLP error of layer L at a position
     logit.{token_id}@{pos}    an output logit (demeaned) at the last position
+    fam.lorsa.{L}.{K}@{pos}   a family of heads (fam.tc. of features), a node of collapsed graphs only
+                              (graphs/families.py; its members carry its id in ``Node.family``)
 
 Edges run source -> target; ``kind`` is ``ov`` (into a Lorsa head, weighted by its pattern) or ``direct``
 (into a feature or a logit through the residual stream).  A Lorsa head's attention scores are explained
