@@ -91,6 +91,33 @@ def test_induction_circuit(model, prompt):
     assert family_predicted < 0 and family_patched <= 0.5 * family_predicted
 
 
+@pytest.mark.parametrize("model", ["toy", "pythia"])
+def test_induction_family(model, tmp_path):
+    """Head families on the natural-text showcase (examples/families.py, the default rule): the largest induction
+    family (last-position heads of layers >= 1 keyed on the token after the earlier occurrence), path patched as
+    one unit, moves the logit by >= 50% of the graph's prediction (measured 0.99 on toy, 0.91 on pythia); its
+    edges into the logit are its members' sums."""
+    _need(model)
+    r = _example("families").analyse(model, out=tmp_path, verbose=False)
+    full, f = r["full"], r["family"]
+    assert f is not None and len(f) >= 2 and f.pos == len(full.tokens) - 1 and f.layers[0] >= 1
+    assert r["predicted"] < 0 and r["patched"] <= 0.5 * r["predicted"]
+    logit = full.logits()[0]
+    into = {e.source: e.weight for e in full.incoming(logit.id)}
+    summed = {e.source: e.weight for e in full.collapsed().incoming(logit.id)}
+    assert summed[f.id] == pytest.approx(sum(into.get(m, 0.0) for m in f.members), rel=1e-4, abs=1e-5)
+    assert (tmp_path / f"families-{model}.json").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 25 part 2's first acceptance half is not met by the default rule: the "
+                   "strongest path runs through a family reading the current (toy) or previous (pythia) token; see the "
+                   "README, 'Head families'")
+@pytest.mark.parametrize("model", ["toy", "pythia"])
+def test_strongest_path_runs_through_an_induction_family(model, tmp_path):
+    _need(model)
+    assert _example("families").analyse(model, out=tmp_path, verbose=False)["through"]
+
+
 def test_induction_example(tmp_path):
     """The example script finds the same head as the library, prints it, and writes the circuit's picture."""
     _need("toy")
