@@ -59,7 +59,7 @@ def test_page_is_self_contained_and_holds_every_node(page):
     assert set(data["nodes"]) == set(ids) | families and sorted(data["order"]) == sorted(ids)
     steps = [s["n"] for s in data["steps"]]
     assert steps == sorted(steps) and steps[-1] == len(ids) and data["steps"][data["default_step"]]["n"] == DRAW
-    heads = [k for k, n in data["nodes"].items() if n["type"] == "lorsa"]
+    heads = [k for k, n in data["nodes"].items() if n["type"] == "lorsa" and not n.get("members")]  # not families
     assert heads and all(data["nodes"][h]["z_pattern"] for h in heads)
     assert all(data["nodes"][h]["dash"] in data["dashboards"] for h in heads)
 
@@ -110,7 +110,7 @@ def test_page_opens_fitted_to_the_drawn_grid(page, tmp_path):
     aspect = check_opening_view(graphs.load(out / "graph.json"), dom, DRAW)
     assert 0.5 <= aspect <= 3
     assert 'id="panel-title"' not in _panel(dom)  # nothing selected yet
-    assert f"{len(data['nodes']) - DRAW} nodes are left out" in dom
+    assert f"{len(data['order']) - DRAW} nodes are left out" in dom  # data["nodes"] adds the families
     shot = tmp_path / "page.png"
     _dom(chromium, out / "graph.html", tmp_path, extra=(f"--screenshot={shot}",))
     png = shot.read_bytes()
@@ -253,12 +253,18 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     graph = graphs.load(write_json(graph, tmp_path / "graph.json"))  # as a reader of the file sees it
     n_drawn = min(DEFAULT_DRAW_NODES, len(graph.node_list))
     assert len(graph.node_list) > n_drawn  # the budget matters here
-    root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot"), "svg").read_text())
+    root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot", expand_families=True), "svg").read_text())
     boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in graph.index}
     assert len(boxes) == n_drawn
     svg.assert_grid(graph, boxes)
     w, h = svg.size(root)
     assert 0.5 <= w / h <= 3, (w, h)
+    # the default picture draws each family as one node (graphs/families.py): the same budget, on the same grid
+    collapsed = graph.collapsed()
+    root = svg.parse(render(write_dot(graph, tmp_path / "families.dot"), "svg").read_text())
+    boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in collapsed.index}
+    assert len(boxes) == min(DEFAULT_DRAW_NODES, len(collapsed.node_list))
+    svg.assert_grid(collapsed, boxes)
     page = write_html(graph, tmp_path / "graph.html")
     aspect = check_opening_view(graph, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), n_drawn)
     assert 0.5 <= aspect <= 3
