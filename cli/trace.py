@@ -47,8 +47,8 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
               help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
                    "(circuit-tracer's convention).")
 @click.option("--families/--no-families", default=True, show_default=True,
-              help="Group the active heads (and features) into families: one position, one key, adjacent layers, "
-                   "aligned output directions (graphs/families.py); the pictures draw each as one node.")
+              help="Group the active heads (and features) into families: one position, one key, one layer, "
+                   "output directions not opposed (graphs/families.py); the pictures draw each as one node.")
 @click.option("--family-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
               help="The least cosine of a member's output direction with its family leader's (default: "
                    "graphs.families.FamilyConfig's).")

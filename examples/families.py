@@ -3,8 +3,8 @@
     python examples/families.py [--model toy|pythia] [--seed N] [--cosine C] [--out examples/out]
 
 On `examples/induction.py`'s natural-text prompt (a held-out sentence recurs, cut in the middle), groups the graph's
-active heads into families (graphs/families.py: one position, one key, adjacent layers, aligned output
-directions), lists the induction families (last position, keyed on the token after the earlier occurrence),
+active heads into families (graphs/families.py: one position, one key, one layer, output directions not
+opposed), lists the induction families (last position, keyed on the token after the earlier occurrence),
 prints the strongest path to the correct logit with and without families, path-patches the induction family as
 one unit against the graph's prediction (its members' sum), and draws the graph with each family as one node.
 """

@@ -45,11 +45,11 @@ def test_layer_span_and_threshold_and_order():
     # cosine exactly at the threshold joins, just below does not
     c = 0.6
     d = torch.stack([e[0], c * e[0] + math.sqrt(1 - c * c) * e[1]])
-    assert group(units[:2], d, FamilyConfig(cosine=0.6 - 1e-9)) == [[0, 1]]
-    assert group(units[:2], d, FamilyConfig(cosine=0.6 + 1e-6)) == []
+    assert group(units[:2], d, FamilyConfig(cosine=0.6 - 1e-9, layer_span=1)) == [[0, 1]]
+    assert group(units[:2], d, FamilyConfig(cosine=0.6 + 1e-6, layer_span=1)) == []
     # strongest first whatever the input order, and a unit joins the family whose leader it is most aligned with
     shuffled = [units[1], units[0]]
-    assert group(shuffled, torch.stack([e[0], e[0]]), FamilyConfig()) == [[1, 0]]
+    assert group(shuffled, torch.stack([e[0], e[0]]), FamilyConfig(layer_span=1)) == [[1, 0]]
     lead = [Unit(L, 1, 4, 2, 5.0), Unit(L, 1, 4, 2, 4.0), Unit(L, 1, 4, 2, 1.0)]
     d = torch.stack([e[0], e[1], 0.6 * e[0] + 0.8 * e[1]])  # cos 0.6 with the first, 0.8 with the second
     assert group(lead, d, FamilyConfig(cosine=0.5)) == [[1, 2]]
@@ -323,6 +323,29 @@ def test_find_families_on_a_traced_graph(traced):
     before = [(f.id, f.members) for f in fams]
     again = find_families(g, model, FamilyConfig(cosine=-1.0))
     assert [(f.id, f.members) for f in again] == before  # deterministic
+
+
+def test_default_rule_on_a_traced_graph_sums_members_edges_exactly(traced):
+    """At the default rule (one layer, cosine >= 0), every edge of the collapsed traced graph is the sum of the
+    uncollapsed graph's edges between the groups it joins (members' edges between themselves dropped), and a
+    family's members sit in one layer."""
+    from graphs.families import DEFAULT_FAMILIES, find_families
+
+    model, ids, g = traced
+    fams = find_families(g, model, DEFAULT_FAMILIES)
+    try:
+        assert fams and all(len(f.layers) == 1 for f in fams)
+        group_of = {n.id: n.id for n in g.node_list} | {m: f.id for f in fams for m in f.members}
+        brute: dict[tuple[str, str, str], float] = {}
+        for e in g.edges:
+            s, t = group_of[e.source], group_of[e.target]
+            if not (s == t and s.startswith("fam.")):
+                brute[(s, t, e.kind)] = brute.get((s, t, e.kind), 0.0) + e.weight
+        got = _dense(collapse(g))
+        assert got.keys() == brute.keys()
+        assert all(got[k] == pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in brute.items())
+    finally:
+        find_families(g, model, FamilyConfig(cosine=-1.0))  # the module's fixture, as the other tests see it
 
 
 def test_patching_a_family_ablates_its_members_together(traced):
