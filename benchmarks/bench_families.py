@@ -3,15 +3,17 @@ prompt (a held-out sentence recurs, cut in the middle; `replacement.evaluate.nat
 family rule asked for:
 
 - whether the strongest path to the correct logit (`top_paths(k=1, families=True)` on the pruned graph, as the
-  example prints it) runs through an *induction family*: a family of Lorsa heads of layers >= 1 at the last
-  position whose key is the token after the earlier occurrence;
+  example prints it) runs through an *induction family* (`graphs.circuits.induction_families`): a family of
+  Lorsa heads at the last position, of layers >= 1 (a layer-0 head cannot compose with a previous-token head),
+  every member's z pattern peaking on the position right after the earlier occurrence of the current token
+  (the family's key);
 - that family (the one on the path, else the induction family the graph predicts the largest drop for), path
   patched as one unit (every member ablated together, `PathPatcher.effects([tuple])`), against its predicted
   effect (the sum of its members' `graph_effects`); the issue's bar is patched / predicted >= 0.5.
 
 One line per prompt and rule, flushed as it goes (the run is long on a busy machine), then a summary per rule.
 
-    python benchmarks/bench_families.py [--model toy] [--seeds 20] [--cosine 0.3 ...] [--layer-span 1]
+    python benchmarks/bench_families.py [--model toy pythia] [--seeds 20] [--cosine 0.0 ...] [--layer-span 0 ...]
                                         [--direction read weights]
 """
 from __future__ import annotations
@@ -68,8 +70,8 @@ def main():
     ap.add_argument("--model", nargs="+", default=["toy"])
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--cosine", type=float, nargs="+", default=[0.3])
-    ap.add_argument("--layer-span", type=int, nargs="+", default=[1])
+    ap.add_argument("--cosine", type=float, nargs="+", default=[0.0])  # graphs.families.FamilyConfig's defaults
+    ap.add_argument("--layer-span", type=int, nargs="+", default=[0])
     ap.add_argument("--direction", nargs="+", default=["read"], choices=["read", "weights"])
     args = ap.parse_args()
     from graphs.attribution import attribute
