@@ -9,7 +9,9 @@ family rule asked for:
   (the family's key);
 - that family (the one on the path, else the induction family the graph predicts the largest drop for), path
   patched as one unit (every member ablated together, `PathPatcher.effects([tuple])`), against its predicted
-  effect (the sum of its members' `graph_effects`); the issue's bar is patched / predicted >= 0.5.
+  effect (the sum of its members' `graph_effects`); the issue's bar is patched / predicted >= 0.5.  Patched
+  as the model runs, and with the norms' scales frozen at their clean values (`freeze_norms`), as the graph's
+  linearisation freezes them; a prompt with no induction family counts as failing both.
 
 One line per prompt and rule, flushed as it goes (the run is long on a busy machine), then a summary per rule.
 
@@ -59,9 +61,11 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
                      "family": chosen, "predicted": predicted.get(chosen.id) if chosen else None})
         groups.append(tuple(parse_component(m) for m in chosen.members) if chosen else None)
     todo = [g for g in groups if g is not None]
-    patched = iter(r.effect for r in PathPatcher(model, ids, answer, demean=True).effects(todo)) if todo else iter(())
-    for row, g in zip(rows, groups):
-        row["patched"] = next(patched) if g is not None else None
+    for key, frozen in (("patched", False), ("patched_frozen", True)):  # the graph freezes the norms' scales
+        patcher = PathPatcher(model, ids, answer, demean=True, freeze_norms=frozen)
+        patched = iter(r.effect for r in patcher.effects(todo)) if todo else iter(())
+        for row, g in zip(rows, groups):
+            row[key] = next(patched) if g is not None else None
     return rows
 
 
@@ -85,7 +89,8 @@ def main():
     for name in args.model:
         adapter = load_model(name)
         model = ReplacementModel.load(adapter)
-        tally = {cfg: {"through": 0, "ok": 0, "ratios": [], "prompts": 0} for cfg in configs}
+        tally = {cfg: {"through": 0, "ok": 0, "ok_frozen": 0, "ratios": [], "ratios_frozen": [], "prompts": 0,
+                       "seconds": []} for cfg in configs}
         print(f"{name}: natural-text induction, seeds {args.first_seed}-{args.first_seed + args.seeds - 1}", flush=True)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.time()
@@ -98,19 +103,29 @@ def main():
                 t["through"] += row["through"]
                 f = row["family"]
                 ratio = row["patched"] / row["predicted"] if f is not None and row["predicted"] else float("nan")
+                frozen = row["patched_frozen"] / row["predicted"] if f is not None and row["predicted"] else float("nan")
                 if f is not None:
                     t["ratios"].append(ratio)
+                    t["ratios_frozen"].append(frozen)
                     t["ok"] += ratio >= 0.5
+                    t["ok_frozen"] += frozen >= 0.5
+                t["seconds"].append(time.time() - t0)
                 print(f"{name} seed {seed:>2} p={p:.2f} {row['cfg'].direction} cos>={row['cfg'].cosine} span {row['cfg'].layer_span}: path "
                       f"{row['strength']:.3f} {' -> '.join(row['path'])} | through induction family: "
                       f"{'yes' if row['through'] else 'no'} ({row['n_families']} induction families"
                       + (f"; {f.id} x{len(f)} patched {row['patched']:+.2f} / predicted {row['predicted']:+.2f} = "
-                         f"{ratio:.2f}" if f is not None else "; none") + f") [{time.time() - t0:.0f}s]", flush=True)
+                         f"{ratio:.2f}; norms frozen {row['patched_frozen']:+.2f} = {frozen:.2f}" if f is not None
+                         else "; none") + f") [{time.time() - t0:.0f}s]", flush=True)
         for cfg, t in tally.items():
-            r = t["ratios"]
-            print(f"SUMMARY {name} {cfg.direction} cos>={cfg.cosine} span {cfg.layer_span}: strongest path through an induction family "
-                  f"on {t['through']}/{t['prompts']}; patched >= 50% of predicted on {t['ok']}/{t['prompts']}"
-                  + (f" (median {statistics.median(r):.2f}, min {min(r):.2f}, max {max(r):.2f})" if r else ""), flush=True)
+            print(f"SUMMARY {name} {cfg.direction} cos>={cfg.cosine} span {cfg.layer_span}: strongest path through an "
+                  f"induction family on {t['through']}/{t['prompts']}; patched >= 50% of predicted on {t['ok']}/"
+                  f"{t['prompts']}{_spread(t['ratios'])}, with the norms' scales frozen on {t['ok_frozen']}/"
+                  f"{t['prompts']}{_spread(t['ratios_frozen'])}; median {statistics.median(t['seconds']):.0f} s a prompt",
+                  flush=True)
+
+
+def _spread(ratios: list[float]) -> str:
+    return f" (median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f})" if ratios else ""
 
 
 if __name__ == "__main__":
