@@ -131,7 +131,8 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     boxes, (L, T, R, B) = on_screen(dom)
     x0, y0, x1, y1 = boxes[node]
     assert L <= x0 and x1 <= R and T <= y0 and y1 <= B  # brought into view
-    head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa"), key=lambda k: data["nodes"][k]["influence"])
+    head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa" and not n.get("members")),  # not a family
+               key=lambda k: data["nodes"][k]["influence"])
     panel = _panel(_dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",)))
     assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
     if data["nodes"][head]["pos"] > 0:  # why the head's keys win, beside the raw split (none with a single key)
