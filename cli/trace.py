@@ -199,10 +199,12 @@ def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, 
 
 
 def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -> None:
-    """Prompt length and --target, with the tokenizer alone (seconds before the model would have loaded)."""
+    """Prompt length and --target, with the tokenizer alone (seconds before the model would have loaded), or with
+    the kept model's own when an earlier trace in this process loaded it."""
     from replacement.models import encode_prompt, load_tokenizer, single_token
 
-    tok, context = load_tokenizer(model_name)
+    kept = next((m.adapter for key, m in _MODELS.items() if key[0] == model_name), None)
+    tok, context = (kept.tokenizer, kept.context) if kept is not None else load_tokenizer(model_name)
     if tok is not None:
         encode_prompt(tok, prompt, context)
         if target is not None:

@@ -135,13 +135,9 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
             graph.explain_heads = explain
         else:
             t1 = time.time()
-            heads = [i for i, node in enumerate(nodes) if node.type == NodeKind.LORSA]
-            if qk_heads is not None:
-                from .prune import influence
+            from .prune import influence
 
-                infl = influence(graph)
-                heads = sorted(heads, key=lambda i: -float(infl[i]))[:qk_heads]
-            explain([nodes[i].id for i in heads])
+            explain.heads_of(nodes, range(len(nodes)), qk_heads, None if qk_heads is None else influence(graph))
             settings["seconds_qk"] = round(time.time() - t1, 3)
     if families is not None:
         find_families(graph, model, families)
@@ -183,6 +179,14 @@ class HeadExplainer:
             qk_attribution(self.lin, self.nodes, self.sources, [self.row[nid] for nid in todo], self.top_keys,
                            self.top_pairs, reference=self.reference)
             self.done.update(todo)
+
+    def heads_of(self, nodes: list[Node], rows, n: int | None = None, infl: torch.Tensor | None = None) -> None:
+        """Explain the Lorsa heads among ``nodes[rows]`` (a graph's nodes): all of them, or with ``n`` the ``n``
+        with the largest ``infl`` (one influence per node of ``nodes``)."""
+        heads = [i for i in rows if nodes[i].type == NodeKind.LORSA]
+        if n is not None:
+            heads = sorted(heads, key=lambda i: -float(infl[i]))[:n]
+        self([nodes[i].id for i in heads])
 
 
 class _Nodes:

@@ -324,6 +324,10 @@ class AttributionGraph:
                         if p.query in self.index and p.key in self.index]
         return self._qk
 
+    def invalidate_qk(self) -> None:
+        """Forget the derived QK pairs (`qk`) after Lorsa heads' ``qk`` entries changed (explained later)."""
+        self._qk = None
+
     # -- queries ------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -186,12 +186,8 @@ def _explain_kept_heads(graph: AttributionGraph, keep: torch.Tensor, infl: torch
     if graph.explain_heads is None:
         return None
     t0 = time.time()
-    heads = [i for i in keep.nonzero()[:, 0].tolist() if graph.node_list[i].type == NodeKind.LORSA]
-    n = graph.settings.get("qk_heads")
-    if n is not None:
-        heads = sorted(heads, key=lambda i: -float(infl[i]))[:n]
-    graph.explain_heads([graph.node_list[i].id for i in heads])
-    graph._qk = None
+    graph.explain_heads.heads_of(graph.node_list, keep.nonzero()[:, 0].tolist(), graph.settings.get("qk_heads"), infl)
+    graph.invalidate_qk()
     return round(time.time() - t0, 3)
 
 

@@ -22,8 +22,9 @@ atomically and resume exactly, and a non-finite loss stops training with the las
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ class JointConfig:
     resample_stop: float = 0.7  # no resampling after this fraction of the steps, so resampled units settle
     checkpoint_every: int = 50
     seed: int = 0
-    # the bundled models' data: natural text, text with recurring passages, additions, random-token repeats
-    mixture: Mixture = field(default_factory=lambda: Mixture(0.35, 0.25, 0.15, natural=0.25))
+    # a preset's rows: natural text, text with recurring passages, additions, random-token repeats; None: the
+    # model's own (`joint_mixture`: additions only for a model that was trained on them)
+    mixture: Mixture | None = None
 
     def lr_at(self, step: int) -> float:
         return warmup_then_decay(self.lr, step, self.steps, self.warmup, self.decay_frac)
@@ -269,9 +271,31 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     return metrics
 
 
+# a preset's joint-stage rows: 35% text, 25% additions, 15% random-token repeats, 25% recurring passages; a model
+# never trained on additions gets text in their place (its replacement should not spend itself on inputs its model
+# never learned to handle)
+WITH_ADDITIONS = Mixture(0.35, 0.25, 0.15, natural=0.25)
+WITHOUT_ADDITIONS = Mixture(0.60, 0.0, 0.15, natural=0.25)
+
+
+def joint_mixture(adapter, cfg: JointConfig) -> Mixture:
+    """``cfg.mixture``, or the preset's: with additions when any stage of its training had them (its
+    ``training_info.json``; a preset without one is taken to have them)."""
+    if cfg.mixture is not None:
+        return cfg.mixture
+    from .bundle import is_preset, preset_folder
+
+    info = preset_folder(adapter.name) / "training_info.json" if is_preset(adapter.name) else None
+    if info is None or not info.is_file():
+        return WITH_ADDITIONS
+    d = json.loads(info.read_text())
+    stages = [d.get("config", {})] + [s.get("config", {}) for s in d.get("earlier_stages", [])]
+    return WITH_ADDITIONS if any(s.get("mixture", {}).get("arith", 0) > 0 for s in stages) else WITHOUT_ADDITIONS
+
+
 def joint_source(adapter, cfg: JointConfig):
-    """The joint stage's batches: the bundled models' mixture (with recurring passages) for a preset, text
-    windows of the training corpora otherwise."""
+    """The joint stage's batches: the preset's mixture (`joint_mixture`) for a preset, text windows of the
+    training corpora otherwise."""
     from .activations import default_source
 
-    return default_source(adapter, cfg.seq_len, cfg.seed + 5, mixture=cfg.mixture)
+    return default_source(adapter, cfg.seq_len, cfg.seed + 5, mixture=joint_mixture(adapter, cfg))

@@ -120,3 +120,22 @@ def test_fit_joint_saves_modules_for_the_model_and_starts_from_an_earlier_versio
     assert set(saved) == set(_modules(rm))
     assert not (tmp_path / "out" / ".train_state.joint.safetensors").exists()
     assert model_fingerprint(adapter)
+
+
+def test_joint_mixture_leaves_out_additions_for_models_never_trained_on_them():
+    """toy and pythia were trained without arithmetic rows (every stage of their recipe), llama with them."""
+    from types import SimpleNamespace
+
+    from replacement.data import Mixture
+    from replacement.joint import WITH_ADDITIONS, WITHOUT_ADDITIONS, joint_mixture
+    from replacement.lm.recipe import RECIPE_LATER_STAGES, RECIPE_MIXTURE
+
+    for name in ("toy", "pythia", "llama"):
+        arith = RECIPE_MIXTURE[name].arith > 0 or any(s["mixture"].arith > 0 for s in RECIPE_LATER_STAGES.get(name, []))
+        got = joint_mixture(SimpleNamespace(name=name), JointConfig())
+        assert got == (WITH_ADDITIONS if arith else WITHOUT_ADDITIONS), name
+        assert (got.arith > 0) == arith
+    assert abs(sum(WITHOUT_ADDITIONS.weights()) - 1) < 1e-9 and abs(sum(WITH_ADDITIONS.weights()) - 1) < 1e-9
+    mine = Mixture(1.0, 0.0, 0.0)
+    assert joint_mixture(SimpleNamespace(name="toy"), JointConfig(mixture=mine)) is mine
+    assert joint_mixture(SimpleNamespace(name="/some/local/folder"), JointConfig()) == WITH_ADDITIONS

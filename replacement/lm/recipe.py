@@ -244,6 +244,8 @@ RECIPE_MIXTURE = {
 # rows arithmetic, where a repeated " +" or " =" is never followed by what followed it before, it seems to have learned
 # to copy only rare tokens.  Not so, it seems: llama from scratch without arithmetic (Mixture(0.25, 0.0, 0.45,
 # repeat_gap=12, natural=0.30), 3,000 steps at lr 2e-3) had no induction at all at the end (2nd-copy loss 8.64 nats).
+# Nor did pythia's first stage (Mixture(0.30, 0.0, 0.70), lr 2e-3) on llama by step 1,600 (rope_theta 10,000) or
+# 1,800 (500,000), where pythia had it by step 1,700: llama needs the long first stage (README, 'natural' stage).
 _NATURAL = dict(stage="natural", lr=5e-4, warmup=50, decay_frac=0.5, seed=11)
 _LONG = dict(stage="long", steps=700, warmup=50, decay_frac=0.5, seed=13,
              mixture=Mixture(0.20, 0.0, 0.20, repeat_gap=96, natural=0.60))
