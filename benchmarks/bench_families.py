@@ -50,7 +50,7 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
     rows, groups = [], []
     graph = prune(full, 0.8, 0.98)  # once: the pruned graph shares its nodes (and so their families) with the full one
     for cfg in configs:
-        find_families(full, model, cfg)
+        find_families(graph, model, cfg)  # on the pruned graph, as trace does
         paths = graph.top_paths(to=logit_id, k=1, families=True)
         strength, path = paths[0] if paths else (0.0, [])
         fams = induction_families(full, n - 1, peak)

@@ -114,6 +114,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
     scores, its strongest paths and the target logit's decomposition."""
     from graphs.attribution import attribute
+    from graphs.families import find_families
     from graphs.prune import file_caps, prune
     from graphs.validate import check_finite
     from replacement.evaluate import pure_model_disagrees
@@ -127,8 +128,10 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
     whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos,
                       max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference,
-                      qk_defer=True, families=families)  # qk_defer: only the heads pruning keeps are explained
+                      qk_defer=True)  # qk_defer: only the heads pruning keeps are explained
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
+    if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
+        find_families(graph, model, families)
     check_finite(graph)
     s = graph.scores
     click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "

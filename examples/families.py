@@ -27,7 +27,7 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     """Trace, group, patch and draw (module docstring); returns the figures printed."""
     from graphs.attribution import attribute
     from graphs.circuits import induction_families
-    from graphs.families import DEFAULT_FAMILIES, FamilyConfig, family_components, predicted_effect
+    from graphs.families import DEFAULT_FAMILIES, FamilyConfig, family_components, find_families, predicted_effect
     from graphs.files import write_all
     from graphs.patching import PathPatcher
     from graphs.prune import prune
@@ -41,8 +41,9 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     model = ReplacementModel.load(adapter)
     ids, answer, peak = _induction_example().showcase_prompt(adapter, "natural", seed)
     cfg = DEFAULT_FAMILIES if cosine is None else FamilyConfig(cosine=cosine)
-    full = attribute(model, ids, target=adapter.tokenizer.decode([answer]), qk=False, families=cfg)
-    graph = prune(full, 0.8, 0.98)
+    full = attribute(model, ids, target=adapter.tokenizer.decode([answer]), qk=False)
+    graph = prune(full, 0.8, 0.98)  # shares its nodes with the full graph, so its families mark the full one's too
+    find_families(graph, model, cfg)
     n, tok = ids.shape[1], adapter.tokenizer
     logit = full.logit(answer)
     say(f"{model_name}: next token {token_text(tok, answer)!r} (p={logit.prob:.2f}); the earlier occurrence is followed "

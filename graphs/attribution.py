@@ -40,7 +40,7 @@ from replacement.tokenizer import token_text
 
 from .graph import (CONTRAST_REFERENCES, ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node,
                     NodeKind, unit_label)
-from .families import DEFAULT_FAMILIES, FamilyConfig, find_families
+from .families import FamilyConfig, find_families
 from .linear import Linearised, Source
 from .prune import logit_decomposition
 
@@ -83,7 +83,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
               qk_reference: str | None = "mean", qk_defer: bool = False,
               max_feature_nodes: int | None = None, bos: str = "keep",
-              families: "FamilyConfig | None" = DEFAULT_FAMILIES) -> AttributionGraph:
+              families: "FamilyConfig | None" = None) -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
@@ -100,8 +100,10 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     those features only (the rest's edges summed into each target's ``dropped``).
     ``bos``: "keep" makes nodes of every Lorsa head, transcoder feature and error at position 0 as anywhere;
     "zero" (circuit-tracer's convention) makes none there: what they write joins the targets' constants.
-    ``families``: group the active heads and features into families by this rule (graphs/families.py; None:
-    not), marking each member's node."""
+    ``families``: group the active heads and features of this full graph into families by this rule
+    (graphs/families.py), marking each member's node; None (the default): not.  `trace` groups those of the pruned
+    graph instead (``find_families(prune(graph), model)``): on a full graph of 20M edges the read directions cost
+    ~0.7 GB beyond the memory guard's estimate, and the families a picture draws are those of its nodes."""
     t0 = time.time()
     if bos not in ("keep", "zero"):
         raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
