@@ -240,8 +240,11 @@ def _print_faithfulness(f: dict) -> None:
 @circuits.command()
 @click.argument("prompt")
 @model_options
-@click.option("--component", "components", multiple=True, required=True,
+@click.option("--component", "components", multiple=True,
               help="lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P (repeatable).")
+@click.option("--family", "families", multiple=True,
+              help="A family id of the prompt's graph (fam.lorsa.L.K@P, as trace and circuits query list them; "
+                   "repeatable): all its members ablated together, against the graph's predicted effect.")
 @click.option("--target", default=None, help="Target token (default: the model's top prediction).")
 @click.option("--baseline", default=None, help="Report the logit difference target - baseline.")
 @click.option("--mode", type=click.Choice(["zero", "mean", "counterfactual"]), default="zero", show_default=True,
@@ -256,14 +259,22 @@ def _print_faithfulness(f: dict) -> None:
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
 @click.option("--together", is_flag=True, help="Ablate all the components at once (one effect), not one at a time.")
 def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, mean_over, attention,
-          replacements, freeze_norms, together):
+          replacements, freeze_norms, together, families):
     """Path-patch components: their effect on a logit through the residual stream and MLPs only, and the real
-    model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime)."""
+    model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime).
+    A family (--family) is ablated as one unit and compared with the graph's prediction (its members' sum)."""
     from graphs.patching import PathPatcher, parse_component
     from replacement.assemble import ReplacementModel
     from replacement.errors import BadInputError
     from replacement.models import load_model
 
+    if not components and not families:
+        raise BadInputError("name something to patch: --component ID or --family ID")
+    from graphs.families import is_family_id
+
+    bad = [f for f in families if not is_family_id(f)]
+    if bad:
+        raise BadInputError(f"cannot parse family id {bad[0]!r}; use fam.lorsa.L.K@P or fam.tc.L.K@P")
     if mode == "counterfactual" and not counterfactual:
         raise BadInputError("--mode counterfactual needs --counterfactual PROMPT")
     if mode == "mean" and not mean_over:
@@ -281,11 +292,33 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
     comps = [parse_component(c) for c in components]
-    if together:
+    if together and comps:
         comps = [tuple(comps)]
-    for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
-        name = " + ".join(map(str, r.component)) if together else str(r.component)
-        click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
+    if comps:
+        for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
+            name = " + ".join(map(str, r.component)) if together else str(r.component)
+            click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
+    if families:
+        _patch_families(model, ids, t_id, patcher, families, mode)
+
+
+def _patch_families(model, ids, t_id: int, patcher, families, mode: str) -> None:
+    """Trace the prompt's graph (its families are found as `trace` finds them), ablate each named family's members
+    together, and print the effect beside the graph's prediction (the sum of its members' effects on the
+    target's demeaned logit, zero ablation, through transcoder features)."""
+    from graphs.attribution import attribute
+    from graphs.families import family, family_components, predicted_effect
+
+    graph = attribute(model, ids, target=model.adapter.tokenizer.decode([t_id]), qk=False)
+    logit_id = graph.logit(t_id).id
+    for fid in families:
+        f = family(graph, fid)
+        r = patcher.effects([family_components(f)], mode)[0]
+        pred = predicted_effect(graph, f, logit_id)
+        ratio = f" ({r.effect / pred:.2f} of it)" if pred else ""
+        click.echo(f"  {fid} ({len(f)} {'heads' if f.kind == 'lorsa' else 'features'} of layer(s) "
+                   f"{','.join(map(str, f.layers))}, key position(s) {','.join(map(str, f.key_positions))}) "
+                   f"patched {r.patched:.4f}  effect {r.effect:+.4f}  graph predicts {pred:+.4f}{ratio}")
 
 
 def _reference_prompts(adapter, path: str) -> list:
@@ -455,7 +488,8 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png, html.")
 @click.option("--draw-nodes", type=click.IntRange(min=1), default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential).")
-def render(graph_json, fmt, draw_nodes):
+@click.option("--expand-families", is_flag=True, help="Draw every member of a family rather than one node per family.")
+def render(graph_json, fmt, draw_nodes, expand_families):
     """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
     import graphs
     from graphs.files import parse_formats, write_all
@@ -465,7 +499,7 @@ def render(graph_json, fmt, draw_nodes):
     fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
     g = graphs.load(graph_json)
     remove_leftovers(Path(graph_json).parent)
-    for path in write_all(g, graph_json, fmts, draw_nodes).values():
+    for path in write_all(g, graph_json, fmts, draw_nodes, expand_families=expand_families).values():
         click.echo(f"wrote {path}")
 
 
@@ -476,8 +510,10 @@ def render(graph_json, fmt, draw_nodes):
 @click.option("--type", "node_type", default=None, help="List nodes of a type (lorsa, transcoder, ...).")
 @click.option("--layer", type=int, default=None)
 @click.option("--position", type=int, default=None)
-def query(graph_json, node, paths, node_type, layer, position):
-    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position."""
+@click.option("--families", "show_families", is_flag=True,
+              help="List the head and feature families, and find the paths with each family as one node.")
+def query(graph_json, node, paths, node_type, layer, position, show_families):
+    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families."""
     import graphs
     from replacement.errors import BadInputError
 
@@ -485,7 +521,26 @@ def query(graph_json, node, paths, node_type, layer, position):
 
     g = graphs.load(graph_json)
     click.echo(repr(g))
-    if node:
+    if show_families:
+        fams = g.families()
+        click.echo(f"{len(fams)} families" + (" (the graph was traced without them, or they were pruned away)"
+                                              if not fams else ""))
+        for f in fams:
+            click.echo(f"  {f.id:<22} {len(f):>3} {'heads' if f.kind == 'lorsa' else 'features'}, layer(s) "
+                       f"{','.join(map(str, f.layers))}, key {','.join(map(str, f.key_positions))}, mean cosine "
+                       f"{f.mean_cosine:.2f}: {' '.join(p(m) for m in f.members[:6])}" + (" ..." if len(f) > 6 else ""))
+    if node and node in {f.id for f in g.families()}:
+        from graphs.families import family
+
+        f = family(g, node)
+        c = g.collapsed()
+        click.echo(f"{p(node)}: a family of {len(f)}, activation {c.node(node).activation:.4g}, influence "
+                   f"{c.node(node).influence:.4g} (its members' sums)")
+        for e in c.incoming(node, k=10):
+            click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
+        for e in c.outgoing(node, k=10):
+            click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
+    elif node:
         if node not in g.index:
             raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)
@@ -509,7 +564,7 @@ def query(graph_json, node, paths, node_type, layer, position):
     else:
         if paths < 1:
             raise BadInputError(f"--paths must be at least 1, not {paths}")
-        for strength, path in g.top_paths(k=paths):
+        for strength, path in g.top_paths(k=paths, families=show_families):
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
 
 

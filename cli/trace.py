@@ -46,8 +46,16 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
 @click.option("--bos", type=click.Choice(["keep", "zero"]), default="keep", show_default=True,
               help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
                    "(circuit-tracer's convention).")
+@click.option("--families/--no-families", default=True, show_default=True,
+              help="Group the active heads (and features) into families: one position, one key, one layer, "
+                   "output directions not opposed (graphs/families.py); the pictures draw each as one node.")
+@click.option("--family-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
+              help="The least cosine of a member's output direction with its family leader's (default: "
+                   "graphs.families.FamilyConfig's).")
+@click.option("--expand-families", is_flag=True, help="Draw every member of a family rather than one node per family.")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes,
-          max_feature_nodes, full, qk, qk_heads, qk_reference, fmt, draw_nodes, replacements, bos):
+          max_feature_nodes, full, qk, qk_heads, qk_reference, fmt, draw_nodes, replacements, bos, families,
+          family_cosine, expand_families):
     """Trace PROMPT through MODEL's replacement model and write its attribution graph."""
     from replacement.foreign import replacement_specs
     from replacement.threads import set_threads
@@ -61,7 +69,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
                 "qk_reference": qk_reference,
                 "replacements": replacements, "dtype": dtype, "bos": bos, "max_feature_nodes": max_feature_nodes,
-                "full": full}
+                "full": full, "families": families, "family_cosine": family_cosine}
     out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
     with RunFolder(out_dir) as run:
@@ -74,9 +82,9 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         with gc_paused():
             t1 = time.time()
             graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
-                               max_feature_nodes, full, qk_reference)
+                               max_feature_nodes, full, qk_reference, _family_config(families, family_cosine))
             times["attribution + pruning"] = time.time() - t1
-            written = _write(run, graph, model, fmts, draw_nodes, times)
+            written = _write(run, graph, model, fmts, draw_nodes, times, expand_families)
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: {time.time() - T_START:.1f}s in all (" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
 
@@ -102,10 +110,11 @@ def _load(model_name, device, dtype, prompt, replacements, attention, max_featur
 
 
 def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos="keep",
-               max_feature_nodes=None, full=True, qk_reference="mean"):
+               max_feature_nodes=None, full=True, qk_reference="mean", families=None):
     """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
     scores, its strongest paths and the target logit's decomposition."""
     from graphs.attribution import attribute
+    from graphs.families import find_families
     from graphs.prune import file_caps, prune
     from graphs.validate import check_finite
     from replacement.evaluate import pure_model_disagrees
@@ -119,8 +128,10 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
     whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos,
                       max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference,
-                      qk_defer=True)  # only the heads pruning keeps are explained
+                      qk_defer=True)  # qk_defer: only the heads pruning keeps are explained
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
+    if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
+        find_families(graph, model, families)
     check_finite(graph)
     s = graph.scores
     click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
@@ -135,7 +146,16 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     return graph
 
 
-def _write(run, graph, model, fmts, draw_nodes, times) -> list[Path]:
+def _family_config(on: bool, cosine: float | None):
+    """The family rule `trace` groups by (None: no families)."""
+    from graphs.families import DEFAULT_FAMILIES, FamilyConfig
+
+    if not on:
+        return None
+    return DEFAULT_FAMILIES if cosine is None else FamilyConfig(cosine=cosine)
+
+
+def _write(run, graph, model, fmts, draw_nodes, times, expand_families=False) -> list[Path]:
     """Write the asked formats into the run's folder and commit them (a DOT written only to render from stays
     behind); the time spent on dashboards and on files goes into ``times``."""
     from graphs.files import write_all
@@ -149,7 +169,7 @@ def _write(run, graph, model, fmts, draw_nodes, times) -> list[Path]:
         return dash
 
     t0 = time.time()
-    written = write_all(graph, run.path("graph"), fmts, draw_nodes, dashboards)
+    written = write_all(graph, run.path("graph"), fmts, draw_nodes, dashboards, expand_families)
     times["files"] = time.time() - t0 - times.get("dashboards", 0.0)
     return run.commit([written[f].name for f in FORMATS if f in fmts])
 
@@ -223,6 +243,13 @@ def _print_paths(graph) -> None:
         names = " -> ".join(node_name(graph, graph.node(i)) for i in path)
         click.echo(f"strongest {kind} path (strength {strength:.3f}): {names}")
         click.echo(f"  ids: {' -> '.join(path)}")
+    fams = graph.families()
+    if fams:
+        collapsed = graph.collapsed()
+        strength, path = (graph.top_paths(k=1, families=True) or [(0.0, [])])[0]
+        click.echo(f"{len(fams)} families (heads or features at one position and key, writing alike; graphs/families.py), "
+                   f"the largest {max(fams, key=len).id} of {len(max(fams, key=len))}; strongest path with each family as "
+                   f"one node (strength {strength:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in path))
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Attribution graphs built on `replacement`: attribution, pruning, QK pairs, patching, export."""
+"""Attribution graphs built on `replacement`: attribution, pruning, QK pairs, head families, patching, export."""
+from .families import Family, FamilyConfig
 from .graph import AttributionGraph, Edge, Node, NodeKey, NodeKind, QKContrast, QKEntry, QKLink, QKPair
 
 
@@ -7,4 +8,4 @@ def load(path) -> AttributionGraph:
     return AttributionGraph.load(path)
 
 
-__all__ = ["AttributionGraph", "Edge", "Node", "NodeKey", "NodeKind", "QKContrast", "QKEntry", "QKLink", "QKPair", "load"]
+__all__ = ["AttributionGraph", "Edge", "Family", "FamilyConfig", "Node", "NodeKey", "NodeKind", "QKContrast", "QKEntry", "QKLink", "QKPair", "load"]

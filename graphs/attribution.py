@@ -40,6 +40,7 @@ from replacement.tokenizer import token_text
 
 from .graph import (CONTRAST_REFERENCES, ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node,
                     NodeKind, unit_label)
+from .families import FamilyConfig, find_families
 from .linear import Linearised, Source
 from .prune import logit_decomposition
 
@@ -81,7 +82,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
               qk_reference: str | None = "mean", qk_defer: bool = False,
-              max_feature_nodes: int | None = None, bos: str = "keep") -> AttributionGraph:
+              max_feature_nodes: int | None = None, bos: str = "keep",
+              families: "FamilyConfig | None" = None) -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
@@ -97,7 +99,11 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     than this, expand only this many, the most influential first (graphs/budgeted.py); the graph then holds
     those features only (the rest's edges summed into each target's ``dropped``).
     ``bos``: "keep" makes nodes of every Lorsa head, transcoder feature and error at position 0 as anywhere;
-    "zero" (circuit-tracer's convention) makes none there: what they write joins the targets' constants."""
+    "zero" (circuit-tracer's convention) makes none there: what they write joins the targets' constants.
+    ``families``: group the active heads and features of this full graph into families by this rule
+    (graphs/families.py), marking each member's node; None (the default): not.  `trace` groups those of the pruned
+    graph instead (``find_families(prune(graph), model)``): on a full graph of 20M edges the read directions cost
+    ~0.7 GB beyond the memory guard's estimate, and the families a picture draws are those of its nodes."""
     t0 = time.time()
     if bos not in ("keep", "zero"):
         raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
@@ -135,6 +141,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
 
             explain.heads_of(nodes, range(len(nodes)), qk_heads, None if qk_heads is None else influence(graph))
             settings["seconds_qk"] = round(time.time() - t1, 3)
+    if families is not None:
+        find_families(graph, model, families)
     settings["seconds"] = round(time.time() - t0, 3)
     return graph
 

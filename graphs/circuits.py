@@ -39,6 +39,13 @@ def heads_attending(graph: AttributionGraph, position: int, peak: int, min_layer
     return [h for h in graph.nodes(type=NodeKind.LORSA, position=position) if h.layer >= min_layer and z_peak(h) == peak]
 
 
+def induction_families(graph: AttributionGraph, position: int, peak: int, min_layer: int = 1) -> list:
+    """The families (graphs/families.py) of Lorsa heads at ``position`` of layers >= ``min_layer`` whose key is
+    ``peak`` (the token after the earlier occurrence): the induction heads as units."""
+    return [f for f in graph.families() if f.kind == NodeKind.LORSA and f.pos == position
+            and f.key_positions == (peak,) and f.layers[0] >= min_layer]
+
+
 def induction_heads(graph: AttributionGraph, logit_id: str, peak: int) -> list[Node]:
     """The candidate induction heads for the logit ``logit_id``: Lorsa heads at the logit's position with a
     direct edge into it whose z pattern peaks at ``peak`` (the token after the earlier occurrence), the

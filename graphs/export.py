@@ -4,11 +4,13 @@ JSON layout (schema: graphs/schema/graph.schema.json, version 1):
 
     metadata  slug, scan (model), prompt, prompt_tokens, transcoder_list, node_threshold, schema_version,
               plus prompt_token_ids, settings, scores
-    qParams   pinnedIds, supernodes, linkType, clickedId, sg_pos (the viewer's state)
+    qParams   pinnedIds, supernodes (the families: [family id, member ids...]), linkType, clickedId, sg_pos (the
+              viewer's state)
     nodes     node_id, feature, layer ("E" for embeddings, "L" for layer L, n_layers+1 for logits), ctx_idx,
               feature_type, jsNodeId, clerp, influence, activation, token_prob, is_target_logit;
               ours: type, model_layer, index, preact, const, dropped, z_pattern (Lorsa heads), qk (Lorsa heads:
-              one object per explained key position, `graph.QKEntry`; pairs as [query, key, weight])
+              one object per explained key position, `graph.QKEntry`; pairs as [query, key, weight]),
+              family and family_cosine (members of a head or feature family, graphs/families.py)
     links     source, target, weight; ours: kind (ov | direct)
 """
 from __future__ import annotations
@@ -59,6 +61,10 @@ def _node_dict(n: Node, n_layers: int, is_target: bool) -> dict:
         d["z_pattern"] = n.z_pattern
     if n.qk:
         d["qk"] = [entry.to_json() for entry in n.qk]
+    if n.family is not None:
+        d["family"] = n.family
+        if n.family_cosine is not None:
+            d["family_cosine"] = n.family_cosine
     return d
 
 
@@ -66,7 +72,8 @@ def _node_from_dict(x: dict) -> Node:
     return Node(id=x["node_id"], type=x["type"], layer=x["model_layer"], pos=x["ctx_idx"], index=x["index"],
                 activation=x["activation"], influence=x["influence"], label=x.get("label", ""), prob=x["token_prob"],
                 const=x["const"], preact=x["preact"], dropped=x["dropped"], z_pattern=x.get("z_pattern"),
-                qk=[QKEntry.from_json(e) for e in x.get("qk", ())])
+                qk=[QKEntry.from_json(e) for e in x.get("qk", ())], family=x.get("family"),
+                family_cosine=x.get("family_cosine"))
 
 
 def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
@@ -81,7 +88,7 @@ def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
                      "schema_version": SCHEMA_VERSION, "transcoder_list": transcoders,
                      "node_threshold": graph.settings.get("node_threshold"), "settings": graph.settings,
                      "scores": graph.scores},
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "qParams": {"pinnedIds": [], "supernodes": [[f.id, *f.members] for f in graph.families()], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes, "links": links,
     }
 
@@ -159,20 +166,29 @@ def _visible_escape(m: "re.Match") -> str:
     return f"\\\\x{c:02x}" if c < 0x100 else f"\\\\u{c:04x}"
 
 
-def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per_head: int = 1, max_qk: int = 24) -> str:
+def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per_head: int = 1, max_qk: int = 24,
+           expand_families: bool = False) -> str:
     """The graph on its grid (graphs/layout.py: token positions left to right, layers bottom to top), pinned
     with graphviz's neato: the ``draw_nodes`` most influential nodes (and the logits), their strongest edges
     (``EDGES_PER_NODE`` per node; width by |weight|, colour by sign), the ``qk_per_head`` strongest QK pairs of
     each drawn head (dashed), the token under and over each column, each row's layer on the left, and a
-    legend saying how many nodes were left out.  The JSON keeps everything."""
+    legend saying how many nodes were left out.  Each family of heads or features (graphs/families.py) is one
+    node (a double outline, ``L1 x21``: its layers and member count; its edges the sums of its members'),
+    unless ``expand_families``.  The JSON keeps everything."""
+    fams = [] if expand_families else graph.families()
+    if fams:
+        from .families import collapse
+
+        graph = collapse(graph, fams)
     nodes = draw_budget(graph, draw_nodes)
     ids = {n.id for n in nodes}
     g = grid(graph, nodes)
+    legend = _legend(graph, len(nodes), len(fams))
     lines = ["digraph attribution {",
              "  layout=neato; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
              '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
              f'width={NODE_W / 72:.3f}, height={NODE_H / 72:.3f}];',
-             f"  label={_q(_legend(graph, len(nodes)), newline=LEFT_LINE)}; labelloc=t; labeljust=l;",
+             f"  label={_q(legend, newline=LEFT_LINE)}; labelloc=t; labeljust=l;",
              '  fontname="Helvetica"; fontsize=11;']
     for n in nodes:
         fill, shape, style = STYLE[n.type]
@@ -180,8 +196,10 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
         tip = f"{node_name(graph, n)}: activation {n.activation:.3g}, influence {n.influence:.3g}"
         if meaning(n):
             tip += f" ({meaning(n)})"
+        if n.members:
+            tip += f"; a family of {len(n.members)}: {', '.join(n.members[:12])}" + (", ..." if len(n.members) > 12 else "")
         lines.append(f"  {_q(n.id)} [label={_q(box_label(graph, n))}, pos=\"{x:.1f},{y:.1f}!\", fillcolor={_q(fill)}, "
-                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}];")
+                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}" + (", peripheries=2" if n.members else "") + "];")
     lines += _frame(g)
     E = graph.edge_arrays
     chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes))
@@ -223,7 +241,7 @@ def _score_line(graph: AttributionGraph) -> str:
     return f"({', '.join(parts)})" if parts else ""
 
 
-def _legend(graph: AttributionGraph, drawn: int) -> str:
+def _legend(graph: AttributionGraph, drawn: int, families: int = 0) -> str:
     left = len(graph.node_list) - drawn
     lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
              f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" + (f"; {left} left out:" if left else "")]
@@ -233,12 +251,17 @@ def _legend(graph: AttributionGraph, drawn: int) -> str:
     lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
               "    dashed orange octagon: error node, what the replacement misses of the real layer",
               "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
+    if families:
+        lines.append(f"double outline: a family (graphs/families.py; {families} in this graph), e.g. L1 x21: 21 heads of "
+                     "layer 1 that attend to one key and write alike, one node whose edges are its members' sums;")
+        lines.append("    draw the members with --expand-families (trace, circuits render)")
     return "\n".join(lines) + "\n"
 
 
-def write_dot(graph: AttributionGraph, path: str | Path, draw_nodes: int = DEFAULT_DRAW_NODES) -> Path:
+def write_dot(graph: AttributionGraph, path: str | Path, draw_nodes: int = DEFAULT_DRAW_NODES,
+              expand_families: bool = False) -> Path:
     path = Path(path)
-    atomic_write_text(path, to_dot(graph, draw_nodes))
+    atomic_write_text(path, to_dot(graph, draw_nodes, expand_families=expand_families))
     return path
 
 

@@ -9,6 +9,8 @@ A node's identity is a `NodeKey` (kind, layer, index, position).  Its string for
     attn_err.{L}@{pos}        the attention error of layer L at a position
     mlp_err.{L}@{pos}         the MLP error of layer L at a position
     logit.{token_id}@{pos}    an output logit (demeaned) at the last position
+    fam.lorsa.{L}.{K}@{pos}   a family of heads (fam.tc. of features), a node of collapsed graphs only
+                              (graphs/families.py; its members carry its id in ``Node.family``)
 
 Edges run source -> target; ``kind`` is ``ov`` (into a Lorsa head, weighted by its pattern) or ``direct``
 (into a feature or a logit through the residual stream).  A Lorsa head's attention scores are explained
@@ -231,6 +233,9 @@ class Node:
     dropped: float = 0.0  # targets: summed weight of incoming edges not kept (edges_per_target)
     z_pattern: list[float] | None = None  # Lorsa heads: A_{t,s} v_s for s <= t (sums to the head's z)
     qk: list[QKEntry] = field(default_factory=list)  # Lorsa heads: the explained key positions
+    family: str | None = None  # heads/features: the id of the family it belongs to (graphs/families.py)
+    family_cosine: float | None = None  # a member: its output direction's cosine with its family's mean direction
+    members: list[str] | None = None  # a family node of a collapsed graph: its members' node ids
 
     def __post_init__(self):
         self.type = NodeKind(self.type)
@@ -402,14 +407,34 @@ class AttributionGraph:
                         g.add_edge(side, e.head, weight=e.weight, kind="qk", pair=(e.query, e.key))
         return g
 
+    def families(self) -> list:
+        """The head (and feature) families whose members this graph holds (graphs/families.py: `Family`, with
+        ``members``, ``layers``, ``key_positions`` and ``mean_cosine``); empty if the graph was made without."""
+        from .families import families
+
+        return families(self)
+
+    def collapsed(self) -> "AttributionGraph":
+        """This graph with each family as one node whose edges are its members' sums (graphs/families.py)."""
+        from .families import collapse
+
+        return collapse(self)
+
     def top_paths(self, to: str | None = None, k: int = 10, max_len: int = 12,
-                  sources: tuple[str, ...] = INPUT_KINDS) -> list[tuple[float, list[str]]]:
+                  sources: tuple[str, ...] = INPUT_KINDS, families: bool = False) -> list[tuple[float, list[str]]]:
         """The k strongest paths from a source node of the types ``sources`` (by default embeddings and error
-        nodes; the types with no incoming edges) into ``to`` (default: the top logit).
+        nodes; the types with no incoming edges) into ``to`` (default: the top logit).  ``families``: on the
+        collapsed graph (`collapsed`), where a family's members are one node (its id in the paths; ``to`` may
+        name a member, which then stands for its family).
 
         A path's strength is the product, along it, of each edge's share of its target's absolute input;
         paths come out strongest first (networkx's shortest simple paths on -log shares; the strongest alone,
         k = 1, by `_strongest_path` on the edge arrays, without networkx)."""
+        if families:
+            collapsed = self.collapsed()
+            if to is not None and to not in collapsed.index and to in self.index and self.node(to).family:
+                to = self.node(to).family
+            return collapsed.top_paths(to, k, max_len, sources)
         if k == 1:
             best = self._strongest_path(to, max_len, sources)
             return [] if best is None else [best]

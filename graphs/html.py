@@ -58,6 +58,13 @@ const fmt = v => (v === null || v === undefined) ? '' : Number(v).toPrecision(3)
 const name = id => DATA.nodes[id] ? DATA.nodes[id].title : id;
 const link = id => DATA.nodes[id] ? `<a href="#node=${encodeURIComponent(id)}">${esc(name(id))}</a>` : esc(id);
 let step = null, view = null, selected = null;
+const familiesBox = document.getElementById('families');
+let STEPS = DATA.steps;  // the pictures of the graph, or (the families box ticked) of its families as one node each
+function useFamilies(on) {
+  STEPS = on && DATA.family_steps ? DATA.family_steps : DATA.steps;
+  familiesBox.checked = STEPS !== DATA.steps;
+  slider.max = STEPS.length - 1;
+}
 
 // -- drawing -------------------------------------------------------------------------------------------
 function el(tag, attrs, parent) {
@@ -81,7 +88,7 @@ function shape(g, n, x, y) {
 }
 const Y = y => step.height - y;  // the grid's y runs up, the SVG's down
 function draw(i) {
-  step = DATA.steps[i];
+  step = STEPS[Math.min(i, STEPS.length - 1)];
   slider.value = i;
   scene.textContent = '';
   const root = el('g', {id: 'content'}, scene);
@@ -110,8 +117,8 @@ function draw(i) {
     g.addEventListener('click', () => { if (!dragged) go(id); });
     g.addEventListener('mouseenter', () => { if (!selected) show(id); });
   }
-  const left = DATA.total - step.n;
-  document.getElementById('count').textContent = `${step.n} of ${DATA.total} nodes drawn`;
+  const left = step.total - step.n;
+  document.getElementById('count').textContent = `${step.n} of ${step.total} nodes drawn`;
   document.getElementById('threshold').textContent = fmt(step.threshold);
   document.getElementById('left-out').textContent = left ? `${left} nodes are left out: move the slider right, ` +
     'search, or pick them from the list on the right.' : 'All nodes are drawn.';
@@ -192,8 +199,11 @@ function show(id) {
   }
   let h = `<h2 id="panel-title">${esc(n.title)}</h2><div class="meta">${esc(id)} &middot; ${esc(n.type)} at position ${n.pos} ` +
     `(${tok(DATA.tokens[n.pos] ?? '')}) &middot; ${n.type === 'logit' ? 'demeaned logit' : 'activation'} ${fmt(n.activation)} ` +
-    `&middot; influence ${fmt(n.influence)} (rank ${n.rank} of ${DATA.total})</div>`;
+    `&middot; influence ${fmt(n.influence)} ` + (n.rank ? `(rank ${n.rank} of ${DATA.total})` : "(its members' sum)") + '</div>';
   if (n.meaning) h += `<div class="meta">This is ${esc(n.meaning)}.</div>`;
+  if (n.members) h += section(`a family of ${n.members.length} (output directions' mean cosine with their mean ` +
+    `${fmt(n.mean_cosine)}; its edges are its members' sums)`, n.members.map(link).join(', '));
+  if (n.family && DATA.nodes[n.family]) h += `<div class="meta">member of the family ${link(n.family)}</div>`;
   if (n.z_pattern) {
     h += section('z pattern on this prompt (share of each key position)',
       `<div class="ctx">${tokens(DATA.tokens.slice(0, n.z_pattern.length), n.z_pattern, n.pos)}</div>`);
@@ -238,7 +248,10 @@ function show(id) {
   info.dataset.node = id;
 }
 function go(id) {  // select a node: draw it, bring it into view, fill the panel, mark it in the list
-  if (DATA.nodes[id] && !(id in step.xy)) { draw(DATA.steps.findIndex(s => id in s.xy)); fit(); }
+  if (DATA.nodes[id] && !(id in step.xy)) {  // a member while families are collapsed, or a family while expanded
+    if (!STEPS.some(s => id in s.xy)) useFamilies(STEPS === DATA.steps);
+    draw(STEPS.findIndex(s => id in s.xy)); fit();
+  }
   selected = DATA.nodes[id] ? id : null;
   for (const g of scene.querySelectorAll('g.node.selected')) g.classList.remove('selected');
   for (const li of document.querySelectorAll('#node-list li.selected')) li.classList.remove('selected');
@@ -261,7 +274,13 @@ document.getElementById('search').addEventListener('change', ev => {
   const id = DATA.nodes[q] ? q : byName.get(q) ?? Object.keys(DATA.nodes).find(k => name(k).includes(q) || k.includes(q));
   if (q) location.hash = 'node=' + encodeURIComponent(id ?? q);
 });
-slider.max = DATA.steps.length - 1;
+document.getElementById('families-box').style.display = DATA.family_steps ? '' : 'none';
+familiesBox.addEventListener('change', () => {
+  useFamilies(familiesBox.checked);
+  draw(familiesBox.checked ? DATA.family_default_step : DATA.default_step); fit();
+  if (selected && selected in step.xy) go(selected);
+});
+useFamilies(!DATA.expand_families);
 slider.addEventListener('input', () => { draw(Number(slider.value)); fit(); if (selected && selected in step.xy) go(selected); });
 document.getElementById('node-list').innerHTML = DATA.order
   .map(id => `<li data-node="${esc(id)}">${link(id)} <span class="num">${fmt(DATA.nodes[id].influence)}</span></li>`).join('');
@@ -270,7 +289,7 @@ function fromHash() {
   if (m) go(decodeURIComponent(m[1]));
 }
 window.addEventListener('hashchange', fromHash);
-draw(DATA.default_step);
+draw(STEPS === DATA.steps ? DATA.default_step : DATA.family_default_step);
 fit();
 fromHash();
 """
@@ -304,13 +323,29 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
             "header_y": list(g.header_y), "edges": edges, "qk": qk}
 
 
-def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES, n_edges: int = 5) -> dict:
-    """The JSON the page embeds: every node (with its strongest edges) and its dashboard, and the pictures
-    the slider steps through."""
+def _pictures(graph: AttributionGraph, draw_nodes: int) -> tuple[list[dict], int]:
+    """The slider's pictures of ``graph`` and the one drawn first."""
+    edge_rank = edge_order(graph)
+    steps = [picture(graph, k, edge_rank) for k in slider_steps(len(graph.node_list), draw_nodes)]
+    for s in steps:
+        s["total"] = len(graph.node_list)
+    return steps, next(i for i, s in enumerate(steps) if s["n"] >= min(draw_nodes, len(graph.node_list)))
+
+
+def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES, n_edges: int = 5,
+              expand_families: bool = True) -> dict:
+    """The JSON the page embeds: every node (with its strongest edges) and its dashboard, each family of heads
+    or features (graphs/families.py) with its members, and the pictures the slider steps through: of the graph
+    (``steps``) and of the graph with each family as one node (``family_steps``; the page's "families" box
+    switches between them; the page starts on these if not ``expand_families``)."""
     from replacement.errors import BadInputError
 
     from .export import STYLE as NODE_STYLE
 
+    from .families import collapse
+
+    fams = graph.families()
+    collapsed = collapse(graph, fams) if fams else None
     order = sorted(graph.node_list, key=lambda n: -n.influence)
     nodes, dash = {}, {}
     for rank, n in enumerate(order, 1):
@@ -325,13 +360,23 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
             "pos": n.pos, "rank": rank, "activation": n.activation, "influence": n.influence,
             "z_pattern": n.z_pattern, "qk": [e.to_json() for e in n.qk] or None, "dash": key if key in dash else None,
             "in": [[e.source, round(e.weight, 5)] for e in graph.incoming(n, k=n_edges)],
-            "out": [[e.target, round(e.weight, 5)] for e in graph.outgoing(n, k=n_edges)],
+            "out": [[e.target, round(e.weight, 5)] for e in graph.outgoing(n, k=n_edges)], "family": n.family,
         }
-    edge_rank = edge_order(graph)
-    steps = [picture(graph, k, edge_rank) for k in slider_steps(len(graph.node_list), draw_nodes)]
-    default = next(i for i, s in enumerate(steps) if s["n"] >= min(draw_nodes, len(graph.node_list)))
+    for f in fams:  # a family node: its members, and its summed edges in the collapsed graph
+        n = collapsed.node(f.id)
+        nodes[f.id] = {
+            "title": node_name(collapsed, n), "label": box_label(collapsed, n), "meaning": "", "type": n.type,
+            "pos": n.pos, "rank": None, "activation": n.activation, "influence": n.influence, "z_pattern": n.z_pattern,
+            "qk": None, "dash": None, "members": f.members, "mean_cosine": f.mean_cosine,
+            "in": [[e.source, round(e.weight, 5)] for e in collapsed.incoming(n, k=n_edges)],
+            "out": [[e.target, round(e.weight, 5)] for e in collapsed.outgoing(n, k=n_edges)],
+        }
+    steps, default = _pictures(graph, draw_nodes)
+    family_steps, family_default = _pictures(collapsed, draw_nodes) if collapsed is not None else (None, None)
     return {"prompt": graph.prompt, "tokens": graph.tokens, "nodes": nodes, "order": [n.id for n in order],
             "total": len(graph.node_list), "dashboards": dash, "steps": steps, "default_step": default,
+            "family_steps": family_steps, "family_default_step": family_default,
+            "expand_families": expand_families or collapsed is None,
             "style": {t.value: [fill, shape] for t, (fill, shape, _) in NODE_STYLE.items()}, "node_w": NODE_W, "node_h": NODE_H,
             "label_w": LABEL_W}
 
@@ -348,10 +393,11 @@ def script_json(obj) -> str:
     return text
 
 
-def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES) -> str:
+def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES,
+            expand_families: bool = True) -> str:
     import html
 
-    data = script_json(page_data(graph, dashboards, draw_nodes))
+    data = script_json(page_data(graph, dashboards, draw_nodes, expand_families=expand_families))
     title = f"{token_text(graph.prompt)} - attribution graph"
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"toolbar\">"
@@ -359,6 +405,9 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<datalist id=\"names\"></datalist>"
             f"<label>pruning threshold: influence &ge; <span id=\"threshold\"></span> "
             f"<input id=\"slider\" type=\"range\" min=\"0\" step=\"1\"></label><span id=\"count\"></span>"
+            f"<label id=\"families-box\" title=\"each family of heads (or features) that attend to one key and write alike "
+            f"as one node, its edges the sums of its members'\"><input id=\"families\" type=\"checkbox\"> families as one "
+            f"node</label>"
             f"<span><button data-zoom=\"fit\">fit</button><button data-zoom=\"1.25\">+</button>"
             f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
             f"<div id=\"legend\"><span id=\"left-out\"></span> Edges run upwards: blue excites, red inhibits, width by "
@@ -372,9 +421,10 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"</body></html>\n")
 
 
-def write_html(graph: AttributionGraph, path: str | Path, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES) -> Path:
+def write_html(graph: AttributionGraph, path: str | Path, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES,
+               expand_families: bool = True) -> Path:
     from replacement.io import atomic_write_text
 
     path = Path(path)
-    atomic_write_text(path, to_html(graph, dashboards, draw_nodes))
+    atomic_write_text(path, to_html(graph, dashboards, draw_nodes, expand_families))
     return path

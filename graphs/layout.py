@@ -54,6 +54,8 @@ def box_label(graph: AttributionGraph, n: Node) -> str:
         return f'"{token_text(n.label, MAX_TOKEN_CHARS)}"\np={n.prob:.2f}'
     if n.type == NodeKind.EMBEDDING:
         what = token_text(n.label or graph.tokens[n.pos], MAX_TOKEN_CHARS)
+    elif n.members:  # a family (graphs/families.py): "L1 x21" over "fam @4"
+        return f"{n.label}\nfam @{n.pos}"
     elif n.type in FEATURE_KINDS:
         what = unit_label(n.type, n.layer, n.index)
     else:  # an error node: "L1 MLP" over "error @4"
@@ -71,6 +73,9 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
         return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
     if n.type in ERROR_KINDS:
         return f"L{n.layer} {_error_part(n)} error {at}"
+    if n.members:
+        what = "heads" if n.type == NodeKind.LORSA else "features"
+        return f"family {n.label} {what} {n.id} {at}"
     return f"{box_label(graph, n).splitlines()[0]} {at}"
 
 

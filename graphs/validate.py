@@ -99,6 +99,21 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
                 raise BadGraphError(f"{where}: node {_short(n['node_id'])} has no {field} (null)")
     if not any(n["type"] == "logit" for n in d["nodes"]):
         raise BadGraphError(f"{where}: the graph has no logit node")
+    _check_families(d, where)
+
+
+def _check_families(d: dict, where) -> None:
+    """Each family's members are heads (``fam.lorsa``) or transcoder features (``fam.tc``) at the position its id
+    names (graphs/families.py), so that a family collapses into one node of one kind at one position."""
+    tags = {"lorsa": "lorsa", "transcoder": "tc"}
+    for n in d["nodes"]:
+        fid = n.get("family")
+        if fid is None:
+            continue
+        tag, at = fid.split(".")[1], int(fid.rsplit("@", 1)[1])
+        if tags.get(n["type"]) != tag or n["ctx_idx"] != at:
+            raise BadGraphError(f"{where}: node {_short(n['node_id'])} ({n['type']} at position {n['ctx_idx']}) "
+                                f"cannot belong to family {_short(fid)}")
 
 
 def check_finite(graph) -> None:

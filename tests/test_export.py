@@ -27,7 +27,8 @@ def graph():
     adapter = ModelAdapter(tiny_llama(), name="m")
     model = random_replacements(adapter)
     torch.manual_seed(0)
-    return prune(attribute(model, torch.randint(0, 97, (1, 8)), qk_heads=4), 0.95, 0.995)
+    # no families: these tests check the grid with every node its own box (families: tests/test_families.py)
+    return prune(attribute(model, torch.randint(0, 97, (1, 8)), qk_heads=4, families=None), 0.95, 0.995)
 
 
 def test_json_validates_and_round_trips(graph, tmp_path):
@@ -195,8 +196,9 @@ def test_query_and_render_commands(saved_model, tmp_path):
     assert (tmp_path / "graph.html").is_file()
     if shutil.which("dot"):
         g = graphs.load(path)
-        drawn = set(svg.node_boxes(svg.parse((tmp_path / "graph.svg").read_text()))) & set(g.index)
-        assert len(drawn) == 7
+        drawn = set(svg.node_boxes(svg.parse((tmp_path / "graph.svg").read_text()))) & (set(g.index) |
+                                                                                        {f.id for f in g.families()})
+        assert len(drawn) == 7  # a family (graphs/families.py) is drawn as one node
 
 
 @pytest.mark.parametrize("args, message", [

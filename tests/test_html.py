@@ -55,10 +55,11 @@ def test_page_is_self_contained_and_holds_every_node(page):
     assert "<link" not in html
     graph = json.loads((out / "graph.json").read_text())
     ids = [n["node_id"] for n in graph["nodes"]]
-    assert set(data["nodes"]) == set(ids) and sorted(data["order"]) == sorted(ids)
+    families = {s[0] for s in graph["qParams"]["supernodes"]}  # a family's page entry (graphs/families.py)
+    assert set(data["nodes"]) == set(ids) | families and sorted(data["order"]) == sorted(ids)
     steps = [s["n"] for s in data["steps"]]
     assert steps == sorted(steps) and steps[-1] == len(ids) and data["steps"][data["default_step"]]["n"] == DRAW
-    heads = [k for k, n in data["nodes"].items() if n["type"] == "lorsa"]
+    heads = [k for k, n in data["nodes"].items() if n["type"] == "lorsa" and not n.get("members")]  # not families
     assert heads and all(data["nodes"][h]["z_pattern"] for h in heads)
     assert all(data["nodes"][h]["dash"] in data["dashboards"] for h in heads)
 
@@ -109,7 +110,7 @@ def test_page_opens_fitted_to_the_drawn_grid(page, tmp_path):
     aspect = check_opening_view(graphs.load(out / "graph.json"), dom, DRAW)
     assert 0.5 <= aspect <= 3
     assert 'id="panel-title"' not in _panel(dom)  # nothing selected yet
-    assert f"{len(data['nodes']) - DRAW} nodes are left out" in dom
+    assert f"{len(data['order']) - DRAW} nodes are left out" in dom  # data["nodes"] adds the families
     shot = tmp_path / "page.png"
     _dom(chromium, out / "graph.html", tmp_path, extra=(f"--screenshot={shot}",))
     png = shot.read_bytes()
@@ -130,7 +131,8 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     boxes, (L, T, R, B) = on_screen(dom)
     x0, y0, x1, y1 = boxes[node]
     assert L <= x0 and x1 <= R and T <= y0 and y1 <= B  # brought into view
-    head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa"), key=lambda k: data["nodes"][k]["influence"])
+    head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa" and not n.get("members")),  # not a family
+               key=lambda k: data["nodes"][k]["influence"])
     panel = _panel(_dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",)))
     assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
     if data["nodes"][head]["pos"] > 0:  # why the head's keys win, beside the raw split (none with a single key)
@@ -197,9 +199,9 @@ def test_every_node_can_be_selected_by_anchor_click_and_search(page, tmp_path):
     probe = out / "probe.html"
     probe.write_text(html.replace("</body>", CHECK_EVERY_NODE, 1), encoding="utf-8")
     dom = _dom(chromium, probe, tmp_path, extra=("--dump-dom",))
-    assert f'data-checked="{len(data["nodes"])}"' in dom
+    assert f'data-checked="{len(data["order"])}"' in dom  # every node of graph.json (data["nodes"] adds families)
     assert 'data-bad="none"' in dom, re.search(r'data-bad="([^"]*)"', dom).group(1)
-    assert f'data-drawn-at-the-end="{len(data["nodes"])}"' in dom
+    assert f'data-drawn-at-the-end="{len(data["order"])}"' in dom
 
 
 def test_circuits_heads(saved_model, tmp_path):
@@ -252,12 +254,18 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     graph = graphs.load(write_json(graph, tmp_path / "graph.json"))  # as a reader of the file sees it
     n_drawn = min(DEFAULT_DRAW_NODES, len(graph.node_list))
     assert len(graph.node_list) > n_drawn  # the budget matters here
-    root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot"), "svg").read_text())
+    root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot", expand_families=True), "svg").read_text())
     boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in graph.index}
     assert len(boxes) == n_drawn
     svg.assert_grid(graph, boxes)
     w, h = svg.size(root)
     assert 0.5 <= w / h <= 3, (w, h)
+    # the default picture draws each family as one node (graphs/families.py): the same budget, on the same grid
+    collapsed = graph.collapsed()
+    root = svg.parse(render(write_dot(graph, tmp_path / "families.dot"), "svg").read_text())
+    boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in collapsed.index}
+    assert len(boxes) == min(DEFAULT_DRAW_NODES, len(collapsed.node_list))
+    svg.assert_grid(collapsed, boxes)
     page = write_html(graph, tmp_path / "graph.html")
     aspect = check_opening_view(graph, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), n_drawn)
     assert 0.5 <= aspect <= 3

@@ -1,0 +1,85 @@
+"""Head families on the induction showcase: many Lorsa heads, one behaviour, one node.
+
+    python examples/families.py [--model toy|pythia] [--seed N] [--cosine C] [--out examples/out]
+
+On `examples/induction.py`'s natural-text prompt (a held-out sentence recurs, cut in the middle), groups the graph's
+active heads into families (graphs/families.py: one position, one key, one layer, output directions not
+opposed), lists the induction families (last position, keyed on the token after the earlier occurrence),
+prints the strongest path to the correct logit with and without families, path-patches the induction family as
+one unit against the graph's prediction (its members' sum), and draws the graph with each family as one node.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+
+def _induction_example():
+    spec = importlib.util.spec_from_file_location("induction_example", Path(__file__).with_name("induction.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | None = None,
+            out: str | Path = "examples/out", verbose: bool = True) -> dict:
+    """Trace, group, patch and draw (module docstring); returns the figures printed."""
+    from graphs.attribution import attribute
+    from graphs.circuits import induction_families
+    from graphs.families import DEFAULT_FAMILIES, FamilyConfig, family_components, find_families, predicted_effect
+    from graphs.files import write_all
+    from graphs.patching import PathPatcher
+    from graphs.prune import prune
+    from replacement.assemble import ReplacementModel
+    from replacement.errors import BadInputError
+    from replacement.models import load_model
+    from replacement.tokenizer import token_text
+
+    say = print if verbose else (lambda *a, **k: None)
+    adapter = load_model(model_name)
+    model = ReplacementModel.load(adapter)
+    ids, answer, peak = _induction_example().showcase_prompt(adapter, "natural", seed)
+    cfg = DEFAULT_FAMILIES if cosine is None else FamilyConfig(cosine=cosine)
+    full = attribute(model, ids, target=adapter.tokenizer.decode([answer]), qk=False)
+    graph = prune(full, 0.8, 0.98)  # shares its nodes with the full graph, so its families mark the full one's too
+    find_families(graph, model, cfg)
+    n, tok = ids.shape[1], adapter.tokenizer
+    logit = full.logit(answer)
+    say(f"{model_name}: next token {token_text(tok, answer)!r} (p={logit.prob:.2f}); the earlier occurrence is followed "
+        f"by position {peak} ({token_text(tok, int(ids[0, peak]))!r}); family rule {cfg}")
+    fams = induction_families(full, n - 1, peak)
+    say(f"{len(full.families())} families in the graph; {len(fams)} induction families at the last position: "
+        + ", ".join(f"{f.id} ({len(f)} heads, mean cosine {f.mean_cosine:.2f})" for f in fams))
+    plain = graph.top_paths(to=logit.id, k=1)
+    grouped = graph.top_paths(to=logit.id, k=1, families=True)
+    for name, paths in (("without families", plain), ("with families", grouped)):
+        for strength, path in paths:
+            say(f"strongest path {name} ({strength:.3f}): {' -> '.join(path)}")
+    path = grouped[0][1] if grouped else []
+    on_path = [f for f in fams if f.id in path]
+    effects = {f.id: predicted_effect(full, f, logit.id) for f in fams}
+    chosen = on_path[0] if on_path else min(fams, key=lambda f: effects[f.id], default=None)
+    result = {"graph": graph, "full": full, "families": fams, "path": path, "through": bool(on_path), "family": chosen}
+    if chosen is not None:
+        patched = PathPatcher(model, ids, answer, demean=True).effects([family_components(chosen)])[0].effect
+        result.update(patched=patched, predicted=effects[chosen.id])
+        say(f"path patching {chosen.id} ({len(chosen)} heads together): {patched:+.3f}; the graph predicts "
+            f"{effects[chosen.id]:+.3f} ({patched / effects[chosen.id]:.2f} of it)")
+    try:
+        written = write_all(graph, Path(out) / f"families-{model_name}", ["json", "svg"])
+        say("wrote " + ", ".join(str(p) for p in written.values()))
+    except BadInputError as e:  # no graphviz
+        written = write_all(graph, Path(out) / f"families-{model_name}", ["json", "dot"])
+        say(f"note: {e}; wrote " + ", ".join(str(p) for p in written.values()))
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--cosine", type=float, default=None)
+    ap.add_argument("--out", default="examples/out")
+    a = ap.parse_args()
+    analyse(a.model, a.seed, a.cosine, a.out)

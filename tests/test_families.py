@@ -1,0 +1,397 @@
+"""Head families (graphs/families.py): the grouping rule on constructed cases, exact edge sums of collapsed
+families against a brute-force sum over the adjacency, top_paths(families=True) against a brute-force path
+enumeration, the JSON field and schema, the pictures, and bad input."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from graphs.families import FamilyConfig, Unit, collapse, family, group, z_key
+from graphs.graph import AttributionGraph, Edge, Node, NodeKind
+from replacement.errors import BadInputError
+
+L, T = NodeKind.LORSA, NodeKind.TRANSCODER
+
+
+# -- the rule ----------------------------------------------------------------------------------------------------
+
+def test_parallel_heads_on_one_key_group_and_orthogonal_ones_do_not():
+    e = torch.eye(4)
+    units = [Unit(L, 1, 9, key=5, strength=3.0, index=0), Unit(L, 1, 9, key=5, strength=2.0, index=1),
+             Unit(L, 1, 9, key=5, strength=1.0, index=2), Unit(L, 1, 9, key=5, strength=0.5, index=3)]
+    dirs = torch.stack([e[0], 2 * e[0] + 0.1 * e[1], e[2], e[2] + 0.05 * e[3]])  # 0~1 parallel, 2~3 parallel, 0 _|_ 2
+    assert group(units, dirs, FamilyConfig(cosine=0.5)) == [[0, 1], [2, 3]]
+    # anti-parallel writes the opposite: no family
+    assert group(units[:2], torch.stack([e[0], -e[0]]), FamilyConfig(cosine=0.5)) == []
+    # the same directions but other keys, positions or kinds: no family
+    for other in (Unit(L, 1, 9, key=4, strength=2.0), Unit(L, 1, 8, key=5, strength=2.0), Unit(T, 1, 9, key=5, strength=2.0)):
+        assert group([units[0], other], torch.stack([e[0], e[0]]), FamilyConfig()) == []
+    # a head whose pattern holds no key (key -1) joins nothing
+    assert group([units[0], Unit(L, 1, 9, key=-1, strength=2.0)], torch.stack([e[0], e[0]]), FamilyConfig()) == []
+
+
+def test_layer_span_and_threshold_and_order():
+    e = torch.eye(3)
+    units = [Unit(L, 1, 4, 2, 3.0), Unit(L, 2, 4, 2, 2.0), Unit(L, 3, 4, 2, 1.0)]
+    same = torch.stack([e[0]] * 3)
+    assert group(units, same, FamilyConfig(layer_span=0)) == []
+    assert group(units, same, FamilyConfig(layer_span=1)) == [[0, 1]]  # layer 3 would make the span 2
+    assert group(units, same, FamilyConfig(layer_span=2)) == [[0, 1, 2]]
+    # cosine exactly at the threshold joins, just below does not
+    c = 0.6
+    d = torch.stack([e[0], c * e[0] + math.sqrt(1 - c * c) * e[1]])
+    assert group(units[:2], d, FamilyConfig(cosine=0.6 - 1e-9, layer_span=1)) == [[0, 1]]
+    assert group(units[:2], d, FamilyConfig(cosine=0.6 + 1e-6, layer_span=1)) == []
+    # strongest first whatever the input order, and a unit joins the family whose leader it is most aligned with
+    shuffled = [units[1], units[0]]
+    assert group(shuffled, torch.stack([e[0], e[0]]), FamilyConfig(layer_span=1)) == [[1, 0]]
+    lead = [Unit(L, 1, 4, 2, 5.0), Unit(L, 1, 4, 2, 4.0), Unit(L, 1, 4, 2, 1.0)]
+    d = torch.stack([e[0], e[1], 0.6 * e[0] + 0.8 * e[1]])  # cos 0.6 with the first, 0.8 with the second
+    assert group(lead, d, FamilyConfig(cosine=0.5)) == [[1, 2]]
+
+
+def test_z_key_and_min_share():
+    assert z_key([0.1, -0.7, 0.2], 0.0) == 1  # the largest in size, whatever its sign
+    assert z_key([0.1, -0.7, 0.2], 0.7) == 1 and z_key([0.1, -0.7, 0.2], 0.71) == -1
+    assert z_key([0.0, 0.0], 0.0) == -1
+    with pytest.raises(BadInputError):
+        FamilyConfig(cosine=1.5)
+    with pytest.raises(BadInputError):
+        FamilyConfig(key_rule="mean")
+
+
+# -- hand-built graphs ---------------------------------------------------------------------------------------------
+
+def _graph(seed: int = 0, n_heads: int = 6, density: float = 0.7) -> AttributionGraph:
+    """Embeddings at positions 0-2, Lorsa heads of layers 1 and 2 and transcoder features at position 2, an error,
+    a logit; random edges from lower to higher layers; two head families (one across layers 1-2, with edges
+    between its members) and one feature family."""
+    rng = random.Random(seed)
+    nodes = [Node.make(NodeKind.EMBEDDING, -1, 0, p, activation=1.0) for p in range(3)]
+    nodes.append(Node.make(NodeKind.MLP_ERROR, 0, -1, 2))
+    for h in range(n_heads):
+        nodes.append(Node.make(L, 1 + h % 2, h, 2, activation=1.0 + h, z_pattern=[0.1, 0.8, 0.1]))
+    nodes += [Node.make(T, 2, f, 2, activation=0.5 + f) for f in range(3)]
+    nodes.append(Node.make(NodeKind.LOGIT, 3, 7, 2, activation=2.0, prob=0.9))
+    fams = {"fam.lorsa.1.0@2": ["lorsa.1.0@2", "lorsa.2.1@2", "lorsa.1.2@2"],
+            "fam.lorsa.1.1@2": ["lorsa.2.3@2", "lorsa.1.4@2"], "fam.tc.2.0@2": ["tc.2.0@2", "tc.2.1@2"]}
+    for fid, members in fams.items():
+        for m in members:
+            n = next(x for x in nodes if x.id == m)
+            n.family, n.family_cosine = fid, 0.9
+    order = {n.id: (n.layer if n.type != NodeKind.LOGIT else 9, i) for i, n in enumerate(nodes)}
+    edges = []
+    for a, b in itertools.permutations(nodes, 2):
+        if b.type in (NodeKind.EMBEDDING, NodeKind.MLP_ERROR) or order[a.id] >= order[b.id] or rng.random() > density:
+            continue
+        edges.append(Edge(a.id, b.id, rng.uniform(-1, 1), "ov" if b.type == L else "direct"))
+    return AttributionGraph("a b c", ["a", "b", "c"], [1, 2, 3], nodes, edges)
+
+
+def _dense(graph: AttributionGraph) -> dict[tuple[str, str, str], float]:
+    return {(e.source, e.target, e.kind): e.weight for e in graph.edges}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_family_edges_are_exact_sums_of_members(seed):
+    g = _graph(seed)
+    fams = g.families()
+    assert sorted(f.id for f in fams) == ["fam.lorsa.1.0@2", "fam.lorsa.1.1@2", "fam.tc.2.0@2"]
+    group_of = {n.id: n.id for n in g.node_list}
+    for f in fams:
+        group_of.update({m: f.id for m in f.members})
+    brute: dict[tuple[str, str, str], float] = {}
+    internal = 0
+    for e in g.edges:  # brute force: every original edge, added into its groups' edge unless internal to a family
+        s, t = group_of[e.source], group_of[e.target]
+        if s == t and s.startswith("fam."):
+            internal += 1
+            continue
+        brute[(s, t, e.kind)] = brute.get((s, t, e.kind), 0.0) + e.weight
+    assert internal > 0  # the cross-layer family has edges between its members, and they are dropped
+    c = collapse(g)
+    got = _dense(c)
+    assert got.keys() == brute.keys()
+    for k, v in brute.items():
+        assert got[k] == pytest.approx(v, abs=1e-6)
+    assert len(c) == len(g) - sum(len(f) - 1 for f in fams)
+    fnode = c.node("fam.lorsa.1.0@2")
+    members = [g.node(m) for m in family(g, fnode.id).members]
+    assert fnode.activation == pytest.approx(sum(m.activation for m in members))
+    assert fnode.z_pattern == pytest.approx([sum(m.z_pattern[s] for m in members) for s in range(3)])
+    assert fnode.members == [m.id for m in members] and fnode.layer == 1 and fnode.pos == 2
+    # nodes outside families keep their edges untouched
+    assert c.node("emb@0") is g.node("emb@0")
+
+
+def test_read_directions_are_outgoing_edges_per_activation():
+    from graphs.families import find_families, read_directions
+
+    g = _graph()
+    heads = g.nodes(type="lorsa")
+    got = read_directions(g, heads).to_dense()
+    ids = [n.id for n in g.node_list]
+    for i, h in enumerate(heads):
+        want = [0.0] * len(ids)
+        for e in g.edges:
+            if e.source == h.id:
+                want[ids.index(e.target)] += e.weight / h.activation
+        assert got[i].tolist() == pytest.approx(want, abs=1e-6)
+    with pytest.raises(BadInputError, match="needs the model"):
+        find_families(g, None, FamilyConfig(direction="weights"))
+    # identical heads (same edges per unit of activation, same key) group, by the graph alone
+    twin = AttributionGraph(g.prompt, g.tokens, g.token_ids, [
+        Node.make(NodeKind.EMBEDDING, -1, 0, 0), Node.make(L, 1, 0, 1, activation=1.0, z_pattern=[0.9, 0.1]),
+        Node.make(L, 1, 1, 1, activation=2.0, z_pattern=[0.8, 0.2]), Node.make(L, 1, 2, 1, activation=1.0, z_pattern=[0.9, 0.1]),
+        Node.make(NodeKind.LOGIT, 2, 5, 1, prob=1.0), Node.make(NodeKind.LOGIT, 2, 6, 1, prob=0.0)],
+        [Edge("lorsa.1.0@1", "logit.5@1", 1.0), Edge("lorsa.1.0@1", "logit.6@1", -0.5),
+         Edge("lorsa.1.1@1", "logit.5@1", 2.0), Edge("lorsa.1.1@1", "logit.6@1", -1.0),
+         Edge("lorsa.1.2@1", "logit.5@1", 0.5), Edge("lorsa.1.2@1", "logit.6@1", 1.0)])  # the third: orthogonal
+    fams = find_families(twin, None, FamilyConfig(cosine=0.9))
+    assert [(f.id, f.members) for f in fams] == [("fam.lorsa.1.0@1", ["lorsa.1.1@1", "lorsa.1.0@1"])]
+    assert fams[0].mean_cosine == pytest.approx(1.0) and twin.settings["families"]["cosine"] == 0.9
+
+
+def test_families_query():
+    g = _graph()
+    f = family(g, "fam.lorsa.1.0@2")
+    assert f.layers == (1, 2) and f.key_positions == (1,) and f.pos == 2 and f.kind == L
+    assert f.members == ["lorsa.1.2@2", "lorsa.2.1@2", "lorsa.1.0@2"]  # strongest (largest activation) first
+    assert f.mean_cosine == pytest.approx(0.9)
+    # a pruned graph keeps the families it holds at least two members of
+    sub = g.subgraph([n.id for n in g.node_list if n.id not in ("lorsa.2.3@2",)])
+    assert sorted(x.id for x in sub.families()) == ["fam.lorsa.1.0@2", "fam.tc.2.0@2"]
+    with pytest.raises(BadInputError, match="no family 'fam.lorsa.9.0@2'"):
+        family(g, "fam.lorsa.9.0@2")
+
+
+def _brute_paths(graph: AttributionGraph, target: str, sources) -> list[tuple[float, list[str]]]:
+    """Every path from a source node into the target, with its strength: the product of each edge's share of its
+    target's absolute input (parallel edges of two kinds between one pair summed in size, as networkx keeps one)."""
+    into: dict[str, float] = {}
+    w: dict[tuple[str, str], float] = {}
+    for (s, t, _), x in _dense(graph).items():
+        into[t] = into.get(t, 0.0) + abs(x)
+        w[(s, t)] = w.get((s, t), 0.0) + abs(x)
+    out: dict[str, list[str]] = {}
+    for s, t in w:
+        out.setdefault(s, []).append(t)
+    found = []
+
+    def walk(path, strength):
+        if path[-1] == target:
+            found.append((strength, list(path)))
+            return
+        for t in out.get(path[-1], []):
+            if t not in path and w[(path[-1], t)] > 0:
+                walk(path + [t], strength * w[(path[-1], t)] / into[t])
+
+    for n in graph.node_list:
+        if n.type in sources:
+            walk([n.id], 1.0)
+    return sorted(found, key=lambda x: -x[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_top_paths_with_families_match_brute_force(seed):
+    from graphs.graph import INPUT_KINDS
+
+    g = _graph(seed, density=0.5)
+    logit = g.logits()[0].id
+    # brute force on the collapsed edges summed by hand (not by `collapse`)
+    group_of = {n.id: n.family or n.id for n in g.node_list}
+    summed: dict[tuple[str, str, str], float] = {}
+    for e in g.edges:
+        s, t = group_of[e.source], group_of[e.target]
+        if not (s == t and s.startswith("fam.")):
+            summed[(s, t, e.kind)] = summed.get((s, t, e.kind), 0.0) + e.weight
+    ids = list(dict.fromkeys(group_of[n.id] for n in g.node_list))
+    types = {group_of[n.id]: n.type for n in g.node_list}
+    hand = AttributionGraph(g.prompt, g.tokens, g.token_ids, [Node(i, types[i], 0, 2, 0) for i in ids],
+                            [Edge(s, t, w, k) for (s, t, k), w in summed.items()])
+    brute = _brute_paths(hand, logit, INPUT_KINDS)
+    got = g.top_paths(to=logit, k=5, families=True)
+    assert [p for _, p in got] == [p for _, p in brute[:5]]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in brute[:5]], rel=1e-4)
+    best = g.top_paths(to=logit, k=1, families=True)  # the vectorised strongest path agrees
+    assert best[0][1] == brute[0][1] and best[0][0] == pytest.approx(brute[0][0], rel=1e-4)
+    # a member named as the target stands for its family
+    assert g.top_paths(to="lorsa.1.0@2", k=1, families=True)[0][1][-1] == "fam.lorsa.1.0@2"
+    # without families the paths are the plain graph's, which hold no family id
+    assert not any(x.startswith("fam.") for _, p in g.top_paths(to=logit, k=5) for x in p)
+
+
+# -- files and pictures --------------------------------------------------------------------------------------------
+
+def test_json_schema_and_round_trip(tmp_path):
+    import graphs
+    from graphs.export import to_dict, validate, write_json
+    from graphs.validate import BadGraphError, check_graph_dict
+
+    g = _graph()
+    path = write_json(g, tmp_path / "g.json", check_schema=True)
+    d = json.loads(path.read_text())
+    validate(d)
+    members = {n["node_id"]: n["family"] for n in d["nodes"] if "family" in n}
+    assert members == {n.id: n.family for n in g.node_list if n.family}
+    assert sorted(map(tuple, d["qParams"]["supernodes"])) == sorted((f.id, *f.members) for f in g.families())
+    back = graphs.load(path)
+    assert back == g and [f.id for f in back.families()] == [f.id for f in g.families()]
+    # a family id in the wrong form breaks the schema; a member of the wrong kind or position the reader's check
+    bad = to_dict(g)
+    next(n for n in bad["nodes"] if "family" in n)["family"] = "family 1"
+    with pytest.raises(BadGraphError, match="schema"):
+        check_graph_dict(bad)
+    bad = to_dict(g)
+    next(n for n in bad["nodes"] if n["node_id"] == "tc.2.2@2")["family"] = "fam.lorsa.1.0@2"
+    with pytest.raises(BadGraphError, match="cannot belong to family"):
+        check_graph_dict(bad)
+    bad = to_dict(g)
+    next(n for n in bad["nodes"] if n["node_id"] == "lorsa.1.0@2")["family"] = "fam.lorsa.1.0@1"
+    with pytest.raises(BadGraphError, match="cannot belong to family"):
+        check_graph_dict(bad)
+
+
+def test_dot_draws_a_family_as_one_node_and_expands(tmp_path):
+    from graphs.export import to_dot
+
+    g = _graph()
+    dot = to_dot(g, draw_nodes=100)
+    assert '"fam.lorsa.1.0@2" [label="L1-2 x3\\nfam @2"' in dot and "peripheries=2" in dot
+    assert '"lorsa.1.0@2" [' not in dot and "double outline: a family" in dot
+    expanded = to_dot(g, draw_nodes=100, expand_families=True)
+    assert '"lorsa.1.0@2" [' in expanded and "fam." not in expanded
+
+
+def test_html_page_switches_between_families_and_members():
+    from graphs.html import page_data, to_html
+
+    g = _graph()
+    d = page_data(g, draw_nodes=100, expand_families=False)
+    assert d["family_steps"] and not d["expand_families"]
+    last = d["family_steps"][-1]
+    assert "fam.lorsa.1.0@2" in last["xy"] and "lorsa.1.0@2" not in last["xy"]
+    assert "lorsa.1.0@2" in d["steps"][-1]["xy"] and "fam.lorsa.1.0@2" not in d["steps"][-1]["xy"]
+    assert d["nodes"]["fam.lorsa.1.0@2"]["members"] == family(g, "fam.lorsa.1.0@2").members
+    assert d["nodes"]["lorsa.1.0@2"]["family"] == "fam.lorsa.1.0@2"
+    assert page_data(g, draw_nodes=100)["expand_families"]  # the page opens with every member drawn
+    assert 'id="families"' in to_html(g)
+
+
+# -- on a model ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def traced():
+    from graphs.attribution import attribute
+    from replacement.models import ModelAdapter
+    from tests.conftest import random_replacements, tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (1, 8))
+    return model, ids, attribute(model, ids, qk=False, families=FamilyConfig(cosine=-1.0))
+
+
+def test_find_families_on_a_traced_graph(traced):
+    from graphs.families import find_families, output_directions
+
+    model, ids, g = traced
+    fams = g.families()
+    assert fams and g.settings["families"]["cosine"] == -1.0
+    for f in fams:
+        ms = [g.node(m) for m in f.members]
+        assert {m.pos for m in ms} == {f.pos} and {m.type for m in ms} == {f.kind}
+        assert max(f.layers) - min(f.layers) <= 1
+        if f.kind == L:
+            peaks = {int(torch.tensor(m.z_pattern).abs().argmax()) for m in ms}
+            assert peaks == set(f.key_positions) and len(peaks) == 1
+    # the directions are the heads' W_O rows and the features' decoders
+    h = next(n for n in g.node_list if n.type == L)
+    assert torch.equal(output_directions(model, [h])[0], model.lorsas[h.layer].W_O[h.index].detach().float())
+    # with any cosine accepted, two units of one kind, position and key in one layer always share a family
+    slots = {}
+    for n in g.node_list:
+        if n.type == L:
+            slots.setdefault((n.pos, int(torch.tensor(n.z_pattern).abs().argmax()), n.layer), set()).add(n.family)
+    assert all(len(fs) == 1 for fs in slots.values())
+    before = [(f.id, f.members) for f in fams]
+    again = find_families(g, model, FamilyConfig(cosine=-1.0))
+    assert [(f.id, f.members) for f in again] == before  # deterministic
+
+
+def test_default_rule_on_a_traced_graph_sums_members_edges_exactly(traced):
+    """At the default rule (one layer, cosine >= 0), every edge of the collapsed traced graph is the sum of the
+    uncollapsed graph's edges between the groups it joins (members' edges between themselves dropped), and a
+    family's members sit in one layer."""
+    from graphs.families import DEFAULT_FAMILIES, find_families
+
+    model, ids, g = traced
+    fams = find_families(g, model, DEFAULT_FAMILIES)
+    try:
+        assert fams and all(len(f.layers) == 1 for f in fams)
+        group_of = {n.id: n.id for n in g.node_list} | {m: f.id for f in fams for m in f.members}
+        brute: dict[tuple[str, str, str], float] = {}
+        for e in g.edges:
+            s, t = group_of[e.source], group_of[e.target]
+            if not (s == t and s.startswith("fam.")):
+                brute[(s, t, e.kind)] = brute.get((s, t, e.kind), 0.0) + e.weight
+        got = _dense(collapse(g))
+        assert got.keys() == brute.keys()
+        assert all(got[k] == pytest.approx(v, rel=1e-5, abs=1e-5) for k, v in brute.items())
+    finally:
+        find_families(g, model, FamilyConfig(cosine=-1.0))  # the module's fixture, as the other tests see it
+
+
+def test_patching_a_family_ablates_its_members_together(traced):
+    from graphs.families import family_components, predicted_effect
+    from graphs.patching import PathPatcher, graph_effects
+
+    model, ids, g = traced
+    logit = g.logits()[0]
+    f = max((f for f in g.families() if f.kind == L), key=lambda f: abs(predicted_effect(g, f, logit.id)))
+    comps = family_components(f)
+    assert [str(c) for c in comps] == f.members
+    effects = graph_effects(g, logit.id)
+    assert predicted_effect(g, f, logit.id) == pytest.approx(sum(float(effects[g.index[m]]) for m in f.members))
+    patcher = PathPatcher(model, ids, logit.index, demean=True)
+    together, reversed_, first = patcher.effects([comps, comps[::-1], comps[0]])
+    assert together.component == comps
+    assert together.effect == pytest.approx(reversed_.effect, abs=1e-5)  # a set of members, ablated at once
+    assert abs(together.effect - first.effect) > 1e-6  # not just its first member
+
+
+# -- commands ----------------------------------------------------------------------------------------------------------
+
+def _circuits(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_query_lists_families_and_their_paths(tmp_path):
+    g = _graph()
+    path = str(g.save(tmp_path / "g.json"))
+    r = _circuits("query", path, "--families", "--paths", "2")
+    assert r.returncode == 0, r.stderr
+    for f in g.families():
+        assert f"{f.id}" in r.stdout and f"{len(f)} {'heads' if f.kind == L else 'features'}, layer(s) " \
+            f"{','.join(map(str, f.layers))}" in r.stdout
+    shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]
+    assert shown == [" -> ".join(p) for _, p in g.top_paths(k=2, families=True)]
+
+
+def test_patch_names_a_bad_family_in_one_line():
+    r = _circuits("patch", "the cat", "--model", "toy", "--family", "lorsa.1.2@3")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "cannot parse family id 'lorsa.1.2@3'" in lines[0], r.stderr
+    r = _circuits("patch", "the cat", "--model", "toy")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "--component ID or --family ID" in lines[0], r.stderr
