@@ -183,7 +183,7 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     nodes = draw_budget(graph, draw_nodes)
     ids = {n.id for n in nodes}
     g = grid(graph, nodes)
-    legend = _legend(graph, len(nodes), len(fams))
+    legend = _legend(graph, len(nodes), fams)
     lines = ["digraph attribution {",
              "  layout=neato; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
              '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
@@ -241,7 +241,7 @@ def _score_line(graph: AttributionGraph) -> str:
     return f"({', '.join(parts)})" if parts else ""
 
 
-def _legend(graph: AttributionGraph, drawn: int, families: int = 0) -> str:
+def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
     left = len(graph.node_list) - drawn
     lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
              f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" + (f"; {left} left out:" if left else "")]
@@ -252,10 +252,20 @@ def _legend(graph: AttributionGraph, drawn: int, families: int = 0) -> str:
               "    dashed orange octagon: error node, what the replacement misses of the real layer",
               "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
     if families:
-        lines.append(f"double outline: a family (graphs/families.py; {families} in this graph), e.g. L1 x21: 21 heads of "
-                     "layer 1 that attend to one key and write alike, one node whose edges are its members' sums;")
+        lines.append(f"double outline: a family (graphs/families.py; {len(families)} in this graph), e.g. "
+                     f"{_family_example(graph, max(families, key=len))}, one node whose edges are its members' sums;")
         lines.append("    draw the members with --expand-families (trace, circuits render)")
     return "\n".join(lines) + "\n"
+
+
+def _family_example(graph: AttributionGraph, f) -> str:
+    """'L1 x21: 21 heads of layer 1 at " =" that attend to " 36" and write alike' for family ``f``."""
+    what = "heads" if f.kind == NodeKind.LORSA else "features"
+    tok = lambda p: token_text(graph.tokens[p]) if 0 <= p < len(graph.tokens) else f"@{p}"  # noqa: E731
+    reads = f"attend to {tok(f.key_positions[0])!r}" if f.kind == NodeKind.LORSA else "read it"
+    layers = "-".join(map(str, sorted({f.layers[0], f.layers[-1]})))
+    return (f"L{layers} x{len(f)}: {len(f)} {what} of layer{'s' * ('-' in layers)} {layers} at {tok(f.pos)!r} "
+            f"that {reads} and write alike")
 
 
 def write_dot(graph: AttributionGraph, path: str | Path, draw_nodes: int = DEFAULT_DRAW_NODES,
