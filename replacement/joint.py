@@ -14,7 +14,11 @@ its layer (FVU measured at the real model's inputs, BOS excluded), so the graph'
 
 Units that stay silent for ``resample_every`` steps are re-initialised towards tokens with a large error
 (dead-unit resampling): the encoder (Lorsa: the value vector) along the token's centred input, the decoder along
-the module's error there, each at a fifth of the live units' mean norm.
+the module's error there at a fifth of the live units' mean norm; the encoder's size and a bias then make the unit
+fire on the few tokens of the batch that project most onto it and enter the top-K at its own (units are ranked by
+pre-activation x decoder norm, so a unit re-initialised small on both sides ranks at a 25th of a live one and never
+fires: with that rule the Lorsa dead fractions stayed at 40-60%; scaled up without a bias, the revived units of
+one resampling crowded out the live ones everywhere and the toy's KL went from 0.16 to 1.7).
 
 As in per-layer training, modules train in normalised units (inputs and targets scaled to an average norm of
 sqrt(d)); the scales are folded back at export.  Batches are a function of the step, states are saved
@@ -61,6 +65,24 @@ class JointConfig:
 
     def lr_at(self, step: int) -> float:
         return warmup_then_decay(self.lr, step, self.steps, self.warmup, self.decay_frac)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[B, n, d] -> [B * (n - 1), d]: every position but the first (BOS)."""
+    return t[:, 1:].reshape(-1, t.shape[-1])
+
+
+def _read_input(m, kind: str, x_full: torch.Tensor, tok: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """[D, d]: what unit ``units[i]`` reads at token ``tok[i]`` (an index into the BOS-less flattened batch of
+    x_full [B, n, d]): a transcoder feature its input there; a Lorsa head, whose z is its value vector applied to
+    the pattern-weighted input (the pattern's rows sum to 1), that weighted input under its QK group's pattern."""
+    B, n, _ = x_full.shape
+    b, t = tok // (n - 1), tok % (n - 1) + 1
+    if kind != "lorsa":
+        return x_full[b, t]
+    group = units.to(tok.device) // m.cfg.heads_per_group
+    A = m.patterns(x_full)  # [B, n_qk, n, n]
+    return torch.einsum("ks,ksd->kd", A[b, group, t].to(x_full.dtype), x_full[b])
 
 
 class JointTrainer:
@@ -111,8 +133,7 @@ class JointTrainer:
             c_x, c_y = self.scales[key]
             x, y = clean.cache[xn].float() * c_x, clean.cache[yn].float() * c_y
             y_hat, code = m(x)
-            flat = lambda t: t[:, 1:].reshape(-1, t.shape[-1])  # noqa: E731  BOS left out
-            per[key] = (fvu(flat(y_hat), flat(y)), code, flat(x), flat(y), flat(y_hat))
+            per[key] = (fvu(_flat(y_hat), _flat(y)), code, x, y, y_hat)
         recon = torch.stack([v[0] for v in per.values()]).mean()
         return {"kl": kl, "recon": recon, "per": per}
 
@@ -143,36 +164,67 @@ class JointTrainer:
     def resample(self, per: dict, step: int) -> None:
         """Re-initialise the units that never fired since the last resampling (see the module docstring)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        for key, (_, _, x, y, y_hat) in per.items():
+        for key, (_, _, x_full, y, y_hat) in per.items():
             dead = (~self.fired[key]).nonzero().flatten()
             self.fired[key].zero_()
             if not len(dead):
                 continue
             m = self.mods[key]
-            err = (y - y_hat).float()
+            x, err = _flat(x_full), _flat(y - y_hat).float()  # [T, d] each, BOS left out
             weight = err.pow(2).sum(-1)
-            tok = torch.multinomial(weight.cpu() / weight.sum().cpu(), len(dead), replacement=True, generator=g)
+            # distinct tokens while there are enough: units drawn to one token would compete for its top-K
+            w = weight.cpu() / weight.sum().cpu()
+            tok = torch.multinomial(w, len(dead), replacement=len(dead) > int((w > 0).sum()), generator=g)
             tok = tok.to(x.device)
             # the token's input direction, centred: the residual stream's common direction would make a unit fire
             # on every token (uncentred, one resampling of pythia took its mean FVU from 0.09 to 0.49)
-            xd = F.normalize(x[tok] - x.mean(0), dim=-1)  # [D, d]
+            xd = F.normalize(_read_input(m, key[0], x_full, tok, dead) - x.mean(0), dim=-1)  # [D, d]
             ed = F.normalize(err[tok], dim=-1)
             enc, W_dec = (m.W_V, m.W_O) if key[0] == "lorsa" else (m.W_enc, m.W_dec)
             bias = m.b_V if key[0] == "lorsa" else m.b_enc
-            alive = torch.ones(len(W_dec), dtype=torch.bool, device=W_dec.device)
-            alive[dead.to(W_dec.device)] = False
-            enc_norm = enc[alive].norm(dim=-1).mean() if alive.any() else 1.0
-            dec_norm = W_dec[alive].norm(dim=-1).mean() if alive.any() else 1.0
             d = dead.to(W_dec.device)
-            enc[d] = xd * enc_norm * 0.2
-            bias[d] = 0.0
-            W_dec[d] = ed * dec_norm * 0.2
-            for p in (enc, bias, W_dec):  # fresh Adam moments for the new rows
-                st = self.opt.state.get(p, {})
+            alive = torch.ones(len(W_dec), dtype=torch.bool, device=W_dec.device)
+            alive[d] = False
+            if not alive.any():
+                raise TrainingDiverged(f"every unit of {key[0]} {key[1]} is dead at step {step}")
+            enc[d], bias[d] = xd, 0.0
+            W_dec[d] = ed * W_dec[alive].norm(dim=-1).mean() * 0.2
+            if getattr(m, "threshold", None) is not None:
+                m.threshold[d] = 0.0
+            scale, offset = self._entry(m, x_full, tok, d, alive)
+            enc[d] *= scale[:, None]
+            bias[d] = -scale * offset
+            for p in [enc, bias, W_dec] + ([m.threshold] if getattr(m, "threshold", None) is not None else []):
+                st = self.opt.state.get(p, {})  # fresh Adam moments for the new rows
                 for name in ("exp_avg", "exp_avg_sq"):
                     if name in st:
                         st[name][d] = 0.0
             self.resampled += len(dead)
+
+    @staticmethod
+    def _entry(m, x_full: torch.Tensor, tok: torch.Tensor, d: torch.Tensor, alive: torch.Tensor,
+               rate: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale [D], offset [D]) for the units ``d``, whose encoders are unit directions with zero bias now:
+        encoder x scale and bias -scale x offset make each unit fire only where its pre-activation (linear in the
+        encoder: a Lorsa head's z is its value of the pattern-weighted input) exceeds ``offset``, the top
+        ``rate`` (default a fifth of K / N) of the batch's tokens, and rank at its own token ``tok`` (an index
+        into the BOS-less flattened batch of x_full [B, n, d]) at 1.1 x the K-th largest rank value of the live
+        units there (rank value: pre-activation x decoder norm), so that it enters the top-K where it was drawn
+        without crowding out the live units elsewhere.  A negative scale flips an encoder whose token projects
+        negatively."""
+        pre = _flat(m.pre_activations(x_full)).float()  # [T, N]
+        norms = (m.write_norms() if hasattr(m, "write_norms") else m.decoder()[0].norm(dim=-1)).float()  # [N]
+        K = min(m.cfg.top_k or 1, int(alive.sum()))
+        rank = torch.relu(pre[tok][:, alive] * norms[alive])  # [D, alive]
+        tau = rank.topk(K, dim=-1).values[:, -1].clamp_min(1e-6)  # [D]
+        sign = torch.where(pre[tok, d] < 0, -1.0, 1.0)  # [D]
+        P = pre[:, d] * sign  # [T, D], each unit's own token now positive
+        own = P[tok, torch.arange(len(d))]  # [D]
+        rate = rate if rate is not None else 0.2 * K / pre.shape[1]
+        q = torch.quantile(P, 1 - rate, dim=0) if P.shape[0] > 1 else torch.zeros_like(own)
+        offset = torch.minimum(q, 0.75 * own)  # at most three quarters of the way up to its own token
+        scale = 1.1 * tau / ((own - offset).clamp_min(1e-6) * norms[d])
+        return scale.clamp(max=100.0) * sign, offset * sign
 
     # -- checkpoints and the loop ---------------------------------------------------------------------------
 

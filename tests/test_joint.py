@@ -104,6 +104,35 @@ def test_resampling_revives_dead_units(tmp_path):
     assert (code.indices[code.values > 0] < 16).any()  # some revived feature fires again
 
 
+def test_every_resampled_unit_of_both_kinds_fires_at_its_token(tmp_path):
+    """Units are ranked by pre-activation x decoder norm: a resampled unit must enter the top-K where it was
+    drawn, Lorsa heads (shared patterns, 1-D values) as well as transcoder features."""
+    adapter = ModelAdapter(tiny_llama())
+    trainer = _trainer(tmp_path, adapter, resample_every=1, resample_stop=1.0)
+    lorsa, tc = trainer.mods[("lorsa", 0)], trainer.mods[("transcoder", 0)]
+    with torch.no_grad():  # kill a third of each: they can never win the top-K
+        lorsa.b_V[: lorsa.cfg.n_heads // 3] = -1e4
+        tc.b_enc[:10] = -1e4
+    ids = RandomTokenSource(97, 16, 5, bos=1).batch(0, 4)
+    per = trainer.losses(ids)["per"]
+    for key, (_, code, *_rest) in per.items():
+        trainer.fired[key][code.indices[:, 1:][code.values[:, 1:] > 0]] = True
+    dead = {key: (~f).nonzero().flatten() for key, f in trainer.fired.items()}
+    assert len(dead[("lorsa", 0)]) >= lorsa.cfg.n_heads // 3 and len(dead[("transcoder", 0)]) >= 10
+    trainer.resample(per, step=0)
+    for key in [("lorsa", 0), ("transcoder", 0)]:
+        m = trainer.mods[key]
+        with torch.no_grad():
+            code = m.encode(per[key][2])  # the same inputs, the modules' own top-K
+        active = code.indices[:, 1:][code.values[:, 1:] > 0]
+        assert set(dead[key].tolist()) <= set(active.tolist()), key
+        # and only on a few tokens each (the top fifth of K / N of the batch, the own token included), so that
+        # they do not crowd out the live units elsewhere
+        tokens = code.indices[:, 1:].shape[0] * code.indices.shape[1] - code.indices.shape[0]
+        per_unit = torch.isin(active, dead[key]).sum().item() / len(dead[key])
+        assert per_unit <= 0.2 * m.cfg.top_k / len(m.decoder()[0]) * tokens + 2, key
+
+
 def test_fit_joint_saves_modules_for_the_model_and_starts_from_an_earlier_version(tmp_path):
     adapter = ModelAdapter(tiny_llama())
     rm = random_replacements(adapter, n_features=32, tc_k=4)
