@@ -27,6 +27,7 @@ atomically and resume exactly, and a non-finite loss stops training with the las
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,10 +192,13 @@ class JointTrainer:
             W_dec[d] = ed * W_dec[alive].norm(dim=-1).mean() * 0.2
             if getattr(m, "threshold", None) is not None:
                 m.threshold[d] = 0.0
+            if getattr(m, "W_dec_later", None) is not None:  # a cross-layer transcoder: no writes further on yet
+                m.W_dec_later[d] = 0.0
             scale, offset = self._entry(m, x_full, tok, d, alive)
             enc[d] *= scale[:, None]
             bias[d] = -scale * offset
-            for p in [enc, bias, W_dec] + ([m.threshold] if getattr(m, "threshold", None) is not None else []):
+            extra = [p for p in (getattr(m, "threshold", None), getattr(m, "W_dec_later", None)) if p is not None]
+            for p in [enc, bias, W_dec] + extra:
                 st = self.opt.state.get(p, {})  # fresh Adam moments for the new rows
                 for name in ("exp_avg", "exp_avg_sq"):
                     if name in st:
@@ -221,7 +225,7 @@ class JointTrainer:
         P = pre[:, d] * sign  # [T, D], each unit's own token now positive
         own = P[tok, torch.arange(len(d))]  # [D]
         rate = rate if rate is not None else 0.2 * K / pre.shape[1]
-        q = torch.quantile(P, 1 - rate, dim=0) if P.shape[0] > 1 else torch.zeros_like(own)
+        q = P.kthvalue(max(1, math.ceil((1 - rate) * P.shape[0])), dim=0).values  # [D] (quantile caps its input)
         offset = torch.minimum(q, 0.75 * own)  # at most three quarters of the way up to its own token
         scale = 1.1 * tau / ((own - offset).clamp_min(1e-6) * norms[d])
         return scale.clamp(max=100.0) * sign, offset * sign
