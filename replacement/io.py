@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only read by setting), then put back
+os.umask(_UMASK)
+
+
 def temp_path(path: str | Path) -> Path:
     """The temporary name ``path`` is written under before its rename: ``.NAME.tmp<pid>`` in the same folder."""
     path = Path(path)
@@ -27,6 +31,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
+        if tmp.exists():  # some writers (safetensors) create their file private (0600): give it the usual mode
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -189,6 +189,23 @@ def test_killed_during_rendering(saved_model, tmp_path, sig):
     assert _files(out) == {"graph.json"}
 
 
+def test_atomic_writes_give_files_the_usual_mode(tmp_path):
+    """Checkpoints are readable as other files are (safetensors alone creates them 0600), under any umask."""
+    import stat
+
+    import torch
+
+    from replacement.checkpoint import atomic_save
+    from replacement.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_save({"w": torch.zeros(2)}, tmp_path / "m.safetensors")
+    atomic_write_text(tmp_path / "c.json", "{}")
+    for name in ("m.safetensors", "c.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+
+
 def test_atomic_writes_leave_nothing_on_a_full_disk(tmp_path, monkeypatch):
     from replacement import checkpoint as ckpt
     from replacement.io import atomic_write_text
