@@ -40,7 +40,7 @@ def models(search_dirs):
 @click.option("--workdir", default="runs/bundled", show_default=True, type=click.Path(), help="Tokenizer, data cache and resumable states.")
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME[:split]); default: the recipe's corpora in $CIRCUITS_DATA "
                    "(else ~/.cache/circuits/data).")
-@click.option("--steps", type=int, default=None, help="Steps of the first training stage (default: the recipe's per preset).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps of the first training stage (default: the recipe's per preset).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="torch.compile the training step.")
 @click.option("--export/--no-export", default=True, show_default=True, help="Write the result into the package's bundled folder.")
@@ -77,10 +77,13 @@ def fetch_data(dest, work):
 @model_options
 @click.option("--what", type=click.Choice(["lorsa", "transcoder", "all"]), default="all", show_default=True)
 @click.option("--layers", default=None, help="Comma-separated layers (default: all).")
-@click.option("--steps", type=int, default=1500, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per step (global under torchrun).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: 128; 64 with --joint).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default: 2e-3; 1e-4 with --joint).")
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences per step (global under torchrun).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per sequence (default: 128; 64 with --joint).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate (default: 2e-3; 1e-4 with --joint).")
 @click.option("--joint", is_flag=True,
               help="The joint stage: fine-tune every saved module of the model together, spliced in with no error "
                    "terms, on KL to the real model's next-token distribution plus their reconstruction losses "
@@ -88,7 +91,7 @@ def fetch_data(dest, work):
 @click.option("--kl-coef", type=float, default=1.0, show_default=True, help="With --joint: weight of the KL term.")
 @click.option("--recon-coef", type=float, default=0.5, show_default=True,
               help="With --joint: weight of the modules' mean FVU.")
-@click.option("--resample-every", type=int, default=250, show_default=True,
+@click.option("--resample-every", type=click.IntRange(min=0), default=250, show_default=True,
               help="With --joint: re-initialise units silent for this many steps (0: never).")
 @click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
