@@ -389,6 +389,24 @@ def test_query_lists_families_and_their_paths(tmp_path):
     assert shown == [" -> ".join(p) for _, p in g.top_paths(k=2, families=True)]
 
 
+def test_patch_ablates_a_family_that_trace_found(tmp_path):
+    """A family id from `trace`'s graph.json names the same members in `circuits patch --family`, which prints its
+    size and the graph's prediction."""
+    prompt = "the cat sat on the mat. the cat sat on the"
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from cli.trace import trace; trace()", prompt, "--model", "toy", "--out",
+                        str(tmp_path), "--format", "json", "--no-qk"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    g = AttributionGraph.load(tmp_path / "graph.json")
+    f = max(g.families(), key=len)
+    r = _circuits("patch", prompt, "--model", "toy", "--family", f.id)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(f.id))
+    assert f"({len(f)} {'heads' if f.kind == L else 'features'} of layer(s) " in line and "graph predicts" in line
+
+
 def test_patch_names_a_bad_family_in_one_line():
     r = _circuits("patch", "the cat", "--model", "toy", "--family", "lorsa.1.2@3")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
