@@ -21,20 +21,11 @@ One line per prompt and rule, flushed as it goes (the run is long on a busy mach
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
 import torch
-
-
-def _example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "induction.py"
-    spec = importlib.util.spec_from_file_location("induction_example", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _examples import example as example_module
 
 
 def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dict]:
@@ -83,7 +74,7 @@ def main():
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
-    example = _example()
+    example = example_module("induction")
     configs = [FamilyConfig(cosine=c, layer_span=s, direction=d) for d in args.direction for c in args.cosine
                for s in args.layer_span]
     for name in args.model:

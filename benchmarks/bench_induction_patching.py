@@ -8,20 +8,11 @@ the token after the earlier occurrence, ablated together.  The issue's bar is a 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import tempfile
-from pathlib import Path
 
 import torch
-
-
-def _example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "induction.py"
-    spec = importlib.util.spec_from_file_location("induction_example", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _examples import example as example_module
 
 
 def main():
@@ -32,7 +23,7 @@ def main():
                     help="held-out English sentences that recur, or repeated random-token spans")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    example = _example()
+    example = example_module("induction")
     ratios = {"head": [], "head, norms frozen": [], "heads together": []}
     print(f"{args.model}: patched / predicted logit change (correct token, demeaned)")
     with tempfile.TemporaryDirectory() as out:
