@@ -188,17 +188,16 @@ class JointTrainer:
             alive[d] = False
             if not alive.any():
                 raise TrainingDiverged(f"every unit of {key[0]} {key[1]} is dead at step {step}")
+            # a JumpReLU threshold opens at 0; a cross-layer transcoder's later decoders write nothing yet
+            zeroed = [p for p in (getattr(m, "threshold", None), getattr(m, "W_dec_later", None)) if p is not None]
+            for p in zeroed:
+                p[d] = 0.0
             enc[d], bias[d] = xd, 0.0
             W_dec[d] = ed * W_dec[alive].norm(dim=-1).mean() * 0.2
-            if getattr(m, "threshold", None) is not None:
-                m.threshold[d] = 0.0
-            if getattr(m, "W_dec_later", None) is not None:  # a cross-layer transcoder: no writes further on yet
-                m.W_dec_later[d] = 0.0
             scale, offset = self._entry(m, x_full, tok, d, alive)
             enc[d] *= scale[:, None]
             bias[d] = -scale * offset
-            extra = [p for p in (getattr(m, "threshold", None), getattr(m, "W_dec_later", None)) if p is not None]
-            for p in [enc, bias, W_dec] + extra:
+            for p in [enc, bias, W_dec] + zeroed:
                 st = self.opt.state.get(p, {})  # fresh Adam moments for the new rows
                 for name in ("exp_avg", "exp_avg_sq"):
                     if name in st:
