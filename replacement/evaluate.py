@@ -296,8 +296,8 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
     from .foreign import load_specs, specs_metrics
     from .store import default_folder
 
-    if replacements is not None:  # folders given: one without trained modules is an error, not "none trained yet"
-        load_specs(replacements, adapter)
+    # folders given: one without trained modules is an error, not "none trained yet" (loaded once, used below)
+    given = load_specs(replacements, adapter) if replacements is not None else None
     held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
     out = model_report(adapter, held, samples)
     metrics = specs_metrics(replacements, default_folder(adapter))
@@ -306,7 +306,8 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
     out["replacements"] = metrics
     if faithfulness:
         try:
-            model = ReplacementModel.load(adapter, replacements, "lorsa")
+            model = (ReplacementModel(adapter, given, "lorsa") if given is not None
+                     else ReplacementModel.load(adapter, None, "lorsa"))
         except CircuitsError as e:  # an incomplete set: no pure replacement model to measure
             out["pure_replacement"] = {"skipped": str(e)}
         else:
