@@ -79,12 +79,16 @@ def test_induction_circuit(model, prompt):
     family = heads_attending(full, n - 1, expected_peak, min_layer=1)
     patched, family_patched = (r.effect for r in PathPatcher(rm, ids, answer, demean=True).effects(
         [comp, tuple(parse_component(h.id) for h in family)]))
-    assert predicted < 0 and patched < 0
+    assert predicted < 0
     if model == "pythia":
         assert patched <= 0.5 * predicted
-    else:
+    elif prompt == "natural":
         frozen = PathPatcher(rm, ids, answer, demean=True, freeze_norms=True).effects([comp])[0].effect
-        assert frozen <= 0.5 * predicted
+        assert patched < 0 and frozen <= 0.5 * predicted
+    # (on random spans the toy's chosen head is one of ~57 attending there, each a few percent of the logit; alone it
+    # reaches >= 50% of its prediction on 16 of 20 prompts, 19 of 20 with the norms frozen, and this prompt (seed 1)
+    # is the one that misses even then: +0.13 frozen against -0.66 (bench_induction_patching.py).  The heads
+    # together do reach it on 20 of 20, which the family check below asserts.)
     # every last-position head of a later layer attending there, ablated together: >= 50% of the graph's prediction
     family_predicted = sum(float(effects[full.index[h.id]]) for h in family)
     assert head in family and len(family) > 1
@@ -96,7 +100,7 @@ def test_induction_family(model, tmp_path):
     """Head families on the natural-text showcase (examples/families.py, the default rule): the largest induction
     family (last-position heads of one layer >= 1 keyed on the token after the earlier occurrence; on pythia the
     one on the strongest path), path patched as one unit, moves the logit by >= 50% of the graph's prediction
-    (measured by bench_families: 1.24 on toy, 0.92 on pythia); its edge into the logit is its members' sum."""
+    (measured by bench_families: 1.17 on toy, 0.92 on pythia); its edge into the logit is its members' sum."""
     _need(model)
     r = _example("families").analyse(model, out=tmp_path, verbose=False)
     full, f = r["full"], r["family"]
@@ -113,8 +117,8 @@ def test_induction_family(model, tmp_path):
     "pythia",
     pytest.param("toy", marks=pytest.mark.xfail(strict=True, reason=(
         "on the toy's showcase the strongest path runs through a layer-0 family reading the current token "
-        "(emb@64 -> fam.lorsa.0.0@64 -> logit): the 2-layer toy's last-position induction heads send +1.04 "
-        "straight into the logit (of 35 in size), less than the error node mlp_err.1@64 alone (+2.39), so no "
+        "(emb@64 -> fam.lorsa.0.0@64 -> logit): the 2-layer toy's last-position induction heads send +0.99 "
+        "straight into the logit (of 34 in size), less than the error node mlp_err.1@64 alone (+2.67), so no "
         "grouping of them can carry the strongest path; see the README, 'Head families'")))])
 def test_strongest_path_runs_through_an_induction_family(model, tmp_path):
     """The strongest collapsed path to the answer's logit runs through an induction family (last position, one
