@@ -96,6 +96,7 @@ def _load(model_name, device, dtype, prompt, replacements, attention, max_featur
     """(the replacement model, the prompt's ids [1, n]), refused in one line if its graph would not fit in memory.
     The model is loaded once per process: a second trace in the same process (the library or a test calling
     `trace`) reuses it ("warm" in the README and benchmarks/bench_trace.py)."""
+    from graphs.budget import check_graph
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
@@ -105,7 +106,7 @@ def _load(model_name, device, dtype, prompt, replacements, attention, max_featur
         _MODELS[key] = ReplacementModel.load(load_model(model_name, device, dtype), replacements, attention)
     model = _MODELS[key]
     ids = model.adapter.tokenize(prompt)
-    _check_memory(model, ids, max_feature_nodes)
+    check_graph(model, ids, max_feature_nodes)  # before the top predictions print
     return model, ids
 
 
@@ -128,7 +129,8 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
     whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=sys.stderr.isatty(), bos=bos,
                       max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference,
-                      qk_defer=True)  # qk_defer: only the heads pruning keeps are explained
+                      qk_defer=True, check_memory=False)  # qk_defer: only the heads pruning keeps are explained; the
+    # memory was checked by _load
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
     if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
         find_families(graph, model, families)
@@ -212,17 +214,6 @@ def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -
         encode_prompt(tok, prompt, context)
         if target is not None:
             single_token(tok, target, "--target")
-
-
-def _check_memory(model, ids, max_feature_nodes: int | None = None) -> None:
-    """Refuse in one line a graph whose estimated size exceeds the memory available (graphs/budget.py)."""
-    from graphs.budget import check, estimate
-    from replacement.foreign import feature_bound
-
-    lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
-    est = estimate(ids.shape[1], lorsa_k, feature_bound(model, ids), max_feature_nodes=max_feature_nodes,
-                   d_model=model.adapter.d_model)
-    check(est, ids.shape[1])
 
 
 def _print_paths(graph) -> None:

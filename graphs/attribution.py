@@ -83,7 +83,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,
               qk_reference: str | None = "mean", qk_defer: bool = False,
               max_feature_nodes: int | None = None, bos: str = "keep",
-              families: "FamilyConfig | None" = None) -> AttributionGraph:
+              families: "FamilyConfig | None" = None, check_memory: bool = True) -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
     ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
@@ -103,7 +103,9 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     ``families``: group the active heads and features of this full graph into families by this rule
     (graphs/families.py), marking each member's node; None (the default): not.  `trace` groups those of the pruned
     graph instead (``find_families(prune(graph), model)``): on a full graph of 20M edges the read directions cost
-    ~0.7 GB beyond the memory guard's estimate, and the families a picture draws are those of its nodes."""
+    ~0.7 GB beyond the memory guard's estimate, and the families a picture draws are those of its nodes.
+    ``check_memory``: first refuse in one line (BadInputError) a graph whose estimated size exceeds the memory
+    available (graphs/budget.py; ``$CIRCUITS_MEMORY_BUDGET`` sets it), rather than be killed by the kernel."""
     t0 = time.time()
     if bos not in ("keep", "zero"):
         raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
@@ -111,6 +113,10 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
         raise BadInputError(f"qk_reference must be one of {', '.join(CONTRAST_REFERENCES)} or None, not {qk_reference!r}")
     a = model.adapter
     ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
+    if check_memory:
+        from .budget import check_graph
+
+        check_graph(model, ids, max_feature_nodes)
     rec = model.record(ids[0], sparse=sparse_record)
     lin = Linearised(model, rec)
     tok = a.tokenizer

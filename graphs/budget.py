@@ -117,6 +117,18 @@ def check(est: Estimate, n_tokens: int) -> None:
             f"memory (${BUDGET_ENV} sets the budget)")
 
 
+def check_graph(model, ids, max_feature_nodes: int | None = None) -> None:
+    """Refuse in one line (BadInputError) the graph of ``ids`` [1, n] under ``model`` (a ReplacementModel) if its
+    estimate exceeds the memory available: `attribute` checks it before building anything, `trace` as soon as
+    the prompt is tokenised."""
+    from replacement.foreign import feature_bound
+
+    lorsa_k = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
+    est = estimate(ids.shape[1], lorsa_k, feature_bound(model, ids), max_feature_nodes=max_feature_nodes,
+                   d_model=model.adapter.d_model)
+    check(est, ids.shape[1])
+
+
 def _gb(b: int) -> str:
     if b >= 2**30 / 10:
         return f"{b / 2**30:.1f} GB"

@@ -83,6 +83,27 @@ def test_trace_refuses_above_the_budget(saved_model, tmp_path):
     assert not list(tmp_path.iterdir())  # no output folder left behind
 
 
+def test_attribute_refuses_above_the_budget_before_building(monkeypatch):
+    """The library call is guarded as `trace` is: a graph over the budget is a one-line error raised before the
+    record is made (a Python user is not killed by the kernel either); ``check_memory=False`` skips the guard."""
+    import replacement.assemble as assemble
+
+    adapter = ModelAdapter(tiny_llama(), name="llama")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 40))
+    monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", "1K")
+    recorded, record = [], assemble.ReplacementModel.record
+    monkeypatch.setattr(assemble.ReplacementModel, "record", lambda self, *a, **k: recorded.append(1) or record(self, *a, **k))
+    with pytest.raises(BadInputError, match=r"^a graph of 40 tokens needs about .* more than the 1 KB available; use"):
+        attribute(model, ids, qk=False)
+    assert not recorded
+    est = estimate(40, *_ks(model))
+    assert est.bytes > 1024
+    monkeypatch.undo()
+    graph = attribute(model, ids, qk=False, check_memory=False)
+    assert 0 < len(graph.edge_arrays) <= est.edges
+
+
 MEASURE = """
 import json, resource, sys
 from graphs.attribution import attribute
