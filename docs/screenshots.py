@@ -1,7 +1,8 @@
-"""The README's two screenshots: the HTML page of `36 + 62 =` on llama and of a repeated random-token span on
-pythia, as headless Chromium shows them on opening at 1600 x 1000.
+"""The README's two screenshots: the HTML page of `36 + 62 =` on llama and of the induction showcase on pythia (a
+held-out sentence that recurs: examples/induction.py's prompt), as headless Chromium shows them on opening at
+1600 x 1000.
 
-    python docs/screenshots.py [--out docs]
+    python docs/screenshots.py [--out docs] [--model llama pythia]
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ def page(model_name: str, folder: Path) -> Path:
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
     from replacement.dashboards import load_or_build
-    from replacement.evaluate import repeated_span_prompt
+    from replacement.evaluate import natural_copy_prompt
     from replacement.models import load_model
 
     adapter = load_model(model_name)
     model = ReplacementModel.load(adapter)
-    ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else repeated_span_prompt(adapter, span=8, seed=1)[0]
+    # pythia: examples/induction.py's showcase (its NATURAL_SEEDS["pythia"])
+    ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else natural_copy_prompt(adapter, 5)[0]
     graph = prune(attribute(model, ids), 0.8, 0.98)
     return write_html(graph, folder / f"{model_name}.html", load_or_build(model))
 
@@ -44,10 +46,13 @@ def screenshot(html: Path, png: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent))
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--model", nargs="+", choices=["llama", "pythia"], default=["llama", "pythia"])
+    args = ap.parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    shots = {"llama": "page-llama-addition.png", "pythia": "page-pythia-induction.png"}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, shot in (("llama", "page-llama-addition.png"), ("pythia", "page-pythia-induction.png")):
+        for name, shot in ((m, shots[m]) for m in args.model):
             screenshot(page(name, Path(tmp)), out / shot)
             print(f"wrote {out / shot}")
 
