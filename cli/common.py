@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import math
 import signal
 import sys
 import threading
@@ -16,6 +17,16 @@ from replacement.errors import BadInputError, CircuitsError
 USER_ERRORS = (CircuitsError, OSError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through every bound)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 def printable(text: str) -> str:

@@ -8,7 +8,7 @@ import click
 
 from graphs.layout import DEFAULT_DRAW_NODES
 
-from .common import REPLACEMENTS_HELP, FriendlyGroup, model_options
+from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options
 
 
 @click.group(cls=FriendlyGroup)
@@ -82,14 +82,14 @@ def fetch_data(dest, work):
               help="Sequences per step (global under torchrun).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Tokens per sequence (default: 128; 64 with --joint).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=FiniteRange(min=0, min_open=True), default=None,
               help="Learning rate (default: 2e-3; 1e-4 with --joint).")
 @click.option("--joint", is_flag=True,
               help="The joint stage: fine-tune every saved module of the model together, spliced in with no error "
                    "terms, on KL to the real model's next-token distribution plus their reconstruction losses "
                    "(starts from --init-from or the modules beside the model).")
-@click.option("--kl-coef", type=float, default=1.0, show_default=True, help="With --joint: weight of the KL term.")
-@click.option("--recon-coef", type=float, default=0.5, show_default=True,
+@click.option("--kl-coef", type=FiniteRange(min=0), default=1.0, show_default=True, help="With --joint: weight of the KL term.")
+@click.option("--recon-coef", type=FiniteRange(min=0), default=0.5, show_default=True,
               help="With --joint: weight of the modules' mean FVU.")
 @click.option("--resample-every", type=click.IntRange(min=0), default=250, show_default=True,
               help="With --joint: re-initialise units silent for this many steps (0: never).")
@@ -97,14 +97,14 @@ def fetch_data(dest, work):
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to stream activations from.")
 @click.option("--cache-activations", type=click.Path(), default=None, help="Cache activations here as safetensors shards, then train from them.")
-@click.option("--lorsa-qk-per-head", type=int, default=4, show_default=True, help="QK groups per model head.")
-@click.option("--lorsa-heads-per-group", type=int, default=64, show_default=True)
-@click.option("--lorsa-d-qk", type=int, default=None, help="QK dimension (default: the model's head dim).")
-@click.option("--lorsa-top-k", type=int, default=64, show_default=True)
+@click.option("--lorsa-qk-per-head", type=click.IntRange(min=1), default=4, show_default=True, help="QK groups per model head.")
+@click.option("--lorsa-heads-per-group", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lorsa-d-qk", type=click.IntRange(min=1), default=None, help="QK dimension (default: the model's head dim).")
+@click.option("--lorsa-top-k", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lorsa-init", type=click.Choice(["model", "random"]), default="model", show_default=True)
 @click.option("--allow-weak-config", is_flag=True, help="Train a Lorsa that breaks the paper's d_qk / n_qk constraints.")
-@click.option("--tc-expansion", type=int, default=8, show_default=True)
-@click.option("--tc-top-k", type=int, default=32, show_default=True)
+@click.option("--tc-expansion", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--tc-top-k", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--tc-skip", is_flag=True, help="Add a linear skip connection to the transcoders.")
 @click.option("--init-from", type=click.Path(), default=None,
               help="A replacements folder of this model: start each module from its saved one (fine-tuning).")
@@ -289,7 +289,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)
     t_id = _single_token(adapter, target) if target else int(adapter.next_token_probs(ids).argmax())
     b_id = _single_token(adapter, baseline) if baseline else None
-    cf = adapter.tokenize(counterfactual) if counterfactual else None
+    cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual else None
     reference = _reference_prompts(adapter, mean_over) if mean_over else None
     patcher = PathPatcher(model, ids, t_id, b_id, cf, freeze_norms=freeze_norms, reference=reference)
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
@@ -431,7 +431,7 @@ def _print_dashboard(e: dict) -> None:
 @click.option("--layer", "layers", required=True, help="A layer, comma-separated layers, or all.")
 @click.option("--n-seqs", type=click.IntRange(min=1), default=32, show_default=True, help="Held-out sequences to scan.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+@click.option("--share", type=FiniteRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Variance share (R^2) that one head (kind one), or at most --few heads (kind few), must explain.")
 @click.option("--few", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
@@ -443,6 +443,18 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
     """For every Lorsa head of a layer, the original attention heads it comes from: the share of its activation's
     variance each original head's output (projected on the Lorsa head's output direction) explains, the best
     set of a few, the pattern overlap, and its kind: one head / a few heads / spread (replacement/correspond.py)."""
+    from .outputs import RunFolder
+
+    want = None if layers == "all" else _layer_list(layers)
+    run = RunFolder(out).open() if out else None  # an unwritable --out is refused before the work
+    try:
+        _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, few, top, replacements)
+    finally:
+        if run is not None:
+            run.close()
+
+
+def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, few, top, replacements):
     from replacement.assemble import ReplacementModel
     from replacement.correspond import CorrespondConfig, correspond as run_correspond, histogram_dot
     from replacement.errors import BadInputError
@@ -450,13 +462,6 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
     from replacement.io import atomic_write_text
     from replacement.models import load_model
 
-    want = None if layers == "all" else _layer_list(layers)
-    folder = Path(out) if out else None
-    if folder is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInputError(f"cannot write to --out {out}: {e.strerror}") from None
     adapter = load_model(model_name, device, dtype)
     model = ReplacementModel.load(adapter, replacement_specs(replacements), "lorsa")
     want = sorted(model.lorsas) if want is None else want
@@ -479,14 +484,20 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
             click.echo(f"  L{res.layer}.H{h.head:<5} {h.kind:<7} " + " ".join(f"h{m}:{r:.2f}" for m, r in zip(h.heads, h.r2))
                        + f"  best {len(h.few_heads)}: {h.few_r2:.2f}  all: {h.all_r2:.2f}  pattern h{h.pattern_head} "
                        f"{h.pattern_overlap:.2f}")
-    if folder is not None:
-        from graphs.export import render
+    if run is not None:  # the three files together, or none changed
+        from graphs.export import RenderError, render
 
-        atomic_write_text(folder / "correspond.json", json.dumps([r.to_json() for r in results], indent=1))
+        atomic_write_text(run.path("correspond.json"), json.dumps([r.to_json() for r in results], indent=1))
         title = f"{adapter.name}: which original heads each Lorsa head comes from (share {share}, few <= {few})"
-        dot = folder / "correspond.dot"
+        dot = run.path("correspond.dot")
         atomic_write_text(dot, histogram_dot({f"layer {r.layer}": r.counts() for r in results}, title))
-        click.echo(f"wrote {folder / 'correspond.json'}, {render(dot, 'png')}")
+        try:
+            png = render(dot, "png")
+        except RenderError:  # no graphviz: the JSON and the DOT still land, as the message says
+            run.commit(["correspond.json", "correspond.dot"])
+            raise
+        json_path, _, png_path = run.commit(["correspond.json", "correspond.dot", png.name])
+        click.echo(f"wrote {json_path}, {png_path}")
 
 
 @circuits.command()
@@ -500,19 +511,24 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     import graphs
     from graphs.files import parse_formats, write_all
 
-    from .outputs import remove_leftovers
+    from .outputs import RunFolder
 
     fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
     g = graphs.load(graph_json)
-    remove_leftovers(Path(graph_json).parent)
-    for path in write_all(g, graph_json, fmts, draw_nodes, expand_families=expand_families).values():
-        click.echo(f"wrote {path}")
+    src = Path(graph_json)
+    with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
+        written = write_all(g, run.path(src.stem), fmts, draw_nodes, expand_families=expand_families)
+        for path in run.commit([p.name for p in written.values()]):
+            click.echo(f"wrote {path}")
+
+
+MAX_PATHS = 100  # query --paths
 
 
 @circuits.command()
 @click.argument("graph_json", type=click.Path())
 @click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs).")
-@click.option("--paths", default=5, show_default=True, help="How many strongest paths to the top logit.")
+@click.option("--paths", default=5, show_default=True, help="How many strongest paths to the top logit (at most 100).")
 @click.option("--type", "node_type", default=None, help="List nodes of a type (lorsa, transcoder, ...).")
 @click.option("--layer", type=int, default=None)
 @click.option("--position", type=int, default=None)
@@ -568,8 +584,8 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
         for n in g.nodes(type=node_type, layer=layer, position=position):
             click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")
     else:
-        if paths < 1:
-            raise BadInputError(f"--paths must be at least 1, not {paths}")
+        if not 1 <= paths <= MAX_PATHS:  # each further path is a longer search: thousands take minutes
+            raise BadInputError(f"--paths must be between 1 and {MAX_PATHS}, not {paths}")
         for strength, path in g.top_paths(k=paths, families=show_families):
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -91,12 +92,33 @@ class RunFolder:
         return self.tmp / name
 
     def commit(self, names: list[str]) -> list[Path]:
-        """Move the named files into the output folder (under its lock); returns their final paths."""
+        """Move the named files into the output folder (under its lock), all or none: each file already there is
+        first moved aside into the private folder, and if any move fails every file is put back as it was (a
+        failed run changes nothing).  A folder in the way is refused.  Returns the final paths."""
+        for name in names:
+            dest = self.out / name
+            if dest.is_dir() and not dest.is_symlink():
+                raise BadInputError(f"{dest} is a folder, where this run writes a file; move it away")
         fd = os.open(self.out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            for name in names:
-                os.replace(self.tmp / name, self.out / name)
+            done: list[tuple[Path, Path | None]] = []  # (destination, where its old file went)
+            try:
+                for name in names:
+                    dest, old = self.out / name, self.tmp / f".old-{name}"
+                    had = os.path.lexists(dest)
+                    if had:
+                        os.replace(dest, old)
+                    done.append((dest, old if had else None))
+                    os.replace(self.tmp / name, dest)
+            except OSError:
+                for dest, old in reversed(done):
+                    with contextlib.suppress(OSError):
+                        if old is not None:
+                            os.replace(old, dest)
+                        else:
+                            dest.unlink(missing_ok=True)
+                raise
         finally:
             os.close(fd)  # releases the lock
         return [self.out / name for name in names]

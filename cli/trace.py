@@ -16,7 +16,7 @@ from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import REPLACEMENTS_HELP, FriendlyCommand, model_options, spinner  # noqa: E402
+from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 
@@ -49,7 +49,7 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
 @click.option("--families/--no-families", default=True, show_default=True,
               help="Group the active heads (and features) into families: one position, one key, one layer, "
                    "output directions not opposed (graphs/families.py); the pictures draw each as one node.")
-@click.option("--family-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
+@click.option("--family-cosine", type=FiniteRange(-1.0, 1.0), default=None,
               help="The least cosine of a member's output direction with its family leader's (default: "
                    "graphs.families.FamilyConfig's).")
 @click.option("--expand-families", is_flag=True, help="Draw every member of a family rather than one node per family.")

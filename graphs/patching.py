@@ -168,6 +168,12 @@ class PathPatcher:
                                 "Lorsa modules")
         if c.kind == HEAD and not 0 <= c.index < a.n_heads:
             raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
+        units = {NodeKind.LORSA: ("Lorsa head", self.model.lorsas), NodeKind.TRANSCODER: ("feature", self.model.transcoders)}
+        if c.kind in units:
+            what, modules = units[c.kind]
+            count = modules[c.layer].cfg.n_heads if c.kind == NodeKind.LORSA else modules[c.layer].cfg.n_features
+            if not 0 <= c.index < count:
+                raise BadInputError(f"{what} {c.index} does not exist (layer {c.layer} has {count})")
 
     def write(self, c: Component, rec) -> torch.Tensor:
         """[n, d]: what component c writes into its own layer's block output on the prompt recorded in ``rec``

@@ -46,6 +46,8 @@ def strict_dumps(obj) -> str:
 def load_graph_dict(path: str | Path) -> dict:
     """The checked contents of a graph JSON file; raises BadGraphError (one line) for any malformed file."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a pipe would block, a device never end
+        raise BadGraphError(f"{path} is not a graph file: not a regular file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

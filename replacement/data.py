@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import BadInputError
 from .io import atomic_write_text
 
 HELDOUT_FRACTION = 0.02
@@ -37,9 +38,13 @@ def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
             text = _read_hf_dataset(src[3:])
         else:
             path = Path(src)
+            if path.is_dir():
+                raise BadInputError(f"text source {src} is a folder; pass text files")
             if not path.is_file():
                 raise FileNotFoundError(f"text source not found: {src}")
             text = path.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                raise BadInputError(f"text source {src} holds no text")
         cut = int(len(text) * (1 - HELDOUT_FRACTION))
         cut = text.rfind("\n", 0, cut) + 1 or cut
         train.append(text[:cut])

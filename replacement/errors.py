@@ -17,6 +17,15 @@ class TrainingDiverged(CircuitsError):
     """A loss or weight became NaN or infinite; training stopped and the last good checkpoint is kept."""
 
 
+def last_good(state_file) -> str:
+    """How a diverged run ends its message: where the last good state is, or that there is none yet."""
+    from pathlib import Path
+
+    if Path(state_file).is_file():
+        return f"last good checkpoint kept at {state_file}"
+    return "no checkpoint had been saved yet, so nothing is kept"
+
+
 class CheckpointError(CircuitsError):
     """A checkpoint or replacements folder that is missing, corrupt, or for another model."""
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import random_token_pool
-from .errors import CircuitsError
+from .errors import BadInputError, CircuitsError
 from .models import ModelAdapter
 
 
@@ -299,6 +299,11 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
     # folders given: one without trained modules is an error, not "none trained yet" (loaded once, used below)
     given = load_specs(replacements, adapter) if replacements is not None else None
     held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
+    if texts and held is not None:  # a file too short to score would be skipped in silence
+        n = sum(len(adapter.tokenizer.encode(t)) for t in held)
+        if n <= adapter.context:
+            raise BadInputError(f"the held-out part of the text given (the last 2% of each file) is {n} tokens, "
+                                f"too short for one window of {adapter.context}; pass more text")
     out = model_report(adapter, held, samples)
     metrics = specs_metrics(replacements, default_folder(adapter))
     if metrics is None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .activations import hook_points
 from .data import Mixture
-from .errors import CircuitsError, TrainingDiverged
+from .errors import CircuitsError, TrainingDiverged, last_good
 from .evaluate import kl_per_token
 from .train import fold_scales, fvu, norm_scales, warmup_then_decay
 
@@ -146,8 +146,8 @@ class JointTrainer:
         out = self.losses(ids)
         loss = cfg.kl_coef * out["kl"] + cfg.recon_coef * out["recon"]
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"joint loss is {loss.item()} at step {step}; stopped, last good state kept at "
-                                   f"{self.state_file} (resume, or start again with --no-resume)")
+            raise TrainingDiverged(f"joint loss is {loss.item()} at step {step}; stopped, {last_good(self.state_file)}"
+                                   + (" (resume, or start again with --no-resume)" if self.state_file.is_file() else ""))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.named.values()), cfg.grad_clip)
@@ -234,8 +234,7 @@ class JointTrainer:
     def save_state(self) -> None:
         for name, p in self.named.items():
             if not torch.isfinite(p).all():
-                raise TrainingDiverged(f"{name} is not finite at step {self.step}; stopped, last good state kept "
-                                       f"at {self.state_file}")
+                raise TrainingDiverged(f"{name} is not finite at step {self.step}; stopped, {last_good(self.state_file)}")
         tensors = {f"param.{n}": p for n, p in self.named.items()}
         tensors.update(ckpt.optimizer_tensors(self.opt, {p: n for n, p in self.named.items()}))
         tensors.update({f"fired.{k[0]}{k[1]}": f for k, f in self.fired.items()})

@@ -41,6 +41,12 @@ class LorsaConfig(ModuleConfig):
     def n_heads(self) -> int:
         return self.n_qk * self.heads_per_group
 
+    def problems(self) -> list[str]:
+        bad = self._below_one("d_model", "n_qk", "d_qk", "heads_per_group", "top_k")
+        if not bad and self.top_k > self.n_heads:
+            bad.append(f"top_k {self.top_k} is more than its {self.n_heads} heads")
+        return bad
+
     def weak_reasons(self) -> list[str]:
         """The paper's two hard constraints (d_qk >= head dim, n_qk >= heads) that this config breaks."""
         out = []

@@ -87,12 +87,13 @@ def causal_pattern(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: floa
     return scores.masked_fill(mask, float("-inf")).softmax(-1).to(q.dtype)
 
 
-def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False) -> torch.Tensor:
-    """[1, n] token ids with BOS, checked against the context length (or, with ``truncate``, cut to it).
+def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False, what: str = "prompt") -> torch.Tensor:
+    """[1, n] token ids with BOS, checked against the context length (or, with ``truncate``, cut to it); errors
+    name the text as ``what`` ("prompt", "counterfactual prompt", ...).
 
     Text that spells a special token (``<|bos|>``) stays text: only the BOS this function adds is special."""
     if not prompt or not prompt.strip():
-        raise BadInputError("the prompt is empty")
+        raise BadInputError(f"the {what} is empty")
     if tokenizer is None:
         raise BadInputError("this model has no tokenizer; pass token ids")
     ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
@@ -101,7 +102,7 @@ def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False) 
         ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
     if truncate:
         ids = ids[:, :context]
-    check_length(ids.shape[1], context)
+    check_length(ids.shape[1], context, what)
     return ids
 
 
@@ -120,9 +121,9 @@ def _qk_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
-def check_length(n: int, context: int) -> None:
+def check_length(n: int, context: int, what: str = "prompt") -> None:
     if n > context:
-        raise BadInputError(f"the prompt is {n} tokens, longer than the model's context of {context}")
+        raise BadInputError(f"the {what} is {n} tokens, longer than the model's context of {context}")
 
 
 def single_token(tokenizer, text: str, what: str = "target") -> int:
@@ -292,9 +293,9 @@ class ModelAdapter:
 
     # -- tokens -------------------------------------------------------------------------------------------
 
-    def tokenize(self, prompt: str, truncate: bool = False) -> torch.Tensor:
+    def tokenize(self, prompt: str, truncate: bool = False, what: str = "prompt") -> torch.Tensor:
         """[1, n] token ids with BOS, checked against the context length (or, with ``truncate``, cut to it)."""
-        return encode_prompt(self.tokenizer, prompt, self.context, truncate).to(self.device)
+        return encode_prompt(self.tokenizer, prompt, self.context, truncate, what).to(self.device)
 
     def check_length(self, n: int) -> None:
         check_length(n, self.context)

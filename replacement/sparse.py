@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -56,6 +57,21 @@ def decode(code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.
 @dataclass
 class ModuleConfig:
     """Fields every replacement module records next to its weights."""
+
+    def __post_init__(self):
+        bad = self.problems()
+        if bad:
+            from .errors import BadInputError
+
+            raise BadInputError(f"{type(self).__name__}: " + "; ".join(bad))
+
+    def problems(self) -> list[str]:
+        """What makes this config unusable (sizes below 1, a top-K beyond the units); none by default."""
+        return []
+
+    def _below_one(self, *names: str) -> list[str]:
+        return [f"{n} must be at least 1, not {getattr(self, n)}" for n in names
+                if not isinstance(getattr(self, n), numbers.Integral) or getattr(self, n) < 1]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

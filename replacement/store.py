@@ -63,11 +63,13 @@ def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
     try:
         module = cls(cfg_cls.from_dict(meta["config"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} has no valid module config in its metadata ({type(e).__name__})") from None
+        why = str(e) if isinstance(e, ValueError) else type(e).__name__
+        raise CheckpointError(f"{path} has no valid module config in its metadata ({why})") from None
     try:
         module.load_state_dict({k: v.float() for k, v in tensors.items()})
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its own config: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # torch's message: a header line, then one indented line per mismatch
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path} does not match its own config: {' '.join(lines[1:3]) or lines[0]}") from None
     return module.to(device), meta
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .activations import hook_points
 from .norms import centre, is_layernorm, norm_weight
-from .errors import CircuitsError, TrainingDiverged
+from .errors import CircuitsError, TrainingDiverged, last_good
 from .lorsa import LorsaConfig, lorsa_for_model
 from .sparse import SparseCode, decode, topk_relu
 from .transcoder import Transcoder, TranscoderConfig
@@ -281,7 +281,7 @@ class Trainer:
         for u in self.units:
             if not all(torch.isfinite(p).all() for p in u.module.parameters()):
                 raise TrainingDiverged(f"{u.name}: weights are not finite at step {self.step}; stopped, "
-                                       f"last good checkpoint kept at {self.state_file}")
+                                       f"{last_good(self.state_file)}")
         tensors = {}
         for u in self.units:
             names = {p: n for n, p in u.module.named_parameters()}
@@ -358,7 +358,7 @@ class Trainer:
                 jac_errors[u.name] = jac.item()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"{u.name}: loss is {loss.item()} at step {step}; stopped, "
-                                       f"last good checkpoint kept at {self.state_file}"
+                                       f"{last_good(self.state_file)}"
                                        + (" (the state this run resumed from; --no-resume starts afresh)"
                                           if step == self.resumed_at else ""))
             u.opt.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ Interoperability: circuit-tracer per-layer files (``W_enc [d_tc, d]``, ``W_dec [
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,13 @@ class TranscoderConfig(ModuleConfig):
     reads: str = "mlp.in"  # what the encoder reads: the MLP's input ("mlp.in", after its norm and gain); the norm's
     # output before its gain and bias ("mlp.normalized", TransformerLens's ln2.hook_normalized); or the residual
     # stream before the norm ("resid_mid", circuit-tracer's hook_resid_mid)
+
+    def problems(self) -> list[str]:
+        bad = self._below_one("d_model", "n_features")
+        k = self.top_k  # 0 or None: every feature that passes (ReLU / JumpReLU), no top-K
+        if k is not None and (not isinstance(k, numbers.Integral) or k < 0 or (not bad and k > self.n_features)):
+            bad.append(f"top_k {k} is not between 0 (no top-K) and its {self.n_features} features")
+        return bad
 
     @classmethod
     def default_for(cls, adapter, layer: int = 0, expansion: int = 8, top_k: int = 32) -> "TranscoderConfig":

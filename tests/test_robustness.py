@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cli.outputs import RunFolder, default_out_dir, remove_leftovers
+from replacement.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"attention": "lorsa", "target": None, "node_threshold": 0.8}
@@ -101,6 +102,40 @@ def test_run_folders_are_private_and_cleaned(tmp_path):
             run.path("graph.json").write_text("x")
             raise RuntimeError("a failed run")
     assert not (tmp_path / "new").exists()  # the folders it created are gone with it
+
+
+def test_a_commit_that_fails_midway_puts_every_file_back(tmp_path, monkeypatch):
+    """Three files replace an earlier run's; the third cannot be moved in (as an undeletable file would refuse):
+    the folder must hold the earlier run's files exactly, not a mix of two prompts' graphs."""
+    out = tmp_path / "o"
+    with RunFolder(out) as run:
+        for name in ("graph.json", "graph.dot", "graph.svg"):
+            run.path(name).write_text(f"old {name}")
+        run.commit(["graph.json", "graph.dot", "graph.svg"])
+    before = {n: (out / n).read_text() for n in _files(out)}
+    real = os.replace
+
+    def refuse_svg(src, dst):
+        if Path(src).name == "graph.svg" or Path(dst).name == "graph.svg":
+            raise PermissionError(1, "Operation not permitted", str(dst))
+        return real(src, dst)
+
+    with RunFolder(out) as run:
+        for name in ("graph.json", "graph.dot", "graph.svg"):
+            run.path(name).write_text(f"new {name}")
+        monkeypatch.setattr(os, "replace", refuse_svg)
+        with pytest.raises(PermissionError):
+            run.commit(["graph.json", "graph.dot", "graph.svg"])
+        monkeypatch.setattr(os, "replace", real)
+    assert {n: (out / n).read_text() for n in _files(out)} == before
+    with RunFolder(out) as run:  # a folder where a file goes is refused before anything moves
+        (out / "graph.html").mkdir()
+        (out / "graph.html" / "keep").write_text("a user's file")
+        run.path("graph.json").write_text("newer")
+        run.path("graph.html").write_text("page")
+        with pytest.raises(BadInputError, match="is a folder"):
+            run.commit(["graph.json", "graph.html"])
+    assert (out / "graph.html" / "keep").read_text() == "a user's file" and (out / "graph.json").read_text() == "old graph.json"
 
 
 def test_commit_waits_for_the_folder_lock(tmp_path):
@@ -304,4 +339,6 @@ def test_a_loss_diverging_later_does_not_blame_the_state(tmp_path):
     with pytest.raises(TrainingDiverged) as e:
         Trainer(adapter, TrainConfig(steps=10, **SMALL, lr=1e30), _source(), tmp_path / "s.safetensors").train(
             progress=False)
-    assert "last good checkpoint kept" in str(e.value) and "--no-resume" not in str(e.value)
+    # it diverged at step 1, before the first checkpoint: the message must not point at a file that is not there
+    assert not (tmp_path / "s.safetensors").exists()
+    assert "no checkpoint had been saved yet" in str(e.value) and "--no-resume" not in str(e.value)

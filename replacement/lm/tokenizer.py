@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from ..errors import BadInputError
 from ..tokenizer import number_token_ids
 
 BOS = "<|bos|>"
@@ -65,7 +66,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 6144, number_copies:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False
     )
-    check_number_tokens(fast)
+    try:
+        check_number_tokens(fast)
+    except ValueError as e:
+        raise BadInputError(f"the tokenizer trained on this text cannot be used ({e}); train-lm needs far more text "
+                            "(the recipe's corpora are 28 MB)") from None
     return fast
 
 
