@@ -70,7 +70,9 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
                 "qk_reference": qk_reference,
                 "replacements": replacements, "dtype": dtype, "bos": bos, "max_feature_nodes": max_feature_nodes,
                 "full": full, "families": families, "family_cosine": family_cosine}
-    out_dir = Path(out) if out else default_out_dir(prompt, model_name, settings)
+    if out is not None and not out.strip():
+        raise BadInputError("--out is empty; name a folder, or leave it out for traces/<prompt>-<hash>")
+    out_dir = Path(out) if out is not None else default_out_dir(prompt, model_name, settings)
     times = {"imports": time.time() - T_START}
     with RunFolder(out_dir) as run:
         t0 = time.time()

@@ -23,6 +23,9 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number in strict JSON")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _finite_float(text: str) -> float:
     x = float(text)
     if not math.isfinite(x):
@@ -95,6 +98,8 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
         for end in ("source", "target"):
             if e[end] not in seen:
                 raise BadGraphError(f"{where}: a link's {end} {_short(e[end])} is not a node of the graph")
+        if abs(e["weight"]) > FLOAT32_MAX:  # edges are float32 in memory: it would turn into inf, then NaN paths
+            raise BadGraphError(f"{where}: a link's weight {_short(e['weight'])} is too large (beyond float32)")
     for n in d["nodes"]:
         for field in ("activation", "influence"):
             if n[field] is None:

@@ -88,6 +88,9 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
             f"no trained replacements in {folder}; train them with: circuits train --model {adapter.name} --what all"
         )
     cfg = read_folder_config(cfg_path)
+    if not cfg.get("fingerprint") or not cfg["modules"]:
+        raise CheckpointError(f"{cfg_path} names no model or no modules: not a replacements config that "
+                              "`circuits train` wrote")
     fp = model_fingerprint(adapter)
     same_model = cfg.get("fingerprint") == fp or (earlier_version and cfg.get("model") == adapter.name)
     if not same_model:

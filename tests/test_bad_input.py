@@ -40,6 +40,7 @@ CASES = [
     # prompts and options of `trace`, checked before the model loads
     Case("empty-prompt", ["trace", "", "--model", "{M}"], "the prompt is empty"),
     Case("blank-prompt", ["trace", " \n\t ", "--model", "{M}"], "the prompt is empty"),
+    Case("empty-out", ["trace", "the cat sat", "--model", "{M}", "--out", ""], "--out is empty"),
     Case("invalid-utf8-prompt", ["trace", b"ab\xff\xfe", "--model", "{M}"], "PROMPT is not valid UTF-8"),
     Case("invalid-utf8-target", T + ["--target", b"\xc3"], "--target is not valid UTF-8"),
     Case("too-long-prompt", ["trace", "the cat " * 60, "--model", "{M}", "--out", "{PREV}"], "longer than the model's context"),
@@ -112,6 +113,7 @@ CASES = [
     Case("query-deeply-nested", ["circuits", "query", "{G}/nested.json"], "nested too deeply"),
     Case("query-nan", ["circuits", "query", "{G}/nan.json"], "NaN is not a number in strict JSON"),
     Case("query-huge-number", ["circuits", "query", "{G}/huge.json"], "too large for a float"),
+    Case("query-weight-beyond-float32", ["circuits", "query", "{G}/bigweight.json"], "too large (beyond float32)"),
     Case("query-duplicate-ids", ["circuits", "query", "{G}/duplicate.json"], "appears twice"),
     Case("query-null-activation", ["circuits", "query", "{G}/null.json"], "has no activation"),
     Case("query-no-logit", ["circuits", "query", "{G}/nologit.json"], "has no logit node"),
@@ -147,6 +149,10 @@ CASES = [
     Case("train-lorsa-top-k-too-many", ["circuits", "train", "--model", "{M}", "--what", "lorsa", "--lorsa-top-k", "100000",
                                         "--steps", "1", "--text", "{TEXT}", "--out", "{WORLD}/new-train"],
          "top_k 100000 is more than its"),
+    Case("heads-cache-dir-is-a-file", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--cache-dir", "{G}/good.json"],
+         "is a file, not a folder"),
+    Case("train-out-is-a-file", ["circuits", "train", "--model", "{M}", "--out", "{G}/good.json"],
+         "is a file; the modules go into a folder"),
     Case("train-kl-coef-nan", ["circuits", "train", "--model", "{M}", "--joint", "--kl-coef", "nan"], "is not a finite number"),
     Case("train-zero-steps", ["circuits", "train", "--model", "{M}", "--joint", "--steps", "0"],
          "Invalid value for '--steps'"),
@@ -296,6 +302,7 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("dangling.json", lambda x: x["links"].append({"source": "emb@0", "target": "tc.9.9@99", "weight": 1.0,
                                                            "kind": "direct"}))
     mutated("types.json", lambda x: x["nodes"][0].update(ctx_idx="a"))
+    mutated("bigweight.json", lambda x: [e.update(weight=1e308) for e in x["links"]])
     mutated("v2.json", lambda x: x["metadata"].update(schema_version=2))
     mutated("duplicate.json", lambda x: x["nodes"].append(dict(x["nodes"][0])))
     mutated("null.json", lambda x: x["nodes"][0].update(activation=None))
