@@ -29,6 +29,14 @@ class FiniteRange(click.FloatRange):
         return rv
 
 
+def refuse_file(flag: str, path: str | None) -> None:
+    """A folder option naming an existing file: one line, before any work is done."""
+    from pathlib import Path
+
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise BadInputError(f"{flag} {path} is a file, not a folder")
+
+
 def printable(text: str) -> str:
     """``text`` with every character a terminal could act on (control characters, escape sequences, line
     breaks, lone surrogates) shown as a Python escape such as ``\\x1b``: safe to print, always one line."""

@@ -8,7 +8,7 @@ import click
 
 from graphs.layout import DEFAULT_DRAW_NODES
 
-from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options
+from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, refuse_file
 
 
 @click.group(cls=FriendlyGroup)
@@ -125,12 +125,10 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     with --joint, fine-tune them all together for faithfulness.
 
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
-    from replacement.errors import BadInputError
     from replacement.launch import train_joint, train_replacements
 
     given = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
-    if out is not None and Path(out).exists() and not Path(out).is_dir():  # found now, not after the training
-        raise BadInputError(f"--out {out} is a file; the modules go into a folder")
+    refuse_file("--out", out)  # found now, not after the training
     if joint:
         from replacement.joint import JointConfig
 
@@ -369,8 +367,7 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     from replacement.errors import BadInputError
     from replacement.models import load_model
 
-    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():  # before the work
-        raise BadInputError(f"--cache-dir {cache_dir} is a file, not a folder")
+    refuse_file("--cache-dir", cache_dir)
     adapter = load_model(model_name, device, dtype)
     if not 0 <= layer < adapter.n_layers:
         raise BadInputError(f"--layer {layer} out of range: {adapter.name} has layers 0-{adapter.n_layers - 1}")

@@ -168,12 +168,12 @@ class PathPatcher:
                                 "Lorsa modules")
         if c.kind == HEAD and not 0 <= c.index < a.n_heads:
             raise BadInputError(f"head {c.index} does not exist (layer has {a.n_heads})")
-        units = {NodeKind.LORSA: ("Lorsa head", self.model.lorsas), NodeKind.TRANSCODER: ("feature", self.model.transcoders)}
-        if c.kind in units:
-            what, modules = units[c.kind]
-            count = modules[c.layer].cfg.n_heads if c.kind == NodeKind.LORSA else modules[c.layer].cfg.n_features
+        if c.kind in (NodeKind.LORSA, NodeKind.TRANSCODER):
+            lorsa = c.kind == NodeKind.LORSA
+            count = self.model.lorsas[c.layer].cfg.n_heads if lorsa else self.model.transcoders[c.layer].cfg.n_features
             if not 0 <= c.index < count:
-                raise BadInputError(f"{what} {c.index} does not exist (layer {c.layer} has {count})")
+                raise BadInputError(f"{'Lorsa head' if lorsa else 'feature'} {c.index} does not exist (layer {c.layer} "
+                                    f"has {count})")
 
     def write(self, c: Component, rec) -> torch.Tensor:
         """[n, d]: what component c writes into its own layer's block output on the prompt recorded in ``rec``

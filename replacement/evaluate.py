@@ -300,7 +300,11 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
     given = load_specs(replacements, adapter) if replacements is not None else None
     held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
     if texts and held is not None:  # a file too short to score would be skipped in silence
-        n = sum(len(adapter.tokenizer.encode(t)) for t in held)
+        n = 0
+        for t in held:  # counted until one window is reached: model_report tokenises it all again
+            n += len(adapter.tokenizer.encode(t))
+            if n > adapter.context:
+                break
         if n <= adapter.context:
             raise BadInputError(f"the held-out part of the text given (the last 2% of each file) is {n} tokens, "
                                 f"too short for one window of {adapter.context}; pass more text")

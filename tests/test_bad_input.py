@@ -152,7 +152,7 @@ CASES = [
     Case("heads-cache-dir-is-a-file", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--cache-dir", "{G}/good.json"],
          "is a file, not a folder"),
     Case("train-out-is-a-file", ["circuits", "train", "--model", "{M}", "--out", "{G}/good.json"],
-         "is a file; the modules go into a folder"),
+         "is a file, not a folder"),
     Case("train-kl-coef-nan", ["circuits", "train", "--model", "{M}", "--joint", "--kl-coef", "nan"], "is not a finite number"),
     Case("train-zero-steps", ["circuits", "train", "--model", "{M}", "--joint", "--steps", "0"],
          "Invalid value for '--steps'"),
