@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import ForeignFormatError
-from .hooks import hook_name, layer_names
+from .hooks import hook_name
 
 # circuit-tracer hook names a transcoder may read (the MLP's input after its norm, or the residual stream before
 # it) and write ("what the MLP adds to the residual"); what each read is called here (replacement/hooks.py)

@@ -45,8 +45,6 @@ def test_spliced_hooks_are_the_pure_replacement_model(tmp_path):
 
 
 def test_agreement_of_a_model_with_itself_and_with_a_brute_force(tmp_path):
-    from transformers import PreTrainedTokenizerFast  # noqa: F401  (the adapter needs a BOS id only)
-
     adapter = ModelAdapter(tiny_llama())
     adapter.tokenizer = type("T", (), {"bos_token_id": 1})()
     tokens = torch.randint(2, 97, (400,))
