@@ -38,10 +38,11 @@ def replacement_specs(values) -> str | list[str] | None:
 
 
 def resolve_spec(spec: str | Path) -> Path:
-    """A folder as given, or the snapshot folder of a cached HF repo id ``owner/name[/subfolder]``."""
+    """A folder as given, or the snapshot folder of a cached HF repo id ``owner/name[/subfolder]`` (a string
+    only: a ``Path``, such as a model's own folder, is a folder even where it does not exist yet)."""
     path = Path(spec).expanduser()
     text = str(spec)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 1:
+    if isinstance(spec, Path) or path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 1:
         return path
     from huggingface_hub import snapshot_download
 

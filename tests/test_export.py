@@ -255,6 +255,17 @@ def test_circuits_train_and_eval_commands(saved_model, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert "layer1.transcoder" in d["replacements"] and d["replacements"]["layer1.transcoder"]["l0"] <= 32
+    # a freshly trained model with no replacements yet, named by a relative path (its own replacements folder,
+    # absent, was taken for an HF repo id "runs/x" and the command failed)
+    fresh = tmp_path / "runs" / "fresh"
+    shutil.copytree(saved_model, fresh, ignore=shutil.ignore_patterns("replacements"))
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "eval", "--model",
+                        "runs/fresh", "--json", "--no-samples", "--text", str(text)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert "replacements" not in d and d["heldout_text_loss"] > 0
 
 
 def test_json_loads_with_circuit_tracers_own_models(graph, tmp_path):

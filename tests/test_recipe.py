@@ -260,6 +260,25 @@ def test_natural_copy_cases_repeat_their_passage(tokenizer):
             assert tokenizer.decode(second).strip()[0].isupper()
 
 
+def test_a_showcase_prompt_is_cut_after_a_token_that_occurs_once_before():
+    from replacement.evaluate import CopyCase, unambiguous_cut
+
+    # BOS, the passage [5 6 7 6 8 9 6 4] (6 recurs), a gap [3 2], the passage again: its middle (j = 4) would end on
+    # the second 6, which also occurs at 2 other places; j = 3 (7) and j = 5 (8) occur once, j = 3 is nearer first
+    s = [5, 6, 7, 6, 8, 9, 6, 4]
+    c = CopyCase("sentence", [0] + s + [3, 2] + s, first=1, second=11, length=8)
+    assert unambiguous_cut(c) == 3
+    j = unambiguous_cut(c)
+    prompt = c.ids[: c.second + j]
+    assert prompt.count(prompt[-1]) == 2  # once in the first copy, once as the current token
+    # a middle that is already unique stays
+    s2 = [5, 6, 7, 8, 9, 4]
+    assert unambiguous_cut(CopyCase("sentence", [0] + s2 + [3] + s2, first=1, second=8, length=6)) == 3
+    # nothing qualifies (every token recurs in the gap): the middle
+    s3 = [5, 6, 7, 8]
+    assert unambiguous_cut(CopyCase("sentence", [0] + s3 + s3 + s3, first=1, second=9, length=4)) == 2
+
+
 def test_shipped_sample_is_the_held_out_part(tmp_path, monkeypatch):
     from replacement import corpus
     from replacement.errors import BadInputError
