@@ -249,11 +249,15 @@ RECIPE_MIXTURE = {
 _NATURAL = dict(stage="natural", lr=5e-4, warmup=50, decay_frac=0.5, seed=11)
 _LONG = dict(stage="long", steps=700, warmup=50, decay_frac=0.5, seed=13,
              mixture=Mixture(0.20, 0.0, 0.20, repeat_gap=96, natural=0.60))
+# pythia then has a short last stage, "copy": the long stage's rows again at a third of its lr.  After "long" it
+# copied partial repeats (a sentence that recurs from a third to a half into it) with a mean probability of 0.49;
+# after "copy" 0.51 (top-1 76% -> 78%), sentences 0.52 -> 0.54, names 0.59 -> 0.58, held-out text loss 4.14 -> 4.11.
 RECIPE_LATER_STAGES = {
     "llama": [dict(stage="arith", steps=2000, lr=3e-4, warmup=50, seed=7, mixture=Mixture(0.25, 0.50, 0.25))],
     "toy": [dict(_NATURAL, steps=1000, lr=8e-4, mixture=Mixture(0.35, 0.0, 0.25, repeat_gap=12, natural=0.40)),
             dict(_LONG, lr=8e-4)],
-    "pythia": [dict(_NATURAL, steps=1000, mixture=Mixture(0.35, 0.0, 0.25, natural=0.40)), dict(_LONG, lr=6e-4)],
+    "pythia": [dict(_NATURAL, steps=1000, mixture=Mixture(0.35, 0.0, 0.25, natural=0.40)), dict(_LONG, lr=6e-4),
+               dict(_LONG, stage="copy", steps=500, lr=2e-4, warmup=20, seed=17)],
 }
 
 
