@@ -366,7 +366,7 @@ def unambiguous_cut(c: CopyCase) -> int:
     which the current token occurs once before, in the first copy, so that matching it finds one earlier
     position to copy from.  Where a token recurs (a comma, ' the'), an induction head may rightly read the token
     after any of its occurrences, and the copy cannot say which one the model should follow; of seeds 1-20,
-    6 cut at the middle were such.  The middle where no count qualifies."""
+    6 cut at the middle were such.  Ties go to the shorter prompt; the middle where no count qualifies."""
     mid = max(1, c.length // 2)
     for j in sorted(range(1, c.length), key=lambda j: (abs(j - mid), j)):
         cut = c.second + j

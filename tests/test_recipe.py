@@ -264,7 +264,7 @@ def test_a_showcase_prompt_is_cut_after_a_token_that_occurs_once_before():
     from replacement.evaluate import CopyCase, unambiguous_cut
 
     # BOS, the passage [5 6 7 6 8 9 6 4] (6 recurs), a gap [3 2], the passage again: its middle (j = 4) would end on
-    # the second 6, which also occurs at 2 other places; j = 3 (7) and j = 5 (8) occur once, j = 3 is nearer first
+    # the second 6, which also occurs at 2 other places; j = 3 (7) and j = 5 (8) occur once: a tie, the shorter wins
     s = [5, 6, 7, 6, 8, 9, 6, 4]
     c = CopyCase("sentence", [0] + s + [3, 2] + s, first=1, second=11, length=8)
     assert unambiguous_cut(c) == 3
