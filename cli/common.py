@@ -154,7 +154,7 @@ def model_options(f):
 @contextlib.contextmanager
 def spinner(message: str):
     """On a terminal, show that ``message`` is under way: a spinner and the seconds elapsed (on stderr)."""
-    stream = click.get_text_stream("stderr")
+    stream = sys.stderr  # (click.get_text_stream is deprecated)
     if not stream.isatty():
         yield
         return

@@ -20,7 +20,7 @@ def _r2_lstsq(y: torch.Tensor, X: torch.Tensor) -> float:
     A = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
     coef = torch.linalg.lstsq(A, y[:, None], driver="gelsd").solution
     res = y - (A @ coef)[:, 0]
-    return 1 - float(res.var(unbiased=False) / y.var(unbiased=False))
+    return 1 - float((res.var(unbiased=False) / y.var(unbiased=False)).detach())
 
 
 def test_subset_r2_is_the_least_squares_r2():
