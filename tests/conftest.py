@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random HF models of each supported architecture (no download, no training)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 ENTRY = ("import sys; from cli.main import circuits; from cli.trace import trace; "
          "cmd = trace if sys.argv[1] == 'trace' else circuits; sys.argv = sys.argv[1:]; cmd()")
 

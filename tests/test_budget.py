@@ -15,9 +15,8 @@ from graphs.attribution import attribute
 from graphs.budget import BYTES_PER_EDGE, available_bytes, check, estimate, parse_bytes
 from replacement.errors import BadInputError
 from replacement.models import ModelAdapter
-from tests.conftest import random_replacements, tiny_llama, tiny_neox
+from tests.conftest import ROOT, random_replacements, tiny_llama, tiny_neox
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ks(model):

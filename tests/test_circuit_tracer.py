@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import ROOT
+
 VENV = os.environ.get("CIRCUIT_TRACER_VENV")
 # in CI (.ci/run builds the venv) a missing venv fails instead of skipping
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -155,7 +157,7 @@ def test_the_trace_command_agrees_with_circuit_tracer(tmp_path, saved_model, arc
     r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", PROMPT, "--model", str(folder),
                         "--replacements", str(tmp_path / "ct" / "transcoders"), "--attention", "frozen", "--bos", "zero",
                         "--format", "json", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                       timeout=600, cwd=str(Path(__file__).resolve().parents[1]))
+                       timeout=600, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr[-3000:]
     g = json.loads((tmp_path / "out" / "graph.json").read_text())
     node_ids = circuit_tracer_node_ids(ct, adapter.n_layers)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from replacement.errors import CircuitsError
-from tests.conftest import qk_entries_with_real_scores, random_replacements, tiny_llama
+from tests.conftest import ROOT, qk_entries_with_real_scores, random_replacements, tiny_llama
 
 N_FEATURES = 40
 
@@ -306,14 +306,13 @@ def test_trace_and_patch_take_a_clt_folder(tmp_path, saved_model):
     """The command line: `trace` (Lorsa mode beside our Lorsa folder, and frozen with --bos zero) and `circuits
     patch` of a CLT feature."""
     import json
-    from pathlib import Path
 
     from replacement.models import load_model
     from tests.test_foreign import _cli
 
     adapter = load_model(str(saved_model))
     clt = write_clt_folder(tmp_path / "clt", clt_tensors(adapter.n_layers, adapter.d_model))
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(ROOT)
     r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
              "--replacements", str(clt), "--format", "json", "--out", str(tmp_path / "g"), cwd=repo)
     assert r.returncode == 0, r.stderr

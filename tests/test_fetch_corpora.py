@@ -20,8 +20,8 @@ import pytest
 
 from replacement.lm import fetch_corpora as fc
 from replacement.corpus import CORPUS_FILES
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------

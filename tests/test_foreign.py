@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from replacement.errors import CircuitsError
 from replacement.transcoder import Transcoder
+from tests.conftest import ROOT
 
 
 def _ct_tensors(d=8, N=16, seed=0, threshold=None, skip=False) -> dict:
@@ -180,13 +181,12 @@ def _cli(*args, cwd=None):
 @pytest.mark.slow
 def test_trace_and_patch_take_circuit_tracer_folders(tmp_path, saved_model):
     import json
-    from pathlib import Path
 
     from replacement.models import load_model
 
     adapter = load_model(str(saved_model))
     ct = _ct_set(tmp_path / "ct", adapter)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(ROOT)
     r = _cli("trace", "the cat sat", "--model", str(saved_model), "--replacements", str(ct), "--attention", "frozen",
              "--format", "json", "--out", str(tmp_path / "g1"), "--bos", "zero", cwd=repo)
     assert r.returncode == 0, r.stderr
@@ -256,12 +256,11 @@ def test_corrupt_partial_or_mismatched_foreign_folders_fail_in_one_line(tmp_path
 
 @pytest.mark.slow
 def test_trace_refuses_a_broken_foreign_folder_in_one_line(tmp_path, saved_model):
-    from pathlib import Path
 
     from replacement.models import load_model
 
     adapter = load_model(str(saved_model))
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(ROOT)
     for name in ("width", "clt"):
         folder, message = _broken_sets(tmp_path / name, adapter)[name]
         r = _cli("trace", "the cat", "--model", str(saved_model), "--replacements", str(folder), "--attention",
@@ -300,7 +299,6 @@ def test_a_cached_hf_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_eval_and_heads_take_a_mix(tmp_path, saved_model):
     import json
-    from pathlib import Path
 
     from replacement.models import load_model
 
@@ -308,7 +306,7 @@ def test_eval_and_heads_take_a_mix(tmp_path, saved_model):
     ct = _ct_set(tmp_path / "ct", adapter)
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. 1 + 2 = 3\n" * 400)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(ROOT)
     mix = ["--replacements", str(saved_model / "replacements"), "--replacements", str(ct)]
     r = _cli("eval", "--model", str(saved_model), *mix, "--json", "--no-samples", "--text", str(text), cwd=repo)
     assert r.returncode == 0, r.stderr

@@ -20,8 +20,8 @@ import torch
 
 from cli.outputs import RunFolder, default_out_dir, remove_leftovers
 from replacement.errors import BadInputError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"attention": "lorsa", "target": None, "node_threshold": 0.8}
 
 

@@ -7,7 +7,7 @@ import torch
 from graphs.attribution import attribute
 from graphs.prune import FILE_MAX_EDGES, FILE_MAX_FEATURES, file_caps, influence, normalised_weights, prune
 from replacement.models import ModelAdapter
-from tests.conftest import random_replacements, tiny_llama
+from tests.conftest import ROOT, random_replacements, tiny_llama
 
 
 def _graph():
@@ -160,10 +160,9 @@ def test_long_llama_prompt_fits_six_gb_and_twenty_mb(tmp_path):
     import resource
     import subprocess
     import sys
-    from pathlib import Path
 
     prompt = " ".join(str(i % 100) for i in range(126))  # BOS and 126 numbers
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", prompt, "--model", "llama", "--out",
                         str(tmp_path / "o"), "--format", "json"], capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": str(root)})

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
 from replacement.lm.presets import PRESETS
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def _example(name: str):
