@@ -120,6 +120,7 @@ class Mixture:
     repeat: float = 0.25
     repeat_gap: int = 0  # up to this many random tokens before each later copy of a span (0: copies are contiguous)
     natural: float = 0.0  # rows of corpus text holding later copies of their own passages
+    short: float = 0.3  # of those copied passages, the share that are a name or short phrase (1-4 tokens)
 
     def weights(self) -> list[float]:
         """Row-kind probabilities; the ``natural`` kind only where used, so older recipes draw the same rows."""
@@ -177,12 +178,12 @@ class BatchMaker:
 
     def _natural_row(self, g, rng: random.Random) -> torch.Tensor:
         """A text window with one or two of its passages copied again later in it: a name or short phrase (1-4
-        tokens), or a passage of 5-40 tokens, a third of the time copied from a point inside it (a partial
+        tokens; ``Mixture.short`` of them), or a passage of 5-40 tokens, a third of the time copied from a point inside it (a partial
         repeat); the copy goes anywhere after the first occurrence, so gaps reach the whole context."""
         n = self.seq_len - 1
         row = self._text_row(g)[1:].tolist()
         for _ in range(rng.choice((1, 1, 2))):
-            span = rng.randint(1, 4) if rng.random() < 0.3 else rng.randint(5, 40)
+            span = rng.randint(1, 4) if rng.random() < self.mix.short else rng.randint(5, 40)
             p = rng.randint(0, max(0, len(row) - span - 1))
             first = p + (rng.randint(1, span // 2) if span >= 6 and rng.random() < 0.33 else 0)
             q = rng.randint(p + span, max(p + span, n - 2))

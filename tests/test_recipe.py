@@ -241,6 +241,23 @@ def test_natural_rows_hold_later_copies_of_their_own_text(tokenizer):
     assert Mixture(0.4, 0.3, 0.3).weights() == [0.4, 0.3, 0.3]
 
 
+def test_natural_rows_short_share_sets_how_many_copies_are_names(tokenizer):
+    """Mixture.short: on a corpus of distinct tokens every repeated token is a copied one.  With short=1 each of
+    a row's one or two copies is a 1-4 token name or phrase (at most 8 repeated tokens); with short=0 they are
+    passages of 5-40 tokens (cut only by the row's end)."""
+    tokens = torch.arange(tokenizer.bos_token_id + 1, tokenizer.bos_token_id + 4001, dtype=torch.int32)
+    train, _ = addition_split()
+
+    def repeated(short):
+        maker = BatchMaker(tokenizer, tokens, train, Mixture(0.0, 0.0, 0.0, natural=1.0, short=short), 128, seed=3)
+        return [sum(t in row[1:i + 1] for i, t in enumerate(row[2:], 1)) for row in maker.batch(0, 64).tolist()]
+
+    short, long = repeated(1.0), repeated(0.0)
+    assert all(1 <= n <= 8 for n in short)
+    assert sum(long) / len(long) > 12 and sum(n > 8 for n in long) > 32
+    assert Mixture().short == 0.3  # the recipes' rows before the knob existed
+
+
 def test_natural_copy_cases_repeat_their_passage(tokenizer):
     from replacement.evaluate import NATURAL_KINDS, natural_copy_cases
 

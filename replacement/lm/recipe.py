@@ -207,53 +207,50 @@ def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None
 
 
 # The bundled weights: batch 24 x 128 tokens, AdamW (wd 0.1), lr 2e-3 constant then decayed over the last quarter.
-# toy and pythia only need induction, so most of their rows are repeated spans (induction formed in llama, with
-# 25% of such rows, between steps 3200 and 4100).  The 2-layer toy, given contiguous copies, learned layer-0 heads
-# that look back one span length instead; random gaps between its copies (and presets' rope_theta) fixed that, with
-# induction forming between steps 2000 and 2300.  llama learns addition too: after 6000 steps it solved 68% of
-# held-out additions, still rising as the lr decayed, while re-warming the lr to 2e-3 lost most of it.  So a
-# second stage fine-tunes the exported model at a low lr with half of the rows arithmetic (new batches, seed 7).
-RECIPE_STEPS = {"llama": 6000, "toy": 3000, "pythia": 3000}
+# The first stage is mostly repeated random spans, so that induction forms (toy between steps 2,000 and 2,300, pythia
+# 1,400-1,700, llama 3,100-3,900).  The 2-layer toy, given contiguous copies, learned layer-0 heads that look back one
+# span length instead; random gaps between its copies (and presets' rope_theta) fixed that.  llama has 10% additions
+# in its first stage already (they need many steps), and more in its later ones.
+RECIPE_STEPS = {"llama": 5000, "toy": 3000, "pythia": 3000}
 RECIPE_MIXTURE = {
-    "llama": Mixture(0.45, 0.30, 0.25),
+    "llama": Mixture(0.25, 0.10, 0.65, repeat_gap=12),
     "toy": Mixture(0.30, 0.0, 0.70, repeat_gap=12),
     "pythia": Mixture(0.30, 0.0, 0.70),
 }
-# A last stage, "natural", teaches every model to copy in natural text: the models copied random-token spans but
-# fell back on bigram guesses when a sentence or a name of the corpus recurred.  It fine-tunes the exported model at a
-# low lr with rows of corpus text that hold later copies of their own passages (Mixture.natural), keeping the rows
-# that taught the earlier stages.  The 2-layer toy, after 600 steps at lr 5e-4, copied 35% of a repeated sentence's
-# tokens (top-1); it gets 1,000 at 8e-4.  llama has no such stage: it did not learn it.  Its layer-2 heads attend
-# from a copied token to the one after its earlier occurrence with weight 0.96-0.99 in random-token spans but ~0.1
-# in natural text, and its loss on copied tokens of held-out natural rows (3.32 nats) stayed at 3.23-3.50 after
-# 200-400 steps of each of: 30% such rows at lr 5e-4; 55% at 8e-4; 45% plus random-gap repeats at 8e-4 and at 2e-3
-# (pythia's, with 40% at 5e-4: from 2.42 to 1.69 in 400 steps).
-# Two more attempts failed: the bundled llama with rope_theta 500,000 (as toy), 300 steps at lr 1e-3 of 40% such rows
-# plus random-gap repeats (copied-token top-1 19% -> 23%; held-out addition 88% -> 30%); and llama trained from
-# scratch with rope_theta 500,000 and Mixture(0.25, 0.30, 0.15, repeat_gap=12, natural=0.30) from the first step:
-# by step 4,300 of 5,000 it had no induction even in random spans (2nd-copy loss 8.71 nats, as the 1st copy) and
-# copied 19-20% of natural repeats (top-1).  Induction there needs more repeated-span rows than 15% (25% formed it
-# between steps 3,200 and 4,100 in the bundled run) before natural rows can help.
-# A stage "long" followed: every model copied random spans only over short distances (2nd-copy loss with 0 / 30 / 60
-# random tokens between the copies: llama 0.04 / 4.52 / 7.68 nats, toy 0.18 / 3.26 / 7.03, pythia 0.03 / 2.22 / 1.58),
-# since the training copies lay at most ~40 tokens apart.  Repeats with up to 96 random tokens between copies fixed that
-# within 300 steps, but did not by themselves move copying in natural text (toy with 35% recurring passages: 41% -> 42%
-# top-1 on repeated sentences; llama with 20%: 24% -> 25% after 500 steps, held-out addition 97% -> 66% meanwhile).
-# So the stage holds 60% rows of recurring passages.  llama has no such stage: it copies random spans set inside natural
-# text (86% top-1) but not natural spans (22%), although pythia copies the same natural spans (69%); with 30% of its
-# rows arithmetic, where a repeated " +" or " =" is never followed by what followed it before, it seems to have learned
-# to copy only rare tokens.  Not so, it seems: llama from scratch without arithmetic (Mixture(0.25, 0.0, 0.45,
-# repeat_gap=12, natural=0.30), 3,000 steps at lr 2e-3) had no induction at all at the end (2nd-copy loss 8.64 nats).
-# Nor did pythia's first stage (Mixture(0.30, 0.0, 0.70), lr 2e-3) on llama by step 1,600 (rope_theta 10,000) or
-# 1,800 (500,000), where pythia had it by step 1,700: llama needs the long first stage (README, 'natural' stage).
+# The later stages fine-tune the exported model of the stage before at a lower lr, on new batches.
+# "natural" teaches copying in natural text: the first-stage models copied random-token spans but fell back on bigram
+# guesses when a sentence or a name of the corpus recurred.  Its rows hold corpus text with later copies of its own
+# passages (Mixture.natural), beside the rows of the first stage.
+# "long" follows: the models copied random spans only over short distances (2nd-copy loss with 0 / 30 / 60 random
+# tokens between the copies: toy 0.18 / 3.26 / 7.03 nats, pythia 0.03 / 2.22 / 1.58), since the training copies lay at
+# most ~40 tokens apart.  Repeats with up to 96 random tokens between copies fixed that within 300 steps, but did not by
+# themselves move copying in natural text (toy with 35% recurring passages: 41% -> 42% top-1), hence 60% of those.
+# llama's "arith" then brings held-out addition back (from 4% after "long" to 92%), keeping a quarter of recurring
+# passages; its "copy" stages (more recurring passages, additions kept) raise the mean probability of copied natural
+# tokens (sentences 0.37 -> 0.49 -> 0.52) and addition to 97-99%.
+# The llama of before (rope_theta 10,000; 6,000 steps of 45% text / 30% additions / 25% contiguous repeats, then
+# "arith") never learned to copy natural text: 8 fine-tuning attempts with 20-55% recurring passages at lr 5e-4 to
+# 2e-3 left its copied-token loss there flat, and addition fell meanwhile; trained from scratch with recurring
+# passages and additions from the first step (15% random repeats) it formed no induction at all (README, "natural").
 _NATURAL = dict(stage="natural", lr=5e-4, warmup=50, decay_frac=0.5, seed=11)
 _LONG = dict(stage="long", steps=700, warmup=50, decay_frac=0.5, seed=13,
              mixture=Mixture(0.20, 0.0, 0.20, repeat_gap=96, natural=0.60))
-# pythia then has a short last stage, "copy": the long stage's rows again at a third of its lr.  After "long" it
-# copied partial repeats (a sentence that recurs from a third to a half into it) with a mean probability of 0.49;
-# after "copy" 0.51 (top-1 76% -> 78%), sentences 0.52 -> 0.54, names 0.59 -> 0.58, held-out text loss 4.14 -> 4.11.
+_COPY = dict(warmup=20, decay_frac=0.5)
+# pythia's last stage, "copy", is the long stage's rows again at a third of its lr: after "long" it copied partial
+# repeats (a sentence that recurs from a third to a half into it) with a mean probability of 0.49; after "copy" 0.51.
 RECIPE_LATER_STAGES = {
-    "llama": [dict(stage="arith", steps=2000, lr=3e-4, warmup=50, seed=7, mixture=Mixture(0.25, 0.50, 0.25))],
+    "llama": [dict(_NATURAL, steps=1000, mixture=Mixture(0.35, 0.0, 0.25, repeat_gap=12, natural=0.40)),
+              dict(_LONG, lr=6e-4),
+              dict(stage="arith", steps=2000, lr=3e-4, warmup=50, seed=7,
+                   mixture=Mixture(0.20, 0.45, 0.10, repeat_gap=96, natural=0.25)),
+              dict(_COPY, stage="copy", steps=1500, lr=3e-4, seed=19,
+                   mixture=Mixture(0.15, 0.30, 0.10, repeat_gap=96, natural=0.45)),
+              dict(_COPY, stage="copy2", steps=500, lr=2e-4, seed=23,
+                   mixture=Mixture(0.15, 0.30, 0.10, repeat_gap=96, natural=0.45)),
+              dict(_COPY, stage="copy3", steps=1000, lr=3e-4, seed=29,
+                   mixture=Mixture(0.10, 0.25, 0.05, repeat_gap=96, natural=0.60)),
+              dict(_COPY, stage="copy4", steps=700, lr=2e-4, seed=29,
+                   mixture=Mixture(0.05, 0.20, 0.05, repeat_gap=96, natural=0.70))],
     "toy": [dict(_NATURAL, steps=1000, lr=8e-4, mixture=Mixture(0.35, 0.0, 0.25, repeat_gap=12, natural=0.40)),
             dict(_LONG, lr=8e-4)],
     "pythia": [dict(_NATURAL, steps=1000, mixture=Mixture(0.35, 0.0, 0.25, natural=0.40)), dict(_LONG, lr=6e-4),
