@@ -178,8 +178,9 @@ class BatchMaker:
 
     def _natural_row(self, g, rng: random.Random) -> torch.Tensor:
         """A text window with one or two of its passages copied again later in it: a name or short phrase (1-4
-        tokens; ``Mixture.short`` of them), or a passage of 5-40 tokens, a third of the time copied from a point inside it (a partial
-        repeat); the copy goes anywhere after the first occurrence, so gaps reach the whole context."""
+        tokens; ``Mixture.short`` of them), or a passage of 5-40 tokens, a third of the time copied from a point
+        inside it (a partial repeat); the copy goes anywhere after the first occurrence, so gaps reach the whole
+        context."""
         n = self.seq_len - 1
         row = self._text_row(g)[1:].tolist()
         for _ in range(rng.choice((1, 1, 2))):
