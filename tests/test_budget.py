@@ -18,7 +18,6 @@ from replacement.models import ModelAdapter
 from tests.conftest import ROOT, random_replacements, tiny_llama, tiny_neox
 
 
-
 def _ks(model):
     lorsa = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)] if model.attention == "lorsa" else None
     return lorsa, [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]

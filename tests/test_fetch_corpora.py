@@ -23,7 +23,6 @@ from replacement.corpus import CORPUS_FILES
 from tests.conftest import ROOT
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # A small writer of R's XDR serialization (version 3), for the reader's tests
 

@@ -256,7 +256,6 @@ def test_corrupt_partial_or_mismatched_foreign_folders_fail_in_one_line(tmp_path
 
 @pytest.mark.slow
 def test_trace_refuses_a_broken_foreign_folder_in_one_line(tmp_path, saved_model):
-
     from replacement.models import load_model
 
     adapter = load_model(str(saved_model))
