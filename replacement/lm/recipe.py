@@ -237,6 +237,7 @@ _NATURAL = dict(stage="natural", lr=5e-4, warmup=50, decay_frac=0.5, seed=11)
 _LONG = dict(stage="long", steps=700, warmup=50, decay_frac=0.5, seed=13,
              mixture=Mixture(0.20, 0.0, 0.20, repeat_gap=96, natural=0.60))
 _COPY = dict(warmup=20, decay_frac=0.5)
+_COPY_ROWS = Mixture(0.15, 0.30, 0.10, repeat_gap=96, natural=0.45)  # llama's first two copy stages
 # pythia's last stage, "copy", is the long stage's rows again at a third of its lr: after "long" it copied partial
 # repeats (a sentence that recurs from a third to a half into it) with a mean probability of 0.49; after "copy" 0.51.
 RECIPE_LATER_STAGES = {
@@ -244,10 +245,8 @@ RECIPE_LATER_STAGES = {
               dict(_LONG, lr=6e-4),
               dict(stage="arith", steps=2000, lr=3e-4, warmup=50, seed=7,
                    mixture=Mixture(0.20, 0.45, 0.10, repeat_gap=96, natural=0.25)),
-              dict(_COPY, stage="copy", steps=1500, lr=3e-4, seed=19,
-                   mixture=Mixture(0.15, 0.30, 0.10, repeat_gap=96, natural=0.45)),
-              dict(_COPY, stage="copy2", steps=500, lr=2e-4, seed=23,
-                   mixture=Mixture(0.15, 0.30, 0.10, repeat_gap=96, natural=0.45)),
+              dict(_COPY, stage="copy", steps=1500, lr=3e-4, seed=19, mixture=_COPY_ROWS),
+              dict(_COPY, stage="copy2", steps=500, lr=2e-4, seed=23, mixture=_COPY_ROWS),
               dict(_COPY, stage="copy3", steps=1000, lr=3e-4, seed=29,
                    mixture=Mixture(0.10, 0.25, 0.05, repeat_gap=96, natural=0.60)),
               dict(_COPY, stage="copy4", steps=700, lr=2e-4, seed=29,
