@@ -195,10 +195,8 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, f
 
 
 def _print_model_report(out: dict) -> None:
-    ind = out["induction"]
     click.echo(f"model {out['model']}")
-    click.echo(f"  induction ({ind['span']} random tokens repeated): first copy {ind['first_copy_loss']:.2f} nats, "
-               f"second copy {ind['second_copy_loss']:.2f} nats")
+    _print_induction(out, "  ")
     if "addition_heldout" in out:
         click.echo(f"  addition a + b = (2-digit): held-out {out['addition_heldout']['accuracy']:.1%} "
                    f"of {out['addition_heldout']['n']}, training sample {out['addition_train_sample']['accuracy']:.1%} "
@@ -210,6 +208,16 @@ def _print_model_report(out: dict) -> None:
         _print_copying(out["natural_copying"], "  ")
     for s in out.get("samples", {}).values():
         click.echo(f"  sample: {s!r}")
+
+
+def _print_induction(out: dict, indent: str) -> None:
+    for key in ("induction", "induction_gap"):
+        if key in out:
+            ind = out[key]
+            between = f", {ind['gap']} between the copies" if ind.get("gap") else ""
+            click.echo(f"{indent}induction ({ind['span']} random tokens repeated{between}): first copy "
+                       f"{ind['first_copy_loss']:.2f} nats, second copy {ind['second_copy_loss']:.2f} nats "
+                       f"(top-1 {ind['second_copy_top1']:.1%}, mean p {ind['second_copy_prob']:.3f})")
 
 
 def _print_copying(stats: dict, indent: str) -> None:
@@ -232,8 +240,7 @@ def _print_faithfulness(f: dict) -> None:
     if "addition_heldout" in f:
         click.echo(f"  addition held-out {f['addition_heldout']['accuracy']:.1%} of {f['addition_heldout']['n']}; "
                    f"36 + 62 = ->{f['showcase']['greedy']!r}")
-    ind = f["induction"]
-    click.echo(f"  induction: first copy {ind['first_copy_loss']:.2f} nats, second copy {ind['second_copy_loss']:.2f} nats")
+    _print_induction(f, "  ")
     if "natural_copying" in f:
         _print_copying(f["natural_copying"], "  ")
     if "modules_natural_text" in f:

@@ -15,6 +15,9 @@ from .errors import BadInputError, CircuitsError
 from .models import ModelAdapter
 
 
+INDUCTION_GAP = 30  # random tokens between the copies in `circuits eval`'s second induction measure
+
+
 def _token_losses(adapter: ModelAdapter, ids: torch.Tensor, hooks_fn=None) -> torch.Tensor:
     """[B, n-1] next-token losses (of the model run with ``hooks_fn()``'s hooks, if given)."""
     logits = adapter.run(ids, hooks=hooks_fn() if hooks_fn else None).logits[:, :-1].float()
@@ -31,20 +34,26 @@ def repeated_span_prompt(adapter: ModelAdapter, span: int = 8, seed: int = 1, pr
 
 
 @torch.no_grad()
-def induction_losses(adapter: ModelAdapter, span: int = 20, n_seqs: int = 64, seed: int = 0, hooks_fn=None) -> dict:
-    """Mean loss on the first and second copy of ``BOS + r + r`` with r = `span` uniform random tokens.
+def induction_losses(adapter: ModelAdapter, span: int = 20, n_seqs: int = 64, seed: int = 0, hooks_fn=None,
+                     gap: int = 0) -> dict:
+    """Mean loss on the first and second copy of ``BOS + r + g + r`` with r = `span` uniform random tokens and g =
+    ``gap`` more (none by default: contiguous copies), and the second copy's top-1 rate and mean probability.
 
     Both copies are scored on their tokens 2..span (the first token of each copy cannot be predicted)."""
     g = torch.Generator().manual_seed(seed)
     pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     r = pool[torch.randint(0, len(pool), (n_seqs, span), generator=g)]
+    between = pool[torch.randint(0, len(pool), (n_seqs, gap), generator=g)]
     bos = adapter.config.bos_token_id if adapter.config.bos_token_id is not None else int(pool[0])
-    ids = torch.cat([torch.full((n_seqs, 1), bos), r, r], dim=1).to(adapter.device)
-    losses = _token_losses(adapter, ids, hooks_fn)  # loss[:, i] predicts ids[:, i+1]
-    first = losses[:, 1:span]  # predicts tokens 2..span of copy 1 (ids positions 2..span)
-    second = losses[:, span + 1 : 2 * span]  # predicts tokens 2..span of copy 2
-    return {"first_copy_loss": first.mean().item(), "second_copy_loss": second.mean().item(), "span": span,
-            "n_seqs": n_seqs}
+    ids = torch.cat([torch.full((n_seqs, 1), bos), r, between, r], dim=1).to(adapter.device)
+    logits = adapter.run(ids, hooks=hooks_fn() if hooks_fn else None).logits[:, :-1].float()
+    logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [B, n-1]: logp[:, i] predicts ids[:, i+1]
+    s2 = span + gap  # logp[:, s2 + 1] predicts token 2 of the second copy
+    first, second = -logp[:, 1:span], -logp[:, s2 + 1 : s2 + span]
+    hit = logits[:, s2 + 1 : s2 + span].argmax(-1) == ids[:, s2 + 2 : s2 + span + 1]
+    return {"first_copy_loss": first.mean().item(), "second_copy_loss": second.mean().item(),
+            "second_copy_top1": hit.float().mean().item(), "second_copy_prob": (-second).exp().mean().item(),
+            "span": span, "gap": gap, "n_seqs": n_seqs}
 
 
 @torch.no_grad()
@@ -242,7 +251,8 @@ def model_report(adapter: ModelAdapter, texts: list[str] | None, samples: bool =
     held-out natural text (``texts``: held-out texts, see `replacement.corpus.heldout_texts`), samples."""
     from .data import addition_split, tokenize_texts
 
-    out = {"model": adapter.name, "induction": induction_losses(adapter)}
+    out = {"model": adapter.name, "induction": induction_losses(adapter),
+           "induction_gap": induction_losses(adapter, gap=INDUCTION_GAP)}
     if adapter.tokenizer is None:
         return out
     if _has_number_tokens(adapter):
@@ -269,7 +279,8 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
     from .train import evaluate_modules
 
     adapter, hooks = model.adapter, model.sparse_hooks
-    out = {"induction": induction_losses(adapter, hooks_fn=hooks)}
+    out = {"induction": induction_losses(adapter, hooks_fn=hooks),
+           "induction_gap": induction_losses(adapter, hooks_fn=hooks, gap=INDUCTION_GAP)}
     if adapter.tokenizer is not None and _has_number_tokens(adapter):
         out["addition_heldout"] = addition_accuracy(adapter, addition_split()[1], hooks_fn=hooks)
         out["showcase"] = {"prompt": SHOWCASE_PROMPT, "greedy": greedy_answer(adapter, SHOWCASE_PROMPT, hooks)}

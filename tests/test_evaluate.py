@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from replacement.data import random_token_pool
@@ -24,25 +25,32 @@ def test_repeated_span_prompt():
     assert len(random_token_pool(adapter.tokenizer, adapter.vocab_size)) == len(tok) - len(set(tok.all_special_ids))
 
 
-def test_induction_losses_by_hand():
-    """The reported copy losses are the mean cross-entropies of tokens 2..span of each copy, recomputed here
-    one prompt and one token at a time."""
+@pytest.mark.parametrize("gap", [0, 4])
+def test_induction_losses_by_hand(gap):
+    """The reported copy losses are the mean cross-entropies of tokens 2..span of each copy, and the second copy's
+    top-1 rate and mean probability those of the same tokens, recomputed here one prompt and one token at a time
+    (with ``gap`` random tokens between the copies)."""
     adapter = load_model("toy")
     span, n_seqs = 6, 3
-    out = induction_losses(adapter, span=span, n_seqs=n_seqs, seed=5)
+    out = induction_losses(adapter, span=span, n_seqs=n_seqs, seed=5, gap=gap)
     g = torch.Generator().manual_seed(5)
     pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     r = pool[torch.randint(0, len(pool), (n_seqs, span), generator=g)]
-    first, second = [], []
-    for row in r:
-        ids = torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), row, row])
+    between = pool[torch.randint(0, len(pool), (n_seqs, gap), generator=g)]
+    first, second, hits = [], [], []
+    for row, mid in zip(r, between):
+        ids = torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), row, mid, row])
         with torch.no_grad():
             logp = adapter.run(ids[None]).logits[0].float().log_softmax(-1)
-        for i in range(2, span + 1):  # token i of copy 1 is at position i, of copy 2 at span + i
+        for i in range(2, span + 1):  # token i of copy 1 is at position i, of copy 2 at span + gap + i
+            j = span + gap + i
             first.append(-float(logp[i - 1, ids[i]]))
-            second.append(-float(logp[span + i - 1, ids[span + i]]))
+            second.append(-float(logp[j - 1, ids[j]]))
+            hits.append(int(logp[j - 1].argmax()) == int(ids[j]))
     assert math.isclose(out["first_copy_loss"], sum(first) / len(first), rel_tol=1e-4)
     assert math.isclose(out["second_copy_loss"], sum(second) / len(second), rel_tol=1e-4)
+    assert math.isclose(out["second_copy_top1"], sum(hits) / len(hits), rel_tol=1e-6)
+    assert math.isclose(out["second_copy_prob"], sum(math.exp(-x) for x in second) / len(second), rel_tol=1e-4)
     assert out["second_copy_loss"] < out["first_copy_loss"]  # the toy does induction
 
 
