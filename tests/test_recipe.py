@@ -327,3 +327,23 @@ def test_the_package_ships_its_held_out_sample():
 
     texts = heldout_texts()
     assert len(texts) == len(CORPUS_FILES) and all(len(t) > 20_000 for t in texts)
+
+
+@pytest.mark.parametrize("name", ["toy", "pythia", "llama"])
+def test_bundled_weights_record_the_recipe_stages(name):
+    """Each bundled model's training_info lists the stages it went through; they must be the recipe's, so that
+    `circuits train-lm` reproduces what is bundled (the first stage's name and the start folders aside)."""
+    from pathlib import Path
+
+    from replacement.lm.recipe import recipe_stages
+
+    info = json.loads((Path(presets.PRESETS[name].folder) / "training_info.json").read_text())
+    ran = [s["config"] for s in info.get("earlier_stages", [])] + [info["config"]]
+    planned = [dataclasses.asdict(c) for c in recipe_stages(name)]
+    assert len(ran) == len(planned)
+    for k, (r, p) in enumerate(zip(ran, planned)):
+        if k:
+            assert r["stage"] == p["stage"]
+        for key in ("steps", "batch_size", "seq_len", "lr", "warmup", "decay_frac", "weight_decay", "seed"):
+            assert r[key] == p[key], (p["stage"], key)
+        assert Mixture(**r["mixture"]) == Mixture(**p["mixture"]), p["stage"]
