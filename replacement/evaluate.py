@@ -56,9 +56,13 @@ def induction_losses(adapter: ModelAdapter, span: int = 20, n_seqs: int = 64, se
             "span": span, "gap": gap, "n_seqs": n_seqs}
 
 
-def _gap_fits(adapter: ModelAdapter, span: int = 20) -> bool:
-    """Whether ``BOS + span + INDUCTION_GAP + span`` tokens fit the model's context (not on tiny test models)."""
-    return 1 + 2 * span + INDUCTION_GAP <= adapter.context
+def induction_report(adapter: ModelAdapter, hooks_fn=None) -> dict:
+    """``induction``: `induction_losses` with contiguous copies; ``induction_gap``: with `INDUCTION_GAP` random tokens
+    between them, where ``BOS + span + gap + span`` fits the model's context (not on tiny test models)."""
+    out = {"induction": induction_losses(adapter, hooks_fn=hooks_fn)}
+    if 1 + 2 * out["induction"]["span"] + INDUCTION_GAP <= adapter.context:
+        out["induction_gap"] = induction_losses(adapter, hooks_fn=hooks_fn, gap=INDUCTION_GAP)
+    return out
 
 
 @torch.no_grad()
@@ -256,9 +260,7 @@ def model_report(adapter: ModelAdapter, texts: list[str] | None, samples: bool =
     held-out natural text (``texts``: held-out texts, see `replacement.corpus.heldout_texts`), samples."""
     from .data import addition_split, tokenize_texts
 
-    out = {"model": adapter.name, "induction": induction_losses(adapter)}
-    if _gap_fits(adapter):
-        out["induction_gap"] = induction_losses(adapter, gap=INDUCTION_GAP)
+    out = {"model": adapter.name, **induction_report(adapter)}
     if adapter.tokenizer is None:
         return out
     if _has_number_tokens(adapter):
@@ -285,9 +287,7 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
     from .train import evaluate_modules
 
     adapter, hooks = model.adapter, model.sparse_hooks
-    out = {"induction": induction_losses(adapter, hooks_fn=hooks)}
-    if _gap_fits(adapter):
-        out["induction_gap"] = induction_losses(adapter, hooks_fn=hooks, gap=INDUCTION_GAP)
+    out = induction_report(adapter, hooks_fn=hooks)
     if adapter.tokenizer is not None and _has_number_tokens(adapter):
         out["addition_heldout"] = addition_accuracy(adapter, addition_split()[1], hooks_fn=hooks)
         out["showcase"] = {"prompt": SHOWCASE_PROMPT, "greedy": greedy_answer(adapter, SHOWCASE_PROMPT, hooks)}
