@@ -96,6 +96,9 @@ def fetch_data(dest, work):
 @click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to stream activations from.")
+@click.option("--corpora-only", is_flag=True,
+              help="Train on the recipe's corpora alone (their first 98%, in $CIRCUITS_DATA), without the bundled "
+                   "models' synthetic rows (additions, random-span repeats); the FVU is then measured on their last 2%.")
 @click.option("--cache-activations", type=click.Path(), default=None, help="Cache activations here as safetensors shards, then train from them.")
 @click.option("--lorsa-qk-per-head", type=click.IntRange(min=1), default=4, show_default=True, help="QK groups per model head.")
 @click.option("--lorsa-heads-per-group", type=click.IntRange(min=1), default=64, show_default=True)
@@ -118,7 +121,7 @@ def fetch_data(dest, work):
               help="Weigh each token's transcoder error by 1 / |MLP output|^2, so that tokens with small outputs "
                    "count as much as those with large ones.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
-              cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
+              corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
               allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
               tc_token_norm, joint, kl_coef, recon_coef, resample_every):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all), or,
@@ -129,6 +132,13 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 
     given = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
     refuse_file("--out", out)  # found now, not after the training
+    if corpora_only:
+        from replacement.corpus import training_files
+        from replacement.errors import BadInputError
+
+        if texts or joint:
+            raise BadInputError("--corpora-only picks the text itself: leave out --text and --joint")
+        texts = training_files()  # a one-line error when the corpora are absent
     if joint:
         from replacement.joint import JointConfig
 
@@ -156,10 +166,14 @@ def _layer_list(layers: str | None) -> list[int] | None:
 
 
 def _print_replacement_metrics(metrics: dict) -> None:
-    click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}")
+    """One row per module; with "KL alone" (the KL to the real model with that module alone spliced in) where
+    measured."""
+    alone = all("kl_alone" in m for m in metrics.values())
+    click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}"
+               + (f"{'KL alone':>10}" if alone else ""))
     for name, m in sorted(metrics.items()):
         click.echo(f"{name:<20}{m['fvu']:>8.3f}{m['l0']:>7.1f}{m['dead_fraction']:>7.1%}{m['clean_loss']:>8.3f}"
-                   f"{m['spliced_loss']:>9.3f}{m['zero_ablation_loss']:>9.3f}")
+                   f"{m['spliced_loss']:>9.3f}{m['zero_ablation_loss']:>9.3f}" + (f"{m['kl_alone']:>10.3f}" if alone else ""))
 
 
 @circuits.command("eval")

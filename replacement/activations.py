@@ -47,9 +47,11 @@ class TextSource:
 
         if isinstance(files, torch.Tensor):
             self.tokens = files
+            self.describe = "tokens"
         else:
             train, held = read_text_sources(files)
             self.tokens = tokenize_texts(tokenizer, held if heldout else train)
+            self.describe = "text: " + ", ".join(Path(f).name for f in files)  # recorded beside the weights
         if len(self.tokens) < seq_len:
             from .data import HELDOUT_FRACTION
             from .errors import BadInputError

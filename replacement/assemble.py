@@ -196,11 +196,22 @@ class ReplacementModel:
         self._last_in = {}
         return self.adapter.run(rec.ids[None], hooks=self._module_hooks(rec, True)).logits[0]
 
-    def sparse_hooks(self) -> dict:
+    def sparse_hooks(self, only: set[tuple[str, int]] | None = None) -> dict:
         """Run hooks of the pure sparse (error-free) replacement model: every block's output is its replacement
-        module's, Lorsa patterns computed live.  Fresh hooks for each run; batches [B, n] work too."""
+        module's, Lorsa patterns computed live.  Fresh hooks for each run; batches [B, n] work too.
+
+        ``only``: splice just these modules ((``"lorsa"`` | ``"transcoder"``, layer)); every other block runs as
+        the real model's (e.g. ``{("transcoder", 1)}``: what that one transcoder costs on its own)."""
         self._last_in = {}
-        return self._module_hooks(None, False)
+        hooks = self._module_hooks(None, False)
+        if only is None:
+            return hooks
+        if self.cross_layer and any(kind == "transcoder" for kind, _ in only):
+            raise CircuitsError("a cross-layer transcoder's layer does not replace one MLP on its own")
+        out_point = {"lorsa": "attn.out", "transcoder": "mlp.out"}
+        dropped = {hook_name(L, point) for L in range(self.adapter.n_layers) for kind, point in out_point.items()
+                   if (kind, L) not in only}
+        return {name: f for name, f in hooks.items() if name not in dropped}
 
     @torch.no_grad()
     def run_sparse(self, ids: torch.Tensor) -> torch.Tensor:

@@ -281,7 +281,8 @@ def model_report(adapter: ModelAdapter, texts: list[str] | None, samples: bool =
 def faithfulness_report(model, texts: list[str] | None) -> dict:
     """What the pure (error-free) replacement model does, against the real model: top-1 agreement and KL on
     held-out natural text, held-out addition and the showcase answer, random-span induction, copying in natural
-    text, and each module's FVU, L0, dead fraction and spliced loss on held-out natural text."""
+    text, and each module's FVU, L0, dead fraction, spliced loss, and the top-1 agreement and KL of the model
+    with that module alone spliced in, on held-out natural text."""
     from .activations import TextSource
     from .data import addition_split, tokenize_texts
     from .train import evaluate_modules
@@ -300,6 +301,11 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
             modules |= {("transcoder", L): m for L, m in model.transcoders.items()}
         source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
         out["modules_natural_text"] = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
+        for (kind, L) in modules:  # what each module costs spliced in alone, every other block real
+            alone = agreement(adapter, tokens, lambda key=(kind, L): model.sparse_hooks(only={key}))
+            if alone:  # {} when the text is shorter than one window
+                out["modules_natural_text"][f"layer{L}.{kind}"] |= {"top1_agreement_alone": alone["top1_agreement"],
+                                                                    "kl_alone": alone["kl"]}
     return out
 
 

@@ -315,14 +315,24 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     old = saved_metrics(start)
     for (kind, L), m in folded.items():
         name = f"layer{L}.{kind}"
+        prior = old.get(name, {})
         info = dict(metrics[name], joint_steps=trainer.step, joint_seconds=round(trainer.elapsed, 1),
-                    joint_resampled=trainer.resampled, joint_config=asdict(cfg))
-        for k in ("train_steps", "train_seconds", "train_tokens"):  # the per-layer stage's record
+                    joint_resampled=trainer.resampled, joint_config=asdict(cfg),
+                    joint_rounds=_rounds(prior))
+        for k in ("train_steps", "train_seconds", "train_tokens", "train_source"):  # the per-layer stage's record
             if k in old.get(name, {}):
                 info[k] = old[name][k]
         save_module(m, kind, out, fp, adapter.name, info)
     (out / ".train_state.joint.safetensors").unlink(missing_ok=True)
     return metrics
+
+
+def _rounds(prior: dict) -> int | None:
+    """This joint round's number: one more than the starting folder's (None where that is unknown: a folder
+    fine-tuned jointly before rounds were counted)."""
+    if "joint_steps" not in prior:
+        return 1
+    return prior["joint_rounds"] + 1 if prior.get("joint_rounds") is not None else None
 
 
 # a preset's joint-stage rows: 35% text, 25% additions, 15% random-token repeats, 25% recurring passages; a model

@@ -64,6 +64,30 @@ def test_agreement_of_a_model_with_itself_and_with_a_brute_force(tmp_path):
     assert got["kl"] == pytest.approx(kl / 60, rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["lorsa", "transcoder"])
+def test_one_module_alone_is_that_block_replaced_on_its_real_input(kind):
+    """sparse_hooks(only={(kind, 1)}): layer 1's block output is its module's output computed from the real model's
+    input to that block (layer 0 and the other block of layer 1 real), checked against a splice by hand."""
+    from replacement.activations import hook_points
+
+    adapter = ModelAdapter(tiny_llama())
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    ids = torch.randint(0, 97, (2, 12))
+    x_name, y_name = hook_points(kind, 1)
+    with torch.no_grad():
+        x = adapter.run(ids, capture=[x_name]).cache[x_name].float()
+        module = rm.lorsas[1] if kind == "lorsa" else rm.transcoders[1]
+        y_hat = module(x)[0]
+        by_hand = adapter.run(ids, hooks={y_name: lambda t, n: y_hat.to(t.dtype)}).logits
+        alone = adapter.run(ids, hooks=rm.sparse_hooks(only={(kind, 1)})).logits
+        none = adapter.run(ids, hooks=rm.sparse_hooks(only=set())).logits
+        every = adapter.run(ids, hooks=rm.sparse_hooks(only={(k, L) for k in ("lorsa", "transcoder") for L in (0, 1)})).logits
+    torch.testing.assert_close(alone, by_hand, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(none, adapter.run(ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(every, adapter.run(ids, hooks=rm.sparse_hooks()).logits, atol=1e-5, rtol=1e-5)
+    assert (alone - none).abs().max() > 1e-3  # the splice changes something: the comparison above is not vacuous
+
+
 def test_joint_stage_lowers_the_kl_of_the_pure_model(tmp_path):
     adapter = ModelAdapter(tiny_llama())
     trainer = _trainer(tmp_path, adapter, steps=40, recon_coef=0.0, lr=1e-2)
@@ -147,6 +171,25 @@ def test_fit_joint_saves_modules_for_the_model_and_starts_from_an_earlier_versio
     assert set(saved) == set(_modules(rm))
     assert not (tmp_path / "out" / ".train_state.joint.safetensors").exists()
     assert model_fingerprint(adapter)
+
+
+def test_joint_rounds_are_counted_and_the_per_layer_record_carried(tmp_path):
+    """Each joint round records its number and keeps what the per-layer stage trained on."""
+    from replacement.store import saved_metrics
+
+    adapter = ModelAdapter(tiny_llama())
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    start = tmp_path / "start"
+    for (kind, L), m in _modules(rm).items():
+        save_module(m, kind, start, model_fingerprint(adapter), adapter.name,
+                    {"train_steps": 7, "train_source": "text: a.txt"}, dtype=torch.float32)
+    cfg = JointConfig(**(SMALL | dict(steps=2, resample_every=0)))
+    src = RandomTokenSource(97, 16, 0, bos=1)
+    fit_joint(adapter, cfg, start, tmp_path / "r1", progress=False, source=src)
+    fit_joint(adapter, cfg, tmp_path / "r1", tmp_path / "r2", progress=False, source=src)
+    for folder, n in (("r1", 1), ("r2", 2)):
+        for name, m in saved_metrics(tmp_path / folder).items():
+            assert (m["joint_rounds"], m["train_steps"], m["train_source"]) == (n, 7, "text: a.txt"), (folder, name)
 
 
 def test_joint_mixture_leaves_out_additions_for_models_never_trained_on_them():

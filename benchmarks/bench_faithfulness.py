@@ -1,0 +1,67 @@
+"""Where the pure replacement model loses the real model: top-1 agreement and KL on held-out natural text (the
+2,032 predictions of `circuits eval`) with every module spliced in, with one kind only (all Lorsa, real MLPs; all
+transcoders, real attention), with each module alone, and with every module but one.
+
+    python benchmarks/bench_faithfulness.py [--model toy] [--replacements DIR] [--texts FILE ...]
+        [--module FILE.safetensors ...] [--rows all|alone]
+
+A module "alone" runs with every other block real; "all but" replaces every block except that one.  The KL of
+"all" minus that of "all but M" is what splicing M in costs on top of the others.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy")
+    p.add_argument("--replacements", default=None, help="a replacements folder (default: the bundled one)")
+    p.add_argument("--texts", nargs="*", default=None, help="text files (default: the shipped held-out sample)")
+    p.add_argument("--module", nargs="*", default=[], help="saved modules (.safetensors) to use in place of those "
+                   "of their kind and layer")
+    p.add_argument("--rows", default="all", help="'all' or 'alone' (each module alone only)")
+    args = p.parse_args()
+
+    from replacement.activations import TextSource
+    from replacement.assemble import ReplacementModel
+    from replacement.corpus import heldout_texts
+    from replacement.data import tokenize_texts
+    from replacement.evaluate import agreement
+    from replacement.models import load_model
+    from replacement.train import evaluate_modules
+
+    torch.set_num_threads(2)
+    adapter = load_model(args.model)
+    model = ReplacementModel.load(adapter, args.replacements, "lorsa")
+    for path in args.module:
+        model.use_module(path)
+    tokens = tokenize_texts(adapter.tokenizer, heldout_texts(args.texts))
+    layers = range(adapter.n_layers)
+    every = {(k, L) for L in layers for k in ("lorsa", "transcoder")}
+    rows = [] if args.rows == "alone" else [("all", every), ("all Lorsa (real MLPs)", {m for m in every if m[0] == "lorsa"}),
+            ("all transcoders (real attention)", {m for m in every if m[0] == "transcoder"})]
+    rows += [(f"{k} {L} alone", {(k, L)}) for L in layers for k in ("lorsa", "transcoder")]
+    rows += [] if args.rows == "alone" else [(f"all but {k} {L}", every - {(k, L)}) for L in layers for k in ("lorsa", "transcoder")]
+    # each module's FVU and dead fraction on the same held-out text (as `circuits eval` measures them)
+    modules = {("lorsa", L): m for L, m in model.lorsas.items()} | {("transcoder", L): m for L, m in model.transcoders.items()}
+    source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
+    fit = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
+    print(f"{args.model}: pure replacement on held-out natural text, top-1 agreement / KL (nats per token)")
+    for name, keep in rows:
+        t = time.time()
+        r = agreement(adapter, tokens, lambda keep=keep: model.sparse_hooks(only=keep))
+        own = ""
+        if len(keep) == 1:
+            (kind, L), = keep
+            f = fit[f"layer{L}.{kind}"]
+            own = f"  FVU {100 * f['fvu']:4.1f}%, dead {100 * f['dead_fraction']:3.0f}%"
+        print(f"  {name:36s} {100 * r['top1_agreement']:5.1f}% / {r['kl']:.3f}{own}   ({r['tokens']} tokens, "
+              f"{time.time() - t:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
