@@ -26,13 +26,11 @@ def main() -> None:
     p.add_argument("--rows", default="all", help="'all' or 'alone' (each module alone only)")
     args = p.parse_args()
 
-    from replacement.activations import TextSource
     from replacement.assemble import ReplacementModel
     from replacement.corpus import heldout_texts
     from replacement.data import tokenize_texts
-    from replacement.evaluate import agreement
+    from replacement.evaluate import agreement, modules_on_text
     from replacement.models import load_model
-    from replacement.train import evaluate_modules
 
     torch.set_num_threads(2)
     adapter = load_model(args.model)
@@ -44,22 +42,17 @@ def main() -> None:
     every = {(k, L) for L in layers for k in ("lorsa", "transcoder")}
     rows = [] if args.rows == "alone" else [("all", every), ("all Lorsa (real MLPs)", {m for m in every if m[0] == "lorsa"}),
             ("all transcoders (real attention)", {m for m in every if m[0] == "transcoder"})]
-    rows += [(f"{k} {L} alone", {(k, L)}) for L in layers for k in ("lorsa", "transcoder")]
     rows += [] if args.rows == "alone" else [(f"all but {k} {L}", every - {(k, L)}) for L in layers for k in ("lorsa", "transcoder")]
-    # each module's FVU and dead fraction on the same held-out text (as `circuits eval` measures them)
-    modules = {("lorsa", L): m for L, m in model.lorsas.items()} | {("transcoder", L): m for L, m in model.transcoders.items()}
-    source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
-    fit = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
     print(f"{args.model}: pure replacement on held-out natural text, top-1 agreement / KL (nats per token)")
+    t = time.time()
+    for name, f in modules_on_text(model, tokens).items():  # each alone, with its FVU and dead fraction, as `circuits eval`
+        print(f"  {name + ' alone':36s} {100 * f['top1_agreement_alone']:5.1f}% / {f['kl_alone']:.3f}  FVU "
+              f"{100 * f['fvu']:4.1f}%, dead {100 * f['dead_fraction']:3.0f}%", flush=True)
+    print(f"  ({time.time() - t:.0f} s)")
     for name, keep in rows:
         t = time.time()
         r = agreement(adapter, tokens, lambda keep=keep: model.sparse_hooks(only=keep))
-        own = ""
-        if len(keep) == 1:
-            (kind, L), = keep
-            f = fit[f"layer{L}.{kind}"]
-            own = f"  FVU {100 * f['fvu']:4.1f}%, dead {100 * f['dead_fraction']:3.0f}%"
-        print(f"  {name:36s} {100 * r['top1_agreement']:5.1f}% / {r['kl']:.3f}{own}   ({r['tokens']} tokens, "
+        print(f"  {name:36s} {100 * r['top1_agreement']:5.1f}% / {r['kl']:.3f}   ({r['tokens']} tokens, "
               f"{time.time() - t:.0f} s)", flush=True)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -154,6 +154,11 @@ class BatchMaker:
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         (self.plus,), (self.eq,), (self.nl,) = enc(" +"), enc(" ="), enc("\n")
         self.random_pool = random_token_pool(tokenizer)
+
+    @property
+    def describe(self) -> str:
+        """The rows it makes, in words (recorded beside the weights trained on them)."""
+        return "mixture: " + ", ".join(f"{k} {v}" for k, v in asdict(self.mix).items())
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

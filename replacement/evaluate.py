@@ -283,9 +283,7 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
     held-out natural text, held-out addition and the showcase answer, random-span induction, copying in natural
     text, and each module's FVU, L0, dead fraction, spliced loss, and the top-1 agreement and KL of the model
     with that module alone spliced in, on held-out natural text."""
-    from .activations import TextSource
     from .data import addition_split, tokenize_texts
-    from .train import evaluate_modules
 
     adapter, hooks = model.adapter, model.sparse_hooks
     out = induction_report(adapter, hooks_fn=hooks)
@@ -296,16 +294,27 @@ def faithfulness_report(model, texts: list[str] | None) -> dict:
         tokens = tokenize_texts(adapter.tokenizer, texts)
         out["natural_text"] = agreement(adapter, tokens, hooks)
         out["natural_copying"] = natural_copying(adapter, texts, hooks_fn=hooks)
-        modules = {("lorsa", L): m for L, m in model.lorsas.items()}
-        if not model.cross_layer:  # a CLT layer alone replaces no MLP (each output sums every earlier layer's decoder)
-            modules |= {("transcoder", L): m for L, m in model.transcoders.items()}
-        source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
-        out["modules_natural_text"] = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
-        for (kind, L) in modules:  # what each module costs spliced in alone, every other block real
-            alone = agreement(adapter, tokens, lambda key=(kind, L): model.sparse_hooks(only={key}))
-            if alone:  # {} when the text is shorter than one window
-                out["modules_natural_text"][f"layer{L}.{kind}"] |= {"top1_agreement_alone": alone["top1_agreement"],
-                                                                    "kl_alone": alone["kl"]}
+        out["modules_natural_text"] = modules_on_text(model, tokens)
+    return out
+
+
+def modules_on_text(model, tokens: torch.Tensor) -> dict[str, dict]:
+    """Per module of the replacement model (``layer<L>.<kind>``), on held-out text ``tokens`` [N]: FVU, L0, dead
+    fraction and spliced loss (`train.evaluate_modules`), and the top-1 agreement and KL of the model with that
+    module alone spliced in, every other block real."""
+    from .activations import TextSource
+    from .train import evaluate_modules
+
+    adapter = model.adapter
+    modules = {("lorsa", L): m for L, m in model.lorsas.items()}
+    if not model.cross_layer:  # a CLT layer alone replaces no MLP (each output sums every earlier layer's decoder)
+        modules |= {("transcoder", L): m for L, m in model.transcoders.items()}
+    source = TextSource(adapter.tokenizer, tokens, min(128, adapter.context), seed=1)
+    out = evaluate_modules(adapter, modules, source, n_batches=4, batch_size=16)
+    for (kind, L) in modules:
+        alone = agreement(adapter, tokens, lambda key=(kind, L): model.sparse_hooks(only={key}))
+        if alone:  # {} when the text is shorter than one window
+            out[f"layer{L}.{kind}"] |= {"top1_agreement_alone": alone["top1_agreement"], "kl_alone": alone["kl"]}
     return out
 
 

@@ -320,8 +320,8 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
                     joint_resampled=trainer.resampled, joint_config=asdict(cfg),
                     joint_rounds=_rounds(prior))
         for k in ("train_steps", "train_seconds", "train_tokens", "train_source"):  # the per-layer stage's record
-            if k in old.get(name, {}):
-                info[k] = old[name][k]
+            if k in prior:
+                info[k] = prior[k]
         save_module(m, kind, out, fp, adapter.name, info)
     (out / ".train_state.joint.safetensors").unlink(missing_ok=True)
     return metrics

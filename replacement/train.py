@@ -524,15 +524,6 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 2:].reshape(-1)).item()
 
 
-def source_name(source) -> str:
-    """What the per-layer stage trained on, in words, for the record beside the weights."""
-    from dataclasses import asdict
-
-    if hasattr(source, "mix"):  # a preset's BatchMaker
-        return "mixture: " + ", ".join(f"{k} {v}" for k, v in asdict(source.mix).items())
-    return getattr(source, "describe", type(source).__name__)
-
-
 def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = None, resume: bool = True,
                      progress: bool = True, source=None, eval_source=None, activations=None,
                      world: int = 1, rank: int = 0) -> dict[str, dict]:
@@ -554,7 +545,7 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     fp = model_fingerprint(adapter)
     for (kind, L), m in modules.items():
         info = dict(metrics[f"layer{L}.{kind}"], train_steps=trainer.step, train_seconds=round(trainer.elapsed, 1),
-                    train_tokens=trainer.step * cfg.batch_size * cfg.seq_len, train_source=source_name(source))
+                    train_tokens=trainer.step * cfg.batch_size * cfg.seq_len, train_source=getattr(source, "describe", type(source).__name__))
         save_module(m, kind, out, fp, adapter.name, info)
     state.unlink(missing_ok=True)
     return metrics
