@@ -1,9 +1,11 @@
 """Our attribution against circuit-tracer 0.5.0's on the same work: the same random HF Llama, the same transcoders
 (written by circuit-tracer's own classes, in its file layout), the same prompt; ours with `--attention frozen`
-and `--bos zero` (circuit-tracer's conventions), both computing the full graph (no node budget).
+and `--bos zero` (circuit-tracer's conventions), both computing the full graph (no node budget), or with
+`--max-feature-nodes N` both expanding N feature rows (circuit-tracer's `max_feature_nodes`, our budgeted
+attribution; each picks its N by its own estimate of influence, so only the rows both computed are compared).
 
     CIRCUIT_TRACER_VENV=/path/to/venv python benchmarks/bench_vs_circuit_tracer.py [--runs 5] [--threads 1,2]
-                                                                                   [--sizes small,large]
+                                                                [--sizes small,large] [--max-feature-nodes N]
 
 circuit-tracer pins transformers <= 4.57, so it runs in its own venv (benchmarks/make_circuit_tracer_venv.sh
 builds one; with no CIRCUIT_TRACER_VENV this script builds it in .venv-circuit-tracer).  Sizes: small = 2 layers,
@@ -38,6 +40,7 @@ OURS = r"""
 import json, sys, time
 import torch
 folder, tcs, ids, threads, save = sys.argv[1:6]
+budget = int(sys.argv[7]) or None
 torch.set_num_threads(int(threads))
 from graphs.attribution import attribute
 from replacement.assemble import ReplacementModel
@@ -45,9 +48,9 @@ from replacement.models import load_model
 
 model = ReplacementModel.load(load_model(folder), tcs, "frozen")
 ids = torch.tensor([[int(t) for t in ids.split(",")]])
-attribute(model, ids, bos="zero", qk=False)  # warm-up
+attribute(model, ids, bos="zero", qk=False, max_feature_nodes=budget)  # warm-up
 t, c = time.perf_counter(), time.process_time()
-g = attribute(model, ids, bos="zero", qk=False)
+g = attribute(model, ids, bos="zero", qk=False, max_feature_nodes=budget)
 wall, cpu = time.perf_counter() - t, time.process_time() - c
 if save != "-":
     from safetensors.torch import save_file
@@ -61,6 +64,7 @@ THEIRS = r"""
 import json, sys, time
 import torch
 folder, tcs, ids, threads, save = sys.argv[1:6]
+budget = int(sys.argv[7]) or None
 torch.set_num_threads(int(threads))
 from pathlib import Path
 from transformers import AutoConfig
@@ -73,13 +77,13 @@ tset = make_transcoders(conf.hidden_size, conf.num_hidden_layers, "relu", 0, Pat
 model = ReplacementModel.from_pretrained_and_transcoders(folder, tset, backend="nnsight", device=torch.device("cpu"),
                                                          dtype=torch.float32)
 tokens = torch.tensor([int(t) for t in ids.split(",")])
-attribute(tokens, model)  # warm-up
+attribute(tokens, model, max_feature_nodes=budget)  # warm-up
 t, c = time.perf_counter(), time.process_time()
-g = attribute(tokens, model)
+g = attribute(tokens, model, max_feature_nodes=budget)
 wall, cpu = time.perf_counter() - t, time.process_time() - c
 if save != "-":
     from safetensors.torch import save_file
-    save_file({"active_features": g.active_features.long().contiguous(),
+    save_file({"active_features": g.active_features[g.selected_features].long().contiguous(),
                "adjacency_matrix": g.adjacency_matrix.float().contiguous(),
                "input_tokens": g.input_tokens.long().contiguous(),
                "logit_token_ids": g.logit_token_ids.long().contiguous()}, save)
@@ -137,18 +141,21 @@ def _env(threads: int, ct: bool = False) -> dict:
     return env
 
 
-def timed(python: Path | str, script: str, case, threads: int, save: str = "-", ct: bool = False) -> dict:
+def timed(python: Path | str, script: str, case, threads: int, save: str = "-", ct: bool = False,
+          budget: int | None = None) -> dict:
     folder, tcs, ids = case
     r = subprocess.run([str(python), "-c", script, str(folder), str(tcs), ",".join(map(str, ids)), str(threads), save,
-                        str(ROOT / "tests")],
+                        str(ROOT / "tests"), str(budget or 0)],
                        capture_output=True, text=True, env=_env(threads, ct), cwd=str(Path(folder).parent))
     if r.returncode != 0:
         raise SystemExit(f"{'circuit-tracer' if ct else 'ours'} failed: {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def disagreement(ours_file: Path, theirs_file: Path, n_layers: int) -> float:
-    """The largest |ours - theirs| over every edge, relative to the largest |edge| into its target (theirs)."""
+def disagreement(ours_file: Path, theirs_file: Path, n_layers: int, budgeted: bool = False) -> tuple[float, int]:
+    """The largest |ours - theirs| over every edge, relative to the largest |edge| into its target (theirs), and
+    how many feature nodes both graphs hold.  ``budgeted``: each tool expanded its own choice of features; the
+    edges compared are those between nodes both graphs hold, into targets both expanded."""
     import torch
     from safetensors.torch import load_file
 
@@ -163,14 +170,22 @@ def disagreement(ours_file: Path, theirs_file: Path, n_layers: int) -> float:
     ids = circuit_tracer_node_ids(ct, n_layers)
     index = {i: k for k, i in enumerate(ids)}
     where = torch.tensor([index.get(i, -1) for i in ours["ids"]])
-    if (where < 0).any():
+    if (where < 0).any() and not budgeted:
         raise SystemExit(f"nodes of ours that circuit-tracer lacks: {[i for i in ours['ids'] if i not in index][:5]}")
+    common = torch.zeros(len(ids), dtype=torch.bool)
+    common[where[where >= 0]] = True
+    both = int(sum(1 for i in ours["ids"] if i in index and i.startswith("tc.")))
+    live = (where[ours["tgt"]] >= 0) & (where[ours["src"]] >= 0)
     W = torch.zeros(len(ids), len(ids), dtype=torch.float64)
-    W.index_put_((where[ours["tgt"]], where[ours["src"]]), ours["w"].double(), accumulate=True)
-    theirs = ct["adjacency_matrix"].double()
+    W.index_put_((where[ours["tgt"][live]], where[ours["src"][live]]), ours["w"][live].double(), accumulate=True)
+    theirs = ct["adjacency_matrix"].double() * common[None, :]  # sources both graphs hold
+    ours_rows = torch.zeros(len(ids), dtype=torch.bool)
+    ours_rows[where[ours["tgt"][live]]] = True
     rows = theirs.abs().sum(1) > 0
+    if budgeted:
+        rows &= ours_rows
     scale = theirs[rows].abs().amax(1, keepdim=True)
-    return float(((W[rows] - theirs[rows]).abs() / scale).max())
+    return float(((W[rows] - theirs[rows]).abs() / scale).max()), both
 
 
 def _med(xs: list[float]) -> float:
@@ -182,9 +197,12 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--max-feature-nodes", type=int, default=None)
     a = ap.parse_args()
     ct_python = venv() / "bin" / "python"
-    print(f"ours against circuit-tracer 0.5.0, warm attribute(), full graph; {os.cpu_count()} cores, load average "
+    budget = a.max_feature_nodes
+    work_done = f"{budget} feature rows" if budget else "full graph"
+    print(f"ours against circuit-tracer 0.5.0, warm attribute(), {work_done}; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f} at the start")
     for name in a.sizes.split(","):
         size = SIZES[name]
@@ -192,18 +210,21 @@ def main():
             work = Path(tmp)
             case = make_case(size, work, ct_python)
             threads = [int(t) for t in a.threads.split(",")]
-            first = (timed(sys.executable, OURS, case, threads[0], str(work / "ours.safetensors")),
-                     timed(ct_python, THEIRS, case, threads[0], str(work / "theirs.safetensors"), ct=True))
-            gap = disagreement(work / "ours.safetensors", work / "theirs.safetensors", size["layers"])
+            first = (timed(sys.executable, OURS, case, threads[0], str(work / "ours.safetensors"), budget=budget),
+                     timed(ct_python, THEIRS, case, threads[0], str(work / "theirs.safetensors"), ct=True,
+                           budget=budget))
+            gap, both = disagreement(work / "ours.safetensors", work / "theirs.safetensors", size["layers"],
+                                     budgeted=bool(budget))
             print(f"{name}: {size['layers']} layers, d={size['d']}, {size['heads']} heads / {size['kv_heads']} kv heads, "
-                  f"{size['tokens']} tokens; edges agree to {gap:.1e} of the largest edge into each target")
+                  f"{size['tokens']} tokens; edges agree to {gap:.1e} of the largest edge into each target"
+                  + (f" (the {both} features both expanded)" if budget else ""))
             if gap > 1e-4:
                 raise SystemExit("the two graphs disagree")
             for i, threads in enumerate(threads):
                 ours, theirs = ([first[0]], [first[1]]) if i == 0 else ([], [])  # the checked runs count too
                 while len(ours) < a.runs:  # alternating
-                    ours.append(timed(sys.executable, OURS, case, threads))
-                    theirs.append(timed(ct_python, THEIRS, case, threads, ct=True))
+                    ours.append(timed(sys.executable, OURS, case, threads, budget=budget))
+                    theirs.append(timed(ct_python, THEIRS, case, threads, ct=True, budget=budget))
                 ow, tw = _med([r["wall"] for r in ours]), _med([r["wall"] for r in theirs])
                 oc, tc = _med([r["cpu"] for r in ours]), _med([r["cpu"] for r in theirs])
                 print(f"  {threads} thread{'s' * (threads > 1)}: ours {ow:.3f} s wall / {oc:.3f} s CPU, circuit-tracer "

@@ -352,15 +352,27 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
 
 
 def source_groups(nodes: list[Node], sources: dict) -> dict:
-    """(slot, pos) -> (node rows [S], written vectors [S, d]) of every write (a cross-layer feature's node is in
-    the group of each slot it writes)."""
+    """slot -> (positions [P], node rows [P, S], written vectors [P, S, d]) of every write into that slot, packed
+    by position (zero-padded to the most writes at one position; a padded entry writes nothing into row 0); a
+    cross-layer feature's node is in the group of each slot it writes."""
     index = {node.id: i for i, node in enumerate(nodes)}
-    grouped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    grouped: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
     for nid, s in sources.items():
         for slot, vec in s.writes():
-            grouped.setdefault((slot, s.pos), []).append((index[nid], vec))
-    return {key: (torch.tensor([i for i, _ in items]), torch.stack([v for _, v in items]))
-            for key, items in grouped.items()}
+            grouped.setdefault(slot, {}).setdefault(s.pos, []).append((index[nid], vec))
+    packed = {}
+    for slot, by_pos in grouped.items():
+        positions = sorted(by_pos)
+        width = max(len(items) for items in by_pos.values())
+        vec = by_pos[positions[0]][0][1]
+        cols = torch.zeros(len(positions), width, dtype=torch.long)
+        U = torch.zeros(len(positions), width, vec.shape[-1], dtype=vec.dtype, device=vec.device)
+        for j, p in enumerate(positions):
+            items = by_pos[p]
+            cols[j, : len(items)] = torch.tensor([i for i, _ in items])
+            U[j, : len(items)] = torch.stack([v for _, v in items])
+        packed[slot] = (torch.tensor(positions), cols.to(vec.device), U)
+    return packed
 
 
 def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: int, idx: torch.Tensor,
@@ -382,14 +394,11 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
         for (fw, fp), vec in lin.folded.items():  # writes folded into the constants (bos="zero")
             if fw == w:
                 const = const + G[w][:, fp] @ vec
-        for p in range(lin.n):
-            if (w, p) not in groups:
-                continue
-            g = G[w][:, p]  # [B, d]
-            live = (g.abs().sum(-1) > 0).nonzero()[:, 0]
-            if len(live):
-                cols, U = groups[(w, p)]
-                W[live[:, None], cols[None]] += g[live] @ U.t()  # a cross-layer feature adds each slot's write
+        if w in groups:
+            positions, cols, U = groups[w]  # [P], [P, S], [P, S, d]
+            g = G[w][:, positions.to(G[w].device)].transpose(0, 1)  # [P, B, d]
+            part = torch.bmm(g, U.transpose(1, 2))  # [P, B, S]
+            W.index_add_(1, cols.flatten(), part.transpose(0, 1).reshape(len(idx), -1))  # each write into its column
     return W, const
 
 
