@@ -3,7 +3,9 @@ prompt (a held-out sentence recurs, cut in the middle; `replacement.evaluate.nat
 family rule asked for:
 
 - whether the strongest path to the correct logit (`top_paths(k=1, families=True)` on the pruned graph, as the
-  example prints it) runs through an *induction family* (`graphs.circuits.induction_families`): a family of
+  example prints it) runs through an *induction family*, and whether one is the logit's largest direct input
+  (the path's strength multiplies shares of each target's input, so a short path from one source, such as the
+  current token's embedding through layer 0, can outrank a larger family whose own input is spread) (`graphs.circuits.induction_families`): a family of
   Lorsa heads at the last position, of layers >= 1 (a layer-0 head cannot compose with a previous-token head),
   every member's z pattern peaking on the position right after the earlier occurrence of the current token
   (the family's key);
@@ -44,11 +46,13 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
         find_families(graph, model, cfg)  # on the pruned graph, as trace does
         paths = graph.top_paths(to=logit_id, k=1, families=True)
         strength, path = paths[0] if paths else (0.0, [])
+        top_input = _largest_input(graph.collapsed(), logit_id)
         fams = induction_families(full, n - 1, peak)
         predicted = {f.id: sum(float(effects[full.index[m]]) for m in f.members) for f in fams}
         on_path = [f for f in fams if f.id in path]
         chosen = on_path[0] if on_path else min(fams, key=lambda f: predicted[f.id], default=None)
         rows.append({"cfg": cfg, "path": path, "strength": strength, "through": bool(on_path), "n_families": len(fams),
+                     "top_input": top_input, "top_is_induction": top_input in {f.id for f in fams},
                      "family": chosen, "predicted": predicted.get(chosen.id) if chosen else None})
         groups.append(tuple(parse_component(m) for m in chosen.members) if chosen else None)
     todo = [g for g in groups if g is not None]
@@ -58,6 +62,15 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
         for row, g in zip(rows, groups):
             row[key] = next(patched) if g is not None else None
     return rows
+
+
+def _largest_input(graph, target: str) -> str | None:
+    """The node with the largest |direct edge| into ``target``."""
+    E = graph.edge_arrays
+    into = E.tgt == graph.index[target]
+    if not into.any():
+        return None
+    return graph.node_list[int(E.src[into][E.w[into].abs().argmax()])].id
 
 
 def main():
@@ -80,7 +93,7 @@ def main():
     for name in args.model:
         adapter = load_model(name)
         model = ReplacementModel.load(adapter)
-        tally = {cfg: {"through": 0, "ok": 0, "ok_frozen": 0, "ratios": [], "ratios_frozen": [], "prompts": 0,
+        tally = {cfg: {"through": 0, "top": 0, "ok": 0, "ok_frozen": 0, "ratios": [], "ratios_frozen": [], "prompts": 0,
                        "seconds": []} for cfg in configs}
         print(f"{name}: natural-text induction, seeds {args.first_seed}-{args.first_seed + args.seeds - 1}", flush=True)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -92,6 +105,7 @@ def main():
                 t = tally[row["cfg"]]
                 t["prompts"] += 1
                 t["through"] += row["through"]
+                t["top"] += row["top_is_induction"]
                 f = row["family"]
                 ratio = row["patched"] / row["predicted"] if f is not None and row["predicted"] else float("nan")
                 frozen = row["patched_frozen"] / row["predicted"] if f is not None and row["predicted"] else float("nan")
@@ -103,13 +117,15 @@ def main():
                 t["seconds"].append(time.time() - t0)
                 print(f"{name} seed {seed:>2} p={p:.2f} {row['cfg'].direction} cos>={row['cfg'].cosine} span {row['cfg'].layer_span}: path "
                       f"{row['strength']:.3f} {' -> '.join(row['path'])} | through induction family: "
-                      f"{'yes' if row['through'] else 'no'} ({row['n_families']} induction families"
+                      f"{'yes' if row['through'] else 'no'}; largest direct input {row['top_input']}"
+                      f"{' (induction)' if row['top_is_induction'] else ''} ({row['n_families']} induction families"
                       + (f"; {f.id} x{len(f)} patched {row['patched']:+.2f} / predicted {row['predicted']:+.2f} = "
                          f"{ratio:.2f}; norms frozen {row['patched_frozen']:+.2f} = {frozen:.2f}" if f is not None
                          else "; none") + f") [{time.time() - t0:.0f}s]", flush=True)
         for cfg, t in tally.items():
             print(f"SUMMARY {name} {cfg.direction} cos>={cfg.cosine} span {cfg.layer_span}: strongest path through an "
-                  f"induction family on {t['through']}/{t['prompts']}; patched >= 50% of predicted on {t['ok']}/"
+                  f"induction family on {t['through']}/{t['prompts']}; the largest direct input to the logit is one on "
+                  f"{t['top']}/{t['prompts']}; patched >= 50% of predicted on {t['ok']}/"
                   f"{t['prompts']}{_spread(t['ratios'])}, with the norms' scales frozen on {t['ok_frozen']}/"
                   f"{t['prompts']}{_spread(t['ratios_frozen'])}; median {statistics.median(t['seconds']):.0f} s a prompt",
                   flush=True)
