@@ -105,6 +105,8 @@ def fetch_data(dest, work):
 @click.option("--lorsa-d-qk", type=click.IntRange(min=1), default=None, help="QK dimension (default: the model's head dim).")
 @click.option("--lorsa-top-k", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lorsa-init", type=click.Choice(["model", "random"]), default="model", show_default=True)
+@click.option("--lorsa-bos-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of position 0's (BOS's) relative error in each Lorsa's loss; 0 leaves it out.")
 @click.option("--allow-weak-config", is_flag=True, help="Train a Lorsa that breaks the paper's d_qk / n_qk constraints.")
 @click.option("--tc-expansion", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--tc-top-k", type=click.IntRange(min=1), default=32, show_default=True)
@@ -117,13 +119,15 @@ def fetch_data(dest, work):
 @click.option("--tc-jacobian-readout", is_flag=True,
               help="With --tc-jacobian: match the last MLP's Jacobian only along the directions the logits read "
                    "(VJPs along the unembedding), not along random directions.")
+@click.option("--tc-bos-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of position 0's (BOS's) relative error in each transcoder's loss; 0 leaves it out.")
 @click.option("--tc-token-norm", is_flag=True,
               help="Weigh each token's transcoder error by 1 / |MLP output|^2, so that tokens with small outputs "
                    "count as much as those with large ones.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
-              allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
-              tc_token_norm, joint, kl_coef, recon_coef, resample_every):
+              lorsa_bos_weight, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
+              tc_token_norm, tc_bos_weight, joint, kl_coef, recon_coef, resample_every):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all), or,
     with --joint, fine-tune them all together for faithfulness.
 
@@ -150,9 +154,9 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     cfg = TrainConfig(what=what, layers=_layer_list(layers), steps=steps, batch_size=batch_size,
                       lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
                       lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
-                      allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
+                      lorsa_bos_weight=lorsa_bos_weight, allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
                       tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
-                      tc_token_norm=tc_token_norm, init_from=init_from, **given)
+                      tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **given)
     metrics = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
     if metrics:  # rank 0 of a torchrun job, or a plain run
         _print_replacement_metrics(metrics)

@@ -64,6 +64,7 @@ class TrainConfig:
     lorsa_d_qk: int | None = None  # default: the model's head dimension
     lorsa_top_k: int = 64
     lorsa_init: str = "model"  # model | random
+    lorsa_bos_weight: float = 0.0  # > 0: position 0's relative error joins the loss at this weight (lorsa_loss)
     allow_weak_config: bool = False
     # transcoders
     tc_expansion: int = 8
@@ -73,6 +74,7 @@ class TrainConfig:
     tc_jacobian_tokens: int = 256  # tokens per step on which the JVPs are taken
     tc_jacobian_readout: bool = False  # the last layer's Jacobian term: VJPs along the logit directions instead
     tc_token_norm: bool = False  # weigh each token's error by 1 / |y_t|^2 (see token_normalised_mse)
+    tc_bos_weight: float = 0.0  # > 0: position 0's relative error joins the loss at this weight (bos_term)
     init_from: str | None = None  # a replacements folder of this model: start each module from its saved one
 
     def kinds(self) -> list[str]:
@@ -149,8 +151,32 @@ def _xy(unit: Unit, acts: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _bos_xy(unit: Unit, acts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (x, y) [B, d] at position 0 (BOS)."""
+    xn, yn = hook_points(unit.kind, unit.layer)
+    return acts[xn][:, 0].float() * unit.c_x, acts[yn][:, 0].float() * unit.c_y
+
+
 def _drop_bos(unit: Unit, t: torch.Tensor) -> torch.Tensor:
     return t[:, 1:].reshape(-1, t.shape[-1]) if unit.kind == "lorsa" else t
+
+
+def bos_term(y_hat0: torch.Tensor, y0: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Position 0's (BOS's) error y_hat0, y0 [B, d]: its squared error relative to its own size, times ``scale``
+    (the other positions' mean square, so that weight 1 counts it like their MSE).  BOS outputs are outsized, so a
+    plain MSE would spend the module on them; left out of the loss, the module's output there is arbitrary, and
+    every later position reads it (in the pure replacement, llama's layer-0 Lorsa alone then cost 0.71 nats)."""
+    rel = (y_hat0 - y0).pow(2).sum(-1).mean() / y0.pow(2).sum(-1).mean().clamp_min(1e-12)
+    return rel * scale.detach()
+
+
+def lorsa_loss(y_hat: torch.Tensor, y: torch.Tensor, bos_weight: float = 0.0) -> torch.Tensor:
+    """A Lorsa's reconstruction loss on whole sequences y_hat, y [B, n, d]: the mean squared error at positions
+    1.., plus, with ``bos_weight`` > 0, ``bos_weight`` x `bos_term` of position 0."""
+    rest = (y_hat[:, 1:] - y[:, 1:]).pow(2).mean()
+    if bos_weight <= 0:
+        return rest
+    return rest + bos_weight * bos_term(y_hat[:, 0], y[:, 0], y[:, 1:].pow(2).mean())
 
 
 def jacobian_error(unit: Unit, mlp: torch.nn.Module, x: torch.Tensor, code: SparseCode, n_tokens: int,
@@ -344,8 +370,13 @@ class Trainer:
             if u.kind == "transcoder" and self.cfg.tc_token_norm:
                 mse = token_normalised_mse(y_hat, y)
             else:
-                mse = (_drop_bos(u, y_hat) - _drop_bos(u, y)).pow(2).mean()
+                mse = lorsa_loss(y_hat, y, self.cfg.lorsa_bos_weight) if u.kind == "lorsa" else (y_hat - y).pow(2).mean()
             loss = mse + self.cfg.aux_coef * self._aux_loss(u, pre.float(), y_hat, y)
+            if u.kind == "transcoder" and self.cfg.tc_bos_weight > 0:  # _xy leaves BOS out: its rows apart
+                x0, y0 = _bos_xy(u, acts)
+                with autocast:
+                    y_hat0 = u.forward(x0, self.cfg.k_at(u.module.cfg.top_k, step))[0]
+                loss = loss + self.cfg.tc_bos_weight * bos_term(y_hat0.float(), y0, y.pow(2).mean())
             if u.kind == "transcoder" and self.cfg.tc_jacobian > 0:
                 # relative JVP error, scaled like the MSE (mean over coordinates of the normalised targets)
                 gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # resumable: a function of step

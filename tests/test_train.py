@@ -431,3 +431,40 @@ def test_token_normalised_mse_closed_form_and_use(tmp_path):
         t.train(resume=False, progress=False)
         finals[flag] = t.units[0].module.W_dec.detach().clone()
     assert not torch.equal(finals[False], finals[True])  # same seed and data: only the loss differs
+
+
+def test_lorsa_bos_loss_closed_form_and_use(tmp_path):
+    """Weight 0: the plain MSE over positions 1.. (position 0 gets no gradient); weight w: plus w x position 0's
+    squared error relative to its own size, in units of the other positions' mean square; the trainer uses it
+    (for Lorsa and, with its own flag, transcoders) only when asked."""
+    from replacement.train import lorsa_loss
+
+    y = torch.tensor([[[30.0, 40.0], [1.0, 0.0], [0.0, 2.0]]])  # [B=1, n=3, d=2]; |y_0|^2 = 2500
+    err = torch.tensor([[[5.0, 0.0], [0.5, 0.0], [0.0, -1.0]]])
+    y_hat = (y + err).requires_grad_()
+    rest = (0.25 + 0 + 0 + 1.0) / 4  # mean over positions 1, 2 and both coordinates
+    assert float(lorsa_loss(y_hat, y)) == pytest.approx(rest)
+    lorsa_loss(y_hat, y).backward()
+    assert torch.all(y_hat.grad[:, 0] == 0) and torch.any(y_hat.grad[:, 1:] != 0)
+    scale = (1.0 + 0 + 0 + 4.0) / 4  # the other positions' mean square
+    by_hand = rest + 0.5 * (25.0 / 2500.0) * scale
+    assert float(lorsa_loss(y_hat, y, 0.5)) == pytest.approx(by_hand, rel=1e-6)
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    for what, flag in (("lorsa", "lorsa_bos_weight"), ("transcoder", "tc_bos_weight")):
+        finals = {}
+        for w in (0.0, 1.0):
+            cfg = TrainConfig(steps=4, what=what, layers=[0], **{flag: w}, **SMALL)
+            t = Trainer(adapter, cfg, _source(), tmp_path / f"{what}{w}.safetensors")
+            t.train(resume=False, progress=False)
+            finals[w] = {k: v.clone() for k, v in t.units[0].module.state_dict().items()}
+        assert any(not torch.equal(finals[0.0][k], finals[1.0][k]) for k in finals[0.0]), what  # only the loss differs
+
+
+def test_bos_term_closed_form():
+    """Position 0's squared error over its own squared norm (means over the batch), times the scale."""
+    from replacement.train import bos_term
+
+    y0 = torch.tensor([[3.0, 4.0], [0.0, 10.0]])  # |y|^2 = 25, 100
+    y_hat0 = y0 + torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # |e|^2 = 1, 4
+    assert float(bos_term(y_hat0, y0, torch.tensor(2.0))) == pytest.approx((2.5 / 62.5) * 2.0, rel=1e-6)
