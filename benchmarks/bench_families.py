@@ -3,12 +3,13 @@ prompt (a held-out sentence recurs, cut in the middle; `replacement.evaluate.nat
 family rule asked for:
 
 - whether the strongest path to the correct logit (`top_paths(k=1, families=True)` on the pruned graph, as the
-  example prints it) runs through an *induction family*, and whether one is the logit's largest direct input
-  (the path's strength multiplies shares of each target's input, so a short path from one source, such as the
-  current token's embedding through layer 0, can outrank a larger family whose own input is spread) (`graphs.circuits.induction_families`): a family of
+  example prints it) runs through an *induction family* (`graphs.circuits.induction_families`): a family of
   Lorsa heads at the last position, of layers >= 1 (a layer-0 head cannot compose with a previous-token head),
   every member's z pattern peaking on the position right after the earlier occurrence of the current token
   (the family's key);
+- whether an induction family is the logit's largest direct input (a path's strength multiplies each target's
+  share of its input, so a short path from one source, such as the current token's embedding through layer 0,
+  can outrank a larger family whose own input is spread over the positions it copies from);
 - that family (the one on the path, else the induction family the graph predicts the largest drop for), path
   patched as one unit (every member ablated together, `PathPatcher.effects([tuple])`), against its predicted
   effect (the sum of its members' `graph_effects`); the issue's bar is patched / predicted >= 0.5.  Patched

@@ -178,7 +178,9 @@ def disagreement(ours_file: Path, theirs_file: Path, n_layers: int, budgeted: bo
     live = (where[ours["tgt"]] >= 0) & (where[ours["src"]] >= 0)
     W = torch.zeros(len(ids), len(ids), dtype=torch.float64)
     W.index_put_((where[ours["tgt"][live]], where[ours["src"][live]]), ours["w"][live].double(), accumulate=True)
-    theirs = ct["adjacency_matrix"].double() * common[None, :]  # sources both graphs hold
+    theirs = ct["adjacency_matrix"].double()
+    if budgeted:
+        theirs = theirs * common[None, :]  # sources both graphs hold (a full graph must hold every one)
     ours_rows = torch.zeros(len(ids), dtype=torch.bool)
     ours_rows[where[ours["tgt"][live]]] = True
     rows = theirs.abs().sum(1) > 0

@@ -353,7 +353,7 @@ def _edges(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Targ
 
 def source_groups(nodes: list[Node], sources: dict) -> dict:
     """slot -> (positions [P], node rows [P, S], written vectors [P, S, d]) of every write into that slot, packed
-    by position (zero-padded to the most writes at one position; a padded entry writes nothing into row 0); a
+    by position (zero-padded to the most writes at one position; a padded entry adds zero to column 0); a
     cross-layer feature's node is in the group of each slot it writes."""
     index = {node.id: i for i, node in enumerate(nodes)}
     grouped: dict[int, dict[int, list[tuple[int, torch.Tensor]]]] = {}
