@@ -443,12 +443,12 @@ def test_lorsa_bos_loss_closed_form_and_use(tmp_path):
     err = torch.tensor([[[5.0, 0.0], [0.5, 0.0], [0.0, -1.0]]])
     y_hat = (y + err).requires_grad_()
     rest = (0.25 + 0 + 0 + 1.0) / 4  # mean over positions 1, 2 and both coordinates
-    assert float(lorsa_loss(y_hat, y)) == pytest.approx(rest)
+    assert float(lorsa_loss(y_hat, y).detach()) == pytest.approx(rest)
     lorsa_loss(y_hat, y).backward()
     assert torch.all(y_hat.grad[:, 0] == 0) and torch.any(y_hat.grad[:, 1:] != 0)
     scale = (1.0 + 0 + 0 + 4.0) / 4  # the other positions' mean square
     by_hand = rest + 0.5 * (25.0 / 2500.0) * scale
-    assert float(lorsa_loss(y_hat, y, 0.5)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(lorsa_loss(y_hat, y, 0.5).detach()) == pytest.approx(by_hand, rel=1e-6)
 
     adapter = ModelAdapter(tiny_llama(), name="t")
     for what, flag in (("lorsa", "lorsa_bos_weight"), ("transcoder", "tc_bos_weight")):
