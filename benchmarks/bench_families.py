@@ -45,9 +45,11 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
     graph = prune(full, 0.8, 0.98)  # once: the pruned graph shares its nodes (and so their families) with the full one
     for cfg in configs:
         find_families(graph, model, cfg)  # on the pruned graph, as trace does
-        paths = graph.top_paths(to=logit_id, k=1, families=True)
+        collapsed = graph.collapsed()  # each family one node, as top_paths(..., families=True) sees the graph
+        paths = collapsed.top_paths(to=logit_id, k=1)
         strength, path = paths[0] if paths else (0.0, [])
-        top_input = _largest_input(graph.collapsed(), logit_id)
+        top = collapsed.incoming(logit_id, k=1)  # the largest |direct edge| into the logit
+        top_input = top[0].source if top else None
         fams = induction_families(full, n - 1, peak)
         predicted = {f.id: sum(float(effects[full.index[m]]) for m in f.members) for f in fams}
         on_path = [f for f in fams if f.id in path]
@@ -63,15 +65,6 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
         for row, g in zip(rows, groups):
             row[key] = next(patched) if g is not None else None
     return rows
-
-
-def _largest_input(graph, target: str) -> str | None:
-    """The node with the largest |direct edge| into ``target``."""
-    E = graph.edge_arrays
-    into = E.tgt == graph.index[target]
-    if not into.any():
-        return None
-    return graph.node_list[int(E.src[into][E.w[into].abs().argmax()])].id
 
 
 def main():
