@@ -47,7 +47,8 @@ def main() -> None:
     t = time.time()
     for name, f in modules_on_text(model, tokens).items():  # each alone, with its FVU and dead fraction, as `circuits eval`
         print(f"  {name + ' alone':36s} {100 * f['top1_agreement_alone']:5.1f}% / {f['kl_alone']:.3f}  FVU "
-              f"{100 * f['fvu']:4.1f}%, dead {100 * f['dead_fraction']:3.0f}%", flush=True)
+              f"{100 * f['fvu']:4.1f}%, dead {100 * f['dead_fraction']:3.0f}%, L0 {f['l0']:4.1f} of which {f['dense_l0']:4.1f} "
+              f"from its {f['dense_units']} units active on > 50% of tokens", flush=True)
     print(f"  ({time.time() - t:.0f} s)")
     for name, keep in rows:
         t = time.time()

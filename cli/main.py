@@ -170,13 +170,14 @@ def _layer_list(layers: str | None) -> list[int] | None:
 
 
 def _print_replacement_metrics(metrics: dict) -> None:
-    """One row per module; with "KL alone" (the KL to the real model with that module alone spliced in) where
-    measured."""
+    """One row per module; "dense": how many of a token's L0 units are ones active on more than half of the
+    tokens; with "KL alone" (the KL to the real model with that module alone spliced in) where measured."""
     alone = all("kl_alone" in m for m in metrics.values())
-    click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}"
+    click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dense':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}"
                + (f"{'KL alone':>10}" if alone else ""))
     for name, m in sorted(metrics.items()):
-        click.echo(f"{name:<20}{m['fvu']:>8.3f}{m['l0']:>7.1f}{m['dead_fraction']:>7.1%}{m['clean_loss']:>8.3f}"
+        dense = f"{m['dense_l0']:>7.1f}" if "dense_l0" in m else f"{'-':>7}"  # metrics saved before it was measured
+        click.echo(f"{name:<20}{m['fvu']:>8.3f}{m['l0']:>7.1f}{dense}{m['dead_fraction']:>7.1%}{m['clean_loss']:>8.3f}"
                    f"{m['spliced_loss']:>9.3f}{m['zero_ablation_loss']:>9.3f}" + (f"{m['kl_alone']:>10.3f}" if alone else ""))
 
 

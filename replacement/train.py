@@ -507,11 +507,12 @@ def fold_scales(module: torch.nn.Module, c_x: float, c_y: float) -> torch.nn.Mod
 @torch.no_grad()
 def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], source, n_batches: int = 8,
                      batch_size: int = 16) -> dict[str, dict]:
-    """Per module on held-out batches: FVU, mean L0, dead fraction (never fired), and the next-token loss
+    """Per module on held-out batches: FVU, mean L0, dead fraction (never fired), the units active on more than
+    half of the tokens (``dense_units``) and how many of a token's L0 they are on average (``dense_l0``), and the next-token loss
     with that one layer spliced (its attention by Lorsa, or its MLP by the transcoder) against the clean
     loss and the loss with that output zero-ablated. BOS is excluded everywhere."""
     points = sorted({p for (k, L) in modules for p in hook_points(k, L)})
-    stats = {key: {"se": 0.0, "l0": 0.0, "n": 0, "fired": None, "spliced": 0.0, "zero": 0.0}
+    stats = {key: {"se": 0.0, "l0": 0.0, "n": 0, "fires": None, "spliced": 0.0, "zero": 0.0}
              for key in modules}
     clean_total, n_pred = 0.0, 0
     ys = {key: [] for key in modules}
@@ -532,8 +533,8 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
             active = code.dense(m.decoder()[0].shape[0])[:, 1:] > 0
             s["l0"] += active.sum().item()
             s["n"] += active.shape[0] * active.shape[1]
-            fired = active.reshape(-1, active.shape[-1]).any(0).cpu()
-            s["fired"] = fired if s["fired"] is None else s["fired"] | fired
+            fires = active.reshape(-1, active.shape[-1]).sum(0).cpu()  # [units] tokens each unit fired on
+            s["fires"] = fires if s["fires"] is None else s["fires"] + fires
             s["spliced"] += _next_token_loss(adapter.run(ids, hooks={yn: lambda t, n, v=y_hat: v.to(t.dtype)}).logits, ids) * ids.shape[0]
             s["zero"] += _next_token_loss(adapter.run(ids, hooks={yn: lambda t, n: torch.zeros_like(t)}).logits, ids) * ids.shape[0]
     out = {}
@@ -541,8 +542,10 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
     for (kind, L), s in stats.items():
         y = torch.cat(ys[(kind, L)])
         var = (y - y.mean(0)).pow(2).sum().item()
+        dense = s["fires"] > s["n"] / 2  # units active on more than half of the tokens
         out[f"layer{L}.{kind}"] = {
-            "fvu": s["se"] / var, "l0": s["l0"] / s["n"], "dead_fraction": 1 - s["fired"].float().mean().item(),
+            "fvu": s["se"] / var, "l0": s["l0"] / s["n"], "dead_fraction": (s["fires"] == 0).float().mean().item(),
+            "dense_units": int(dense.sum()), "dense_l0": s["fires"][dense].sum().item() / s["n"],
             "clean_loss": clean_loss, "spliced_loss": s["spliced"] / n_pred, "zero_ablation_loss": s["zero"] / n_pred,
             "eval_tokens": s["n"],
         }

@@ -96,6 +96,36 @@ def test_one_model_pass_feeds_every_module():
     assert len(calls) == 1 and len(trainer.units) == 4  # 2 layers x (Lorsa + transcoder)
 
 
+def test_evaluate_modules_counts_dead_and_dense_units():
+    """Dead (never active) and dense (active on more than half of the tokens) units, and the dense units' share
+    of the L0, against a count made here from the module's own pre-activations on the same batches: units 0-1
+    always fire (bias +5), 2-3 never (bias -5), 4-7 read random directions."""
+    from replacement.activations import hook_points
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    d = adapter.d_model
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(d_model=d, n_features=8, top_k=0, layer=0))
+    with torch.no_grad():
+        tc.W_enc[:4] = 0
+        tc.b_enc[:] = torch.tensor([5.0, 5.0, -5.0, -5.0, 0, 0, 0, 0])
+    got = evaluate_modules(adapter, {("transcoder", 0): tc}, _source(1), n_batches=3, batch_size=4)["layer0.transcoder"]
+    fires, n = torch.zeros(8), 0
+    with torch.no_grad():
+        for i in range(3):
+            x = adapter.run(_source(1).batch(i, 4), capture=[hook_points("transcoder", 0)[0]]).cache
+            x = x[hook_points("transcoder", 0)[0]].float()[:, 1:]  # BOS excluded
+            pre = x @ tc.W_enc.t() + tc.b_enc
+            fires += (pre > 0).reshape(-1, 8).sum(0)
+            n += pre.shape[0] * pre.shape[1]
+    dense = fires > n / 2
+    assert fires[0] == fires[1] == n and fires[2] == fires[3] == 0
+    assert got["dead_fraction"] == pytest.approx(float((fires == 0).float().mean()))
+    assert got["dense_units"] == int(dense.sum()) >= 2
+    assert got["dense_l0"] == pytest.approx(float(fires[dense].sum()) / n)
+    assert got["dense_l0"] <= got["l0"] == pytest.approx(float(fires.sum()) / n)
+
+
 def test_training_lowers_fvu_and_resume_is_exact(tmp_path):
     adapter = ModelAdapter(tiny_neox(), name="t")
     cfg = TrainConfig(steps=40, lr=3e-3, **SMALL)
