@@ -18,6 +18,7 @@ import torch
 from replacement.activations import TextSource, hook_points
 from replacement.assemble import ReplacementModel
 from replacement.corpus import heldout_texts
+from replacement.data import tokenize_texts
 from replacement.models import load_model
 from replacement.threads import set_threads
 
@@ -31,9 +32,8 @@ def main() -> None:
     set_threads()
     adapter = load_model(args.model)
     model = ReplacementModel.load(adapter, args.replacements, "lorsa")
-    tok = adapter.tokenizer
-    ids = torch.tensor([t for text in heldout_texts(None) for t in tok.encode(text)])
-    source = TextSource(tok, ids, min(128, adapter.context), seed=1)
+    ids = tokenize_texts(adapter.tokenizer, heldout_texts(None))
+    source = TextSource(adapter.tokenizer, ids, min(128, adapter.context), seed=1)
     layers = sorted(model.lorsas)
     fires = {L: torch.zeros(model.lorsas[L].cfg.n_heads) for L in layers}  # [H] tokens each head fired on
     outputs = {L: [] for L in layers}  # the real attention outputs of the first 4 batches, for their spectrum

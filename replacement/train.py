@@ -512,7 +512,7 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
     with that one layer spliced (its attention by Lorsa, or its MLP by the transcoder) against the clean
     loss and the loss with that output zero-ablated. BOS is excluded everywhere."""
     points = sorted({p for (k, L) in modules for p in hook_points(k, L)})
-    stats = {key: {"se": 0.0, "l0": 0.0, "n": 0, "fires": None, "spliced": 0.0, "zero": 0.0}
+    stats = {key: {"se": 0.0, "n": 0, "fires": None, "spliced": 0.0, "zero": 0.0}
              for key in modules}
     clean_total, n_pred = 0.0, 0
     ys = {key: [] for key in modules}
@@ -531,7 +531,6 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
             s["se"] += (y_hat - y)[:, 1:].pow(2).sum().item()
             ys[key].append(y[:, 1:].reshape(-1, y.shape[-1]).cpu())
             active = code.dense(m.decoder()[0].shape[0])[:, 1:] > 0
-            s["l0"] += active.sum().item()
             s["n"] += active.shape[0] * active.shape[1]
             fires = active.reshape(-1, active.shape[-1]).sum(0).cpu()  # [units] tokens each unit fired on
             s["fires"] = fires if s["fires"] is None else s["fires"] + fires
@@ -544,7 +543,7 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
         var = (y - y.mean(0)).pow(2).sum().item()
         dense = s["fires"] > s["n"] / 2  # units active on more than half of the tokens
         out[f"layer{L}.{kind}"] = {
-            "fvu": s["se"] / var, "l0": s["l0"] / s["n"], "dead_fraction": (s["fires"] == 0).float().mean().item(),
+            "fvu": s["se"] / var, "l0": s["fires"].sum().item() / s["n"], "dead_fraction": (s["fires"] == 0).float().mean().item(),
             "dense_units": int(dense.sum()), "dense_l0": s["fires"][dense].sum().item() / s["n"],
             "clean_loss": clean_loss, "spliced_loss": s["spliced"] / n_pred, "zero_ablation_loss": s["zero"] / n_pred,
             "eval_tokens": s["n"],
