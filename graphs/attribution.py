@@ -238,16 +238,20 @@ def _lorsa_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> N
     """The active Lorsa heads of layer L, and their target group (z patterns: `z_patterns`, for the heads a
     graph keeps)."""
     lr, lorsa = rec.layers[L], model.lorsas[L]
-    code = lr.lorsa_code
-    preacts = lr.lorsa_z.gather(1, code.indices).tolist()  # [n][k]
-    W_O = lorsa.W_O.float()
+    pos, heads, vals, preacts = _active(lr.lorsa_code, lr.lorsa_z.gather(1, lr.lorsa_code.indices))
+    writes = vals[:, None] * lorsa.W_O.float()[heads]  # [N, d]: each active head's output, in one product
     rows = []
-    for p, (vals, heads) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
-        for v, h, z in zip(vals, heads, preacts[p]):
-            if v > 0:
-                node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
-                rows.append((out.add(node, 2 * L + 1, v * W_O[h]), h, p))
+    for i, (p, h, v, z) in enumerate(zip(pos.tolist(), heads.tolist(), vals.tolist(), preacts.tolist())):
+        node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
+        rows.append((out.add(node, 2 * L + 1, writes[i]), h, p))
     out.add_targets(NodeKind.LORSA, L, rows)
+
+
+def _active(code, preacts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(positions, units, activations, pre-activations) [N] of the active entries (value > 0) of a top-K code
+    (values, indices [n, k]; preacts [n, k] alongside), position by position in the code's order."""
+    p, j = (code.values > 0).nonzero(as_tuple=True)
+    return p, code.indices[p, j], code.values[p, j], preacts[p, j]
 
 
 def z_patterns(model: ReplacementModel, rec: Record, nodes: list[Node]) -> None:
@@ -272,16 +276,14 @@ def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int)
     one node that writes into every MLP output its decoders reach (its `Source`'s ``later`` writes)."""
     lr, tc = rec.layers[L], model.transcoders[L]
     code = lr.tc_code
-    preacts = tc.pre_activations(lr.tc_in).gather(1, code.indices).tolist()  # [n][k]
-    decoders = [(2 * T + 2, tc.decoder_into(T).float()) for T in tc.writes_into()]  # [(slot, [N, d])]
+    pos, feats, vals, preacts = _active(code, tc.pre_activations(lr.tc_in).gather(1, code.indices))
+    # [(slot, [N, d])]: what each active feature writes into each MLP output it reaches, one product per output
+    (slot, first), *later = [(2 * T + 2, vals[:, None] * tc.decoder_into(T).float()[feats]) for T in tc.writes_into()]
     rows = []
-    for p, (vals, feats) in enumerate(zip(code.values.tolist(), code.indices.tolist())):
-        for v, f, pre in zip(vals, feats, preacts[p]):
-            if v > 0:
-                node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v,
-                                 label=unit_label(NodeKind.TRANSCODER, L, f), preact=pre)
-                (slot, D), *later = decoders
-                rows.append((out.add(node, slot, v * D[f], tuple((w, v * Dw[f]) for w, Dw in later)), f, p))
+    for i, (p, f, v, pre) in enumerate(zip(pos.tolist(), feats.tolist(), vals.tolist(), preacts.tolist())):
+        node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v, label=unit_label(NodeKind.TRANSCODER, L, f),
+                         preact=pre)
+        rows.append((out.add(node, slot, first[i], tuple((w, W[i]) for w, W in later)), f, p))
     out.add_targets(NodeKind.TRANSCODER, L, rows)
 
 

@@ -293,10 +293,12 @@ class Trainer:
             if m is None:
                 raise CircuitsError(f"{folder} has no {u.kind} for layer {u.layer} to start from")
             adds_skip = u.kind == "transcoder" and u.module.cfg.skip and not m.cfg.skip
-            if m.cfg != (replace(u.module.cfg, skip=False) if adds_skip else u.module.cfg):
+            # the same sizes; K may change (a top-K code of another K has the same weights), and a plain
+            # transcoder can start a skip one (the skip starts at zero)
+            same = replace(m.cfg, top_k=u.module.cfg.top_k, **({"skip": True} if adds_skip else {}))
+            if same != u.module.cfg:
                 raise CircuitsError(f"the {u.kind} of layer {u.layer} in {folder} has another configuration "
                                     f"({m.cfg}); pass the same sizes")
-            # a plain transcoder can start a skip one: the skip starts at zero
             u.module.load_state_dict(fold_scales(m, 1 / u.c_x, 1 / u.c_y).state_dict(), strict=not adds_skip)
 
     # -- checkpoints --------------------------------------------------------------------------------------

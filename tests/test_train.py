@@ -271,11 +271,22 @@ def test_training_can_start_from_a_saved_folder(tmp_path):
     for key, m in saved.items():
         for (n, p), q in zip(m.named_parameters(), folded[key].parameters()):
             torch.testing.assert_close(q, p.float(), rtol=1e-5, atol=1e-6, msg=f"{key} {n}")
-    other = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"), **{**SMALL, "tc_top_k": 3}),
+    other = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"),
+                                         **{**SMALL, "tc_expansion": 2 * SMALL["tc_expansion"]}),
                     _source(3), tmp_path / "o.safetensors")
     other.estimate_norms()
     with pytest.raises(CircuitsError, match="another configuration"):
         other.init_modules()
+    # another K: the same weights, the new K
+    k = SMALL["tc_top_k"] + 1
+    wider_k = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"), what="transcoder",
+                                           **{**SMALL, "tc_top_k": k}), _source(3), tmp_path / "w.safetensors")
+    wider_k.estimate_norms()
+    wider_k.init_modules()
+    tc, plain = wider_k.folded_modules()[("transcoder", 1)], saved[("transcoder", 1)]
+    assert tc.cfg.top_k == k and plain.cfg.top_k == SMALL["tc_top_k"]
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(getattr(tc, n), p.float(), rtol=1e-5, atol=1e-6, msg=n)
     # a plain transcoder can start a skip one: the same weights, and a skip at zero
     skip = Trainer(adapter, TrainConfig(steps=1, layers=[1], init_from=str(tmp_path / "a"), what="transcoder",
                                         tc_skip=True, **SMALL), _source(3), tmp_path / "k.safetensors")
