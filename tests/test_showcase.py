@@ -59,18 +59,12 @@ def test_induction_circuit(model, prompt):
     assert into[head.id] > 0 and into[head.id] == max(into[h.id] for h in rivals)
     # its QK pairs explain its attention to that key position
     assert any(e.key_pos == expected_peak for e in head.qk) and c.pairs
-    if prompt == "random" or model == "toy":
-        # its strongest QK pair at that key: the key side is an earlier head that read the previous token, the query
-        # side a node carrying the current token (the 2-layer toy does this in natural text too)
-        assert c.prev_head is not None and c.prev_head.id == c.pairs[0].key and c.key_source == expected_peak - 1
-        assert c.query_reads_current
-    else:
-        # in the sentence, its strongest QK pair matches context: an earlier-layer head at the last position and one
-        # at the key position read the same token, at the same distance back from the current token and from the
-        # token before the key (the earlier occurrence of the current token)
-        q, k = c.query_source, c.key_source
-        assert q is not None and k is not None and q < n - 1 and k < expected_peak
-        assert int(ids[0, q]) == int(ids[0, k]) and (n - 1) - q == (expected_peak - 1) - k
+    # its strongest QK pair at that key: the key side is an earlier head that read the previous token, the query
+    # side a node carrying the current token, in the recurring sentence as on random spans (pythia's query side there
+    # is the current token's embedding; with its replacements before 2026-12-05 it was a layer-0 head reading an
+    # earlier token of the context, matched by a head at the key position reading the same token)
+    assert c.prev_head is not None and c.prev_head.id == c.pairs[0].key and c.key_source == expected_peak - 1
+    assert c.query_reads_current
     # path patching the head moves the logit the way the graph predicts: as the model runs it moves it the same way,
     # and with the norm scales frozen (the graph's own linear regime) by >= 50% of the prediction.  (As the model
     # runs, the norms' rescaling of the rest of the residual stream makes up part of one head's loss: on pythia's
