@@ -333,16 +333,19 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
 
 
 def _patch_families(model, ids, t_id: int, patcher, families, mode: str) -> None:
-    """Trace the prompt's graph and find its families as `trace` does with its defaults (on the graph pruned at
-    0.8 / 0.98, the default rule), ablate each named family's members together, and print the effect beside the
-    graph's prediction (the sum of its members' effects on the target's demeaned logit, zero ablation, through
-    transcoder features)."""
+    """Trace the prompt's graph and find its families as `trace` does with its defaults (its node budget, the graph
+    pruned at 0.8 / 0.98 within its file caps, the default rule), ablate each named family's members together, and
+    print the effect beside the graph's prediction (the sum of its members' effects on the target's demeaned logit,
+    zero ablation, through transcoder features)."""
     from graphs.attribution import attribute
+    from graphs.budget import DEFAULT_MAX_FEATURE_NODES
     from graphs.families import DEFAULT_FAMILIES, family, family_components, find_families, predicted_effect
-    from graphs.prune import prune
+    from graphs.prune import file_caps, prune
 
-    graph = attribute(model, ids, target=model.adapter.tokenizer.decode([t_id]), qk=False)
-    find_families(prune(graph, 0.8, 0.98), model, DEFAULT_FAMILIES)  # the pruned graph shares the full one's nodes
+    # trace's defaults: its node budget and its file caps (a family's members depend on which nodes pruning keeps)
+    graph = attribute(model, ids, target=model.adapter.tokenizer.decode([t_id]), qk=False,
+                      max_feature_nodes=DEFAULT_MAX_FEATURE_NODES)
+    find_families(prune(graph, 0.8, 0.98, *file_caps(None, False)), model, DEFAULT_FAMILIES)  # shares graph's nodes
     logit_id = graph.logit(t_id).id
     for fid in families:
         f = family(graph, fid)
