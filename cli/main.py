@@ -95,7 +95,8 @@ def fetch_data(dest, work):
               help="With --joint: re-initialise units silent for this many steps (0: never).")
 @click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
-@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to stream activations from.")
+@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to train on (their first 98%; with "
+              "--joint in place of the model's joint mixture).")
 @click.option("--corpora-only", is_flag=True,
               help="Train on the recipe's corpora alone (their first 98%, in $CIRCUITS_DATA), without the bundled "
                    "models' synthetic rows (additions, random-span repeats); the FVU is then measured on their last 2%.")
@@ -148,7 +149,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
                           resample_every=resample_every, **given)
-        return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume))
+        return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts)))
     from replacement.train import TrainConfig
 
     cfg = TrainConfig(what=what, layers=_layer_list(layers), steps=steps, batch_size=batch_size,
@@ -160,6 +161,28 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     metrics = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
     if metrics:  # rank 0 of a torchrun job, or a plain run
         _print_replacement_metrics(metrics)
+
+
+@circuits.command("train-replacements")
+@click.option("--model", "model_name", required=True, type=click.Choice(["toy", "pythia", "llama"]),
+              help="The bundled model whose replacements to train.")
+@click.option("--workdir", default="runs/replacements", show_default=True, type=click.Path(file_okay=False),
+              help="One folder per stage, <workdir>/<model>/<NN>-<stage>; finished stages are skipped.")
+@click.option("--install", is_flag=True, help="Then copy the result over the package's bundled replacements.")
+def train_replacements_cmd(model_name, workdir, install):
+    """Train a bundled model's replacements as the bundled ones were: its chain of `circuits train` runs
+    (per layer, joint rounds, retrained transcoders), each starting from the last; resumable."""
+    from replacement.bundle import preset_folder
+    from replacement.recipe import RECIPES, copy_set, run_stages
+
+    def train(argv: list[str]) -> None:
+        train_cmd.main(args=argv, prog_name="circuits train", standalone_mode=False)
+
+    final = run_stages(model_name, RECIPES[model_name], workdir, train, echo=click.echo)
+    click.echo(f"replacements in {final}: circuits eval --model {model_name} --replacements {final}")
+    if install:
+        copy_set(final, preset_folder(model_name) / "replacements")
+        click.echo(f"installed over {preset_folder(model_name) / 'replacements'}")
 
 
 def _layer_list(layers: str | None) -> list[int] | None:

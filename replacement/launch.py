@@ -70,15 +70,19 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
 
 
 def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: str = "float32",
-                init_from: str | Path | None = None, out: str | Path | None = None, resume: bool = True) -> dict:
+                init_from: str | Path | None = None, out: str | Path | None = None, resume: bool = True,
+                texts: list[str] | None = None) -> dict:
     """The joint stage on ``model_name`` (``cfg.seq_len`` capped at the model's context), starting from the
-    modules in ``init_from`` (default: beside the model); the metrics per module."""
+    modules in ``init_from`` (default: beside the model), on windows of ``texts`` (the first 98% of each) if
+    given, else the model's joint mixture (`joint.joint_source`); the metrics per module."""
+    from .activations import TextSource
     from .joint import fit_joint
     from .models import load_model
 
     adapter = load_model(model_name, device, dtype)
     cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
-    return fit_joint(adapter, cfg, init_from, out, resume=resume)
+    source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 5) if texts else None
+    return fit_joint(adapter, cfg, init_from, out, resume=resume, source=source)
 
 
 __all__ = ["cached_activations", "distributed_setup", "text_sources", "train_joint", "train_replacements"]

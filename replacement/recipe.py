@@ -1,0 +1,115 @@
+"""The recipe that trains the bundled replacements: for each bundled model, the chain of `circuits train` runs
+that made the Lorsa and transcoders in ``replacement/bundled/<model>/replacements`` (the models themselves come
+from `replacement.lm.recipe`).
+
+    circuits train-replacements --model toy --workdir runs/replacements
+
+A chain is a list of `Stage`s, each the options of one `circuits train` run. Every stage writes a complete
+replacement set into its own folder, ``<workdir>/<model>/<NN>-<name>``, and starts from the one before
+(``--init-from``). A stage that retrains some modules only (``partial``) starts its folder as a copy of the one
+before, so that the modules it leaves alone are carried over. A finished stage leaves a ``stage.json``; running
+the chain again skips those stages and resumes the interrupted one from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import BadInputError
+from .io import atomic_path, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    args: tuple[str, ...]  # `circuits train` options, less --model, --init-from and --out
+    partial: bool = False  # retrains some modules only: the others are carried over from the stage before
+
+
+def _joint(steps: int, resample_every: int = 0) -> tuple[str, ...]:
+    return ("--joint", "--steps", str(steps), "--batch-size", "8", "--seq-len", "64", "--lr", "2e-4",
+            "--resample-every", str(resample_every))
+
+
+def _joint_rounds(first: int, n: int, steps: int, resample_first: int = 0) -> list[Stage]:
+    """Joint rounds ``first`` .. ``first + n - 1``, each from the last's output; resampling in the first alone."""
+    return [Stage(f"joint{r}", _joint(steps, resample_first if r == first else 0)) for r in range(first, first + n)]
+
+
+_WIDE_TC = ("--tc-expansion", "16", "--tc-top-k", "64")  # 16 x d features, K = 64 (the per-layer default: 8 x d, K = 32)
+_SKIP_TC = ("--tc-skip", "--tc-token-norm", "--tc-bos-weight", "1")
+
+# The chains as they were run for the bundled sets (2026-12-04 and 2026-12-05); each stage's times on 2 cores.
+RECIPES: dict[str, list[Stage]] = {
+    "toy": [
+        Stage("per-layer", ("--what", "all", "--steps", "500", "--corpora-only", "--lorsa-bos-weight", "1",
+                            "--tc-bos-weight", "1", *_WIDE_TC)),  # 11 min
+        *_joint_rounds(1, 3, 600, resample_first=200),  # 5-6 min a round
+        Stage("skip-transcoders", ("--what", "transcoder", "--steps", "500", "--corpora-only", *_WIDE_TC, *_SKIP_TC),
+              partial=True),  # 5 min
+        *_joint_rounds(4, 2, 600),
+    ],
+    "pythia": [
+        Stage("per-layer", ("--what", "all", "--steps", "500", "--corpora-only")),  # 20-30 min
+        *_joint_rounds(1, 3, 450, resample_first=150),  # 7-8 min a round
+        Stage("wide-transcoders", ("--what", "transcoder", "--layers", "1,2,3", "--steps", "500", "--corpora-only",
+                                   *_WIDE_TC, "--tc-bos-weight", "1"), partial=True),  # 16 min
+        *_joint_rounds(4, 2, 450),
+        Stage("skip-transcoder0", ("--what", "transcoder", "--layers", "0", "--steps", "500", "--corpora-only",
+                                   "--tc-top-k", "64", *_SKIP_TC), partial=True),  # 4 min
+        *_joint_rounds(6, 2, 450),
+    ],
+    "llama": [
+        Stage("per-layer", ("--what", "all", "--steps", "700")),  # 23 min
+        Stage("wide-transcoder3", ("--what", "transcoder", "--layers", "3", "--steps", "800", *_WIDE_TC,
+                                   "--tc-token-norm"), partial=True),  # 6 min
+        *_joint_rounds(1, 3, 800),  # 11-15 min a round
+        Stage("wide-transcoders", ("--what", "transcoder", "--layers", "0,1,2", "--steps", "700", *_WIDE_TC,
+                                   "--tc-bos-weight", "1"), partial=True),  # 18 min
+        *_joint_rounds(4, 3, 800),
+    ],
+}
+
+
+def stage_folders(model: str, stages: list[Stage], workdir: str | Path) -> list[Path]:
+    """Each stage's output folder, ``<workdir>/<model>/<NN>-<name>``."""
+    return [Path(workdir) / model / f"{i:02d}-{s.name}" for i, s in enumerate(stages, 1)]
+
+
+def run_stages(model: str, stages: list[Stage], workdir: str | Path, train: Callable[[list[str]], None],
+               echo: Callable[[str], None] = print) -> Path:
+    """Run ``stages`` on ``model`` in order, skipping finished ones; ``train(argv)`` runs `circuits train` with
+    those arguments. Returns the last stage's folder (the finished replacement set)."""
+    if not stages:
+        raise BadInputError(f"the recipe for {model} has no stages")
+    prev: Path | None = None
+    for i, (stage, out) in enumerate(zip(stages, stage_folders(model, stages, workdir)), 1):
+        done = out / "stage.json"
+        if done.is_file():
+            echo(f"stage {i}/{len(stages)} {stage.name}: done before ({out})")
+        else:
+            if stage.partial and prev is None:
+                raise BadInputError(f"stage {stage.name} retrains some modules only: it needs a stage before it")
+            if stage.partial and not (out / "config.json").is_file():
+                copy_set(prev, out)  # not yet copied (an interrupted stage keeps what it has)
+            argv = ["--model", model, *stage.args, "--out", str(out)] + (["--init-from", str(prev)] if prev else [])
+            echo(f"stage {i}/{len(stages)} {stage.name}: circuits train {' '.join(argv)}")
+            train(argv)
+            atomic_write_text(done, json.dumps({"stage": stage.name, "argv": argv}, indent=2))
+        prev = out
+    return prev
+
+
+def copy_set(src: Path, out: Path) -> None:
+    """Copy a replacement set's module files, then its config.json, into ``out``, each file atomically: a folder
+    with a config.json holds the whole set."""
+    for f in sorted(src.glob("*.safetensors")) + [src / "config.json"]:
+        if not f.name.startswith("."):  # training states are not part of the set
+            with atomic_path(out / f.name) as tmp:
+                shutil.copyfile(f, tmp)
+
+
+__all__ = ["RECIPES", "Stage", "copy_set", "run_stages", "stage_folders"]
