@@ -42,7 +42,7 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
     logit_id = full.logit(answer).id
     effects = graph_effects(full, logit_id)
     rows, groups = [], []
-    graph = prune(full, 0.8, 0.98)  # once: the pruned graph shares its nodes (and so their families) with the full one
+    graph = prune(full)  # once: the pruned graph shares its nodes (and so their families) with the full one
     for cfg in configs:
         find_families(graph, model, cfg)  # on the pruned graph, as trace does
         collapsed = graph.collapsed()  # each family one node, as top_paths(..., families=True) sees the graph

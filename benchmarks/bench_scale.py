@@ -91,7 +91,7 @@ def run_one(model, device: str, n_tokens: int, max_feature_nodes: int) -> dict:
     t = time.time()
     g = attribute(model, ids, max_feature_nodes=max_feature_nodes, qk_heads=25)
     t_attr = time.time() - t
-    p = prune(g, 0.8, 0.98, FILE_MAX_FEATURES, FILE_MAX_EDGES)
+    p = prune(g, max_nodes=FILE_MAX_FEATURES, max_edges=FILE_MAX_EDGES)
     out.update(seconds=time.time() - t, attribution_s=t_attr, nodes=len(g), edges=len(g.edge_arrays),
                active_features=g.settings["active_features"], pruned_nodes=len(p), pruned_edges=len(p.edge_arrays),
                peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,

@@ -357,7 +357,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
 
 def _patch_families(model, ids, t_id: int, patcher, families, mode: str) -> None:
     """Trace the prompt's graph and find its families as `trace` does with its defaults (its node budget, the graph
-    pruned at 0.8 / 0.98 within its file caps, the default rule), ablate each named family's members together, and
+    pruned at the default thresholds within its file caps, the default rule), ablate each named family's members together, and
     print the effect beside the graph's prediction (the sum of its members' effects on the target's demeaned logit,
     zero ablation, through transcoder features)."""
     from graphs.attribution import attribute
@@ -368,7 +368,8 @@ def _patch_families(model, ids, t_id: int, patcher, families, mode: str) -> None
     # trace's defaults: its node budget and its file caps (a family's members depend on which nodes pruning keeps)
     graph = attribute(model, ids, target=model.adapter.tokenizer.decode([t_id]), qk=False,
                       max_feature_nodes=DEFAULT_MAX_FEATURE_NODES)
-    find_families(prune(graph, 0.8, 0.98, *file_caps(None, False)), model, DEFAULT_FAMILIES)  # shares graph's nodes
+    max_nodes, max_edges = file_caps(None, False)
+    find_families(prune(graph, max_nodes=max_nodes, max_edges=max_edges), model, DEFAULT_FAMILIES)  # shares graph's nodes
     logit_id = graph.logit(t_id).id
     for fid in families:
         f = family(graph, fid)

@@ -13,6 +13,7 @@ import click  # noqa: E402
 from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
 from graphs.files import FORMATS, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
+from graphs.prune import EDGE_THRESHOLD, NODE_THRESHOLD  # noqa: E402
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
@@ -27,8 +28,8 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True,
               help="lorsa: attention replaced by Lorsa heads; frozen: real attention with frozen patterns (transcoders only).")
 @click.option("--target", default=None, help="A token whose logit must be in the graph (e.g. ' 98').")
-@click.option("--node-threshold", type=float, default=0.8, show_default=True)
-@click.option("--edge-threshold", type=float, default=0.98, show_default=True)
+@click.option("--node-threshold", type=float, default=NODE_THRESHOLD, show_default=True)
+@click.option("--edge-threshold", type=float, default=EDGE_THRESHOLD, show_default=True)
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")
 @click.option("--max-feature-nodes", type=int, default=DEFAULT_MAX_FEATURE_NODES, show_default=True,
               help="Attribute at most this many features/heads, the most influential first (saves time and memory).")

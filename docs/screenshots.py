@@ -29,7 +29,7 @@ def page(model_name: str, folder: Path) -> Path:
     model = ReplacementModel.load(adapter)
     # pythia: examples/induction.py's showcase (its NATURAL_SEEDS["pythia"])
     ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else natural_copy_prompt(adapter, 5)[0]
-    graph = prune(attribute(model, ids), 0.8, 0.98)
+    graph = prune(attribute(model, ids))
     return write_html(graph, folder / f"{model_name}.html", load_or_build(model))
 
 

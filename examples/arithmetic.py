@@ -81,7 +81,7 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     toks = [adapter.tokenizer.decode([i]) for i in ids[0].tolist()]
     pos36, pos62, last = toks.index("36"), toks.index(" 62"), len(toks) - 1
     full = attribute(model, ids, target=ANSWER)
-    graph = prune(full, 0.8, 0.98)
+    graph = prune(full)
     logit = graph.logit(adapter.tokenizer.encode(ANSWER, add_special_tokens=False)[0])
     eff = graph_effects(full, logit.id)
     movers = sorted(operand_movers(full, [pos36, pos62], last), key=lambda m: -abs(float(eff[full.index[m.head.id]])))

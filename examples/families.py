@@ -42,7 +42,7 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     ids, answer, peak = _induction_example().showcase_prompt(adapter, "natural", seed)
     cfg = DEFAULT_FAMILIES if cosine is None else FamilyConfig(cosine=cosine)
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]), qk=False)
-    graph = prune(full, 0.8, 0.98)  # shares its nodes with the full graph, so its families mark the full one's too
+    graph = prune(full)  # shares its nodes with the full graph, so its families mark the full one's too
     find_families(graph, model, cfg)
     n, tok = ids.shape[1], adapter.tokenizer
     logit = full.logit(answer)

@@ -70,7 +70,7 @@ def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: 
     model = ReplacementModel.load(adapter)
     ids, answer, expected_peak = showcase_prompt(adapter, prompt, seed)
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]))
-    graph = prune(full, 0.8, 0.98)
+    graph = prune(full)
     logit = graph.logit(answer)
     circuit = induction_circuit(full, logit.id, expected_peak, adapter.parallel_residual)
     checks = patch_checks(model, ids, answer, full, circuit)

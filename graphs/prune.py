@@ -93,7 +93,10 @@ def file_caps(max_nodes: int | None, full: bool) -> tuple[int | None, int | None
     return min(max_nodes or FILE_MAX_FEATURES, FILE_MAX_FEATURES), FILE_MAX_EDGES
 
 
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98  # the default pruning: `trace`'s, and every picture's in the README
+
+
+def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD,
           max_nodes: int | None = None, max_edges: int | None = None) -> AttributionGraph:
     """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
     ``edge_threshold`` of the influence-weighted edge mass, then drop nodes left without outgoing edges until

@@ -114,7 +114,7 @@ ids = a.tokenize(" ".join(str(i) for i in range(30)))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 g = attribute(m, ids)
 edges = len(g.edge_arrays)
-prune(g, 0.8, 0.98)
+prune(g)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 e = estimate(ids.shape[1], [m.lorsas[L].cfg.top_k for L in range(4)], [m.transcoders[L].cfg.top_k for L in range(4)])
 print(json.dumps({"edges": edges, "est_edges": e.edges, "est_bytes": e.bytes, "used": peak - base}))

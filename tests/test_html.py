@@ -250,7 +250,7 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     chromium = _chromium()
     adapter = load_model(model_name)
     ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else repeated_span_prompt(adapter, span=8, seed=1)[0]
-    graph = prune(attribute(ReplacementModel.load(adapter), ids), 0.8, 0.98)
+    graph = prune(attribute(ReplacementModel.load(adapter), ids))
     graph = graphs.load(write_json(graph, tmp_path / "graph.json"))  # as a reader of the file sees it
     n_drawn = min(DEFAULT_DRAW_NODES, len(graph.node_list))
     assert len(graph.node_list) > n_drawn  # the budget matters here
