@@ -174,6 +174,30 @@ def test_influence_and_scores_closed_form():
     assert s["completeness_score"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("order", ["causal", "shuffled"])
+def test_influence_of_equals_a_dense_solve(order):
+    """On a random DAG: with nodes in causal order (every edge from a lower index to a higher one, as `attribute`
+    makes them) influence is a triangular solve; shuffled, the power series; both equal w (I - M)^-1 in float64."""
+    from graphs.prune import influence_of
+
+    g = torch.Generator().manual_seed(0)
+    n, n_edges = 60, 400
+    src, tgt = torch.randint(0, n, (2, n_edges), generator=g)
+    src, tgt = torch.minimum(src, tgt), torch.maximum(src, tgt)
+    keep = src < tgt
+    src, tgt, w = src[keep], tgt[keep], torch.randn(int(keep.sum()), generator=g)
+    start = torch.zeros(n)
+    start[-3:] = torch.tensor([0.5, 0.3, 0.2])
+    if order == "shuffled":
+        perm = torch.randperm(n, generator=g)  # node i becomes perm[i]
+        src, tgt, start = perm[src], perm[tgt], torch.zeros(n).index_put_((perm,), start)
+        assert not bool((src < tgt).all())
+    M = torch.zeros(n, n, dtype=torch.float64).index_put_((tgt, src), w.double().abs(), accumulate=True)
+    M = M / M.sum(1, keepdim=True).clamp_min(1e-300)
+    x = torch.linalg.solve((torch.eye(n, dtype=torch.float64) - M).t(), start.double())
+    torch.testing.assert_close(influence_of(src, tgt, w, start).double(), x, atol=1e-6, rtol=1e-5)
+
+
 def test_prune_keeps_logits_and_checks_thresholds():
     from graphs.prune import prune
 
