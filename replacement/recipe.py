@@ -7,7 +7,8 @@ from `replacement.lm.recipe`).
 A chain is a list of `Stage`s, each the options of one `circuits train` run. Every stage writes a complete
 replacement set into its own folder, ``<workdir>/<model>/<NN>-<name>``, and starts from the one before
 (``--init-from``). A stage that retrains some modules only (``partial``) starts its folder as a copy of the one
-before, so that the modules it leaves alone are carried over. A finished stage leaves a ``stage.json``; running
+before, so that the modules it leaves alone are carried over; one that changes a module's width (``fresh``)
+trains it from scratch. A finished stage leaves a ``stage.json``; running
 the chain again skips those stages and resumes the interrupted one from its checkpoint.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Stage:
     name: str
     args: tuple[str, ...]  # `circuits train` options, less --model, --init-from and --out
     partial: bool = False  # retrains some modules only: the others are carried over from the stage before
+    fresh: bool = False  # the modules it trains start anew, not from the stage before's (another width)
 
 
 def _joint(steps: int, resample_every: int = 0) -> tuple[str, ...]:
@@ -56,7 +58,7 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("per-layer", ("--what", "all", "--steps", "500", "--corpora-only")),  # 20-30 min
         *_joint_rounds(1, 3, 450, resample_first=150),  # 7-8 min a round
         Stage("wide-transcoders", ("--what", "transcoder", "--layers", "1,2,3", "--steps", "500", "--corpora-only",
-                                   *_WIDE_TC, "--tc-bos-weight", "1"), partial=True),  # 16 min
+                                   *_WIDE_TC, "--tc-bos-weight", "1"), partial=True, fresh=True),  # 16 min
         *_joint_rounds(4, 2, 450),
         Stage("skip-transcoder0", ("--what", "transcoder", "--layers", "0", "--steps", "500", "--corpora-only",
                                    "--tc-top-k", "64", *_SKIP_TC), partial=True),  # 4 min
@@ -65,10 +67,10 @@ RECIPES: dict[str, list[Stage]] = {
     "llama": [
         Stage("per-layer", ("--what", "all", "--steps", "700")),  # 23 min
         Stage("wide-transcoder3", ("--what", "transcoder", "--layers", "3", "--steps", "800", *_WIDE_TC,
-                                   "--tc-token-norm"), partial=True),  # 6 min
+                                   "--tc-token-norm"), partial=True, fresh=True),  # 6 min
         *_joint_rounds(1, 3, 800),  # 11-15 min a round
         Stage("wide-transcoders", ("--what", "transcoder", "--layers", "0,1,2", "--steps", "700", *_WIDE_TC,
-                                   "--tc-bos-weight", "1"), partial=True),  # 18 min
+                                   "--tc-bos-weight", "1"), partial=True, fresh=True),  # 18 min
         *_joint_rounds(4, 3, 800),
     ],
 }
@@ -95,7 +97,8 @@ def run_stages(model: str, stages: list[Stage], workdir: str | Path, train: Call
                 raise BadInputError(f"stage {stage.name} retrains some modules only: it needs a stage before it")
             if stage.partial and not (out / "config.json").is_file():
                 copy_set(prev, out)  # not yet copied (an interrupted stage keeps what it has)
-            argv = ["--model", model, *stage.args, "--out", str(out)] + (["--init-from", str(prev)] if prev else [])
+            start = prev is not None and not stage.fresh
+            argv = ["--model", model, *stage.args, "--out", str(out)] + (["--init-from", str(prev)] if start else [])
             echo(f"stage {i}/{len(stages)} {stage.name}: circuits train {' '.join(argv)}")
             train(argv)
             atomic_write_text(done, json.dumps({"stage": stage.name, "argv": argv}, indent=2))

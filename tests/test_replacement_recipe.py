@@ -65,6 +65,28 @@ def test_each_recipe_is_what_the_bundled_modules_record(model):
             last["steps"], last["batch_size"], last["seq_len"], last["lr"], last["resample_every"]), name
 
 
+@pytest.mark.parametrize("model", sorted(RECIPES))
+def test_each_recipe_can_run(model):
+    """A stage that starts from the stage before's modules (`--init-from`) must keep their widths (K and a skip
+    connection may change; `Trainer._init_from_saved` refuses any other change): one that widens is ``fresh``.
+    Joint stages and partial stages need a stage before them."""
+    stages = RECIPES[model]
+    n_layers = 1 + max(int(n.split(".")[0][5:]) for n in _saved(model))
+    width = {}
+    for i, stage in enumerate(stages):
+        p = _options(stage)
+        assert i > 0 or not (p["joint"] or stage.partial or stage.fresh), stage.name
+        for kind in ("lorsa", "transcoder"):
+            w = (p["lorsa_qk_per_head"], p["lorsa_heads_per_group"]) if kind == "lorsa" else p["tc_expansion"]
+            for layer in range(n_layers):
+                if _trains(stage, kind, layer, n_layers):
+                    if i > 0 and not stage.fresh:
+                        assert width[kind, layer] == w, f"{stage.name} starts layer {layer}'s {kind} from another width"
+                    width[kind, layer] = w
+        if p["joint"]:
+            assert not stage.fresh and len(width) == 2 * n_layers, stage.name
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -79,7 +101,9 @@ def test_stages_chain_carry_the_untouched_modules_and_resume(saved_model, tmp_pa
              "--lorsa-top-k", "2", "--tc-expansion", "1", "--tc-top-k", "4")
     stages = [Stage("per-layer", ("--what", "all", "--steps", "3", *small)),
               Stage("joint1", ("--joint", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--text", str(text))),
-              Stage("tc1", ("--what", "transcoder", "--layers", "1", "--steps", "3", "--tc-skip", *small), partial=True)]
+              Stage("tc1", ("--what", "transcoder", "--layers", "1", "--steps", "3", "--tc-skip", *small), partial=True),
+              Stage("tc0", ("--what", "transcoder", "--layers", "0", "--steps", "3", *small, "--tc-expansion", "2"),
+                    partial=True, fresh=True)]
     calls = []
 
     def train(argv):
@@ -89,9 +113,9 @@ def test_stages_chain_carry_the_untouched_modules_and_resume(saved_model, tmp_pa
     model = str(saved_model)
     final = run_stages(model, stages, tmp_path / "w", train, echo=lambda s: None)
     folders = stage_folders(model, stages, tmp_path / "w")
-    assert final == folders[-1] and len(calls) == 3
-    assert "--init-from" not in calls[0]
-    for argv, prev in zip(calls[1:], folders):  # each stage starts from the one before
+    assert final == folders[-1] and len(calls) == 4
+    assert "--init-from" not in calls[0] and "--init-from" not in calls[3]  # the first stage, and the fresh one
+    for argv, prev in zip(calls[1:3], folders):  # the others start from the stage before
         assert argv[argv.index("--init-from") + 1] == str(prev)
     adapter = load_model(model)
     every = {(k, L) for k in ("lorsa", "transcoder") for L in range(adapter.n_layers)}
@@ -99,17 +123,21 @@ def test_stages_chain_carry_the_untouched_modules_and_resume(saved_model, tmp_pa
         assert set(load_replacements(f, adapter, earlier_version=True)) == every, f
     mods = load_replacements(final, adapter, earlier_version=True)
     assert mods[("transcoder", 1)].cfg.skip and not mods[("transcoder", 0)].cfg.skip
-    for name in ("layer0.lorsa", "layer1.lorsa", "layer0.transcoder"):  # carried over byte for byte
-        assert _digest(final / f"{name}.safetensors") == _digest(folders[1] / f"{name}.safetensors"), name
-    assert _digest(final / "layer1.transcoder.safetensors") != _digest(folders[1] / "layer1.transcoder.safetensors")
+    assert mods[("transcoder", 0)].cfg.n_features == 2 * mods[("transcoder", 1)].cfg.n_features
+    carried = {2: ("layer0.lorsa", "layer1.lorsa", "layer0.transcoder"), 3: ("layer0.lorsa", "layer1.lorsa", "layer1.transcoder")}
+    for i, names in carried.items():  # a partial stage carries the modules it leaves alone byte for byte
+        for name in names:
+            assert _digest(folders[i] / f"{name}.safetensors") == _digest(folders[i - 1] / f"{name}.safetensors"), (i, name)
+        (trained,) = {f"layer{L}.transcoder" for L in (0, 1)} - set(names)
+        assert _digest(folders[i] / f"{trained}.safetensors") != _digest(folders[i - 1] / f"{trained}.safetensors")
 
     before = {f: _digest(f) for f in final.glob("*.safetensors")}
     run_stages(model, stages, tmp_path / "w", train, echo=lambda s: None)
-    assert len(calls) == 3  # every stage done: nothing runs again
-    (final / "stage.json").unlink()  # the last stage interrupted after its copy: it runs again, from that folder
+    assert len(calls) == 4  # every stage done: nothing runs again
+    (final / "stage.json").unlink()  # the last stage interrupted after its copy: it runs again, in that folder
     run_stages(model, stages, tmp_path / "w", train, echo=lambda s: None)
-    assert len(calls) == 4 and calls[3] == calls[2]
-    for name in ("layer0.lorsa", "layer1.lorsa", "layer0.transcoder"):
+    assert len(calls) == 5 and calls[4] == calls[3]
+    for name in carried[3]:
         assert _digest(final / f"{name}.safetensors") == before[final / f"{name}.safetensors"]
 
 
