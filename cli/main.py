@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from graphs.layout import DEFAULT_DRAW_NODES
+from replacement.bundle import PRESET_NAMES
 
 from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, refuse_file
 
@@ -164,7 +165,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 
 
 @circuits.command("train-replacements")
-@click.option("--model", "model_name", required=True, type=click.Choice(["toy", "pythia", "llama"]),
+@click.option("--model", "model_name", required=True, type=click.Choice(PRESET_NAMES),
               help="The bundled model whose replacements to train.")
 @click.option("--workdir", default="runs/replacements", show_default=True, type=click.Path(file_okay=False),
               help="One folder per stage, <workdir>/<model>/<NN>-<stage>; finished stages are skipped.")

@@ -146,3 +146,9 @@ def test_a_partial_first_stage_is_refused(tmp_path):
 
     with pytest.raises(BadInputError, match="needs a stage before it"):
         run_stages("toy", [Stage("tc", ("--what", "transcoder"), partial=True)], tmp_path, lambda argv: None)
+
+
+def test_every_bundled_model_has_a_recipe():
+    from replacement.bundle import PRESET_NAMES
+
+    assert set(RECIPES) == set(PRESET_NAMES)
