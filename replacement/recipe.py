@@ -63,6 +63,9 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("skip-transcoder0", ("--what", "transcoder", "--layers", "0", "--steps", "500", "--corpora-only",
                                    "--tc-top-k", "64", *_SKIP_TC), partial=True),  # 4 min
         *_joint_rounds(6, 2, 450),
+        Stage("skip-transcoders", ("--what", "transcoder", "--layers", "1,2,3", "--steps", "500", "--corpora-only",
+                                   *_WIDE_TC, *_SKIP_TC), partial=True),  # 10 min
+        *_joint_rounds(8, 2, 450),
     ],
     "llama": [
         Stage("per-layer", ("--what", "all", "--steps", "700")),  # 23 min
