@@ -357,20 +357,14 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
 
 
 def _patch_families(model, ids, t_id: int, patcher, families, mode: str) -> None:
-    """Trace the prompt's graph and find its families as `trace` does with its defaults (its node budget, the graph
-    pruned at the default thresholds within its file caps, the default rule), ablate each named family's members together, and
-    print the effect beside the graph's prediction (the sum of its members' effects on the target's demeaned logit,
-    zero ablation, through transcoder features)."""
-    from graphs.attribution import attribute
-    from graphs.budget import DEFAULT_MAX_FEATURE_NODES
-    from graphs.families import DEFAULT_FAMILIES, family, family_components, find_families, predicted_effect
-    from graphs.prune import file_caps, prune
+    """Trace the prompt's graph and find its families as `trace` does with its defaults (`cli.trace.graphs_of`),
+    ablate each named family's members together, and print the effect beside the graph's prediction (the sum of its
+    members' effects on the target's demeaned logit, zero ablation, through transcoder features)."""
+    from graphs.families import family, family_components, predicted_effect
 
-    # trace's defaults: its node budget and its file caps (a family's members depend on which nodes pruning keeps)
-    graph = attribute(model, ids, target=model.adapter.tokenizer.decode([t_id]), qk=False,
-                      max_feature_nodes=DEFAULT_MAX_FEATURE_NODES)
-    max_nodes, max_edges = file_caps(None, False)
-    find_families(prune(graph, max_nodes=max_nodes, max_edges=max_edges), model, DEFAULT_FAMILIES)  # shares graph's nodes
+    from .trace import graphs_of
+
+    graph, _ = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # its families mark graph's nodes
     logit_id = graph.logit(t_id).id
     for fid in families:
         f = family(graph, fid)

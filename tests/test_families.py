@@ -390,16 +390,24 @@ def test_query_lists_families_and_their_paths(tmp_path):
 
 
 def test_patch_ablates_a_family_that_trace_found(tmp_path):
-    """A family id from `trace`'s graph.json names the same members in `circuits patch --family`, which prints its
-    size and the graph's prediction."""
+    """A family id from a default `trace`'s graph.json names the same members in `circuits patch --family`, which
+    prints its size and the graph's prediction (QK pairs keep their nodes in the pruned graph: with `--no-qk` this
+    prompt's graph has 32 families, by default 42)."""
     prompt = "the cat sat on the mat. the cat sat on the"
     import subprocess
     import sys
 
     r = subprocess.run([sys.executable, "-c", "from cli.trace import trace; trace()", prompt, "--model", "toy", "--out",
-                        str(tmp_path), "--format", "json", "--no-qk"], capture_output=True, text=True, timeout=600)
+                        str(tmp_path), "--format", "json"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     g = AttributionGraph.load(tmp_path / "graph.json")
+    from cli.trace import graphs_of  # what `patch --family` builds: every family, member for member, as trace's
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    model = ReplacementModel.load(load_model("toy"))
+    _, pruned = graphs_of(model, model.adapter.tokenize(prompt))
+    assert {f.id: sorted(f.members) for f in pruned.families()} == {f.id: sorted(f.members) for f in g.families()}
     f = max(g.families(), key=len)
     r = _circuits("patch", prompt, "--model", "toy", "--family", f.id)
     assert r.returncode == 0, r.stderr
