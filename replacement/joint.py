@@ -357,9 +357,11 @@ def joint_mixture(adapter, cfg: JointConfig) -> Mixture:
     return WITH_ADDITIONS if any(s.get("mixture", {}).get("arith", 0) > 0 for s in stages) else WITHOUT_ADDITIONS
 
 
-def joint_source(adapter, cfg: JointConfig):
-    """The joint stage's batches: the preset's mixture (`joint_mixture`) for a preset, text windows of the
-    training corpora otherwise."""
-    from .activations import default_source
+def joint_source(adapter, cfg: JointConfig, texts: list[str] | None = None):
+    """The joint stage's batches: windows of ``texts`` (the first 98% of each) if given; else the preset's mixture
+    (`joint_mixture`) for a preset, text windows of the training corpora otherwise."""
+    from .activations import TextSource, default_source
 
+    if texts:
+        return TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 5)
     return default_source(adapter, cfg.seq_len, cfg.seed + 5, mixture=joint_mixture(adapter, cfg))

@@ -75,14 +75,12 @@ def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: s
     """The joint stage on ``model_name`` (``cfg.seq_len`` capped at the model's context), starting from the
     modules in ``init_from`` (default: beside the model), on windows of ``texts`` (the first 98% of each) if
     given, else the model's joint mixture (`joint.joint_source`); the metrics per module."""
-    from .activations import TextSource
-    from .joint import fit_joint
+    from .joint import fit_joint, joint_source
     from .models import load_model
 
     adapter = load_model(model_name, device, dtype)
     cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
-    source = TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 5) if texts else None
-    return fit_joint(adapter, cfg, init_from, out, resume=resume, source=source)
+    return fit_joint(adapter, cfg, init_from, out, resume=resume, source=joint_source(adapter, cfg, texts))
 
 
 __all__ = ["cached_activations", "distributed_setup", "text_sources", "train_joint", "train_replacements"]
