@@ -198,8 +198,9 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
             tip += f" ({meaning(n)})"
         if n.members:
             tip += f"; a family of {len(n.members)}: {', '.join(n.members[:12])}" + (", ..." if len(n.members) > 12 else "")
+        width = "" if g.node_w[n.id] == NODE_W else f", width={g.node_w[n.id] / 72:.3f}"
         lines.append(f"  {_q(n.id)} [label={_q(box_label(graph, n))}, pos=\"{x:.1f},{y:.1f}!\", fillcolor={_q(fill)}, "
-                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}" + (", peripheries=2" if n.members else "") + "];")
+                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}{width}" + (", peripheries=2" if n.members else "") + "];")
     lines += _frame(g)
     E = graph.edge_arrays
     chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes))

@@ -78,8 +78,8 @@ function text(parent, x, y, lines, attrs) {
   lines.forEach((line, i) => { const s = el('tspan', {x, dy: i ? 11 : 0}, t); s.textContent = line; });
   return t;
 }
-function shape(g, n, x, y) {
-  const [fill, kind] = DATA.style[n.type], w = DATA.node_w, h = DATA.node_h;
+function shape(g, id, n, x, y) {
+  const [fill, kind] = DATA.style[n.type], w = nodeW(id), h = DATA.node_h;
   if (kind === 'ellipse') return el('ellipse', {cx: x, cy: y, rx: w / 2, ry: h / 2, fill, stroke: '#333'}, g);
   if (kind === 'box') return el('rect', {x: x - w / 2, y: y - h / 2, width: w, height: h, fill, stroke: '#333'}, g);
   const a = w / 2, b = h / 2, c = 0.3 * a;  // an octagon, dashed: an error node
@@ -87,13 +87,14 @@ function shape(g, n, x, y) {
   return el('polygon', {points: pts.map(([u, v]) => `${x + u},${y + v}`).join(' '), fill, stroke: '#333', 'stroke-dasharray': '4 2'}, g);
 }
 const Y = y => step.height - y;  // the grid's y runs up, the SVG's down
+const nodeW = id => step.node_w[id] ?? DATA.node_w;  // a narrow column's embedding box is narrower
 function draw(i) {
   step = STEPS[Math.min(i, STEPS.length - 1)];
   slider.value = i;
   scene.textContent = '';
   const root = el('g', {id: 'content'}, scene);
   for (const [x, label] of step.columns) for (const y of step.header_y)
-    text(root, x, Y(y), [label], {'font-size': 11, 'font-weight': 'bold'});
+    text(root, x, Y(y), label.split('\n'), {'font-size': 11, 'font-weight': 'bold'});
   for (const [y, label] of step.rows) text(root, DATA.label_w / 2, Y(y), [label], {'font-size': 11, fill: '#555'});
   const wmax = Math.max(1e-12, ...step.edges.map(e => Math.abs(e[2])));
   const curve = (a, b) => {
@@ -111,7 +112,7 @@ function draw(i) {
   for (const [id, [x, y]] of Object.entries(step.xy)) {
     const n = DATA.nodes[id];
     const g = el('g', {class: 'node' + (id === selected ? ' selected' : ''), 'data-node': id}, root);
-    shape(g, n, x, Y(y));
+    shape(g, id, n, x, Y(y));
     el('title', {}, g).textContent = n.title + (n.meaning ? ` (${n.meaning})` : '');
     text(g, x, Y(y), n.label.split('\n'), {'font-size': 9.5});
     g.addEventListener('click', () => { if (!dragged) go(id); });
@@ -164,7 +165,7 @@ document.getElementById('toolbar').addEventListener('click', ev => {
   if (f) f === 'fit' ? fit() : zoom(Number(f));
 });
 function bringIntoView(id) {  // centre the node if it is off screen or drawn too small to read
-  const [x, y] = step.xy[id], w = DATA.node_w, h = DATA.node_h;
+  const [x, y] = step.xy[id], w = nodeW(id), h = DATA.node_h;
   const inside = x - w / 2 >= view.x && x + w / 2 <= view.x + view.w && Y(y) - h / 2 >= view.y && Y(y) + h / 2 <= view.y + view.h;
   const f = Math.max(1, view.w / scene.clientWidth, view.h / scene.clientHeight);  // > 1: smaller than 100%
   if (!inside || f > 1.5) setView({x: x - view.w / f / 2, y: Y(y) - view.h / f / 2, w: view.w / f, h: view.h / f});
@@ -320,6 +321,7 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
     rest = [n.influence for n in nodes if n.type != NodeKind.LOGIT]
     return {"n": len(nodes), "threshold": min(rest, default=0.0), "width": round(g.width, 1), "height": round(g.height, 1),
             "xy": {k: [round(x, 1), round(y, 1)] for k, (x, y) in g.xy.items()}, "columns": g.columns, "rows": g.rows,
+            "node_w": {k: w for k, w in g.node_w.items() if w != NODE_W},
             "header_y": list(g.header_y), "edges": edges, "qk": qk}
 
 

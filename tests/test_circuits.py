@@ -96,3 +96,28 @@ def test_layout_places_a_node_above_the_logits_layer():
     placed = grid(g, g.node_list)
     assert set(placed.xy) == {n.id for n in g.node_list}
     assert placed.xy["tc.5.1@3"][1] > max(y for i, (x, y) in placed.xy.items() if i not in ("tc.5.1@3", "logit.11@3"))
+
+
+def test_layout_narrows_columns_of_embeddings_alone():
+    """A column where only an embedding is drawn is NARROW_W wide (its box too), one where nothing is drawn
+    EMPTY_COL_W; columns with heads keep full-width boxes; the columns stay in token order, without overlap."""
+    from graphs.layout import COL_GAP, EMPTY_COL_W, LABEL_W, NARROW_W, NODE_W, grid
+
+    base = _induction_graph()  # positions 0-3: heads at 1 and 3
+    late = Node("emb@5", "embedding", -1, 5, 15)
+    g = AttributionGraph("a b c a x y", base.tokens + ["x", "y"], base.token_ids + [13, 15], base.node_list + [late], [])
+    drawn = [n for n in g.node_list if n.id != "emb@2"]  # drawn: embeddings alone at 0 and 5, nothing at 2 and 4
+    placed = grid(g, drawn)
+    assert placed.node_w["emb@0"] == placed.node_w["emb@5"] == NARROW_W
+    assert placed.node_w["emb@1"] == placed.node_w["emb@3"] == placed.node_w["lorsa.1.7@3"] == NODE_W
+    xs = [x for x, _ in placed.columns]  # column centres: each column starts COL_GAP after the last one ends
+    assert xs[0] == pytest.approx(LABEL_W + COL_GAP / 2 + NARROW_W / 2)
+    assert xs[1] - xs[0] == pytest.approx(NARROW_W / 2 + COL_GAP + NODE_W / 2)
+    assert xs[2] - xs[1] == pytest.approx(NODE_W / 2 + COL_GAP + EMPTY_COL_W / 2)
+    assert xs[5] - xs[4] == pytest.approx(EMPTY_COL_W / 2 + COL_GAP + NARROW_W / 2)
+    assert placed.xy["emb@0"][0] == pytest.approx(xs[0]) and placed.xy["emb@5"][0] == pytest.approx(xs[5])
+    boxes = sorted((placed.xy[n.id][0] - placed.node_w[n.id] / 2, placed.xy[n.id][0] + placed.node_w[n.id] / 2, n.pos)
+                   for n in drawn)
+    for (a0, a1, pa), (b0, b1, pb) in zip(boxes, boxes[1:]):  # left to right: no two columns' boxes overlap
+        assert pa <= pb and (pa == pb or a1 < b0)
+    assert [label.split("\n") for _, label in placed.columns] == [[str(p), f'"{t}"'] for p, t in enumerate(g.tokens)]

@@ -95,8 +95,10 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
     text = " ".join(t.text or "" for t in root.iter(svg.NS + "text"))
     assert f"30 of {len(graph.node_list)} nodes drawn" in text and f"{len(graph.node_list) - 30} left out" in text
     assert "--draw-nodes" in text
-    for p, tok in enumerate(graph.tokens):  # each column is labelled with its token, under and over the grid
-        assert text.count(f'{p}: "{tok}"') == 2
+    texts = [t.text for t in root.iter(svg.NS + "text")]
+    labels = list(zip(texts, texts[1:]))  # a column's label: its position over its token
+    for p, tok in enumerate(graph.tokens):  # each column is labelled with its position and token, under and over
+        assert labels.count((str(p), f'"{tok}"')) == 2
     for k, v in boxes.items():  # error nodes are dashed and say so; the others are not
         is_error = graph.node(k).type.endswith("error")
         assert bool(v["shape"].get("stroke-dasharray")) == is_error and ("error" in v["text"]) == is_error
