@@ -77,6 +77,8 @@ class RunFolder:
 
     def open(self) -> "RunFolder":
         """Create the output and the private folder (BadInputError if it cannot be written)."""
+        if self.out.exists() and not self.out.is_dir():  # mkdir would say only "File exists"
+            raise BadInputError(f"cannot write to {self.flag} {self.out}: it is a file, not a folder")
         missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
         try:
             self.out.mkdir(parents=True, exist_ok=True)
