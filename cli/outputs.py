@@ -22,6 +22,8 @@ from pathlib import Path
 
 from replacement.errors import BadInputError
 
+from .common import refuse_file
+
 _LEFTOVER = re.compile(r"^\.(?:run-(\d+)-.+|.+\.tmp(\d+))$")
 
 
@@ -77,8 +79,7 @@ class RunFolder:
 
     def open(self) -> "RunFolder":
         """Create the output and the private folder (BadInputError if it cannot be written)."""
-        if self.out.exists() and not self.out.is_dir():  # mkdir would say only "File exists"
-            raise BadInputError(f"cannot write to {self.flag} {self.out}: it is a file, not a folder")
+        refuse_file(self.flag, str(self.out))  # mkdir would say only "File exists"
         missing = [p for p in [self.out, *self.out.parents] if not p.exists()]
         try:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -96,9 +96,9 @@ CASES = [
                                       "--out", "{WORLD}/new/nested/out"], "NaN or infinite"),
     # output folders and writing
     Case("out-is-a-file", ["trace", "the cat", "--model", "{M}", "--out", "{PREV}/graph.json"],
-         "graph.json: it is a file, not a folder"),
+         "graph.json is a file, not a folder"),
     Case("out-is-a-device", ["trace", "the cat", "--model", "{M}", "--out", "/dev/null"],
-         "cannot write to --out /dev/null: it is a file, not a folder"),
+         "--out /dev/null is a file, not a folder"),
     Case("out-under-a-file", ["trace", "the cat", "--model", "{M}", "--out", "{PREV}/graph.json/sub"],
          "cannot write to --out"),
     Case("dot-fails", T + ["--format", "json,dot,svg"], "dot failed: Error: syntax error", path="{FAILDOT}"),
