@@ -17,7 +17,7 @@ import torch
 from .attribution import Target, emit_edges, source_groups, target_rows
 from .graph import FEATURE_KINDS, EdgeArrays, Node, NodeKind
 from .linear import Linearised
-from .prune import influence_of
+from .prune import GrowingInfluence
 
 
 def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], max_feature_nodes: int,
@@ -34,17 +34,18 @@ def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target
     start = start / start.sum().clamp_min(1e-30)
     is_feature = torch.tensor([n.type in FEATURE_KINDS for n in nodes])
     bar = tqdm(total=max_feature_nodes, desc="attribution (budgeted)", disable=not progress)
-    _expand(lin, groups, nodes, targets, table, is_logit, edges, expanded, batch_size)
+    influence = GrowingInfluence(start)  # each expanded target's row arrives whole, in one `_expand`
+    _expand(lin, groups, nodes, targets, table, is_logit, edges, expanded, batch_size, influence)
     done = 0
     while done < max_feature_nodes:
-        infl = influence_of(edges.src, edges.tgt, edges.w, start)
+        infl = influence()
         cand = (is_feature & ~expanded & (infl > 0)).nonzero()[:, 0]
         if not len(cand):
             break
         take = cand[infl[cand].argsort(descending=True)][: min(batch_size, max_feature_nodes - done)]
         chosen = torch.zeros(len(nodes), dtype=torch.bool)
         chosen[take] = True
-        _expand(lin, groups, nodes, targets, table, chosen, edges, expanded, batch_size)
+        _expand(lin, groups, nodes, targets, table, chosen, edges, expanded, batch_size, influence)
         done += len(take)
         bar.update(len(take))
     bar.close()
@@ -59,17 +60,23 @@ def _target_table(targets: list[Target]) -> torch.Tensor:
 
 
 def _expand(lin: Linearised, groups: dict, nodes: list[Node], targets: list[Target], table: torch.Tensor,
-            chosen: torch.Tensor, edges: EdgeArrays, expanded: torch.Tensor, batch_size: int = 256) -> None:
-    """Compute the incoming rows of the chosen targets (``chosen`` [n_nodes] bool), by target group."""
+            chosen: torch.Tensor, edges: EdgeArrays, expanded: torch.Tensor, batch_size: int = 256,
+            influence: GrowingInfluence | None = None) -> None:
+    """Compute the incoming rows of the chosen targets (``chosen`` [n_nodes] bool), by target group, into
+    ``edges`` (and ``influence``)."""
     sel = table[chosen[table[:, 0]]]
+    new = EdgeArrays()
     for g in sel[:, 1].unique().tolist():
         kind, L = targets[g][0], targets[g][1]
         part = sel[sel[:, 1] == g]
         for s in range(0, len(part), batch_size):
             rows, idx, pos = part[s : s + batch_size, 0], part[s : s + batch_size, 2], part[s : s + batch_size, 3]
             W, const = target_rows(lin, groups, len(nodes), kind, L, idx, pos)
-            emit_edges(W, rows.tolist(), const, nodes, edges, "ov" if kind == NodeKind.LORSA else "direct", None)
+            emit_edges(W, rows.tolist(), const, nodes, new, "ov" if kind == NodeKind.LORSA else "direct", None)
         expanded[part[:, 0]] = True
+    edges.extend(new)
+    if influence is not None:
+        influence.add(new.src, new.tgt, new.w)
 
 
 def _restrict(nodes: list[Node], edges: EdgeArrays, keep: torch.Tensor) -> tuple[list[Node], EdgeArrays]:

@@ -37,30 +37,35 @@ def parse_formats(value: str, allowed: tuple[str, ...] = FORMATS) -> list[str]:
 
 def write_all(graph: AttributionGraph, base: str | Path, formats: list[str], draw_nodes: int = DEFAULT_DRAW_NODES,
               dashboards: Callable[[], object] | None = None, expand_families: bool = False) -> dict[str, Path]:
-    """Write ``graph`` as ``base.<format>`` for each of ``formats``; returns {format: path} in writing order.
+    """Write ``graph`` as ``base.<format>`` for each of ``formats``; returns {format: path} in FORMATS order.
 
     A DOT is written whenever svg or png is asked for (they are rendered from it), so the result may hold a
     ``"dot"`` that was not asked for.  ``dashboards``: called (only if html is asked for) for the page's
     feature dashboards.  ``expand_families``: the DOT/SVG/PNG draw each family's members rather than one node per
     family (the page opens with every member drawn, and its "families as one node" box collapses them).  A failed rendering is a `BadInputError`."""
-    from .export import RenderError, render, write_dot, write_json
+    from .export import Rendering, RenderError, write_dot, write_json
 
-    base, written = Path(base), {}
-    if "json" in formats:
-        written["json"] = write_json(graph, base.with_suffix(".json"))
-    if {"dot", *RENDERED} & set(formats):
-        written["dot"] = write_dot(graph, base.with_suffix(".dot"), draw_nodes, expand_families)
-        for f in (f for f in RENDERED if f in formats):
-            try:
-                written[f] = render(written["dot"], f)
-            except RenderError as e:
-                raise BadInputError(str(e)) from None
-    if "html" in formats:
-        from .html import write_html
+    base, written, renderings = Path(base), {}, {}
+    try:
+        if {"dot", *RENDERED} & set(formats):  # first, so that dot renders while the other files are written
+            written["dot"] = write_dot(graph, base.with_suffix(".dot"), draw_nodes, expand_families)
+            for f in (f for f in RENDERED if f in formats):
+                renderings[f] = Rendering(written["dot"], f)
+        if "json" in formats:
+            written["json"] = write_json(graph, base.with_suffix(".json"))
+        if "html" in formats:
+            from .html import write_html
 
-        dash = dashboards() if dashboards is not None else None
-        written["html"] = write_html(graph, base.with_suffix(".html"), dash, draw_nodes)
-    return written
+            dash = dashboards() if dashboards is not None else None
+            written["html"] = write_html(graph, base.with_suffix(".html"), dash, draw_nodes)
+        for f, r in renderings.items():
+            written[f] = r.wait()
+    except RenderError as e:
+        raise BadInputError(str(e)) from None
+    finally:
+        for r in renderings.values():
+            r.cancel()  # those not waited for (an error on the way); no-op for the finished ones
+    return {f: written[f] for f in FORMATS if f in written}
 
 
 __all__ = ["FORMATS", "RENDERED", "parse_formats", "write_all"]

@@ -274,6 +274,11 @@ class EdgeArrays:
         self._parts.append((src.long(), tgt.long(), w.float(), code))
         self._cat = None
 
+    def extend(self, other: "EdgeArrays") -> None:
+        """Append ``other``'s edges."""
+        self._parts.extend(other._parts)
+        self._cat = None
+
     def _merged(self):
         if self._cat is None:
             if not self._parts:

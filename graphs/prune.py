@@ -65,6 +65,37 @@ def influence_of(src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, start: t
 DENSE_INFLUENCE_NODES = 4096  # `influence_of` builds the [n, n] matrix (64 MB at most) up to this many nodes
 
 
+class GrowingInfluence:
+    """`influence_of` for a graph that grows by whole rows, as the budgeted attribution's does: each batch of
+    edges given to `add` is every edge into its targets, and no later batch has edges into them.  A target's
+    shares of its input are then final when its row arrives, so the matrix I - A is extended in place rather
+    than rebuilt from every edge at every step (with nodes in causal order and up to DENSE_INFLUENCE_NODES
+    nodes; otherwise the edges are kept and `influence_of` runs on them all)."""
+
+    def __init__(self, start: torch.Tensor):
+        self.start = start  # [n] the logits' weights, zero elsewhere
+        n = len(start)
+        self.M = torch.zeros(n, n) if n <= DENSE_INFLUENCE_NODES else None  # [n, n] I - A, diagonal implied
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor) -> None:
+        """Edges src -> tgt of weights w [E]: every edge into each of their targets."""
+        self.parts.append((src, tgt, w))
+        if self.M is not None and not bool((src < tgt).all()):
+            self.M = None  # not in causal order: the series over every edge instead
+        if self.M is not None and len(w):
+            totals = torch.zeros(len(self.start)).index_add_(0, tgt, w.abs())
+            self.M.index_put_((src, tgt), -w.abs() / totals[tgt].clamp_min(1e-30), accumulate=True)
+
+    def __call__(self) -> torch.Tensor:
+        """[n] each node's influence on the logits through the edges added so far."""
+        if self.M is not None:
+            return torch.linalg.solve_triangular(self.M, self.start[:, None].float(), upper=True,
+                                                 unitriangular=True)[:, 0]
+        src, tgt, w = (torch.cat(x) for x in zip(*self.parts)) if self.parts else (torch.zeros(0, dtype=torch.long),) * 3
+        return influence_of(src, tgt, w.float(), self.start)
+
+
 def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[str, float]:
     """Replacement score: the share of the logits' influence that ends in embeddings rather than error
     nodes.  Completeness: the influence-weighted share of each node's input that comes from non-error nodes."""

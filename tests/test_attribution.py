@@ -198,6 +198,34 @@ def test_influence_of_equals_a_dense_solve(order):
     torch.testing.assert_close(influence_of(src, tgt, w, start).double(), x, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["causal", "shuffled"])
+def test_growing_influence_equals_influence_of_every_edge(order):
+    """The budgeted attribution's influence, kept up to date as whole rows arrive, equals `influence_of` on all
+    the edges so far after each batch (causal order: the matrix extended in place; shuffled: the series)."""
+    from graphs.prune import GrowingInfluence, influence_of
+
+    g = torch.Generator().manual_seed(1)
+    n, n_edges = 50, 500
+    src, tgt = torch.randint(0, n, (2, n_edges), generator=g)
+    src, tgt = torch.minimum(src, tgt), torch.maximum(src, tgt)
+    keep = src < tgt
+    src, tgt, w = src[keep], tgt[keep], torch.randn(int(keep.sum()), generator=g)
+    start = torch.zeros(n)
+    start[-2:] = torch.tensor([0.7, 0.3])
+    if order == "shuffled":
+        perm = torch.randperm(n, generator=g)
+        src, tgt, start = perm[src], perm[tgt], torch.zeros(n).index_put_((perm,), start)
+    batches = torch.randint(0, 4, (n,), generator=g)  # the batch in which each target's whole row arrives
+    grown = GrowingInfluence(start)
+    for b in range(4):
+        grown.add(src[batches[tgt] == b], tgt[batches[tgt] == b], w[batches[tgt] == b])
+        so_far = batches[tgt] <= b
+        expected = influence_of(src[so_far], tgt[so_far], w[so_far], start)
+        torch.testing.assert_close(grown(), expected, atol=1e-6, rtol=1e-5)
+    assert (grown.M is not None) == (order == "causal")
+    assert int(((grown() > 0) & (start == 0)).sum()) > 10  # the influence reached well beyond the logits
+
+
 def test_prune_keeps_logits_and_checks_thresholds():
     from graphs.prune import prune
 

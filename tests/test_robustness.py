@@ -201,6 +201,36 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
+SPAWNER = """
+import subprocess, sys, time
+import graphs.export as export
+if sys.argv[1] == "preexec":
+    export._setpriv = lambda: None  # as where setpriv is missing
+argv, preexec = export._dying_with_parent(["sleep", "60"])
+child = subprocess.Popen(argv, preexec_fn=preexec)
+print(child.pid, argv[0], flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["setpriv", "preexec"])
+def test_a_child_dies_with_its_parent(how):
+    """Both ways of starting dot (util-linux's setpriv, else a preexec_fn) give a child that the kernel kills
+    when its parent is killed by SIGKILL."""
+    from graphs.export import _setpriv
+
+    if how == "setpriv" and _setpriv() is None:
+        pytest.skip("no setpriv with --pdeathsig here")
+    p = subprocess.Popen([sys.executable, "-c", SPAWNER, how], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid, exe = p.stdout.readline().split()
+    assert Path(exe).name == ("setpriv" if how == "setpriv" else "sleep")
+    assert not _gone(int(pid), timeout=0.2)
+    p.kill()
+    p.wait(timeout=30)
+    assert _gone(int(pid)), "the child outlived its parent"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_during_rendering(saved_model, tmp_path, sig):
     """SIGTERM: the run stops with one line, kills dot and removes its files.  SIGKILL runs no code in the
