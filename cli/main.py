@@ -125,7 +125,7 @@ def fetch_data(dest, work):
               help="Weight of position 0's (BOS's) relative error in each transcoder's loss; 0 leaves it out.")
 @click.option("--tc-token-norm", is_flag=True,
               help="Weigh each token's transcoder error by 1 / |MLP output|^2, so that tokens with small outputs "
-                   "count as much as those with large ones.")
+                   "count as much as those with large ones (with --joint: in the transcoders' reconstruction term).")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
               lorsa_bos_weight, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
@@ -149,7 +149,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
         from replacement.joint import JointConfig
 
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
-                          resample_every=resample_every, **given)
+                          tc_token_norm=tc_token_norm, resample_every=resample_every, **given)
         return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts)))
     from replacement.train import TrainConfig
 

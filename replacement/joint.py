@@ -8,6 +8,10 @@ sparse dictionary learning, Braun et al. 2024):
     loss = kl_coef x KL(real next-token distribution || the pure replacement model's)
          + recon_coef x mean over modules of FVU(module(x_clean), y_clean)
 
+(with ``tc_token_norm``, each transcoder's FVU weighs every token's error by 1 / |y_t|^2, as per-layer training's
+``--tc-token-norm`` does: the plain FVU of an MLP whose output is outsized on a few tokens is decided by those
+tokens, and lets the module drift from the layer everywhere else).
+
 The pure replacement model runs every Lorsa (live patterns) and transcoder in place of its block, with no
 error terms; the model's own weights stay frozen.  The reconstruction term keeps each module a dictionary of
 its layer (FVU measured at the real model's inputs, BOS excluded), so the graph's error nodes stay small.
@@ -40,7 +44,7 @@ from .activations import hook_points
 from .data import Mixture
 from .errors import CircuitsError, TrainingDiverged, last_good
 from .evaluate import kl_per_token
-from .train import fold_scales, fvu, norm_scales, warmup_then_decay
+from .train import fold_scales, fvu, norm_scales, token_normalised_fvu, warmup_then_decay
 
 Key = tuple[str, int]  # (kind, layer)
 
@@ -55,6 +59,7 @@ class JointConfig:
     decay_frac: float = 0.3  # linear decay to 10% over the last 30%
     kl_coef: float = 1.0
     recon_coef: float = 0.5
+    tc_token_norm: bool = False  # the transcoders' reconstruction term: `token_normalised_fvu` instead of `fvu`
     grad_clip: float = 1.0
     resample_every: int = 250  # 0: never resample dead units
     resample_stop: float = 0.7  # no resampling after this fraction of the steps, so resampled units settle
@@ -134,7 +139,8 @@ class JointTrainer:
             c_x, c_y = self.scales[key]
             x, y = clean.cache[xn].float() * c_x, clean.cache[yn].float() * c_y
             y_hat, code = m(x)
-            per[key] = (fvu(_flat(y_hat), _flat(y)), code, x, y, y_hat)
+            error = token_normalised_fvu if key[0] == "transcoder" and self.cfg.tc_token_norm else fvu
+            per[key] = (error(_flat(y_hat), _flat(y)), code, x, y, y_hat)
         recon = torch.stack([v[0] for v in per.values()]).mean()
         return {"kl": kl, "recon": recon, "per": per}
 

@@ -227,6 +227,12 @@ def fvu(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+def token_normalised_fvu(y_hat: torch.Tensor, y: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
+    """`token_normalised_mse` on the FVU's scale (divided by the variance per coordinate): `fvu` / (1 + floor)
+    where every token's output has the same norm; tokens [N, d]."""
+    return token_normalised_mse(y_hat, y, floor) * y.shape[-1] / (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
 class Trainer:
     def __init__(self, adapter, cfg: TrainConfig, source, state_file: str | Path, world: int = 1, rank: int = 0,
                  activations=None):

@@ -88,6 +88,56 @@ def test_one_module_alone_is_that_block_replaced_on_its_real_input(kind):
     assert (alone - none).abs().max() > 1e-3  # the splice changes something: the comparison above is not vacuous
 
 
+def test_token_normalised_fvu_closed_forms():
+    """Equal to the plain FVU / (1 + floor) where every output has the same norm; otherwise each token's squared error over its
+    own squared norm (plus the floor), over the variance per coordinate, computed by hand."""
+    from replacement.train import fvu, token_normalised_fvu
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.nn.functional.normalize(torch.randn(20, 6, generator=g), dim=-1) * 3.0
+    y_hat = y + 0.3 * torch.randn(20, 6, generator=g)
+    torch.testing.assert_close(token_normalised_fvu(y_hat, y), fvu(y_hat, y) / 1.01)  # the floor, 0.01
+    torch.testing.assert_close(token_normalised_fvu(y_hat, y, floor=0.0), fvu(y_hat, y))
+    y = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])  # |y|^2 = 25, 0.25, 0
+    y_hat = y + torch.tensor([[1.0, 0.0], [0.0, 0.1], [0.2, 0.0]])
+    m = (25 + 0.25 + 0) / 3
+    mse = sum(e * m / (n2 + 0.01 * m) for e, n2 in [(1.0, 25), (0.01, 0.25), (0.04, 0.0)]) / 3 / 2
+    var = float((y - y.mean(0)).pow(2).sum()) / 3 / 2
+    assert float(token_normalised_fvu(y_hat, y)) == pytest.approx(mse / var, rel=1e-6)
+
+
+@pytest.mark.parametrize("token_norm", [False, True])
+def test_joint_reconstruction_term_per_module(tmp_path, token_norm):
+    """Each module's term is its FVU at the real model's inputs, BOS left out; with tc_token_norm the
+    transcoders' (and only theirs) is token-normalised; recon is their mean."""
+    from replacement.activations import hook_points
+    from replacement.train import fvu, token_normalised_fvu
+
+    adapter = ModelAdapter(tiny_llama())
+    trainer = _trainer(tmp_path, adapter, tc_token_norm=token_norm)
+    ids = torch.randint(2, 97, (2, 12))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        out = trainer.losses(ids)
+        cache = adapter.run(ids, capture=trainer.points).cache
+    terms = []
+    for key, m in trainer.mods.items():
+        xn, yn = hook_points(*key)
+        c_x, c_y = trainer.scales[key]
+        x, y = cache[xn].float() * c_x, cache[yn].float() * c_y
+        with torch.no_grad():
+            y_hat = m(x)[0]
+        error = token_normalised_fvu if token_norm and key[0] == "transcoder" else fvu
+        expected = error(y_hat[:, 1:].reshape(-1, y.shape[-1]), y[:, 1:].reshape(-1, y.shape[-1]))
+        torch.testing.assert_close(out["per"][key][0], expected)
+        if key[0] == "transcoder":  # the two differ here: the tiny model's MLP outputs differ in norm
+            other = fvu if token_norm else token_normalised_fvu
+            assert abs(float(other(y_hat[:, 1:].reshape(-1, y.shape[-1]), y[:, 1:].reshape(-1, y.shape[-1])))
+                       - float(expected)) > 1e-4
+        terms.append(expected)
+    torch.testing.assert_close(out["recon"], torch.stack(terms).mean())
+
+
 def test_joint_stage_lowers_the_kl_of_the_pure_model(tmp_path):
     adapter = ModelAdapter(tiny_llama())
     trainer = _trainer(tmp_path, adapter, steps=40, recon_coef=0.0, lr=1e-2)
