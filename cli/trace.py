@@ -90,7 +90,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
             times["attribution + pruning"] = time.time() - t1
             written = _write(run, graph, model, fmts, draw_nodes, times, expand_families)
     click.echo("wrote " + ", ".join(str(p) for p in written))
-    click.echo(f"time: {time.time() - T_START:.1f}s in all (" + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + ")")
+    click.echo(f"time: {time.time() - T_START:.2f}s in all (" + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + ")")
 
 
 _MODELS: dict = {}  # (model, device, dtype, replacements, attention) -> ReplacementModel, for later traces in one process
