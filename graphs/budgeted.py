@@ -74,9 +74,9 @@ def _expand(lin: Linearised, groups: dict, nodes: list[Node], targets: list[Targ
             W, const = target_rows(lin, groups, len(nodes), kind, L, idx, pos)
             emit_edges(W, rows.tolist(), const, nodes, new, "ov" if kind == NodeKind.LORSA else "direct", None)
         expanded[part[:, 0]] = True
-    edges.extend(new)
     if influence is not None:
-        influence.add(new.src, new.tgt, new.w)
+        influence.add(new.src, new.tgt, new.w)  # merges new's parts first, so edges holds the same tensors
+    edges.extend(new)
 
 
 def _restrict(nodes: list[Node], edges: EdgeArrays, keep: torch.Tensor) -> tuple[list[Node], EdgeArrays]:
