@@ -174,24 +174,30 @@ def test_influence_and_scores_closed_form():
     assert s["completeness_score"] == pytest.approx(expected)
 
 
+def _random_dag(g: torch.Generator, n: int, n_edges: int, logit_weights: list[float], order: str):
+    """(src, tgt, w, start): a random DAG on n nodes whose last nodes are logits of the given weights; in causal
+    order (every edge from a lower index to a higher one) or with the nodes shuffled."""
+    src, tgt = torch.randint(0, n, (2, n_edges), generator=g)
+    src, tgt = torch.minimum(src, tgt), torch.maximum(src, tgt)
+    keep = src < tgt
+    src, tgt, w = src[keep], tgt[keep], torch.randn(int(keep.sum()), generator=g)
+    start = torch.zeros(n)
+    start[-len(logit_weights):] = torch.tensor(logit_weights)
+    if order == "shuffled":
+        perm = torch.randperm(n, generator=g)  # node i becomes perm[i]
+        src, tgt, start = perm[src], perm[tgt], torch.zeros(n).index_put_((perm,), start)
+        assert not bool((src < tgt).all())
+    return src, tgt, w, start
+
+
 @pytest.mark.parametrize("order", ["causal", "shuffled"])
 def test_influence_of_equals_a_dense_solve(order):
     """On a random DAG: with nodes in causal order (every edge from a lower index to a higher one, as `attribute`
     makes them) influence is a triangular solve; shuffled, the power series; both equal w (I - M)^-1 in float64."""
     from graphs.prune import influence_of
 
-    g = torch.Generator().manual_seed(0)
-    n, n_edges = 60, 400
-    src, tgt = torch.randint(0, n, (2, n_edges), generator=g)
-    src, tgt = torch.minimum(src, tgt), torch.maximum(src, tgt)
-    keep = src < tgt
-    src, tgt, w = src[keep], tgt[keep], torch.randn(int(keep.sum()), generator=g)
-    start = torch.zeros(n)
-    start[-3:] = torch.tensor([0.5, 0.3, 0.2])
-    if order == "shuffled":
-        perm = torch.randperm(n, generator=g)  # node i becomes perm[i]
-        src, tgt, start = perm[src], perm[tgt], torch.zeros(n).index_put_((perm,), start)
-        assert not bool((src < tgt).all())
+    n = 60
+    src, tgt, w, start = _random_dag(torch.Generator().manual_seed(0), n, 400, [0.5, 0.3, 0.2], order)
     M = torch.zeros(n, n, dtype=torch.float64).index_put_((tgt, src), w.double().abs(), accumulate=True)
     M = M / M.sum(1, keepdim=True).clamp_min(1e-300)
     x = torch.linalg.solve((torch.eye(n, dtype=torch.float64) - M).t(), start.double())
@@ -205,16 +211,8 @@ def test_growing_influence_equals_influence_of_every_edge(order):
     from graphs.prune import GrowingInfluence, influence_of
 
     g = torch.Generator().manual_seed(1)
-    n, n_edges = 50, 500
-    src, tgt = torch.randint(0, n, (2, n_edges), generator=g)
-    src, tgt = torch.minimum(src, tgt), torch.maximum(src, tgt)
-    keep = src < tgt
-    src, tgt, w = src[keep], tgt[keep], torch.randn(int(keep.sum()), generator=g)
-    start = torch.zeros(n)
-    start[-2:] = torch.tensor([0.7, 0.3])
-    if order == "shuffled":
-        perm = torch.randperm(n, generator=g)
-        src, tgt, start = perm[src], perm[tgt], torch.zeros(n).index_put_((perm,), start)
+    n = 50
+    src, tgt, w, start = _random_dag(g, n, 500, [0.7, 0.3], order)
     batches = torch.randint(0, 4, (n,), generator=g)  # the batch in which each target's whole row arrives
     grown = GrowingInfluence(start)
     for b in range(4):
