@@ -138,6 +138,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 
     given = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
     refuse_file("--out", out)  # found now, not after the training
+    _refuse_ignored_options(click.get_current_context(), joint)
     if corpora_only:
         from replacement.corpus import training_files
         from replacement.errors import BadInputError
@@ -162,6 +163,27 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     metrics = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
     if metrics:  # rank 0 of a torchrun job, or a plain run
         _print_replacement_metrics(metrics)
+
+
+# `circuits train` options that only one of its two kinds of run reads
+_PER_LAYER_ONLY = ("what", "layers", "cache_activations", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
+                   "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "allow_weak_config", "tc_expansion", "tc_top_k",
+                   "tc_skip", "tc_jacobian", "tc_jacobian_readout", "tc_bos_weight")
+_JOINT_ONLY = ("kl_coef", "recon_coef", "resample_every")
+
+
+def _refuse_ignored_options(ctx: click.Context, joint: bool) -> None:
+    """One line for an option given on the command line that this run would ignore (a per-layer option with
+    --joint, a joint one without), instead of training as if it had been read."""
+    from replacement.errors import BadInputError
+
+    ignored = _PER_LAYER_ONLY if joint else _JOINT_ONLY
+    for param in ctx.command.params:
+        if param.name in ignored and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            if joint:
+                raise BadInputError(f"{param.opts[0]} sets the per-layer stage; the joint stage keeps each saved "
+                                    "module's shape and ignores it: leave it out, or leave out --joint")
+            raise BadInputError(f"{param.opts[0]} sets the joint stage; add --joint, or leave it out")
 
 
 @circuits.command("train-replacements")
