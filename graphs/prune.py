@@ -92,7 +92,9 @@ class GrowingInfluence:
         if self.M is not None:
             return torch.linalg.solve_triangular(self.M, self.start[:, None].float(), upper=True,
                                                  unitriangular=True)[:, 0]
-        src, tgt, w = (torch.cat(x) for x in zip(*self.parts)) if self.parts else (torch.zeros(0, dtype=torch.long),) * 3
+        if not self.parts:
+            return self.start.clone()  # no edges yet: the logits alone
+        src, tgt, w = (torch.cat(x) for x in zip(*self.parts))
         return influence_of(src, tgt, w.float(), self.start)
 
 

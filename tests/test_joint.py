@@ -89,8 +89,8 @@ def test_one_module_alone_is_that_block_replaced_on_its_real_input(kind):
 
 
 def test_token_normalised_fvu_closed_forms():
-    """Equal to the plain FVU / (1 + floor) where every output has the same norm; otherwise each token's squared error over its
-    own squared norm (plus the floor), over the variance per coordinate, computed by hand."""
+    """Equal to the plain FVU / (1 + floor) where every output has the same norm; otherwise each token's squared
+    error over its own squared norm (plus the floor), over the variance per coordinate, computed by hand."""
     from replacement.train import fvu, token_normalised_fvu
 
     g = torch.Generator().manual_seed(0)
