@@ -15,11 +15,16 @@ from replacement.checks import check_count, check_fraction
 from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, NodeKind
 
 
+def input_shares(tgt: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """[E] each edge's |w| as a share of all |w| into its target (edges into targets tgt [E] of ``n`` nodes)."""
+    totals = torch.zeros(n).index_add_(0, tgt, w.abs())
+    return w.abs() / totals[tgt].clamp_min(1e-30)
+
+
 def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
     """|w| / (sum of |w| into the same target), per OV/direct edge."""
     E = graph.edge_arrays
-    totals = torch.zeros(len(graph)).index_add_(0, E.tgt, E.w.abs())
-    return E.w.abs() / totals[E.tgt].clamp_min(1e-30)
+    return input_shares(E.tgt, E.w, len(graph))
 
 
 def logit_weights(graph: AttributionGraph) -> torch.Tensor:
@@ -42,13 +47,12 @@ def influence_of(src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, start: t
     ``start`` [n_nodes] (zero elsewhere): start A + start A^2 + ... plus start itself, where A[s, t] is the
     edge's |w| as a share of all |w| into t."""
     n = len(start)
-    totals = torch.zeros(n).index_add_(0, tgt, w.abs())
-    a = w.abs() / totals[tgt].clamp_min(1e-30)
+    a = input_shares(tgt, w, n)
     if n <= DENSE_INFLUENCE_NODES and len(a) > n:
         if bool((src < tgt).all()):  # nodes in causal order (as `attribute` makes them): A is strictly upper
             # triangular, so the series is (I - A)^-1 start, one triangular solve
             M = torch.zeros(n, n).index_put_((src, tgt), -a, accumulate=True)  # [n, n] I - A, diagonal implied
-            return torch.linalg.solve_triangular(M, start[:, None].float(), upper=True, unitriangular=True)[:, 0]
+            return _solve_causal(M, start)
         A = torch.zeros(n, n).index_put_((src, tgt), a, accumulate=True)  # [n, n] A[source, target]
         step = lambda v: A @ v  # noqa: E731  one matrix-vector product a step instead of a gather-scatter
     else:
@@ -63,6 +67,12 @@ def influence_of(src: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, start: t
 
 
 DENSE_INFLUENCE_NODES = 4096  # `influence_of` builds the [n, n] matrix (64 MB at most) up to this many nodes
+
+
+def _solve_causal(M: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """[n] (I - A)^-1 start, from M [n, n] holding -A above its diagonal (A strictly upper triangular: nodes in
+    causal order; the unit diagonal is implied)."""
+    return torch.linalg.solve_triangular(M, start[:, None].float(), upper=True, unitriangular=True)[:, 0]
 
 
 class GrowingInfluence:
@@ -84,14 +94,12 @@ class GrowingInfluence:
         if self.M is not None and not bool((src < tgt).all()):
             self.M = None  # not in causal order: the series over every edge instead
         if self.M is not None and len(w):
-            totals = torch.zeros(len(self.start)).index_add_(0, tgt, w.abs())
-            self.M.index_put_((src, tgt), -w.abs() / totals[tgt].clamp_min(1e-30), accumulate=True)
+            self.M.index_put_((src, tgt), -input_shares(tgt, w, len(self.start)), accumulate=True)
 
     def __call__(self) -> torch.Tensor:
         """[n] each node's influence on the logits through the edges added so far."""
         if self.M is not None:
-            return torch.linalg.solve_triangular(self.M, self.start[:, None].float(), upper=True,
-                                                 unitriangular=True)[:, 0]
+            return _solve_causal(self.M, self.start)
         if not self.parts:
             return self.start.clone()  # no edges yet: the logits alone
         src, tgt, w = (torch.cat(x) for x in zip(*self.parts))
