@@ -92,6 +92,9 @@ def fetch_data(dest, work):
 @click.option("--kl-coef", type=FiniteRange(min=0), default=1.0, show_default=True, help="With --joint: weight of the KL term.")
 @click.option("--recon-coef", type=FiniteRange(min=0), default=0.5, show_default=True,
               help="With --joint: weight of the modules' mean FVU.")
+@click.option("--tc-readout-coef", type=FiniteRange(min=0), default=0.0, show_default=True,
+              help="With --joint: weight of the last transcoder's error as the logits read it (what the graph's "
+                   "last MLP error node gives the logits directly); 0: off.")
 @click.option("--resample-every", type=click.IntRange(min=0), default=250, show_default=True,
               help="With --joint: re-initialise units silent for this many steps (0: never).")
 @click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
@@ -129,7 +132,7 @@ def fetch_data(dest, work):
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
               lorsa_bos_weight, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
-              tc_token_norm, tc_bos_weight, joint, kl_coef, recon_coef, resample_every):
+              tc_token_norm, tc_bos_weight, joint, kl_coef, recon_coef, tc_readout_coef, resample_every):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all), or,
     with --joint, fine-tune them all together for faithfulness.
 
@@ -150,7 +153,8 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
         from replacement.joint import JointConfig
 
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
-                          tc_token_norm=tc_token_norm, resample_every=resample_every, **given)
+                          tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef,
+                          resample_every=resample_every, **given)
         return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts)))
     from replacement.train import TrainConfig
 
@@ -169,7 +173,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 _PER_LAYER_ONLY = ("what", "layers", "cache_activations", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
                    "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "allow_weak_config", "tc_expansion", "tc_top_k",
                    "tc_skip", "tc_jacobian", "tc_jacobian_readout", "tc_bos_weight")
-_JOINT_ONLY = ("kl_coef", "recon_coef", "resample_every")
+_JOINT_ONLY = ("kl_coef", "recon_coef", "tc_readout_coef", "resample_every")
 
 
 def _refuse_ignored_options(ctx: click.Context, joint: bool) -> None:

@@ -10,7 +10,14 @@ sparse dictionary learning, Braun et al. 2024):
 
 (with ``tc_token_norm``, each transcoder's FVU weighs every token's error by 1 / |y_t|^2, as per-layer training's
 ``--tc-token-norm`` does: the plain FVU of an MLP whose output is outsized on a few tokens is decided by those
-tokens, and lets the module drift from the layer everywhere else).
+tokens, and lets the module drift from the layer everywhere else), and with ``tc_readout_coef`` > 0
+
+         + tc_readout_coef x logit_fvu(the last transcoder)
+
+(`train.logit_fvu`: its error at the real model's inputs as the demeaned logits read it, through the final norm
+at its clean scale).  The last MLP's output goes to the logits alone, so that error is what the graph's error node
+of the last layer gives each logit directly; the KL term, measured on the pure model, would rather have the last
+transcoder make up for the modules before it, which shows in the graph as that error node.
 
 The pure replacement model runs every Lorsa (live patterns) and transcoder in place of its block, with no
 error terms; the model's own weights stay frozen.  The reconstruction term keeps each module a dictionary of
@@ -44,7 +51,8 @@ from .activations import hook_points
 from .data import Mixture
 from .errors import CircuitsError, TrainingDiverged, last_good
 from .evaluate import kl_per_token
-from .train import fold_scales, fvu, norm_scales, token_normalised_fvu, warmup_then_decay
+from .hooks import FINAL_SCALE
+from .train import fold_scales, fvu, logit_fvu, norm_scales, readout_directions, token_normalised_fvu, warmup_then_decay
 
 Key = tuple[str, int]  # (kind, layer)
 
@@ -60,6 +68,7 @@ class JointConfig:
     kl_coef: float = 1.0
     recon_coef: float = 0.5
     tc_token_norm: bool = False  # the transcoders' reconstruction term: `token_normalised_fvu` instead of `fvu`
+    tc_readout_coef: float = 0.0  # > 0: plus this weight x the last transcoder's error as the logits read it
     grad_clip: float = 1.0
     resample_every: int = 250  # 0: never resample dead units
     resample_stop: float = 0.7  # no resampling after this fraction of the steps, so resampled units settle
@@ -112,6 +121,14 @@ class JointTrainer:
         self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
         self.fired = {k: torch.zeros(m.decoder()[0].shape[0], dtype=torch.bool) for k, m in self.mods.items()}
         self.points = sorted({p for k in self.keys for p in hook_points(*k)})
+        self.last = ("transcoder", adapter.n_layers - 1)
+        self.gram = None  # [d, d] R^T R of the logit directions, for the readout term
+        if cfg.tc_readout_coef > 0:
+            if self.last not in self.mods:
+                raise CircuitsError(f"the readout term needs the last layer's transcoder (layer{self.last[1]}.transcoder)")
+            R = readout_directions(adapter).to(adapter.device)
+            self.gram = R.T @ R
+            self.points.append(FINAL_SCALE)
         self.step, self.elapsed, self.resampled = 0, 0.0, 0
 
     # -- the pure replacement model -----------------------------------------------------------------------
@@ -128,7 +145,8 @@ class JointTrainer:
         return hooks
 
     def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """KL, the mean FVU and each module's (FVU, code, x, y, y_hat) on one batch [B, n]."""
+        """KL, the mean FVU, the readout term (0 without ``tc_readout_coef``) and each module's (FVU, code, x, y,
+        y_hat) on one batch [B, n]."""
         with torch.no_grad():
             clean = self.adapter.run(ids, capture=self.points)
         logits = self.adapter.run(ids, hooks=self.spliced_hooks()).logits
@@ -142,7 +160,11 @@ class JointTrainer:
             error = token_normalised_fvu if key[0] == "transcoder" and self.cfg.tc_token_norm else fvu
             per[key] = (error(_flat(y_hat), _flat(y)), code, x, y, y_hat)
         recon = torch.stack([v[0] for v in per.values()]).mean()
-        return {"kl": kl, "recon": recon, "per": per}
+        readout = torch.zeros((), device=kl.device)
+        if self.gram is not None:
+            _, _, _, y, y_hat = per[self.last]
+            readout = logit_fvu(_flat(y_hat), _flat(y), self.gram, clean.cache[FINAL_SCALE][:, 1:].float())
+        return {"kl": kl, "recon": recon, "readout": readout, "per": per}
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -150,7 +172,7 @@ class JointTrainer:
             g["lr"] = cfg.lr_at(step)
         ids = self.source.batch(step, cfg.batch_size).to(self.adapter.device)
         out = self.losses(ids)
-        loss = cfg.kl_coef * out["kl"] + cfg.recon_coef * out["recon"]
+        loss = cfg.kl_coef * out["kl"] + cfg.recon_coef * out["recon"] + cfg.tc_readout_coef * out["readout"]
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"joint loss is {loss.item()} at step {step}; stopped, {last_good(self.state_file)}"
                                    + (" (resume, or start again with --no-resume)" if self.state_file.is_file() else ""))
@@ -163,7 +185,7 @@ class JointTrainer:
             self.fired[key][idx.cpu()] = True
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 < cfg.resample_stop * cfg.steps:
             self.resample(out["per"], step)
-        return {"kl": out["kl"].item(), "fvu": out["recon"].item()}
+        return {"kl": out["kl"].item(), "fvu": out["recon"].item(), "readout": out["readout"].item()}
 
     # -- dead units -----------------------------------------------------------------------------------------
 
@@ -286,7 +308,8 @@ class JointTrainer:
             self.elapsed += now - t_last
             t_last = now
             ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
-            bar.set_postfix(kl=f"{ema['kl']:.3f}", fvu=f"{ema['fvu']:.3f}", resampled=self.resampled)
+            shown = {k: f"{v:.3f}" for k, v in ema.items() if k != "readout" or self.gram is not None}
+            bar.set_postfix(**shown, resampled=self.resampled)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                 self.save_state()
 

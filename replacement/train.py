@@ -227,6 +227,22 @@ def fvu(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+def logit_fvu(y_hat: torch.Tensor, y: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The last MLP's reconstruction error as the logits read it, as a fraction of what its output moves them.
+
+    y_hat, y [N, d]: the module's output and the MLP's, added to the residual stream the final norm reads;
+    gram [d, d] = R^T R with R [V, d] the demeaned logit directions (`readout_directions`); scale [N]: the final
+    norm's divisor at each token (the clean run's, frozen).  With e = y - y_hat and c = y - mean(y):
+
+        sum_t |R e_t|^2 / s_t^2  /  sum_t |R c_t|^2 / s_t^2
+
+    (|R e_t| / s_t: the change of the demeaned logits at token t if e_t were added to the residual stream).
+    Invariant to a common rescaling of y and y_hat, so it can be taken in normalised units."""
+    w = scale.reshape(-1).pow(-2)
+    e, c = y - y_hat, y - y.mean(0)
+    return (((e @ gram) * e).sum(-1) @ w) / (((c @ gram) * c).sum(-1) @ w).clamp_min(1e-12)
+
+
 def token_normalised_fvu(y_hat: torch.Tensor, y: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
     """`token_normalised_mse` on the FVU's scale (divided by the variance per coordinate): `fvu` / (1 + floor)
     where every token's output has the same norm; tokens [N, d]."""

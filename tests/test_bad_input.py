@@ -162,6 +162,8 @@ CASES = [
          "--tc-skip sets the per-layer stage"),
     Case("train-joint-option-without-joint", ["circuits", "train", "--model", "{M}", "--recon-coef", "2"],
          "--recon-coef sets the joint stage; add --joint"),
+    Case("train-readout-without-joint", ["circuits", "train", "--model", "{M}", "--tc-readout-coef", "1"],
+         "--tc-readout-coef sets the joint stage; add --joint"),
     Case("train-zero-steps", ["circuits", "train", "--model", "{M}", "--joint", "--steps", "0"],
          "Invalid value for '--steps'"),
     Case("train-corpora-only-and-text", ["circuits", "train", "--model", "{M}", "--corpora-only", "--text", "{TEXT}"],

@@ -9,7 +9,7 @@ from replacement.evaluate import agreement, kl_per_token
 from replacement.joint import JointConfig, JointTrainer, fit_joint
 from replacement.models import ModelAdapter, model_fingerprint
 from replacement.store import load_replacements, save_module
-from tests.conftest import random_replacements, tiny_llama
+from tests.conftest import random_replacements, tiny_llama, tiny_neox
 
 SMALL = dict(batch_size=4, seq_len=16, warmup=2, checkpoint_every=5)
 
@@ -136,6 +136,48 @@ def test_joint_reconstruction_term_per_module(tmp_path, token_norm):
                        - float(expected)) > 1e-4
         terms.append(expected)
     torch.testing.assert_close(out["recon"], torch.stack(terms).mean())
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["rmsnorm", "layernorm"])
+def test_readout_term_is_what_the_last_error_node_does_to_the_logits(tmp_path, make):
+    """The readout term against the model itself: the demeaned logits with the last MLP's output replaced by the
+    transcoder's (the final norm's scale frozen at its clean value), against the clean logits, summed over tokens
+    (BOS left out); over the same with the MLP's output replaced by its mean over those tokens."""
+    from replacement.activations import hook_points
+    from replacement.hooks import FINAL_SCALE
+
+    torch.manual_seed(0)
+    adapter = ModelAdapter(make())
+    trainer = _trainer(tmp_path, adapter, tc_readout_coef=1.0)
+    ids = torch.randint(2, 97, (2, 12))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        out = trainer.losses(ids)
+        _, yn = hook_points("transcoder", adapter.n_layers - 1)
+        clean = adapter.run(ids, capture=[yn, FINAL_SCALE])
+        y, scale = clean.cache[yn], clean.cache[FINAL_SCALE]
+        y_hat = out["per"][trainer.last][4] / trainer.scales[trainer.last][1]  # back to raw units
+
+        def moved(new_y):  # [B, n - 1] squared norm of the demeaned logits' change
+            hooks = {yn: lambda t, n: new_y.to(t.dtype), FINAL_SCALE: lambda t, n: scale}
+            d = adapter.run(ids, hooks=hooks).logits.float() - clean.logits.float()
+            d = d - d.mean(-1, keepdim=True)
+            return d[:, 1:].pow(2).sum(-1)
+
+        expected = moved(y_hat).sum() / moved(y[:, 1:].mean((0, 1)).expand_as(y)).sum()
+    assert float(out["readout"]) > 1e-3  # a random transcoder is far from its MLP
+    torch.testing.assert_close(out["readout"], expected.to(out["readout"].dtype), rtol=1e-4, atol=1e-6)
+
+
+def test_readout_term_is_off_by_default_and_in_the_loss_when_asked(tmp_path):
+    adapter = ModelAdapter(tiny_llama())
+    ids = torch.randint(2, 97, (2, 12))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        assert float(_trainer(tmp_path / "a", adapter).losses(ids)["readout"]) == 0.0
+    trainer = _trainer(tmp_path / "b", adapter, tc_readout_coef=2.0)
+    m = trainer.train_step(0)
+    assert m["readout"] > 0
 
 
 def test_joint_stage_lowers_the_kl_of_the_pure_model(tmp_path):
