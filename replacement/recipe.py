@@ -31,14 +31,15 @@ class Stage:
     fresh: bool = False  # the modules it trains start anew, not from the stage before's (another width)
 
 
-def _joint(steps: int, resample_every: int = 0) -> tuple[str, ...]:
+def _joint(steps: int, resample_every: int = 0, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return ("--joint", "--steps", str(steps), "--batch-size", "8", "--seq-len", "64", "--lr", "2e-4",
-            "--resample-every", str(resample_every))
+            "--resample-every", str(resample_every), *extra)
 
 
-def _joint_rounds(first: int, n: int, steps: int, resample_first: int = 0) -> list[Stage]:
-    """Joint rounds ``first`` .. ``first + n - 1``, each from the last's output; resampling in the first alone."""
-    return [Stage(f"joint{r}", _joint(steps, resample_first if r == first else 0)) for r in range(first, first + n)]
+def _joint_rounds(first: int, n: int, steps: int, resample_first: int = 0, extra: tuple[str, ...] = ()) -> list[Stage]:
+    """Joint rounds ``first`` .. ``first + n - 1``, each from the last's output; resampling in the first alone;
+    ``extra``: more `circuits train --joint` options for every round."""
+    return [Stage(f"joint{r}", _joint(steps, resample_first if r == first else 0, extra)) for r in range(first, first + n)]
 
 
 _WIDE_TC = ("--tc-expansion", "16", "--tc-top-k", "64")  # 16 x d features, K = 64 (the per-layer default: 8 x d, K = 32)
@@ -75,6 +76,12 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("wide-transcoders", ("--what", "transcoder", "--layers", "0,1,2", "--steps", "700", *_WIDE_TC,
                                    "--tc-bos-weight", "1"), partial=True, fresh=True),  # 18 min
         *_joint_rounds(4, 3, 800),
+        Stage("skip-transcoders", ("--what", "transcoder", "--layers", "2,3", "--steps", "600", "--corpora-only",
+                                   *_WIDE_TC, *_SKIP_TC), partial=True),  # 7 min
+        *_joint_rounds(7, 3, 800, extra=("--tc-token-norm",)),  # 12-13 min a round
+        *_joint_rounds(10, 1, 800, extra=("--tc-token-norm", "--recon-coef", "2")),
+        *_joint_rounds(11, 1, 800, extra=("--tc-token-norm", "--recon-coef", "4")),
+        *_joint_rounds(12, 2, 800, extra=("--tc-token-norm", "--recon-coef", "4", "--tc-readout-coef", "4")),
     ],
 }
 

@@ -63,6 +63,9 @@ def test_each_recipe_is_what_the_bundled_modules_record(model):
         jc = metrics["joint_config"]
         assert (jc["steps"], jc["batch_size"], jc["seq_len"], jc["lr"], jc["resample_every"]) == (
             last["steps"], last["batch_size"], last["seq_len"], last["lr"], last["resample_every"]), name
+        # recorded since the options came (a default then)
+        assert (jc["recon_coef"], jc.get("tc_token_norm", False), jc.get("tc_readout_coef", 0.0)) == (
+            last["recon_coef"], last["tc_token_norm"], last["tc_readout_coef"]), name
 
 
 @pytest.mark.parametrize("model", sorted(RECIPES))
