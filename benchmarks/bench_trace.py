@@ -5,9 +5,12 @@ it writes.
 
 cold: a fresh process running this checkout's `trace` (imports, model and replacement load, attribution,
 pruning, export, dot); its own time line gives the attribution + pruning part.
-warm: a second `trace` of the same prompt inside one Python process (the library calling the command's function):
-imports done, the model and its replacements loaded once and kept (cli/trace.py's cache), code warm; it still
-runs the model on the prompt, attributes, prunes and writes every file.
+warm: later `trace`s of the same prompt inside one Python process (the library calling the command's function):
+imports done, the model and its replacements loaded once and kept (cli/trace.py's cache), code warm; each still
+runs the model on the prompt, attributes, prunes and writes every file.  Per process: the second trace, and the
+median of the five after it.
+dependencies alone: a fresh process that imports only what the command needs from torch and transformers (torch,
+the tokenizer classes, the model's modelling module) and does nothing: the part of the cold start that is not ours.
 under load: the same cold runs while one competing torch process multiplies 512x512 matrices in a loop (as
 a training run would), started before and stopped after each run; idle and loaded runs alternate.
 """
@@ -34,10 +37,21 @@ from cli.trace import trace
 args = sys.argv[1:]
 runner = CliRunner()
 runner.invoke(trace, args, catch_exceptions=False)
-t = time.time()
-c = time.process_time()
-r = runner.invoke(trace, args, catch_exceptions=False)
-print(time.time() - t, time.process_time() - c)
+runs = []
+for _ in range(6):
+    t = time.time()
+    c = time.process_time()
+    r = runner.invoke(trace, args, catch_exceptions=False)
+    runs.append((time.time() - t, time.process_time() - c))
+later = sorted(w for w, _ in runs[1:])
+print(runs[0][0], runs[0][1], later[len(later) // 2])
+"""
+DEPS = """
+import importlib, os, sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+importlib.import_module(f"transformers.models.{sys.argv[1]}.modeling_{sys.argv[1]}")
+os._exit(0)  # as `trace` leaves: without the interpreter's teardown
 """
 BUSY = "import torch\nx = torch.randn(512, 512)\nwhile True:\n    y = x @ x\n"
 
@@ -56,6 +70,13 @@ def cold_run(args: list[str]) -> tuple[float, float, float]:
     return wall, float(m.group(1)) if m else float("nan"), _child_cpu() - c
 
 
+def deps_run(model_type: str) -> float:
+    """Wall seconds of a fresh process importing the command's dependencies alone (`DEPS`)."""
+    t = time.time()
+    subprocess.run([sys.executable, "-c", DEPS, model_type], check=True, capture_output=True, env=ENV)
+    return time.time() - t
+
+
 def loaded(fn, *args):
     """``fn(*args)`` while one busy torch process competes for the CPU."""
     busy = subprocess.Popen([sys.executable, "-c", BUSY], env=ENV)
@@ -65,6 +86,15 @@ def loaded(fn, *args):
     finally:
         busy.kill()
         busy.wait()
+
+
+def _model_type(model: str) -> str:
+    """The transformers ``model_type`` of a preset or local folder (its config.json)."""
+    import json
+
+    from replacement.models import resolve_model_path
+
+    return json.loads((Path(resolve_model_path(model)[0]) / "config.json").read_text())["model_type"]
 
 
 def _med(xs: list[float]) -> str:
@@ -79,10 +109,12 @@ def main():
     ap.add_argument("--no-load", action="store_true", help="skip the runs beside a busy process")
     a = ap.parse_args()
     load0 = os.getloadavg()[0]
+    model_type = _model_type(a.model)
     with tempfile.TemporaryDirectory() as tmp:
         args = [a.prompt, "--model", a.model, "--out", tmp]
-        idle, busy = [], []
+        idle, busy, deps = [], [], []
         for _ in range(a.runs):  # alternating, so that a change on the machine touches both alike
+            deps.append(deps_run(model_type))
             idle.append(cold_run(args))
             if not a.no_load:
                 busy.append(loaded(cold_run, args))
@@ -101,8 +133,10 @@ def main():
         for i, what in ((0, "whole command"), (1, "attribution + pruning")):
             r = statistics.median([b[i] for b in busy]) / statistics.median([x[i] for x in idle])
             print(f"  under load / idle, {what}: {r:.2f}x")
-    print(f"  warm (second trace in one process, model cached): {_med([w for w, _ in warm])}; CPU time "
-          f"{_med([c for _, c in warm])}")
+    print(f"  dependencies alone (import torch and transformers' {model_type} modules, nothing else): {_med(deps)}")
+    print(f"  warm (second trace in one process, model cached): {_med([w[0] for w in warm])}; CPU time "
+          f"{_med([w[1] for w in warm])}")
+    print(f"  warm (median of the 5 traces after the second, per process): {_med([w[2] for w in warm])}")
     for name, size in sizes.items():
         print(f"  {name}: {size / 1024:.0f} KB")
 
