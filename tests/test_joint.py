@@ -204,6 +204,22 @@ def test_joint_stage_resumes_exactly(tmp_path):
         torch.testing.assert_close(resumed.named[n], p, atol=1e-6, rtol=1e-6)
 
 
+def test_joint_stage_refuses_to_resume_under_other_settings(tmp_path):
+    """A state saved with one loss resumes under the same settings only; the error names what changed, and the
+    state is left as it was."""
+    from replacement.checkpoint import CheckpointError
+
+    adapter = ModelAdapter(tiny_llama())
+    _trainer(tmp_path, adapter).train(progress=False, stop_after=5)
+    saved = (tmp_path / "state.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"other settings \(recon_coef 0.5 -> 2.0\)"):
+        _trainer(tmp_path, adapter, recon_coef=2.0).train(progress=False)
+    assert (tmp_path / "state.safetensors").read_bytes() == saved
+    resumed = _trainer(tmp_path, adapter, checkpoint_every=2)  # how often it saves may change
+    resumed.train(progress=False)
+    assert resumed.step == 10
+
+
 def test_resampling_revives_dead_units(tmp_path):
     adapter = ModelAdapter(tiny_llama())
     trainer = _trainer(tmp_path, adapter, steps=12, resample_every=4, resample_stop=1.0)
