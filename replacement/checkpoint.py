@@ -15,7 +15,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import CheckpointError
 from .io import atomic_path
 
-__all__ = ["CheckpointError", "atomic_save", "load", "load_training_state", "optimizer_tensors", "restore_optimizer"]
+__all__ = ["CheckpointError", "atomic_save", "check_same_settings", "load", "load_training_state", "optimizer_tensors",
+           "restore_optimizer"]
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
@@ -79,3 +80,18 @@ def load_training_state(path: str | Path, model_name: str, device="cpu", what: s
     if bad:
         raise CheckpointError(f"{path} holds NaN or infinite values ({bad[0]}): corrupt; start afresh with --no-resume")
     return tensors, meta
+
+
+def check_same_settings(path: str | Path, saved: dict | None, now: dict, defaults: dict,
+                        may_change: tuple[str, ...] = ("checkpoint_every",)) -> None:
+    """A training state resumes exactly only under the settings it was saved with (batches are a function of the
+    step, and the loss of the settings): any other is a `CheckpointError` naming each change, not a silent mix.
+    ``saved``/``now``/``defaults``: the configs as dicts; a setting the state predates counts as its default."""
+    if saved is None:
+        return
+    saved = defaults | saved
+    changed = [k for k in now if k not in may_change and saved.get(k) != now[k]]
+    if changed:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise CheckpointError(f"{path} was saved with other settings ({what}); give the same options to resume, "
+                              "or start again with --no-resume")

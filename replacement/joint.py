@@ -271,26 +271,12 @@ class JointTrainer:
                 "config": asdict(self.cfg), "model": self.adapter.name}
         ckpt.atomic_save(tensors, self.state_file, meta)
 
-    def _check_settings(self, saved: dict | None) -> None:
-        """A state resumes exactly only under the settings it was saved with (batches are a function of the step,
-        and the loss of the coefficients): another setting is a `CheckpointError` naming it, not a silent mix.
-        A setting the state predates counts as its default; how often states are saved may change."""
-        if saved is None:
-            return
-        now = asdict(self.cfg)
-        saved = asdict(JointConfig()) | saved
-        changed = [k for k in now if k != "checkpoint_every" and saved.get(k) != now[k]]
-        if changed:
-            what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise ckpt.CheckpointError(f"{self.state_file} was saved with other settings ({what}); give the same "
-                                       "options to resume, or start again with --no-resume")
-
     def load_state(self) -> bool:
         state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device, "joint-training state")
         if state is None:
             return False
         tensors, meta = state
-        self._check_settings(meta.get("config"))
+        ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(JointConfig()))
         missing = [n for n in self.named if f"param.{n}" not in tensors]
         if missing or tensors[f"param.{next(iter(self.named))}"].shape != next(iter(self.named.values())).shape:
             raise ckpt.CheckpointError(f"{self.state_file} holds other modules; start again with --no-resume")

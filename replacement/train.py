@@ -347,6 +347,7 @@ class Trainer:
         if state is None:
             return False
         tensors, meta = state
+        ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(TrainConfig()))
         for u in self.units:
             pre = f"{u.name}.param."
             own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}

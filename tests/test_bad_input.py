@@ -174,7 +174,7 @@ CASES = [
     Case("train-lm-zero-steps", ["circuits", "train-lm", "--model", "toy", "--steps", "0"], "Invalid value for '--steps'"),
     Case("train-resume-other-expansion", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",
                                           "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--tc-expansion", "4",
-                                          "--text", "{TEXT}", "--out", "{TRAIN}"], "saved with other settings"),
+                                          "--text", "{TEXT}", "--out", "{TRAIN}"], "other settings (tc_expansion 2 -> 4)"),
     Case("train-resume-nan-state", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",
                                     "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--tc-expansion", "2",
                                     "--text", "{TEXT}", "--out", "{TRAIN_NAN}"], "start afresh with --no-resume"),
