@@ -104,6 +104,12 @@ class NodeKey:
         return NodeKey(kind, layer, numbers[0] if numbers else -1, int(m.group(3)))
 
 
+def input_shares(tgt: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """[E] each edge's |w| as a share of all |w| into its target (edges into targets tgt [E] of ``n`` nodes)."""
+    totals = torch.zeros(n).index_add_(0, tgt, w.abs())
+    return w.abs() / totals[tgt].clamp_min(1e-30)
+
+
 def unit_label(kind: NodeKind, layer: int, index: int) -> str:
     """The short name of a Lorsa head (``L1.H5``) or transcoder feature (``L1.F5``)."""
     return f"L{layer}.{'H' if kind == NodeKind.LORSA else 'F'}{index}"
@@ -452,11 +458,9 @@ class AttributionGraph:
         if target is None:
             return None
         E, N = self.edge_arrays, len(self.node_list)
-        w = E.w.abs()
-        totals = torch.zeros(N).index_add_(0, E.tgt, w).double()
-        live = w > 0
+        live = E.w != 0
         src, tgt = E.src[live], E.tgt[live]
-        cost = -torch.log(w[live].double() / totals[tgt])  # [E]
+        cost = -torch.log(input_shares(E.tgt, E.w, N)[live].double())  # [E]
         kinds = {NodeKind(k) for k in sources}
         dist = torch.tensor([0.0 if n.type in kinds else math.inf for n in self.node_list], dtype=torch.float64)
         best, preds = (float(dist[target]), 0), []  # (cost, hops) of the best path into the target so far
@@ -482,12 +486,11 @@ class AttributionGraph:
 
         target = to or self.logits()[0].id
         E = self.edge_arrays
-        totals = torch.zeros(len(self.node_list)).index_add_(0, E.tgt, E.w.abs())
         g = nx.DiGraph()
         ids = [n.id for n in self.node_list]
-        for s, t, w in zip(E.src.tolist(), E.tgt.tolist(), E.w.abs().tolist()):
-            if w > 0:
-                g.add_edge(ids[s], ids[t], cost=-math.log(w / float(totals[t])))
+        for s, t, a in zip(E.src.tolist(), E.tgt.tolist(), input_shares(E.tgt, E.w, len(self.node_list)).tolist()):
+            if a > 0:
+                g.add_edge(ids[s], ids[t], cost=-math.log(a))
         if target not in g:
             return []
         g.add_node("__src__")

@@ -12,13 +12,7 @@ import torch
 
 from replacement.checks import check_count, check_fraction
 
-from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, NodeKind
-
-
-def input_shares(tgt: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
-    """[E] each edge's |w| as a share of all |w| into its target (edges into targets tgt [E] of ``n`` nodes)."""
-    totals = torch.zeros(n).index_add_(0, tgt, w.abs())
-    return w.abs() / totals[tgt].clamp_min(1e-30)
+from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, NodeKind, input_shares
 
 
 def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
