@@ -20,9 +20,9 @@ CURVE_KL = (0.005, 0.01, 0.02, 0.05, 0.1)  # where the noise model's agreement i
 
 def real_and_pure(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([N, V], [N, V]) the real and the pure replacement model's logits at the held-out windows' predictions."""
-    from replacement.evaluate import _windows
+    from replacement.evaluate import text_windows
 
-    ids = _windows(model.adapter, tokens, 128, 16)
+    ids = text_windows(model.adapter, tokens, 128, 16)
     real, pure = [], []
     with torch.no_grad():
         for chunk in ids.split(8):

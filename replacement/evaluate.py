@@ -86,7 +86,7 @@ def addition_accuracy(adapter: ModelAdapter, pairs: list[tuple[int, int]], batch
     return {"accuracy": correct / max(1, len(pairs)), "n": len(pairs), "examples_wrong": wrong[:5]}
 
 
-def _windows(adapter: ModelAdapter, tokens: torch.Tensor, seq_len: int, n_seqs: int) -> torch.Tensor | None:
+def text_windows(adapter: ModelAdapter, tokens: torch.Tensor, seq_len: int, n_seqs: int) -> torch.Tensor | None:
     """[n_seqs, n] evenly spaced windows of ``tokens``, each BOS + n-1 tokens; None when there are too few."""
     n = min(seq_len, adapter.context) - 1
     if len(tokens) < n + 2:
@@ -100,7 +100,7 @@ def _windows(adapter: ModelAdapter, tokens: torch.Tensor, seq_len: int, n_seqs: 
 def text_loss(adapter: ModelAdapter, tokens: torch.Tensor, seq_len: int = 128, n_seqs: int = 64) -> float:
     """Mean next-token loss over ``n_seqs`` evenly spaced windows of held-out tokens (BOS + seq_len-1);
     NaN when there are too few tokens for one window."""
-    ids = _windows(adapter, tokens, seq_len, n_seqs)
+    ids = text_windows(adapter, tokens, seq_len, n_seqs)
     if ids is None:
         return float("nan")
     total = 0.0
@@ -120,7 +120,7 @@ def agreement(adapter: ModelAdapter, tokens: torch.Tensor, hooks_fn, seq_len: in
     """How closely the model run with ``hooks_fn()`` (e.g. the pure replacement model) follows the real one on
     evenly spaced windows of held-out tokens: the share of positions whose top-1 token agrees, and the mean
     KL(real || hooked) per token, in nats (the prediction made at BOS left out)."""
-    ids = _windows(adapter, tokens, seq_len, n_seqs)
+    ids = text_windows(adapter, tokens, seq_len, n_seqs)
     if ids is None:
         return {}
     agree = kl = n = 0.0
