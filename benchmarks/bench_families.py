@@ -19,7 +19,7 @@ family rule asked for:
 One line per prompt and rule, flushed as it goes (the run is long on a busy machine), then a summary per rule.
 
     python benchmarks/bench_families.py [--model toy pythia] [--seeds 20] [--cosine 0.0 ...] [--layer-span 0 ...]
-                                        [--direction read weights]
+                                        [--direction read weights] [--replacements DIR]
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--cosine", type=float, nargs="+", default=[0.0])  # graphs.families.FamilyConfig's defaults
     ap.add_argument("--layer-span", type=int, nargs="+", default=[0])
     ap.add_argument("--direction", nargs="+", default=["read"], choices=["read", "weights"])
+    ap.add_argument("--replacements", default=None, help="a replacements folder (one --model): instead of the bundled")
     args = ap.parse_args()
     from graphs.attribution import attribute
     from graphs.families import FamilyConfig
@@ -86,7 +87,7 @@ def main():
                for s in args.layer_span]
     for name in args.model:
         adapter = load_model(name)
-        model = ReplacementModel.load(adapter)
+        model = ReplacementModel.load(adapter, args.replacements)
         tally = {cfg: {"through": 0, "top": 0, "ok": 0, "ok_frozen": 0, "ratios": [], "ratios_frozen": [], "prompts": 0,
                        "seconds": []} for cfg in configs}
         print(f"{name}: natural-text induction, seeds {args.first_seed}-{args.first_seed + args.seeds - 1}", flush=True)
