@@ -147,10 +147,24 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tokenizer, tiny_preset, tmp_pa
     state = tmp_path / "tiny" / "state.safetensors"
     before = state.read_bytes()
     with pytest.raises(TrainingDiverged, match="last good checkpoint kept"):
-        train_lm(dataclasses.replace(_cfg(), lr=1e30), tmp_path, tokenizer, tokens, progress=False)
+        train_lm(dataclasses.replace(_cfg(), lr=1e30), tmp_path, tokenizer, tokens, resume=False, progress=False)
     assert state.read_bytes() == before
     tensors, meta = ckpt.load(state)
     assert meta["step"] == 5 and all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
+def test_a_state_resumes_only_under_its_own_settings(tokenizer, tiny_preset, tmp_path):
+    """Another --lr (or any other setting but how often states are saved) would mix two trainings: refused in one
+    line naming it, the state left as it was."""
+    tokens = torch.tensor(tokenizer.encode(TEXT[1] * 5, add_special_tokens=False), dtype=torch.int32)
+    train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False, stop_after=5)
+    state = tmp_path / "tiny" / "state.safetensors"
+    before = state.read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match=r"other settings \(lr 0.003 -> 0.001\)"):
+        train_lm(dataclasses.replace(_cfg(), lr=1e-3), tmp_path, tokenizer, tokens, progress=False)
+    assert state.read_bytes() == before
+    _, info = train_lm(_cfg(checkpoint_every=3), tmp_path, tokenizer, tokens, progress=False)
+    assert info["steps"] == 20
 
 
 def test_export_bundle_loads_with_from_pretrained(tokenizer, tiny_preset, tmp_path):
