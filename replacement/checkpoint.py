@@ -15,7 +15,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import CheckpointError
 from .io import atomic_path
 
-__all__ = ["CheckpointError", "atomic_save", "check_same_settings", "load", "load_training_state", "optimizer_tensors",
+__all__ = ["CheckpointError", "atomic_save", "check_finite", "check_same_settings", "load", "load_training_state", "optimizer_tensors",
            "restore_optimizer"]
 
 
@@ -76,10 +76,16 @@ def load_training_state(path: str | Path, model_name: str, device="cpu", what: s
     tensors, meta = load(path, device)
     if meta.get("model") != model_name:
         raise CheckpointError(f"{path} is a {what} for {meta.get('model')!r}, not {model_name!r}")
+    check_finite(path, tensors)
+    return tensors, meta
+
+
+def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A training state holding NaN or infinite values is corrupt: a `CheckpointError`, not a resumed run that
+    diverges at once."""
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{path} holds NaN or infinite values ({bad[0]}): corrupt; start afresh with --no-resume")
-    return tensors, meta
 
 
 def check_same_settings(path: str | Path, saved: dict | None, now: dict, defaults: dict,

@@ -167,6 +167,20 @@ def test_a_state_resumes_only_under_its_own_settings(tokenizer, tiny_preset, tmp
     assert info["steps"] == 20
 
 
+def test_a_state_holding_nan_is_refused_as_corrupt(tokenizer, tiny_preset, tmp_path):
+    tokens = torch.tensor(tokenizer.encode(TEXT[1] * 5, add_special_tokens=False), dtype=torch.int32)
+    train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False, stop_after=5)
+    state = tmp_path / "tiny" / "state.safetensors"
+    tensors, meta = ckpt.load(state)
+    key = next(k for k in tensors if k.startswith("model.") and tensors[k].ndim == 2)
+    tensors[key][0, 0] = float("nan")
+    ckpt.atomic_save(tensors, state, meta)
+    before = state.read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match="holds NaN or infinite values"):
+        train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False)
+    assert state.read_bytes() == before
+
+
 def test_export_bundle_loads_with_from_pretrained(tokenizer, tiny_preset, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

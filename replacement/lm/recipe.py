@@ -163,6 +163,7 @@ def _resume(cfg: LMTrainConfig, model, opt, named: dict, state_file: Path) -> tu
     tensors, meta = ckpt.load(state_file)
     if meta.get("config", {}).get("preset") != cfg.preset or meta["config"].get("stage", "main") != cfg.stage:
         raise ckpt.CheckpointError(f"{state_file} belongs to another preset or stage")
+    ckpt.check_finite(state_file, tensors)
     ckpt.check_same_settings(state_file, meta["config"], asdict(cfg), asdict(LMTrainConfig(preset=cfg.preset)),
                              may_change=("checkpoint_every", "compile"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
