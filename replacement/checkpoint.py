@@ -15,8 +15,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import CheckpointError
 from .io import atomic_path
 
-__all__ = ["CheckpointError", "atomic_save", "check_finite", "check_same_settings", "load", "load_training_state", "optimizer_tensors",
-           "restore_optimizer"]
+__all__ = ["CheckpointError", "atomic_save", "check_finite", "check_same_settings", "load", "load_training_state",
+           "optimizer_tensors", "restore_optimizer"]
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
