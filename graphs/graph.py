@@ -488,7 +488,8 @@ class AttributionGraph:
         E = self.edge_arrays
         g = nx.DiGraph()
         ids = [n.id for n in self.node_list]
-        for s, t, a in zip(E.src.tolist(), E.tgt.tolist(), input_shares(E.tgt, E.w, len(self.node_list)).tolist()):
+        shares = input_shares(E.tgt, E.w, len(self.node_list))
+        for s, t, a in zip(E.src.tolist(), E.tgt.tolist(), shares.tolist()):
             if a > 0:
                 g.add_edge(ids[s], ids[t], cost=-math.log(a))
         if target not in g:

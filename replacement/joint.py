@@ -276,7 +276,8 @@ class JointTrainer:
         if state is None:
             return False
         tensors, meta = state
-        ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(JointConfig()))
+        ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg),
+                                 asdict(JointConfig()))
         missing = [n for n in self.named if f"param.{n}" not in tensors]
         if missing or tensors[f"param.{next(iter(self.named))}"].shape != next(iter(self.named.values())).shape:
             raise ckpt.CheckpointError(f"{self.state_file} holds other modules; start again with --no-resume")
