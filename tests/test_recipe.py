@@ -154,8 +154,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tokenizer, tiny_preset, tmp_pa
 
 
 def test_a_state_resumes_only_under_its_own_settings(tokenizer, tiny_preset, tmp_path):
-    """Another --lr (or any other setting but how often states are saved) would mix two trainings: refused in one
-    line naming it, the state left as it was."""
+    """Another --lr (or any other setting but the number of steps and how often states are saved) would mix two
+    trainings: refused in one line naming it, the state left as it was."""
     tokens = torch.tensor(tokenizer.encode(TEXT[1] * 5, add_special_tokens=False), dtype=torch.int32)
     train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False, stop_after=5)
     state = tmp_path / "tiny" / "state.safetensors"

@@ -164,8 +164,9 @@ def _resume(cfg: LMTrainConfig, model, opt, named: dict, state_file: Path) -> tu
     if meta.get("config", {}).get("preset") != cfg.preset or meta["config"].get("stage", "main") != cfg.stage:
         raise ckpt.CheckpointError(f"{state_file} belongs to another preset or stage")
     ckpt.check_finite(state_file, tensors)
+    # a longer run may resume a shorter one's state (the recipe lengthens a stage so); nothing else may change
     ckpt.check_same_settings(state_file, meta["config"], asdict(cfg), asdict(LMTrainConfig(preset=cfg.preset)),
-                             may_change=("checkpoint_every", "compile"))
+                             may_change=("checkpoint_every", "compile", "steps"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
     model.tie_weights()
     ckpt.restore_optimizer(opt, named, tensors)
