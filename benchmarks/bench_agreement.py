@@ -10,7 +10,8 @@ Two more comparisons separate the replacement's error from the linearisation's:
 
     python benchmarks/bench_agreement.py [--model llama] [--pairs 36+62,23+45,51+38,17+64,72+19,44+33]
         [--random N]                      (N random pairs a, b in 10..89 with a + b < 100 instead, seed 0)
-        [--module FILE.safetensors ...]   (use these saved modules instead of the bundled ones of their layers)
+        [--replacements DIR]              (a replacement set's folder instead of the bundled one)
+        [--module FILE.safetensors ...]   (use these saved modules instead of those of their layers)
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import random
 import torch
 
 
-def load(model_name: str, modules: list[str]):
-    """The preset's replacement model, with the saved ``modules`` in place of the bundled ones of their layers."""
+def load(model_name: str, modules: list[str], replacements: str | None = None):
+    """The preset's replacement model (its bundled replacements, or the set in ``replacements``), with the saved
+    ``modules`` in place of those of their layers."""
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
     torch.set_num_threads(2)
-    model = ReplacementModel.load(load_model(model_name))
+    model = ReplacementModel.load(load_model(model_name), replacements)
     for path in modules:
         model.use_module(path)
     return model
@@ -65,9 +67,10 @@ def main():
     ap.add_argument("--model", default="llama")
     ap.add_argument("--pairs", default="36+62,23+45,51+38,17+64,72+19,44+33")
     ap.add_argument("--random", type=int, default=0, help="use this many random pairs instead of --pairs")
+    ap.add_argument("--replacements", default=None, help="a replacements folder (default: the bundled one)")
     ap.add_argument("--module", action="append", default=[], help="a saved module to use instead (repeatable)")
     args = ap.parse_args()
-    model = load(args.model, args.module)
+    model = load(args.model, args.module, args.replacements)
     rows = {k: [] for k in ("graph", "graph_fn", "real", "real_fn")}
     columns = ("graph", "graph, frozen", "real linear", "real, frozen")
     print(f"{'vs patching':<10} " + "".join(f"{h:>20}" for h in columns))
