@@ -212,11 +212,11 @@ def train_replacements_cmd(model_name, workdir, install):
         click.echo(f"installed over {preset_folder(model_name) / 'replacements'}")
 
 
-def _layer_list(layers: str | None) -> list[int] | None:
+def _layer_list(layers: str | None, option: str = "--layers") -> list[int] | None:
     try:
         return [int(x) for x in layers.split(",")] if layers else None
     except ValueError:
-        raise click.BadParameter("use comma-separated integers, e.g. 0,2", param_hint="--layers") from None
+        raise click.BadParameter("use comma-separated integers, e.g. 0,2", param_hint=option) from None
 
 
 def _print_replacement_metrics(metrics: dict) -> None:
@@ -521,7 +521,7 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
     set of a few, the pattern overlap, and its kind: one head / a few heads / spread (replacement/correspond.py)."""
     from .outputs import RunFolder
 
-    want = None if layers == "all" else _layer_list(layers)
+    want = None if layers == "all" else _layer_list(layers, "--layer")
     run = RunFolder(out).open() if out else None  # an unwritable --out is refused before the work
     try:
         _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, few, top, replacements)

@@ -135,7 +135,8 @@ CASES = [
     Case("render-nested", ["circuits", "render", "{G}/nested.json"], "nested too deeply"),
     # other commands
     Case("correspond-no-such-layer", ["circuits", "correspond", "--model", "{M}", "--layer", "0,9"], "no Lorsa for layer 9"),
-    Case("correspond-layer-text", ["circuits", "correspond", "--model", "{M}", "--layer", "x"], "use comma-separated integers"),
+    Case("correspond-layer-text", ["circuits", "correspond", "--model", "{M}", "--layer", "x"],
+         "Invalid value for --layer: use comma-separated integers"),
     Case("correspond-share-0", ["circuits", "correspond", "--model", "{M}", "--layer", "0", "--share", "0"],
          "Invalid value for '--share'"),
     Case("correspond-out-unwritable", ["circuits", "correspond", "--model", "{M}", "--layer", "0", "--out", "/proc/nope/x"],
