@@ -44,8 +44,9 @@ def _joint_rounds(first: int, n: int, steps: int, resample_first: int = 0, extra
 
 _WIDE_TC = ("--tc-expansion", "16", "--tc-top-k", "64")  # 16 x d features, K = 64 (the per-layer default: 8 x d, K = 32)
 _SKIP_TC = ("--tc-skip", "--tc-token-norm", "--tc-bos-weight", "1")
+_READOUT_ROUND = ("--tc-token-norm", "--recon-coef", "4", "--tc-readout-coef", "4")  # llama's last rounds
 
-# The chains as they were run for the bundled sets (2026-12-04 and 2026-12-05); each stage's times on 2 cores.
+# The chains as they were run for the bundled sets (2026-12-04 to 2026-12-06); each stage's times on 2 cores.
 RECIPES: dict[str, list[Stage]] = {
     "toy": [
         Stage("per-layer", ("--what", "all", "--steps", "500", "--corpora-only", "--lorsa-bos-weight", "1",
@@ -54,6 +55,13 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("skip-transcoders", ("--what", "transcoder", "--steps", "500", "--corpora-only", *_WIDE_TC, *_SKIP_TC),
               partial=True),  # 5 min
         *_joint_rounds(4, 2, 600),
+        Stage("half-lorsa", ("--what", "lorsa", "--steps", "1000", "--corpora-only", "--lorsa-bos-weight", "1",
+                             "--lorsa-heads-per-group", "32"), partial=True, fresh=True),  # 1,024 heads a layer; 9 min
+        *_joint_rounds(6, 2, 600),
+        *_joint_rounds(8, 2, 600, extra=_READOUT_ROUND),
+        Stage("long-transcoders", ("--what", "transcoder", "--steps", "1000", "--corpora-only", *_WIDE_TC, *_SKIP_TC),
+              partial=True),  # ~10 min (twice the 500-step stage; the run itself shared the cores)
+        *_joint_rounds(10, 2, 600, extra=_READOUT_ROUND),
     ],
     "pythia": [
         Stage("per-layer", ("--what", "all", "--steps", "500", "--corpora-only")),  # 20-30 min
@@ -81,7 +89,7 @@ RECIPES: dict[str, list[Stage]] = {
         *_joint_rounds(7, 3, 800, extra=("--tc-token-norm",)),  # 12-13 min a round
         *_joint_rounds(10, 1, 800, extra=("--tc-token-norm", "--recon-coef", "2")),
         *_joint_rounds(11, 1, 800, extra=("--tc-token-norm", "--recon-coef", "4")),
-        *_joint_rounds(12, 2, 800, extra=("--tc-token-norm", "--recon-coef", "4", "--tc-readout-coef", "4")),
+        *_joint_rounds(12, 2, 800, extra=_READOUT_ROUND),
     ],
 }
 
