@@ -85,8 +85,9 @@ def _restrict(nodes: list[Node], edges: EdgeArrays, keep: torch.Tensor) -> tuple
     src, tgt, w = edges.src, edges.tgt, edges.w
     lost = ~keep[src]
     dropped = torch.zeros(len(nodes), dtype=torch.float64).index_add_(0, tgt[lost], w[lost].double())
-    for i in dropped.nonzero()[:, 0].tolist():
-        nodes[i].dropped += float(dropped[i])
+    hit = dropped.nonzero()[:, 0]
+    for i, v in zip(hit.tolist(), dropped[hit].tolist()):
+        nodes[i].dropped += v
     kept = keep.nonzero()[:, 0]
     remap = torch.full((len(nodes),), -1, dtype=torch.long)
     remap[kept] = torch.arange(len(kept))

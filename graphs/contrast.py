@@ -121,18 +121,22 @@ def explain_query(tabs, g: int, t: int, keys: list[int], attention: torch.Tensor
     sums = (split.pairs_total.tolist(), split.query_bias_x_keys.tolist(), split.position.tolist())
     q_top = split.query_marginals.abs().topk(min(top_pairs, mq), dim=1).indices
     k_top = split.key_marginals.abs().topk(min(top_pairs, len(units)), dim=1).indices
+    q_top_v = split.query_marginals.gather(1, q_top).tolist()
+    k_top_v = split.key_marginals.gather(1, k_top).tolist()
+    # each key's raw score: the query (nodes and bias) . the key (its nodes and bias), [k]
+    scores = ((tabs.parts[row, ks].sum(1) + tabs.bias[row, ks]) @ (Q.sum(0) + qb) * tabs.scale).tolist()
+    ref_pos = ref_pos.tolist()
     out = []
-    for j, s in enumerate(keys):
+    for j, (q_j, k_j) in enumerate(zip(q_top.tolist(), k_top.tolist())):
         name = lambda u, j=j: tabs.names[pos_of[rep[j][u]]][r_of[rep[j][u]]]  # noqa: E731
         pt, qbk, pos = sums[0][j], sums[1][j], sums[2][j]
-        score = float(tabs.scale * (Q.sum(0) + qb) @ (tabs.parts[row, s].sum(0) + tabs.bias[row, s]))
         diff = pt + qbk + pos
         out.append(QKContrast(
-            reference=reference, reference_pos=int(ref_pos[j]), reference_score=score - diff, difference=diff,
+            reference=reference, reference_pos=ref_pos[j], reference_score=scores[j] - diff, difference=diff,
             pairs=[QKPair(names_q[a], name(b), v) for a, b, v in zip(*(x[j] for x in top)) if v != 0],
             pairs_total=pt, query_bias_x_keys=qbk, position=pos,
-            query_marginals=[(names_q[a], float(split.query_marginals[j, a])) for a in q_top[j].tolist()],
-            key_marginals=[(name(b), float(split.key_marginals[j, b])) for b in k_top[j].tolist()]))
+            query_marginals=list(zip((names_q[a] for a in q_j), q_top_v[j])),
+            key_marginals=list(zip((name(b) for b in k_j), k_top_v[j]))))
     return out
 
 
