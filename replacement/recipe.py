@@ -75,6 +75,10 @@ RECIPES: dict[str, list[Stage]] = {
         Stage("skip-transcoders", ("--what", "transcoder", "--layers", "1,2,3", "--steps", "500", "--corpora-only",
                                    *_WIDE_TC, *_SKIP_TC), partial=True),  # 10 min
         *_joint_rounds(8, 2, 450),
+        Stage("half-lorsa", ("--what", "lorsa", "--steps", "1000", "--corpora-only", "--lorsa-bos-weight", "1",
+                             "--lorsa-heads-per-group", "32"), partial=True, fresh=True),  # 1,024 heads a layer; 17 min
+        *_joint_rounds(10, 2, 450),  # 8 min a round
+        *_joint_rounds(12, 2, 450, extra=_READOUT_ROUND),
     ],
     "llama": [
         Stage("per-layer", ("--what", "all", "--steps", "700")),  # 23 min
