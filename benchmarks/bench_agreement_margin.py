@@ -3,7 +3,7 @@ held-out natural-text predictions of `circuits eval`, by how decided the real mo
 probability minus its top-2's), beside a replacement for which both are known: the real logits plus Gaussian
 noise scaled to the same mean KL.
 
-    python benchmarks/bench_agreement_margin.py [--model toy pythia llama]
+    python benchmarks/bench_agreement_margin.py [--model toy pythia llama] [--replacements DIR]
 
 Where the real model's two best tokens are near-tied, any small change of the logits swaps them; the noise
 row says what top-1 agreement a model that errs uniformly at the replacement's KL would have.
@@ -63,7 +63,10 @@ def table(real: torch.Tensor, other: torch.Tensor) -> list[tuple[str, float, flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="*", default=["toy", "pythia", "llama"])
+    p.add_argument("--replacements", default=None, help="a replacements folder (one --model): instead of the bundled")
     args = p.parse_args()
+    if args.replacements is not None and len(args.model) != 1:
+        p.error("--replacements needs exactly one --model")
 
     from replacement.assemble import ReplacementModel
     from replacement.corpus import heldout_texts
@@ -72,7 +75,7 @@ def main() -> None:
 
     for name in args.model:
         adapter = load_model(name)
-        model = ReplacementModel.load(adapter, None, "lorsa")
+        model = ReplacementModel.load(adapter, args.replacements, "lorsa")
         real, pure = real_and_pure(model, tokenize_texts(adapter.tokenizer, heldout_texts(None)))
         pure_rows = table(real, pure)
         noise_rows = table(real, noise_at_kl(real, pure_rows[-1][3]))
