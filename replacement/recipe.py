@@ -76,8 +76,8 @@ RECIPES: dict[str, list[Stage]] = {
                                    *_WIDE_TC, *_SKIP_TC), partial=True),  # 10 min
         *_joint_rounds(8, 2, 450),
         Stage("half-lorsa", ("--what", "lorsa", "--steps", "1000", "--corpora-only", "--lorsa-bos-weight", "1",
-                             "--lorsa-heads-per-group", "32"), partial=True, fresh=True),  # 1,024 heads a layer; 17 min
-        *_joint_rounds(10, 2, 450),  # 8 min a round
+                             "--lorsa-heads-per-group", "32"), partial=True, fresh=True),  # 1,024 heads a layer; 16 min
+        *_joint_rounds(10, 2, 450),  # 6 min a round
         *_joint_rounds(12, 2, 450, extra=_READOUT_ROUND),
     ],
     "llama": [

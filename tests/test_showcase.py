@@ -94,7 +94,8 @@ def test_induction_family(model, tmp_path):
     """Head families on the natural-text showcase (examples/families.py, the default rule): the largest induction
     family (last-position heads of one layer >= 1 keyed on the token after the earlier occurrence; on pythia the
     one on the strongest path), path patched as one unit, moves the logit by >= 50% of the graph's prediction
-    (examples/families.py on the bundled replacements of 2026-12-06: 0.88 on toy, 0.54 on pythia); its edge into the logit is its members' sum."""
+    (examples/families.py on the bundled replacements of 2026-12-06: 0.88 on toy, 0.54 on pythia); its edge into
+    the logit is its members' sum."""
     _need(model)
     r = _example("families").analyse(model, out=tmp_path, verbose=False)
     full, f = r["full"], r["family"]
