@@ -84,7 +84,9 @@ def _restrict(nodes: list[Node], edges: EdgeArrays, keep: torch.Tensor) -> tuple
     its target's ``dropped``."""
     src, tgt, w = edges.src, edges.tgt, edges.w
     lost = ~keep[src]
-    dropped = torch.zeros(len(nodes), dtype=torch.float64).index_add_(0, tgt[lost], w[lost].double())
+    gone = lost.nonzero().squeeze(1)
+    dropped = torch.zeros(len(nodes), dtype=torch.float64).index_add_(0, tgt.index_select(0, gone),
+                                                                       w.index_select(0, gone).double())
     hit = dropped.nonzero()[:, 0]
     for i, v in zip(hit.tolist(), dropped[hit].tolist()):
         nodes[i].dropped += v

@@ -304,10 +304,12 @@ class EdgeArrays:
         return len(self.src)
 
     def select(self, mask: torch.Tensor, remap: torch.Tensor | None = None) -> "EdgeArrays":
-        src, tgt = self.src[mask], self.tgt[mask]
+        """The edges where ``mask`` [E] is true; ``remap`` [n] renumbers their nodes."""
+        idx = mask.nonzero().squeeze(1)  # once, not once per array as four boolean indexings would
+        src, tgt = self.src.index_select(0, idx), self.tgt.index_select(0, idx)
         if remap is not None:
             src, tgt = remap[src], remap[tgt]
-        return EdgeArrays(src, tgt, self.w[mask], self.kind[mask])
+        return EdgeArrays(src, tgt, self.w.index_select(0, idx), self.kind.index_select(0, idx))
 
 
 class AttributionGraph:
