@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--direction", nargs="+", default=["read"], choices=["read", "weights"])
     ap.add_argument("--replacements", default=None, help="a replacements folder (one --model): instead of the bundled")
     args = ap.parse_args()
+    if args.replacements is not None and len(args.model) != 1:
+        ap.error("--replacements needs exactly one --model")
     from graphs.attribution import attribute
     from graphs.families import FamilyConfig
     from replacement.assemble import ReplacementModel

@@ -3,7 +3,7 @@
 live, then norm scales frozen as in the graph), and of every last-position head of a later layer attending to
 the token after the earlier occurrence, ablated together.  The issue's bar is a ratio >= 0.5.
 
-    python benchmarks/bench_induction_patching.py [--model toy] [--seeds 20]
+    python benchmarks/bench_induction_patching.py [--model toy] [--seeds 20] [--prompt natural] [--replacements DIR]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--prompt", choices=["natural", "random"], default="random",
                     help="held-out English sentences that recur, or repeated random-token spans")
+    ap.add_argument("--replacements", default=None, help="a replacements folder (default: the bundled one)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     example = example_module("induction")
@@ -29,7 +30,8 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         for seed in range(1, args.seeds + 1):
             try:
-                graph, _, c, r = example.analyse(args.model, out, seed=seed, verbose=False, prompt=args.prompt)
+                graph, _, c, r = example.analyse(args.model, out, seed=seed, verbose=False, prompt=args.prompt,
+                                                 replacements=args.replacements)
             except LookupError as e:  # no last-position head attends to the earlier occurrence
                 print(f"seed {seed:>2} {e}")
                 continue

@@ -56,9 +56,10 @@ def patch_checks(model, ids, answer: int, full, circuit) -> dict:
 
 
 def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: int | None = None, verbose: bool = True,
-            prompt: str = "natural"):
+            prompt: str = "natural", replacements: str | Path | None = None):
     """Trace the prompt, find the induction circuit (graphs/circuits.py), patch it, write the graph and its
-    picture; returns (pruned graph, full graph, circuit, patching figures)."""
+    picture; returns (pruned graph, full graph, circuit, patching figures). ``replacements``: a replacements
+    folder instead of the bundled set."""
     from graphs.attribution import attribute
     from graphs.circuits import circuit_nodes, induction_circuit
     from graphs.prune import prune
@@ -67,7 +68,7 @@ def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: 
 
     say = print if verbose else (lambda *a, **k: None)
     adapter = load_model(model_name)
-    model = ReplacementModel.load(adapter)
+    model = ReplacementModel.load(adapter, replacements)
     ids, answer, expected_peak = showcase_prompt(adapter, prompt, seed)
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]))
     graph = prune(full)
