@@ -27,7 +27,7 @@ from typing import Callable
 
 from replacement.io import atomic_write_text
 
-from .graph import FEATURE_KINDS, AttributionGraph, Edge, Node, NodeKind, QKEntry
+from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
                      drawn_qk, grid, meaning, node_name, token_text)
@@ -83,7 +83,9 @@ def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
     n_layers = max([n.layer for n in graph.node_list if n.type == NodeKind.LOGIT], default=0)
     target_ids = {n.id for n in graph.logits()[:1]}
     nodes = [_node_dict(n, n_layers, n.id in target_ids) for n in graph.node_list]
-    links = [{"source": e.source, "target": e.target, "weight": e.weight, "kind": e.kind} for e in graph.edges]
+    ids, E = [n.id for n in graph.node_list], graph.edge_arrays  # the arrays straight, no `Edge` objects
+    links = [{"source": ids[s], "target": ids[t], "weight": w, "kind": EdgeArrays.KINDS[k]}
+             for s, t, w, k in zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist())]
     transcoders = sorted({f"layer{n.layer}.{n.type.value}" for n in graph.node_list if n.type in FEATURE_KINDS})
     return {
         "metadata": {"slug": slug or prompt_slug(graph.prompt), "scan": str(graph.settings.get("model", "")),

@@ -139,11 +139,12 @@ class Family:
 def z_key(z_pattern: list[float], min_share: float) -> int:
     """The key position where a z pattern [n_keys] is largest in size, or -1 if that holds less than
     ``min_share`` of the pattern's total size."""
-    z = torch.tensor(z_pattern, dtype=torch.float64).abs()
-    if not len(z) or float(z.sum()) <= 0:
+    z = [abs(x) for x in z_pattern]  # plain floats: a tensor per head cost more than the rule itself
+    total = sum(z)
+    if not z or total <= 0:
         return -1
-    peak = int(z.argmax())
-    return peak if float(z[peak] / z.sum()) >= min_share else -1
+    peak = max(range(len(z)), key=z.__getitem__)  # the first largest, as argmax
+    return peak if z[peak] / total >= min_share else -1
 
 
 def group(units: list[Unit], directions: torch.Tensor, cfg: FamilyConfig) -> list[list[int]]:

@@ -41,13 +41,14 @@ def test_file_caps():
 
 def test_thread_policy(monkeypatch):
     """Threads: never more than the free cores, never fewer than 1, never more than torch's default; the busy
-    cores read from /proc/loadavg's text; an explicit count wins, a bad one is refused in one line."""
+    cores read from /proc/loadavg's runnable count (the most of several readings); an explicit count wins, a bad one is refused in one line."""
     from replacement.errors import BadInputError
     from replacement.threads import busy_cores, set_threads, thread_count
 
     assert busy_cores("0.10 0.20 0.30 1/300 123") == 0  # only this process runnable, no load
     assert busy_cores("0.10 0.20 0.30 3/300 123") == 2  # two others runnable now
-    assert busy_cores("1.90 0.20 0.30 1/300 123") == 1  # a busy minute, whole cores
+    assert busy_cores("1.90 0.20 0.30 1/300 123") == 0  # a busy minute, nothing runnable now: maybe our own work
+    assert busy_cores(["0.1 0.2 0.3 1/300 1", "0.1 0.2 0.3 2/300 1", "0.1 0.2 0.3 1/300 1"]) == 1  # the most at once
     assert busy_cores("garbage") == 0
     assert thread_count(2, 0, 2) == 2 and thread_count(2, 1, 2) == 1 and thread_count(2, 5, 2) == 1
     assert thread_count(16, 2, 8) == 8
