@@ -50,20 +50,21 @@ class ContrastSplit:
 
 def reference_weights(attention: torch.Tensor, keys: torch.Tensor, reference: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(w [k, t+1]: each explained key's contrast weights, the reference position per key [k], -1 for the
-    mean) from one query's attention row ``attention`` [t+1] (t >= 1) and its explained keys ``keys`` [k].
+    mean) from one query's attention row ``attention`` [t+1] (t >= 1) and its explained keys ``keys`` [k]
+    (or for B queries at once: attention [B, t+1], keys [B, k] -> w [B, k, t+1], positions [B, k]).
     ``mean``: w = onehot(s) - (A off s, renormalised; uniform off s where it sums below 1e-6);
     ``runner_up``: w = onehot(s) - onehot(r), r the strongest key other than s."""
     if reference not in CONTRAST_REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(CONTRAST_REFERENCES)}, not {reference!r}")
-    n = len(attention)
-    onehot = torch.nn.functional.one_hot(keys, n).to(attention.dtype)  # [k, t+1]
+    n = attention.shape[-1]
+    onehot = torch.nn.functional.one_hot(keys, n).to(attention.dtype)  # [..., k, t+1]
     if reference == "mean":
-        rest = attention[None] * (1 - onehot)  # [k, t+1]
-        total = rest.sum(1, keepdim=True)
+        rest = attention[..., None, :] * (1 - onehot)  # [..., k, t+1]
+        total = rest.sum(-1, keepdim=True)
         c = torch.where(total > 1e-6, rest / total.clamp(min=1e-30), (1 - onehot) / (n - 1))
         return onehot - c, torch.full_like(keys, -1)
-    others = attention[None].expand(len(keys), n).masked_fill(onehot.bool(), -1.0)
-    runner = others.argmax(1)  # [k]
+    others = attention[..., None, :].expand(onehot.shape).masked_fill(onehot.bool(), -1.0)
+    runner = others.argmax(-1)  # [..., k]
     return onehot - torch.nn.functional.one_hot(runner, n).to(attention.dtype), runner
 
 
@@ -73,61 +74,102 @@ def split_rows(Q: torch.Tensor, qb: torch.Tensor, K: torch.Tensor, row_pos: torc
 
     Q [mq, e]: the query nodes' vectors; qb [e]: the query's constant term.  K [R, e]: the key-side node
     vectors (any key position), row_pos [R] their positions (0..P-1), unit [R] their units (0..n_units-1).
-    kb [P, e]: the key's constant term per position.  w [k, P]: the contrast weights per position."""
-    w_rows = w[:, row_pos]  # [k, R]
-    dK = K.new_zeros(len(w), n_units, K.shape[1]).index_add_(1, unit, w_rows[..., None] * K[None])  # [k, U, e]
-    dkb = w @ kb  # [k, e]
-    q_sum = Q.sum(0)  # [e]
+    kb [P, e]: the key's constant term per position.  w [k, P]: the contrast weights per position.
+    B queries whose key rows are the same nodes (one query position, several QK groups): a leading [B] on
+    Q, qb, K, kb and w (row_pos and unit shared), and on every result."""
+    w_rows = w[..., row_pos]  # [(B,) k, R]
+    # [(B,) k, U, e]: each unit's rows, weighted, summed
+    dK = K.new_zeros(*w.shape[:-1], n_units, K.shape[-1]).index_add_(-2, unit, w_rows[..., None] * K[..., None, :, :])
+    dkb = w @ kb  # [(B,) k, e]
+    q_sum = Q.sum(-2)  # [(B,) e]
     q_t = q_sum + qb
-    dK_sum = dK.sum(1)  # [k, e]
+    dK_sum = dK.sum(-2)  # [(B,) k, e]
+    dot = lambda a, b: (a * b[..., None, :]).sum(-1) * scale  # noqa: E731  [(B,) k, e] . [(B,) e] -> [(B,) k]
     return ContrastSplit(
         dK=dK, dkb=dkb,
-        pairs_total=dK_sum @ q_sum * scale, query_bias_x_keys=dK_sum @ qb * scale, position=dkb @ q_t * scale,
-        query_marginals=(dK_sum + dkb) @ Q.t() * scale,  # [k, mq]
-        key_marginals=dK @ q_t * scale)  # [k, U]
+        pairs_total=dot(dK_sum, q_sum), query_bias_x_keys=dot(dK_sum, qb), position=dot(dkb, q_t),
+        query_marginals=(dK_sum + dkb) @ Q.transpose(-1, -2) * scale,  # [(B,) k, mq]
+        key_marginals=(dK * q_t[..., None, None, :]).sum(-1) * scale)  # [(B,) k, U]
+
+
+BATCH_BYTES = 32 << 20  # `explain_queries` takes as many groups at once as keep their weighted key rows under this
 
 
 def explain_query(tabs, g: int, t: int, keys: list[int], attention: torch.Tensor, reference: str,
                   top_pairs: int, screen: int = 12) -> list[QKContrast | None]:
     """The `QKContrast` of each key position in ``keys`` for QK group ``g`` (the layer's numbering) at query
     ``t``; ``attention`` [t+1]: the group's pattern row.  None where the query has a single key."""
+    return explain_queries(tabs, t, [g], [keys], attention[None], reference, top_pairs, screen)[0]
+
+
+def explain_queries(tabs, t: int, groups: list[int], keys: list[list[int]], attention: torch.Tensor, reference: str,
+                    top_pairs: int, screen: int = 12) -> list[list[QKContrast | None]]:
+    """`explain_query` for several QK groups at one query position ``t``: ``keys`` [B][k] (k alike),
+    ``attention`` [B, >= t+1] their pattern rows.  Groups whose contrasts involve the same key positions
+    share the key rows (the nodes at a position are the same for every group) and are split in one batch."""
+    if t == 0:
+        return [[None] * len(k) for k in keys]
+    dev = tabs.parts.device
+    ks = torch.tensor(keys, device=dev)  # [B, k]
+    w, ref_pos = reference_weights(attention[:, : t + 1].float(), ks, reference)  # [B, k, t+1]
+    enters = (w != 0).any(1)  # [B, t+1]: the key positions each group's contrasts involve
+    batches: dict[tuple, list[int]] = {}
+    for b, row in enumerate(enters.tolist()):
+        batches.setdefault(tuple(row), []).append(b)
+    out: list = [None] * len(groups)
+    for same in batches.values():
+        used = enters[same[0]].nonzero().squeeze(1)  # [P]
+        rows = int((tabs.groups[used] >= 0).sum())
+        per_group = ks.shape[1] * rows * tabs.parts.shape[-1] * 4  # bytes of its weighted key rows [k, R, e]
+        step = max(1, BATCH_BYTES // max(per_group, 1))
+        for i in range(0, len(same), step):
+            bs = same[i : i + step]
+            idx = torch.tensor(bs, device=dev)
+            for b, why in zip(bs, _explain_batch(tabs, t, torch.tensor([groups[b] for b in bs], device=dev), ks[idx],
+                                                 w[idx], ref_pos[idx], used, reference, top_pairs, screen)):
+                out[b] = why
+    return out
+
+
+def _explain_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.Tensor, ref_pos: torch.Tensor,
+                   used: torch.Tensor, reference: str, top_pairs: int, screen: int) -> list[list[QKContrast]]:
+    """The contrasts of B groups ``gs`` [B] at query t whose weights w [B, k, t+1] are nonzero at the same key
+    positions ``used`` [P]; ks [B, k] their explained keys, ref_pos [B, k] their reference positions."""
     from .qk import _top_pairs
 
-    if t == 0:
-        return [None] * len(keys)
-    dev = tabs.parts.device
-    gt = torch.tensor([g], device=dev)
-    ks = torch.tensor(keys, device=dev)
-    w, ref_pos = reference_weights(attention[: t + 1].float(), ks, reference)  # [k, t+1]
-    used = (w != 0).any(0).nonzero().squeeze(1)  # [P] key positions that enter
-    w = w[:, used]
+    B, k = ks.shape
+    w = w[..., used]  # [B, k, P]
     mq = len(tabs.names[t])
-    Q = tabs.side(0, gt, gt.new_tensor([t]), mq)[0]  # [mq, e]
-    qb = tabs.side_bias(0, gt, gt.new_tensor([t]))[0]  # [e]
-    row = tabs.G + int(tabs._row(gt))
-    groups = tabs.groups[used]  # [P, M]
+    ts = gs.new_full((B,), t)
+    Q = tabs.side(0, gs, ts, mq)  # [B, mq, e]
+    qb = tabs.side_bias(0, gs, ts)  # [B, e]
+    rows = tabs.G + tabs._row(gs)  # [B] the groups' key sides in the tables
+    groups = tabs.groups[used]  # [P, M]: each row's unit, the same for every QK group
     real = groups >= 0
     p_idx, r_idx = real.nonzero(as_tuple=True)  # rows: position index into used, row within the position
-    K = tabs.parts[row][used][p_idx, r_idx]  # [R, e]
+    K = tabs.parts[rows][:, used][:, p_idx, r_idx]  # [B, R, e]
     units, unit = torch.unique(groups[p_idx, r_idx], return_inverse=True)
-    kb = tabs.bias[row][used]  # [P, e]
-    split = split_rows(Q, qb, K, p_idx, unit, len(units), kb, w, tabs.scale)
-    k_len = split.dK.norm(dim=-1)  # [k, U]
-    top = _top_pairs(Q[None], split.dK, Q.norm(dim=-1)[None], k_len, tabs.scale, min(top_pairs, mq * len(units)),
-                     screen, per=len(keys))
+    U = len(units)
+    kb = tabs.bias[rows][:, used]  # [B, P, e]
+    split = split_rows(Q, qb, K, p_idx, unit, U, kb, w, tabs.scale)
+    dK = split.dK.reshape(B * k, U, -1)  # [B k, U, e]
+    top = _top_pairs(Q, dK, Q.norm(dim=-1), dK.norm(dim=-1), tabs.scale, min(top_pairs, mq * U), screen, per=k)
     names_q = tabs.names[t]
-    rep = _representatives(unit, len(units), used[p_idx], ks, w[:, p_idx].abs() * K.norm(dim=-1)[None]).tolist()
+    strength = (w[..., p_idx].abs() * K.norm(dim=-1)[:, None]).reshape(B * k, -1)  # [B k, R]
+    rep = _representatives(unit, U, used[p_idx], ks.flatten(), strength).tolist()
     pos_of, r_of = used[p_idx].tolist(), r_idx.tolist()
-    sums = (split.pairs_total.tolist(), split.query_bias_x_keys.tolist(), split.position.tolist())
-    q_top = split.query_marginals.abs().topk(min(top_pairs, mq), dim=1).indices
-    k_top = split.key_marginals.abs().topk(min(top_pairs, len(units)), dim=1).indices
-    q_top_v = split.query_marginals.gather(1, q_top).tolist()
-    k_top_v = split.key_marginals.gather(1, k_top).tolist()
-    # each key's raw score: the query (nodes and bias) . the key (its nodes and bias), [k]
-    scores = ((tabs.parts[row, ks].sum(1) + tabs.bias[row, ks]) @ (Q.sum(0) + qb) * tabs.scale).tolist()
-    ref_pos = ref_pos.tolist()
+    sums = (split.pairs_total.flatten().tolist(), split.query_bias_x_keys.flatten().tolist(),
+            split.position.flatten().tolist())
+    qm, km = split.query_marginals.reshape(B * k, mq), split.key_marginals.reshape(B * k, U)
+    q_top = qm.abs().topk(min(top_pairs, mq), dim=1).indices
+    k_top = km.abs().topk(min(top_pairs, U), dim=1).indices
+    q_top_v, k_top_v = qm.gather(1, q_top).tolist(), km.gather(1, k_top).tolist()
+    # each key's raw score: the query (nodes and bias) . the key (its nodes and bias), [B k]
+    key_vec = tabs.parts[rows[:, None], ks].sum(2) + tabs.bias[rows[:, None], ks]  # [B, k, e]
+    scores = ((key_vec * (Q.sum(1) + qb)[:, None]).sum(-1) * tabs.scale).flatten().tolist()
+    ref_pos = ref_pos.flatten().tolist()
     out = []
-    for j, (q_j, k_j) in enumerate(zip(q_top.tolist(), k_top.tolist())):
+    for j, (q_j, k_j) in enumerate(zip(q_top.tolist(), k_top.tolist())):  # j = b k + key slot
         name = lambda u, j=j: tabs.names[pos_of[rep[j][u]]][r_of[rep[j][u]]]  # noqa: E731
         pt, qbk, pos = sums[0][j], sums[1][j], sums[2][j]
         diff = pt + qbk + pos
@@ -137,7 +179,7 @@ def explain_query(tabs, g: int, t: int, keys: list[int], attention: torch.Tensor
             pairs_total=pt, query_bias_x_keys=qbk, position=pos,
             query_marginals=list(zip((names_q[a] for a in q_j), q_top_v[j])),
             key_marginals=list(zip((name(b) for b in k_j), k_top_v[j]))))
-    return out
+    return [out[b * k: (b + 1) * k] for b in range(B)]
 
 
 def _representatives(unit: torch.Tensor, n_units: int, pos: torch.Tensor, keys: torch.Tensor,

@@ -199,7 +199,7 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
 
     The (QK group, query position) pairs of one layer are explained together, ``chunk`` at a time, each
     with its ``top_keys`` strongest key positions, in batched products."""
-    from .contrast import explain_query
+    from .contrast import explain_queries
 
     by_layer: dict[int, list[int]] = {}
     for r in head_rows:
@@ -216,11 +216,16 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
         infos: dict[tuple[int, int], list[QKEntry]] = {}
         for i in range(0, len(queries), chunk):
             infos.update(_explain_batch(tabs, queries[i : i + chunk], best.indices, best.values, top_pairs))
-        if reference is not None:
-            for (g, t), entries in infos.items():
-                why = explain_query(tabs, g, t, [e.key_pos for e in entries], pattern[g, t], reference, top_pairs)
-                for e, c in zip(entries, why):
-                    e.contrast = c
+        if reference is not None:  # the groups of one query position together (as memory allows)
+            by_pos: dict[int, list[int]] = {}
+            for g, t in infos:
+                by_pos.setdefault(t, []).append(g)
+            for t, gs in by_pos.items():
+                why = explain_queries(tabs, t, gs, [[e.key_pos for e in infos[(g, t)]] for g in gs], pattern[gs, t],
+                                      reference, top_pairs)
+                for g, contrasts in zip(gs, why):
+                    for e, c in zip(infos[(g, t)], contrasts):
+                        e.contrast = c
         for r in rows:
             nodes[r].qk = infos[(nodes[r].index // hpg, nodes[r].pos)]
 

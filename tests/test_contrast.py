@@ -204,3 +204,48 @@ def test_contrast_round_trips_through_json(tmp_path):
         assert back == e
     path = graph.save(tmp_path / "g.json")  # validates against the schema on write
     assert type(graph).load(path) == graph
+
+
+@pytest.mark.parametrize("reference", ["mean", "runner_up"])
+def test_groups_explained_together_equal_one_at_a_time(monkeypatch, reference):
+    """`qk_attribution` explains the QK groups of one query position in one batch (`explain_queries`); every
+    contrast (difference, terms, pairs, marginals) equals the one each group gets on its own."""
+    model = random_replacements(ModelAdapter(tiny_llama(attention_bias=True), name="m"))
+    torch.manual_seed(5)
+    ids = torch.randint(0, 97, (1, 9))
+    batched = contrast.explain_queries
+    sizes = []
+
+    def counted(tabs, t, groups, *a, **k):
+        sizes.append(len(groups))
+        return batched(tabs, t, groups, *a, **k)
+
+    def alone(tabs, t, groups, keys, attention, *a, **k):
+        return [batched(tabs, t, [g], [ks], att[None], *a, **k)[0] for g, ks, att in zip(groups, keys, attention)]
+
+    monkeypatch.setattr(contrast, "explain_queries", counted)
+    together = attribute(model, ids, qk_top_keys=3, qk_reference=reference)
+    assert max(sizes) > 1  # some position had several groups to explain
+    monkeypatch.setattr(contrast, "explain_queries", alone)
+    single = attribute(model, ids, qk_top_keys=3, qk_reference=reference)
+    monkeypatch.setattr(contrast, "explain_queries", batched)
+    monkeypatch.setattr(contrast, "BATCH_BYTES", 1)  # the memory cap: one group at a time, through the batch's path
+    capped = attribute(model, ids, qk_top_keys=3, qk_reference=reference)
+    for head in capped.nodes(type="lorsa"):
+        assert [e.contrast for e in head.qk] == [e.contrast for e in single.node(head.id).qk]
+    compared = 0
+    for head in together.nodes(type="lorsa"):
+        for e1, e2 in zip(head.qk, single.node(head.id).qk, strict=True):
+            c1, c2 = e1.contrast, e2.contrast
+            if c1 is None:
+                assert c2 is None
+                continue
+            assert (c1.reference, c1.reference_pos) == (c2.reference, c2.reference_pos)
+            for f in ("difference", "reference_score", "pairs_total", "query_bias_x_keys", "position"):
+                assert getattr(c1, f) == pytest.approx(getattr(c2, f), abs=1e-5), f
+            assert [(p.query, p.key) for p in c1.pairs] == [(p.query, p.key) for p in c2.pairs]
+            assert [p.weight for p in c1.pairs] == pytest.approx([p.weight for p in c2.pairs], abs=1e-5)
+            assert [u for u, _ in c1.key_marginals] == [u for u, _ in c2.key_marginals]
+            assert [u for u, _ in c1.query_marginals] == [u for u, _ in c2.query_marginals]
+            compared += 1
+    assert compared > 20
