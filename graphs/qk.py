@@ -198,7 +198,8 @@ def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], 
     pattern, so at one query position they share these entries (one object, not copies).
 
     The (QK group, query position) pairs of one layer are explained together, ``chunk`` at a time, each
-    with its ``top_keys`` strongest key positions, in batched products."""
+    with its ``top_keys`` strongest key positions, in batched products; their contrasts, the groups of one
+    query position together (`graphs.contrast.explain_queries`)."""
     from .contrast import explain_queries
 
     by_layer: dict[int, list[int]] = {}
