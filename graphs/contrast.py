@@ -119,8 +119,8 @@ def explain_queries(tabs, t: int, groups: list[int], keys: list[list[int]], atte
     out: list = [None] * len(groups)
     for same in batches.values():
         used = enters[same[0]].nonzero().squeeze(1)  # [P]
-        rows = int((tabs.groups[used] >= 0).sum())
-        per_group = ks.shape[1] * rows * tabs.parts.shape[-1] * 4  # bytes of its weighted key rows [k, R, e]
+        n_rows = int((tabs.groups[used] >= 0).sum())
+        per_group = ks.shape[1] * n_rows * tabs.parts.shape[-1] * 4  # bytes of its weighted key rows [k, R, e]
         step = max(1, BATCH_BYTES // max(per_group, 1))
         for i in range(0, len(same), step):
             bs = same[i : i + step]
@@ -147,10 +147,10 @@ def _explain_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.Te
     groups = tabs.groups[used]  # [P, M]: each row's unit, the same for every QK group
     real = groups >= 0
     p_idx, r_idx = real.nonzero(as_tuple=True)  # rows: position index into used, row within the position
-    K = tabs.parts[rows][:, used][:, p_idx, r_idx]  # [B, R, e]
+    K = tabs.parts[rows[:, None], used[p_idx][None], r_idx[None]]  # [B, R, e], gathered without the groups' tables
     units, unit = torch.unique(groups[p_idx, r_idx], return_inverse=True)
     U = len(units)
-    kb = tabs.bias[rows][:, used]  # [B, P, e]
+    kb = tabs.bias[rows[:, None], used[None]]  # [B, P, e]
     split = split_rows(Q, qb, K, p_idx, unit, U, kb, w, tabs.scale)
     dK = split.dK.reshape(B * k, U, -1)  # [B k, U, e]
     top = _top_pairs(Q, dK, Q.norm(dim=-1), dK.norm(dim=-1), tabs.scale, min(top_pairs, mq * U), screen, per=k)
