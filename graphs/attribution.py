@@ -39,7 +39,7 @@ from replacement.models import single_token
 from replacement.tokenizer import token_text
 
 from .graph import (CONTRAST_REFERENCES, ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node,
-                    NodeKind, unit_label)
+                    NodeKey, NodeKind, unit_label)
 from .families import FamilyConfig, find_families
 from .linear import Linearised, Source
 from .prune import logit_decomposition
@@ -240,9 +240,10 @@ def _lorsa_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> N
     lr, lorsa = rec.layers[L], model.lorsas[L]
     pos, heads, vals, preacts = _active(lr.lorsa_code, lr.lorsa_z.gather(1, lr.lorsa_code.indices))
     writes = vals[:, None] * lorsa.W_O.float()[heads]  # [N, d]: each active head's output, in one product
-    rows = []
-    for i, (p, h, v, z) in enumerate(zip(pos.tolist(), heads.tolist(), vals.tolist(), preacts.tolist())):
-        node = Node.make(NodeKind.LORSA, L, h, p, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
+    rows, pos, heads = [], pos.tolist(), heads.tolist()
+    ids = NodeKey.ids(NodeKind.LORSA, L, heads, pos)  # one string each, without a key object per node
+    for i, (nid, p, h, v, z) in enumerate(zip(ids, pos, heads, vals.tolist(), preacts.tolist())):
+        node = Node(nid, NodeKind.LORSA, L, p, h, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
         rows.append((out.add(node, 2 * L + 1, writes[i]), h, p))
     out.add_targets(NodeKind.LORSA, L, rows)
 
@@ -279,10 +280,11 @@ def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int)
     pos, feats, vals, preacts = _active(code, tc.pre_activations(lr.tc_in).gather(1, code.indices))
     # [(slot, [N, d])]: what each active feature writes into each MLP output it reaches, one product per output
     (slot, first), *later = [(2 * T + 2, vals[:, None] * tc.decoder_into(T).float()[feats]) for T in tc.writes_into()]
-    rows = []
-    for i, (p, f, v, pre) in enumerate(zip(pos.tolist(), feats.tolist(), vals.tolist(), preacts.tolist())):
-        node = Node.make(NodeKind.TRANSCODER, L, f, p, activation=v, label=unit_label(NodeKind.TRANSCODER, L, f),
-                         preact=pre)
+    rows, pos, feats = [], pos.tolist(), feats.tolist()
+    ids = NodeKey.ids(NodeKind.TRANSCODER, L, feats, pos)
+    for i, (nid, p, f, v, pre) in enumerate(zip(ids, pos, feats, vals.tolist(), preacts.tolist())):
+        node = Node(nid, NodeKind.TRANSCODER, L, p, f, activation=v, label=unit_label(NodeKind.TRANSCODER, L, f),
+                    preact=pre)
         rows.append((out.add(node, slot, first[i], tuple((w, W[i]) for w, W in later)), f, p))
     out.add_targets(NodeKind.TRANSCODER, L, rows)
 
