@@ -3,8 +3,13 @@
 Attribution is thousands of small tensor operations; with more threads than free cores each of them waits for
 a thread that another process has taken, and the whole slows down several-fold (measured on 2 cores beside
 one busy torch job: 2.0 s with 2 threads against 1.1 s with 1).  A thread too few costs little on such
-operations, so the count errs low: the busy cores are the most other runnable tasks (/proc/loadavg's 4th
-field, less this process) over five readings in about 1.5 ms; a busy torch job is runnable at nearly every one.
+operations, so the count errs low: the busy cores are the other runnable tasks (/proc/loadavg's 4th field,
+less this process's own running threads), the median of five readings in about 1.5 ms; a busy torch job is
+runnable at nearly every one, a kernel task's blip at one.  This process's threads are counted out one by one
+(/proc/self/task/*/stat): right after torch work its OpenMP workers spin for a while, runnable.  Each call starts
+again from torch's own count as the process began, so one busy moment does not keep a warm process on fewer
+threads for good (those three, counted as other work or kept, halved a warm process's threads on an idle host: a
+warm trace 0.30 s on 1 thread against 0.25 s on 2).
 The 1-minute load average is not used: it counts this process's own recent work, so after a few traces in a row
 (or in a warm process) it read 1 on an idle 2-core host and halved the threads (a warm `trace "36 + 62 ="
 --model llama` 0.33 s on 1 thread against 0.29 s on 2).
@@ -18,23 +23,40 @@ import time
 from .errors import BadInputError
 
 THREADS_ENV = "CIRCUITS_THREADS"
+_TORCH_DEFAULT: int | None = None  # torch's thread count before `set_threads` first changed it
 
 
-def busy_cores(loadavg: str | list[str] | None = None, readings: int = 5) -> int:
-    """Cores other processes keep busy now: the most other runnable tasks over ``readings`` readings of
-    /proc/loadavg (0 where it cannot be read); ``loadavg``: its text, or several texts, instead."""
+def busy_cores(loadavg: str | list[str] | None = None, readings: int = 5, own: list[int] | None = None) -> int:
+    """Cores other processes keep busy now: the median over ``readings`` readings of /proc/loadavg's runnable
+    tasks less this process's running threads (0 where it cannot be read); ``loadavg``: its text, or several
+    texts, and ``own``: this process's running threads at each (default 1, the reader), instead."""
     texts = [loadavg] if isinstance(loadavg, str) else loadavg
     try:
         if texts is None:
-            texts = []
+            texts, own = [], []
             for i in range(readings):
                 with open("/proc/loadavg") as f:
                     texts.append(f.read())
+                own.append(own_running_threads())
                 if i + 1 < readings:
                     time.sleep(0.0002)
-        return max(max(int(t.split()[3].split("/")[0]) - 1, 0) for t in texts)  # less this process
+        own = own or [1] * len(texts)
+        others = sorted(max(int(t.split()[3].split("/")[0]) - n, 0) for t, n in zip(texts, own))
+        return others[len(others) // 2]
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def own_running_threads() -> int:
+    """This process's threads in the running state now (at least 1: the one asking)."""
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                n += f.read().rsplit(")", 1)[1].split()[0] == "R"  # the state follows the name in parentheses
+        except OSError:  # the thread ended meanwhile
+            pass
+    return max(n, 1)
 
 
 def cores() -> int:
@@ -61,6 +83,9 @@ def set_threads() -> int:
     elif os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()  # torch has read it already
     else:
-        n = thread_count(cores(), busy_cores(), torch.get_num_threads())
+        global _TORCH_DEFAULT
+        if _TORCH_DEFAULT is None:
+            _TORCH_DEFAULT = torch.get_num_threads()  # before this module ever changed it
+        n = thread_count(cores(), busy_cores(), _TORCH_DEFAULT)
     torch.set_num_threads(n)
     return n

@@ -41,19 +41,35 @@ def test_file_caps():
 
 def test_thread_policy(monkeypatch):
     """Threads: never more than the free cores, never fewer than 1, never more than torch's default; the busy
-    cores read from /proc/loadavg's runnable count (the most of several readings); an explicit count wins, a bad one is refused in one line."""
+    cores read from /proc/loadavg's runnable count (the median of several readings, less this process's own
+    threads); a busy moment does not stick; an explicit count wins, a bad one is refused in one line."""
     from replacement.errors import BadInputError
     from replacement.threads import busy_cores, set_threads, thread_count
 
     assert busy_cores("0.10 0.20 0.30 1/300 123") == 0  # only this process runnable, no load
     assert busy_cores("0.10 0.20 0.30 3/300 123") == 2  # two others runnable now
     assert busy_cores("1.90 0.20 0.30 1/300 123") == 0  # a busy minute, nothing runnable now: maybe our own work
-    assert busy_cores(["0.1 0.2 0.3 1/300 1", "0.1 0.2 0.3 2/300 1", "0.1 0.2 0.3 1/300 1"]) == 1  # the most at once
+    # the median of several readings: a task runnable at most of them counts, a blip at one does not
+    assert busy_cores(["0.1 0.2 0.3 2/300 1", "0.1 0.2 0.3 2/300 1", "0.1 0.2 0.3 1/300 1"]) == 1
+    assert busy_cores(["0.1 0.2 0.3 1/300 1", "0.1 0.2 0.3 2/300 1", "0.1 0.2 0.3 1/300 1"]) == 0
     assert busy_cores("garbage") == 0
+    # this process's own running threads (OpenMP workers spinning after torch work) are not other work
+    assert busy_cores("0.1 0.2 0.3 3/300 1", own=[2]) == 1 and busy_cores(["0.1 0.2 0.3 3/300 1"] * 2, own=[3, 1]) == 2
     assert thread_count(2, 0, 2) == 2 and thread_count(2, 1, 2) == 1 and thread_count(2, 5, 2) == 1
     assert thread_count(16, 2, 8) == 8
     before = torch.get_num_threads()
     try:
+        # the policy starts from torch's own count every time: a busy moment does not stick to a warm process
+        import replacement.threads as threads
+
+        monkeypatch.delenv("CIRCUITS_THREADS", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(threads, "cores", lambda: 2)
+        monkeypatch.setattr(threads, "_TORCH_DEFAULT", 2)
+        monkeypatch.setattr(threads, "busy_cores", lambda: 1)
+        assert set_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+        assert set_threads() == 2 and torch.get_num_threads() == 2
         monkeypatch.setenv("CIRCUITS_THREADS", "1")
         assert set_threads() == 1 and torch.get_num_threads() == 1
         monkeypatch.setenv("CIRCUITS_THREADS", "many")
@@ -61,6 +77,30 @@ def test_thread_policy(monkeypatch):
             set_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_own_running_threads_counts_a_computing_thread():
+    """A thread of this process inside a long torch product (GIL released, running) is counted as this
+    process's: seen running at least once over many readings (a count of the reader alone would never be 2)."""
+    import threading
+
+    from replacement.threads import own_running_threads
+
+    stop = threading.Event()
+
+    def work():
+        x = torch.randn(384, 384)
+        while not stop.is_set():
+            x @ x
+
+    t = threading.Thread(target=work)
+    t.start()
+    try:
+        seen = [own_running_threads() for _ in range(300)]
+    finally:
+        stop.set()
+        t.join()
+    assert max(seen) >= 2 and min(seen) >= 1
 
 
 BUDGET_CASES = [("llama", "lorsa"), ("neox", "lorsa"), ("llama", "frozen")]
