@@ -120,7 +120,8 @@ def fetch_data(dest, work):
               help="A replacements folder of this model: start each module from its saved one (fine-tuning).")
 @click.option("--tc-jacobian", type=float, default=0.0, show_default=True,
               help="Weight of a term matching the MLP's Jacobian (JVPs along random directions); > 0 makes the "
-                   "graph's linear effects through the transcoders closer to the real MLPs'.")
+                   "graph's linear effects through the transcoders closer to the real MLPs' (with --joint: every "
+                   "transcoder's, at once).")
 @click.option("--tc-jacobian-readout", is_flag=True,
               help="With --tc-jacobian: match the last MLP's Jacobian only along the directions the logits read "
                    "(VJPs along the unembedding), not along random directions.")
@@ -153,8 +154,8 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
         from replacement.joint import JointConfig
 
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
-                          tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef,
-                          resample_every=resample_every, **given)
+                          tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef, tc_jacobian=tc_jacobian,
+                          tc_jacobian_readout=tc_jacobian_readout, resample_every=resample_every, **given)
         return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts)))
     from replacement.train import TrainConfig
 
@@ -172,7 +173,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 # `circuits train` options that only one of its two kinds of run reads
 _PER_LAYER_ONLY = ("what", "layers", "cache_activations", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
                    "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "allow_weak_config", "tc_expansion", "tc_top_k",
-                   "tc_skip", "tc_jacobian", "tc_jacobian_readout", "tc_bos_weight")
+                   "tc_skip", "tc_bos_weight")
 _JOINT_ONLY = ("kl_coef", "recon_coef", "tc_readout_coef", "resample_every")
 
 

@@ -17,7 +17,14 @@ tokens, and lets the module drift from the layer everywhere else), and with ``tc
 (`train.logit_fvu`: its error at the real model's inputs as the demeaned logits read it, through the final norm
 at its clean scale).  The last MLP's output goes to the logits alone, so that error is what the graph's error node
 of the last layer gives each logit directly; the KL term, measured on the pure model, would rather have the last
-transcoder make up for the modules before it, which shows in the graph as that error node.
+transcoder make up for the modules before it, which shows in the graph as that error node.  With
+``tc_jacobian`` > 0
+
+         + tc_jacobian x mean over transcoders of jacobian_error(transcoder, MLP)
+
+(`train.jacobian_error`: the transcoder's Jacobian, active set held, against its MLP's, along random directions, or
+for the last one with ``tc_jacobian_readout`` along the logit directions): the graph's edges through a layer are
+the transcoder's linear map, and path patching goes through the real MLP, so that term is what they disagree by.
 
 The pure replacement model runs every Lorsa (live patterns) and transcoder in place of its block, with no
 error terms; the model's own weights stay frozen.  The reconstruction term keeps each module a dictionary of
@@ -42,6 +49,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +60,9 @@ from .data import Mixture
 from .errors import CircuitsError, TrainingDiverged, last_good
 from .evaluate import kl_per_token
 from .hooks import FINAL_SCALE
-from .train import fold_scales, fvu, logit_fvu, norm_scales, readout_directions, token_normalised_fvu, warmup_then_decay
+from .sparse import SparseCode
+from .train import (fold_scales, fvu, jacobian_error, logit_fvu, norm_scales, readout_directions, token_normalised_fvu,
+                    warmup_then_decay)
 
 Key = tuple[str, int]  # (kind, layer)
 
@@ -69,6 +79,9 @@ class JointConfig:
     recon_coef: float = 0.5
     tc_token_norm: bool = False  # the transcoders' reconstruction term: `token_normalised_fvu` instead of `fvu`
     tc_readout_coef: float = 0.0  # > 0: plus this weight x the last transcoder's error as the logits read it
+    tc_jacobian: float = 0.0  # > 0: plus this weight x the transcoders' mean relative Jacobian error (`jacobian_error`)
+    tc_jacobian_tokens: int = 256  # tokens per step and transcoder on which the Jacobians are compared
+    tc_jacobian_readout: bool = False  # the last transcoder's Jacobian along the logit directions (VJPs) instead
     grad_clip: float = 1.0
     resample_every: int = 250  # 0: never resample dead units
     resample_stop: float = 0.7  # no resampling after this fraction of the steps, so resampled units settle
@@ -129,6 +142,10 @@ class JointTrainer:
             R = readout_directions(adapter).to(adapter.device)
             self.gram = R.T @ R
             self.points.append(FINAL_SCALE)
+        if cfg.tc_jacobian_readout and cfg.tc_jacobian <= 0:
+            raise CircuitsError("--tc-jacobian-readout needs a Jacobian weight: --tc-jacobian W with W > 0")
+        # [V, d] the logit directions, for the last transcoder's Jacobian term
+        self.readout = readout_directions(adapter).to(adapter.device) if cfg.tc_jacobian_readout else None
         self.step, self.elapsed, self.resampled = 0, 0.0, 0
 
     # -- the pure replacement model -----------------------------------------------------------------------
@@ -144,8 +161,9 @@ class JointTrainer:
                          (m(live[xn] * c_x)[0] / c_y).to(t.dtype))
         return hooks
 
-    def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """KL, the mean FVU, the readout term (0 without ``tc_readout_coef``) and each module's (FVU, code, x, y,
+    def losses(self, ids: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """KL, the mean FVU, the readout term (0 without ``tc_readout_coef``), the transcoders' mean Jacobian error
+        (0 without ``tc_jacobian``; its random directions drawn from ``step``) and each module's (FVU, code, x, y,
         y_hat) on one batch [B, n]."""
         with torch.no_grad():
             clean = self.adapter.run(ids, capture=self.points)
@@ -164,15 +182,36 @@ class JointTrainer:
         if self.gram is not None:
             _, _, _, y, y_hat = per[self.last]
             readout = logit_fvu(_flat(y_hat), _flat(y), self.gram, clean.cache[FINAL_SCALE][:, 1:].float())
-        return {"kl": kl, "recon": recon, "readout": readout, "per": per}
+        jacobian = self.jacobian_term(per, step) if self.cfg.tc_jacobian > 0 else torch.zeros((), device=kl.device)
+        return {"kl": kl, "recon": recon, "readout": readout, "jacobian": jacobian, "per": per}
+
+    def jacobian_term(self, per: dict, step: int) -> torch.Tensor:
+        """The transcoders' mean `jacobian_error` at the real model's inputs (BOS left out, active sets held as
+        the graph holds them): how far each transcoder's linear map is from its MLP's Jacobian, which the graph's
+        edges through that layer stand for; the last one's along the logit directions with ``tc_jacobian_readout``."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # resumable: a function of the step
+        errors = []
+        for key in self.keys:
+            if key[0] != "transcoder":
+                continue
+            _, code, x, _, _ = per[key]
+            k = code.values.shape[-1]
+            flat = SparseCode(code.values[:, 1:].reshape(-1, k), code.indices[:, 1:].reshape(-1, k))
+            c_x, c_y = self.scales[key]
+            unit = SimpleNamespace(module=self.mods[key], c_x=c_x, c_y=c_y)
+            readout = self.readout if key == self.last else None
+            errors.append(jacobian_error(unit, self.adapter.mlp(key[1]), _flat(x), flat, self.cfg.tc_jacobian_tokens,
+                                         gen, readout))
+        return torch.stack(errors).mean()
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         ids = self.source.batch(step, cfg.batch_size).to(self.adapter.device)
-        out = self.losses(ids)
-        loss = cfg.kl_coef * out["kl"] + cfg.recon_coef * out["recon"] + cfg.tc_readout_coef * out["readout"]
+        out = self.losses(ids, step)
+        loss = (cfg.kl_coef * out["kl"] + cfg.recon_coef * out["recon"] + cfg.tc_readout_coef * out["readout"]
+                + cfg.tc_jacobian * out["jacobian"])
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"joint loss is {loss.item()} at step {step}; stopped, {last_good(self.state_file)}"
                                    + (" (resume, or start again with --no-resume)" if self.state_file.is_file() else ""))
@@ -185,7 +224,8 @@ class JointTrainer:
             self.fired[key][idx.cpu()] = True
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 < cfg.resample_stop * cfg.steps:
             self.resample(out["per"], step)
-        return {"kl": out["kl"].item(), "fvu": out["recon"].item(), "readout": out["readout"].item()}
+        return {"kl": out["kl"].item(), "fvu": out["recon"].item(), "readout": out["readout"].item(),
+                "jac": out["jacobian"].item()}
 
     # -- dead units -----------------------------------------------------------------------------------------
 
@@ -310,7 +350,8 @@ class JointTrainer:
             self.elapsed += now - t_last
             t_last = now
             ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
-            shown = {k: f"{v:.3f}" for k, v in ema.items() if k != "readout" or self.gram is not None}
+            shown = {k: f"{v:.3f}" for k, v in ema.items()
+                     if (k != "readout" or self.gram is not None) and (k != "jac" or self.cfg.tc_jacobian > 0)}
             bar.set_postfix(**shown, resampled=self.resampled)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                 self.save_state()

@@ -317,3 +317,51 @@ def test_joint_mixture_leaves_out_additions_for_models_never_trained_on_them():
     mine = Mixture(1.0, 0.0, 0.0)
     assert joint_mixture(SimpleNamespace(name="toy"), JointConfig(mixture=mine)) is mine
     assert joint_mixture(SimpleNamespace(name="/some/local/folder"), JointConfig()) == WITH_ADDITIONS
+
+
+def test_jacobian_term_is_each_transcoders_jacobian_error_at_the_real_inputs(tmp_path):
+    """The joint Jacobian term, rebuilt apart: each transcoder's `jacobian_error` at the clean run's inputs (BOS
+    left out, normalised by the trainer's scales, its own top-K code there), the random directions drawn in layer
+    order from the step's generator, the last one along the logit directions; their mean.  Off by default."""
+    from types import SimpleNamespace
+
+    from replacement.activations import hook_points
+    from replacement.train import jacobian_error, readout_directions
+
+    torch.manual_seed(0)
+    adapter = ModelAdapter(tiny_llama())
+    ids = torch.randint(2, 97, (2, 12))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        assert float(_trainer(tmp_path / "off", adapter).losses(ids)["jacobian"]) == 0.0
+    trainer = _trainer(tmp_path / "on", adapter, tc_jacobian=1.0, tc_jacobian_readout=True, tc_jacobian_tokens=7,
+                       seed=3)
+    with torch.no_grad():
+        got = trainer.losses(ids, step=5)["jacobian"]
+        layers = sorted(L for kind, L in trainer.keys if kind == "transcoder")
+        points = [hook_points("transcoder", L)[0] for L in layers]
+        clean = adapter.run(ids, capture=points)
+        gen = torch.Generator().manual_seed(3 * 1_000_003 + 5)
+        errors = []
+        for L, point in zip(layers, points):
+            m = trainer.mods[("transcoder", L)]
+            c_x, c_y = trainer.scales[("transcoder", L)]
+            x = clean.cache[point][:, 1:].reshape(-1, adapter.d_model).float() * c_x
+            readout = readout_directions(adapter) if L == adapter.n_layers - 1 else None
+            errors.append(jacobian_error(SimpleNamespace(module=m, c_x=c_x, c_y=c_y), adapter.mlp(L), x, m.encode(x),
+                                         7, gen, readout))
+    assert float(got) > 1e-3  # random transcoders are far from their MLPs
+    torch.testing.assert_close(got, torch.stack(errors).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_jacobian_term_is_trained_and_needs_its_weight(tmp_path):
+    """Trained on the Jacobian term alone, the transcoders' Jacobian error falls; the readout variant without a
+    weight is refused in one line."""
+    from replacement.errors import CircuitsError
+
+    adapter = ModelAdapter(tiny_llama())
+    trainer = _trainer(tmp_path / "a", adapter, steps=30, kl_coef=0.0, recon_coef=0.0, tc_jacobian=1.0, lr=1e-2)
+    errors = [trainer.train_step(step)["jac"] for step in range(30)]
+    assert sum(errors[-5:]) < 0.7 * sum(errors[:5]), errors
+    with pytest.raises(CircuitsError, match="--tc-jacobian-readout needs a Jacobian weight"):
+        _trainer(tmp_path / "b", adapter, tc_jacobian_readout=True)
