@@ -94,6 +94,9 @@ RECIPES: dict[str, list[Stage]] = {
         *_joint_rounds(10, 1, 800, extra=("--tc-token-norm", "--recon-coef", "2")),
         *_joint_rounds(11, 1, 800, extra=("--tc-token-norm", "--recon-coef", "4")),
         *_joint_rounds(12, 2, 800, extra=_READOUT_ROUND),
+        *_joint_rounds(14, 1, 1600, extra=_READOUT_ROUND),  # twice as long: 21-28 min
+        # the same with every transcoder's Jacobian matched to its MLP's (the last along the logit directions)
+        *_joint_rounds(15, 1, 800, extra=(*_READOUT_ROUND, "--tc-jacobian", "0.5", "--tc-jacobian-readout")),  # 15 min
     ],
 }
 

@@ -66,6 +66,8 @@ def test_each_recipe_is_what_the_bundled_modules_record(model):
         # recorded since the options came (a default then)
         assert (jc["recon_coef"], jc.get("tc_token_norm", False), jc.get("tc_readout_coef", 0.0)) == (
             last["recon_coef"], last["tc_token_norm"], last["tc_readout_coef"]), name
+        assert (jc.get("tc_jacobian", 0.0), jc.get("tc_jacobian_readout", False)) == (
+            last["tc_jacobian"], last["tc_jacobian_readout"]), name
 
 
 @pytest.mark.parametrize("model", sorted(RECIPES))
