@@ -8,8 +8,8 @@ less this process's own running threads), the median of five readings in about 1
 runnable at nearly every one, a kernel task's blip at one.  This process's threads are counted out one by one
 (/proc/self/task/*/stat): right after torch work its OpenMP workers spin for a while, runnable.  Each call starts
 again from torch's own count as the process began, so one busy moment does not keep a warm process on fewer
-threads for good (those three, counted as other work or kept, halved a warm process's threads on an idle host: a
-warm trace 0.30 s on 1 thread against 0.25 s on 2).
+threads for good.  (Before these three rules a warm process on an idle host read its own spinning workers, or a
+blip, as a busy core and kept 1 thread from then on: a warm trace 0.30 s against 0.25 s on 2.)
 The 1-minute load average is not used: it counts this process's own recent work, so after a few traces in a row
 (or in a warm process) it read 1 on an idle 2-core host and halved the threads (a warm `trace "36 + 62 ="
 --model llama` 0.33 s on 1 thread against 0.29 s on 2).
