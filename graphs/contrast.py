@@ -125,14 +125,14 @@ def explain_queries(tabs, t: int, groups: list[int], keys: list[list[int]], atte
         for i in range(0, len(same), step):
             bs = same[i : i + step]
             idx = torch.tensor(bs, device=dev)
-            for b, why in zip(bs, _explain_batch(tabs, t, torch.tensor([groups[b] for b in bs], device=dev), ks[idx],
-                                                 w[idx], ref_pos[idx], used, reference, top_pairs, screen)):
+            for b, why in zip(bs, _contrast_batch(tabs, t, torch.tensor([groups[b] for b in bs], device=dev), ks[idx],
+                                                  w[idx], ref_pos[idx], used, reference, top_pairs, screen)):
                 out[b] = why
     return out
 
 
-def _explain_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.Tensor, ref_pos: torch.Tensor,
-                   used: torch.Tensor, reference: str, top_pairs: int, screen: int) -> list[list[QKContrast]]:
+def _contrast_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.Tensor, ref_pos: torch.Tensor,
+                    used: torch.Tensor, reference: str, top_pairs: int, screen: int) -> list[list[QKContrast]]:
     """The contrasts of B groups ``gs`` [B] at query t whose weights w [B, k, t+1] are nonzero at the same key
     positions ``used`` [P]; ks [B, k] their explained keys, ref_pos [B, k] their reference positions."""
     from .qk import _top_pairs

@@ -61,8 +61,8 @@ from .errors import CircuitsError, TrainingDiverged, last_good
 from .evaluate import kl_per_token
 from .hooks import FINAL_SCALE
 from .sparse import SparseCode
-from .train import (fold_scales, fvu, jacobian_error, logit_fvu, norm_scales, readout_directions, token_normalised_fvu,
-                    warmup_then_decay)
+from .train import (check_jacobian_options, fold_scales, fvu, jacobian_error, logit_fvu, norm_scales, readout_directions,
+                    token_normalised_fvu, warmup_then_decay)
 
 Key = tuple[str, int]  # (kind, layer)
 
@@ -135,17 +135,17 @@ class JointTrainer:
         self.fired = {k: torch.zeros(m.decoder()[0].shape[0], dtype=torch.bool) for k, m in self.mods.items()}
         self.points = sorted({p for k in self.keys for p in hook_points(*k)})
         self.last = ("transcoder", adapter.n_layers - 1)
-        self.gram = None  # [d, d] R^T R of the logit directions, for the readout term
+        check_jacobian_options(cfg.tc_jacobian, cfg.tc_jacobian_readout)
+        # [V, d] the logit directions, read by the readout term and the last transcoder's Jacobian term
+        R = (readout_directions(adapter).to(adapter.device) if cfg.tc_readout_coef > 0 or cfg.tc_jacobian_readout
+             else None)
+        self.readout = R if cfg.tc_jacobian_readout else None
+        self.gram = None  # [d, d] R^T R, for the readout term
         if cfg.tc_readout_coef > 0:
             if self.last not in self.mods:
                 raise CircuitsError(f"the readout term needs the last layer's transcoder (layer{self.last[1]}.transcoder)")
-            R = readout_directions(adapter).to(adapter.device)
             self.gram = R.T @ R
             self.points.append(FINAL_SCALE)
-        if cfg.tc_jacobian_readout and cfg.tc_jacobian <= 0:
-            raise CircuitsError("--tc-jacobian-readout needs a Jacobian weight: --tc-jacobian W with W > 0")
-        # [V, d] the logit directions, for the last transcoder's Jacobian term
-        self.readout = readout_directions(adapter).to(adapter.device) if cfg.tc_jacobian_readout else None
         self.step, self.elapsed, self.resampled = 0, 0.0, 0
 
     # -- the pure replacement model -----------------------------------------------------------------------

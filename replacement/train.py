@@ -203,6 +203,12 @@ def jacobian_error(unit: Unit, mlp: torch.nn.Module, x: torch.Tensor, code: Spar
     return (jt - jm).pow(2).sum() / jm.pow(2).sum().clamp_min(1e-12)
 
 
+def check_jacobian_options(weight: float, readout: bool) -> None:
+    """The Jacobian term's options, as both training stages take them: the readout variant needs a weight."""
+    if readout and weight <= 0:
+        raise CircuitsError("--tc-jacobian-readout needs a Jacobian weight: --tc-jacobian W with W > 0")
+
+
 def readout_directions(adapter) -> torch.Tensor:
     """[V, d]: the directions in which the logits (demeaned) read the last residual stream through the final
     norm's weight: (W_U[v] - mean W_U) * w, centred over d for a LayerNorm."""
@@ -258,8 +264,7 @@ class Trainer:
         if cfg.batch_size % world:
             raise CircuitsError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
         self.activations = activations  # optional ShardSource (cached activations)
-        if cfg.tc_jacobian_readout and cfg.tc_jacobian <= 0:
-            raise CircuitsError("--tc-jacobian-readout needs a Jacobian weight: --tc-jacobian W with W > 0")
+        check_jacobian_options(cfg.tc_jacobian, cfg.tc_jacobian_readout)
         self.units = build_units(adapter, cfg)
         self.readout = None  # [V, d] the logit directions, built on first use (tc_jacobian_readout)
         self.points = _points(self.units)
