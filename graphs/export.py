@@ -72,11 +72,11 @@ def _node_dict(n: Node, n_layers: int, is_target: bool) -> dict:
 
 
 def _node_from_dict(x: dict) -> Node:
-    return Node(id=x["node_id"], type=x["type"], layer=x["model_layer"], pos=x["ctx_idx"], index=x["index"],
-                activation=x["activation"], influence=x["influence"], label=x.get("label", ""), prob=x["token_prob"],
-                const=x["const"], preact=x["preact"], dropped=x["dropped"], z_pattern=x.get("z_pattern"),
-                qk=[QKEntry.from_json(e) for e in x.get("qk", ())], family=x.get("family"),
-                family_cosine=x.get("family_cosine"))
+    return Node(id=x["node_id"], type=x["type"], layer=int(x["model_layer"]), pos=int(x["ctx_idx"]),
+                index=int(x["index"]), activation=x["activation"], influence=x["influence"],
+                label=x.get("label", ""), prob=x["token_prob"], const=x["const"], preact=x["preact"],
+                dropped=x["dropped"], z_pattern=x.get("z_pattern"), qk=[QKEntry.from_json(e) for e in x.get("qk", ())],
+                family=x.get("family"), family_cosine=x.get("family_cosine"))
 
 
 def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:

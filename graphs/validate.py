@@ -100,13 +100,30 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
                 raise BadGraphError(f"{where}: a link's {end} {_short(e[end])} is not a node of the graph")
         if abs(e["weight"]) > FLOAT32_MAX:  # edges are float32 in memory: it would turn into inf, then NaN paths
             raise BadGraphError(f"{where}: a link's weight {_short(e['weight'])} is too large (beyond float32)")
+    n_tokens = len(d["metadata"]["prompt_tokens"])
     for n in d["nodes"]:
         for field in ("activation", "influence"):
             if n[field] is None:
                 raise BadGraphError(f"{where}: node {_short(n['node_id'])} has no {field} (null)")
+        _check_grid_place(n, n_tokens, where)
     if not any(n["type"] == "logit" for n in d["nodes"]):
         raise BadGraphError(f"{where}: the graph has no logit node")
     _check_families(d, where)
+
+
+MAX_LAYERS = 4096  # far above any real model; a graph's rows are drawn per layer, so the bound keeps a hostile
+# file from asking the layout for billions of rows
+
+
+def _check_grid_place(n: dict, n_tokens: int, where) -> None:
+    """A node's layer, position and index are whole numbers (JSON Schema's ``integer`` admits ``1.0``) and its
+    layer and position lie on the graph's grid: layer -1 (embeddings) up to MAX_LAYERS, position a prompt token."""
+    bounds = {"model_layer": (-1, MAX_LAYERS), "ctx_idx": (0, n_tokens - 1), "index": (-1, 2**53)}
+    for field, (lo, hi) in bounds.items():
+        v = n[field]
+        if not lo <= v <= hi or not float(v).is_integer():  # the bound first: float() of a huge int overflows
+            raise BadGraphError(f"{where}: node {_short(n['node_id'])} has {field} {_short(v)}, not a whole number "
+                                f"from {lo} to {hi}")
 
 
 def _check_families(d: dict, where) -> None:

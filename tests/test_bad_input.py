@@ -120,6 +120,10 @@ CASES = [
     Case("query-weight-beyond-float32", ["circuits", "query", "{G}/bigweight.json"], "too large (beyond float32)"),
     Case("query-duplicate-ids", ["circuits", "query", "{G}/duplicate.json"], "appears twice"),
     Case("query-null-activation", ["circuits", "query", "{G}/null.json"], "has no activation"),
+    Case("render-huge-layer", ["circuits", "render", "{G}/hugelayer.json", "--format", "dot"],
+         "has model_layer 1000000000000, not a whole number from -1 to 4096"),
+    Case("render-position-beyond-prompt", ["circuits", "render", "{G}/farpos.json", "--format", "dot"],
+         "has ctx_idx 99, not a whole number from 0 to"),
     Case("query-no-logit", ["circuits", "query", "{G}/nologit.json"], "has no logit node"),
     Case("render-null-score", ["circuits", "render", "{G}/nullscore.json"], "metadata.scores.replacement_score is None"),
     Case("query-bad-qk", ["circuits", "query", "{G}/badqk.json"], "does not follow the graph schema"),
@@ -321,6 +325,8 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("v2.json", lambda x: x["metadata"].update(schema_version=2))
     mutated("duplicate.json", lambda x: x["nodes"].append(dict(x["nodes"][0])))
     mutated("null.json", lambda x: x["nodes"][0].update(activation=None))
+    mutated("hugelayer.json", lambda x: x["nodes"][-1].update(model_layer=10**12))
+    mutated("farpos.json", lambda x: x["nodes"][0].update(ctx_idx=99))
     mutated("nologit.json", lambda x: x.update(nodes=[n for n in x["nodes"] if n["type"] != "logit"],
                                                links=[e for e in x["links"] if not e["target"].startswith("logit")]))
     mutated("nullscore.json", lambda x: x["metadata"]["scores"].update(replacement_score=None))

@@ -49,6 +49,20 @@ def test_json_validates_and_round_trips(graph, tmp_path):
     assert back == graph
 
 
+def test_whole_numbers_written_as_floats_read_as_ints(graph, tmp_path):
+    """JSON Schema's ``integer`` admits ``1.0``: such a file (another writer's) reads back as the same graph, with
+    int layers, positions and indices (the DOT layout multiplies by them), and renders."""
+    d = json.loads(write_json(graph, tmp_path / "g.json").read_text())
+    for n in d["nodes"]:
+        n.update(model_layer=float(n["model_layer"]), ctx_idx=float(n["ctx_idx"]), index=float(n["index"]))
+    path = tmp_path / "floats.json"
+    path.write_text(json.dumps(d))
+    back = graphs.load(path)
+    assert back == graph
+    assert all(type(v) is int for n in back.node_list for v in (n.layer, n.pos, n.index))
+    assert "digraph" in write_dot(back, tmp_path / "g.dot").read_text()
+
+
 def test_qk_entries_round_trip_as_typed_objects(graph, tmp_path):
     """The QK results are written with their heads and read back as the same QKEntry / QKPair objects."""
     from graphs.graph import QKEntry, QKPair
