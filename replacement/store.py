@@ -61,12 +61,13 @@ def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
         )
     cls, cfg_cls = KINDS[kind]
     try:
-        module = cls(cfg_cls.from_dict(meta["config"]))
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced (a cold trace's time)
+            module = cls(cfg_cls.from_dict(meta["config"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         why = str(e) if isinstance(e, ValueError) else type(e).__name__
         raise CheckpointError(f"{path} has no valid module config in its metadata ({why})") from None
-    try:
-        module.load_state_dict({k: v.float() for k, v in tensors.items()})
+    try:  # assign: the file's tensors become the parameters (every one must be there: strict)
+        module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
     except RuntimeError as e:  # torch's message: a header line, then one indented line per mismatch
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{path} does not match its own config: {' '.join(lines[1:3]) or lines[0]}") from None
