@@ -92,6 +92,8 @@ CASES = [
     Case("replacements-config-list", T + ["--replacements", "{REP_LIST}"], "is not a replacements config"),
     Case("replacements-file-outside", T + ["--replacements", "{REP_ESCAPE}"], "'../../etc/passwd' outside its folder"),
     Case("replacements-truncated-module", T + ["--replacements", "{REP_TRUNC}"], "corrupt or truncated checkpoint"),
+    Case("replacements-config-claims-huge-module", T + ["--replacements", "{REP_HUGE}"],
+         "does not match its own config: size mismatch"),  # never allocated: the module is built on the meta device
     Case("replacements-nan-weights", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_NAN}",
                                       "--out", "{WORLD}/new/nested/out"], "NaN or infinite"),
     # output folders and writing
@@ -284,6 +286,9 @@ def _broken_replacements(w: Path, names: dict, ckpt) -> None:
     cfg_path.write_text(json.dumps(cfg))
     module = variant("REP_TRUNC") / "layer1.transcoder.safetensors"
     module.write_bytes(module.read_bytes()[:100])
+    module = variant("REP_HUGE") / "layer0.transcoder.safetensors"  # its config: 100 billion features
+    tensors, meta = ckpt.load(module)
+    ckpt.atomic_save(tensors, module, {**meta, "config": {**meta["config"], "n_features": 10**11}})
     module = variant("REP_NAN") / "layer0.transcoder.safetensors"
     tensors, meta = ckpt.load(module)
     tensors["W_dec"] = torch.full_like(tensors["W_dec"], float("nan"))

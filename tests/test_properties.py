@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -27,8 +28,9 @@ from graphs.graph import AttributionGraph, Edge, Node, QKEntry, QKPair
 from graphs.html import page_data, to_html
 from graphs.validate import BadGraphError, strict_dumps, strict_loads
 
-EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                                HealthCheck.too_slow])
+# CIRCUITS_FUZZ_EXAMPLES raises the count for a longer hunt (each run draws new examples: CI too)
+EXAMPLES = settings(max_examples=int(os.environ.get("CIRCUITS_FUZZ_EXAMPLES", 200)), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 text = st.text(max_size=40)  # any Unicode text but lone surrogates (a command line refuses those: invalid UTF-8)
 hostile = st.sampled_from(["<!--<script>", "</script><script>alert(1)</script>", "&lt;b&gt;", "\x00\x01\x1b[31m",
                            "\\N\\G\\L", '"quoted" \\"', "\ufffe\uffff", "\u2028\u2029", "]]>", "-->"])
