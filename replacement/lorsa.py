@@ -43,6 +43,7 @@ class LorsaConfig(ModuleConfig):
 
     def problems(self) -> list[str]:
         bad = self._below_one("d_model", "n_qk", "d_qk", "heads_per_group", "top_k")
+        bad += self._below_zero("rotary_dim", "model_heads", "model_d_head", "layer")
         if not bad and self.top_k > self.n_heads:
             bad.append(f"top_k {self.top_k} is more than its {self.n_heads} heads")
         return bad

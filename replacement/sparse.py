@@ -70,8 +70,16 @@ class ModuleConfig:
         return []
 
     def _below_one(self, *names: str) -> list[str]:
-        return [f"{n} must be at least 1, not {getattr(self, n)}" for n in names
+        return [f"{n} must be at least 1, not {getattr(self, n)!r}" for n in names
                 if not isinstance(getattr(self, n), numbers.Integral) or getattr(self, n) < 1]
+
+    def _below_zero(self, *names: str) -> list[str]:
+        return [f"{n} must be a whole number, at least 0, not {getattr(self, n)!r}" for n in names
+                if not isinstance(getattr(self, n), numbers.Integral) or getattr(self, n) < 0]
+
+    def _not_bool(self, *names: str) -> list[str]:
+        return [f"{n} must be true or false, not {getattr(self, n)!r}" for n in names
+                if not isinstance(getattr(self, n), bool)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

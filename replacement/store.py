@@ -63,8 +63,9 @@ def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
     try:
         with torch.device("meta"):  # no random initialisation of weights about to be replaced (a cold trace's time)
             module = cls(cfg_cls.from_dict(meta["config"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        why = str(e) if isinstance(e, ValueError) else type(e).__name__
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as e:
+        # on the meta device nothing is allocated: a RuntimeError here is a shape no tensor can have
+        why = str(e).splitlines()[0] if isinstance(e, (ValueError, RuntimeError)) else type(e).__name__
         raise CheckpointError(f"{path} has no valid module config in its metadata ({why})") from None
     try:  # assign: the file's tensors become the parameters (every one must be there: strict)
         module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)

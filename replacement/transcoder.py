@@ -32,6 +32,9 @@ from .errors import ForeignFormatError
 from .sparse import ModuleConfig, SparseCode, decode, gated_code, topk_relu
 
 
+READS = ("mlp.in", "mlp.normalized", "resid_mid")  # what a transcoder's encoder can read (TranscoderConfig.reads)
+
+
 @dataclass
 class TranscoderConfig(ModuleConfig):
     d_model: int
@@ -46,7 +49,10 @@ class TranscoderConfig(ModuleConfig):
     # stream before the norm ("resid_mid", circuit-tracer's hook_resid_mid)
 
     def problems(self) -> list[str]:
-        bad = self._below_one("d_model", "n_features")
+        bad = self._below_one("d_model", "n_features") + self._below_zero("layer", "n_later")
+        bad += self._not_bool("skip", "jumprelu")
+        if self.reads not in READS:
+            bad.append(f"reads {self.reads!r} is not one of {', '.join(READS)}")
         k = self.top_k  # 0 or None: every feature that passes (ReLU / JumpReLU), no top-K
         if k is not None and (not isinstance(k, numbers.Integral) or k < 0 or (not bad and k > self.n_features)):
             bad.append(f"top_k {k} is not between 0 (no top-K) and its {self.n_features} features")

@@ -219,3 +219,41 @@ def test_query_escapes_hostile_node_ids(graph, how, tmp_path_factory):
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", r.stdout)
     if how != "paths":  # the odd node is listed, escaped
         assert "".join(c if c.isprintable() else repr(c)[1:-1] for c in odd) in r.stdout
+
+
+def _tiny_module_file(kind: str, folder) -> "Path":
+    from replacement.lorsa import Lorsa, LorsaConfig
+    from replacement.store import save_module
+    from replacement.transcoder import Transcoder, TranscoderConfig
+
+    module = (Lorsa(LorsaConfig(d_model=8, n_qk=2, d_qk=4, heads_per_group=4, top_k=2, rotary_dim=2))
+              if kind == "lorsa" else Transcoder(TranscoderConfig(d_model=8, n_features=16, top_k=4, skip=True)))
+    save_module(module, kind, folder, "fp", "tiny")
+    return folder / f"layer0.{kind}.safetensors"
+
+
+config_values = st.one_of(json_values, st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, -1, 10**11]))
+
+
+@EXAMPLES
+@given(kind=st.sampled_from(["lorsa", "transcoder"]), data=st.data())
+def test_module_file_with_any_config_loads_or_fails_in_one_line(kind, data, tmp_path_factory):
+    """A module file whose saved config was changed (another size, a wrong type, a field gone) loads, or raises
+    one of the tool's one-line errors (CircuitsError): never another exception, never an allocation it claims."""
+    from replacement import checkpoint
+    from replacement.errors import CircuitsError
+    from replacement.store import load_module
+
+    path = _tiny_module_file(kind, tmp_path_factory.mktemp("m"))
+    tensors, meta = checkpoint.load(path)
+    config = dict(meta["config"])
+    key = data.draw(st.sampled_from(sorted(config)))
+    if data.draw(st.booleans()):
+        del config[key]
+    else:
+        config[key] = data.draw(config_values)
+    checkpoint.atomic_save(tensors, path, {**meta, "config": config})
+    try:
+        load_module(path)
+    except CircuitsError as e:
+        assert "\n" not in str(e)
