@@ -125,7 +125,7 @@ def load_circuit_tracer(folder: Path, adapter) -> dict[tuple[str, int], torch.nn
     files = _ct_layer_files(folder, conf)
     if not files:
         raise ForeignFormatError(f"{folder} has a circuit-tracer config.yaml but no layer_<L>.safetensors files")
-    k = _ct_top_k(conf.get("top_k"), folder)
+    k = _config_top_k(conf.get("top_k"), folder / "config.yaml")
     out = {("transcoder", L): Transcoder.from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
     return _reading(out, reads, folder)
 
@@ -148,18 +148,19 @@ def load_circuit_tracer_clt(folder: Path, adapter) -> dict[tuple[str, int], torc
 
     conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
     reads = _check_ct_hooks(conf, folder, default_in="hook_resid_mid")
-    layers = clt_from_circuit_tracer(folder, _ct_top_k(conf.get("top_k"), folder))
+    layers = clt_from_circuit_tracer(folder, _config_top_k(conf.get("top_k"), folder / "config.yaml"))
     if len(layers) != adapter.n_layers:
         raise ForeignFormatError(f"{folder} is a CLT of {len(layers)} layers; {adapter.name} has {adapter.n_layers} "
                                  "layers")
     return _reading({("transcoder", L): tc for L, tc in layers.items()}, reads, folder)
 
 
-def _ct_top_k(raw, folder: Path) -> int:
+def _config_top_k(raw, config: Path) -> int:
+    """A config file's top_k: absent or null is 0 (no top-K); anything but a whole number >= 0 is one line."""
     if raw is None:
         return 0
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise ForeignFormatError(f"{folder / 'config.yaml'}: top_k must be a whole number >= 0, not {raw!r}")
+        raise ForeignFormatError(f"{config}: top_k must be a whole number >= 0, not {raw!r}")
     return raw
 
 
@@ -188,7 +189,8 @@ def _check_ct_hooks(conf: dict, folder: Path, default_in: str = "mlp.hook_in") -
     """The point (replacement/hooks.py) the transcoders of a circuit-tracer config read; one line if they do not
     replace an MLP."""
     hin, hout = conf.get("feature_input_hook", default_in), conf.get("feature_output_hook", CT_OUTPUT_HOOKS[0])
-    if hin not in CT_INPUT_HOOKS or hout not in CT_OUTPUT_HOOKS:
+    names = isinstance(hin, str) and isinstance(hout, str)  # a list or a mapping there is no hook name
+    if not names or hin not in CT_INPUT_HOOKS or hout not in CT_OUTPUT_HOOKS:
         raise ForeignFormatError(f"{folder}: transcoders reading {hin!r} and writing {hout!r}; only those that read the "
                                  f"MLP's normalised input or the residual stream before it ({', '.join(CT_INPUT_HOOKS)}) "
                                  f"and predict its output ({' or '.join(CT_OUTPUT_HOOKS)}) replace an MLP")
@@ -223,7 +225,7 @@ def load_llamascope(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Mod
         if "W_Q" in keys:
             out[("lorsa", L)] = _checked(lambda: from_llamascope(part, L), part)
         elif "W_E" in keys:
-            k = int(conf.get("top_k") or 0)
+            k = _config_top_k(conf.get("top_k"), part / "config.json")
             out[("transcoder", L)] = _checked(lambda: Transcoder.from_llamascope(
                 part / "sae_weights.safetensors", top_k=k, layer=L), part)
         else:

@@ -20,6 +20,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -257,3 +258,49 @@ def test_module_file_with_any_config_loads_or_fails_in_one_line(kind, data, tmp_
         load_module(path)
     except CircuitsError as e:
         assert "\n" not in str(e)
+
+
+class _Adapter:  # what the foreign loaders ask of a model
+    name, d_model, n_layers, parallel_residual, device = "tiny", 8, 2, False, "cpu"
+
+
+def _foreign_folder(kind: str, folder):
+    """A circuit-tracer transcoder set (config.yaml) or a Llamascopium transcoder (config.json) of width 8."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "circuit-tracer":
+        for L in range(2):
+            save_file({"W_enc": torch.randn(16, 8, generator=g), "W_dec": torch.randn(16, 8, generator=g),
+                       "b_enc": torch.zeros(16), "b_dec": torch.zeros(8)}, str(folder / f"layer_{L}.safetensors"))
+        return folder / "config.yaml", {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
+                                         "feature_output_hook": "mlp.hook_out", "top_k": 4}
+    save_file({"W_E": torch.randn(8, 16, generator=g), "b_E": torch.zeros(16), "W_D": torch.randn(16, 8, generator=g),
+               "b_D": torch.zeros(8)}, str(folder / "sae_weights.safetensors"))
+    return folder / "config.json", {"hook_point_in": "blocks.1.ln2.hook_normalized", "top_k": 4,
+                                    "norm_activation": "none"}
+
+
+@EXAMPLES
+@given(kind=st.sampled_from(["circuit-tracer", "llamascope"]), data=st.data())
+def test_foreign_config_with_any_values_loads_or_fails_in_one_line(kind, data, tmp_path_factory):
+    """A circuit-tracer config.yaml or a Llamascopium config.json with any value in any of its keys (or a key
+    gone) loads, or raises one of the tool's one-line errors: never another exception."""
+    import yaml
+
+    from replacement.errors import CircuitsError
+    from replacement.foreign import load_folder
+
+    path, config = _foreign_folder(kind, tmp_path_factory.mktemp("f"))
+    key = data.draw(st.sampled_from(sorted(config)))
+    if data.draw(st.booleans()):
+        del config[key]
+    else:
+        config[key] = data.draw(config_values)
+    path.write_text(yaml.safe_dump(config) if path.suffix == ".yaml" else json.dumps(config))
+    try:
+        modules = load_folder(path.parent, _Adapter())
+    except CircuitsError as e:
+        assert "\n" not in str(e)
+    else:
+        assert all(key[0] == "transcoder" for key in modules)
