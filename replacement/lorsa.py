@@ -211,12 +211,17 @@ def from_llamascope(folder, layer: int = 0) -> Lorsa:
         raise CheckpointError("Llamascopium Lorsa with q/k layer norms (ln_q/ln_k) is not supported yet")
     n_qk, d, d_qk = t["W_Q"].shape
     H = t["W_V"].shape[0]
-    rd = int(conf.get("rotary_dim") or 0)
-    cfg = LorsaConfig(d_model=d, n_qk=n_qk, d_qk=d_qk, heads_per_group=H // n_qk, top_k=int(conf["top_k"]),
+    rd, base = conf.get("rotary_dim") or 0, conf.get("rotary_base", 10000.0)
+    if isinstance(rd, bool) or not isinstance(rd, int) or not 0 <= rd <= d_qk or rd % 2:
+        raise CheckpointError(f"{folder}/config.json: rotary_dim {rd!r} is not an even whole number from 0 to the QK "
+                              f"width {d_qk}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < 1e300:
+        raise CheckpointError(f"{folder}/config.json: rotary_base {base!r} is not a positive number")
+    cfg = LorsaConfig(d_model=d, n_qk=n_qk, d_qk=d_qk, heads_per_group=H // n_qk, top_k=conf["top_k"],
                       rotary_dim=rd, layer=layer)
     if conf.get("n_qk_heads", n_qk) != n_qk or conf.get("d_qk_head", d_qk) != d_qk:
         raise CheckpointError(f"{folder}: config.json and the weights disagree on the QK shape")
-    base = float(conf.get("rotary_base", 10000.0))
+    base = float(base)
     inv = 1.0 / (base ** (torch.arange(0, rd, 2).float() / rd)) if rd else None
     lorsa = Lorsa(cfg, inv_freq=inv)
     with torch.no_grad():

@@ -275,6 +275,14 @@ def _foreign_folder(kind: str, folder):
                        "b_enc": torch.zeros(16), "b_dec": torch.zeros(8)}, str(folder / f"layer_{L}.safetensors"))
         return folder / "config.yaml", {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
                                          "feature_output_hook": "mlp.hook_out", "top_k": 4}
+    if kind == "llamascope-lorsa":  # 2 QK groups of width 4 with 4 heads each
+        t = {"W_Q": torch.randn(2, 8, 4, generator=g), "W_K": torch.randn(2, 8, 4, generator=g),
+             "b_Q": torch.zeros(2, 4), "b_K": torch.zeros(2, 4), "W_V": torch.randn(8, 8, generator=g),
+             "b_V": torch.zeros(8), "W_O": torch.randn(8, 8, generator=g), "b_D": torch.zeros(8)}
+        save_file(t, str(folder / "sae_weights.safetensors"))
+        return folder / "config.json", {"n_qk_heads": 2, "d_qk_head": 4, "top_k": 4, "rotary_dim": 2,
+                                        "rotary_base": 10000.0, "norm_activation": "none",
+                                        "hook_point_in": "blocks.0.ln1.hook_normalized"}
     save_file({"W_E": torch.randn(8, 16, generator=g), "b_E": torch.zeros(16), "W_D": torch.randn(16, 8, generator=g),
                "b_D": torch.zeros(8)}, str(folder / "sae_weights.safetensors"))
     return folder / "config.json", {"hook_point_in": "blocks.1.ln2.hook_normalized", "top_k": 4,
@@ -282,7 +290,7 @@ def _foreign_folder(kind: str, folder):
 
 
 @EXAMPLES
-@given(kind=st.sampled_from(["circuit-tracer", "llamascope"]), data=st.data())
+@given(kind=st.sampled_from(["circuit-tracer", "llamascope", "llamascope-lorsa"]), data=st.data())
 def test_foreign_config_with_any_values_loads_or_fails_in_one_line(kind, data, tmp_path_factory):
     """A circuit-tracer config.yaml or a Llamascopium config.json with any value in any of its keys (or a key
     gone) loads, or raises one of the tool's one-line errors: never another exception."""
@@ -303,4 +311,4 @@ def test_foreign_config_with_any_values_loads_or_fails_in_one_line(kind, data, t
     except CircuitsError as e:
         assert "\n" not in str(e)
     else:
-        assert all(key[0] == "transcoder" for key in modules)
+        assert set(modules) <= {("transcoder", 0), ("transcoder", 1), ("lorsa", 0), ("lorsa", 1)}
