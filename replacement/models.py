@@ -519,11 +519,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype = "float32") -> ModelAdapter:
     """Load a preset, a local HF folder, or an HF hub id into a `ModelAdapter`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    import warnings
 
-    hf_logging.disable_progress_bar()  # our commands print one line per error; HF's bars and warnings add noise
-    hf_logging.set_verbosity_error()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_hf()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path, display = resolve_model_path(name)
     local_only = not Path(path).exists() and not _hub_reachable()
@@ -535,11 +535,23 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
     if config.model_type not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}")
     _check_safetensors_only(path, name)
+    _check_layer_count(path, name, config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager",
-                                                     local_files_only=local_only, use_safetensors=True)
+        with warnings.catch_warnings():  # e.g. torch's on zero-size tensors of a broken config: the error says it
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager",
+                                                               local_files_only=local_only, use_safetensors=True,
+                                                               output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds (SafetensorError, ...)
-        raise ModelLoadError(f"cannot load the weights of {name!r}: {_first_line(e)}") from None
+        why = _first_line(e)
+        if "ignore_mismatched_sizes" in why:  # HF's line points at a report it printed, which we keep quiet
+            why = "the weights' shapes differ from what its config.json describes"
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {why}") from None
+    missing, unused = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    if missing or unused:  # HF would initialise the missing ones at random, or drop the unused: another model
+        part = f"{len(missing)} weights missing (first {sorted(missing)[0]})" if missing else \
+            f"{len(unused)} weights unused (first {sorted(unused)[0]})"
+        raise ModelLoadError(f"cannot load {name!r}: its config.json does not match its weights: {part}")
     tokenizer = _load_tokenizer(path, local_only)
     model.to(dev).eval()
     for p in model.parameters():
@@ -552,6 +564,7 @@ def load_tokenizer(name: str) -> tuple[object | None, int]:
     prompts and targets are checked with them before the (slow) model load."""
     from transformers import AutoConfig
 
+    _quiet_hf()
     path, _ = resolve_model_path(name)
     local_only = not Path(path).exists() and not _hub_reachable()
     try:
@@ -577,6 +590,36 @@ def _check_safetensors_only(path: str, name: str) -> None:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         why = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"
         raise ModelLoadError(f"cannot load {name!r}: the folder holds {why}; convert them to safetensors")
+
+
+def _quiet_hf() -> None:
+    """Our commands print one line per error; HF's progress bars and warnings would add noise to it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _check_layer_count(path: str, name: str, config) -> None:
+    """A local folder's weights hold as many layers as its config.json says (read from the safetensors headers,
+    before HF builds the model: a config claiming a trillion layers would build forever, one claiming fewer would
+    drop weights)."""
+    import re
+
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    layers = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                layers.update(int(m.group(1)) for k in h.keys() if (m := re.search(r"\.layers\.(\d+)\.", k)))
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the load itself, in one line
+            return
+    claimed = getattr(config, "num_hidden_layers", None)
+    if layers and claimed != max(layers) + 1:
+        raise ModelLoadError(f"cannot load {name!r}: its config.json says {claimed!r} layers, its weights hold "
+                             f"{max(layers) + 1}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -69,6 +69,12 @@ CASES = [
     Case("model-missing-folder", ["trace", "x", "--model", "./missing-folder"], "no such model folder"),
     Case("model-folder-without-config", ["trace", "x", "--model", "{EMPTY}"], "not an HF model folder"),
     Case("model-invalid-config-json", ["trace", "x", "--model", "{BADCONFIG}"], "cannot load"),
+    Case("model-config-claims-a-trillion-layers", ["trace", "x", "--model", "{MANYLAYERS}"],
+         "its config.json says 1000000000000 layers, its weights hold 2"),  # HF would build layers forever
+    Case("model-config-claims-no-layers", ["trace", "x", "--model", "{NOLAYERS}"],
+         "its config.json says 0 layers, its weights hold 2"),  # HF would drop the weights: another model
+    Case("model-config-width-0", ["trace", "x", "--model", "{WIDTH0}"],
+         "the weights' shapes differ from what its config.json describes"),  # torch's warning kept off stderr
     Case("model-truncated-safetensors", ["trace", "x", "--model", "{TRUNCATED}"], "cannot load the weights"),
     Case("model-pickle-only", ["trace", "x", "--model", "{PICKLE}"], "only pickle weights (pytorch_model.bin)"),
     Case("long-prompt-before-weights", ["trace", "the cat " * 60, "--model", "{TRUNCATED}"],
@@ -240,6 +246,12 @@ def _broken_models(w: Path, names: dict) -> None:
     names["BADCONFIG"] = w / "bad-config"
     shutil.copytree(m, names["BADCONFIG"], ignore=shutil.ignore_patterns("replacements"))
     (names["BADCONFIG"] / "config.json").write_text('{"model_type": "llama", ')
+    for key, field, value in (("MANYLAYERS", "num_hidden_layers", 10**12), ("NOLAYERS", "num_hidden_layers", 0),
+                              ("WIDTH0", "hidden_size", 0)):
+        names[key] = w / key.lower()
+        shutil.copytree(m, names[key], ignore=shutil.ignore_patterns("replacements"))
+        config = json.loads((names[key] / "config.json").read_text())
+        (names[key] / "config.json").write_text(json.dumps({**config, field: value}))
     names["TRUNCATED"] = w / "truncated"
     shutil.copytree(m, names["TRUNCATED"], ignore=shutil.ignore_patterns("replacements"))
     weights = names["TRUNCATED"] / "model.safetensors"
