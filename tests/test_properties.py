@@ -7,7 +7,9 @@ tokens, labels and node ids are arbitrary Unicode text:
 * the HTML page's data block can only end where it should and parses back to the page's data, whatever the
   text (a `<!--<script>` prompt included); Chromium runs the page's script on such a page;
 * `circuits query` / `circuits render` on arbitrary bytes, arbitrary JSON and single-field mutations of a
-  valid graph either succeed (printing no control character) or fail with one line, writing nothing.
+  valid graph either succeed (printing no control character) or fail with one line, writing nothing;
+* a saved Lorsa/transcoder file, a circuit-tracer config.yaml and a Llamascopium config.json with any value in
+  any key (or a key gone) load, or fail with one of the tool's one-line errors.
 """
 from __future__ import annotations
 
@@ -222,7 +224,7 @@ def test_query_escapes_hostile_node_ids(graph, how, tmp_path_factory):
         assert "".join(c if c.isprintable() else repr(c)[1:-1] for c in odd) in r.stdout
 
 
-def _tiny_module_file(kind: str, folder) -> "Path":
+def _tiny_module_file(kind: str, folder):
     from replacement.lorsa import Lorsa, LorsaConfig
     from replacement.store import save_module
     from replacement.transcoder import Transcoder, TranscoderConfig
@@ -255,9 +257,12 @@ def test_module_file_with_any_config_loads_or_fails_in_one_line(kind, data, tmp_
         config[key] = data.draw(config_values)
     checkpoint.atomic_save(tensors, path, {**meta, "config": config})
     try:
-        load_module(path)
+        module, _ = load_module(path)
     except CircuitsError as e:
         assert "\n" not in str(e)
+    else:  # what loads holds the file's weights
+        state = module.state_dict()
+        assert all(torch.equal(state[k], v.float()) for k, v in tensors.items())
 
 
 class _Adapter:  # what the foreign loaders ask of a model
