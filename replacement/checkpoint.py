@@ -6,13 +6,14 @@ never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CircuitsError
 from .io import atomic_path
 
 __all__ = ["CheckpointError", "atomic_save", "check_finite", "check_same_settings", "load", "load_training_state",
@@ -55,6 +56,20 @@ def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter
         for key, val in st.items():
             out[f"opt.{names[p]}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
     return out
+
+
+@contextmanager
+def restoring(path: str | Path, what: str = "training state"):
+    """Around the reading of a saved state: a key, tensor or value it lacks or holds in another form (a file cut
+    short or edited) is one `CheckpointError` line, and the file is kept."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        if isinstance(e, CircuitsError):  # already one line (BadInputError is a ValueError)
+            raise
+        raise CheckpointError(f"{path} is not a complete {what} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); start afresh with --no-resume "
+                              "(the file is kept)") from None
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], tensors: dict) -> None:

@@ -316,8 +316,13 @@ class JointTrainer:
         if state is None:
             return False
         tensors, meta = state
-        ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg),
-                                 asdict(JointConfig()))
+        with ckpt.restoring(self.state_file, "joint-training state"):
+            ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(JointConfig()))
+            self._restore(tensors, meta)
+        return True
+
+    def _restore(self, tensors: dict, meta: dict) -> None:
+        """The modules' weights, the optimizer, firing records, scales and the step, from a saved state."""
         missing = [n for n in self.named if f"param.{n}" not in tensors]
         if missing or tensors[f"param.{next(iter(self.named))}"].shape != next(iter(self.named.values())).shape:
             raise ckpt.CheckpointError(f"{self.state_file} holds other modules; start again with --no-resume")
@@ -332,7 +337,6 @@ class JointTrainer:
         self.scales = {k: tuple(v) for k, v in zip(self.keys, tensors["scales"].tolist())}
         self.step, self.elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
         self.resampled = int(meta.get("resampled", 0))
-        return True
 
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
         from tqdm import tqdm

@@ -352,7 +352,13 @@ class Trainer:
         if state is None:
             return False
         tensors, meta = state
-        ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(TrainConfig()))
+        with ckpt.restoring(self.state_file):
+            ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(TrainConfig()))
+            self._restore(tensors, meta)
+        return True
+
+    def _restore(self, tensors: dict, meta: dict) -> None:
+        """Every unit's weights, optimizer, silence counters and scales, and the step, from a saved state."""
         for u in self.units:
             pre = f"{u.name}.param."
             own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
@@ -369,7 +375,6 @@ class Trainer:
             u.since_fired = tensors[f"{u.name}.since_fired"].cpu()
             u.c_x, u.c_y = tensors[f"{u.name}.scales"].tolist()
         self.step, self.elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-        return True
 
     # -- training -----------------------------------------------------------------------------------------
 

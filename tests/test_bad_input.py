@@ -191,6 +191,14 @@ CASES = [
     Case("train-resume-nan-state", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",
                                     "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--tc-expansion", "2",
                                     "--text", "{TEXT}", "--out", "{TRAIN_NAN}"], "start afresh with --no-resume"),
+    Case("train-resume-state-without-step", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers",
+                                             "1", "--steps", "4", "--batch-size", "4", "--seq-len", "16",
+                                             "--tc-expansion", "2", "--text", "{TEXT}", "--out", "{TRAIN_NOSTEP}"],
+         "is not a complete training state"),
+    Case("train-resume-state-missing-a-tensor", ["circuits", "train", "--model", "{M}", "--what", "transcoder",
+                                                 "--layers", "1", "--steps", "4", "--batch-size", "4", "--seq-len",
+                                                 "16", "--tc-expansion", "2", "--text", "{TEXT}", "--out",
+                                                 "{TRAIN_NOTENSOR}"], "is not a complete training state"),
 ]
 
 
@@ -369,6 +377,15 @@ def _training_states(w: Path, names: dict, ckpt) -> None:
     key = next(k for k in tensors if ".param.W_enc" in k)
     tensors[key][0, 0] = float("nan")
     ckpt.atomic_save(tensors, names["TRAIN_NAN"] / state.name, meta)
+    for name, drop_step in (("TRAIN_NOSTEP", True), ("TRAIN_NOTENSOR", False)):  # cut short: a step or a tensor gone
+        names[name] = w / name.lower()
+        shutil.copytree(names["TRAIN"], names[name])
+        tensors, meta = ckpt.load(names[name] / state.name)
+        if drop_step:
+            meta = {k: v for k, v in meta.items() if k != "step"}
+        else:
+            del tensors[next(k for k in tensors if k.endswith(".since_fired"))]
+        ckpt.atomic_save(tensors, names[name] / state.name, meta)
 
 
 def run_cli(args: list, cwd: Path, path: str | None = None, fsize: int | None = None, env: dict | None = None):

@@ -161,16 +161,19 @@ def _optimizer(cfg: LMTrainConfig, named: dict) -> torch.optim.Optimizer:
 def _resume(cfg: LMTrainConfig, model, opt, named: dict, state_file: Path) -> tuple[int, float]:
     """Load the model and optimiser state saved at ``state_file``; returns (step, elapsed seconds)."""
     tensors, meta = ckpt.load(state_file)
-    if meta.get("config", {}).get("preset") != cfg.preset or meta["config"].get("stage", "main") != cfg.stage:
-        raise ckpt.CheckpointError(f"{state_file} belongs to another preset or stage")
-    ckpt.check_finite(state_file, tensors)
-    # a longer run may resume a shorter one's state (the recipe lengthens a stage so); nothing else may change
-    ckpt.check_same_settings(state_file, meta["config"], asdict(cfg), asdict(LMTrainConfig(preset=cfg.preset)),
-                             may_change=("checkpoint_every", "compile", "steps"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    model.tie_weights()
-    ckpt.restore_optimizer(opt, named, tensors)
-    return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+    with ckpt.restoring(state_file, "language-model training state"):
+        config = meta.get("config")
+        if not isinstance(config, dict) or config.get("preset") != cfg.preset or \
+                config.get("stage", "main") != cfg.stage:
+            raise ckpt.CheckpointError(f"{state_file} belongs to another preset or stage")
+        ckpt.check_finite(state_file, tensors)
+        # a longer run may resume a shorter one's state (the recipe lengthens a stage so); nothing else may change
+        ckpt.check_same_settings(state_file, config, asdict(cfg), asdict(LMTrainConfig(preset=cfg.preset)),
+                                 may_change=("checkpoint_every", "compile", "steps"))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        model.tie_weights()
+        ckpt.restore_optimizer(opt, named, tensors)
+        return int(meta["step"]), float(meta.get("elapsed_s", 0.0))
 
 
 def _save_state(cfg: LMTrainConfig, model, opt, named: dict, step: int, elapsed: float, state_file: Path) -> None:
