@@ -17,7 +17,7 @@ from .errors import CheckpointError, CircuitsError
 from .io import atomic_path
 
 __all__ = ["CheckpointError", "atomic_save", "check_finite", "check_same_settings", "load", "load_training_state",
-           "optimizer_tensors", "restore_optimizer"]
+           "optimizer_tensors", "restore_optimizer", "restoring"]
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
