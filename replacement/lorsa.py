@@ -46,6 +46,8 @@ class LorsaConfig(ModuleConfig):
         bad += self._below_zero("rotary_dim", "model_heads", "model_d_head", "layer")
         if not bad and self.top_k > self.n_heads:
             bad.append(f"top_k {self.top_k} is more than its {self.n_heads} heads")
+        if not bad and (self.rotary_dim > self.d_qk or self.rotary_dim % 2):
+            bad.append(f"rotary_dim {self.rotary_dim} must be even and <= d_qk {self.d_qk}")
         return bad
 
     def weak_reasons(self) -> list[str]:
@@ -75,8 +77,6 @@ class Lorsa(nn.Module):
             raise ValueError("weak Lorsa config (" + "; ".join(weak) + "); pass --allow-weak-config to train it")
         if weak:
             warnings.warn("weak Lorsa config: " + "; ".join(weak), stacklevel=2)
-        if cfg.rotary_dim > cfg.d_qk or cfg.rotary_dim % 2:
-            raise ValueError(f"rotary_dim {cfg.rotary_dim} must be even and <= d_qk {cfg.d_qk}")
         self.cfg = cfg
         d, G, e, H = cfg.d_model, cfg.n_qk, cfg.d_qk, cfg.n_heads
         self.W_Q = nn.Parameter(torch.randn(G, d, e) / math.sqrt(d))  # [n_qk, d, d_qk]
@@ -211,10 +211,7 @@ def from_llamascope(folder, layer: int = 0) -> Lorsa:
         raise CheckpointError("Llamascopium Lorsa with q/k layer norms (ln_q/ln_k) is not supported yet")
     n_qk, d, d_qk = t["W_Q"].shape
     H = t["W_V"].shape[0]
-    rd, base = conf.get("rotary_dim") or 0, conf.get("rotary_base", 10000.0)
-    if isinstance(rd, bool) or not isinstance(rd, int) or not 0 <= rd <= d_qk or rd % 2:
-        raise CheckpointError(f"{folder}/config.json: rotary_dim {rd!r} is not an even whole number from 0 to the QK "
-                              f"width {d_qk}")
+    rd, base = conf.get("rotary_dim") or 0, conf.get("rotary_base", 10000.0)  # rd: checked by LorsaConfig
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < 1e300:
         raise CheckpointError(f"{folder}/config.json: rotary_base {base!r} is not a positive number")
     cfg = LorsaConfig(d_model=d, n_qk=n_qk, d_qk=d_qk, heads_per_group=H // n_qk, top_k=conf["top_k"],

@@ -238,6 +238,16 @@ def _tiny_module_file(kind: str, folder):
 config_values = st.one_of(json_values, st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, -1, 10**11]))
 
 
+def _mutated(config: dict, data) -> dict:
+    """``config`` with one key, drawn, either gone or set to any value (a wrong type, a huge or negative size)."""
+    key = data.draw(st.sampled_from(sorted(config)))
+    if data.draw(st.booleans()):
+        del config[key]
+    else:
+        config[key] = data.draw(config_values)
+    return config
+
+
 @EXAMPLES
 @given(kind=st.sampled_from(["lorsa", "transcoder"]), data=st.data())
 def test_module_file_with_any_config_loads_or_fails_in_one_line(kind, data, tmp_path_factory):
@@ -249,12 +259,7 @@ def test_module_file_with_any_config_loads_or_fails_in_one_line(kind, data, tmp_
 
     path = _tiny_module_file(kind, tmp_path_factory.mktemp("m"))
     tensors, meta = checkpoint.load(path)
-    config = dict(meta["config"])
-    key = data.draw(st.sampled_from(sorted(config)))
-    if data.draw(st.booleans()):
-        del config[key]
-    else:
-        config[key] = data.draw(config_values)
+    config = _mutated(dict(meta["config"]), data)
     checkpoint.atomic_save(tensors, path, {**meta, "config": config})
     try:
         module, _ = load_module(path)
@@ -305,11 +310,7 @@ def test_foreign_config_with_any_values_loads_or_fails_in_one_line(kind, data, t
     from replacement.foreign import load_folder
 
     path, config = _foreign_folder(kind, tmp_path_factory.mktemp("f"))
-    key = data.draw(st.sampled_from(sorted(config)))
-    if data.draw(st.booleans()):
-        del config[key]
-    else:
-        config[key] = data.draw(config_values)
+    config = _mutated(config, data)
     path.write_text(yaml.safe_dump(config) if path.suffix == ".yaml" else json.dumps(config))
     try:
         modules = load_folder(path.parent, _Adapter())
