@@ -76,7 +76,8 @@ def run_one(model, device: str, n_tokens: int, max_feature_nodes: int) -> dict:
     import torch
 
     from graphs.attribution import attribute
-    from graphs.budget import available_bytes, estimate
+    from graphs.budget import estimate
+    from replacement.memory import available_bytes
     from graphs.prune import FILE_MAX_EDGES, FILE_MAX_FEATURES, prune
 
     ks = [model.lorsas[L].cfg.top_k for L in sorted(model.lorsas)], [model.transcoders[L].cfg.top_k for L in sorted(model.transcoders)]

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import itertools
 import math
+import re
 import signal
 import sys
 import threading
@@ -100,6 +101,11 @@ def run_friendly(fn, *args, **kwargs):
         fail(_message(e))
     except RecursionError:
         fail("input nested too deeply")
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        fail("out of memory: " + _allocation(e) + "; use smaller sizes (--batch-size, --seq-len, the modules' widths, "
+             "a shorter prompt) or a machine with more memory")
     except KeyboardInterrupt:
         fail("interrupted")
     finally:
@@ -109,6 +115,21 @@ def run_friendly(fn, *args, **kwargs):
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed (Python's MemoryError, torch's CPU allocator or CUDA OOM)."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
+def _allocation(e: BaseException) -> str:
+    """What could not be allocated, as torch says it ("you tried to allocate N bytes"), in one short phrase."""
+    m = re.search(r"tried to allocate (\d+) bytes", str(e)) or re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
+    if m is None:
+        return "an allocation failed"
+    size = m.group(1)
+    return f"an allocation of {int(size) / 2**30:.1f} GB failed" if size.isdigit() else f"an allocation of {size} failed"
 
 
 def _message(e: BaseException) -> str:

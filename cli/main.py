@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from graphs.graph import NODE_TYPES
 from graphs.layout import DEFAULT_DRAW_NODES
 from replacement.bundle import PRESET_NAMES
 
@@ -83,7 +84,7 @@ def fetch_data(dest, work):
               help="Sequences per step (global under torchrun).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None,
               help="Tokens per sequence (default: 128; 64 with --joint).")
-@click.option("--lr", type=FiniteRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=FiniteRange(min=0, max=1, min_open=True), default=None,
               help="Learning rate (default: 2e-3; 1e-4 with --joint).")
 @click.option("--joint", is_flag=True,
               help="The joint stage: fine-tune every saved module of the model together, spliced in with no error "
@@ -97,7 +98,10 @@ def fetch_data(dest, work):
                    "last MLP error node gives the logits directly); 0: off.")
 @click.option("--resample-every", type=click.IntRange(min=0), default=250, show_default=True,
               help="With --joint: re-initialise units silent for this many steps (0: never).")
-@click.option("--out", type=click.Path(), default=None, help="Checkpoint folder (default: beside the model).")
+@click.option("--out", type=click.Path(), default=None,
+              help="Folder for the trained modules and the training state (default: beside a local model; "
+                   "./replacements/<preset> for a bundled one, whose shipped replacements stay as they are; with "
+                   "--joint --init-from DIR, DIR).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to train on (their first 98%; with "
               "--joint in place of the model's joint mixture).")
@@ -110,7 +114,7 @@ def fetch_data(dest, work):
 @click.option("--lorsa-d-qk", type=click.IntRange(min=1), default=None, help="QK dimension (default: the model's head dim).")
 @click.option("--lorsa-top-k", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lorsa-init", type=click.Choice(["model", "random"]), default="model", show_default=True)
-@click.option("--lorsa-bos-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--lorsa-bos-weight", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Weight of position 0's (BOS's) relative error in each Lorsa's loss; 0 leaves it out.")
 @click.option("--allow-weak-config", is_flag=True, help="Train a Lorsa that breaks the paper's d_qk / n_qk constraints.")
 @click.option("--tc-expansion", type=click.IntRange(min=1), default=8, show_default=True)
@@ -118,14 +122,14 @@ def fetch_data(dest, work):
 @click.option("--tc-skip", is_flag=True, help="Add a linear skip connection to the transcoders.")
 @click.option("--init-from", type=click.Path(), default=None,
               help="A replacements folder of this model: start each module from its saved one (fine-tuning).")
-@click.option("--tc-jacobian", type=float, default=0.0, show_default=True,
+@click.option("--tc-jacobian", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Weight of a term matching the MLP's Jacobian (JVPs along random directions); > 0 makes the "
                    "graph's linear effects through the transcoders closer to the real MLPs' (with --joint: every "
                    "transcoder's, at once).")
 @click.option("--tc-jacobian-readout", is_flag=True,
               help="With --tc-jacobian: match the last MLP's Jacobian only along the directions the logits read "
                    "(VJPs along the unembedding), not along random directions.")
-@click.option("--tc-bos-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--tc-bos-weight", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Weight of position 0's (BOS's) relative error in each transcoder's loss; 0 leaves it out.")
 @click.option("--tc-token-norm", is_flag=True,
               help="Weigh each token's transcoder error by 1 / |MLP output|^2, so that tokens with small outputs "
@@ -142,6 +146,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 
     given = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
     refuse_file("--out", out)  # found now, not after the training
+    refuse_file("--cache-activations", cache_activations)  # and not after the caching
     _refuse_ignored_options(click.get_current_context(), joint)
     if corpora_only:
         from replacement.corpus import training_files
@@ -156,7 +161,9 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
                           tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef, tc_jacobian=tc_jacobian,
                           tc_jacobian_readout=tc_jacobian_readout, resample_every=resample_every, **given)
-        return _print_replacement_metrics(train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts)))
+        metrics, folder = train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts))
+        _print_replacement_metrics(metrics)
+        return _print_saved(folder, model_name)
     from replacement.train import TrainConfig
 
     cfg = TrainConfig(what=what, layers=_layer_list(layers), steps=steps, batch_size=batch_size,
@@ -165,9 +172,14 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                       lorsa_bos_weight=lorsa_bos_weight, allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
                       tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
                       tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **given)
-    metrics = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
+    metrics, folder = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
     if metrics:  # rank 0 of a torchrun job, or a plain run
         _print_replacement_metrics(metrics)
+        _print_saved(folder, model_name)
+
+
+def _print_saved(folder, model_name: str) -> None:
+    click.echo(f"saved in {folder}; to trace with them: trace PROMPT --model {model_name} --replacements {folder}")
 
 
 # `circuits train` options that only one of its two kinds of run reads
@@ -356,19 +368,23 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     bad = [f for f in families if not is_family_id(f)]
     if bad:
         raise BadInputError(f"cannot parse family id {bad[0]!r}; use fam.lorsa.L.K@P or fam.tc.L.K@P")
-    if mode == "counterfactual" and not counterfactual:
+    if mode == "counterfactual" and counterfactual is None:
         raise BadInputError("--mode counterfactual needs --counterfactual PROMPT")
-    if mode == "mean" and not mean_over:
+    if mode == "mean" and mean_over is None:
         raise BadInputError("--mode mean needs --mean-over FILE (reference prompts, one per line)")
+    for option, value, its_mode in (("--counterfactual", counterfactual, "counterfactual"), ("--mean-over", mean_over, "mean")):
+        if value is not None and mode != its_mode:  # it would be ignored: a zero ablation reported as what was asked
+            raise BadInputError(f"{option} is used only with --mode {its_mode} (the mode is {mode})")
     from replacement.foreign import replacement_specs
 
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
     model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)
-    t_id = _single_token(adapter, target) if target else int(adapter.next_token_probs(ids).argmax())
-    b_id = _single_token(adapter, baseline) if baseline else None
-    cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual else None
-    reference = _reference_prompts(adapter, mean_over) if mean_over else None
+    t_id = (_single_token(adapter, target, "--target") if target is not None
+            else int(adapter.next_token_probs(ids).argmax()))
+    b_id = _single_token(adapter, baseline, "--baseline") if baseline is not None else None
+    cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual is not None else None
+    reference = _reference_prompts(adapter, mean_over) if mean_over is not None else None
     patcher = PathPatcher(model, ids, t_id, b_id, cf, freeze_norms=freeze_norms, reference=reference)
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
@@ -407,6 +423,8 @@ def _reference_prompts(adapter, path: str) -> list:
     """The non-empty lines of a text file, tokenised (cut to the model's context)."""
     from replacement.errors import BadInputError
 
+    if not path.strip():
+        raise BadInputError("--mean-over is empty; name a text file of reference prompts, one per line")
     try:
         lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -416,10 +434,10 @@ def _reference_prompts(adapter, path: str) -> list:
     return [adapter.tokenize(ln, truncate=True)[0] for ln in lines]
 
 
-def _single_token(adapter, text: str) -> int:
+def _single_token(adapter, text: str, option: str) -> int:
     from replacement.models import single_token
 
-    return single_token(adapter.tokenizer, text, "token")
+    return single_token(adapter.tokenizer, text, option)
 
 
 @circuits.command()
@@ -438,8 +456,9 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
     from graphs.graph import unit_label
     from replacement.assemble import ReplacementModel
-    from replacement.dashboards import KINDS, DashboardConfig, load_or_build
+    from replacement.dashboards import KINDS, DashboardConfig, load_or_build, sample_bytes
     from replacement.errors import BadInputError
+    from replacement.memory import check_fits
     from replacement.models import load_model
 
     refuse_file("--cache-dir", cache_dir)
@@ -454,7 +473,10 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     for flag, i, n in (("--head", head, model.lorsas[layer].cfg.n_heads), ("--feature", feature, model.transcoders[layer].W_dec.shape[0])):
         if i is not None and not 0 <= i < n:
             raise BadInputError(f"{flag} {i} out of range: layer {layer} has {n}")
-    dash = load_or_build(model, DashboardConfig(n_seqs=n_seqs), list(texts) or None, cache_dir, rebuild)
+    cfg = DashboardConfig(n_seqs=n_seqs)  # the sample's codes stay in memory until every layer's tables are built:
+    check_fits(sample_bytes(model, cfg), f"--n-seqs {n_seqs}", f"scan fewer sequences (default {cfg.n_seqs})",
+               detail=" of activations")
+    dash = load_or_build(model, cfg, list(texts) or None, cache_dir, rebuild)
     picks = [("lorsa", head)] if head is not None else []
     picks += [("transcoder", feature)] if feature is not None else []
     if as_json:
@@ -606,7 +628,8 @@ MAX_PATHS = 100  # query --paths
 @click.argument("graph_json", type=click.Path())
 @click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs).")
 @click.option("--paths", default=5, show_default=True, help="How many strongest paths to the top logit (at most 100).")
-@click.option("--type", "node_type", default=None, help="List nodes of a type (lorsa, transcoder, ...).")
+@click.option("--type", "node_type", type=click.Choice([str(k) for k in NODE_TYPES]), default=None,
+              help="List nodes of a type.")
 @click.option("--layer", type=int, default=None)
 @click.option("--position", type=int, default=None)
 @click.option("--families", "show_families", is_flag=True,
@@ -658,8 +681,13 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
                 for line in describe(entry):
                     click.echo("  " + p(line))
     elif node_type or layer is not None or position is not None:
-        for n in g.nodes(type=node_type, layer=layer, position=position):
+        found = g.nodes(type=node_type, layer=layer, position=position)
+        for n in found:
             click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")
+        if not found:
+            layers = sorted({n.layer for n in g.node_list})
+            click.echo(f"  no node matches (the graph's nodes: layers {layers[0]}..{layers[-1]}, positions "
+                       f"0..{len(g.tokens) - 1})")
     else:
         if not 1 <= paths <= MAX_PATHS:  # each further path is a longer search: thousands take minutes
             raise BadInputError(f"--paths must be between 1 and {MAX_PATHS}, not {paths}")

@@ -17,15 +17,12 @@ work.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from replacement.errors import BadInputError
+from replacement.memory import check_fits
 
 BYTES_PER_EDGE = 76
-BUDGET_ENV = "CIRCUITS_MEMORY_BUDGET"
 DEFAULT_MAX_FEATURE_NODES = 1500  # `trace`'s node budget: 127 tokens on the bundled llama, <= 51M edges (3.6 GB)
-AVAILABLE_SHARE = 0.8  # of the memory available now: the default budget leaves room for the rest of the machine
 
 
 @dataclass
@@ -79,42 +76,10 @@ def _row_sizes(n_tokens: int, lorsa_k: list[int] | None, tc_k: list[int]) -> tup
     return rows, per_pos * (1 if lorsa_k is not None else n)
 
 
-def available_bytes() -> int | None:
-    """``$CIRCUITS_MEMORY_BUDGET`` (bytes; K/M/G suffixes) if set, else ``AVAILABLE_SHARE`` of the memory
-    available now (Linux: MemAvailable, capped by a cgroup limit); None where neither can be read."""
-    value = os.environ.get(BUDGET_ENV)
-    if value:
-        return parse_bytes(value)
-    avail = _meminfo_available()
-    limit = _cgroup_room()
-    if avail is None or limit is None:
-        room = avail if limit is None else limit
-    else:
-        room = min(avail, limit)
-    return None if room is None else int(room * AVAILABLE_SHARE)
-
-
-def parse_bytes(text: str) -> int:
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        raise BadInputError(f"{BUDGET_ENV}={text!r} is not a size such as 8G or 500M") from None
-    if not value > 0:
-        raise BadInputError(f"{BUDGET_ENV}={text!r} must be positive")
-    return int(value)
-
-
 def check(est: Estimate, n_tokens: int) -> None:
     """Raise BadInputError (one line) if ``est`` does not fit the memory available."""
-    room = available_bytes()
-    if room is not None and est.bytes > room:
-        raise BadInputError(
-            f"a graph of {n_tokens} tokens needs about {_gb(est.bytes)} (up to {est.edges:,} edges), more than the "
-            f"{_gb(room)} available; use a smaller --max-feature-nodes, a shorter prompt or a machine with more "
-            f"memory (${BUDGET_ENV} sets the budget)")
+    check_fits(est.bytes, f"a graph of {n_tokens} tokens", "use a smaller --max-feature-nodes, a shorter prompt or a "
+               "machine with more memory", detail=f" (up to {est.edges:,} edges)")
 
 
 def check_graph(model, ids, max_feature_nodes: int | None = None) -> None:
@@ -127,32 +92,3 @@ def check_graph(model, ids, max_feature_nodes: int | None = None) -> None:
     est = estimate(ids.shape[1], lorsa_k, feature_bound(model, ids), max_feature_nodes=max_feature_nodes,
                    d_model=model.adapter.d_model)
     check(est, ids.shape[1])
-
-
-def _gb(b: int) -> str:
-    if b >= 2**30 / 10:
-        return f"{b / 2**30:.1f} GB"
-    return f"{b / 2**20:.0f} MB" if b >= 2**20 else f"{b / 2**10:.0f} KB"
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cgroup_room() -> int | None:
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as f:
-            return int(limit) - int(f.read().strip())
-    except (OSError, ValueError):
-        return None

@@ -360,6 +360,9 @@ class AttributionGraph:
         return self.node_list[self.index[node_id]]
 
     def nodes(self, type: str | None = None, layer: int | None = None, position: int | None = None) -> list[Node]:
+        """The nodes of one type, layer and/or position (each None: any); an unknown type is a ValueError."""
+        if type is not None and type not in NODE_TYPES:
+            raise ValueError(f"unknown node type {type!r}; one of {', '.join(NODE_TYPES)}")
         return [n for n in self.node_list if (type is None or n.type == type) and (layer is None or n.layer == layer)
                 and (position is None or n.pos == position)]
 

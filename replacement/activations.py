@@ -12,12 +12,15 @@ Activations can also be cached to disk as sharded safetensors (`cache_to_disk`) 
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from .errors import BadInputError
 from .hooks import hook_name
+from .memory import gb
 
 
 def hook_points(kind: str, layer: int) -> tuple[str, str]:
@@ -54,7 +57,6 @@ class TextSource:
             self.describe = "text: " + ", ".join(Path(f).name for f in files)  # recorded beside the weights
         if len(self.tokens) < seq_len:
             from .data import HELDOUT_FRACTION
-            from .errors import BadInputError
 
             part = f"held-out part (the last {HELDOUT_FRACTION:.0%}) of the text" if heldout else "text"
             raise BadInputError(f"the {part} has {len(self.tokens)} tokens, fewer than one sequence of {seq_len}")
@@ -113,10 +115,22 @@ def cache_to_disk(adapter, source, points: list[str], folder: str | Path, n_batc
     from tqdm import tqdm
 
     folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create the activation cache {folder}: {e.strerror or e}") from None
+    checked = False
     for step in tqdm(range(n_batches), disable=not progress, desc="caching activations"):
         path = folder / f"shard_{step:06d}.safetensors"
         if path.is_file():
             continue  # resumable
         acts = collect(adapter, source.batch(step, batch_size), points)
         ckpt.atomic_save({k: v.to(dtype) for k, v in acts.items()}, path, {"step": step})
+        if not checked:  # every shard has this one's size: refuse a cache the disk cannot hold, not fill it
+            checked = True
+            missing = sum(not (folder / f"shard_{s:06d}.safetensors").is_file() for s in range(step + 1, n_batches))
+            need, free = missing * path.stat().st_size, shutil.disk_usage(folder).free
+            if need > free:
+                raise BadInputError(f"caching {n_batches} steps of activations needs about {gb(need)} more on disk, "
+                                    f"more than the {gb(free)} free at {folder}; cache fewer --steps or elsewhere")
     return folder

@@ -46,6 +46,19 @@ class DashboardConfig:
     seed: int = 0
 
 
+def sample_bytes(model, cfg: DashboardConfig) -> int:
+    """About the bytes `build` holds for its sample, twice (the per-batch parts, then their concatenation): per
+    scanned token its id, each Lorsa layer's input (d float32) and each module's code (K float32 values and K
+    int64 indices; a transcoder without a top-K counted at 64 features a token)."""
+    a = model.adapter
+    per_token = 8
+    for L in range(a.n_layers):
+        per_token += 12 * (model.transcoders[L].cfg.top_k or 64)
+        if L in model.lorsas:
+            per_token += 4 * a.d_model + 12 * model.lorsas[L].cfg.top_k
+    return 2 * cfg.n_seqs * min(cfg.seq_len, a.context) * per_token
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CIRCUITS_CACHE", Path.home() / ".cache" / "circuits")) / "dashboards"
 
@@ -354,8 +367,11 @@ def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | 
             return Dashboards(layers, a.tokenizer, cfg)
         except ckpt.CheckpointError:
             pass  # a damaged cache is rebuilt
+    try:  # before the scan, which takes a minute on a bundled model, not after it
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create the dashboard cache {folder}: {e.strerror or e}") from None
     layers = build(model, cfg, source, progress)
-    folder.mkdir(parents=True, exist_ok=True)
     for L, tensors in layers.items():
         ckpt.atomic_save({k: v.contiguous() for k, v in tensors.items()}, files[L], {"config": asdict(cfg), "layer": L})
     return Dashboards(layers, a.tokenizer, cfg)

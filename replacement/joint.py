@@ -372,13 +372,14 @@ class JointTrainer:
 def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None, out_folder: str | Path | None = None,
               resume: bool = True, progress: bool = True, source=None) -> dict[str, dict]:
     """Run the joint stage from the modules in ``start_folder`` (default: the model's replacement folder) and
-    save them, with held-out metrics, to ``out_folder`` (default: the same folder).  Returns the metrics."""
+    save them, with held-out metrics, to ``out_folder`` (default: ``start_folder`` if given, else
+    `store.default_train_folder`, which is the same folder but for a bundled preset's).  Returns the metrics."""
     from .models import model_fingerprint
-    from .store import default_folder, load_replacements, save_module, saved_metrics
+    from .store import default_folder, default_train_folder, load_replacements, save_module, saved_metrics
     from .train import evaluate_modules
 
     start = Path(start_folder) if start_folder else default_folder(adapter)
-    out = Path(out_folder) if out_folder else start
+    out = Path(out_folder) if out_folder else start if start_folder else default_train_folder(adapter)
     modules = load_replacements(start, adapter, earlier_version=start_folder is not None)
     source = source or joint_source(adapter, cfg)
     trainer = JointTrainer(adapter, modules, cfg, source, out / ".train_state.joint.safetensors")

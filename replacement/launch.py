@@ -10,6 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from .errors import BadInputError
 from .joint import JointConfig
 from .train import TrainConfig
 
@@ -46,22 +47,39 @@ def cached_activations(adapter, cfg: TrainConfig, source, folder: str | Path):
     return ShardSource(cache_to_disk(adapter, src, points, folder, cfg.steps, cfg.batch_size))
 
 
+def output_folder(adapter, out: str | Path | None, init_from: str | Path | None = None) -> Path:
+    """The folder a training run writes to (``out``; else ``init_from``, which a joint run refines in place; else
+    `store.default_train_folder`), created now, or refused in one line, rather than at the first checkpoint."""
+    from .store import default_train_folder
+
+    if out is None and init_from is not None:
+        return Path(init_from)  # read before anything is written: it must exist
+    folder = Path(out) if out is not None else default_train_folder(adapter)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    return folder
+
+
 def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
                        out: str | Path | None = None, resume: bool = True, texts: list[str] | None = None,
-                       cache_folder: str | Path | None = None) -> dict[str, dict]:
-    """Train every module ``cfg`` asks for on ``model_name`` (``cfg.seq_len`` capped at the model's context);
-    the metrics per module on rank 0, {} on the other ranks."""
+                       cache_folder: str | Path | None = None) -> tuple[dict[str, dict], Path]:
+    """Train every module ``cfg`` asks for on ``model_name`` (``cfg.seq_len`` capped at the model's context):
+    (the metrics per module on rank 0, {} on the other ranks; the folder they were saved in)."""
     from .models import load_model
-    from .train import fit_replacements
+    from .train import check_units, fit_replacements
 
     device, world, rank = distributed_setup(device)
     try:
         adapter = load_model(model_name, device, dtype)
         cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
+        check_units(adapter, cfg)  # before the activations are cached, which can take long
         source, eval_source = text_sources(adapter, texts, cfg) if texts else (None, None)
+        folder = output_folder(adapter, out)
         shards = cached_activations(adapter, cfg, source, cache_folder) if cache_folder else None
-        return fit_replacements(adapter, cfg, out, resume=resume, source=source, eval_source=eval_source,
-                                activations=shards, world=world, rank=rank)
+        return fit_replacements(adapter, cfg, folder, resume=resume, source=source, eval_source=eval_source,
+                                activations=shards, world=world, rank=rank), folder
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -71,16 +89,18 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
 
 def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: str = "float32",
                 init_from: str | Path | None = None, out: str | Path | None = None, resume: bool = True,
-                texts: list[str] | None = None) -> dict:
+                texts: list[str] | None = None) -> tuple[dict, Path]:
     """The joint stage on ``model_name`` (``cfg.seq_len`` capped at the model's context), starting from the
     modules in ``init_from`` (default: beside the model), on windows of ``texts`` (the first 98% of each) if
-    given, else the model's joint mixture (`joint.joint_source`); the metrics per module."""
+    given, else the model's joint mixture (`joint.joint_source`): (the metrics per module, their folder)."""
     from .joint import fit_joint, joint_source
     from .models import load_model
 
     adapter = load_model(model_name, device, dtype)
     cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
-    return fit_joint(adapter, cfg, init_from, out, resume=resume, source=joint_source(adapter, cfg, texts))
+    folder = output_folder(adapter, out, init_from)
+    return fit_joint(adapter, cfg, init_from, folder, resume=resume, source=joint_source(adapter, cfg, texts)), folder
 
 
-__all__ = ["cached_activations", "distributed_setup", "text_sources", "train_joint", "train_replacements"]
+__all__ = ["cached_activations", "distributed_setup", "output_folder", "text_sources", "train_joint",
+           "train_replacements"]

@@ -140,6 +140,15 @@ def _module_path(folder: Path, entry) -> Path:
     return folder / name
 
 
+def default_train_folder(adapter) -> Path:
+    """Where training writes when no folder is given: beside a local model (so the modules found by default are
+    the ones trained last), but never into a bundled preset's package folder: ./replacements/<preset> instead
+    (the shipped replacements change only by `circuits train-replacements --install`)."""
+    from .bundle import is_preset
+
+    return Path("replacements") / adapter.name if is_preset(adapter.name) else default_folder(adapter)
+
+
 def default_folder(adapter) -> Path:
     """Where a model's replacements live: beside a bundled or local model, else ./replacements/<name>."""
     from .bundle import is_preset, preset_folder

@@ -28,6 +28,7 @@ from .activations import hook_points
 from .norms import centre, is_layernorm, norm_weight
 from .errors import CircuitsError, TrainingDiverged, last_good
 from .lorsa import LorsaConfig, lorsa_for_model
+from .memory import check_fits
 from .sparse import SparseCode, decode, topk_relu
 from .transcoder import Transcoder, TranscoderConfig
 
@@ -114,27 +115,49 @@ class Unit:
         return y, code, pre
 
 
+BYTES_PER_TRAINED_PARAMETER = 16  # its float32 weight, gradient and Adam's two moments
+
+
+def _new_module(adapter, cfg: TrainConfig, kind: str, L: int):
+    """A fresh module of ``kind`` for layer ``L`` as ``cfg`` asks (built on the current default device)."""
+    if not 0 <= L < adapter.n_layers:
+        raise CircuitsError(f"layer {L} does not exist; the model has {adapter.n_layers} layers")
+    if kind == "lorsa":
+        lc = LorsaConfig.default_for(adapter, L, cfg.lorsa_heads_per_group, cfg.lorsa_qk_per_head, cfg.lorsa_top_k)
+        if cfg.lorsa_d_qk:
+            lc.d_qk = cfg.lorsa_d_qk
+        try:
+            return lorsa_for_model(adapter, L, lc, allow_weak=cfg.allow_weak_config)
+        except ValueError as e:
+            raise CircuitsError(str(e)) from None
+    tc = TranscoderConfig.default_for(adapter, L, cfg.tc_expansion, cfg.tc_top_k)
+    tc.skip = cfg.tc_skip
+    return Transcoder(tc)
+
+
+def check_units(adapter, cfg: TrainConfig) -> None:
+    """Every module ``cfg`` asks for, built on the meta device (no memory, no data read): each config checked,
+    and the training's parameter memory against the budget (`replacement.memory`), in one line before anything
+    runs (a per-layer run caches its activations first)."""
+    with torch.device("meta"):
+        modules = [_new_module(adapter, cfg, kind, L) for L in _layers(adapter, cfg) for kind in cfg.kinds()]
+    n = sum(p.numel() for m in modules for p in m.parameters())
+    check_fits(BYTES_PER_TRAINED_PARAMETER * n, f"training {len(modules)} modules of {n:,} parameters",
+               "train fewer Lorsa heads (--lorsa-heads-per-group, --lorsa-qk-per-head) or transcoder features "
+               "(--tc-expansion), or fewer --layers", detail=" (weights, gradients and Adam's moments)")
+
+
+def _layers(adapter, cfg: TrainConfig) -> list[int]:
+    return cfg.layers if cfg.layers is not None else list(range(adapter.n_layers))
+
+
 def build_units(adapter, cfg: TrainConfig) -> list[Unit]:
-    layers = cfg.layers if cfg.layers is not None else list(range(adapter.n_layers))
+    check_units(adapter, cfg)
     units = []
-    for L in layers:
-        if not 0 <= L < adapter.n_layers:
-            raise CircuitsError(f"layer {L} does not exist; the model has {adapter.n_layers} layers")
+    for L in _layers(adapter, cfg):
         torch.manual_seed(cfg.seed * 1000 + L)
         for kind in cfg.kinds():
-            if kind == "lorsa":
-                lc = LorsaConfig.default_for(adapter, L, cfg.lorsa_heads_per_group, cfg.lorsa_qk_per_head, cfg.lorsa_top_k)
-                if cfg.lorsa_d_qk:
-                    lc.d_qk = cfg.lorsa_d_qk
-                try:
-                    module = lorsa_for_model(adapter, L, lc, allow_weak=cfg.allow_weak_config)
-                except ValueError as e:
-                    raise CircuitsError(str(e)) from None
-            else:
-                tc = TranscoderConfig.default_for(adapter, L, cfg.tc_expansion, cfg.tc_top_k)
-                tc.skip = cfg.tc_skip
-                module = Transcoder(tc)
-            units.append(Unit(kind, L, module.to(adapter.device), cfg.lr))
+            units.append(Unit(kind, L, _new_module(adapter, cfg, kind, L).to(adapter.device), cfg.lr))
     return units
 
 
@@ -598,9 +621,9 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     """Train, evaluate and save every requested module of ``adapter``; returns the metrics per module."""
     from .activations import default_source
     from .models import model_fingerprint
-    from .store import default_folder, save_module
+    from .store import default_train_folder, save_module
 
-    out = Path(out_folder) if out_folder else default_folder(adapter)
+    out = Path(out_folder) if out_folder else default_train_folder(adapter)
     source = source or default_source(adapter, cfg.seq_len, cfg.seed)
     state = out / f".train_state.{cfg.what}.safetensors"
     trainer = Trainer(adapter, cfg, source, state, world=world, rank=rank, activations=activations)

@@ -138,6 +138,8 @@ CASES = [
     Case("query-unknown-node", ["circuits", "query", "{G}/good.json", "--node", "emb@99"], "no node 'emb@99'"),
     Case("query-node-escape", ["circuits", "query", "{G}/good.json", "--node", "\x1b[2Jx"], "no node '\\x1b[2Jx'"),
     Case("query-paths-0", ["circuits", "query", "{G}/good.json", "--paths", "0"], "--paths must be between 1 and 100"),
+    Case("query-unknown-type", ["circuits", "query", "{G}/good.json", "--type", "heads"],
+         "Invalid value for '--type': 'heads' is not one of 'embedding', 'lorsa'"),  # was: nothing listed, exit 0
     Case("query-paths-huge", ["circuits", "query", "{G}/good.json", "--paths", "99999999999999999999"],
          "--paths must be between 1 and 100"),
     Case("query-device-file", ["circuits", "query", "/dev/zero"], "not a regular file"),
@@ -161,11 +163,42 @@ CASES = [
          "Lorsa head 99999 does not exist (layer 1 has"),
     Case("patch-empty-counterfactual", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
                                         "--mode", "counterfactual", "--counterfactual", "   "], "the counterfactual prompt is empty"),
+    # patch options that were silently ignored: a zero ablation on the top token reported as what was asked
+    Case("patch-counterfactual-without-its-mode", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component",
+                                                   "mlp_err.0@1", "--counterfactual", "1 + 3 ="],
+         "--counterfactual is used only with --mode counterfactual (the mode is zero)"),
+    Case("patch-mean-over-without-its-mode", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component",
+                                              "mlp_err.0@1", "--mean-over", "{TEXT}"],
+         "--mean-over is used only with --mode mean (the mode is zero)"),
+    Case("patch-empty-target", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
+                                "--target", ""], "--target '' is not a single token"),
+    Case("patch-empty-mean-over", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
+                                   "--mode", "mean", "--mean-over", " "], "--mean-over is empty"),
     Case("eval-text-folder", ["circuits", "eval", "--model", "{M}", "--no-samples", "--text", "{WORLD}"], "is a folder"),
+    Case("train-modules-beyond-memory", ["circuits", "train", "--model", "{M}", "--lorsa-heads-per-group", "1000000000000"],
+         "parameters needs about"),  # was: an allocator RuntimeError traceback
+    Case("train-cache-activations-is-a-file", ["circuits", "train", "--model", "{M}", "--cache-activations", "{TEXT}"],
+         "text.txt is a file, not a folder"),  # was: "File exists", after caching began
+    Case("train-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--batch-size", "1000000000000",
+                                       "--text", "{TEXT}"], "out of memory: an allocation of"),  # was a traceback
+    Case("train-joint-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--joint", "--batch-size",
+                                             "1000000000000", "--text", "{TEXT}"], "out of memory: an allocation of"),
+    Case("train-lr-past-float32", ["circuits", "train", "--model", "{M}", "--lr", "1e308"],
+         "Invalid value for '--lr': 1e+308 is not in the range 0<x<=1"),  # was a RuntimeError traceback
+    Case("train-bos-weight-nan", ["circuits", "train", "--model", "{M}", "--lorsa-bos-weight", "nan"],
+         "Invalid value for '--lorsa-bos-weight'"),  # was: trained, then "loss is nan"
+    Case("train-jacobian-negative", ["circuits", "train", "--model", "{M}", "--tc-jacobian", "-1"],
+         "Invalid value for '--tc-jacobian'"),
+    Case("train-out-uncreatable", ["circuits", "train", "--model", "{M}", "--out", "/proc/nope/x", "--text", "{TEXT}"],
+         "cannot create the output folder /proc/nope/x"),  # was: the same error at the first checkpoint
     Case("train-lorsa-top-k-0", ["circuits", "train", "--model", "{M}", "--lorsa-top-k", "0"], "Invalid value for '--lorsa-top-k'"),
     Case("train-lorsa-top-k-too-many", ["circuits", "train", "--model", "{M}", "--what", "lorsa", "--lorsa-top-k", "100000",
                                         "--steps", "1", "--text", "{TEXT}", "--out", "{WORLD}/new-train"],
          "top_k 100000 is more than its"),
+    Case("heads-n-seqs-beyond-memory", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--n-seqs", "1000000000000"],
+         "--n-seqs 1000000000000 needs about"),  # was: scanned and kept codes until the kernel killed it
+    Case("heads-cache-dir-uncreatable", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--cache-dir", "/proc/nope/x"],
+         "cannot create the dashboard cache /proc/nope/x/"),  # was: the same error, after the whole scan
     Case("heads-cache-dir-is-a-file", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--cache-dir", "{G}/good.json"],
          "is a file, not a folder"),
     Case("train-out-is-a-file", ["circuits", "train", "--model", "{M}", "--out", "{G}/good.json"],

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from graphs.attribution import attribute
-from graphs.budget import BYTES_PER_EDGE, available_bytes, check, estimate, parse_bytes
+from graphs.budget import BYTES_PER_EDGE, check, estimate
+from replacement.memory import available_bytes, parse_bytes
 from replacement.errors import BadInputError
 from replacement.models import ModelAdapter
 from tests.conftest import ROOT, random_replacements, tiny_llama, tiny_neox

@@ -144,3 +144,17 @@ def test_bad_index_is_one_clear_error(built):
     _, dash, _ = built
     with pytest.raises(BadInputError, match="out of range"):
         dash.entry("lorsa", 0, 10**6)
+
+
+def test_sample_bytes_counts_what_the_scan_keeps(built):
+    """`heads` refuses an --n-seqs whose sample would not fit in memory (a huge one scanned until the kernel
+    killed it); the estimate is twice the bytes of the tensors the scan keeps (the parts, then their concatenation)."""
+    from replacement.activations import default_source
+    from replacement.dashboards import _codes, sample_bytes
+
+    model, _, _ = built
+    ids, codes, attn_in, _ = _codes(model, CFG, default_source(model.adapter, CFG.seq_len, CFG.seed, heldout=True),
+                                    CFG.seq_len, progress=False)
+    kept = ids.nbytes + sum(v.nbytes + i.nbytes for parts in codes.values() for v, i in parts) \
+        + sum(x.nbytes for xs in attn_in.values() for x in xs)
+    assert sample_bytes(model, CFG) == 2 * kept

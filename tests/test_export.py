@@ -206,6 +206,15 @@ def test_query_and_render_commands(saved_model, tmp_path):
     # the contrast of the head's top key, as the file holds it
     assert f"vs the other keys' attention-weighted mean (score {c.reference_score:+.3f}): difference {c.difference:+.3f}" in r.stdout
     assert f"{c.pairs[0].query} x {c.pairs[0].key} {c.pairs[0].weight:+.4f}" in r.stdout
+    for args, want in ((["--type", "lorsa", "--position", "2"], g.nodes(type="lorsa", position=2)),
+                       (["--layer", "7"], [])):
+        r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", path, *args],
+                           capture_output=True, text=True, timeout=300)
+        listed = [ln.split()[0] for ln in r.stdout.splitlines()[1:]]
+        assert r.returncode == 0 and listed == ([n.id for n in want] or ["no"]), (r.stdout, r.stderr)
+    layers = [n.layer for n in g.node_list]
+    assert (f"no node matches (the graph's nodes: layers {min(layers)}..{max(layers)}, positions "
+            f"0..{len(g.tokens) - 1})") in r.stdout  # not a silent nothing
     r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "render", path, "--format",
                         "svg,html", "--draw-nodes", "7"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

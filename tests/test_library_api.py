@@ -1,5 +1,5 @@
-"""The library functions behind the commands: writing a graph's formats, the shared settings checks, the saved
-metrics of a replacements folder, and the learning-rate schedule the trainers share."""
+"""The library functions behind the commands: writing a graph's formats, filtering its nodes, the shared settings
+checks, the saved metrics of a replacements folder, and the learning-rate schedule the trainers share."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,14 @@ def test_write_all_writes_each_format_and_the_dot_that_rendering_needs(graph, tm
         written = write_all(graph, tmp_path / "g", ["svg"], 20)
         assert list(written) == ["dot", "svg"] and written["dot"].read_text() == to_dot(graph, 20)
         assert written["svg"].read_text().lstrip().startswith(("<?xml", "<svg", "<!DOCTYPE"))
+
+
+def test_nodes_filters_by_type_layer_and_position_and_refuses_an_unknown_type(graph):
+    brute = [n for n in graph.node_list if n.type == "lorsa" and n.layer == 1 and n.pos == 7]
+    assert graph.nodes(type="lorsa", layer=1, position=7) == brute and brute
+    assert graph.nodes() == graph.node_list
+    with pytest.raises(ValueError, match="unknown node type 'heads'; one of embedding, lorsa"):
+        graph.nodes(type="heads")  # was an empty list: a misspelt type read as "no such nodes"
 
 
 def test_parse_formats(monkeypatch):

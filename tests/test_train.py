@@ -7,12 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from replacement import checkpoint as ckpt
-from replacement.activations import RandomTokenSource
+from replacement.activations import RandomTokenSource, hook_points
 from replacement.lorsa import Lorsa, LorsaConfig, from_llamascope
 from replacement.models import ModelAdapter, model_fingerprint
 from replacement.store import load_module, load_replacements, save_module
@@ -84,6 +85,52 @@ def test_replacements_for_another_model_fail_clearly(tmp_path):
         load_replacements(tmp_path / "none", a)
 
 
+def test_cached_activations_replay_the_model_resume_and_fit_the_disk(tmp_path, monkeypatch):
+    """--cache-activations: each shard is one step's batch as the model computes it (stored in bf16); a second run
+    rewrites nothing; a cache the disk cannot hold is refused after its first shard, which is kept."""
+    import shutil
+    from types import SimpleNamespace
+
+    from replacement.activations import ShardSource, cache_to_disk, collect
+    from replacement.errors import BadInputError
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    points = sorted(set(hook_points("lorsa", 0)) | set(hook_points("transcoder", 1)))
+    src = _source()
+    shards = ShardSource(cache_to_disk(adapter, src, points, tmp_path / "c", 3, 2, progress=False))
+    for step in range(3):
+        want, got = collect(adapter, src.batch(step, 2), points), shards.acts(step)
+        assert sorted(got) == points
+        for p in points:
+            torch.testing.assert_close(got[p].float(), want[p].to(torch.bfloat16).float(), rtol=0, atol=0)
+    written = [f.stat().st_mtime_ns for f in shards.files]
+    cache_to_disk(adapter, src, points, tmp_path / "c", 3, 2, progress=False)
+    assert [f.stat().st_mtime_ns for f in shards.files] == written
+    size = shards.files[0].stat().st_size
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=2 * size))
+    cache_to_disk(adapter, src, points, tmp_path / "d", 3, 2, progress=False)  # two more shards: just fits
+    with pytest.raises(BadInputError, match=r"caching 5 steps of activations needs about .* more than the .* free"):
+        cache_to_disk(adapter, src, points, tmp_path / "e", 5, 2, progress=False)
+    assert [f.name for f in (tmp_path / "e").iterdir()] == ["shard_000000.safetensors"]
+
+
+def test_modules_beyond_memory_are_refused_before_any_data_is_read(monkeypatch):
+    """check_units counts the parameters on the meta device; 16 bytes each (weight, gradient, Adam's moments)."""
+    from replacement.errors import BadInputError
+    from replacement.train import check_units
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    cfg = TrainConfig(steps=1, **SMALL)
+    n = sum(p.numel() for u in Trainer(adapter, cfg, _source(), "/dev/null").units for p in u.module.parameters())
+    monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", str(16 * n))
+    check_units(adapter, cfg)
+    monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", str(16 * n - 1))
+    with pytest.raises(BadInputError, match=f"training 4 modules of {n:,} parameters needs about"):
+        check_units(adapter, cfg)
+    with pytest.raises(BadInputError, match="needs about"):
+        Trainer(adapter, cfg, _source(), "/dev/null")
+
+
 def test_one_model_pass_feeds_every_module():
     adapter = ModelAdapter(tiny_llama(), name="t")
     calls = []
@@ -145,6 +192,27 @@ def test_training_lowers_fvu_and_resume_is_exact(tmp_path):
     for u, v in zip(full.units, resumed.units):
         for (n, p), q in zip(u.module.named_parameters(), v.module.parameters()):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{u.name}.{n}")
+
+
+def test_training_a_preset_never_writes_into_the_package(tmp_path, monkeypatch):
+    """Without a folder, a bundled preset's modules go to ./replacements/<preset> (a local model's beside it): the
+    shipped replacements change only by `train-replacements --install`."""
+    from replacement.bundle import preset_folder
+    from replacement.joint import JointConfig, fit_joint
+    from replacement.store import default_train_folder
+
+    shipped = preset_folder("toy") / "replacements"
+    before = {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    adapter = ModelAdapter(tiny_llama(), name="toy")  # a model that calls itself a preset
+    assert default_train_folder(adapter) == Path("replacements") / "toy"
+    fit_replacements(adapter, TrainConfig(steps=2, **SMALL), source=_source(), eval_source=_source(1), progress=False)
+    saved = sorted(f.name for f in (tmp_path / "replacements" / "toy").glob("*.safetensors"))
+    assert saved == ["layer0.lorsa.safetensors", "layer0.transcoder.safetensors", "layer1.lorsa.safetensors",
+                     "layer1.transcoder.safetensors"]
+    fit_joint(adapter, JointConfig(steps=1, batch_size=2, seq_len=16), tmp_path / "replacements" / "toy",
+              progress=False, source=_source())  # refined in place, as asked
+    assert {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()} == before
 
 
 def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
