@@ -20,7 +20,9 @@ positions t >= 1 of sum_s min(A^g_{t,s}, A^m_{t,s}) (1: the same pattern; 0: dis
 heads' mutual overlap is the baseline.
 
 Everything is accumulated as sums over tokens (moments): per Lorsa head, of z, z^2, its M projections, their
-products with z and with each other ([H, M, M]); the R^2 of any set of original heads follows from them.
+products with z and with each other ([H, M, M]); the R^2 of any set of original heads follows from them.  The
+projections are linear in the original heads' mixed values, so what is summed per token is those values'
+moments (`Moments`), projected once at the end.
 """
 from __future__ import annotations
 
@@ -139,50 +141,67 @@ def classify(best_one: float, best_few: float, fired: int, share: float) -> str:
 
 
 class Moments:
-    """Sums over tokens for one layer (float64): of z [H], z^2, each Lorsa head's projections of the original
-    heads' outputs p [H, M], z p [H, M] and p p^T [H, M, M]; pattern overlaps; TopK firing counts.  The
-    projections are made ``chunk`` Lorsa heads at a time, so no [tokens, H, M] array of a whole batch is kept."""
+    """Sums over tokens for one layer (float64): of z [H], z^2, the original heads' mixed values zo [M dh], z zo^T
+    [H, M dh] and zo zo^T [M dh, M dh]; pattern overlaps; TopK firing counts.
 
-    def __init__(self, w_o: torch.Tensor, G: int, M: int, chunk: int = 256):
+    Each Lorsa head h reads original head m's output as p[h, m] = u_h . (zo_m W_O^m) = zo_m . U[m, :, h], with
+    u_h its unit output direction and U[m] = W_O^m u (``self.U`` [M, dh, H]).  p is linear in zo, so its sums
+    (p, z p, p p^T per head) follow from the sums of zo exactly (`projected`): a token costs one [H] x [M dh]
+    outer product, not an [H, M] projection of every head."""
+
+    def __init__(self, w_o: torch.Tensor, G: int, W_O_orig: torch.Tensor, chunk: int = 256):
+        """w_o [H, d]: the Lorsa heads' output rows; G: its QK groups; W_O_orig [M, dh, d]: the original heads'
+        output matrices; ``chunk``: heads projected at a time in `projected`."""
         f = dict(dtype=torch.float64)
         w = w_o.detach().double().cpu()
-        self.w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [H, d] the output directions
-        H = len(w)
+        w = w / w.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [H, d] the output directions
+        self.U = torch.einsum("med,hd->meh", W_O_orig.detach().double().cpu(), w)  # [M, dh, H]
+        M, dh, H = self.U.shape
         self.T, self.chunk = 0, chunk
         self.Sz, self.Szz = torch.zeros(H, **f), torch.zeros(H, **f)
-        self.Sp, self.Szp, self.Spp = torch.zeros(H, M, **f), torch.zeros(H, M, **f), torch.zeros(H, M, M, **f)
+        self.So, self.Szo = torch.zeros(M * dh, **f), torch.zeros(H, M * dh, **f)
+        self.Soo = torch.zeros(M * dh, M * dh, **f)
         self.fired = torch.zeros(H, dtype=torch.long)
         self.ov_g, self.ov_m, self.n_rows = torch.zeros(G, M, **f), torch.zeros(M, M, **f), 0
 
-    def add(self, z: torch.Tensor, o: torch.Tensor, fired: torch.Tensor, A_lorsa: torch.Tensor, A_orig: torch.Tensor):
-        """z [T, H] Lorsa activations before TopK, o [T, M, d] original heads' outputs, fired [T, K] the TopK
-        heads of each token (-1: none); A_lorsa [B, G, n, n] and A_orig [B, M, n, n] the sequences' patterns."""
-        z, o = z.double(), o.double()
+    def add(self, z: torch.Tensor, zo: torch.Tensor, fired: torch.Tensor, A_lorsa: torch.Tensor,
+            A_orig: torch.Tensor):
+        """z [T, H] Lorsa activations before TopK, zo [T, M, dh] the original heads' mixed values (what each
+        writes through its W_O), fired [T, K] the TopK heads of each token (-1: none); A_lorsa [B, G, n, n] and
+        A_orig [B, M, n, n] the sequences' patterns."""
+        z, o = z.double(), zo.double().flatten(1)  # [T, H], [T, M dh]
         self.T += len(z)
         self.Sz += z.sum(0)
         self.Szz += (z * z).sum(0)
-        for c in range(0, len(self.w), self.chunk):
-            sl = slice(c, c + self.chunk)
-            P = torch.einsum("tmd,hd->thm", o, self.w[sl])  # [T, Hc, M]
-            self.Sp[sl] += P.sum(0)
-            self.Szp[sl] += torch.einsum("th,thm->hm", z[:, sl], P)
-            self.Spp[sl] += torch.einsum("thm,thn->hmn", P, P)
+        self.So += o.sum(0)
+        self.Szo += z.T @ o
+        self.Soo += o.T @ o
         f = fired[fired >= 0]
         self.fired += torch.bincount(f, minlength=len(self.fired)).cpu()
         self.ov_g += pattern_overlap(A_lorsa.float(), A_orig.float()).double().cpu()
         self.ov_m += pattern_overlap(A_orig.float(), A_orig.float()).double().cpu()
         self.n_rows += A_orig.shape[0] * (A_orig.shape[-1] - 1)
 
+    def projected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sums over tokens of p [H, M], z p [H, M] and p p^T [H, M, M], from those of zo."""
+        M, dh, H = self.U.shape
+        Sp = torch.einsum("me,meh->hm", self.So.view(M, dh), self.U)
+        Szp = torch.einsum("hme,meh->hm", self.Szo.view(H, M, dh), self.U)
+        Q = self.Soo.view(M, dh, M, dh)
+        chunks = [self.U[..., c:c + self.chunk] for c in range(0, H, self.chunk)]  # [M, dh, Hc] each
+        Spp = torch.cat([torch.einsum("meh,menf,nfh->hmn", U, Q, U) for U in chunks])
+        return Sp, Szp, Spp
+
     def result(self, heads_per_group: int, cfg: CorrespondConfig, model: str, layer: int) -> Correspondence:
         """Each head's matches, from the moments."""
         if self.T < 2:
             raise BadInputError("the sample has fewer than 2 tokens after BOS; use more or longer sequences")
-        T, M = self.T, self.Sp.shape[1]
-        H = len(self.w)
-        mz, mp = self.Sz / T, self.Sp / T  # [H], [H, M]
+        T, (M, _, H) = self.T, self.U.shape
+        Sp, Szp, Spp = self.projected()
+        mz, mp = self.Sz / T, Sp / T  # [H], [H, M]
         var_z = self.Szz / T - mz ** 2
-        cov_zp = self.Szp / T - mz[:, None] * mp
-        cov_pp = self.Spp / T - mp[:, :, None] * mp[:, None, :]
+        cov_zp = Szp / T - mz[:, None] * mp
+        cov_pp = Spp / T - mp[:, :, None] * mp[:, None, :]
         singles = subset_r2(cov_zp, cov_pp, var_z, torch.arange(M)[:, None])  # [H, M]
         k_max = min(cfg.few, M)
         best_few = torch.zeros(H, dtype=torch.float64)
@@ -215,35 +234,30 @@ class Moments:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def original_head_outputs(adapter, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """[B, n, M, d]: what each original head writes, from its mixed values z [B, n, M, dh] (hook attn.z)."""
-    Wo, _ = adapter.W_O(layer)  # [M, dh, d]
-    return torch.einsum("bnme,med->bnmd", z.float(), Wo.float())
-
-
 def layer_points(layer: int) -> list[str]:
     from .hooks import hook_name
 
     return [hook_name(layer, p) for p in ("attn.in", "attn.z", "attn.pattern")]
 
 
-def add_batch(moments: Moments, model, layer: int, cache: dict) -> None:
-    """Feed one batch's captures (`layer_points`) of ``layer`` to ``moments`` (position 0 left out)."""
+def add_batch(moments: Moments, model, layer: int, cache: dict, z: torch.Tensor | None = None) -> None:
+    """Feed one batch's captures (`layer_points`) of ``layer`` to ``moments`` (position 0 left out); ``z``: the
+    Lorsa's head activations [B, n, H] on them, where the caller has them already."""
     from .hooks import hook_name
 
     lorsa, a = model.lorsas[layer], model.adapter
     x = cache[hook_name(layer, "attn.in")].float()  # [B, n, d]
-    z = lorsa.head_activations(x)  # [B, n, H]
-    code = lorsa.encode(x)
+    z = lorsa.head_activations(x) if z is None else z  # [B, n, H]
+    code = lorsa.code_of(z)
     fired = torch.where(code.values > 0, code.indices, -1)[:, 1:]  # [B, n-1, K]
-    o = original_head_outputs(a, layer, cache[hook_name(layer, "attn.z")])[:, 1:]  # [B, n-1, M, d]
-    moments.add(z[:, 1:].flatten(0, 1).cpu(), o.flatten(0, 1).cpu(), fired.flatten(0, 1).cpu(),
+    zo = cache[hook_name(layer, "attn.z")][:, 1:]  # [B, n-1, M, dh]
+    moments.add(z[:, 1:].flatten(0, 1).cpu(), zo.flatten(0, 1).cpu(), fired.flatten(0, 1).cpu(),
                 lorsa.patterns(x).cpu(), cache[hook_name(layer, "attn.pattern")].cpu())
 
 
 def new_moments(model, layer: int) -> Moments:
     lorsa = model.lorsas[layer]
-    return Moments(lorsa.W_O, lorsa.cfg.n_qk, model.adapter.n_heads)
+    return Moments(lorsa.W_O, lorsa.cfg.n_qk, model.adapter.W_O(layer)[0])
 
 
 @torch.no_grad()

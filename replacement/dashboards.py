@@ -190,10 +190,11 @@ def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
             codes[("transcoder", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
             if L in model.lorsas:
                 x = cache[hook_name(L, "attn.in")].float()
-                c = model.lorsas[L].encode(x)
+                z = model.lorsas[L].head_activations(x)  # once, for the codes and the correspondence
+                c = model.lorsas[L].code_of(z)
                 codes[("lorsa", L)].append((c.values.flatten(0, 1).cpu(), c.indices.flatten(0, 1).cpu()))
                 attn_in[L].append(x.cpu())
-                correspond.add_batch(moments[L], model, L, cache)
+                correspond.add_batch(moments[L], model, L, cache, z)
     return torch.cat(ids_all), codes, attn_in, moments
 
 

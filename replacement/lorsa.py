@@ -141,7 +141,11 @@ class Lorsa(nn.Module):
         return z.transpose(1, 2).reshape(B, n, self.cfg.n_heads)
 
     def encode(self, x: torch.Tensor, pattern: torch.Tensor | None = None, k: int | None = None) -> SparseCode:
-        return topk_relu(self.head_activations(x, pattern), self.W_O.norm(dim=-1), k or self.cfg.top_k)
+        return self.code_of(self.head_activations(x, pattern), k)
+
+    def code_of(self, z: torch.Tensor, k: int | None = None) -> SparseCode:
+        """The TopK code of head activations z [B, n, H] (`head_activations`): what `encode` returns."""
+        return topk_relu(z, self.W_O.norm(dim=-1), k or self.cfg.top_k)
 
     def decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_dec [H, d], b_dec [d]): what the training engine treats as the dictionary."""
