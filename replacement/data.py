@@ -27,6 +27,9 @@ from .io import atomic_write_text
 HELDOUT_FRACTION = 0.02
 
 
+MAX_UNDECODED = 0.01  # the share of a text file's characters that may be bytes UTF-8 cannot decode
+
+
 def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
     """Read local text files (or ``hf:NAME[:split]`` datasets); returns (train texts, held-out texts).
 
@@ -42,9 +45,13 @@ def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
                 raise BadInputError(f"text source {src} is a folder; pass text files")
             if not path.is_file():
                 raise FileNotFoundError(f"text source not found: {src}")
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding="utf-8", errors="replace")  # a stray byte in a corpus is tolerated...
             if not text.strip():
                 raise BadInputError(f"text source {src} holds no text")
+            undecoded = text.count("\ufffd") / len(text)
+            if "\x00" in text or undecoded > MAX_UNDECODED:  # ...a binary or non-UTF-8 file is not
+                raise BadInputError(f"text source {src} is not UTF-8 text ({undecoded:.0%} of it could not be decoded"
+                                    f"{', and it holds NUL bytes' if chr(0) in text else ''}); pass plain text files")
         cut = int(len(text) * (1 - HELDOUT_FRACTION))
         cut = text.rfind("\n", 0, cut) + 1 or cut
         train.append(text[:cut])

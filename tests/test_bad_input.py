@@ -174,6 +174,8 @@ CASES = [
                                 "--target", ""], "--target '' is not a single token"),
     Case("patch-empty-mean-over", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
                                    "--mode", "mean", "--mean-over", " "], "--mean-over is empty"),
+    Case("eval-text-binary", ["circuits", "eval", "--model", "{M}", "--no-samples", "--text", "{M}/model.safetensors"],
+         "is not UTF-8 text"),  # was: evaluated on the bytes decoded as U+FFFD
     Case("eval-text-folder", ["circuits", "eval", "--model", "{M}", "--no-samples", "--text", "{WORLD}"], "is a folder"),
     Case("train-modules-beyond-memory", ["circuits", "train", "--model", "{M}", "--lorsa-heads-per-group", "1000000000000"],
          "parameters needs about"),  # was: an allocator RuntimeError traceback

@@ -49,6 +49,24 @@ def test_addition_split_is_fixed_and_disjoint():
     assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in held)
 
 
+def test_text_sources_hold_out_the_end_and_refuse_binary_files(tmp_path):
+    """The last 2% of each file (cut at a line break) is held out; a stray undecodable byte is kept as U+FFFD, a
+    binary file (NUL bytes) or a non-UTF-8 one (over 1% undecodable) is refused, not read as garbage text."""
+    from replacement.errors import BadInputError
+
+    lines = [f"line {i} of the text" for i in range(500)]
+    good = tmp_path / "good.txt"
+    good.write_bytes(("\n".join(lines) + "\n").encode() + b"caf\xe9\n")
+    (train,), (held,) = read_text_sources([str(good)])
+    assert train + held == good.read_bytes().decode("utf-8", errors="replace") and train.endswith("\n")
+    assert 0.015 < len(held) / (len(train) + len(held)) < 0.025 and held.endswith("caf\ufffd\n")
+    for name, data, why in (("model.safetensors", b"\x08\x00\x00\x00{}" + bytes(range(256)), "NUL bytes"),
+                            ("latin1.txt", "é".encode("latin-1") * 50 + b" text " * 50, "could not be decoded")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BadInputError, match=f"is not UTF-8 text .*{why}"):
+            read_text_sources([str(tmp_path / name)])
+
+
 def test_batches_are_deterministic_and_hold_no_heldout_pair(tokenizer):
     tokens = torch.tensor(tokenizer.encode(TEXT[0] * 3, add_special_tokens=False), dtype=torch.int32)
     train, held = addition_split()
