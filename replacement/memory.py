@@ -50,6 +50,7 @@ def check_fits(need: int, what: str, advice: str, detail: str = "") -> None:
 
 
 def gb(b: int) -> str:
+    """A byte count for a message: GB to one decimal from 0.1 GB up, else whole MB or KB."""
     if b >= 2**30 / 10:
         return f"{b / 2**30:.1f} GB"
     return f"{b / 2**20:.0f} MB" if b >= 2**20 else f"{b / 2**10:.0f} KB"
@@ -76,3 +77,6 @@ def _cgroup_room() -> int | None:
             return int(limit) - int(f.read().strip())
     except (OSError, ValueError):
         return None
+
+
+__all__ = ["AVAILABLE_SHARE", "BUDGET_ENV", "available_bytes", "check_fits", "gb", "parse_bytes"]
