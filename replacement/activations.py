@@ -20,6 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import BadInputError
 from .hooks import hook_name
+from .io import make_folder
 from .memory import gb
 
 
@@ -114,11 +115,7 @@ def cache_to_disk(adapter, source, points: list[str], folder: str | Path, n_batc
     """Write ``n_batches`` shards of activations (one per training step) as safetensors."""
     from tqdm import tqdm
 
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInputError(f"cannot create the activation cache {folder}: {e.strerror or e}") from None
+    folder = make_folder(folder, "the activation cache")
     checked = False
     for step in tqdm(range(n_batches), disable=not progress, desc="caching activations"):
         path = folder / f"shard_{step:06d}.safetensors"

@@ -245,7 +245,7 @@ def add_batch(moments: Moments, model, layer: int, cache: dict, z: torch.Tensor 
     Lorsa's head activations [B, n, H] on them, where the caller has them already."""
     from .hooks import hook_name
 
-    lorsa, a = model.lorsas[layer], model.adapter
+    lorsa = model.lorsas[layer]
     x = cache[hook_name(layer, "attn.in")].float()  # [B, n, d]
     z = lorsa.head_activations(x) if z is None else z  # [B, n, H]
     code = lorsa.code_of(z)

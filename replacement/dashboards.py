@@ -28,6 +28,7 @@ from .errors import BadInputError
 from .norms import centre as centre_
 from .norms import is_layernorm, norm_weight
 from .hooks import hook_name, layer_names
+from .io import make_folder
 
 KINDS = ("lorsa", "transcoder")
 CONTENTS_VERSION = 2  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py)
@@ -368,10 +369,7 @@ def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | 
             return Dashboards(layers, a.tokenizer, cfg)
         except ckpt.CheckpointError:
             pass  # a damaged cache is rebuilt
-    try:  # before the scan, which takes a minute on a bundled model, not after it
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInputError(f"cannot create the dashboard cache {folder}: {e.strerror or e}") from None
+    make_folder(folder, "the dashboard cache")  # before the scan, not after it
     layers = build(model, cfg, source, progress)
     for L, tensors in layers.items():
         ckpt.atomic_save({k: v.contiguous() for k, v in tensors.items()}, files[L], {"config": asdict(cfg), "layer": L})

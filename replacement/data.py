@@ -48,10 +48,10 @@ def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
             text = path.read_text(encoding="utf-8", errors="replace")  # a stray byte in a corpus is tolerated...
             if not text.strip():
                 raise BadInputError(f"text source {src} holds no text")
-            undecoded = text.count("\ufffd") / len(text)
-            if "\x00" in text or undecoded > MAX_UNDECODED:  # ...a binary or non-UTF-8 file is not
+            undecoded, nul = text.count("\ufffd") / len(text), "\x00" in text
+            if nul or undecoded > MAX_UNDECODED:  # ...a binary or non-UTF-8 file is not
                 raise BadInputError(f"text source {src} is not UTF-8 text ({undecoded:.0%} of it could not be decoded"
-                                    f"{', and it holds NUL bytes' if chr(0) in text else ''}); pass plain text files")
+                                    f"{', and it holds NUL bytes' if nul else ''}); pass plain text files")
         cut = int(len(text) * (1 - HELDOUT_FRACTION))
         cut = text.rfind("\n", 0, cut) + 1 or cut
         train.append(text[:cut])

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from .errors import BadInputError
+
 
 _UMASK = os.umask(0o022)  # read once (os.umask can only read by setting), then put back
 os.umask(_UMASK)
@@ -39,6 +41,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def make_folder(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` (and its parents) now, before the work that will write there; one BadInputError line
+    naming ``what`` (e.g. "the activation cache") where it cannot be created."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    return folder
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes to ``path`` atomically (see `atomic_path`)."""
     with atomic_path(path) as tmp:
@@ -50,4 +63,4 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "temp_path"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "make_folder", "temp_path"]

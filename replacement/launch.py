@@ -10,7 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import BadInputError
+from .io import make_folder
 from .joint import JointConfig
 from .train import TrainConfig
 
@@ -54,12 +54,7 @@ def output_folder(adapter, out: str | Path | None, init_from: str | Path | None 
 
     if out is None and init_from is not None:
         return Path(init_from)  # read before anything is written: it must exist
-    folder = Path(out) if out is not None else default_train_folder(adapter)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
-    return folder
+    return make_folder(out if out is not None else default_train_folder(adapter), "the output folder")
 
 
 def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
