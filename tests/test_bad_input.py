@@ -1,6 +1,7 @@
 """A corpus of bad input, each case run through the real command-line entry points (`trace`, `circuits`) in a
-subprocess: every case must exit non-zero with exactly one line on stderr (the expected message), no
-traceback, no file created, and every file already there byte-for-byte intact.
+process of its own (forked from one that has done the imports, tests/forked_cli.py): every case must exit
+non-zero with exactly one line on stderr (the expected message), no traceback, no file created, and every file
+already there byte-for-byte intact.
 
 The cases share one world (a tiny saved model with random replacements, its broken variants, malformed graph
 files, an earlier output folder); a snapshot of the whole world is compared before and after each case.
@@ -10,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-
-ENTRY = ("import sys; from cli.main import circuits; from cli.trace import trace; "
-         "cmd = trace if sys.argv[1] == 'trace' else circuits; sys.argv = sys.argv[1:]; cmd()")
+from tests.forked_cli import CliServer
 
 
 @dataclass
@@ -423,15 +420,21 @@ def _training_states(w: Path, names: dict, ckpt) -> None:
         ckpt.atomic_save(tensors, names[name] / state.name, meta)
 
 
-def run_cli(args: list, cwd: Path, path: str | None = None, fsize: int | None = None, env: dict | None = None):
-    def limit():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as a full disk would
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+@pytest.fixture(scope="module")
+def cli():
+    server = CliServer()
+    yield server
+    server.close()
 
+
+def run_cli(cli: CliServer, args: list, cwd: Path, path: str | None = None, fsize: int | None = None,
+            env: dict | None = None):
+    """One case in a process of its own (forked from a server that has done the imports; tests/forked_cli.py).
+    A file-size limit makes writes past it fail with EFBIG, as a full disk would (Python ignores SIGXFSZ)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CIRCUITS_CACHE": str(cwd / "cache"), **(env or {})}
     if path is not None:
         full_env["PATH"] = path
-    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=cwd, capture_output=True, timeout=300, env=full_env,
-                          preexec_fn=limit if fsize else None)
+    return cli.run(args, cwd, full_env, fsize=fsize, timeout=300)
 
 
 def test_corpus_is_large_enough():
@@ -439,10 +442,10 @@ def test_corpus_is_large_enough():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, world):
+def test_bad_input(case: Case, world, cli):
     before = _snapshot(world["WORLD"])
     args = [_subst(a, world) for a in case.args]
-    r = run_cli(args, world["WORLD"], _subst(case.path, world) if case.path else None, case.fsize, case.env)
+    r = run_cli(cli, args, world["WORLD"], _subst(case.path, world) if case.path else None, case.fsize, case.env)
     stderr = r.stderr.decode("utf-8", errors="replace")
     lines = stderr.splitlines()
     assert r.returncode != 0, (case.id, r.stdout[-2000:])
