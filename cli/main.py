@@ -27,7 +27,7 @@ def models(search_dirs):
 
     click.echo("bundled presets:")
     for p in PRESETS.values():
-        status = "trained" if (p.folder / "config.json").is_file() else "not trained (circuits train-lm --model " + p.name + ")"
+        status = "trained" if (p.folder / "config.json").is_file() else "not trained (circuits train-lm --model " + p.name + " --install)"
         click.echo(f"  {p.name:<7} {p.architecture:<9} {p.n_layers} layers, d={p.d_model}, "
                    f"{p.n_heads} heads/{p.n_kv_heads} kv  {status}")
         click.echo(f"          {p.description}")
@@ -45,8 +45,9 @@ def models(search_dirs):
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps of the first training stage (default: the recipe's per preset).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True, help="torch.compile the training step.")
-@click.option("--export/--no-export", default=True, show_default=True, help="Write the result into the package's bundled folder.")
-def train_lm(presets, workdir, texts, steps, resume, compile_, export):
+@click.option("--install", is_flag=True, help="Copy the result over the package's bundled model (default: it stays in "
+                   "WORKDIR/<model>-<last stage>/hf).")
+def train_lm(presets, workdir, texts, steps, resume, compile_, install):
     """Train the bundled language models (the project's recipe)."""
     from replacement.lm.presets import PRESETS
     from replacement.lm.recipe import run_recipe
@@ -55,8 +56,10 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, export):
     for n in names:
         if n not in PRESETS:
             raise click.BadParameter(f"unknown preset {n!r}; choose from {', '.join(PRESETS)} or all", param_hint="--model")
-    for out in run_recipe(names, workdir, list(texts) or None, steps=steps, compile=compile_, export=export, resume=resume):
-        click.echo(f"wrote {out}")
+    for name, out in zip(names, run_recipe(names, workdir, list(texts) or None, steps=steps, compile=compile_,
+                                           install=install, resume=resume)):
+        click.echo(f"{name}: installed into {out}" if install else
+                   f"{name}: saved in {out}; to trace with it: trace PROMPT --model {out} (--install replaces the bundled one)")
 
 
 @circuits.command("fetch-data")

@@ -466,7 +466,7 @@ def resolve_model_path(name: str) -> tuple[str, str]:
         if not (folder / "config.json").is_file():
             raise ModelLoadError(
                 f"the bundled model {name!r} has no weights in {folder}; "
-                f"train it with: circuits train-lm --model {name}"
+                f"train it with: circuits train-lm --model {name} --install"
             )
         return str(folder), name
     path = Path(name).expanduser()

@@ -235,7 +235,7 @@ def test_later_stage_starts_from_the_exported_earlier_stage(tokenizer, tiny_pres
     monkeypatch.setitem(recipe.RECIPE_LATER_STAGES, "tiny", [dict(stage="ft", steps=4, lr=0.0, seed=5, batch_size=4,
                                                                  seq_len=32)])
     monkeypatch.setattr(recipe, "LMTrainConfig", lambda **kw: _cfg(**{**dict(batch_size=8, seq_len=32), **kw}))
-    recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
+    recipe.run_recipe(["tiny"], tmp_path, compile=False)
     first = load_file(tmp_path / "tiny" / "hf" / "model.safetensors")
     assert json.loads((tmp_path / "tiny" / "hf" / "training_info.json").read_text())["steps"] == 10
     tensors, meta = ckpt.load(tmp_path / "tiny-ft" / "state.safetensors")
@@ -245,17 +245,49 @@ def test_later_stage_starts_from_the_exported_earlier_stage(tokenizer, tiny_pres
         torch.testing.assert_close(tensors[f"model.{k}"], v.float(), atol=0, rtol=0, msg=k)
     # a finished stage is not run again
     mtime = (tmp_path / "tiny" / "hf" / "model.safetensors").stat().st_mtime_ns
-    recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
+    recipe.run_recipe(["tiny"], tmp_path, compile=False)
     assert (tmp_path / "tiny" / "hf" / "model.safetensors").stat().st_mtime_ns == mtime
     # a longer first stage trains on (resuming its own state), and the second stage then starts afresh from it
     monkeypatch.setitem(recipe.RECIPE_STEPS, "tiny", 12)
-    recipe.run_recipe(["tiny"], tmp_path, compile=False, export=False)
+    recipe.run_recipe(["tiny"], tmp_path, compile=False)
     first = load_file(tmp_path / "tiny" / "hf" / "model.safetensors")
     assert json.loads((tmp_path / "tiny" / "hf" / "training_info.json").read_text())["steps"] == 12
     tensors, meta = ckpt.load(tmp_path / "tiny-ft" / "state.safetensors")
     assert meta["step"] == 4
     for k, v in first.items():
         torch.testing.assert_close(tensors[f"model.{k}"], v.float(), atol=0, rtol=0, msg=k)
+
+
+def test_train_lm_writes_the_package_only_when_asked(tokenizer, tiny_preset, tmp_path, monkeypatch):
+    """The last stage's model is saved in the work folder; the bundled one is replaced only with install=True,
+    by a copy of that folder (its replacements kept), without training again."""
+    from replacement import bundle
+    from replacement.lm import recipe
+
+    monkeypatch.setattr(bundle, "BUNDLE_DIR", tmp_path / "package")
+    shipped = tmp_path / "package" / "tiny"
+    (shipped / "replacements").mkdir(parents=True)
+    (shipped / "replacements" / "kept.txt").write_text("trained for the old model")
+    (shipped / "config.json").write_text("{}")
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 5, add_special_tokens=False), dtype=torch.int32)
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    ckpt.atomic_save({"train": tokens, "val": tokens[:200].clone()}, tmp_path / "tokens.safetensors", {})
+    monkeypatch.setitem(recipe.RECIPE_STEPS, "tiny", 3)
+    monkeypatch.setitem(recipe.RECIPE_MIXTURE, "tiny", Mixture(0.5, 0.25, 0.25))
+    monkeypatch.setitem(recipe.RECIPE_LATER_STAGES, "tiny", [dict(stage="ft", steps=2, lr=1e-3, seed=5, batch_size=4,
+                                                                 seq_len=32)])
+    monkeypatch.setattr(recipe, "LMTrainConfig", lambda **kw: _cfg(**{**dict(batch_size=8, seq_len=32), **kw}))
+    (out,) = recipe.run_recipe(["tiny"], tmp_path, compile=False)
+    assert out == tmp_path / "tiny-ft" / "hf"
+    assert json.loads((out / "training_info.json").read_text())["config"]["stage"] == "ft"
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "replacements"]
+    assert (shipped / "config.json").read_text() == "{}"
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    (installed,) = recipe.run_recipe(["tiny"], tmp_path, compile=False, install=True)
+    assert installed == shipped and (out / "model.safetensors").stat().st_mtime_ns == mtime  # not trained again
+    for f in out.iterdir():
+        assert (shipped / f.name).read_bytes() == f.read_bytes(), f.name
+    assert (shipped / "replacements" / "kept.txt").read_text() == "trained for the old model"
 
 
 def _occurs_at(row: list[int], piece: list[int]) -> list[int]:

@@ -8,6 +8,7 @@ A work folder holds the shared tokenizer, the tokenised corpus and one resumable
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,8 +189,6 @@ def _save_state(cfg: LMTrainConfig, model, opt, named: dict, step: int, elapsed:
 
 def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None = None) -> Path:
     """Write the HF folder (bf16 safetensors, tokenizer, held-out addition pairs, training info)."""
-    import shutil
-
     out = Path(out or preset.folder)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -198,10 +197,30 @@ def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None
     tokenizer.save_pretrained(str(tmp))
     save_heldout_pairs(tmp / "addition_heldout.json", addition_split()[1])
     atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
+    _swap_in(tmp, out)
+    return out
+
+
+def install_bundle(folder: Path, preset: Preset) -> Path:
+    """Copy an exported model folder over the package's bundled one (``circuits train-lm --install``)."""
+    out = Path(preset.folder)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp, ignore=_subfolders)  # replacements trained beside it stay where they are
+    _swap_in(tmp, out)
+    return out
+
+
+def _subfolders(where: str, names: list[str]) -> list[str]:
+    return [n for n in names if (Path(where) / n).is_dir()]
+
+
+def _swap_in(tmp: Path, out: Path):
+    """Replace ``out`` by the complete folder ``tmp`` (a rename), keeping the subfolders of ``out`` (trained
+    replacements that live beside the model)."""
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
-        # keep any trained replacements that already live beside the model
         for sub in out.iterdir():
             if sub.is_dir():
                 shutil.move(str(sub), str(tmp / sub.name))
@@ -210,7 +229,6 @@ def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    return out
 
 
 # The bundled weights: batch 24 x 128 tokens, AdamW (wd 0.1), lr 2e-3 constant then decayed over the last quarter.
@@ -278,23 +296,24 @@ def recipe_stages(name: str, steps: int | None = None, compile: bool = True) -> 
 
 
 def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources: list[str] | None = None,
-               steps: int | None = None, compile: bool = True, export: bool = True, resume: bool = True) -> list[Path]:
-    """Train each preset stage by stage (resuming where a state exists) and export it into the package.
+               steps: int | None = None, compile: bool = True, install: bool = False,
+               resume: bool = True) -> list[Path]:
+    """Train each preset stage by stage (resuming where a state exists); return each preset's final model folder.
 
-    Every stage but the last exports to ``<workdir>/<run>/hf`` (bf16, as bundled), which the next stage starts
-    from; a stage whose export records all its steps is not run again (unless ``resume`` is off).  Once a stage
-    trains, the later stages start afresh: what they would resume began from another model."""
+    Every stage exports to ``<workdir>/<run>/hf`` (bf16, as bundled), which the next stage starts from; a stage
+    whose export records all its steps is not run again (unless ``resume`` is off).  Once a stage trains, the later
+    stages start afresh: what they would resume began from another model.  The package's bundled model is replaced
+    only with ``install`` (by a copy of the last stage's folder), never by default."""
     tokenizer, train_tokens, _ = prepare_data(workdir, sources)
     written = []
     for name in presets:
         stages = recipe_stages(name, steps, compile)
         history, keep = [], resume
         for k, cfg in enumerate(stages):
-            last = k == len(stages) - 1
             if k:
                 cfg.init_from = str(Path(workdir) / stages[k - 1].run_name / "hf")
-            folder = None if last else Path(workdir) / cfg.run_name / "hf"
-            if keep and folder is not None and _finished(folder, cfg):
+            folder = Path(workdir) / cfg.run_name / "hf"
+            if keep and _finished(folder, cfg):
                 history.append(json.loads((folder / "training_info.json").read_text()))
                 continue
             model, info = train_lm(cfg, workdir, tokenizer, train_tokens, resume=keep)
@@ -303,10 +322,8 @@ def run_recipe(presets: list[str], workdir: str | Path = "runs/bundled", sources
             if history:
                 info["earlier_stages"] = list(history)
             history.append(info)
-            if folder is not None:
-                export_bundle(model, tokenizer, PRESETS[name], info, out=folder)
-            elif export:
-                written.append(export_bundle(model, tokenizer, PRESETS[name], info))
+            export_bundle(model, tokenizer, PRESETS[name], info, out=folder)
+        written.append(install_bundle(folder, PRESETS[name]) if install else folder)
     return written
 
 
