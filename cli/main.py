@@ -104,7 +104,7 @@ def fetch_data(dest, work):
 @click.option("--out", type=click.Path(), default=None,
               help="Folder for the trained modules and the training state (default: beside a local model; "
                    "./replacements/<preset> for a bundled one, whose shipped replacements stay as they are; with "
-                   "--joint --init-from DIR, DIR).")
+                   "--joint --init-from DIR, DIR, unless it is the package's).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
 @click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to train on (their first 98%; with "
               "--joint in place of the model's joint mixture).")

@@ -48,11 +48,13 @@ def cached_activations(adapter, cfg: TrainConfig, source, folder: str | Path):
 
 
 def output_folder(adapter, out: str | Path | None, init_from: str | Path | None = None) -> Path:
-    """The folder a training run writes to (``out``; else ``init_from``, which a joint run refines in place; else
+    """The folder a training run writes to (``out``; else ``init_from``, which a joint run refines in place, unless
+    it is a folder of the package's, whose shipped replacements change only by `train-replacements --install`; else
     `store.default_train_folder`), created now, or refused in one line, rather than at the first checkpoint."""
+    from .bundle import BUNDLE_DIR
     from .store import default_train_folder
 
-    if out is None and init_from is not None:
+    if out is None and init_from is not None and not Path(init_from).resolve().is_relative_to(BUNDLE_DIR.resolve()):
         return Path(init_from)  # read before anything is written: it must exist
     return make_folder(out if out is not None else default_train_folder(adapter), "the output folder")
 

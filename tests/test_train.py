@@ -199,6 +199,7 @@ def test_training_a_preset_never_writes_into_the_package(tmp_path, monkeypatch):
     shipped replacements change only by `train-replacements --install`."""
     from replacement.bundle import preset_folder
     from replacement.joint import JointConfig, fit_joint
+    from replacement.launch import output_folder
     from replacement.store import default_train_folder
 
     shipped = preset_folder("toy") / "replacements"
@@ -213,6 +214,10 @@ def test_training_a_preset_never_writes_into_the_package(tmp_path, monkeypatch):
     fit_joint(adapter, JointConfig(steps=1, batch_size=2, seq_len=16), tmp_path / "replacements" / "toy",
               progress=False, source=_source())  # refined in place, as asked
     assert {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()} == before
+    # `train --joint --init-from DIR` without --out refines DIR, unless DIR is the package's own
+    assert output_folder(adapter, None, tmp_path / "replacements" / "toy") == tmp_path / "replacements" / "toy"
+    assert output_folder(adapter, None, shipped) == Path("replacements") / "toy"
+    assert output_folder(adapter, tmp_path / "x", shipped) == tmp_path / "x"
 
 
 def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
