@@ -237,7 +237,9 @@ def _layer_list(layers: str | None, option: str = "--layers") -> list[int] | Non
 
 def _print_replacement_metrics(metrics: dict) -> None:
     """One row per module; "dense": how many of a token's L0 units are ones active on more than half of the
-    tokens; with "KL alone" (the KL to the real model with that module alone spliced in) where measured."""
+    tokens; "clean", "spliced", "zero-abl": the model's loss as it is, with the module spliced in, and with the
+    layer's output zeroed; with "KL alone" (the KL to the real model with that module alone spliced in) where
+    measured."""
     alone = all("kl_alone" in m for m in metrics.values())
     click.echo(f"{'module':<20}{'FVU':>8}{'L0':>7}{'dense':>7}{'dead':>7}{'clean':>8}{'spliced':>9}{'zero-abl':>9}"
                + (f"{'KL alone':>10}" if alone else ""))
@@ -245,6 +247,8 @@ def _print_replacement_metrics(metrics: dict) -> None:
         dense = f"{m['dense_l0']:>7.1f}" if "dense_l0" in m else f"{'-':>7}"  # metrics saved before it was measured
         click.echo(f"{name:<20}{m['fvu']:>8.3f}{m['l0']:>7.1f}{dense}{m['dead_fraction']:>7.1%}{m['clean_loss']:>8.3f}"
                    f"{m['spliced_loss']:>9.3f}{m['zero_ablation_loss']:>9.3f}" + (f"{m['kl_alone']:>10.3f}" if alone else ""))
+    click.echo("  (clean / spliced / zero-abl: the loss as the model is, with the module spliced in, with the layer's "
+               "output zeroed)")
 
 
 @circuits.command("eval")
@@ -255,7 +259,8 @@ def _print_replacement_metrics(metrics: dict) -> None:
 @click.option("--samples/--no-samples", default=True, show_default=True)
 @click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 @click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
-              help="Also measure the pure (error-free) replacement model against the real one.")
+              help="Also measure the pure (error-free) replacement model against the real one, and each module on "
+                   "held-out natural text (FVU, dead units, KL with that module alone spliced in).")
 def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, faithfulness):
     """Metrics of a model (induction, addition, held-out text loss, copying in natural text, samples) and of its
     replacements (the pure replacement model's agreement with the real one, and each module's FVU, L0, dead
@@ -286,7 +291,7 @@ def _print_model_report(out: dict) -> None:
         click.echo(f"  addition a + b = (2-digit): held-out {out['addition_heldout']['accuracy']:.1%} "
                    f"of {out['addition_heldout']['n']}, training sample {out['addition_train_sample']['accuracy']:.1%} "
                    f"of {out['addition_train_sample']['n']}")
-        click.echo(f"  36 + 62 = ->{out['showcase']['greedy']!r}")
+        click.echo(f"  36 + 62 = -> {out['showcase']['greedy']!r}")
     if "heldout_text_loss" in out:
         click.echo(f"  held-out text loss {out['heldout_text_loss']:.3f} nats/token")
     if "natural_copying" in out:
@@ -324,7 +329,7 @@ def _print_faithfulness(f: dict) -> None:
                    f"KL {t['kl']:.3f} nats/token")
     if "addition_heldout" in f:
         click.echo(f"  addition held-out {f['addition_heldout']['accuracy']:.1%} of {f['addition_heldout']['n']}; "
-                   f"36 + 62 = ->{f['showcase']['greedy']!r}")
+                   f"36 + 62 = -> {f['showcase']['greedy']!r}")
     _print_induction(f, "  ")
     if "natural_copying" in f:
         _print_copying(f["natural_copying"], "  ")
@@ -353,9 +358,12 @@ def _print_faithfulness(f: dict) -> None:
 @click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
 @click.option("--freeze-norms", is_flag=True,
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
-@click.option("--together", is_flag=True, help="Ablate all the components at once (one effect), not one at a time.")
+@click.option("--together", is_flag=True,
+              help="Ablate all the components and families at once (one effect), not one at a time.")
+@click.option("--demean", is_flag=True, help="Report the target logit minus its mean over the vocabulary, as the "
+                                               "graph's logits are (implied by --family).")
 def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, mean_over, attention,
-          replacements, freeze_norms, together, families):
+          replacements, freeze_norms, together, families, demean):
     """Path-patch components: their effect on a logit through the residual stream and MLPs only, and the real
     model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime).
     A family (--family) is ablated as one unit and compared with the graph's prediction (its members' sum)."""
@@ -378,8 +386,13 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     for option, value, its_mode in (("--counterfactual", counterfactual, "counterfactual"), ("--mean-over", mean_over, "mean")):
         if value is not None and mode != its_mode:  # it would be ignored: a zero ablation reported as what was asked
             raise BadInputError(f"{option} is used only with --mode {its_mode} (the mode is {mode})")
+    if baseline is not None and (demean or families):  # the graph's prediction is of the target's demeaned logit
+        raise BadInputError(f"--baseline cannot go with {'--family' if families else '--demean'}: "
+                            "a family is compared with the graph on the target's demeaned logit")
+    demean = demean or bool(families)
     from replacement.foreign import replacement_specs
 
+    comps = [parse_component(c) for c in components]  # a malformed id is refused before the model loads
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
     model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)
@@ -388,38 +401,50 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     b_id = _single_token(adapter, baseline, "--baseline") if baseline is not None else None
     cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual is not None else None
     reference = _reference_prompts(adapter, mean_over) if mean_over is not None else None
-    patcher = PathPatcher(model, ids, t_id, b_id, cf, freeze_norms=freeze_norms, reference=reference)
+    patcher = PathPatcher(model, ids, t_id, b_id, cf, demean=demean, freeze_norms=freeze_norms, reference=reference)
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
+    metric += " - its mean over the vocabulary" if demean else ""
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
-    comps = [parse_component(c) for c in components]
+    if families:
+        _patch_families(model, ids, t_id, patcher, families, mode, together, comps)
+        if together:
+            return
     if together and comps:
         comps = [tuple(comps)]
     if comps:
         for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
             name = " + ".join(map(str, r.component)) if together else str(r.component)
             click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
-    if families:
-        _patch_families(model, ids, t_id, patcher, families, mode)
 
 
-def _patch_families(model, ids, t_id: int, patcher, families, mode: str) -> None:
+def _patch_families(model, ids, t_id: int, patcher, families, mode: str, together: bool, components: list) -> None:
     """Trace the prompt's graph and find its families as `trace` does with its defaults (`cli.trace.graphs_of`),
-    ablate each named family's members together, and print the effect beside the graph's prediction (the sum of its
-    members' effects on the target's demeaned logit, zero ablation, through transcoder features)."""
-    from graphs.families import family, family_components, predicted_effect
+    ablate each named family's members together (with ``together``, all families and ``components`` as one unit), and
+    print the effect beside the graph's prediction of a zero ablation (the sum of the members' effects on the
+    target's demeaned logit through transcoder features)."""
+    from graphs.families import family, family_components
+    from graphs.patching import graph_effects
 
     from .trace import graphs_of
 
     graph, _ = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # its families mark graph's nodes
-    logit_id = graph.logit(t_id).id
-    for fid in families:
-        f = family(graph, fid)
-        r = patcher.effects([family_components(f)], mode)[0]
-        pred = predicted_effect(graph, f, logit_id)
-        ratio = f" ({r.effect / pred:.2f} of it)" if pred else ""
-        click.echo(f"  {fid} ({len(f)} {'heads' if f.kind == 'lorsa' else 'features'} of layer(s) "
-                   f"{','.join(map(str, f.layers))}, key position(s) {','.join(map(str, f.key_positions))}) "
-                   f"patched {r.patched:.4f}  effect {r.effect:+.4f}  graph predicts {pred:+.4f}{ratio}")
+    effects = graph_effects(graph, graph.logit(t_id).id)
+    fams = [family(graph, fid) for fid in families]
+    units = [(fid, family_components(f), f"{len(f)} {'heads' if f.kind == 'lorsa' else 'features'} of layer(s) "
+              f"{','.join(map(str, f.layers))}, key position(s) {','.join(map(str, f.key_positions))}")
+             for fid, f in zip(families, fams)]
+    if together:
+        members = tuple(dict.fromkeys([c for _, comps, _ in units for c in comps] + list(components)))
+        units = [(" + ".join([fid for fid, _, _ in units] + [str(c) for c in components]), members,
+                  f"{len(members)} components together")]
+    for name, comps, what in units:
+        r = patcher.effects([comps], mode)[0]
+        pred = sum(float(effects[graph.index[str(c)]]) for c in comps if str(c) in graph.index)
+        if mode == "zero":
+            cmp = f"graph predicts {pred:+.4f}" + (f" ({r.effect / pred:.2f} of it)" if pred else "")
+        else:
+            cmp = f"(the graph predicts zero ablations only: {pred:+.4f})"
+        click.echo(f"  {name} ({what}) patched {r.patched:.4f}  effect {r.effect:+.4f}  {cmp}")
 
 
 def _reference_prompts(adapter, path: str) -> list:
@@ -603,7 +628,7 @@ def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, fe
 
 
 @circuits.command()
-@click.argument("graph_json", type=click.Path())
+@click.argument("graph_json", type=click.Path())  # or a trace's output folder
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png, html.")
 @click.option("--draw-nodes", type=click.IntRange(min=1), default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential).")
@@ -616,12 +641,24 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     from .outputs import RunFolder
 
     fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
-    g = graphs.load(graph_json)
-    src = Path(graph_json)
+    src = _graph_file(graph_json)
+    g = graphs.load(src)
     with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
         written = write_all(g, run.path(src.stem), fmts, draw_nodes, expand_families=expand_families)
         for path in run.commit([p.name for p in written.values()]):
             click.echo(f"wrote {path}")
+
+
+def _graph_file(path: str) -> Path:
+    """GRAPH_JSON as given, or the graph.json inside it when it names a trace's output folder."""
+    from replacement.errors import BadInputError
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "graph.json").is_file():
+            raise BadInputError(f"{path} is a folder with no graph.json in it; name a graph file")
+        return p / "graph.json"
+    return p
 
 
 MAX_PATHS = 100  # query --paths
@@ -644,7 +681,7 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
 
     from .common import printable as p
 
-    g = graphs.load(graph_json)
+    g = graphs.load(_graph_file(graph_json))
     click.echo(repr(g))
     if show_families:
         fams = g.families()

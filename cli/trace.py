@@ -67,6 +67,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     check_count("--max-feature-nodes", max_feature_nodes)
     _check_prompt_and_target(model_name, prompt, target)
+    family_cfg = _family_config(families, family_cosine)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,
                 "edge_threshold": edge_threshold, "max_nodes": max_nodes, "qk": qk, "qk_heads": qk_heads,
                 "qk_reference": qk_reference,
@@ -86,7 +87,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         with gc_paused():
             t1 = time.time()
             graph = _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
-                               max_feature_nodes, full, qk_reference, _family_config(families, family_cosine))
+                               max_feature_nodes, full, qk_reference, family_cfg)
             times["attribution + pruning"] = time.time() - t1
             written = _write(run, graph, model, fmts, draw_nodes, times, expand_families)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -140,6 +141,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     scores, its strongest paths and the target logit's decomposition."""
     from graphs.validate import check_finite
     from replacement.evaluate import pure_model_disagrees
+    from replacement.models import single_token
     from replacement.tokenizer import token_text
 
     adapter, tok = model.adapter, model.adapter.tokenizer
@@ -156,7 +158,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
                f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
     click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
-    _print_paths(graph)
+    _print_paths(graph, None if target is None else single_token(tok, target, "--target"), int(probs.argmax()))
     _print_decomposition(graph.scores.get("logit_decomposition", {}))
     pure = pure_model_disagrees(model, ids, probs)
     if pure is not None:
@@ -170,6 +172,8 @@ def _family_config(on: bool, cosine: float | None):
     from graphs.families import DEFAULT_FAMILIES, FamilyConfig
 
     if not on:
+        if cosine is not None:
+            raise BadInputError("--family-cosine is used only with families (drop --no-families)")
         return None
     return DEFAULT_FAMILIES if cosine is None else FamilyConfig(cosine=cosine)
 
@@ -190,7 +194,11 @@ def _write(run, graph, model, fmts, draw_nodes, times, expand_families=False) ->
     t0 = time.time()
     written = write_all(graph, run.path("graph"), fmts, draw_nodes, dashboards, expand_families)
     times["files"] = time.time() - t0 - times.get("dashboards", 0.0)
-    return run.commit([written[f].name for f in FORMATS if f in fmts])
+    stale = [f"graph.{f}" for f in FORMATS if f not in fmts and (run.out / f"graph.{f}").is_file()]
+    paths = run.commit([written[f].name for f in FORMATS if f in fmts], remove=tuple(stale))
+    if stale:  # an earlier trace's pictures beside this graph would show another graph
+        click.echo(f"removed the earlier trace's {', '.join(stale)} from {run.out}")
+    return paths
 
 
 def _print_decomposition(dec: dict) -> None:
@@ -205,7 +213,11 @@ def _print_decomposition(dec: dict) -> None:
         terms = ", ".join(f"{p} {d[p]:+.2f}" for p in parts)
         click.echo(f"{name} {d['total']:+.2f} = {terms}" + (f", pruned-away {d['dropped']:+.2f}" if d["dropped"] else ""))
     if dec.get("error_share") is not None:
-        click.echo(f"errors carry {dec['error_share']:.0%} of the margin")
+        m = dec.get("margin", {})
+        dropped = m.get("dropped", 0.0) / m["total"] if m.get("total") else 0.0
+        click.echo(f"errors carry {dec['error_share']:.0%} of the margin" +
+                   (f"; the pruned-away nodes {dropped:.0%} (see --node-threshold, --max-feature-nodes)"
+                    if abs(dropped) >= 0.05 else ""))
 
 
 def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:
@@ -233,19 +245,26 @@ def _check_prompt_and_target(model_name: str, prompt: str, target: str | None) -
             single_token(tok, target, "--target")
 
 
-def _print_paths(graph) -> None:
-    """The strongest path from an embedding through features to the top logit, and the strongest from an error
-    node on its own line (an error node stands for what the replacement misses, so it explains nothing)."""
+def _print_paths(graph, target: int | None = None, top_id: int | None = None) -> None:
+    """The strongest path from an embedding through heads or features (one at least) to the target logit (``target``,
+    a token id; default: the top one), and the strongest from an error node on its own line (an error node stands
+    for what the replacement misses, so it explains nothing)."""
     from graphs.graph import ERROR_KINDS, NodeKind
     from graphs.layout import node_name
 
-    top = graph.logits()[0]
-    click.echo(f"top logit {top.label!r}: {top.activation:.2f} demeaned (the logit minus its mean over the vocabulary; "
-               f"p={top.prob:.3f})")
-    for kind, sources in (("feature", (NodeKind.EMBEDDING,)), ("error", ERROR_KINDS)):
-        paths = graph.top_paths(k=1, sources=sources)
+    top = graph.logits()[0] if target is None else graph.logit(target)
+    click.echo(f"{'top' if target is None else 'target'} logit {top.label!r}: {top.activation:.2f} demeaned (the logit "
+               f"minus its mean over the vocabulary; p={top.prob:.3f})")
+    if target is not None and top_id is not None and target != top_id:
+        best = graph.logit(top_id) if any(n.index == top_id for n in graph.logits()) else None
+        click.echo(f"  the model's top token is another: {best.label!r} (p={best.prob:.3f})" if best is not None else
+                   "  the model's top token is another")
+    for kind, sources, min_len in (("feature", (NodeKind.EMBEDDING,), 3), ("error", ERROR_KINDS, 2)):
+        paths = graph.top_paths(to=top.id, k=1, sources=sources, min_len=min_len)
         if not paths:
-            click.echo(f"strongest {kind} path: none in the pruned graph")
+            click.echo(f"strongest {kind} path: none in the pruned graph" +
+                       (f" (pruning keeps what the logits need in proportion to their probability; p={top.prob:.3f})"
+                        if target is not None else ""))
             continue
         strength, path = paths[0]
         names = " -> ".join(node_name(graph, graph.node(i)) for i in path)
@@ -254,8 +273,9 @@ def _print_paths(graph) -> None:
     fams = graph.families()
     if fams:
         collapsed = graph.collapsed()
-        strength, path = (graph.top_paths(k=1, families=True) or [(0.0, [])])[0]
-        click.echo(f"{len(fams)} families (heads or features at one position and key, writing alike; graphs/families.py), "
+        strength, path = (graph.top_paths(to=top.id, k=1, families=True) or [(0.0, [])])[0]
+        click.echo(f"{len(fams)} families (heads or features at one position and key, not writing against each other; "
+                   "graphs/families.py), "
                    f"the largest {max(fams, key=len).id} of {len(max(fams, key=len))}; strongest path with each family as "
                    f"one node (strength {strength:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in path))
 

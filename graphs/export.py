@@ -178,8 +178,8 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     (``EDGES_PER_NODE`` per node; width by |weight|, colour by sign), the ``qk_per_head`` strongest QK pairs of
     each drawn head (dashed), the token under and over each column, each row's layer on the left, and a
     legend saying how many nodes were left out.  Each family of heads or features (graphs/families.py) is one
-    node (a double outline, ``L1 x21``: its layers and member count; its edges the sums of its members'),
-    unless ``expand_families``.  The JSON keeps everything."""
+    node (a double outline, ``L1 x21 ←60``: its layers, member count and key position; its edges the sums of its
+    members'), unless ``expand_families``.  The JSON keeps everything."""
     fams = [] if expand_families else graph.families()
     if fams:
         from .families import collapse
@@ -265,13 +265,15 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
 
 
 def _family_example(graph: AttributionGraph, f) -> str:
-    """'L1 x21: 21 heads of layer 1 at " =" that attend to " 36" and write alike' for family ``f``."""
+    """'L1 x21 ←60: 21 heads of layer 1 at " =" that attend to 60 " 36" and do not write against each other'."""
+    from .families import family_label
+
     what = "heads" if f.kind == NodeKind.LORSA else "features"
     tok = lambda p: token_text(graph.tokens[p]) if 0 <= p < len(graph.tokens) else f"@{p}"  # noqa: E731
-    reads = f"attend to {tok(f.key_positions[0])!r}" if f.kind == NodeKind.LORSA else "read it"
+    reads = f"attend to {f.key_positions[0]} {tok(f.key_positions[0])!r}" if f.kind == NodeKind.LORSA else "read it"
     layers = "-".join(map(str, sorted({f.layers[0], f.layers[-1]})))
-    return (f"L{layers} x{len(f)}: {len(f)} {what} of layer{'s' * ('-' in layers)} {layers} at {tok(f.pos)!r} "
-            f"that {reads} and write alike")
+    return (f"{family_label(f)}: {len(f)} {what} of layer{'s' * ('-' in layers)} {layers} at {tok(f.pos)!r} "
+            f"that {reads} and do not write against each other")
 
 
 def write_dot(graph: AttributionGraph, path: str | Path, draw_nodes: int = DEFAULT_DRAW_NODES,

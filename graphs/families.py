@@ -326,9 +326,10 @@ def family(graph: AttributionGraph, family_id_: str) -> Family:
 
 
 def family_label(f: Family) -> str:
-    """``L1 x21`` (a layer, or ``L1-2``, and the member count)."""
+    """``L1 x21 ←60`` (a layer, or ``L1-2``, the member count and, for heads, the key position they attend to)."""
     layers = f"L{f.layers[0]}" + (f"-{f.layers[-1]}" if len(f.layers) > 1 else "")
-    return f"{layers} x{len(f)}"
+    key = f" ←{f.key_positions[0]}" if f.kind == NodeKind.LORSA and f.key_positions else ""
+    return f"{layers} x{len(f)}{key}"
 
 
 def family_components(f: Family) -> tuple:

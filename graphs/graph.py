@@ -437,11 +437,13 @@ class AttributionGraph:
         return collapse(self)
 
     def top_paths(self, to: str | None = None, k: int = 10, max_len: int = 12,
-                  sources: tuple[str, ...] = INPUT_KINDS, families: bool = False) -> list[tuple[float, list[str]]]:
-        """The k strongest paths from a source node of the types ``sources`` (by default embeddings and error
-        nodes; the types with no incoming edges) into ``to`` (default: the top logit).  ``families``: on the
-        collapsed graph (`collapsed`), where a family's members are one node (its id in the paths; ``to`` may
-        name a member, which then stands for its family).
+                  sources: tuple[str, ...] = INPUT_KINDS, families: bool = False,
+                  min_len: int = 2) -> list[tuple[float, list[str]]]:
+        """The k strongest paths of ``min_len`` to ``max_len`` nodes from a source node of the types ``sources``
+        (by default embeddings and error nodes; the types with no incoming edges) into ``to`` (default: the top
+        logit); ``min_len=3`` leaves out direct edges, so that every path passes through a head or feature.
+        ``families``: on the collapsed graph (`collapsed`), where a family's members are one node (its id in the
+        paths; ``to`` may name a member, which then stands for its family).
 
         A path's strength is the product, along it, of each edge's share of its target's absolute input;
         paths come out strongest first (networkx's shortest simple paths on -log shares; the strongest alone,
@@ -450,15 +452,16 @@ class AttributionGraph:
             collapsed = self.collapsed()
             if to is not None and to not in collapsed.index and to in self.index and self.node(to).family:
                 to = self.node(to).family
-            return collapsed.top_paths(to, k, max_len, sources)
+            return collapsed.top_paths(to, k, max_len, sources, min_len=min_len)
         if k == 1:
-            best = self._strongest_path(to, max_len, sources)
+            best = self._strongest_path(to, max_len, sources, min_len)
             return [] if best is None else [best]
-        return self._top_paths_nx(to, k, max_len, sources)
+        return self._top_paths_nx(to, k, max_len, sources, min_len)
 
-    def _strongest_path(self, to: str | None, max_len: int, sources: tuple[str, ...]) -> tuple[float, list[str]] | None:
-        """The strongest path of at most ``max_len`` nodes from a node of the types ``sources`` into ``to``: a
-        hop-limited Bellman-Ford on -log shares, one vectorised relaxation per hop (costs are >= 0)."""
+    def _strongest_path(self, to: str | None, max_len: int, sources: tuple[str, ...],
+                        min_len: int = 2) -> tuple[float, list[str]] | None:
+        """The strongest path of ``min_len`` to ``max_len`` nodes from a node of the types ``sources`` into ``to``:
+        a hop-limited Bellman-Ford on -log shares, one vectorised relaxation per hop (costs are >= 0)."""
         target = self.index.get(to or self.logits()[0].id)
         if target is None:
             return None
@@ -468,7 +471,8 @@ class AttributionGraph:
         cost = -torch.log(input_shares(E.tgt, E.w, N)[live].double())  # [E]
         kinds = {NodeKind(k) for k in sources}
         dist = torch.tensor([0.0 if n.type in kinds else math.inf for n in self.node_list], dtype=torch.float64)
-        best, preds = (float(dist[target]), 0), []  # (cost, hops) of the best path into the target so far
+        best = (float(dist[target]) if min_len <= 1 else math.inf, 0)  # (cost, hops) of the best path so far
+        preds = []
         for hop in range(1, max_len):
             cand = dist[src] + cost  # [E]: paths of exactly `hop` edges ending with each edge
             dist = torch.full((N,), math.inf, dtype=torch.float64).scatter_reduce(0, tgt, cand, "amin")
@@ -476,7 +480,7 @@ class AttributionGraph:
             pred = torch.full((N,), -1, dtype=torch.long)
             pred[tgt[hit]] = src[hit]
             preds.append(pred)
-            if float(dist[target]) < best[0]:
+            if hop + 1 >= min_len and float(dist[target]) < best[0]:
                 best = (float(dist[target]), hop)
         if not math.isfinite(best[0]):
             return None
@@ -486,7 +490,8 @@ class AttributionGraph:
         ids = [self.node_list[i].id for i in reversed(path)]
         return math.exp(-best[0]), ids
 
-    def _top_paths_nx(self, to: str | None, k: int, max_len: int, sources: tuple[str, ...]) -> list[tuple[float, list[str]]]:
+    def _top_paths_nx(self, to: str | None, k: int, max_len: int, sources: tuple[str, ...],
+                      min_len: int = 2) -> list[tuple[float, list[str]]]:
         import networkx as nx
 
         target = to or self.logits()[0].id
@@ -507,7 +512,7 @@ class AttributionGraph:
         try:
             for path in nx.shortest_simple_paths(g, "__src__", target, weight="cost"):
                 path = path[1:]
-                if len(path) > max_len:
+                if not min_len <= len(path) <= max_len:
                     continue
                 cost = sum(g[a][b]["cost"] for a, b in zip(path, path[1:]))
                 out.append((math.exp(-cost), path))

@@ -407,7 +407,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<datalist id=\"names\"></datalist>"
             f"<label>pruning threshold: influence &ge; <span id=\"threshold\"></span> "
             f"<input id=\"slider\" type=\"range\" min=\"0\" step=\"1\"></label><span id=\"count\"></span>"
-            f"<label id=\"families-box\" title=\"each family of heads (or features) that attend to one key and write alike "
+            f"<label id=\"families-box\" title=\"each family of heads (or features) that attend to one key and do not write against each other "
             f"as one node, its edges the sums of its members'\"><input id=\"families\" type=\"checkbox\"> families as one "
             f"node</label>"
             f"<span><button data-zoom=\"fit\">fit</button><button data-zoom=\"1.25\">+</button>"

@@ -60,8 +60,8 @@ def box_label(graph: AttributionGraph, n: Node) -> str:
         return f'"{token_text(n.label, MAX_TOKEN_CHARS)}"\np={n.prob:.2f}'
     if n.type == NodeKind.EMBEDDING:
         what = token_text(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)
-    elif n.members:  # a family (graphs/families.py): "L1 x21" over "fam @4"
-        return f"{n.label}\nfam @{n.pos}"
+    elif n.members:  # a family (graphs/families.py): "L1 x21 ←60" over "fam 0 @64" (its rank in the id)
+        return f"{n.label}\nfam {n.index} @{n.pos}"
     elif n.type in FEATURE_KINDS:
         what = unit_label(n.type, n.layer, n.index)
     else:  # an error node: "L1 MLP" over "error @4"

@@ -292,7 +292,10 @@ class Dashboards:
         self.layers, self.tokenizer, self.cfg = layers, tokenizer, cfg
 
     def _tok(self, i: int) -> str:
-        return self.tokenizer.decode([i]) if self.tokenizer is not None else f"<{i}>"
+        """A token as text; part of a multi-byte character reads as its bytes (`tokenizer.token_text`)."""
+        from .tokenizer import token_text
+
+        return token_text(self.tokenizer, i) if self.tokenizer is not None else f"<{i}>"
 
     def n_features(self, kind: str, layer: int) -> int:
         t = self.layers.get(layer, {}).get(f"{kind}.max")

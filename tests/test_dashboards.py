@@ -158,3 +158,18 @@ def test_sample_bytes_counts_what_the_scan_keeps(built):
     kept = ids.nbytes + sum(v.nbytes + i.nbytes for parts in codes.values() for v, i in parts) \
         + sum(x.nbytes for xs in attn_in.values() for x in xs)
     assert sample_bytes(model, CFG) == 2 * kept
+
+
+def test_partial_characters_read_as_their_bytes():
+    """A token holding part of a multi-byte character reads as its bytes in the dashboards, not as U+FFFD."""
+    from transformers import AutoTokenizer
+
+    from replacement.bundle import preset_folder
+    from replacement.dashboards import Dashboards
+
+    tok = AutoTokenizer.from_pretrained(preset_folder("toy"))
+    partial = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]
+    assert partial  # byte-level BPE: some tokens are lone bytes of a character
+    dash = Dashboards({}, tok, CFG)
+    texts = [dash._tok(i) for i in partial]
+    assert all("\ufffd" not in t and "<0x" in t for t in texts) and len(set(texts)) == len(texts)

@@ -160,6 +160,25 @@ def _trace(*args, cwd=None):
                           text=True, timeout=300, cwd=cwd)
 
 
+def test_a_reused_output_folder_keeps_no_earlier_picture(saved_model, tmp_path):
+    """A second trace into the same folder takes away the first one's files of formats it does not write (they
+    would show another prompt's graph) and says so; a file of another name stays."""
+    out = tmp_path / "o"
+    r = _trace("the cat sat", "--model", str(saved_model), "--out", str(out), "--format", "json,dot")
+    assert r.returncode == 0, r.stderr
+    (out / "notes.txt").write_text("mine")
+    r = _trace("a dog ran", "--model", str(saved_model), "--out", str(out), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["graph.json", "notes.txt"]
+    assert f"removed the earlier trace's graph.dot from {out}" in r.stdout
+    assert graphs.load(out / "graph.json").prompt == "a dog ran"
+    # the folder stands for its graph.json in query and render
+    by_file, by_folder = (subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query",
+                                          str(p), "--paths", "2"], capture_output=True, text=True, timeout=300)
+                          for p in (out / "graph.json", out))
+    assert by_folder.returncode == 0 and by_folder.stdout == by_file.stdout and "a dog ran" in by_file.stdout
+
+
 def test_trace_writes_json_dot_svg(saved_model, tmp_path):
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", "the cat sat", "--model", str(saved_model),
@@ -176,7 +195,7 @@ def test_trace_writes_json_dot_svg(saved_model, tmp_path):
     feature = re.search(r"^strongest feature path .*\n  ids: (.*)$", r.stdout, re.M)
     error = re.search(r"^strongest error path .*\n  ids: (.*)$", r.stdout, re.M)
     assert feature and error, r.stdout
-    assert feature.group(1).split(" -> ") == g.top_paths(k=1, sources=("embedding",))[0][1]
+    assert feature.group(1).split(" -> ") == g.top_paths(k=1, sources=("embedding",), min_len=3)[0][1]
     assert g.node(error.group(1).split(" -> ")[0]).type.endswith("error")
     top = g.logits()[0]
     assert f"top logit {top.label!r}: {top.activation:.2f} demeaned" in r.stdout
@@ -349,8 +368,10 @@ def test_strongest_path_equals_networkx_first_path(graph):
     """top_paths(k=1) (a hop-limited Bellman-Ford on the edge arrays) finds networkx's first simple path."""
     from graphs.graph import INPUT_KINDS
 
-    for sources in (INPUT_KINDS, ("embedding",)):
+    for sources, min_len in ((INPUT_KINDS, 2), (("embedding",), 2), (("embedding",), 3), (INPUT_KINDS, 4)):
         for to in [n.id for n in graph.logits()] + [n.id for n in graph.nodes("transcoder")][-3:]:
-            fast, slow = graph.top_paths(to=to, k=1, sources=sources), graph._top_paths_nx(to, 1, 12, sources)
+            fast = graph.top_paths(to=to, k=1, sources=sources, min_len=min_len)
+            slow = graph._top_paths_nx(to, 1, 12, sources, min_len)
             assert [p for _, p in fast] == [p for _, p in slow]
             assert all(abs(a - b) <= 1e-9 * b for (a, _), (b, _) in zip(fast, slow))
+            assert all(len(p) >= min_len for _, p in fast)

@@ -262,9 +262,9 @@ def test_dot_draws_a_family_as_one_node_and_expands(tmp_path):
 
     g = _graph()
     dot = to_dot(g, draw_nodes=100)
-    assert '"fam.lorsa.1.0@2" [label="L1-2 x3\\nfam @2"' in dot and "peripheries=2" in dot
+    assert '"fam.lorsa.1.0@2" [label="L1-2 x3 ←1\\nfam 0 @2"' in dot and "peripheries=2" in dot
     assert '"lorsa.1.0@2" [' not in dot and "double outline: a family" in dot
-    assert "e.g. L1-2 x3: 3 heads of layers 1-2 at " in dot  # the legend's example is this graph's largest family
+    assert "e.g. L1-2 x3 ←1: 3 heads of layers 1-2 at " in dot  # the legend's example: this graph's largest family
     expanded = to_dot(g, draw_nodes=100, expand_families=True)
     assert '"lorsa.1.0@2" [' in expanded and "fam." not in expanded
 
@@ -408,11 +408,33 @@ def test_patch_ablates_a_family_that_trace_found(tmp_path):
     model = ReplacementModel.load(load_model("toy"))
     _, pruned = graphs_of(model, model.adapter.tokenize(prompt))
     assert {f.id: sorted(f.members) for f in pruned.families()} == {f.id: sorted(f.members) for f in g.families()}
-    f = max(g.families(), key=len)
+    f, g2 = sorted(g.families(), key=len)[-2:][::-1]
     r = _circuits("patch", prompt, "--model", "toy", "--family", f.id)
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(f.id))
     assert f"({len(f)} {'heads' if f.kind == L else 'features'} of layer(s) " in line and "graph predicts" in line
+    # like with like: the patched effect on the demeaned logit (as the graph's logit is) and the members' sum
+    from graphs.families import family_components
+    from graphs.patching import PathPatcher, graph_effects
+
+    ids = model.adapter.tokenize(prompt)
+    full, _ = graphs_of(model, ids)
+    t_id = int(model.adapter.next_token_probs(ids).argmax())
+    patcher = PathPatcher(model, ids, t_id, demean=True)
+    effects = graph_effects(full, full.logit(t_id).id)
+    fam = {x.id: x for x in full.families()}
+    expect = patcher.effects([family_components(fam[f.id])])[0].effect
+    pred = sum(float(effects[full.index[m]]) for m in fam[f.id].members)
+    assert f"effect {expect:+.4f}  graph predicts {pred:+.4f}" in line, line
+    assert "mean over the vocabulary" in r.stdout.splitlines()[0]
+    # --together: both families as one unit, and the prediction the sum over the union of their members
+    r = _circuits("patch", prompt, "--model", "toy", "--family", f.id, "--family", g2.id, "--together")
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.strip().startswith(f"{f.id} + {g2.id}")]
+    union = tuple(dict.fromkeys(family_components(fam[f.id]) + family_components(fam[g2.id])))
+    expect = patcher.effects([union])[0].effect
+    pred = sum(float(effects[full.index[m]]) for m in set(fam[f.id].members) | set(fam[g2.id].members))
+    assert f"effect {expect:+.4f}  graph predicts {pred:+.4f}" in line, line
 
 
 def test_patch_names_a_bad_family_in_one_line():
