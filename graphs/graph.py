@@ -448,6 +448,10 @@ class AttributionGraph:
         A path's strength is the product, along it, of each edge's share of its target's absolute input;
         paths come out strongest first (networkx's shortest simple paths on -log shares; the strongest alone,
         k = 1, by `_strongest_path` on the edge arrays, without networkx)."""
+        if k < 1 or max_len < 1:
+            raise BadInputError(f"top_paths needs k >= 1 and max_len >= 1 (k={k}, max_len={max_len})")
+        if to is not None and to not in self.index and not (families and to in {f.id for f in self.families()}):
+            raise BadInputError(f"no node {to!r} in this graph")
         if families:
             collapsed = self.collapsed()
             if to is not None and to not in collapsed.index and to in self.index and self.node(to).family:
@@ -492,6 +496,27 @@ class AttributionGraph:
 
     def _top_paths_nx(self, to: str | None, k: int, max_len: int, sources: tuple[str, ...],
                       min_len: int = 2) -> list[tuple[float, list[str]]]:
+        """Yen's k shortest simple paths (networkx) on -log shares.  When no path can have more than ``max_len``
+        nodes (nor fewer than ``min_len``), on the graph itself; else on a copy unrolled by hops, so that paths
+        of the wrong length are never enumerated (skipping them could take forever when fewer than k fit)."""
+        if min_len <= 2 and self._longest_path_nodes(max_len) <= max_len:
+            return self._top_paths_plain(to, k, sources)
+        return self._top_paths_unrolled(to, k, max_len, sources, min_len)
+
+    def _longest_path_nodes(self, cap: int) -> int:
+        """The number of nodes on the graph's longest path of live edges, or ``cap + 1`` if it is longer."""
+        E, N = self.edge_arrays, len(self.node_list)
+        live = E.w != 0
+        src, tgt = E.src[live], E.tgt[live]
+        depth = torch.zeros(N, dtype=torch.long)  # edges on the longest path ending at each node
+        for _ in range(cap):
+            new = depth.scatter_reduce(0, tgt, depth[src] + 1, "amax")
+            if torch.equal(new, depth):
+                return int(depth.max()) + 1 if N else 0
+            depth = new
+        return cap + 1
+
+    def _top_paths_plain(self, to: str | None, k: int, sources: tuple[str, ...]) -> list[tuple[float, list[str]]]:
         import networkx as nx
 
         target = to or self.logits()[0].id
@@ -512,10 +537,58 @@ class AttributionGraph:
         try:
             for path in nx.shortest_simple_paths(g, "__src__", target, weight="cost"):
                 path = path[1:]
-                if not min_len <= len(path) <= max_len:
-                    continue
                 cost = sum(g[a][b]["cost"] for a, b in zip(path, path[1:]))
                 out.append((math.exp(-cost), path))
+                if len(out) == k:
+                    break
+        except nx.NetworkXNoPath:
+            pass
+        return out
+
+    def _top_paths_unrolled(self, to: str | None, k: int, max_len: int, sources: tuple[str, ...],
+                            min_len: int) -> list[tuple[float, list[str]]]:
+        """Node (v, h) of the unrolled graph is v reached after h edges, so every path it enumerates has
+        min_len..max_len nodes, and the enumeration ends when no more exist (the graph's edges only go forward,
+        so a path of the unrolled graph is a simple path of this one)."""
+        import networkx as nx
+
+        target = self.index[to or self.logits()[0].id]
+        E, N = self.edge_arrays, len(self.node_list)
+        shares = input_shares(E.tgt, E.w, N)
+        live = shares > 0
+        src, tgt, cost = E.src[live], E.tgt[live], -torch.log(shares[live].double())
+        # hops left to the target: only (v, h) with h + hops_to_target(v) <= max_len - 1 can lie on a path
+        to_target = torch.full((N,), max_len, dtype=torch.long)
+        to_target[target] = 0
+        for _ in range(max_len - 1):
+            to_target = torch.minimum(to_target, torch.full((N,), max_len, dtype=torch.long).scatter_reduce(
+                0, src, to_target[tgt] + 1, "amin"))
+        kinds = {NodeKind(x) for x in sources}
+        level = torch.tensor([n.type in kinds for n in self.node_list]) & (to_target <= max_len - 1)
+        g = nx.DiGraph()
+        for v in level.nonzero().flatten().tolist():
+            g.add_edge("__src__", (v, 0), cost=0.0)
+        for h in range(max_len - 1):
+            if h >= min_len - 1 and bool(level[target]):
+                g.add_edge((target, h), "__dst__", cost=0.0)
+            step = level[src] & (to_target[tgt] <= max_len - 2 - h)
+            if not bool(step.any()):
+                level = torch.zeros(N, dtype=torch.bool)
+                break
+            for s_, t_, c in zip(src[step].tolist(), tgt[step].tolist(), cost[step].tolist()):
+                g.add_edge((s_, h), (t_, h + 1), cost=c)
+            level = torch.zeros(N, dtype=torch.bool)
+            level[tgt[step]] = True
+        if bool(level[target]) and max_len - 1 >= min_len - 1:
+            g.add_edge((target, max_len - 1), "__dst__", cost=0.0)
+        out = []
+        if "__src__" not in g or "__dst__" not in g:
+            return out
+        try:
+            for path in nx.shortest_simple_paths(g, "__src__", "__dst__", weight="cost"):
+                nodes = path[1:-1]
+                total = sum(g[a][b]["cost"] for a, b in zip(path, path[1:]))
+                out.append((math.exp(-total), [self.node_list[v].id for v, _ in nodes]))
                 if len(out) == k:
                     break
         except nx.NetworkXNoPath:

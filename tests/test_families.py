@@ -226,6 +226,28 @@ def test_top_paths_with_families_match_brute_force(seed):
     assert not any(x.startswith("fam.") for _, p in g.top_paths(to=logit, k=5) for x in p)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_paths_of_bounded_length_match_brute_force(seed):
+    """top_paths with min_len/max_len gives the strongest paths of that many nodes, in order, and stops when fewer
+    than k exist (it used to enumerate every longer path, without end on a real graph); k < 1 is refused."""
+    from graphs.graph import INPUT_KINDS
+
+    g = _graph(seed, density=0.5)
+    logit = g.logits()[0].id
+    brute = _brute_paths(g, logit, INPUT_KINDS)
+    for min_len, max_len in ((2, 12), (2, 2), (3, 3), (3, 4), (2, 3)):
+        want = [(s, p) for s, p in brute if min_len <= len(p) <= max_len]
+        got = g.top_paths(to=logit, k=len(want) + 5, max_len=max_len, min_len=min_len)
+        assert [p for _, p in got] == [p for _, p in want], (min_len, max_len)
+        assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-6)
+        best = g.top_paths(to=logit, k=1, max_len=max_len, min_len=min_len)
+        assert [p for _, p in best] == [p for _, p in want[:1]]
+    with pytest.raises(ValueError, match="k >= 1"):
+        g.top_paths(k=0)
+    with pytest.raises(ValueError, match="no node 'logit.5@9'"):
+        g.top_paths(to="logit.5@9")
+
+
 # -- files and pictures --------------------------------------------------------------------------------------------
 
 def test_json_schema_and_round_trip(tmp_path):
