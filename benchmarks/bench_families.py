@@ -42,9 +42,9 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
     logit_id = full.logit(answer).id
     effects = graph_effects(full, logit_id)
     rows, groups = [], []
-    graph = prune(full)  # once: the pruned graph shares its nodes (and so their families) with the full one
+    graph = prune(full)  # once
     for cfg in configs:
-        find_families(graph, model, cfg)  # on the pruned graph, as trace does
+        find_families(graph, model, cfg, also=full)  # on the pruned graph, as trace does; the full one marked too
         collapsed = graph.collapsed()  # each family one node, as top_paths(..., families=True) sees the graph
         paths = collapsed.top_paths(to=logit_id, k=1)
         strength, path = paths[0] if paths else (0.0, [])

@@ -131,7 +131,7 @@ def graphs_of(model, ids, target=None, qk=True, qk_heads=None, node_threshold=NO
                       qk_defer=True, check_memory=check_memory)  # qk_defer: only the heads pruning keeps are explained
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
     if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
-        find_families(graph, model, families)  # the pruned graph shares its nodes with the whole one
+        find_families(graph, model, families, also=whole)  # the whole graph's nodes get the same marks
     return whole, graph
 
 

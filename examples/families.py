@@ -42,8 +42,8 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     ids, answer, peak = _induction_example().showcase_prompt(adapter, "natural", seed)
     cfg = DEFAULT_FAMILIES if cosine is None else FamilyConfig(cosine=cosine)
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]), qk=False)
-    graph = prune(full)  # shares its nodes with the full graph, so its families mark the full one's too
-    find_families(graph, model, cfg)
+    graph = prune(full)
+    find_families(graph, model, cfg, also=full)  # on the pruned graph, as trace does; the full one's nodes marked too
     n, tok = ids.shape[1], adapter.tokenizer
     logit = full.logit(answer)
     say(f"{model_name}: next token {token_text(tok, answer)!r} (p={logit.prob:.2f}); the earlier occurrence is followed "

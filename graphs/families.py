@@ -259,13 +259,16 @@ def read_directions(graph: AttributionGraph, nodes: list[Node]) -> torch.Tensor:
                                    (len(nodes), N), check_invariants=True).coalesce()
 
 
-def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAULT_FAMILIES) -> list[Family]:
+def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAULT_FAMILIES,
+                  also: AttributionGraph | None = None) -> list[Family]:
     """Group the graph's active heads (and features) by the rule of ``cfg``, mark each member's node
     (``family``, ``family_cosine``), record the rule in ``graph.settings["families"]`` and return the
-    families (`families`).  ``model`` is needed for ``direction="weights"`` only."""
+    families (`families`).  ``model`` is needed for ``direction="weights"`` only.  ``also``: another graph
+    holding these nodes (the full graph a pruned one came from), whose nodes of the same ids get the same marks.
+    A unit that writes nothing in the graph (no outgoing edge: a node kept for its QK pairs) joins no family."""
     kinds = (NodeKind.LORSA, NodeKind.TRANSCODER) if cfg.transcoders else (NodeKind.LORSA,)
     nodes = [n for n in graph.node_list if n.type in kinds]
-    for n in graph.node_list:
+    for n in graph.node_list + (also.node_list if also is not None else []):
         n.family, n.family_cosine = None, None
     if cfg.direction == "weights":
         if model is None:
@@ -274,8 +277,8 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
     else:
         dirs = read_directions(graph, nodes)  # [m, N]
     sizes = _row_norms(dirs)  # [m]
-    units = [Unit(n.type, n.layer, n.pos, _key(n, cfg), abs(n.activation) * float(sizes[i]), n.index)
-             for i, n in enumerate(nodes)]
+    units = [Unit(n.type, n.layer, n.pos, _key(n, cfg) if sizes[i] > 0 else -1, abs(n.activation) * float(sizes[i]),
+                  n.index) for i, n in enumerate(nodes)]  # key -1: in no slot
     groups = group(units, dirs, cfg)
     ranks: dict[tuple, int] = {}
     for g in groups:
@@ -286,7 +289,12 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
         fid = family_id(lead.type, low, rank, lead.pos)
         for m, c in zip(members, mean_direction_cosines(_rows(dirs, g)).tolist()):
             m.family, m.family_cosine = fid, c
+            if also is not None and m.id in also.index:
+                twin = also.node(m.id)
+                twin.family, twin.family_cosine = fid, c
     graph.settings["families"] = cfg.to_json()
+    if also is not None:
+        also.settings["families"] = cfg.to_json()
     return families(graph)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+from dataclasses import replace
+
 import torch
 
 from replacement.checks import check_count, check_fraction
@@ -142,7 +144,8 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
     ``edge_threshold`` of the influence-weighted edge mass, then drop nodes left without outgoing edges until
     nothing changes.  Embeddings, error nodes and logits are always kept (while they have edges); a kept
     Lorsa head keeps the nodes of its QK pairs.  Scores are computed on the full graph and stored with the
-    pruned one, with each node's influence.  ``max_nodes`` caps the kept features at the most influential
+    pruned one, with each node's influence (set on the full graph's nodes too).  The pruned graph's nodes are
+    copies: a target's ``dropped`` there also holds the weight of the incoming edges pruning took away.  ``max_nodes`` caps the kept features at the most influential
     ones, ``max_edges`` the kept edges at the strongest (by the same influence-weighted score)."""
     check_fraction("node_threshold", node_threshold)
     check_fraction("edge_threshold", edge_threshold)
@@ -163,7 +166,12 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
     kept = keep.nonzero()[:, 0]
     remap = torch.full((len(graph),), -1, dtype=torch.long)
     remap[kept] = torch.arange(len(kept))
-    pruned = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, [graph.node_list[i] for i in kept.tolist()],
+    # the pruned graph's nodes are copies whose `dropped` adds the weight of the incoming edges pruning took away, so
+    # that incoming edges + const + dropped = preact holds in it as in the full graph
+    lost = torch.zeros(len(graph), dtype=torch.float64).index_add_(
+        0, E.tgt[~edge_keep], E.w[~edge_keep].double())
+    nodes = [replace(graph.node_list[i], dropped=graph.node_list[i].dropped + float(lost[i])) for i in kept.tolist()]
+    pruned = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, nodes,
                               E.select(edge_keep, remap), dict(graph.settings), dict(graph.scores))
     pruned.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes,
                            max_edges=max_edges)
@@ -253,8 +261,8 @@ DECOMPOSITION_PARTS = {NodeKind.EMBEDDING: "embeddings", **{k: "features" for k 
 
 def signed_inputs(graph: AttributionGraph, node_index: int) -> dict[str, float]:
     """The signed input of one target node, summed by what sends it: features (Lorsa heads and transcoder
-    features), errors, embeddings, and constants; ``total`` equals the node's pre-activation (exact on a full
-    graph; on a pruned one the edges it lost go to ``dropped``)."""
+    features), errors, embeddings, constants, and ``dropped`` (the weight of incoming edges the graph does not
+    hold: past edges_per_target, the feature budget or pruning); ``total`` equals the node's pre-activation."""
     E = graph.edge_arrays
     into = E.tgt == node_index
     out = {"features": 0.0, "errors": 0.0, "embeddings": 0.0}

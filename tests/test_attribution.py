@@ -236,6 +236,16 @@ def test_prune_keeps_logits_and_checks_thresholds():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="threshold"):
             prune(graph, bad, 0.9)
+    # every target of the pruned graph still adds up: what pruning took away is in its (copied) node's `dropped`
+    from graphs.graph import TARGET_KINDS
+    from graphs.prune import signed_inputs
+
+    targets = [i for i, n in enumerate(pruned.node_list) if n.type in TARGET_KINDS]
+    assert targets and any(pruned.node_list[i].dropped != 0 for i in targets)
+    for i in targets:
+        n = pruned.node_list[i]
+        assert signed_inputs(pruned, i)["total"] == pytest.approx(n.preact, rel=1e-4, abs=1e-4), n.id
+        assert graph.node(n.id).dropped == 0.0  # the full graph's node is not touched
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox_parallel"])
