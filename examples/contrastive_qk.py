@@ -1,6 +1,6 @@
 """Why does a Lorsa head look where it looks?  Raw QK pairs against contrastive QK pairs, on a bundled model.
 
-    python examples/contrastive_qk.py [--model llama] [--prompt "36 + 62 ="] [--head lorsa.3.540@4]
+    python examples/contrastive_qk.py [--model llama] [--prompt "36 + 62 ="] [--head lorsa.0.136@4]
                                       [--reference mean|runner_up]
 
 A head's raw score at a key splits exactly into query-node x key-node pairs plus bias terms (graphs/qk.py), but
@@ -55,7 +55,12 @@ def main():
     graph = attribute(model, adapter.tokenize(args.prompt), qk_reference=args.reference)
     last = len(graph.tokens) - 1
     if args.head:
-        head = graph.node(args.head)
+        heads = {n.id: n for n in graph.nodes(type="lorsa") if n.qk}
+        if args.head not in heads:
+            near = [i for i in heads if i.endswith(f"@{last}")][:5]
+            raise SystemExit(f"error: {args.head} is not an explained Lorsa head of this graph; try one of "
+                             f"{', '.join(near) or ', '.join(list(heads)[:5])}")
+        head = heads[args.head]
     else:
         infl = influence(graph)
         head = max(graph.nodes(type="lorsa", position=last), key=lambda n: float(infl[graph.index[n.id]]))

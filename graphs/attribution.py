@@ -35,7 +35,6 @@ import torch
 
 from replacement.assemble import Record, ReplacementModel
 from replacement.errors import BadInputError
-from replacement.models import single_token
 from replacement.tokenizer import token_text
 
 from .graph import (CONTRAST_REFERENCES, ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node,
@@ -86,7 +85,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
               families: "FamilyConfig | None" = None, check_memory: bool = True) -> AttributionGraph:
     """The full (unpruned) attribution graph of ``prompt`` under ``model``.
 
-    ``target``: a token (string) whose logit must be among the logit nodes.  ``edges_per_target``: keep only
+    ``prompt``: text, or token ids ([n] or [1, n]).  ``target``: a token (its text or id) whose logit must be
+    among the logit nodes.  ``edges_per_target``: keep only
     the strongest incoming edges of each target (the rest is summed into the node's ``dropped``).
     ``sparse_record``: trace the pure sparse model itself (all errors are then zero).
     ``qk``: explain the attention scores of Lorsa heads (all of them, or the ``qk_heads`` most influential)
@@ -111,8 +111,14 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
         raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
     if qk_reference not in CONTRAST_REFERENCES + (None,):
         raise BadInputError(f"qk_reference must be one of {', '.join(CONTRAST_REFERENCES)} or None, not {qk_reference!r}")
+    if not hasattr(model, "adapter"):
+        raise BadInputError(f"attribute needs a ReplacementModel (replacement.assemble), not {type(model).__name__}")
+    if qk_top_keys < 1 or qk_top_pairs < 1 or max_logits < 1 or (edges_per_target is not None and edges_per_target < 1):
+        raise BadInputError("qk_top_keys, qk_top_pairs, max_logits and edges_per_target must be at least 1")
+    if not 0 < logit_coverage <= 1:
+        raise BadInputError(f"logit_coverage must be in (0, 1], not {logit_coverage}")
     a = model.adapter
-    ids = a.tokenize(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
+    ids = a.prompt_ids(prompt)
     if check_memory:
         from .budget import check_graph
 
@@ -123,7 +129,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     tokens = [token_text(tok, i) if tok is not None else str(i) for i in rec.ids.tolist()]
     made = _graph_nodes(model, rec, tokens)
     lin.folded = fold_position(made, 0) if bos == "zero" else {}
-    target_id = None if target is None else single_token(tok, target)
+    target_id = None if target is None else a.token_id(target)
     _logit_nodes(made, rec, tok, target_id, logit_coverage, max_logits, lin.N)
     all_nodes, sources = made.nodes, made.sources
     nodes, edges, n_features, budgeted = _nodes_and_edges(lin, made, max_feature_nodes, batch_size, edges_per_target,

@@ -264,6 +264,13 @@ class Edge:
     kind: str = "direct"  # ov | direct
 
 
+def _kind_code(kind: str, allowed: tuple[str, ...]) -> int:
+    """An edge kind's code in `EdgeArrays.KINDS`; BadInputError for a kind not in ``allowed``."""
+    if kind not in allowed:
+        raise BadInputError(f"unknown edge kind {kind!r}; use one of {', '.join(allowed)}")
+    return EdgeArrays.KINDS.index(kind)
+
+
 class EdgeArrays:
     """Compact edge storage: node-index tensors src/tgt, weights, and kind codes (ov, direct)."""
 
@@ -389,14 +396,14 @@ class AttributionGraph:
             return self.qk_pairs(nid)[:k]
         mask = self.edge_arrays.tgt == self.index[self.node(nid).id]
         if kind is not None:
-            mask &= self.edge_arrays.kind == EdgeArrays.KINDS.index(kind)
+            mask &= self.edge_arrays.kind == _kind_code(kind, EdgeArrays.KINDS + ("qk",))
         return self._edges_where(mask, k)
 
     def outgoing(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> list[Edge]:
         nid = node if isinstance(node, str) else node.id
         mask = self.edge_arrays.src == self.index[self.node(nid).id]
         if kind is not None:
-            mask &= self.edge_arrays.kind == EdgeArrays.KINDS.index(kind)
+            mask &= self.edge_arrays.kind == _kind_code(kind, EdgeArrays.KINDS)
         return self._edges_where(mask, k)
 
     def qk_pairs(self, node: "str | Node") -> list[QKLink]:
@@ -596,7 +603,12 @@ class AttributionGraph:
         return out
 
     def subgraph(self, node_ids) -> "AttributionGraph":
+        """The graph on the given nodes (ids of this graph) and the edges between them."""
         keep = set(node_ids)
+        unknown = sorted(keep - set(self.index))
+        if unknown:
+            raise BadInputError(f"no node {unknown[0]!r} in this graph" + (f" (and {len(unknown) - 1} more)"
+                                                                          if len(unknown) > 1 else ""))
         kept = [i for i, n in enumerate(self.node_list) if n.id in keep]
         remap = torch.full((len(self.node_list),), -1, dtype=torch.long)
         remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))

@@ -77,18 +77,20 @@ class PathPatcher:
     def __init__(self, model: ReplacementModel, ids: torch.Tensor, target: int, baseline: int | None = None,
                  counterfactual: torch.Tensor | None = None, demean: bool = False, freeze_norms: bool = False,
                  reference: list[torch.Tensor] | None = None):
+        if not hasattr(model, "adapter"):
+            raise BadInputError(f"path patching needs a ReplacementModel (replacement.assemble), not {type(model).__name__}")
         self.model, self.adapter = model, model.adapter
-        self.ids = ids.reshape(-1).to(self.adapter.device)
         a = self.adapter
-        if self.ids.shape[0] > a.context:
-            raise BadInputError(f"the prompt is longer than the model's context of {a.context}")
+        self.ids = a.prompt_ids(ids)[0]  # text or token ids
         self.rec = model.record(self.ids)
         self.cf = None
         if counterfactual is not None:
-            cf = counterfactual.reshape(-1).to(a.device)
+            cf = a.prompt_ids(counterfactual, "counterfactual prompt")[0]
             if cf.shape != self.ids.shape:
                 raise BadInputError("the counterfactual prompt must have as many tokens as the prompt")
             self.cf = model.record(cf)
+        target = a.token_id(target)
+        baseline = None if baseline is None else a.token_id(baseline, "baseline")
         self.target, self.baseline, self.demean, self.freeze_norms = target, baseline, demean, freeze_norms
         self.clean = self.metric(self.rec.logits[None])[0].item()
         self.means = None if reference is None else self._mean_outputs(reference)

@@ -300,6 +300,42 @@ class ModelAdapter:
     def check_length(self, n: int) -> None:
         check_length(n, self.context)
 
+    def prompt_ids(self, prompt, what: str = "prompt") -> torch.Tensor:
+        """[1, n] token ids of ``prompt``: a string (tokenised, with BOS), or token ids already (a tensor, list or
+        tuple of whole numbers, [n] or [1, n], each in the vocabulary, at most the context); BadInputError else."""
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, what=what)
+        if isinstance(prompt, (list, tuple)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+                raise BadInputError(f"the {what} must be a string or token ids (whole numbers)")
+            prompt = torch.tensor(prompt, dtype=torch.long)
+        if not isinstance(prompt, torch.Tensor):
+            raise BadInputError(f"the {what} must be a string or a tensor of token ids, not {type(prompt).__name__}")
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise BadInputError(f"the {what}'s token ids must be whole numbers, not {prompt.dtype}")
+        if prompt.dim() > 2 or (prompt.dim() == 2 and prompt.shape[0] != 1):
+            raise BadInputError(f"the {what} must be one sequence of token ids ([n] or [1, n]), not {list(prompt.shape)}")
+        ids = prompt.reshape(1, -1).long()
+        if ids.shape[1] == 0:
+            raise BadInputError(f"the {what} is empty")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if len(bad):
+            raise BadInputError(f"token id {int(bad[0])} in the {what} is outside the vocabulary (0-{self.vocab_size - 1})")
+        check_length(ids.shape[1], self.context, what)
+        return ids.to(self.device)
+
+    def token_id(self, token, what: str = "target") -> int:
+        """A token's id from its text (a single token) or its id; BadInputError else."""
+        if isinstance(token, str):
+            return single_token(self.tokenizer, token, what)
+        if isinstance(token, bool) or not isinstance(token, int) and not (
+                isinstance(token, torch.Tensor) and token.numel() == 1 and not token.is_floating_point()):
+            raise BadInputError(f"{what} must be a token (text) or a token id, not {token!r}")
+        i = int(token)
+        if not 0 <= i < self.vocab_size:
+            raise BadInputError(f"{what} id {i} is outside the vocabulary (0-{self.vocab_size - 1})")
+        return i
+
     # -- forward ------------------------------------------------------------------------------------------
 
     def _norm(self, norm, x, name, hooks, cache):

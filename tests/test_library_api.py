@@ -99,3 +99,59 @@ def test_one_learning_rate_schedule():
     assert f(warmup) == f(749) == lr
     assert f(750) == pytest.approx(lr) and f(875) == pytest.approx(lr * (1 - 0.9 * 0.5))
     assert f(steps) == pytest.approx(0.1 * lr)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    return random_replacements(adapter)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: attribute(m, torch.tensor([[1.0, 2.0]])), "must be whole numbers"),
+    (lambda m: attribute(m, torch.tensor([[1, 97]])), "token id 97 in the prompt is outside the vocabulary"),
+    (lambda m: attribute(m, torch.tensor([[-1, 2]])), "token id -1"),
+    (lambda m: attribute(m, torch.zeros(2, 3, dtype=torch.long)), "one sequence of token ids"),
+    (lambda m: attribute(m, torch.zeros(1, 0, dtype=torch.long)), "the prompt is empty"),
+    (lambda m: attribute(m, torch.zeros(1, 65, dtype=torch.long)), "longer than the model's context of 64"),
+    (lambda m: attribute(m, [1, 2.5]), "token ids (whole numbers)"),
+    (lambda m: attribute(m, {"a": 1}), "not dict"),
+    (lambda m: attribute(m.adapter, [1, 2]), "needs a ReplacementModel"),
+    (lambda m: attribute(m, [1, 2], target=97), "target id 97 is outside the vocabulary"),
+    (lambda m: attribute(m, [1, 2], target=2.5), "a token (text) or a token id"),
+    (lambda m: attribute(m, [1, 2], qk_top_keys=0), "at least 1"),
+    (lambda m: attribute(m, [1, 2], edges_per_target=0), "at least 1"),
+    (lambda m: attribute(m, [1, 2], max_logits=0), "at least 1"),
+    (lambda m: attribute(m, [1, 2], logit_coverage=2), "logit_coverage must be in (0, 1]"),
+    (lambda m: _patch(m, [1, 2, 3], target=-1), "target id -1 is outside the vocabulary"),
+    (lambda m: _patch(m, [1, 2, 3], target=3, baseline=10 ** 6), "baseline id 1000000"),
+    (lambda m: _patch(m, [1, 2, 3], target=3, counterfactual=[1, 2]), "as many tokens as the prompt"),
+])
+def test_library_calls_refuse_bad_arguments_in_one_line(small_model, call, message):
+    """Prompts as token ids, targets as ids, and settings given to the library are checked before any work: one
+    BadInputError naming the argument, not an error from deep inside torch."""
+    with pytest.raises(BadInputError, match="^[^\n]+$") as e:
+        call(small_model)
+    assert message in str(e.value)
+
+
+def _patch(model, ids, target, baseline=None, counterfactual=None):
+    from graphs.patching import PathPatcher
+
+    return PathPatcher(model, ids, target, baseline, counterfactual)
+
+
+def test_ids_and_ids_as_a_list_give_the_same_graph(small_model):
+    """A prompt given as a tensor [n], [1, n] or a list of ids, and a target given by id, are the same request."""
+    ids = [0, 5, 9, 14, 3]
+    a = attribute(small_model, torch.tensor(ids), target=7, qk=False)
+    b = attribute(small_model, ids, target=7, qk=False)
+    assert [n.id for n in a.node_list] == [n.id for n in b.node_list] and "logit.7@4" in a.index
+    assert torch.equal(a.edge_arrays.w, b.edge_arrays.w)
+
+
+def test_graph_queries_refuse_unknown_names(graph):
+    with pytest.raises(BadInputError, match="unknown edge kind 'foo'"):
+        graph.incoming(graph.logits()[0].id, kind="foo")
+    with pytest.raises(BadInputError, match="no node 'nope@1'"):
+        graph.subgraph([graph.node_list[0].id, "nope@1"])
