@@ -414,7 +414,9 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     if comps:
         for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
             name = " + ".join(map(str, r.component)) if together else str(r.component)
-            click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}")
+            idle = [c for c in (r.component if together else (r.component,)) if not patcher.active(c)]
+            note = f"  ({', '.join(map(str, idle))} not active on this prompt)" if idle else ""
+            click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}{note}")
 
 
 def _patch_families(model, ids, t_id: int, patcher, families, mode: str, together: bool, components: list) -> None:
@@ -649,6 +651,16 @@ def render(graph_json, fmt, draw_nodes, expand_families):
             click.echo(f"wrote {path}")
 
 
+def _picture_name(node: str) -> str:
+    """A node id from the name a picture gives a head or feature (``L1.H5@3``, ``L1.F5@3``); other text as is."""
+    import re
+
+    m = re.fullmatch(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)", node.strip())
+    if not m:
+        return node
+    return f"{'lorsa' if m.group(2) == 'H' else 'tc'}.{m.group(1)}.{m.group(3)}@{m.group(4)}"
+
+
 def _graph_file(path: str) -> Path:
     """GRAPH_JSON as given, or the graph.json inside it when it names a trace's output folder."""
     from replacement.errors import BadInputError
@@ -666,7 +678,8 @@ MAX_PATHS = 100  # query --paths
 
 @circuits.command()
 @click.argument("graph_json", type=click.Path())
-@click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs).")
+@click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs); an id "
+                                           "(lorsa.1.5@3) or a picture's name (L1.H5@3).")
 @click.option("--paths", default=5, show_default=True, help="How many strongest paths to the top logit (at most 100).")
 @click.option("--type", "node_type", type=click.Choice([str(k) for k in NODE_TYPES]), default=None,
               help="List nodes of a type.")
@@ -703,6 +716,7 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
         for e in c.outgoing(node, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
     elif node:
+        node = _picture_name(node)  # "L0.H136@4", as the pictures label a node, is lorsa.0.136@4
         if node not in g.index:
             raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)

@@ -177,6 +177,15 @@ class PathPatcher:
                 raise BadInputError(f"{'Lorsa head' if lorsa else 'feature'} {c.index} does not exist (layer {c.layer} "
                                     f"has {count})")
 
+    def active(self, c: Component) -> bool:
+        """Whether a Lorsa head or transcoder feature fires on the prompt (other components: always)."""
+        self._check(c)
+        lr = self.rec.layers[c.layer]
+        code = {NodeKind.LORSA: lr.lorsa_code, NodeKind.TRANSCODER: lr.tc_code}.get(c.kind)
+        if code is None:
+            return True
+        return bool((code.values[c.pos][code.indices[c.pos] == c.index] != 0).any())
+
     def write(self, c: Component, rec) -> torch.Tensor:
         """[n, d]: what component c writes into its own layer's block output on the prompt recorded in ``rec``
         (a cross-layer feature writes into later layers too: `writes`)."""

@@ -225,6 +225,11 @@ def test_query_and_render_commands(saved_model, tmp_path):
     # the contrast of the head's top key, as the file holds it
     assert f"vs the other keys' attention-weighted mean (score {c.reference_score:+.3f}): difference {c.difference:+.3f}" in r.stdout
     assert f"{c.pairs[0].query} x {c.pairs[0].key} {c.pairs[0].weight:+.4f}" in r.stdout
+    # the name the pictures give it (L1.H5@3) finds the same node
+    by_name = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", path,
+                              "--node", f"L{head.layer}.H{head.index}@{head.pos}"], capture_output=True, text=True,
+                             timeout=300)
+    assert by_name.returncode == 0 and by_name.stdout == r.stdout, by_name.stderr
     for args, want in ((["--type", "lorsa", "--position", "2"], g.nodes(type="lorsa", position=2)),
                        (["--layer", "7"], [])):
         r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", path, *args],

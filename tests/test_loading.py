@@ -133,6 +133,16 @@ def test_cli_patch_prints_the_patcher_figures():
     lines = [ln for ln in r.stdout.splitlines() if " effect " in ln]
     effect = PathPatcher(model, ids, target).effects([group])[0].effect
     assert len(lines) == 1 and f"effect {effect:+.4f}" in lines[0], (lines, effect)
+    # a head that does not fire on the prompt is patched (effect 0) and said to be idle; one that fires is not
+    lr = PathPatcher(model, ids, target).rec.layers[0]
+    fired = set(lr.lorsa_code.indices[4][lr.lorsa_code.values[4] != 0].tolist())
+    idle = next(h for h in range(model.lorsas[0].cfg.n_heads) if h not in fired)
+    r = _cli("circuits", "patch", "36 + 62 =", "--model", "llama", "--component", f"lorsa.0.{idle}@4", "--component",
+             f"lorsa.0.{min(fired)}@4")
+    assert r.returncode == 0, r.stderr
+    first, second = [ln for ln in r.stdout.splitlines() if " effect " in ln]
+    assert "effect +0.0000" in first and f"(lorsa.0.{idle}@4 not active on this prompt)" in first
+    assert "not active" not in second
 
 
 @pytest.mark.slow
