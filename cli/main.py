@@ -386,9 +386,11 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     for option, value, its_mode in (("--counterfactual", counterfactual, "counterfactual"), ("--mean-over", mean_over, "mean")):
         if value is not None and mode != its_mode:  # it would be ignored: a zero ablation reported as what was asked
             raise BadInputError(f"{option} is used only with --mode {its_mode} (the mode is {mode})")
-    if baseline is not None and (demean or families):  # the graph's prediction is of the target's demeaned logit
-        raise BadInputError(f"--baseline cannot go with {'--family' if families else '--demean'}: "
-                            "a family is compared with the graph on the target's demeaned logit")
+    if baseline is not None and families:  # the graph's prediction is of the target's demeaned logit
+        raise BadInputError("--baseline cannot go with --family: a family is compared with the graph on the target's "
+                            "demeaned logit")
+    if baseline is not None and demean:
+        raise BadInputError("--baseline cannot go with --demean: a logit difference is free of the mean already")
     demean = demean or bool(families)
     from replacement.foreign import replacement_specs
 
