@@ -260,7 +260,8 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
     if families:
         lines.append(f"double outline: a family (graphs/families.py; {len(families)} in this graph), e.g. "
                      f"{_family_example(graph, max(families, key=len))}, one node whose edges are its members' sums;")
-        lines.append("    draw the members with --expand-families (trace, circuits render)")
+        lines.append("    \u2190P: the position a family of heads attends to; fam K: its rank in its id (fam.lorsa.L.K@P); "
+                     "draw the members with --expand-families (trace, circuits render)")
     return "\n".join(lines) + "\n"
 
 
