@@ -103,6 +103,40 @@ def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"{path} holds NaN or infinite values ({bad[0]}): corrupt; start afresh with --no-resume")
 
 
+def fingerprint(tensors) -> str:
+    """16 hex digits of SHA-256 over the bytes of ``tensors`` (an iterable), in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_inputs(adapter, source, start: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """What a training run is made from beyond its settings, as fingerprints: the model's weights, the stream of
+    training batches (a function of the step: its first two batches stand for it) and, where given, the modules it
+    starts from.  A state saved from other inputs must not resume (`check_same_inputs`)."""
+    out = {"the model's weights": fingerprint(adapter.model.parameters()),
+           "the training text": fingerprint([source.batch(0, 2), source.batch(1, 2)])}
+    if start is not None:
+        out["the starting modules"] = fingerprint(start[k] for k in sorted(start))
+    return out
+
+
+def check_same_inputs(path: str | Path, saved: dict | None, now: dict) -> None:
+    """A `CheckpointError` naming what differs when a state was saved from another model, text or start (states
+    saved before these were recorded are not checked)."""
+    if not saved:
+        return
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise CheckpointError(f"{path} was saved from other inputs ({', '.join(changed)}: another --model, --text or "
+                              "--init-from); give the same to resume, or start again with --no-resume")
+
+
 def check_same_settings(path: str | Path, saved: dict | None, now: dict, defaults: dict,
                         may_change: tuple[str, ...] = ("checkpoint_every",)) -> None:
     """A training state resumes exactly only under the settings it was saved with (batches are a function of the

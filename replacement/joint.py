@@ -131,6 +131,7 @@ class JointTrainer:
         for m in self.mods.values():
             m.requires_grad_(True).train()
         self.named = {f"{kind}{L}.{n}": p for (kind, L), m in self.mods.items() for n, p in m.named_parameters()}
+        self.inputs = ckpt.run_inputs(adapter, source, self.named)  # a saved state must come from these
         self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
         self.fired = {k: torch.zeros(m.decoder()[0].shape[0], dtype=torch.bool) for k, m in self.mods.items()}
         self.points = sorted({p for k in self.keys for p in hook_points(*k)})
@@ -308,7 +309,7 @@ class JointTrainer:
         tensors.update({f"fired.{k[0]}{k[1]}": f for k, f in self.fired.items()})
         tensors["scales"] = torch.tensor([self.scales[k] for k in self.keys], dtype=torch.float64)
         meta = {"step": self.step, "elapsed_s": self.elapsed, "resampled": self.resampled,
-                "config": asdict(self.cfg), "model": self.adapter.name}
+                "config": asdict(self.cfg), "model": self.adapter.name, "inputs": self.inputs}
         ckpt.atomic_save(tensors, self.state_file, meta)
 
     def load_state(self) -> bool:
@@ -318,6 +319,7 @@ class JointTrainer:
         tensors, meta = state
         with ckpt.restoring(self.state_file, "joint-training state"):
             ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(JointConfig()))
+            ckpt.check_same_inputs(self.state_file, meta.get("inputs"), self.inputs)
             self._restore(tensors, meta)
         return True
 

@@ -295,6 +295,7 @@ class Trainer:
         self.resumed_at: int | None = None  # the step a resumed run started from
         self.elapsed = 0.0
         self.jacobian_errors: dict[str, float] = {}  # the last step's, per transcoder trained with tc_jacobian
+        self.inputs = ckpt.run_inputs(adapter, source)  # the model and text a saved state must come from
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -367,7 +368,8 @@ class Trainer:
             tensors.update({f"{u.name}.{k}": v for k, v in ckpt.optimizer_tensors(u.opt, names).items()})
             tensors[f"{u.name}.since_fired"] = u.since_fired
             tensors[f"{u.name}.scales"] = torch.tensor([u.c_x, u.c_y], dtype=torch.float64)
-        meta = {"step": self.step, "elapsed_s": self.elapsed, "config": asdict(self.cfg), "model": self.adapter.name}
+        meta = {"step": self.step, "elapsed_s": self.elapsed, "config": asdict(self.cfg), "model": self.adapter.name,
+                "inputs": self.inputs}
         ckpt.atomic_save(tensors, self.state_file, meta)
 
     def load_state(self) -> bool:
@@ -377,6 +379,7 @@ class Trainer:
         tensors, meta = state
         with ckpt.restoring(self.state_file):
             ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(TrainConfig()))
+            ckpt.check_same_inputs(self.state_file, meta.get("inputs"), self.inputs)
             self._restore(tensors, meta)
         return True
 

@@ -18,8 +18,8 @@ def _modules(rm):
     return {("lorsa", L): m for L, m in rm.lorsas.items()} | {("transcoder", L): m for L, m in rm.transcoders.items()}
 
 
-def _trainer(tmp_path, adapter, **kw):
-    rm = random_replacements(adapter, n_features=32, tc_k=4)
+def _trainer(tmp_path, adapter, modules_seed=0, **kw):
+    rm = random_replacements(adapter, n_features=32, tc_k=4, seed=modules_seed)
     cfg = JointConfig(**(SMALL | dict(steps=10, lr=3e-3, resample_every=0) | kw))
     return JointTrainer(adapter, _modules(rm), cfg, RandomTokenSource(97, 16, 0, bos=1), tmp_path / "state.safetensors")
 
@@ -214,6 +214,10 @@ def test_joint_stage_refuses_to_resume_under_other_settings(tmp_path):
     saved = (tmp_path / "state.safetensors").read_bytes()
     with pytest.raises(CheckpointError, match=r"other settings \(recon_coef 0.5 -> 2.0\)"):
         _trainer(tmp_path, adapter, recon_coef=2.0).train(progress=False)
+    assert (tmp_path / "state.safetensors").read_bytes() == saved
+    # nor when it starts from other modules (another --init-from)
+    with pytest.raises(CheckpointError, match=r"saved from other inputs \(the starting modules: "):
+        _trainer(tmp_path, adapter, modules_seed=1).train(progress=False)
     assert (tmp_path / "state.safetensors").read_bytes() == saved
     resumed = _trainer(tmp_path, adapter, checkpoint_every=2)  # how often it saves may change
     resumed.train(progress=False)

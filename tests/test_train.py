@@ -245,6 +245,13 @@ def test_a_state_resumes_only_under_the_settings_it_was_saved_with(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"other settings \(lr 0.002 -> 0.001, tc_top_k 4 -> 3\)"):
         Trainer(adapter, TrainConfig(steps=10, lr=1e-3, **other), _source(), state).train(progress=False)
     assert state.read_bytes() == before
+    # nor from another text, or another model of the same shape (the state records their fingerprints)
+    with pytest.raises(ckpt.CheckpointError, match=r"saved from other inputs \(the training text: "):
+        Trainer(adapter, TrainConfig(steps=10, **SMALL), _source(seed=1), state).train(progress=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"saved from other inputs \(the model's weights: "):
+        Trainer(ModelAdapter(tiny_llama(rope_theta=500.0, initializer_range=0.03), name="t"),
+                TrainConfig(steps=10, **SMALL), _source(), state).train(progress=False)
+    assert state.read_bytes() == before
     resumed = Trainer(adapter, TrainConfig(steps=10, **dict(SMALL, checkpoint_every=2)), _source(), state)
     resumed.train(progress=False)
     assert resumed.resumed_at == 5 and resumed.step == 10
