@@ -165,6 +165,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                           tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef, tc_jacobian=tc_jacobian,
                           tc_jacobian_readout=tc_jacobian_readout, resample_every=resample_every, **given)
         metrics, folder = train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts))
+        click.echo(_measured_on(texts))
         _print_replacement_metrics(metrics)
         return _print_saved(folder, model_name)
     from replacement.train import TrainConfig
@@ -177,8 +178,15 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                       tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **given)
     metrics, folder = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
     if metrics:  # rank 0 of a torchrun job, or a plain run
+        click.echo(_measured_on(texts))
         _print_replacement_metrics(metrics)
         _print_saved(folder, model_name)
+
+
+def _measured_on(texts) -> str:
+    names = ", ".join(Path(t).name for t in texts)
+    return (f"the modules on held-out text (the last 2% of {names}):" if texts else
+            "the modules on the model's held-out data:")
 
 
 def _print_saved(folder, model_name: str) -> None:

@@ -372,10 +372,11 @@ class JointTrainer:
 
 
 def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None, out_folder: str | Path | None = None,
-              resume: bool = True, progress: bool = True, source=None) -> dict[str, dict]:
+              resume: bool = True, progress: bool = True, source=None, eval_source=None) -> dict[str, dict]:
     """Run the joint stage from the modules in ``start_folder`` (default: the model's replacement folder) and
-    save them, with held-out metrics, to ``out_folder`` (default: ``start_folder`` if given, else
-    `store.default_train_folder`, which is the same folder but for a bundled preset's).  Returns the metrics."""
+    save them, with held-out metrics (on ``eval_source``, default the model's held-out data), to ``out_folder``
+    (default: ``start_folder`` if given, else `store.default_train_folder`, which is the same folder but for a
+    bundled preset's).  Returns the metrics."""
     from .models import model_fingerprint
     from .store import default_folder, default_train_folder, load_replacements, save_module, saved_metrics
     from .train import evaluate_modules
@@ -387,9 +388,8 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     trainer = JointTrainer(adapter, modules, cfg, source, out / ".train_state.joint.safetensors")
     trainer.train(resume=resume, progress=progress)
     folded = trainer.folded_modules()
-    from .activations import default_source
 
-    metrics = evaluate_modules(adapter, folded, default_source(adapter, cfg.seq_len * 2, cfg.seed, heldout=True))
+    metrics = evaluate_modules(adapter, folded, eval_source or joint_eval_source(adapter, cfg))
     fp = model_fingerprint(adapter)
     old = saved_metrics(start)
     for (kind, L), m in folded.items():
@@ -444,3 +444,14 @@ def joint_source(adapter, cfg: JointConfig, texts: list[str] | None = None):
     if texts:
         return TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 5)
     return default_source(adapter, cfg.seq_len, cfg.seed + 5, mixture=joint_mixture(adapter, cfg))
+
+
+def joint_eval_source(adapter, cfg: JointConfig, texts: list[str] | None = None):
+    """Where the joint stage measures the modules it saves: the last 2% of ``texts`` if given (the text it trained
+    on; windows of the training length, as the per-layer stage's), else the model's held-out data (windows twice
+    as long)."""
+    from .activations import TextSource, default_source
+
+    if texts:
+        return TextSource(adapter.tokenizer, list(texts), cfg.seq_len, cfg.seed + 1, heldout=True)
+    return default_source(adapter, cfg.seq_len * 2, cfg.seed, heldout=True)

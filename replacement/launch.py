@@ -10,7 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .io import make_folder
+from .io import exclusive_folder
 from .joint import JointConfig
 from .train import TrainConfig
 
@@ -56,7 +56,7 @@ def output_folder(adapter, out: str | Path | None, init_from: str | Path | None 
 
     if out is None and init_from is not None and not Path(init_from).resolve().is_relative_to(BUNDLE_DIR.resolve()):
         return Path(init_from)  # read before anything is written: it must exist
-    return make_folder(out if out is not None else default_train_folder(adapter), "the output folder")
+    return Path(out) if out is not None else default_train_folder(adapter)
 
 
 def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
@@ -74,9 +74,10 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
         check_units(adapter, cfg)  # before the activations are cached, which can take long
         source, eval_source = text_sources(adapter, texts, cfg) if texts else (None, None)
         folder = output_folder(adapter, out)
-        shards = cached_activations(adapter, cfg, source, cache_folder) if cache_folder else None
-        return fit_replacements(adapter, cfg, folder, resume=resume, source=source, eval_source=eval_source,
-                                activations=shards, world=world, rank=rank), folder
+        with exclusive_folder(folder, "the output folder", lock=rank == 0):  # a torchrun job's ranks share it
+            shards = cached_activations(adapter, cfg, source, cache_folder) if cache_folder else None
+            return fit_replacements(adapter, cfg, folder, resume=resume, source=source, eval_source=eval_source,
+                                    activations=shards, world=world, rank=rank), folder
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -90,13 +91,15 @@ def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: s
     """The joint stage on ``model_name`` (``cfg.seq_len`` capped at the model's context), starting from the
     modules in ``init_from`` (default: beside the model), on windows of ``texts`` (the first 98% of each) if
     given, else the model's joint mixture (`joint.joint_source`): (the metrics per module, their folder)."""
-    from .joint import fit_joint, joint_source
+    from .joint import fit_joint, joint_eval_source, joint_source
     from .models import load_model
 
     adapter = load_model(model_name, device, dtype)
     cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
     folder = output_folder(adapter, out, init_from)
-    return fit_joint(adapter, cfg, init_from, folder, resume=resume, source=joint_source(adapter, cfg, texts)), folder
+    with exclusive_folder(folder, "the output folder"):
+        return fit_joint(adapter, cfg, init_from, folder, resume=resume, source=joint_source(adapter, cfg, texts),
+                         eval_source=joint_eval_source(adapter, cfg, texts)), folder
 
 
 __all__ = ["cached_activations", "distributed_setup", "output_folder", "text_sources", "train_joint",

@@ -606,3 +606,50 @@ def test_bos_term_closed_form():
     y0 = torch.tensor([[3.0, 4.0], [0.0, 10.0]])  # |y|^2 = 25, 100
     y_hat0 = y0 + torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # |e|^2 = 1, 4
     assert float(bos_term(y_hat0, y0, torch.tensor(2.0))) == pytest.approx((2.5 / 62.5) * 2.0, rel=1e-6)
+
+
+def test_the_joint_stage_measures_its_modules_where_asked(tmp_path):
+    """With --text the joint stage's saved metrics are those of the modules on that text's held-out part (they
+    were measured on the package's held-out data whatever the text, so a user saw another text's FVU)."""
+    from replacement.joint import JointConfig, fit_joint
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    folder = tmp_path / "r"
+    fit_replacements(adapter, TrainConfig(steps=2, **SMALL), folder, source=_source(), eval_source=_source(1),
+                     progress=False)
+    held = RandomTokenSource(97, 32, 7, bos=1)
+    metrics = fit_joint(adapter, JointConfig(steps=1, batch_size=2, seq_len=16), folder, progress=False,
+                        source=_source(), eval_source=held)
+    again = evaluate_modules(adapter, load_replacements(folder, adapter), held)
+    assert set(metrics) == set(again)
+    for name, m in metrics.items():
+        assert m["fvu"] == pytest.approx(again[name]["fvu"], rel=1e-3, abs=1e-5), name
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    """Two trainings into one folder would mix their modules and states: while one holds it, the other is refused
+    in one line; a folder a failed run created and left empty is removed."""
+    from replacement.errors import BadInputError
+    from replacement.io import exclusive_folder
+
+    out = tmp_path / "out"
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from replacement.io import exclusive_folder\n"
+              "with exclusive_folder(sys.argv[2], 'the output folder'):\n"
+              "    print('locked', flush=True); time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).resolve().parents[1]), str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BadInputError, match="another run is writing to the output folder"):
+            with exclusive_folder(out, "the output folder"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_folder(out, "the output folder"):  # free again once the holder is gone
+        (out / "x").write_text("kept")
+    fresh = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with exclusive_folder(fresh, "the output folder"):
+            raise RuntimeError("the run failed")
+    assert not fresh.exists() and (out / "x").read_text() == "kept"
