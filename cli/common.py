@@ -106,8 +106,8 @@ def run_friendly(fn, *args, **kwargs):
             raise
         fail("out of memory: " + _allocation(e) + "; use smaller sizes (--batch-size, --seq-len, the modules' widths, "
              "a shorter prompt) or a machine with more memory")
-    except KeyboardInterrupt:
-        fail("interrupted")
+    except KeyboardInterrupt as e:  # a training's says where its last saved state is
+        fail("interrupted" + (f"; {e}" if str(e) else ""))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

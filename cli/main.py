@@ -85,8 +85,9 @@ def fetch_data(dest, work):
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sequences per step (global under torchrun).")
-@click.option("--seq-len", type=click.IntRange(min=2), default=None,
-              help="Tokens per sequence (default: 128; 64 with --joint).")
+@click.option("--seq-len", type=click.IntRange(min=3), default=None,
+              help="Tokens per sequence, BOS included (default: 128; 64 with --joint; at least 3: the losses leave BOS "
+                   "out).")
 @click.option("--lr", type=FiniteRange(min=0, max=1, min_open=True), default=None,
               help="Learning rate (default: 2e-3; 1e-4 with --joint).")
 @click.option("--joint", is_flag=True,

@@ -103,6 +103,18 @@ def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"{path} holds NaN or infinite values ({bad[0]}): corrupt; start afresh with --no-resume")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during training; its message says where the last saved state is."""
+
+
+def interrupted(state_file: str | Path, saved_step: int | None, steps: int, every: int) -> Interrupted:
+    """The `Interrupted` to raise from a training loop: what is saved and how to go on."""
+    if saved_step:
+        return Interrupted(f"the state of step {saved_step} of {steps} is saved in {state_file}; run the same command "
+                           "again to resume from it")
+    return Interrupted(f"no state saved yet (the first is saved at step {every}); the next run starts afresh")
+
+
 def fingerprint(tensors) -> str:
     """16 hex digits of SHA-256 over the bytes of ``tensors`` (an iterable), in order."""
     import hashlib

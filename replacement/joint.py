@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ class JointTrainer:
             m.requires_grad_(True).train()
         self.named = {f"{kind}{L}.{n}": p for (kind, L), m in self.mods.items() for n, p in m.named_parameters()}
         self.inputs = ckpt.run_inputs(adapter, source, self.named)  # a saved state must come from these
+        self.saved_step: int | None = None  # the step of the last state saved (or resumed from)
         self.opt = torch.optim.Adam(self.named.values(), lr=cfg.lr)
         self.fired = {k: torch.zeros(m.decoder()[0].shape[0], dtype=torch.bool) for k, m in self.mods.items()}
         self.points = sorted({p for k in self.keys for p in hook_points(*k)})
@@ -311,6 +313,7 @@ class JointTrainer:
         meta = {"step": self.step, "elapsed_s": self.elapsed, "resampled": self.resampled,
                 "config": asdict(self.cfg), "model": self.adapter.name, "inputs": self.inputs}
         ckpt.atomic_save(tensors, self.state_file, meta)
+        self.saved_step = self.step
 
     def load_state(self) -> bool:
         state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device, "joint-training state")
@@ -343,24 +346,32 @@ class JointTrainer:
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
         from tqdm import tqdm
 
-        if not (resume and self.load_state()):
+        self.saved_step = None
+        if resume and self.load_state():
+            self.saved_step = self.step
+            if progress:
+                print(f"resuming {self.state_file} at step {self.step} of {self.cfg.steps}", file=sys.stderr)
+        else:
             self.step = 0
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
         bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="joint stage",
                    disable=not progress)
         t_last, ema = time.time(), None
-        for step in bar:
-            m = self.train_step(step)
-            self.step = step + 1
-            now = time.time()
-            self.elapsed += now - t_last
-            t_last = now
-            ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
-            shown = {k: f"{v:.3f}" for k, v in ema.items()
-                     if (k != "readout" or self.gram is not None) and (k != "jac" or self.cfg.tc_jacobian > 0)}
-            bar.set_postfix(**shown, resampled=self.resampled)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
-                self.save_state()
+        try:
+            for step in bar:
+                m = self.train_step(step)
+                self.step = step + 1
+                now = time.time()
+                self.elapsed += now - t_last
+                t_last = now
+                ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
+                shown = {k: f"{v:.3f}" for k, v in ema.items()
+                         if (k != "readout" or self.gram is not None) and (k != "jac" or self.cfg.tc_jacobian > 0)}
+                bar.set_postfix(**shown, resampled=self.resampled)
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                    self.save_state()
+        except KeyboardInterrupt:
+            raise ckpt.interrupted(self.state_file, self.saved_step, self.cfg.steps, self.cfg.checkpoint_every) from None
 
     def folded_modules(self) -> dict[Key, torch.nn.Module]:
         """Copies acting on raw activations, gradients off."""

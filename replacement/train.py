@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -296,6 +297,7 @@ class Trainer:
         self.elapsed = 0.0
         self.jacobian_errors: dict[str, float] = {}  # the last step's, per transcoder trained with tc_jacobian
         self.inputs = ckpt.run_inputs(adapter, source)  # the model and text a saved state must come from
+        self.saved_step: int | None = None  # the step of the last state saved (or resumed from)
 
     # -- data ---------------------------------------------------------------------------------------------
 
@@ -371,6 +373,7 @@ class Trainer:
         meta = {"step": self.step, "elapsed_s": self.elapsed, "config": asdict(self.cfg), "model": self.adapter.name,
                 "inputs": self.inputs}
         ckpt.atomic_save(tensors, self.state_file, meta)
+        self.saved_step = self.step
 
     def load_state(self) -> bool:
         state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device)
@@ -477,6 +480,8 @@ class Trainer:
 
         if resume and self.load_state():
             self.resumed_at = self.step
+            if progress and self.rank == 0:
+                print(f"resuming {self.state_file} at step {self.step} of {self.cfg.steps}", file=sys.stderr)
         else:
             self.estimate_norms()
             self.init_modules()
@@ -486,20 +491,24 @@ class Trainer:
         bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="train replacements",
                    disable=not progress or self.rank != 0)
         t_last = time.time()
-        for step in bar:
-            fvus = self.train_step(step)
-            self.step = step + 1
-            now = time.time()
-            self.elapsed += now - t_last
-            extra = {}
-            if self.jacobian_errors:
-                extra["jac_err"] = f"{sum(self.jacobian_errors.values()) / len(self.jacobian_errors):.3f}"
-            bar.set_postfix(tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}",
-                            fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
-                            worst=max(fvus, key=fvus.get), **extra)
-            t_last = now
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
-                self.save_state()
+        self.saved_step = self.resumed_at
+        try:
+            for step in bar:
+                fvus = self.train_step(step)
+                self.step = step + 1
+                now = time.time()
+                self.elapsed += now - t_last
+                extra = {}
+                if self.jacobian_errors:
+                    extra["jac_err"] = f"{sum(self.jacobian_errors.values()) / len(self.jacobian_errors):.3f}"
+                bar.set_postfix(tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}",
+                                fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
+                                worst=max(fvus, key=fvus.get), **extra)
+                t_last = now
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                    self.save_state()
+        except KeyboardInterrupt:
+            raise ckpt.interrupted(self.state_file, self.saved_step, self.cfg.steps, self.cfg.checkpoint_every) from None
 
     # -- export -------------------------------------------------------------------------------------------
 

@@ -220,6 +220,8 @@ CASES = [
          "--family-cosine is used only with families"),
     Case("patch-bad-component-before-loading", ["circuits", "patch", "the cat", "--model", "{M}", "--component",
                                                 "L0.H1@2"], "cannot parse component 'L0.H1@2'"),
+    Case("train-seq-len-two", ["circuits", "train", "--model", "{M}", "--seq-len", "2", "--text", "{TEXT}"],
+         "Invalid value for '--seq-len'"),
     Case("patch-family-baseline", ["circuits", "patch", "the cat", "--model", "{M}", "--family", "fam.lorsa.1.0@2",
                                    "--baseline", " the"], "--baseline cannot go with --family"),
     Case("train-lm-zero-steps", ["circuits", "train-lm", "--model", "toy", "--steps", "0"], "Invalid value for '--steps'"),

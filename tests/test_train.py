@@ -653,3 +653,24 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
         with exclusive_folder(fresh, "the output folder"):
             raise RuntimeError("the run failed")
     assert not fresh.exists() and (out / "x").read_text() == "kept"
+
+
+@pytest.mark.parametrize("stop, says", [(7, "the state of step 5 of 10 is saved in"), (2, "no state saved yet")])
+def test_an_interrupted_training_says_what_is_saved(tmp_path, stop, says):
+    """Ctrl-C (or SIGTERM) ends a training with where its last saved state is, and a rerun resumes from it."""
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    state = tmp_path / "s.safetensors"
+    t = Trainer(adapter, TrainConfig(steps=10, **SMALL), _source(), state)
+    real = t.train_step
+
+    def step(i):
+        if i == stop:
+            raise KeyboardInterrupt
+        return real(i)
+
+    t.train_step = step
+    with pytest.raises(ckpt.Interrupted, match=says):
+        t.train(progress=False)
+    again = Trainer(adapter, TrainConfig(steps=10, **SMALL), _source(), state)
+    again.train(progress=False)
+    assert again.resumed_at == (5 if stop == 7 else None) and again.step == 10
