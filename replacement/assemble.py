@@ -75,7 +75,7 @@ class ReplacementModel:
             what = "all" if attention == "lorsa" else "transcoder"
             raise CircuitsError(
                 f"missing trained replacements {', '.join(f'layer{L}.{k}' for k, L in missing)}; "
-                f"train them with: circuits train --model {adapter.name} --what {what}"
+                f"train them with: circuits train --model {adapter.model_arg} --what {what}"
             )
 
     @classmethod

@@ -300,6 +300,17 @@ class ModelAdapter:
     def check_length(self, n: int) -> None:
         check_length(n, self.context)
 
+    @property
+    def model_arg(self) -> str:
+        """What to give ``--model`` to load this model again: a bundled preset's name, a local model's folder
+        (its path: its name alone would be read as a hub id), else its name."""
+        from .bundle import is_preset
+
+        path = getattr(self.config, "_name_or_path", "") or ""
+        if not is_preset(self.name) and path and Path(path).is_dir():
+            return str(Path(path))
+        return self.name
+
     def prompt_ids(self, prompt, what: str = "prompt") -> torch.Tensor:
         """[1, n] token ids of ``prompt``: a string (tokenised, with BOS), or token ids already (a tensor, list or
         tuple of whole numbers, [n] or [1, n], each in the vocabulary, at most the context); BadInputError else."""

@@ -26,6 +26,9 @@ def test_local_folder_loads_and_matches(saved_llama):
     with torch.no_grad():
         torch.testing.assert_close(adapter.run(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
     assert not any(p.requires_grad for p in adapter.model.parameters())
+    # the hints a user is given name the model as --model must get it back: a local folder by its path
+    assert load_model(adapter.model_arg).name == adapter.name and adapter.model_arg == str(path)
+    assert load_model("toy").model_arg == "toy"
 
 
 def test_bfloat16_load(tmp_path):
