@@ -334,7 +334,9 @@ def _print_faithfulness(f: dict) -> None:
     click.echo("pure replacement model (every Lorsa and transcoder, no error terms) against the real model:")
     if "natural_text" in f:
         t = f["natural_text"]
-        click.echo(f"  held-out natural text ({t['tokens']} tokens): top-1 agreement {t['top1_agreement']:.1%}, "
+        where = (f"{t['tokens']} predictions in {t['windows']} windows of a text of {t['text_tokens']} tokens"
+                 if "windows" in t else f"{t['tokens']} tokens")
+        click.echo(f"  held-out natural text ({where}): top-1 agreement {t['top1_agreement']:.1%}, "
                    f"KL {t['kl']:.3f} nats/token")
     if "addition_heldout" in f:
         click.echo(f"  addition held-out {f['addition_heldout']['accuracy']:.1%} of {f['addition_heldout']['n']}; "

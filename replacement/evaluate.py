@@ -130,7 +130,8 @@ def agreement(adapter: ModelAdapter, tokens: torch.Tensor, hooks_fn, seq_len: in
         agree += (real.argmax(-1) == hooked.argmax(-1)).sum().item()
         kl += kl_per_token(real, hooked).sum().item()
         n += real.shape[0] * real.shape[1]
-    return {"top1_agreement": agree / n, "kl": kl / n, "tokens": int(n)}
+    return {"top1_agreement": agree / n, "kl": kl / n, "tokens": int(n), "windows": int(ids.shape[0]),
+            "text_tokens": int(len(tokens))}  # windows overlap where the text is shorter than they are together
 
 
 @torch.no_grad()
