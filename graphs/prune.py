@@ -7,7 +7,6 @@ node on the logits is  w A + w A^2 + ... = w A (I - A)^-1,  where w holds the lo
 from __future__ import annotations
 
 import time
-
 from dataclasses import replace
 
 import torch
@@ -145,8 +144,9 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
     nothing changes.  Embeddings, error nodes and logits are always kept (while they have edges); a kept
     Lorsa head keeps the nodes of its QK pairs.  Scores are computed on the full graph and stored with the
     pruned one, with each node's influence (set on the full graph's nodes too).  The pruned graph's nodes are
-    copies: a target's ``dropped`` there also holds the weight of the incoming edges pruning took away.  ``max_nodes`` caps the kept features at the most influential
-    ones, ``max_edges`` the kept edges at the strongest (by the same influence-weighted score)."""
+    copies: a target's ``dropped`` there also holds the weight of the incoming edges pruning took away.
+    ``max_nodes`` caps the kept features at the most influential ones, ``max_edges`` the kept edges at the
+    strongest (by the same influence-weighted score)."""
     check_fraction("node_threshold", node_threshold)
     check_fraction("edge_threshold", edge_threshold)
     check_count("max_nodes", max_nodes)

@@ -50,7 +50,7 @@ def cached_activations(adapter, cfg: TrainConfig, source, folder: str | Path):
 def output_folder(adapter, out: str | Path | None, init_from: str | Path | None = None) -> Path:
     """The folder a training run writes to (``out``; else ``init_from``, which a joint run refines in place, unless
     it is a folder of the package's, whose shipped replacements change only by `train-replacements --install`; else
-    `store.default_train_folder`), created now, or refused in one line, rather than at the first checkpoint."""
+    `store.default_train_folder`).  The trainers create and lock it (`io.exclusive_folder`) before they start."""
     from .bundle import BUNDLE_DIR
     from .store import default_train_folder
 
