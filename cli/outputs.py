@@ -94,11 +94,10 @@ class RunFolder:
     def path(self, name: str) -> Path:
         return self.tmp / name
 
-    def commit(self, names: list[str], remove: tuple[str, ...] = ()) -> list[Path]:
-        """Move the named files into the output folder (under its lock), all or none, and take away the files
-        ``remove`` names (an earlier run's, which would not match): each file already there is first moved aside
-        into the private folder, and if any move fails every file is put back as it was (a failed run changes
-        nothing).  A folder in the way is refused.  Returns the final paths."""
+    def commit(self, names: list[str]) -> list[Path]:
+        """Move the named files into the output folder (under its lock), all or none: each file already there is
+        first moved aside into the private folder, and if any move fails every file is put back as it was (a
+        failed run changes nothing).  A folder in the way is refused.  Returns the final paths."""
         for name in names:
             dest = self.out / name
             if dest.is_dir() and not dest.is_symlink():
@@ -115,11 +114,6 @@ class RunFolder:
                         os.replace(dest, old)
                     done.append((dest, old if had else None))
                     os.replace(self.tmp / name, dest)
-                for name in remove:
-                    dest, old = self.out / name, self.tmp / f".old-{name}"
-                    if os.path.isfile(dest) and not os.path.islink(dest):
-                        os.replace(dest, old)
-                        done.append((dest, old))
             except OSError:
                 for dest, old in reversed(done):
                     with contextlib.suppress(OSError):

@@ -194,10 +194,10 @@ def _write(run, graph, model, fmts, draw_nodes, times, expand_families=False) ->
     t0 = time.time()
     written = write_all(graph, run.path("graph"), fmts, draw_nodes, dashboards, expand_families)
     times["files"] = time.time() - t0 - times.get("dashboards", 0.0)
-    stale = [f"graph.{f}" for f in FORMATS if f not in fmts and (run.out / f"graph.{f}").is_file()]
-    paths = run.commit([written[f].name for f in FORMATS if f in fmts], remove=tuple(stale))
-    if stale:  # an earlier trace's pictures beside this graph would show another graph
-        click.echo(f"removed the earlier trace's {', '.join(stale)} from {run.out}")
+    paths = run.commit([written[f].name for f in FORMATS if f in fmts])
+    others = [f"graph.{f}" for f in FORMATS if f not in fmts and (run.out / f"graph.{f}").is_file()]
+    if others:  # another run's files, left as they are (runs never delete each other's), may show another graph
+        click.echo(f"note: {run.out} also holds {', '.join(others)}, which this trace did not write")
     return paths
 
 

@@ -85,12 +85,10 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    if not folder.is_dir():
-        raise CheckpointError(f"no such replacements folder: {folder}")
     if not cfg_path.is_file():
-        raise CheckpointError(
-            f"no trained replacements in {folder}; train them with: circuits train --model {adapter.model_arg} "
-            "--what all")
+        where = f"{folder} does not exist" if not folder.is_dir() else f"none in {folder}"
+        raise CheckpointError(f"no trained replacements ({where}); train them with: circuits train --model "
+                              f"{adapter.model_arg} --what all")
     cfg = read_folder_config(cfg_path)
     if not cfg.get("fingerprint") or not cfg["modules"]:
         raise CheckpointError(f"{cfg_path} names no model or no modules: not a replacements config that "

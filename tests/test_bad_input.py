@@ -85,10 +85,10 @@ CASES = [
     Case("device-unknown", T + ["--device", "tpu"], "unknown device 'tpu'"),
     Case("model-nan-weights", ["trace", "the cat", "--model", "{NANMODEL}"], "NaN or infinite logits"),
     # replacements
-    Case("replacements-missing", T + ["--replacements", "{WORLD}/no-such-folder"], "no such replacements folder"),
+    Case("replacements-missing", T + ["--replacements", "{WORLD}/no-such-folder"], "no-such-folder does not exist)"),
     Case("eval-replacements-missing", ["circuits", "eval", "--model", "{M}", "--no-samples", "--replacements", "{WORLD}/no-such-folder"],
-         "no such replacements folder"),
-    Case("replacements-empty-folder", T + ["--replacements", "{G}"], "no trained replacements in"),
+         "no-such-folder does not exist)"),
+    Case("replacements-empty-folder", T + ["--replacements", "{G}"], "no trained replacements (none in"),
     Case("eval-replacements-truncated", ["circuits", "eval", "--model", "{M}", "--no-samples", "--replacements", "{REP_TRUNC}"],
          "corrupt or truncated checkpoint"),
     Case("replacements-invalid-json", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_BADJSON}"],

@@ -160,17 +160,16 @@ def _trace(*args, cwd=None):
                           text=True, timeout=300, cwd=cwd)
 
 
-def test_a_reused_output_folder_keeps_no_earlier_picture(saved_model, tmp_path):
-    """A second trace into the same folder takes away the first one's files of formats it does not write (they
-    would show another prompt's graph) and says so; a file of another name stays."""
+def test_a_reused_output_folder_names_the_files_it_did_not_write(saved_model, tmp_path):
+    """A second trace into the same folder leaves the first one's files of other formats (runs never delete each
+    other's files) but says they are there: they may show another prompt's graph."""
     out = tmp_path / "o"
     r = _trace("the cat sat", "--model", str(saved_model), "--out", str(out), "--format", "json,dot")
     assert r.returncode == 0, r.stderr
-    (out / "notes.txt").write_text("mine")
     r = _trace("a dog ran", "--model", str(saved_model), "--out", str(out), "--format", "json")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["graph.json", "notes.txt"]
-    assert f"removed the earlier trace's graph.dot from {out}" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["graph.dot", "graph.json"]
+    assert f"note: {out} also holds graph.dot, which this trace did not write" in r.stdout
     assert graphs.load(out / "graph.json").prompt == "a dog ran"
     # the folder stands for its graph.json in query and render
     by_file, by_folder = (subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query",
