@@ -413,8 +413,9 @@ def test_query_lists_families_and_their_paths(tmp_path):
 
 def test_patch_ablates_a_family_that_trace_found(tmp_path):
     """A family id from a default `trace`'s graph.json names the same members in `circuits patch --family`, which
-    prints its size and the graph's prediction (QK pairs keep their nodes in the pruned graph: with `--no-qk` this
-    prompt's graph has 32 families, by default 42)."""
+    prints its size and the graph's prediction (QK pairs keep their nodes in the pruned graph, so the settings must
+    be trace's; nodes kept for their QK pairs alone join no family: this prompt's graph has 32 families with or
+    without `--no-qk`, 42 by default before they were left out)."""
     prompt = "the cat sat on the mat. the cat sat on the"
     import subprocess
     import sys
