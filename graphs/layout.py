@@ -43,6 +43,11 @@ def token_text(text: str, limit: int | None = None) -> str:
     return out if limit is None or len(out) <= limit else out[: limit - 1] + "…"
 
 
+def quoted(text: str) -> str:
+    """A token in double quotes, or in single quotes when it holds a double quote (``'"'``, not ``\"\"\"``)."""
+    return f"'{text}'" if '"' in text else f'"{text}"'
+
+
 def _token(graph: AttributionGraph, pos: int) -> str:
     return token_text(graph.tokens[pos]) if 0 <= pos < len(graph.tokens) else "?"
 
@@ -50,14 +55,14 @@ def _token(graph: AttributionGraph, pos: int) -> str:
 def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
     """Two lines: the position, and its token in quotes, as much of it as the column's width takes."""
     room = max(2, int((width + COL_GAP) / 6.5) - 2)  # about 6.5 points a character, 2 for the quotes
-    return f'{pos}\n"{token_text(graph.tokens[pos], room) if pos < len(graph.tokens) else "?"}"'
+    return f"{pos}\n" + quoted(token_text(graph.tokens[pos], room) if pos < len(graph.tokens) else "?")
 
 
 def box_label(graph: AttributionGraph, n: Node) -> str:
     """The text inside a drawn node, two lines: what it is (its row says the layer, its column the token) and
     where; distinct nodes get distinct labels."""
     if n.type == NodeKind.LOGIT:
-        return f'"{token_text(n.label, MAX_TOKEN_CHARS)}"\np={n.prob:.2f}'
+        return quoted(token_text(n.label, MAX_TOKEN_CHARS)) + "\n" + (f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
     if n.type == NodeKind.EMBEDDING:
         what = token_text(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)
     elif n.members:  # a family (graphs/families.py): "L1 x21 ←60" over "fam 0 @64" (its rank in the id)

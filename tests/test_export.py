@@ -131,6 +131,9 @@ def test_node_names_are_distinct_and_readable(graph, saved_model):
     for label in (node_name, box_label):
         names = [label(graph, n) for n in graph.node_list]
         assert len(set(names)) == len(names)
+    for n in graph.logits():  # a drawn logit's probability: two decimals, and "p<0.01" rather than "p=0.00"
+        assert box_label(graph, n).endswith(f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
+        assert not box_label(graph, n).endswith("p=0.00")
     assert token_text("a\nb\tc\x01") == "a\\nb\\tc\\x01"
     tok = AutoTokenizer.from_pretrained(saved_model)
     texts = [decode(tok, i) for i in range(len(tok))]
@@ -379,3 +382,11 @@ def test_strongest_path_equals_networkx_first_path(graph):
             assert [p for _, p in fast] == [p for _, p in slow]
             assert all(abs(a - b) <= 1e-9 * b for (a, _), (b, _) in zip(fast, slow))
             assert all(len(p) >= min_len for _, p in fast)
+
+
+def test_a_token_holding_a_double_quote_is_quoted_readably():
+    from graphs.layout import quoted
+
+    assert quoted('"') == "'\"'" and quoted(" 98") == '" 98"' and quoted("it's") == "\"it's\""
+    texts = ['"', "'", "a\"b", "'a", '"a', "a"]
+    assert len({quoted(t) for t in texts}) == len(texts)  # distinct tokens stay distinct
