@@ -27,7 +27,8 @@ def models(search_dirs):
 
     click.echo("bundled presets:")
     for p in PRESETS.values():
-        status = "trained" if (p.folder / "config.json").is_file() else "not trained (circuits train-lm --model " + p.name + " --install)"
+        status = ("trained" if (p.folder / "config.json").is_file()
+                  else f"not trained (circuits train-lm --model {p.name} --install)")
         click.echo(f"  {p.name:<7} {p.architecture:<9} {p.n_layers} layers, d={p.d_model}, "
                    f"{p.n_heads} heads/{p.n_kv_heads} kv  {status}")
         click.echo(f"          {p.description}")
@@ -59,7 +60,8 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, install):
     for name, out in zip(names, run_recipe(names, workdir, list(texts) or None, steps=steps, compile=compile_,
                                            install=install, resume=resume)):
         click.echo(f"{name}: installed into {out}" if install else
-                   f"{name}: saved in {out}; to trace with it: trace PROMPT --model {out} (--install replaces the bundled one)")
+                   f"{name}: saved in {out}; to trace with it: trace PROMPT --model {out} "
+                   "(--install replaces the bundled one)")
 
 
 @circuits.command("fetch-data")

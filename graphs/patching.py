@@ -78,7 +78,8 @@ class PathPatcher:
                  counterfactual: torch.Tensor | None = None, demean: bool = False, freeze_norms: bool = False,
                  reference: list[torch.Tensor] | None = None):
         if not hasattr(model, "adapter"):
-            raise BadInputError(f"path patching needs a ReplacementModel (replacement.assemble), not {type(model).__name__}")
+            raise BadInputError("path patching needs a ReplacementModel (replacement.assemble), not "
+                                f"{type(model).__name__}")
         self.model, self.adapter = model, model.adapter
         a = self.adapter
         self.ids = a.prompt_ids(ids)[0]  # text or token ids

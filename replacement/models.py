@@ -325,13 +325,15 @@ class ModelAdapter:
         if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
             raise BadInputError(f"the {what}'s token ids must be whole numbers, not {prompt.dtype}")
         if prompt.dim() > 2 or (prompt.dim() == 2 and prompt.shape[0] != 1):
-            raise BadInputError(f"the {what} must be one sequence of token ids ([n] or [1, n]), not {list(prompt.shape)}")
+            raise BadInputError(f"the {what} must be one sequence of token ids ([n] or [1, n]), not "
+                                f"{list(prompt.shape)}")
         ids = prompt.reshape(1, -1).long()
         if ids.shape[1] == 0:
             raise BadInputError(f"the {what} is empty")
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if len(bad):
-            raise BadInputError(f"token id {int(bad[0])} in the {what} is outside the vocabulary (0-{self.vocab_size - 1})")
+            raise BadInputError(f"token id {int(bad[0])} in the {what} is outside the vocabulary "
+                                f"(0-{self.vocab_size - 1})")
         check_length(ids.shape[1], self.context, what)
         return ids.to(self.device)
 
