@@ -666,16 +666,6 @@ def render(graph_json, fmt, draw_nodes, expand_families):
             click.echo(f"wrote {path}")
 
 
-def _picture_name(node: str) -> str:
-    """A node id from the name a picture gives a head or feature (``L1.H5@3``, ``L1.F5@3``); other text as is."""
-    import re
-
-    m = re.fullmatch(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)", node.strip())
-    if not m:
-        return node
-    return f"{'lorsa' if m.group(2) == 'H' else 'tc'}.{m.group(1)}.{m.group(3)}@{m.group(4)}"
-
-
 def _graph_file(path: str) -> Path:
     """GRAPH_JSON as given, or the graph.json inside it when it names a trace's output folder."""
     from replacement.errors import BadInputError
@@ -705,6 +695,7 @@ MAX_PATHS = 100  # query --paths
 def query(graph_json, node, paths, node_type, layer, position, show_families):
     """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families."""
     import graphs
+    from graphs.graph import id_of_unit_label
     from replacement.errors import BadInputError
 
     from .common import printable as p
@@ -731,7 +722,7 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
         for e in c.outgoing(node, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
     elif node:
-        node = _picture_name(node)  # "L0.H136@4", as the pictures label a node, is lorsa.0.136@4
+        node = id_of_unit_label(node)  # "L0.H136@4", as the pictures label a node, is lorsa.0.136@4
         if node not in g.index:
             raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)

@@ -256,7 +256,7 @@ def _print_paths(graph, target: int | None = None, top_id: int | None = None) ->
     click.echo(f"{'top' if target is None else 'target'} logit {top.label!r}: {top.activation:.2f} demeaned (the logit "
                f"minus its mean over the vocabulary; p={top.prob:.3f})")
     if target is not None and top_id is not None and target != top_id:
-        best = graph.logit(top_id) if any(n.index == top_id for n in graph.logits()) else None
+        best = next((n for n in graph.logits() if n.index == top_id), None)
         click.echo(f"  the model's top token is another: {best.label!r} (p={best.prob:.3f})" if best is not None else
                    "  the model's top token is another")
     for kind, sources, min_len in (("feature", (NodeKind.EMBEDDING,), 3), ("error", ERROR_KINDS, 2)):

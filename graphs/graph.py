@@ -115,6 +115,16 @@ def unit_label(kind: NodeKind, layer: int, index: int) -> str:
     return f"L{layer}.{'H' if kind == NodeKind.LORSA else 'F'}{index}"
 
 
+def id_of_unit_label(text: str) -> str:
+    """The node id a unit's short name at a position stands for (``L1.H5@3`` -> ``lorsa.1.5@3``, ``L1.F5@3`` ->
+    ``tc.1.5@3``, as the pictures write them); any other text as it is."""
+    m = re.fullmatch(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)", text.strip())
+    if not m:
+        return text
+    kind = NodeKind.LORSA if m.group(2) == "H" else NodeKind.TRANSCODER
+    return str(NodeKey(kind, int(m.group(1)), int(m.group(3)), int(m.group(4))))
+
+
 @dataclass
 class QKPair:
     """One term of a head's attention score at one key position: a query-side node x a key-side node."""

@@ -107,12 +107,20 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during training; its message says where the last saved state is."""
 
 
-def interrupted(state_file: str | Path, saved_step: int | None, steps: int, every: int) -> Interrupted:
-    """The `Interrupted` to raise from a training loop: what is saved and how to go on."""
-    if saved_step:
-        return Interrupted(f"the state of step {saved_step} of {steps} is saved in {state_file}; run the same command "
-                           "again to resume from it")
-    return Interrupted(f"no state saved yet (the first is saved at step {every}); the next run starts afresh")
+@contextmanager
+def reporting_interrupts(trainer):
+    """Around a training loop: Ctrl-C (or SIGTERM) becomes an `Interrupted` saying which step's state is saved
+    and how to go on.  ``trainer``: its ``state_file``, ``saved_step`` (None before the first save) and ``cfg``
+    (``steps``, ``checkpoint_every``), read when the interrupt comes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        cfg = trainer.cfg
+        if trainer.saved_step:
+            raise Interrupted(f"the state of step {trainer.saved_step} of {cfg.steps} is saved in {trainer.state_file}; "
+                              "run the same command again to resume from it") from None
+        raise Interrupted(f"no state saved yet (the first is saved at step {cfg.checkpoint_every}); the next run "
+                          "starts afresh") from None
 
 
 def fingerprint(tensors) -> str:
@@ -131,7 +139,9 @@ def run_inputs(adapter, source, start: dict[str, torch.Tensor] | None = None) ->
     """What a training run is made from beyond its settings, as fingerprints: the model's weights, the stream of
     training batches (a function of the step: its first two batches stand for it) and, where given, the modules it
     starts from.  A state saved from other inputs must not resume (`check_same_inputs`)."""
-    out = {"the model's weights": fingerprint(adapter.model.parameters()),
+    from .models import model_fingerprint
+
+    out = {"the model's weights": model_fingerprint(adapter),
            "the training text": fingerprint([source.batch(0, 2), source.batch(1, 2)])}
     if start is not None:
         out["the starting modules"] = fingerprint(start[k] for k in sorted(start))

@@ -324,6 +324,7 @@ class JointTrainer:
             ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(JointConfig()))
             ckpt.check_same_inputs(self.state_file, meta.get("inputs"), self.inputs)
             self._restore(tensors, meta)
+        self.saved_step = self.step
         return True
 
     def _restore(self, tensors: dict, meta: dict) -> None:
@@ -346,9 +347,7 @@ class JointTrainer:
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
         from tqdm import tqdm
 
-        self.saved_step = None
         if resume and self.load_state():
-            self.saved_step = self.step
             if progress:
                 print(f"resuming {self.state_file} at step {self.step} of {self.cfg.steps}", file=sys.stderr)
         else:
@@ -357,7 +356,7 @@ class JointTrainer:
         bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="joint stage",
                    disable=not progress)
         t_last, ema = time.time(), None
-        try:
+        with ckpt.reporting_interrupts(self):
             for step in bar:
                 m = self.train_step(step)
                 self.step = step + 1
@@ -370,8 +369,6 @@ class JointTrainer:
                 bar.set_postfix(**shown, resampled=self.resampled)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                     self.save_state()
-        except KeyboardInterrupt:
-            raise ckpt.interrupted(self.state_file, self.saved_step, self.cfg.steps, self.cfg.checkpoint_every) from None
 
     def folded_modules(self) -> dict[Key, torch.nn.Module]:
         """Copies acting on raw activations, gradients off."""

@@ -384,6 +384,7 @@ class Trainer:
             ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(TrainConfig()))
             ckpt.check_same_inputs(self.state_file, meta.get("inputs"), self.inputs)
             self._restore(tensors, meta)
+        self.saved_step = self.step
         return True
 
     def _restore(self, tensors: dict, meta: dict) -> None:
@@ -491,8 +492,7 @@ class Trainer:
         bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="train replacements",
                    disable=not progress or self.rank != 0)
         t_last = time.time()
-        self.saved_step = self.resumed_at
-        try:
+        with ckpt.reporting_interrupts(self):
             for step in bar:
                 fvus = self.train_step(step)
                 self.step = step + 1
@@ -507,8 +507,6 @@ class Trainer:
                 t_last = now
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                     self.save_state()
-        except KeyboardInterrupt:
-            raise ckpt.interrupted(self.state_file, self.saved_step, self.cfg.steps, self.cfg.checkpoint_every) from None
 
     # -- export -------------------------------------------------------------------------------------------
 
