@@ -717,6 +717,8 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
         c = g.collapsed()
         click.echo(f"{p(node)}: a family of {len(f)}, activation {c.node(node).activation:.4g}, influence "
                    f"{c.node(node).influence:.4g} (its members' sums)")
+        _echo_lens(c.node(node).lens, "its summed output raises (logit lens at its members' activations, before the "
+                                      "final norm's scale)")
         for e in c.incoming(node, k=10):
             click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
         for e in c.outgoing(node, k=10):
@@ -727,6 +729,7 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
             raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
         n = g.node(node)
         click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
+        _echo_lens(n.lens, "its output raises (logit lens per unit of activation, before the final norm's scale)")
         for e in g.incoming(n, k=10):
             click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.outgoing(n, k=10):
@@ -753,6 +756,12 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
             raise BadInputError(f"--paths must be between 1 and {MAX_PATHS}, not {paths}")
         for strength, path in g.top_paths(k=paths, families=show_families):
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
+
+
+def _echo_lens(lens, what: str) -> None:
+    """One line of a node's logit lens (graphs/lens.py), if the graph holds it."""
+    if lens:
+        click.echo(f"  {what}: " + ", ".join(f"{t!r} {v:+.3g}" for t, v in lens))
 
 
 if __name__ == "__main__":

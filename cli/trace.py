@@ -124,6 +124,7 @@ def graphs_of(model, ids, target=None, qk=True, qk_heads=None, node_threshold=NO
     keeps, and so which heads a family gathers, depends on every one of these settings (QK pairs keep their nodes)."""
     from graphs.attribution import attribute
     from graphs.families import find_families
+    from graphs.lens import add_lens
     from graphs.prune import file_caps, prune
 
     whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=progress, bos=bos,
@@ -132,6 +133,7 @@ def graphs_of(model, ids, target=None, qk=True, qk_heads=None, node_threshold=NO
     graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
     if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
         find_families(graph, model, families, also=whole)  # the whole graph's nodes get the same marks
+    add_lens(graph, model)  # what each kept head, feature and family writes, in tokens: the pictures' third lines
     return whole, graph
 
 

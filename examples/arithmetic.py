@@ -69,6 +69,7 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     graph, movers sorted by |graph effect|, patching figures, the PNG or None)."""
     from graphs.attribution import attribute
     from graphs.circuits import operand_movers
+    from graphs.lens import add_lens
     from graphs.patching import graph_effects
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
@@ -82,6 +83,7 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     pos36, pos62, last = toks.index("36"), toks.index(" 62"), len(toks) - 1
     full = attribute(model, ids, target=ANSWER)
     graph = prune(full)
+    add_lens(graph, model)  # the pictures' third lines: what each kept head reads, each feature writes
     logit = graph.logit(adapter.tokenizer.encode(ANSWER, add_special_tokens=False)[0])
     eff = graph_effects(full, logit.id)
     movers = sorted(operand_movers(full, [pos36, pos62], last), key=lambda m: -abs(float(eff[full.index[m.head.id]])))

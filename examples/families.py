@@ -29,6 +29,7 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     from graphs.circuits import induction_families
     from graphs.families import DEFAULT_FAMILIES, FamilyConfig, family_components, find_families, predicted_effect
     from graphs.files import write_all
+    from graphs.lens import add_lens
     from graphs.patching import PathPatcher
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
@@ -44,6 +45,7 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]), qk=False)
     graph = prune(full)
     find_families(graph, model, cfg, also=full)  # on the pruned graph, as trace does; the full one's nodes marked too
+    add_lens(graph, model)  # the pictures' third lines: what each kept head reads, each feature and family writes
     n, tok = ids.shape[1], adapter.tokenizer
     logit = full.logit(answer)
     say(f"{model_name}: next token {token_text(tok, answer)!r} (p={logit.prob:.2f}); the earlier occurrence is followed "

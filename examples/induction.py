@@ -62,6 +62,7 @@ def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: 
     folder instead of the bundled set."""
     from graphs.attribution import attribute
     from graphs.circuits import circuit_nodes, induction_circuit
+    from graphs.lens import add_lens
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -72,6 +73,7 @@ def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: 
     ids, answer, expected_peak = showcase_prompt(adapter, prompt, seed)
     full = attribute(model, ids, target=adapter.tokenizer.decode([answer]))
     graph = prune(full)
+    add_lens(graph, model)  # the pictures' third lines: what each kept head reads, each feature writes
     logit = graph.logit(answer)
     circuit = induction_circuit(full, logit.id, expected_peak, adapter.parallel_residual)
     checks = patch_checks(model, ids, answer, full, circuit)

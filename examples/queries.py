@@ -32,8 +32,8 @@ def main(path: str | None = None) -> None:
         print(f"  {head.id:<22} act {head.activation:.3f}  {desc}")
     last = len(g.tokens) - 1
     print(f"\nnodes at the last position ({g.tokens[last]!r}):")  # 4. by position
-    for n in g.nodes(position=last):
-        print(f"  {n.type:<11} {n.id}")
+    for n in g.nodes(position=last):  # with what a head or feature writes, in tokens (its logit lens)
+        print(f"  {n.type:<11} {n.id:<22} {', '.join(repr(t) for t, _ in n.lens or ())}")
     G = g.to_networkx()  # 5. networkx
     first = g.nodes(type="embedding")[0]
     G2 = G.copy()

@@ -30,7 +30,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, grid, meaning, node_name, token_text)
+                     drawn_qk, gist, grid, meaning, node_name, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -46,17 +46,20 @@ def _viewer_layer(node: Node, n_layers: int) -> str:
     return str(n_layers + 1) if node.type == NodeKind.LOGIT else str(node.layer)
 
 
-def _clerp(node: Node) -> str:
+def _clerp(graph: AttributionGraph, node: Node) -> str:
+    """The viewer's label: a logit's token and probability, an embedding's token, a head's or feature's gist
+    (graphs/layout.py: the token a head reads most, the one a feature's output raises most)."""
     if node.type == NodeKind.LOGIT:
         return f'Output "{node.label}" (p={node.prob:.3f})'
     if node.type == NodeKind.EMBEDDING:
         return f'Emb: "{node.label}"'
-    return node.label
+    return gist(graph, node) or node.label
 
 
-def _node_dict(n: Node, n_layers: int, is_target: bool) -> dict:
+def _node_dict(graph: AttributionGraph, n: Node, n_layers: int, is_target: bool) -> dict:
     d = {"node_id": n.id, "feature": n.index, "layer": _viewer_layer(n, n_layers), "ctx_idx": n.pos,
-         "feature_type": VIEWER_FEATURE_TYPE[n.type], "jsNodeId": n.id, "clerp": _clerp(n), "influence": n.influence,
+         "feature_type": VIEWER_FEATURE_TYPE[n.type], "jsNodeId": n.id, "clerp": _clerp(graph, n),
+         "influence": n.influence,
          "activation": n.activation, "token_prob": n.prob, "is_target_logit": is_target,
          "run_idx": 0, "reverse_ctx_idx": 0, "type": n.type.value, "model_layer": n.layer, "index": n.index,
          "preact": n.preact, "const": n.const, "dropped": n.dropped, "label": n.label}
@@ -64,10 +67,14 @@ def _node_dict(n: Node, n_layers: int, is_target: bool) -> dict:
         d["z_pattern"] = n.z_pattern
     if n.qk:
         d["qk"] = [entry.to_json() for entry in n.qk]
+    if n.lens:
+        d["lens"] = n.lens
     if n.family is not None:
         d["family"] = n.family
         if n.family_cosine is not None:
             d["family_cosine"] = n.family_cosine
+        if n.family_lens:
+            d["family_lens"] = n.family_lens
     return d
 
 
@@ -76,13 +83,14 @@ def _node_from_dict(x: dict) -> Node:
                 index=int(x["index"]), activation=x["activation"], influence=x["influence"],
                 label=x.get("label", ""), prob=x["token_prob"], const=x["const"], preact=x["preact"],
                 dropped=x["dropped"], z_pattern=x.get("z_pattern"), qk=[QKEntry.from_json(e) for e in x.get("qk", ())],
-                family=x.get("family"), family_cosine=x.get("family_cosine"))
+                family=x.get("family"), family_cosine=x.get("family_cosine"), lens=x.get("lens"),
+                family_lens=x.get("family_lens"))
 
 
 def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
     n_layers = max([n.layer for n in graph.node_list if n.type == NodeKind.LOGIT], default=0)
     target_ids = {n.id for n in graph.logits()[:1]}
-    nodes = [_node_dict(n, n_layers, n.id in target_ids) for n in graph.node_list]
+    nodes = [_node_dict(graph, n, n_layers, n.id in target_ids) for n in graph.node_list]
     ids, E = [n.id for n in graph.node_list], graph.edge_arrays  # the arrays straight, no `Edge` objects
     links = [{"source": ids[s], "target": ids[t], "weight": w, "kind": EdgeArrays.KINDS[k]}
              for s, t, w, k in zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist())]
@@ -256,7 +264,9 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
                      "in the HTML page (--format html)")
     lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
               "    dashed orange octagon: error node, what the replacement misses of the real layer",
-              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
+              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)",
+              "third line: \u2190\"36\" the token a head takes most of its activation from (its z pattern's largest key); "
+              "\u2192\" 98\" the token a feature's output raises most (logit lens)"]
     if families:
         lines.append(f"double outline: a family (graphs/families.py; {len(families)} in this graph), e.g. "
                      f"{_family_example(graph, max(families, key=len))}, one node whose edges are its members' sums;")

@@ -269,7 +269,7 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
     kinds = (NodeKind.LORSA, NodeKind.TRANSCODER) if cfg.transcoders else (NodeKind.LORSA,)
     nodes = [n for n in graph.node_list if n.type in kinds]
     for n in graph.node_list + (also.node_list if also is not None else []):
-        n.family, n.family_cosine = None, None
+        n.family, n.family_cosine, n.family_lens = None, None, None
     if cfg.direction == "weights":
         if model is None:
             raise BadInputError("family direction 'weights' needs the model (its W_O rows and decoders)")
@@ -412,4 +412,4 @@ def _family_node(graph: AttributionGraph, f: Family) -> Node:
     return Node(f.id, f.kind, f.layers[0], f.pos, rank, activation=sum(m.activation for m in ms),
                 influence=sum(m.influence for m in ms), label=family_label(f), const=sum(m.const for m in ms),
                 preact=sum(m.preact for m in ms), dropped=sum(m.dropped for m in ms), z_pattern=z,
-                members=list(f.members))
+                members=list(f.members), lens=ms[0].family_lens)

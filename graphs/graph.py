@@ -252,6 +252,8 @@ class Node:
     family: str | None = None  # heads/features: the id of the family it belongs to (graphs/families.py)
     family_cosine: float | None = None  # a member: its output direction's cosine with its family's mean direction
     members: list[str] | None = None  # a family node of a collapsed graph: its members' node ids
+    lens: list[list] | None = None  # heads/features: [[token, demeaned logit per unit activation], ...] (graphs/lens.py)
+    family_lens: list[list] | None = None  # a family's member: the lens of the family's summed output (graphs/lens.py)
 
     def __post_init__(self):
         self.type = NodeKind(self.type)

@@ -205,6 +205,10 @@ function show(id) {
   if (n.members) h += section(`a family of ${n.members.length} (output directions' mean cosine with their mean ` +
     `${fmt(n.mean_cosine)}; its edges are its members' sums)`, n.members.map(link).join(', '));
   if (n.family && DATA.nodes[n.family]) h += `<div class="meta">member of the family ${link(n.family)}</div>`;
+  if (n.lens && !n.dash) h += section(n.members ?
+    "logit lens of its output (its members' directions summed, weighted by activation, before the final norm's scale)" :
+    "logit lens (demeaned logits per unit of activation, before the final norm's scale)",
+    `<div class="num">raises ${n.lens.map(([t, v]) => `${tok(t)} ${fmt(v)}`).join(', ')}</div>`);
   if (n.z_pattern) {
     h += section('z pattern on this prompt (share of each key position)',
       `<div class="ctx">${tokens(DATA.tokens.slice(0, n.z_pattern.length), n.z_pattern, n.pos)}</div>`);
@@ -363,6 +367,7 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
             "z_pattern": n.z_pattern, "qk": [e.to_json() for e in n.qk] or None, "dash": key if key in dash else None,
             "in": [[e.source, round(e.weight, 5)] for e in graph.incoming(n, k=n_edges)],
             "out": [[e.target, round(e.weight, 5)] for e in graph.outgoing(n, k=n_edges)], "family": n.family,
+            "lens": n.lens,
         }
     for f in fams:  # a family node: its members, and its summed edges in the collapsed graph
         n = collapsed.node(f.id)
@@ -371,7 +376,7 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
             "pos": n.pos, "rank": None, "activation": n.activation, "influence": n.influence, "z_pattern": n.z_pattern,
             "qk": None, "dash": None, "members": f.members, "mean_cosine": f.mean_cosine,
             "in": [[e.source, round(e.weight, 5)] for e in collapsed.incoming(n, k=n_edges)],
-            "out": [[e.target, round(e.weight, 5)] for e in collapsed.outgoing(n, k=n_edges)],
+            "out": [[e.target, round(e.weight, 5)] for e in collapsed.outgoing(n, k=n_edges)], "lens": n.lens,
         }
     steps, default = _pictures(graph, draw_nodes)
     family_steps, family_default = _pictures(collapsed, draw_nodes) if collapsed is not None else (None, None)
@@ -414,7 +419,9 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
             f"<div id=\"legend\"><span id=\"left-out\"></span> Edges run upwards: blue excites, red inhibits, width by "
             f"|weight|; dashed: a head's QK pair. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
-            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses).</div>"
+            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses). Third line: "
+            f"&larr;\"36\" the token a head takes most of its activation from, &rarr;\" 98\" the token a feature's "
+            f"output raises most (logit lens).</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
             f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
             f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from .graph import ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, unit_label
+from .lens import key_position
 
 DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
 EDGES_PER_NODE = 3  # drawn edges per drawn node
-NODE_W, NODE_H = 66.0, 30.0  # points
+NODE_W, NODE_H = 66.0, 40.0  # points (three lines of text)
 GAP, COL_GAP, ROW_GAP = 6.0, 12.0, 18.0  # between the nodes of a cell, between columns, between rows
 NARROW_W = 40.0  # a column where only an embedding is drawn, and its box
 EMPTY_COL_W, EMPTY_ROW_H = 24.0, 16.0
@@ -29,6 +30,7 @@ MAX_EMBED_CHARS = 6  # an embedding box's token, so that it fits a narrow column
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
 VIEW = (1160.0, 800.0)  # the HTML page's graph area at 1600 x 1000, in pixels
 MAX_TOKEN_CHARS = 12
+MAX_GIST_CHARS = 6  # the token on a head's or feature's third line
 MEANING = {NodeKind.ATTN_ERROR: "an error node: what layer {L}'s Lorsa heads miss of the real attention output at this position",
            NodeKind.MLP_ERROR: "an error node: what layer {L}'s transcoder misses of the real MLP output at this position",
            NodeKind.LOGIT: "its value is the demeaned logit: the logit minus its mean over the vocabulary"}
@@ -59,19 +61,33 @@ def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
 
 
 def box_label(graph: AttributionGraph, n: Node) -> str:
-    """The text inside a drawn node, two lines: what it is (its row says the layer, its column the token) and
-    where; distinct nodes get distinct labels."""
+    """The text inside a drawn node: what it is (its row says the layer, its column the token) and where, and for
+    a head or feature a third line, its `gist`; distinct nodes get distinct labels."""
     if n.type == NodeKind.LOGIT:
         return quoted(token_text(n.label, MAX_TOKEN_CHARS)) + "\n" + (f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
     if n.type == NodeKind.EMBEDDING:
-        what = token_text(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)
-    elif n.members:  # a family (graphs/families.py): "L1 x21 ←60" over "fam 0 @64" (its rank in the id)
-        return f"{n.label}\nfam {n.index} @{n.pos}"
-    elif n.type in FEATURE_KINDS:
-        what = unit_label(n.type, n.layer, n.index)
-    else:  # an error node: "L1 MLP" over "error @4"
+        return f"{token_text(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)}\n@{n.pos}"
+    if n.type not in FEATURE_KINDS:  # an error node: "L1 MLP" over "error @4"
         return f"L{n.layer} {_error_part(n)}\nerror @{n.pos}"
-    return f"{what}\n@{n.pos}"
+    if n.members:  # a family (graphs/families.py): "L1 x21 ←60" over "fam 0 @64" (its rank in the id)
+        text = f"{n.label}\nfam {n.index} @{n.pos}"
+    else:
+        text = f"{unit_label(n.type, n.layer, n.index)}\n@{n.pos}"
+    line = gist(graph, n)
+    return f"{text}\n{line}" if line else text
+
+
+def gist(graph: AttributionGraph, n: Node) -> str:
+    """A head's or feature's meaning in a few characters (graphs/lens.py): for a Lorsa head (or family of heads)
+    the token at the key position it takes most of its activation from, ``←"36"``; for a transcoder feature (or
+    family) the token its output raises most through the unembedding, ``→" 98"``; '' when the graph does not say."""
+    if n.type == NodeKind.LORSA:
+        p = key_position(n)
+        return "" if p is None or p >= len(graph.tokens) else \
+            "\u2190" + quoted(token_text(graph.tokens[p], MAX_GIST_CHARS))
+    if n.type == NodeKind.TRANSCODER and n.lens:
+        return "\u2192" + quoted(token_text(n.lens[0][0], MAX_GIST_CHARS))
+    return ""
 
 
 def node_name(graph: AttributionGraph, n: Node) -> str:

@@ -284,7 +284,8 @@ def test_dot_draws_a_family_as_one_node_and_expands(tmp_path):
 
     g = _graph()
     dot = to_dot(g, draw_nodes=100)
-    assert '"fam.lorsa.1.0@2" [label="L1-2 x3 ←1\\nfam 0 @2"' in dot and "peripheries=2" in dot
+    # the third line: the token at the key position (1, "b") the family takes most of its activation from
+    assert '"fam.lorsa.1.0@2" [label="L1-2 x3 ←1\\nfam 0 @2\\n←\\"b\\""' in dot and "peripheries=2" in dot
     assert '"lorsa.1.0@2" [' not in dot and "double outline: a family" in dot
     assert "e.g. L1-2 x3 ←1: 3 heads of layers 1-2 at " in dot  # the legend's example: this graph's largest family
     expanded = to_dot(g, draw_nodes=100, expand_families=True)

@@ -1,0 +1,113 @@
+"""The words under a node's id (graphs/lens.py): a unit's logit lens against the model's own final norm and
+unembedding, a family's vote, a head's key token, and the boxes and files that carry them."""
+from __future__ import annotations
+
+import torch
+
+from graphs.graph import Node, NodeKind
+from graphs.lens import key_position, unit_lens
+
+
+def _model_reads(adapter, w: torch.Tensor) -> torch.Tensor:
+    """[V] the demeaned logits the model's own final norm and unembedding give direction w, less what they give the
+    zero vector (a LayerNorm's bias): (W_U (gamma * P w)) / s, s > 0 the norm's scale of w."""
+    with torch.no_grad():
+        U = adapter.unembedding
+        logits = U(adapter.final_norm(w[None]))[0] - U(adapter.final_norm(torch.zeros_like(w)[None]))[0]
+    return logits - logits.mean()
+
+
+def test_unit_lens_ranks_tokens_as_the_model_reads_the_direction(adapter):
+    from replacement.norms import is_layernorm, norm_weight
+
+    torch.manual_seed(3)
+    W = torch.randn(6, adapter.d_model)
+    k = 5
+    ids, vals = unit_lens(W, norm_weight(adapter.final_norm), adapter.unembedding.weight.detach(),
+                          is_layernorm(adapter.final_norm), k, chunk=4)  # two chunks
+    assert ids.shape == vals.shape == (6, k)
+    for w, row_ids, row_vals in zip(W, ids, vals):
+        real = _model_reads(adapter, w)
+        assert row_ids.tolist() == real.topk(k).indices.tolist()
+        ratio = row_vals / real[row_ids]  # the norm's scale of w, the same for every token
+        assert (ratio > 0).all() and torch.allclose(ratio, ratio[0].expand(k), rtol=1e-4)
+
+
+def test_key_position_is_where_the_z_pattern_weighs_most():
+    head = Node("h", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.1, -2.0, 1.5, 0.0])
+    assert key_position(head) == 1  # the largest in size, as families' key rule (graphs/families.py)
+    assert key_position(Node("f", NodeKind.TRANSCODER, 0, 3, 0)) is None
+
+
+def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
+    """On a traced graph: each kept unit's lens is its own output direction's (against the model's reading),
+    the boxes carry it (features) or the key token (heads), family boxes their vote, and graph.json keeps it."""
+    from cli.trace import graphs_of
+    from graphs.export import from_dict, to_dict
+    from graphs.families import collapse, find_families, output_directions
+    from graphs.layout import MAX_GIST_CHARS, box_label, quoted
+    from graphs.layout import token_text as token_text_line
+    from graphs.validate import check_graph_dict
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+    from replacement.tokenizer import token_text
+
+    adapter = load_model(str(saved_model))
+    model = ReplacementModel.load(adapter, None, "lorsa")
+    ids = adapter.tokenize("the cat sat on the mat. 1 + 2 =")
+    _, graph = graphs_of(model, ids, max_feature_nodes=None)
+    units = [n for n in graph.node_list if n.type in (NodeKind.LORSA, NodeKind.TRANSCODER)]
+    assert units and all(n.lens and len(n.lens) == 3 for n in units)
+    for n, w in zip(units, output_directions(model, units)):
+        real = _model_reads(adapter, w)
+        assert [t for t, _ in n.lens] == [token_text(adapter.tokenizer, int(i)) for i in real.topk(3).indices]
+        lines = box_label(graph, n).split("\n")
+        assert len(lines) == 3
+        if n.type == NodeKind.TRANSCODER:
+            assert lines[2] == "\u2192" + quoted(token_text_line(n.lens[0][0], MAX_GIST_CHARS))
+        else:
+            key = int(torch.tensor(n.z_pattern).abs().argmax())
+            assert lines[2] == "\u2190" + quoted(token_text_line(graph.tokens[key], MAX_GIST_CHARS))
+    fams = graph.families()
+    assert fams  # the random replacements' heads at the last position group
+    collapsed = collapse(graph, fams)
+    for f in fams:  # a family's lens: its members' directions summed, weighted by their activations
+        members = [graph.node(m) for m in f.members]
+        summed = sum(m.activation * w for m, w in zip(members, output_directions(model, members)))
+        real = _model_reads(adapter, summed)
+        node = collapsed.node(f.id)
+        assert [t for t, _ in node.lens] == [token_text(adapter.tokenizer, int(i)) for i in real.topk(3).indices]
+        assert all(m.family_lens == node.lens for m in members)
+        assert box_label(collapsed, node).split("\n")[2][0] in "\u2190\u2192"
+    d = to_dict(graph)
+    check_graph_dict(d)
+    again = from_dict(d)
+    assert [(again.node(n.id).lens, again.node(n.id).family_lens) for n in units] == \
+        [(n.lens, n.family_lens) for n in units]
+    find_families(graph, model)  # grouping again clears the families' lenses (the next add_lens sets them)
+    assert all(n.family_lens is None for n in units)
+
+
+def test_query_prints_a_node_and_a_family_lens(saved_model, tmp_path):
+    """`circuits query --node` on a written graph: a unit's lens line and a family's, from graph.json alone."""
+    import subprocess
+    import sys
+
+    from cli.trace import graphs_of
+    from graphs.export import write_json
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    model = ReplacementModel.load(adapter, None, "lorsa")
+    _, graph = graphs_of(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
+    path = write_json(graph, tmp_path / "graph.json")
+    unit = next(n for n in graph.node_list if n.lens)
+    fam = graph.families()[0]
+    for node, lens, words in ((unit.id, unit.lens, "its output raises"),
+                              (fam.id, graph.node(fam.members[0]).family_lens, "its summed output raises")):
+        r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", str(path),
+                            "--node", node], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        line = next(x for x in r.stdout.splitlines() if words in x)
+        assert line.split(": ", 1)[1] == ", ".join(f"{t!r} {v:+.3g}" for t, v in lens)
