@@ -91,8 +91,9 @@ def gist(graph: AttributionGraph, n: Node) -> str:
 
 
 def node_name(graph: AttributionGraph, n: Node) -> str:
-    """One line naming a node for people: what it is, where, and the token there.  Distinct nodes get
-    distinct names (their ids differ in type, layer, index or position, and each of those is in the name)."""
+    """One line naming a node for people: what it is, where, the token there and, for a head or feature, its
+    `gist`.  Distinct nodes get distinct names (their ids differ in type, layer, index or position, and each of
+    those is in the name)."""
     at = f'@{n.pos} "{_token(graph, n.pos)}"'
     if n.type == NodeKind.EMBEDDING:
         return f"emb {at}"
@@ -100,10 +101,11 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
         return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
     if n.type in ERROR_KINDS:
         return f"L{n.layer} {_error_part(n)} error {at}"
+    line = gist(graph, n)
     if n.members:
         what = "heads" if n.type == NodeKind.LORSA else "features"
-        return f"family {n.label} {what} {n.id} {at}"
-    return f"{box_label(graph, n).splitlines()[0]} {at}"
+        return f"family {n.label} {what} {n.id} {at} {line}".rstrip()
+    return f"{box_label(graph, n).splitlines()[0]} {at} {line}".rstrip()
 
 
 def _error_part(n: Node) -> str:
