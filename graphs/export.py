@@ -30,7 +30,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, gist, grid, meaning, node_name, token_text)
+                     drawn_qk, gist, gist_examples, grid, meaning, node_name, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -264,9 +264,10 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
                      "in the HTML page (--format html)")
     lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
               "    dashed orange octagon: error node, what the replacement misses of the real layer",
-              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)",
-              "third line: \u2190\"36\" the token a head takes most of its activation from (its z pattern's largest key); "
-              "\u2192\" 98\" the token a feature's output raises most (logit lens)"]
+              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
+    gists = gist_examples(graph)
+    if gists:
+        lines.append("third line: " + "; ".join(gists))
     if families:
         lines.append(f"double outline: a family (graphs/families.py; {len(families)} in this graph), e.g. "
                      f"{_family_example(graph, max(families, key=len))}, one node whose edges are its members' sums;")

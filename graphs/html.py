@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_order, grid, meaning, node_name, token_text)
+                     drawn_qk, edge_order, gist_examples, grid, meaning, node_name, token_text)
 
 STYLE = """
 body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
@@ -406,6 +406,8 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
 
     data = script_json(page_data(graph, dashboards, draw_nodes, expand_families=expand_families))
     title = f"{token_text(graph.prompt)} - attribution graph"
+    gists = gist_examples(graph)  # what a box's third line says, with this graph's strongest examples
+    third = f" Third line: {html.escape('; '.join(gists))}." if gists else ""
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"toolbar\">"
             f"<input id=\"search\" type=\"search\" list=\"names\" placeholder=\"find a node: id, name or token\">"
@@ -419,9 +421,8 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
             f"<div id=\"legend\"><span id=\"left-out\"></span> Edges run upwards: blue excites, red inhibits, width by "
             f"|weight|; dashed: a head's QK pair. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
-            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses). Third line: "
-            f"&larr;\"36\" the token a head takes most of its activation from, &rarr;\" 98\" the token a feature's "
-            f"output raises most (logit lens).</div>"
+            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses)."
+            f"{third}</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
             f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
             f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "

@@ -90,6 +90,22 @@ def gist(graph: AttributionGraph, n: Node) -> str:
     return ""
 
 
+def gist_examples(graph: AttributionGraph) -> list[str]:
+    """What a box's third line means (`gist`), each with the graph's most influential example: a head's
+    key token, a feature's logit-lens token; none for a kind whose nodes have no gist (a graph.json from before)."""
+    out = []
+    for kind, meaning in ((NodeKind.LORSA, "the token {name} takes most of its activation from (its z pattern's "
+                                           "largest key)"),
+                          (NodeKind.TRANSCODER, "the token {name}'s output raises most (logit lens)")):
+        best = max((n for n in graph.node_list if n.type == kind and gist(graph, n)), key=lambda n: n.influence,
+                   default=None)
+        if best is not None:
+            what = "family" if best.members else "head" if kind == NodeKind.LORSA else "feature"
+            name = f"{what} {box_label(graph, best).split(chr(10))[0]}"
+            out.append(f"{gist(graph, best)} " + meaning.format(name=name))
+    return out
+
+
 def node_name(graph: AttributionGraph, n: Node) -> str:
     """One line naming a node for people: what it is, where, the token there and, for a head or feature, its
     `gist`.  Distinct nodes get distinct names (their ids differ in type, layer, index or position, and each of

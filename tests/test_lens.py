@@ -111,3 +111,29 @@ def test_query_prints_a_node_and_a_family_lens(saved_model, tmp_path):
         assert r.returncode == 0, r.stderr
         line = next(x for x in r.stdout.splitlines() if words in x)
         assert line.split(": ", 1)[1] == ", ".join(f"{t!r} {v:+.3g}" for t, v in lens)
+
+
+def test_legends_explain_the_third_line_with_the_graphs_strongest_examples(saved_model):
+    """The DOT legend and the page's name the strongest head's and feature's gist; a graph whose features carry
+    no lens (a graph.json from before) says nothing about features' third lines."""
+    import html
+
+    from cli.trace import graphs_of
+    from graphs.export import to_dot
+    from graphs.html import to_html
+    from graphs.layout import gist
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    adapter = load_model(str(saved_model))
+    model = ReplacementModel.load(adapter, None, "lorsa")
+    _, graph = graphs_of(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
+    head = max(graph.nodes(type="lorsa"), key=lambda n: n.influence)
+    feature = max(graph.nodes(type="transcoder"), key=lambda n: n.influence)
+    dot, page = to_dot(graph, expand_families=True), to_html(graph)
+    for words in (f"{gist(graph, head)} the token head L{head.layer}.H{head.index} takes",
+                  f"{gist(graph, feature)} the token feature L{feature.layer}.F{feature.index}'s output raises"):
+        assert words.replace('"', '\\"') in dot and html.escape(words) in page
+    for n in graph.node_list:
+        n.lens = None
+    assert "output raises" not in to_dot(graph, expand_families=True) and "head L" in to_dot(graph, expand_families=True)
