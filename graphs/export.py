@@ -30,7 +30,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, gist, gist_examples, grid, meaning, node_name, token_text)
+                     drawn_qk, gist, gist_examples, grid, meaning, node_name, quoted, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -264,7 +264,8 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
                      "in the HTML page (--format html)")
     lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
               "    dashed orange octagon: error node, what the replacement misses of the real layer",
-              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side)"]
+              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side; "
+              "purple raises its score, orange lowers it)"]
     gists = gist_examples(graph)
     if gists:
         lines.append("third line: " + "; ".join(gists))
@@ -281,10 +282,10 @@ def _family_example(graph: AttributionGraph, f) -> str:
     from .families import family_label
 
     what = "heads" if f.kind == NodeKind.LORSA else "features"
-    tok = lambda p: token_text(graph.tokens[p]) if 0 <= p < len(graph.tokens) else f"@{p}"  # noqa: E731
-    reads = f"attend to {f.key_positions[0]} {tok(f.key_positions[0])!r}" if f.kind == NodeKind.LORSA else "read it"
+    tok = lambda p: quoted(token_text(graph.tokens[p])) if 0 <= p < len(graph.tokens) else f"@{p}"  # noqa: E731
+    reads = f"attend to {f.key_positions[0]} {tok(f.key_positions[0])}" if f.kind == NodeKind.LORSA else "read it"
     layers = "-".join(map(str, sorted({f.layers[0], f.layers[-1]})))
-    return (f"{family_label(f)}: {len(f)} {what} of layer{'s' * ('-' in layers)} {layers} at {tok(f.pos)!r} "
+    return (f"{family_label(f)}: {len(f)} {what} of layer{'s' * ('-' in layers)} {layers} at {tok(f.pos)} "
             f"that {reads} and do not write against each other")
 
 

@@ -54,6 +54,7 @@ const info = document.getElementById('info');
 const slider = document.getElementById('slider');
 const esc = s => String(s).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
 const tok = s => esc(JSON.stringify(String(s)).slice(1, -1));
+const qtok = s => `&quot;${tok(s)}&quot;`;  // a token in quotes, so that " 97" never reads as the number 97
 const fmt = v => (v === null || v === undefined) ? '' : Number(v).toPrecision(3);
 const name = id => DATA.nodes[id] ? DATA.nodes[id].title : id;
 const link = id => DATA.nodes[id] ? `<a href="#node=${encodeURIComponent(id)}">${esc(name(id))}</a>` : esc(id);
@@ -199,16 +200,16 @@ function show(id) {
     return;
   }
   let h = `<h2 id="panel-title">${esc(n.title)}</h2><div class="meta">${esc(id)} &middot; ${esc(n.type)} at position ${n.pos} ` +
-    `(${tok(DATA.tokens[n.pos] ?? '')}) &middot; ${n.type === 'logit' ? 'demeaned logit' : 'activation'} ${fmt(n.activation)} ` +
+    `(${qtok(DATA.tokens[n.pos] ?? '')}) &middot; ${n.type === 'logit' ? 'demeaned logit' : 'activation'} ${fmt(n.activation)} ` +
     `&middot; influence ${fmt(n.influence)} ` + (n.rank ? `(rank ${n.rank} of ${DATA.total})` : "(its members' sum)") + '</div>';
   if (n.meaning) h += `<div class="meta">This is ${esc(n.meaning)}.</div>`;
   if (n.members) h += section(`a family of ${n.members.length} (output directions' mean cosine with their mean ` +
     `${fmt(n.mean_cosine)}; its edges are its members' sums)`, n.members.map(link).join(', '));
   if (n.family && DATA.nodes[n.family]) h += `<div class="meta">member of the family ${link(n.family)}</div>`;
-  if (n.lens && !n.dash) h += section(n.members ?
+  if (n.lens) h += section(n.members ?
     "logit lens of its output (its members' directions summed, weighted by activation, before the final norm's scale)" :
     "logit lens (demeaned logits per unit of activation, before the final norm's scale)",
-    `<div class="num">raises ${n.lens.map(([t, v]) => `${tok(t)} ${fmt(v)}`).join(', ')}</div>`);
+    `<div class="num">raises ${n.lens.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>`);
   if (n.z_pattern) {
     h += section('z pattern on this prompt (share of each key position)',
       `<div class="ctx">${tokens(DATA.tokens.slice(0, n.z_pattern.length), n.z_pattern, n.pos)}</div>`);
@@ -244,8 +245,9 @@ function show(id) {
       `<div class="ctx"><span class="num">${fmt(c.activation)}</span> ${tokens(c.tokens, c.z || c.acts, c.query)}` +
       (c.z_top ? `<div class="num">reads ${c.z_top.map(z => `${tok(z.token)} at ${z.offset} (z ${fmt(z.z)})`).join(', ')}</div>` : '') +
       `</div>`).join('') || '<div class="num">never active on the sample</div>');
-    h += section('logit lens', `<div class="num">promotes ${d.logits_up.map(([t, v]) => `${tok(t)} ${fmt(v)}`).join(', ')}</div>` +
-      `<div class="num">suppresses ${d.logits_down.map(([t, v]) => `${tok(t)} ${fmt(v)}`).join(', ')}</div>`);
+    h += section('logit lens over the vocabulary (raw logits per unit of activation, not demeaned)',
+      `<div class="num">promotes ${d.logits_up.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>` +
+      `<div class="num">suppresses ${d.logits_down.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>`);
   } else if (n.type === 'lorsa' || n.type === 'transcoder') {
     h += '<div class="num">(no dashboard in this file)</div>';
   }
@@ -255,7 +257,8 @@ function show(id) {
 function go(id) {  // select a node: draw it, bring it into view, fill the panel, mark it in the list
   if (DATA.nodes[id] && !(id in step.xy)) {  // a member while families are collapsed, or a family while expanded
     if (!STEPS.some(s => id in s.xy)) useFamilies(STEPS === DATA.steps);
-    draw(STEPS.findIndex(s => id in s.xy)); fit();
+    const usual = STEPS === DATA.steps ? DATA.default_step : DATA.family_default_step;
+    draw(id in STEPS[usual].xy ? usual : STEPS.findIndex(s => id in s.xy)); fit();  // the usual picture if it holds it
   }
   selected = DATA.nodes[id] ? id : null;
   for (const g of scene.querySelectorAll('g.node.selected')) g.classList.remove('selected');

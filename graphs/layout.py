@@ -39,9 +39,10 @@ MEANING = {NodeKind.ATTN_ERROR: "an error node: what layer {L}'s Lorsa heads mis
 # -- labels ---------------------------------------------------------------------------------------------------
 
 def token_text(text: str, limit: int | None = None) -> str:
-    """A token as one readable line: newlines, tabs and other control characters escaped (``\\n``)."""
-    out = "".join({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, c if c.isprintable() or c == " " else f"\\x{ord(c):02x}")
-                  for c in text)
+    """A token as one readable line: newlines, tabs and other control characters escaped (``\\n``), a backslash
+    doubled (so that the two characters ``\\n`` never read as a newline)."""
+    out = "".join({"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}.get(
+        c, c if c.isprintable() or c == " " else f"\\x{ord(c):02x}") for c in text)
     return out if limit is None or len(out) <= limit else out[: limit - 1] + "…"
 
 

@@ -9,8 +9,9 @@ logit lens), and which token a head reads most.
   member's activation on this prompt (what the family writes as one node, so its values are at those
   activations, not per unit), set on every member as ``Node.family_lens`` so that graph.json carries it and the
   family node of a collapsed graph reads it.
-* A head's **key token**: the key position where its z pattern (A_{t,s} v_s) is largest in size, the position it
-  takes most of its activation from on this prompt.
+* A head's **key token**: the key position where its z pattern (A_{t,s} v_s) is largest, the position it takes
+  most of its activation from on this prompt.
+* Special tokens (padding, end of text) are never listed: their unembedding rows are often the longest.
 """
 from __future__ import annotations
 
@@ -22,17 +23,22 @@ LENS_TOKENS = 3  # tokens kept per node
 
 
 def unit_lens(W: torch.Tensor, gain: torch.Tensor, W_U: torch.Tensor, layernorm: bool, k: int = LENS_TOKENS,
-              chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = 512, exclude: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """The k tokens each direction raises most: (ids [m, k], demeaned logits [m, k]).  W [m, d] the units'
-    output directions, gain [d] the final norm's, W_U [V, d] the unembedding."""
+    output directions, gain [d] the final norm's, W_U [V, d] the unembedding; ``exclude``: token ids never
+    listed (the mean is still over the whole vocabulary)."""
     from replacement.norms import centre
 
     U = W_U.float()  # [V, d]
     mean_row = U.mean(0)  # [d]: a direction's logits' mean over the vocabulary is mean_row . x
+    barred = torch.tensor(sorted(set(exclude)), dtype=torch.long)
+    k = max(0, min(k, U.shape[0] - len(barred)))
     ids, vals = [], []
     for i in range(0, len(W), chunk):
         x = centre(W[i: i + chunk].float(), layernorm) * gain.float()  # [c, d]
-        top = (x @ U.t()).topk(min(k, U.shape[0]), dim=-1)  # [c, k] of the [c, V] logits
+        logits = x @ U.t()  # [c, V]
+        logits[:, barred] = -torch.inf
+        top = logits.topk(k, dim=-1)  # [c, k]
         ids.append(top.indices)
         vals.append(top.values - (x @ mean_row)[:, None])
     if not ids:
@@ -45,7 +51,7 @@ def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
     unit of activation], ...], the k tokens its output raises most; and ``Node.family_lens`` of every member of a
     family the graph holds (module docstring).  Call it after `find_families` for the families' part."""
     from replacement.norms import is_layernorm, norm_weight
-    from replacement.tokenizer import token_text
+    from replacement.tokenizer import special_ids, token_text
 
     from .families import families, output_directions
 
@@ -59,7 +65,8 @@ def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
     sums = [sum(nodes[row[m]].activation * W[row[m]] for m in f.members) for f in fams]  # [d] each
     with torch.no_grad():
         ids, vals = unit_lens(torch.cat([W] + [s[None] for s in sums]), norm_weight(a.final_norm).cpu(),
-                              a.unembedding.weight.detach().cpu(), is_layernorm(a.final_norm), k)
+                              a.unembedding.weight.detach().cpu(), is_layernorm(a.final_norm), k,
+                              exclude=special_ids(a.tokenizer, len(a.unembedding.weight)))
     texts = {t: token_text(a.tokenizer, t) for t in set(ids.flatten().tolist())}
     lens = [[[texts[t], round(v, 4)] for t, v in zip(r_ids, r_vals)] for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]
     for n, entry in zip(nodes, lens):
@@ -71,8 +78,10 @@ def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
 
 def key_position(n: Node) -> int | None:
     """The key position a Lorsa head (or a family of heads) takes most of its activation from: where its z
-    pattern is largest in size (the first such, as argmax); None for other nodes or an empty pattern."""
+    pattern (A_{t,s} v_s, which sums to the activation) is largest (the first such, as argmax; a negative entry
+    takes activation away, so it is never the answer while a positive one exists); None for other nodes or an
+    empty pattern."""
     z = n.z_pattern
     if not z:
         return None
-    return max(range(len(z)), key=lambda s: abs(z[s]))
+    return max(range(len(z)), key=lambda s: z[s])

@@ -28,10 +28,12 @@ from .errors import BadInputError
 from .norms import centre as centre_
 from .norms import is_layernorm, norm_weight
 from .hooks import hook_name, layer_names
+from .tokenizer import special_ids
 from .io import make_folder
 
 KINDS = ("lorsa", "transcoder")
-CONTENTS_VERSION = 2  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py)
+CONTENTS_VERSION = 3  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py); 3: no special
+# tokens in the logit lens
 
 
 @dataclass
@@ -70,16 +72,21 @@ def default_cache_dir() -> Path:
 
 
 def logit_lens(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, centre: bool, k: int,
-               chunk: int = 512) -> tuple[torch.Tensor, ...]:
-    """Top and bottom k logits of each direction.  W [F, d], norm_weight [d], W_U [V, d].
+               chunk: int = 512, exclude: list[int] = ()) -> tuple[torch.Tensor, ...]:
+    """Top and bottom k logits of each direction, the tokens of ``exclude`` (special tokens) left out.  W [F, d],
+    norm_weight [d], W_U [V, d].
 
     Returns (top_ids, top_vals, bottom_ids, bottom_vals), each [F, k]."""
+    barred = torch.tensor(sorted(set(exclude)), dtype=torch.long)
+    k = min(k, W_U.shape[0] - len(barred))
     outs = []
     for i in range(0, len(W), chunk):
         w = W[i : i + chunk].float()
         w = centre_(w, centre)
         logits = (w * norm_weight.float()) @ W_U.float().t()  # [f, V]
-        top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
+        logits[:, barred] = torch.nan  # neither top nor bottom
+        top = logits.nan_to_num(-torch.inf).topk(k, dim=-1)
+        bottom = logits.nan_to_num(torch.inf).topk(k, dim=-1, largest=False)
         outs.append((top.indices, top.values, bottom.indices, bottom.values))
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
@@ -142,7 +149,8 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
         module = model.lorsas[L] if kind == "lorsa" else model.transcoders[L]
         values = torch.cat([p[0] for p in parts])  # [S*n, K]
         indices = torch.cat([p[1] for p in parts])
-        lens = logit_lens(module.decoder()[0].detach().float().cpu(), final_w, W_U, centre, cfg.top_logits)
+        lens = logit_lens(module.decoder()[0].detach().float().cpu(), final_w, W_U, centre, cfg.top_logits,
+                          exclude=special_ids(a.tokenizer, len(W_U)))
         out[L].update(_entries(kind, module, values, indices, ids, lens, cfg, attn_in[L]))
     for L, m in moments.items():  # which original heads each Lorsa head comes from (replacement/correspond.py)
         out[L].update(_original_heads(m, model, L))

@@ -41,3 +41,10 @@ def _hex_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
 
 _HEX_BYTES = "circuits-hex-bytes"
 codecs.register_error(_HEX_BYTES, _hex_bytes)
+
+
+def special_ids(tokenizer, vocab: int) -> list[int]:
+    """The tokenizer's special tokens (padding, end of text, ...) within the unembedding's ``vocab`` rows: never
+    listed in a lens, since their unembedding rows are often the longest (pythia's <|pad|> and <|endoftext|>
+    top a quarter of random directions) and they say nothing about what a unit does."""
+    return [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab]

@@ -45,6 +45,12 @@ def test_logit_lens_is_the_unembedded_direction(make):
     assert torch.equal(ids, real.topk(4, dim=-1).indices)
     assert torch.allclose(vals / scale, real.topk(4, dim=-1).values, atol=1e-5)
     assert torch.equal(low_ids, real.topk(4, dim=-1, largest=False).indices)
+    barred = ids[:, 0].tolist() + low_ids[:, 0].tolist()  # special tokens are left out of both ends
+    ids2, _, low2, _ = logit_lens(W, a.final_norm.weight.detach(), a.unembedding.weight.detach(),
+                                  isinstance(a.final_norm, torch.nn.LayerNorm), 4, exclude=barred)
+    real[:, barred] = torch.nan
+    assert torch.equal(ids2, real.nan_to_num(-torch.inf).topk(4, dim=-1).indices)
+    assert torch.equal(low2, real.nan_to_num(torch.inf).topk(4, dim=-1, largest=False).indices)
 
 
 @pytest.fixture(scope="module")

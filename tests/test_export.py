@@ -135,6 +135,7 @@ def test_node_names_are_distinct_and_readable(graph, saved_model):
         assert box_label(graph, n).endswith(f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
         assert not box_label(graph, n).endswith("p=0.00")
     assert token_text("a\nb\tc\x01") == "a\\nb\\tc\\x01"
+    assert token_text("\\") == "\\\\" and token_text("\\n") != token_text("\n")  # a backslash is doubled
     tok = AutoTokenizer.from_pretrained(saved_model)
     texts = [decode(tok, i) for i in range(len(tok))]
     assert len(set(texts)) == len(texts) and "\ufffd" not in "".join(texts)

@@ -33,9 +33,26 @@ def test_unit_lens_ranks_tokens_as_the_model_reads_the_direction(adapter):
         assert (ratio > 0).all() and torch.allclose(ratio, ratio[0].expand(k), rtol=1e-4)
 
 
-def test_key_position_is_where_the_z_pattern_weighs_most():
+def test_unit_lens_leaves_excluded_tokens_out(llama_adapter):
+    from replacement.norms import norm_weight
+
+    a = llama_adapter
+    torch.manual_seed(4)
+    W = torch.randn(3, a.d_model)
+    args = (W, norm_weight(a.final_norm), a.unembedding.weight.detach(), False, 4)
+    ids, vals = unit_lens(*args)
+    barred = ids[:, 0].tolist()  # every row's top token
+    ids2, vals2 = unit_lens(*args, exclude=barred)
+    assert not set(ids2.flatten().tolist()) & set(barred)
+    for r in range(3):  # the others keep their values: the mean is still over the whole vocabulary
+        for t, v in zip(ids2[r].tolist(), vals2[r].tolist()):
+            if t in ids[r].tolist():
+                assert abs(v - vals[r, ids[r].tolist().index(t)].item()) < 1e-5
+
+
+def test_key_position_is_where_the_z_pattern_gives_most():
     head = Node("h", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.1, -2.0, 1.5, 0.0])
-    assert key_position(head) == 1  # the largest in size, as families' key rule (graphs/families.py)
+    assert key_position(head) == 2  # the largest entry: key 1 takes activation away
     assert key_position(Node("f", NodeKind.TRANSCODER, 0, 3, 0)) is None
 
 
@@ -58,15 +75,18 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
     _, graph = graphs_of(model, ids, max_feature_nodes=None)
     units = [n for n in graph.node_list if n.type in (NodeKind.LORSA, NodeKind.TRANSCODER)]
     assert units and all(n.lens and len(n.lens) == 3 for n in units)
+    specials = adapter.tokenizer.all_special_ids  # never listed (graphs/lens.py)
+    assert specials
     for n, w in zip(units, output_directions(model, units)):
         real = _model_reads(adapter, w)
+        real[specials] = -torch.inf
         assert [t for t, _ in n.lens] == [token_text(adapter.tokenizer, int(i)) for i in real.topk(3).indices]
         lines = box_label(graph, n).split("\n")
         assert len(lines) == 3
         if n.type == NodeKind.TRANSCODER:
             assert lines[2] == "\u2192" + quoted(token_text_line(n.lens[0][0], MAX_GIST_CHARS))
         else:
-            key = int(torch.tensor(n.z_pattern).abs().argmax())
+            key = int(torch.tensor(n.z_pattern).argmax())
             assert lines[2] == "\u2190" + quoted(token_text_line(graph.tokens[key], MAX_GIST_CHARS))
     fams = graph.families()
     assert fams  # the random replacements' heads at the last position group
@@ -75,6 +95,7 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
         members = [graph.node(m) for m in f.members]
         summed = sum(m.activation * w for m, w in zip(members, output_directions(model, members)))
         real = _model_reads(adapter, summed)
+        real[specials] = -torch.inf
         node = collapsed.node(f.id)
         assert [t for t, _ in node.lens] == [token_text(adapter.tokenizer, int(i)) for i in real.topk(3).indices]
         assert all(m.family_lens == node.lens for m in members)
