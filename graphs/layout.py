@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .graph import ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, unit_label
-from .lens import key_position
+from .lens import key_position, key_share
 
 DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
 EDGES_PER_NODE = 3  # drawn edges per drawn node
@@ -80,12 +80,15 @@ def box_label(graph: AttributionGraph, n: Node) -> str:
 
 def gist(graph: AttributionGraph, n: Node) -> str:
     """A head's or feature's meaning in a few characters (graphs/lens.py): for a Lorsa head (or family of heads)
-    the token at the key position it takes most of its activation from, ``←"36"``; for a transcoder feature (or
+    the token at the key position it takes most of its activation from, ``←"36"`` (``←"36"+`` when that key gives
+    less than half of it); for a transcoder feature (or
     family) the token its output raises most through the unembedding, ``→" 98"``; '' when the graph does not say."""
     if n.type == NodeKind.LORSA:
         p = key_position(n)
-        return "" if p is None or p >= len(graph.tokens) else \
-            "\u2190" + quoted(token_text(graph.tokens[p], MAX_GIST_CHARS))
+        if p is None or p >= len(graph.tokens):
+            return ""
+        more = "+" if key_share(n) < 0.5 else ""  # other keys give more than that one
+        return "\u2190" + quoted(token_text(graph.tokens[p], MAX_GIST_CHARS)) + more
     if n.type == NodeKind.TRANSCODER and n.lens:
         return "\u2192" + quoted(token_text(n.lens[0][0], MAX_GIST_CHARS))
     return ""
@@ -96,7 +99,7 @@ def gist_examples(graph: AttributionGraph) -> list[str]:
     key token, a feature's logit-lens token; none for a kind whose nodes have no gist (a graph.json from before)."""
     out = []
     for kind, meaning in ((NodeKind.LORSA, "the token {name} takes most of its activation from (its z pattern's "
-                                           "largest key)"),
+                                           "largest key; + after it: less than half)"),
                           (NodeKind.TRANSCODER, "the token {name}'s output raises most (logit lens)")):
         best = max((n for n in graph.node_list if n.type == kind and gist(graph, n)), key=lambda n: n.influence,
                    default=None)

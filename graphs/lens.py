@@ -10,7 +10,8 @@ logit lens), and which token a head reads most.
   activations, not per unit), set on every member as ``Node.family_lens`` so that graph.json carries it and the
   family node of a collapsed graph reads it.
 * A head's **key token**: the key position where its z pattern (A_{t,s} v_s) is largest, the position it takes
-  most of its activation from on this prompt.
+  most of its activation from on this prompt; its share of the pattern's positive entries says whether that key
+  is the head's whole story (`key_share`; a picture marks a share under a half with a ``+``).
 * Special tokens (padding, end of text) are never listed: their unembedding rows are often the longest.
 """
 from __future__ import annotations
@@ -85,3 +86,11 @@ def key_position(n: Node) -> int | None:
     if not z:
         return None
     return max(range(len(z)), key=lambda s: z[s])
+
+
+def key_share(n: Node) -> float:
+    """How much of a head's positive z pattern its key position (`key_position`) gives: 1 when it reads one key
+    alone; 0 for a node without a pattern or with no positive entry."""
+    p = key_position(n)
+    positive = sum(x for x in n.z_pattern or () if x > 0)
+    return n.z_pattern[p] / positive if p is not None and positive > 0 else 0.0

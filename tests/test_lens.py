@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from graphs.graph import Node, NodeKind
-from graphs.lens import key_position, unit_lens
+from graphs.lens import key_position, key_share, unit_lens
 
 
 def _model_reads(adapter, w: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,9 @@ def test_unit_lens_leaves_excluded_tokens_out(llama_adapter):
 def test_key_position_is_where_the_z_pattern_gives_most():
     head = Node("h", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.1, -2.0, 1.5, 0.0])
     assert key_position(head) == 2  # the largest entry: key 1 takes activation away
+    assert key_share(head) == 1.5 / 1.6  # of the positive entries
+    assert key_share(Node("g", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.4, 0.3, 0.3])) == 0.4
+    assert key_share(Node("f", NodeKind.TRANSCODER, 0, 3, 0)) == 0.0
     assert key_position(Node("f", NodeKind.TRANSCODER, 0, 3, 0)) is None
 
 
@@ -86,8 +89,10 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
         if n.type == NodeKind.TRANSCODER:
             assert lines[2] == "\u2192" + quoted(token_text_line(n.lens[0][0], MAX_GIST_CHARS))
         else:
-            key = int(torch.tensor(n.z_pattern).argmax())
-            assert lines[2] == "\u2190" + quoted(token_text_line(graph.tokens[key], MAX_GIST_CHARS))
+            z = torch.tensor(n.z_pattern)
+            key, share = int(z.argmax()), float(z.max() / z.clamp(min=0).sum())
+            assert lines[2] == "\u2190" + quoted(token_text_line(graph.tokens[key], MAX_GIST_CHARS)) + \
+                ("+" if share < 0.5 else "")
     fams = graph.families()
     assert fams  # the random replacements' heads at the last position group
     collapsed = collapse(graph, fams)
