@@ -223,8 +223,9 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     for i in chosen:
         w = float(E.w[i])
         source, target = node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]
+        tip = f"{node_name(graph, graph.node(source))} -> {node_name(graph, graph.node(target))}: {w:+.3g}"
         lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
-                     f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(f'{w:+.3g}')}];")
+                     f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(tip)}];")
     for e in qk:
         color = QK_COLOURS[0] if e.weight > 0 else QK_COLOURS[1]
         for side, node_id in (("query", e.query), ("key", e.key)):

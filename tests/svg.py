@@ -31,13 +31,15 @@ def node_boxes(root: ET.Element) -> dict[str, dict]:
 
 
 def edges(root: ET.Element) -> list[dict]:
-    """[{"source", "target", "stroke", "dashed"}] for every drawn edge."""
+    """[{"source", "target", "stroke", "dashed", "tooltip"}] for every drawn edge (tooltip: its link's title)."""
     out = []
     for g in root.iter(NS + "g"):
         if g.get("class") == "edge":
             a, b = g.find(NS + "title").text.split("->")
             path = next(g.iter(NS + "path"))
-            out.append({"source": a, "target": b, "stroke": path.get("stroke"), "dashed": bool(path.get("stroke-dasharray"))})
+            link = next(g.iter(NS + "a"), None)
+            out.append({"source": a, "target": b, "stroke": path.get("stroke"), "dashed": bool(path.get("stroke-dasharray")),
+                        "tooltip": link.get("{http://www.w3.org/1999/xlink}title") if link is not None else None})
     return out
 
 

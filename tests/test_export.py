@@ -98,6 +98,8 @@ def _svg(graph, tmp_path, draw_nodes):
 
 
 def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
+    from graphs.layout import node_name
+
     root = _svg(graph, tmp_path, draw_nodes=30)
     boxes = {k: v for k, v in svg.node_boxes(root).items() if k in graph.index}
     logits = [n.id for n in graph.node_list if n.type == "logit"]
@@ -119,6 +121,9 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
     weights = {(e.source, e.target): e.weight for e in graph.edges}
     solid = [e for e in svg.edges(root) if not e["dashed"]]
     assert solid and all(e["stroke"] == ("#2166ac" if weights[e["source"], e["target"]] > 0 else "#b2182b") for e in solid)
+    for e in solid:  # hovering an edge names its two ends and gives its weight
+        a, b = graph.node(e["source"]), graph.node(e["target"])
+        assert e["tooltip"] == f"{node_name(graph, a)} -> {node_name(graph, b)}: {weights[a.id, b.id]:+.3g}"
     assert all(e["source"] in boxes and e["target"] in boxes for e in svg.edges(root))
 
 
