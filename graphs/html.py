@@ -52,6 +52,7 @@ const NS = 'http://www.w3.org/2000/svg';
 const scene = document.getElementById('scene');
 const info = document.getElementById('info');
 const slider = document.getElementById('slider');
+const SMALL_PX = 40, READABLE_PX = 60;  // a node's width on screen: below SMALL_PX fitted, the page opens at READABLE_PX
 const esc = s => String(s).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
 const tok = s => esc(JSON.stringify(String(s)).slice(1, -1));
 const qtok = s => `&quot;${tok(s)}&quot;`;  // a token in quotes, so that " 97" never reads as the number 97
@@ -135,7 +136,18 @@ function setView(v) {
 }
 function fit() {
   const m = 8;
+  document.getElementById('zoom-note').textContent = '';
   setView({x: -m, y: -m, w: step.width + 2 * m, h: step.height + 2 * m});
+  measure();
+}
+function opening() {  // fitted; but where that leaves nodes too small to read (a long prompt), zoomed to a readable
+  fit();               // size on the top right: the logits and the last positions, which the graph is about
+  const px = DATA.node_w * Math.min(scene.clientWidth / view.w, scene.clientHeight / view.h);  // a node's width on screen
+  if (!(px > 0) || px >= SMALL_PX) return;
+  const f = READABLE_PX / px;
+  setView({x: view.x + view.w - view.w / f, y: view.y, w: view.w / f, h: view.h / f});
+  document.getElementById('zoom-note').textContent =
+    ' Opened at a readable size on the last positions: "fit" shows the whole picture.';
   measure();
 }
 function zoom(f, cx, cy) {
@@ -298,7 +310,7 @@ function fromHash() {
 }
 window.addEventListener('hashchange', fromHash);
 draw(STEPS === DATA.steps ? DATA.default_step : DATA.family_default_step);
-fit();
+opening();
 fromHash();
 """
 
@@ -422,7 +434,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"node</label>"
             f"<span><button data-zoom=\"fit\">fit</button><button data-zoom=\"1.25\">+</button>"
             f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
-            f"<div id=\"legend\"><span id=\"left-out\"></span> Edges run upwards: blue excites, red inhibits, width by "
+            f"<div id=\"legend\"><span id=\"left-out\"></span><span id=\"zoom-note\"></span> Edges run upwards: blue excites, red inhibits, width by "
             f"|weight|; dashed: a head's QK pair. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
             f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses)."
             f"{third}</div>"

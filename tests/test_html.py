@@ -117,6 +117,43 @@ def test_page_opens_fitted_to_the_drawn_grid(page, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+FIT_THEN_MEASURE = """<script>
+document.querySelector('[data-zoom="fit"]').click();
+document.body.dataset.fittedNote = document.getElementById('zoom-note').textContent || 'none';
+</script></body>"""
+
+
+def test_a_long_prompt_opens_readable_on_the_last_positions(saved_model, tmp_path):
+    """Where the fitted picture's nodes would be under 40 px wide (a 57-token prompt), the page opens with them
+    60 px wide on the top right: the logits and the last position's nodes on screen, a note saying so; "fit"
+    then shows every node and clears the note."""
+    import graphs
+
+    chromium = _chromium()
+    out = tmp_path / "long"
+    r = _run("from cli.trace import trace; trace()", " ".join(["the cat sat on the mat."] * 8), "--model",
+             str(saved_model), "--out", str(out), "--format", "json,html", env={"CIRCUITS_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    graph, data = graphs.load(out / "graph.json"), page_data(out / "graph.html")
+    assert len(graph.tokens) >= 50
+    dom = _dom(chromium, out / "graph.html", tmp_path, extra=("--dump-dom",))
+    boxes, (L, T, R, B) = on_screen(dom)
+    inside = {k for k, b in boxes.items() if L <= b[0] and b[2] <= R and T <= b[1] and b[3] <= B}
+    last = len(graph.tokens) - 1
+    assert {n.id for n in graph.logits()} <= inside
+    assert any(graph.node(k).pos == last and graph.node(k).type != "logit" for k in inside if k in graph.index)
+    widths = [b[2] - b[0] for k, b in boxes.items() if data["nodes"][k]["type"] != "embedding"]
+    assert all(abs(w - 60) < 1 for w in widths)  # every full-width node at 60 px
+    assert "Opened at a readable size" in dom
+    probe = out / "probe.html"
+    probe.write_text((out / "graph.html").read_text(encoding="utf-8").replace("</body>", FIT_THEN_MEASURE, 1), encoding="utf-8")
+    dom = _dom(chromium, probe, tmp_path, extra=("--dump-dom",))
+    assert 'data-fitted-note="none"' in dom
+    boxes, (L, T, R, B) = on_screen(dom)
+    assert boxes and all(L <= b[0] and b[2] <= R and T <= b[1] and b[3] <= B for b in boxes.values())
+    assert max(b[2] - b[0] for b in boxes.values()) < 40  # fitted, they were too small to read
+
+
 def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_path):
     chromium = _chromium()
     out, html, data = page
