@@ -94,7 +94,18 @@ def run(cmd, args: list[str]) -> tuple[str, str]:
     return ("ok" if len(lines) == 1 and lines[0].startswith("error: ") else "BAD"), " / ".join(lines)[-300:]
 
 
+COMMANDS = ("trace", "render", "query", "models", "patch", "heads", "correspond", "eval", "train", "train-joint")
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("commands", nargs="*", metavar="COMMAND", help=f"some of {', '.join(COMMANDS)} (default: all)")
+    names = ap.parse_args().commands or list(COMMANDS)
+    unknown = [n for n in names if n not in COMMANDS]
+    if unknown:
+        ap.error(f"unknown command(s) {', '.join(unknown)}; choose from {', '.join(COMMANDS)}")
     from cli.main import circuits
     from cli.trace import trace
 
@@ -124,7 +135,8 @@ def main() -> None:
                                            *small, "--out", out()]),
     }
     counts: dict[str, int] = {}
-    for name in sys.argv[1:] or list(bases):
+    assert set(bases) == set(COMMANDS)
+    for name in names:
         cmd, base = bases[name]()
         params = trace.params if name == "trace" else circuits.commands[name.removesuffix("-joint")].params
         for param in params:

@@ -19,7 +19,8 @@ def circuits():
 
 
 @circuits.command()
-@click.option("--search", "search_dirs", multiple=True, type=click.Path(), help="Extra folders to scan for HF checkpoints.")
+@click.option("--search", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Extra folders to scan for HF checkpoints.")
 def models(search_dirs):
     """List the bundled presets and the local HF checkpoints in sight."""
     from replacement.lm.presets import PRESETS

@@ -5,6 +5,7 @@ import time
 
 T_START = time.time()  # before the heavy imports: the time line covers them too
 
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -12,7 +13,7 @@ import click  # noqa: E402
 
 from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
 from graphs.families import DEFAULT_FAMILIES  # noqa: E402
-from graphs.files import FORMATS, parse_formats  # noqa: E402
+from graphs.files import FORMATS, RENDERED, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from graphs.prune import EDGE_THRESHOLD, NODE_THRESHOLD  # noqa: E402
 from replacement.checks import check_count, check_fraction  # noqa: E402
@@ -20,6 +21,8 @@ from replacement.errors import BadInputError  # noqa: E402
 
 from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
+
+DEFAULT_FORMATS = "json,dot,svg"
 
 
 @click.command(cls=FriendlyCommand)
@@ -41,7 +44,9 @@ from .outputs import RunFolder, default_out_dir  # noqa: E402
 @click.option("--qk-reference", type=click.Choice(["mean", "runner_up", "none"]), default="mean", show_default=True,
               help="Explain each explained key's score minus the attention-weighted mean key's (mean) or the "
                    "strongest other key's (runner_up), by query-node x key-unit pairs; none: raw scores only.")
-@click.option("--format", "fmt", default="json,dot,svg", show_default=True, help="Comma-separated: json, dot, svg, png, html.")
+@click.option("--format", "fmt", default=None, show_default=DEFAULT_FORMATS,
+              help="Comma-separated: json, dot, svg, png, html (by default, without graphviz's dot: json,dot, "
+                   "with a note).")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
 @click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
@@ -64,6 +69,8 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
 
     set_threads()
     replacements = replacement_specs(replacements)
+    no_dot = fmt is None and shutil.which("dot") is None  # the default formats draw nothing, and say why
+    fmt = fmt if fmt is not None else ",".join(f for f in DEFAULT_FORMATS.split(",") if not (no_dot and f in RENDERED))
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     check_count("--max-feature-nodes", max_feature_nodes)
     _check_prompt_and_target(model_name, prompt, target)
@@ -90,6 +97,9 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
                                max_feature_nodes, full, qk_reference, family_cfg)
             times["attribution + pruning"] = time.time() - t1
             written = _write(run, graph, model, fmts, draw_nodes, times, expand_families)
+    if no_dot:
+        click.echo("note: graphviz's `dot` is not installed, so no graph.svg was drawn (apt-get install graphviz); "
+                   "graph.dot holds the picture and --format html needs no graphviz")
     click.echo("wrote " + ", ".join(str(p) for p in written))
     click.echo(f"time: {time.time() - T_START:.2f}s in all (" + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + ")")
 

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import networkx as nx
@@ -45,4 +44,14 @@ def main(path: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("graph", nargs="?", help="a graph.json or a trace's folder (default: trace `36 + 62 =` on llama "
+                                             "first)")
+    graph = ap.parse_args().graph
+    if graph is not None and Path(graph).is_dir():  # a trace's output folder
+        graph = str(Path(graph) / "graph.json")
+    if graph is not None and not Path(graph).is_file():
+        ap.error(f"no graph file {graph!r}")
+    main(graph)

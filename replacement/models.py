@@ -535,7 +535,8 @@ def resolve_model_path(name: str) -> tuple[str, str]:
 
 def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
     """(name, where) of the HF checkpoints in sight: models in the HF hub cache (``$HF_HUB_CACHE``, else
-    ``$HF_HOME/hub``) and folders with a config.json and safetensors weights in ./ and in ``extra``."""
+    ``$HF_HOME/hub``) and folders with an HF model's config.json (one naming a ``model_type``: a replacements
+    folder's config.json does not) and safetensors weights in ./ and in ``extra``."""
     import os
 
     found = []
@@ -548,9 +549,18 @@ def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
     for root in [Path.cwd(), *map(Path, extra)]:
         if root.is_dir():
             for cfg in sorted(root.glob("*/config.json")):
-                if any(cfg.parent.glob("*.safetensors")):
+                if any(cfg.parent.glob("*.safetensors")) and _names_a_model_type(cfg):
                     found.append((str(cfg.parent), "local folder"))
     return found
+
+
+def _names_a_model_type(config: Path) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(config.read_text(encoding="utf-8")).get("model_type"), str)
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
+        return False
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

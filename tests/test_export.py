@@ -187,6 +187,23 @@ def test_a_reused_output_folder_names_the_files_it_did_not_write(saved_model, tm
     assert by_folder.returncode == 0 and by_folder.stdout == by_file.stdout and "a dog ran" in by_file.stdout
 
 
+def test_trace_without_graphviz_writes_json_and_dot_and_says_why(saved_model, tmp_path):
+    """The default formats on a machine without graphviz's `dot` (no `dot` on PATH): graph.json and graph.dot, a
+    note naming what was not drawn and how to get it; an explicit --format svg is still refused in one line."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty)}
+    run = lambda *extra: subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", "the cat sat",  # noqa: E731
+                                         "--model", str(saved_model), *extra], capture_output=True, text=True,
+                                        timeout=300, env=env, cwd=tmp_path)
+    r = run("--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["graph.dot", "graph.json"]
+    assert "note: graphviz's `dot` is not installed, so no graph.svg was drawn (apt-get install graphviz)" in r.stdout
+    r = run("--out", str(tmp_path / "p"), "--format", "json,svg")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "needs graphviz" in r.stderr
+
+
 def test_trace_writes_json_dot_svg(saved_model, tmp_path):
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", "from cli.trace import main; main()", "the cat sat", "--model", str(saved_model),

@@ -109,6 +109,31 @@ def test_models_command_lists_presets():
         assert f"  {name} " in r.stdout
 
 
+def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path):
+    """A folder with an HF model's config.json and weights is listed; a replacements folder (a config.json of
+    its own, safetensors beside it) and a folder with a broken config.json are not, and both load as models
+    would fail."""
+    from replacement.models import local_checkpoints
+    from replacement.store import save_module
+    from tests.conftest import random_replacements
+
+    _, model_folder = saved_llama
+    adapter = load_model(str(model_folder))
+    rm = random_replacements(adapter)
+    save_module(rm.transcoders[0], "transcoder", tmp_path / "reps", "fp", adapter.name, dtype=torch.float32)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("[1, 2")
+    (broken / "model.safetensors").write_bytes(b"")
+    found = [name for name, _ in local_checkpoints([tmp_path])]
+    assert found == [str(model_folder)]
+    for folder in (tmp_path / "reps", broken):
+        with pytest.raises(ModelLoadError):
+            load_model(str(folder))
+    r = _cli("circuits", "models", "--search", str(tmp_path / "missing"))
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_cli_patch_prints_the_patcher_figures():
     """circuits patch on the bundled llama prints PathPatcher's effect and linear prediction, norms live or frozen,

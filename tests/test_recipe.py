@@ -159,6 +159,29 @@ def test_training_reduces_loss_and_resume_is_exact(tokenizer, tiny_preset, tmp_p
     assert any(k.startswith("opt.") for k in tensors)
 
 
+@pytest.mark.parametrize("stop, says", [(7, "the state of step 5 of 20 is saved in"), (2, "no state saved yet")])
+def test_an_interrupted_train_lm_says_what_is_saved(tokenizer, tiny_preset, tmp_path, monkeypatch, capsys, stop, says):
+    """Ctrl-C (or SIGTERM) ends `train-lm` with where its last state is, as `train` does; a rerun says it resumes."""
+    import replacement.lm.recipe as recipe
+
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 5, add_special_tokens=False), dtype=torch.int32)
+    real, calls = recipe.lm_loss, []
+
+    def loss(model, ids):
+        calls.append(1)
+        if len(calls) == stop + 1:  # the call of step `stop`
+            raise KeyboardInterrupt
+        return real(model, ids)
+
+    monkeypatch.setattr(recipe, "lm_loss", loss)
+    with pytest.raises(ckpt.Interrupted, match=says):
+        train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False)
+    monkeypatch.setattr(recipe, "lm_loss", real)
+    _, info = train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=True)
+    resumed = "resuming " in capsys.readouterr().err
+    assert info["steps"] == 20 and resumed == (stop == 7)
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tokenizer, tiny_preset, tmp_path):
     tokens = torch.tensor(tokenizer.encode(TEXT[1] * 5, add_special_tokens=False), dtype=torch.int32)
     train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False, stop_after=5)

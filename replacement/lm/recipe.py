@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -111,6 +113,9 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, tokenizer, train_tokens, r
     named = dict(model.named_parameters())
     opt = _optimizer(cfg, named)
     start, elapsed = _resume(cfg, model, opt, named, state_file) if resume and state_file.is_file() else (0, 0.0)
+    if start and progress:
+        print(f"resuming {state_file} at step {start} of {cfg.steps}", file=sys.stderr)
+    run = SimpleNamespace(cfg=cfg, state_file=state_file, saved_step=start or None)  # what an interrupt reports
     maker = BatchMaker(tokenizer, train_tokens, addition_split()[0], cfg.mixture, cfg.seq_len, cfg.seed)
     step_fn = torch.compile(lm_loss) if cfg.compile else lm_loss
     model.train()
@@ -118,25 +123,27 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, tokenizer, train_tokens, r
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=f"train {cfg.run_name}")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_last, ema = time.time(), None
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        loss = step_fn(model, maker.batch(step, cfg.batch_size))
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step}; stopped, last good checkpoint kept at {state_file}"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        now = time.time()
-        elapsed += now - t_last
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}")
-        t_last = now
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            _save_state(cfg, model, opt, named, step + 1, elapsed, state_file)
+    with ckpt.reporting_interrupts(run):
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            loss = step_fn(model, maker.batch(step, cfg.batch_size))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step}; stopped, last good checkpoint kept at {state_file}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            now = time.time()
+            elapsed += now - t_last
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}")
+            t_last = now
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                _save_state(cfg, model, opt, named, step + 1, elapsed, state_file)
+                run.saved_step = step + 1
     return model, {"steps": end, "tokens": end * tokens_per_step, "train_seconds": round(elapsed, 1)}
 
 
