@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, gist, gist_examples, grid, meaning, node_name, quoted, token_text)
+                     drawn_qk, edge_routes, gist, gist_examples, grid, meaning, node_name, quoted, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -198,7 +199,7 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     g = grid(graph, nodes)
     legend = _legend(graph, len(nodes), fams)
     lines = ["digraph attribution {",
-             "  layout=neato; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
+             "  layout=nop2; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
              '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
              f'width={NODE_W / 72:.3f}, height={NODE_H / 72:.3f}];',
              f"  label={_q(legend, newline=LEFT_LINE)}; labelloc=t; labeljust=l;",
@@ -220,20 +221,36 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     qk = drawn_qk(graph, ids, qk_per_head, max_qk)
     wmax = max([abs(float(E.w[i])) for i in chosen] + [1e-12])
     node_ids = [n.id for n in graph.node_list]
-    for i in chosen:
+    pairs = [(node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]) for i in chosen]
+    qk_pairs = [(node_id, e.head) for e in qk for node_id in (e.query, e.key)]
+    routes = iter(edge_routes(g, pairs + qk_pairs))
+    for i, (source, target) in zip(chosen, pairs):
         w = float(E.w[i])
-        source, target = node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]
         tip = f"{node_name(graph, graph.node(source))} -> {node_name(graph, graph.node(target))}: {w:+.3g}"
         lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
-                     f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(tip)}];")
+                     f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(tip)}, "
+                     f"pos={_q(_spline(next(routes)))}];")
     for e in qk:
         color = QK_COLOURS[0] if e.weight > 0 else QK_COLOURS[1]
         for side, node_id in (("query", e.query), ("key", e.key)):
             tip = f"QK {side} side, key position {e.key_pos}: {e.weight:+.3g}"
             lines.append(f"  {_q(node_id)} -> {_q(e.head)} [style=dashed, penwidth=1, color={_q(color)}, arrowsize=0.4, "
-                         f"tooltip={_q(tip)}];")
+                         f"tooltip={_q(tip)}, pos={_q(_spline(next(routes)))}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+ARROW_LEN = 4.0  # points: an arrowhead at arrowsize 0.4
+
+
+def _spline(route: tuple[float, ...]) -> str:
+    """An edge's ``pos`` for graphviz (`layout.edge_routes`' curve): the curve up to the arrowhead's base, then
+    ``e,x,y``, the arrowhead's tip at the target."""
+    x0, y0, x1, y1, x2, y2, x3, y3 = route
+    dx, dy = x3 - x2, y3 - y2
+    n = math.hypot(dx, dy) or 1.0
+    bx, by = x3 - ARROW_LEN * dx / n, y3 - ARROW_LEN * dy / n  # the base, back along the last control leg
+    return f"e,{x3:.1f},{y3:.1f} {x0:.1f},{y0:.1f} {x1:.1f},{y1:.1f} {x2:.1f},{y2:.1f} {bx:.1f},{by:.1f}"
 
 
 def _frame(g: Grid) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_order, gist_examples, grid, meaning, node_name, token_text)
+                     drawn_qk, edge_order, edge_routes, gist_examples, grid, meaning, node_name, token_text)
 
 STYLE = """
 body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
@@ -99,18 +99,18 @@ function draw(i) {
     text(root, x, Y(y), label.split('\n'), {'font-size': 11, 'font-weight': 'bold'});
   for (const [y, label] of step.rows) text(root, DATA.label_w / 2, Y(y), [label], {'font-size': 11, fill: '#555'});
   const wmax = Math.max(1e-12, ...step.edges.map(e => Math.abs(e[2])));
-  const curve = (a, b) => {
+  const curve = (a, b, c1, c2) => {  // c1, c2: the control points' x (graphs/layout.py's edge_routes)
     const [x1, y1] = step.xy[a], [x2, y2] = step.xy[b];
     const ya = Y(y1) - DATA.node_h / 2, yb = Y(y2) + DATA.node_h / 2, m = (ya + yb) / 2;
-    return `M${x1},${ya} C${x1},${m} ${x2},${m} ${x2},${yb}`;
+    return `M${x1},${ya} C${c1},${m} ${c2},${m} ${x2},${yb}`;
   };
-  for (const [a, b, w] of step.edges)
-    el('path', {d: curve(a, b), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', 'stroke-opacity': 0.55,
+  for (const [a, b, w, c1, c2] of step.edges)
+    el('path', {d: curve(a, b, c1, c2), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', 'stroke-opacity': 0.55,
                 'stroke-width': 0.4 + 3.6 * Math.abs(w) / wmax}, root).appendChild(el('title', {})).textContent =
       `${name(a)} -> ${name(b)}: ${fmt(w)}`;
-  for (const [q, k, head, w] of step.qk) for (const src of [q, k])
-    el('path', {d: curve(src, head), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d', 'stroke-opacity': 0.5,
-                'stroke-dasharray': '5 3', 'stroke-width': 1}, root);
+  for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())
+    el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',
+                'stroke-opacity': 0.5, 'stroke-dasharray': '5 3', 'stroke-width': 1}, root);
   for (const [id, [x, y]] of Object.entries(step.xy)) {
     const n = DATA.nodes[id];
     const g = el('g', {class: 'node' + (id === selected ? ' selected' : ''), 'data-node': id}, root);
@@ -337,6 +337,14 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
     edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5)]
              for i in drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order)]
     qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
+    routes = iter(edge_routes(g, [(a, b) for a, b, _ in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)]))
+    for e in edges:  # each curve's control points' x: a bow around the nodes in its way (layout.edge_routes)
+        r = next(routes)
+        e += [round(r[2], 1), round(r[4], 1)]
+    for e in qk:
+        for _ in range(2):
+            r = next(routes)
+            e += [round(r[2], 1), round(r[4], 1)]
     rest = [n.influence for n in nodes if n.type != NodeKind.LOGIT]
     return {"n": len(nodes), "threshold": min(rest, default=0.0), "width": round(g.width, 1), "height": round(g.height, 1),
             "xy": {k: [round(x, 1), round(y, 1)] for k, (x, y) in g.xy.items()}, "columns": g.columns, "rows": g.rows,

@@ -313,3 +313,61 @@ def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
     columns = [(col_x[c] + col_w[c] / 2, _column_label(graph, c, col_w[c])) for c in range(len(col_w))]
     rows = [(row_top[r] - row_h[r] / 2, name) for r, name in enumerate(row_names(layers))]
     return Grid(xy, node_w, x - COL_GAP / 2, height, columns, rows, (HEADER_H / 2, height - HEADER_H / 2))
+
+
+# -- edges ------------------------------------------------------------------------------------------------------
+
+ROUTE_SAMPLES = 24  # points along a curve checked against the other nodes' boxes
+ROUTE_CLEARANCE = 2.0  # points kept between a curve and a node it passes
+
+
+def edge_routes(g: Grid, pairs: list[tuple[str, str]], chunk: int = 64) -> list[tuple[float, ...]]:
+    """Each edge (source id, target id) of the picture on grid ``g`` as a cubic Bezier curve (x0, y0, x1, y1, x2,
+    y2, x3, y3), in grid coordinates (y up): from the top of the source's box to the bottom of the target's,
+    leaving and arriving vertically (an S between columns, straight within one) where that passes no other drawn
+    node; otherwise bowed sideways, by the least of 1-4 half node widths either way that passes no other node, one
+    that stays within the grid's width first; where no bow does, it stays as it was (a bow past some nodes only
+    tangles a dense column further).  An edge whose source
+    is not below its target runs centre to centre.  Checked on ``ROUTE_SAMPLES`` points of each curve, ``chunk``
+    edges at a time."""
+    if not pairs:
+        return []
+    ids = list(g.xy)
+    index = {k: i for i, k in enumerate(ids)}
+    xy = torch.tensor([g.xy[k] for k in ids])  # [N, 2]
+    half_w = torch.tensor([g.node_w[k] / 2 for k in ids]) + ROUTE_CLEARANCE  # [N]
+    half_h = NODE_H / 2 + ROUTE_CLEARANCE
+    bows = torch.tensor([0.0] + [s * k * (NODE_W + GAP) / 2 for k in (1, 2, 3, 4) for s in (1, -1)])  # [B], in
+    # order of preference
+    t = torch.linspace(0, 1, ROUTE_SAMPLES)  # [T]
+    w0, w1, w2, w3 = (1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3  # Bernstein weights
+    src = torch.tensor([index[a] for a, _ in pairs])
+    tgt = torch.tensor([index[b] for _, b in pairs])
+    (x1, y1), (x2, y2) = xy[src].T, xy[tgt].T  # [E] each
+    up = y1 < y2
+    y0, y3 = torch.where(up, y1 + NODE_H / 2, y1), torch.where(up, y2 - NODE_H / 2, y2)
+    m = (y0 + y3) / 2
+    def crossings(e: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For edges ``e`` [k] and bows ``b`` [B]: ([k, B] how many other nodes the curve passes, [k, B] it stays
+        within the grid's width)."""
+        cx1, cx2 = x1[e, None] + b * 4 / 3, x2[e, None] + b * 4 / 3  # [k, B]; 4/3: the middle lies `b` aside
+        px = w0 * x1[e, None, None] + w1 * cx1[:, :, None] + w2 * cx2[:, :, None] + w3 * x2[e, None, None]  # [k,B,T]
+        py = (w0 * y0[e, None] + (w1 + w2) * m[e, None] + w3 * y3[e, None])[:, None].expand_as(px)  # both controls
+        # lie at height m, so y does not depend on the bow
+        inside = ((px[..., None] - xy[:, 0]).abs() < half_w) & ((py[..., None] - xy[:, 1]).abs() < half_h)  # [k,B,T,N]
+        inside[torch.arange(len(e)), ..., src[e]] = False  # an edge leaves and enters its own two nodes
+        inside[torch.arange(len(e)), ..., tgt[e]] = False
+        return inside.any(2).sum(-1), ((px >= LABEL_W) & (px <= g.width)).all(-1)
+
+    pick = torch.zeros(len(pairs), dtype=torch.long)
+    straight, _ = crossings(torch.arange(len(pairs)), bows[:1])
+    blocked = ((straight[:, 0] > 0) & up).nonzero().flatten()  # only these need a bow
+    for lo in range(0, len(blocked), chunk):
+        e = blocked[lo: lo + chunk]
+        hits, within = crossings(e, bows)  # [k, B]
+        rank = (hits.clamp(max=1) * 2 + ~within) * len(bows) + torch.arange(len(bows))  # clear, within, least bow
+        pick[e] = torch.where((hits == 0).any(-1), rank.argmin(-1), 0)
+    bow = bows[pick] * 4 / 3 * up  # an edge that does not go up stays straight
+    c1y, c2y = torch.where(up, m, y0), torch.where(up, m, y3)
+    cols = (x1, y0, x1 + bow, c1y, x2 + bow, c2y, x2, y3)
+    return list(zip(*(c.tolist() for c in cols)))

@@ -413,3 +413,39 @@ def test_a_token_holding_a_double_quote_is_quoted_readably():
     assert quoted('"') == "'\"'" and quoted(" 98") == '" 98"' and quoted("it's") == "\"it's\""
     texts = ['"', "'", "a\"b", "'a", '"a', "a"]
     assert len({quoted(t) for t in texts}) == len(texts)  # distinct tokens stay distinct
+
+
+def test_edge_routes_bow_around_a_node_in_the_way():
+    """Three nodes in one column, one over the other, and one to the side: the edge from the lowest to the highest
+    bows around the middle one (checked on a fine sampling of its curve), on the side that stays in the grid;
+    the edge to the middle one, with nothing between, stays straight; one across columns is an S (controls at its
+    ends' x); one that does not go up runs centre to centre."""
+    from graphs.layout import NODE_H, NODE_W, Grid, edge_routes
+
+    x, xr = 200.0, 200.0 + NODE_W + 12.0
+    xy = {"low": (x, 50.0), "mid": (x, 150.0), "top": (x, 250.0), "side": (xr, 150.0)}
+    g = Grid(xy, {k: NODE_W for k in xy}, 200.0 + 2 * NODE_W + 40.0, 300.0, [], [], (0.0, 300.0))
+    up, near, across, level = edge_routes(g, [("low", "top"), ("low", "mid"), ("low", "side"), ("mid", "side")])
+    x0, y0, x1, y1, x2, y2, x3, y3 = up
+    assert (x0, y0, x3, y3) == (x, 50 + NODE_H / 2, x, 250 - NODE_H / 2) and x1 == x2 != x
+    t = torch.linspace(0, 1, 1001)[:, None]
+    pts = (1 - t) ** 3 * torch.tensor([x0, y0]) + 3 * (1 - t) ** 2 * t * torch.tensor([x1, y1]) + \
+        3 * (1 - t) * t ** 2 * torch.tensor([x2, y2]) + t ** 3 * torch.tensor([x3, y3])
+    in_mid = ((pts[:, 0] - x).abs() < NODE_W / 2) & ((pts[:, 1] - 150).abs() < NODE_H / 2)
+    in_side = ((pts[:, 0] - xr).abs() < NODE_W / 2) & ((pts[:, 1] - 150).abs() < NODE_H / 2)
+    assert not in_mid.any() and not in_side.any()
+    assert x1 < x  # the right side holds "side": the bow goes left, which the grid's width allows
+    assert near == (x, 50 + NODE_H / 2, x, 100.0, x, 100.0, x, 150 - NODE_H / 2)
+    assert across[2] == x and across[4] == xr  # an S: leaves and arrives vertically
+    assert level == (x, 150.0, x, 150.0, xr, 150.0, xr, 150.0)
+
+
+def test_dot_pins_nodes_and_edges_as_laid_out(graph, tmp_path):
+    """The DOT file is drawn as written (layout=nop2): every node at its grid position and every edge along its
+    routed curve, whichever graphviz layout a plain `dot -Tsvg` would otherwise run."""
+    from graphs.export import to_dot
+
+    dot = to_dot(graph, draw_nodes=30)
+    assert "layout=nop2;" in dot
+    edge_lines = [line for line in dot.splitlines() if " -> " in line and "[" in line]
+    assert edge_lines and all('pos="e,' in line for line in edge_lines)
