@@ -223,7 +223,7 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     node_ids = [n.id for n in graph.node_list]
     pairs = [(node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]) for i in chosen]
     qk_pairs = [(node_id, e.head) for e in qk for node_id in (e.query, e.key)]
-    routes = iter(edge_routes(g, pairs + qk_pairs))
+    routes = iter(edge_routes(g, pairs + qk_pairs, [float(E.w[i]) for i in chosen] + [0.0] * len(qk_pairs)))
     for i, (source, target) in zip(chosen, pairs):
         w = float(E.w[i])
         tip = f"{node_name(graph, graph.node(source))} -> {node_name(graph, graph.node(target))}: {w:+.3g}"

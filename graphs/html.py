@@ -337,7 +337,8 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
     edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5)]
              for i in drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order)]
     qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
-    routes = iter(edge_routes(g, [(a, b) for a, b, _ in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)]))
+    routes = iter(edge_routes(g, [(a, b) for a, b, _ in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)],
+                              [w for _, _, w in edges] + [0.0] * (2 * len(qk))))
     for e in edges:  # each curve's control points' x: a bow around the nodes in its way (layout.edge_routes)
         r = next(routes)
         e += [round(r[2], 1), round(r[4], 1)]

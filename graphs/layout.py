@@ -319,17 +319,20 @@ def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
 
 ROUTE_SAMPLES = 24  # points along a curve checked against the other nodes' boxes
 ROUTE_CLEARANCE = 2.0  # points kept between a curve and a node it passes
+MOST_BOWED = 64  # edges tried with bows a picture
 
 
-def edge_routes(g: Grid, pairs: list[tuple[str, str]], chunk: int = 64) -> list[tuple[float, ...]]:
+def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | None = None,
+                most: int = MOST_BOWED) -> list[tuple[float, ...]]:
     """Each edge (source id, target id) of the picture on grid ``g`` as a cubic Bezier curve (x0, y0, x1, y1, x2,
     y2, x3, y3), in grid coordinates (y up): from the top of the source's box to the bottom of the target's,
     leaving and arriving vertically (an S between columns, straight within one) where that passes no other drawn
     node; otherwise bowed sideways, by the least of 1-4 half node widths either way that passes no other node, one
     that stays within the grid's width first; where no bow does, it stays as it was (a bow past some nodes only
     tangles a dense column further).  An edge whose source
-    is not below its target runs centre to centre.  Checked on ``ROUTE_SAMPLES`` points of each curve, ``chunk``
-    edges at a time."""
+    is not below its target runs centre to centre.  Checked on ``ROUTE_SAMPLES`` points of each curve; of the
+    edges in another node's way, only the ``most`` strongest (by ``strength``, default: in the order given) are
+    tried with bows, so that a picture costs milliseconds whatever its size."""
     if not pairs:
         return []
     ids = list(g.xy)
@@ -352,18 +355,22 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], chunk: int = 64) -> list[
         within the grid's width)."""
         cx1, cx2 = x1[e, None] + b * 4 / 3, x2[e, None] + b * 4 / 3  # [k, B]; 4/3: the middle lies `b` aside
         px = w0 * x1[e, None, None] + w1 * cx1[:, :, None] + w2 * cx2[:, :, None] + w3 * x2[e, None, None]  # [k,B,T]
-        py = (w0 * y0[e, None] + (w1 + w2) * m[e, None] + w3 * y3[e, None])[:, None].expand_as(px)  # both controls
-        # lie at height m, so y does not depend on the bow
-        inside = ((px[..., None] - xy[:, 0]).abs() < half_w) & ((py[..., None] - xy[:, 1]).abs() < half_h)  # [k,B,T,N]
-        inside[torch.arange(len(e)), ..., src[e]] = False  # an edge leaves and enters its own two nodes
-        inside[torch.arange(len(e)), ..., tgt[e]] = False
+        py = w0 * y0[e, None] + (w1 + w2) * m[e, None] + w3 * y3[e, None]  # [k, T]: both controls lie at height m,
+        # so y does not depend on the bow
+        level = (py[..., None] - xy[:, 1]).abs() < half_h  # [k, T, N]: at a node's height
+        level[torch.arange(len(e)), :, src[e]] = False  # an edge leaves and enters its own two nodes
+        level[torch.arange(len(e)), :, tgt[e]] = False
+        near = level.any(1).any(0).nonzero().flatten()  # the nodes any of these curves comes level with
+        inside = level[:, None, :, near] & ((px[..., None] - xy[near, 0]).abs() < half_w[near])  # [k, B, T, n]
         return inside.any(2).sum(-1), ((px >= LABEL_W) & (px <= g.width)).all(-1)
 
     pick = torch.zeros(len(pairs), dtype=torch.long)
     straight, _ = crossings(torch.arange(len(pairs)), bows[:1])
     blocked = ((straight[:, 0] > 0) & up).nonzero().flatten()  # only these need a bow
-    for lo in range(0, len(blocked), chunk):
-        e = blocked[lo: lo + chunk]
+    if strength is not None:
+        blocked = blocked[torch.tensor(strength)[blocked].abs().argsort(descending=True, stable=True)]
+    e = blocked[:most]
+    if len(e):
         hits, within = crossings(e, bows)  # [k, B]
         rank = (hits.clamp(max=1) * 2 + ~within) * len(bows) + torch.arange(len(bows))  # clear, within, least bow
         pick[e] = torch.where((hits == 0).any(-1), rank.argmin(-1), 0)
