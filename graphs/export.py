@@ -182,8 +182,9 @@ def _visible_escape(m: "re.Match") -> str:
 
 def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per_head: int = 1, max_qk: int = 24,
            expand_families: bool = False) -> str:
-    """The graph on its grid (graphs/layout.py: token positions left to right, layers bottom to top), pinned
-    with graphviz's neato: the ``draw_nodes`` most influential nodes (and the logits), their strongest edges
+    """The graph on its grid (graphs/layout.py: token positions left to right, layers bottom to top), nodes and
+    edges pinned as laid out (``layout=nop2``; edges along `layout.edge_routes`' curves): the ``draw_nodes`` most
+    influential nodes (and the logits), their strongest edges
     (``EDGES_PER_NODE`` per node; width by |weight|, colour by sign), the ``qk_per_head`` strongest QK pairs of
     each drawn head (dashed), the token under and over each column, each row's layer on the left, and a
     legend saying how many nodes were left out.  Each family of heads or features (graphs/families.py) is one
@@ -319,8 +320,8 @@ class RenderError(RuntimeError):
 
 
 def render(dot_path: str | Path, fmt: str = "svg") -> Path:
-    """Render a DOT file with graphviz's ``dot`` (the file names its engine: neato, which keeps the pinned grid
-    positions); raises RenderError (one line) if dot is missing or fails."""
+    """Render a DOT file with graphviz's ``dot`` (the file names its engine: nop2, which draws the nodes and edges
+    where the file puts them); raises RenderError (one line) if dot is missing or fails."""
     return Rendering(dot_path, fmt).wait()
 
 

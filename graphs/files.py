@@ -1,7 +1,7 @@
 """The files a graph is written as: which formats there are, what each needs, and writing them all at once.
 
     json  the graph (`graphs.export.write_json`, the schema's format)
-    dot   the drawing's source (neato, pinned grid positions)
+    dot   the drawing's source (nop2: nodes and edges pinned where the grid puts them)
     svg   \\ rendered from the DOT by graphviz's ``dot``, so they need it installed (and the DOT written first)
     png   /
     html  the interactive page, with the dashboards of its features when given

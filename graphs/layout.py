@@ -81,8 +81,8 @@ def box_label(graph: AttributionGraph, n: Node) -> str:
 def gist(graph: AttributionGraph, n: Node) -> str:
     """A head's or feature's meaning in a few characters (graphs/lens.py): for a Lorsa head (or family of heads)
     the token at the key position it takes most of its activation from, ``←"36"`` (``←"36"+`` when that key gives
-    less than half of it); for a transcoder feature (or
-    family) the token its output raises most through the unembedding, ``→" 98"``; '' when the graph does not say."""
+    less than half of it); for a transcoder feature (or family) the token its output raises most through the
+    unembedding, ``→" 98"``; '' when the graph does not say."""
     if n.type == NodeKind.LORSA:
         p = key_position(n)
         if p is None or p >= len(graph.tokens):
@@ -329,10 +329,10 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | N
     leaving and arriving vertically (an S between columns, straight within one) where that passes no other drawn
     node; otherwise bowed sideways, by the least of 1-4 half node widths either way that passes no other node, one
     that stays within the grid's width first; where no bow does, it stays as it was (a bow past some nodes only
-    tangles a dense column further).  An edge whose source
-    is not below its target runs centre to centre.  Checked on ``ROUTE_SAMPLES`` points of each curve; of the
-    edges in another node's way, only the ``most`` strongest (by ``strength``, default: in the order given) are
-    tried with bows, so that a picture costs milliseconds whatever its size."""
+    tangles a dense column further).  An edge whose source is not below its target runs centre to centre.
+    Checked on ``ROUTE_SAMPLES`` points of each curve; of the edges in another node's way, only the ``most``
+    strongest (by ``strength``, default: in the order given) are tried with bows, so that a picture costs
+    milliseconds whatever its size."""
     if not pairs:
         return []
     ids = list(g.xy)
@@ -350,6 +350,7 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | N
     up = y1 < y2
     y0, y3 = torch.where(up, y1 + NODE_H / 2, y1), torch.where(up, y2 - NODE_H / 2, y2)
     m = (y0 + y3) / 2
+
     def crossings(e: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For edges ``e`` [k] and bows ``b`` [B]: ([k, B] how many other nodes the curve passes, [k, B] it stays
         within the grid's width)."""

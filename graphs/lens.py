@@ -69,7 +69,8 @@ def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
                               a.unembedding.weight.detach().cpu(), is_layernorm(a.final_norm), k,
                               exclude=special_ids(a.tokenizer, len(a.unembedding.weight)))
     texts = {t: token_text(a.tokenizer, t) for t in set(ids.flatten().tolist())}
-    lens = [[[texts[t], round(v, 4)] for t, v in zip(r_ids, r_vals)] for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]
+    lens = [[[texts[t], round(v, 4)] for t, v in zip(r_ids, r_vals)]
+            for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]
     for n, entry in zip(nodes, lens):
         n.lens = entry
     for f, entry in zip(fams, lens[len(nodes):]):
