@@ -5,6 +5,7 @@ import contextlib
 import errno
 import itertools
 import math
+import os
 import re
 import signal
 import sys
@@ -97,6 +98,9 @@ def run_friendly(fn, *args, **kwargs):
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     try:
         return fn(*args, **kwargs)
+    except BrokenPipeError:  # whoever read our output stopped (`| head`): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+        sys.exit(1)
     except USER_ERRORS as e:
         fail(_message(e))
     except RecursionError:

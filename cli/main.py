@@ -445,8 +445,9 @@ def _patch_families(model, ids, t_id: int, patcher, families, mode: str, togethe
 
     from .trace import graphs_of
 
-    graph, _ = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # its families mark graph's nodes
+    graph, pruned = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # families mark both
     effects = graph_effects(graph, graph.logit(t_id).id)
+    kept = graph_effects(pruned, pruned.logit(t_id).id)  # pruning keeps every logit node
     fams = [family(graph, fid) for fid in families]
     units = [(fid, family_components(f), f"{len(f)} {'heads' if f.kind == 'lorsa' else 'features'} of layer(s) "
               f"{','.join(map(str, f.layers))}, key position(s) {','.join(map(str, f.key_positions))}")
@@ -458,10 +459,12 @@ def _patch_families(model, ids, t_id: int, patcher, families, mode: str, togethe
     for name, comps, what in units:
         r = patcher.effects([comps], mode)[0]
         pred = sum(float(effects[graph.index[str(c)]]) for c in comps if str(c) in graph.index)
+        also = (f"; the pruned graph, as graph.json holds it: "
+                f"{sum(float(kept[pruned.index[str(c)]]) for c in comps if str(c) in pruned.index):+.4f}")
         if mode == "zero":
-            cmp = f"graph predicts {pred:+.4f}" + (f" ({r.effect / pred:.2f} of it)" if pred else "")
+            cmp = f"the full graph predicts {pred:+.4f}" + (f" ({r.effect / pred:.2f} of it)" if pred else "") + also
         else:
-            cmp = f"(the graph predicts zero ablations only: {pred:+.4f})"
+            cmp = f"(the graph predicts zero ablations only: {pred:+.4f}{also})"
         click.echo(f"  {name} ({what}) patched {r.patched:.4f}  effect {r.effect:+.4f}  {cmp}")
 
 
@@ -686,14 +689,16 @@ MAX_PATHS = 100  # query --paths
 @click.argument("graph_json", type=click.Path())
 @click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs); an id "
                                            "(lorsa.1.5@3) or a picture's name (L1.H5@3).")
-@click.option("--paths", default=5, show_default=True, help="How many strongest paths to the top logit (at most 100).")
+@click.option("--paths", default=5, show_default=True,
+              help="How many strongest paths to the target logit (at most 100): the trace's --target, else the top one.")
+@click.option("--to", "to_node", default=None, help="Find the paths into this node instead (an id or a picture's name).")
 @click.option("--type", "node_type", type=click.Choice([str(k) for k in NODE_TYPES]), default=None,
               help="List nodes of a type.")
 @click.option("--layer", type=int, default=None)
 @click.option("--position", type=int, default=None)
 @click.option("--families", "show_families", is_flag=True,
               help="List the head and feature families, and find the paths with each family as one node.")
-def query(graph_json, node, paths, node_type, layer, position, show_families):
+def query(graph_json, node, paths, to_node, node_type, layer, position, show_families):
     """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families."""
     import graphs
     from graphs.graph import id_of_unit_label
@@ -745,9 +750,11 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
                 for line in describe(entry):
                     click.echo("  " + p(line))
     elif node_type or layer is not None or position is not None:
+        from graphs.layout import node_name
+
         found = g.nodes(type=node_type, layer=layer, position=position)
-        for n in found:
-            click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}")
+        for n in found:  # with its name: a logit's token, a head's key token, a feature's logit-lens token
+            click.echo(f"  {p(n.id):<28} act {n.activation:.4g}  influence {n.influence:.4g}  {p(node_name(g, n))}")
         if not found:
             layers = sorted({n.layer for n in g.node_list})
             click.echo(f"  no node matches (the graph's nodes: layers {layers[0]}..{layers[-1]}, positions "
@@ -755,8 +762,26 @@ def query(graph_json, node, paths, node_type, layer, position, show_families):
     else:
         if not 1 <= paths <= MAX_PATHS:  # each further path is a longer search: thousands take minutes
             raise BadInputError(f"--paths must be between 1 and {MAX_PATHS}, not {paths}")
-        for strength, path in g.top_paths(k=paths, families=show_families):
+        to = _paths_target(g, to_node, graph_json)
+        click.echo(f"strongest paths into {p(to)}" + (" (the trace's target)" if to_node is None and to != g.logits()[0].id
+                                                      else "") + ":")
+        for strength, path in g.top_paths(to=to, k=paths, families=show_families):
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
+
+
+def _paths_target(g, to_node: str | None, graph_json: str) -> str:
+    """The node `query --paths` ends at: ``--to`` (an id or a picture's name), else the logit the trace decomposed
+    (its --target, or the top logit)."""
+    from graphs.graph import id_of_unit_label
+    from replacement.errors import BadInputError
+
+    if to_node is not None:
+        to = id_of_unit_label(to_node)
+        if to not in g.index:
+            raise BadInputError(f"no node {to_node!r} in {graph_json} (list them with --type, --layer or --position)")
+        return to
+    traced = g.scores.get("logit_decomposition", {}).get("target", {}).get("node")
+    return traced if traced in g.index else g.logits()[0].id
 
 
 def _echo_lens(lens, what: str) -> None:

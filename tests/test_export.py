@@ -233,6 +233,41 @@ def test_trace_writes_json_dot_svg(saved_model, tmp_path):
     assert wall - 1.5 <= float(m.group(1)) <= wall, (m.group(0), wall)
 
 
+def test_query_paths_end_at_the_traced_target_or_at_to(saved_model, tmp_path):
+    """`query --paths` follows the trace's --target (the logit its decomposition names), not the top logit; `--to`
+    names another end (an id or a picture's name); a node listing names each node (a logit by its token); a
+    reader that stops reading (`| head`) ends the command quietly."""
+    from graphs.layout import node_name
+
+    r = _trace("the cat sat on", "--model", str(saved_model), "--out", str(tmp_path), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    g = graphs.load(tmp_path / "graph.json")
+    other = g.logits()[1]  # not the top token
+    r = _trace("the cat sat on", "--model", str(saved_model), "--out", str(tmp_path), "--format", "json",
+               "--target", other.label)
+    assert r.returncode == 0, r.stderr
+    g = graphs.load(tmp_path / "graph.json")
+    query = lambda *a: subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query",  # noqa: E731
+                                       str(tmp_path), *a], capture_output=True, text=True, timeout=300)
+    r = query("--paths", "3")
+    assert r.returncode == 0 and f"strongest paths into {other.id} (the trace's target):" in r.stdout, r.stderr
+    ends = [ln.split()[-1] for ln in r.stdout.splitlines() if ln.startswith("  ")]
+    assert ends and set(ends) == {other.id}
+    assert ends == [p[-1] for _, p in g.top_paths(to=other.id, k=3)]
+    head = max(g.nodes(type="lorsa"), key=lambda n: n.influence)
+    r = query("--paths", "2", "--to", f"L{head.layer}.H{head.index}@{head.pos}")
+    assert r.returncode == 0 and f"strongest paths into {head.id}:" in r.stdout, r.stderr
+    r = query("--to", "tc.9.9@99")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: no node 'tc.9.9@99' in {tmp_path} (list them with " \
+        "--type, --layer or --position)"
+    r = query("--type", "logit")
+    assert [ln.split(None, 5)[-1] for ln in r.stdout.splitlines()[1:]] == [node_name(g, n) for n in g.logits()]
+    reader = subprocess.Popen([sys.executable, "-c", "from cli.main import circuits; circuits()", "query", str(tmp_path),
+                               "--type", "lorsa"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # as `| head` does once it has its lines
+    assert reader.wait(timeout=300) == 1 and reader.stderr.read() == b""
+
+
 def test_query_and_render_commands(saved_model, tmp_path):
     r = _trace("the cat sat", "--model", str(saved_model), "--out", str(tmp_path), "--format", "json")
     assert r.returncode == 0, r.stderr

@@ -449,7 +449,12 @@ def test_patch_ablates_a_family_that_trace_found(tmp_path):
     fam = {x.id: x for x in full.families()}
     expect = patcher.effects([family_components(fam[f.id])])[0].effect
     pred = sum(float(effects[full.index[m]]) for m in fam[f.id].members)
-    assert f"effect {expect:+.4f}  graph predicts {pred:+.4f}" in line, line
+    assert f"effect {expect:+.4f}  the full graph predicts {pred:+.4f}" in line, line
+    # beside it, the pruned graph's: what `predicted_effect` gives on the trace's graph.json
+    from graphs.families import predicted_effect
+
+    kept = predicted_effect(g, f, g.logit(t_id).id)
+    assert f"the pruned graph, as graph.json holds it: {kept:+.4f}" in line, line
     assert "mean over the vocabulary" in r.stdout.splitlines()[0]
     # --together: both families as one unit, and the prediction the sum over the union of their members
     r = _circuits("patch", prompt, "--model", "toy", "--family", f.id, "--family", g2.id, "--together")
@@ -458,7 +463,7 @@ def test_patch_ablates_a_family_that_trace_found(tmp_path):
     union = tuple(dict.fromkeys(family_components(fam[f.id]) + family_components(fam[g2.id])))
     expect = patcher.effects([union])[0].effect
     pred = sum(float(effects[full.index[m]]) for m in set(fam[f.id].members) | set(fam[g2.id].members))
-    assert f"effect {expect:+.4f}  graph predicts {pred:+.4f}" in line, line
+    assert f"effect {expect:+.4f}  the full graph predicts {pred:+.4f}" in line, line
 
 
 def test_patch_names_a_bad_family_in_one_line():
