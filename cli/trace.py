@@ -285,11 +285,13 @@ def _print_paths(graph, target: int | None = None, top_id: int | None = None) ->
     fams = graph.families()
     if fams:
         collapsed = graph.collapsed()
-        strength, path = (graph.top_paths(to=top.id, k=1, families=True) or [(0.0, [])])[0]
+        found = graph.top_paths(to=top.id, k=1, families=True)
+        best = (f"(strength {found[0][0]:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in found[0][1])
+                if found else "none in the pruned graph")
         click.echo(f"{len(fams)} families (heads or features at one position and key, not writing against each other; "
                    "graphs/families.py), "
                    f"the largest {max(fams, key=len).id} of {len(max(fams, key=len))}; strongest path with each family as "
-                   f"one node (strength {strength:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in path))
+                   f"one node {best}")
 
 
 def main() -> None:

@@ -473,3 +473,23 @@ def test_patch_names_a_bad_family_in_one_line():
     r = _circuits("patch", "the cat", "--model", "toy")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "--component ID or --family ID" in lines[0], r.stderr
+
+
+def test_trace_says_when_no_family_path_reaches_the_target(capsys):
+    """A target logit no path reaches in the pruned graph (a --target the model gives almost no probability):
+    every path line says "none in the pruned graph", the families' line too (it ended in a bare colon)."""
+    from cli.trace import _print_paths
+
+    nodes = [Node.make(NodeKind.EMBEDDING, -1, 0, 0, activation=1.0),
+             Node.make(L, 0, 0, 1, activation=2.0, z_pattern=[0.9, 0.1]),
+             Node.make(L, 0, 1, 1, activation=1.0, z_pattern=[0.8, 0.2]),
+             Node.make(NodeKind.LOGIT, 1, 5, 1, activation=3.0, prob=0.001, label=" x")]
+    for n in nodes[1:3]:
+        n.family, n.family_cosine = "fam.lorsa.0.0@1", 1.0
+    edges = [Edge("emb@0", "lorsa.0.0@1", 0.5, "ov"), Edge("emb@0", "lorsa.0.1@1", 0.4, "ov")]
+    g = AttributionGraph("a b", ["a", "b"], [1, 2], nodes, edges)
+    assert g.families() and not g.top_paths(to="logit.5@1", k=1, families=True)
+    _print_paths(g, 5, 7)
+    out = capsys.readouterr().out
+    assert "strongest path with each family as one node none in the pruned graph" in out
+    assert "strongest feature path: none in the pruned graph" in out and not out.rstrip().endswith(":")
