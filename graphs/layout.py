@@ -175,10 +175,14 @@ def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, ord
 
 
 def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[QKLink]:
-    """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, ``most`` in all."""
+    """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, those at the key its
+    third line names first (`lens.key_position`: the key it takes most of its activation from), ``most`` in all."""
     pairs = []
     for head in sorted(ids):
-        pairs += [p for p in graph.qk_pairs(head) if p.query in ids and p.key in ids][:per_head]
+        mine = [p for p in graph.qk_pairs(head) if p.query in ids and p.key in ids]  # strongest first
+        if mine:
+            key = key_position(graph.node(head))
+            pairs += sorted(mine, key=lambda p: p.key_pos != key)[:per_head]  # stable: strongest first within
     return sorted(pairs, key=lambda e: -abs(e.weight))[:most]
 
 

@@ -163,3 +163,20 @@ def test_legends_explain_the_third_line_with_the_graphs_strongest_examples(saved
     for n in graph.node_list:
         n.lens = None
     assert "output raises" not in to_dot(graph, expand_families=True) and "head L" in to_dot(graph, expand_families=True)
+
+
+def test_drawn_qk_pair_is_at_the_key_the_third_line_names():
+    """A head with QK pairs at two keys, the stronger at key 0 but its z pattern's peak at key 1: the picture's
+    dashed pair is the key-1 one (the key its ←"token" names); without a pattern, the strongest."""
+    from graphs.graph import AttributionGraph, QKEntry, QKPair
+    from graphs.layout import drawn_qk
+
+    nodes = [Node.make(NodeKind.EMBEDDING, -1, 0, p, activation=1.0) for p in range(3)]
+    head = Node.make(NodeKind.LORSA, 0, 0, 2, activation=1.0, z_pattern=[0.1, 0.7, 0.2])
+    head.qk = [QKEntry(0, 0.2, pairs=[QKPair("emb@2", "emb@0", 5.0)]),
+               QKEntry(1, 0.7, pairs=[QKPair("emb@2", "emb@1", 1.5)])]
+    g = AttributionGraph("a b c", ["a", "b", "c"], [1, 2, 3], nodes + [head], [])
+    ids = {n.id for n in g.node_list}
+    assert [(p.key, p.weight) for p in drawn_qk(g, ids)] == [("emb@1", 1.5)]
+    head.z_pattern = None
+    assert [(p.key, p.weight) for p in drawn_qk(g, ids)] == [("emb@0", 5.0)]
