@@ -306,7 +306,8 @@ def _key(n: Node, cfg: FamilyConfig) -> int:
 
 def families(graph: AttributionGraph, min_members: int = 2) -> list[Family]:
     """The families whose members the graph holds (at least ``min_members`` of them), by position, then
-    lowest layer, then id; members strongest (largest activation) first."""
+    lowest layer, then kind and rank (``fam.lorsa.1.2`` before ``fam.lorsa.1.10``); members strongest (largest
+    activation) first."""
     found: dict[str, list[Node]] = {}
     for n in graph.node_list:
         if getattr(n, "family", None):
@@ -320,7 +321,13 @@ def families(graph: AttributionGraph, min_members: int = 2) -> list[Family]:
         cos = [n.family_cosine for n in ns if n.family_cosine is not None]
         out.append(Family(fid, ns[0].type, ns[0].pos, [n.id for n in ns], tuple(sorted({n.layer for n in ns})), keys,
                           sum(cos) / len(cos) if cos else float("nan"), sum(n.activation for n in ns)))
-    return sorted(out, key=lambda f: (f.pos, f.layers[0], f.id))
+    return sorted(out, key=lambda f: (f.pos, f.layers[0], f.kind.value, _rank(f.id), f.id))
+
+
+def _rank(fid: str) -> int:
+    """A family id's rank K (``fam.lorsa.L.K@P``); -1 for an id of another form (a graph.json from elsewhere)."""
+    m = _FAMILY_ID.match(fid)
+    return int(m.group(3)) if m else -1
 
 
 def family(graph: AttributionGraph, family_id_: str) -> Family:

@@ -493,3 +493,12 @@ def test_trace_says_when_no_family_path_reaches_the_target(capsys):
     out = capsys.readouterr().out
     assert "strongest path with each family as one node none in the pruned graph" in out
     assert "strongest feature path: none in the pruned graph" in out and not out.rstrip().endswith(":")
+
+
+def test_families_come_in_order_of_rank_not_of_id_text():
+    """fam.lorsa.1.2 before fam.lorsa.1.10 (as text, "10" sorts first)."""
+    nodes = [Node.make(L, 1, h, 3, activation=1.0) for h in range(4)]
+    for n, fid in zip(nodes, ["fam.lorsa.1.10@3", "fam.lorsa.1.10@3", "fam.lorsa.1.2@3", "fam.lorsa.1.2@3"]):
+        n.family, n.family_cosine = fid, 1.0
+    g = AttributionGraph("a b c d", ["a", "b", "c", "d"], [1, 2, 3, 4], nodes, [])
+    assert [f.id for f in g.families()] == ["fam.lorsa.1.2@3", "fam.lorsa.1.10@3"]
