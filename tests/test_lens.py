@@ -1,7 +1,9 @@
 """The words under a node's id (graphs/lens.py): a unit's logit lens against the model's own final norm and
-unembedding, a family's vote, a head's key token, and the boxes and files that carry them."""
+unembedding, a family's (its summed direction's), a head's key token, and the boxes, legends and files that carry
+them."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from graphs.graph import Node, NodeKind
@@ -53,15 +55,15 @@ def test_unit_lens_leaves_excluded_tokens_out(llama_adapter):
 def test_key_position_is_where_the_z_pattern_gives_most():
     head = Node("h", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.1, -2.0, 1.5, 0.0])
     assert key_position(head) == 2  # the largest entry: key 1 takes activation away
-    assert key_share(head) == 1.5 / 1.6  # of the positive entries
-    assert key_share(Node("g", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.4, 0.3, 0.3])) == 0.4
+    assert key_share(head) == pytest.approx(1.5 / 1.6)  # of the positive entries
+    assert key_share(Node("g", NodeKind.LORSA, 0, 3, 0, z_pattern=[0.4, 0.3, 0.3])) == pytest.approx(0.4)
     assert key_share(Node("f", NodeKind.TRANSCODER, 0, 3, 0)) == 0.0
     assert key_position(Node("f", NodeKind.TRANSCODER, 0, 3, 0)) is None
 
 
 def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
     """On a traced graph: each kept unit's lens is its own output direction's (against the model's reading),
-    the boxes carry it (features) or the key token (heads), family boxes their vote, and graph.json keeps it."""
+    the boxes carry it (features) or the key token (heads), a family its summed direction's, and graph.json keeps it."""
     from cli.trace import graphs_of
     from graphs.export import from_dict, to_dict
     from graphs.families import collapse, find_families, output_directions
