@@ -63,7 +63,8 @@ def test_key_position_is_where_the_z_pattern_gives_most():
 
 def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
     """On a traced graph: each kept unit's lens is its own output direction's (against the model's reading),
-    the boxes carry it (features) or the key token (heads), a family its summed direction's, and graph.json keeps it."""
+    the boxes carry it (features) or the key token (heads), a family's is its summed direction's, and graph.json
+    keeps them."""
     from cli.trace import graphs_of
     from graphs.export import from_dict, to_dict
     from graphs.families import collapse, find_families, output_directions
