@@ -205,10 +205,11 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
              f'width={NODE_W / 72:.3f}, height={NODE_H / 72:.3f}];',
              f"  label={_q(legend, newline=LEFT_LINE)}; labelloc=t; labeljust=l;",
              '  fontname="Helvetica"; fontsize=11;']
+    names = {n.id: node_name(graph, n) for n in nodes}  # each drawn node's, once: the tooltips of its edges repeat it
     for n in nodes:
         fill, shape, style = STYLE[n.type]
         x, y = g.xy[n.id]
-        tip = f"{node_name(graph, n)}: activation {n.activation:.3g}, influence {n.influence:.3g}"
+        tip = f"{names[n.id]}: activation {n.activation:.3g}, influence {n.influence:.3g}"
         if meaning(n):
             tip += f" ({meaning(n)})"
         if n.members:
@@ -227,7 +228,7 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     routes = iter(edge_routes(g, pairs + qk_pairs, [float(E.w[i]) for i in chosen] + [0.0] * len(qk_pairs)))
     for i, (source, target) in zip(chosen, pairs):
         w = float(E.w[i])
-        tip = f"{node_name(graph, graph.node(source))} -> {node_name(graph, graph.node(target))}: {w:+.3g}"
+        tip = f"{names[source]} -> {names[target]}: {w:+.3g}"
         lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
                      f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(tip)}, "
                      f"pos={_q(_spline(next(routes)))}];")
