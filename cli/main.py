@@ -701,7 +701,6 @@ MAX_PATHS = 100  # query --paths
 def query(graph_json, node, paths, to_node, node_type, layer, position, show_families):
     """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families."""
     import graphs
-    from graphs.graph import id_of_unit_label
     from replacement.errors import BadInputError
 
     from .common import printable as p
@@ -730,10 +729,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
         for e in c.outgoing(node, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
     elif node:
-        node = id_of_unit_label(node)  # "L0.H136@4", as the pictures label a node, is lorsa.0.136@4
-        if node not in g.index:
-            raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
-        n = g.node(node)
+        n = g.node(_node_id(g, node, graph_json))
         click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
         _echo_lens(n.lens, "its output raises (logit lens per unit of activation, before the final norm's scale)")
         for e in g.incoming(n, k=10):
@@ -769,17 +765,23 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
 
 
-def _paths_target(g, to_node: str | None, graph_json: str) -> str:
-    """The node `query --paths` ends at: ``--to`` (an id or a picture's name), else the logit the trace decomposed
-    (its --target, or the top logit)."""
+def _node_id(g, text: str, graph_json: str) -> str:
+    """The id of the graph's node named ``text``: an id, or a picture's name ("L0.H136@4" is lorsa.0.136@4);
+    BadInputError (one line) when the graph has none."""
     from graphs.graph import id_of_unit_label
     from replacement.errors import BadInputError
 
+    node = id_of_unit_label(text)
+    if node not in g.index:
+        raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
+    return node
+
+
+def _paths_target(g, to_node: str | None, graph_json: str) -> str:
+    """The node `query --paths` ends at: ``--to`` (an id or a picture's name), else the logit the trace decomposed
+    (its --target, or the top logit)."""
     if to_node is not None:
-        to = id_of_unit_label(to_node)
-        if to not in g.index:
-            raise BadInputError(f"no node {to_node!r} in {graph_json} (list them with --type, --layer or --position)")
-        return to
+        return _node_id(g, to_node, graph_json)
     traced = g.scores.get("logit_decomposition", {}).get("target", {}).get("node")
     return traced if traced in g.index else g.logits()[0].id
 

@@ -23,34 +23,11 @@ from .graph import FEATURE_KINDS, AttributionGraph, Node
 LENS_TOKENS = 3  # tokens kept per node
 
 
-def unit_lens(W: torch.Tensor, gain: torch.Tensor, W_U: torch.Tensor, layernorm: bool, k: int = LENS_TOKENS,
-              chunk: int = 512, exclude: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k tokens each direction raises most: (ids [m, k], demeaned logits [m, k]).  W [m, d] the units'
-    output directions, gain [d] the final norm's, W_U [V, d] the unembedding; ``exclude``: token ids never
-    listed (the mean is still over the whole vocabulary)."""
-    from replacement.norms import centre
-
-    U = W_U.float()  # [V, d]
-    mean_row = U.mean(0)  # [d]: a direction's logits' mean over the vocabulary is mean_row . x
-    barred = torch.tensor(sorted(set(exclude)), dtype=torch.long)
-    k = max(0, min(k, U.shape[0] - len(barred)))
-    ids, vals = [], []
-    for i in range(0, len(W), chunk):
-        x = centre(W[i: i + chunk].float(), layernorm) * gain.float()  # [c, d]
-        logits = x @ U.t()  # [c, V]
-        logits[:, barred] = -torch.inf
-        top = logits.topk(k, dim=-1)  # [c, k]
-        ids.append(top.indices)
-        vals.append(top.values - (x @ mean_row)[:, None])
-    if not ids:
-        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    return torch.cat(ids), torch.cat(vals)
-
-
 def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
     """Set ``Node.lens`` of every Lorsa head and transcoder feature of ``graph``: [[token text, demeaned logit per
     unit of activation], ...], the k tokens its output raises most; and ``Node.family_lens`` of every member of a
     family the graph holds (module docstring).  Call it after `find_families` for the families' part."""
+    from replacement.dashboards import top_logits
     from replacement.norms import is_layernorm, norm_weight
     from replacement.tokenizer import special_ids, token_text
 
@@ -65,9 +42,9 @@ def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
     fams = families(graph)
     sums = [sum(nodes[row[m]].activation * W[row[m]] for m in f.members) for f in fams]  # [d] each
     with torch.no_grad():
-        ids, vals = unit_lens(torch.cat([W] + [s[None] for s in sums]), norm_weight(a.final_norm).cpu(),
-                              a.unembedding.weight.detach().cpu(), is_layernorm(a.final_norm), k,
-                              exclude=special_ids(a.tokenizer, len(a.unembedding.weight)))
+        ids, vals = top_logits(torch.cat([W] + [s[None] for s in sums]), norm_weight(a.final_norm).cpu(),
+                               a.unembedding.weight.detach().cpu(), is_layernorm(a.final_norm), k,
+                               exclude=special_ids(a.tokenizer, len(a.unembedding.weight)), demean=True)
     texts = {t: token_text(a.tokenizer, t) for t in set(ids.flatten().tolist())}
     lens = [[[texts[t], round(v, 4)] for t, v in zip(r_ids, r_vals)]
             for r_ids, r_vals in zip(ids.tolist(), vals.tolist())]

@@ -71,24 +71,36 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def top_logits(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, centre: bool, k: int,
+               chunk: int = 512, exclude: list[int] = (), demean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each direction through the final norm's weight (``centre``: P first, for a
+    LayerNorm) and the unembedding, the tokens of ``exclude`` (special tokens) left out; ``demean``: each minus
+    the direction's mean logit over the whole vocabulary.  W [F, d], norm_weight [d], W_U [V, d].
+
+    Returns (ids, values), each [F, k]."""
+    U = W_U.float()
+    mean_row = U.mean(0) if demean else None  # [d]: a direction's mean logit over the vocabulary is mean_row . x
+    barred = torch.tensor(sorted(set(exclude)), dtype=torch.long)
+    k = max(0, min(k, U.shape[0] - len(barred)))
+    ids, vals = [torch.zeros(0, k, dtype=torch.long)], [torch.zeros(0, k)]
+    for i in range(0, len(W), chunk):
+        x = centre_(W[i : i + chunk].float(), centre) * norm_weight.float()  # [f, d]
+        logits = x @ U.t()  # [f, V]
+        logits[:, barred] = -torch.inf
+        top = logits.topk(k, dim=-1)
+        ids.append(top.indices)
+        vals.append(top.values - (x @ mean_row)[:, None] if demean else top.values)
+    return torch.cat(ids), torch.cat(vals)
+
+
 def logit_lens(W: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor, centre: bool, k: int,
                chunk: int = 512, exclude: list[int] = ()) -> tuple[torch.Tensor, ...]:
-    """Top and bottom k logits of each direction, the tokens of ``exclude`` (special tokens) left out.  W [F, d],
-    norm_weight [d], W_U [V, d].
+    """Top and bottom k logits of each direction (`top_logits`; the bottom ones are the top ones of -W, negated).
 
     Returns (top_ids, top_vals, bottom_ids, bottom_vals), each [F, k]."""
-    barred = torch.tensor(sorted(set(exclude)), dtype=torch.long)
-    k = min(k, W_U.shape[0] - len(barred))
-    outs = []
-    for i in range(0, len(W), chunk):
-        w = W[i : i + chunk].float()
-        w = centre_(w, centre)
-        logits = (w * norm_weight.float()) @ W_U.float().t()  # [f, V]
-        logits[:, barred] = torch.nan  # neither top nor bottom
-        top = logits.nan_to_num(-torch.inf).topk(k, dim=-1)
-        bottom = logits.nan_to_num(torch.inf).topk(k, dim=-1, largest=False)
-        outs.append((top.indices, top.values, bottom.indices, bottom.values))
-    return tuple(torch.cat(parts) for parts in zip(*outs))
+    top_ids, top_vals = top_logits(W, norm_weight, W_U, centre, k, chunk, exclude)
+    low_ids, low_vals = top_logits(-W, norm_weight, W_U, centre, k, chunk, exclude)
+    return top_ids, top_vals, low_ids, -low_vals
 
 
 def top_locations(values: torch.Tensor, indices: torch.Tensor, n_features: int, c: int) -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from graphs.graph import Node, NodeKind
-from graphs.lens import key_position, key_share, unit_lens
+from graphs.lens import key_position, key_share
+from replacement.dashboards import top_logits
 
 
 def _model_reads(adapter, w: torch.Tensor) -> torch.Tensor:
@@ -19,14 +20,14 @@ def _model_reads(adapter, w: torch.Tensor) -> torch.Tensor:
     return logits - logits.mean()
 
 
-def test_unit_lens_ranks_tokens_as_the_model_reads_the_direction(adapter):
+def test_lens_ranks_tokens_as_the_model_reads_the_direction(adapter):
     from replacement.norms import is_layernorm, norm_weight
 
     torch.manual_seed(3)
     W = torch.randn(6, adapter.d_model)
     k = 5
-    ids, vals = unit_lens(W, norm_weight(adapter.final_norm), adapter.unembedding.weight.detach(),
-                          is_layernorm(adapter.final_norm), k, chunk=4)  # two chunks
+    ids, vals = top_logits(W, norm_weight(adapter.final_norm), adapter.unembedding.weight.detach(),
+                           is_layernorm(adapter.final_norm), k, chunk=4, demean=True)  # two chunks
     assert ids.shape == vals.shape == (6, k)
     for w, row_ids, row_vals in zip(W, ids, vals):
         real = _model_reads(adapter, w)
@@ -35,16 +36,16 @@ def test_unit_lens_ranks_tokens_as_the_model_reads_the_direction(adapter):
         assert (ratio > 0).all() and torch.allclose(ratio, ratio[0].expand(k), rtol=1e-4)
 
 
-def test_unit_lens_leaves_excluded_tokens_out(llama_adapter):
+def test_lens_leaves_excluded_tokens_out(llama_adapter):
     from replacement.norms import norm_weight
 
     a = llama_adapter
     torch.manual_seed(4)
     W = torch.randn(3, a.d_model)
     args = (W, norm_weight(a.final_norm), a.unembedding.weight.detach(), False, 4)
-    ids, vals = unit_lens(*args)
+    ids, vals = top_logits(*args, demean=True)
     barred = ids[:, 0].tolist()  # every row's top token
-    ids2, vals2 = unit_lens(*args, exclude=barred)
+    ids2, vals2 = top_logits(*args, exclude=barred, demean=True)
     assert not set(ids2.flatten().tolist()) & set(barred)
     for r in range(3):  # the others keep their values: the mean is still over the whole vocabulary
         for t, v in zip(ids2[r].tolist(), vals2[r].tolist()):
