@@ -375,12 +375,14 @@ def _print_faithfulness(f: dict) -> None:
 @click.option("--together", is_flag=True,
               help="Ablate all the components and families at once (one effect), not one at a time.")
 @click.option("--demean", is_flag=True, help="Report the target logit minus its mean over the vocabulary, as the "
-                                               "graph's logits are (implied by --family).")
+                                               "graph's logits are, with the graph's prediction of each zero ablation "
+                                               "(implied by --family).")
 def patch(prompt, model_name, device, dtype, components, target, baseline, mode, counterfactual, mean_over, attention,
           replacements, freeze_norms, together, families, demean):
     """Path-patch components: their effect on a logit through the residual stream and MLPs only, and the real
     model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime).
-    A family (--family) is ablated as one unit and compared with the graph's prediction (its members' sum)."""
+    A family (--family) is ablated as one unit; with it or --demean, a zero ablation is compared with the attribution
+    graph's prediction (a family's: its members' sum)."""
     from graphs.patching import PathPatcher, parse_component
     from replacement.assemble import ReplacementModel
     from replacement.errors import BadInputError
@@ -421,33 +423,64 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
     metric += " - its mean over the vocabulary" if demean else ""
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
+    wanted = demean and baseline is None and (bool(families) or mode == "zero")
+    predicted = _GraphPrediction(model, ids, t_id) if wanted else None
     if families:
-        _patch_families(model, ids, t_id, patcher, families, mode, together, comps)
+        _patch_families(predicted, patcher, families, mode, together, comps)
         if together:
             return
     if together and comps:
         comps = [tuple(comps)]
     if comps:
         for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
-            name = " + ".join(map(str, r.component)) if together else str(r.component)
-            idle = [c for c in (r.component if together else (r.component,)) if not patcher.active(c)]
+            units = r.component if together else (r.component,)
+            name = " + ".join(map(str, units))
+            idle = [c for c in units if not patcher.active(c)]
             note = f"  ({', '.join(map(str, idle))} not active on this prompt)" if idle else ""
-            click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}{note}")
+            graph = f"  {predicted.describe(units)}" if predicted is not None and mode == "zero" else ""
+            click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}{graph}{note}")
+        if predicted is None and baseline is None and mode == "zero":
+            click.echo("  (with --demean, each line also gives the attribution graph's prediction)")
 
 
-def _patch_families(model, ids, t_id: int, patcher, families, mode: str, together: bool, components: list) -> None:
-    """Trace the prompt's graph and find its families as `trace` does with its defaults (`cli.trace.graphs_of`),
-    ablate each named family's members together (with ``together``, all families and ``components`` as one unit), and
-    print the effect beside the graph's prediction of a zero ablation (the sum of the members' effects on the
-    target's demeaned logit through transcoder features)."""
+class _GraphPrediction:
+    """The prompt's attribution graph as `trace` builds it with its defaults (`cli.trace.graphs_of`), full and pruned,
+    and each node's predicted effect of a zero ablation on the target's demeaned logit (`graph_effects`: its total
+    linear effect through transcoder features)."""
+
+    def __init__(self, model, ids, t_id: int):
+        from graphs.patching import graph_effects
+
+        from .trace import graphs_of
+
+        self.graph, self.pruned = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # families mark both
+        self.effects = graph_effects(self.graph, self.graph.logit(t_id).id)
+        self.kept = graph_effects(self.pruned, self.pruned.logit(t_id).id)  # pruning keeps every logit node
+
+    def full(self, components) -> float:
+        """The full graph's prediction of ablating ``components`` together: the sum of theirs."""
+        return sum(float(self.effects[self.graph.index[str(c)]]) for c in components if str(c) in self.graph.index)
+
+    def in_pruned(self, components) -> float:
+        """The same on the pruned graph, as graph.json holds it."""
+        return sum(float(self.kept[self.pruned.index[str(c)]]) for c in components if str(c) in self.pruned.index)
+
+    def describe(self, components) -> str:
+        """What a component line adds: the two graphs' predictions, or why there is none."""
+        missing = [str(c) for c in components if str(c) not in self.graph.index]
+        if len(missing) == len(components):
+            return "graph: no node (an original head, a unit not active, or one left out by --max-feature-nodes)"
+        also = f" ({', '.join(missing)} no node)" if missing else ""
+        return f"graph {self.full(components):+.4f}, pruned {self.in_pruned(components):+.4f}{also}"
+
+
+def _patch_families(predicted: _GraphPrediction, patcher, families, mode: str, together: bool, components: list) -> None:
+    """Ablate each named family's members together (with ``together``, all families and ``components`` as one unit),
+    and print the effect beside the graph's prediction of a zero ablation (the sum of the members' effects on the
+    target's demeaned logit through transcoder features); the families are those `trace` finds with its defaults."""
     from graphs.families import family, family_components
-    from graphs.patching import graph_effects
 
-    from .trace import graphs_of
-
-    graph, pruned = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # families mark both
-    effects = graph_effects(graph, graph.logit(t_id).id)
-    kept = graph_effects(pruned, pruned.logit(t_id).id)  # pruning keeps every logit node
+    graph = predicted.graph
     fams = [family(graph, fid) for fid in families]
     units = [(fid, family_components(f), f"{len(f)} {'heads' if f.kind == 'lorsa' else 'features'} of layer(s) "
               f"{','.join(map(str, f.layers))}, key position(s) {','.join(map(str, f.key_positions))}")
@@ -458,9 +491,8 @@ def _patch_families(model, ids, t_id: int, patcher, families, mode: str, togethe
                   f"{len(members)} components together")]
     for name, comps, what in units:
         r = patcher.effects([comps], mode)[0]
-        pred = sum(float(effects[graph.index[str(c)]]) for c in comps if str(c) in graph.index)
-        also = (f"; the pruned graph, as graph.json holds it: "
-                f"{sum(float(kept[pruned.index[str(c)]]) for c in comps if str(c) in pruned.index):+.4f}")
+        pred = predicted.full(comps)
+        also = f"; the pruned graph, as graph.json holds it: {predicted.in_pruned(comps):+.4f}"
         if mode == "zero":
             cmp = f"the full graph predicts {pred:+.4f}" + (f" ({r.effect / pred:.2f} of it)" if pred else "") + also
         else:

@@ -466,6 +466,46 @@ def test_patch_ablates_a_family_that_trace_found(tmp_path):
     assert f"effect {expect:+.4f}  the full graph predicts {pred:+.4f}" in line, line
 
 
+def test_patch_gives_the_graphs_prediction_for_components():
+    """With --demean, each component's line carries the graph's prediction of its zero ablation (the full graph's and
+    the pruned one's, `graph_effects` at its node), beside the patched effect; --together sums them; a component
+    with no node says so; without --demean a line says how to get it."""
+    from cli.trace import graphs_of
+    from graphs.patching import PathPatcher, graph_effects, parse_component
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    prompt = "the cat sat on the mat. the cat sat on the"
+    model = ReplacementModel.load(load_model("toy"))
+    ids = model.adapter.tokenize(prompt)
+    t_id = int(model.adapter.next_token_probs(ids).argmax())
+    full, pruned = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))
+    effects, kept = graph_effects(full, full.logit(t_id).id), graph_effects(pruned, pruned.logit(t_id).id)
+    last = len(full.tokens) - 1
+    heads = sorted((n for n in pruned.node_list if n.type == NodeKind.LORSA and n.pos == last),
+                   key=lambda n: -abs(float(kept[pruned.index[n.id]])))[:2]
+    assert len(heads) == 2
+    ids_ = [n.id for n in heads]
+    r = _circuits("patch", prompt, "--model", "toy", "--demean", *(a for i in ids_ + ["head.0.0@3"] for a in ("--component", i)))
+    assert r.returncode == 0, r.stderr
+    patcher = PathPatcher(model, ids, t_id, demean=True)
+    for i in ids_:
+        line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(i))
+        effect = patcher.effects([parse_component(i)])[0].effect
+        want = f"effect {effect:+.4f}"
+        assert want in line and f"graph {float(effects[full.index[i]]):+.4f}, pruned {float(kept[pruned.index[i]]):+.4f}" in line, line
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("head.0.0@3"))
+    assert "graph: no node" in line, line
+    r = _circuits("patch", prompt, "--model", "toy", "--demean", "--together", *(a for i in ids_ for a in ("--component", i)))
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stdout.splitlines() if " effect " in ln]
+    both = sum(float(effects[full.index[i]]) for i in ids_)
+    assert f"graph {both:+.4f}" in line, line
+    r = _circuits("patch", prompt, "--model", "toy", "--component", ids_[0])
+    assert r.returncode == 0 and "graph" not in next(ln for ln in r.stdout.splitlines() if " effect " in ln), r.stdout
+    assert "with --demean, each line also gives the attribution graph's prediction" in r.stdout
+
+
 def test_patch_names_a_bad_family_in_one_line():
     r = _circuits("patch", "the cat", "--model", "toy", "--family", "lorsa.1.2@3")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
