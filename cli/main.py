@@ -814,8 +814,7 @@ def _paths_target(g, to_node: str | None, graph_json: str) -> str:
     (its --target, or the top logit)."""
     if to_node is not None:
         return _node_id(g, to_node, graph_json)
-    traced = g.scores.get("logit_decomposition", {}).get("target", {}).get("node")
-    return traced if traced in g.index else g.logits()[0].id
+    return g.target.id
 
 
 def _echo_lens(lens, what: str) -> None:

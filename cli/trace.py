@@ -171,7 +171,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
                f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
     click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
     _print_paths(graph, None if target is None else single_token(tok, target, "--target"), int(probs.argmax()))
-    _print_decomposition(graph.scores.get("logit_decomposition", {}))
+    _print_decomposition(graph.scores)
     pure = pure_model_disagrees(model, ids, probs)
     if pure is not None:
         click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure])!r}, the real "
@@ -213,9 +213,12 @@ def _write(run, graph, model, fmts, draw_nodes, times, expand_families=False) ->
     return paths
 
 
-def _print_decomposition(dec: dict) -> None:
+def _print_decomposition(scores: dict) -> None:
     """The target logit's signed input (and its margin over the runner-up) by source: features, errors,
-    embeddings, constants.  Logits are demeaned over the vocabulary, as in the graph."""
+    embeddings, constants, in the graph attributed (``unattributed``: the input from features past
+    --max-feature-nodes); then what the pruned graph that graph.json holds leaves out.  Logits are demeaned over
+    the vocabulary, as in the graph."""
+    dec, kept = scores.get("logit_decomposition", {}), scores.get("pruned_logit_decomposition", {})
     parts = ("features", "errors", "embeddings", "constants")
     for key, what in (("target", "logit {token!r} (demeaned)"), ("margin", "margin over {runner!r}")):
         if key not in dec:
@@ -223,13 +226,19 @@ def _print_decomposition(dec: dict) -> None:
         d = dec[key]
         name = what.format(token=dec["target"]["token"], runner=dec.get("runner_up", {}).get("token"))
         terms = ", ".join(f"{p} {d[p]:+.2f}" for p in parts)
-        click.echo(f"{name} {d['total']:+.2f} = {terms}" + (f", pruned-away {d['dropped']:+.2f}" if d["dropped"] else ""))
+        click.echo(f"{name} {d['total']:+.2f} = {terms}" + (f", unattributed {d['dropped']:+.2f}"
+                                                            if round(d["dropped"], 2) else ""))
     if dec.get("error_share") is not None:
-        m = dec.get("margin", {})
-        dropped = m.get("dropped", 0.0) / m["total"] if m.get("total") else 0.0
+        m = dec["margin"]
+        unattributed = m["dropped"] / m["total"] if m["total"] else 0.0
         click.echo(f"errors carry {dec['error_share']:.0%} of the margin" +
-                   (f"; the pruned-away nodes {dropped:.0%} (see --node-threshold, --max-feature-nodes)"
-                    if abs(dropped) >= 0.05 else ""))
+                   (f"; features past --max-feature-nodes {unattributed:.0%}" if abs(unattributed) >= 0.05 else ""))
+    if "target" in kept:
+        lost = [(what, kept[key]["dropped"] - dec[key]["dropped"], kept[key]["total"])
+                for key, what in (("target", "the logit"), ("margin", "the margin")) if key in kept and key in dec]
+        click.echo("graph.json, pruned, leaves out " + " and ".join(
+            f"{x:+.2f} of {what}" + (f" ({x / total:.0%})" if what == "the margin" and total else "")
+            for what, x, total in lost) + " (edges below --edge-threshold, features below --node-threshold)")
 
 
 def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:

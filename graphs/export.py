@@ -90,7 +90,7 @@ def _node_from_dict(x: dict) -> Node:
 
 def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
     n_layers = max([n.layer for n in graph.node_list if n.type == NodeKind.LOGIT], default=0)
-    target_ids = {n.id for n in graph.logits()[:1]}
+    target_ids = {graph.target.id} if graph.logits() else set()
     nodes = [_node_dict(graph, n, n_layers, n.id in target_ids) for n in graph.node_list]
     ids, E = [n.id for n in graph.node_list], graph.edge_arrays  # the arrays straight, no `Edge` objects
     links = [{"source": ids[s], "target": ids[t], "weight": w, "kind": EdgeArrays.KINDS[k]}

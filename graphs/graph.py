@@ -386,7 +386,15 @@ class AttributionGraph:
                 and (position is None or n.pos == position)]
 
     def logits(self) -> list[Node]:
+        """The logit nodes, most probable first."""
         return sorted(self.nodes(type="logit"), key=lambda n: -n.prob)
+
+    @property
+    def target(self) -> Node:
+        """The logit node the graph was traced for: `attribute`'s ``target`` (`trace --target`), else the most
+        probable logit.  Paths end there by default; graph.json marks it ``is_target_logit``."""
+        traced = self.scores.get("logit_decomposition", {}).get("target", {}).get("node")
+        return self.node_list[self.index[traced]] if traced in self.index else self.logits()[0]
 
     def logit(self, token_id: int) -> Node:
         """The logit node of a token (KeyError if the token is not among the graph's logits)."""
@@ -459,8 +467,8 @@ class AttributionGraph:
                   sources: tuple[str, ...] = INPUT_KINDS, families: bool = False,
                   min_len: int = 2) -> list[tuple[float, list[str]]]:
         """The k strongest paths of ``min_len`` to ``max_len`` nodes from a source node of the types ``sources``
-        (by default embeddings and error nodes; the types with no incoming edges) into ``to`` (default: the top
-        logit); ``min_len=3`` leaves out direct edges, so that every path passes through a head or feature.
+        (by default embeddings and error nodes; the types with no incoming edges) into ``to`` (default: the
+        target logit, `target`); ``min_len=3`` leaves out direct edges, so that every path passes through a head or feature.
         ``families``: on the collapsed graph (`collapsed`), where a family's members are one node (its id in the
         paths; ``to`` may name a member, which then stands for its family).
 
@@ -485,7 +493,7 @@ class AttributionGraph:
                         min_len: int = 2) -> tuple[float, list[str]] | None:
         """The strongest path of ``min_len`` to ``max_len`` nodes from a node of the types ``sources`` into ``to``:
         a hop-limited Bellman-Ford on -log shares, one vectorised relaxation per hop (costs are >= 0)."""
-        target = self.index.get(to or self.logits()[0].id)
+        target = self.index.get(to or self.target.id)
         if target is None:
             return None
         E, N = self.edge_arrays, len(self.node_list)
@@ -538,7 +546,7 @@ class AttributionGraph:
     def _top_paths_plain(self, to: str | None, k: int, sources: tuple[str, ...]) -> list[tuple[float, list[str]]]:
         import networkx as nx
 
-        target = to or self.logits()[0].id
+        target = to or self.target.id
         E = self.edge_arrays
         g = nx.DiGraph()
         ids = [n.id for n in self.node_list]
@@ -571,7 +579,7 @@ class AttributionGraph:
         so a path of the unrolled graph is a simple path of this one)."""
         import networkx as nx
 
-        target = self.index[to or self.logits()[0].id]
+        target = self.index[to or self.target.id]
         E, N = self.edge_arrays, len(self.node_list)
         shares = input_shares(E.tgt, E.w, N)
         live = shares > 0

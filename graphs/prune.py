@@ -180,6 +180,8 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
     pruned.scores.update({k: v for k, v in full_scores.items()},
                          full_nodes=len(graph), full_edges=len(E), pruned_nodes=len(pruned), pruned_edges=len(pruned.edge_arrays))
     pruned.scores.update({f"pruned_{k}": v for k, v in scores(pruned).items()})
+    if graph.logits():
+        pruned.scores["pruned_logit_decomposition"] = logit_decomposition(pruned, graph.target.index)
     return pruned
 
 

@@ -247,6 +247,21 @@ def test_query_paths_end_at_the_traced_target_or_at_to(saved_model, tmp_path):
                "--target", other.label)
     assert r.returncode == 0, r.stderr
     g = graphs.load(tmp_path / "graph.json")
+    # Python sees the same target: `target`, the default end of `top_paths`, and the one logit graph.json marks
+    assert g.target.id == other.id and g.target is not g.logits()[0]
+    assert g.top_paths(k=3) == g.top_paths(to=other.id, k=3) and g.top_paths(k=1) == g.top_paths(to=other.id, k=1)
+    marked = [x["node_id"] for x in json.loads((tmp_path / "graph.json").read_text())["nodes"] if x["is_target_logit"]]
+    assert marked == [other.id]
+    # the pruned graph's decomposition, stored and printed, is that of the graph the file holds
+    from graphs.prune import logit_decomposition
+
+    kept, full = logit_decomposition(g, other.index), g.scores["logit_decomposition"]
+    stored = g.scores["pruned_logit_decomposition"]
+    for key in ("target", "runner_up", "margin"):
+        assert {k: v for k, v in stored[key].items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in kept[key].items() if isinstance(v, float)}, abs=1e-4)
+    lost = kept["target"]["dropped"] - full["target"]["dropped"]
+    assert f"graph.json, pruned, leaves out {lost:+.2f} of the logit and " in r.stdout, r.stdout
     query = lambda *a: subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query",  # noqa: E731
                                        str(tmp_path), *a], capture_output=True, text=True, timeout=300)
     r = query("--paths", "3")
