@@ -768,8 +768,14 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.outgoing(n, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
-        for e in g.qk_pairs(n)[:10]:
-            click.echo(f"  qk {p(e.query)} x {p(e.key)} (key pos {e.key_pos}) {e.weight:+.4f}")
+        pairs = g.qk_pairs(n, outside=True)
+        out = lambda x: p(x) if x in g.index else f"{p(x)}*"  # noqa: E731
+        for e in pairs[:10]:
+            click.echo(f"  qk {out(e.query)} x {out(e.key)} (key pos {e.key_pos}) {e.weight:+.4f}")
+        hidden = sum(e.query not in g.index or e.key not in g.index for e in pairs)
+        if hidden:
+            click.echo(f"  (* not in this graph: {hidden} of the head's {len(pairs)} pairs name a feature past "
+                       f"--max-feature-nodes, which the graph does not hold)")
         if n.qk:
             from graphs.contrast import describe
 

@@ -350,7 +350,8 @@ class AttributionGraph:
 
     @property
     def qk(self) -> list[QKLink]:
-        """Every QK pair of every Lorsa head's `qk` entries whose two nodes are in this graph."""
+        """Every QK pair of every Lorsa head's `qk` entries whose two nodes are in this graph (`qk_pairs(head,
+        outside=True)` gives a head's others too)."""
         if self._qk is None:
             self._qk = [QKLink(n.id, entry, p) for n in self.node_list for entry in n.qk for p in entry.pairs
                         if p.query in self.index and p.key in self.index]
@@ -426,10 +427,18 @@ class AttributionGraph:
             mask &= self.edge_arrays.kind == _kind_code(kind, EdgeArrays.KINDS)
         return self._edges_where(mask, k)
 
-    def qk_pairs(self, node: "str | Node") -> list[QKLink]:
-        """The QK pairs of one Lorsa head (all its explained key positions), strongest first."""
+    def qk_pairs(self, node: "str | Node", outside: bool = False) -> list[QKLink]:
+        """The QK pairs of one Lorsa head (all its explained key positions), strongest first: those whose two nodes
+        this graph holds, or with ``outside`` every pair, also those naming a node the graph does not hold (a
+        budgeted graph leaves out the features it did not expand, which still enter the QK split; ``pair.query in
+        graph.index`` tells them apart)."""
         nid = node if isinstance(node, str) else node.id
-        return sorted([e for e in self.qk if e.head == nid], key=lambda e: -abs(e.weight))
+        if outside:
+            head = self.node(nid)
+            links = [QKLink(head.id, entry, p) for entry in head.qk for p in entry.pairs]
+        else:
+            links = [e for e in self.qk if e.head == nid]
+        return sorted(links, key=lambda e: -abs(e.weight))
 
     def to_networkx(self, include_qk: bool = False):
         """A networkx DiGraph; node attributes are the Node fields, edge attributes weight and kind.

@@ -142,7 +142,8 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
     """Keep the features covering ``node_threshold`` of the features' total influence and the edges covering
     ``edge_threshold`` of the influence-weighted edge mass, then drop nodes left without outgoing edges until
     nothing changes.  Embeddings, error nodes and logits are always kept (while they have edges); a kept
-    Lorsa head keeps the nodes of its QK pairs.  Scores are computed on the full graph and stored with the
+    Lorsa head keeps the nodes of its QK pairs that the graph holds (a budgeted graph holds only
+    the features it expanded).  Scores are computed on the full graph and stored with the
     pruned one, with each node's influence (set on the full graph's nodes too).  The pruned graph's nodes are
     copies: a target's ``dropped`` there also holds the weight of the incoming edges pruning took away.
     ``max_nodes`` caps the kept features at the most influential ones, ``max_edges`` the kept edges at the

@@ -191,6 +191,16 @@ def test_budgeted_graph_with_qk_prunes_and_explains_scores_exactly():
         assert total == pytest.approx(e.score, rel=1e-4, abs=1e-4)
     pruned = prune(part, 0.9, 0.99)
     assert all(link.query in pruned.index and link.key in pruned.index for link in pruned.qk)
+    # a head's pairs: those the graph holds, or with outside=True all its entries' pairs, the left-out ones too
+    heads = [n for n in pruned.node_list if n.qk]
+    every = {h.id: pruned.qk_pairs(h, outside=True) for h in heads}
+    assert all(len(every[h.id]) == sum(len(e.pairs) for e in h.qk) for h in heads)
+    outside = [x for h in heads for x in every[h.id] if x.query not in pruned.index or x.key not in pruned.index]
+    assert outside, "this budget leaves some pair nodes out"
+    for h in heads:
+        inside = [(x.query, x.key, x.key_pos) for x in every[h.id] if x.query in pruned.index and x.key in pruned.index]
+        assert [(x.query, x.key, x.key_pos) for x in pruned.qk_pairs(h)] == inside
+        assert [abs(x.weight) for x in every[h.id]] == sorted((abs(x.weight) for x in every[h.id]), reverse=True)
 
 
 @pytest.mark.slow
