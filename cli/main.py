@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from graphs.graph import NODE_TYPES
+from graphs.graph import ID_PREFIXES, NODE_TYPES
 from graphs.layout import DEFAULT_DRAW_NODES
 from replacement.bundle import PRESET_NAMES
 
@@ -444,16 +444,15 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
 
 
 class _GraphPrediction:
-    """The prompt's attribution graph as `trace` builds it with its defaults (`cli.trace.graphs_of`), full and pruned,
+    """The prompt's attribution graph as `trace` builds it with its defaults (`graphs.pipeline.trace_graphs`), full and pruned,
     and each node's predicted effect of a zero ablation on the target's demeaned logit (`graph_effects`: its total
     linear effect through transcoder features)."""
 
     def __init__(self, model, ids, t_id: int):
         from graphs.patching import graph_effects
+        from graphs.pipeline import trace_graphs
 
-        from .trace import graphs_of
-
-        self.graph, self.pruned = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # families mark both
+        self.graph, self.pruned = trace_graphs(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # families mark both
         self.effects = graph_effects(self.graph, self.graph.logit(t_id).id)
         self.kept = graph_effects(self.pruned, self.pruned.logit(t_id).id)  # pruning keeps every logit node
 
@@ -690,28 +689,17 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
     import graphs
     from graphs.files import parse_formats, write_all
+    from graphs.validate import graph_file
 
     from .outputs import RunFolder
 
     fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
-    src = _graph_file(graph_json)
+    src = graph_file(graph_json)
     g = graphs.load(src)
     with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
         written = write_all(g, run.path(src.stem), fmts, draw_nodes, expand_families=expand_families)
         for path in run.commit([p.name for p in written.values()]):
             click.echo(f"wrote {path}")
-
-
-def _graph_file(path: str) -> Path:
-    """GRAPH_JSON as given, or the graph.json inside it when it names a trace's output folder."""
-    from replacement.errors import BadInputError
-
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "graph.json").is_file():
-            raise BadInputError(f"{path} is a folder with no graph.json in it; name a graph file")
-        return p / "graph.json"
-    return p
 
 
 MAX_PATHS = 100  # query --paths
@@ -723,8 +711,8 @@ MAX_PATHS = 100  # query --paths
                                            "(lorsa.1.5@3) or a picture's name (L1.H5@3).")
 @click.option("--paths", default=5, show_default=True,
               help="How many strongest paths to the target logit (at most 100): the trace's --target, else the top one.")
-@click.option("--to", "to_node", default=None, help="Find the paths into this node instead (an id or a picture's name).")
-@click.option("--type", "node_type", type=click.Choice([str(k) for k in NODE_TYPES]), default=None,
+@click.option("--to", "to_node", default=None, help="Find the paths into this node instead (an id, a family's id or a picture's name).")
+@click.option("--type", "node_type", type=click.Choice([str(k) for k in NODE_TYPES] + ID_PREFIXES), default=None,
               help="List nodes of a type.")
 @click.option("--layer", type=int, default=None)
 @click.option("--position", type=int, default=None)
@@ -737,7 +725,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
 
     from .common import printable as p
 
-    g = graphs.load(_graph_file(graph_json))
+    g = graphs.load(graph_json)
     click.echo(repr(g))
     if show_families:
         fams = g.families()
@@ -799,18 +787,19 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
         to = _paths_target(g, to_node, graph_json)
         click.echo(f"strongest paths into {p(to)}" + (" (the trace's target)" if to_node is None and to != g.logits()[0].id
                                                       else "") + ":")
-        for strength, path in g.top_paths(to=to, k=paths, families=show_families):
+        into_family = to not in g.index  # a family's id: paths on the graph with each family as one node
+        for strength, path in g.top_paths(to=to, k=paths, families=show_families or into_family):
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
 
 
 def _node_id(g, text: str, graph_json: str) -> str:
-    """The id of the graph's node named ``text``: an id, or a picture's name ("L0.H136@4" is lorsa.0.136@4);
-    BadInputError (one line) when the graph has none."""
+    """The id of the graph's node named ``text``: an id, a family's id, or a name pictures and printed paths give
+    it ("L0.H136@4" is lorsa.0.136@4, "emb @1" emb@1); BadInputError (one line) when the graph has none."""
     from graphs.graph import id_of_unit_label
     from replacement.errors import BadInputError
 
     node = id_of_unit_label(text)
-    if node not in g.index:
+    if node not in g.index and node not in {f.id for f in g.families()}:
         raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
     return node
 

@@ -125,32 +125,11 @@ def _load(model_name, device, dtype, prompt, replacements, attention, max_featur
     return model, ids
 
 
-def graphs_of(model, ids, target=None, qk=True, qk_heads=None, node_threshold=NODE_THRESHOLD,
-              edge_threshold=EDGE_THRESHOLD, max_nodes=None, bos="keep", max_feature_nodes=DEFAULT_MAX_FEATURE_NODES,
-              full=False, qk_reference="mean", families=DEFAULT_FAMILIES, progress=False, check_memory=True):
-    """(the attributed graph, the pruned graph with its families) as `trace` builds them; the defaults are trace's
-    (``families``: the rule to group by, None for none).  `circuits patch --family` builds
-    its graph here too, so that a family id from trace's graph.json names the same members: which nodes pruning
-    keeps, and so which heads a family gathers, depends on every one of these settings (QK pairs keep their nodes)."""
-    from graphs.attribution import attribute
-    from graphs.families import find_families
-    from graphs.lens import add_lens
-    from graphs.prune import file_caps, prune
-
-    whole = attribute(model, ids, target=target, qk=qk, qk_heads=qk_heads, progress=progress, bos=bos,
-                      max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference,
-                      qk_defer=True, check_memory=check_memory)  # qk_defer: only the heads pruning keeps are explained
-    graph = prune(whole, node_threshold, edge_threshold, *file_caps(max_nodes, full))
-    if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
-        find_families(graph, model, families, also=whole)  # the whole graph's nodes get the same marks
-    add_lens(graph, model)  # what each kept head, feature and family writes, in tokens: the pictures' third lines
-    return whole, graph
-
-
 def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos="keep",
                max_feature_nodes=None, full=True, qk_reference="mean", families=None):
     """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
     scores, its strongest paths and the target logit's decomposition."""
+    from graphs.pipeline import trace_graphs
     from graphs.validate import check_finite
     from replacement.evaluate import pure_model_disagrees
     from replacement.models import single_token
@@ -162,7 +141,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     click.echo(f"model {adapter.name} ({model.attention} attention), {len(toks)} tokens: {toks}")
     vals, idx = probs.topk(5)
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
-    _, graph = graphs_of(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
+    _, graph = trace_graphs(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
                          max_feature_nodes, full, qk_reference, families, progress=sys.stderr.isatty(),
                          check_memory=False)  # the memory was checked by _load
     check_finite(graph)

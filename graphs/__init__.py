@@ -4,7 +4,7 @@ from .graph import AttributionGraph, Edge, Node, NodeKey, NodeKind, QKContrast, 
 
 
 def load(path) -> AttributionGraph:
-    """Read a graph JSON file back into an `AttributionGraph`."""
+    """Read a graph JSON file (or the graph.json in a trace's output folder) back into an `AttributionGraph`."""
     return AttributionGraph.load(path)
 
 

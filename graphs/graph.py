@@ -54,6 +54,7 @@ TARGET_KINDS = FEATURE_KINDS + (NodeKind.LOGIT,)  # nodes whose pre-activation t
 _ID_PREFIX = {NodeKind.EMBEDDING: "emb", NodeKind.LORSA: "lorsa", NodeKind.TRANSCODER: "tc",
               NodeKind.ATTN_ERROR: "attn_err", NodeKind.MLP_ERROR: "mlp_err", NodeKind.LOGIT: "logit"}
 _ID_KIND = {v: k for k, v in _ID_PREFIX.items()}
+ID_PREFIXES = [x for x in _ID_PREFIX.values() if x not in NODE_TYPES]  # names of kinds besides NODE_TYPES: "tc", ...
 _ID_HAS_LAYER = {NodeKind.LORSA, NodeKind.TRANSCODER, NodeKind.ATTN_ERROR, NodeKind.MLP_ERROR}
 _ID_HAS_INDEX = {NodeKind.LORSA, NodeKind.TRANSCODER, NodeKind.LOGIT}
 _ID_PATTERN = re.compile(r"^([a-z_]+)((?:\.\d+){0,2})@(\d+)$")
@@ -115,14 +116,33 @@ def unit_label(kind: NodeKind, layer: int, index: int) -> str:
     return f"L{layer}.{'H' if kind == NodeKind.LORSA else 'F'}{index}"
 
 
+def kind_of(name: str) -> NodeKind:
+    """The kind a type name or an id prefix names ("lorsa", "transcoder" or "tc", "embedding" or "emb", ...);
+    BadInputError (one line) otherwise."""
+    kind = _ID_KIND.get(name) or next((k for k in NodeKind if k.value == name), None)
+    if kind is None:
+        raise BadInputError(f"unknown node type {name!r}; one of {', '.join(NodeKind)} (or an id's prefix: "
+                            f"{', '.join(_ID_KIND)})")
+    return kind
+
+
+_NAMES = ((re.compile(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)"),  # a head or feature as pictures and printed paths name it
+           lambda m: NodeKey(NodeKind.LORSA if m[2] == "H" else NodeKind.TRANSCODER, int(m[1]), int(m[3]), int(m[4]))),
+          (re.compile(r"emb\s*@\s*(\d+)"), lambda m: NodeKey(NodeKind.EMBEDDING, pos=int(m[1]))),
+          (re.compile(r"L(\d+) (attn|MLP) error\s*@\s*(\d+)"),
+           lambda m: NodeKey(NodeKind.ATTN_ERROR if m[2] == "attn" else NodeKind.MLP_ERROR, int(m[1]), pos=int(m[3]))))
+
+
 def id_of_unit_label(text: str) -> str:
-    """The node id a unit's short name at a position stands for (``L1.H5@3`` -> ``lorsa.1.5@3``, ``L1.F5@3`` ->
-    ``tc.1.5@3``, as the pictures write them); any other text as it is."""
-    m = re.fullmatch(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)", text.strip())
-    if not m:
-        return text
-    kind = NodeKind.LORSA if m.group(2) == "H" else NodeKind.TRANSCODER
-    return str(NodeKey(kind, int(m.group(1)), int(m.group(3)), int(m.group(4))))
+    """The node id a name stands for: a unit's short name at a position (``L1.H5@3`` -> ``lorsa.1.5@3``, ``L1.F5@3``
+    -> ``tc.1.5@3``, as the pictures write them), or the start of a name `trace` and `circuits query` print (``L0.H136
+    @4 " =" ...``, ``emb @1 "36"``, ``L3 MLP error @4 " ="``); any other text as it is, stripped."""
+    text = text.strip()
+    for pattern, key in _NAMES:
+        m = pattern.match(text)
+        if m and (m.end() == len(text) or text[m.end()] == " "):
+            return str(key(m))
+    return text
 
 
 @dataclass
@@ -150,7 +170,11 @@ class QKContrast:
     s and the reference cancels; ``key`` names its node at s if it has one there, else its strongest node.
     ``position``: the query (every node and the bias) x the difference of the key biases (the key's constant
     terms: rotated by the key position where the model has rotary, divided by each position's norm scale).
-    Marginals: each node's row / column of the difference table, strongest first."""
+    Marginals, strongest first: a query node's row of the difference table plus its part of ``position`` (its
+    query x the key biases' difference); a key unit's column plus its part of ``query_bias_x_keys`` (the query
+    bias x its key difference).  Over every node, the query marginals add up to pairs_total + position and the
+    key marginals to pairs_total + query_bias_x_keys.  A pair's or marginal's key-side node may be at another
+    position than s (a unit's node at the reference's key, where it has none at s)."""
 
     reference: str
     reference_pos: int  # the runner-up's key position; -1 for the mean
@@ -375,14 +399,16 @@ class AttributionGraph:
                 zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist())]
 
     def node(self, node_id: str) -> Node:
-        if node_id not in self.index:
+        """A node by its id, or by a name the pictures and printed paths give it (`id_of_unit_label`)."""
+        found = node_id if node_id in self.index else id_of_unit_label(node_id)
+        if found not in self.index:
             raise KeyError(f"no node {node_id!r} in this graph")
-        return self.node_list[self.index[node_id]]
+        return self.node_list[self.index[found]]
 
     def nodes(self, type: str | None = None, layer: int | None = None, position: int | None = None) -> list[Node]:
-        """The nodes of one type, layer and/or position (each None: any); an unknown type is a ValueError."""
-        if type is not None and type not in NODE_TYPES:
-            raise ValueError(f"unknown node type {type!r}; one of {', '.join(NODE_TYPES)}")
+        """The nodes of one type (a `NodeKind`, its name or an id's prefix: "tc"), layer and/or position (each None:
+        any); an unknown type is a BadInputError."""
+        type = None if type is None else kind_of(type)
         return [n for n in self.node_list if (type is None or n.type == type) and (layer is None or n.layer == layer)
                 and (position is None or n.pos == position)]
 
@@ -412,6 +438,8 @@ class AttributionGraph:
         return [Edge(ids[int(E.src[i])], ids[int(E.tgt[i])], float(E.w[i]), EdgeArrays.KINDS[int(E.kind[i])]) for i in idx]
 
     def incoming(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> "list[Edge] | list[QKLink]":
+        """The ``k`` strongest edges into a node (all: None), of one kind (ov, direct) or any; ``kind="qk"``: its QK
+        pairs instead (`QKLink`s, `qk_pairs`)."""
         nid = node if isinstance(node, str) else node.id
         if kind == "qk":
             return self.qk_pairs(nid)[:k]
@@ -421,6 +449,7 @@ class AttributionGraph:
         return self._edges_where(mask, k)
 
     def outgoing(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> list[Edge]:
+        """The ``k`` strongest edges out of a node (all: None), of one kind (ov, direct) or any."""
         nid = node if isinstance(node, str) else node.id
         mask = self.edge_arrays.src == self.index[self.node(nid).id]
         if kind is not None:
@@ -441,22 +470,29 @@ class AttributionGraph:
         return sorted(links, key=lambda e: -abs(e.weight))
 
     def to_networkx(self, include_qk: bool = False):
-        """A networkx DiGraph; node attributes are the Node fields, edge attributes weight and kind.
+        """A networkx DiGraph: node attributes are the Node's scalar fields (``type`` as its plain name; fields that
+        are None and the lists ``qk``, ``z_pattern`` and ``lens`` are left out, `node` has them), edge attributes
+        ``weight`` and ``kind``, so that networkx's writers (GraphML, node-link JSON) take it as it is.
 
-        QK edges are pairs (two sources) and are left out unless ``include_qk``: then each pair becomes two
-        edges (query side, key side) into the head, with attribute ``pair``."""
+        QK pairs are not edges of the linear graph (a pair is two sources of one score term); with ``include_qk``
+        the result is a MultiDiGraph where each pair of `qk` adds two edges into its head, query side and key side,
+        each with ``kind`` "qk", the pair's ``weight``, ``side`` (query, key), ``query_node``, ``key_node`` and
+        ``key_pos``."""
         import networkx as nx
 
-        g = nx.DiGraph()
+        g = nx.MultiDiGraph() if include_qk else nx.DiGraph()
         for n in self.node_list:
-            g.add_node(n.id, **{k: v for k, v in n.__dict__.items() if k != "id"})
-        for e in self.edges:
-            g.add_edge(e.source, e.target, weight=e.weight, kind=e.kind)
+            attrs = {k: v for k, v in n.__dict__.items() if k != "id" and isinstance(v, (int, float, str))}
+            g.add_node(n.id, **{**attrs, "type": n.type.value})
+        E = self.edge_arrays
+        ids = [n.id for n in self.node_list]
+        for s, t, w, k in zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist()):
+            g.add_edge(ids[s], ids[t], weight=w, kind=EdgeArrays.KINDS[k])
         if include_qk:
             for e in self.qk:
-                for side in (e.query, e.key):
-                    if not g.has_edge(side, e.head):
-                        g.add_edge(side, e.head, weight=e.weight, kind="qk", pair=(e.query, e.key))
+                for side, source in (("query", e.query), ("key", e.key)):
+                    g.add_edge(source, e.head, weight=e.weight, kind="qk", side=side, query_node=e.query,
+                               key_node=e.key, key_pos=e.key_pos)  # `key` names a MultiDiGraph's edge key
         return g
 
     def families(self) -> list:
@@ -488,6 +524,7 @@ class AttributionGraph:
             raise BadInputError(f"top_paths needs k >= 1 and max_len >= 1 (k={k}, max_len={max_len})")
         if to is not None and to not in self.index and not (families and to in {f.id for f in self.families()}):
             raise BadInputError(f"no node {to!r} in this graph")
+        sources = tuple(kind_of(x) for x in sources)  # a kind's name or an id's prefix ("emb")
         if families:
             collapsed = self.collapsed()
             if to is not None and to not in collapsed.index and to in self.index and self.node(to).family:
@@ -509,7 +546,7 @@ class AttributionGraph:
         live = E.w != 0
         src, tgt = E.src[live], E.tgt[live]
         cost = -torch.log(input_shares(E.tgt, E.w, N)[live].double())  # [E]
-        kinds = {NodeKind(k) for k in sources}
+        kinds = set(sources)
         dist = torch.tensor([0.0 if n.type in kinds else math.inf for n in self.node_list], dtype=torch.float64)
         best = (float(dist[target]) if min_len <= 1 else math.inf, 0)  # (cost, hops) of the best path so far
         preds = []
@@ -599,7 +636,7 @@ class AttributionGraph:
         for _ in range(max_len - 1):
             to_target = torch.minimum(to_target, torch.full((N,), max_len, dtype=torch.long).scatter_reduce(
                 0, src, to_target[tgt] + 1, "amin"))
-        kinds = {NodeKind(x) for x in sources}
+        kinds = set(sources)
         level = torch.tensor([n.type in kinds for n in self.node_list]) & (to_target <= max_len - 1)
         g = nx.DiGraph()
         for v in level.nonzero().flatten().tolist():

@@ -46,9 +46,20 @@ def strict_dumps(obj) -> str:
         raise BadGraphError("the graph holds NaN or infinite values; not written") from None
 
 
-def load_graph_dict(path: str | Path) -> dict:
-    """The checked contents of a graph JSON file; raises BadGraphError (one line) for any malformed file."""
+def graph_file(path: str | Path) -> Path:
+    """``path`` as given, or the graph.json inside it when it names a trace's output folder."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "graph.json").is_file():
+            raise BadGraphError(f"{path} is a folder with no graph.json in it; name a graph file")
+        return path / "graph.json"
+    return path
+
+
+def load_graph_dict(path: str | Path) -> dict:
+    """The checked contents of a graph JSON file (or of a trace's folder's graph.json); raises BadGraphError (one
+    line) for any malformed file."""
+    path = graph_file(path)
     if path.exists() and not (path.is_file() or path.is_dir()):  # a pipe would block, a device never end
         raise BadGraphError(f"{path} is not a graph file: not a regular file")
     raw = path.read_bytes()

@@ -2,6 +2,7 @@
 on a tiny saved model with random replacements."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -159,6 +160,19 @@ def test_queries(graph):
     import networkx as nx
 
     assert nx.is_directed_acyclic_graph(g) and logit.id in g
+    assert g.number_of_edges() == len(graph.edge_arrays) and g.nodes[logit.id]["type"] == "logit"
+    assert {(e.source, e.target): e.weight for e in graph.edges} == {(a, b): d["weight"] for a, b, d in g.edges(data=True)}
+    nx.write_graphml(g, io.BytesIO())  # plain attributes: networkx's writers take it
+    json.dumps(nx.node_link_data(g, edges="links"))
+    # with QK pairs: two more edges per pair, query side and key side, into its head
+    m = graph.to_networkx(include_qk=True)
+    assert graph.qk and m.number_of_edges() == len(graph.edge_arrays) + 2 * len(graph.qk)
+    qk = [(a, b, d) for a, b, d in m.edges(data=True) if d["kind"] == "qk"]
+    for side in ("query", "key"):
+        assert sorted((d[f"{side}_node"], b, d["weight"]) for a, b, d in qk if d["side"] == side) == \
+            sorted((getattr(e, side), e.head, e.weight) for e in graph.qk)
+        assert all(a == d[f"{side}_node"] for a, b, d in qk if d["side"] == side)
+    nx.write_graphml(m, io.BytesIO())
     assert all(n.pos == 3 for n in graph.nodes(position=3))
     sub = graph.subgraph([n.id for n in graph.node_list if n.type != "mlp_error"])
     assert not sub.nodes(type="mlp_error") and len(sub.edge_arrays) <= len(graph.edge_arrays)

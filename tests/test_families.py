@@ -410,6 +410,11 @@ def test_query_lists_families_and_their_paths(tmp_path):
             f"{','.join(map(str, f.layers))}" in r.stdout
     shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]
     assert shown == [" -> ".join(p) for _, p in g.top_paths(k=2, families=True)]
+    f = max(g.families(), key=len)  # --to a family: the paths into it, each family one node
+    r = _circuits("query", path, "--paths", "2", "--to", f.id)
+    assert r.returncode == 0 and f"strongest paths into {f.id}:" in r.stdout, r.stderr
+    shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]
+    assert shown and shown == [" -> ".join(p) for _, p in g.top_paths(to=f.id, k=2, families=True)]
 
 
 def test_patch_ablates_a_family_that_trace_found(tmp_path):
@@ -425,12 +430,12 @@ def test_patch_ablates_a_family_that_trace_found(tmp_path):
                         str(tmp_path), "--format", "json"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     g = AttributionGraph.load(tmp_path / "graph.json")
-    from cli.trace import graphs_of  # what `patch --family` builds: every family, member for member, as trace's
+    from graphs.pipeline import trace_graphs  # what `patch --family` builds: every family, member for member, as trace's
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
     model = ReplacementModel.load(load_model("toy"))
-    _, pruned = graphs_of(model, model.adapter.tokenize(prompt))
+    _, pruned = trace_graphs(model, model.adapter.tokenize(prompt))
     assert {f.id: sorted(f.members) for f in pruned.families()} == {f.id: sorted(f.members) for f in g.families()}
     f, g2 = sorted(g.families(), key=len)[-2:][::-1]
     r = _circuits("patch", prompt, "--model", "toy", "--family", f.id)
@@ -442,7 +447,7 @@ def test_patch_ablates_a_family_that_trace_found(tmp_path):
     from graphs.patching import PathPatcher, graph_effects
 
     ids = model.adapter.tokenize(prompt)
-    full, _ = graphs_of(model, ids)
+    full, _ = trace_graphs(model, ids)
     t_id = int(model.adapter.next_token_probs(ids).argmax())
     patcher = PathPatcher(model, ids, t_id, demean=True)
     effects = graph_effects(full, full.logit(t_id).id)
@@ -470,7 +475,7 @@ def test_patch_gives_the_graphs_prediction_for_components():
     """With --demean, each component's line carries the graph's prediction of its zero ablation (the full graph's and
     the pruned one's, `graph_effects` at its node), beside the patched effect; --together sums them; a component
     with no node says so; without --demean a line says how to get it."""
-    from cli.trace import graphs_of
+    from graphs.pipeline import trace_graphs
     from graphs.patching import PathPatcher, graph_effects, parse_component
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -479,7 +484,7 @@ def test_patch_gives_the_graphs_prediction_for_components():
     model = ReplacementModel.load(load_model("toy"))
     ids = model.adapter.tokenize(prompt)
     t_id = int(model.adapter.next_token_probs(ids).argmax())
-    full, pruned = graphs_of(model, ids, target=model.adapter.tokenizer.decode([t_id]))
+    full, pruned = trace_graphs(model, ids, target=model.adapter.tokenizer.decode([t_id]))
     effects, kept = graph_effects(full, full.logit(t_id).id), graph_effects(pruned, pruned.logit(t_id).id)
     last = len(full.tokens) - 1
     heads = sorted((n for n in pruned.node_list if n.type == NodeKind.LORSA and n.pos == last),

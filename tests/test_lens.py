@@ -66,7 +66,7 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
     """On a traced graph: each kept unit's lens is its own output direction's (against the model's reading),
     the boxes carry it (features) or the key token (heads), a family's is its summed direction's, and graph.json
     keeps them."""
-    from cli.trace import graphs_of
+    from graphs.pipeline import trace_graphs
     from graphs.export import from_dict, to_dict
     from graphs.families import collapse, find_families, output_directions
     from graphs.layout import MAX_GIST_CHARS, box_label, quoted
@@ -79,7 +79,7 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
     adapter = load_model(str(saved_model))
     model = ReplacementModel.load(adapter, None, "lorsa")
     ids = adapter.tokenize("the cat sat on the mat. 1 + 2 =")
-    _, graph = graphs_of(model, ids, max_feature_nodes=None)
+    _, graph = trace_graphs(model, ids, max_feature_nodes=None)
     units = [n for n in graph.node_list if n.type in (NodeKind.LORSA, NodeKind.TRANSCODER)]
     assert units and all(n.lens and len(n.lens) == 3 for n in units)
     specials = adapter.tokenizer.all_special_ids  # never listed (graphs/lens.py)
@@ -123,14 +123,14 @@ def test_query_prints_a_node_and_a_family_lens(saved_model, tmp_path):
     import subprocess
     import sys
 
-    from cli.trace import graphs_of
+    from graphs.pipeline import trace_graphs
     from graphs.export import write_json
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 
     adapter = load_model(str(saved_model))
     model = ReplacementModel.load(adapter, None, "lorsa")
-    _, graph = graphs_of(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
+    _, graph = trace_graphs(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
     path = write_json(graph, tmp_path / "graph.json")
     unit = next(n for n in graph.node_list if n.lens)
     fam = graph.families()[0]
@@ -148,7 +148,7 @@ def test_legends_explain_the_third_line_with_the_graphs_strongest_examples(saved
     no lens (a graph.json from before) says nothing about features' third lines."""
     import html
 
-    from cli.trace import graphs_of
+    from graphs.pipeline import trace_graphs
     from graphs.export import to_dot
     from graphs.html import to_html
     from graphs.layout import gist
@@ -157,7 +157,7 @@ def test_legends_explain_the_third_line_with_the_graphs_strongest_examples(saved
 
     adapter = load_model(str(saved_model))
     model = ReplacementModel.load(adapter, None, "lorsa")
-    _, graph = graphs_of(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
+    _, graph = trace_graphs(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
     head = max(graph.nodes(type="lorsa"), key=lambda n: n.influence)
     feature = max(graph.nodes(type="transcoder"), key=lambda n: n.influence)
     dot, page = to_dot(graph, expand_families=True), to_html(graph)

@@ -46,6 +46,24 @@ def test_nodes_filters_by_type_layer_and_position_and_refuses_an_unknown_type(gr
     assert graph.nodes() == graph.node_list
     with pytest.raises(ValueError, match="unknown node type 'heads'; one of embedding, lorsa"):
         graph.nodes(type="heads")  # was an empty list: a misspelt type read as "no such nodes"
+    # an id's prefix names its kind too, in filters and in top_paths' sources (was a bare ValueError from the enum)
+    assert graph.nodes(type="tc") == graph.nodes(type="transcoder") and graph.nodes(type="emb") == graph.nodes(type="embedding")
+    assert graph.top_paths(k=2, sources=("emb", "attn_err")) == graph.top_paths(k=2, sources=("embedding", "attn_error"))
+
+
+def test_node_takes_the_names_pictures_and_printed_paths_give(graph):
+    """`node` and `circuits query --node` take an id, a unit's short name, or a name as `trace` and `query` print it
+    (`layout.node_name`), with or without what follows the position."""
+    from graphs.layout import node_name
+
+    for kind in ("lorsa", "transcoder", "embedding", "mlp_error", "attn_error"):
+        n = graph.nodes(type=kind)[0]
+        assert graph.node(node_name(graph, n)) is n and graph.node(n.id + " ") is n
+        assert graph.node(node_name(graph, n).split('"')[0].strip()) is n  # the name up to its position
+    h = graph.nodes(type="lorsa")[0]
+    assert graph.node(f"L{h.layer}.H{h.index}@{h.pos}") is h
+    with pytest.raises(KeyError, match="no node 'L99.H1@0'"):
+        graph.node("L99.H1@0")
 
 
 def test_parse_formats(monkeypatch):
