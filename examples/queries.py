@@ -20,9 +20,9 @@ def main(path: str | None = None) -> None:
             trace.main(["36 + 62 =", "--model", "llama", "--format", "json", "--out", "traces/36-62"], standalone_mode=False)
     g = graphs.load(path)  # 1. load
     print(g)
-    target = g.logits()[0]
+    target = g.target  # the logit traced for (trace's --target, else the top one)
     print(f"\ntop 10 paths to {target.label!r}:")  # 2. strongest paths
-    for strength, p in g.top_paths(to=target.id, k=10):
+    for strength, p in g.top_paths(k=10):
         print(f"  {strength:.4f}  " + " -> ".join(p))
     print("\nLorsa heads in layer 1 and their strongest QK pairs:")  # 3. heads + QK pairs
     for head in g.nodes(type="lorsa", layer=1):
@@ -50,8 +50,6 @@ if __name__ == "__main__":
     ap.add_argument("graph", nargs="?", help="a graph.json or a trace's folder (default: trace `36 + 62 =` on llama "
                                              "first)")
     graph = ap.parse_args().graph
-    if graph is not None and Path(graph).is_dir():  # a trace's output folder
-        graph = str(Path(graph) / "graph.json")
-    if graph is not None and not Path(graph).is_file():
+    if graph is not None and not (Path(graph).is_file() or (Path(graph) / "graph.json").is_file()):
         ap.error(f"no graph file {graph!r}")
     main(graph)
