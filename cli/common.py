@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import itertools
 import math
 import os
@@ -89,15 +90,72 @@ def one_line_usage_errors(main, *args, standalone_mode: bool = True, **kwargs):
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class _UntilReaderGone(io.RawIOBase):
+    """Standard output's file descriptor, written until whoever reads it stops (`trace ... | head`), then discarded:
+    the command goes on to write its files, where a broken pipe would have ended it before them."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd, self.gone = fd, False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def write(self, b) -> int:
+        if not self.gone:
+            try:
+                return os.write(self.fd, b)
+            except BrokenPipeError:
+                self.gone = True
+        return len(b)
+
+
+@contextlib.contextmanager
+def _stdout_until_reader_gone():
+    """The process's standard output (not a test's captured one) as `_UntilReaderGone`; yields it, or None."""
+    old = sys.stdout
+    try:
+        fd = old.fileno() if old is sys.__stdout__ and old is not None else None
+    except (OSError, ValueError):
+        fd = None
+    if fd is None:
+        yield None
+        return
+    old.flush()
+    raw = _UntilReaderGone(fd)
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=old.encoding, errors=old.errors,
+                                  line_buffering=old.line_buffering)
+    try:
+        yield raw
+    finally:
+        try:
+            sys.stdout.flush()
+        finally:
+            sys.stdout = old
+
+
 def run_friendly(fn, *args, **kwargs):
     """Run ``fn``, turning user errors, full disks, Ctrl-C and SIGTERM/SIGHUP into one line on stderr and exit 1.
+    A reader that stops reading the output (`| head`) leaves the command to finish its work (files included)
+    quietly, and the exit status 1.
 
     SIGTERM and SIGHUP raise KeyboardInterrupt, so every ``finally`` and ``except`` on the way out runs
     (temporary files are removed, child processes killed) as it does for Ctrl-C."""
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     try:
-        return fn(*args, **kwargs)
+        with _stdout_until_reader_gone() as out:
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()
+        if out is not None and out.gone:
+            sys.exit(1)
+        return result
     except BrokenPipeError:  # whoever read our output stopped (`| head`): end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
         sys.exit(1)

@@ -410,7 +410,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     demean = demean or bool(families)
     from replacement.foreign import replacement_specs
 
-    comps = [parse_component(c) for c in components]  # a malformed id is refused before the model loads
+    comps = list(dict.fromkeys(parse_component(c) for c in components))  # refused before the model loads if malformed; once each
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
     model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)

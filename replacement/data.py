@@ -61,18 +61,23 @@ def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _read_hf_dataset(spec: str, max_chars: int = 50_000_000) -> str:
     """``NAME[:split]`` of an HF dataset with a ``text`` column; needs the network or a local HF cache."""
+    from .errors import BadInputError
+
     try:
         import datasets  # optional dependency
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("HF datasets need `pip install datasets`") from e
+    except ImportError:
+        raise BadInputError(f"--text hf:{spec} needs the optional `datasets` package: pip install -e '.[datasets]'") from None
     name, _, split = spec.partition(":")
-    ds = datasets.load_dataset(name, split=split or "train", streaming=True)
     parts, total = [], 0
-    for row in ds:
-        parts.append(row["text"])
-        total += len(row["text"])
-        if total >= max_chars:
-            break
+    try:
+        for row in datasets.load_dataset(name, split=split or "train", streaming=True):
+            parts.append(row["text"])
+            total += len(row["text"])
+            if total >= max_chars:
+                break
+    except Exception as e:  # noqa: BLE001 - no network, no such dataset or split, no text column: one line
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"cannot read --text hf:{spec}: {why}") from None
     return "\n\n".join(parts)
 
 

@@ -48,12 +48,16 @@ def cached_activations(adapter, cfg: TrainConfig, source, folder: str | Path):
 
 
 def output_folder(adapter, out: str | Path | None, init_from: str | Path | None = None) -> Path:
-    """The folder a training run writes to (``out``; else ``init_from``, which a joint run refines in place, unless
+    """The folder a training run writes to (``out``, never inside the package's bundled models; else ``init_from``, which a joint run refines in place, unless
     it is a folder of the package's, whose shipped replacements change only by `train-replacements --install`; else
     `store.default_train_folder`).  The trainers create and lock it (`io.exclusive_folder`) before they start."""
     from .bundle import BUNDLE_DIR
+    from .errors import BadInputError
     from .store import default_train_folder
 
+    if out is not None and Path(out).resolve().is_relative_to(BUNDLE_DIR.resolve()):
+        raise BadInputError(f"--out {out} is inside the package's bundled models, whose shipped replacements change "
+                            f"only by `circuits train-replacements --install`; choose another folder")
     if out is None and init_from is not None and not Path(init_from).resolve().is_relative_to(BUNDLE_DIR.resolve()):
         return Path(init_from)  # read before anything is written: it must exist
     return Path(out) if out is not None else default_train_folder(adapter)

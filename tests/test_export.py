@@ -295,6 +295,13 @@ def test_query_paths_end_at_the_traced_target_or_at_to(saved_model, tmp_path):
                                "--type", "lorsa"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader.stdout.close()  # as `| head` does once it has its lines
     assert reader.wait(timeout=300) == 1 and reader.stderr.read() == b""
+    # a trace whose reader is gone (`trace ... | grep -q`) still writes its files, then ends as quietly
+    reader = subprocess.Popen([sys.executable, "-c", "from cli.trace import trace; trace()", "the cat sat", "--model",
+                               str(saved_model), "--out", str(tmp_path / "piped"), "--format", "json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()
+    assert reader.wait(timeout=300) == 1 and reader.stderr.read() == b""
+    assert graphs.load(tmp_path / "piped").prompt == "the cat sat"
 
 
 def test_query_and_render_commands(saved_model, tmp_path):

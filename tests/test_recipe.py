@@ -67,6 +67,27 @@ def test_text_sources_hold_out_the_end_and_refuse_binary_files(tmp_path):
             read_text_sources([str(tmp_path / name)])
 
 
+def test_hf_text_sources_fail_in_one_line(monkeypatch):
+    """--text hf:NAME without the optional `datasets` package, or with it but no network (or no such dataset):
+    one line naming the source and what to do, not a traceback."""
+    import sys
+    import types
+
+    from replacement.errors import BadInputError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(BadInputError, match=r"--text hf:wikitext needs the optional `datasets` package: pip install"):
+        read_text_sources(["hf:wikitext"])
+
+    def offline(name, split, streaming):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(BadInputError) as e:
+        read_text_sources(["hf:wikitext:test"])
+    assert str(e.value) == "cannot read --text hf:wikitext:test: Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)"
+
+
 def test_batches_are_deterministic_and_hold_no_heldout_pair(tokenizer):
     tokens = torch.tensor(tokenizer.encode(TEXT[0] * 3, add_special_tokens=False), dtype=torch.int32)
     train, held = addition_split()

@@ -218,6 +218,13 @@ def test_training_a_preset_never_writes_into_the_package(tmp_path, monkeypatch):
     assert output_folder(adapter, None, tmp_path / "replacements" / "toy") == tmp_path / "replacements" / "toy"
     assert output_folder(adapter, None, shipped) == Path("replacements") / "toy"
     assert output_folder(adapter, tmp_path / "x", shipped) == tmp_path / "x"
+    from replacement.errors import BadInputError
+
+    # an --out inside the package (its shipped replacements, or any folder of its bundle) is refused in one line
+    for inside in (shipped, shipped.parent, shipped / "sub"):
+        with pytest.raises(BadInputError, match="inside the package's bundled models"):
+            output_folder(adapter, inside)
+    assert {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()} == before
 
 
 def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
