@@ -689,13 +689,19 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
     import graphs
     from graphs.files import parse_formats, write_all
+    from graphs.html import has_dashboards
     from graphs.validate import graph_file
+    from replacement.errors import BadInputError
 
     from .outputs import RunFolder
 
     fmts = parse_formats(fmt, allowed=("dot", "svg", "png", "html"))
     src = graph_file(graph_json)
     g = graphs.load(src)
+    page = src.with_suffix(".html")
+    if "html" in fmts and has_dashboards(page):  # nothing already made is lost
+        raise BadInputError(f"{page} holds the node dashboards `trace` built from the model, which render cannot; "
+                            f"move it away first (or trace again with --format ...,html)")
     with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
         written = write_all(g, run.path(src.stem), fmts, draw_nodes, expand_families=expand_families)
         for path in run.commit([p.name for p in written.values()]):

@@ -12,6 +12,7 @@ so the file opens without network access; the page draws the SVG itself from the
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
@@ -410,6 +411,18 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
             "expand_families": expand_families or collapsed is None,
             "style": {t.value: [fill, shape] for t, (fill, shape, _) in NODE_STYLE.items()}, "node_w": NODE_W, "node_h": NODE_H,
             "label_w": LABEL_W}
+
+
+_WITH_DASHBOARDS = re.compile(r'(?<!\\)"dashboards": \{"')  # the embedded data's key, with an entry (not in a string)
+
+
+def has_dashboards(path: str | Path) -> bool:
+    """Whether the page at ``path`` embeds node dashboards (`trace --format html` builds them from the model;
+    `circuits render` cannot)."""
+    try:
+        return bool(_WITH_DASHBOARDS.search(Path(path).read_text(encoding="utf-8", errors="replace")))
+    except OSError:
+        return False
 
 
 def script_json(obj) -> str:

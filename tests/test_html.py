@@ -100,6 +100,27 @@ def check_opening_view(graph, dom: str, n_drawn: int, min_node_px: float = 30) -
     return (max(xs) - min(xs)) / (max(ys) - min(ys))
 
 
+def test_render_keeps_a_page_with_dashboards(page, tmp_path):
+    """`circuits render --format html` cannot rebuild the dashboards `trace` put in a page, so it refuses to replace
+    such a page (one line, the page untouched); a page without them (render's own) it replaces."""
+    import shutil
+
+    from graphs.html import has_dashboards
+
+    out, html, data = page
+    assert data["dashboards"] and has_dashboards(out / "graph.html")  # the page's own data says it holds them
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("cache"))
+    r = _run("from cli.main import circuits; circuits()", "render", str(folder), "--format", "html")
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "holds the node dashboards" in r.stderr, r.stderr
+    assert (folder / "graph.html").read_text(encoding="utf-8") == html
+    (folder / "graph.html").unlink()
+    for _ in range(2):  # render's page has none: rendered again, it is replaced
+        r = _run("from cli.main import circuits; circuits()", "render", str(folder), "--format", "html")
+        assert r.returncode == 0, r.stderr
+        assert not page_data(folder / "graph.html")["dashboards"] and not has_dashboards(folder / "graph.html")
+
+
 def test_page_opens_fitted_to_the_drawn_grid(page, tmp_path):
     import graphs
 
