@@ -31,7 +31,8 @@ DEFAULT_FORMATS = "json,dot,svg"
 @click.option("--out", type=click.Path(), default=None, help="Output folder (default: ./traces/<slug>-<hash of prompt, model and settings>).")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True,
               help="lorsa: attention replaced by Lorsa heads; frozen: real attention with frozen patterns (transcoders only).")
-@click.option("--target", default=None, help="A token whose logit must be in the graph (e.g. ' 98').")
+@click.option("--target", default=None, help="A token whose logit the graph must hold and explain (e.g. ' 98'): "
+              "paths end there, and pruning weighs it as much as all the other logits together.")
 @click.option("--node-threshold", type=float, default=NODE_THRESHOLD, show_default=True)
 @click.option("--edge-threshold", type=float, default=EDGE_THRESHOLD, show_default=True)
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")
@@ -262,9 +263,8 @@ def _print_paths(graph, target: int | None = None, top_id: int | None = None) ->
     for kind, sources, min_len in (("feature", (NodeKind.EMBEDDING,), 3), ("error", ERROR_KINDS, 2)):
         paths = graph.top_paths(to=top.id, k=1, sources=sources, min_len=min_len)
         if not paths:
-            click.echo(f"strongest {kind} path: none in the pruned graph" +
-                       (f" (pruning keeps what the logits need in proportion to their probability; p={top.prob:.3f})"
-                        if target is not None else ""))
+            click.echo(f"strongest {kind} path: none in the pruned graph (--node-threshold, --edge-threshold and "
+                       f"--full keep more)")
             continue
         strength, path = paths[0]
         names = " -> ".join(node_name(graph, graph.node(i)) for i in path)
@@ -273,13 +273,13 @@ def _print_paths(graph, target: int | None = None, top_id: int | None = None) ->
     fams = graph.families()
     if fams:
         collapsed = graph.collapsed()
-        found = graph.top_paths(to=top.id, k=1, families=True)
+        found = graph.top_paths(to=top.id, k=1, sources=(NodeKind.EMBEDDING,), min_len=3, families=True)  # as the feature path
         best = (f"(strength {found[0][0]:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in found[0][1])
                 if found else "none in the pruned graph")
         click.echo(f"{len(fams)} families (heads or features at one position and key, not writing against each other; "
                    "graphs/families.py), "
-                   f"the largest {max(fams, key=len).id} of {len(max(fams, key=len))}; strongest path with each family as "
-                   f"one node {best}")
+                   f"the largest {max(fams, key=len).id} of {len(max(fams, key=len))}; strongest feature path with each "
+                   f"family as one node: {best}")
 
 
 def main() -> None:

@@ -133,8 +133,9 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     _logit_nodes(made, rec, tok, target_id, logit_coverage, max_logits, lin.N)
     all_nodes, sources = made.nodes, made.sources
     nodes, edges, n_features, budgeted = _nodes_and_edges(lin, made, max_feature_nodes, batch_size, edges_per_target,
-                                                          progress)
-    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage, "bos": bos,
+                                                          progress, target_id)
+    settings = {"attention": model.attention, "model": a.name, "target_token": target_id,
+                "logit_coverage": logit_coverage, "bos": bos,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
                 "max_feature_nodes": max_feature_nodes, "active_features": n_features, "budgeted": budgeted}
     z_patterns(model, rec, nodes)
@@ -160,14 +161,14 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
 
 
 def _nodes_and_edges(lin: Linearised, made: "_Nodes", max_feature_nodes: int | None, batch_size: int,
-                     edges_per_target: int | None, progress: bool):
+                     edges_per_target: int | None, progress: bool, target_token: int | None = None):
     """(the graph's nodes, its edges, the active features, whether the node budget cut them)."""
     n_features = sum(len(t[2]) for t in made.targets if t[0] != NodeKind.LOGIT and t[2] is not None)
     if max_feature_nodes is not None and n_features > max_feature_nodes:
         from .budgeted import grow
 
-        return (*grow(lin, made.nodes, made.sources, made.targets, max_feature_nodes, batch_size, progress),
-                n_features, True)
+        return (*grow(lin, made.nodes, made.sources, made.targets, max_feature_nodes, batch_size, progress,
+                      target_token), n_features, True)
     edges = _edges(lin, made.nodes, made.sources, made.targets, batch_size, edges_per_target, progress)
     return made.nodes, edges, n_features, False
 

@@ -17,12 +17,13 @@ import torch
 from .attribution import Target, emit_edges, source_groups, target_rows
 from .graph import FEATURE_KINDS, EdgeArrays, Node, NodeKind
 from .linear import Linearised
-from .prune import GrowingInfluence
+from .prune import GrowingInfluence, logit_start
 
 
 def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], max_feature_nodes: int,
-         batch_size: int = 256, progress: bool = False) -> tuple[list[Node], EdgeArrays]:
-    """The budgeted graph's nodes (the expanded features among the rest, in their order) and edges."""
+         batch_size: int = 256, progress: bool = False, target_token: int | None = None) -> tuple[list[Node], EdgeArrays]:
+    """The budgeted graph's nodes (the expanded features among the rest, in their order) and edges; influence
+    starts from the logits as pruning's does (`prune.logit_start`, ``target_token``: the traced target)."""
     from tqdm import tqdm
 
     groups = source_groups(nodes, sources)
@@ -30,8 +31,7 @@ def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target
     edges = EdgeArrays()
     expanded = torch.zeros(len(nodes), dtype=torch.bool)
     is_logit = torch.tensor([n.type == NodeKind.LOGIT for n in nodes])
-    start = torch.tensor([n.prob for n in nodes]) * is_logit
-    start = start / start.sum().clamp_min(1e-30)
+    start = logit_start(nodes, target_token)
     is_feature = torch.tensor([n.type in FEATURE_KINDS for n in nodes])
     bar = tqdm(total=max_feature_nodes, desc="attribution (budgeted)", disable=not progress)
     influence = GrowingInfluence(start)  # each expanded target's row arrives whole, in one `_expand`

@@ -23,10 +23,20 @@ def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
 
 
 def logit_weights(graph: AttributionGraph) -> torch.Tensor:
-    w = torch.zeros(len(graph))
-    for i, n in enumerate(graph.node_list):
-        if n.type == NodeKind.LOGIT:
-            w[i] = n.prob
+    """[n_nodes] the weight of each logit node in the influence (`logit_start`, with the graph's traced target)."""
+    return logit_start(graph.node_list, graph.settings.get("target_token"))
+
+
+def logit_start(nodes: list, target_token: int | None = None) -> torch.Tensor:
+    """[n_nodes] what influence starts from: each logit node's probability, normalised to sum 1 (zero elsewhere).
+    A target asked for (``target_token``, `trace --target`) weighs at least as much as all the other logits
+    together, so that pruning and the feature budget keep what it needs even when the model gives it little
+    probability."""
+    w = torch.tensor([n.prob if n.type == NodeKind.LOGIT else 0.0 for n in nodes])
+    if target_token is not None:
+        at = [i for i, n in enumerate(nodes) if n.type == NodeKind.LOGIT and n.index == target_token]
+        for i in at:
+            w[i] = max(float(w[i]), float(w.sum() - w[i]), 1e-30)
     return w / w.sum().clamp_min(1e-30)
 
 

@@ -274,6 +274,36 @@ def test_logit_decomposition_sums_to_the_logit_and_its_margin(arch):
     assert second["target"]["node"] == logits[1].id and second["runner_up"]["node"] == logits[0].id
 
 
+def test_a_target_asked_for_weighs_as_much_as_the_other_logits():
+    """Influence starts from the logits' probabilities; a target asked for weighs at least as much as every other
+    logit together (a brute-force solve with that start), so pruning keeps its inputs however unlikely it is."""
+    from graphs.prune import influence, logit_start, prune
+
+    _, model, ids = _setup("llama")
+    plain = attribute(model, ids, qk=False)
+    unlikely = min(plain.logits(), key=lambda nd: nd.prob)
+    assert unlikely.prob < 0.5
+    graph = attribute(model, ids, qk=False, target=unlikely.index)
+    assert graph.settings["target_token"] == unlikely.index and graph.target.index == unlikely.index
+    p = torch.tensor([nd.prob if nd.type == "logit" else 0.0 for nd in graph.node_list], dtype=torch.float64)
+    t = graph.index[graph.target.id]
+    want = p.clone()
+    want[t] = p.sum() - p[t]  # the rest's mass, as it is more than its own
+    torch.testing.assert_close(logit_start(graph.node_list, unlikely.index).double(), want / want.sum())
+    torch.testing.assert_close(logit_start(graph.node_list, None).double(), p / p.sum())
+    top = graph.logits()[0]
+    if top.prob > 0.5:  # a likely target keeps its own weight
+        torch.testing.assert_close(logit_start(graph.node_list, top.index).double(), p / p.sum())
+    n, E = len(graph), graph.edge_arrays  # the influence with that start, by a dense solve
+    M = torch.zeros(n, n, dtype=torch.float64)
+    M.index_put_((E.tgt, E.src), E.w.double().abs(), accumulate=True)
+    M = M / M.sum(1, keepdim=True).clamp_min(1e-300)
+    x = torch.linalg.solve((torch.eye(n, dtype=torch.float64) - M).t(), want / want.sum())
+    torch.testing.assert_close(influence(graph).double(), x, atol=1e-6, rtol=1e-4)
+    pruned = prune(graph)
+    assert pruned.incoming(pruned.target)  # its inputs are kept
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "scatter"])
 def test_prune_matches_brute_force_influence(dense, monkeypatch):
     """Influence is w (I - M)^-1 with M[t, s] the normalised |weight| of s -> t (a dense float64 solve, not
