@@ -288,7 +288,8 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, f
         return
     _print_model_report(out)
     if "replacements" in out:
-        click.echo("replacements (held-out batches of the training mixture, BOS excluded; losses in nats/token):")
+        click.echo("replacements (their saved metrics, on held-out data of what they last trained on: the training "
+                   "mixture or the last 2% of the text files; BOS excluded; losses in nats/token):")
         _print_replacement_metrics(out["replacements"])
     else:
         click.echo(f"no trained replacements yet: circuits train --model {model_name} --what all")

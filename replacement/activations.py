@@ -53,6 +53,10 @@ class TextSource:
             self.tokens = files
             self.describe = "tokens"
         else:
+            if tokenizer is None:
+                from .models import NO_TOKENIZER
+
+                raise BadInputError(f"text files cannot be read: {NO_TOKENIZER}")
             train, held = read_text_sources(files)
             self.tokens = tokenize_texts(tokenizer, held if heldout else train)
             self.describe = "text: " + ", ".join(Path(f).name for f in files)  # recorded beside the weights

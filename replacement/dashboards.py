@@ -25,6 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import BadInputError
+from .models import NO_TOKENIZER
 from .norms import centre as centre_
 from .norms import is_layernorm, norm_weight
 from .hooks import hook_name, layer_names
@@ -381,7 +382,7 @@ def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | 
     source, source_name = None, default_source_name(a)
     if texts:
         if a.tokenizer is None:
-            raise BadInputError("the model has no tokenizer, so text files cannot be read")
+            raise BadInputError(f"text files cannot be read: {NO_TOKENIZER}")
         source = TextSource(a.tokenizer, list(texts), min(cfg.seq_len, a.context), cfg.seed, heldout=True)
         source_name = "|".join(sorted(texts))
     folder = Path(cache_dir or default_cache_dir()) / f"{a.name.replace('/', '--')}-{cache_key(model, cfg, source_name)}"

@@ -332,6 +332,10 @@ def report(adapter: ModelAdapter, texts: list[str] | None = None, samples: bool 
 
     # folders given: one without trained modules is an error, not "none trained yet" (loaded once, used below)
     given = load_specs(replacements, adapter) if replacements is not None else None
+    if texts and adapter.tokenizer is None:  # they would be skipped in silence
+        from .models import NO_TOKENIZER
+
+        raise BadInputError(f"text files cannot be read: {NO_TOKENIZER}")
     held = heldout_texts(list(texts) if texts else None) if adapter.tokenizer is not None else None
     if texts and held is not None:  # a file too short to score would be skipped in silence
         n = 0

@@ -95,7 +95,7 @@ def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False, 
     if not prompt or not prompt.strip():
         raise BadInputError(f"the {what} is empty")
     if tokenizer is None:
-        raise BadInputError("this model has no tokenizer; pass token ids")
+        raise BadInputError(NO_TOKENIZER)
     ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
     bos = start_token(tokenizer)
     if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
@@ -633,12 +633,25 @@ def load_tokenizer(name: str) -> tuple[object | None, int]:
     return _load_tokenizer(path, local_only), getattr(config, "max_position_embeddings", None) or 2**31
 
 
+# the files a tokenizer is saved as (one of them is enough); without any, AutoTokenizer would build an empty one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+NO_TOKENIZER = ("the model has no tokenizer (none of " + ", ".join(TOKENIZER_FILES) + " in its folder): save one there "
+                "(tokenizer.save_pretrained); from Python, token ids work without one")
+
+
 def _load_tokenizer(path: str, local_only: bool):
+    """The model's tokenizer; None for a local folder without one (the library then takes token ids); a
+    ModelLoadError (one line) for a local one that cannot be read."""
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    except Exception:  # noqa: BLE001 - a model without a (readable) tokenizer takes token ids
+    except Exception as e:  # noqa: BLE001 - a hub model without a (readable) tokenizer takes token ids
+        if folder.is_dir():
+            raise ModelLoadError(f"cannot read the tokenizer in {path}: {_first_line(e)}") from None
         return None
 
 

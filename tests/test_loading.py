@@ -57,6 +57,38 @@ def test_bad_names_and_devices(monkeypatch, tmp_path):
         load_model("llama", dtype="float8")
 
 
+def test_a_folder_without_a_tokenizer_or_with_a_broken_one(saved_model, tmp_path):
+    """No tokenizer files: the adapter has none (token ids still work from Python), and every command that reads
+    text says so in one line (it was an empty 2-token tokenizer that dropped the prompt, and a traceback in
+    eval).  A tokenizer file that cannot be read is a one-line error naming it."""
+    import shutil
+
+    from replacement.models import NO_TOKENIZER, TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(saved_model, bare)
+    for f in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+        (bare / f).unlink(missing_ok=True)
+    adapter = load_model(str(bare))
+    assert adapter.tokenizer is None
+    ids = torch.tensor([[1, 5, 7]])
+    assert adapter.run(ids).logits.shape[:2] == (1, 3)
+    with pytest.raises(BadInputError, match="the model has no tokenizer"):
+        adapter.tokenize("the cat")
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. " * 400)
+    for args in (("trace", "the cat", "--model", str(bare)),
+                 ("circuits", "train", "--model", str(bare), "--text", str(tmp_path / "t.txt"), "--steps", "2",
+                  "--out", str(tmp_path / "o")),
+                 ("circuits", "eval", "--model", str(bare), "--text", str(tmp_path / "t.txt"))):
+        r = _cli(*args)
+        assert r.returncode == 1 and r.stderr.strip().endswith(NO_TOKENIZER) and "\n" not in r.stderr.strip(), r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_model, broken)
+    (broken / "tokenizer.json").write_text("{")
+    with pytest.raises(ModelLoadError, match=f"cannot read the tokenizer in {broken}"):
+        load_model(str(broken))
+
+
 def test_untrained_preset_says_how_to_train(monkeypatch, tmp_path):
     import replacement.bundle as bundle
 
