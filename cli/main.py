@@ -410,6 +410,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
         raise BadInputError("--baseline cannot go with --demean: a logit difference is free of the mean already")
     demean = demean or bool(families)
     from replacement.foreign import replacement_specs
+    from replacement.tokenizer import token_text
 
     comps = list(dict.fromkeys(parse_component(c) for c in components))  # refused before the model loads if malformed; once each
     adapter = load_model(model_name, device, dtype)
@@ -421,7 +422,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual is not None else None
     reference = _reference_prompts(adapter, mean_over) if mean_over is not None else None
     patcher = PathPatcher(model, ids, t_id, b_id, cf, demean=demean, freeze_norms=freeze_norms, reference=reference)
-    metric = f"logit({adapter.tokenizer.decode([t_id])!r})" + (f" - logit({baseline!r})" if baseline else "")
+    metric = f"logit({token_text(adapter.tokenizer, t_id)!r})" + (f" - logit({baseline!r})" if baseline else "")
     metric += " - its mean over the vocabulary" if demean else ""
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
     wanted = demean and baseline is None and (bool(families) or mode == "zero")
@@ -453,7 +454,7 @@ class _GraphPrediction:
         from graphs.patching import graph_effects
         from graphs.pipeline import trace_graphs
 
-        self.graph, self.pruned = trace_graphs(model, ids, target=model.adapter.tokenizer.decode([t_id]))  # families mark both
+        self.graph, self.pruned = trace_graphs(model, ids, target=t_id)  # families mark both
         self.effects = graph_effects(self.graph, self.graph.logit(t_id).id)
         self.kept = graph_effects(self.pruned, self.pruned.logit(t_id).id)  # pruning keeps every logit node
 

@@ -154,8 +154,8 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     _print_decomposition(graph.scores)
     pure = pure_model_disagrees(model, ids, probs)
     if pure is not None:
-        click.echo(f"warning: the pure replacement model (no error nodes) predicts {tok.decode([pure])!r}, the real "
-                   f"model {tok.decode([int(probs.argmax())])!r}: this graph's answer rests on its error nodes")
+        click.echo(f"warning: the pure replacement model (no error nodes) predicts {token_text(tok, pure)!r}, the real "
+                   f"model {token_text(tok, int(probs.argmax()))!r}: this graph's answer rests on its error nodes")
     return graph
 
 

@@ -76,7 +76,7 @@ def gc_paused():
 
 @torch.no_grad()
 @gc_paused()
-def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | None = None,
+def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: str | int | None = None,
               logit_coverage: float = 0.95, max_logits: int = 10, batch_size: int = 256,
               edges_per_target: int | None = None, sparse_record: bool = False, progress: bool = False,
               qk: bool = True, qk_heads: int | None = None, qk_top_keys: int = 3, qk_top_pairs: int = 8,

@@ -20,15 +20,15 @@ from .families import DEFAULT_FAMILIES
 from .prune import EDGE_THRESHOLD, NODE_THRESHOLD
 
 
-def trace_graphs(model, prompt, target: str | None = None, qk: bool = True, qk_heads: int | None = None,
+def trace_graphs(model, prompt, target: str | int | None = None, qk: bool = True, qk_heads: int | None = None,
                  node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD,
                  max_nodes: int | None = None, bos: str = "keep",
                  max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES, full: bool = False,
                  qk_reference: str = "mean", families=DEFAULT_FAMILIES, progress: bool = False,
                  check_memory: bool = True):
     """(the attributed graph, the pruned graph with its families and lens) as `trace` builds them, with its
-    defaults.  ``prompt``: text or token ids [1, n]; ``target``: a token whose logit the graph must hold and end
-    at; ``max_feature_nodes``: the features expanded, most influential first (None: all); ``full``: no file caps
+    defaults.  ``prompt``: text or token ids [1, n]; ``target``: a token (text or id) whose logit the graph must
+    hold and end at; ``max_feature_nodes``: the features expanded, most influential first (None: all); ``full``: no file caps
     (by default the pruned graph keeps at most 1,500 features and 80,000 edges); ``qk_reference``: mean,
     runner_up or none; ``families``: the rule to group by (`FamilyConfig`), None for none."""
     from .attribution import attribute

@@ -127,11 +127,20 @@ def check_length(n: int, context: int, what: str = "prompt") -> None:
 
 
 def single_token(tokenizer, text: str, what: str = "target") -> int:
-    """The id of ``text`` if it is exactly one token (a spelled-out special token is not); else BadInputError."""
+    """The id of ``text`` if it is exactly one token (a spelled-out special token is not), else of the vocabulary
+    piece or bytes it names as `tokenizer.token_text` prints tokens (``▁s``, ``<0x82>``); else BadInputError."""
+    from .tokenizer import token_by_name, token_text
+
     ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if tokenizer is not None else []
-    if len(ids) != 1:
-        raise BadInputError(f"{what} {text!r} is not a single token of this model's vocabulary ({len(ids)} tokens)")
-    return ids[0]
+    if len(ids) == 1 and token_text(tokenizer, ids[0]) == text:
+        return ids[0]
+    named = token_by_name(tokenizer, text) if tokenizer is not None and text else None
+    if named is not None and named not in getattr(tokenizer, "all_special_ids", ()):
+        return named  # "s" in a sentencepiece vocabulary: the piece that continues a word, as the prompt prints it
+    if len(ids) == 1:
+        return ids[0]
+    raise BadInputError(f"{what} {text!r} is not a single token of this model's vocabulary ({len(ids)} tokens), nor "
+                        f"a token's piece or bytes as trace prints them (<0x82>)")
 
 
 @dataclass

@@ -4,6 +4,7 @@ that addition prompts are made of.  Training the bundled models' tokenizer is th
 from __future__ import annotations
 
 import codecs
+import re
 
 
 def number_token_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -18,21 +19,43 @@ def number_token_ids(tokenizer) -> tuple[list[int], list[int]]:
     return bare, spaced
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def token_text(tokenizer, token_id: int) -> str:
     """One token as text.  A token holding part of a multi-byte character (which decodes to U+FFFD alone)
-    reads as its bytes, e.g. ``<0xE2>`` or ``<0xE2><0x80>``, so that distinct tokens never read the same."""
+    reads as its bytes, e.g. ``<0xE2>`` or ``<0xE2><0x80>``, as does a sentencepiece byte-fallback token where its
+    byte is a character (``<0x61>``, which is not the token ``a``), and a sentencepiece token that starts a word
+    (``▁s``) with its space (`` s``, where ``s`` continues a word), so that distinct tokens never read the same."""
     text = tokenizer.decode([token_id])
-    if "\ufffd" not in text:
-        return text
     piece = tokenizer.convert_ids_to_tokens(token_id)
-    if piece.startswith("<0x"):  # sentencepiece's byte fallback names bytes so already
+    if isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece):  # sentencepiece's byte fallback: <0x61> is not "a"
         return piece
+    if "\ufffd" not in text:  # sentencepiece's word-start mark (▁) reads as the space it is, which decode drops
+        return " " + text if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" ") else text
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_of = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE: one character per byte
     if not all(c in byte_of for c in piece):
         return piece
     return bytes(byte_of[c] for c in piece).decode("utf-8", errors=_HEX_BYTES)
+
+
+def token_by_name(tokenizer, name: str) -> int | None:
+    """The token a name stands for where the name does not encode to one token: a vocabulary piece (``▁s``,
+    ``Ġ98``), or a token's bytes as `token_text` prints them (``<0x82>``); None if there is none."""
+    unk = tokenizer.unk_token_id
+    candidates = [name, name.replace(" ", "\u2581")]  # a sentencepiece piece as `token_text` prints it
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", name):  # byte-level BPE: the bytes' characters form the piece
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        char = bytes_to_unicode()
+        candidates.append("".join(char[int(h, 16)] for h in re.findall(r"<0x([0-9A-Fa-f]{2})>", name)))
+    for piece in candidates:
+        i = tokenizer.convert_tokens_to_ids(piece)  # the unknown token's id (or None) for a piece not in the vocabulary
+        if isinstance(i, int) and i != unk and tokenizer.convert_ids_to_tokens(i) == piece:
+            return i
+    return None
 
 
 def _hex_bytes(err: UnicodeDecodeError) -> tuple[str, int]:

@@ -149,6 +149,44 @@ def test_node_names_are_distinct_and_readable(graph, saved_model):
     assert "".join(decode(tok, i) for i in ids) == "caf<0xC3><0xA9> <0xE2><0x80><0x94>"
 
 
+def _sentencepiece_style_tokenizer():
+    """A byte-fallback BPE with sentencepiece's word-start mark (as Llama-2's), trained on a little text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["import os, sys; print(sys.argv) is as it was, this is his"] * 50,
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_every_token_trace_prints_names_that_token(saved_model):
+    """`token_text` reads every token apart (bytes as <0x82>, a sentencepiece word start with its space), and what
+    it prints, given back as a --target (`single_token`), is that token: byte-level BPE and sentencepiece style."""
+    from transformers import AutoTokenizer
+
+    from replacement.models import single_token
+    from replacement.tokenizer import token_text
+
+    for tok in (AutoTokenizer.from_pretrained(saved_model), _sentencepiece_style_tokenizer()):
+        ids = [i for i in range(len(tok)) if i not in tok.all_special_ids]
+        texts = [token_text(tok, i) for i in ids]
+        assert len(set(texts)) == len(texts)
+        assert [single_token(tok, t) for t in texts] == ids
+    sp = _sentencepiece_style_tokenizer()
+    ids = sp.encode("this is his", add_special_tokens=False)
+    assert [token_text(sp, i) for i in ids][0].startswith(" ")  # the word start's mark is its space
+    vocab = sp.get_vocab()
+    both = [p for p in vocab if p.isalpha() and "\u2581" + p in vocab]  # e.g. "is" within a word and "▁is" starting one
+    assert both
+    for p in both:  # "is" names the piece within a word, " is" the one that starts a word
+        assert single_token(sp, p) == vocab[p] and single_token(sp, " " + p) == vocab["\u2581" + p]
+
+
 def test_queries(graph):
     logit = graph.logits()[0]
     paths = graph.top_paths(k=3)
