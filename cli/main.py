@@ -141,10 +141,13 @@ def fetch_data(dest, work):
 @click.option("--tc-token-norm", is_flag=True,
               help="Weigh each token's transcoder error by 1 / |MLP output|^2, so that tokens with small outputs "
                    "count as much as those with large ones (with --joint: in the transcoders' reconstruction term).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace modules the output folder holds already (without it such a run is refused; an "
+                   "interrupted run resumes regardless).")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
               lorsa_bos_weight, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
-              tc_token_norm, tc_bos_weight, joint, kl_coef, recon_coef, tc_readout_coef, resample_every):
+              tc_token_norm, tc_bos_weight, joint, kl_coef, recon_coef, tc_readout_coef, resample_every, overwrite):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all), or,
     with --joint, fine-tune them all together for faithfulness.
 
@@ -180,7 +183,8 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                       lorsa_bos_weight=lorsa_bos_weight, allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
                       tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
                       tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **given)
-    metrics, folder = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations)
+    metrics, folder = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations,
+                                         overwrite)
     if metrics:  # rank 0 of a torchrun job, or a plain run
         click.echo(_measured_on(texts))
         _print_replacement_metrics(metrics)
@@ -194,11 +198,25 @@ def _measured_on(texts) -> str:
 
 
 def _print_saved(folder, model_name: str) -> None:
-    click.echo(f"saved in {folder}; to trace with them: trace PROMPT --model {model_name} --replacements {folder}")
+    """Where the modules are, and a trace that uses them: with the model's own set under them when this folder
+    holds some layers or kinds only (later --replacements folders replace earlier ones' modules)."""
+    from transformers import AutoConfig
+
+    from replacement.models import resolve_model_path
+    from replacement.store import read_folder_config
+
+    held = set(read_folder_config(Path(folder) / "config.json").get("modules", {}))
+    path = resolve_model_path(model_name)[0]
+    n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    whole = {f"layer{L}.{k}" for L in range(n_layers) for k in ("lorsa", "transcoder")} <= held
+    own = Path(path) / "replacements"  # the model's own set (beside a bundled or local model)
+    under = "" if whole else f"--replacements {own if own.is_dir() else '<a complete set>'} "
+    click.echo(f"saved in {folder}; to trace with them: trace PROMPT --model {model_name} {under}--replacements {folder}"
+               + ("" if whole else f" (this folder holds {', '.join(sorted(held))} only)"))
 
 
 # `circuits train` options that only one of its two kinds of run reads
-_PER_LAYER_ONLY = ("what", "layers", "cache_activations", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
+_PER_LAYER_ONLY = ("what", "layers", "cache_activations", "overwrite", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
                    "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "allow_weak_config", "tc_expansion", "tc_top_k",
                    "tc_skip", "tc_bos_weight")
 _JOINT_ONLY = ("kl_coef", "recon_coef", "tc_readout_coef", "resample_every")

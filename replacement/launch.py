@@ -65,11 +65,12 @@ def output_folder(adapter, out: str | Path | None, init_from: str | Path | None 
 
 def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
                        out: str | Path | None = None, resume: bool = True, texts: list[str] | None = None,
-                       cache_folder: str | Path | None = None) -> tuple[dict[str, dict], Path]:
+                       cache_folder: str | Path | None = None, overwrite: bool = False) -> tuple[dict[str, dict], Path]:
     """Train every module ``cfg`` asks for on ``model_name`` (``cfg.seq_len`` capped at the model's context):
-    (the metrics per module on rank 0, {} on the other ranks; the folder they were saved in)."""
+    (the metrics per module on rank 0, {} on the other ranks; the folder they were saved in).  ``overwrite``:
+    replace modules the folder holds already (`fit_replacements`)."""
     from .models import load_model
-    from .train import check_units, fit_replacements
+    from .train import check_replaceable, check_units, fit_replacements
 
     device, world, rank = distributed_setup(device)
     try:
@@ -78,10 +79,11 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
         check_units(adapter, cfg)  # before the activations are cached, which can take long
         source, eval_source = text_sources(adapter, texts, cfg) if texts else (None, None)
         folder = output_folder(adapter, out)
+        check_replaceable(adapter, cfg, folder, resume, overwrite)  # before the activations are cached
         with exclusive_folder(folder, "the output folder", lock=rank == 0):  # a torchrun job's ranks share it
             shards = cached_activations(adapter, cfg, source, cache_folder) if cache_folder else None
             return fit_replacements(adapter, cfg, folder, resume=resume, source=source, eval_source=eval_source,
-                                    activations=shards, world=world, rank=rank), folder
+                                    activations=shards, world=world, rank=rank, overwrite=overwrite), folder
     finally:
         if world > 1:
             import torch.distributed as dist

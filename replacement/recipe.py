@@ -124,6 +124,8 @@ def run_stages(model: str, stages: list[Stage], workdir: str | Path, train: Call
                 copy_set(prev, out)  # not yet copied (an interrupted stage keeps what it has)
             start = prev is not None and not stage.fresh
             argv = ["--model", model, *stage.args, "--out", str(out)] + (["--init-from", str(prev)] if start else [])
+            if stage.partial and "--joint" not in stage.args:
+                argv.append("--overwrite")  # the modules it retrains were copied in from the stage before
             echo(f"stage {i}/{len(stages)} {stage.name}: circuits train {' '.join(argv)}")
             train(argv)
             atomic_write_text(done, json.dumps({"stage": stage.name, "argv": argv}, indent=2))

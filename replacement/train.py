@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .activations import hook_points
 from .norms import centre, is_layernorm, norm_weight
-from .errors import CircuitsError, TrainingDiverged, last_good
+from .errors import BadInputError, CircuitsError, TrainingDiverged, last_good
 from .lorsa import LorsaConfig, lorsa_for_model
 from .memory import check_fits
 from .sparse import SparseCode, decode, topk_relu
@@ -625,17 +625,32 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 2:].reshape(-1)).item()
 
 
+def check_replaceable(adapter, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> Path:
+    """The training state a run into ``out`` keeps; BadInputError if ``out`` already holds a module the run would
+    replace, unless ``overwrite`` or the run resumes one there (hours of training are not replaced unasked)."""
+    from .store import module_filename
+
+    state = out / f".train_state.{cfg.what}.safetensors"
+    layers = cfg.layers if cfg.layers is not None else range(adapter.n_layers)
+    held = [f"layer{L}.{k}" for L in layers for k in cfg.kinds() if (out / module_filename(k, L)).is_file()]
+    if held and not overwrite and not (resume and state.is_file()):
+        raise BadInputError(f"{out} already holds trained {', '.join(held)}, which this run would replace: add "
+                            f"--overwrite, or --out another folder")
+    return state
+
+
 def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = None, resume: bool = True,
                      progress: bool = True, source=None, eval_source=None, activations=None,
-                     world: int = 1, rank: int = 0) -> dict[str, dict]:
-    """Train, evaluate and save every requested module of ``adapter``; returns the metrics per module."""
+                     world: int = 1, rank: int = 0, overwrite: bool = False) -> dict[str, dict]:
+    """Train, evaluate and save every requested module of ``adapter``; returns the metrics per module.  A folder
+    that already holds one of them is refused (BadInputError) unless ``overwrite``, or a run there is resumed."""
     from .activations import default_source
     from .models import model_fingerprint
     from .store import default_train_folder, save_module
 
     out = Path(out_folder) if out_folder else default_train_folder(adapter)
+    state = check_replaceable(adapter, cfg, out, resume, overwrite)
     source = source or default_source(adapter, cfg.seq_len, cfg.seed)
-    state = out / f".train_state.{cfg.what}.safetensors"
     trainer = Trainer(adapter, cfg, source, state, world=world, rank=rank, activations=activations)
     trainer.train(resume=resume, progress=progress)
     if rank != 0:

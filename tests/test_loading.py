@@ -89,6 +89,30 @@ def test_a_folder_without_a_tokenizer_or_with_a_broken_one(saved_model, tmp_path
         load_model(str(broken))
 
 
+def test_train_never_replaces_trained_modules_unasked(saved_model, tmp_path):
+    """A second `circuits train` into a folder holding the modules it would train is refused in one line (the
+    files untouched) unless --overwrite; a folder with some modules only ends with a trace line that puts a complete
+    set under it (it suggested this folder alone, which trace refuses)."""
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. 1 + 2 = 3\n" * 400)
+    out = tmp_path / "o"
+    args = ("circuits", "train", "--model", str(saved_model), "--what", "transcoder", "--layers", "0", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--text", str(tmp_path / "t.txt"), "--out", str(out))
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert (f"to trace with them: trace PROMPT --model {saved_model} --replacements {saved_model / 'replacements'} "
+            f"--replacements {out} (this folder holds layer0.transcoder only)") in r.stdout, r.stdout
+    before = (out / "layer0.transcoder.safetensors").read_bytes()
+    r = _cli(*args)
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: {out} already holds trained layer0.transcoder, which this "
+                                                       "run would replace: add --overwrite, or --out another folder")
+    assert (out / "layer0.transcoder.safetensors").read_bytes() == before
+    r = _cli(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    r = _cli("trace", "the cat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
+             "--replacements", str(out), "--out", str(tmp_path / "g"), "--format", "json")
+    assert r.returncode == 0, r.stderr  # the suggested trace runs
+
+
 def test_untrained_preset_says_how_to_train(monkeypatch, tmp_path):
     import replacement.bundle as bundle
 

@@ -227,6 +227,26 @@ def test_training_a_preset_never_writes_into_the_package(tmp_path, monkeypatch):
     assert {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()} == before
 
 
+def test_a_folder_holding_the_modules_is_replaced_only_when_asked_or_resumed(tmp_path):
+    from replacement.errors import BadInputError
+    from replacement.train import check_replaceable
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    cfg = TrainConfig(what="transcoder", layers=[1], steps=2, **SMALL)
+    assert check_replaceable(adapter, cfg, tmp_path, True, False) == tmp_path / ".train_state.transcoder.safetensors"
+    (tmp_path / "layer0.transcoder.safetensors").write_bytes(b"x")  # another layer's: not in the way
+    (tmp_path / "layer1.lorsa.safetensors").write_bytes(b"x")  # another kind's: not in the way
+    check_replaceable(adapter, cfg, tmp_path, True, False)
+    (tmp_path / "layer1.transcoder.safetensors").write_bytes(b"x")
+    with pytest.raises(BadInputError, match="already holds trained layer1.transcoder"):
+        check_replaceable(adapter, cfg, tmp_path, True, False)
+    check_replaceable(adapter, cfg, tmp_path, True, True)  # --overwrite
+    (tmp_path / ".train_state.transcoder.safetensors").write_bytes(b"x")  # an interrupted run there: it resumes
+    check_replaceable(adapter, cfg, tmp_path, True, False)
+    with pytest.raises(BadInputError, match="already holds"):  # --no-resume would start anew over it
+        check_replaceable(adapter, cfg, tmp_path, False, False)
+
+
 def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
     adapter = ModelAdapter(tiny_llama(), name="t")
     state = tmp_path / "s.safetensors"
