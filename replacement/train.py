@@ -146,6 +146,22 @@ def check_units(adapter, cfg: TrainConfig) -> None:
     check_fits(BYTES_PER_TRAINED_PARAMETER * n, f"training {len(modules)} modules of {n:,} parameters",
                "train fewer Lorsa heads (--lorsa-heads-per-group, --lorsa-qk-per-head) or transcoder features "
                "(--tc-expansion), or fewer --layers", detail=" (weights, gradients and Adam's moments)")
+    tokens = cfg.batch_size * cfg.seq_len
+    check_fits(BYTES_PER_TRAINED_PARAMETER * n + activation_floor(adapter, modules, tokens),
+               f"a step of --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}", "use a smaller --batch-size or "
+               "--seq-len", detail=" (the modules' training state, and one float per token per unit the step computes at "
+               "least)")
+
+
+def activation_floor(adapter, modules, tokens: int) -> int:
+    """A lower bound of the bytes one training step's activations take: one float32 per token for each hidden
+    unit of every module (a transcoder's features; a Lorsa's heads and its queries and keys) and for the model's
+    residual stream at each layer's four hook points."""
+    width = 4 * adapter.d_model * adapter.n_layers
+    for m in modules:
+        c = m.cfg
+        width += c.n_features if hasattr(c, "n_features") else c.n_heads + 2 * c.n_qk * c.d_qk
+    return 4 * tokens * width
 
 
 def _layers(adapter, cfg: TrainConfig) -> list[int]:

@@ -121,14 +121,23 @@ def test_modules_beyond_memory_are_refused_before_any_data_is_read(monkeypatch):
 
     adapter = ModelAdapter(tiny_llama(), name="t")
     cfg = TrainConfig(steps=1, **SMALL)
-    n = sum(p.numel() for u in Trainer(adapter, cfg, _source(), "/dev/null").units for p in u.module.parameters())
-    monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", str(16 * n))
-    check_units(adapter, cfg)
+    units = Trainer(adapter, cfg, _source(), "/dev/null").units
+    n = sum(p.numel() for u in units for p in u.module.parameters())
     monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", str(16 * n - 1))
     with pytest.raises(BadInputError, match=f"training 4 modules of {n:,} parameters needs about"):
         check_units(adapter, cfg)
     with pytest.raises(BadInputError, match="needs about"):
         Trainer(adapter, cfg, _source(), "/dev/null")
+    # a step's activations: at least a float per token per unit (features, heads, queries and keys, residual points)
+    units_wide = 4 * adapter.d_model * adapter.n_layers + sum(
+        u.module.cfg.n_features if u.kind == "transcoder" else u.module.cfg.n_heads + 2 * u.module.cfg.n_qk * u.module.cfg.d_qk
+        for u in units)
+    need = 16 * n + 4 * cfg.batch_size * cfg.seq_len * units_wide
+    monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", str(need))
+    check_units(adapter, cfg)
+    monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", str(need - 1))
+    with pytest.raises(BadInputError, match=f"a step of --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs about"):
+        check_units(adapter, cfg)
 
 
 def test_one_model_pass_feeds_every_module():
