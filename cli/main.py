@@ -545,7 +545,8 @@ def _single_token(adapter, text: str, option: str) -> int:
 @click.option("--layer", type=int, required=True)
 @click.option("--head", type=int, default=None, help="Show this Lorsa head in full.")
 @click.option("--feature", type=int, default=None, help="Show this transcoder feature in full.")
-@click.option("--top", type=int, default=10, show_default=True, help="Without --head/--feature: list this many of each kind.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Without --head/--feature: list this many of each kind.")
 @click.option("--n-seqs", type=int, default=64, show_default=True, help="Held-out sequences to scan (first run only).")
 @click.option("--text", "texts", multiple=True, help="Text files to scan instead of the model's held-out data.")
 @click.option("--cache-dir", type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")

@@ -33,8 +33,8 @@ from .tokenizer import special_ids
 from .io import make_folder
 
 KINDS = ("lorsa", "transcoder")
-CONTENTS_VERSION = 3  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py); 3: no special
-# tokens in the logit lens
+CONTENTS_VERSION = 4  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py); 3: no special
+# tokens in the logit lens; 4: n_seqs sequences exactly (they were rounded up to whole batches)
 
 
 @dataclass
@@ -203,7 +203,7 @@ def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
     moments = {L: correspond.new_moments(model, L) for L in model.lorsas}
     ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
     for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
-        ids = source.batch(10_000 + b, cfg.batch_size)[:, :seq_len]
+        ids = source.batch(10_000 + b, min(cfg.batch_size, cfg.n_seqs - b * cfg.batch_size))[:, :seq_len]  # n_seqs in all
         cache = a.run(ids.to(a.device), capture=points).cache
         ids_all.append(ids.cpu())
         for L in layers:

@@ -68,6 +68,27 @@ def _sample(model):
     return torch.cat([src.batch(10_000 + b, CFG.batch_size) for b in range(CFG.n_seqs // CFG.batch_size)])
 
 
+def test_n_seqs_is_the_number_of_sequences_scanned(built, tmp_path):
+    """--n-seqs that is not a whole number of batches scans that many sequences (the last batch was a whole one):
+    each unit's density is over n_seqs x seq_len tokens of the batches drawn."""
+    from dataclasses import replace
+
+    from replacement.activations import default_source
+
+    model, _, _ = built
+    cfg = replace(CFG, n_seqs=4)  # batches of 3: 3 + 1
+    dash = load_or_build(model, cfg, cache_dir=tmp_path, progress=False)
+    src = default_source(model.adapter, cfg.seq_len, cfg.seed, heldout=True)
+    ids = torch.cat([src.batch(10_000, 3), src.batch(10_001, 1)])
+    assert ids.shape == (4, cfg.seq_len)
+    with torch.no_grad():
+        x = model.adapter.run(ids, capture=True).cache["blocks.0.mlp.in"]
+    tc = model.transcoders[0]
+    acts = tc.encode(x).dense(tc.W_dec.shape[0])
+    for f in dash.ranked("transcoder", 0)[:5]:
+        assert dash.entry("transcoder", 0, f)["density"] == pytest.approx(float((acts[..., f] > 0).float().mean()))
+
+
 def test_contexts_match_a_direct_recomputation(built):
     model, dash, _ = built
     ids = _sample(model)
