@@ -196,11 +196,11 @@ class HeadExplainer:
             self.done.update(todo)
 
     def heads_of(self, nodes: list[Node], rows, n: int | None = None, infl: torch.Tensor | None = None) -> None:
-        """Explain the Lorsa heads among ``nodes[rows]`` (a graph's nodes): all of them, or with ``n`` the ``n``
-        with the largest ``infl`` (one influence per node of ``nodes``)."""
-        heads = [i for i in rows if nodes[i].type == NodeKind.LORSA]
+        """Explain the Lorsa heads among ``nodes[rows]`` (a graph's nodes): all of them, or with ``n`` those with the
+        largest ``infl`` (one influence per node of ``nodes``) until ``n`` heads in all are explained."""
+        heads = [i for i in rows if nodes[i].type == NodeKind.LORSA and nodes[i].id not in self.done]
         if n is not None:
-            heads = sorted(heads, key=lambda i: -float(infl[i]))[:n]
+            heads = sorted(heads, key=lambda i: -float(infl[i]))[: max(n - len(self.done), 0)]
         self([nodes[i].id for i in heads])
 
 

@@ -172,7 +172,7 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
     keep, edge_keep = _drop_dead_ends(graph, keep, edge_keep)
     seconds_qk = _explain_kept_heads(graph, keep, infl)
     _keep_qk_nodes(graph, keep)
-    if seconds_qk is not None and graph.settings.get("qk_heads") is None:  # heads kept as pair nodes: theirs too
+    if seconds_qk is not None:  # heads kept as pair nodes: theirs too (up to qk_heads in all)
         seconds_qk += _explain_kept_heads(graph, keep, infl)
     kept = keep.nonzero()[:, 0]
     remap = torch.full((len(graph),), -1, dtype=torch.long)

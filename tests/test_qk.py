@@ -108,6 +108,24 @@ def _sources(graph, model, rec):
     return _graph_nodes(model, rec, graph.tokens).sources
 
 
+def test_qk_heads_at_least_the_heads_is_the_default():
+    """qk_heads = N explains at most N heads (the most influential), counting the ones explained later for being
+    kept as pair nodes; N at least the heads kept gives what explaining every head (the default) gives."""
+    from graphs.prune import prune
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    every = prune(attribute(model, ids, qk_defer=True), 0.6, 0.9)
+    many = prune(attribute(model, ids, qk_heads=10_000, qk_defer=True), 0.6, 0.9)
+    assert [n.id for n in many.node_list] == [n.id for n in every.node_list]
+    assert [(e.head, e.query, e.key, e.weight) for e in many.qk] == [(e.head, e.query, e.key, e.weight) for e in every.qk]
+    assert all(n.qk for n in many.nodes(type="lorsa"))
+    for n in (1, 3):
+        few = prune(attribute(model, ids, qk_heads=n, qk_defer=True), 0.6, 0.9)
+        assert 0 < sum(bool(x.qk) for x in few.node_list) <= n
+
+
 @pytest.mark.parametrize("qk_heads", [None, 3])
 def test_deferred_explanations_equal_the_eager_ones_after_pruning(qk_heads):
     """`trace` explains only the heads pruning keeps (attribute(..., qk_defer=True)): its pruned graph holds the
