@@ -83,6 +83,11 @@ def one_line_usage_errors(main, *args, standalone_mode: bool = True, **kwargs):
     except _NO_ARGS_IS_HELP as e:  # a bare group or command: its help, as click shows it
         e.show()
         sys.exit(e.exit_code)
+    except click.NoSuchOption as e:  # "-5 + 3 =" reads as an option: a prompt that starts with "-" goes after "--"
+        given = next((a for a in sys.argv[1:] if a.startswith(e.option_name)), e.option_name)
+        prompt = re.match(r"-[\d.]", given) is not None or " " in given
+        fail(f"{e.format_message()} (see --help" + (f"; a prompt that starts with - goes after --: ... -- {given!r})"
+                                                    if prompt else ")"))
     except click.ClickException as e:
         fail(f"{e.format_message()} (see --help)")
     except click.Abort:

@@ -752,6 +752,15 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
 
     from .common import printable as p
 
+    ctx = click.get_current_context()
+    given = {name for name in ("node", "paths", "to_node", "node_type", "layer", "position")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    asks = [what for what, names in (("--node", {"node"}), ("--paths/--to", {"paths", "to_node"}),
+                                     ("--type/--layer/--position", {"node_type", "layer", "position"})) if given & names]
+    if len(asks) > 1:  # one question a run: the others would be dropped without a word
+        raise BadInputError(f"{' and '.join(asks)} ask different questions; give one of them")
+    if node is not None and not node.strip():
+        raise BadInputError("--node is empty; name a node (an id or a picture's name)")
     g = graphs.load(graph_json)
     click.echo(repr(g))
     if show_families:
@@ -815,8 +824,11 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
         click.echo(f"strongest paths into {p(to)}" + (" (the trace's target)" if to_node is None and to != g.logits()[0].id
                                                       else "") + ":")
         into_family = to not in g.index  # a family's id: paths on the graph with each family as one node
-        for strength, path in g.top_paths(to=to, k=paths, families=show_families or into_family):
+        found = g.top_paths(to=to, k=paths, families=show_families or into_family)
+        for strength, path in found:
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
+        if not found:
+            click.echo("  none: no edges reach it in this graph")
 
 
 def _node_id(g, text: str, graph_json: str) -> str:

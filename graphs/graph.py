@@ -573,7 +573,7 @@ class AttributionGraph:
         nodes (nor fewer than ``min_len``), on the graph itself; else on a copy unrolled by hops, so that paths
         of the wrong length are never enumerated (skipping them could take forever when fewer than k fit)."""
         if min_len <= 2 and self._longest_path_nodes(max_len) <= max_len:
-            return self._top_paths_plain(to, k, sources)
+            return self._top_paths_plain(to, k, sources, min_len)
         return self._top_paths_unrolled(to, k, max_len, sources, min_len)
 
     def _longest_path_nodes(self, cap: int) -> int:
@@ -589,7 +589,8 @@ class AttributionGraph:
             depth = new
         return cap + 1
 
-    def _top_paths_plain(self, to: str | None, k: int, sources: tuple[str, ...]) -> list[tuple[float, list[str]]]:
+    def _top_paths_plain(self, to: str | None, k: int, sources: tuple[str, ...],
+                         min_len: int = 2) -> list[tuple[float, list[str]]]:
         import networkx as nx
 
         target = to or self.target.id
@@ -610,6 +611,8 @@ class AttributionGraph:
         try:
             for path in nx.shortest_simple_paths(g, "__src__", target, weight="cost"):
                 path = path[1:]
+                if len(path) < min_len:  # the target itself, where it is a source
+                    continue
                 cost = sum(g[a][b]["cost"] for a, b in zip(path, path[1:]))
                 out.append((math.exp(-cost), path))
                 if len(out) == k:

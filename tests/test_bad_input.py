@@ -38,6 +38,8 @@ CASES = [
     # prompts and options of `trace`, checked before the model loads
     Case("empty-prompt", ["trace", "", "--model", "{M}"], "the prompt is empty"),
     Case("blank-prompt", ["trace", " \n\t ", "--model", "{M}"], "the prompt is empty"),
+    Case("dash-prompt", ["trace", "-5 + 3 =", "--model", "{M}"],
+         "No such option '-5'. (see --help; a prompt that starts with - goes after --: ... -- '-5 + 3 ='"),
     Case("empty-out", ["trace", "the cat sat", "--model", "{M}", "--out", ""], "--out is empty"),
     Case("invalid-utf8-prompt", ["trace", b"ab\xff\xfe", "--model", "{M}"], "PROMPT is not valid UTF-8"),
     Case("invalid-utf8-target", T + ["--target", b"\xc3"], "--target is not valid UTF-8"),
@@ -136,6 +138,11 @@ CASES = [
     Case("query-unknown-node", ["circuits", "query", "{G}/good.json", "--node", "emb@99"], "no node 'emb@99'"),
     Case("query-node-escape", ["circuits", "query", "{G}/good.json", "--node", "\x1b[2Jx"], "no node '\\x1b[2Jx'"),
     Case("query-paths-0", ["circuits", "query", "{G}/good.json", "--paths", "0"], "--paths must be between 1 and 100"),
+    Case("query-node-and-to", ["circuits", "query", "{G}/good.json", "--node", "emb@1", "--to", "emb@2"],
+         "--node and --paths/--to ask different questions; give one of them"),  # was: --to dropped unsaid
+    Case("query-type-and-paths", ["circuits", "query", "{G}/good.json", "--type", "lorsa", "--paths", "2"],
+         "--paths/--to and --type/--layer/--position ask different questions"),
+    Case("query-empty-node", ["circuits", "query", "{G}/good.json", "--node", ""], "--node is empty"),
     Case("query-unknown-type", ["circuits", "query", "{G}/good.json", "--type", "heads"],
          "Invalid value for '--type': 'heads' is not one of 'embedding', 'lorsa'"),  # was: nothing listed, exit 0
     Case("query-paths-huge", ["circuits", "query", "{G}/good.json", "--paths", "99999999999999999999"],

@@ -49,6 +49,8 @@ def test_nodes_filters_by_type_layer_and_position_and_refuses_an_unknown_type(gr
     # an id's prefix names its kind too, in filters and in top_paths' sources (was a bare ValueError from the enum)
     assert graph.nodes(type="tc") == graph.nodes(type="transcoder") and graph.nodes(type="emb") == graph.nodes(type="embedding")
     assert graph.top_paths(k=2, sources=("emb", "attn_err")) == graph.top_paths(k=2, sources=("embedding", "attn_error"))
+    emb = graph.nodes(type="emb")[0].id  # a source node as the end: no path of two nodes or more (was [emb] alone)
+    assert graph.top_paths(to=emb, k=3) == [] and graph.top_paths(to=emb, k=1) == []
 
 
 def test_node_takes_the_names_pictures_and_printed_paths_give(graph):
