@@ -437,6 +437,8 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     t_id = (_single_token(adapter, target, "--target") if target is not None
             else int(adapter.next_token_probs(ids).argmax()))
     b_id = _single_token(adapter, baseline, "--baseline") if baseline is not None else None
+    if b_id is not None and b_id == t_id:
+        raise BadInputError(f"--baseline {baseline!r} is the target itself: their difference is 0 whatever is patched")
     cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual is not None else None
     reference = _reference_prompts(adapter, mean_over) if mean_over is not None else None
     patcher = PathPatcher(model, ids, t_id, b_id, cf, demean=demean, freeze_norms=freeze_norms, reference=reference)

@@ -208,17 +208,23 @@ def _print_decomposition(scores: dict) -> None:
         terms = ", ".join(f"{p} {d[p]:+.2f}" for p in parts)
         click.echo(f"{name} {d['total']:+.2f} = {terms}" + (f", unattributed {d['dropped']:+.2f}"
                                                             if round(d["dropped"], 2) else ""))
+    margin = dec.get("margin", {}).get("total", 0.0)
+    shares = abs(margin) >= SHARED_MARGIN  # a share of a margin near 0 reads as thousands of percent
     if dec.get("error_share") is not None:
         m = dec["margin"]
-        unattributed = m["dropped"] / m["total"] if m["total"] else 0.0
-        click.echo(f"errors carry {dec['error_share']:.0%} of the margin" +
+        unattributed = m["dropped"] / margin if shares else 0.0
+        click.echo((f"errors carry {dec['error_share']:.0%} of the margin" if shares else
+                    f"errors carry {m['errors']:+.2f} of the margin, too near 0 for a share") +
                    (f"; features past --max-feature-nodes {unattributed:.0%}" if abs(unattributed) >= 0.05 else ""))
     if "target" in kept:
-        lost = [(what, kept[key]["dropped"] - dec[key]["dropped"], kept[key]["total"])
+        lost = [(what, kept[key]["dropped"] - dec[key]["dropped"])
                 for key, what in (("target", "the logit"), ("margin", "the margin")) if key in kept and key in dec]
         click.echo("graph.json, pruned, leaves out " + " and ".join(
-            f"{x:+.2f} of {what}" + (f" ({x / total:.0%})" if what == "the margin" and total else "")
-            for what, x, total in lost) + " (edges below --edge-threshold, features below --node-threshold)")
+            f"{x:+.2f} of {what}" + (f" ({x / margin:.0%})" if what == "the margin" and shares else "")
+            for what, x in lost) + " (edges below --edge-threshold, features below --node-threshold)")
+
+
+SHARED_MARGIN = 0.1  # a margin (in logits) from which `trace` gives the errors' share of it in percent
 
 
 def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:

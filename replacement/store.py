@@ -85,6 +85,9 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file, not a replacements folder (the folder that holds config.json and "
+                              "the modules' .safetensors files)")
     if not cfg_path.is_file():
         where = f"{folder} does not exist" if not folder.is_dir() else f"none in {folder}"
         raise CheckpointError(f"no trained replacements ({where}); train them with: circuits train --model "

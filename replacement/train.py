@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -119,8 +120,28 @@ class Unit:
 BYTES_PER_TRAINED_PARAMETER = 16  # its float32 weight, gradient and Adam's two moments
 
 
+# `circuits train`'s option for each module config field, to name in errors ("TranscoderConfig: top_k ..." said
+# nothing of --tc-top-k)
+_OPTION_OF = {"TranscoderConfig": {"top_k": "--tc-top-k", "n_features": "features (--tc-expansion)"},
+              "LorsaConfig": {"top_k": "--lorsa-top-k", "n_qk": "--lorsa-qk-per-head x heads", "d_qk": "--lorsa-d-qk",
+                              "heads_per_group": "--lorsa-heads-per-group"}}
+
+
 def _new_module(adapter, cfg: TrainConfig, kind: str, L: int):
-    """A fresh module of ``kind`` for layer ``L`` as ``cfg`` asks (built on the current default device)."""
+    """A fresh module of ``kind`` for layer ``L`` as ``cfg`` asks (built on the current default device); a config
+    that cannot be is a one-line error in the options' words."""
+    try:
+        return _build_module(adapter, cfg, kind, L)
+    except BadInputError as e:
+        cls, _, why = str(e).partition(": ")
+        if cls not in _OPTION_OF:
+            raise
+        for field_name, option in _OPTION_OF[cls].items():
+            why = re.sub(rf"\b{field_name}\b", option, why)
+        raise BadInputError(f"layer {L}'s {kind}: {why}") from None
+
+
+def _build_module(adapter, cfg: TrainConfig, kind: str, L: int):
     if not 0 <= L < adapter.n_layers:
         raise CircuitsError(f"layer {L} does not exist; the model has {adapter.n_layers} layers")
     if kind == "lorsa":

@@ -175,6 +175,9 @@ CASES = [
     Case("patch-mean-over-without-its-mode", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component",
                                               "mlp_err.0@1", "--mean-over", "{TEXT}"],
          "--mean-over is used only with --mode mean (the mode is zero)"),
+    Case("patch-baseline-is-target", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
+                                      "--target", " 3", "--baseline", " 3"], "--baseline ' 3' is the target itself"),
+    Case("replacements-a-file", T + ["--replacements", "{TEXT}"], "is a file, not a replacements folder"),
     Case("patch-empty-target", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
                                 "--target", ""], "--target '' is not a single token"),
     Case("patch-empty-mean-over", ["circuits", "patch", "1 + 2 =", "--model", "{M}", "--component", "mlp_err.0@1",
@@ -187,7 +190,9 @@ CASES = [
     Case("train-cache-activations-is-a-file", ["circuits", "train", "--model", "{M}", "--cache-activations", "{TEXT}"],
          "text.txt is a file, not a folder"),  # was: "File exists", after caching began
     Case("train-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--batch-size", "1000000000000",
-                                       "--text", "{TEXT}"], "out of memory: an allocation of"),  # was a traceback
+                                       "--text", "{TEXT}"], "a step of --batch-size 1000000000000 x --seq-len"),  # was a traceback
+    Case("train-top-k-beyond-features", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--tc-top-k",
+                                         "100000"], "layer 0's transcoder: --tc-top-k 100000 is not between"),
     Case("train-joint-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--joint", "--batch-size",
                                              "1000000000000", "--text", "{TEXT}"], "out of memory: an allocation of"),
     Case("train-lr-past-float32", ["circuits", "train", "--model", "{M}", "--lr", "1e308"],
@@ -201,7 +206,7 @@ CASES = [
     Case("train-lorsa-top-k-0", ["circuits", "train", "--model", "{M}", "--lorsa-top-k", "0"], "Invalid value for '--lorsa-top-k'"),
     Case("train-lorsa-top-k-too-many", ["circuits", "train", "--model", "{M}", "--what", "lorsa", "--lorsa-top-k", "100000",
                                         "--steps", "1", "--text", "{TEXT}", "--out", "{WORLD}/new-train"],
-         "top_k 100000 is more than its"),
+         "layer 0's lorsa: --lorsa-top-k 100000 is more than its"),
     Case("heads-n-seqs-beyond-memory", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--n-seqs", "1000000000000"],
          "--n-seqs 1000000000000 needs about"),  # was: scanned and kept codes until the kernel killed it
     Case("heads-cache-dir-uncreatable", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--cache-dir", "/proc/nope/x"],

@@ -558,3 +558,25 @@ def test_dot_pins_nodes_and_edges_as_laid_out(graph, tmp_path):
     assert "layout=nop2;" in dot
     edge_lines = [line for line in dot.splitlines() if " -> " in line and "[" in line]
     assert edge_lines and all('pos="e,' in line for line in edge_lines)
+
+
+def test_a_margin_near_zero_gets_no_share(capsys):
+    """The errors' (and the pruned-away) share of a margin near 0 would read as thousands of percent: below
+    SHARED_MARGIN trace gives the amounts alone."""
+    from cli.trace import SHARED_MARGIN, _print_decomposition
+
+    def part(errors, total, dropped=0.0):
+        return {"features": total - errors - dropped, "errors": errors, "embeddings": 0.0, "constants": 0.0,
+                "dropped": dropped, "total": total}
+
+    for total, shared in ((SHARED_MARGIN / 4, False), (2.0, True)):
+        dec = {"target": dict(part(1.0, 5.0), token=" a", node="logit.1@3"), "runner_up": dict(part(0.9, 5.0 - total),
+               token=" b", node="logit.2@3"), "margin": part(0.1, total), "error_share": 0.1 / total}
+        kept = {"target": part(1.0, 5.0, 0.2), "margin": part(0.1, total, 0.05)}
+        _print_decomposition({"logit_decomposition": dec, "pruned_logit_decomposition": kept})
+        out = capsys.readouterr().out
+        if shared:
+            assert f"errors carry {0.1 / total:.0%} of the margin" in out and f"(+{0.05 / total:.0%})" not in out
+            assert f"+0.05 of the margin ({0.05 / total:.0%})" in out
+        else:
+            assert "errors carry +0.10 of the margin, too near 0 for a share" in out and "%" not in out
