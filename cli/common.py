@@ -230,11 +230,19 @@ REPLACEMENTS_HELP = ("Replacements folder (default: beside the model): ours, cir
                      "cached HF repo id; repeat to mix (a later folder replaces the modules it holds).")
 
 
+def not_empty(ctx, param, value):
+    """A click callback: an option given as "" (or blanks) is refused, not read as its default."""
+    values = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, str) and not v.strip() for v in values):
+        raise click.BadParameter("is empty", param_hint=f"'{param.opts[0]}'")
+    return value
+
+
 def model_options(f):
     f = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
                      help="Precision of the model weights.")(f)
-    f = click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")(f)
-    f = click.option("--model", "model_name", default="llama", show_default=True,
+    f = click.option("--device", default="cpu", show_default=True, callback=not_empty, help="cpu or cuda.")(f)
+    f = click.option("--model", "model_name", default="llama", show_default=True, callback=not_empty,
                      help="A bundled preset (toy, pythia, llama), a local HF folder, or an HF id.")(f)
     return f
 

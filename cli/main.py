@@ -10,7 +10,7 @@ from graphs.graph import ID_PREFIXES, NODE_TYPES
 from graphs.layout import DEFAULT_DRAW_NODES
 from replacement.bundle import PRESET_NAMES
 
-from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, refuse_file
+from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, not_empty, refuse_file
 
 
 @click.group(cls=FriendlyGroup)
@@ -287,7 +287,7 @@ def _print_replacement_metrics(metrics: dict) -> None:
               help="Text files whose last 2% is the held-out text (default: the held-out sample shipped with the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--samples/--no-samples", default=True, show_default=True)
-@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
 @click.option("--faithfulness/--no-faithfulness", default=True, show_default=True,
               help="Also measure the pure (error-free) replacement model against the real one, and each module on "
                    "held-out natural text (FVU, dead units, KL with that module alone spliced in).")
@@ -388,7 +388,7 @@ def _print_faithfulness(f: dict) -> None:
               help="For --mode mean: a text file of reference prompts, one per line; a component is set to its "
                    "output averaged over every position (but BOS) of them.")
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True)
-@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
 @click.option("--freeze-norms", is_flag=True,
               help="Also freeze the norm scales at their clean values (the attribution graph's linear regime).")
 @click.option("--together", is_flag=True,
@@ -533,7 +533,13 @@ def _reference_prompts(adapter, path: str) -> list:
         raise BadInputError(f"cannot read --mean-over {path}: {getattr(e, 'strerror', None) or e}") from None
     if not lines:
         raise BadInputError(f"--mean-over {path} has no prompts (one per line)")
-    return [adapter.tokenize(ln, truncate=True)[0] for ln in lines]
+    ids = [adapter.tokenize(ln, truncate=True)[0] for ln in lines]
+    cut = sum(len(adapter.tokenizer.encode(ln, add_special_tokens=False)) >= len(x) for ln, x in zip(lines, ids)
+              if len(x) == adapter.context)
+    if cut:
+        click.echo(f"note: {cut} of the {len(lines)} prompts of --mean-over are longer than the model's context; "
+                   f"their first {adapter.context} tokens are used")
+    return ids
 
 
 def _single_token(adapter, text: str, option: str) -> int:
@@ -554,7 +560,7 @@ def _single_token(adapter, text: str, option: str) -> int:
 @click.option("--cache-dir", type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")
 @click.option("--rebuild", is_flag=True, help="Ignore the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the selected dashboard as JSON.")
-@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
 def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, cache_dir, rebuild, as_json, replacements):
     """Dashboards of a layer's Lorsa heads and transcoder features: top contexts, z patterns, logit lens."""
     from graphs.graph import unit_label
@@ -630,7 +636,7 @@ def _print_dashboard(e: dict) -> None:
 
 @circuits.command()
 @model_options
-@click.option("--layer", "layers", required=True, help="A layer, comma-separated layers, or all.")
+@click.option("--layer", "layers", required=True, callback=not_empty, help="A layer, comma-separated layers, or all.")
 @click.option("--n-seqs", type=click.IntRange(min=1), default=32, show_default=True, help="Held-out sequences to scan.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--share", type=FiniteRange(0, 1, min_open=True), default=0.5, show_default=True,
@@ -640,14 +646,14 @@ def _print_dashboard(e: dict) -> None:
               help="Print this many Lorsa heads per layer (the live ones best explained by one head first).")
 @click.option("--out", type=click.Path(), default=None,
               help="Write correspond.json and correspond.png (the summary histogram) into this folder.")
-@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
 def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, top, out, replacements):
     """For every Lorsa head of a layer, the original attention heads it comes from: the share of its activation's
     variance each original head's output (projected on the Lorsa head's output direction) explains, the best
     set of a few, the pattern overlap, and its kind: one head / a few heads / spread (replacement/correspond.py)."""
     from .outputs import RunFolder
 
-    want = None if layers == "all" else _layer_list(layers, "--layer")
+    want = None if layers.strip().lower() == "all" else list(dict.fromkeys(_layer_list(layers, "--layer")))  # once each
     run = RunFolder(out).open() if out else None  # an unwritable --out is refused before the work
     try:
         _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, few, top, replacements)
@@ -698,8 +704,8 @@ def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, fe
         except RenderError:  # no graphviz: the JSON and the DOT still land, as the message says
             run.commit(["correspond.json", "correspond.dot"])
             raise
-        json_path, _, png_path = run.commit(["correspond.json", "correspond.dot", png.name])
-        click.echo(f"wrote {json_path}, {png_path}")
+        json_path, dot_path, png_path = run.commit(["correspond.json", "correspond.dot", png.name])
+        click.echo(f"wrote {json_path}, {png_path} (drawn from {dot_path.name})")
 
 
 @circuits.command()

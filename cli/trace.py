@@ -19,7 +19,7 @@ from graphs.prune import EDGE_THRESHOLD, NODE_THRESHOLD  # noqa: E402
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, spinner  # noqa: E402
+from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, not_empty, spinner  # noqa: E402
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 DEFAULT_FORMATS = "json,dot,svg"
@@ -50,7 +50,7 @@ DEFAULT_FORMATS = "json,dot,svg"
                    "with a note).")
 @click.option("--draw-nodes", type=int, default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential) in the DOT/SVG/PNG and the page's first view.")
-@click.option("--replacements", type=click.Path(), multiple=True, help=REPLACEMENTS_HELP)
+@click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
 @click.option("--bos", type=click.Choice(["keep", "zero"]), default="keep", show_default=True,
               help="keep: nodes at position 0 (BOS) as anywhere; zero: none there, their writes are constants "
                    "(circuit-tracer's convention).")

@@ -38,6 +38,11 @@ CASES = [
     # prompts and options of `trace`, checked before the model loads
     Case("empty-prompt", ["trace", "", "--model", "{M}"], "the prompt is empty"),
     Case("blank-prompt", ["trace", " \n\t ", "--model", "{M}"], "the prompt is empty"),
+    Case("empty-model", ["trace", "the cat", "--model", ""], "Invalid value for '--model': is empty"),
+    Case("empty-device", ["trace", "the cat", "--model", "{M}", "--device", " "], "Invalid value for '--device': is empty"),
+    Case("empty-replacements", T + ["--replacements", ""], "Invalid value for '--replacements': is empty"),
+    Case("correspond-empty-layer", ["circuits", "correspond", "--model", "{M}", "--layer", ""],
+         "Invalid value for '--layer': is empty"),  # was: every layer
     Case("dash-prompt", ["trace", "-5 + 3 =", "--model", "{M}"],
          "No such option '-5'. (see --help; a prompt that starts with - goes after --: ... -- '-5 + 3 ='"),
     Case("empty-out", ["trace", "the cat sat", "--model", "{M}", "--out", ""], "--out is empty"),

@@ -113,6 +113,17 @@ def test_train_never_replaces_trained_modules_unasked(saved_model, tmp_path):
     assert r.returncode == 0, r.stderr  # the suggested trace runs
 
 
+def test_mean_over_says_which_prompts_it_cut(saved_model, tmp_path):
+    """--mean-over prompts longer than the context are cut to it (as a reference, not refused), and a line says so."""
+    adapter = load_model(str(saved_model))
+    (tmp_path / "ref.txt").write_text("the cat sat\n" + "the cat sat on the mat " * adapter.context + "\n")
+    r = _cli("circuits", "patch", "the cat sat", "--model", str(saved_model), "--component", "mlp_err.0@1",
+             "--mode", "mean", "--mean-over", str(tmp_path / "ref.txt"))
+    assert r.returncode == 0, r.stderr
+    assert (f"note: 1 of the 2 prompts of --mean-over are longer than the model's context; their first "
+            f"{adapter.context} tokens are used") in r.stdout
+
+
 def test_untrained_preset_says_how_to_train(monkeypatch, tmp_path):
     import replacement.bundle as bundle
 
