@@ -12,7 +12,6 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 
 from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
-from graphs.families import DEFAULT_FAMILIES  # noqa: E402
 from graphs.files import FORMATS, RENDERED, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from graphs.prune import EDGE_THRESHOLD, NODE_THRESHOLD  # noqa: E402

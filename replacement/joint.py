@@ -345,16 +345,13 @@ class JointTrainer:
         self.resampled = int(meta.get("resampled", 0))
 
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
-        from tqdm import tqdm
-
         if resume and self.load_state():
             if progress:
                 print(f"resuming {self.state_file} at step {self.step} of {self.cfg.steps}", file=sys.stderr)
         else:
             self.step = 0
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
-        bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="joint stage",
-                   disable=not progress)
+        bar = ckpt.progress_bar(range(self.step, end), self.step, self.cfg.steps, "joint stage", disable=not progress)
         t_last, ema = time.time(), None
         with ckpt.reporting_interrupts(self):
             for step in bar:
@@ -366,7 +363,7 @@ class JointTrainer:
                 ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
                 shown = {k: f"{v:.3f}" for k, v in ema.items()
                          if (k != "readout" or self.gram is not None) and (k != "jac" or self.cfg.tc_jacobian > 0)}
-                bar.set_postfix(**shown, resampled=self.resampled)
+                ckpt.postfix(bar, **shown, resampled=self.resampled)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                     self.save_state()
 

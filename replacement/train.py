@@ -514,8 +514,6 @@ class Trainer:
         return out
 
     def train(self, resume: bool = True, progress: bool = True, stop_after: int | None = None) -> None:
-        from tqdm import tqdm
-
         if resume and self.load_state():
             self.resumed_at = self.step
             if progress and self.rank == 0:
@@ -526,8 +524,8 @@ class Trainer:
             self.step = 0
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
         tokens = self.cfg.batch_size * self.cfg.seq_len
-        bar = tqdm(range(self.step, end), initial=self.step, total=self.cfg.steps, desc="train replacements",
-                   disable=not progress or self.rank != 0)
+        bar = ckpt.progress_bar(range(self.step, end), self.step, self.cfg.steps, "train replacements",
+                                disable=not progress or self.rank != 0)
         t_last = time.time()
         with ckpt.reporting_interrupts(self):
             for step in bar:
@@ -538,9 +536,8 @@ class Trainer:
                 extra = {}
                 if self.jacobian_errors:
                     extra["jac_err"] = f"{sum(self.jacobian_errors.values()) / len(self.jacobian_errors):.3f}"
-                bar.set_postfix(tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}",
-                                fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
-                                worst=max(fvus, key=fvus.get), **extra)
+                ckpt.postfix(bar, tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}", fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
+                             worst=max(fvus, key=fvus.get), **extra)
                 t_last = now
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                     self.save_state()
@@ -698,7 +695,8 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     fp = model_fingerprint(adapter)
     for (kind, L), m in modules.items():
         info = dict(metrics[f"layer{L}.{kind}"], train_steps=trainer.step, train_seconds=round(trainer.elapsed, 1),
-                    train_tokens=trainer.step * cfg.batch_size * cfg.seq_len, train_source=getattr(source, "describe", type(source).__name__))
+                    train_tokens=trainer.step * cfg.batch_size * cfg.seq_len, train_source=getattr(source, "describe", type(source).__name__),
+                    train_config=asdict(cfg))  # every setting of the run (lr, batch, BOS weights, ...), as the joint stage's
         save_module(m, kind, out, fp, adapter.name, info)
     state.unlink(missing_ok=True)
     return metrics

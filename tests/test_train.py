@@ -710,3 +710,30 @@ def test_an_interrupted_training_says_what_is_saved(tmp_path, stop, says):
     again = Trainer(adapter, TrainConfig(steps=10, **SMALL), _source(), state)
     again.train(progress=False)
     assert again.resumed_at == (5 if stop == 7 else None) and again.step == 10
+
+
+def test_progress_into_a_log_is_drawn_rarely(tmp_path, capsys):
+    """Into a file (not a terminal) the bar is drawn at its start and end, not at every step (its figures, set
+    each step, wait for a draw): 30 KB of log for 200 steps before."""
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    Trainer(adapter, TrainConfig(steps=30, **SMALL), _source(), tmp_path / "s.safetensors").train(progress=True)
+    err = capsys.readouterr().err
+    assert 1 <= err.count("train replacements") <= 3 and "30/30" in err, err
+
+
+def test_saved_modules_record_every_training_setting(tmp_path):
+    """Each saved module's metrics hold the run's whole TrainConfig (lr, batch, sequence length, BOS weights, ...),
+    as the joint stage records its own, so a set can be told apart and trained again."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors import safe_open
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    cfg = TrainConfig(what="transcoder", steps=2, lr=3e-4, tc_bos_weight=0.5, **SMALL)
+    fit_replacements(adapter, cfg, tmp_path, source=_source(), eval_source=_source(1), progress=False)
+    for L in range(adapter.n_layers):
+        meta = json.loads(safe_open(str(tmp_path / f"layer{L}.transcoder.safetensors"), "pt").metadata()["metrics"])
+        assert meta["train_config"] == json.loads(json.dumps(asdict(cfg)))
+    folder = json.loads((tmp_path / "config.json").read_text())
+    assert folder["modules"]["layer0.transcoder"]["metrics"]["train_config"]["tc_bos_weight"] == 0.5
