@@ -222,18 +222,34 @@ _PER_LAYER_ONLY = ("what", "layers", "cache_activations", "overwrite", "lorsa_qk
 _JOINT_ONLY = ("kl_coef", "recon_coef", "tc_readout_coef", "resample_every")
 
 
+_LORSA_ONLY = ("lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk", "lorsa_top_k", "lorsa_init",
+               "lorsa_bos_weight", "allow_weak_config")
+_TRANSCODER_ONLY = ("tc_expansion", "tc_top_k", "tc_skip", "tc_bos_weight", "tc_token_norm", "tc_jacobian",
+                    "tc_jacobian_readout")
+
+
 def _refuse_ignored_options(ctx: click.Context, joint: bool) -> None:
     """One line for an option given on the command line that this run would ignore (a per-layer option with
-    --joint, a joint one without), instead of training as if it had been read."""
+    --joint, a joint one without, a transcoder's with --what lorsa and a Lorsa's with --what transcoder), or for a
+    joint stage with no loss term, instead of training as if it had been read."""
     from replacement.errors import BadInputError
 
-    ignored = _PER_LAYER_ONLY if joint else _JOINT_ONLY
+    p = ctx.params
+    other = {"lorsa": _TRANSCODER_ONLY, "transcoder": _LORSA_ONLY}.get(p["what"], ()) if not joint else ()
     for param in ctx.command.params:
-        if param.name in ignored and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        if param.name in (_PER_LAYER_ONLY if joint else _JOINT_ONLY):
             if joint:
                 raise BadInputError(f"{param.opts[0]} sets the per-layer stage; the joint stage keeps each saved "
                                     "module's shape and ignores it: leave it out, or leave out --joint")
             raise BadInputError(f"{param.opts[0]} sets the joint stage; add --joint, or leave it out")
+        if param.name in other:
+            raise BadInputError(f"{param.opts[0]} sets the {'transcoders' if p['what'] == 'lorsa' else 'Lorsa'}; this "
+                                f"run trains --what {p['what']} only: leave it out")
+    if joint and not any(p[k] for k in ("kl_coef", "recon_coef", "tc_readout_coef", "tc_jacobian")):
+        raise BadInputError("--kl-coef, --recon-coef, --tc-readout-coef and --tc-jacobian are all 0: the joint stage "
+                            "would have nothing to fit")
 
 
 @circuits.command("train-replacements")
@@ -459,6 +475,10 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
             name = " + ".join(map(str, units))
             idle = [c for c in units if not patcher.active(c)]
             note = f"  ({', '.join(map(str, idle))} not active on this prompt)" if idle else ""
+            early = [c for c in units if c not in idle and c.pos is not None and c.pos < ids.shape[1] - 1]
+            if early:  # path patching freezes attention: an earlier position's write cannot reach the last one
+                note += (f"  ({', '.join(map(str, early))} at an earlier position: it reaches the prediction only "
+                         f"through attention, which path patching keeps at its clean output)")
             graph = f"  {predicted.describe(units)}" if predicted is not None and mode == "zero" else ""
             click.echo(f"  {name:<24} patched {r.patched:.4f}  effect {r.effect:+.4f}  linear {lin:+.4f}{graph}{note}")
         if predicted is None and baseline is None and mode == "zero":

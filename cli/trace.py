@@ -73,6 +73,12 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     fmt = fmt if fmt is not None else ",".join(f for f in DEFAULT_FORMATS.split(",") if not (no_dot and f in RENDERED))
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     check_count("--max-feature-nodes", max_feature_nodes)
+    ctx = click.get_current_context()
+    qk_given = [o for o, name in (("--qk-heads", "qk_heads"), ("--qk-reference", "qk_reference"))
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if attention == "frozen" and qk_given:  # no Lorsa heads: nothing they set is read
+        raise BadInputError(f"{qk_given[0]} sets the Lorsa heads' QK explanations; --attention frozen has no Lorsa "
+                            "heads: leave it out")
     _check_prompt_and_target(model_name, prompt, target)
     family_cfg = _family_config(families, family_cosine)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,

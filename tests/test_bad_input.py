@@ -196,6 +196,12 @@ CASES = [
          "text.txt is a file, not a folder"),  # was: "File exists", after caching began
     Case("train-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--batch-size", "1000000000000",
                                        "--text", "{TEXT}"], "a step of --batch-size 1000000000000 x --seq-len"),  # was a traceback
+    Case("train-transcoder-option-for-lorsa", ["circuits", "train", "--model", "{M}", "--what", "lorsa", "--tc-expansion",
+                                               "2"], "--tc-expansion sets the transcoders; this run trains --what lorsa only"),
+    Case("train-joint-without-a-loss", ["circuits", "train", "--model", "{M}", "--joint", "--kl-coef", "0", "--recon-coef",
+                                        "0", "--tc-readout-coef", "0"], "the joint stage would have nothing to fit"),
+    Case("trace-frozen-with-qk", T + ["--attention", "frozen", "--qk-heads", "5"],
+         "--qk-heads sets the Lorsa heads' QK explanations; --attention frozen has no Lorsa heads"),
     Case("train-top-k-beyond-features", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--tc-top-k",
                                          "100000"], "layer 0's transcoder: --tc-top-k 100000 is not between"),
     Case("train-joint-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--joint", "--batch-size",

@@ -508,6 +508,11 @@ def test_patch_gives_the_graphs_prediction_for_components():
     assert f"graph {both:+.4f}" in line, line
     r = _circuits("patch", prompt, "--model", "toy", "--component", ids_[0])
     assert r.returncode == 0 and "graph" not in next(ln for ln in r.stdout.splitlines() if " effect " in ln), r.stdout
+    early = next(n for n in pruned.node_list if n.type == NodeKind.LORSA and n.pos < last)  # fires, earlier position
+    r = _circuits("patch", prompt, "--model", "toy", "--component", early.id)
+    line = next(ln for ln in r.stdout.splitlines() if " effect " in ln)
+    assert r.returncode == 0 and "effect +0.0000" in line and f"({early.id} at an earlier position: it reaches the " \
+        "prediction only through attention" in line, line
     assert "with --demean, each line also gives the attribution graph's prediction" in r.stdout
 
 
