@@ -557,10 +557,47 @@ def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
                 found.append((repo.name[len("models--"):].replace("--", "/"), str(repo)))
     for root in [Path.cwd(), *map(Path, extra)]:
         if root.is_dir():
-            for cfg in sorted(root.glob("*/config.json")):
+            for cfg in sorted([*root.glob("config.json"), *root.glob("*/config.json")]):  # a model folder itself too
                 if any(cfg.parent.glob("*.safetensors")) and _names_a_model_type(cfg):
-                    found.append((str(cfg.parent), "local folder"))
+                    found.append((str(cfg.parent), "local folder: " + describe_folder(cfg.parent)))
     return found
+
+
+def describe_folder(folder: Path) -> str:
+    """A local model folder in one line, from its files alone (nothing loaded): architecture and sizes, whether
+    the tool supports it, its tokenizer, its weights' integrity (a truncated file) and its trained replacements."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    kind = cfg.get("model_type")
+    sizes = (f"{cfg.get('num_hidden_layers', '?')} layers, d={cfg.get('hidden_size', '?')}, "
+             f"{cfg.get('num_attention_heads', '?')} heads/{cfg.get('num_key_value_heads', cfg.get('num_attention_heads', '?'))} kv")
+    parts = [f"{kind}, {sizes}" if kind in SUPPORTED else f"{kind}: not supported (supported: {', '.join(sorted(SUPPORTED))})"]
+    broken = [f.name for f in sorted(folder.glob("*.safetensors")) if not _safetensors_complete(f)]
+    if broken:
+        parts.append(f"truncated or corrupt weights ({', '.join(broken)})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        parts.append("no tokenizer")
+    reps = folder / "replacements" / "config.json"
+    parts.append("replacements trained" if reps.is_file() else "no replacements yet")
+    return "; ".join(parts)
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file holds its whole header and every byte its header promises."""
+    import json
+    import struct
+
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > path.stat().st_size:
+                return False
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end <= path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
 
 
 def _names_a_model_type(config: Path) -> bool:

@@ -199,6 +199,25 @@ def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path):
             load_model(str(folder))
     r = _cli("circuits", "models", "--search", str(tmp_path / "missing"))
     assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    # each folder described from its files: sizes, tokenizer, weights whole or truncated, replacements; a model
+    # folder given itself is found
+    import json
+    import shutil
+
+    cfg = json.loads((model_folder / "config.json").read_text())
+    (name, where), = local_checkpoints([model_folder])
+    assert name == str(model_folder) and where.startswith(
+        f"local folder: llama, {cfg['num_hidden_layers']} layers, d={cfg['hidden_size']}, ")
+    cut = tmp_path / "cut"
+    shutil.copytree(model_folder, cut)
+    weights = next(cut.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (cut / f).unlink(missing_ok=True)
+    (_, where), = local_checkpoints([cut])
+    assert f"truncated or corrupt weights ({weights.name})" in where and "no tokenizer" in where, where
+    with pytest.raises(ModelLoadError):  # as the listing says: it does not load
+        load_model(str(cut))
 
 
 @pytest.mark.slow
