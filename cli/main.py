@@ -462,7 +462,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     metric += " - its mean over the vocabulary" if demean else ""
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
     wanted = demean and baseline is None and (bool(families) or mode == "zero")
-    predicted = _GraphPrediction(model, ids, t_id) if wanted else None
+    predicted = _GraphPrediction(model, ids, t_id, target is not None) if wanted else None
     if families:
         _patch_families(predicted, patcher, families, mode, together, comps)
         if together:
@@ -490,11 +490,12 @@ class _GraphPrediction:
     and each node's predicted effect of a zero ablation on the target's demeaned logit (`graph_effects`: its total
     linear effect through transcoder features)."""
 
-    def __init__(self, model, ids, t_id: int):
+    def __init__(self, model, ids, t_id: int, asked: bool):
         from graphs.patching import graph_effects
         from graphs.pipeline import trace_graphs
 
-        self.graph, self.pruned = trace_graphs(model, ids, target=t_id)  # families mark both
+        # as `trace` would build it: with --target only when one was asked for (a target weighs in pruning)
+        self.graph, self.pruned = trace_graphs(model, ids, target=t_id if asked else None)  # families mark both
         self.effects = graph_effects(self.graph, self.graph.logit(t_id).id)
         self.kept = graph_effects(self.pruned, self.pruned.logit(t_id).id)  # pruning keeps every logit node
 
@@ -787,7 +788,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
                                      ("--type/--layer/--position", {"node_type", "layer", "position"})) if given & names]
     if len(asks) > 1:  # one question a run: the others would be dropped without a word
         raise BadInputError(f"{' and '.join(asks)} ask different questions; give one of them")
-    if node is not None and not node.strip():
+    if node == "":
         raise BadInputError("--node is empty; name a node (an id or a picture's name)")
     g = graphs.load(graph_json)
     click.echo(repr(g))
@@ -865,7 +866,7 @@ def _node_id(g, text: str, graph_json: str) -> str:
     from graphs.graph import id_of_unit_label
     from replacement.errors import BadInputError
 
-    node = id_of_unit_label(text)
+    node = text if text in g.index else id_of_unit_label(text)  # an id as it is (any text), else a name
     if node not in g.index and node not in {f.id for f in g.families()}:
         raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
     return node

@@ -31,7 +31,7 @@ DEFAULT_FORMATS = "json,dot,svg"
 @click.option("--attention", type=click.Choice(["lorsa", "frozen"]), default="lorsa", show_default=True,
               help="lorsa: attention replaced by Lorsa heads; frozen: real attention with frozen patterns (transcoders only).")
 @click.option("--target", default=None, help="A token whose logit the graph must hold and explain (e.g. ' 98'): "
-              "paths end there, and pruning weighs it as much as all the other logits together.")
+              "paths end there, and pruning weighs it (if it is not the top token) as much as all the other logits together.")
 @click.option("--node-threshold", type=float, default=NODE_THRESHOLD, show_default=True)
 @click.option("--edge-threshold", type=float, default=EDGE_THRESHOLD, show_default=True)
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")

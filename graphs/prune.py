@@ -29,14 +29,15 @@ def logit_weights(graph: AttributionGraph) -> torch.Tensor:
 
 def logit_start(nodes: list, target_token: int | None = None) -> torch.Tensor:
     """[n_nodes] what influence starts from: each logit node's probability, normalised to sum 1 (zero elsewhere).
-    A target asked for (``target_token``, `trace --target`) weighs at least as much as all the other logits
-    together, so that pruning and the feature budget keep what it needs even when the model gives it little
-    probability."""
+    A target asked for (``target_token``, `trace --target`) other than the most probable logit weighs at least as
+    much as all the other logits together, so that pruning and the feature budget keep what it needs even when the
+    model gives it little probability; the model's own top token as a target changes nothing."""
     w = torch.tensor([n.prob if n.type == NodeKind.LOGIT else 0.0 for n in nodes])
-    if target_token is not None:
-        at = [i for i, n in enumerate(nodes) if n.type == NodeKind.LOGIT and n.index == target_token]
-        for i in at:
-            w[i] = max(float(w[i]), float(w.sum() - w[i]), 1e-30)
+    if target_token is not None and len(w):
+        top = int(w.argmax())
+        for i, n in enumerate(nodes):
+            if n.type == NodeKind.LOGIT and n.index == target_token and i != top:
+                w[i] = max(float(w[i]), float(w.sum() - w[i]), 1e-30)
     return w / w.sum().clamp_min(1e-30)
 
 

@@ -275,8 +275,9 @@ def test_logit_decomposition_sums_to_the_logit_and_its_margin(arch):
 
 
 def test_a_target_asked_for_weighs_as_much_as_the_other_logits():
-    """Influence starts from the logits' probabilities; a target asked for weighs at least as much as every other
-    logit together (a brute-force solve with that start), so pruning keeps its inputs however unlikely it is."""
+    """Influence starts from the logits' probabilities; a target asked for (not the top token) weighs at least as
+    much as every other logit together (a brute-force solve with that start), so pruning keeps its inputs however
+    unlikely it is; the top token as the target changes nothing."""
     from graphs.prune import influence, logit_start, prune
 
     _, model, ids = _setup("llama")
@@ -291,9 +292,8 @@ def test_a_target_asked_for_weighs_as_much_as_the_other_logits():
     want[t] = p.sum() - p[t]  # the rest's mass, as it is more than its own
     torch.testing.assert_close(logit_start(graph.node_list, unlikely.index).double(), want / want.sum())
     torch.testing.assert_close(logit_start(graph.node_list, None).double(), p / p.sum())
-    top = graph.logits()[0]
-    if top.prob > 0.5:  # a likely target keeps its own weight
-        torch.testing.assert_close(logit_start(graph.node_list, top.index).double(), p / p.sum())
+    top = graph.logits()[0]  # the model's top token as the target changes nothing
+    torch.testing.assert_close(logit_start(graph.node_list, top.index).double(), p / p.sum())
     n, E = len(graph), graph.edge_arrays  # the influence with that start, by a dense solve
     M = torch.zeros(n, n, dtype=torch.float64)
     M.index_put_((E.tgt, E.src), E.w.double().abs(), accumulate=True)

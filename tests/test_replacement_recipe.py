@@ -102,12 +102,13 @@ def test_stages_chain_carry_the_untouched_modules_and_resume(saved_model, tmp_pa
 
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. 1 + 2 = 3\n" * 200)
-    small = ("--text", str(text), "--batch-size", "2", "--seq-len", "16", "--lorsa-qk-per-head", "1", "--lorsa-heads-per-group", "4",
-             "--lorsa-top-k", "2", "--tc-expansion", "1", "--tc-top-k", "4")
+    tc = ("--text", str(text), "--batch-size", "2", "--seq-len", "16", "--tc-top-k", "4")  # a transcoder stage's
+    small = (*tc, "--lorsa-qk-per-head", "1", "--lorsa-heads-per-group", "4", "--lorsa-top-k", "2", "--tc-expansion", "1")
     stages = [Stage("per-layer", ("--what", "all", "--steps", "3", *small)),
               Stage("joint1", ("--joint", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--text", str(text))),
-              Stage("tc1", ("--what", "transcoder", "--layers", "1", "--steps", "3", "--tc-skip", *small), partial=True),
-              Stage("tc0", ("--what", "transcoder", "--layers", "0", "--steps", "3", *small, "--tc-expansion", "2"),
+              Stage("tc1", ("--what", "transcoder", "--layers", "1", "--steps", "3", "--tc-skip", *tc, "--tc-expansion",
+                            "1"), partial=True),
+              Stage("tc0", ("--what", "transcoder", "--layers", "0", "--steps", "3", *tc, "--tc-expansion", "2"),
                     partial=True, fresh=True)]
     calls = []
 
