@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -42,7 +43,7 @@ def models(search_dirs):
 @circuits.command("train-lm")
 @click.option("--model", "presets", default="all", show_default=True, help="toy, pythia, llama, or all.")
 @click.option("--workdir", default="runs/bundled", show_default=True, type=click.Path(), help="Tokenizer, data cache and resumable states.")
-@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME[:split]); default: the recipe's corpora in $CIRCUITS_DATA "
+@click.option("--text", "texts", callback=not_empty, multiple=True, help="Text files (or hf:NAME[:split]); default: the recipe's corpora in $CIRCUITS_DATA "
                    "(else ~/.cache/circuits/data).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps of the first training stage (default: the recipe's per preset).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
@@ -105,17 +106,17 @@ def fetch_data(dest, work):
                    "last MLP error node gives the logits directly); 0: off.")
 @click.option("--resample-every", type=click.IntRange(min=0), default=250, show_default=True,
               help="With --joint: re-initialise units silent for this many steps (0: never).")
-@click.option("--out", type=click.Path(), default=None,
+@click.option("--out", callback=not_empty, type=click.Path(), default=None,
               help="Folder for the trained modules and the training state (default: beside a local model; "
                    "./replacements/<preset> for a bundled one, whose shipped replacements stay as they are; with "
                    "--joint --init-from DIR, DIR, unless it is the package's).")
 @click.option("--resume/--no-resume", default=True, show_default=True)
-@click.option("--text", "texts", multiple=True, help="Text files (or hf:NAME) to train on (their first 98%; with "
+@click.option("--text", "texts", callback=not_empty, multiple=True, help="Text files (or hf:NAME) to train on (their first 98%; with "
               "--joint in place of the model's joint mixture).")
 @click.option("--corpora-only", is_flag=True,
               help="Train on the recipe's corpora alone (their first 98%, in $CIRCUITS_DATA), without the bundled "
                    "models' synthetic rows (additions, random-span repeats); the FVU is then measured on their last 2%.")
-@click.option("--cache-activations", type=click.Path(), default=None, help="Cache activations here as safetensors shards, then train from them.")
+@click.option("--cache-activations", callback=not_empty, type=click.Path(), default=None, help="Cache activations here as safetensors shards, then train from them.")
 @click.option("--lorsa-qk-per-head", type=click.IntRange(min=1), default=4, show_default=True, help="QK groups per model head.")
 @click.option("--lorsa-heads-per-group", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lorsa-d-qk", type=click.IntRange(min=1), default=None, help="QK dimension (default: the model's head dim).")
@@ -127,7 +128,7 @@ def fetch_data(dest, work):
 @click.option("--tc-expansion", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--tc-top-k", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--tc-skip", is_flag=True, help="Add a linear skip connection to the transcoders.")
-@click.option("--init-from", type=click.Path(), default=None,
+@click.option("--init-from", callback=not_empty, type=click.Path(), default=None,
               help="A replacements folder of this model: start each module from its saved one (fine-tuning).")
 @click.option("--tc-jacobian", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Weight of a term matching the MLP's Jacobian (JVPs along random directions); > 0 makes the "
@@ -299,7 +300,7 @@ def _print_replacement_metrics(metrics: dict) -> None:
 
 @circuits.command("eval")
 @model_options
-@click.option("--text", "texts", multiple=True,
+@click.option("--text", "texts", callback=not_empty, multiple=True,
               help="Text files whose last 2% is the held-out text (default: the held-out sample shipped with the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--samples/--no-samples", default=True, show_default=True)
@@ -315,7 +316,10 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, f
     from replacement.foreign import replacement_specs
     from replacement.models import load_model
 
-    out = report(load_model(model_name, device, dtype), list(texts) or None, samples, replacement_specs(replacements),
+    adapter = load_model(model_name, device, dtype)
+    if adapter.tokenizer is None and not as_json:
+        _say_no_tokenizer("measures on uniform random token ids only (no text, additions or samples)")
+    out = report(adapter, list(texts) or None, samples, replacement_specs(replacements),
                  faithfulness)
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -329,6 +333,13 @@ def eval_cmd(model_name, device, dtype, texts, as_json, samples, replacements, f
         click.echo(f"no trained replacements yet: circuits train --model {model_name} --what all")
     if "pure_replacement" in out:
         _print_faithfulness(out["pure_replacement"])
+
+
+def _say_no_tokenizer(what: str) -> None:
+    """One line before a command that goes on without a tokenizer: what it does instead."""
+    from replacement.models import NO_TOKENIZER
+
+    click.echo(f"note: {NO_TOKENIZER.split(':')[0]}; this {what}")
 
 
 def _print_model_report(out: dict) -> None:
@@ -427,6 +438,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
         raise BadInputError("name something to patch: --component ID or --family ID")
     from graphs.families import is_family_id
 
+    families = tuple(dict.fromkeys(families))  # each once
     bad = [f for f in families if not is_family_id(f)]
     if bad:
         raise BadInputError(f"cannot parse family id {bad[0]!r}; use fam.lorsa.L.K@P or fam.tc.L.K@P")
@@ -467,8 +479,8 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
         _patch_families(predicted, patcher, families, mode, together, comps)
         if together:
             return
-    if together and comps:
-        comps = [tuple(comps)]
+    if together and comps:  # one unit: a component at every position (no @P) holds its positioned self
+        comps = [tuple(c for c in comps if c.pos is None or replace(c, pos=None) not in comps)]
     if comps:
         for r, lin in zip(patcher.effects(comps, mode), patcher.linear_effects(comps, mode)):
             units = r.component if together else (r.component,)
@@ -577,8 +589,8 @@ def _single_token(adapter, text: str, option: str) -> int:
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Without --head/--feature: list this many of each kind.")
 @click.option("--n-seqs", type=int, default=64, show_default=True, help="Held-out sequences to scan (first run only).")
-@click.option("--text", "texts", multiple=True, help="Text files to scan instead of the model's held-out data.")
-@click.option("--cache-dir", type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")
+@click.option("--text", "texts", callback=not_empty, multiple=True, help="Text files to scan instead of the model's held-out data.")
+@click.option("--cache-dir", callback=not_empty, type=click.Path(), default=None, help="Dashboard cache (default: $CIRCUITS_CACHE or ~/.cache/circuits).")
 @click.option("--rebuild", is_flag=True, help="Ignore the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the selected dashboard as JSON.")
 @click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
@@ -595,6 +607,8 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     adapter = load_model(model_name, device, dtype)
     if not 0 <= layer < adapter.n_layers:
         raise BadInputError(f"--layer {layer} out of range: {adapter.name} has layers 0-{adapter.n_layers - 1}")
+    if adapter.tokenizer is None:
+        _say_no_tokenizer("scans uniform random token ids")
     if n_seqs < 1:
         raise BadInputError("--n-seqs must be at least 1")
     from replacement.foreign import replacement_specs
@@ -665,7 +679,7 @@ def _print_dashboard(e: dict) -> None:
 @click.option("--few", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Print this many Lorsa heads per layer (the live ones best explained by one head first).")
-@click.option("--out", type=click.Path(), default=None,
+@click.option("--out", callback=not_empty, type=click.Path(), default=None,
               help="Write correspond.json and correspond.png (the summary histogram) into this folder.")
 @click.option("--replacements", type=click.Path(), multiple=True, callback=not_empty, help=REPLACEMENTS_HELP)
 def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, top, out, replacements):

@@ -148,8 +148,8 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     vals, idx = probs.topk(5)
     click.echo("top predictions: " + ", ".join(f"{token_text(tok, i)!r} {p:.3f}" for p, i in zip(vals.tolist(), idx.tolist())))
     _, graph = trace_graphs(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
-                         max_feature_nodes, full, qk_reference, families, progress=sys.stderr.isatty(),
-                         check_memory=False)  # the memory was checked by _load
+                            max_feature_nodes, full, qk_reference, families, progress=sys.stderr.isatty(),
+                            check_memory=False)  # the memory was checked by _load
     check_finite(graph)
     s = graph.scores
     click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "

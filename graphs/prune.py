@@ -290,14 +290,15 @@ def signed_inputs(graph: AttributionGraph, node_index: int) -> dict[str, float]:
 
 
 def logit_decomposition(graph: AttributionGraph, target: int | None = None) -> dict:
-    """The signed decomposition of the target logit (token id ``target``, default the most probable logit
-    node) and of its margin over the runner-up logit node: {"target": {...}, "runner_up": {...}, "margin":
+    """The signed decomposition of the target logit (token id ``target``, default the graph's `target`: the one it
+    was traced for, else the most probable logit node) and of its margin over the runner-up logit node: {"target": {...}, "runner_up": {...}, "margin":
     {...}, "error_share": errors / margin}.  Unsigned scores (replacement, completeness) miss cancellation
     between features and errors; this does not."""
     logits = sorted((i for i, n in enumerate(graph.node_list) if n.type == NodeKind.LOGIT),
                     key=lambda i: -graph.node_list[i].prob)
     if not logits:
         return {}
+    target = graph.target.index if target is None else target  # the traced target (else the top logit)
     first = next((i for i in logits if graph.node_list[i].index == target), logits[0])
     out = {"target": dict(signed_inputs(graph, first), token=graph.node_list[first].label,
                           node=graph.node_list[first].id)}

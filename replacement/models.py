@@ -98,6 +98,8 @@ def encode_prompt(tokenizer, prompt: str, context: int, truncate: bool = False, 
         raise BadInputError(NO_TOKENIZER)
     ids = tokenizer(prompt, return_tensors="pt", split_special_tokens=True).input_ids
     bos = start_token(tokenizer)
+    if not any(int(i) != bos for i in ids[0]):  # a tokenizer that has no token for any of the text
+        raise BadInputError(f"the {what} {prompt[:40]!r} has no tokens in this model's tokenizer")
     if bos is not None and (ids.shape[1] == 0 or ids[0, 0] != bos):
         ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
     if truncate:

@@ -45,7 +45,8 @@ def token_by_name(tokenizer, name: str) -> int | None:
     """The token a name stands for where the name does not encode to one token: a vocabulary piece (``▁s``,
     ``Ġ98``), or a token's bytes as `token_text` prints them (``<0x82>``); None if there is none."""
     unk = tokenizer.unk_token_id
-    candidates = [name, name.replace(" ", "\u2581")]  # a sentencepiece piece as `token_text` prints it
+    upper = re.sub(r"<0x([0-9A-Fa-f]{2})>", lambda m: f"<0x{m[1].upper()}>", name)  # <0xc3> is <0xC3>
+    candidates = [name, upper, name.replace(" ", "\u2581")]  # a sentencepiece piece as `token_text` prints it
     if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", name):  # byte-level BPE: the bytes' characters form the piece
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 

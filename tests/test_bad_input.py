@@ -43,6 +43,8 @@ CASES = [
     Case("empty-replacements", T + ["--replacements", ""], "Invalid value for '--replacements': is empty"),
     Case("correspond-empty-layer", ["circuits", "correspond", "--model", "{M}", "--layer", ""],
          "Invalid value for '--layer': is empty"),  # was: every layer
+    Case("train-empty-out", ["circuits", "train", "--model", "{M}", "--out", ""], "Invalid value for '--out': is empty"),
+    Case("train-empty-text", ["circuits", "train", "--model", "{M}", "--text", ""], "Invalid value for '--text': is empty"),
     Case("dash-prompt", ["trace", "-5 + 3 =", "--model", "{M}"],
          "No such option '-5'. (see --help; a prompt that starts with - goes after --: ... -- '-5 + 3 ='"),
     Case("empty-out", ["trace", "the cat sat", "--model", "{M}", "--out", ""], "--out is empty"),

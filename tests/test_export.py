@@ -308,6 +308,7 @@ def test_query_paths_end_at_the_traced_target_or_at_to(saved_model, tmp_path):
     from graphs.prune import logit_decomposition
 
     kept, full = logit_decomposition(g, other.index), g.scores["logit_decomposition"]
+    assert logit_decomposition(g) == kept  # by default, of the graph's target
     stored = g.scores["pruned_logit_decomposition"]
     for key in ("target", "runner_up", "margin"):
         assert {k: v for k, v in stored[key].items() if isinstance(v, float)} == pytest.approx(

@@ -506,6 +506,11 @@ def test_patch_gives_the_graphs_prediction_for_components():
     (line,) = [ln for ln in r.stdout.splitlines() if " effect " in ln]
     both = sum(float(effects[full.index[i]]) for i in ids_)
     assert f"graph {both:+.4f}" in line, line
+    r = _circuits("patch", prompt, "--model", "toy", "--together", "--component", "head.1.0", "--component",
+                  f"head.1.0@{last}")  # one unit: the head at every position holds its last-position self
+    (line,) = [ln for ln in r.stdout.splitlines() if " effect " in ln]
+    alone = PathPatcher(model, ids, t_id).effects([parse_component("head.1.0")])[0].effect  # the raw logit, as printed
+    assert r.returncode == 0 and line.strip().startswith("head.1.0 ") and f"effect {alone:+.4f}" in line, line
     r = _circuits("patch", prompt, "--model", "toy", "--component", ids_[0])
     assert r.returncode == 0 and "graph" not in next(ln for ln in r.stdout.splitlines() if " effect " in ln), r.stdout
     early = next(n for n in pruned.node_list if n.type == NodeKind.LORSA and n.pos < last)  # fires, earlier position

@@ -82,11 +82,30 @@ def test_a_folder_without_a_tokenizer_or_with_a_broken_one(saved_model, tmp_path
                  ("circuits", "eval", "--model", str(bare), "--text", str(tmp_path / "t.txt"))):
         r = _cli(*args)
         assert r.returncode == 1 and r.stderr.strip().endswith(NO_TOKENIZER) and "\n" not in r.stderr.strip(), r.stderr
+    r = _cli("circuits", "heads", "--model", str(bare), "--layer", "0", "--n-seqs", "2", "--top", "1", "--cache-dir",
+             str(tmp_path / "cache"))  # goes on, on random token ids, and says so
+    assert r.returncode == 0 and r.stdout.startswith("note: the model has no tokenizer"), (r.stdout, r.stderr)
     broken = tmp_path / "broken"
     shutil.copytree(saved_model, broken)
     (broken / "tokenizer.json").write_text("{")
     with pytest.raises(ModelLoadError, match=f"cannot read the tokenizer in {broken}"):
         load_model(str(broken))
+
+
+def test_a_prompt_the_tokenizer_has_no_tokens_for_is_refused():
+    """A tokenizer that has no token for any of a prompt's text (it encodes to nothing) would leave BOS alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from replacement.models import encode_prompt
+
+    tok = Tokenizer(models.BPE(vocab={"<s>": 0, "a": 1, "b": 2}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    assert fast("hi there", add_special_tokens=False).input_ids == []
+    with pytest.raises(BadInputError, match="the prompt 'hi there' has no tokens in this model's tokenizer"):
+        encode_prompt(fast, "hi there", 64)
+    assert encode_prompt(fast, "a b", 64)[0].tolist() == [0, 1, 2]
 
 
 def test_train_never_replaces_trained_modules_unasked(saved_model, tmp_path):
