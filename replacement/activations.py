@@ -20,7 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import BadInputError
 from .hooks import hook_name
-from .io import make_folder
+from .io import make_folder, progress_bar
 from .memory import gb
 
 
@@ -117,11 +117,9 @@ class ShardSource:
 def cache_to_disk(adapter, source, points: list[str], folder: str | Path, n_batches: int, batch_size: int,
                   dtype=torch.bfloat16, progress: bool = True) -> Path:
     """Write ``n_batches`` shards of activations (one per training step) as safetensors."""
-    from tqdm import tqdm
-
     folder = make_folder(folder, "the activation cache")
     checked = False
-    for step in tqdm(range(n_batches), disable=not progress, desc="caching activations"):
+    for step in progress_bar(range(n_batches), "caching activations", not progress):
         path = folder / f"shard_{step:06d}.safetensors"
         if path.is_file():
             continue  # resumable

@@ -6,7 +6,6 @@ never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,20 +105,6 @@ def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during training; its message says where the last saved state is."""
-
-
-def progress_bar(steps: range, initial: int, total: int, desc: str, disable: bool):
-    """A training's progress bar (tqdm, on stderr): redrawn as it goes on a terminal, every 30 s into a log file
-    (redrawn at every step it filled 30 KB of log in 200 steps); `postfix` sets its figures without a redraw."""
-    from tqdm import tqdm
-
-    return tqdm(steps, initial=initial, total=total, desc=desc, disable=disable,
-                mininterval=0.1 if sys.stderr.isatty() else 30.0)
-
-
-def postfix(bar, **figures) -> None:
-    """Show ``figures`` beside the bar at its next redraw (not a redraw of their own)."""
-    bar.set_postfix(refresh=False, **figures)
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import BadInputError
+from .io import progress_bar
 
 KINDS = ("one", "few", "spread", "dead")
 
@@ -265,8 +266,6 @@ def correspond(model, layer: int, cfg: CorrespondConfig | None = None, source=No
                progress: bool = False) -> Correspondence:
     """Every Lorsa head of ``layer`` matched to the original heads (module docstring) on ``cfg.n_seqs``
     held-out sequences (``source``: an activations source; default: the model's held-out data)."""
-    from tqdm import tqdm
-
     from .activations import default_source
 
     cfg = cfg or CorrespondConfig()
@@ -279,7 +278,7 @@ def correspond(model, layer: int, cfg: CorrespondConfig | None = None, source=No
     seq_len = min(cfg.seq_len, a.context)
     source = source or default_source(a, seq_len, cfg.seed, heldout=True)
     moments = new_moments(model, layer)
-    for b in tqdm(range(math.ceil(cfg.n_seqs / cfg.batch_size)), desc="correspond", disable=not progress):
+    for b in progress_bar(range(math.ceil(cfg.n_seqs / cfg.batch_size)), "correspond", not progress):
         ids = source.batch(20_000 + b, min(cfg.batch_size, cfg.n_seqs - b * cfg.batch_size))[:, :seq_len]
         cache = a.run(ids.to(a.device), capture=layer_points(layer)).cache
         add_batch(moments, model, layer, cache)

@@ -30,7 +30,7 @@ from .norms import centre as centre_
 from .norms import is_layernorm, norm_weight
 from .hooks import hook_name, layer_names
 from .tokenizer import special_ids
-from .io import make_folder
+from .io import make_folder, progress_bar
 
 KINDS = ("lorsa", "transcoder")
 CONTENTS_VERSION = 4  # 2: Lorsa dashboards hold each head's original heads (replacement/correspond.py); 3: no special
@@ -145,8 +145,6 @@ def window_positions(t: torch.Tensor, n: int, before: int, after: int) -> torch.
 @torch.no_grad()
 def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Dashboards of every layer: {layer: tensors} (see ``Dashboards`` for the names)."""
-    from tqdm import tqdm
-
     from .activations import default_source
 
     a = model.adapter
@@ -156,7 +154,7 @@ def build(model, cfg: DashboardConfig, source=None, progress: bool = True) -> di
     W_U, final_w = a.unembedding.weight.detach().float().cpu(), norm_weight(a.final_norm).cpu()
     centre = is_layernorm(a.final_norm)
     out: dict[int, dict[str, torch.Tensor]] = {L: {} for L in range(a.n_layers)}
-    for (kind, L), parts in tqdm(list(codes.items()), desc="dashboards: contexts", disable=not progress):
+    for (kind, L), parts in progress_bar(list(codes.items()), "dashboards: contexts", not progress):
         if not parts:
             continue
         module = model.lorsas[L] if kind == "lorsa" else model.transcoders[L]
@@ -189,8 +187,6 @@ def _original_heads(moments, model, L: int) -> dict[str, torch.Tensor]:
 def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
     """One pass over the sample: (ids [S, n], {(kind, layer): [(values, indices) [B*n, K] per batch]},
     {layer: [Lorsa inputs [B, n, d] per batch]}, {Lorsa layer: its correspondence `Moments`})."""
-    from tqdm import tqdm
-
     from . import correspond
 
     a = model.adapter
@@ -202,7 +198,7 @@ def _codes(model, cfg: DashboardConfig, source, seq_len: int, progress: bool):
                     | {p for L in model.lorsas for p in correspond.layer_points(L)})
     moments = {L: correspond.new_moments(model, L) for L in model.lorsas}
     ids_all, codes, attn_in = [], {(k, L): [] for k in KINDS for L in layers}, {L: [] for L in layers}
-    for b in tqdm(range(n_batches), desc="dashboards: activations", disable=not progress):
+    for b in progress_bar(range(n_batches), "dashboards: activations", not progress):
         ids = source.batch(10_000 + b, min(cfg.batch_size, cfg.n_seqs - b * cfg.batch_size))[:, :seq_len]  # n_seqs in all
         cache = a.run(ids.to(a.device), capture=points).cache
         ids_all.append(ids.cpu())

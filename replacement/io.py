@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -92,3 +93,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "make_folder", "temp_path"]
+
+
+def progress_bar(iterable=None, desc: str = "", disable: bool = False, total: int | None = None, initial: int = 0):
+    """A progress bar (tqdm, on stderr) over ``iterable``: redrawn as it goes on a terminal, every 30 s into a log
+    file (a training's, redrawn at every step, filled 30 KB of log in 200 steps); `postfix` sets its figures
+    without a redraw."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, disable=disable, total=total, initial=initial,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+def postfix(bar, **figures) -> None:
+    """Show ``figures`` beside the bar at its next redraw (not a redraw of their own)."""
+    bar.set_postfix(refresh=False, **figures)

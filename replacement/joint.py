@@ -59,6 +59,7 @@ from . import checkpoint as ckpt
 from .activations import hook_points
 from .data import Mixture
 from .errors import CircuitsError, TrainingDiverged, last_good
+from .io import postfix, progress_bar
 from .evaluate import kl_per_token
 from .hooks import FINAL_SCALE
 from .sparse import SparseCode
@@ -351,7 +352,7 @@ class JointTrainer:
         else:
             self.step = 0
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
-        bar = ckpt.progress_bar(range(self.step, end), self.step, self.cfg.steps, "joint stage", disable=not progress)
+        bar = progress_bar(range(self.step, end), "joint stage", not progress, self.cfg.steps, self.step)
         t_last, ema = time.time(), None
         with ckpt.reporting_interrupts(self):
             for step in bar:
@@ -363,7 +364,7 @@ class JointTrainer:
                 ema = m if ema is None else {k: 0.95 * ema[k] + 0.05 * m[k] for k in m}
                 shown = {k: f"{v:.3f}" for k, v in ema.items()
                          if (k != "readout" or self.gram is not None) and (k != "jac" or self.cfg.tc_jacobian > 0)}
-                ckpt.postfix(bar, **shown, resampled=self.resampled)
+                postfix(bar, **shown, resampled=self.resampled)
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
                     self.save_state()
 

@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from .activations import hook_points
 from .norms import centre, is_layernorm, norm_weight
 from .errors import BadInputError, CircuitsError, TrainingDiverged, last_good
+from .io import postfix, progress_bar
 from .lorsa import LorsaConfig, lorsa_for_model
 from .memory import check_fits
 from .sparse import SparseCode, decode, topk_relu
@@ -524,8 +525,8 @@ class Trainer:
             self.step = 0
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
         tokens = self.cfg.batch_size * self.cfg.seq_len
-        bar = ckpt.progress_bar(range(self.step, end), self.step, self.cfg.steps, "train replacements",
-                                disable=not progress or self.rank != 0)
+        bar = progress_bar(range(self.step, end), "train replacements", not progress or self.rank != 0, self.cfg.steps,
+                       self.step)
         t_last = time.time()
         with ckpt.reporting_interrupts(self):
             for step in bar:
@@ -536,7 +537,7 @@ class Trainer:
                 extra = {}
                 if self.jacobian_errors:
                     extra["jac_err"] = f"{sum(self.jacobian_errors.values()) / len(self.jacobian_errors):.3f}"
-                ckpt.postfix(bar, tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}", fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
+                postfix(bar, tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}", fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
                              worst=max(fvus, key=fvus.get), **extra)
                 t_last = now
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
