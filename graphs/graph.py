@@ -402,7 +402,8 @@ class AttributionGraph:
         """A node by its id, or by a name the pictures and printed paths give it (`id_of_unit_label`)."""
         found = node_id if node_id in self.index else id_of_unit_label(node_id)
         if found not in self.index:
-            raise KeyError(f"no node {node_id!r} in this graph")
+            family = node_id.startswith("fam.") and node_id in {f.id for f in self.families()}
+            raise KeyError(f"no node {node_id!r} in this graph" + ("; a family is a node of `collapsed()`" if family else ""))
         return self.node_list[self.index[found]]
 
     def nodes(self, type: str | None = None, layer: int | None = None, position: int | None = None) -> list[Node]:

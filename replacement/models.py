@@ -137,10 +137,13 @@ def single_token(tokenizer, text: str, what: str = "target") -> int:
     if len(ids) == 1 and token_text(tokenizer, ids[0]) == text:
         return ids[0]
     named = token_by_name(tokenizer, text) if tokenizer is not None and text else None
-    if named is not None and named not in getattr(tokenizer, "all_special_ids", ()):
+    special = getattr(tokenizer, "all_special_ids", ())
+    if named is not None and named not in special:
         return named  # "s" in a sentencepiece vocabulary: the piece that continues a word, as the prompt prints it
     if len(ids) == 1:
         return ids[0]
+    if named is not None:
+        raise BadInputError(f"{what} {text!r} is a special token (BOS, padding, ...), which is never a target")
     raise BadInputError(f"{what} {text!r} is not a single token of this model's vocabulary ({len(ids)} tokens), nor "
                         f"a token's piece or bytes as trace prints them (<0x82>)")
 
@@ -560,8 +563,11 @@ def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
     for root in [Path.cwd(), *map(Path, extra)]:
         if root.is_dir():
             for cfg in sorted([*root.glob("config.json"), *root.glob("*/config.json")]):  # a model folder itself too
-                if any(cfg.parent.glob("*.safetensors")) and _names_a_model_type(cfg):
-                    found.append((str(cfg.parent), "local folder: " + describe_folder(cfg.parent)))
+                if any(cfg.parent.glob("*.safetensors")):
+                    if _names_a_model_type(cfg):
+                        found.append((str(cfg.parent), "local folder: " + describe_folder(cfg.parent)))
+                    elif not _is_json_object(cfg):  # not a replacements folder's config.json: an unreadable model's
+                        found.append((str(cfg.parent), "local folder: config.json is not valid JSON; it does not load"))
     return found
 
 
@@ -599,6 +605,15 @@ def _safetensors_complete(path: Path) -> bool:
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         return 8 + n + end <= path.stat().st_size
     except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def _is_json_object(config: Path) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(config.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
         return False
 
 

@@ -52,7 +52,7 @@ CASES = [
     Case("invalid-utf8-target", T + ["--target", b"\xc3"], "--target is not valid UTF-8"),
     Case("too-long-prompt", ["trace", "the cat " * 60, "--model", "{M}", "--out", "{PREV}"], "longer than the model's context"),
     Case("multi-token-target", T + ["--target", "zzqqxx yy"], "is not a single token"),
-    Case("special-token-target", T + ["--target", "<|bos|>"], "is not a single token"),
+    Case("special-token-target", T + ["--target", "<|bos|>"], "--target '<|bos|>' is a special token (BOS, padding, ...)"),
     Case("node-threshold-0", T + ["--node-threshold", "0"], "--node-threshold must be in (0, 1]"),
     Case("node-threshold-1.5", T + ["--node-threshold", "1.5"], "--node-threshold must be in (0, 1]"),
     Case("node-threshold-nan", T + ["--node-threshold", "nan"], "--node-threshold must be in (0, 1]"),

@@ -411,6 +411,9 @@ def test_query_lists_families_and_their_paths(tmp_path):
     shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]
     assert shown == [" -> ".join(p) for _, p in g.top_paths(k=2, families=True)]
     f = max(g.families(), key=len)  # --to a family: the paths into it, each family one node
+    with pytest.raises(KeyError, match="a family is a node of `collapsed"):
+        g.node(f.id)
+    assert g.collapsed().node(f.id).members
     r = _circuits("query", path, "--paths", "2", "--to", f.id)
     assert r.returncode == 0 and f"strongest paths into {f.id}:" in r.stdout, r.stderr
     shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]

@@ -211,8 +211,9 @@ def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text("[1, 2")
     (broken / "model.safetensors").write_bytes(b"")
-    found = [name for name, _ in local_checkpoints([tmp_path])]
-    assert found == [str(model_folder)]
+    found = dict(local_checkpoints([tmp_path]))  # the replacements folder is no model; the broken one is said to be
+    assert list(found) == [str(broken), str(model_folder)]
+    assert found[str(broken)] == "local folder: config.json is not valid JSON; it does not load"
     for folder in (tmp_path / "reps", broken):
         with pytest.raises(ModelLoadError):
             load_model(str(folder))
