@@ -563,25 +563,26 @@ def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
     for root in [Path.cwd(), *map(Path, extra)]:
         if root.is_dir():
             for cfg in sorted([*root.glob("config.json"), *root.glob("*/config.json")]):  # a model folder itself too
-                if any(cfg.parent.glob("*.safetensors")):
-                    if _names_a_model_type(cfg):
-                        found.append((str(cfg.parent), "local folder: " + describe_folder(cfg.parent)))
-                    elif not _is_json_object(cfg):  # not a replacements folder's config.json: an unreadable model's
-                        found.append((str(cfg.parent), "local folder: config.json is not valid JSON; it does not load"))
+                if not any(cfg.parent.glob("*.safetensors")):
+                    continue
+                config = _read_json(cfg)
+                if not isinstance(config, dict):  # an unreadable model config (a replacements folder's is an object)
+                    found.append((str(cfg.parent), "local folder: config.json is not valid JSON; it does not load"))
+                elif isinstance(config.get("model_type"), str):
+                    found.append((str(cfg.parent), "local folder: " + describe_folder(cfg.parent, config)))
     return found
 
 
-def describe_folder(folder: Path) -> str:
-    """A local model folder in one line, from its files alone (nothing loaded): architecture and sizes, whether
-    the tool supports it, its tokenizer, its weights' integrity (a truncated file) and its trained replacements."""
-    import json
-
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    kind = cfg.get("model_type")
-    sizes = (f"{cfg.get('num_hidden_layers', '?')} layers, d={cfg.get('hidden_size', '?')}, "
-             f"{cfg.get('num_attention_heads', '?')} heads/{cfg.get('num_key_value_heads', cfg.get('num_attention_heads', '?'))} kv")
+def describe_folder(folder: Path, config: dict) -> str:
+    """A local model folder in one line, from its files alone (nothing loaded; ``config``: its config.json):
+    architecture and sizes, whether the tool supports it, its tokenizer, its weights' integrity (a truncated file)
+    and its trained replacements."""
+    kind = config.get("model_type")
+    heads = config.get("num_attention_heads", "?")
+    sizes = (f"{config.get('num_hidden_layers', '?')} layers, d={config.get('hidden_size', '?')}, "
+             f"{heads} heads/{config.get('num_key_value_heads', heads)} kv")
     parts = [f"{kind}, {sizes}" if kind in SUPPORTED else f"{kind}: not supported (supported: {', '.join(sorted(SUPPORTED))})"]
-    broken = [f.name for f in sorted(folder.glob("*.safetensors")) if not _safetensors_complete(f)]
+    broken = [f.name for f in sorted(folder.glob("*.safetensors")) if not _safetensors_readable(f)]
     if broken:
         parts.append(f"truncated or corrupt weights ({', '.join(broken)})")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -591,39 +592,26 @@ def describe_folder(folder: Path) -> str:
     return "; ".join(parts)
 
 
-def _safetensors_complete(path: Path) -> bool:
-    """Whether a safetensors file holds its whole header and every byte its header promises."""
-    import json
-    import struct
+def _safetensors_readable(path: Path) -> bool:
+    """Whether safetensors opens the file: its header whole, and every byte the header promises there (a truncated
+    file is "not fully covered")."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > path.stat().st_size:
-                return False
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        return 8 + n + end <= path.stat().st_size
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (SafetensorError, OSError):
         return False
 
 
-def _is_json_object(config: Path) -> bool:
+def _read_json(path: Path):
+    """A JSON file's contents; None if it cannot be read or is not JSON."""
     import json
 
     try:
-        return isinstance(json.loads(config.read_text(encoding="utf-8")), dict)
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-
-
-def _names_a_model_type(config: Path) -> bool:
-    import json
-
-    try:
-        return isinstance(json.loads(config.read_text(encoding="utf-8")).get("model_type"), str)
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object
-        return False
+        return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
