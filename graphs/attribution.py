@@ -134,8 +134,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     all_nodes, sources = made.nodes, made.sources
     nodes, edges, n_features, budgeted = _nodes_and_edges(lin, made, max_feature_nodes, batch_size, edges_per_target,
                                                           progress, target_id)
-    settings = {"attention": model.attention, "model": a.name, "target_token": target_id,
-                "logit_coverage": logit_coverage, "bos": bos,
+    settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage, "bos": bos,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
                 "max_feature_nodes": max_feature_nodes, "active_features": n_features, "budgeted": budgeted}
     z_patterns(model, rec, nodes)

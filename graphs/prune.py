@@ -23,8 +23,8 @@ def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
 
 
 def logit_weights(graph: AttributionGraph) -> torch.Tensor:
-    """[n_nodes] the weight of each logit node in the influence (`logit_start`, with the graph's traced target)."""
-    return logit_start(graph.node_list, graph.settings.get("target_token"))
+    """[n_nodes] the weight of each logit node in the influence (`logit_start`, with the graph's `target`)."""
+    return logit_start(graph.node_list, graph.target.index if graph.logits() else None)
 
 
 def logit_start(nodes: list, target_token: int | None = None) -> torch.Tensor:
@@ -193,7 +193,7 @@ def prune(graph: AttributionGraph, node_threshold: float = NODE_THRESHOLD, edge_
                          full_nodes=len(graph), full_edges=len(E), pruned_nodes=len(pruned), pruned_edges=len(pruned.edge_arrays))
     pruned.scores.update({f"pruned_{k}": v for k, v in scores(pruned).items()})
     if graph.logits():
-        pruned.scores["pruned_logit_decomposition"] = logit_decomposition(pruned, graph.target.index)
+        pruned.scores["pruned_logit_decomposition"] = logit_decomposition(pruned)  # of its target, the full graph's
     return pruned
 
 
