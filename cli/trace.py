@@ -309,3 +309,7 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":  # `python -m cli.trace` runs the command, as the `trace` script does
+    main()

@@ -6,6 +6,9 @@ never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,13 +110,46 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during training; its message says where the last saved state is."""
 
 
+class StopRequest:
+    """What a training loop checks after each step: ``requested`` is set by the first Ctrl-C, SIGTERM or SIGHUP,
+    so that the loop saves the step it has just finished and stops (nothing trained is lost); a second signal
+    stops at once, from the last saved state.  Outside the main thread (no signal handlers) every signal stops
+    at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping: saving the state after this step (interrupt again to stop at once, from the last state "
+              "saved)", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def reporting_interrupts(trainer):
-    """Around a training loop: Ctrl-C (or SIGTERM) becomes an `Interrupted` saying which step's state is saved
-    and how to go on.  ``trainer``: its ``state_file``, ``saved_step`` (None before the first save) and ``cfg``
-    (``steps``, ``checkpoint_every``), read when the interrupt comes."""
+    """Around a training loop: yields a `StopRequest` the loop checks after each step (saving that step's state
+    and raising KeyboardInterrupt when it is set), and turns Ctrl-C (or SIGTERM) into an `Interrupted` saying
+    which step's state is saved and how to go on.  ``trainer``: its ``state_file``, ``saved_step`` (None before
+    the first save) and ``cfg`` (``steps``, ``checkpoint_every``), read when the interrupt comes."""
     try:
-        yield
+        with StopRequest() as stop:
+            yield stop
     except KeyboardInterrupt:
         cfg = trainer.cfg
         if trainer.saved_step:

@@ -354,7 +354,7 @@ class JointTrainer:
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, stop_after)
         bar = progress_bar(range(self.step, end), "joint stage", not progress, self.cfg.steps, self.step)
         t_last, ema = time.time(), None
-        with ckpt.reporting_interrupts(self):
+        with ckpt.reporting_interrupts(self) as stop:
             for step in bar:
                 m = self.train_step(step)
                 self.step = step + 1
@@ -365,8 +365,10 @@ class JointTrainer:
                 shown = {k: f"{v:.3f}" for k, v in ema.items()
                          if (k != "readout" or self.gram is not None) and (k != "jac" or self.cfg.tc_jacobian > 0)}
                 postfix(bar, **shown, resampled=self.resampled)
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == end or stop.requested:
                     self.save_state()
+                if stop.requested:
+                    raise KeyboardInterrupt
 
     def folded_modules(self) -> dict[Key, torch.nn.Module]:
         """Copies acting on raw activations, gradients off."""

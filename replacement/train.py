@@ -528,7 +528,7 @@ class Trainer:
         bar = progress_bar(range(self.step, end), "train replacements", not progress or self.rank != 0, self.cfg.steps,
                        self.step)
         t_last = time.time()
-        with ckpt.reporting_interrupts(self):
+        with ckpt.reporting_interrupts(self) as stop:
             for step in bar:
                 fvus = self.train_step(step)
                 self.step = step + 1
@@ -540,8 +540,20 @@ class Trainer:
                 postfix(bar, tok_s=f"{tokens / max(now - t_last, 1e-9):.0f}", fvu=f"{sum(fvus.values()) / len(fvus):.3f}",
                              worst=max(fvus, key=fvus.get), **extra)
                 t_last = now
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                stopping = self._stop_requested(stop)
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == end or stopping:
                     self.save_state()
+                if stopping:
+                    raise KeyboardInterrupt
+
+    def _stop_requested(self, stop: ckpt.StopRequest) -> bool:
+        """Whether to save and stop after this step: under torchrun every rank stops after the same step, the
+        first at which any rank was interrupted."""
+        if self.world == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.adapter.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     # -- export -------------------------------------------------------------------------------------------
 

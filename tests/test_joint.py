@@ -204,6 +204,33 @@ def test_joint_stage_resumes_exactly(tmp_path):
         torch.testing.assert_close(resumed.named[n], p, atol=1e-6, rtol=1e-6)
 
 
+def test_an_interrupted_joint_stage_saves_the_step_and_resumes_exactly(tmp_path):
+    """Ctrl-C in step 7 saves step 8 (checkpoints every 5) and stops; the rerun ends where an uninterrupted run does."""
+    import signal
+
+    from replacement import checkpoint as ckpt
+
+    adapter = ModelAdapter(tiny_llama())
+    full = _trainer(tmp_path / "a", adapter)
+    full.train(progress=False)
+    part = _trainer(tmp_path / "b", adapter)
+    real = part.train_step
+
+    def step(i):
+        out = real(i)
+        if i == 7:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    part.train_step = step
+    with pytest.raises(ckpt.Interrupted, match="the state of step 8 of 10 is saved"):
+        part.train(progress=False)
+    resumed = _trainer(tmp_path / "b", adapter)
+    resumed.train(progress=False)
+    for n, p in full.named.items():
+        torch.testing.assert_close(resumed.named[n], p, atol=1e-6, rtol=1e-6)
+
+
 def test_joint_stage_refuses_to_resume_under_other_settings(tmp_path):
     """A state saved with one loss resumes under the same settings only; the error names what changed, and the
     state is left as it was."""

@@ -203,6 +203,33 @@ def test_an_interrupted_train_lm_says_what_is_saved(tokenizer, tiny_preset, tmp_
     assert info["steps"] == 20 and resumed == (stop == 7)
 
 
+def test_an_interrupted_train_lm_saves_the_step_and_resumes_exactly(tokenizer, tiny_preset, tmp_path, monkeypatch):
+    """Ctrl-C in step 7 lets it finish, saves step 8 (checkpoints every 5) and stops; the rerun ends with the
+    weights of an uninterrupted run."""
+    import signal
+
+    import replacement.lm.recipe as recipe
+
+    tokens = torch.tensor(tokenizer.encode(TEXT[0] * 5, add_special_tokens=False), dtype=torch.int32)
+    full, _ = train_lm(_cfg(), tmp_path / "a", tokenizer, tokens, progress=False)
+    real, calls = recipe.lm_loss, []
+
+    def loss(model, ids):
+        calls.append(1)
+        if len(calls) == 8:  # the call of step 7
+            signal.raise_signal(signal.SIGINT)
+        return real(model, ids)
+
+    monkeypatch.setattr(recipe, "lm_loss", loss)
+    with pytest.raises(ckpt.Interrupted, match="the state of step 8 of 20 is saved"):
+        train_lm(_cfg(), tmp_path / "b", tokenizer, tokens, progress=False)
+    monkeypatch.setattr(recipe, "lm_loss", real)
+    resumed, info = train_lm(_cfg(), tmp_path / "b", tokenizer, tokens, progress=False)
+    assert info["steps"] == 20
+    for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tokenizer, tiny_preset, tmp_path):
     tokens = torch.tensor(tokenizer.encode(TEXT[1] * 5, add_special_tokens=False), dtype=torch.int32)
     train_lm(_cfg(), tmp_path, tokenizer, tokens, progress=False, stop_after=5)

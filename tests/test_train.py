@@ -712,6 +712,44 @@ def test_an_interrupted_training_says_what_is_saved(tmp_path, stop, says):
     assert again.resumed_at == (5 if stop == 7 else None) and again.step == 10
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_step_it_interrupts_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, sig):
+    """A first Ctrl-C (or SIGTERM) lets the step finish, saves it (step 8, not the checkpoint of step 5) and stops;
+    the rerun resumes there and ends with the weights of a run never interrupted.  A second signal during the same
+    step stops at once, from the last checkpoint."""
+    handler = signal.getsignal(sig)
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    cfg = TrainConfig(steps=10, **SMALL)
+    full = Trainer(adapter, cfg, _source(), tmp_path / "full.safetensors")
+    full.train(progress=False)
+
+    def interrupted(state, times):
+        t = Trainer(adapter, cfg, _source(), state)
+        real = t.train_step
+
+        def step(i):
+            out = real(i)
+            if i == 7:
+                for _ in range(times):
+                    signal.raise_signal(sig)
+            return out
+
+        t.train_step = step
+        return t
+
+    with pytest.raises(ckpt.Interrupted, match="the state of step 8 of 10 is saved"):
+        interrupted(tmp_path / "s.safetensors", 1).train(progress=False)
+    again = Trainer(adapter, cfg, _source(), tmp_path / "s.safetensors")
+    again.train(progress=False)
+    assert again.resumed_at == 8 and again.step == 10
+    for u, v in zip(full.units, again.units):
+        for (n, p), q in zip(u.module.named_parameters(), v.module.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{u.name}.{n}")
+    with pytest.raises(ckpt.Interrupted, match="the state of step 5 of 10 is saved"):
+        interrupted(tmp_path / "twice.safetensors", 2).train(progress=False)
+    assert signal.getsignal(sig) == handler  # the training's handler is gone
+
+
 def test_progress_into_a_log_is_drawn_rarely(tmp_path, capsys):
     """Into a file (not a terminal) the bar is drawn at its start and end, not at every step (its figures, set
     each step, wait for a draw): 30 KB of log for 200 steps before."""

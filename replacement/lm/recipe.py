@@ -123,7 +123,7 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, tokenizer, train_tokens, r
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=f"train {cfg.run_name}")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_last, ema = time.time(), None
-    with ckpt.reporting_interrupts(run):
+    with ckpt.reporting_interrupts(run) as stop:
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
@@ -141,9 +141,11 @@ def train_lm(cfg: LMTrainConfig, workdir: str | Path, tokenizer, train_tokens, r
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
             bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}")
             t_last = now
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stop.requested:
                 _save_state(cfg, model, opt, named, step + 1, elapsed, state_file)
                 run.saved_step = step + 1
+            if stop.requested:
+                raise KeyboardInterrupt
     return model, {"steps": end, "tokens": end * tokens_per_step, "train_seconds": round(elapsed, 1)}
 
 
