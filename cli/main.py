@@ -846,7 +846,9 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
         if n.qk:
             from graphs.contrast import describe
 
-            click.echo("  why these keys (raw score split, then the score minus the reference's, graphs/contrast.py):")
+            click.echo("  why these keys (raw score split, then the score minus the reference's, graphs/contrast.py; norm "
+                       "scales frozen at this prompt's; a bias is the constant part of the residual stream, the "
+                       "model's and the replacements' biases, through W_Q or W_K):")
             for entry in n.qk:
                 for line in describe(entry):
                     click.echo("  " + p(line))

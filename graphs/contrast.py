@@ -155,8 +155,10 @@ def _contrast_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.T
     dK = split.dK.reshape(B * k, U, -1)  # [B k, U, e]
     top = _top_pairs(Q, dK, Q.norm(dim=-1), dK.norm(dim=-1), tabs.scale, min(top_pairs, mq * U), screen, per=k)
     names_q = tabs.names[t]
-    strength = (w[..., p_idx].abs() * K.norm(dim=-1)[:, None]).reshape(B * k, -1)  # [B k, R]
-    rep = _representatives(unit, U, used[p_idx], ks.flatten(), strength).tolist()
+    q_t = Q.sum(1) + qb  # [B, e]
+    # each row's part of its unit's key marginal, |w_p q_t . k_row| [B k, R]: a unit is named where it gives most
+    strength = (w[..., p_idx] * (K * q_t[:, None]).sum(-1)[:, None]).abs().reshape(B * k, -1)
+    rep = _representatives(unit, U, strength).tolist()
     pos_of, r_of = used[p_idx].tolist(), r_idx.tolist()
     sums = (split.pairs_total.flatten().tolist(), split.query_bias_x_keys.flatten().tolist(),
             split.position.flatten().tolist())
@@ -166,7 +168,7 @@ def _contrast_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.T
     q_top_v, k_top_v = qm.gather(1, q_top).tolist(), km.gather(1, k_top).tolist()
     # each key's raw score: the query (nodes and bias) . the key (its nodes and bias), [B k]
     key_vec = tabs.parts[rows[:, None], ks].sum(2) + tabs.bias[rows[:, None], ks]  # [B, k, e]
-    scores = ((key_vec * (Q.sum(1) + qb)[:, None]).sum(-1) * tabs.scale).flatten().tolist()
+    scores = ((key_vec * q_t[:, None]).sum(-1) * tabs.scale).flatten().tolist()
     ref_pos = ref_pos.flatten().tolist()
     out = []
     for j, (q_j, k_j) in enumerate(zip(q_top.tolist(), k_top.tolist())):  # j = b k + key slot
@@ -182,15 +184,15 @@ def _contrast_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.T
     return [out[b * k: (b + 1) * k] for b in range(B)]
 
 
-def _representatives(unit: torch.Tensor, n_units: int, pos: torch.Tensor, keys: torch.Tensor,
-                     strength: torch.Tensor) -> torch.Tensor:
-    """[k, U]: the row that names each unit in contrast j: its row at key position keys[j] if it has one
-    there, else its row adding most to its sum (``strength`` [k, R]); unit [R], pos [R] the rows'."""
-    rank = strength + (pos[None] == keys[:, None]) * (strength.max() + 1)  # [k, R]; rows at s first
-    idx = unit[None].expand_as(rank)
-    best = rank.new_full((len(keys), n_units), -1.0).scatter_reduce(1, idx, rank, "amax")
-    rows = torch.arange(len(unit), device=unit.device)[None].expand_as(rank)
-    hit = torch.where(rank == best.gather(1, idx), rows, -1)
+def _representatives(unit: torch.Tensor, n_units: int, strength: torch.Tensor) -> torch.Tensor:
+    """[k, U]: the row that names each unit in contrast j: the row giving the largest part of the unit's key
+    marginal (``strength`` [k, R], |w_p q_t . k_row|); unit [R] the rows' units.  A unit present at the explained
+    key and at the reference is named at whichever gives more of its term: for a key that loses to the
+    reference, often the reference's position (the unit adds there, so the key lacks it)."""
+    idx = unit[None].expand_as(strength)
+    best = strength.new_full((strength.shape[0], n_units), -1.0).scatter_reduce(1, idx, strength, "amax")
+    rows = torch.arange(len(unit), device=unit.device)[None].expand_as(strength)
+    hit = torch.where(strength == best.gather(1, idx), rows, -1)
     return torch.full_like(best, -1, dtype=torch.long).scatter_reduce(1, idx, hit, "amax")
 
 
@@ -203,10 +205,15 @@ def describe(entry, k: int = 3) -> list[str]:
     if c is None:
         return lines + ["  (the only key: nothing to contrast)"]
     ref = "the other keys' attention-weighted mean" if c.reference == "mean" else f"runner-up key pos {c.reference_pos}"
+    # shares of the difference only where its terms do not cancel (else a pair would show as +700% of it)
+    whole = abs(c.pairs_total) + abs(c.query_bias_x_keys) + abs(c.position)
+    shared = c.difference != 0 and whole <= 2 * abs(c.difference)
     lines.append(f"  vs {ref} (score {c.reference_score:+.3f}): difference {c.difference:+.3f} = pairs "
-                 f"{c.pairs_total:+.3f} + query bias x keys {c.query_bias_x_keys:+.3f} + position {c.position:+.3f}")
-    share = lambda v: f" ({v / c.difference:+.0%})" if c.difference else ""  # noqa: E731
+                 f"{c.pairs_total:+.3f} + query bias x keys {c.query_bias_x_keys:+.3f} + position {c.position:+.3f}"
+                 + ("" if shared or not c.difference else "; the terms cancel, so no shares of it are given"))
+    share = lambda v: f" ({v / c.difference:+.0%})" if shared else ""  # noqa: E731
     lines.append("    top pairs: " + ", ".join(f"{p.query} x {p.key} {p.weight:+.4f}{share(p.weight)}" for p in c.pairs[:k]))
-    lines.append("    key units: " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.key_marginals[:k]))
+    lines.append("    key units (each summed over the keys with the contrast's weights, named where most of it comes "
+                 "from): " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.key_marginals[:k]))
     lines.append("    query nodes: " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.query_marginals[:k]))
     return lines

@@ -167,14 +167,16 @@ class QKContrast:
 
     The key side of a pair is a unit (a Lorsa head, a transcoder feature, a token's embedding, a layer's error)
     summed over the key positions with weight (1 at s) - (its reference weight there), so what is the same at
-    s and the reference cancels; ``key`` names its node at s if it has one there, else its strongest node.
+    s and the reference cancels; ``key`` names its node at the position that gives most of the unit's term (for a
+    key that loses to the reference, often the reference's position: the unit adds there, and the key lacks it).
     ``position``: the query (every node and the bias) x the difference of the key biases (the key's constant
     terms: rotated by the key position where the model has rotary, divided by each position's norm scale).
     Marginals, strongest first: a query node's row of the difference table plus its part of ``position`` (its
     query x the key biases' difference); a key unit's column plus its part of ``query_bias_x_keys`` (the query
     bias x its key difference).  Over every node, the query marginals add up to pairs_total + position and the
     key marginals to pairs_total + query_bias_x_keys.  A pair's or marginal's key-side node may be at another
-    position than s (a unit's node at the reference's key, where it has none at s)."""
+    position than s.  The query bias is the query's constant part: the model's biases and the replacements'
+    (Lorsa b_O, transcoder b_dec) in the residual stream, through W_Q (and b_Q)."""
 
     reference: str
     reference_pos: int  # the runner-up's key position; -1 for the mean

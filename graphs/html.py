@@ -224,7 +224,7 @@ function show(id) {
     "logit lens (demeaned logits per unit of activation, before the final norm's scale)",
     `<div class="num">raises ${n.lens.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>`);
   if (n.z_pattern) {
-    h += section('z pattern on this prompt (share of each key position)',
+    h += section('z pattern on this prompt (each key position\'s part of the activation)',
       `<div class="ctx">${tokens(DATA.tokens.slice(0, n.z_pattern.length), n.z_pattern, n.pos)}</div>`);
   }
   if (n.qk && n.qk.length) {
@@ -235,14 +235,15 @@ function show(id) {
       for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
       const c = e.contrast;
       if (c) {
-        const ref = c.reference === 'mean' ? 'the other keys\' mean' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
+        const ref = c.reference === 'mean' ? 'the other keys\' attention-weighted mean' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
         rows += `<tr class="why"><td></td><td colspan="2" class="num">why, vs ${ref}: ${fmt(c.difference)} = pairs ${fmt(c.pairs_total)}` +
           ` + query bias &times; keys ${fmt(c.query_bias_x_keys)} + position ${fmt(c.position)}</td></tr>`;
         for (const [q, k, v] of c.pairs.slice(0, 3)) rows += `<tr class="why"><td></td><td colspan="2" class="num">` +
           `${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
       }
     }
-    h += section('QK: top key positions, feature pairs, and why each key wins', `<table>${rows}</table>`);
+    h += section('QK: top key positions, feature pairs, and why each key wins (norm scales frozen at this prompt\'s; a '
+      + 'bias is the residual stream\'s constant part, the model\'s and the replacements\' biases)', `<table>${rows}</table>`);
   }
   const edges = (list, arrow) => list.map(([o, w]) => `<div class="num">${arrow} ${link(o)} ${fmt(w)}</div>`).join('');
   if (n.in.length || n.out.length) h += section('strongest edges', edges(n.in, '&larr; from') + edges(n.out, '&rarr; to'));

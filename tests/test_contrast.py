@@ -92,6 +92,8 @@ def test_top_pairs_are_those_of_the_full_unit_table():
             w = w / -w.sum()
             w[e.key_pos] = 1
             table: dict[tuple[str, tuple], float] = {}
+            part: dict[tuple, dict[str, float]] = {}  # unit -> {its node at a position: that node's part of its marginal}
+            q_t = Q.sum(0) + tabs.side_bias(0, torch.tensor([g]), torch.tensor([t]))[0]
             for p in range(t + 1):
                 K = tabs.parts[tabs.G + g, p, : len(tabs.names[p])]
                 vals = Q @ K.t() * tabs.scale * w[p]  # [mq, mk]
@@ -100,6 +102,9 @@ def test_top_pairs_are_those_of_the_full_unit_table():
                         nd = by_id[kn]
                         unit = (nd.type, nd.layer, nd.index)
                         table[(qn, unit)] = table.get((qn, unit), 0.0) + float(vals[a, b])
+                for b, kn in enumerate(tabs.names[p]):
+                    nd = by_id[kn]
+                    part.setdefault((nd.type, nd.layer, nd.index), {})[kn] = float(K[b] @ q_t * tabs.scale * w[p])
             c = e.contrast
             assert sum(table.values()) == pytest.approx(c.pairs_total, rel=1e-5, abs=1e-4)
             best = sorted(table.values(), key=abs, reverse=True)[: len(c.pairs)]
@@ -108,6 +113,11 @@ def test_top_pairs_are_those_of_the_full_unit_table():
             for p in c.pairs:  # each pair's name: a query node at t, a key node of the unit
                 kn = by_id[p.key]
                 assert table[(p.query, (kn.type, kn.layer, kn.index))] == pytest.approx(p.weight, rel=1e-5, abs=1e-5)
+            for name, value in c.key_marginals:  # a unit's sum over the positions, named where most of it comes from
+                nd = by_id[name]
+                parts = part[(nd.type, nd.layer, nd.index)]
+                assert sum(parts.values()) == pytest.approx(value, rel=1e-4, abs=1e-4)
+                assert abs(parts[name]) >= max(abs(v) for v in parts.values()) - 1e-5, (name, parts)
             checked += 1
     assert checked > 5
 
@@ -249,3 +259,20 @@ def test_groups_explained_together_equal_one_at_a_time(monkeypatch, reference):
             assert [u for u, _ in c1.query_marginals] == [u for u, _ in c2.query_marginals]
             compared += 1
     assert compared > 20
+
+
+def test_describe_gives_shares_of_the_difference_only_where_its_terms_do_not_cancel():
+    """+2.0 = pairs +1.5 + bias +0.3 + position +0.2: each value also as a share of the difference; +1.44 = pairs
+    +17.87 - 19.36 + 2.93 (llama's `lorsa.1.719@21`): shares of it would read +185%, so none are given."""
+    from graphs.graph import QKContrast, QKEntry, QKPair
+
+    def lines(diff, pt, qbk, pos):
+        c = QKContrast("mean", -1, 10.0 - diff, diff, [QKPair("emb@3", "tc.0.1@1", 0.8)], pt, qbk, pos,
+                       [("emb@3", 0.9)], [("tc.0.1@1", 1.2)])
+        return contrast.describe(QKEntry(1, 0.9, 10.0, contrast=c))
+
+    plain = "\n".join(lines(2.0, 1.5, 0.3, 0.2))
+    assert "emb@3 x tc.0.1@1 +0.8000 (+40%)" in plain and "tc.0.1@1 +1.2000 (+60%)" in plain and "cancel" not in plain
+    cancelling = "\n".join(lines(1.44, 17.87, -19.36, 2.93))
+    assert "%" not in cancelling and "the terms cancel, so no shares of it are given" in cancelling
+    assert "emb@3 x tc.0.1@1 +0.8000" in cancelling

@@ -194,7 +194,7 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     panel = _panel(_dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",)))
     assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
     if data["nodes"][head]["pos"] > 0:  # why the head's keys win, beside the raw split (none with a single key)
-        assert "why, vs the other keys' mean" in panel
+        assert "why, vs the other keys' attention-weighted mean" in panel
     other, _ = data["nodes"][head]["out"][0]  # edge lists name the node at the other end (type, layer, token)
     name = html_lib.escape(data["nodes"][other]["title"], quote=False)
     assert f'<a href="#node={urllib.parse.quote(other)}">{name}</a>' in panel
