@@ -116,7 +116,7 @@ _MODELS: dict = {}  # (model, device, dtype, replacements, attention) -> Replace
 def _load(model_name, device, dtype, prompt, replacements, attention, max_feature_nodes=None):
     """(the replacement model, the prompt's ids [1, n]), refused in one line if its graph would not fit in memory.
     The model is loaded once per process: a second trace in the same process (the library or a test calling
-    `trace`) reuses it ("warm" in the README and benchmarks/bench_trace.py)."""
+    `trace`) reuses it ("warm" in docs/speed.md and benchmarks/bench_trace.py)."""
     from graphs.budget import check_graph
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model

@@ -22,7 +22,7 @@ The rule (`FamilyConfig`; every field is a knob):
   of the graph's targets; "weights", the ``W_O`` row or decoder itself (needs the model).  A unit joins a family
   only if the cosine of its direction with the family leader's is at least ``cosine`` (0.0 by default: it
   does not write against the leader).  With raw weights, no two co-attending last-position heads of the toy's
-  layer 1 reached a cosine of 0.3 on a natural-text prompt (README, "Head families"), hence the "read"
+  layer 1 reached a cosine of 0.3 on a natural-text prompt (docs/families.md), hence the "read"
   default.  Read directions are spread over thousands of targets, so even heads that do one thing share little
   of them: on the showcases, the pairwise cosines of the heads of one layer keyed on the token after the earlier
   occurrence have a median of 0.13 (toy, layer 1, 21 heads) and 0.06 (pythia, layer 1, 58 heads), and only

@@ -68,8 +68,8 @@ def test_induction_circuit(model, prompt):
     # path patching the head moves the logit the way the graph predicts: as the model runs it moves it the same way,
     # and with the norm scales frozen (the graph's own linear regime) by >= 50% of the prediction.  (As the model
     # runs, the norms' rescaling of the rest of the residual stream makes up part of one head's loss: on pythia's
-    # showcase with the replacements of 2026-12-04, -0.53 as it runs, -1.94 frozen, -1.64 predicted; see the README
-    # and bench_induction_patching.py for 20 prompts.)
+    # showcase with the replacements of 2026-12-04, -0.53 as it runs, -1.94 frozen, -1.64 predicted; see
+    # docs/checking.md and bench_induction_patching.py for 20 prompts.)
     effects = graph_effects(full, logit_id)
     predicted = float(effects[full.index[head.id]])
     comp = parse_component(head.id)
@@ -114,7 +114,7 @@ def test_induction_family(model, tmp_path):
         "on the toy's showcase the strongest path runs through a layer-0 family reading the current token "
         "(emb@64 -> fam.lorsa.0.1@64 -> logit): the induction family sends +1.47 straight into the logit (of "
         "22.9 in size), but a path's strength multiplies each target's share of its input, and the family's input is "
-        "spread over the positions it copies from; see the README, 'Head families'")))])
+        "spread over the positions it copies from; see docs/families.md")))])
 def test_strongest_path_runs_through_an_induction_family(model, tmp_path):
     """The strongest collapsed path to the answer's logit runs through an induction family (last position, one
     layer >= 1, keyed on the token after the earlier occurrence): emb@7 -> tc family@7 -> L1 family@36 -> logit

@@ -262,13 +262,13 @@ RECIPE_MIXTURE = {
 # llama's "arith" then brings held-out addition back (from 4% after "long" to 92%), keeping a quarter of recurring
 # passages; its "copy" stages (more recurring passages, additions kept) raise the mean probability of copied natural
 # tokens (sentences 0.37 -> 0.49 after the first -> 0.56 after the fourth) and addition to 97.8-99.6%, at a cost
-# to contiguous random-span copying (2nd-copy top-1 97% after "arith", 71% after the fourth; README).  The last two
-# give the random-span repeats back a fifth and a quarter of the rows: random-span top-1 83% and 93%, and copying in
-# natural text rose with it (names 0.495 -> 0.51 -> 0.52).
+# to contiguous random-span copying (2nd-copy top-1 97% after "arith", 71% after the fourth; docs/bundled_models.md).
+# The last two give the random-span repeats back a fifth and a quarter of the rows: random-span top-1 83% and 93%,
+# and copying in natural text rose with it (names 0.495 -> 0.51 -> 0.52).
 # The llama of before (rope_theta 10,000; 6,000 steps of 45% text / 30% additions / 25% contiguous repeats, then
 # "arith") never learned to copy natural text: 6 fine-tuning attempts with 20-55% recurring passages at lr 5e-4 to
 # 2e-3 left its copied-token loss there flat, and addition fell meanwhile; trained from scratch with recurring
-# passages from the first step it formed no induction at all (README, "natural").
+# passages from the first step it formed no induction at all (docs/bundled_models.md, "natural").
 _NATURAL = dict(stage="natural", lr=5e-4, warmup=50, decay_frac=0.5, seed=11)
 _LONG = dict(stage="long", steps=700, warmup=50, decay_frac=0.5, seed=13,
              mixture=Mixture(0.20, 0.0, 0.20, repeat_gap=96, natural=0.60))
