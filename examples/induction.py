@@ -94,7 +94,7 @@ def _report(say, tok, ids, graph, full, logit, c, checks) -> None:
         f"{into[head.id]:+.3f}; z pattern peaks at position {c.peak} ({token_text(tok, int(ids[0, c.peak]))!r}), "
         "the token after the earlier occurrence")
     for e in c.pairs[:3]:
-        say(f"QK pair at key {c.peak}: query {e.query} x key {e.key} = {e.weight:+.3f}")
+        say(f"QK pair raising key {c.peak} over the other keys: query {e.query} x key {e.key} = {e.weight:+.3f}")
     if c.query is not None:
         say(f"  query side {c.query.id}: written at position {c.query.pos} in layer {c.query.layer}"
             + (", from the current token alone" if c.query_reads_current else "")

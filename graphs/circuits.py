@@ -60,7 +60,7 @@ def induction_heads(graph: AttributionGraph, logit_id: str, peak: int) -> list[N
 class InductionCircuit:
     head: Node  # the induction head
     peak: int  # where its z pattern peaks
-    pairs: list[QKLink]  # its QK pairs at that key position, strongest first
+    pairs: list[QKLink]  # the QK pairs that say why it attends there (`why_pairs`), strongest first
     query: Node | None  # the query side of the strongest pair
     key: Node | None  # the key side of the strongest pair
     query_reads_current: bool  # the query side carries the current token alone
@@ -70,20 +70,34 @@ class InductionCircuit:
 
 
 def induction_circuit(graph: AttributionGraph, logit_id: str, peak: int, parallel_residual: bool = False) -> InductionCircuit:
-    """The strongest induction head for ``logit_id`` attending to ``peak`` and what its strongest QK pair
-    there is made of.  ``parallel_residual``: a layer-0 MLP node then reads the embedding alone (so it
+    """The strongest induction head for ``logit_id`` attending to ``peak`` and what the strongest QK pair that
+    raises its attention there (`why_pairs`) is made of.  ``parallel_residual``: a layer-0 MLP node then reads the embedding alone (so it
     carries the current token).  Raises LookupError if no head qualifies."""
     heads = induction_heads(graph, logit_id, peak)
     if not heads:
         raise LookupError("no Lorsa head at the last position attends to the token after the earlier occurrence")
     head = heads[0]
-    pairs = sorted((e for e in graph.qk_pairs(head) if e.key_pos == peak), key=lambda e: -abs(e.weight))
+    pairs = why_pairs(graph, head, peak)
     query = graph.node(pairs[0].query) if pairs else None
     key = graph.node(pairs[0].key) if pairs else None
     key_source = z_peak(key) if _earlier_head(key, head) else None
     query_source = z_peak(query) if _earlier_head(query, head) and query.pos == head.pos else None
     return InductionCircuit(head, z_peak(head), pairs, query, key, _carries_current_token(query, head, parallel_residual),
                             query_source, key_source, key if key_source is not None and key_source == peak - 1 else None)
+
+
+def why_pairs(graph: AttributionGraph, head: Node, key_pos: int) -> list[QKLink]:
+    """The QK pairs that say why ``head`` attends to ``key_pos``: those of its contrast there (its score minus the
+    reference's, graphs/contrast.py) that raise it, with their key node at ``key_pos`` and both nodes in the graph,
+    strongest first.  A pair of the raw score can be large and the same at every key (or lower the attention);
+    where the head has no contrast at ``key_pos`` (one key, or none computed), the raw pairs there, largest first."""
+    entry = next((e for e in head.qk if e.key_pos == key_pos), None)
+    if entry is not None and entry.contrast is not None:
+        links = [QKLink(head.id, entry, p) for p in entry.contrast.pairs if p.weight > 0 and p.query in graph.index
+                 and p.key in graph.index and graph.node(p.key).pos == key_pos]
+        if links:
+            return sorted(links, key=lambda e: -e.weight)
+    return sorted((e for e in graph.qk_pairs(head) if e.key_pos == key_pos), key=lambda e: -abs(e.weight))
 
 
 def _earlier_head(node: Node | None, head: Node) -> bool:

@@ -169,3 +169,33 @@ def test_the_trace_command_agrees_with_circuit_tracer(tmp_path, saved_model, arc
     scale = theirs.abs().amax(1)
     worst = max(abs(w - float(theirs[t, s])) / float(scale[t]) for t, s, w in links)
     assert worst <= 1e-4, worst
+
+
+@pytest.mark.parametrize("name", ["toy", "pythia", "llama"])
+def test_the_bundled_models_run_the_same_under_circuit_tracers_transformers(tmp_path, name):
+    """The bundled folders are plain HF folders for transformers 4.x too (circuit-tracer's, <= 4.57): the same
+    tokens and logits as ours.  Before their config.json carried the flat rotary keys, 4.57 ran `toy` and `llama`
+    at rope_theta 10,000 and `pythia` with rotary on a quarter of each head (logits off by 1.6-7.7)."""
+    import json
+
+    from replacement.lm.presets import PRESETS
+    from replacement.models import load_model
+
+    folder = PRESETS[name].folder
+    text = "The cat sat on the mat. 36 + 62 = 98. The cat sat on"
+    script = ("import json, sys, torch\n"
+              "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+              "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+              "ids = tok(sys.argv[2], return_tensors='pt').input_ids\n"
+              "print(json.dumps({'ids': ids[0].tolist(), 'logits': model(ids).logits[0].tolist()}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(Path(VENV) / "bin" / "python"), "-c", script, str(folder), text], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = json.loads(r.stdout)
+    adapter = load_model(name)
+    ids = adapter.tokenize(text)
+    assert theirs["ids"] == ids[0].tolist()
+    ours = adapter.model(ids).logits[0]
+    torch.testing.assert_close(torch.tensor(theirs["logits"]), ours, atol=1e-3, rtol=0)

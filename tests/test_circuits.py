@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from graphs.circuits import (circuit_nodes, downstream_features, heads_attending, induction_circuit, induction_heads,
-                             most_influential, operand_movers, z_peak, z_share)
-from graphs.graph import AttributionGraph, Edge, Node, QKEntry, QKPair
+                             most_influential, operand_movers, why_pairs, z_peak, z_share)
+from graphs.graph import AttributionGraph, Edge, Node, QKContrast, QKEntry, QKPair
 
 
 def _induction_graph(parallel: bool = False) -> AttributionGraph:
@@ -64,6 +64,24 @@ def test_query_side_that_does_not_carry_the_current_token():
     assert not c.query_reads_current and c.query_source == 1
     g.node("lorsa.0.4@1").z_pattern = [0.1, 0.9]  # the key side reads its own position: no previous-token head
     assert induction_circuit(g, "logit.11@3", 1).prev_head is None
+
+
+def test_the_circuit_takes_the_pair_that_raises_the_key_over_the_others():
+    """With a contrast at the key, the pairs are the contrast's that raise it, with their key node at that key and
+    both nodes in the graph, largest first: the raw split's largest pair (the layer-0 heads', -2.0) lowers the raw
+    score and is no reason to attend there; a pair naming a node at another key (emb@2), one that lowers the
+    difference and one naming a node outside the graph are left out."""
+    g = _induction_graph()
+    entry = g.node("lorsa.1.7@3").qk[0]
+    entry.contrast = QKContrast("mean", -1, 1.0, 2.0, [QKPair("emb@3", "emb@2", 3.0), QKPair("emb@3", "emb@1", 1.5),
+                                                       QKPair("lorsa.0.5@3", "lorsa.0.4@1", -0.5),
+                                                       QKPair("tc.0.9@3", "emb@1", 2.5), QKPair("emb@2", "emb@1", 0.25)])
+    assert [(e.query, e.key, e.weight) for e in why_pairs(g, g.node("lorsa.1.7@3"), 1)] == [
+        ("emb@3", "emb@1", 1.5), ("emb@2", "emb@1", 0.25)]
+    c = induction_circuit(g, "logit.11@3", 1)
+    assert c.query.id == "emb@3" and c.key.id == "emb@1" and c.query_reads_current and c.prev_head is None
+    entry.contrast.pairs = [QKPair("emb@3", "emb@1", -1.0)]  # nothing raises it: the raw pairs, largest first
+    assert [e.weight for e in why_pairs(g, g.node("lorsa.1.7@3"), 1)] == [-2.0, 0.5]
 
 
 def test_operand_movers_downstream_and_influence():

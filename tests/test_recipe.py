@@ -282,6 +282,13 @@ def test_export_bundle_loads_with_from_pretrained(tokenizer, tiny_preset, tmp_pa
     assert loaded.dtype == torch.bfloat16
     assert tok("36 + 62 =").input_ids == tokenizer("36 + 62 =").input_ids
     assert (out / "addition_heldout.json").is_file()
+    # the flat rotary keys transformers 4.x reads (it ignores rope_parameters), equal to those 5.x reads
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == tiny_preset.rope_theta
+    assert loaded.config.rope_parameters["rope_theta"] == tiny_preset.rope_theta
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):

@@ -204,10 +204,34 @@ def export_bundle(model, tokenizer, preset: Preset, info: dict, out: Path | None
     model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
     model.to(torch.float32)
     tokenizer.save_pretrained(str(tmp))
+    portable_folder(tmp)
     save_heldout_pairs(tmp / "addition_heldout.json", addition_split()[1])
     atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
     _swap_in(tmp, out)
     return out
+
+
+def portable_folder(folder: Path) -> None:
+    """Make a saved HF folder read the same under transformers 4.x (e.g. circuit-tracer's, which pins <= 4.57)
+    as under 5.x: 5.x writes the rotary settings only as ``rope_parameters``, which 4.x ignores (it would run
+    `toy` and `llama` at rope_theta 10,000 and `pythia` with rotary on a quarter of each head), and names the
+    tokenizer class ``TokenizersBackend``, which 4.x lacks.  Adds the flat keys 4.x reads (5.x folds them into
+    ``rope_parameters``, to the same values) and names the class both read the same tokenizer.json with."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        if cfg.get("model_type") == "gpt_neox":
+            cfg.update(rotary_pct=rope.get("partial_rotary_factor", 1.0), rotary_emb_base=rope["rope_theta"])
+        else:
+            cfg["rope_theta"] = rope["rope_theta"]
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+            atomic_write_text(tok_path, json.dumps(tok, indent=2) + "\n")
 
 
 def install_bundle(folder: Path, preset: Preset) -> Path:
