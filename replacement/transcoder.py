@@ -140,13 +140,40 @@ class Transcoder(nn.Module):
 
     # -- foreign formats ----------------------------------------------------------------------------------
 
-    def to_circuit_tracer(self, folder: str | Path, layer: int, feature_input_hook: str = "mlp.hook_in",
-                          feature_output_hook: str = "mlp.hook_out", model_kind: str = "transcoder_set") -> Path:
-        """Write circuit-tracer's ``layer_{i}.safetensors`` (and ``config.yaml`` if absent)."""
+    def to_circuit_tracer(self, folder: str | Path, layer: int, model_kind: str = "transcoder_set") -> Path:
+        """Write circuit-tracer's ``layer_{i}.safetensors`` and the set's ``config.yaml`` (its input hook from
+        ``cfg.reads``, the output hook ``mlp.hook_out``, and ``top_k``).  A folder whose config.yaml says otherwise
+        (another input, another K: circuit-tracer reads one config for every layer) is refused in one line.
+
+        circuit-tracer has no top-K: it keeps every feature its ReLU (JumpReLU) passes, so it runs a top-K
+        transcoder as a wider code than ours (a warning says so); this tool's reader applies the ``top_k`` line."""
+        import warnings
+
         from .checkpoint import atomic_save
+        from .errors import ForeignFormatError
+        from .foreign import CT_INPUT_HOOKS, CT_OUTPUT_HOOKS
         from .io import atomic_write_text
 
         folder = Path(folder)
+        hook_in = next(h for h, reads in CT_INPUT_HOOKS.items() if reads == self.cfg.reads)
+        settings = {"model_kind": model_kind, "feature_input_hook": hook_in, "feature_output_hook": CT_OUTPUT_HOOKS[0]}
+        if self.cfg.top_k:
+            settings["top_k"] = str(self.cfg.top_k)
+        cfg_path = folder / "config.yaml"
+        if cfg_path.is_file():
+            there = _read_simple_yaml(cfg_path)
+            same = lambda k: there.get(k) == settings.get(k) or (  # noqa: E731  the MLP's output, by either name
+                k == "feature_output_hook" and there.get(k) in CT_OUTPUT_HOOKS)
+            clash = [k for k in sorted(set(settings) | {"top_k"}) if not same(k)]
+            if clash:
+                k = clash[0]
+                raise ForeignFormatError(f"{cfg_path} has {k} {there.get(k, 'none')!r} where this transcoder needs "
+                                         f"{settings.get(k, 'none')!r}: circuit-tracer reads one config for every "
+                                         "layer, so write it into another folder")
+        if self.cfg.top_k:
+            warnings.warn(f"circuit-tracer has no top-K: it keeps every feature its activation passes, so it runs "
+                          f"this K = {self.cfg.top_k} transcoder as a wider code (this tool's reader applies the "
+                          "top_k line of config.yaml)", stacklevel=2)
         folder.mkdir(parents=True, exist_ok=True)
         t = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.W_skip is not None:
@@ -155,11 +182,8 @@ class Transcoder(nn.Module):
             t["activation_function.threshold"] = self.threshold
         path = folder / f"layer_{layer}.safetensors"
         atomic_save(t, path)
-        cfg = folder / "config.yaml"
-        if not cfg.exists():
-            atomic_write_text(cfg, f"model_kind: {model_kind}\nfeature_input_hook: {feature_input_hook}\n"
-                                   f"feature_output_hook: {feature_output_hook}\n"
-                                   + (f"top_k: {self.cfg.top_k}\n" if self.cfg.top_k else ""))
+        if not cfg_path.is_file():
+            atomic_write_text(cfg_path, "".join(f"{k}: {v}\n" for k, v in settings.items()))
         return path
 
     @classmethod
@@ -186,7 +210,7 @@ class Transcoder(nn.Module):
         tc._assign(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], None if W_skip is None else W_skip.t())
         if theta is not None:
             with torch.no_grad():
-                tc.threshold.copy_(theta.float().expand(N))
+                tc.threshold.copy_(theta.float().reshape(-1).expand(N))  # [N], [1, N] or one value
         return tc
 
     @classmethod

@@ -431,10 +431,38 @@ def test_training_can_start_from_a_saved_folder(tmp_path):
         torch.testing.assert_close(getattr(tc, n), p.float(), rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.filterwarnings("ignore:circuit-tracer has no top-K")  # checked in the next test
+def test_a_circuit_tracer_set_written_layer_by_layer_keeps_one_config(tmp_path):
+    """circuit-tracer reads one config.yaml for every layer of a set: a layer with another K or another input is
+    refused (it was written beside a config that read it back with the first layer's K), the input hook follows
+    what the transcoder reads, and a threshold stored as [1, N] (circuit-tracer loads it) reads as [N]."""
+    from replacement.errors import ForeignFormatError
+
+    tc = _tc()
+    tc.to_circuit_tracer(tmp_path / "ct", layer=0)
+    tc.to_circuit_tracer(tmp_path / "ct", layer=1)  # the same settings: fine
+    other = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=tc.cfg.top_k + 1))
+    with pytest.raises(ForeignFormatError, match="top_k"):
+        other.to_circuit_tracer(tmp_path / "ct", layer=2)
+    assert not (tmp_path / "ct" / "layer_2.safetensors").exists()
+    mid = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=tc.cfg.top_k, reads="resid_mid"))
+    with pytest.raises(ForeignFormatError, match="feature_input_hook"):
+        mid.to_circuit_tracer(tmp_path / "ct", layer=2)
+    mid.to_circuit_tracer(tmp_path / "mid", layer=0)
+    assert "feature_input_hook: hook_resid_mid" in (tmp_path / "mid" / "config.yaml").read_text()
+    # a JumpReLU threshold as [1, N]
+    t, _ = ckpt.load(tmp_path / "ct" / "layer_0.safetensors")
+    theta = torch.rand(1, 32) * 0.1
+    ckpt.atomic_save(t | {"activation_function.threshold": theta}, tmp_path / "j.safetensors")
+    jump = Transcoder.from_circuit_tracer_file(tmp_path / "j.safetensors", 0)
+    assert jump.cfg.jumprelu and torch.equal(jump.threshold, theta[0])
+
+
 def test_circuit_tracer_and_llamascope_transcoders(tmp_path):
     tc = _tc()
     x = torch.randn(5, 64)
-    path = tc.to_circuit_tracer(tmp_path / "ct", layer=3)
+    with pytest.warns(UserWarning, match="circuit-tracer has no top-K"):
+        path = tc.to_circuit_tracer(tmp_path / "ct", layer=3)
     t, _ = ckpt.load(path)
     assert t["W_enc"].shape == (32, 64) and t["W_dec"].shape == (32, 64)
     conf = (tmp_path / "ct" / "config.yaml").read_text()
