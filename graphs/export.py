@@ -6,7 +6,8 @@ JSON layout (schema: graphs/schema/graph.schema.json, version 1):
               plus prompt_token_ids, settings, scores
     qParams   pinnedIds, supernodes (the families: [family id, member ids...]), linkType, clickedId, sg_pos (the
               viewer's state)
-    nodes     node_id, feature, layer ("E" for embeddings, "L" for layer L, n_layers+1 for logits), ctx_idx,
+    nodes     node_id, feature (`viewer_feature`: unique per layer, kind and index, as the viewer keys nodes),
+              layer ("E" for embeddings, "L" for layer L, n_layers+1 for logits), ctx_idx,
               feature_type, jsNodeId, clerp, influence, activation, token_prob, is_target_logit;
               ours: type, model_layer, index, preact, const, dropped, z_pattern (Lorsa heads), qk (Lorsa heads:
               one object per explained key position, `graph.QKEntry`; pairs as [query, key, weight]),
@@ -57,8 +58,26 @@ def _clerp(graph: AttributionGraph, node: Node) -> str:
     return gist(graph, node) or node.label
 
 
+def viewer_feature(n: Node) -> int:
+    """The viewer's ``feature`` number, unique per (layer, kind, index): the circuit-tracer viewer keys nodes as
+    layer_feature_position (errors add their position), so kinds must not share numbers.  As circuit-tracer writes
+    it: a transcoder feature the Cantor pairing of (layer, index), an MLP error -1, an embedding its position, a
+    logit its token; ours: an attention error -2, a Lorsa head -3 minus the Cantor pairing of (layer, index)."""
+    if n.type == NodeKind.TRANSCODER:
+        return _cantor(n.layer, n.index)
+    if n.type == NodeKind.LORSA:
+        return -3 - _cantor(n.layer, n.index)
+    if n.type in (NodeKind.MLP_ERROR, NodeKind.ATTN_ERROR):
+        return -1 if n.type == NodeKind.MLP_ERROR else -2
+    return n.pos if n.type == NodeKind.EMBEDDING else n.index  # a logit: its token
+
+
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
 def _node_dict(graph: AttributionGraph, n: Node, n_layers: int, is_target: bool) -> dict:
-    d = {"node_id": n.id, "feature": n.index, "layer": _viewer_layer(n, n_layers), "ctx_idx": n.pos,
+    d = {"node_id": n.id, "feature": viewer_feature(n), "layer": _viewer_layer(n, n_layers), "ctx_idx": n.pos,
          "feature_type": VIEWER_FEATURE_TYPE[n.type], "jsNodeId": n.id, "clerp": _clerp(graph, n),
          "influence": n.influence,
          "activation": n.activation, "token_prob": n.prob, "is_target_logit": is_target,

@@ -474,6 +474,24 @@ def test_json_loads_with_circuit_tracers_own_models(graph, tmp_path):
     assert {n.node_id for n in model.nodes} == {n.id for n in graph.node_list}
     assert sum(n.is_target_logit for n in model.nodes) == 1
     assert all(n.layer == "E" for n in model.nodes if n.feature_type == "embedding")
+    # each kind's `feature` number as circuit-tracer's own constructors make it, where it has that kind
+    ours = {n["node_id"]: n for n in d["nodes"]}
+    for nd in graph.node_list:
+        theirs = {"transcoder": lambda: mod.Node.feature_node(nd.layer, nd.pos, nd.index),
+                  "mlp_error": lambda: mod.Node.error_node(nd.layer, nd.pos),
+                  "embedding": lambda: mod.Node.token_node(nd.pos, nd.index),
+                  "logit": lambda: mod.Node.logit_node(nd.pos, nd.index, nd.label, 2)}.get(nd.type.value)
+        if theirs is not None:
+            assert ours[nd.id]["feature"] == theirs().feature, nd.id
+    # the viewer (frontend/assets/attribution_graph/util-cg.js) keys a node by layer_feature_ctx, an error node
+    # also by its position from the end: no two of our nodes may share a key (a Lorsa head and a transcoder
+    # feature of one index, layer and position did; an attention and an MLP error of one layer and position did)
+    n_tokens = len(d["metadata"]["prompt_tokens"])
+    keys = [f"{n['layer']}_{n['feature']}_{n['ctx_idx']}" + (f"__err_idx_{n_tokens - n['ctx_idx']}"
+                                                             if "error" in n["feature_type"] else "") for n in d["nodes"]]
+    assert len(keys) == len(set(keys))
+    errors = [n for n in d["nodes"] if "error" in n["feature_type"]]
+    assert {n["feature_type"] for n in errors} == {"mlp reconstruction error", "attention reconstruction error"}
 
 
 SPIN = "import time\nfrom cli.common import spinner\nwith spinner('loading m'):\n    time.sleep(0.6)\nprint('done')"
