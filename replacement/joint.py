@@ -386,7 +386,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     (default: ``start_folder`` if given, else `store.default_train_folder`, which is the same folder but for a
     bundled preset's).  Returns the metrics."""
     from .models import model_fingerprint
-    from .store import default_folder, default_train_folder, load_replacements, save_module, saved_metrics
+    from .store import default_folder, default_train_folder, load_replacements, save_modules, saved_metrics
     from .train import evaluate_modules
 
     start = Path(start_folder) if start_folder else default_folder(adapter)
@@ -400,6 +400,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     metrics = evaluate_modules(adapter, folded, eval_source or joint_eval_source(adapter, cfg))
     fp = model_fingerprint(adapter)
     old = saved_metrics(start)
+    items = []
     for (kind, L), m in folded.items():
         name = f"layer{L}.{kind}"
         prior = old.get(name, {})
@@ -409,7 +410,8 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
         for k in ("train_steps", "train_seconds", "train_tokens", "train_source"):  # the per-layer stage's record
             if k in prior:
                 info[k] = prior[k]
-        save_module(m, kind, out, fp, adapter.name, info)
+        items.append((m, kind, info))
+    save_modules(items, out, fp, adapter.name)  # all or none: an interrupted save resumes from the same modules
     (out / ".train_state.joint.safetensors").unlink(missing_ok=True)
     return metrics
 

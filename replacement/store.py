@@ -28,23 +28,53 @@ def module_filename(kind: str, layer: int) -> str:
 
 def save_module(module, kind: str, folder: str | Path, fingerprint: str, model_name: str, metrics: dict | None = None,
                 dtype: torch.dtype = torch.bfloat16) -> Path:
+    return save_modules([(module, kind, metrics)], folder, fingerprint, model_name, dtype)[0]
+
+
+STAGED = ".staged-"  # the prefix of a module file written but not yet moved into place (`save_modules`)
+
+
+def save_modules(items: list[tuple[torch.nn.Module, str, dict | None]], folder: str | Path, fingerprint: str,
+                 model_name: str, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """Save (module, kind, metrics) items as one set: every file is written beside its place first, then all are
+    moved in (with Ctrl-C and SIGTERM held back for those renames) and config.json names them.  A run stopped
+    while writing leaves the folder's modules as they were (a joint stage refining a folder in place then resumes
+    from them), never half old and half new; staged files a stopped run left are removed by the next save."""
+    import os
+    import signal
+
     folder = Path(folder)
-    tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in ("inv_freq", "rope_scaling") else v)
-               for k, v in module.state_dict().items()}
-    path = folder / module_filename(kind, module.cfg.layer)
-    atomic_save(tensors, path, {"kind": kind, "config": json.loads(module.cfg.to_json()),
-                                "metrics": metrics or {}, "fingerprint": fingerprint, "model": model_name})
-    _update_folder_config(folder, kind, module.cfg.layer, fingerprint, model_name, metrics or {})
-    return path
+    for old in folder.glob(STAGED + "*"):
+        old.unlink(missing_ok=True)
+    staged = []
+    for module, kind, metrics in items:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in ("inv_freq", "rope_scaling") else v)
+                   for k, v in module.state_dict().items()}
+        path = folder / module_filename(kind, module.cfg.layer)
+        atomic_save(tensors, path.with_name(STAGED + path.name), {
+            "kind": kind, "config": json.loads(module.cfg.to_json()), "metrics": metrics or {},
+            "fingerprint": fingerprint, "model": model_name})
+        staged.append(path)
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, held)  # delivered once the set is in place
+    try:
+        for path in staged:
+            os.replace(path.with_name(STAGED + path.name), path)
+        _update_folder_config(folder, fingerprint, model_name,
+                              [(kind, module.cfg.layer, metrics or {}) for module, kind, metrics in items])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return staged
 
 
-def _update_folder_config(folder: Path, kind: str, layer: int, fingerprint: str, model_name: str, metrics: dict):
+def _update_folder_config(folder: Path, fingerprint: str, model_name: str, entries: list[tuple[str, int, dict]]):
     cfg_path = folder / "config.json"
     cfg = read_folder_config(cfg_path) if cfg_path.is_file() else {}
     if cfg.get("fingerprint") not in (None, fingerprint):
         cfg = {}  # a folder retrained for another model starts afresh
     cfg.update(model=model_name, fingerprint=fingerprint)
-    cfg.setdefault("modules", {})[f"layer{layer}.{kind}"] = {"file": module_filename(kind, layer), "metrics": metrics}
+    for kind, layer, metrics in entries:
+        cfg.setdefault("modules", {})[f"layer{layer}.{kind}"] = {"file": module_filename(kind, layer), "metrics": metrics}
     atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
 
 

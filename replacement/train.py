@@ -693,7 +693,7 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     that already holds one of them is refused (BadInputError) unless ``overwrite``, or a run there is resumed."""
     from .activations import default_source
     from .models import model_fingerprint
-    from .store import default_train_folder, save_module
+    from .store import default_train_folder, save_modules
 
     out = Path(out_folder) if out_folder else default_train_folder(adapter)
     state = check_replaceable(adapter, cfg, out, resume, overwrite)
@@ -706,10 +706,12 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     eval_source = eval_source or default_source(adapter, cfg.seq_len, cfg.seed, heldout=True)
     metrics = evaluate_modules(adapter, modules, eval_source, batch_size=min(16, cfg.batch_size))
     fp = model_fingerprint(adapter)
+    items = []
     for (kind, L), m in modules.items():
         info = dict(metrics[f"layer{L}.{kind}"], train_steps=trainer.step, train_seconds=round(trainer.elapsed, 1),
                     train_tokens=trainer.step * cfg.batch_size * cfg.seq_len, train_source=getattr(source, "describe", type(source).__name__),
                     train_config=asdict(cfg))  # every setting of the run (lr, batch, BOS weights, ...), as the joint stage's
-        save_module(m, kind, out, fp, adapter.name, info)
+        items.append((m, kind, info))
+    save_modules(items, out, fp, adapter.name)
     state.unlink(missing_ok=True)
     return metrics

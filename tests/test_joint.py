@@ -396,3 +396,44 @@ def test_jacobian_term_is_trained_and_needs_its_weight(tmp_path):
     assert sum(errors[-5:]) < 0.7 * sum(errors[:5]), errors
     with pytest.raises(CircuitsError, match="--tc-jacobian-readout needs a Jacobian weight"):
         _trainer(tmp_path / "b", adapter, tc_jacobian_readout=True)
+
+
+def test_a_joint_round_stopped_while_saving_in_place_leaves_the_set_and_resumes(tmp_path, monkeypatch):
+    """Refining a folder in place (the default of `--joint --init-from DIR`), a Ctrl-C while the modules are being
+    written left the first ones refined and the others not, and the rerun refused to resume (its starting
+    modules had changed).  Now nothing moves into place until every module is written: the folder is as it was,
+    and the rerun resumes and saves what an uninterrupted round saves."""
+    import shutil
+
+    from replacement import store
+
+    adapter = ModelAdapter(tiny_llama())
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    start = tmp_path / "start"
+    for (kind, L), m in _modules(rm).items():
+        save_module(m, kind, start, model_fingerprint(adapter), adapter.name, dtype=torch.float32)
+    shutil.copytree(start, tmp_path / "whole")
+    before = {f.name: f.read_bytes() for f in start.iterdir()}
+    cfg = JointConfig(**(SMALL | dict(steps=6, resample_every=0)))
+    src = RandomTokenSource(97, 16, 0, bos=1)
+    fit_joint(adapter, cfg, tmp_path / "whole", progress=False, source=src)  # never stopped
+
+    real, writes = store.atomic_save, []
+
+    def stopped_at_the_third(tensors, path, metadata=None):
+        writes.append(path)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(store, "atomic_save", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        fit_joint(adapter, cfg, start, progress=False, source=src)
+    assert {f.name: f.read_bytes() for f in start.iterdir() if not f.name.startswith(".")} == before
+    monkeypatch.setattr(store, "atomic_save", real)
+    fit_joint(adapter, cfg, start, progress=False, source=src)  # resumes from the saved state, the same inputs
+    assert not [f for f in start.iterdir() if f.name.startswith(".")]  # no state, no staged files left
+    done, whole = load_replacements(start, adapter), load_replacements(tmp_path / "whole", adapter)
+    for key, m in whole.items():
+        for (n, p), q in zip(m.named_parameters(), done[key].parameters()):
+            torch.testing.assert_close(q, p, atol=0, rtol=0, msg=f"{key} {n}")
