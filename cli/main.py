@@ -144,7 +144,8 @@ def fetch_data(dest, work):
                    "count as much as those with large ones (with --joint: in the transcoders' reconstruction term).")
 @click.option("--overwrite", is_flag=True,
               help="Replace modules the output folder holds already (without it such a run is refused; an "
-                   "interrupted run resumes regardless).")
+                   "interrupted run resumes, unless a module was saved there after it stopped). With --joint: "
+                   "an --out other than the starting folder.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
               lorsa_bos_weight, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
@@ -172,7 +173,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
                           tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef, tc_jacobian=tc_jacobian,
                           tc_jacobian_readout=tc_jacobian_readout, resample_every=resample_every, **given)
-        metrics, folder = train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts))
+        metrics, folder = train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts), overwrite)
         click.echo(_measured_on(texts))
         _print_replacement_metrics(metrics)
         return _print_saved(folder, model_name)
@@ -217,7 +218,7 @@ def _print_saved(folder, model_name: str) -> None:
 
 
 # `circuits train` options that only one of its two kinds of run reads
-_PER_LAYER_ONLY = ("what", "layers", "cache_activations", "overwrite", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
+_PER_LAYER_ONLY = ("what", "layers", "cache_activations", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
                    "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "allow_weak_config", "tc_expansion", "tc_top_k",
                    "tc_skip", "tc_bos_weight")
 _JOINT_ONLY = ("kl_coef", "recon_coef", "tc_readout_coef", "resample_every")

@@ -380,20 +380,26 @@ class JointTrainer:
 
 
 def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None, out_folder: str | Path | None = None,
-              resume: bool = True, progress: bool = True, source=None, eval_source=None) -> dict[str, dict]:
+              resume: bool = True, progress: bool = True, source=None, eval_source=None,
+              overwrite: bool = False) -> dict[str, dict]:
     """Run the joint stage from the modules in ``start_folder`` (default: the model's replacement folder) and
     save them, with held-out metrics (on ``eval_source``, default the model's held-out data), to ``out_folder``
     (default: ``start_folder`` if given, else `store.default_train_folder`, which is the same folder but for a
-    bundled preset's).  Returns the metrics."""
+    bundled preset's).  Modules another folder ``out_folder`` holds already are not replaced unless ``overwrite``
+    (`store.refuse_replacing`).  Returns the metrics."""
     from .models import model_fingerprint
-    from .store import default_folder, default_train_folder, load_replacements, save_modules, saved_metrics
+    from .store import (default_folder, default_train_folder, load_replacements, refuse_replacing, save_modules,
+                        saved_metrics)
     from .train import evaluate_modules
 
     start = Path(start_folder) if start_folder else default_folder(adapter)
     out = Path(out_folder) if out_folder else start if start_folder else default_train_folder(adapter)
     modules = load_replacements(start, adapter, earlier_version=start_folder is not None)
+    state = out / ".train_state.joint.safetensors"
+    if out.resolve() != start.resolve():  # refining the start folder in place is what was asked
+        refuse_replacing(out, list(modules), state, resume, overwrite)
     source = source or joint_source(adapter, cfg)
-    trainer = JointTrainer(adapter, modules, cfg, source, out / ".train_state.joint.safetensors")
+    trainer = JointTrainer(adapter, modules, cfg, source, state)
     trainer.train(resume=resume, progress=progress)
     folded = trainer.folded_modules()
 
@@ -412,7 +418,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
                 info[k] = prior[k]
         items.append((m, kind, info))
     save_modules(items, out, fp, adapter.name)  # all or none: an interrupted save resumes from the same modules
-    (out / ".train_state.joint.safetensors").unlink(missing_ok=True)
+    state.unlink(missing_ok=True)
     return metrics
 
 

@@ -93,7 +93,7 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
 
 def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: str = "float32",
                 init_from: str | Path | None = None, out: str | Path | None = None, resume: bool = True,
-                texts: list[str] | None = None) -> tuple[dict, Path]:
+                texts: list[str] | None = None, overwrite: bool = False) -> tuple[dict, Path]:
     """The joint stage on ``model_name`` (``cfg.seq_len`` capped at the model's context), starting from the
     modules in ``init_from`` (default: beside the model), on windows of ``texts`` (the first 98% of each) if
     given, else the model's joint mixture (`joint.joint_source`): (the metrics per module, their folder)."""
@@ -105,7 +105,7 @@ def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: s
     folder = output_folder(adapter, out, init_from)
     with exclusive_folder(folder, "the output folder"):
         return fit_joint(adapter, cfg, init_from, folder, resume=resume, source=joint_source(adapter, cfg, texts),
-                         eval_source=joint_eval_source(adapter, cfg, texts)), folder
+                         eval_source=joint_eval_source(adapter, cfg, texts), overwrite=overwrite), folder
 
 
 __all__ = ["cached_activations", "distributed_setup", "output_folder", "text_sources", "train_joint",

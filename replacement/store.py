@@ -31,6 +31,29 @@ def save_module(module, kind: str, folder: str | Path, fingerprint: str, model_n
     return save_modules([(module, kind, metrics)], folder, fingerprint, model_name, dtype)[0]
 
 
+def refuse_replacing(folder: Path, keys, state: Path, resume: bool, overwrite: bool) -> None:
+    """BadInputError (one line) if ``folder`` holds a module of ``keys`` [(kind, layer)] that a run would replace:
+    hours of training are not replaced unasked.  Allowed with ``overwrite``, or when the run resumes its state
+    ``state`` there and every such module is older than it (then they were there when that run began; one written
+    since is another run's)."""
+    from .errors import BadInputError
+
+    held = [(k, L) for k, L in keys if (folder / module_filename(k, L)).is_file()]
+    if not held or overwrite:
+        return
+    names = lambda ks: ", ".join(f"layer{L}.{k}" for k, L in ks)  # noqa: E731
+    if resume and state.is_file():
+        since = [(k, L) for k, L in held
+                 if (folder / module_filename(k, L)).stat().st_mtime_ns > state.stat().st_mtime_ns]
+        if since:
+            raise BadInputError(f"{folder} holds {names(since)}, saved after the interrupted run whose state "
+                                f"{state.name} this run would resume, and resuming would replace them: add --overwrite, "
+                                "or --out another folder")
+        return
+    raise BadInputError(f"{folder} already holds trained {names(held)}, which this run would replace: add "
+                        "--overwrite, or --out another folder")
+
+
 STAGED = ".staged-"  # the prefix of a module file written but not yet moved into place (`save_modules`)
 
 

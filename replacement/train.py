@@ -674,15 +674,12 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def check_replaceable(adapter, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> Path:
     """The training state a run into ``out`` keeps; BadInputError if ``out`` already holds a module the run would
-    replace, unless ``overwrite`` or the run resumes one there (hours of training are not replaced unasked)."""
-    from .store import module_filename
+    replace (`store.refuse_replacing`): unless ``overwrite``, or the run resumes an interrupted one there."""
+    from .store import refuse_replacing
 
     state = out / f".train_state.{cfg.what}.safetensors"
     layers = cfg.layers if cfg.layers is not None else range(adapter.n_layers)
-    held = [f"layer{L}.{k}" for L in layers for k in cfg.kinds() if (out / module_filename(k, L)).is_file()]
-    if held and not overwrite and not (resume and state.is_file()):
-        raise BadInputError(f"{out} already holds trained {', '.join(held)}, which this run would replace: add "
-                            f"--overwrite, or --out another folder")
+    refuse_replacing(out, [(k, L) for L in layers for k in cfg.kinds()], state, resume, overwrite)
     return state
 
 

@@ -437,3 +437,25 @@ def test_a_joint_round_stopped_while_saving_in_place_leaves_the_set_and_resumes(
     for key, m in whole.items():
         for (n, p), q in zip(m.named_parameters(), done[key].parameters()):
             torch.testing.assert_close(q, p, atol=0, rtol=0, msg=f"{key} {n}")
+
+
+def test_a_joint_round_into_another_folder_holding_modules_is_refused_unless_overwrite(tmp_path):
+    """--joint --out DIR replaced the modules DIR held (a finished per-layer set) without a word; it is refused
+    in one line, as the per-layer stage refuses, unless --overwrite.  Refining the start folder in place (no --out)
+    is what `--joint --init-from DIR` asks for, and goes on."""
+    from replacement.errors import BadInputError
+
+    adapter = ModelAdapter(tiny_llama())
+    fp = model_fingerprint(adapter)
+    for name, seed in (("start", 0), ("taken", 1)):
+        for (kind, L), m in _modules(random_replacements(adapter, n_features=32, tc_k=4, seed=seed)).items():
+            save_module(m, kind, tmp_path / name, fp, adapter.name)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "taken").iterdir()}
+    cfg = JointConfig(**(SMALL | dict(steps=2, resample_every=0)))
+    src = RandomTokenSource(97, 16, 0, bos=1)
+    with pytest.raises(BadInputError, match="taken already holds trained layer0.lorsa.*add --overwrite"):
+        fit_joint(adapter, cfg, tmp_path / "start", tmp_path / "taken", progress=False, source=src)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "taken").iterdir()} == before
+    fit_joint(adapter, cfg, tmp_path / "start", tmp_path / "taken", progress=False, source=src, overwrite=True)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "taken").iterdir()} != before
+    fit_joint(adapter, cfg, tmp_path / "start", progress=False, source=src)  # in place

@@ -250,10 +250,18 @@ def test_a_folder_holding_the_modules_is_replaced_only_when_asked_or_resumed(tmp
     with pytest.raises(BadInputError, match="already holds trained layer1.transcoder"):
         check_replaceable(adapter, cfg, tmp_path, True, False)
     check_replaceable(adapter, cfg, tmp_path, True, True)  # --overwrite
-    (tmp_path / ".train_state.transcoder.safetensors").write_bytes(b"x")  # an interrupted run there: it resumes
+    state = tmp_path / ".train_state.transcoder.safetensors"
+    state.write_bytes(b"x")  # an interrupted run there, begun over the module (with --overwrite): it resumes
+    module = tmp_path / "layer1.transcoder.safetensors"
+    os.utime(module, ns=(state.stat().st_mtime_ns - 10**9,) * 2)
     check_replaceable(adapter, cfg, tmp_path, True, False)
     with pytest.raises(BadInputError, match="already holds"):  # --no-resume would start anew over it
         check_replaceable(adapter, cfg, tmp_path, False, False)
+    # a module saved after that state was (another run's, into the same folder) is not replaced by resuming
+    os.utime(module, ns=(state.stat().st_mtime_ns + 10**9,) * 2)
+    with pytest.raises(BadInputError, match="layer1.transcoder, saved after the interrupted run"):
+        check_replaceable(adapter, cfg, tmp_path, True, False)
+    check_replaceable(adapter, cfg, tmp_path, True, True)
 
 
 def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
