@@ -101,6 +101,34 @@ def collect(adapter, ids: torch.Tensor, points: list[str]) -> dict[str, torch.Te
     return adapter.run(ids.to(adapter.device), capture=points).cache
 
 
+def check_cache(folder: Path, record: dict) -> bool:
+    """Whether ``folder`` holds shards made from the inputs ``record`` says (and at least its points); False if it
+    holds none; BadInputError (one line) if they were made from others, or hold no ``cache.json`` (whose inputs
+    cannot be known)."""
+    import json
+
+    if not any(folder.glob("shard_*.safetensors")):
+        return False
+    path = folder / "cache.json"
+    if not path.is_file():
+        raise BadInputError(f"{folder} holds activation shards but no cache.json saying what they were made from; "
+                            "give --cache-activations an empty or new folder")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise BadInputError(f"{path} is not readable JSON; give --cache-activations an empty or new folder") from None
+    names = {"model": "another model", "text": "other text (--text, or the model's mixture)",
+             "batch_size": "another --batch-size", "seq_len": "another --seq-len", "dtype": "another dtype"}
+    differ = [names[k] for k in names if saved.get(k) != record[k]]
+    missing = sorted(set(record["points"]) - set(saved.get("points", [])))
+    if missing:
+        differ.append(f"other hook points ({missing[0]} is not in it: another --what or --layers)")
+    if differ:
+        raise BadInputError(f"the activation cache {folder} was made from {', '.join(differ)} than this run's; give "
+                            "--cache-activations another folder, or empty it")
+    return True
+
+
 class ShardSource:
     """Replays activations cached by `cache_to_disk`; ``acts(step)`` returns that step's dict."""
 
@@ -116,8 +144,22 @@ class ShardSource:
 
 def cache_to_disk(adapter, source, points: list[str], folder: str | Path, n_batches: int, batch_size: int,
                   dtype=torch.bfloat16, progress: bool = True) -> Path:
-    """Write ``n_batches`` shards of activations (one per training step) as safetensors."""
+    """Write ``n_batches`` shards of activations (one per training step) as safetensors, and ``cache.json``: what
+    they hold.  A folder's shards are reused (an interrupted cache resumes) only if they hold the same: the same
+    model, text, batch size, sequence length and dtype, and every hook point asked for; else one line says what
+    differs (`check_cache`)."""
+    import json
+
+    from .io import atomic_write_text
+    from .models import model_fingerprint
+
     folder = make_folder(folder, "the activation cache")
+    first = source.batch(0, 2)  # [2, T]: with the next, the text (as `checkpoint.run_inputs` takes it)
+    record = {"model": model_fingerprint(adapter), "text": ckpt.fingerprint([first, source.batch(1, 2)]),
+              "batch_size": batch_size, "seq_len": int(first.shape[1]), "dtype": str(dtype).removeprefix("torch."),
+              "points": sorted(points)}
+    if not check_cache(folder, record):
+        atomic_write_text(folder / "cache.json", json.dumps(record, indent=2))
     checked = False
     for step in progress_bar(range(n_batches), "caching activations", not progress):
         path = folder / f"shard_{step:06d}.safetensors"

@@ -14,6 +14,7 @@ import torch
 
 from replacement import checkpoint as ckpt
 from replacement.activations import RandomTokenSource, hook_points
+from replacement.hooks import hook_name
 from replacement.lorsa import Lorsa, LorsaConfig, from_llamascope
 from replacement.models import ModelAdapter, model_fingerprint
 from replacement.store import load_module, load_replacements, save_module
@@ -111,7 +112,33 @@ def test_cached_activations_replay_the_model_resume_and_fit_the_disk(tmp_path, m
     cache_to_disk(adapter, src, points, tmp_path / "d", 3, 2, progress=False)  # two more shards: just fits
     with pytest.raises(BadInputError, match=r"caching 5 steps of activations needs about .* more than the .* free"):
         cache_to_disk(adapter, src, points, tmp_path / "e", 5, 2, progress=False)
-    assert [f.name for f in (tmp_path / "e").iterdir()] == ["shard_000000.safetensors"]
+    assert sorted(f.name for f in (tmp_path / "e").iterdir()) == ["cache.json", "shard_000000.safetensors"]
+
+
+def test_a_cache_made_from_other_inputs_is_refused_not_replayed(tmp_path):
+    """--cache-activations reused any shards in its folder: another --text, --batch-size, --seq-len or model trained
+    on the old activations (and recorded the new settings), a cache without the points a run needs ended in a
+    KeyError.  Each is now one line naming what differs; the same inputs resume it, and fewer points reuse it."""
+    from replacement.activations import RandomTokenSource, cache_to_disk
+    from replacement.errors import BadInputError
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    both = sorted(set(hook_points("lorsa", 0)) | set(hook_points("transcoder", 1)))
+    cache = tmp_path / "c"
+    cache_to_disk(adapter, _source(), both, cache, 2, 2, progress=False)
+    cache_to_disk(adapter, _source(), both, cache, 3, 2, progress=False)  # the same inputs, one step more: resumes
+    cache_to_disk(adapter, _source(), list(hook_points("lorsa", 0)), cache, 3, 2, progress=False)  # fewer points
+    for args, says in [((_source(1), both, cache, 3, 2), "other text"),
+                       ((_source(), both, cache, 3, 4), "another --batch-size"),
+                       ((RandomTokenSource(97, 8, 0, bos=1), both, cache, 3, 2), "another --seq-len"),
+                       ((_source(), both + [hook_name(0, "mlp.in")], cache, 3, 2), "other hook points")]:
+        with pytest.raises(BadInputError, match=f"made from .*{says}"):
+            cache_to_disk(adapter, *args, progress=False)
+    with pytest.raises(BadInputError, match="made from another model"):
+        cache_to_disk(ModelAdapter(tiny_neox(), name="t"), _source(), both, cache, 3, 2, progress=False)
+    (cache / "cache.json").unlink()
+    with pytest.raises(BadInputError, match="holds activation shards but no cache.json"):
+        cache_to_disk(adapter, _source(), both, cache, 3, 2, progress=False)
 
 
 def test_modules_beyond_memory_are_refused_before_any_data_is_read(monkeypatch):
