@@ -53,7 +53,9 @@ def read_text_sources(sources: Sequence[str]) -> tuple[list[str], list[str]]:
                 raise BadInputError(f"text source {src} is not UTF-8 text ({undecoded:.0%} of it could not be decoded"
                                     f"{', and it holds NUL bytes' if nul else ''}); pass plain text files")
         cut = int(len(text) * (1 - HELDOUT_FRACTION))
-        cut = text.rfind("\n", 0, cut) + 1 or cut
+        # at a line break within the last 1% before it; a file of a few long lines (or none) is cut mid-line
+        # rather than holding out a whole paragraph of it, or all of it
+        cut = text.rfind("\n", cut - len(text) // 100, cut) + 1 or cut
         train.append(text[:cut])
         heldout.append(text[cut:])
     return train, heldout

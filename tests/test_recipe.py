@@ -50,7 +50,7 @@ def test_addition_split_is_fixed_and_disjoint():
 
 
 def test_text_sources_hold_out_the_end_and_refuse_binary_files(tmp_path):
-    """The last 2% of each file (cut at a line break) is held out; a stray undecodable byte is kept as U+FFFD, a
+    """The last 2% of each file (cut at a line break within the last 1% before that, else there) is held out; a stray undecodable byte is kept as U+FFFD, a
     binary file (NUL bytes) or a non-UTF-8 one (over 1% undecodable) is refused, not read as garbage text."""
     from replacement.errors import BadInputError
 
@@ -60,6 +60,13 @@ def test_text_sources_hold_out_the_end_and_refuse_binary_files(tmp_path):
     (train,), (held,) = read_text_sources([str(good)])
     assert train + held == good.read_bytes().decode("utf-8", errors="replace") and train.endswith("\n")
     assert 0.015 < len(held) / (len(train) + len(held)) < 0.025 and held.endswith("caf\ufffd\n")
+    # a file of three long paragraphs, or one long line after a title: 2% still (it held out a whole paragraph,
+    # 33% of the file, or everything after the title)
+    for name, text in (("paragraphs.txt", "\n".join(" ".join(["word"] * 3000) for _ in range(3))),
+                       ("title.txt", "A title\n" + " ".join(["word"] * 20000))):
+        (tmp_path / name).write_text(text)
+        (train,), (held,) = read_text_sources([str(tmp_path / name)])
+        assert train + held == text and 0.015 < len(held) / len(text) < 0.025, (name, len(held) / len(text))
     for name, data, why in (("model.safetensors", b"\x08\x00\x00\x00{}" + bytes(range(256)), "NUL bytes"),
                             ("latin1.txt", "é".encode("latin-1") * 50 + b" text " * 50, "could not be decoded")):
         (tmp_path / name).write_bytes(data)
