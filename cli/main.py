@@ -297,6 +297,11 @@ def _print_replacement_metrics(metrics: dict) -> None:
                    f"{m['spliced_loss']:>9.3f}{m['zero_ablation_loss']:>9.3f}" + (f"{m['kl_alone']:>10.3f}" if alone else ""))
     click.echo("  (clean / spliced / zero-abl: the loss as the model is, with the module spliced in, with the layer's "
                "output zeroed)")
+    bad = sorted(name for name, m in metrics.items() if not m["fvu"] < 1)
+    if bad:  # a run can diverge without a NaN: say so, rather than suggest tracing with it
+        click.echo(f"warning: {', '.join(bad)} {'has' if len(bad) == 1 else 'have'} an FVU of 1 or more: "
+                   "worse than predicting the mean output; the training diverged or is far too short (lower --lr, "
+                   "more --steps)")
 
 
 @circuits.command("eval")

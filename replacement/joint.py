@@ -412,7 +412,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
         prior = old.get(name, {})
         info = dict(metrics[name], joint_steps=trainer.step, joint_seconds=round(trainer.elapsed, 1),
                     joint_resampled=trainer.resampled, joint_config=asdict(cfg),
-                    joint_rounds=_rounds(prior))
+                    joint_source=getattr(source, "describe", type(source).__name__), joint_rounds=_rounds(prior))
         for k in ("train_steps", "train_seconds", "train_tokens", "train_source"):  # the per-layer stage's record
             if k in prior:
                 info[k] = prior[k]

@@ -313,7 +313,7 @@ def test_fit_joint_saves_modules_for_the_model_and_starts_from_an_earlier_versio
 
 
 def test_joint_rounds_are_counted_and_the_per_layer_record_carried(tmp_path):
-    """Each joint round records its number and keeps what the per-layer stage trained on."""
+    """Each joint round records its number and what it trained on, and keeps what the per-layer stage trained on."""
     from replacement.store import saved_metrics
 
     adapter = ModelAdapter(tiny_llama())
@@ -329,6 +329,7 @@ def test_joint_rounds_are_counted_and_the_per_layer_record_carried(tmp_path):
     for folder, n in (("r1", 1), ("r2", 2)):
         for name, m in saved_metrics(tmp_path / folder).items():
             assert (m["joint_rounds"], m["train_steps"], m["train_source"]) == (n, 7, "text: a.txt"), (folder, name)
+            assert m["joint_source"] == "RandomTokenSource"  # what the round itself trained on (a source's describe)
 
 
 def test_joint_mixture_leaves_out_additions_for_models_never_trained_on_them():

@@ -838,3 +838,16 @@ def test_saved_modules_record_every_training_setting(tmp_path):
         assert meta["train_config"] == json.loads(json.dumps(asdict(cfg)))
     folder = json.loads((tmp_path / "config.json").read_text())
     assert folder["modules"]["layer0.transcoder"]["metrics"]["train_config"]["tc_bos_weight"] == 0.5
+
+
+def test_a_module_worse_than_its_mean_is_flagged_when_the_metrics_print(capsys):
+    """A run at too high a learning rate can end with FVUs of 870 and no NaN; the table the run ends with says so
+    instead of going straight to "to trace with them"."""
+    from cli.main import _print_replacement_metrics
+
+    row = dict(l0=4.0, dense_l0=0.0, dead_fraction=0.1, clean_loss=4.0, spliced_loss=4.1, zero_ablation_loss=5.0)
+    _print_replacement_metrics({"layer0.lorsa": row | {"fvu": 870.0}, "layer0.transcoder": row | {"fvu": 0.04}})
+    out = capsys.readouterr().out
+    assert "warning: layer0.lorsa has an FVU of 1 or more" in out and "layer0.transcoder has" not in out
+    _print_replacement_metrics({"layer0.transcoder": row | {"fvu": 0.04}})
+    assert "warning" not in capsys.readouterr().out
