@@ -461,6 +461,11 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         acts = self.acts(step)
+        bad = next((k for k, v in acts.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # the model's own output, not the replacement's: every resume would meet it again
+            raise TrainingDiverged(f"the model's own {bad} is not finite on step {step}'s batch (NaN or infinite "
+                                   "activations of the model itself, not of its replacements): check the model's "
+                                   "weights and dtype; no module was trained on it")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.adapter.device.type == "cuda" else _null()
         out, jac_errors = {}, {}
         for u in self.units:

@@ -851,3 +851,17 @@ def test_a_module_worse_than_its_mean_is_flagged_when_the_metrics_print(capsys):
     assert "warning: layer0.lorsa has an FVU of 1 or more" in out and "layer0.transcoder has" not in out
     _print_replacement_metrics({"layer0.transcoder": row | {"fvu": 0.04}})
     assert "warning" not in capsys.readouterr().out
+
+
+def test_non_finite_activations_of_the_model_itself_are_named_as_such(tmp_path):
+    """A model whose own activations are NaN on a batch (one embedding row at 3e38 in a NeoX did it on batches
+    holding that token): training said "lorsa0: loss is nan", blaming the replacement, and every resume stopped at
+    the same step.  Here a NaN weight of layer 1's MLP."""
+    from replacement.errors import TrainingDiverged
+
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    with torch.no_grad():
+        adapter.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    t = Trainer(adapter, TrainConfig(steps=2, **SMALL), _source(), tmp_path / "s.safetensors")
+    with pytest.raises(TrainingDiverged, match=r"the model's own blocks\.1\.mlp\.out is not finite on step 0's batch"):
+        t.train(progress=False)
