@@ -15,16 +15,15 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from replacement.errors import BadInputError
+from replacement.io import remove_leftovers
 
 from .common import refuse_file
 
-_LEFTOVER = re.compile(r"^\.(?:run-(\d+)-.+|.+\.tmp(\d+))$")
 
 
 def default_out_dir(prompt: str, model: str, settings: dict, root: str | Path = "traces") -> Path:
@@ -33,33 +32,6 @@ def default_out_dir(prompt: str, model: str, settings: dict, root: str | Path = 
 
     key = json.dumps({"prompt": prompt, "model": model, "settings": settings}, sort_keys=True, default=str)
     return Path(root) / f"{prompt_slug(prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-
-
-def remove_leftovers(folder: Path) -> None:
-    """Remove temporary folders and files left in ``folder`` by processes that no longer exist."""
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        m = _LEFTOVER.match(p.name)
-        if m and not _alive(int(m.group(1) or m.group(2))):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 class RunFolder:

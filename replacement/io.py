@@ -2,12 +2,15 @@
 
 A file is written to a temporary name beside its destination (``.NAME.tmp<pid>``) and renamed into place, so a
 full disk, Ctrl-C or ``kill -9`` never leaves a half-written file under the real name.  What a killed process
-leaves behind under the temporary name is recognised by its pid (`cli.outputs.remove_leftovers`).
+leaves behind under the temporary name is recognised by its pid and removed (`remove_leftovers`: by the next
+trace into the folder, and by the next training that locks it).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +53,8 @@ def make_folder(folder: str | Path, what: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInputError(f"cannot create {what} {folder}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):  # read-only (a mount, or its mode): say so now, not hours later
+        raise BadInputError(f"cannot write into {what} {folder}: it is read-only; choose another folder")
     return folder
 
 
@@ -71,6 +76,8 @@ def exclusive_folder(folder: str | Path, what: str, lock: bool = True) -> Iterat
             except BlockingIOError:
                 raise BadInputError(f"another run is writing to {what} {folder}; wait for it to end, or choose "
                                     "another folder") from None
+        if lock:
+            remove_leftovers(folder)  # what a killed run left (the lock keeps live ones out)
         try:
             yield folder
         finally:
@@ -79,6 +86,37 @@ def exclusive_folder(folder: str | Path, what: str, lock: bool = True) -> Iterat
                     folder.rmdir()  # only if empty
     finally:
         os.close(fd)  # releases the lock
+
+
+_LEFTOVER = re.compile(r"^\.(?:run-(\d+)-.+|.+\.tmp(\d+))$")  # `temp_path` files, cli.outputs' run folders
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporary folders and files (`temp_path`) that processes no longer running left in ``folder``
+    (kill -9 runs no cleanup)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _LEFTOVER.match(p.name)
+        if m and not _alive(int(m.group(1) or m.group(2))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.outputs import RunFolder, default_out_dir, remove_leftovers
+from cli.outputs import RunFolder, default_out_dir
+from replacement.io import remove_leftovers
 from replacement.errors import BadInputError
 from tests.conftest import ROOT
 

@@ -754,6 +754,30 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     assert not fresh.exists() and (out / "x").read_text() == "kept"
 
 
+def test_a_locked_folder_loses_what_killed_runs_left_and_a_read_only_one_is_refused_at_once(tmp_path, monkeypatch):
+    """kill -9 during a save leaves ``.NAME.tmp<pid>`` (a whole training state's size): the next training into the
+    folder removes those whose process is gone, and keeps a live one's.  A read-only folder was found only at the
+    first checkpoint, after 100 steps; it is refused before any work."""
+    import os
+
+    from replacement.errors import BadInputError
+    from replacement.io import exclusive_folder, make_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / f"..train_state.all.safetensors.tmp{int(dead.stdout)}"
+    mine = out / f".layer0.lorsa.safetensors.tmp{os.getpid()}"
+    for f in (left, mine, out / "layer0.lorsa.safetensors"):
+        f.write_bytes(b"x")
+    with exclusive_folder(out, "the output folder"):
+        assert sorted(f.name for f in out.iterdir()) == sorted([mine.name, "layer0.lorsa.safetensors"])
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == out else real(path, mode))
+    with pytest.raises(BadInputError, match="cannot write into the output folder .*: it is read-only"):
+        make_folder(out, "the output folder")
+
+
 @pytest.mark.parametrize("stop, says", [(7, "the state of step 5 of 10 is saved in"), (2, "no state saved yet")])
 def test_an_interrupted_training_says_what_is_saved(tmp_path, stop, says):
     """Ctrl-C (or SIGTERM) ends a training with where its last saved state is, and a rerun resumes from it."""
