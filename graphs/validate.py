@@ -88,6 +88,12 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
     version = d.get("metadata", {}).get("schema_version") if isinstance(d.get("metadata"), dict) else None
     if "metadata" in d and version != 1:
         raise BadGraphError(f"{where}: unsupported graph schema version {_short(version)} (this version reads 1)")
+    nodes = d.get("nodes")
+    if (isinstance(nodes, list) and nodes and all(isinstance(n, dict) for n in nodes)
+            and all("feature_type" in n and "type" not in n for n in nodes)):
+        raise BadGraphError(f"{where} is a graph in circuit-tracer's (Neuronpedia's) own layout, without the fields "
+                            "this tool's graphs add (type, index, model_layer, ...): `circuits` reads the graph files "
+                            "`trace` writes; open this one in circuit-tracer's viewer")
     try:
         jsonschema.validate(d, json.loads(SCHEMA_PATH.read_text()))
     except jsonschema.ValidationError as e:

@@ -37,6 +37,7 @@ def test_json_validates_and_round_trips(graph, tmp_path):
     d = json.loads(path.read_text())
     validate(d)
     assert d["metadata"]["schema_version"] == 1 and json.loads(SCHEMA_PATH.read_text())["title"]
+    assert (d["metadata"]["settings"]["dtype"], d["metadata"]["settings"]["device"]) == ("float32", "cpu")  # ran at
     for field in ("node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp", "influence",
                   "activation", "token_prob", "is_target_logit"):
         assert all(field in n for n in d["nodes"])
@@ -492,6 +493,12 @@ def test_json_loads_with_circuit_tracers_own_models(graph, tmp_path):
     assert len(keys) == len(set(keys))
     errors = [n for n in d["nodes"] if "error" in n["feature_type"]]
     assert {n["feature_type"] for n in errors} == {"mlp reconstruction error", "attention reconstruction error"}
+    # a graph in circuit-tracer's own layout (its model, dumped: none of our fields) is refused as such, in one line
+    from graphs.validate import BadGraphError, check_graph_dict
+
+    theirs = model.model_dump()
+    with pytest.raises(BadGraphError, match="is a graph in circuit-tracer's .* own layout"):
+        check_graph_dict(theirs, "g.json")
 
 
 SPIN = "import time\nfrom cli.common import spinner\nwith spinner('loading m'):\n    time.sleep(0.6)\nprint('done')"
