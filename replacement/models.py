@@ -504,11 +504,21 @@ class ModelAdapter:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (``cpu:0`` too, as torch takes it); default: cuda where a GPU is."""
+    import re
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise BadInputError(f"unknown device {device!r}; use cpu or cuda")
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+    if m is None:
+        raise BadInputError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(f"--device {device} was asked for, but no CUDA GPU is available; use --device cpu")
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            raise BadInputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                f"numbered from 0")
+    elif m.group(2) not in (None, "0"):
+        raise BadInputError(f"unknown device {device!r}; the CPU is cpu (or cpu:0)")
     return torch.device(device)
 
 

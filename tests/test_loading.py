@@ -53,6 +53,14 @@ def test_bad_names_and_devices(monkeypatch, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(BadInputError, match="no CUDA GPU"):
             load_model("llama", device="cuda")
+        with pytest.raises(BadInputError, match="--device cuda:7 was asked for"):
+            load_model("llama", device="cuda:7")
+    from replacement.models import resolve_device
+
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    for bad, says in (("cudax", "unknown device 'cudax'"), ("cpu:3", "the CPU is cpu"), ("mps", "unknown device")):
+        with pytest.raises(BadInputError, match=says):
+            resolve_device(bad)
     with pytest.raises(BadInputError, match="unknown dtype"):
         load_model("llama", dtype="float8")
 
