@@ -38,20 +38,28 @@ def replacement_specs(values) -> str | list[str] | None:
 
 
 def resolve_spec(spec: str | Path) -> Path:
-    """A folder as given, or the snapshot folder of a cached HF repo id ``owner/name[/subfolder]`` (a string
-    only: a ``Path``, such as a model's own folder, is a folder even where it does not exist yet)."""
+    """A folder as given, or the snapshot folder of a cached HF repo id ``owner/name[/subfolder][@revision]``
+    (circuit-tracer's ``hf://`` prefix allowed; a string only: a ``Path``, such as a model's own folder, is a
+    folder even where it does not exist yet)."""
     path = Path(spec).expanduser()
     text = str(spec)
-    if isinstance(spec, Path) or path.exists() or text.startswith((".", "/", "~")) or text.count("/") < 1:
+    if isinstance(spec, Path) or path.exists():
+        return path
+    hub = text.startswith("hf://")
+    text = text.removeprefix("hf://")
+    if not hub and (text.startswith((".", "/", "~")) or text.count("/") < 1):
         return path
     from huggingface_hub import snapshot_download
 
+    text, _, revision = text.partition("@")
     owner, name, *sub = text.split("/")
+    repo = f"{owner}/{name}" + (f"@{revision}" if revision else "")
     try:
-        root = Path(snapshot_download(f"{owner}/{name}", local_files_only=True))
+        root = Path(snapshot_download(f"{owner}/{name}", revision=revision or None, local_files_only=True))
     except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, a malformed id, an unreadable cache
-        raise ForeignFormatError(f"no folder {text} and no HF repo {owner}/{name} in the local HF cache "
-                                 f"(download it first, e.g. huggingface-cli download {owner}/{name})") from None
+        raise ForeignFormatError(f"no folder {spec} and no HF repo {repo} in the local HF cache (download it first, "
+                                 f"e.g. huggingface-cli download {owner}/{name}"
+                                 + (f" --revision {revision}" if revision else "") + ")") from None
     return root.joinpath(*sub)
 
 

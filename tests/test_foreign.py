@@ -284,15 +284,23 @@ def test_a_cached_hf_repo_id_resolves_to_its_snapshot(tmp_path, monkeypatch):
     from replacement.models import ModelAdapter
     from tests.conftest import tiny_llama
 
+    commit = "0123abcd" * 5  # a commit hash, as the hub names snapshots
     repo = tmp_path / "hub" / "models--someone--transcoders"
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "refs" / "main").write_text(commit)
     adapter = ModelAdapter(tiny_llama(), name="llama")
-    _ct_set(repo / "snapshots" / "0123abcd" / "relu", adapter, threshold=None)
+    _ct_set(repo / "snapshots" / commit / "relu", adapter, threshold=None)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = ReplacementModel.load(adapter, "someone/transcoders/relu", "frozen")
     assert sorted(model.transcoders) == list(range(adapter.n_layers))
     assert not model.transcoders[0].cfg.jumprelu and model.transcoders[0].cfg.top_k == 0
+    # circuit-tracer's hf:// form, and a revision (the snapshot's commit), name the same folder
+    from replacement.foreign import resolve_spec
+
+    want = repo / "snapshots" / commit / "relu"
+    assert resolve_spec("hf://someone/transcoders/relu") == resolve_spec(f"someone/transcoders/relu@{commit}") == want
+    with pytest.raises(CircuitsError, match=r"no HF repo someone/transcoders@ffff in the local HF cache .*--revision ffff"):
+        resolve_spec("hf://someone/transcoders/relu@ffff")
 
 
 @pytest.mark.slow
