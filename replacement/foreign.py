@@ -231,14 +231,34 @@ def load_llamascope(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Mod
             raise ForeignFormatError(f"{part}: norm_activation {conf['norm_activation']!r} is not supported (only 'none')")
         keys = set(load(part / "sae_weights.safetensors")[0])
         if "W_Q" in keys:
-            out[("lorsa", L)] = _checked(lambda: from_llamascope(part, L), part)
+            _check_llamascope_hooks(conf, part, "lorsa")
+            out[("lorsa", L)] = _checked(lambda: from_llamascope(part, L, adapter), part)
         elif "W_E" in keys:
+            _check_llamascope_hooks(conf, part, "transcoder")
             k = _config_top_k(conf.get("top_k"), part / "config.json")
             out[("transcoder", L)] = _checked(lambda: Transcoder.from_llamascope(
                 part / "sae_weights.safetensors", top_k=k, layer=L), part)
         else:
             raise ForeignFormatError(f"{part}/sae_weights.safetensors is neither a Lorsa (W_Q) nor a transcoder (W_E)")
     return out
+
+
+# what a module replacing a layer's attention or MLP may read and write (TransformerLens hook names, the end of
+# ``hook_point_in`` / ``hook_point_out``): a residual-stream SAE or an attention-output transcoder replaces neither
+LLAMASCOPE_HOOKS = {"lorsa": (("ln1.hook_normalized", "hook_attn_in", "hook_resid_pre"), ("hook_attn_out", "attn.hook_out")),
+                    "transcoder": (("ln2.hook_normalized", "hook_mlp_in", "mlp.hook_in", "hook_resid_mid"),
+                                   ("hook_mlp_out", "mlp.hook_out"))}
+
+
+def _check_llamascope_hooks(conf: dict, part: Path, kind: str) -> None:
+    """ForeignFormatError (one line) if a Llamascopium config's hook points are not a layer's attention (Lorsa) or
+    MLP (transcoder) input and output; a hook point the config leaves out is not checked."""
+    ins, outs = LLAMASCOPE_HOOKS[kind]
+    hin, hout = str(conf.get("hook_point_in", "")), conf.get("hook_point_out")
+    if not hin.endswith(ins) or (hout is not None and not str(hout).endswith(outs)):
+        what = "an attention layer" if kind == "lorsa" else "an MLP"
+        raise ForeignFormatError(f"{part / 'config.json'}: hook points {hin!r} -> {hout!r} do not replace {what} "
+                                 f"(a {kind} here reads one of {', '.join(ins)} and writes {' or '.join(outs)})")
 
 
 def _llamascope_layer(conf: dict, part: Path) -> int:

@@ -382,3 +382,31 @@ def test_llamascope_lorsa_with_circuit_tracer_transcoders_gives_a_complete_graph
         for info in head.qk:
             real = float(q[0, g, head.pos] @ k[0, g, info.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
             assert abs(info.score - real) <= 1e-4 * max(1.0, abs(real))
+
+
+def test_llamascope_configs_that_leave_out_rotary_or_replace_no_layer(tmp_path):
+    """A Llamascopium Lorsa config without rotary_dim ran with no rotary at all, and without rotary_base at 10,000
+    whatever the model's: what the config leaves out is now the model's own map (the written Lorsa, which has it,
+    comes back exactly).  Hook points that are not a layer's attention or MLP (a residual-stream SAE, an
+    attention-output transcoder) were read by their layer number alone; they are refused in one line."""
+    import json
+
+    from replacement.foreign import load_llamascope
+    from replacement.models import ModelAdapter
+    from tests.conftest import random_replacements, tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(rope_theta=500000.0), name="m")
+    lorsa = random_replacements(adapter, seed=2).lorsas[1]
+    folder = write_llamascope_lorsa(tmp_path / "L1A", lorsa, 1, rotary_base=500000.0)
+    conf = json.loads((folder / "config.json").read_text())
+    x = torch.randn(1, 9, adapter.d_model, generator=torch.Generator().manual_seed(0))
+    for drop in (("rotary_dim",), ("rotary_base",), ("rotary_dim", "rotary_base")):
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in conf.items() if k not in drop}))
+        back = load_llamascope(folder, adapter)[("lorsa", 1)]
+        with torch.no_grad():
+            torch.testing.assert_close(back(x)[0], lorsa(x)[0], msg=str(drop))
+    for hooks, says in ((("blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"), "do not replace an attention layer"),
+                        (("blocks.1.ln1.hook_normalized", "blocks.1.hook_mlp_out"), "do not replace an attention layer")):
+        (folder / "config.json").write_text(json.dumps(conf | dict(zip(("hook_point_in", "hook_point_out"), hooks))))
+        with pytest.raises(CircuitsError, match=says):
+            load_llamascope(folder, adapter)
