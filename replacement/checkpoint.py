@@ -85,14 +85,19 @@ def restore_optimizer(opt: torch.optim.Optimizer, named_params: dict[str, torch.
             opt.state[p] = st
 
 
-def load_training_state(path: str | Path, model_name: str, device="cpu", what: str = "training state"):
+def load_training_state(path: str | Path, model_name: str, device="cpu", what: str = "training state",
+                        inputs: dict | None = None):
     """(tensors, metadata) of a resumable state saved for ``model_name``; None when there is none yet.  A state of
-    another model, or one holding NaN or infinite values, is a `CheckpointError`."""
+    another model, or one holding NaN or infinite values, is a `CheckpointError`.  With the run's ``inputs``
+    (`run_inputs`), a model of another name whose weights the state records (a renamed or copied folder) is the
+    same model."""
     path = Path(path)
     if not path.is_file():
         return None
     tensors, meta = load(path, device)
-    if meta.get("model") != model_name:
+    weights = "the model's weights"
+    same_weights = inputs is not None and (meta.get("inputs") or {}).get(weights) == inputs.get(weights)
+    if meta.get("model") != model_name and not same_weights:
         raise CheckpointError(f"{path} is a {what} for {meta.get('model')!r}, not {model_name!r}")
     check_finite(path, tensors)
     return tensors, meta

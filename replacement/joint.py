@@ -317,7 +317,8 @@ class JointTrainer:
         self.saved_step = self.step
 
     def load_state(self) -> bool:
-        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device, "joint-training state")
+        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device, "joint-training state",
+                                         inputs=self.inputs)
         if state is None:
             return False
         tensors, meta = state

@@ -414,7 +414,8 @@ class Trainer:
         self.saved_step = self.step
 
     def load_state(self) -> bool:
-        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device)
+        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device,
+                                         inputs=self.inputs)
         if state is None:
             return False
         tensors, meta = state

@@ -889,3 +889,19 @@ def test_non_finite_activations_of_the_model_itself_are_named_as_such(tmp_path):
     t = Trainer(adapter, TrainConfig(steps=2, **SMALL), _source(), tmp_path / "s.safetensors")
     with pytest.raises(TrainingDiverged, match=r"the model's own blocks\.1\.mlp\.out is not finite on step 0's batch"):
         t.train(progress=False)
+
+
+def test_a_state_resumes_for_the_same_weights_under_another_folder_name(tmp_path):
+    """A model folder copied or renamed (same weights) resumes its training state; it was refused as "a training
+    state for 'neox', not 'neox_renamed'".  Another model of the state's name still is refused (its weights differ)."""
+    state = tmp_path / "s.safetensors"
+    cfg = TrainConfig(steps=10, **SMALL)
+    Trainer(ModelAdapter(tiny_llama(), name="neox"), cfg, _source(), state).train(progress=False, stop_after=5)
+    again = Trainer(ModelAdapter(tiny_llama(), name="neox_renamed"), cfg, _source(), state)
+    again.train(progress=False)
+    assert again.resumed_at == 5 and again.step == 10
+    other = tiny_llama()
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(2)
+    with pytest.raises(ckpt.CheckpointError, match="is a training state for 'neox_renamed', not 'other'"):
+        Trainer(ModelAdapter(other, name="other"), cfg, _source(), state).train(progress=False)
