@@ -273,7 +273,7 @@ def test_module_file_with_any_config_loads_or_fails_in_one_line(kind, data, tmp_
 
 
 class _Adapter:  # what the foreign loaders ask of a model
-    name, d_model, n_layers, parallel_residual, device = "tiny", 8, 2, False, "cpu"
+    name, d_model, n_layers, parallel_residual, device, rotary_dim = "tiny", 8, 2, False, "cpu", 0
 
 
 def _foreign_folder(kind: str, folder):
