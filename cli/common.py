@@ -241,7 +241,7 @@ def not_empty(ctx, param, value):
 def model_options(f):
     f = click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
                      help="Precision of the model weights.")(f)
-    f = click.option("--device", default="cpu", show_default=True, callback=not_empty, help="cpu or cuda.")(f)
+    f = click.option("--device", default="cpu", show_default=True, callback=not_empty, help="cpu, cuda or cuda:N.")(f)
     f = click.option("--model", "model_name", default="llama", show_default=True, callback=not_empty,
                      help="A bundled preset (toy, pythia, llama), a local HF folder, or an HF id.")(f)
     return f

@@ -212,6 +212,10 @@ def _print_saved(folder, model_name: str) -> None:
     n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
     whole = {f"layer{L}.{k}" for L in range(n_layers) for k in ("lorsa", "transcoder")} <= held
     own = Path(path) / "replacements"  # the model's own set (beside a bundled or local model)
+    if not whole and own.resolve() == Path(folder).resolve():  # the model's own set is this one, incomplete
+        click.echo(f"saved in {folder}, which holds {', '.join(sorted(held))} only: a trace needs every layer's Lorsa "
+                   f"and transcoder; train the others too (circuits train --model {model_name} --what all)")
+        return
     under = "" if whole else f"--replacements {own if own.is_dir() else '<a complete set>'} "
     click.echo(f"saved in {folder}; to trace with them: trace PROMPT --model {model_name} {under}--replacements {folder}"
                + ("" if whole else f" (this folder holds {', '.join(sorted(held))} only)"))

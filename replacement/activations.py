@@ -20,7 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import BadInputError
 from .hooks import hook_name
-from .io import make_folder, progress_bar
+from .io import make_folder, progress_bar, remove_leftovers
 from .memory import gb
 
 
@@ -117,7 +117,8 @@ def check_cache(folder: Path, record: dict) -> bool:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         raise BadInputError(f"{path} is not readable JSON; give --cache-activations an empty or new folder") from None
-    names = {"model": "another model", "text": "other text (--text, or the model's mixture)",
+    names = {"model": "another model", "model_dtype": "the model at another --dtype",
+             "text": "other text (--text, or the model's mixture)",
              "batch_size": "another --batch-size", "seq_len": "another --seq-len", "dtype": "another dtype"}
     differ = [names[k] for k in names if saved.get(k) != record[k]]
     missing = sorted(set(record["points"]) - set(saved.get("points", [])))
@@ -154,10 +155,11 @@ def cache_to_disk(adapter, source, points: list[str], folder: str | Path, n_batc
     from .models import model_fingerprint
 
     folder = make_folder(folder, "the activation cache")
+    remove_leftovers(folder)  # the temporary files of a killed caching run
     first = source.batch(0, 2)  # [2, T]: with the next, the text (as `checkpoint.run_inputs` takes it)
-    record = {"model": model_fingerprint(adapter), "text": ckpt.fingerprint([first, source.batch(1, 2)]),
-              "batch_size": batch_size, "seq_len": int(first.shape[1]), "dtype": str(dtype).removeprefix("torch."),
-              "points": sorted(points)}
+    record = {"model": model_fingerprint(adapter), "model_dtype": str(adapter.dtype).removeprefix("torch."),
+              "text": ckpt.fingerprint([first, source.batch(1, 2)]), "batch_size": batch_size,
+              "seq_len": int(first.shape[1]), "dtype": str(dtype).removeprefix("torch."), "points": sorted(points)}
     if not check_cache(folder, record):
         atomic_write_text(folder / "cache.json", json.dumps(record, indent=2))
     checked = False

@@ -147,6 +147,26 @@ class StopRequest:
 
 
 @contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends, then act as they would have (for a few renames that
+    must happen together).  Python runs signal handlers in the main thread whichever thread the signal reaches,
+    so the handlers are swapped, not the threads' signal masks; outside the main thread nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+                for sig in (getattr(signal, n) for n in StopRequest.SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            signal.raise_signal(got[0])  # now, to the handler it would have met
+
+
+@contextmanager
 def reporting_interrupts(trainer):
     """Around a training loop: yields a `StopRequest` the loop checks after each step (saving that step's state
     and raising KeyboardInterrupt when it is set), and turns Ctrl-C (or SIGTERM) into an `Interrupted` saying

@@ -64,7 +64,7 @@ from .evaluate import kl_per_token
 from .hooks import FINAL_SCALE
 from .sparse import SparseCode
 from .train import (check_jacobian_options, fold_scales, fvu, jacobian_error, logit_fvu, norm_scales, readout_directions,
-                    token_normalised_fvu, warmup_then_decay)
+                    refuse_non_finite, token_normalised_fvu, warmup_then_decay)
 
 Key = tuple[str, int]  # (kind, layer)
 
@@ -171,6 +171,7 @@ class JointTrainer:
         y_hat) on one batch [B, n]."""
         with torch.no_grad():
             clean = self.adapter.run(ids, capture=self.points)
+        refuse_non_finite(clean.cache | {"logits": clean.logits}, step)
         logits = self.adapter.run(ids, hooks=self.spliced_hooks()).logits
         kl = kl_per_token(clean.logits[:, 1:], logits[:, 1:]).mean()
         per = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_save, load
+from .checkpoint import CheckpointError, atomic_save, load, signals_held
 from .io import atomic_write_text
 from .lorsa import Lorsa, LorsaConfig
 from .transcoder import Transcoder, TranscoderConfig
@@ -60,11 +60,11 @@ STAGED = ".staged-"  # the prefix of a module file written but not yet moved int
 def save_modules(items: list[tuple[torch.nn.Module, str, dict | None]], folder: str | Path, fingerprint: str,
                  model_name: str, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
     """Save (module, kind, metrics) items as one set: every file is written beside its place first, then all are
-    moved in (with Ctrl-C and SIGTERM held back for those renames) and config.json names them.  A run stopped
-    while writing leaves the folder's modules as they were (a joint stage refining a folder in place then resumes
-    from them), never half old and half new; staged files a stopped run left are removed by the next save."""
+    moved in (Ctrl-C and SIGTERM held back for those renames: `checkpoint.signals_held`) and config.json names
+    them.  A run stopped while writing leaves the folder's modules as they were (a joint stage refining a folder
+    in place then resumes from them), never half old and half new; staged files a stopped run left are removed by
+    the next save."""
     import os
-    import signal
 
     folder = Path(folder)
     for old in folder.glob(STAGED + "*"):
@@ -78,15 +78,11 @@ def save_modules(items: list[tuple[torch.nn.Module, str, dict | None]], folder: 
             "kind": kind, "config": json.loads(module.cfg.to_json()), "metrics": metrics or {},
             "fingerprint": fingerprint, "model": model_name})
         staged.append(path)
-    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, held)  # delivered once the set is in place
-    try:
+    with signals_held():  # delivered once the set is in place
         for path in staged:
             os.replace(path.with_name(STAGED + path.name), path)
         _update_folder_config(folder, fingerprint, model_name,
                               [(kind, module.cfg.layer, metrics or {}) for module, kind, metrics in items])
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return staged
 
 

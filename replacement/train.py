@@ -204,6 +204,16 @@ def _points(units: list[Unit]) -> list[str]:
     return sorted({p for u in units for p in hook_points(u.kind, u.layer)})
 
 
+def refuse_non_finite(acts: dict[str, torch.Tensor], step: int) -> None:
+    """TrainingDiverged naming the first of the model's own ``acts`` that holds NaN or infinite values on step
+    ``step``'s batch: the model's, not its replacements' (every resume would meet it again)."""
+    bad = next((k for k, v in acts.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise TrainingDiverged(f"the model's own {bad} is not finite on step {step}'s batch (NaN or infinite "
+                               "activations of the model itself, not of its replacements): check the model's "
+                               "weights and dtype; no module was trained on it")
+
+
 def _xy(unit: Unit, acts: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised (x, y): [B, n, d] for Lorsa (whole sequences), [tokens, d] without BOS for transcoders."""
     xn, yn = hook_points(unit.kind, unit.layer)
@@ -462,11 +472,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         acts = self.acts(step)
-        bad = next((k for k, v in acts.items() if not bool(torch.isfinite(v).all())), None)
-        if bad is not None:  # the model's own output, not the replacement's: every resume would meet it again
-            raise TrainingDiverged(f"the model's own {bad} is not finite on step {step}'s batch (NaN or infinite "
-                                   "activations of the model itself, not of its replacements): check the model's "
-                                   "weights and dtype; no module was trained on it")
+        refuse_non_finite(acts, step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.adapter.device.type == "cuda" else _null()
         out, jac_errors = {}, {}
         for u in self.units:

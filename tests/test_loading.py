@@ -138,6 +138,16 @@ def test_train_never_replaces_trained_modules_unasked(saved_model, tmp_path):
     r = _cli("trace", "the cat", "--model", str(saved_model), "--replacements", str(saved_model / "replacements"),
              "--replacements", str(out), "--out", str(tmp_path / "g"), "--format", "json")
     assert r.returncode == 0, r.stderr  # the suggested trace runs
+    # a model with no set of its own, trained in part into its own folder: no trace to suggest (it suggested the
+    # folder twice, under itself), but what is missing
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(saved_model, mine, ignore=shutil.ignore_patterns("replacements"))
+    r = _cli(*args[:3], str(mine), *args[4:-2])
+    assert r.returncode == 0, r.stderr
+    assert (f"saved in {mine / 'replacements'}, which holds layer0.transcoder only: a trace needs every layer's Lorsa "
+            "and transcoder") in r.stdout and "to trace with them" not in r.stdout, r.stdout
 
 
 def test_mean_over_says_which_prompts_it_cut(saved_model, tmp_path):

@@ -136,6 +136,14 @@ def test_a_cache_made_from_other_inputs_is_refused_not_replayed(tmp_path):
             cache_to_disk(adapter, *args, progress=False)
     with pytest.raises(BadInputError, match="made from another model"):
         cache_to_disk(ModelAdapter(tiny_neox(), name="t"), _source(), both, cache, 3, 2, progress=False)
+    with pytest.raises(BadInputError, match="made from the model at another --dtype"):
+        cache_to_disk(ModelAdapter(tiny_llama().to(torch.bfloat16), name="t"), _source(), both, cache, 3, 2,
+                      progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = cache / f".shard_000003.safetensors.tmp{int(dead.stdout)}"  # what a killed caching run leaves
+    left.write_bytes(b"x")
+    cache_to_disk(adapter, _source(), both, cache, 4, 2, progress=False)
+    assert not left.exists() and (cache / "shard_000003.safetensors").is_file()
     (cache / "cache.json").unlink()
     with pytest.raises(BadInputError, match="holds activation shards but no cache.json"):
         cache_to_disk(adapter, _source(), both, cache, 3, 2, progress=False)
@@ -889,6 +897,13 @@ def test_non_finite_activations_of_the_model_itself_are_named_as_such(tmp_path):
     t = Trainer(adapter, TrainConfig(steps=2, **SMALL), _source(), tmp_path / "s.safetensors")
     with pytest.raises(TrainingDiverged, match=r"the model's own blocks\.1\.mlp\.out is not finite on step 0's batch"):
         t.train(progress=False)
+    from replacement.joint import JointConfig, JointTrainer  # the joint stage, too (it said "joint loss is nan")
+
+    mods = {key: m for key, m in t.folded_modules().items()}
+    joint = JointTrainer(adapter, mods, JointConfig(steps=2, batch_size=4, seq_len=16), _source(),
+                         tmp_path / "j.safetensors")
+    with pytest.raises(TrainingDiverged, match=r"the model's own .* is not finite on step 0's batch"):
+        joint.train(progress=False)
 
 
 def test_a_state_resumes_for_the_same_weights_under_another_folder_name(tmp_path):
@@ -905,3 +920,20 @@ def test_a_state_resumes_for_the_same_weights_under_another_folder_name(tmp_path
         other.model.embed_tokens.weight.mul_(2)
     with pytest.raises(ckpt.CheckpointError, match="is a training state for 'neox_renamed', not 'other'"):
         Trainer(ModelAdapter(other, name="other"), cfg, _source(), state).train(progress=False)
+
+
+def test_signals_are_held_until_the_renames_end():
+    """A Ctrl-C sent from another thread (Python runs handlers in the main thread whichever thread the signal
+    reaches: a thread's signal mask did not hold it) waits for the block's end, then interrupts as it would have."""
+    import os
+    import threading
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt.signals_held():
+            t = threading.Thread(target=lambda: os.kill(os.getpid(), signal.SIGINT))
+            t.start()
+            t.join()
+            time.sleep(0.05)  # a handler would have run by now
+            done.append("the block ran to its end")
+    assert done and signal.getsignal(signal.SIGINT) is signal.default_int_handler
