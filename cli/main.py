@@ -664,8 +664,9 @@ def _print_dashboard(e: dict) -> None:
     from graphs.graph import unit_label
 
     click.echo(f"{unit_label(e['kind'], e['layer'], e['index'])} ({e['kind']}): active on {e['density']:.2%} of tokens")
-    click.echo("  promotes: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_up"]))
-    click.echo("  suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_down"]))
+    # raw logits per unit of activation (not demeaned): the lowest can be positive, so no "suppresses"
+    click.echo("  highest logits: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_up"]))
+    click.echo("  lowest logits: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in e["logits_down"]))
     o = e.get("original_heads")
     if o:  # replacement/correspond.py
         click.echo(f"  original heads ({o['kind']}): " + ", ".join(f"h{m} R^2 {r:.2f}" for m, r in o["heads"])

@@ -260,8 +260,8 @@ function show(id) {
       (c.z_top ? `<div class="num">reads ${c.z_top.map(z => `${tok(z.token)} at ${z.offset} (z ${fmt(z.z)})`).join(', ')}</div>` : '') +
       `</div>`).join('') || '<div class="num">never active on the sample</div>');
     h += section('logit lens over the vocabulary (raw logits per unit of activation, not demeaned)',
-      `<div class="num">promotes ${d.logits_up.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>` +
-      `<div class="num">suppresses ${d.logits_down.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>`);
+      `<div class="num">highest ${d.logits_up.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>` +
+      `<div class="num">lowest ${d.logits_down.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>`);
   } else if (n.type === 'lorsa' || n.type === 'transcoder') {
     h += '<div class="num">(no dashboard in this file)</div>';
   }
