@@ -151,17 +151,17 @@ class Transcoder(nn.Module):
 
         from .checkpoint import atomic_save
         from .errors import ForeignFormatError
-        from .foreign import CT_INPUT_HOOKS, CT_OUTPUT_HOOKS
+        from .foreign import CT_INPUT_HOOKS, CT_OUTPUT_HOOKS, _read_yaml
         from .io import atomic_write_text
 
         folder = Path(folder)
         hook_in = next(h for h, reads in CT_INPUT_HOOKS.items() if reads == self.cfg.reads)
         settings = {"model_kind": model_kind, "feature_input_hook": hook_in, "feature_output_hook": CT_OUTPUT_HOOKS[0]}
         if self.cfg.top_k:
-            settings["top_k"] = str(self.cfg.top_k)
+            settings["top_k"] = self.cfg.top_k
         cfg_path = folder / "config.yaml"
         if cfg_path.is_file():
-            there = _read_simple_yaml(cfg_path)
+            there = _read_yaml(cfg_path)
             same = lambda k: there.get(k) == settings.get(k) or (  # noqa: E731  the MLP's output, by either name
                 k == "feature_output_hook" and there.get(k) in CT_OUTPUT_HOOKS)
             clash = [k for k in sorted(set(settings) | {"top_k"}) if not same(k)]
@@ -188,12 +188,15 @@ class Transcoder(nn.Module):
 
     @classmethod
     def from_circuit_tracer(cls, folder: str | Path, layer: int, top_k: int | None = None) -> "Transcoder":
-        """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``; ``top_k`` (else ``top_k`` in its
-        ``config.yaml``, else none): see `from_circuit_tracer_file`."""
+        """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``, reading the input its ``config.yaml`` names;
+        ``top_k`` (else ``top_k`` in its ``config.yaml``, else none): see `from_circuit_tracer_file`."""
+        from .foreign import _check_ct_hooks, _config_top_k, _read_yaml, _reading
+
         folder = Path(folder)
-        conf = _read_simple_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-        k = top_k if top_k is not None else _config_top_k(conf, folder)
-        return cls.from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k)
+        conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+        k = top_k if top_k is not None else _config_top_k(conf.get("top_k"), folder / "config.yaml")
+        tc = cls.from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k)
+        return _reading({("transcoder", layer): tc}, _check_ct_hooks(conf, folder), folder)[("transcoder", layer)]
 
     @classmethod
     def from_circuit_tracer_file(cls, path: str | Path, layer: int, top_k: int = 0) -> "Transcoder":
@@ -325,27 +328,3 @@ def _check_circuit_tracer_tensors(t: dict, path: Path) -> tuple[int, int]:
     if bad:
         raise ForeignFormatError(f"{path}: {bad[0]} holds NaN or infinite values")
     return N, d
-
-
-def _config_top_k(conf: dict, folder: Path) -> int:
-    """``top_k`` of a circuit-tracer config.yaml (an extension of ours; circuit-tracer writes none): 0 if absent."""
-    raw = conf.get("top_k", "")
-    if raw in ("", "null", "None", "~"):
-        return 0
-    try:
-        k = int(raw)
-    except ValueError:
-        raise ForeignFormatError(f"{folder / 'config.yaml'}: top_k {raw!r} is not a whole number") from None
-    if k < 0:
-        raise ForeignFormatError(f"{folder / 'config.yaml'}: top_k must be >= 0, not {k}")
-    return k
-
-
-def _read_simple_yaml(path: Path) -> dict:
-    """``key: value`` lines (the flat config.yaml circuit-tracer writes); no YAML dependency."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if ":" in line and not line.lstrip().startswith("#") and not line.startswith(" "):
-            k, _, v = line.partition(":")
-            out[k.strip()] = v.strip().strip("'\"")
-    return out
