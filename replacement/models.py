@@ -75,12 +75,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def causal_pattern(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None = None,
                    window: int | None = None) -> torch.Tensor:
-    """softmax_{s<=t}(q_t . k_s * scale); q, k [..., n, dh] -> [..., n, n] (computed in float32).
-    ``softcap``: scores -> softcap * tanh(scores / softcap) (Gemma-2); ``window``: only s > t - window."""
+    """softmax_{s<=t}(q_t . k_s * scale); q, k [..., n, dh] -> [..., n, n], in q's dtype.  As HF's eager
+    attention computes it: the scores in q's dtype (bfloat16 too), the softmax in float32, so that a bfloat16 run
+    equals HF's own.  ``softcap``: scores -> softcap * tanh(scores / softcap) (Gemma-2); ``window``: only
+    s > t - window."""
     n = q.shape[-2]
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = (q @ k.transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.float()
     mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
     if window:
         mask = mask | torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-window)
@@ -410,7 +413,7 @@ class ModelAdapter:
             cache is not None and (cache.get("__all__") is not None or pat in cache.get("__want__", ()))
         )
         window = self.window(layer)
-        if need_pattern or self.attn_softcap or window:
+        if need_pattern or self.attn_softcap or window or q.dtype != torch.float32:  # bfloat16: as HF's eager
             pattern = causal_pattern(q, k, self.attn_scale, self.attn_softcap, window)
             pattern = self._hook(pat, pattern, hooks, cache)
             z = pattern @ v
