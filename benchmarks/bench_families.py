@@ -19,7 +19,7 @@ family rule asked for:
 One line per prompt and rule, flushed as it goes (the run is long on a busy machine), then a summary per rule.
 
     python benchmarks/bench_families.py [--model toy pythia] [--seeds 20] [--cosine 0.0 ...] [--layer-span 0 ...]
-                                        [--direction read weights] [--replacements DIR]
+                                        [--direction read weights target] [--replacements DIR]
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--cosine", type=float, nargs="+", default=[0.0])  # graphs.families.FamilyConfig's defaults
     ap.add_argument("--layer-span", type=int, nargs="+", default=[0])
-    ap.add_argument("--direction", nargs="+", default=["read"], choices=["read", "weights"])
+    ap.add_argument("--direction", nargs="+", default=["read"], choices=["read", "weights", "target"])
     ap.add_argument("--replacements", default=None, help="a replacements folder (one --model): instead of the bundled")
     args = ap.parse_args()
     if args.replacements is not None and len(args.model) != 1:

@@ -71,8 +71,8 @@ class InductionCircuit:
 
 def induction_circuit(graph: AttributionGraph, logit_id: str, peak: int, parallel_residual: bool = False) -> InductionCircuit:
     """The strongest induction head for ``logit_id`` attending to ``peak`` and what the strongest QK pair that
-    raises its attention there (`why_pairs`) is made of.  ``parallel_residual``: a layer-0 MLP node then reads the embedding alone (so it
-    carries the current token).  Raises LookupError if no head qualifies."""
+    raises its attention there (`why_pairs`) is made of.  ``parallel_residual``: a layer-0 MLP node then reads
+    the embedding alone (so it carries the current token).  Raises LookupError if no head qualifies."""
     heads = induction_heads(graph, logit_id, peak)
     if not heads:
         raise LookupError("no Lorsa head at the last position attends to the token after the earlier occurrence")

@@ -19,7 +19,9 @@ The rule (`FamilyConfig`; every field is a knob):
 - **output direction** (``direction``): "read" (the default), what the graph's nodes read of what the unit
   writes per unit of activation: its outgoing edge weights (into every later head, feature and logit of the
   graph) divided by its activation, i.e. its ``W_O`` row (a feature's decoder) projected onto the read vectors
-  of the graph's targets; "weights", the ``W_O`` row or decoder itself (needs the model).  A unit joins a family
+  of the graph's targets; "weights", the ``W_O`` row or decoder itself (needs the model); "target", its total
+  linear effect on the traced logit per unit of activation (one number: members push the target the same way,
+  whatever else they write; `target_directions`).  A unit joins a family
   only if the cosine of its direction with the family leader's is at least ``cosine`` (0.0 by default: it
   does not write against the leader).  With raw weights, no two co-attending last-position heads of the toy's
   layer 1 reached a cosine of 0.3 on a natural-text prompt (docs/families.md), hence the "read"
@@ -68,8 +70,9 @@ _FAMILY_ID = re.compile(r"^fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)$")
 @dataclass(frozen=True)
 class FamilyConfig:
     """The grouping rule (module docstring): ``cosine``, the least cosine of a member's output direction with its
-    family leader's; ``direction``, "read" (its outgoing edges per unit of activation) or "weights" (its W_O row
-    or decoder); ``key_rule`` "peak" (members share the key position where their z pattern peaks);
+    family leader's; ``direction``, "read" (its outgoing edges per unit of activation), "weights" (its W_O row
+    or decoder) or "target" (its effect on the traced logit per unit of activation); ``key_rule`` "peak"
+    (members share the key position where their z pattern peaks);
     ``min_share``, the least share of a head's z pattern (in size) at its peak for it to join a family;
     ``layer_span``, the most layers a family spans minus one (0: one layer, 1: adjacent layers);
     ``transcoders``, group transcoder features too (by position and decoder direction); ``min_members``, the
@@ -86,8 +89,8 @@ class FamilyConfig:
     def __post_init__(self):
         if not -1.0 <= self.cosine <= 1.0:
             raise BadInputError(f"the family cosine threshold must be in [-1, 1], not {self.cosine}")
-        if self.direction not in ("read", "weights"):
-            raise BadInputError(f"unknown family direction {self.direction!r}; use 'read' or 'weights'")
+        if self.direction not in ("read", "weights", "target"):
+            raise BadInputError(f"unknown family direction {self.direction!r}; use 'read', 'weights' or 'target'")
         if self.key_rule != "peak":
             raise BadInputError(f"unknown family key rule {self.key_rule!r}; use 'peak'")
         if not 0.0 <= self.min_share <= 1.0:
@@ -259,6 +262,19 @@ def read_directions(graph: AttributionGraph, nodes: list[Node]) -> torch.Tensor:
                                    (len(nodes), N), check_invariants=True).coalesce()
 
 
+def target_directions(graph: AttributionGraph, nodes: list[Node]) -> torch.Tensor:
+    """[m, 1] float64: each node's total linear effect on the graph's target logit (`patching.graph_effects`)
+    per unit of activation, so that two units' cosine is 1 when they push the target the same way, -1 when they
+    push it apart (0 for a node with no activation)."""
+    from .patching import graph_effects
+
+    effects = graph_effects(graph, graph.target.id)
+    idx = torch.tensor([graph.index[n.id] for n in nodes], dtype=torch.long)
+    acts = torch.tensor([n.activation for n in nodes], dtype=torch.float64)
+    per = torch.where(acts.abs() > 0, effects[idx] / torch.where(acts.abs() > 0, acts, 1.0), 0.0)
+    return per[:, None]
+
+
 def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAULT_FAMILIES,
                   also: AttributionGraph | None = None) -> list[Family]:
     """Group the graph's active heads (and features) by the rule of ``cfg``, mark each member's node
@@ -274,6 +290,8 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
         if model is None:
             raise BadInputError("family direction 'weights' needs the model (its W_O rows and decoders)")
         dirs = output_directions(model, nodes)  # [m, d]
+    elif cfg.direction == "target":
+        dirs = target_directions(graph, nodes)  # [m, 1]
     else:
         dirs = read_directions(graph, nodes)  # [m, N]
     sizes = _row_norms(dirs)  # [m]

@@ -9,6 +9,7 @@ Weights are stored in bf16 by default (float32 on request) and always loaded as 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -64,8 +65,6 @@ def save_modules(items: list[tuple[torch.nn.Module, str, dict | None]], folder: 
     them.  A run stopped while writing leaves the folder's modules as they were (a joint stage refining a folder
     in place then resumes from them), never half old and half new; staged files a stopped run left are removed by
     the next save."""
-    import os
-
     folder = Path(folder)
     for old in folder.glob(STAGED + "*"):
         old.unlink(missing_ok=True)

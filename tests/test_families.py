@@ -157,6 +157,28 @@ def test_read_directions_are_outgoing_edges_per_activation():
     assert fams[0].mean_cosine == pytest.approx(1.0) and twin.settings["families"]["cosine"] == 0.9
 
 
+def test_target_direction_groups_the_heads_that_push_the_target_one_way():
+    """direction="target": a unit's direction is its effect on the traced logit per unit of activation (here its
+    direct edge: no transcoder feature between), so the heads of a slot that raise it form one family whatever
+    else they write (the third is orthogonal to the first two in read space: the read rule at cosine 0.5 splits it
+    off), and one that lowers it stays out."""
+    from graphs.families import find_families, target_directions
+
+    heads = [Node.make(L, 1, i, 1, activation=a, z_pattern=[0.9, 0.1]) for i, a in enumerate((1.0, 2.0, 1.0, 1.0))]
+    g = AttributionGraph("a b", ["a", "b"], [1, 2], [Node.make(NodeKind.EMBEDDING, -1, 0, 0), *heads,
+                         Node.make(NodeKind.LOGIT, 2, 5, 1, prob=0.9), Node.make(NodeKind.LOGIT, 2, 6, 1, prob=0.1)],
+                         [Edge("lorsa.1.0@1", "logit.5@1", 1.0), Edge("lorsa.1.0@1", "logit.6@1", -0.5),
+                          Edge("lorsa.1.1@1", "logit.5@1", 2.0), Edge("lorsa.1.1@1", "logit.6@1", -1.0),
+                          Edge("lorsa.1.2@1", "logit.5@1", 0.5), Edge("lorsa.1.2@1", "logit.6@1", 1.0),
+                          Edge("lorsa.1.3@1", "logit.5@1", -1.0)])
+    per = target_directions(g, heads)[:, 0].abs()  # graph_effects' sign is the ablation's; the sizes are these
+    assert per.tolist() == pytest.approx([1.0, 1.0, 0.5, 1.0])
+    fams = find_families(g, None, FamilyConfig(direction="target"))
+    assert [sorted(f.members) for f in fams] == [["lorsa.1.0@1", "lorsa.1.1@1", "lorsa.1.2@1"]]
+    read = find_families(g, None, FamilyConfig(cosine=0.5))
+    assert "lorsa.1.2@1" not in read[0].members
+
+
 def test_families_query():
     g = _graph()
     f = family(g, "fam.lorsa.1.0@2")

@@ -50,8 +50,9 @@ def test_addition_split_is_fixed_and_disjoint():
 
 
 def test_text_sources_hold_out_the_end_and_refuse_binary_files(tmp_path):
-    """The last 2% of each file (cut at a line break within the last 1% before that, else there) is held out; a stray undecodable byte is kept as U+FFFD, a
-    binary file (NUL bytes) or a non-UTF-8 one (over 1% undecodable) is refused, not read as garbage text."""
+    """The last 2% of each file (cut at a line break within the last 1% before that, else there) is held out; a
+    stray undecodable byte is kept as U+FFFD, a binary file (NUL bytes) or a non-UTF-8 one (over 1% undecodable)
+    is refused, not read as garbage text."""
     from replacement.errors import BadInputError
 
     lines = [f"line {i} of the text" for i in range(500)]
