@@ -155,6 +155,9 @@ class Transcoder(nn.Module):
         from .io import atomic_write_text
 
         folder = Path(folder)
+        if self.W_skip is not None and self.cfg.reads != "mlp.in":  # what circuit-tracer (and our reader) refuse
+            raise ForeignFormatError(f"a transcoder reading {self.cfg.reads} with a skip connection has no "
+                                     "circuit-tracer form (a skip reads the MLP's input, mlp.hook_in)")
         hook_in = next(h for h, reads in CT_INPUT_HOOKS.items() if reads == self.cfg.reads)
         settings = {"model_kind": model_kind, "feature_input_hook": hook_in, "feature_output_hook": CT_OUTPUT_HOOKS[0]}
         if self.cfg.top_k:

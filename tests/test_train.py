@@ -494,6 +494,9 @@ def test_a_circuit_tracer_set_written_layer_by_layer_keeps_one_config(tmp_path):
     mid.to_circuit_tracer(tmp_path / "mid", layer=0)
     assert "feature_input_hook: hook_resid_mid" in (tmp_path / "mid" / "config.yaml").read_text()
     assert Transcoder.from_circuit_tracer(tmp_path / "mid", 0).cfg.reads == "resid_mid"  # read back as written
+    skip = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=5, reads="resid_mid", skip=True))
+    with pytest.raises(ForeignFormatError, match="with a skip connection has no circuit-tracer form"):
+        skip.to_circuit_tracer(tmp_path / "skip", layer=0)
     # a JumpReLU threshold as [1, N]
     t, _ = ckpt.load(tmp_path / "ct" / "layer_0.safetensors")
     theta = torch.rand(1, 32) * 0.1
