@@ -25,7 +25,6 @@ from replacement.io import remove_leftovers
 from .common import refuse_file
 
 
-
 def default_out_dir(prompt: str, model: str, settings: dict, root: str | Path = "traces") -> Path:
     """``root/<slug of the prompt>-<short hash of prompt, model and settings>``."""
     from graphs.export import prompt_slug
