@@ -157,7 +157,7 @@ def _contrast_batch(tabs, t: int, gs: torch.Tensor, ks: torch.Tensor, w: torch.T
     names_q = tabs.names[t]
     q_t = Q.sum(1) + qb  # [B, e]
     # each row's part of its unit's key marginal, |w_p q_t . k_row| [B k, R]: a unit is named where it gives most
-    strength = (w[..., p_idx] * (K * q_t[:, None]).sum(-1)[:, None]).abs().reshape(B * k, -1)
+    strength = (w[..., p_idx] * (K @ q_t[:, :, None]).transpose(-1, -2)).abs().reshape(B * k, -1)
     rep = _representatives(unit, U, strength).tolist()
     pos_of, r_of = used[p_idx].tolist(), r_idx.tolist()
     sums = (split.pairs_total.flatten().tolist(), split.query_bias_x_keys.flatten().tolist(),
