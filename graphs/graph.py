@@ -475,7 +475,8 @@ class AttributionGraph:
     def to_networkx(self, include_qk: bool = False):
         """A networkx DiGraph: node attributes are the Node's scalar fields (``type`` as its plain name; fields that
         are None and the lists ``qk``, ``z_pattern`` and ``lens`` are left out, `node` has them), edge attributes
-        ``weight`` and ``kind``, so that networkx's writers (GraphML, node-link JSON) take it as it is.
+        ``weight`` and ``kind``, so that networkx's writers (GraphML, node-link JSON) take it as it is (but for
+        GraphML, XML 1.0, a label holding a control character such as a token "\x01": node-link JSON keeps it).
 
         QK pairs are not edges of the linear graph (a pair is two sources of one score term); with ``include_qk``
         the result is a MultiDiGraph where each pair of `qk` adds two edges into its head, query side and key side,
