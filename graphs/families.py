@@ -271,8 +271,8 @@ def target_directions(graph: AttributionGraph, nodes: list[Node]) -> torch.Tenso
     effects = graph_effects(graph, graph.target.id)
     idx = torch.tensor([graph.index[n.id] for n in nodes], dtype=torch.long)
     acts = torch.tensor([n.activation for n in nodes], dtype=torch.float64)
-    per = torch.where(acts.abs() > 0, effects[idx] / torch.where(acts.abs() > 0, acts, 1.0), 0.0)
-    return per[:, None]
+    active = acts.abs() > 0
+    return torch.where(active, effects[idx] / torch.where(active, acts, 1.0), 0.0)[:, None]
 
 
 def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAULT_FAMILIES,
