@@ -137,7 +137,8 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     settings = {"attention": model.attention, "model": a.name, "logit_coverage": logit_coverage, "bos": bos,
                 "max_logits": max_logits, "edges_per_target": edges_per_target, "sparse_record": sparse_record,
                 "max_feature_nodes": max_feature_nodes, "active_features": n_features, "budgeted": budgeted,
-                "dtype": str(a.dtype).removeprefix("torch."), "device": a.device.type}  # the precision it ran at
+                "dtype": str(a.dtype).removeprefix("torch."), "device": a.device.type,  # the precision it ran at
+                **model.provenance()}  # the model's fingerprint and the replacements' folders
     z_patterns(model, rec, nodes)
     prompt_text = prompt if isinstance(prompt, str) else tok.decode(rec.ids[1:]) if tok is not None else ""
     graph = AttributionGraph(prompt_text, tokens, rec.ids.tolist(), nodes, edges, settings)

@@ -15,6 +15,7 @@ circuit-tracer's method) attention stays the real MHSA with its patterns frozen,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,7 @@ class ReplacementModel:
         self.transcoders = {L: m for (k, L), m in modules.items() if k == "transcoder"}
         self.lorsas = {L: m for (k, L), m in modules.items() if k == "lorsa"}
         self._codes: dict = {}  # {layer: SparseCode} of the run in progress (`_module_hooks`)
+        self.origins: dict[tuple[str, int], Path] = {}  # the folder (`load`) or file (`use_module`) of each module
         need = {("transcoder", L) for L in range(adapter.n_layers)}
         if attention == "lorsa":
             need |= {("lorsa", L) for L in range(adapter.n_layers)}
@@ -84,7 +86,10 @@ class ReplacementModel:
         ones replace earlier ones' modules); None: the model's default folder (replacement/foreign.py)."""
         from .foreign import load_specs
 
-        return cls(adapter, load_specs(folder, adapter), attention)
+        folders = {}
+        model = cls(adapter, load_specs(folder, adapter, folders=folders), attention)
+        model.origins = folders
+        return model
 
     def use_module(self, path) -> torch.nn.Module:
         """Put the saved module at ``path`` (trained on this model) in place of the one of its kind and layer."""
@@ -96,7 +101,22 @@ class ReplacementModel:
             raise CircuitsError(f"{path} is for layer {module.cfg.layer}; the model has {self.adapter.n_layers}")
         module.requires_grad_(False)
         (self.lorsas if meta["kind"] == "lorsa" else self.transcoders)[module.cfg.layer] = module.eval()
+        self.origins[(meta["kind"], module.cfg.layer)] = Path(path)
         return module
+
+    def provenance(self) -> dict:
+        """What a graph was traced with, for its settings: the model's fingerprint and, per folder (or file), the
+        modules loaded from it (``{folder: ["layer0.lorsa", ...]}``; a bundled set as ``bundled:<model>``; modules
+        built in Python, not loaded from files, are left out)."""
+        from .bundle import BUNDLE_DIR
+        from .models import model_fingerprint
+
+        by_folder: dict[str, list[str]] = {}
+        for (kind, L), folder in sorted(self.origins.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            folder = Path(folder).resolve()
+            name = f"bundled:{folder.parent.name}" if folder.parent.parent == BUNDLE_DIR else str(folder)
+            by_folder.setdefault(name, []).append(f"layer{L}.{kind}")
+        return {"model_fingerprint": model_fingerprint(self.adapter), "replacements": by_folder}
 
     @property
     def cross_layer(self) -> bool:

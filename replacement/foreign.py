@@ -80,19 +80,23 @@ def detect_format(folder: Path) -> str:
     return "ours"
 
 
-def load_specs(specs, adapter, device=None) -> dict[tuple[str, int], torch.nn.Module]:
+def load_specs(specs, adapter, device=None, folders: dict | None = None) -> dict[tuple[str, int], torch.nn.Module]:
     """Every module of one spec or a list of them (later ones replace earlier ones' (kind, layer)); no spec: the
-    model's default folder (replacement/store.py)."""
+    model's default folder (replacement/store.py).  ``folders``, if given, is filled with the folder each
+    returned module came from ({(kind, layer): Path})."""
     from .store import default_folder
 
-    out, origin, clt = {}, {}, set()
+    out, origin, clt, where = {}, {}, set(), []
     for i, spec in enumerate(spec_list(specs, default_folder(adapter))):
         folder = resolve_spec(spec)
         modules = load_folder(folder, adapter, device)
         out.update(modules)
         origin.update({key: i for key in modules})
+        where.append(folder)
         if detect_format(folder) == "circuit-tracer-clt":
             clt.add(i)
+    if folders is not None:
+        folders.update({key: where[origin[key]] for key in out})
     from_ = {origin[k] for k in out if k[0] == "transcoder"}
     if clt & from_ and len(from_) > 1:
         raise ForeignFormatError("a cross-layer transcoder folder cannot be mixed with other transcoders (every MLP "

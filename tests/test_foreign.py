@@ -169,6 +169,33 @@ def test_lorsa_from_ours_and_transcoders_from_circuit_tracer_mix(tmp_path, saved
     assert max(reconstruction_errors(graph).values()) <= 1e-4
 
 
+def test_a_graph_records_which_folder_each_module_came_from(tmp_path, saved_model):
+    """graph.json's settings name the model's fingerprint and, per folder, the modules taken from it: here the
+    layer-1 transcoder from a circuit-tracer folder given second, everything else from the model's own set."""
+    import json
+
+    from graphs.attribution import attribute
+    from graphs.export import write_json
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model, model_fingerprint
+
+    adapter = load_model(str(saved_model))
+    ct = _ct_set(tmp_path / "ct", adapter, layers=[1])
+    own = saved_model / "replacements"
+    model = ReplacementModel.load(adapter, [str(own), str(ct)], "lorsa")
+    assert model.transcoders[1].cfg.jumprelu and not model.transcoders[0].cfg.jumprelu  # the mix as recorded below
+    graph = attribute(model, adapter.tokenize("the cat sat"), qk=False)
+    write_json(graph, tmp_path / "g.json")
+    settings = json.loads((tmp_path / "g.json").read_text())["metadata"]["settings"]
+    assert settings["model_fingerprint"] == model_fingerprint(adapter)
+    mine = [f"layer{L}.{k}" for L in range(adapter.n_layers) for k in ("lorsa", "transcoder")]
+    mine.remove("layer1.transcoder")
+    assert settings["replacements"] == {str(own.resolve()): mine, str(ct.resolve()): ["layer1.transcoder"]}
+    bundled = ReplacementModel.load(load_model("toy"))
+    assert bundled.provenance()["replacements"] == {"bundled:toy": ["layer0.lorsa", "layer0.transcoder",
+                                                                    "layer1.lorsa", "layer1.transcoder"]}
+
+
 def _cli(*args, cwd=None):
     import subprocess
     import sys
