@@ -32,7 +32,8 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_routes, gist, gist_examples, grid, meaning, node_name, quoted, token_text)
+                     drawn_qk, edge_routes, edge_widths, gist, gist_examples, grid, marked_path, meaning, node_name,
+                     path_edges, quoted, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -179,6 +180,7 @@ STYLE = {  # fill colour, shape, style
     NodeKind.MLP_ERROR: ("#fdae6b", "octagon", "filled,dashed"), NodeKind.LOGIT: ("#fcbba1", "box", "filled"),
 }
 POSITIVE, NEGATIVE, QK_COLOURS = "#2166ac", "#b2182b", ("#6a51a3", "#e6550d")
+HIGHLIGHT, HIGHLIGHT_WIDTH = "#ffc400c8", 12  # under the marked path's edges (graphs/layout.py's `marked_path`)
 LEFT_LINE = "\\l"  # DOT: end a left-justified line
 
 
@@ -214,10 +216,11 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
         from .families import collapse
 
         graph = collapse(graph, fams)
-    nodes = draw_budget(graph, draw_nodes)
+    marked = marked_path(graph)
+    nodes = draw_budget(graph, draw_nodes, must=tuple(marked[1]) if marked else ())
     ids = {n.id for n in nodes}
     g = grid(graph, nodes)
-    legend = _legend(graph, len(nodes), fams)
+    legend = _legend(graph, len(nodes), fams, marked)
     lines = ["digraph attribution {",
              "  layout=nop2; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
              '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
@@ -238,19 +241,25 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
                      f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}{width}" + (", peripheries=2" if n.members else "") + "];")
     lines += _frame(g)
     E = graph.edge_arrays
-    chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes))
+    on_path = path_edges(graph, marked[1]) if marked else []
+    chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), must=on_path)
     qk = drawn_qk(graph, ids, qk_per_head, max_qk)
-    wmax = max([abs(float(E.w[i])) for i in chosen] + [1e-12])
+    widths = edge_widths(graph, chosen)
     node_ids = [n.id for n in graph.node_list]
     pairs = [(node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]) for i in chosen]
     qk_pairs = [(node_id, e.head) for e in qk for node_id in (e.query, e.key)]
     routes = iter(edge_routes(g, pairs + qk_pairs, [float(E.w[i]) for i in chosen] + [0.0] * len(qk_pairs)))
-    for i, (source, target) in zip(chosen, pairs):
+    curves = [_spline(next(routes)) for _ in chosen]
+    for i, (source, target), curve in zip(chosen, pairs, curves):  # the marked path first, under a highlighter
+        if i in on_path:
+            lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={HIGHLIGHT_WIDTH}, color={_q(HIGHLIGHT)}, "
+                         f"arrowhead=none, tooltip=\"the strongest path\", pos={_q(curve)}];")
+    for i, (source, target), width, curve in zip(chosen, pairs, widths, curves):
         w = float(E.w[i])
         tip = f"{names[source]} -> {names[target]}: {w:+.3g}"
-        lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={0.4 + 3.6 * abs(w) / wmax:.2f}, "
-                     f"color={_q((POSITIVE if w > 0 else NEGATIVE) + 'b0')}, arrowsize=0.4, tooltip={_q(tip)}, "
-                     f"pos={_q(_spline(next(routes)))}];")
+        colour = (POSITIVE if w > 0 else NEGATIVE) + ("" if i in on_path else "b0")  # the marked path opaque
+        lines.append(f"  {_q(source)} -> {_q(target)} [penwidth={width:.2f}, color={_q(colour)}, arrowsize=0.4, "
+                     f"tooltip={_q(tip)}, pos={_q(curve)}];")
     for e in qk:
         color = QK_COLOURS[0] if e.weight > 0 else QK_COLOURS[1]
         for side, node_id in (("query", e.query), ("key", e.key)):
@@ -294,7 +303,7 @@ def _score_line(graph: AttributionGraph) -> str:
     return f"({', '.join(parts)})" if parts else ""
 
 
-def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
+def _legend(graph: AttributionGraph, drawn: int, families: list = (), marked: tuple | None = None) -> str:
     left = len(graph.node_list) - drawn
     lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
              f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" + (f"; {left} left out:" if left else "")]
@@ -302,9 +311,13 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = ()) -> str:
         lines.append(f"    draw them with --draw-nodes {len(graph.node_list)} (trace, circuits render), or see every node "
                      "in the HTML page (--format html)")
     lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
-              "    dashed orange octagon: error node, what the replacement misses of the real layer",
-              "edges: blue excites, red inhibits, width by |weight|; dashed: a head's QK pair (query and key side; "
-              "purple raises its score, orange lowers it)"]
+              "    dashed orange octagon: error node, what the replacement misses of the real layer (light: attention, "
+              "dark: MLP), with its influence (the share of the logits' input that flows through it)",
+              "edges: blue excites, red inhibits, width by the edge's share of its target's input; dashed: a head's "
+              "QK pair (query and key side; purple raises its score, orange lowers it)"]
+    if marked:
+        lines.append(f"highlighted in yellow: the strongest path from a token to {quoted(token_text(graph.target.label))} (strength "
+                     f"{marked[0]:.3f}: the product of its edges' shares)")
     gists = gist_examples(graph)
     if gists:
         lines.append("third line: " + "; ".join(gists))

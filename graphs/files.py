@@ -41,8 +41,9 @@ def write_all(graph: AttributionGraph, base: str | Path, formats: list[str], dra
 
     A DOT is written whenever svg or png is asked for (they are rendered from it), so the result may hold a
     ``"dot"`` that was not asked for.  ``dashboards``: called (only if html is asked for) for the page's
-    feature dashboards.  ``expand_families``: the DOT/SVG/PNG draw each family's members rather than one node per
-    family (the page opens with every member drawn, and its "families as one node" box collapses them).  A failed rendering is a `BadInputError`."""
+    feature dashboards.  ``expand_families``: the pictures draw each family's members rather than one node per
+    family (the page opens so too; its "families as one node" box switches between the two).  A failed rendering
+    is a `BadInputError`."""
     from .export import Rendering, RenderError, write_dot, write_json
 
     base, written, renderings = Path(base), {}, {}
@@ -57,7 +58,7 @@ def write_all(graph: AttributionGraph, base: str | Path, formats: list[str], dra
             from .html import write_html
 
             dash = dashboards() if dashboards is not None else None
-            written["html"] = write_html(graph, base.with_suffix(".html"), dash, draw_nodes)
+            written["html"] = write_html(graph, base.with_suffix(".html"), dash, draw_nodes, expand_families)
         for f, r in renderings.items():
             written[f] = r.wait()
     except RenderError as e:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
 from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_order, edge_routes, gist_examples, grid, meaning, node_name, token_text)
+                     drawn_qk, edge_order, edge_routes, edge_widths, gist_examples, grid, marked_path, meaning,
+                     node_name, path_edges, token_text)
 
 STYLE = """
 body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
@@ -29,6 +30,10 @@ body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; di
 #scene { flex: 1; width: 100%; min-height: 0; cursor: grab; background: #fff; }
 #scene g.node { cursor: pointer; }
 #scene g.node.selected > :first-child { stroke: #000; stroke-width: 3px; }
+#scene.focus path.edge { stroke-opacity: 0.07; }
+#scene.focus path.edge.near { stroke-opacity: 0.95; }
+#scene.focus g.node { opacity: 0.3; }
+#scene.focus g.node.near, #scene.focus g.node.selected { opacity: 1; }
 #scene text { font-family: Helvetica, Arial, sans-serif; pointer-events: none; }
 #panel { width: 440px; display: flex; flex-direction: column; background: #fafafa; }
 #info { flex: 0 1 auto; max-height: 65%; overflow: auto; padding: 10px 14px; }
@@ -99,16 +104,18 @@ function draw(i) {
   for (const [x, label] of step.columns) for (const y of step.header_y)
     text(root, x, Y(y), label.split('\n'), {'font-size': 11, 'font-weight': 'bold'});
   for (const [y, label] of step.rows) text(root, DATA.label_w / 2, Y(y), [label], {'font-size': 11, fill: '#555'});
-  const wmax = Math.max(1e-12, ...step.edges.map(e => Math.abs(e[2])));
   const curve = (a, b, c1, c2) => {  // c1, c2: the control points' x (graphs/layout.py's edge_routes)
     const [x1, y1] = step.xy[a], [x2, y2] = step.xy[b];
     const ya = Y(y1) - DATA.node_h / 2, yb = Y(y2) + DATA.node_h / 2, m = (ya + yb) / 2;
     return `M${x1},${ya} C${c1},${m} ${c2},${m} ${x2},${yb}`;
   };
-  for (const [a, b, w, c1, c2] of step.edges)
-    el('path', {d: curve(a, b, c1, c2), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', 'stroke-opacity': 0.55,
-                'stroke-width': 0.4 + 3.6 * Math.abs(w) / wmax}, root).appendChild(el('title', {})).textContent =
-      `${name(a)} -> ${name(b)}: ${fmt(w)}`;
+  for (const [a, b, w, width, onPath, c1, c2] of step.edges)  // the marked path (graphs/layout.py) under a highlighter
+    if (onPath) el('path', {d: curve(a, b, c1, c2), fill: 'none', stroke: '#ffc400', 'stroke-opacity': 0.78,
+                            'stroke-width': 12, class: 'highlight'}, root);
+  for (const [a, b, w, width, onPath, c1, c2] of step.edges)
+    el('path', {d: curve(a, b, c1, c2), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', class: 'edge',
+                'stroke-opacity': onPath ? 0.95 : 0.55, 'stroke-width': width,
+                'data-a': a, 'data-b': b}, root).appendChild(el('title', {})).textContent = `${name(a)} -> ${name(b)}: ${fmt(w)}`;
   for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())
     el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',
                 'stroke-opacity': 0.5, 'stroke-dasharray': '5 3', 'stroke-width': 1}, root);
@@ -128,6 +135,18 @@ function draw(i) {
     'search, or pick them from the list on the right.' : 'All nodes are drawn.';
   for (const li of document.querySelectorAll('#node-list li')) li.classList.toggle('undrawn', !(li.dataset.node in step.xy));
   document.body.dataset.drawnNodes = step.n;
+  highlight();
+}
+function highlight() {  // a selected node's drawn edges and neighbours stand out, the rest fades
+  const on = !!(selected && selected in step.xy);
+  scene.classList.toggle('focus', on);
+  const near = new Set([selected]);
+  for (const p of scene.querySelectorAll('path.edge')) {
+    const hit = on && (p.dataset.a === selected || p.dataset.b === selected);
+    p.classList.toggle('near', hit);
+    if (hit) { near.add(p.dataset.a); near.add(p.dataset.b); }
+  }
+  for (const g of scene.querySelectorAll('g.node')) g.classList.toggle('near', on && near.has(g.dataset.node));
 }
 
 // -- zoom and pan ----------------------------------------------------------------------------------------
@@ -174,6 +193,13 @@ window.addEventListener('pointermove', ev => {
   if (dragged) setView({...drag.v, x: drag.v.x - dx * k, y: drag.v.y - dy * k});
 });
 window.addEventListener('pointerup', () => { drag = null; });
+scene.addEventListener('click', ev => {  // a click beside the nodes lets the selected one go
+  if (dragged || ev.target.closest('g.node') || !selected) return;
+  selected = null;
+  for (const g of scene.querySelectorAll('g.node.selected')) g.classList.remove('selected');
+  history.replaceState(null, '', location.pathname + location.search);
+  highlight();
+});
 document.getElementById('toolbar').addEventListener('click', ev => {
   const f = ev.target.dataset.zoom;
   if (f) f === 'fit' ? fit() : zoom(Number(f));
@@ -278,6 +304,7 @@ function go(id) {  // select a node: draw it, bring it into view, fill the panel
   for (const g of scene.querySelectorAll('g.node.selected')) g.classList.remove('selected');
   for (const li of document.querySelectorAll('#node-list li.selected')) li.classList.remove('selected');
   show(id);
+  highlight();
   if (!selected) return;
   scene.querySelector(`g.node[data-node="${CSS.escape(id)}"]`).classList.add('selected');
   bringIntoView(id);
@@ -332,15 +359,19 @@ def slider_steps(total: int, default: int) -> list[int]:
 
 def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
     """One slider step: the ``n_nodes`` most influential nodes on their grid, with the edges and QK pairs drawn."""
-    nodes = draw_budget(graph, n_nodes)
+    marked = marked_path(graph)
+    nodes = draw_budget(graph, n_nodes, must=tuple(marked[1]) if marked else ())
     ids = {n.id for n in nodes}
     g = grid(graph, nodes)
     E, names = graph.edge_arrays, [n.id for n in graph.node_list]
-    edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5)]
-             for i in drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order)]
+    on_path = set(path_edges(graph, marked[1])) if marked else set()
+    chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order, must=sorted(on_path))
+    # [source, target, weight, pen width, on the marked path]
+    edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5), width, int(i in on_path)]
+             for i, width in zip(chosen, edge_widths(graph, chosen))]
     qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
-    routes = iter(edge_routes(g, [(a, b) for a, b, _ in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)],
-                              [w for _, _, w in edges] + [0.0] * (2 * len(qk))))
+    routes = iter(edge_routes(g, [(e[0], e[1]) for e in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)],
+                              [e[2] for e in edges] + [0.0] * (2 * len(qk))))
     for e in edges:  # each curve's control points' x: a bow around the nodes in its way (layout.edge_routes)
         r = next(routes)
         e += [round(r[2], 1), round(r[4], 1)]
@@ -358,14 +389,21 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
 def _pictures(graph: AttributionGraph, draw_nodes: int) -> tuple[list[dict], int]:
     """The slider's pictures of ``graph`` and the one drawn first."""
     edge_rank = edge_order(graph)
-    steps = [picture(graph, k, edge_rank) for k in slider_steps(len(graph.node_list), draw_nodes)]
-    for s in steps:
-        s["total"] = len(graph.node_list)
-    return steps, next(i for i, s in enumerate(steps) if s["n"] >= min(draw_nodes, len(graph.node_list)))
+    ks = slider_steps(len(graph.node_list), draw_nodes)
+    default = min(draw_nodes, len(graph.node_list))
+    steps, first = [], None
+    for k in ks:  # a step may draw fewer than k nodes (none hangs loose): one that draws no more than the last is left out
+        s = picture(graph, k, edge_rank)
+        if not steps or s["n"] > steps[-1]["n"]:
+            s["total"] = len(graph.node_list)
+            steps.append(s)
+        if k == default:
+            first = len(steps) - 1
+    return steps, first
 
 
 def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES, n_edges: int = 5,
-              expand_families: bool = True) -> dict:
+              expand_families: bool = False) -> dict:
     """The JSON the page embeds: every node (with its strongest edges) and its dashboard, each family of heads
     or features (graphs/families.py) with its members, and the pictures the slider steps through: of the graph
     (``steps``) and of the graph with each family as one node (``family_steps``; the page's "families" box
@@ -439,7 +477,7 @@ def script_json(obj) -> str:
 
 
 def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES,
-            expand_families: bool = True) -> str:
+            expand_families: bool = False) -> str:
     import html
 
     data = script_json(page_data(graph, dashboards, draw_nodes, expand_families=expand_families))
@@ -458,8 +496,10 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<span><button data-zoom=\"fit\">fit</button><button data-zoom=\"1.25\">+</button>"
             f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
             f"<div id=\"legend\"><span id=\"left-out\"></span><span id=\"zoom-note\"></span> Edges run upwards: blue excites, red inhibits, width by "
-            f"|weight|; dashed: a head's QK pair. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
-            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses)."
+            f"the edge's share of its target's input; yellow: the strongest path from a token to the answer; dashed: a "
+            f"head's QK pair; click a node to light up its edges. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
+            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses; light: attention, dark: "
+            f"MLP; with its influence)."
             f"{third}</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
             f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
@@ -470,7 +510,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
 
 
 def write_html(graph: AttributionGraph, path: str | Path, dashboards=None, draw_nodes: int = DEFAULT_DRAW_NODES,
-               expand_families: bool = True) -> Path:
+               expand_families: bool = False) -> Path:
     from replacement.io import atomic_write_text
 
     path = Path(path)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph import ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, unit_label
+from .graph import ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, input_shares, unit_label
 from .lens import key_position, key_share
 
 DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
+MAX_DRAWN_LOGITS = 5  # the likeliest logits drawn (the JSON and the page's list keep every one)
 EDGES_PER_NODE = 3  # drawn edges per drawn node
 NODE_W, NODE_H = 66.0, 40.0  # points (three lines of text)
 GAP, COL_GAP, ROW_GAP = 6.0, 12.0, 18.0  # between the nodes of a cell, between columns, between rows
@@ -68,8 +69,9 @@ def box_label(graph: AttributionGraph, n: Node) -> str:
         return quoted(token_text(n.label, MAX_TOKEN_CHARS)) + "\n" + (f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
     if n.type == NodeKind.EMBEDDING:
         return f"{token_text(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)}\n@{n.pos}"
-    if n.type not in FEATURE_KINDS:  # an error node: "L1 MLP" over "error @4"
-        return f"L{n.layer} {_error_part(n)}\nerror @{n.pos}"
+    if n.type not in FEATURE_KINDS:  # an error node: "L1 MLP" over "error @4" over its influence, "infl 3.1%"
+        share = 100 * n.influence
+        return f"L{n.layer} {_error_part(n)}\nerror @{n.pos}\ninfl " + (f"{share:.2g}%" if share >= 0.1 else "<0.1%")
     if n.members:  # a family (graphs/families.py): "L1 x21 ←60" over "fam 0 @64" (its rank in the id)
         text = f"{n.label}\nfam {n.index} @{n.pos}"
     else:
@@ -139,11 +141,35 @@ def meaning(n: Node) -> str:
 
 # -- which nodes and edges ----------------------------------------------------------------------------------------
 
-def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES) -> list[Node]:
-    """``max_nodes`` nodes: the logits (the likeliest first), then the most influential other nodes."""
-    logits = sorted((n for n in graph.node_list if n.type == NodeKind.LOGIT), key=lambda n: -n.prob)[:max_nodes]
-    rest = sorted((n for n in graph.node_list if n.type != NodeKind.LOGIT), key=lambda n: -n.influence)
-    return logits + rest[: max_nodes - len(logits)]
+def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, must: tuple[str, ...] = ()) -> list[Node]:
+    """At most ``max_nodes`` nodes: the nodes ``must`` (e.g. the path a picture marks), the likeliest logits (at
+    most ``MAX_DRAWN_LOGITS``, the target among them), then the most influential other nodes that have an edge into
+    another drawn node: a node with none would hang loose in the picture (one that pruning keeps only for a head's
+    QK pairs, or whose edges it dropped), so it gives its place to the next (repeated until no drawn node is loose).
+    A budget of every node draws every node, in order of influence (the page's last slider step)."""
+    E, nodes = graph.edge_arrays, graph.node_list
+    if max_nodes >= len(nodes):
+        logits = sorted((n for n in nodes if n.type == NodeKind.LOGIT), key=lambda n: -n.prob)
+        return logits + sorted((n for n in nodes if n.type != NodeKind.LOGIT), key=lambda n: -n.influence)
+    target = graph.target.id if graph.logits() else None
+    logits = sorted((n for n in nodes if n.type == NodeKind.LOGIT), key=lambda n: (n.id != target, -n.prob))
+    first = [graph.node(i) for i in must if i in graph.index] + logits[:MAX_DRAWN_LOGITS]
+    first = list({n.id: n for n in first}.values())[:max_nodes]
+    fixed = {graph.index[n.id] for n in first}
+    order = [graph.index[n.id] for n in sorted(nodes, key=lambda n: -n.influence)
+             if n.type != NodeKind.LOGIT and graph.index[n.id] not in fixed]
+    loose: set[int] = set()
+    while True:
+        rest = [i for i in order if i not in loose][: max(0, max_nodes - len(first))]
+        drawn = torch.zeros(len(nodes), dtype=torch.bool)
+        drawn[list(fixed) + rest] = True
+        feeds = torch.zeros(len(nodes), dtype=torch.bool)
+        live = drawn[E.tgt] & (E.w != 0)
+        feeds[E.src[live]] = True  # has an edge into a drawn node
+        newly = {i for i in rest if not feeds[i]}
+        if not newly:
+            return first + [nodes[i] for i in rest]
+        loose |= newly
 
 
 def edge_order(graph: AttributionGraph) -> torch.Tensor:
@@ -154,9 +180,10 @@ def edge_order(graph: AttributionGraph) -> torch.Tensor:
     return (E.w.abs() * infl[E.tgt]).argsort(descending=True)
 
 
-def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, order: torch.Tensor | None = None) -> list[int]:
-    """Indices of the edges to draw among ``node_ids``: each drawn source's strongest edge (so that no drawn
-    node hangs loose), then the strongest others, ``max_edges`` in all."""
+def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, order: torch.Tensor | None = None,
+                must: list[int] = ()) -> list[int]:
+    """Indices of the edges to draw among ``node_ids``: the edges ``must`` (a marked path's), each drawn source's
+    strongest edge (so that no drawn node hangs loose), then the strongest others, ``max_edges`` in all."""
     E = graph.edge_arrays
     order = edge_order(graph) if order is None else order
     inside = torch.tensor([n.id in node_ids for n in graph.node_list], dtype=torch.bool)
@@ -166,12 +193,47 @@ def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, ord
         if s not in seen:
             seen.add(s)
             first.append(i)
-    chosen = dict.fromkeys(first[:max_edges])
+    chosen = dict.fromkeys([*must, *first][:max_edges])
     for i in order.tolist():
         if len(chosen) >= max_edges:
             break
         chosen.setdefault(i)
     return list(chosen)
+
+
+def edge_widths(graph: AttributionGraph, chosen: list[int]) -> list[float]:
+    """Pen widths (points) of the edges ``chosen``: by each edge's share of its target's absolute input (as a path's
+    strength and influence count it), 0.4 for none to 4 for all of it, on a square-root scale so that a tenth
+    still shows (1.5).  Not by |weight| alone: a family's summed edges would make every other edge a hairline."""
+    E = graph.edge_arrays
+    if not chosen:
+        return []
+    idx = torch.tensor(chosen)
+    share = input_shares(E.tgt, E.w, len(graph.node_list))[idx]
+    return [round(0.4 + 3.6 * math.sqrt(min(1.0, float(v))), 2) for v in share]
+
+
+def marked_path(graph: AttributionGraph) -> tuple[float, list[str]] | None:
+    """The path a picture marks: the strongest from a token's embedding through a head or feature into the target
+    logit (as `trace` prints it), else the strongest direct one; None when the graph has none."""
+    if not graph.logits():
+        return None
+    for min_len in (3, 2):
+        found = graph.top_paths(k=1, sources=(NodeKind.EMBEDDING,), min_len=min_len)
+        if found:
+            return found[0]
+    return None
+
+
+def path_edges(graph: AttributionGraph, path: list[str]) -> list[int]:
+    """Indices into ``graph.edge_arrays`` of the edges along ``path`` (node ids, in order)."""
+    E = graph.edge_arrays
+    out = []
+    for a, b in zip(path, path[1:]):
+        hit = ((E.src == graph.index[a]) & (E.tgt == graph.index[b])).nonzero()[:, 0]
+        if len(hit):
+            out.append(int(hit[E.w[hit].abs().argmax()]))
+    return out
 
 
 def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[QKLink]:

@@ -39,8 +39,36 @@ def edges(root: ET.Element) -> list[dict]:
             path = next(g.iter(NS + "path"))
             link = next(g.iter(NS + "a"), None)
             out.append({"source": a, "target": b, "stroke": path.get("stroke"), "dashed": bool(path.get("stroke-dasharray")),
-                        "tooltip": link.get("{http://www.w3.org/1999/xlink}title") if link is not None else None})
+                        "tooltip": link.get("{http://www.w3.org/1999/xlink}title") if link is not None else None,
+                        "width": float(path.get("stroke-width", 1)), "highlight": path.get("stroke") == HIGHLIGHT})
     return out
+
+
+HIGHLIGHT = "#ffc400"  # the marker under the strongest path's edges
+
+
+def drawn_by_rule(graph, budget: int, must=(), max_logits: int = 5) -> set[str]:
+    """The nodes a picture of ``budget`` nodes should draw, by the rule written out plainly: ``must`` and the
+    likeliest logits (the target first) first; then, in order of influence, nodes with an edge into the drawn set,
+    a node found without one set aside for good and the budget refilled, until none is found; every node when the
+    budget covers them all."""
+    if budget >= len(graph.node_list):
+        return {n.id for n in graph.node_list}
+    logits = sorted(graph.logits(), key=lambda n: (n.id != graph.target.id, -n.prob))[:max_logits]
+    first = list(dict.fromkeys([*must, *(n.id for n in logits)]))[:budget]
+    others = [n.id for n in sorted(graph.node_list, key=lambda n: -n.influence) if n.type != "logit" and n.id not in first]
+    into: dict[str, set] = {}
+    for e in graph.edges:
+        if e.weight != 0:
+            into.setdefault(e.source, set()).add(e.target)
+    aside: set[str] = set()
+    while True:
+        rest = [i for i in others if i not in aside][: budget - len(first)]
+        drawn = set(first) | set(rest)
+        loose = {i for i in rest if not into.get(i, set()) & drawn}
+        if not loose:
+            return drawn
+        aside |= loose
 
 
 def size(root: ET.Element) -> tuple[float, float]:

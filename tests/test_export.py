@@ -102,16 +102,23 @@ def _svg(graph, tmp_path, draw_nodes):
 def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
     from graphs.layout import node_name
 
+    from graphs.layout import marked_path
+
     root = _svg(graph, tmp_path, draw_nodes=30)
     boxes = {k: v for k, v in svg.node_boxes(root).items() if k in graph.index}
-    logits = [n.id for n in graph.node_list if n.type == "logit"]
-    rest = sorted((n for n in graph.node_list if n.type != "logit"), key=lambda n: -n.influence)
-    assert set(boxes) == set(logits) | {n.id for n in rest[: 30 - len(logits)]}
+    path = marked_path(graph)[1]
+    assert set(boxes) == svg.drawn_by_rule(graph, 30, must=path) and set(path) <= set(boxes)
+    drawn_edges = [e for e in svg.edges(root) if not e["dashed"] and not e["highlight"]]
+    for k in boxes:  # no drawn node hangs loose: each but a logit has a drawn edge out
+        assert graph.node(k).type == "logit" or any(e["source"] == k for e in drawn_edges), k
+    marked = {(e["source"], e["target"]) for e in svg.edges(root) if e["highlight"]}
+    assert marked == set(zip(path, path[1:]))  # the strongest path, under the highlighter
     svg.assert_grid(graph, {k: v["box"] for k, v in boxes.items()})
     w, h = svg.size(root)
     assert 0.5 <= w / h <= 3, (w, h)
     text = " ".join(t.text or "" for t in root.iter(svg.NS + "text"))
-    assert f"30 of {len(graph.node_list)} nodes drawn" in text and f"{len(graph.node_list) - 30} left out" in text
+    n = len(boxes)
+    assert f"{n} of {len(graph.node_list)} nodes drawn" in text and f"{len(graph.node_list) - n} left out" in text
     assert "--draw-nodes" in text
     texts = [t.text for t in root.iter(svg.NS + "text")]
     labels = list(zip(texts, texts[1:]))  # a column's label: its position over its token
@@ -121,11 +128,15 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
         is_error = graph.node(k).type.endswith("error")
         assert bool(v["shape"].get("stroke-dasharray")) == is_error and ("error" in v["text"]) == is_error
     weights = {(e.source, e.target): e.weight for e in graph.edges}
-    solid = [e for e in svg.edges(root) if not e["dashed"]]
+    solid = [e for e in svg.edges(root) if not e["dashed"] and not e["highlight"]]
     assert solid and all(e["stroke"] == ("#2166ac" if weights[e["source"], e["target"]] > 0 else "#b2182b") for e in solid)
-    for e in solid:  # hovering an edge names its two ends and gives its weight
+    into: dict[str, float] = {}
+    for e in graph.edges:
+        into[e.target] = into.get(e.target, 0.0) + abs(e.weight)
+    for e in solid:  # hovering an edge names its two ends and gives its weight; its width, its share of the target's input
         a, b = graph.node(e["source"]), graph.node(e["target"])
         assert e["tooltip"] == f"{node_name(graph, a)} -> {node_name(graph, b)}: {weights[a.id, b.id]:+.3g}"
+        assert e["width"] == pytest.approx(0.4 + 3.6 * (abs(weights[a.id, b.id]) / into[b.id]) ** 0.5, abs=0.01)
     assert all(e["source"] in boxes and e["target"] in boxes for e in svg.edges(root))
 
 

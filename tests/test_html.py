@@ -49,6 +49,9 @@ def page_data(path) -> dict:
 
 
 def test_page_is_self_contained_and_holds_every_node(page):
+    import graphs
+    from graphs.layout import marked_path
+
     out, html, data = page
     assert not (out / "graph.svg").exists() and not (out / "graph.dot").exists()  # only asked for json and html
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "<script src" not in html  # SVG's namespace
@@ -58,7 +61,11 @@ def test_page_is_self_contained_and_holds_every_node(page):
     families = {s[0] for s in graph["qParams"]["supernodes"]}  # a family's page entry (graphs/families.py)
     assert set(data["nodes"]) == set(ids) | families and sorted(data["order"]) == sorted(ids)
     steps = [s["n"] for s in data["steps"]]
-    assert steps == sorted(steps) and steps[-1] == len(ids) and data["steps"][data["default_step"]]["n"] == DRAW
+    assert steps == sorted(set(steps)) and steps[-1] == len(ids)
+    g = graphs.load(out / "graph.json")
+    for drawn, key, default in ((g, "steps", "default_step"), (g.collapsed(), "family_steps", "family_default_step")):
+        first = set(data[key][data[default]]["xy"])
+        assert first == svg.drawn_by_rule(drawn, DRAW, must=marked_path(drawn)[1]) and len(first) <= DRAW
     heads = [k for k, n in data["nodes"].items() if n["type"] == "lorsa" and not n.get("members")]  # not families
     assert heads and all(data["nodes"][h]["z_pattern"] for h in heads)
     assert all(data["nodes"][h]["dash"] in data["dashboards"] for h in heads)
@@ -86,6 +93,19 @@ def on_screen(dom: str) -> tuple[dict, tuple]:
     return boxes, area
 
 
+def top_logits(graph, most: int = 5) -> set[str]:
+    """The logits every picture draws: the target and the likeliest others, five in all."""
+    return {n.id for n in sorted(graph.logits(), key=lambda n: (n.id != graph.target.id, -n.prob))[:most]}
+
+
+def opening(data: dict, graph):
+    """The picture the page opens on, and the graph it draws: the families as one node each unless the trace
+    asked for --expand-families (or the graph has none)."""
+    if data["family_steps"] and not data["expand_families"]:
+        return data["family_steps"][data["family_default_step"]], graph.collapsed()
+    return data["steps"][data["default_step"]], graph
+
+
 def check_opening_view(graph, dom: str, n_drawn: int, min_node_px: float = 30) -> float:
     """The page opened fitted: every drawn node wholly inside the graph area, laid out on the grid, the logits
     among them, each node at least ``min_node_px`` wide; returns the drawing's aspect ratio on screen."""
@@ -93,7 +113,7 @@ def check_opening_view(graph, dom: str, n_drawn: int, min_node_px: float = 30) -
     assert len(boxes) == n_drawn
     assert all(L <= b[0] and b[2] <= R and T <= b[1] and b[3] <= B for b in boxes.values()), (L, T, R, B)
     assert all(b[2] - b[0] >= min_node_px for b in boxes.values())
-    assert {n.id for n in graph.logits()} <= set(boxes)
+    assert top_logits(graph) <= set(boxes)
     svg.assert_grid(graph, boxes)
     xs = [x for b in boxes.values() for x in (b[0], b[2])]
     ys = [y for b in boxes.values() for y in (b[1], b[3])]
@@ -127,11 +147,12 @@ def test_page_opens_fitted_to_the_drawn_grid(page, tmp_path):
     chromium = _chromium()
     out, html, data = page
     dom = _dom(chromium, out / "graph.html", tmp_path, extra=("--dump-dom",))
-    assert f'data-drawn-nodes="{DRAW}"' in dom  # the script ran and drew the budget
-    aspect = check_opening_view(graphs.load(out / "graph.json"), dom, DRAW)
+    step, drawn = opening(data, graphs.load(out / "graph.json"))
+    assert f'data-drawn-nodes="{step["n"]}"' in dom  # the script ran and drew the budget
+    aspect = check_opening_view(drawn, dom, step["n"])
     assert 0.5 <= aspect <= 3
     assert 'id="panel-title"' not in _panel(dom)  # nothing selected yet
-    assert f"{len(data['order']) - DRAW} nodes are left out" in dom  # data["nodes"] adds the families
+    assert f"{len(drawn.node_list) - step['n']} nodes are left out" in dom
     shot = tmp_path / "page.png"
     _dom(chromium, out / "graph.html", tmp_path, extra=(f"--screenshot={shot}",))
     png = shot.read_bytes()
@@ -161,8 +182,8 @@ def test_a_long_prompt_opens_readable_on_the_last_positions(saved_model, tmp_pat
     boxes, (L, T, R, B) = on_screen(dom)
     inside = {k for k, b in boxes.items() if L <= b[0] and b[2] <= R and T <= b[1] and b[3] <= B}
     last = len(graph.tokens) - 1
-    assert {n.id for n in graph.logits()} <= inside
-    assert any(graph.node(k).pos == last and graph.node(k).type != "logit" for k in inside if k in graph.index)
+    assert top_logits(graph) <= inside
+    assert any(data["nodes"][k]["pos"] == last and data["nodes"][k]["type"] != "logit" for k in inside)
     widths = [b[2] - b[0] for k, b in boxes.items() if data["nodes"][k]["type"] != "embedding"]
     assert all(abs(w - 60) < 1 for w in widths)  # every full-width node at 60 px
     assert "Opened at a readable size" in dom
@@ -175,6 +196,15 @@ def test_a_long_prompt_opens_readable_on_the_last_positions(saved_model, tmp_pat
     assert max(b[2] - b[0] for b in boxes.values()) < 40  # fitted, they were too small to read
 
 
+def lit_edges(dom: str, node: str) -> tuple[set, set]:
+    """From a DOM dump with ``node`` selected: the drawn edges that stand out (class "near", in a scene marked
+    "focus"), and the drawn edges that touch the node, each as (source, target)."""
+    assert re.search(r'<svg id="scene"[^>]*class="focus"', dom)
+    edges = [(near, html_lib.unescape(a), html_lib.unescape(b)) for near, a, b in
+             re.findall(r'<path [^>]*class="edge( near)?"[^>]*data-a="([^"]+)" data-b="([^"]+)"', dom)]
+    return {(a, b) for near, a, b in edges if near}, {(a, b) for _, a, b in edges if node in (a, b)}
+
+
 def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_path):
     chromium = _chromium()
     out, html, data = page
@@ -185,13 +215,18 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     title = re.search(r'<h2 id="panel-title">(.*?)</h2>', panel).group(1)
     assert title == html_lib.escape(data["nodes"][node]["title"], quote=False)
     assert f'data-node="{html_lib.escape(node)}"' in panel[:300] and f"rank {len(data['order'])} of {len(data['order'])}" in panel
-    assert dom.count("node selected") == 1 and f'class="node selected" data-node="{node}"' in dom
+    assert re.findall(r'<g class="node[^"]*\bselected\b[^"]*" data-node="([^"]+)"', dom) == [html_lib.escape(node)]
+    lit, touching = lit_edges(dom, node)
+    assert lit == touching
     boxes, (L, T, R, B) = on_screen(dom)
     x0, y0, x1, y1 = boxes[node]
     assert L <= x0 and x1 <= R and T <= y0 and y1 <= B  # brought into view
     head = max((k for k, n in data["nodes"].items() if n["type"] == "lorsa" and not n.get("members")),  # not a family
                key=lambda k: data["nodes"][k]["influence"])
-    panel = _panel(_dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",)))
+    dom = _dom(chromium, out / "graph.html", tmp_path, f"#node={head}", ("--dump-dom",))
+    lit, touching = lit_edges(dom, head)
+    assert lit == touching and lit  # a selected node's drawn edges, and only they, stand out
+    panel = _panel(dom)
     assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
     if data["nodes"][head]["pos"] > 0:  # why the head's keys win, beside the raw split (none with a single key)
         assert "why, vs the other keys' attention-weighted mean" in panel
@@ -296,7 +331,7 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     from graphs.attribution import attribute
     from graphs.export import render, write_dot, write_json
     from graphs.html import write_html
-    from graphs.layout import DEFAULT_DRAW_NODES
+    from graphs.layout import DEFAULT_DRAW_NODES, marked_path
     from graphs.prune import prune
     from replacement.assemble import ReplacementModel
     from replacement.evaluate import repeated_span_prompt
@@ -310,11 +345,10 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else repeated_span_prompt(adapter, span=8, seed=1)[0]
     graph = prune(attribute(ReplacementModel.load(adapter), ids))
     graph = graphs.load(write_json(graph, tmp_path / "graph.json"))  # as a reader of the file sees it
-    n_drawn = min(DEFAULT_DRAW_NODES, len(graph.node_list))
-    assert len(graph.node_list) > n_drawn  # the budget matters here
+    assert len(graph.node_list) > DEFAULT_DRAW_NODES  # the budget matters here
     root = svg.parse(render(write_dot(graph, tmp_path / "graph.dot", expand_families=True), "svg").read_text())
     boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in graph.index}
-    assert len(boxes) == n_drawn
+    assert set(boxes) == svg.drawn_by_rule(graph, DEFAULT_DRAW_NODES, must=marked_path(graph)[1])
     svg.assert_grid(graph, boxes)
     w, h = svg.size(root)
     assert 0.5 <= w / h <= 3, (w, h)
@@ -322,8 +356,8 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     collapsed = graph.collapsed()
     root = svg.parse(render(write_dot(graph, tmp_path / "families.dot"), "svg").read_text())
     boxes = {k: v["box"] for k, v in svg.node_boxes(root).items() if k in collapsed.index}
-    assert len(boxes) == min(DEFAULT_DRAW_NODES, len(collapsed.node_list))
+    assert set(boxes) == svg.drawn_by_rule(collapsed, DEFAULT_DRAW_NODES, must=marked_path(collapsed)[1])
     svg.assert_grid(collapsed, boxes)
     page = write_html(graph, tmp_path / "graph.html")
-    aspect = check_opening_view(graph, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), n_drawn)
+    aspect = check_opening_view(collapsed, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), len(boxes))
     assert 0.5 <= aspect <= 3
