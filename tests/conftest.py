@@ -101,6 +101,23 @@ def qk_entries_with_real_scores(model, graph, ids):
             yield head, entry, float(q[0, g, head.pos] @ k[0, g, entry.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
 
 
+@torch.no_grad()
+def independent_qk(model, rec, layer: int):
+    """(q, k, q_bias, k_bias) [n_qk, n, d_qk] of layer ``layer``'s Lorsa on a recorded prompt, from the module's own
+    Q/K alone: q, k on what it reads; the biases on the stream's constant part, which for replacements without skip
+    connections is the earlier modules' output biases (the model's own biases land in the error nodes), through the
+    norm's linear part at the recorded scale."""
+    lorsa, norm = model.lorsas[layer], model.adapter.attn_norm(layer)
+    n, d = rec.ids.shape[0], model.adapter.d_model
+    assert not any(tc.W_skip is not None for tc in model.transcoders.values())
+    layer_norm = getattr(norm, "bias", None) is not None  # GPT-NeoX's LayerNorm centres, Llama's RMSNorm does not
+    const = sum((model.lorsas[m].b_O + model.transcoders[m].b_dec).float() for m in range(layer)) + torch.zeros(n, d)
+    centred = const - const.mean(-1, keepdim=True) if layer_norm else const
+    x_c = norm.weight.float() * centred / rec.layers[layer].ln1_scale.reshape(n, 1) + (norm.bias.float() if layer_norm else 0)
+    (q, k), (qb, kb) = lorsa.qk(rec.layers[layer].attn_in[None]), lorsa.qk(x_c[None])
+    return q[0], k[0], qb[0], kb[0]
+
+
 @pytest.fixture(scope="session")
 def saved_model(tmp_path_factory):
     """A tiny Llama with a tokenizer and random replacements, saved as a local model folder."""

@@ -12,7 +12,7 @@ from graphs.attribution import attribute
 from graphs.graph import QKEntry
 from graphs.qk import QKTables
 from replacement.models import ModelAdapter
-from tests.conftest import random_replacements, tiny_llama, tiny_neox
+from tests.conftest import independent_qk, random_replacements, tiny_llama, tiny_neox
 
 
 def _real_scores(model, rec, head) -> torch.Tensor:
@@ -35,6 +35,7 @@ def test_contrast_sums_to_the_real_score_difference(make, reference):
     checked = 0
     for head in graph.nodes(type="lorsa"):
         scores = _real_scores(model, rec, head)
+        q, k, qb, kb = independent_qk(model, rec, head.layer)
         g = head.index // model.lorsas[head.layer].cfg.heads_per_group
         A = rec.layers[head.layer].lorsa_pattern[g, head.pos, : head.pos + 1]
         for e in head.qk:
@@ -47,16 +48,24 @@ def test_contrast_sums_to_the_real_score_difference(make, reference):
                 rest = A.clone()
                 rest[e.key_pos] = 0
                 ref = float(rest @ scores / rest.sum())
+                ref_weight = lambda p: float(rest[p] / rest.sum())  # noqa: E731
             else:  # the strongest other key
                 others = A.clone()
                 others[e.key_pos] = -1
                 assert c.reference_pos == int(others.argmax())
                 ref = float(scores[c.reference_pos])
+                ref_weight = lambda p: float(p == c.reference_pos)  # noqa: E731
             real = float(scores[e.key_pos]) - ref
             size = max(1.0, float(scores.abs().max()))
             assert c.difference == pytest.approx(real, abs=1e-4 * size), (head.id, e.key_pos)
             assert c.reference_score == pytest.approx(ref, abs=1e-4 * size)
-            assert c.pairs_total + c.query_bias_x_keys + c.position == pytest.approx(c.difference, abs=1e-6 * size)
+            w = -torch.tensor([ref_weight(p) for p in range(head.pos + 1)])  # [p <= t]: +1 at the key, -c_p elsewhere
+            w[e.key_pos] = 1.0
+            t, scale = head.pos, 1 / math.sqrt(model.lorsas[head.layer].cfg.d_qk)
+            dk_nodes, dkb = w @ (k[g, : t + 1] - kb[g, : t + 1]), w @ kb[g, : t + 1]  # [e] each
+            for got, want in ((c.pairs_total, (q[g, t] - qb[g, t]) @ dk_nodes), (c.query_bias_x_keys, qb[g, t] @ dk_nodes),
+                              (c.position, q[g, t] @ dkb)):  # each term, from the module's own Q/K (conftest)
+                assert got == pytest.approx(float(want) * scale, rel=1e-5, abs=1e-4 * size), (head.id, e.key_pos)
             assert abs(c.pairs[0].weight) >= abs(c.pairs[-1].weight)
             checked += 1
     assert checked > 20
@@ -113,6 +122,12 @@ def test_top_pairs_are_those_of_the_full_unit_table():
             for p in c.pairs:  # each pair's name: a query node at t, a key node of the unit
                 kn = by_id[p.key]
                 assert table[(p.query, (kn.type, kn.layer, kn.index))] == pytest.approx(p.weight, rel=1e-5, abs=1e-5)
+            for name, value in c.query_marginals:  # a query node against every key's whole vector, weighted as w
+                a = tabs.names[t].index(name)
+                want = sum(float(Q[a] @ (tabs.parts[tabs.G + g, p, : len(tabs.names[p])].sum(0)
+                                         + tabs.side_bias(1, torch.tensor([g]), torch.tensor([p]))[0])) * float(w[p])
+                           for p in range(t + 1)) * tabs.scale
+                assert value == pytest.approx(want, rel=1e-4, abs=1e-4), name
             for name, value in c.key_marginals:  # a unit's sum over the positions, named where most of it comes from
                 nd = by_id[name]
                 parts = part[(nd.type, nd.layer, nd.index)]

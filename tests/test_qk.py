@@ -8,7 +8,7 @@ import torch
 
 from graphs.attribution import attribute
 from replacement.models import ModelAdapter
-from tests.conftest import random_replacements, tiny_llama, tiny_neox
+from tests.conftest import independent_qk, random_replacements, tiny_llama, tiny_neox
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox,
@@ -47,6 +47,64 @@ def test_pair_table_sums_to_the_real_score(make, skip):
         A = rec.layers[head.layer].lorsa_pattern[g, head.pos]
         assert infos[0].attention == pytest.approx(float(A.max()))
     assert checked > 20
+
+
+def _write(graph, model, rec, node_id: str) -> torch.Tensor:
+    """[d]: what a node adds to the residual stream at its position, from the record and the modules' weights."""
+    n = graph.node(node_id)
+    if n.type == "embedding":
+        return rec.embed[n.pos]
+    if n.type == "lorsa":
+        return n.activation * model.lorsas[n.layer].W_O[n.index].float()
+    if n.type == "transcoder":
+        return n.activation * model.transcoders[n.layer].W_dec[n.index].float()
+    return (rec.layers[n.layer].attn_err if n.type == "attn_error" else rec.layers[n.layer].mlp_err)[n.pos]
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox], ids=["llama", "neox"])
+@torch.no_grad()
+def test_score_parts_and_marginals_equal_an_independent_split(make):
+    """Each of the four parts of a score, and each marginal listed, recomputed with the module's own Q/K: the
+    stream's constant part is the replacements' output biases (no skips; the model's own biases land in the error
+    nodes), normalised at the recorded scale; a node's query (key) is what Q (K) make of its write alone, minus the
+    bias they add to nothing."""
+    adapter = ModelAdapter(make(), name="m")
+    model = random_replacements(adapter)  # random biases everywhere: every part is non-zero
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    graph = attribute(model, ids, qk_top_keys=3)
+    rec = model.record(ids)
+    n, d = ids.shape[1], adapter.d_model
+    parts = marginals = 0
+    for head in graph.nodes(type="lorsa"):
+        L, lorsa = head.layer, model.lorsas[head.layer]
+        norm = adapter.attn_norm(L)
+        layer_norm = getattr(norm, "bias", None) is not None  # GPT-NeoX's LayerNorm centres, Llama's RMSNorm does not
+        q, k, qb, kb = (x[None] for x in independent_qk(model, rec, L))
+        q0, k0 = lorsa.qk(torch.zeros(1, n, d))  # the bias Q and K add to nothing
+        g, t, c = head.index // lorsa.cfg.heads_per_group, head.pos, 1 / math.sqrt(lorsa.cfg.d_qk)
+
+        def alone(node_id: str, side: int) -> torch.Tensor:  # [e]: a node's query (side 0) or key (1), alone
+            at, u = graph.node(node_id).pos, _write(graph, model, rec, node_id)
+            x = torch.zeros(n, d)  # the norm's linear part at the recorded scale
+            x[at] = norm.weight.float() * (u - u.mean() if layer_norm else u) / rec.layers[L].ln1_scale.reshape(n)[at]
+            return lorsa.qk(x[None])[side][0, g, at] - (q0, k0)[side][0, g, at]
+
+        for e in head.qk:
+            s = e.key_pos
+            q_nodes, k_nodes = q[0, g, t] - qb[0, g, t], k[0, g, s] - kb[0, g, s]
+            want = [q_nodes @ k_nodes, qb[0, g, t] @ k_nodes, q_nodes @ kb[0, g, s], qb[0, g, t] @ kb[0, g, s]]
+            got = [e.pairs_total, e.query_bias_x_keys, e.queries_x_key_bias, e.bias_x_bias]
+            size = float(q[0, g, t].norm() * k[0, g, s].norm()) * c
+            for name, a, b in zip(("pairs", "query bias x keys", "queries x key bias", "bias x bias"), got, want):
+                assert a == pytest.approx(float(b) * c, abs=1e-4 * size), (head.id, s, name)
+                parts += 1
+            for name, value in e.query_marginals:
+                assert value == pytest.approx(float(alone(name, 0) @ k[0, g, s]) * c, abs=1e-4 * size), (head.id, name)
+                marginals += 1
+            for name, value in e.key_marginals:
+                assert value == pytest.approx(float(alone(name, 1) @ q[0, g, t]) * c, abs=1e-4 * size), (head.id, name)
+                marginals += 1
+    assert parts > 40 and marginals > 40
 
 
 def test_qk_edges_link_query_and_key_positions():

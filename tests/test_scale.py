@@ -7,7 +7,7 @@ import torch
 from graphs.attribution import attribute
 from graphs.prune import FILE_MAX_EDGES, FILE_MAX_FEATURES, file_caps, influence, normalised_weights, prune
 from replacement.models import ModelAdapter
-from tests.conftest import ROOT, random_replacements, tiny_llama
+from tests.conftest import ROOT, qk_entries_with_real_scores, random_replacements, tiny_llama
 
 
 def _graph():
@@ -184,11 +184,11 @@ def test_budgeted_graph_with_qk_prunes_and_explains_scores_exactly():
     entry still adds up to the head's score; pruning keeps only QK pair nodes that are in the graph."""
     model, ids = _model("llama", "lorsa")
     part = attribute(model, ids, max_feature_nodes=20, batch_size=4)
-    entries = [e for n in part.node_list for e in n.qk]
-    assert entries
-    for e in entries:
-        total = e.pairs_total + e.query_bias_x_keys + e.queries_x_key_bias + e.bias_x_bias
-        assert total == pytest.approx(e.score, rel=1e-4, abs=1e-4)
+    checked = 0
+    for head, e, real in qk_entries_with_real_scores(model, part, ids):  # the module's own q . k, every writer in it
+        assert e.score == pytest.approx(real, rel=1e-4, abs=1e-4), (head.id, e.key_pos)
+        checked += 1
+    assert checked
     pruned = prune(part, 0.9, 0.99)
     assert all(link.query in pruned.index and link.key in pruned.index for link in pruned.qk)
     # a head's pairs: those the graph holds, or with outside=True all its entries' pairs, the left-out ones too
