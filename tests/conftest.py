@@ -101,6 +101,18 @@ def qk_entries_with_real_scores(model, graph, ids):
             yield head, entry, float(q[0, g, head.pos] @ k[0, g, entry.key_pos]) / math.sqrt(lorsa.cfg.d_qk)
 
 
+def node_write(graph, model, rec, node_id: str) -> torch.Tensor:
+    """[d]: what a node adds to the residual stream at its position, from the record and the modules' weights."""
+    n = graph.node(node_id)
+    if n.type == "embedding":
+        return rec.embed[n.pos]
+    if n.type == "lorsa":
+        return n.activation * model.lorsas[n.layer].W_O[n.index].float()
+    if n.type == "transcoder":
+        return n.activation * model.transcoders[n.layer].W_dec[n.index].float()
+    return (rec.layers[n.layer].attn_err if n.type == "attn_error" else rec.layers[n.layer].mlp_err)[n.pos]
+
+
 @torch.no_grad()
 def independent_qk(model, rec, layer: int):
     """(q, k, q_bias, k_bias) [n_qk, n, d_qk] of layer ``layer``'s Lorsa on a recorded prompt, from the module's own

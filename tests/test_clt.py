@@ -222,13 +222,13 @@ def test_path_patching_removes_every_write_of_a_clt_feature(tmp_path):
     act = float(lr.tc_code.dense(N_FEATURES)[pos, f])
     tc = model.transcoders[0]
 
-    def run(layers):
+    def run(layers, removed: float = 1.0):  # the metric's change with `removed` x the feature's writes taken out
         hooks = {}
         for L in range(a.n_layers):
             hooks[f"blocks.{L}.attn.out"] = lambda t, n, L=L: rec.layers[L].attn_out[None].to(t.dtype)
             if L in layers:
                 dec = tc.W_dec if L == 0 else tc.W_dec_later[:, L - 1]
-                hooks[f"blocks.{L}.mlp.out"] = lambda t, n, d=dec: t - act * torch.nn.functional.one_hot(
+                hooks[f"blocks.{L}.mlp.out"] = lambda t, n, d=dec: t - removed * act * torch.nn.functional.one_hot(
                     torch.tensor(pos), ids.shape[1])[None, :, None].float() * d[f]
         with torch.no_grad():
             return float(p.metric(a.run(ids, hooks=hooks).logits)[0]) - p.clean
@@ -236,8 +236,10 @@ def test_path_patching_removes_every_write_of_a_clt_feature(tmp_path):
     res = p.effects([Component(NodeKind.TRANSCODER, 0, f, pos)])[0]
     assert res.effect == pytest.approx(run({0, 1, 2}), rel=1e-4, abs=1e-5)
     assert abs(run({0, 1, 2}) - run({0})) > 1e-3
-    lin = p.linear_effects([Component(NodeKind.TRANSCODER, 0, f, pos)])[0]
-    assert math.isfinite(lin)
+    lin = p.linear_effects([Component(NodeKind.TRANSCODER, 0, f, pos)])[0]  # -d metric / d(scale of every write) at 1
+    eps = 1e-2
+    expected = (run({0, 1, 2}, eps) - run({0, 1, 2}, -eps)) / (2 * eps)
+    assert abs(expected) > 1e-4 and lin == pytest.approx(expected, rel=2e-2, abs=1e-5)
 
 
 def _broken_clts(tmp_path, adapter) -> dict:

@@ -49,6 +49,43 @@ def test_path_patching_equals_brute_force(make, comp):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
+def test_replacement_nodes_equal_brute_force(make):
+    """Zero-ablating a Lorsa head, a transcoder feature or an error node (each kind, each layer, at the last
+    position, whose logits are read) equals a forward pass of the real model whose attention outputs are frozen at
+    their clean values, less the node's write where it writes into attention, and whose MLP output less the write
+    where it writes into an MLP; the write from the graph's node (activation x its output row) or the recorded error."""
+    from graphs.attribution import attribute
+    from tests.conftest import node_write
+
+    adapter = ModelAdapter(make(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(6))
+    graph, rec = attribute(model, ids, qk=False), model.record(ids)
+    n, last, target = ids.shape[1], ids.shape[1] - 1, 7
+    with torch.no_grad():
+        clean = adapter.run(ids, capture=[f"blocks.{L}.attn.out" for L in range(adapter.n_layers)]).cache
+
+    def brute(node) -> float:
+        write = torch.zeros(1, n, adapter.d_model)
+        write[0, node.pos] = node_write(graph, model, rec, node.id)
+        attn_side = node.type in ("lorsa", "attn_error")
+        hooks = {f"blocks.{L}.attn.out": lambda t, name, L=L: clean[f"blocks.{L}.attn.out"] - (
+            write if attn_side and L == node.layer else 0) for L in range(adapter.n_layers)}
+        if not attn_side:
+            hooks[f"blocks.{node.layer}.mlp.out"] = lambda t, name: t - write
+        with torch.no_grad():
+            return float(adapter.run(ids, hooks=hooks).logits[0, -1, target] - adapter.run(ids).logits[0, -1, target])
+
+    chosen = [max(graph.nodes(type=kind, layer=L, position=last), key=lambda x: abs(x.activation))
+              for kind in ("lorsa", "transcoder", "attn_error", "mlp_error") for L in range(adapter.n_layers)]
+    results = PathPatcher(model, ids, target=target).effects([parse_component(x.id) for x in chosen])
+    for node, res in zip(chosen, results):
+        expected = brute(node)
+        assert res.effect == pytest.approx(expected, rel=1e-4, abs=1e-5), node.id
+        assert abs(expected) > 1e-5, node.id  # the ablation does something
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
 def test_ablating_components_together_equals_brute_force(make):
     """A tuple of components is ablated in one run: the brute force with all of them overwritten; batched
     beside a single component, that one still gets its own effect; the linear prediction is additive.  (On

@@ -8,7 +8,7 @@ import torch
 
 from graphs.attribution import attribute
 from replacement.models import ModelAdapter
-from tests.conftest import independent_qk, random_replacements, tiny_llama, tiny_neox
+from tests.conftest import independent_qk, node_write, random_replacements, tiny_llama, tiny_neox
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox,
@@ -49,18 +49,6 @@ def test_pair_table_sums_to_the_real_score(make, skip):
     assert checked > 20
 
 
-def _write(graph, model, rec, node_id: str) -> torch.Tensor:
-    """[d]: what a node adds to the residual stream at its position, from the record and the modules' weights."""
-    n = graph.node(node_id)
-    if n.type == "embedding":
-        return rec.embed[n.pos]
-    if n.type == "lorsa":
-        return n.activation * model.lorsas[n.layer].W_O[n.index].float()
-    if n.type == "transcoder":
-        return n.activation * model.transcoders[n.layer].W_dec[n.index].float()
-    return (rec.layers[n.layer].attn_err if n.type == "attn_error" else rec.layers[n.layer].mlp_err)[n.pos]
-
-
 @pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox], ids=["llama", "neox"])
 @torch.no_grad()
 def test_score_parts_and_marginals_equal_an_independent_split(make):
@@ -84,7 +72,7 @@ def test_score_parts_and_marginals_equal_an_independent_split(make):
         g, t, c = head.index // lorsa.cfg.heads_per_group, head.pos, 1 / math.sqrt(lorsa.cfg.d_qk)
 
         def alone(node_id: str, side: int) -> torch.Tensor:  # [e]: a node's query (side 0) or key (1), alone
-            at, u = graph.node(node_id).pos, _write(graph, model, rec, node_id)
+            at, u = graph.node(node_id).pos, node_write(graph, model, rec, node_id)
             x = torch.zeros(n, d)  # the norm's linear part at the recorded scale
             x[at] = norm.weight.float() * (u - u.mean() if layer_norm else u) / rec.layers[L].ln1_scale.reshape(n)[at]
             return lorsa.qk(x[None])[side][0, g, at] - (q0, k0)[side][0, g, at]
