@@ -44,6 +44,26 @@ def test_spliced_hooks_are_the_pure_replacement_model(tmp_path):
     torch.testing.assert_close(spliced, rm.run_sparse(ids), atol=1e-4, rtol=1e-4)
 
 
+def test_the_kl_term_is_the_real_models_against_the_pure_one_after_bos(tmp_path):
+    """The joint loss's KL: mean over the batch and positions 1.. of KL(real || pure replacement), the pure
+    replacement run by `ReplacementModel.run_sparse` and the divergence written out."""
+    adapter = ModelAdapter(tiny_llama())
+    rm = random_replacements(adapter, n_features=32, tc_k=4)
+    trainer = JointTrainer(adapter, _modules(rm), JointConfig(**SMALL), RandomTokenSource(97, 16, 0, bos=1),
+                           tmp_path / "s.safetensors")
+    ids = torch.randint(2, 97, (3, 12), generator=torch.Generator().manual_seed(8))
+    ids[:, 0] = 1
+    with torch.no_grad():
+        got = float(trainer.losses(ids)["kl"])
+        kls = []
+        for row in ids:
+            p = adapter.run(row[None]).logits[0, 1:].double().softmax(-1)
+            q = rm.run_sparse(row)[1:].double().softmax(-1)
+            kls.append((p * (p.log() - q.log())).sum(-1))
+    expected = float(torch.cat(kls).mean())
+    assert expected > 1e-3 and got == pytest.approx(expected, rel=1e-4)
+
+
 def test_agreement_of_a_model_with_itself_and_with_a_brute_force(tmp_path):
     adapter = ModelAdapter(tiny_llama())
     adapter.tokenizer = type("T", (), {"bos_token_id": 1})()
