@@ -761,12 +761,12 @@ def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, fe
               help="Draw at most this many nodes (the most influential).")
 @click.option("--expand-families", is_flag=True, help="Draw every member of a family rather than one node per family.")
 def render(graph_json, fmt, draw_nodes, expand_families):
-    """Render a graph JSON file to DOT/SVG/PNG (and an HTML page, without dashboards) next to it."""
+    """Render a graph JSON file to DOT/SVG/PNG and an HTML page next to it (the page keeps the dashboards of the
+    one `trace` wrote there; render cannot build them)."""
     import graphs
     from graphs.files import parse_formats, write_all
-    from graphs.html import has_dashboards
+    from graphs.html import PageDashboards, has_dashboards
     from graphs.validate import graph_file
-    from replacement.errors import BadInputError
 
     from .outputs import RunFolder
 
@@ -774,11 +774,11 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     src = graph_file(graph_json)
     g = graphs.load(src)
     page = src.with_suffix(".html")
-    if "html" in fmts and has_dashboards(page):  # nothing already made is lost
-        raise BadInputError(f"{page} holds the node dashboards `trace` built from the model, which render cannot; "
-                            f"move it away first (or trace again with --format ...,html)")
+    # the dashboards `trace` built from the model into the page it wrote: render cannot build them, so it keeps them
+    kept = PageDashboards(page) if "html" in fmts and has_dashboards(page) else None
     with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
-        written = write_all(g, run.path(src.stem), fmts, draw_nodes, expand_families=expand_families)
+        written = write_all(g, run.path(src.stem), fmts, draw_nodes, dashboards=(lambda: kept) if kept else None,
+                            expand_families=expand_families)
         for path in run.commit([p.name for p in written.values()]):
             click.echo(f"wrote {path}")
 

@@ -244,7 +244,7 @@ function show(id) {
   if (n.meaning) h += `<div class="meta">This is ${esc(n.meaning)}.</div>`;
   if (n.members) h += section(`a family of ${n.members.length} (output directions' mean cosine with their mean ` +
     `${fmt(n.mean_cosine)}; its edges are its members' sums)`, n.members.map(link).join(', '));
-  if (n.family && DATA.nodes[n.family]) h += `<div class="meta">member of the family ${link(n.family)}</div>`;
+  if (n.family && DATA.nodes[n.family]) h += `<div class="meta">member of ${link(n.family)}</div>`;
   if (n.lens) h += section(n.members ?
     "logit lens of its output (its members' directions summed, weighted by activation, before the final norm's scale)" :
     "logit lens (demeaned logits per unit of activation, before the final norm's scale)",
@@ -462,6 +462,27 @@ def has_dashboards(path: str | Path) -> bool:
         return bool(_WITH_DASHBOARDS.search(Path(path).read_text(encoding="utf-8", errors="replace")))
     except OSError:
         return False
+
+
+class PageDashboards:
+    """The dashboards a page embeds, read back, to be embedded again (`circuits render` redraws a page that `trace`
+    made without the model that built them): ``entry`` as `replacement.dashboards`' (a unit the page had none for is
+    a BadInputError, which leaves that node's panel without one)."""
+
+    def __init__(self, path: str | Path):
+        from .validate import strict_loads
+
+        html = Path(path).read_text(encoding="utf-8")
+        m = re.search(r'<script id="graph-data" type="application/json">(.*?)</script>', html, re.S)
+        self.entries = strict_loads(m.group(1))["dashboards"] if m else {}
+
+    def entry(self, kind: str, layer: int, index: int) -> dict:
+        from replacement.errors import BadInputError
+
+        key = f"{kind}.{layer}.{index}"
+        if key not in self.entries:
+            raise BadInputError(f"the page holds no dashboard of {key}")
+        return self.entries[key]
 
 
 def script_json(obj) -> str:

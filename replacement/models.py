@@ -573,9 +573,13 @@ def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
         for repo in sorted(cache.glob("models--*")):
             if any(repo.glob("snapshots/*/config.json")):
                 found.append((repo.name[len("models--"):].replace("--", "/"), str(repo)))
+    seen = set()
     for root in [Path.cwd(), *map(Path, extra)]:
         if root.is_dir():
             for cfg in sorted([*root.glob("config.json"), *root.glob("*/config.json")]):  # a model folder itself too
+                if cfg.resolve() in seen:  # a --search folder that is ./ (or inside it) lists each model once
+                    continue
+                seen.add(cfg.resolve())
                 if not any(cfg.parent.glob("*.safetensors")):
                     continue
                 config = _read_json(cfg)

@@ -121,8 +121,8 @@ def check_opening_view(graph, dom: str, n_drawn: int, min_node_px: float = 30) -
 
 
 def test_render_keeps_a_page_with_dashboards(page, tmp_path):
-    """`circuits render --format html` cannot rebuild the dashboards `trace` put in a page, so it refuses to replace
-    such a page (one line, the page untouched); a page without them (render's own) it replaces."""
+    """`circuits render --format html` cannot rebuild the dashboards `trace` put in a page, so the page it draws
+    in its place embeds them as they were (every node's panel as before); a page without them it replaces."""
     import shutil
 
     from graphs.html import has_dashboards
@@ -131,9 +131,13 @@ def test_render_keeps_a_page_with_dashboards(page, tmp_path):
     assert data["dashboards"] and has_dashboards(out / "graph.html")  # the page's own data says it holds them
     folder = tmp_path / "copy"
     shutil.copytree(out, folder, ignore=shutil.ignore_patterns("cache"))
-    r = _run("from cli.main import circuits; circuits()", "render", str(folder), "--format", "html")
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "holds the node dashboards" in r.stderr, r.stderr
-    assert (folder / "graph.html").read_text(encoding="utf-8") == html
+    r = _run("from cli.main import circuits; circuits()", "render", str(folder), "--format", "html,svg",
+             "--draw-nodes", "12")
+    assert r.returncode == 0, r.stderr
+    again = page_data(folder / "graph.html")
+    assert again["dashboards"] == data["dashboards"]
+    assert {k: n["dash"] for k, n in again["nodes"].items()} == {k: n["dash"] for k, n in data["nodes"].items()}
+    assert again["steps"][again["default_step"]]["n"] <= 12 < data["steps"][data["default_step"]]["n"]  # redrawn
     (folder / "graph.html").unlink()
     for _ in range(2):  # render's page has none: rendered again, it is replaced
         r = _run("from cli.main import circuits; circuits()", "render", str(folder), "--format", "html")

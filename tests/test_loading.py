@@ -213,7 +213,7 @@ def test_models_command_lists_presets():
         assert f"  {name} " in r.stdout
 
 
-def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path):
+def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path, monkeypatch):
     """A folder with an HF model's config.json and weights is listed; a replacements folder (a config.json of
     its own, safetensors beside it) and a folder with a broken config.json are not, and both load as models
     would fail."""
@@ -256,6 +256,8 @@ def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path):
     assert f"truncated or corrupt weights ({weights.name})" in where and "no tokenizer" in where, where
     with pytest.raises(ModelLoadError):  # as the listing says: it does not load
         load_model(str(cut))
+    monkeypatch.chdir(tmp_path)  # ./ is searched anyway: --search . lists each model once
+    assert [name for name, _ in local_checkpoints([tmp_path])].count(str(cut)) == 1
 
 
 @pytest.mark.slow
