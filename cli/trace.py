@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 import click  # noqa: E402
 
 from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
+from graphs.families import FamilyConfig  # noqa: E402
 from graphs.files import FORMATS, RENDERED, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
 from graphs.prune import EDGE_THRESHOLD, NODE_THRESHOLD  # noqa: E402
@@ -58,7 +59,7 @@ DEFAULT_FORMATS = "json,dot,svg"
                    "output directions not opposed (graphs/families.py); the pictures draw each as one node.")
 @click.option("--family-cosine", type=FiniteRange(-1.0, 1.0), default=None,
               help="The least cosine of a member's output direction with its family leader's (default: "
-                   "graphs.families.FamilyConfig's).")
+                   f"graphs.families.FamilyConfig's, {FamilyConfig.cosine}).")
 @click.option("--expand-families", is_flag=True, help="Draw every member of a family rather than one node per family.")
 def trace(prompt, model_name, device, dtype, out, attention, target, node_threshold, edge_threshold, max_nodes,
           max_feature_nodes, full, qk, qk_heads, qk_reference, fmt, draw_nodes, replacements, bos, families,
@@ -152,8 +153,12 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
                             check_memory=False)  # the memory was checked by _load
     check_finite(graph)
     s = graph.scores
-    click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes / "
-               f"{s['pruned_edges']} edges (+{len(graph.qk)} QK pairs)")
+    E = graph.edge_arrays
+    linked = set(E.src.tolist()) | set(E.tgt.tolist())
+    qk_only = sum(i not in linked for i in range(len(graph.node_list)))  # kept as the ends of a head's QK pairs
+    click.echo(f"graph: {s['full_nodes']} nodes / {s['full_edges']} edges -> pruned {s['pruned_nodes']} nodes"
+               + (f" ({qk_only} only as QK pair ends)" if qk_only else "") + f" / {s['pruned_edges']} edges "
+               f"(+{len(graph.qk)} QK pairs)")
     click.echo(f"replacement score {s['replacement_score']:.3f}, completeness score {s['completeness_score']:.3f}")
     _print_paths(graph, None if target is None else single_token(tok, target, "--target"), int(probs.argmax()))
     _print_decomposition(graph.scores)
@@ -166,7 +171,7 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
 
 def _family_config(on: bool, cosine: float | None):
     """The family rule `trace` groups by (None: no families)."""
-    from graphs.families import DEFAULT_FAMILIES, FamilyConfig
+    from graphs.families import DEFAULT_FAMILIES
 
     if not on:
         if cosine is not None:

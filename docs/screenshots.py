@@ -16,11 +16,9 @@ WINDOW = "1600,1000"
 
 
 def page(model_name: str, folder: Path) -> Path:
-    """Trace the model's showcase prompt and write its page (with dashboards) into ``folder``."""
-    from graphs.attribution import attribute
+    """Trace the model's showcase prompt as `trace` does and write its page (with dashboards) into ``folder``."""
     from graphs.html import write_html
-    from graphs.lens import add_lens
-    from graphs.prune import prune
+    from graphs.pipeline import trace_graphs
     from replacement.assemble import ReplacementModel
     from replacement.dashboards import load_or_build
     from replacement.evaluate import natural_copy_prompt
@@ -30,8 +28,7 @@ def page(model_name: str, folder: Path) -> Path:
     model = ReplacementModel.load(adapter)
     # pythia: examples/induction.py's showcase (its NATURAL_SEEDS["pythia"])
     ids = adapter.tokenize("36 + 62 =") if model_name == "llama" else natural_copy_prompt(adapter, 5)[0]
-    graph = prune(attribute(model, ids))
-    add_lens(graph, model)  # the third lines of the boxes, as trace writes them
+    _, graph = trace_graphs(model, ids)  # trace's feature budget, pruning, families and lens
     return write_html(graph, folder / f"{model_name}.html", load_or_build(model))
 
 

@@ -643,7 +643,7 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
              for key in modules}
     clean_total, n_pred = 0.0, 0
     ys = {key: [] for key in modules}
-    for i in range(n_batches):
+    for i in progress_bar(range(n_batches), "measuring the modules on held-out data", not sys.stderr.isatty()):
         ids = source.batch(i, batch_size).to(adapter.device)
         clean = adapter.run(ids, capture=points)
         clean_total += _next_token_loss(clean.logits, ids) * ids.shape[0]
