@@ -31,9 +31,8 @@ from replacement.io import atomic_write_text
 
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
-from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, Grid, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_routes, edge_widths, gist, gist_examples, grid, marked_path, meaning, node_name,
-                     path_edges, quoted, token_text)
+from .layout import (DEFAULT_DRAW_NODES, LABEL_W, NODE_H, NODE_W, Grid, box_label, drawing, drawn_qk, edge_routes, gist,
+                     gist_examples, grid, meaning, node_name, quoted, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -216,11 +215,10 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
         from .families import collapse
 
         graph = collapse(graph, fams)
-    marked = marked_path(graph)
-    nodes = draw_budget(graph, draw_nodes, must=tuple(marked[1]) if marked else ())
-    ids = {n.id for n in nodes}
+    d = drawing(graph, draw_nodes)
+    nodes, ids = d.nodes, {n.id for n in d.nodes}
     g = grid(graph, nodes)
-    legend = _legend(graph, len(nodes), fams, marked)
+    legend = _legend(graph, len(nodes), fams, d.marked)
     lines = ["digraph attribution {",
              "  layout=nop2; inputscale=72; splines=true; outputorder=edgesfirst; bgcolor=white;",
              '  node [style=filled, fontname="Helvetica", fontsize=9, fixedsize=true, '
@@ -241,10 +239,8 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
                      f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}{width}" + (", peripheries=2" if n.members else "") + "];")
     lines += _frame(g)
     E = graph.edge_arrays
-    on_path = path_edges(graph, marked[1]) if marked else []
-    chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), must=on_path)
+    chosen, widths, on_path = d.edges, d.widths, d.on_path
     qk = drawn_qk(graph, ids, qk_per_head, max_qk)
-    widths = edge_widths(graph, chosen)
     node_ids = [n.id for n in graph.node_list]
     pairs = [(node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]) for i in chosen]
     qk_pairs = [(node_id, e.head) for e in qk for node_id in (e.query, e.key)]

@@ -16,9 +16,8 @@ import re
 from pathlib import Path
 
 from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
-from .layout import (DEFAULT_DRAW_NODES, EDGES_PER_NODE, LABEL_W, NODE_H, NODE_W, box_label, draw_budget, drawn_edges,
-                     drawn_qk, edge_order, edge_routes, edge_widths, gist_examples, grid, marked_path, meaning,
-                     node_name, path_edges, token_text)
+from .layout import (DEFAULT_DRAW_NODES, LABEL_W, NODE_H, NODE_W, box_label, drawing, drawn_qk, edge_order, edge_routes,
+                     gist_examples, grid, marked_path, meaning, node_name, token_text)
 
 STYLE = """
 body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
@@ -357,18 +356,16 @@ def slider_steps(total: int, default: int) -> list[int]:
     return sorted(steps)
 
 
-def picture(graph: AttributionGraph, n_nodes: int, order=None) -> dict:
-    """One slider step: the ``n_nodes`` most influential nodes on their grid, with the edges and QK pairs drawn."""
-    marked = marked_path(graph)
-    nodes = draw_budget(graph, n_nodes, must=tuple(marked[1]) if marked else ())
-    ids = {n.id for n in nodes}
+def picture(graph: AttributionGraph, n_nodes: int, order=None, marked=None) -> dict:
+    """One slider step: the ``n_nodes`` most influential nodes on their grid, with the edges and QK pairs drawn
+    (`layout.drawing`; ``marked``: the graph's marked path, found once for every step)."""
+    d = drawing(graph, n_nodes, order, marked)
+    nodes, ids = d.nodes, {n.id for n in d.nodes}
     g = grid(graph, nodes)
     E, names = graph.edge_arrays, [n.id for n in graph.node_list]
-    on_path = set(path_edges(graph, marked[1])) if marked else set()
-    chosen = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order, must=sorted(on_path))
     # [source, target, weight, pen width, on the marked path]
-    edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5), width, int(i in on_path)]
-             for i, width in zip(chosen, edge_widths(graph, chosen))]
+    edges = [[names[int(E.src[i])], names[int(E.tgt[i])], round(float(E.w[i]), 5), width, int(i in d.on_path)]
+             for i, width in zip(d.edges, d.widths)]
     qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
     routes = iter(edge_routes(g, [(e[0], e[1]) for e in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)],
                               [e[2] for e in edges] + [0.0] * (2 * len(qk))))
@@ -391,9 +388,9 @@ def _pictures(graph: AttributionGraph, draw_nodes: int) -> tuple[list[dict], int
     edge_rank = edge_order(graph)
     ks = slider_steps(len(graph.node_list), draw_nodes)
     default = min(draw_nodes, len(graph.node_list))
-    steps, first = [], None
+    steps, first, marked = [], None, marked_path(graph)
     for k in ks:  # a step may draw fewer than k nodes (none hangs loose): one that draws no more than the last is left out
-        s = picture(graph, k, edge_rank)
+        s = picture(graph, k, edge_rank, marked)
         if not steps or s["n"] > steps[-1]["n"]:
             s["total"] = len(graph.node_list)
             steps.append(s)

@@ -236,6 +236,29 @@ def path_edges(graph: AttributionGraph, path: list[str]) -> list[int]:
     return out
 
 
+@dataclass
+class Drawing:
+    """What a picture of a graph draws: its nodes, its edges (indices into ``graph.edge_arrays``) with their pen
+    widths, the edges on the marked path, and that path ((strength, node ids), or None)."""
+
+    nodes: list[Node]
+    edges: list[int]
+    widths: list[float]
+    on_path: set[int]
+    marked: tuple[float, list[str]] | None
+
+
+def drawing(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, order: torch.Tensor | None = None,
+            marked: tuple[float, list[str]] | None = None) -> Drawing:
+    """The nodes (`draw_budget`) and edges (`drawn_edges`, `edge_widths`) of a picture of at most ``max_nodes``
+    nodes, the marked path's (`marked_path`, unless given: one for every picture of a graph) among them."""
+    marked = marked if marked is not None else marked_path(graph)
+    nodes = draw_budget(graph, max_nodes, must=tuple(marked[1]) if marked else ())
+    on_path = path_edges(graph, marked[1]) if marked else []
+    edges = drawn_edges(graph, {n.id for n in nodes}, EDGES_PER_NODE * len(nodes), order, must=on_path)
+    return Drawing(nodes, edges, edge_widths(graph, edges), set(on_path), marked)
+
+
 def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[QKLink]:
     """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, those at the key its
     third line names first (`lens.key_position`: the key it takes most of its activation from), ``most`` in all."""
@@ -370,9 +393,12 @@ def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
     xy, node_w = {}, {}
     for (r, c), ns in cells.items():
         w = NARROW_W if narrow[c] else NODE_W
+        n_lines = math.ceil(len(ns) / per_line[c])
         for i, n in enumerate(ns):
             line, slot = divmod(i, per_line[c])
             on_line = min(per_line[c], len(ns) - line * per_line[c])
+            if r == n_rows - 1:  # the logits: the likeliest on the lowest line, so no edge into it passes behind another
+                line = n_lines - 1 - line
             left = col_x[c] + (col_w[c] - (on_line * (w + GAP) - GAP)) / 2  # centre each line in its column
             xy[n.id] = (left + slot * (w + GAP) + w / 2, row_top[r] - line * (NODE_H + GAP) - NODE_H / 2)
             node_w[n.id] = w
