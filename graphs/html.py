@@ -132,7 +132,8 @@ function draw(i) {
   document.getElementById('threshold').textContent = fmt(step.threshold);
   document.getElementById('left-out').textContent = left ? `${left} nodes are left out: move the slider right, ` +
     'search, or pick them from the list on the right.' : 'All nodes are drawn.';
-  for (const li of document.querySelectorAll('#node-list li')) li.classList.toggle('undrawn', !(li.dataset.node in step.xy));
+  for (const li of document.querySelectorAll('#node-list li'))  // a member is drawn as its family, when that is
+    li.classList.toggle('undrawn', !(li.dataset.node in step.xy || DATA.nodes[li.dataset.node].family in step.xy));
   document.body.dataset.drawnNodes = step.n;
   highlight();
 }
@@ -522,7 +523,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
             f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
             f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "
-            f"(grey: not drawn at this threshold)</h3><ol id=\"node-list\"></ol></div></div>\n"
+            f"(grey: not drawn at this threshold, alone or in its family)</h3><ol id=\"node-list\"></ol></div></div>\n"
             f"<script id=\"graph-data\" type=\"application/json\">{data}</script>\n<script>{SCRIPT}</script>\n"
             f"</body></html>\n")
 
