@@ -282,8 +282,8 @@ def _spline(route: tuple[float, ...]) -> str:
 def _frame(g: Grid) -> list[str]:
     """Plain-text nodes: each column's token below and above the grid, each row's name on the left."""
     out = []
-    for c, (x, text) in enumerate(g.columns):
-        for side, y in zip(("below", "above"), g.header_y):
+    for c, (x, text, dy) in enumerate(g.columns):
+        for side, y in zip(("below", "above"), (g.header_y[0] - dy, g.header_y[1] + dy)):
             out.append(f'  "column {c} {side}" [label={_q(text)}, pos="{x:.1f},{y:.1f}!", shape=plaintext, style="", '
                        f'fixedsize=false, fontsize=10, fontname="Helvetica-Bold"];')
     for r, (y, text) in enumerate(g.rows):

@@ -100,8 +100,8 @@ function draw(i) {
   slider.value = i;
   scene.textContent = '';
   const root = el('g', {id: 'content'}, scene);
-  for (const [x, label] of step.columns) for (const y of step.header_y)
-    text(root, x, Y(y), label.split('\n'), {'font-size': 11, 'font-weight': 'bold'});
+  for (const [x, label, dy] of step.columns) for (const y of [step.header_y[0] - dy, step.header_y[1] + dy])
+    text(root, x, Y(y), label.split('\n'), {'font-size': 11, 'font-weight': 'bold'});  // dy: a staggered label
   for (const [y, label] of step.rows) text(root, DATA.label_w / 2, Y(y), [label], {'font-size': 11, fill: '#555'});
   const curve = (a, b, c1, c2) => {  // c1, c2: the control points' x (graphs/layout.py's edge_routes)
     const [x1, y1] = step.xy[a], [x2, y2] = step.xy[b];

@@ -29,6 +29,7 @@ NARROW_W = 40.0  # a column where only an embedding is drawn, and its box
 EMPTY_COL_W, EMPTY_ROW_H = 24.0, 16.0
 MAX_EMBED_CHARS = 6  # an embedding box's token, so that it fits a narrow column
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
+LABEL_STEP = 24.0  # how much further out every other column's token labels sit when the tokens do not fit
 VIEW = (1160.0, 800.0)  # the HTML page's graph area at 1600 x 1000, in pixels
 MAX_TOKEN_CHARS = 12
 MAX_GIST_CHARS = 6  # the token on a head's or feature's third line
@@ -56,10 +57,31 @@ def _token(graph: AttributionGraph, pos: int) -> str:
     return token_text(graph.tokens[pos]) if 0 <= pos < len(graph.tokens) else "?"
 
 
+def _label_room(width: float) -> int:
+    """How many characters of a token fit a column label ``width`` points wide (about 6.5 points a character, 2
+    for the quotes)."""
+    return max(2, int((width + COL_GAP) / 6.5) - 2)
+
+
 def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
-    """Two lines: the position, and its token in quotes, as much of it as the column's width takes."""
-    room = max(2, int((width + COL_GAP) / 6.5) - 2)  # about 6.5 points a character, 2 for the quotes
-    return f"{pos}\n" + quoted(token_text(graph.tokens[pos], room) if pos < len(graph.tokens) else "?")
+    """Two lines: the position, and its token in quotes, as much of it as ``width`` points take."""
+    return f"{pos}\n" + quoted(token_text(graph.tokens[pos], _label_room(width)) if pos < len(graph.tokens) else "?")
+
+
+def _column_labels(graph: AttributionGraph, col_x: list[float], col_w: list[float]) -> list[tuple[float, str, float]]:
+    """(x centre, label, dy) per column.  Where some token does not fit its own column (a long prompt's narrow
+    columns), every other column's labels sit ``LABEL_STEP`` further from the grid (dy), so that each label may
+    reach over its neighbours' columns, whose labels are on the other line."""
+    n = len(col_w)
+    tokens = [token_text(graph.tokens[c]) if c < len(graph.tokens) else "?" for c in range(n)]
+    stagger = any(len(tokens[c]) > _label_room(col_w[c]) for c in range(n))
+    out = []
+    for c in range(n):
+        width = col_w[c]
+        if stagger:  # up to the nearer of the two same-line labels beside it, each half as far
+            width += 2 * COL_GAP + min([col_w[j] for j in (c - 1, c + 1) if 0 <= j < n], default=0.0)
+        out.append((col_x[c] + col_w[c] / 2, _column_label(graph, c, width), LABEL_STEP if stagger and c % 2 else 0.0))
+    return out
 
 
 def box_label(graph: AttributionGraph, n: Node) -> str:
@@ -301,9 +323,9 @@ class Grid:
     node_w: dict[str, float]  # each node's box width, points (NODE_W, or NARROW_W in a narrow column)
     width: float
     height: float
-    columns: list[tuple[float, str]]  # (x centre, 'pos\n"token"') per token position
+    columns: list[tuple[float, str, float]]  # (x centre, 'pos\n"token"', dy) per token position (`_column_labels`)
     rows: list[tuple[float, str]]  # (y centre, name) per row, bottom to top
-    header_y: tuple[float, float]  # y of the token labels below and above the grid
+    header_y: tuple[float, float]  # y of the token labels below and above the grid (each column's dy further out)
 
     @property
     def aspect(self) -> float:
@@ -384,12 +406,14 @@ def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
     for w in col_w:
         col_x.append(x)  # left edge
         x += w + COL_GAP
+    columns = _column_labels(graph, col_x, col_w)
+    header = HEADER_H + max(dy for _, _, dy in columns)  # room for the staggered labels too
     row_h = _row_heights(cells, per_line, n_rows)
-    row_top, y = [], HEADER_H
+    row_top, y = [], header
     for h in row_h:  # bottom to top
         row_top.append(y + h)
         y += h + ROW_GAP
-    height = y - ROW_GAP + HEADER_H
+    height = y - ROW_GAP + header
     xy, node_w = {}, {}
     for (r, c), ns in cells.items():
         w = NARROW_W if narrow[c] else NODE_W
@@ -402,9 +426,9 @@ def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
             left = col_x[c] + (col_w[c] - (on_line * (w + GAP) - GAP)) / 2  # centre each line in its column
             xy[n.id] = (left + slot * (w + GAP) + w / 2, row_top[r] - line * (NODE_H + GAP) - NODE_H / 2)
             node_w[n.id] = w
-    columns = [(col_x[c] + col_w[c] / 2, _column_label(graph, c, col_w[c])) for c in range(len(col_w))]
     rows = [(row_top[r] - row_h[r] / 2, name) for r, name in enumerate(row_names(layers))]
-    return Grid(xy, node_w, x - COL_GAP / 2, height, columns, rows, (HEADER_H / 2, height - HEADER_H / 2))
+    inner = header - HEADER_H / 2  # the labels nearest the grid; a staggered one dy further out
+    return Grid(xy, node_w, x - COL_GAP / 2, height, columns, rows, (inner, height - inner))
 
 
 # -- edges ------------------------------------------------------------------------------------------------------

@@ -116,6 +116,26 @@ def test_layout_places_a_node_above_the_logits_layer():
     assert placed.xy["tc.5.1@3"][1] > max(y for i, (x, y) in placed.xy.items() if i not in ("tc.5.1@3", "logit.11@3"))
 
 
+def test_long_tokens_in_narrow_columns_get_staggered_labels():
+    """Where a token does not fit its narrow column, every other column's labels move LABEL_STEP further out, and
+    each label may reach over its neighbours' columns: " truth" is written whole, and no two labels on one line
+    overlap (about 6.5 points a character)."""
+    from graphs.layout import LABEL_STEP, grid
+
+    toks = ["<s>", " It", " is", " a", " truth", " universally", " acknowledged", ",", " that"]
+    nodes = [Node(f"emb@{p}", "embedding", -1, p, p) for p in range(len(toks))]
+    g = AttributionGraph("".join(toks), toks, list(range(len(toks))), nodes, [])
+    placed = grid(g, nodes)
+    assert [dy for *_, dy in placed.columns] == [LABEL_STEP * (c % 2) for c in range(len(toks))]
+    assert [label.split("\n")[1] for _, label, _ in placed.columns][4:6] == ['" truth"', '" universally"']
+    for odd in (0, 1):
+        line = [(x, 6.5 * len(label.split("\n")[1])) for x, label, dy in placed.columns if (dy > 0) == odd]
+        for (x0, w0), (x1, w1) in zip(line, line[1:]):
+            assert x0 + w0 / 2 <= x1 - w1 / 2, (x0, w0, x1, w1)
+    low, high = placed.header_y
+    assert low - LABEL_STEP > 0 and high + LABEL_STEP < placed.height  # the outer labels inside the picture
+
+
 def test_layout_narrows_columns_of_embeddings_alone():
     """A column where only an embedding is drawn is NARROW_W wide (its box too), one where nothing is drawn
     EMPTY_COL_W; columns with heads keep full-width boxes; the columns stay in token order, without overlap."""
@@ -128,7 +148,7 @@ def test_layout_narrows_columns_of_embeddings_alone():
     placed = grid(g, drawn)
     assert placed.node_w["emb@0"] == placed.node_w["emb@5"] == NARROW_W
     assert placed.node_w["emb@1"] == placed.node_w["emb@3"] == placed.node_w["lorsa.1.7@3"] == NODE_W
-    xs = [x for x, _ in placed.columns]  # column centres: each column starts COL_GAP after the last one ends
+    xs = [x for x, *_ in placed.columns]  # column centres: each column starts COL_GAP after the last one ends
     assert xs[0] == pytest.approx(LABEL_W + COL_GAP / 2 + NARROW_W / 2)
     assert xs[1] - xs[0] == pytest.approx(NARROW_W / 2 + COL_GAP + NODE_W / 2)
     assert xs[2] - xs[1] == pytest.approx(NODE_W / 2 + COL_GAP + EMPTY_COL_W / 2)
@@ -138,4 +158,4 @@ def test_layout_narrows_columns_of_embeddings_alone():
                    for n in drawn)
     for (a0, a1, pa), (b0, b1, pb) in zip(boxes, boxes[1:]):  # left to right: no two columns' boxes overlap
         assert pa <= pb and (pa == pb or a1 < b0)
-    assert [label.split("\n") for _, label in placed.columns] == [[str(p), f'"{t}"'] for p, t in enumerate(g.tokens)]
+    assert [label.split("\n") for _, label, _ in placed.columns] == [[str(p), f'"{t}"'] for p, t in enumerate(g.tokens)]
