@@ -118,6 +118,8 @@ def _report(say, toks, graph, full, logit, movers, checks, eff) -> None:
     from graphs.circuits import downstream_features
 
     say(f"{PROMPT!r} -> {ANSWER!r} p={logit.prob:.3f}; replacement score {graph.scores['replacement_score']:.3f}")
+    say("  (graph effects from the full graph, every active feature expanded; `trace` and `circuits patch --demean` "
+        "expand the 1,500 most influential, so their figures differ in the last digits)")
     for m in movers[:6]:
         say(f"  operand mover {m.head.id}: {m.share:.0%} of its z pattern on {toks[m.pos]!r}; graph effect on "
             f"{ANSWER!r} {float(eff[full.index[m.head.id]]):+.3f}")
