@@ -235,8 +235,10 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
         if n.members:
             tip += f"; a family of {len(n.members)}: {', '.join(n.members[:12])}" + (", ..." if len(n.members) > 12 else "")
         width = "" if g.node_w[n.id] == NODE_W else f", width={g.node_w[n.id] / 72:.3f}"
+        marked = f", color={_q(HIGHLIGHT)}, penwidth=3" if d.marked and n.id in d.marked[1] else ""  # on the marked path
         lines.append(f"  {_q(n.id)} [label={_q(box_label(graph, n))}, pos=\"{x:.1f},{y:.1f}!\", fillcolor={_q(fill)}, "
-                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}{width}" + (", peripheries=2" if n.members else "") + "];")
+                     f"shape={shape}, style={_q(style)}, tooltip={_q(tip)}{width}{marked}"
+                     + (", peripheries=2" if n.members else "") + "];")
     lines += _frame(g)
     E = graph.edge_arrays
     chosen, widths, on_path = d.edges, d.widths, d.on_path
@@ -302,17 +304,19 @@ def _score_line(graph: AttributionGraph) -> str:
 def _legend(graph: AttributionGraph, drawn: int, families: list = (), marked: tuple | None = None) -> str:
     left = len(graph.node_list) - drawn
     lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
-             f"{drawn} of {len(graph.node_list)} nodes drawn, the most influential" + (f"; {left} left out:" if left else "")]
+             f"{drawn} of {len(graph.node_list)} nodes drawn: the most influential with an edge into the picture"
+             + (f"; {left} left out (less influential, or joined only by QK pairs):" if left else "")]
     if left:
-        lines.append(f"    draw them with --draw-nodes {len(graph.node_list)} (trace, circuits render), or see every node "
+        lines.append(f"    draw every one with --draw-nodes {len(graph.node_list)} (trace, circuits render), or see each "
                      "in the HTML page (--format html)")
     lines += ["nodes: grey embedding, blue Lorsa head, green transcoder feature, pink logit (probability);",
               "    dashed orange octagon: error node, what the replacement misses of the real layer (light: attention, "
               "dark: MLP), with its influence (the share of the logits' input that flows through it)",
-              "edges: blue excites, red inhibits, width by the edge's share of its target's input; dashed: a head's "
-              "QK pair (query and key side; purple raises its score, orange lowers it)"]
+              "edges: blue excites, red inhibits, width by how much of the logits' input flows along it (its share of "
+              "its target's input x the target's influence); dashed: a head's QK pair (query and key side; purple "
+              "raises its score, orange lowers it)"]
     if marked:
-        lines.append(f"highlighted in yellow: the strongest path from a token to {quoted(token_text(graph.target.label))} (strength "
+        lines.append(f"yellow: the strongest path from a token to {quoted(token_text(graph.target.label))}, its nodes outlined (strength "
                      f"{marked[0]:.3f}: the product of its edges' shares)")
     gists = gist_examples(graph)
     if gists:

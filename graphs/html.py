@@ -28,7 +28,9 @@ body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; di
 #legend { font-size: 11px; color: #444; padding: 3px 8px; border-bottom: 1px solid #eee; }
 #scene { flex: 1; width: 100%; min-height: 0; cursor: grab; background: #fff; }
 #scene g.node { cursor: pointer; }
+#scene g.node.onpath > :first-child { stroke: #ffc400; stroke-width: 3px; }
 #scene g.node.selected > :first-child { stroke: #000; stroke-width: 3px; }
+#scene.focus path.highlight { stroke-opacity: 0.25; }
 #scene.focus path.edge { stroke-opacity: 0.07; }
 #scene.focus path.edge.near { stroke-opacity: 0.95; }
 #scene.focus g.node { opacity: 0.3; }
@@ -57,6 +59,7 @@ const NS = 'http://www.w3.org/2000/svg';
 const scene = document.getElementById('scene');
 const info = document.getElementById('info');
 const slider = document.getElementById('slider');
+const OPENING_PANEL = info.innerHTML;  // what the panel says while no node is selected
 const SMALL_PX = 40, READABLE_PX = 60;  // a node's width on screen: below SMALL_PX fitted, the page opens at READABLE_PX
 const esc = s => String(s).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
 const tok = s => esc(JSON.stringify(String(s)).slice(1, -1));
@@ -118,9 +121,10 @@ function draw(i) {
   for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())
     el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',
                 'stroke-opacity': 0.5, 'stroke-dasharray': '5 3', 'stroke-width': 1}, root);
+  const onPath = new Set(step.edges.filter(e => e[4]).flatMap(e => [e[0], e[1]]));  // the marked path's nodes
   for (const [id, [x, y]] of Object.entries(step.xy)) {
     const n = DATA.nodes[id];
-    const g = el('g', {class: 'node' + (id === selected ? ' selected' : ''), 'data-node': id}, root);
+    const g = el('g', {class: 'node' + (onPath.has(id) ? ' onpath' : '') + (id === selected ? ' selected' : ''), 'data-node': id}, root);
     shape(g, id, n, x, Y(y));
     el('title', {}, g).textContent = n.title + (n.meaning ? ` (${n.meaning})` : '');
     text(g, x, Y(y), n.label.split('\n'), {'font-size': 9.5});
@@ -197,6 +201,8 @@ scene.addEventListener('click', ev => {  // a click beside the nodes lets the se
   if (dragged || ev.target.closest('g.node') || !selected) return;
   selected = null;
   for (const g of scene.querySelectorAll('g.node.selected')) g.classList.remove('selected');
+  for (const li of document.querySelectorAll('#node-list li.selected')) li.classList.remove('selected');
+  info.innerHTML = OPENING_PANEL;
   history.replaceState(null, '', location.pathname + location.search);
   highlight();
 });
@@ -309,8 +315,10 @@ function go(id) {  // select a node: draw it, bring it into view, fill the panel
   scene.querySelector(`g.node[data-node="${CSS.escape(id)}"]`).classList.add('selected');
   bringIntoView(id);
   const li = document.querySelector(`#node-list li[data-node="${CSS.escape(id)}"]`);
-  li.classList.add('selected');
-  li.scrollIntoView({block: 'nearest'});
+  if (li) {  // a family is not in the list of the graph's nodes
+    li.classList.add('selected');
+    li.scrollIntoView({block: 'nearest'});
+  }
   measure();
 }
 
@@ -515,7 +523,8 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<span><button data-zoom=\"fit\">fit</button><button data-zoom=\"1.25\">+</button>"
             f"<button data-zoom=\"0.8\">&minus;</button> (or wheel; drag to pan)</span></div>"
             f"<div id=\"legend\"><span id=\"left-out\"></span><span id=\"zoom-note\"></span> Edges run upwards: blue excites, red inhibits, width by "
-            f"the edge's share of its target's input; yellow: the strongest path from a token to the answer; dashed: a "
+            f"how much of the logits' input flows along it; yellow: the strongest path from a token to the answer, its "
+            f"nodes outlined; dashed: a "
             f"head's QK pair; click a node to light up its edges. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
             f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses; light: attention, dark: "
             f"MLP; with its influence)."

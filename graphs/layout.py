@@ -224,15 +224,19 @@ def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, ord
 
 
 def edge_widths(graph: AttributionGraph, chosen: list[int]) -> list[float]:
-    """Pen widths (points) of the edges ``chosen``: by each edge's share of its target's absolute input (as a path's
-    strength and influence count it), 0.4 for none to 4 for all of it, on a square-root scale so that a tenth
-    still shows (1.5).  Not by |weight| alone: a family's summed edges would make every other edge a hairline."""
+    """Pen widths (points) of the edges ``chosen``, by how much of the logits' input flows along each: its share of
+    its target's absolute input times the target's influence (as pruning weighs edges), over the largest among
+    ``chosen``; 0.4 to 4 points on a square-root scale (a tenth of the largest: 1.5).  Not by |weight|, where a
+    family's summed edges made every other edge a hairline, nor by the share alone, where an edge into a node of
+    no influence whose other inputs were pruned was drawn as thick as any."""
     E = graph.edge_arrays
     if not chosen:
         return []
     idx = torch.tensor(chosen)
-    share = input_shares(E.tgt, E.w, len(graph.node_list))[idx]
-    return [round(0.4 + 3.6 * math.sqrt(min(1.0, float(v))), 2) for v in share]
+    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list])
+    flow = input_shares(E.tgt, E.w, len(graph.node_list))[idx] * infl[E.tgt[idx]]
+    top = float(flow.max()) or 1.0
+    return [round(0.4 + 3.6 * math.sqrt(float(v) / top), 2) for v in flow]
 
 
 def marked_path(graph: AttributionGraph) -> tuple[float, list[str]] | None:

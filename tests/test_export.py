@@ -119,6 +119,7 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
     text = " ".join(t.text or "" for t in root.iter(svg.NS + "text"))
     n = len(boxes)
     assert f"{n} of {len(graph.node_list)} nodes drawn" in text and f"{len(graph.node_list) - n} left out" in text
+    assert f"--draw-nodes {len(graph.node_list)}" in text  # which draws every one (`drawn_by_rule`)
     assert "--draw-nodes" in text
     texts = [t.text for t in root.iter(svg.NS + "text")]
     labels = list(zip(texts, texts[1:]))  # a column's label: its position over its token
@@ -133,10 +134,14 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
     into: dict[str, float] = {}
     for e in graph.edges:
         into[e.target] = into.get(e.target, 0.0) + abs(e.weight)
-    for e in solid:  # hovering an edge names its two ends and gives its weight; its width, its share of the target's input
+    flow = {(e["source"], e["target"]): abs(weights[e["source"], e["target"]]) / into[e["target"]]
+            * max(graph.node(e["target"]).influence, 0.0) for e in solid}  # share of the target's input x its influence
+    for e in solid:  # hovering an edge names its two ends and gives its weight; its width, the logits' input along it
         a, b = graph.node(e["source"]), graph.node(e["target"])
         assert e["tooltip"] == f"{node_name(graph, a)} -> {node_name(graph, b)}: {weights[a.id, b.id]:+.3g}"
-        assert e["width"] == pytest.approx(0.4 + 3.6 * (abs(weights[a.id, b.id]) / into[b.id]) ** 0.5, abs=0.01)
+        assert e["width"] == pytest.approx(0.4 + 3.6 * (flow[a.id, b.id] / max(flow.values())) ** 0.5, abs=0.01)
+    outlined = {k for k, v in boxes.items() if v["shape"].get("stroke") == svg.HIGHLIGHT}
+    assert outlined == set(path)  # the marked path's nodes, outlined
     assert all(e["source"] in boxes and e["target"] in boxes for e in svg.edges(root))
 
 

@@ -244,6 +244,7 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
 CHECK_EVERY_NODE = r"""<script>
 (async () => {
   const bad = [], wait = () => new Promise(r => setTimeout(r, 0));
+  window.addEventListener('error', e => bad.push('error ' + e.message));  // an exception in any handler
   const inView = id => {
     const b = document.querySelector(`#scene g.node[data-node="${CSS.escape(id)}"]`).getBoundingClientRect();
     const a = document.getElementById('scene').getBoundingClientRect();
@@ -261,6 +262,15 @@ CHECK_EVERY_NODE = r"""<script>
     const id = g.dataset.node;
     g.dispatchEvent(new MouseEvent('click', {bubbles: true}));
     if (!ok(id)) bad.push('click ' + id);
+  }
+  if (DATA.family_steps) {  // and on every drawn family
+    familiesBox.checked = true; familiesBox.dispatchEvent(new Event('change'));
+    const fams = [...document.querySelectorAll('#scene g.node')].map(g => g.dataset.node).filter(id => DATA.nodes[id].members);
+    if (!fams.length) bad.push('no family drawn');
+    for (const id of fams) {
+      document.querySelector(`#scene g.node[data-node="${CSS.escape(id)}"]`).dispatchEvent(new MouseEvent('click', {bubbles: true}));
+      if (!ok(id)) bad.push('click ' + id);
+    }
   }
   const search = document.getElementById('search');
   for (const id of DATA.order) {  // the search box, by name
