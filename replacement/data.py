@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -95,8 +96,6 @@ def tokenize_texts(tokenizer, texts: Sequence[str], chunk_chars: int = 200_000) 
                 end = nl + 1 if nl > start else end
             pieces.append(text[start:end])
             start = end
-    import sys
-
     from .io import progress_bar
 
     step = 64  # pieces a call: a bar on a terminal (the corpora take 10-20 s on 2 cores), one call's speed nearly

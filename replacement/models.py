@@ -775,10 +775,10 @@ def model_fingerprint(adapter: ModelAdapter) -> str:
     cfg = {k: v for k, v in adapter.config.to_dict().items() if k not in skip and not k.startswith("_")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, p in sorted(adapter.model.state_dict().items()):
-        t = p.detach().float().cpu().flatten()
-        idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long()
+        t = p.detach().flatten()  # 64 entries are read: no float copy of the weights (a trace takes it once more)
+        idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long().to(t.device)
         h.update(name.encode())
-        h.update(t[idx].to(torch.bfloat16).float().numpy().tobytes())
+        h.update(t[idx].float().cpu().to(torch.bfloat16).float().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
