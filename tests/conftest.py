@@ -122,12 +122,18 @@ def independent_qk(model, rec, layer: int):
     lorsa, norm = model.lorsas[layer], model.adapter.attn_norm(layer)
     n, d = rec.ids.shape[0], model.adapter.d_model
     assert not any(tc.W_skip is not None for tc in model.transcoders.values())
-    layer_norm = getattr(norm, "bias", None) is not None  # GPT-NeoX's LayerNorm centres, Llama's RMSNorm does not
     const = sum((model.lorsas[m].b_O + model.transcoders[m].b_dec).float() for m in range(layer)) + torch.zeros(n, d)
-    centred = const - const.mean(-1, keepdim=True) if layer_norm else const
-    x_c = norm.weight.float() * centred / rec.layers[layer].ln1_scale.reshape(n, 1) + (norm.bias.float() if layer_norm else 0)
+    x_c = attn_norm_linear(model, rec, layer, const) + (norm.bias.float() if getattr(norm, "bias", None) is not None else 0)
     (q, k), (qb, kb) = lorsa.qk(rec.layers[layer].attn_in[None]), lorsa.qk(x_c[None])
     return q[0], k[0], qb[0], kb[0]
+
+
+def attn_norm_linear(model, rec, layer: int, u: torch.Tensor) -> torch.Tensor:
+    """[n, d]: the linear part of layer ``layer``'s attention norm applied to ``u`` [n, d] at each position's recorded
+    scale (GPT-NeoX's LayerNorm centres, Llama's RMSNorm does not; the bias is left out)."""
+    norm = model.adapter.attn_norm(layer)
+    centred = u - u.mean(-1, keepdim=True) if getattr(norm, "bias", None) is not None else u
+    return norm.weight.float() * centred / rec.layers[layer].ln1_scale.reshape(-1, 1)
 
 
 @pytest.fixture(scope="session")

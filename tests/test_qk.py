@@ -8,7 +8,7 @@ import torch
 
 from graphs.attribution import attribute
 from replacement.models import ModelAdapter
-from tests.conftest import independent_qk, node_write, random_replacements, tiny_llama, tiny_neox
+from tests.conftest import attn_norm_linear, independent_qk, node_write, random_replacements, tiny_llama, tiny_neox
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox,
@@ -65,16 +65,14 @@ def test_score_parts_and_marginals_equal_an_independent_split(make):
     parts = marginals = 0
     for head in graph.nodes(type="lorsa"):
         L, lorsa = head.layer, model.lorsas[head.layer]
-        norm = adapter.attn_norm(L)
-        layer_norm = getattr(norm, "bias", None) is not None  # GPT-NeoX's LayerNorm centres, Llama's RMSNorm does not
         q, k, qb, kb = (x[None] for x in independent_qk(model, rec, L))
         q0, k0 = lorsa.qk(torch.zeros(1, n, d))  # the bias Q and K add to nothing
         g, t, c = head.index // lorsa.cfg.heads_per_group, head.pos, 1 / math.sqrt(lorsa.cfg.d_qk)
 
         def alone(node_id: str, side: int) -> torch.Tensor:  # [e]: a node's query (side 0) or key (1), alone
-            at, u = graph.node(node_id).pos, node_write(graph, model, rec, node_id)
-            x = torch.zeros(n, d)  # the norm's linear part at the recorded scale
-            x[at] = norm.weight.float() * (u - u.mean() if layer_norm else u) / rec.layers[L].ln1_scale.reshape(n)[at]
+            at = graph.node(node_id).pos
+            x = torch.zeros(n, d)  # its write alone, through the norm's linear part
+            x[at] = attn_norm_linear(model, rec, L, node_write(graph, model, rec, node_id).expand(n, d))[at]
             return lorsa.qk(x[None])[side][0, g, at] - (q0, k0)[side][0, g, at]
 
         for e in head.qk:
