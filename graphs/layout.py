@@ -194,12 +194,21 @@ def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, mu
         loose |= newly
 
 
-def edge_order(graph: AttributionGraph) -> torch.Tensor:
-    """Indices into ``graph.edge_arrays``, the edges a picture should show first: by |weight| x the target's
-    influence (an edge matters as much as it moves something that matters)."""
+def edge_flow(graph: AttributionGraph) -> torch.Tensor:
+    """[E] How much of the logits' input flows along each edge of ``graph.edge_arrays``: its share of its target's
+    absolute input times the target's influence (as pruning weighs edges).  Not |weight|, where a family's summed
+    edges outweigh every single edge, nor the share alone, where an edge into a node of no influence whose other
+    inputs were pruned counts as much as any."""
     E = graph.edge_arrays
-    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list]) + 1e-12
-    return (E.w.abs() * infl[E.tgt]).argsort(descending=True)
+    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list], dtype=torch.float32)
+    return input_shares(E.tgt, E.w, len(graph.node_list)).float() * infl[E.tgt]
+
+
+def edge_order(graph: AttributionGraph) -> torch.Tensor:
+    """Indices into ``graph.edge_arrays``, the edges a picture should show first: by their flow (`edge_flow`), so
+    that one notion both picks the edges and sizes them; ties (edges into nodes of no influence) by |weight|."""
+    by_weight = graph.edge_arrays.w.abs().argsort(descending=True, stable=True)
+    return by_weight[edge_flow(graph)[by_weight].argsort(descending=True, stable=True)]
 
 
 def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, order: torch.Tensor | None = None,
@@ -224,17 +233,11 @@ def drawn_edges(graph: AttributionGraph, node_ids: set[str], max_edges: int, ord
 
 
 def edge_widths(graph: AttributionGraph, chosen: list[int]) -> list[float]:
-    """Pen widths (points) of the edges ``chosen``, by how much of the logits' input flows along each: its share of
-    its target's absolute input times the target's influence (as pruning weighs edges), over the largest among
-    ``chosen``; 0.4 to 4 points on a square-root scale (a tenth of the largest: 1.5).  Not by |weight|, where a
-    family's summed edges made every other edge a hairline, nor by the share alone, where an edge into a node of
-    no influence whose other inputs were pruned was drawn as thick as any."""
-    E = graph.edge_arrays
+    """Pen widths (points) of the edges ``chosen``, by their flow (`edge_flow`) over the largest among ``chosen``:
+    0.4 to 4 points on a square-root scale (a tenth of the largest: 1.5)."""
     if not chosen:
         return []
-    idx = torch.tensor(chosen)
-    infl = torch.tensor([max(n.influence, 0.0) for n in graph.node_list])
-    flow = input_shares(E.tgt, E.w, len(graph.node_list))[idx] * infl[E.tgt[idx]]
+    flow = edge_flow(graph)[torch.tensor(chosen)]
     top = float(flow.max()) or 1.0
     return [round(0.4 + 3.6 * math.sqrt(float(v) / top), 2) for v in flow]
 
