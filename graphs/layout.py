@@ -12,6 +12,7 @@ DOT/SVG/PNG (graphs/export.py) and the HTML page (graphs/html.py) both draw thes
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -165,10 +166,11 @@ def meaning(n: Node) -> str:
 
 def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, must: tuple[str, ...] = ()) -> list[Node]:
     """At most ``max_nodes`` nodes: the nodes ``must`` (e.g. the path a picture marks), the likeliest logits (at
-    most ``MAX_DRAWN_LOGITS``, the target among them), then the most influential other nodes that have an edge into
-    another drawn node: a node with none would hang loose in the picture (one that pruning keeps only for a head's
-    QK pairs, or whose edges it dropped), so it gives its place to the next (repeated until no drawn node is loose).
-    A budget of every node draws every node, in order of influence (the page's last slider step)."""
+    most ``MAX_DRAWN_LOGITS``, the target among them), then the other nodes in order of influence, each joining
+    when it has an edge into a drawn node.  A node without one would hang loose in the picture (one that pruning
+    keeps only for a head's QK pairs, or whose edges it dropped): it waits, and joins as soon as a node it feeds
+    has joined (the most influential of those waiting first).  A budget of every node draws every node, in order
+    of influence (the page's last slider step)."""
     E, nodes = graph.edge_arrays, graph.node_list
     if max_nodes >= len(nodes):
         logits = sorted((n for n in nodes if n.type == NodeKind.LOGIT), key=lambda n: -n.prob)
@@ -177,21 +179,33 @@ def draw_budget(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, mu
     logits = sorted((n for n in nodes if n.type == NodeKind.LOGIT), key=lambda n: (n.id != target, -n.prob))
     first = [graph.node(i) for i in must if i in graph.index] + logits[:MAX_DRAWN_LOGITS]
     first = list({n.id: n for n in first}.values())[:max_nodes]
-    fixed = {graph.index[n.id] for n in first}
+    drawn = {graph.index[n.id] for n in first}
     order = [graph.index[n.id] for n in sorted(nodes, key=lambda n: -n.influence)
-             if n.type != NodeKind.LOGIT and graph.index[n.id] not in fixed]
-    loose: set[int] = set()
-    while True:
-        rest = [i for i in order if i not in loose][: max(0, max_nodes - len(first))]
-        drawn = torch.zeros(len(nodes), dtype=torch.bool)
-        drawn[list(fixed) + rest] = True
-        feeds = torch.zeros(len(nodes), dtype=torch.bool)
-        live = drawn[E.tgt] & (E.w != 0)
-        feeds[E.src[live]] = True  # has an edge into a drawn node
-        newly = {i for i in rest if not feeds[i]}
-        if not newly:
-            return first + [nodes[i] for i in rest]
-        loose |= newly
+             if n.type != NodeKind.LOGIT and graph.index[n.id] not in drawn]
+    rank = {i: r for r, i in enumerate(order)}
+    feeds: dict[int, set[int]] = {}  # node -> the nodes it has a nonzero edge into
+    live = E.w != 0
+    for s, t in zip(E.src[live].tolist(), E.tgt[live].tolist()):
+        feeds.setdefault(s, set()).add(t)
+    waiting: dict[int, list[int]] = {}  # a drawn-to-be node -> the waiting nodes that feed it
+    rest: list[int] = []
+    for i in order:
+        if len(drawn) >= max_nodes:
+            break
+        if not feeds.get(i, set()) & drawn:
+            for t in feeds.get(i, ()):
+                waiting.setdefault(t, []).append(i)
+            continue
+        ready = [(rank[i], i)]
+        while ready and len(drawn) < max_nodes:  # i, then the waiting nodes it (or one joining after it) lets in
+            _, j = heapq.heappop(ready)
+            if j in drawn:
+                continue
+            drawn.add(j)
+            rest.append(j)
+            for w in waiting.pop(j, ()):
+                heapq.heappush(ready, (rank[w], w))
+    return first + [nodes[i] for i in sorted(rest, key=rank.__getitem__)]
 
 
 def edge_flow(graph: AttributionGraph) -> torch.Tensor:

@@ -49,26 +49,34 @@ HIGHLIGHT = "#ffc400"  # the marker under the strongest path's edges
 
 def drawn_by_rule(graph, budget: int, must=(), max_logits: int = 5) -> set[str]:
     """The nodes a picture of ``budget`` nodes should draw, by the rule written out plainly: ``must`` and the
-    likeliest logits (the target first) first; then, in order of influence, nodes with an edge into the drawn set,
-    a node found without one set aside for good and the budget refilled, until none is found; every node when the
-    budget covers them all."""
+    likeliest logits (the target first) first; then, in order of influence, each node with an edge into the drawn
+    set, a node without one set aside; after each node drawn, the most influential set-aside node that now has an
+    edge into the drawn set, again and again, until none has or the budget is spent; every node when the budget
+    covers them all.  (Rescans everything each time; graphs.layout keeps a queue.)"""
     if budget >= len(graph.node_list):
         return {n.id for n in graph.node_list}
     logits = sorted(graph.logits(), key=lambda n: (n.id != graph.target.id, -n.prob))[:max_logits]
-    first = list(dict.fromkeys([*must, *(n.id for n in logits)]))[:budget]
-    others = [n.id for n in sorted(graph.node_list, key=lambda n: -n.influence) if n.type != "logit" and n.id not in first]
+    drawn = list(dict.fromkeys([*must, *(n.id for n in logits)]))[:budget]
+    others = [n.id for n in sorted(graph.node_list, key=lambda n: -n.influence) if n.type != "logit" and n.id not in drawn]
     into: dict[str, set] = {}
     for e in graph.edges:
         if e.weight != 0:
             into.setdefault(e.source, set()).add(e.target)
-    aside: set[str] = set()
-    while True:
-        rest = [i for i in others if i not in aside][: budget - len(first)]
-        drawn = set(first) | set(rest)
-        loose = {i for i in rest if not into.get(i, set()) & drawn}
-        if not loose:
-            return drawn
-        aside |= loose
+    aside: list[str] = []
+    for i in others:
+        if len(drawn) >= budget:
+            break
+        if not into.get(i, set()) & set(drawn):
+            aside.append(i)
+            continue
+        drawn.append(i)
+        while len(drawn) < budget:
+            back = [a for a in aside if into.get(a, set()) & set(drawn)]
+            if not back:
+                break
+            drawn.append(back[0])
+            aside.remove(back[0])
+    return set(drawn)
 
 
 def size(root: ET.Element) -> tuple[float, float]:
