@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from graphs.graph import ID_PREFIXES, NODE_TYPES
+from graphs.graph import ID_PREFIXES, NODE_TYPES, NodeKind
 from graphs.layout import DEFAULT_DRAW_NODES
 from replacement.bundle import PRESET_NAMES
 
@@ -846,7 +846,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
         for e in g.outgoing(n, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
-        pairs = g.qk_pairs(n, outside=True)
+        pairs = g.qk_pairs(n, outside=True) if n.type == NodeKind.LORSA else []
         out = lambda x: p(x) if x in g.index else f"{p(x)}*"  # noqa: E731
         for e in pairs[:10]:
             click.echo(f"  qk {out(e.query)} x {out(e.key)} (key pos {e.key_pos}) {e.weight:+.4f}")

@@ -89,6 +89,8 @@ def _node_dict(graph: AttributionGraph, n: Node, n_layers: int, is_target: bool)
         d["qk"] = [entry.to_json() for entry in n.qk]
     if n.lens:
         d["lens"] = n.lens
+    if n.members is not None:
+        d["members"] = n.members
     if n.family is not None:
         d["family"] = n.family
         if n.family_cosine is not None:
@@ -104,7 +106,7 @@ def _node_from_dict(x: dict) -> Node:
                 label=x.get("label", ""), prob=x["token_prob"], const=x["const"], preact=x["preact"],
                 dropped=x["dropped"], z_pattern=x.get("z_pattern"), qk=[QKEntry.from_json(e) for e in x.get("qk", ())],
                 family=x.get("family"), family_cosine=x.get("family_cosine"), lens=x.get("lens"),
-                family_lens=x.get("family_lens"))
+                family_lens=x.get("family_lens"), members=x.get("members"))
 
 
 def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:

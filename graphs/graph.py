@@ -290,7 +290,16 @@ class Node:
         return Node(str(NodeKey(kind, layer, index, pos)), kind, layer, pos, index, **fields)
 
     @property
+    def is_family(self) -> bool:
+        """Whether this is a family node of a collapsed graph (`AttributionGraph.collapsed`): its type is its
+        members' (lorsa or transcoder), its index the family's rank, its ``members`` their ids."""
+        return self.members is not None
+
+    @property
     def key(self) -> NodeKey:
+        """The unit's key (its id, parsed); a family node has none (BadInputError): its id is ``fam.``..."""
+        if self.is_family:
+            raise BadInputError(f"{self.id} is a family node; it has no unit key (its members: `members`)")
         return NodeKey(self.type, self.layer, self.index, self.pos)
 
 
@@ -410,7 +419,8 @@ class AttributionGraph:
 
     def nodes(self, type: str | None = None, layer: int | None = None, position: int | None = None) -> list[Node]:
         """The nodes of one type (a `NodeKind`, its name or an id's prefix: "tc"), layer and/or position (each None:
-        any); an unknown type is a BadInputError."""
+        any); an unknown type is a BadInputError.  A collapsed graph's family nodes have their members' type
+        (`Node.is_family` tells them apart)."""
         type = None if type is None else kind_of(type)
         return [n for n in self.node_list if (type is None or n.type == type) and (layer is None or n.layer == layer)
                 and (position is None or n.pos == position)]
@@ -424,14 +434,19 @@ class AttributionGraph:
         """The logit node the graph was traced for: `attribute`'s ``target`` (`trace --target`), else the most
         probable logit.  Paths end there by default; graph.json marks it ``is_target_logit``."""
         traced = self.scores.get("logit_decomposition", {}).get("target", {}).get("node")
-        return self.node_list[self.index[traced]] if traced in self.index else self.logits()[0]
+        if traced in self.index:
+            return self.node_list[self.index[traced]]
+        if not self.logits():
+            raise BadInputError("this graph holds no logit node (a subgraph without one?), so it has no target")
+        return self.logits()[0]
 
-    def logit(self, token_id: int) -> Node:
-        """The logit node of a token (KeyError if the token is not among the graph's logits)."""
+    def logit(self, token: "int | str") -> Node:
+        """The logit node of a token, by its id or its text as the graph labels it (``" 98"``); KeyError if it is
+        not among the graph's logits."""
         for n in self.nodes(type=NodeKind.LOGIT):
-            if n.index == token_id:
+            if (n.index == token) if isinstance(token, int) else (n.label == token):
                 return n
-        raise KeyError(f"no logit node for token {token_id} in this graph")
+        raise KeyError(f"no logit node for token {token!r} in this graph")
 
     def _edges_where(self, mask: torch.Tensor, k: int | None) -> list[Edge]:
         E = self.edge_arrays
@@ -464,12 +479,13 @@ class AttributionGraph:
         this graph holds, or with ``outside`` every pair, also those naming a node the graph does not hold (a
         budgeted graph leaves out the features it did not expand, which still enter the QK split; ``pair.query in
         graph.index`` tells them apart)."""
-        nid = node if isinstance(node, str) else node.id
+        head = self.node(node if isinstance(node, str) else node.id)  # KeyError for a node the graph lacks
+        if head.type != NodeKind.LORSA:
+            raise BadInputError(f"{head.id} is a {head.type.value} node; only Lorsa heads have QK pairs")
         if outside:
-            head = self.node(nid)
             links = [QKLink(head.id, entry, p) for entry in head.qk for p in entry.pairs]
         else:
-            links = [e for e in self.qk if e.head == nid]
+            links = [e for e in self.qk if e.head == head.id]
         return sorted(links, key=lambda e: -abs(e.weight))
 
     def to_networkx(self, include_qk: bool = False):
@@ -521,11 +537,13 @@ class AttributionGraph:
         ``families``: on the collapsed graph (`collapsed`), where a family's members are one node (its id in the
         paths; ``to`` may name a member, which then stands for its family).
 
-        A path's strength is the product, along it, of each edge's share of its target's absolute input;
+        A path's strength is the product, along it, of each edge's share of its target's absolute input (of the
+        edges this graph holds: a pruned graph's shares, and so its strengths, are a little larger than the full's);
         paths come out strongest first (networkx's shortest simple paths on -log shares; the strongest alone,
         k = 1, by `_strongest_path` on the edge arrays, without networkx)."""
         if k < 1 or max_len < 1:
             raise BadInputError(f"top_paths needs k >= 1 and max_len >= 1 (k={k}, max_len={max_len})")
+        to = None if to is None else to if to in self.index else id_of_unit_label(to)  # a name as printed
         if to is not None and to not in self.index and not (families and to in {f.id for f in self.families()}):
             raise BadInputError(f"no node {to!r} in this graph")
         sources = tuple(kind_of(x) for x in sources)  # a kind's name or an id's prefix ("emb")

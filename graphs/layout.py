@@ -306,7 +306,7 @@ def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: in
     """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, those at the key its
     third line names first (`lens.key_position`: the key it takes most of its activation from), ``most`` in all."""
     pairs = []
-    for head in sorted(ids):
+    for head in sorted(i for i in ids if graph.node(i).type == NodeKind.LORSA):
         mine = [p for p in graph.qk_pairs(head) if p.query in ids and p.key in ids]  # strongest first
         if mine:
             key = key_position(graph.node(head))

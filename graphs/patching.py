@@ -36,7 +36,7 @@ class Component:
     kind: "NodeKind | str"  # a Lorsa head, transcoder feature or error node (a NodeKind), or HEAD
     layer: int
     index: int = -1
-    pos: int | None = None
+    pos: int | None = None  # None: at every position (each its own activation or error)
 
     def __str__(self) -> str:
         if self.kind == HEAD:
@@ -198,23 +198,27 @@ class PathPatcher:
         self._check(c)
         lr = rec.layers[c.layer]
         if c.kind == NodeKind.LORSA:
-            hit = lr.lorsa_code.indices[c.pos] == c.index
-            act = float(lr.lorsa_code.values[c.pos][hit].sum())
-            return {(c.layer, "attn"): self._at(c.pos, act * self.model.lorsas[c.layer].W_O[c.index].float())}
+            return {(c.layer, "attn"): self._unit(lr.lorsa_code, c, self.model.lorsas[c.layer].W_O[c.index])}
         if c.kind == NodeKind.TRANSCODER:
-            hit = lr.tc_code.indices[c.pos] == c.index
-            act = float(lr.tc_code.values[c.pos][hit].sum())
             tc = self.model.transcoders[c.layer]
-            return {(T, "mlp"): self._at(c.pos, act * tc.decoder_into(T)[c.index].float()) for T in tc.writes_into()}
+            return {(T, "mlp"): self._unit(lr.tc_code, c, tc.decoder_into(T)[c.index]) for T in tc.writes_into()}
         if c.kind in ERROR_KINDS:
             err = lr.attn_err if c.kind == NodeKind.ATTN_ERROR else lr.mlp_err
-            return {(c.layer, c.writes_to): self._at(c.pos, err[c.pos])}
+            return {(c.layer, c.writes_to): err.float() if c.pos is None else self._at(c.pos, err[c.pos])}
         z = rec.cache[hook_name(c.layer, "attn.z")][:, c.index]  # an original head: [n, dh], recorded with the prompt
         Wo, _ = self.adapter.W_O(c.layer)
         contrib = z.float() @ Wo[c.index].float()  # [n, d]
         if c.pos is not None:
             contrib = self._at(c.pos, contrib[c.pos])
         return {(c.layer, "attn"): contrib}
+
+    def _unit(self, code, c: Component, direction: torch.Tensor) -> torch.Tensor:
+        """[n, d]: a head's or feature's activation at each position times its output ``direction`` [d], at c.pos
+        alone, or with c.pos None at every position (each position its own activation: 0 where it is inactive)."""
+        acts = (code.values * (code.indices == c.index)).sum(-1).float()  # [n]
+        if c.pos is not None:
+            acts = torch.where(torch.arange(len(acts), device=acts.device) == c.pos, acts, torch.zeros_like(acts))
+        return acts[:, None].to(self.rec.embed.device) * direction.float().to(self.rec.embed.device)[None]
 
     def delta(self, c: Component, mode: str) -> torch.Tensor:
         """[n, d]: the ablation's change to what c writes into its own layer (`deltas`: into every layer)."""
@@ -256,8 +260,10 @@ class PathPatcher:
     @torch.no_grad()
     def effects(self, components: list[Component | tuple[Component, ...]], mode: str = "zero",
                 batch_size: int = 32) -> list[PatchResult]:
-        """Each entry's path-patching effect; an entry that is a tuple of components ablates them together."""
+        """Each entry's path-patching effect; an entry that is a tuple of components ablates them together; a
+        component may be given by its name (`parse_component`)."""
         a = self.adapter
+        components = [_parsed(c) for c in components]
         results = []
         shape = self.rec.layers[0].attn_out.shape
         for start in range(0, len(components), batch_size):
@@ -301,20 +307,39 @@ def _members(group: Component | tuple[Component, ...]) -> tuple[Component, ...]:
     return group if isinstance(group, tuple) else (group,)
 
 
+def _parsed(group):
+    """A component, or a tuple of them, with names (`parse_component`) read; anything else a BadInputError."""
+    if isinstance(group, tuple):
+        return tuple(_parsed(c) for c in group)
+    if isinstance(group, str):
+        return parse_component(group)
+    if not isinstance(group, Component):
+        raise BadInputError(f"a component is a Component or its name ({_FORMS}), not {type(group).__name__}")
+    return group
+
+
 def path_patch(model: ReplacementModel, ids: torch.Tensor, component: str | Component, target: int,
                baseline: int | None = None, mode: str = "zero", counterfactual: torch.Tensor | None = None,
-               reference: list[torch.Tensor] | None = None) -> PatchResult:
-    c = parse_component(component) if isinstance(component, str) else component
-    return PathPatcher(model, ids, target, baseline, counterfactual, reference=reference).effects([c], mode)[0]
+               reference: list[torch.Tensor] | None = None, demean: bool = False,
+               freeze_norms: bool = False) -> PatchResult:
+    """One component's path-patching effect on the target logit at the last position (`PathPatcher`): minus the
+    baseline's logit when one is given, or with ``demean`` minus the mean logit, the quantity `trace`'s graph
+    explains (`graph_effects` predicts it); ``freeze_norms`` keeps the norms' scales at their clean values (the
+    graph's linear regime).  ``ids``: token ids or text; ``target``/``baseline``: token ids or text."""
+    return PathPatcher(model, ids, target, baseline, counterfactual, demean=demean, freeze_norms=freeze_norms,
+                       reference=reference).effects([component], mode)[0]
 
 
 def rank_lorsa_heads(model: ReplacementModel, ids: torch.Tensor, layer: int, target: int, baseline: int | None = None,
                      positions: list[int] | None = None, mode: str = "zero",
                      counterfactual: torch.Tensor | None = None,
-                     reference: list[torch.Tensor] | None = None) -> list[PatchResult]:
-    """Every Lorsa head of ``layer`` active at ``positions`` (default: the last), ranked by |effect|
-    (``reference``: the prompts whose mean output ``mode="mean"`` ablates to)."""
-    patcher = PathPatcher(model, ids, target, baseline, counterfactual, reference=reference)
+                     reference: list[torch.Tensor] | None = None, demean: bool = False,
+                     freeze_norms: bool = False) -> list[PatchResult]:
+    """Every Lorsa head of ``layer`` active at ``positions`` (default: the last), ranked by |effect| on the metric
+    `path_patch` describes (``demean``, ``freeze_norms`` as there; ``reference``: the prompts whose mean output
+    ``mode="mean"`` ablates to)."""
+    patcher = PathPatcher(model, ids, target, baseline, counterfactual, demean=demean, freeze_norms=freeze_norms,
+                          reference=reference)
     lr = patcher.rec.layers[layer]
     if lr.lorsa_code is None:
         raise BadInputError("ranking Lorsa heads needs --attention lorsa")
@@ -327,7 +352,11 @@ def rank_lorsa_heads(model: ReplacementModel, ids: torch.Tensor, layer: int, tar
 def graph_effects(graph, logit_id: str) -> torch.Tensor:
     """[n_nodes]: the graph's prediction of zero-ablating each node, i.e. minus its total linear effect on
     the logit through paths whose intermediate nodes are transcoder features (attention stays frozen, as in
-    path patching):  e(t) = w(t -> logit) + sum_u w(t -> u) e(u) / a(u)  over transcoder features u."""
+    path patching):  e(t) = w(t -> logit) + sum_u w(t -> u) e(u) / a(u)  over transcoder features u.
+
+    Through the edges ``graph`` holds: on a pruned graph (graph.json) the paths pruning dropped are missing, and
+    a node's prediction can differ from the full graph's, even in sign; predict from the graph `attribute`
+    returns (`graphs.pipeline.trace_graphs`' first graph) to compare with path patching."""
     E = graph.edge_arrays
     n = len(graph)
     logit = graph.index[logit_id]

@@ -286,6 +286,15 @@ def test_json_schema_and_round_trip(tmp_path):
     assert sorted(map(tuple, d["qParams"]["supernodes"])) == sorted((f.id, *f.members) for f in g.families())
     back = graphs.load(path)
     assert back == g and [f.id for f in back.families()] == [f.id for f in g.families()]
+    # a collapsed graph saved and read back keeps its families' members (they were lost), and a family node says
+    # what it is: its key would name another unit (a family's index is its rank)
+    c = g.collapsed()
+    fam = next(n for n in c.node_list if n.id.startswith("fam."))
+    again = graphs.load(write_json(c, tmp_path / "c.json", check_schema=True))
+    assert again.node(fam.id).members == fam.members == family(g, fam.id).members and again == c
+    assert fam.is_family and not any(n.is_family for n in g.node_list)
+    with pytest.raises(BadInputError, match="is a family node"):
+        fam.key
     # a family id in the wrong form breaks the schema; a member of the wrong kind or position the reader's check
     bad = to_dict(g)
     next(n for n in bad["nodes"] if "family" in n)["family"] = "family 1"

@@ -175,3 +175,24 @@ def test_graph_queries_refuse_unknown_names(graph):
         graph.incoming(graph.logits()[0].id, kind="foo")
     with pytest.raises(BadInputError, match="no node 'nope@1'"):
         graph.subgraph([graph.node_list[0].id, "nope@1"])
+
+
+def test_queries_take_printed_names_and_refuse_what_has_no_answer(graph):
+    """qk_pairs and top_paths(to=) read a node's name as `node` does (qk_pairs gave [] for a name, an unknown node
+    or a feature: "no pairs"); logit takes a token's text; a graph with no logit says it has no target."""
+    from graphs.layout import node_name
+
+    head = next(h for h in graph.nodes(type="lorsa") if graph.qk_pairs(h.id))
+    assert graph.qk_pairs(node_name(graph, head)) == graph.qk_pairs(head.id)
+    assert graph.qk_pairs(f"L{head.layer}.H{head.index}@{head.pos}") == graph.qk_pairs(head.id)
+    with pytest.raises(KeyError, match="no node"):
+        graph.qk_pairs("lorsa.9.9@0")
+    with pytest.raises(BadInputError, match="only Lorsa heads have QK pairs"):
+        graph.qk_pairs(graph.nodes(type="tc")[0].id)
+    assert graph.top_paths(to=node_name(graph, head), k=2) == graph.top_paths(to=head.id, k=2)
+    logit = graph.logits()[0]
+    assert graph.logit(logit.label) is logit and graph.logit(logit.index) is logit
+    with pytest.raises(KeyError, match="no logit node"):
+        graph.logit("no such token")
+    with pytest.raises(BadInputError, match="no logit node"):
+        graph.subgraph([head.id]).target

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from graphs.patching import PathPatcher, graph_effects, parse_component, path_patch, rank_lorsa_heads
+from graphs.graph import NodeKind
+from graphs.patching import Component, PathPatcher, graph_effects, parse_component, path_patch, rank_lorsa_heads
 from replacement.errors import BadInputError
 from replacement.models import ModelAdapter
 from tests.conftest import random_replacements, tiny_llama, tiny_neox
@@ -83,6 +84,40 @@ def test_replacement_nodes_equal_brute_force(make):
         expected = brute(node)
         assert res.effect == pytest.approx(expected, rel=1e-4, abs=1e-5), node.id
         assert abs(expected) > 1e-5, node.id  # the ablation does something
+
+
+def test_a_unit_at_every_position_is_each_position_ablated_together():
+    """A Lorsa head, transcoder feature or error node with no position ablates what it writes at every position,
+    each position its own activation (0 where it is inactive; it wrote the summed activation everywhere): the same
+    as its active positions ablated together (which the brute force above checks).  Names are taken too."""
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(6))
+    rec = model.record(ids)
+    p = PathPatcher(model, ids, target=7)
+    for kind, code in (("lorsa", rec.layers[1].lorsa_code), ("tc", rec.layers[0].tc_code)):
+        counts = torch.bincount(code.indices[code.values > 0].flatten(), minlength=code.indices.max() + 1)
+        counts[counts >= ids.shape[1]] = 0
+        last = torch.zeros_like(counts, dtype=torch.bool)
+        last[code.indices[-1][code.values[-1] > 0]] = True  # (attention is frozen: only the last position's reach
+        unit = int((counts * last).argmax())  # the logits) active there and at some, not all, earlier positions
+        at = [q for q in range(ids.shape[1]) if bool(((code.indices[q] == unit) & (code.values[q] > 0)).any())]
+        assert 2 <= len(at) < ids.shape[1], (kind, at)
+        layer = 1 if kind == "lorsa" else 0
+        every = Component(NodeKind.LORSA if kind == "lorsa" else NodeKind.TRANSCODER, layer, unit, None)
+        together = tuple(parse_component(f"{kind}.{layer}.{unit}@{q}") for q in at)
+        a, b = p.effects([every, together])
+        assert a.effect == pytest.approx(b.effect, rel=1e-5, abs=1e-6) and abs(a.effect) > 1e-5
+    err = p.effects([Component(NodeKind.MLP_ERROR, 0, -1, None),
+                     tuple(parse_component(f"mlp_err.0@{q}") for q in range(ids.shape[1]))])
+    assert err[0].effect == pytest.approx(err[1].effect, rel=1e-5, abs=1e-6)
+    named, parsed = p.effects(["lorsa.1.0@8", ("tc.0.1@8", "mlp_err.1@8")]), p.effects(
+        [parse_component("lorsa.1.0@8"), (parse_component("tc.0.1@8"), parse_component("mlp_err.1@8"))])
+    assert [r.effect for r in named] == [r.effect for r in parsed]
+    with pytest.raises(BadInputError, match="cannot parse component"):
+        p.effects(["lorsa one"])
+    with pytest.raises(BadInputError, match="not int"):
+        p.effects([3])
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
