@@ -147,7 +147,10 @@ def id_of_unit_label(text: str) -> str:
 
 @dataclass
 class QKPair:
-    """One term of a head's attention score at one key position: a query-side node x a key-side node."""
+    """One term of a head's attention score at one key position: a query-side node x a key-side node.  A node's
+    query or key vector is everything it writes that reaches the head's input through fixed linear maps, a
+    transcoder's skip connection included: with a skip transcoder, most of an embedding's part can be its path
+    through the skip (docs/qk.md)."""
 
     query: str  # node id
     key: str  # node id
