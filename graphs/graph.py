@@ -133,11 +133,18 @@ _NAMES = ((re.compile(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)"),  # a head or feature 
            lambda m: NodeKey(NodeKind.ATTN_ERROR if m[2] == "attn" else NodeKind.MLP_ERROR, int(m[1]), pos=int(m[3]))))
 
 
+_FAMILY_NAME = re.compile(r"family .*?(fam\.(?:lorsa|tc)\.\d+\.\d+@\d+)(?: |$)")  # as `layout.node_name` names one
+_LOGIT_NAME = re.compile(r'logit "(.*)"(?: \(p=[^)]*\))?(?: @(\d+))?$')
+
+
 def id_of_unit_label(text: str) -> str:
     """The node id a name stands for: a unit's short name at a position (``L1.H5@3`` -> ``lorsa.1.5@3``, ``L1.F5@3``
     -> ``tc.1.5@3``, as the pictures write them), or the start of a name `trace` and `circuits query` print (``L0.H136
     @4 " =" ...``, ``emb @1 "36"``, ``L3 MLP error @4 " ="``); any other text as it is, stripped."""
     text = text.strip()
+    m = _FAMILY_NAME.match(text)
+    if m:
+        return m[1]
     for pattern, key in _NAMES:
         m = pattern.match(text)
         if m and (m.end() == len(text) or text[m.end()] == " "):
@@ -415,6 +422,13 @@ class AttributionGraph:
     def node(self, node_id: str) -> Node:
         """A node by its id, or by a name the pictures and printed paths give it (`id_of_unit_label`)."""
         found = node_id if node_id in self.index else id_of_unit_label(node_id)
+        logit = _LOGIT_NAME.match(node_id.strip())
+        if found not in self.index and logit:  # `logit " 98" (p=0.958) @4`, as `trace` prints a logit
+            from .layout import token_text
+
+            hits = [n.id for n in self.nodes(type=NodeKind.LOGIT) if token_text(n.label) == logit[1]
+                    and (logit[2] is None or n.pos == int(logit[2]))]
+            found = hits[0] if len(hits) == 1 else found
         if found not in self.index:
             family = node_id.startswith("fam.") and node_id in {f.id for f in self.families()}
             raise KeyError(f"no node {node_id!r} in this graph" + ("; a family is a node of `collapsed()`" if family else ""))

@@ -149,7 +149,7 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
     line = gist(graph, n)
     if n.members:
         what = "heads" if n.type == NodeKind.LORSA else "features"
-        return f"family {n.label} {what} {n.id} {at} {line}".rstrip()
+        return f'family {n.label} {what} {n.id} "{_token(graph, n.pos)}" {line}'.rstrip()  # the id holds @pos
     return f"{box_label(graph, n).splitlines()[0]} {at} {line}".rstrip()
 
 

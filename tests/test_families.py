@@ -293,6 +293,8 @@ def test_json_schema_and_round_trip(tmp_path):
     again = graphs.load(write_json(c, tmp_path / "c.json", check_schema=True))
     assert again.node(fam.id).members == fam.members == family(g, fam.id).members and again == c
     assert fam.is_family and not any(n.is_family for n in g.node_list)
+    from graphs.layout import node_name
+    assert c.node(node_name(c, fam)) is fam and node_name(c, fam).count(f"@{fam.pos}") == 1  # as trace prints it
     with pytest.raises(BadInputError, match="is a family node"):
         fam.key
     # a family id in the wrong form breaks the schema; a member of the wrong kind or position the reader's check

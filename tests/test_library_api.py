@@ -62,6 +62,8 @@ def test_node_takes_the_names_pictures_and_printed_paths_give(graph):
         n = graph.nodes(type=kind)[0]
         assert graph.node(node_name(graph, n)) is n and graph.node(n.id + " ") is n
         assert graph.node(node_name(graph, n).split('"')[0].strip()) is n  # the name up to its position
+    for logit in graph.logits():  # `logit " 98" (p=0.958) @4`
+        assert graph.node(node_name(graph, logit)) is logit and graph.node(f'logit "{logit.label}"') is logit
     h = graph.nodes(type="lorsa")[0]
     assert graph.node(f"L{h.layer}.H{h.index}@{h.pos}") is h
     with pytest.raises(KeyError, match="no node 'L99.H1@0'"):
