@@ -6,13 +6,14 @@ and transcoder feature slot assumed active: top-K of each per position, plus one
 position).  A target reads the sources written before it: a Lorsa head at position t reads every earlier
 block's nodes at positions 0..t (through its pattern); a transcoder feature and a logit read those at their
 own position (through frozen attention, with ``attention="frozen"``, at positions 0..t too).  On the bundled
-llama every head and feature slot is active, so the bound is exact: 19,999,002 edges at 31 tokens, 71.66M at 60
-(71,664,205 counted), 317.8M at 128.  Each edge costs ``BYTES_PER_EDGE`` at the peak (the edge store's index,
+llama nearly every head and feature slot is active (K = 64 for both since its transcoders were widened), so the
+bound is close: 26,963,802 edges at 31 tokens against 26,732,542 counted (2026-12-07), 95.8M at 60, 416.3M at 127
+(31.6 GB; when every transcoder had K = 32 it was exact, 19,999,002 at 31 tokens).  Each edge costs ``BYTES_PER_EDGE`` at the peak (the edge store's index,
 weight and kind tensors, merged once, plus pruning's per-edge temporaries): the peak resident memory of
 attribution + pruning over the loaded model was 72 bytes per edge at 31 tokens (1.37 GB), 67 at 60 (4.6 GB), and
 about 60 at 127 tokens (18.7 GB, the figure of issue 21); measured again with the jointly trained replacements,
-72.006 at 31 tokens (1,440,055,296 bytes), so 76 bounds it from above with a 5% margin (tests/test_budget.py
-measures it again).  The full budgeted attribution, which stops at a node budget instead, is another piece of
+72.006 at 31 tokens (1,440,055,296 bytes), and 71.5 with today's (1.91 GB for 26.7M edges, the whole process),
+so 76 bounds it from above with a 5% margin (tests/test_budget.py measures it again).  The full budgeted attribution, which stops at a node budget instead, is another piece of
 work.
 """
 from __future__ import annotations

@@ -62,11 +62,12 @@ def make_folder(folder: str | Path, what: str) -> Path:
 def exclusive_folder(folder: str | Path, what: str, lock: bool = True) -> Iterator[Path]:
     """Create ``folder`` (`make_folder`) and, with ``lock``, hold an exclusive lock on it (``flock`` on the folder
     itself) while the block runs: a second run into the same folder is refused in one line instead of mixing its
-    files with the first's.  A folder this run created and left empty (it failed) is removed at the end."""
+    files with the first's.  The folders this run created (``folder`` and any missing parents) that it left empty
+    (it failed) are removed at the end."""
     import fcntl
 
     folder = Path(folder)
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     make_folder(folder, what)
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -81,9 +82,11 @@ def exclusive_folder(folder: str | Path, what: str, lock: bool = True) -> Iterat
         try:
             yield folder
         finally:
-            if created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only if empty
+            for p in created:
+                try:
+                    p.rmdir()  # only if empty
+                except OSError:
+                    break
     finally:
         os.close(fd)  # releases the lock
 

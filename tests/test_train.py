@@ -764,6 +764,12 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
         with exclusive_folder(fresh, "the output folder"):
             raise RuntimeError("the run failed")
     assert not fresh.exists() and (out / "x").read_text() == "kept"
+    deep = tmp_path / "a" / "b" / "toy"  # its parents too (`./replacements/` was left behind)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(RuntimeError):
+        with exclusive_folder(deep, "the output folder"):
+            raise RuntimeError("the run failed")
+    assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()
 
 
 def test_a_locked_folder_loses_what_killed_runs_left_and_a_read_only_one_is_refused_at_once(tmp_path, monkeypatch):
