@@ -103,14 +103,15 @@ def remove_leftovers(folder: Path) -> None:
         return
     for p in entries:
         m = _LEFTOVER.match(p.name)
-        if m and not _alive(int(m.group(1) or m.group(2))):
+        if m and not process_alive(int(m.group(1) or m.group(2))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` is running (this one included)."""
     if pid == os.getpid():
         return True
     try:

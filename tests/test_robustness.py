@@ -139,6 +139,72 @@ def test_a_commit_that_fails_midway_puts_every_file_back(tmp_path, monkeypatch):
     assert (out / "graph.html" / "keep").read_text() == "a user's file" and (out / "graph.json").read_text() == "old graph.json"
 
 
+def test_an_interrupt_among_the_commits_moves_leaves_one_whole_set(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) arriving while a run moves its files in waits until they are all in, then stops the
+    command: the folder holds the new set whole (it held the new graph.json beside the old DOT and SVG, and the old
+    graph.json was deleted with the private folder).  An exception among the moves, KeyboardInterrupt included
+    (the rollback caught only OSError), puts every old file back."""
+    out = tmp_path / "o"
+    names = ["graph.json", "graph.dot", "graph.svg"]
+    out.mkdir()
+    for n in names:
+        (out / n).write_text(f"old {n}")
+    real = os.replace
+
+    def signal_after_first(src, dst):
+        real(src, dst)
+        if Path(dst) == out / "graph.json":
+            signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, now
+
+    with pytest.raises(KeyboardInterrupt):
+        with RunFolder(out) as run:
+            for n in names:
+                run.path(n).write_text(f"new {n}")
+            monkeypatch.setattr(os, "replace", signal_after_first)
+            run.commit(names)
+    monkeypatch.setattr(os, "replace", real)
+    assert {n: (out / n).read_text() for n in _files(out)} == {n: f"new {n}" for n in names}
+
+    def interrupted_at_svg(src, dst):
+        if Path(dst) == out / "graph.svg" and Path(src).name == "graph.svg":  # the new file's move, not the rollback's
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with RunFolder(out) as run:
+            for n in names:
+                run.path(n).write_text(f"newer {n}")
+            monkeypatch.setattr(os, "replace", interrupted_at_svg)
+            run.commit(names)
+    monkeypatch.setattr(os, "replace", real)
+    assert {n: (out / n).read_text() for n in _files(out)} == {n: f"new {n}" for n in names}
+
+
+def test_the_next_run_finishes_a_commit_a_killed_run_began(tmp_path):
+    """kill -9 among a commit's moves: the dead run's private folder holds the list of its files and those not yet
+    moved; the next run into the folder moves them in (the whole new set, not a mix), then removes the rest.  A
+    dead run that had not begun its commit (no list) changes nothing."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "graph.json").write_text("new graph.json")  # moved in before the kill
+    (out / "graph.dot").write_text("old graph.dot")
+    (out / "graph.svg").write_text("old graph.svg")
+    run = out / f".run-{dead}-abc"
+    run.mkdir()
+    (run / ".old-graph.json").write_text("old graph.json")
+    (run / "graph.dot").write_text("new graph.dot")
+    (run / "graph.svg").write_text("new graph.svg")
+    (run / ".commit").write_text("graph.json\ngraph.dot\ngraph.svg\n")
+    idle = out / f".run-{dead}-def"  # died while writing its files
+    idle.mkdir()
+    (idle / "graph.json").write_text("unfinished")
+    with RunFolder(out):
+        pass
+    assert {n: (out / n).read_text() for n in _files(out)} == {n: f"new {n}" for n in ("graph.json", "graph.dot", "graph.svg")}
+
+
 def test_commit_waits_for_the_folder_lock(tmp_path):
     out = tmp_path / "o"
     with RunFolder(out) as run:
