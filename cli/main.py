@@ -775,7 +775,12 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     g = graphs.load(src)
     page = src.with_suffix(".html")
     # the dashboards `trace` built from the model into the page it wrote: render cannot build them, so it keeps them
-    kept = PageDashboards(page) if "html" in fmts and has_dashboards(page) else None
+    # (if that page was traced from the graph's model and replacements)
+    kept = None
+    if "html" in fmts and has_dashboards(page):
+        kept, note = PageDashboards.for_graph(page, g)
+        if note:
+            click.echo(f"note: {note}", err=True)
     with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
         written = write_all(g, run.path(src.stem), fmts, draw_nodes, dashboards=(lambda: kept) if kept else None,
                             expand_families=expand_families)

@@ -450,7 +450,8 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
         }
     steps, default = _pictures(graph, draw_nodes)
     family_steps, family_default = _pictures(collapsed, draw_nodes) if collapsed is not None else (None, None)
-    return {"prompt": graph.prompt, "tokens": graph.tokens, "nodes": nodes, "order": [n.id for n in order],
+    return {"prompt": graph.prompt, "tokens": graph.tokens, "source": dashboard_source(graph),
+            "nodes": nodes, "order": [n.id for n in order],
             "total": len(graph.node_list), "dashboards": dash, "steps": steps, "default_step": default,
             "family_steps": family_steps, "family_default_step": family_default,
             "expand_families": expand_families or collapsed is None,
@@ -470,17 +471,45 @@ def has_dashboards(path: str | Path) -> bool:
         return False
 
 
+def dashboard_source(graph: AttributionGraph) -> dict:
+    """What a page's dashboards were built from: the model's name and fingerprint and the replacements (the
+    graph's settings); a page's dashboards serve another graph only if it was traced from the same."""
+    return {k: graph.settings.get(k) for k in ("model", "model_fingerprint", "replacements")}
+
+
 class PageDashboards:
     """The dashboards a page embeds, read back, to be embedded again (`circuits render` redraws a page that `trace`
     made without the model that built them): ``entry`` as `replacement.dashboards`' (a unit the page had none for is
-    a BadInputError, which leaves that node's panel without one)."""
+    a BadInputError, which leaves that node's panel without one).  BadGraphError (one line) for a page whose data
+    cannot be read."""
 
     def __init__(self, path: str | Path):
-        from .validate import strict_loads
+        from .validate import BadGraphError, strict_loads
 
-        html = Path(path).read_text(encoding="utf-8")
+        html = Path(path).read_text(encoding="utf-8", errors="replace")
         m = re.search(r'<script id="graph-data" type="application/json">(.*?)</script>', html, re.S)
-        self.entries = strict_loads(m.group(1))["dashboards"] if m else {}
+        try:
+            data = strict_loads(m.group(1)) if m else {}
+            self.entries, self.source = data.get("dashboards") or {}, data.get("source")
+            if not isinstance(self.entries, dict) or not all(isinstance(v, dict) for v in self.entries.values()):
+                raise ValueError("its dashboards are not a table of entries")
+        except (ValueError, RecursionError, AttributeError) as e:
+            raise BadGraphError(f"{path} is damaged ({str(e).splitlines()[0][:80]})") from None
+
+    @staticmethod
+    def for_graph(path: str | Path, graph: AttributionGraph) -> "tuple[PageDashboards | None, str | None]":
+        """The dashboards of the page at ``path`` if they can serve ``graph`` (its data reads, and it was traced
+        from the same model, weights and replacements: `dashboard_source`), else None and a note saying why."""
+        from .validate import BadGraphError
+
+        try:
+            page = PageDashboards(path)
+        except (BadGraphError, OSError) as e:
+            return None, f"{e}; its dashboards are not kept"
+        if page.source != dashboard_source(graph):
+            return None, (f"{path} was traced from another model or other replacements than the graph (or before pages "
+                          "recorded theirs); its dashboards are not kept (trace --format html builds them)")
+        return page, None
 
     def entry(self, kind: str, layer: int, index: int) -> dict:
         from replacement.errors import BadInputError

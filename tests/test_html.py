@@ -138,6 +138,24 @@ def test_render_keeps_a_page_with_dashboards(page, tmp_path):
     assert again["dashboards"] == data["dashboards"]
     assert {k: n["dash"] for k, n in again["nodes"].items()} == {k: n["dash"] for k, n in data["nodes"].items()}
     assert again["steps"][again["default_step"]]["n"] <= 12 < data["steps"][data["default_step"]]["n"]  # redrawn
+    # a page of another model's trace (here: the graph's model fingerprint changed) lends it no dashboards (it lent
+    # them: another model's contexts under this graph's units), and a damaged page is a note, not a traceback
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    g = json.loads((other / "graph.json").read_text())
+    g["metadata"]["settings"]["model_fingerprint"] = "0" * 16
+    (other / "graph.json").write_text(json.dumps(g))
+    r = _run("from cli.main import circuits; circuits()", "render", str(other), "--format", "html")
+    assert r.returncode == 0 and "traced from another model or other replacements" in r.stderr, r.stderr
+    assert not page_data(other / "graph.html")["dashboards"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    text = (damaged / "graph.html").read_text(encoding="utf-8")
+    cut = text.index('"dashboards": {"') + 40
+    (damaged / "graph.html").write_text(text[:cut] + text[cut + 30:], encoding="utf-8")
+    r = _run("from cli.main import circuits; circuits()", "render", str(damaged), "--format", "html")
+    assert r.returncode == 0 and "is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not page_data(damaged / "graph.html")["dashboards"]
     (folder / "graph.html").unlink()
     for _ in range(2):  # render's page has none: rendered again, it is replaced
         r = _run("from cli.main import circuits; circuits()", "render", str(folder), "--format", "html")
