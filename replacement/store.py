@@ -9,6 +9,7 @@ Weights are stored in bf16 by default (float32 on request) and always loaded as 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -96,6 +97,9 @@ def _update_folder_config(folder: Path, fingerprint: str, model_name: str, entri
     atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
     """Load one module file; with ``fingerprint`` it must have been trained on that model."""
     tensors, meta = load(path, device)
@@ -113,8 +117,16 @@ def load_module(path: str | Path, fingerprint: str | None = None, device="cpu"):
             module = cls(cfg_cls.from_dict(meta["config"]))
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as e:
         # on the meta device nothing is allocated: a RuntimeError here is a shape no tensor can have
-        why = str(e).splitlines()[0] if isinstance(e, (ValueError, RuntimeError)) else type(e).__name__
+        why = (str(e).splitlines() or [""])[0][:120]
+        why = f"{type(e).__name__}: {why}" if why and not isinstance(e, (ValueError, RuntimeError)) else why or type(e).__name__
         raise CheckpointError(f"{path} has no valid module config in its metadata ({why})") from None
+    for k, v in tensors.items():  # .float() would read integers, booleans or fp8 as weights of another meaning
+        if v.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {k} is {str(v.dtype).removeprefix('torch.')}; a module's tensors are "
+                                  "float32, bfloat16, float16 or float64")
+    scale = tensors.get("rope_scaling")
+    if scale is not None and not (scale.numel() == 1 and math.isfinite(float(scale)) and float(scale) > 0):
+        raise CheckpointError(f"{path}: rope_scaling must be one positive number (it scales the rotary cos/sin)")
     try:  # assign: the file's tensors become the parameters (every one must be there: strict)
         module.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
     except RuntimeError as e:  # torch's message: a header line, then one indented line per mismatch

@@ -109,6 +109,10 @@ CASES = [
          "does not match its own config: size mismatch"),  # never allocated: the module is built on the meta device
     Case("replacements-nan-weights", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_NAN}",
                                       "--out", "{WORLD}/new/nested/out"], "NaN or infinite"),
+    # weights of another type were cast to float and traced (the graph quietly another)
+    Case("replacements-int-weights", T + ["--replacements", "{REP_INT}"], "tensor W_enc is int32; a module's tensors are"),
+    Case("replacements-fp8-weights", T + ["--replacements", "{REP_FP8}"], "tensor W_dec is float8_e4m3fn"),
+    Case("replacements-zero-rope-scaling", T + ["--replacements", "{REP_ROPE0}"], "rope_scaling must be one positive number"),
     # output folders and writing
     Case("out-is-a-file", ["trace", "the cat", "--model", "{M}", "--out", "{PREV}/graph.json"],
          "graph.json is a file, not a folder"),
@@ -378,6 +382,15 @@ def _broken_replacements(w: Path, names: dict, ckpt) -> None:
     module = variant("REP_NAN") / "layer0.transcoder.safetensors"
     tensors, meta = ckpt.load(module)
     tensors["W_dec"] = torch.full_like(tensors["W_dec"], float("nan"))
+    ckpt.atomic_save(tensors, module, meta)
+    for name, key, dtype in (("REP_INT", "W_enc", torch.int32), ("REP_FP8", "W_dec", torch.float8_e4m3fn)):
+        module = variant(name) / "layer0.transcoder.safetensors"
+        tensors, meta = ckpt.load(module)
+        tensors[key] = (tensors[key] * 10).to(dtype)
+        ckpt.atomic_save(tensors, module, meta)
+    module = variant("REP_ROPE0") / "layer0.lorsa.safetensors"
+    tensors, meta = ckpt.load(module)
+    tensors["rope_scaling"] = torch.zeros_like(tensors["rope_scaling"])
     ckpt.atomic_save(tensors, module, meta)
 
 
