@@ -64,7 +64,7 @@ def sample_bytes(model, cfg: DashboardConfig) -> int:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CIRCUITS_CACHE", Path.home() / ".cache" / "circuits")) / "dashboards"
+    return Path(os.environ.get("CIRCUITS_CACHE", "").strip() or Path.home() / ".cache" / "circuits") / "dashboards"  # empty: unset
 
 
 # ---------------------------------------------------------------------------------------------------------

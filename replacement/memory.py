@@ -37,6 +37,8 @@ def parse_bytes(text: str) -> int:
         raise BadInputError(f"{BUDGET_ENV}={text!r} is not a size such as 8G or 500M") from None
     if not value > 0:
         raise BadInputError(f"{BUDGET_ENV}={text!r} must be positive")
+    if not value < 2**63:  # inf, 1e999, 1e30: int() overflowed
+        raise BadInputError(f"{BUDGET_ENV}={text!r} is not a size such as 8G or 500M (too large)")
     return int(value)
 
 

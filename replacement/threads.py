@@ -23,6 +23,7 @@ import time
 from .errors import BadInputError
 
 THREADS_ENV = "CIRCUITS_THREADS"
+MAX_THREADS_PER_CORE = 4  # CIRCUITS_THREADS above this many per core is refused
 _TORCH_DEFAULT: int | None = None  # torch's thread count before `set_threads` first changed it
 
 
@@ -80,6 +81,9 @@ def set_threads() -> int:
         if not value.strip().isdigit() or int(value) < 1:
             raise BadInputError(f"{THREADS_ENV}={value!r} must be a whole number of threads, at least 1")
         n = int(value)
+        if n > MAX_THREADS_PER_CORE * cores():  # 5,000 threads on 2 cores took 80 s; 100,000 exhaust the process
+            raise BadInputError(f"{THREADS_ENV}={n} is more threads than this machine's {cores()} cores can use "
+                                f"(at most {MAX_THREADS_PER_CORE} a core)")
     elif os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()  # torch has read it already
     else:

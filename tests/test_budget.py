@@ -60,7 +60,7 @@ def test_estimate_of_the_design_example():
 def test_parse_bytes_and_budget(monkeypatch):
     assert parse_bytes("8G") == 8 * 2**30 and parse_bytes("500M") == 500 * 2**20 and parse_bytes("1024") == 1024
     assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1.5k") == 1536
-    for bad in ("lots", "-1G", "0"):
+    for bad in ("lots", "-1G", "0", "inf", "1e999", "1e30"):  # the last three: an OverflowError traceback
         with pytest.raises(BadInputError):
             parse_bytes(bad)
     monkeypatch.setenv("CIRCUITS_MEMORY_BUDGET", "1M")

@@ -200,3 +200,16 @@ def test_partial_characters_read_as_their_bytes():
     dash = Dashboards({}, tok, CFG)
     texts = [dash._tok(i) for i in partial]
     assert all("\ufffd" not in t and "<0x" in t for t in texts) and len(set(texts)) == len(texts)
+
+
+def test_an_empty_cache_variable_is_no_cache_variable(monkeypatch, tmp_path):
+    """CIRCUITS_CACHE set to nothing means the default cache (it put ./dashboards in the working folder)."""
+    from pathlib import Path
+
+    from replacement.dashboards import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CIRCUITS_CACHE", " ")
+    assert default_cache_dir() == tmp_path / ".cache" / "circuits" / "dashboards"
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == Path(tmp_path / "c" / "dashboards")

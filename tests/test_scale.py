@@ -75,6 +75,11 @@ def test_thread_policy(monkeypatch):
         monkeypatch.setenv("CIRCUITS_THREADS", "many")
         with pytest.raises(BadInputError, match="CIRCUITS_THREADS='many' must be a whole number"):
             set_threads()
+        monkeypatch.setenv("CIRCUITS_THREADS", "8")  # 4 a core: allowed; more is refused (5,000 took 80 s)
+        assert set_threads() == 8
+        monkeypatch.setenv("CIRCUITS_THREADS", "9")
+        with pytest.raises(BadInputError, match="CIRCUITS_THREADS=9 is more threads than this machine's 2 cores"):
+            set_threads()
     finally:
         torch.set_num_threads(before)
 
