@@ -111,12 +111,17 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
         if i in seen:
             raise BadGraphError(f"{where}: node id {_short(i)} appears twice")
         seen.add(i)
+    into: dict[str, float] = {}  # each target's absolute input, which shares and influence divide by
     for e in d["links"]:
         for end in ("source", "target"):
             if e[end] not in seen:
                 raise BadGraphError(f"{where}: a link's {end} {_short(e[end])} is not a node of the graph")
         if abs(e["weight"]) > FLOAT32_MAX:  # edges are float32 in memory: it would turn into inf, then NaN paths
             raise BadGraphError(f"{where}: a link's weight {_short(e['weight'])} is too large (beyond float32)")
+        into[e["target"]] = into.get(e["target"], 0.0) + abs(e["weight"])
+    big = next((t for t, v in into.items() if v > FLOAT32_MAX), None)
+    if big is not None:
+        raise BadGraphError(f"{where}: the links into {_short(big)} sum beyond float32 (their weights are too large)")
     n_tokens = len(d["metadata"]["prompt_tokens"])
     for n in d["nodes"]:
         for field in ("activation", "influence"):
@@ -126,6 +131,7 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
     if not any(n["type"] == "logit" for n in d["nodes"]):
         raise BadGraphError(f"{where}: the graph has no logit node")
     _check_families(d, where)
+    _check_ids_and_causality(d, where)
 
 
 MAX_LAYERS = 4096  # far above any real model; a graph's rows are drawn per layer, so the bound keeps a hostile
@@ -155,6 +161,43 @@ def _check_families(d: dict, where) -> None:
         if tags.get(n["type"]) != tag or n["ctx_idx"] != at:
             raise BadGraphError(f"{where}: node {_short(n['node_id'])} ({n['type']} at position {n['ctx_idx']}) "
                                 f"cannot belong to family {_short(fid)}")
+
+
+def _stage(n: dict) -> float:
+    """Where a node sits in the forward pass: embeddings, then each layer's attention, then its MLP, then logits."""
+    if n["type"] == "embedding":
+        return -1
+    if n["type"] == "logit":
+        return math.inf
+    return 2 * n["model_layer"] + (n["type"] in ("transcoder", "mlp_error"))
+
+
+def _check_ids_and_causality(d: dict, where) -> None:
+    """Each node's id is the one its fields give (`NodeKey`; a family node's, ``fam.<kind>.L.K@P`` at its own
+    position): the reader rebuilds nodes from their fields and links name ids, so a mismatch would put a node in
+    two places.  Each link runs forward: from a node to another, never to an earlier position, and (but for a
+    family node, whose members may span layers) from an earlier stage of the forward pass to a later one."""
+    import re
+
+    from .graph import NodeKey
+
+    nodes = {}
+    for n in d["nodes"]:
+        if "members" in n:
+            m = re.fullmatch(r"fam\.(lorsa|tc)\.\d+\.\d+@(\d+)", n["node_id"])
+            ok = m is not None and int(m[2]) == n["ctx_idx"]
+        else:
+            ok = n["node_id"] == str(NodeKey(n["type"], int(n["model_layer"]), int(n["index"]), int(n["ctx_idx"])))
+        if not ok:
+            raise BadGraphError(f"{where}: node id {_short(n['node_id'])} does not match its fields (type {n['type']}, "
+                                f"layer {n['model_layer']}, index {n['index']}, position {n['ctx_idx']})")
+        nodes[n["node_id"]] = n
+    for e in d["links"]:
+        a, b = nodes[e["source"]], nodes[e["target"]]
+        if a is b or a["ctx_idx"] > b["ctx_idx"] or (
+                "members" not in a and "members" not in b and _stage(a) >= _stage(b)):
+            raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} runs backwards "
+                                "(into an earlier position or layer, or into itself)")
 
 
 def check_finite(graph) -> None:

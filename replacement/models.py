@@ -189,7 +189,7 @@ class ModelAdapter:
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.d_head = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
-        self.context = cfg.max_position_embeddings
+        self.context = context_of(cfg, name or cfg.model_type)
         self.vocab_size = cfg.vocab_size
         self.parallel_residual = self.arch == "gpt_neox" and bool(cfg.use_parallel_residual)
         base = model.gpt_neox if self.arch == "gpt_neox" else model.model
@@ -698,7 +698,18 @@ def load_tokenizer(name: str) -> tuple[object | None, int]:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except Exception as e:  # noqa: BLE001 - reported in full by load_model
         raise ModelLoadError(f"cannot load {name!r}: {_first_line(e)}") from None
-    return _load_tokenizer(path, local_only), getattr(config, "max_position_embeddings", None) or 2**31
+    return _load_tokenizer(path, local_only), context_of(config, name)
+
+
+def context_of(config, name: str) -> int:
+    """The model's context length (its config's ``max_position_embeddings``; none given: unlimited, 2^31)."""
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return 2**31
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ModelLoadError(f"cannot load {name!r}: its config.json's max_position_embeddings is {n!r}, not a "
+                             "positive whole number")
+    return n
 
 
 # the files a tokenizer is saved as (one of them is enough); without any, AutoTokenizer would build an empty one
@@ -763,8 +774,12 @@ def _check_layer_count(path: str, name: str, config) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    """An exception's first line, with the line after it when it ends in a colon (a validator's "Validation error
+    for field 'hidden_size':" says why on the next)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{lines[0]} {lines[1]}"[:300] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def model_fingerprint(adapter: ModelAdapter) -> str:

@@ -159,16 +159,20 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
     fp = model_fingerprint(adapter)
     same_model = cfg.get("fingerprint") == fp or (earlier_version and cfg.get("model") == adapter.name)
     if not same_model:
-        raise CheckpointError(
-            f"the replacements in {folder} were trained on model {cfg.get('model')!r}, not on {adapter.name!r} "
-            "(fingerprints differ)"
-        )
+        what = (f"on model {cfg.get('model')!r}, not on {adapter.name!r}" if cfg.get("model") != adapter.name
+                else f"on another version of {adapter.name!r}")
+        raise CheckpointError(f"the replacements in {folder} were trained {what} (fingerprint "
+                              f"{str(cfg.get('fingerprint'))[:20]!r}, the model loaded now: {fp!r})")
     out = {}
     for key, entry in sorted(cfg["modules"].items()):
-        module, meta = load_module(_module_path(folder, entry), cfg.get("fingerprint"), device or adapter.device)
+        path = _module_path(folder, entry)
+        module, meta = load_module(path, cfg.get("fingerprint"), device or adapter.device)
         if module.cfg.d_model != adapter.d_model or module.cfg.layer >= adapter.n_layers:
             raise CheckpointError(f"{folder / entry['file']} does not fit {adapter.name}: width {module.cfg.d_model}, "
                                   f"layer {module.cfg.layer}")
+        if f"layer{module.cfg.layer}.{meta['kind']}" != key:  # two entries would claim one module, the other missing
+            raise CheckpointError(f"{path} holds layer{module.cfg.layer}.{meta['kind']}, but config.json lists it "
+                                  f"as {key}")
         out[(meta["kind"], module.cfg.layer)] = module.eval()
     return out
 

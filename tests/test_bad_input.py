@@ -81,6 +81,10 @@ CASES = [
          "its config.json says 0 layers, its weights hold 2"),  # HF would drop the weights: another model
     Case("model-config-width-0", ["trace", "x", "--model", "{WIDTH0}"],
          "the weights' shapes differ from what its config.json describes"),  # torch's warning kept off stderr
+    Case("model-config-negative-context", ["trace", "x", "--model", "{CTXNEG}"],
+         "max_position_embeddings is -1, not a positive whole number"),  # "longer than the model's context of -1"
+    Case("model-config-width-as-text", ["trace", "x", "--model", "{WIDTHTEXT}"],
+         "Validation error for field 'hidden_size': "),  # the reason, on the validator's next line, was cut off
     Case("model-truncated-safetensors", ["trace", "x", "--model", "{TRUNCATED}"], "cannot load the weights"),
     Case("model-pickle-only", ["trace", "x", "--model", "{PICKLE}"], "only pickle weights (pytorch_model.bin)"),
     Case("long-prompt-before-weights", ["trace", "the cat " * 60, "--model", "{TRUNCATED}"],
@@ -103,6 +107,8 @@ CASES = [
     Case("replacements-invalid-json", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_BADJSON}"],
          "is not valid JSON"),
     Case("replacements-config-list", T + ["--replacements", "{REP_LIST}"], "is not a replacements config"),
+    Case("replacements-entry-names-another-module", T + ["--replacements", "{REP_SWAPPED}"],
+         "holds layer0.transcoder, but config.json lists it as layer0.lorsa"),  # it said layer0.transcoder was missing
     Case("replacements-file-outside", T + ["--replacements", "{REP_ESCAPE}"], "'../../etc/passwd' outside its folder"),
     Case("replacements-truncated-module", T + ["--replacements", "{REP_TRUNC}"], "corrupt or truncated checkpoint"),
     Case("replacements-config-claims-huge-module", T + ["--replacements", "{REP_HUGE}"],
@@ -137,6 +143,8 @@ CASES = [
     Case("query-nan", ["circuits", "query", "{G}/nan.json"], "NaN is not a number in strict JSON"),
     Case("query-huge-number", ["circuits", "query", "{G}/huge.json"], "too large for a float"),
     Case("query-weight-beyond-float32", ["circuits", "query", "{G}/bigweight.json"], "too large (beyond float32)"),
+    Case("query-weights-sum-beyond-float32", ["circuits", "query", "{G}/bigsum.json", "--paths", "3"],
+         "sum beyond float32"),  # it said no edge reached the logit
     Case("query-duplicate-ids", ["circuits", "query", "{G}/duplicate.json"], "appears twice"),
     Case("query-null-activation", ["circuits", "query", "{G}/null.json"], "has no activation"),
     Case("render-huge-layer", ["circuits", "render", "{G}/hugelayer.json", "--format", "dot"],
@@ -144,6 +152,11 @@ CASES = [
     Case("render-position-beyond-prompt", ["circuits", "render", "{G}/farpos.json", "--format", "dot"],
          "has ctx_idx 99, not a whole number from 0 to"),
     Case("query-no-logit", ["circuits", "query", "{G}/nologit.json"], "has no logit node"),
+    # a node moved by its fields but not its id (two embeddings at one position, none at another), impossible links
+    Case("query-id-not-its-fields", ["circuits", "query", "{G}/moved.json"], "node id 'emb@1' does not match its fields"),
+    Case("render-link-backwards", ["circuits", "render", "{G}/backwards.json", "--format", "dot"], "runs backwards"),
+    Case("query-self-loop", ["circuits", "query", "{G}/selfloop.json"], "runs backwards"),
+    Case("query-link-to-earlier-position", ["circuits", "query", "{G}/earlier.json"], "runs backwards"),
     Case("render-null-score", ["circuits", "render", "{G}/nullscore.json"], "metadata.scores.replacement_score is None"),
     Case("query-bad-qk", ["circuits", "query", "{G}/badqk.json"], "does not follow the graph schema"),
     Case("query-unknown-node", ["circuits", "query", "{G}/good.json", "--node", "emb@99"], "no node 'emb@99'"),
@@ -325,7 +338,8 @@ def _broken_models(w: Path, names: dict) -> None:
     shutil.copytree(m, names["BADCONFIG"], ignore=shutil.ignore_patterns("replacements"))
     (names["BADCONFIG"] / "config.json").write_text('{"model_type": "llama", ')
     for key, field, value in (("MANYLAYERS", "num_hidden_layers", 10**12), ("NOLAYERS", "num_hidden_layers", 0),
-                              ("WIDTH0", "hidden_size", 0)):
+                              ("WIDTH0", "hidden_size", 0), ("CTXNEG", "max_position_embeddings", -1),
+                              ("WIDTHTEXT", "hidden_size", "wide")):
         names[key] = w / key.lower()
         shutil.copytree(m, names[key], ignore=shutil.ignore_patterns("replacements"))
         config = json.loads((names[key] / "config.json").read_text())
@@ -370,6 +384,10 @@ def _broken_replacements(w: Path, names: dict, ckpt) -> None:
 
     (variant("REP_BADJSON") / "config.json").write_text('{"modules": {')
     (variant("REP_LIST") / "config.json").write_text("[1]")
+    cfg_path = variant("REP_SWAPPED") / "config.json"  # an entry naming another module's file
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules"]["layer0.lorsa"]["file"] = "layer0.transcoder.safetensors"
+    cfg_path.write_text(json.dumps(cfg))
     cfg_path = variant("REP_ESCAPE") / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["modules"]["layer0.lorsa"]["file"] = "../../etc/passwd"
@@ -426,6 +444,7 @@ def _graph_files(w: Path, names: dict) -> None:
                                                            "kind": "direct"}))
     mutated("types.json", lambda x: x["nodes"][0].update(ctx_idx="a"))
     mutated("bigweight.json", lambda x: [e.update(weight=1e308) for e in x["links"]])
+    mutated("bigsum.json", lambda x: [e.update(weight=-3e38) for e in x["links"]])  # each fits float32, sums do not
     mutated("v2.json", lambda x: x["metadata"].update(schema_version=2))
     mutated("duplicate.json", lambda x: x["nodes"].append(dict(x["nodes"][0])))
     mutated("null.json", lambda x: x["nodes"][0].update(activation=None))
@@ -434,6 +453,15 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("nologit.json", lambda x: x.update(nodes=[n for n in x["nodes"] if n["type"] != "logit"],
                                                links=[e for e in x["links"] if not e["target"].startswith("logit")]))
     mutated("nullscore.json", lambda x: x["metadata"]["scores"].update(replacement_score=None))
+    mutated("moved.json", lambda x: next(n for n in x["nodes"] if n["node_id"] == "emb@1").update(ctx_idx=2))
+    logit = next(n["node_id"] for n in d["nodes"] if n["type"] == "logit")
+    mutated("backwards.json", lambda x: x["links"].append({"source": logit, "target": "emb@1", "weight": 1.0, "kind": "direct"}))
+    some = d["links"][0]
+    mutated("selfloop.json", lambda x: x["links"].append({**some, "target": some["source"]}))
+    last = len(d["metadata"]["prompt_tokens"]) - 1  # the last token's embedding into a head at an earlier position
+    head_before = next(n for n in d["nodes"] if n["type"] in ("lorsa", "transcoder") and n["ctx_idx"] < last)
+    mutated("earlier.json", lambda x: x["links"].append({"source": f"emb@{last}", "target": head_before["node_id"],
+                                                         "weight": 1.0, "kind": "ov"}))
     head = next(i for i, n in enumerate(d["nodes"]) if n.get("qk"))
     mutated("badqk.json", lambda x: x["nodes"][head]["qk"][0].update(pairs=[["a", "b"]]))
 

@@ -320,7 +320,7 @@ def test_fit_joint_saves_modules_for_the_model_and_starts_from_an_earlier_versio
     start = tmp_path / "start"
     for (kind, L), m in _modules(rm).items():  # saved under another fingerprint: an earlier version of the model
         save_module(m, kind, start, "0123456789abcdef", adapter.name, dtype=torch.float32)
-    with pytest.raises(Exception, match="fingerprints differ"):
+    with pytest.raises(Exception, match="trained on another version of .* the model loaded now"):
         load_replacements(start, adapter)
     cfg = JointConfig(**(SMALL | dict(steps=3, resample_every=0)))
     metrics = fit_joint(adapter, cfg, start, tmp_path / "out", progress=False,
