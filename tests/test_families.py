@@ -84,10 +84,13 @@ def _graph(seed: int = 0, n_heads: int = 6, density: float = 0.7) -> Attribution
         for m in members:
             n = next(x for x in nodes if x.id == m)
             n.family, n.family_cosine = fid, 0.9
-    order = {n.id: (n.layer if n.type != NodeKind.LOGIT else 9, i) for i, n in enumerate(nodes)}
+    # where each node sits in the forward pass (embeddings, then each layer's attention, then its MLP, then logits):
+    # edges run only forward, as a graph file must have them
+    stage = {n.id: -1 if n.type == NodeKind.EMBEDDING else 99 if n.type == NodeKind.LOGIT else
+             2 * n.layer + (n.type in (T, NodeKind.MLP_ERROR)) for n in nodes}
     edges = []
     for a, b in itertools.permutations(nodes, 2):
-        if b.type in (NodeKind.EMBEDDING, NodeKind.MLP_ERROR) or order[a.id] >= order[b.id] or rng.random() > density:
+        if b.type in (NodeKind.EMBEDDING, NodeKind.MLP_ERROR) or stage[a.id] >= stage[b.id] or rng.random() > density:
             continue
         edges.append(Edge(a.id, b.id, rng.uniform(-1, 1), "ov" if b.type == L else "direct"))
     return AttributionGraph("a b c", ["a", "b", "c"], [1, 2, 3], nodes, edges)
