@@ -296,6 +296,9 @@ def _frame(g: Grid) -> list[str]:
     return out
 
 
+MAX_TITLE = 120  # characters of the prompt the legend's first line shows (its end)
+
+
 def _score_line(graph: AttributionGraph) -> str:
     s = graph.scores
     parts = [f"{name} {s[f'{name}_score']:.2f}" for name in ("replacement", "completeness")
@@ -305,7 +308,9 @@ def _score_line(graph: AttributionGraph) -> str:
 
 def _legend(graph: AttributionGraph, drawn: int, families: list = (), marked: tuple | None = None) -> str:
     left = len(graph.node_list) - drawn
-    lines = [f"{token_text(graph.prompt)}  {_score_line(graph)}".rstrip(),
+    prompt = token_text(graph.prompt)  # a long prompt's end, what the logits continue (its whole line set the width)
+    prompt = prompt if len(prompt) <= MAX_TITLE else "…" + prompt[-(MAX_TITLE - 1):]
+    lines = [f"{prompt}  {_score_line(graph)}".rstrip(),
              f"{drawn} of {len(graph.node_list)} nodes drawn: the most influential with an edge into the picture"
              + (f"; {left} left out (less influential, or joined only by QK pairs):" if left else "")]
     if left:

@@ -7,7 +7,9 @@ when the cell is crowded, at the width that lets the whole grid be drawn largest
 page's graph area at 1600 x 1000).  A column where only an embedding is drawn is narrow (it and its box
 ``NARROW_W`` wide), one where nothing is drawn narrower still (``EMPTY_COL_W``): in a long prompt most columns
 are such, and at full width they would shrink every node of the picture (the 37-token induction showcase on
-pythia: 0.43 of full size, against 0.62 narrowed).
+pythia: 0.43 of full size, against 0.62 narrowed).  ``ELIDE_RUN`` or more positions in a row where nothing is
+drawn share one such column, labelled with their span and "…" (a 127-token prompt drew 127 columns, most empty,
+and stacked its last position's nodes into a column many times taller than wide).
 DOT/SVG/PNG (graphs/export.py) and the HTML page (graphs/html.py) both draw these coordinates as they are.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ NODE_W, NODE_H = 66.0, 40.0  # points (three lines of text)
 GAP, COL_GAP, ROW_GAP = 6.0, 12.0, 18.0  # between the nodes of a cell, between columns, between rows
 NARROW_W = 40.0  # a column where only an embedding is drawn, and its box
 EMPTY_COL_W, EMPTY_ROW_H = 24.0, 16.0
+ELIDE_RUN = 3  # this many empty positions in a row or more: one column
 MAX_EMBED_CHARS = 6  # an embedding box's token, so that it fits a narrow column
 LABEL_W, HEADER_H = 84.0, 34.0  # the row labels on the left, the token labels below and above
 LABEL_STEP = 24.0  # how much further out every other column's token labels sit when the tokens do not fit
@@ -64,25 +67,50 @@ def _label_room(width: float) -> int:
     return max(2, int((width + COL_GAP) / 6.5) - 2)
 
 
-def _column_label(graph: AttributionGraph, pos: int, width: float) -> str:
-    """Two lines: the position, and its token in quotes, as much of it as ``width`` points take."""
+def _column_label(graph: AttributionGraph, span: tuple[int, int], width: float) -> str:
+    """Two lines: the position, and its token in quotes, as much of it as ``width`` points take; for a column of
+    elided positions (``span`` first to last), their span and an ellipsis."""
+    pos, last = span
+    if last > pos:
+        return f"{pos}-{last}\n…"
     return f"{pos}\n" + quoted(token_text(graph.tokens[pos], _label_room(width)) if pos < len(graph.tokens) else "?")
 
 
-def _column_labels(graph: AttributionGraph, col_x: list[float], col_w: list[float]) -> list[tuple[float, str, float]]:
-    """(x centre, label, dy) per column.  Where some token does not fit its own column (a long prompt's narrow
-    columns), every other column's labels sit ``LABEL_STEP`` further from the grid (dy), so that each label may
-    reach over its neighbours' columns, whose labels are on the other line."""
+def _column_labels(graph: AttributionGraph, spans: list[tuple[int, int]], col_x: list[float],
+                   col_w: list[float]) -> list[tuple[float, str, float]]:
+    """(x centre, label, dy) per column (``spans``: the positions each holds).  Where some token does not fit its
+    own column (a long prompt's narrow columns), every other column's labels sit ``LABEL_STEP`` further from the
+    grid (dy), so that each label may reach over its neighbours' columns, whose labels are on the other line."""
     n = len(col_w)
-    tokens = [token_text(graph.tokens[c]) if c < len(graph.tokens) else "?" for c in range(n)]
+    tokens = [token_text(graph.tokens[a]) if a == b and a < len(graph.tokens) else "…" if a < b else "?"
+              for a, b in spans]
     stagger = any(len(tokens[c]) > _label_room(col_w[c]) for c in range(n))
     out = []
     for c in range(n):
         width = col_w[c]
         if stagger:  # up to the nearer of the two same-line labels beside it, each half as far
             width += 2 * COL_GAP + min([col_w[j] for j in (c - 1, c + 1) if 0 <= j < n], default=0.0)
-        out.append((col_x[c] + col_w[c] / 2, _column_label(graph, c, width), LABEL_STEP if stagger and c % 2 else 0.0))
+        out.append((col_x[c] + col_w[c] / 2, _column_label(graph, spans[c], width),
+                    LABEL_STEP if stagger and c % 2 else 0.0))
     return out
+
+
+def column_spans(n_positions: int, drawn_positions: set[int]) -> list[tuple[int, int]]:
+    """The picture's columns, left to right, as (first, last) positions: one per position, but ``ELIDE_RUN`` or
+    more positions in a row with nothing drawn share one."""
+    spans, p = [], 0
+    while p < n_positions:
+        q = p
+        while q < n_positions and q not in drawn_positions:
+            q += 1
+        if q - p >= ELIDE_RUN:
+            spans.append((p, q - 1))
+        else:
+            spans += [(x, x) for x in range(p, q)]
+        if q < n_positions:
+            spans.append((q, q))
+        p = q + 1
+    return spans
 
 
 def box_label(graph: AttributionGraph, n: Node) -> str:
@@ -344,7 +372,8 @@ class Grid:
     node_w: dict[str, float]  # each node's box width, points (NODE_W, or NARROW_W in a narrow column)
     width: float
     height: float
-    columns: list[tuple[float, str, float]]  # (x centre, 'pos\n"token"', dy) per token position (`_column_labels`)
+    columns: list[tuple[float, str, float]]  # (x centre, 'pos\n"token"', dy) per column (`_column_labels`; a
+    # run of positions where nothing is drawn shares one, `column_spans`)
     rows: list[tuple[float, str]]  # (y centre, name) per row, bottom to top
     header_y: tuple[float, float]  # y of the token labels below and above the grid (each column's dy further out)
 
@@ -357,13 +386,15 @@ def grid(graph: AttributionGraph, nodes: list[Node], view: tuple[float, float] =
     """Lay ``nodes`` out on the (token position, layer) grid, each column as many nodes wide as lets the whole
     picture be drawn largest in ``view`` (see `_per_line`)."""
     layers = n_layers(graph)
-    n_rows, n_cols = 2 * layers + 2, max(len(graph.tokens), 1 + max([n.pos for n in nodes], default=0))
+    n_rows = 2 * layers + 2
+    spans = column_spans(max(len(graph.tokens), 1 + max([n.pos for n in nodes], default=0)), {n.pos for n in nodes})
+    column = {a: c for c, (a, b) in enumerate(spans) if a == b}  # a drawn node's position -> its column
     cells: dict[tuple[int, int], list[Node]] = {}
     for n in nodes:
-        cells.setdefault((row_of(n, layers), n.pos), []).append(n)
+        cells.setdefault((row_of(n, layers), column[n.pos]), []).append(n)
     for ns in cells.values():
         ns.sort(key=lambda n: (n.type.endswith("error"), -n.influence, n.index))
-    return _place(graph, cells, _per_line(cells, n_rows, n_cols, view), n_rows, layers)
+    return _place(graph, spans, cells, _per_line(cells, n_rows, len(spans), view), n_rows, layers)
 
 
 def _per_line(cells, n_rows: int, n_cols: int, view: tuple[float, float]) -> list[int]:
@@ -420,14 +451,14 @@ def _size(cells, per_line: list[int], n_rows: int) -> tuple[float, float]:
     return w, h
 
 
-def _place(graph, cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
+def _place(graph, spans: list[tuple[int, int]], cells, per_line: list[int], n_rows: int, layers: int) -> Grid:
     col_w = _col_widths(cells, per_line)
     narrow = _narrow(cells, len(per_line))
     col_x, x = [], LABEL_W + COL_GAP / 2
     for w in col_w:
         col_x.append(x)  # left edge
         x += w + COL_GAP
-    columns = _column_labels(graph, col_x, col_w)
+    columns = _column_labels(graph, spans, col_x, col_w)
     header = HEADER_H + max(dy for _, _, dy in columns)  # room for the staggered labels too
     row_h = _row_heights(cells, per_line, n_rows)
     row_top, y = [], header

@@ -136,6 +136,27 @@ def test_long_tokens_in_narrow_columns_get_staggered_labels():
     assert low - LABEL_STEP > 0 and high + LABEL_STEP < placed.height  # the outer labels inside the picture
 
 
+def test_layout_gives_a_run_of_empty_positions_one_column():
+    """ELIDE_RUN (3) or more positions in a row where nothing is drawn share one EMPTY_COL_W column labelled with
+    their span (a 127-token prompt drew 127 columns, mostly empty); a shorter run keeps a column each; the drawn
+    positions keep their own, in order."""
+    from graphs.layout import COL_GAP, ELIDE_RUN, EMPTY_COL_W, NARROW_W, column_spans, grid
+
+    assert ELIDE_RUN == 3
+    assert column_spans(12, {0, 1, 5, 11}) == [(0, 0), (1, 1), (2, 4), (5, 5), (6, 10), (11, 11)]
+    assert column_spans(6, {0, 3}) == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]  # runs of two stay
+    assert column_spans(5, set()) == [(0, 4)] and column_spans(4, {3}) == [(0, 2), (3, 3)]
+    toks = [f" t{p}" for p in range(12)]
+    nodes = [Node(f"emb@{p}", "embedding", -1, p, p) for p in (0, 1, 5, 11)]
+    g = AttributionGraph("".join(toks), toks, list(range(12)), nodes, [])
+    placed = grid(g, nodes)
+    labels = [label.split("\n") for _, label, _ in placed.columns]
+    assert labels == [["0", '" t0"'], ["1", '" t1"'], ["2-4", "…"], ["5", '" t5"'], ["6-10", "…"], ["11", '" t11"']]
+    xs = [x for x, *_ in placed.columns]
+    assert xs[3] - xs[2] == pytest.approx(EMPTY_COL_W / 2 + COL_GAP + NARROW_W / 2)
+    assert [placed.xy[f"emb@{p}"][0] for p in (0, 1, 5, 11)] == [xs[0], xs[1], xs[3], xs[5]]
+
+
 def test_layout_narrows_columns_of_embeddings_alone():
     """A column where only an embedding is drawn is NARROW_W wide (its box too), one where nothing is drawn
     EMPTY_COL_W; columns with heads keep full-width boxes; the columns stay in token order, without overlap."""
