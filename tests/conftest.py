@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random HF models of each supported architecture (no download, no training)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,15 @@ def saved_model(tmp_path_factory):
             list({("transcoder", L): rm.transcoders[L] for L in rm.transcoders}.items()):
         save_module(m, kind, folder / "replacements", fp, adapter.name, dtype=torch.float32)
     return folder
+
+
+def rechecksum(folder) -> None:
+    """Record in a replacements folder's config.json the CRC-32 of each module file as it now is (a test that edits
+    a module file on purpose, to stand for a set saved that way)."""
+    from replacement.store import file_checksum
+
+    cfg_path = Path(folder) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for entry in cfg["modules"].values():
+        entry["crc32"] = file_checksum(Path(folder) / entry["file"])
+    cfg_path.write_text(json.dumps(cfg))

@@ -12,14 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, rechecksum
 from tests.forked_cli import CliServer
 
 
@@ -116,6 +115,8 @@ CASES = [
     Case("replacements-nan-weights", ["trace", "the cat", "--model", "{M}", "--replacements", "{REP_NAN}",
                                       "--out", "{WORLD}/new/nested/out"], "NaN or infinite"),
     # weights of another type were cast to float and traced (the graph quietly another)
+    Case("replacements-damaged-bytes", T + ["--replacements", "{REP_FLIP}"],
+         "layer0.transcoder.safetensors is damaged: its bytes differ from those saved"),  # it traced another graph
     Case("replacements-int-weights", T + ["--replacements", "{REP_INT}"], "tensor W_enc is int32; a module's tensors are"),
     Case("replacements-fp8-weights", T + ["--replacements", "{REP_FP8}"], "tensor W_dec is float8_e4m3fn"),
     Case("replacements-zero-rope-scaling", T + ["--replacements", "{REP_ROPE0}"], "rope_scaling must be one positive number"),
@@ -372,6 +373,7 @@ def _refingerprint(folder: Path) -> None:
         ckpt.atomic_save(tensors, f, {**meta, "fingerprint": fp})
     cfg = json.loads((rep / "config.json").read_text())
     (rep / "config.json").write_text(json.dumps({**cfg, "fingerprint": fp}))
+    rechecksum(rep)
 
 
 def _broken_replacements(w: Path, names: dict, ckpt) -> None:
@@ -401,6 +403,11 @@ def _broken_replacements(w: Path, names: dict, ckpt) -> None:
     tensors, meta = ckpt.load(module)
     tensors["W_dec"] = torch.full_like(tensors["W_dec"], float("nan"))
     ckpt.atomic_save(tensors, module, meta)
+    rechecksum(names["REP_NAN"])  # saved so (NaN from training): its checksum is the file's
+    module = variant("REP_FLIP") / "layer0.transcoder.safetensors"  # bytes damaged since: still weights, not those
+    data = bytearray(module.read_bytes())
+    data[-40] ^= 0x10
+    module.write_bytes(bytes(data))
     for name, key, dtype in (("REP_INT", "W_enc", torch.int32), ("REP_FP8", "W_dec", torch.float8_e4m3fn)):
         module = variant(name) / "layer0.transcoder.safetensors"
         tensors, meta = ckpt.load(module)
