@@ -789,6 +789,27 @@ def render(graph_json, fmt, draw_nodes, expand_families):
 
 
 MAX_PATHS = 100  # query --paths
+MAX_CHANGES = 20  # query --compare
+
+
+def _echo_comparison(a, b, align: str) -> None:
+    """`query --compare`: the ``MAX_CHANGES`` nodes whose influence changed most from graph a to graph b."""
+    from graphs.compare import compare
+    from graphs.layout import prompt_tail
+
+    from .common import printable as p
+
+    changes = compare(a, b, align)
+    count = {w: sum(c.where == w for c in changes) for w in ("both", "only a", "only b")}
+    click.echo(f"a: {p(prompt_tail(a.prompt))!r}  (target {p(a.target.label)!r})\nb: {p(prompt_tail(b.prompt))!r}  "
+               f"(target {p(b.target.label)!r})\n{count['both']} nodes in both, {count['only a']} only in a, "
+               f"{count['only b']} only in b (matched by {'position from the end' if align == 'end' else 'id'}); "
+               f"the {min(MAX_CHANGES, len(changes))} largest changes of influence (a share of each graph's logits' input):")
+    for c in changes[:MAX_CHANGES]:
+        ia, ib = (c.a.influence if c.a else None), (c.b.influence if c.b else None)
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        name = f"logit {(c.a or c.b).label!r}" if (c.a or c.b).type == "logit" else c.key  # a token's id alone says little
+        click.echo(f"  {p(name):<26} {c.where:<6}  influence {fmt(ia):>7} -> {fmt(ib):<7} ({c.d_influence:+.4f})")
 
 
 @circuits.command()
@@ -804,24 +825,36 @@ MAX_PATHS = 100  # query --paths
 @click.option("--position", type=int, default=None)
 @click.option("--families", "show_families", is_flag=True,
               help="List the head and feature families, and find the paths with each family as one node.")
-def query(graph_json, node, paths, to_node, node_type, layer, position, show_families):
-    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families."""
+@click.option("--compare", "other_json", default=None, type=click.Path(),
+              help="Set another graph beside this one (another prompt's): the nodes whose influence changed most, "
+                   "and those only one graph holds (graphs/compare.py).")
+@click.option("--align", type=click.Choice(["id", "end"]), default="id", show_default=True,
+              help="With --compare: match nodes by id (prompts of one length), or by position from the prompt's end.")
+def query(graph_json, node, paths, to_node, node_type, layer, position, show_families, other_json, align):
+    """Query a graph JSON file: strongest paths, a node's edges, nodes by type/layer/position, families, or the
+    changes from it to another graph (--compare)."""
     import graphs
     from replacement.errors import BadInputError
 
     from .common import printable as p
 
     ctx = click.get_current_context()
-    given = {name for name in ("node", "paths", "to_node", "node_type", "layer", "position")
+    given = {name for name in ("node", "paths", "to_node", "node_type", "layer", "position", "other_json")
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     asks = [what for what, names in (("--node", {"node"}), ("--paths/--to", {"paths", "to_node"}),
-                                     ("--type/--layer/--position", {"node_type", "layer", "position"})) if given & names]
+                                     ("--type/--layer/--position", {"node_type", "layer", "position"}),
+                                     ("--compare", {"other_json"})) if given & names]
     if len(asks) > 1:  # one question a run: the others would be dropped without a word
         raise BadInputError(f"{' and '.join(asks)} ask different questions; give one of them")
     if node == "":
         raise BadInputError("--node is empty; name a node (an id or a picture's name)")
+    if ctx.get_parameter_source("align") == click.core.ParameterSource.COMMANDLINE and other_json is None:
+        raise BadInputError("--align matches the nodes of two graphs; give the other with --compare")
     g = graphs.load(graph_json)
     click.echo(repr(g))
+    if other_json is not None:
+        _echo_comparison(g, graphs.load(other_json), align)
+        return
     if show_families:
         fams = g.families()
         click.echo(f"{len(fams)} families" + (" (the graph was traced without them, or they were pruned away)"

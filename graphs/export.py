@@ -32,7 +32,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, LABEL_W, NODE_H, NODE_W, Grid, box_label, drawing, drawn_qk, edge_routes, gist,
-                     gist_examples, grid, meaning, node_name, quoted, token_text)
+                     gist_examples, grid, meaning, node_name, prompt_tail, quoted, token_text)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -308,8 +308,7 @@ def _score_line(graph: AttributionGraph) -> str:
 
 def _legend(graph: AttributionGraph, drawn: int, families: list = (), marked: tuple | None = None) -> str:
     left = len(graph.node_list) - drawn
-    prompt = token_text(graph.prompt)  # a long prompt's end, what the logits continue (its whole line set the width)
-    prompt = prompt if len(prompt) <= MAX_TITLE else "…" + prompt[-(MAX_TITLE - 1):]
+    prompt = prompt_tail(graph.prompt, MAX_TITLE)  # a long prompt's end (its whole line set the picture's width)
     lines = [f"{prompt}  {_score_line(graph)}".rstrip(),
              f"{drawn} of {len(graph.node_list)} nodes drawn: the most influential with an edge into the picture"
              + (f"; {left} left out (less influential, or joined only by QK pairs):" if left else "")]

@@ -52,6 +52,13 @@ def token_text(text: str, limit: int | None = None) -> str:
     return out if limit is None or len(out) <= limit else out[: limit - 1] + "…"
 
 
+def prompt_tail(text: str, limit: int = 120) -> str:
+    """A prompt as one readable line (`token_text`), a long one cut to its last ``limit`` characters (what the
+    logits continue) after an ellipsis."""
+    line = token_text(text)
+    return line if len(line) <= limit else "…" + line[-(limit - 1):]
+
+
 def quoted(text: str) -> str:
     """A token in double quotes, or in single quotes when it holds a double quote (``'"'``, not ``\"\"\"``)."""
     return f"'{text}'" if '"' in text else f'"{text}"'

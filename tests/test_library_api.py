@@ -198,3 +198,37 @@ def test_queries_take_printed_names_and_refuse_what_has_no_answer(graph):
         graph.logit("no such token")
     with pytest.raises(BadInputError, match="no logit node"):
         graph.subgraph([head.id]).target
+
+
+def test_compare_matches_nodes_by_id_or_from_the_end(small_model, tmp_path):
+    """graphs.compare: every node of either graph once, matched by id (prompts of one length) or by position from
+    the end; each change is b's influence less a's (0 for a node a graph lacks), largest first; `query --compare`
+    prints it; --align alone, or ids across prompts of two lengths, are refused in one line."""
+    from click.testing import CliRunner
+
+    from cli.main import circuits
+    from graphs.compare import compare
+    from graphs.export import write_json
+
+    a = attribute(small_model, [0, 5, 9, 14, 3], target=7, qk=False)
+    b = attribute(small_model, [0, 5, 9, 15, 3], target=7, qk=False)
+    changes = compare(a, b)
+    assert sorted(c.key for c in changes) == sorted({n.id for n in a.node_list} | {n.id for n in b.node_list})
+    for c in changes:
+        want = (b.node(c.key).influence if c.key in b.index else 0) - (a.node(c.key).influence if c.key in a.index else 0)
+        assert c.d_influence == pytest.approx(want, abs=1e-12) and c.where == (
+            "both" if c.key in a.index and c.key in b.index else "only a" if c.key in a.index else "only b")
+    assert [abs(c.d_influence) for c in changes] == sorted((abs(c.d_influence) for c in changes), reverse=True)
+    longer = attribute(small_model, [0, 2, 5, 9, 14, 3], target=7, qk=False)  # one token more, at the front
+    with pytest.raises(BadInputError, match="6 tokens: match nodes by position from the end"):
+        compare(a, longer)
+    ends = compare(a, longer, align="end")
+    last = lambda g: {(n.type, n.layer, n.index) for n in g.nodes(position=len(g.tokens) - 1)}  # noqa: E731
+    assert sum(c.where == "both" and c.key.endswith("@-1") for c in ends) == len(last(a) & last(longer))
+    pa, pb = write_json(a, tmp_path / "a.json"), write_json(b, tmp_path / "b.json")
+    r = CliRunner().invoke(circuits, ["query", str(pa), "--compare", str(pb)])
+    both = sum(c.where == "both" for c in changes)
+    unit = next(c for c in changes if (c.a or c.b).type != "logit")  # a logit is printed by its token
+    assert r.exit_code == 0 and f"{both} nodes in both" in r.output and f"  {unit.key} " in r.output, r.output
+    r = CliRunner().invoke(circuits, ["query", str(pa), "--align", "end"])
+    assert r.exit_code == 1 and "give the other with --compare" in r.output
