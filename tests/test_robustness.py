@@ -156,13 +156,16 @@ def test_an_interrupt_among_the_commits_moves_leaves_one_whole_set(tmp_path, mon
         if Path(dst) == out / "graph.json":
             signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, now
 
-    with pytest.raises(KeyboardInterrupt):
-        with RunFolder(out) as run:
-            for n in names:
-                run.path(n).write_text(f"new {n}")
-            monkeypatch.setattr(os, "replace", signal_after_first)
-            run.commit(names)
-    monkeypatch.setattr(os, "replace", real)
+    def commit_interrupted(text: str, replace) -> None:  # a run writing "<text> <name>" files, os.replace swapped
+        with pytest.raises(KeyboardInterrupt):
+            with RunFolder(out) as run:
+                for n in names:
+                    run.path(n).write_text(f"{text} {n}")
+                monkeypatch.setattr(os, "replace", replace)
+                run.commit(names)
+        monkeypatch.setattr(os, "replace", real)
+
+    commit_interrupted("new", signal_after_first)
     assert {n: (out / n).read_text() for n in _files(out)} == {n: f"new {n}" for n in names}
 
     def interrupted_at_svg(src, dst):
@@ -170,13 +173,7 @@ def test_an_interrupt_among_the_commits_moves_leaves_one_whole_set(tmp_path, mon
             raise KeyboardInterrupt
         real(src, dst)
 
-    with pytest.raises(KeyboardInterrupt):
-        with RunFolder(out) as run:
-            for n in names:
-                run.path(n).write_text(f"newer {n}")
-            monkeypatch.setattr(os, "replace", interrupted_at_svg)
-            run.commit(names)
-    monkeypatch.setattr(os, "replace", real)
+    commit_interrupted("newer", interrupted_at_svg)
     assert {n: (out / n).read_text() for n in _files(out)} == {n: f"new {n}" for n in names}
 
 
