@@ -128,21 +128,26 @@ def load_folder(folder: Path, adapter, device=None) -> dict[tuple[str, int], tor
 # -- circuit-tracer ----------------------------------------------------------------------------------------
 
 
+def circuit_tracer_config(folder: Path, default_in: str = "mlp.hook_in") -> tuple[dict, str, int]:
+    """A circuit-tracer folder's config.yaml (``{}`` without one), the point its transcoders read (checked;
+    ``default_in`` where it names none) and its top_k (0: none)."""
+    conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+    return conf, _check_ct_hooks(conf, folder, default_in), _config_top_k(conf.get("top_k"), folder / "config.yaml")
+
+
 def load_circuit_tracer(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
     """Per-layer transcoders ``layer_{L}.safetensors`` (or those config.yaml lists by local path)."""
     from .transcoder import Transcoder
 
-    conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-    reads = _check_ct_hooks(conf, folder)
+    conf, reads, k = circuit_tracer_config(folder)
     files = _ct_layer_files(folder, conf)
     if not files:
         raise ForeignFormatError(f"{folder} has a circuit-tracer config.yaml but no layer_<L>.safetensors files")
-    k = _config_top_k(conf.get("top_k"), folder / "config.yaml")
     out = {("transcoder", L): Transcoder.from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
-    return _reading(out, reads, folder)
+    return reading(out, reads, folder)
 
 
-def _reading(modules: dict, reads: str, folder: Path) -> dict:
+def reading(modules: dict, reads: str, folder: Path) -> dict:
     """``modules`` with their encoders reading ``reads`` (a point of replacement/hooks.py)."""
     for (_, L), tc in modules.items():
         if reads != "mlp.in" and tc.W_skip is not None:
@@ -158,13 +163,12 @@ def load_circuit_tracer_clt(folder: Path, adapter) -> dict[tuple[str, int], torc
     for a CLT without one is hook_resid_mid)."""
     from .transcoder import clt_from_circuit_tracer
 
-    conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-    reads = _check_ct_hooks(conf, folder, default_in="hook_resid_mid")
-    layers = clt_from_circuit_tracer(folder, _config_top_k(conf.get("top_k"), folder / "config.yaml"))
+    _, reads, k = circuit_tracer_config(folder, default_in="hook_resid_mid")
+    layers = clt_from_circuit_tracer(folder, k)
     if len(layers) != adapter.n_layers:
         raise ForeignFormatError(f"{folder} is a CLT of {len(layers)} layers; {adapter.name} has {adapter.n_layers} "
                                  "layers")
-    return _reading({("transcoder", L): tc for L, tc in layers.items()}, reads, folder)
+    return reading({("transcoder", L): tc for L, tc in layers.items()}, reads, folder)
 
 
 def _config_top_k(raw, config: Path) -> int:

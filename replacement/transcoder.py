@@ -193,13 +193,12 @@ class Transcoder(nn.Module):
     def from_circuit_tracer(cls, folder: str | Path, layer: int, top_k: int | None = None) -> "Transcoder":
         """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``, reading the input its ``config.yaml`` names;
         ``top_k`` (else ``top_k`` in its ``config.yaml``, else none): see `from_circuit_tracer_file`."""
-        from .foreign import _check_ct_hooks, _config_top_k, _read_yaml, _reading
+        from .foreign import circuit_tracer_config, reading
 
         folder = Path(folder)
-        conf = _read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-        k = top_k if top_k is not None else _config_top_k(conf.get("top_k"), folder / "config.yaml")
-        tc = cls.from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k)
-        return _reading({("transcoder", layer): tc}, _check_ct_hooks(conf, folder), folder)[("transcoder", layer)]
+        _, reads, k = circuit_tracer_config(folder)
+        tc = cls.from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k if top_k is None else top_k)
+        return reading({("transcoder", layer): tc}, reads, folder)[("transcoder", layer)]
 
     @classmethod
     def from_circuit_tracer_file(cls, path: str | Path, layer: int, top_k: int = 0) -> "Transcoder":
