@@ -34,6 +34,15 @@ def z_share(head: Node, pos: int) -> float:
 # -- induction ----------------------------------------------------------------------------------------------
 
 
+def induction_peak(graph: AttributionGraph, position: int | None = None) -> int | None:
+    """Where an induction head at ``position`` (default: the last) would look: the position after the latest
+    earlier occurrence of the token there (by token id), or None where that token occurs nowhere before it."""
+    ids = graph.token_ids
+    position = len(ids) - 1 if position is None else position
+    earlier = [p for p in range(position) if ids[p] == ids[position]]
+    return earlier[-1] + 1 if earlier else None
+
+
 def heads_attending(graph: AttributionGraph, position: int, peak: int, min_layer: int = 0) -> list[Node]:
     """The Lorsa heads at ``position`` (of layer >= ``min_layer``) whose z pattern peaks at ``peak``."""
     return [h for h in graph.nodes(type=NodeKind.LORSA, position=position) if h.layer >= min_layer and z_peak(h) == peak]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from graphs.circuits import (circuit_nodes, downstream_features, heads_attending, induction_circuit, induction_heads,
-                             most_influential, operand_movers, why_pairs, z_peak, z_share)
+                             induction_peak, most_influential, operand_movers, why_pairs, z_peak, z_share)
 from graphs.graph import AttributionGraph, Edge, Node, QKContrast, QKEntry, QKPair
 
 
@@ -37,6 +37,9 @@ def test_z_peak_and_share():
 
 def test_induction_heads_and_circuit():
     g = _induction_graph()
+    # where to look: after the earlier "a" (ids 10 at 0 and 3) is 1; "c" (12 at 2) occurs nowhere before
+    assert induction_peak(g) == 1 and induction_peak(g, 2) is None and induction_peak(g, 0) is None
+    assert induction_peak(AttributionGraph("a a x a", ["a", "a", "x", "a"], [5, 5, 7, 5], [], [])) == 2  # the latest
     assert [h.id for h in heads_attending(g, 3, 1)] == ["lorsa.1.7@3", "lorsa.1.8@3"]
     assert [h.id for h in heads_attending(g, 3, 3)] == ["lorsa.0.5@3"]
     assert heads_attending(g, 3, 3, min_layer=1) == []
