@@ -176,7 +176,8 @@ def _check_ids_and_causality(d: dict, where) -> None:
     """Each node's id is the one its fields give (`NodeKey`; a family node's, ``fam.<kind>.L.K@P`` at its own
     position): the reader rebuilds nodes from their fields and links name ids, so a mismatch would put a node in
     two places.  Each link runs forward: from a node to another, never to an earlier position, and (but for a
-    family node, whose members may span layers) from an earlier stage of the forward pass to a later one."""
+    family node, whose members may span layers) from an earlier stage of the forward pass to a later one; and
+    appears once (of its kind)."""
     import re
 
     from .graph import NodeKey
@@ -192,8 +193,13 @@ def _check_ids_and_causality(d: dict, where) -> None:
             raise BadGraphError(f"{where}: node id {_short(n['node_id'])} does not match its fields (type {n['type']}, "
                                 f"layer {n['model_layer']}, index {n['index']}, position {n['ctx_idx']})")
         nodes[n["node_id"]] = n
+    pairs: set[tuple] = set()
     for e in d["links"]:
         a, b = nodes[e["source"]], nodes[e["target"]]
+        pair = (e["source"], e["target"], e.get("kind"))
+        if pair in pairs:  # its weight would be counted twice in the target's input
+            raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} appears twice")
+        pairs.add(pair)
         if a is b or a["ctx_idx"] > b["ctx_idx"] or (
                 "members" not in a and "members" not in b and _stage(a) >= _stage(b)):
             raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} runs backwards "

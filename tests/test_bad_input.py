@@ -157,6 +157,7 @@ CASES = [
     Case("query-id-not-its-fields", ["circuits", "query", "{G}/moved.json"], "node id 'emb@1' does not match its fields"),
     Case("render-link-backwards", ["circuits", "render", "{G}/backwards.json", "--format", "dot"], "runs backwards"),
     Case("query-self-loop", ["circuits", "query", "{G}/selfloop.json"], "runs backwards"),
+    Case("query-link-twice", ["circuits", "query", "{G}/twice.json"], "appears twice"),
     Case("query-link-to-earlier-position", ["circuits", "query", "{G}/earlier.json"], "runs backwards"),
     Case("render-null-score", ["circuits", "render", "{G}/nullscore.json"], "metadata.scores.replacement_score is None"),
     Case("query-bad-qk", ["circuits", "query", "{G}/badqk.json"], "does not follow the graph schema"),
@@ -465,6 +466,7 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("backwards.json", lambda x: x["links"].append({"source": logit, "target": "emb@1", "weight": 1.0, "kind": "direct"}))
     some = d["links"][0]
     mutated("selfloop.json", lambda x: x["links"].append({**some, "target": some["source"]}))
+    mutated("twice.json", lambda x: x["links"].append(dict(some)))
     last = len(d["metadata"]["prompt_tokens"]) - 1  # the last token's embedding into a head at an earlier position
     head_before = next(n for n in d["nodes"] if n["type"] in ("lorsa", "transcoder") and n["ctx_idx"] < last)
     mutated("earlier.json", lambda x: x["links"].append({"source": f"emb@{last}", "target": head_before["node_id"],
