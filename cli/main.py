@@ -844,6 +844,8 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
     asks = [what for what, names in (("--node", {"node"}), ("--paths/--to", {"paths", "to_node"}),
                                      ("--type/--layer/--position", {"node_type", "layer", "position"}),
                                      ("--compare", {"other_json"})) if given & names]
+    if show_families and "--compare" in asks:
+        asks.append("--families")
     if len(asks) > 1:  # one question a run: the others would be dropped without a word
         raise BadInputError(f"{' and '.join(asks)} ask different questions; give one of them")
     if node == "":
@@ -863,6 +865,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  {f.id:<22} {len(f):>3} {'heads' if f.kind == 'lorsa' else 'features'}, layer(s) "
                        f"{','.join(map(str, f.layers))}, key {','.join(map(str, f.key_positions))}, mean cosine "
                        f"{f.mean_cosine:.2f}: {' '.join(p(m) for m in f.members[:6])}" + (" ..." if len(f) > 6 else ""))
+    node = g.resolve(node) if node else node  # a family's name as trace prints it names its id
     if node and node in {f.id for f in g.families()}:
         from graphs.families import family
 
@@ -928,10 +931,9 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
 def _node_id(g, text: str, graph_json: str) -> str:
     """The id of the graph's node named ``text``: an id, a family's id, or a name pictures and printed paths give
     it ("L0.H136@4" is lorsa.0.136@4, "emb @1" emb@1); BadInputError (one line) when the graph has none."""
-    from graphs.graph import id_of_unit_label
     from replacement.errors import BadInputError
 
-    node = text if text in g.index else id_of_unit_label(text)  # an id as it is (any text), else a name
+    node = g.resolve(text)  # an id as it is (any text), else a name
     if node not in g.index and node not in {f.id for f in g.families()}:
         raise BadInputError(f"no node {node!r} in {graph_json} (list them with --type, --layer or --position)")
     return node

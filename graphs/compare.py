@@ -42,8 +42,11 @@ class NodeChange:
 
 def match_key(graph: AttributionGraph, n: Node, align: str) -> str:
     """The key two graphs' nodes are matched by: the id, or with ``align="end"`` the id with the position counted
-    from the prompt's end (-1: the last token); a family node keeps its id (families are ranked per graph)."""
-    if align == "id" or n.is_family:
+    from the prompt's end (-1: the last token).  A family node of a collapsed graph matches none of the other's
+    (families are ranked per graph: ``fam.lorsa.0.0@4`` of two prompts are two groups): its key names its graph."""
+    if n.is_family:
+        return f"{n.id} of {graph.prompt[-20:]!r}"
+    if align == "id":
         return n.id
     return str(NodeKey(n.type, n.layer, n.index, n.pos - len(graph.tokens)))
 

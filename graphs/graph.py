@@ -419,16 +419,23 @@ class AttributionGraph:
         return [Edge(ids[s], ids[t], w, EdgeArrays.KINDS[k]) for s, t, w, k in
                 zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist())]
 
-    def node(self, node_id: str) -> Node:
-        """A node by its id, or by a name the pictures and printed paths give it (`id_of_unit_label`)."""
-        found = node_id if node_id in self.index else id_of_unit_label(node_id)
-        logit = _LOGIT_NAME.match(node_id.strip())
-        if found not in self.index and logit:  # `logit " 98" (p=0.958) @4`, as `trace` prints a logit
+    def resolve(self, name: str) -> str:
+        """The id ``name`` stands for: an id as it is, or a name the pictures and printed paths give a node
+        (`id_of_unit_label`: a unit's or a family's), or a logit as `trace` prints it (``logit " 98" (p=0.958)
+        @4``); the text itself, stripped, when it names nothing here."""
+        found = name if name in self.index else id_of_unit_label(name)
+        logit = _LOGIT_NAME.match(name.strip())
+        if found not in self.index and logit:
             from .layout import token_text
 
             hits = [n.id for n in self.nodes(type=NodeKind.LOGIT) if token_text(n.label) == logit[1]
                     and (logit[2] is None or n.pos == int(logit[2]))]
             found = hits[0] if len(hits) == 1 else found
+        return found
+
+    def node(self, node_id: str) -> Node:
+        """A node by its id, or by a name the pictures and printed paths give it (`resolve`)."""
+        found = self.resolve(node_id)
         if found not in self.index:
             family = node_id.startswith("fam.") and node_id in {f.id for f in self.families()}
             raise KeyError(f"no node {node_id!r} in this graph" + ("; a family is a node of `collapsed()`" if family else ""))
@@ -560,7 +567,7 @@ class AttributionGraph:
         k = 1, by `_strongest_path` on the edge arrays, without networkx)."""
         if k < 1 or max_len < 1:
             raise BadInputError(f"top_paths needs k >= 1 and max_len >= 1 (k={k}, max_len={max_len})")
-        to = None if to is None else to if to in self.index else id_of_unit_label(to)  # a name as printed
+        to = None if to is None else self.resolve(to)  # a name as printed
         if to is not None and to not in self.index and not (families and to in {f.id for f in self.families()}):
             raise BadInputError(f"no node {to!r} in this graph")
         sources = tuple(kind_of(x) for x in sources)  # a kind's name or an id's prefix ("emb")

@@ -289,6 +289,7 @@ class PathPatcher:
         ``mlp_maps`` {L: f} replaces layer L's MLP by a linear map around the clean point, out = clean out +
         f(in - clean in), f: [n, d] -> [n, d] (e.g. its transcoder's Jacobian: what the graph sees there)."""
         a = self.adapter
+        components = [_parsed(c) for c in components]
         shape = self.rec.layers[0].attn_out.shape
         deltas = {(L, w): torch.zeros(1, *shape, device=self.rec.embed.device, requires_grad=True)
                   for L in range(a.n_layers) for w in ("attn", "mlp")}

@@ -183,8 +183,9 @@ def _check_ids_and_causality(d: dict, where) -> None:
     from .graph import NodeKey
 
     nodes = {}
+    family = lambda n: "members" in n or n["node_id"].startswith("fam.")  # noqa: E731 - (files before 2026-12-07 kept no members)
     for n in d["nodes"]:
-        if "members" in n:
+        if family(n):
             m = re.fullmatch(r"fam\.(lorsa|tc)\.\d+\.\d+@(\d+)", n["node_id"])
             ok = m is not None and int(m[2]) == n["ctx_idx"]
         else:
@@ -200,8 +201,7 @@ def _check_ids_and_causality(d: dict, where) -> None:
         if pair in pairs:  # its weight would be counted twice in the target's input
             raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} appears twice")
         pairs.add(pair)
-        if a is b or a["ctx_idx"] > b["ctx_idx"] or (
-                "members" not in a and "members" not in b and _stage(a) >= _stage(b)):
+        if a is b or a["ctx_idx"] > b["ctx_idx"] or (not family(a) and not family(b) and _stage(a) >= _stage(b)):
             raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} runs backwards "
                                 "(into an earlier position or layer, or into itself)")
 

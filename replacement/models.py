@@ -706,6 +706,8 @@ def context_of(config, name: str) -> int:
     n = getattr(config, "max_position_embeddings", None)
     if n is None:
         return 2**31
+    if isinstance(n, float) and n.is_integer():  # 2048.0
+        n = int(n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ModelLoadError(f"cannot load {name!r}: its config.json's max_position_embeddings is {n!r}, not a "
                              "positive whole number")

@@ -81,10 +81,12 @@ def save_modules(items: list[tuple[torch.nn.Module, str, dict | None]], folder: 
         staged.append(path)
         sums.append(file_checksum(path.with_name(STAGED + path.name)))
     with signals_held():  # delivered once the set is in place
-        for path in staged:
-            os.replace(path.with_name(STAGED + path.name), path)
+        # config.json first (a full disk fails it before anything moved), then the renames, which need no room: a
+        # kill -9 between leaves config.json naming files still staged, which `load_replacements` says
         _update_folder_config(folder, fingerprint, model_name, [(kind, module.cfg.layer, metrics or {}, crc)
                                                                 for (module, kind, metrics), crc in zip(items, sums)])
+        for path in staged:
+            os.replace(path.with_name(STAGED + path.name), path)
     return staged
 
 
@@ -185,6 +187,11 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
                                   f"as {key}")
         crc = entry.get("crc32")  # (sets saved before 2026-12-07 record none) bytes that read, but not as saved
         if isinstance(crc, int) and file_checksum(path) != crc:
+            waiting = path.with_name(STAGED + path.name)
+            if waiting.is_file() and file_checksum(waiting) == crc:
+                raise CheckpointError(f"a save into {folder} stopped before moving its new {path.name} in (it waits as "
+                                      f"{waiting.name}); run the command that saved it again, or move that file to "
+                                      f"{path.name}")
             raise CheckpointError(f"{path} is damaged: its bytes differ from those saved (CRC-32 "
                                   f"{file_checksum(path):08x}, config.json records {crc:08x})")
         out[(meta["kind"], module.cfg.layer)] = module.eval()

@@ -296,6 +296,11 @@ def test_json_schema_and_round_trip(tmp_path):
     again = graphs.load(write_json(c, tmp_path / "c.json", check_schema=True))
     assert again.node(fam.id).members == fam.members == family(g, fam.id).members and again == c
     assert fam.is_family and not any(n.is_family for n in g.node_list)
+    old = json.loads((tmp_path / "c.json").read_text())  # as saved before family nodes kept their members: read
+    for n in old["nodes"]:
+        n.pop("members", None)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert graphs.load(tmp_path / "old.json").node(fam.id).activation == fam.activation
     from graphs.layout import node_name
     assert c.node(node_name(c, fam)) is fam and node_name(c, fam).count(f"@{fam.pos}") == 1  # as trace prints it
     with pytest.raises(BadInputError, match="is a family node"):
@@ -454,6 +459,11 @@ def test_query_lists_families_and_their_paths(tmp_path):
     assert r.returncode == 0 and f"strongest paths into {f.id}:" in r.stdout, r.stderr
     shown = [ln.split("  ", 2)[-1] for ln in r.stdout.splitlines() if " -> " in ln]
     assert shown and shown == [" -> ".join(p) for _, p in g.top_paths(to=f.id, k=2, families=True)]
+    from graphs.layout import node_name  # --node with the family's name as trace prints it (a KeyError traceback)
+    r = _circuits("query", path, "--node", node_name(g.collapsed(), g.collapsed().node(f.id)))
+    assert r.returncode == 0 and f"{f.id}: a family of {len(f)}" in r.stdout, r.stderr
+    r = _circuits("query", path, "--families", "--compare", path)  # two questions: refused (--families was ignored)
+    assert r.returncode == 1 and "--compare and --families ask different questions" in r.stderr, r.stderr
 
 
 def test_patch_ablates_a_family_that_trace_found(tmp_path):

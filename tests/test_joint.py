@@ -480,3 +480,47 @@ def test_a_joint_round_into_another_folder_holding_modules_is_refused_unless_ove
     fit_joint(adapter, cfg, tmp_path / "start", tmp_path / "taken", progress=False, source=src, overwrite=True)
     assert {f.name: f.read_bytes() for f in (tmp_path / "taken").iterdir()} != before
     fit_joint(adapter, cfg, tmp_path / "start", progress=False, source=src)  # in place
+
+
+def test_a_set_saved_halfway_is_named_and_a_full_disk_changes_nothing(tmp_path, monkeypatch):
+    """config.json records each module file's CRC-32, and is written before the files move in: a full disk fails
+    it before anything moved (the old set still loads), and a kill -9 between it and the renames leaves a folder
+    whose load names the staged file to move, not "damaged" bytes."""
+    import errno
+
+    from replacement import store
+    from replacement.errors import CheckpointError
+
+    adapter = ModelAdapter(tiny_llama())
+    fp = model_fingerprint(adapter)
+    items = lambda seed: [(m, k, None) for (k, L), m in _modules(random_replacements(adapter, n_features=32, tc_k=4,  # noqa: E731
+                                                                                     seed=seed)).items()]
+    folder = tmp_path / "r"
+    store.save_modules(items(0), folder, fp, adapter.name, dtype=torch.float32)
+    old = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert set(load_replacements(folder, adapter))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "atomic_write_text", full)
+    with pytest.raises(OSError):
+        store.save_modules(items(1), folder, fp, adapter.name, dtype=torch.float32)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in folder.iterdir() if not f.name.startswith(".")} == old
+    assert set(load_replacements(folder, adapter))
+
+    real = store.os.replace
+
+    def killed(src, dst):  # the process dies at its first module's rename, config.json written
+        if str(src).rsplit("/", 1)[-1].startswith(store.STAGED):
+            raise SystemExit("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", killed)
+    with pytest.raises(SystemExit):
+        store.save_modules(items(2), folder, fp, adapter.name, dtype=torch.float32)
+    monkeypatch.setattr(store.os, "replace", real)
+    with pytest.raises(CheckpointError, match=r"stopped before moving its new layer\d\.\w+\.safetensors in \(it waits as "
+                                              r"\.staged-layer"):
+        load_replacements(folder, adapter)

@@ -194,6 +194,7 @@ def test_queries_take_printed_names_and_refuse_what_has_no_answer(graph):
     assert graph.top_paths(to=node_name(graph, head), k=2) == graph.top_paths(to=head.id, k=2)
     logit = graph.logits()[0]
     assert graph.logit(logit.label) is logit and graph.logit(logit.index) is logit
+    assert graph.top_paths(to=node_name(graph, logit), k=2) == graph.top_paths(to=logit.id, k=2)  # it was refused
     with pytest.raises(KeyError, match="no logit node"):
         graph.logit("no such token")
     with pytest.raises(BadInputError, match="no logit node"):

@@ -114,6 +114,7 @@ def test_a_unit_at_every_position_is_each_position_ablated_together():
     named, parsed = p.effects(["lorsa.1.0@8", ("tc.0.1@8", "mlp_err.1@8")]), p.effects(
         [parse_component("lorsa.1.0@8"), (parse_component("tc.0.1@8"), parse_component("mlp_err.1@8"))])
     assert [r.effect for r in named] == [r.effect for r in parsed]
+    assert p.linear_effects(["lorsa.1.0@8"]) == p.linear_effects([parse_component("lorsa.1.0@8")])
     with pytest.raises(BadInputError, match="cannot parse component"):
         p.effects(["lorsa one"])
     with pytest.raises(BadInputError, match="not int"):
