@@ -472,9 +472,10 @@ def has_dashboards(path: str | Path) -> bool:
 
 
 def dashboard_source(graph: AttributionGraph) -> dict:
-    """What a page's dashboards were built from: the model's name and fingerprint and the replacements (the
-    graph's settings); a page's dashboards serve another graph only if it was traced from the same."""
-    return {k: graph.settings.get(k) for k in ("model", "model_fingerprint", "replacements")}
+    """What a page's dashboards were built from: the model's name and fingerprint, the replacements' folders and a
+    fingerprint of their weights (the graph's settings); a page's dashboards serve another graph only if it was
+    traced from the same."""
+    return {k: graph.settings.get(k) for k in ("model", "model_fingerprint", "replacements", "replacements_fingerprint")}
 
 
 class PageDashboards:

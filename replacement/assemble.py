@@ -105,18 +105,26 @@ class ReplacementModel:
         return module
 
     def provenance(self) -> dict:
-        """What a graph was traced with, for its settings: the model's fingerprint and, per folder (or file), the
+        """What a graph was traced with, for its settings: the model's fingerprint, per folder (or file) the
         modules loaded from it (``{folder: ["layer0.lorsa", ...]}``; a bundled set as ``bundled:<model>``; modules
-        built in Python, not loaded from files, are left out)."""
+        built in Python, not loaded from files, are left out), and a fingerprint of every module's weights (a set
+        retrained in place keeps its folder and names)."""
+        import hashlib
+
         from .bundle import BUNDLE_DIR
-        from .models import model_fingerprint
+        from .models import model_fingerprint, sample_tensors
 
         by_folder: dict[str, list[str]] = {}
         for (kind, L), folder in sorted(self.origins.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             folder = Path(folder).resolve()
             name = f"bundled:{folder.parent.name}" if folder.parent.parent == BUNDLE_DIR else str(folder)
             by_folder.setdefault(name, []).append(f"layer{L}.{kind}")
-        return {"model_fingerprint": model_fingerprint(self.adapter), "replacements": by_folder}
+        h = hashlib.sha256()
+        for kind, mods in (("lorsa", self.lorsas), ("transcoder", self.transcoders)):
+            for L in sorted(mods):
+                sample_tensors(h, {f"{kind}{L}.{k}": v for k, v in mods[L].state_dict().items()})
+        return {"model_fingerprint": model_fingerprint(self.adapter), "replacements": by_folder,
+                "replacements_fingerprint": h.hexdigest()[:16]}
 
     @property
     def cross_layer(self) -> bool:

@@ -791,12 +791,18 @@ def model_fingerprint(adapter: ModelAdapter) -> str:
     skip = {"transformers_version", "dtype", "torch_dtype", "architectures", "attn_implementation"}
     cfg = {k: v for k, v in adapter.config.to_dict().items() if k not in skip and not k.startswith("_")}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, p in sorted(adapter.model.state_dict().items()):
-        t = p.detach().flatten()  # 64 entries are read: no float copy of the weights (a trace takes it once more)
+    sample_tensors(h, adapter.model.state_dict())
+    return h.hexdigest()[:16]
+
+
+def sample_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed the hash ``h`` each tensor's name and 64 of its entries, evenly spaced, in bf16 (no float copy of the
+    weights: a trace fingerprints them each time)."""
+    for name, p in sorted(tensors.items()):
+        t = p.detach().flatten()
         idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long().to(t.device)
         h.update(name.encode())
         h.update(t[idx].float().cpu().to(torch.bfloat16).float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 __all__ = [

@@ -140,14 +140,16 @@ def test_render_keeps_a_page_with_dashboards(page, tmp_path):
     assert again["steps"][again["default_step"]]["n"] <= 12 < data["steps"][data["default_step"]]["n"]  # redrawn
     # a page of another model's trace (here: the graph's model fingerprint changed) lends it no dashboards (it lent
     # them: another model's contexts under this graph's units), and a damaged page is a note, not a traceback
-    other = tmp_path / "other"
-    shutil.copytree(folder, other)
-    g = json.loads((other / "graph.json").read_text())
-    g["metadata"]["settings"]["model_fingerprint"] = "0" * 16
-    (other / "graph.json").write_text(json.dumps(g))
-    r = _run("from cli.main import circuits; circuits()", "render", str(other), "--format", "html")
-    assert r.returncode == 0 and "traced from another model or other replacements" in r.stderr, r.stderr
-    assert not page_data(other / "graph.html")["dashboards"]
+    for key in ("model_fingerprint", "replacements_fingerprint"):  # another model; the set retrained in place
+        other = tmp_path / key
+        shutil.copytree(folder, other)
+        g = json.loads((other / "graph.json").read_text())
+        assert len(g["metadata"]["settings"][key]) == 16
+        g["metadata"]["settings"][key] = "0" * 16
+        (other / "graph.json").write_text(json.dumps(g))
+        r = _run("from cli.main import circuits; circuits()", "render", str(other), "--format", "html")
+        assert r.returncode == 0 and "traced from another model or other replacements" in r.stderr, r.stderr
+        assert not page_data(other / "graph.html")["dashboards"]
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
     text = (damaged / "graph.html").read_text(encoding="utf-8")
