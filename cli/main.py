@@ -865,7 +865,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  {f.id:<22} {len(f):>3} {'heads' if f.kind == 'lorsa' else 'features'}, layer(s) "
                        f"{','.join(map(str, f.layers))}, key {','.join(map(str, f.key_positions))}, mean cosine "
                        f"{f.mean_cosine:.2f}: {' '.join(p(m) for m in f.members[:6])}" + (" ..." if len(f) > 6 else ""))
-    node = g.resolve(node) if node else node  # a family's name as trace prints it names its id
+    node = _node_id(g, node, graph_json) if node else node  # a name as trace prints it (a family's too): its id
     if node and node in {f.id for f in g.families()}:
         from graphs.families import family
 
@@ -880,7 +880,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
         for e in c.outgoing(node, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
     elif node:
-        n = g.node(_node_id(g, node, graph_json))
+        n = g.node(node)
         click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
         _echo_lens(n.lens, "its output raises (logit lens per unit of activation, before the final norm's scale)")
         for e in g.incoming(n, k=10):

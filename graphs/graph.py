@@ -50,6 +50,18 @@ ERROR_KINDS = (NodeKind.ATTN_ERROR, NodeKind.MLP_ERROR)
 INPUT_KINDS = (NodeKind.EMBEDDING,) + ERROR_KINDS  # nodes with no incoming edges
 TARGET_KINDS = FEATURE_KINDS + (NodeKind.LOGIT,)  # nodes whose pre-activation the incoming edges explain
 
+
+def stage(kind: "NodeKind | str", layer: int) -> float:
+    """Where a node of ``kind`` in ``layer`` sits in the forward pass: embeddings (-1), then each layer's attention
+    (2L: Lorsa heads, the attention error) and MLP (2L + 1: transcoder features, the MLP error), then logits (inf).
+    Edges run from an earlier stage to a later one; pictures draw the stages as rows, bottom to top."""
+    kind = NodeKind(kind)
+    if kind == NodeKind.EMBEDDING:
+        return -1
+    if kind == NodeKind.LOGIT:
+        return math.inf
+    return 2 * layer + (kind in (NodeKind.TRANSCODER, NodeKind.MLP_ERROR))
+
 # the id's prefix, and which of layer and index the id holds, per kind
 _ID_PREFIX = {NodeKind.EMBEDDING: "emb", NodeKind.LORSA: "lorsa", NodeKind.TRANSCODER: "tc",
               NodeKind.ATTN_ERROR: "attn_err", NodeKind.MLP_ERROR: "mlp_err", NodeKind.LOGIT: "logit"}
@@ -133,7 +145,8 @@ _NAMES = ((re.compile(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)"),  # a head or feature 
            lambda m: NodeKey(NodeKind.ATTN_ERROR if m[2] == "attn" else NodeKind.MLP_ERROR, int(m[1]), pos=int(m[3]))))
 
 
-_FAMILY_NAME = re.compile(r"family .*?(fam\.(?:lorsa|tc)\.\d+\.\d+@\d+)(?: |$)")  # as `layout.node_name` names one
+FAMILY_ID = re.compile(r"fam\.(?:lorsa|tc)\.\d+\.\d+@(\d+)")  # a family's id (graphs/families.py's `family_id`), its position
+_FAMILY_NAME = re.compile(rf"family .*?({FAMILY_ID.pattern})(?: |$)")  # as `layout.node_name` names one
 _LOGIT_NAME = re.compile(r'logit "(.*)"(?: \(p=[^)]*\))?(?: @(\d+))?$')
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph import ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, input_shares, unit_label
+from .graph import (ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, input_shares, stage,
+                    unit_label)
 from .lens import key_position, key_share
 
 DEFAULT_DRAW_NODES = 80  # a 1600 x 1000 view of this many nodes stays readable
@@ -360,11 +361,8 @@ def n_layers(graph: AttributionGraph) -> int:
 
 
 def row_of(n: Node, layers: int) -> int:
-    if n.type == NodeKind.EMBEDDING:
-        return 0
-    if n.type == NodeKind.LOGIT:
-        return 2 * layers + 1
-    return 1 + 2 * n.layer + (n.type in (NodeKind.TRANSCODER, NodeKind.MLP_ERROR))
+    """The picture's row of a node: its `stage`, the embeddings' row 0 and the logits' the top one."""
+    return 2 * layers + 1 if n.type == NodeKind.LOGIT else 1 + int(stage(n.type, n.layer))
 
 
 def row_names(layers: int) -> list[str]:

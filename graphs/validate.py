@@ -163,37 +163,27 @@ def _check_families(d: dict, where) -> None:
                                 f"cannot belong to family {_short(fid)}")
 
 
-def _stage(n: dict) -> float:
-    """Where a node sits in the forward pass: embeddings, then each layer's attention, then its MLP, then logits."""
-    if n["type"] == "embedding":
-        return -1
-    if n["type"] == "logit":
-        return math.inf
-    return 2 * n["model_layer"] + (n["type"] in ("transcoder", "mlp_error"))
-
-
 def _check_ids_and_causality(d: dict, where) -> None:
     """Each node's id is the one its fields give (`NodeKey`; a family node's, ``fam.<kind>.L.K@P`` at its own
     position): the reader rebuilds nodes from their fields and links name ids, so a mismatch would put a node in
     two places.  Each link runs forward: from a node to another, never to an earlier position, and (but for a
     family node, whose members may span layers) from an earlier stage of the forward pass to a later one; and
     appears once (of its kind)."""
-    import re
-
-    from .graph import NodeKey
+    from .graph import FAMILY_ID, NodeKey, stage
 
     nodes = {}
     family = lambda n: "members" in n or n["node_id"].startswith("fam.")  # noqa: E731 - (files before 2026-12-07 kept no members)
     for n in d["nodes"]:
         if family(n):
-            m = re.fullmatch(r"fam\.(lorsa|tc)\.\d+\.\d+@(\d+)", n["node_id"])
-            ok = m is not None and int(m[2]) == n["ctx_idx"]
+            m = FAMILY_ID.fullmatch(n["node_id"])
+            ok = m is not None and int(m[1]) == n["ctx_idx"]
         else:
             ok = n["node_id"] == str(NodeKey(n["type"], int(n["model_layer"]), int(n["index"]), int(n["ctx_idx"])))
         if not ok:
             raise BadGraphError(f"{where}: node id {_short(n['node_id'])} does not match its fields (type {n['type']}, "
                                 f"layer {n['model_layer']}, index {n['index']}, position {n['ctx_idx']})")
         nodes[n["node_id"]] = n
+    at = {i: stage(n["type"], n["model_layer"]) for i, n in nodes.items() if not family(n)}  # a family spans layers
     pairs: set[tuple] = set()
     for e in d["links"]:
         a, b = nodes[e["source"]], nodes[e["target"]]
@@ -201,7 +191,7 @@ def _check_ids_and_causality(d: dict, where) -> None:
         if pair in pairs:  # its weight would be counted twice in the target's input
             raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} appears twice")
         pairs.add(pair)
-        if a is b or a["ctx_idx"] > b["ctx_idx"] or (not family(a) and not family(b) and _stage(a) >= _stage(b)):
+        if a is b or a["ctx_idx"] > b["ctx_idx"] or at.get(e["source"], -math.inf) >= at.get(e["target"], math.inf):
             raise BadGraphError(f"{where}: the link {_short(e['source'], 30)} -> {_short(e['target'], 30)} runs backwards "
                                 "(into an earlier position or layer, or into itself)")
 
