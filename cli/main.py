@@ -208,8 +208,8 @@ def _print_saved(folder, model_name: str) -> None:
     from replacement.store import read_folder_config
 
     held = set(read_folder_config(Path(folder) / "config.json").get("modules", {}))
-    path = resolve_model_path(model_name)[0]
-    n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    path, _, revision = resolve_model_path(model_name)
+    n_layers = AutoConfig.from_pretrained(path, revision=revision).num_hidden_layers
     whole = {f"layer{L}.{k}" for L in range(n_layers) for k in ("lorsa", "transcoder")} <= held
     own = Path(path) / "replacements"  # the model's own set (beside a bundled or local model)
     if not whole and own.resolve() == Path(folder).resolve():  # the model's own set is this one, incomplete

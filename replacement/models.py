@@ -533,8 +533,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_model_path(name: str) -> tuple[str, str]:
-    """(path or HF id, display name) for a preset name, a local folder, or an HF id."""
+def resolve_model_path(name: str) -> tuple[str, str, str | None]:
+    """(path or HF id, display name, HF revision or None) for a preset name, a local folder, or an HF id
+    ``owner/name`` with an optional ``@revision`` (a branch, tag or commit)."""
     from .bundle import PRESET_NAMES, is_preset, preset_folder
 
     if is_preset(name):
@@ -544,20 +545,21 @@ def resolve_model_path(name: str) -> tuple[str, str]:
                 f"the bundled model {name!r} has no weights in {folder}; "
                 f"train it with: circuits train-lm --model {name} --install"
             )
-        return str(folder), name
+        return str(folder), name, None
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{name} is not an HF model folder (no config.json)")
-        return str(path), path.name
+        return str(path), path.name, None
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
         raise ModelLoadError(f"no such model folder: {name}")
-    if name.count("/") != 1:
+    repo, at, revision = name.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")) or (at and not revision) or "@" in revision:
         raise ModelLoadError(
             f"unknown model {name!r}: not a bundled preset ({', '.join(PRESET_NAMES)}), "
-            "not an existing folder, and not an HF id of the form owner/name"
+            "not an existing folder, and not an HF id of the form owner/name[@revision]"
         )
-    return name, name
+    return repo, name, revision or None
 
 
 def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
@@ -652,13 +654,12 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
 
     _quiet_hf()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    path, display = resolve_model_path(name)
+    path, display, revision = resolve_model_path(name)
     local_only = not Path(path).exists() and not _hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only, revision=revision)
     except Exception as e:  # noqa: BLE001 - an unreadable config.json raises OSError, ValueError or JSONDecodeError
-        why = "it is not in the local HF cache and the hub is unreachable (offline)" if local_only else _first_line(e)
-        raise ModelLoadError(f"cannot load {name!r}: {why}") from None
+        raise ModelLoadError(f"cannot load {name!r}: {_unloadable(e, local_only, revision)}") from None
     if config.model_type not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}")
     _check_safetensors_only(path, name)
@@ -668,7 +669,7 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager",
                                                                local_files_only=local_only, use_safetensors=True,
-                                                               output_loading_info=True)
+                                                               output_loading_info=True, revision=revision)
     except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds (SafetensorError, ...)
         why = _first_line(e)
         if "ignore_mismatched_sizes" in why:  # HF's line points at a report it printed, which we keep quiet
@@ -679,7 +680,7 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
         part = f"{len(missing)} weights missing (first {sorted(missing)[0]})" if missing else \
             f"{len(unused)} weights unused (first {sorted(unused)[0]})"
         raise ModelLoadError(f"cannot load {name!r}: its config.json does not match its weights: {part}")
-    tokenizer = _load_tokenizer(path, local_only)
+    tokenizer = _load_tokenizer(path, local_only, revision)
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -692,13 +693,21 @@ def load_tokenizer(name: str) -> tuple[object | None, int]:
     from transformers import AutoConfig
 
     _quiet_hf()
-    path, _ = resolve_model_path(name)
+    path, _, revision = resolve_model_path(name)
     local_only = not Path(path).exists() and not _hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only, revision=revision)
     except Exception as e:  # noqa: BLE001 - reported in full by load_model
-        raise ModelLoadError(f"cannot load {name!r}: {_first_line(e)}") from None
-    return _load_tokenizer(path, local_only), context_of(config, name)
+        raise ModelLoadError(f"cannot load {name!r}: {_unloadable(e, local_only, revision)}") from None
+    return _load_tokenizer(path, local_only, revision), context_of(config, name)
+
+
+def _unloadable(error: Exception, local_only: bool, revision: str | None) -> str:
+    """Why a model's config.json could not be read, as a clause."""
+    if not local_only:
+        return _first_line(error)
+    what = f"revision {revision!r}" if revision else "it"
+    return f"{what} is not in the local HF cache and the hub is unreachable (offline)"
 
 
 def context_of(config, name: str) -> int:
@@ -720,7 +729,7 @@ NO_TOKENIZER = ("the model has no tokenizer (none of " + ", ".join(TOKENIZER_FIL
                 "(tokenizer.save_pretrained); from Python, token ids work without one")
 
 
-def _load_tokenizer(path: str, local_only: bool):
+def _load_tokenizer(path: str, local_only: bool, revision: str | None = None):
     """The model's tokenizer; None for a local folder without one (the library then takes token ids); a
     ModelLoadError (one line) for a local one that cannot be read."""
     from transformers import AutoTokenizer
@@ -729,7 +738,7 @@ def _load_tokenizer(path: str, local_only: bool):
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        return AutoTokenizer.from_pretrained(path, local_files_only=local_only, revision=revision)
     except Exception as e:  # noqa: BLE001 - a hub model without a (readable) tokenizer takes token ids
         if folder.is_dir():
             raise ModelLoadError(f"cannot read the tokenizer in {path}: {_first_line(e)}") from None

@@ -351,3 +351,31 @@ def test_bundle_names_the_recipe_presets():
 
     assert bundle.PRESET_NAMES == tuple(PRESETS)
     assert all(p.folder == bundle.BUNDLE_DIR / name for name, p in PRESETS.items())
+
+
+def test_an_hf_id_takes_a_revision(tmp_path, monkeypatch):
+    """``owner/name@revision`` loads that revision (a ref or a commit) from the hub's cache layout, built by hand;
+    one that is not cached fails in one line naming it (it was passed whole to HF as a repo id)."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    (repo / "refs").mkdir(parents=True)
+    commits = {"main": "0123abcd" * 5, "v2": "4567ef01" * 5}
+    for shift, (ref, commit) in enumerate(commits.items()):
+        (repo / "refs" / ref).write_text(commit)
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(shift)
+        model.save_pretrained(repo / "snapshots" / commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    main, v2, by_commit = (load_model(n) for n in ("someone/tiny", "someone/tiny@v2", f"someone/tiny@{commits['v2']}"))
+    emb = [a.model.model.embed_tokens.weight for a in (main, v2, by_commit)]
+    torch.testing.assert_close(emb[1], emb[0] + 1)
+    torch.testing.assert_close(emb[2], emb[1])
+    assert v2.name == v2.model_arg == "someone/tiny@v2"
+    with pytest.raises(ModelLoadError, match=r"revision 'v3' is not in the local HF cache"):
+        load_model("someone/tiny@v3")
+    for bad in ("someone/tiny@", "someone@v2", "someone/tiny@v2@v3", "tiny@v2/x"):
+        with pytest.raises(ModelLoadError, match="unknown model|no such model"):
+            load_model(bad)
