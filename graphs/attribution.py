@@ -169,7 +169,7 @@ def _nodes_and_edges(lin: Linearised, made: "_Nodes", max_feature_nodes: int | N
         from .budgeted import grow
 
         return (*grow(lin, made.nodes, made.sources, made.targets, max_feature_nodes, batch_size, progress,
-                      target_token), n_features, True)
+                      target_token, edges_per_target), n_features, True)
     edges = _edges(lin, made.nodes, made.sources, made.targets, batch_size, edges_per_target, progress)
     return made.nodes, edges, n_features, False
 

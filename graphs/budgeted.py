@@ -21,9 +21,11 @@ from .prune import GrowingInfluence, logit_start
 
 
 def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target], max_feature_nodes: int,
-         batch_size: int = 256, progress: bool = False, target_token: int | None = None) -> tuple[list[Node], EdgeArrays]:
+         batch_size: int = 256, progress: bool = False, target_token: int | None = None,
+         edges_per_target: int | None = None) -> tuple[list[Node], EdgeArrays]:
     """The budgeted graph's nodes (the expanded features among the rest, in their order) and edges; influence
-    starts from the logits as pruning's does (`prune.logit_start`, ``target_token``: the traced target)."""
+    starts from the logits as pruning's does (`prune.logit_start`, ``target_token``: the traced target);
+    ``edges_per_target``: each target keeps its strongest incoming edges only, as `attribute` says."""
     from tqdm import tqdm
 
     groups = source_groups(nodes, sources)
@@ -35,7 +37,7 @@ def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target
     is_feature = torch.tensor([n.type in FEATURE_KINDS for n in nodes])
     bar = tqdm(total=max_feature_nodes, desc="attribution (budgeted)", disable=not progress)
     influence = GrowingInfluence(start)  # each expanded target's row arrives whole, in one `_expand`
-    _expand(lin, groups, nodes, targets, table, is_logit, edges, expanded, batch_size, influence)
+    _expand(lin, groups, nodes, targets, table, is_logit, edges, expanded, batch_size, influence, edges_per_target)
     done = 0
     while done < max_feature_nodes:
         infl = influence()
@@ -45,7 +47,7 @@ def grow(lin: Linearised, nodes: list[Node], sources: dict, targets: list[Target
         take = cand[infl[cand].argsort(descending=True)][: min(batch_size, max_feature_nodes - done)]
         chosen = torch.zeros(len(nodes), dtype=torch.bool)
         chosen[take] = True
-        _expand(lin, groups, nodes, targets, table, chosen, edges, expanded, batch_size, influence)
+        _expand(lin, groups, nodes, targets, table, chosen, edges, expanded, batch_size, influence, edges_per_target)
         done += len(take)
         bar.update(len(take))
     bar.close()
@@ -61,7 +63,7 @@ def _target_table(targets: list[Target]) -> torch.Tensor:
 
 def _expand(lin: Linearised, groups: dict, nodes: list[Node], targets: list[Target], table: torch.Tensor,
             chosen: torch.Tensor, edges: EdgeArrays, expanded: torch.Tensor, batch_size: int = 256,
-            influence: GrowingInfluence | None = None) -> None:
+            influence: GrowingInfluence | None = None, edges_per_target: int | None = None) -> None:
     """Compute the incoming rows of the chosen targets (``chosen`` [n_nodes] bool), by target group, into
     ``edges`` (and ``influence``)."""
     sel = table[chosen[table[:, 0]]]
@@ -72,7 +74,8 @@ def _expand(lin: Linearised, groups: dict, nodes: list[Node], targets: list[Targ
         for s in range(0, len(part), batch_size):
             rows, idx, pos = part[s : s + batch_size, 0], part[s : s + batch_size, 2], part[s : s + batch_size, 3]
             W, const = target_rows(lin, groups, len(nodes), kind, L, idx, pos)
-            emit_edges(W, rows.tolist(), const, nodes, new, "ov" if kind == NodeKind.LORSA else "direct", None)
+            emit_edges(W, rows.tolist(), const, nodes, new, "ov" if kind == NodeKind.LORSA else "direct",
+                       edges_per_target)
         expanded[part[:, 0]] = True
     if influence is not None:
         influence.add(new.src, new.tgt, new.w)  # merges new's parts first, so edges holds the same tensors

@@ -138,12 +138,16 @@ def test_error_nodes_are_honest():
         assert abs(total - float(sparse[node.index] - sparse.mean())) < 1e-4
 
 
-def test_edges_per_target_keeps_the_identity():
+@pytest.mark.parametrize("budget", [None, 10])
+def test_edges_per_target_keeps_the_identity(budget):
+    """Each target keeps its 5 strongest incoming edges, the rest summed into its ``dropped``, with the node
+    budget too (the budgeted path kept every edge while the settings recorded the cap)."""
     _, model, ids = _setup("llama")
-    graph = attribute(model, ids, edges_per_target=5)
+    graph = attribute(model, ids, edges_per_target=5, max_feature_nodes=budget)
+    assert graph.settings["budgeted"] == (budget is not None)
     assert max(reconstruction_errors(graph).values()) <= 1e-4
     counts = torch.bincount(graph.edge_arrays.tgt)
-    assert counts.max() <= 5
+    assert counts.max() == 5
 
 
 def _hand_graph():
