@@ -40,7 +40,7 @@ from replacement.tokenizer import token_text
 from .graph import (CONTRAST_REFERENCES, ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, EdgeArrays, Node,
                     NodeKey, NodeKind, unit_label)
 from .families import FamilyConfig, find_families
-from .linear import Linearised, Source
+from .linear import Linearised, Source, attn_read_slot, attn_slot, mlp_slot
 from .prune import logit_decomposition
 
 
@@ -236,9 +236,9 @@ def _graph_nodes(model: ReplacementModel, rec: Record, tokens: list[str]) -> _No
     for L in range(model.adapter.n_layers):
         if model.attention == "lorsa":
             _lorsa_nodes(out, model, rec, L)
-            _error_nodes(out, NodeKind.ATTN_ERROR, L, rec.layers[L].attn_err, 2 * L + 1)
+            _error_nodes(out, NodeKind.ATTN_ERROR, L, rec.layers[L].attn_err, attn_slot(L))
         _transcoder_nodes(out, model, rec, L)
-        _error_nodes(out, NodeKind.MLP_ERROR, L, rec.layers[L].mlp_err, 2 * L + 2)
+        _error_nodes(out, NodeKind.MLP_ERROR, L, rec.layers[L].mlp_err, mlp_slot(L))
     return out
 
 
@@ -252,7 +252,7 @@ def _lorsa_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int) -> N
     ids = NodeKey.ids(NodeKind.LORSA, L, heads, pos)  # one string each, without a key object per node
     for i, (nid, p, h, v, z) in enumerate(zip(ids, pos, heads, vals.tolist(), preacts.tolist())):
         node = Node(nid, NodeKind.LORSA, L, p, h, activation=v, label=unit_label(NodeKind.LORSA, L, h), preact=z)
-        rows.append((out.add(node, 2 * L + 1, writes[i]), h, p))
+        rows.append((out.add(node, attn_slot(L), writes[i]), h, p))
     out.add_targets(NodeKind.LORSA, L, rows)
 
 
@@ -287,7 +287,7 @@ def _transcoder_nodes(out: _Nodes, model: ReplacementModel, rec: Record, L: int)
     code = lr.tc_code
     pos, feats, vals, preacts = _active(code, tc.pre_activations(lr.tc_in).gather(1, code.indices))
     # [(slot, [N, d])]: what each active feature writes into each MLP output it reaches, one product per output
-    (slot, first), *later = [(2 * T + 2, vals[:, None] * tc.decoder_into(T).float()[feats]) for T in tc.writes_into()]
+    (slot, first), *later = [(mlp_slot(T), vals[:, None] * tc.decoder_into(T).float()[feats]) for T in tc.writes_into()]
     rows, pos, feats = [], pos.tolist(), feats.tolist()
     ids = NodeKey.ids(NodeKind.TRANSCODER, L, feats, pos)
     for i, (nid, p, f, v, pre) in enumerate(zip(ids, pos, feats, vals.tolist(), preacts.tolist())):
@@ -392,7 +392,7 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
     """The dense incoming rows W [B, n_nodes] and constant terms [B] of B targets of one kind and layer
     (units ``idx``, positions ``pos``: [B])."""
     if kind == NodeKind.LORSA:
-        (R, const), read_slot = lin.read_lorsa(L, idx, pos), 2 * L
+        (R, const), read_slot = lin.read_lorsa(L, idx, pos), attn_read_slot(L)
     elif kind == NodeKind.TRANSCODER:
         (R, const), read_slot = lin.read_transcoder(L, idx, pos), lin.mlp_read_slot(L)
     else:

@@ -33,6 +33,7 @@ class NodeChange:
 
     @property
     def d_activation(self) -> float:
+        """Activation in b minus activation in a (a node a graph lacks counts 0)."""
         return (self.b.activation if self.b else 0.0) - (self.a.activation if self.a else 0.0)
 
     @property

@@ -207,7 +207,8 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     """The graph on its grid (graphs/layout.py: token positions left to right, layers bottom to top), nodes and
     edges pinned as laid out (``layout=nop2``; edges along `layout.edge_routes`' curves): the ``draw_nodes`` most
     influential nodes (and the logits), their strongest edges
-    (``EDGES_PER_NODE`` per node; width by |weight|, colour by sign), the ``qk_per_head`` strongest QK pairs of
+    (``EDGES_PER_NODE`` per node, chosen and drawn as wide as the logits' input that flows along them,
+    `layout.edge_flow`; colour by sign), the ``qk_per_head`` strongest QK pairs of
     each drawn head (dashed), the token under and over each column, each row's layer on the left, and a
     legend saying how many nodes were left out.  Each family of heads or features (graphs/families.py) is one
     node (a double outline, ``L1 x21 ←60``: its layers, member count and key position; its edges the sums of its

@@ -20,6 +20,26 @@ from replacement.hooks import hook_name
 from replacement.norms import centre, is_layernorm, norm_bias, norm_weight
 
 
+def attn_read_slot(L: int) -> int:
+    """The slot attention of layer L reads (everything written before it)."""
+    return 2 * L
+
+
+def attn_slot(L: int) -> int:
+    """The slot attention of layer L writes: its Lorsa heads and attention error."""
+    return 2 * L + 1
+
+
+def mlp_slot(L: int) -> int:
+    """The slot the MLP of layer L writes: its transcoder features (and skip) and MLP error."""
+    return 2 * L + 2
+
+
+def mlp_layer(slot: int) -> int | None:
+    """The layer whose MLP writes ``slot``; None for the embedding's and the attention slots."""
+    return (slot - 2) // 2 if slot >= 2 and slot % 2 == 0 else None
+
+
 @dataclass
 class Source:
     slot: int
@@ -40,7 +60,7 @@ class Linearised:
         a = self.adapter
         self.N, self.n, self.d = a.n_layers, rec.ids.shape[0], a.d_model
         self.layernorm = is_layernorm(a.final_norm)
-        self.final_slot = 2 * self.N
+        self.final_slot = attn_read_slot(self.N)  # the logits read what the last MLP wrote
         self.device = rec.embed.device  # every tensor built here lives with the record
         self.folded: dict = {}  # {(slot, pos): [d]} writes of nodes folded into constants (bos="zero")
         self._attn_cache: dict = {}  # layer -> its frozen attention's weights for attn_vjp
@@ -50,7 +70,8 @@ class Linearised:
         return centre(v, self.layernorm)
 
     def mlp_read_slot(self, L: int) -> int:
-        return 2 * L if self.adapter.parallel_residual else 2 * L + 1
+        """The slot the MLP of layer L reads: attention L's output in a sequential block, not in a parallel one."""
+        return attn_read_slot(L) if self.adapter.parallel_residual else attn_slot(L)
 
     # -- read gradients and intrinsic constants ------------------------------------------------------------
 
@@ -76,6 +97,9 @@ class Linearised:
         return R, const
 
     def read_lorsa(self, L: int, heads: torch.Tensor, pos: torch.Tensor):
+        """R [B, n, d] and intrinsic constants [B] for Lorsa heads (heads, pos: [B]): row t of the head's frozen
+        pattern spreads its value read over the key positions, R[s] = A[t, s] P(w_ln * w_v) / sigma1[s] (the OV
+        edge); the constant is the value bias (and what the norm's bias adds) summed over the pattern."""
         lorsa = self.model.lorsas[L]
         norm = self.adapter.attn_norm(L)
         lr = self.rec.layers[L]
@@ -90,6 +114,8 @@ class Linearised:
         return R, A.sum(-1) * per_pos
 
     def read_logits(self, token_ids: torch.Tensor):
+        """R [B, n, d] and constants [B] for the demeaned logits of token_ids [B] at the last position: the
+        unembedding row minus its mean over the vocabulary, through the final norm at its frozen scale."""
         a = self.adapter
         W_U = a.unembedding.weight.detach().float()
         Wd = W_U[token_ids] - W_U.mean(0)  # [B, d] demeaned
@@ -111,7 +137,7 @@ class Linearised:
         """The constant vector [d] written at every position at a slot (biases), or None."""
         if slot == 0:
             return None
-        L, is_mlp = (slot - 1) // 2, slot % 2 == 0
+        L, is_mlp = (slot - 1) // 2, slot % 2 == 0  # slot is attn_slot(L) or mlp_slot(L)
         if is_mlp:
             tc = self.model.transcoders[L]
             b = tc.b_dec.detach().float()
@@ -152,17 +178,17 @@ class Linearised:
         if L not in self._attn_cache:
             a = self.adapter
             (Wv, _), (Wo, _) = a.W_V(L), a.W_O(L)  # [H, d, dh] per query head, [H, dh, d]
-            rep = a.n_heads // a.n_kv_heads if a.arch != "gpt_neox" else 1
+            rep = a.n_heads // a.n_kv_heads  # GQA (1 without it)
             Wv = Wv[::rep].float()  # [KV, d, dh]: query head h reads key/value head h // rep
             self._attn_cache[L] = (Wo.reshape(-1, self.d).t().float().contiguous(),
                                    Wv.transpose(1, 2).reshape(-1, self.d).contiguous())
         return self._attn_cache[L]
 
-    # -- transcoder skip connections: linear maps from slot mlp_read_slot(L) to slot 2L+2 ---------------------
+    # -- transcoder skip connections: linear maps from slot mlp_read_slot(L) to slot mlp_slot(L) ---------------
 
     def skip_layers(self, read_slot: int) -> list[int]:
         """The layers whose MLP has a skip connection that writes at or below ``read_slot``, in order."""
-        return [L for L in range(self.N) if self.model.transcoders[L].W_skip is not None and 2 * L + 2 <= read_slot]
+        return [L for L in range(self.N) if self.model.transcoders[L].W_skip is not None and mlp_slot(L) <= read_slot]
 
     def skip_map(self, L: int, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """The skip's linear part on residual vectors x [.., n, d] (or [R, d] at positions ``pos`` [R]):
@@ -192,8 +218,8 @@ class Linearised:
         skips = set(self.skip_layers(read_slot))
         at_read = {}
         for w in range(read_slot + 1):
-            L = (w - 2) // 2
-            if w >= 2 and w % 2 == 0 and L in skips:
+            L = mlp_layer(w)
+            if L in skips:
                 c = c + self.skip_map(L, at_read[L])
             b = self.slot_bias(w)
             if b is not None:
@@ -213,10 +239,10 @@ class Linearised:
         skip_read = {self.mlp_read_slot(L): L for L in self.skip_layers(read_slot)}
         for w in range(read_slot - 1, -1, -1):
             g = G[w + 1]
-            if self.model.attention == "frozen" and w % 2 == 0 and w + 1 <= read_slot:
-                g = g + self.attn_vjp(w // 2, G[w + 1])
+            if self.model.attention == "frozen" and w % 2 == 0 and w + 1 <= read_slot:  # w = attn_read_slot(w // 2)
+                g = g + self.attn_vjp(w // 2, G[attn_slot(w // 2)])
             if w in skip_read:
                 L = skip_read[w]
-                g = g + self.skip_vjp(L, G[2 * L + 2])
+                g = g + self.skip_vjp(L, G[mlp_slot(L)])
             G[w] = g
         return G

@@ -6,8 +6,10 @@ feature's u_i is the sum of its writes into the MLP outputs below layer L) plus 
 normalised (a transcoder skip connection in between passes on a linear map of what it reads: the writes
 and constants are taken as they arrive at layer L).  Q and K are affine in it, and the rotary map is linear, so
 
-    q_t = sum_i q_i + q_bias,   q_i = R_t W_Q^T P(w_ln * u_i) / sigma_t,   q_bias = R_t (W_Q^T x_c + b_Q)
+    q_t = sum_i q_i + q_bias,   q_i = R_t W_Q^T (w_ln * P(u_i)) / sigma_t,   q_bias = R_t (W_Q^T x_c + b_Q)
     k_s = sum_j k_j + k_bias    (likewise at the key position s)
+
+(P: LayerNorm's centring, the identity for RMSNorm; w_ln its weight; x_c what the constants c_p add, normalised)
 
 and the pre-softmax score splits exactly into pairs:
 
@@ -26,6 +28,7 @@ import torch
 from replacement.norms import norm_bias, norm_weight
 
 from .graph import FEATURE_KINDS, NODE_TYPES, Node, QKEntry, QKPair
+from .linear import attn_read_slot
 
 
 class Writes:
@@ -92,7 +95,7 @@ class QKTables:
         norm = lin.adapter.attn_norm(layer)
         w_ln, b_ln = norm_weight(norm), norm_bias(norm)
         n, d = lin.n, lin.d
-        read_slot = 2 * layer
+        read_slot = attn_read_slot(layer)
         const = lin.read_constants(read_slot)  # [n, d]
         rows, pos, counts, starts = _packed_rows(writes, read_slot, n)
         names = [writes.names[i] for i in rows.tolist()]

@@ -174,8 +174,8 @@ class ReplacementModel:
                 x = lr.attn_in[None]
                 lr.lorsa_pattern = lorsa.patterns(x)[0]
                 lr.lorsa_z = lorsa.head_activations(x, lr.lorsa_pattern[None])[0]
-                lr.lorsa_code = lorsa.encode(x, lr.lorsa_pattern[None])
-                lr.lorsa_code = SparseCode(lr.lorsa_code.values[0], lr.lorsa_code.indices[0])
+                code = lorsa.code_of(lr.lorsa_z[None])  # what `encode` gives, from z computed once
+                lr.lorsa_code = SparseCode(code.values[0], code.indices[0])
                 lr.lorsa_out = lorsa.decode(lr.lorsa_code)
                 lr.attn_err = lr.attn_out - lr.lorsa_out
             rec.layers.append(lr)

@@ -1,7 +1,7 @@
 """TopK transcoders: read what the MLP reads (after its norm), predict the MLP's output.
 
     f = TopK_K(ReLU(W_enc x + b_enc))        ranked by f * ||W_dec row||, like Lorsa's heads
-    y_hat = W_dec^T f + b_dec (+ W_skip x, optional, off by default)
+    y_hat = W_dec^T f + b_dec (+ x W_skip, optional, off by default; circuit-tracer's files hold W_skip^T)
 
 A cross-layer transcoder (CLT) is one such module per layer L whose features also write into the MLP outputs
 of the ``n_later`` layers after L, each through its own decoder (``W_dec_later [N, n_later, d]``): the MLP
