@@ -31,13 +31,17 @@ def main():
         answer = adapter.tokenizer.encode(f" {a + b}")[-1]
         d = logit_decomposition(attribute(model, f"{a} + {b} =", qk=False), target=answer)
         m = d["margin"]
-        shares.append(d["error_share"])
+        share = d["error_share"]  # None: a margin too near 0 for a share
+        shares.append(share)
         print(f"{a} + {b} = {d['target']['token']!r} over {d['runner_up']['token']!r}: margin {m['total']:+.2f} = "
               f"features {m['features']:+.2f}, errors {m['errors']:+.2f}, embeddings {m['embeddings']:+.2f}, "
-              f"constants {m['constants']:+.2f}; errors' share {d['error_share']:+.2f}", flush=True)
-    sizes = [abs(s) for s in shares]
-    print(f"{len(shares)} prompts: errors' share median {statistics.median(shares):+.3f}, median size "
-          f"{statistics.median(sizes):.3f}, at most 0.3 in size on {sum(s <= 0.3 for s in sizes)}")
+              f"constants {m['constants']:+.2f}; errors' share " + ("none" if share is None else f"{share:+.2f}"),
+              flush=True)
+    given = [s for s in shares if s is not None]
+    sizes = [abs(s) for s in given]
+    print(f"{len(shares)} prompts ({len(shares) - len(given)} with a margin too near 0 for a share): errors' share "
+          f"median {statistics.median(given):+.3f}, median size {statistics.median(sizes):.3f}, at most 0.3 in size "
+          f"on {sum(s <= 0.3 for s in sizes)}")
 
 
 if __name__ == "__main__":

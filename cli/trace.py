@@ -15,7 +15,7 @@ from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
 from graphs.families import FamilyConfig  # noqa: E402
 from graphs.files import FORMATS, RENDERED, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
-from graphs.prune import EDGE_THRESHOLD, NODE_THRESHOLD  # noqa: E402
+from graphs.prune import EDGE_THRESHOLD, FILE_MAX_EDGES, FILE_MAX_FEATURES, NODE_THRESHOLD  # noqa: E402
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
@@ -38,8 +38,8 @@ DEFAULT_FORMATS = "json,dot,svg"
 @click.option("--max-nodes", type=int, default=None, help="Keep at most this many features/heads (most influential).")
 @click.option("--max-feature-nodes", type=int, default=DEFAULT_MAX_FEATURE_NODES, show_default=True,
               help="Attribute at most this many features/heads, the most influential first (saves time and memory).")
-@click.option("--full", is_flag=True, help="Write the whole pruned graph (by default graph.json keeps at most 1500 "
-              "features and 80,000 edges, so it stays under 20 MB).")
+@click.option("--full", is_flag=True, help=f"Write the whole pruned graph (by default graph.json keeps at most "
+              f"{FILE_MAX_FEATURES:,} features and {FILE_MAX_EDGES:,} edges, so it stays under 20 MB).")
 @click.option("--qk/--no-qk", default=True, show_default=True, help="Explain Lorsa attention scores by QK feature pairs.")
 @click.option("--qk-heads", type=int, default=None, help="Explain only the N most influential Lorsa heads.")
 @click.option("--qk-reference", type=click.Choice(["mean", "runner_up", "none"]), default="mean", show_default=True,
@@ -137,7 +137,6 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     """The pruned graph, with what it says printed: the prompt's tokens and top predictions, the graph's size and
     scores, its strongest paths and the target logit's decomposition."""
     from graphs.pipeline import trace_graphs
-    from graphs.validate import check_finite
     from replacement.evaluate import pure_model_disagrees
     from replacement.models import single_token
     from replacement.tokenizer import token_text
@@ -151,7 +150,6 @@ def _attribute(model, ids, target, qk, qk_heads, node_threshold, edge_threshold,
     _, graph = trace_graphs(model, ids, target, qk, qk_heads, node_threshold, edge_threshold, max_nodes, bos,
                             max_feature_nodes, full, qk_reference, families, progress=sys.stderr.isatty(),
                             check_memory=False)  # the memory was checked by _load
-    check_finite(graph)
     s = graph.scores
     E = graph.edge_arrays
     linked = set(E.src.tolist()) | set(E.tgt.tolist())
@@ -208,6 +206,8 @@ def _print_decomposition(scores: dict) -> None:
     embeddings, constants, in the graph attributed (``unattributed``: the input from features past
     --max-feature-nodes); then what the pruned graph that graph.json holds leaves out.  Logits are demeaned over
     the vocabulary, as in the graph."""
+    from graphs.prune import SHARED_MARGIN
+
     dec, kept = scores.get("logit_decomposition", {}), scores.get("pruned_logit_decomposition", {})
     parts = ("features", "errors", "embeddings", "constants")
     for key, what in (("target", "logit {token!r} (demeaned)"), ("margin", "margin over {runner!r}")):
@@ -220,7 +220,7 @@ def _print_decomposition(scores: dict) -> None:
                                                             if round(d["dropped"], 2) else ""))
     margin = dec.get("margin", {}).get("total", 0.0)
     shares = abs(margin) >= SHARED_MARGIN  # a share of a margin near 0 reads as thousands of percent
-    if dec.get("error_share") is not None:
+    if "margin" in dec:
         m = dec["margin"]
         unattributed = m["dropped"] / margin if shares else 0.0
         click.echo((f"errors carry {dec['error_share']:.0%} of the margin" if shares else
@@ -232,9 +232,6 @@ def _print_decomposition(scores: dict) -> None:
         click.echo("graph.json, pruned, leaves out " + " and ".join(
             f"{x:+.2f} of {what}" + (f" ({x / margin:.0%})" if what == "the margin" and shares else "")
             for what, x in lost) + " (edges below --edge-threshold, features below --node-threshold)")
-
-
-SHARED_MARGIN = 0.1  # a margin (in logits) from which `trace` gives the errors' share of it in percent
 
 
 def _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt) -> list[str]:
@@ -266,31 +263,31 @@ def _print_paths(graph, target: int | None = None, top_id: int | None = None) ->
     """The strongest path from an embedding through heads or features (one at least) to the target logit (``target``,
     a token id; default: the top one), and the strongest from an error node on its own line (an error node stands
     for what the replacement misses, so it explains nothing)."""
-    from graphs.graph import ERROR_KINDS, NodeKind
+    from graphs.graph import ERROR_KINDS
     from graphs.layout import node_name
 
-    top = graph.logits()[0] if target is None else graph.logit(target)
+    top = graph.target
     click.echo(f"{'top' if target is None else 'target'} logit {top.label!r}: {top.activation:.2f} demeaned (the logit "
                f"minus its mean over the vocabulary; p={top.prob:.3f})")
     if target is not None and top_id is not None and target != top_id:
         best = next((n for n in graph.logits() if n.index == top_id), None)
         click.echo(f"  the model's top token is another: {best.label!r} (p={best.prob:.3f})" if best is not None else
                    "  the model's top token is another")
-    for kind, sources, min_len in (("feature", (NodeKind.EMBEDDING,), 3), ("error", ERROR_KINDS, 2)):
-        paths = graph.top_paths(to=top.id, k=1, sources=sources, min_len=min_len)
-        if not paths:
+    errors = graph.top_paths(k=1, sources=ERROR_KINDS)
+    for kind, found in (("feature", graph.feature_path()), ("error", errors[0] if errors else None)):
+        if found is None:
             click.echo(f"strongest {kind} path: none in the pruned graph (--node-threshold, --edge-threshold and "
                        f"--full keep more)")
             continue
-        strength, path = paths[0]
+        strength, path = found
         names = " -> ".join(node_name(graph, graph.node(i)) for i in path)
         click.echo(f"strongest {kind} path (strength {strength:.3f}): {names}")
         click.echo(f"  ids: {' -> '.join(path)}")
     fams = graph.families()
     if fams:
         collapsed = graph.collapsed()
-        found = graph.top_paths(to=top.id, k=1, sources=(NodeKind.EMBEDDING,), min_len=3, families=True)  # as the feature path
-        best = (f"(strength {found[0][0]:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in found[0][1])
+        found = graph.feature_path(families=True)
+        best = (f"(strength {found[0]:.3f}): " + " -> ".join(node_name(collapsed, collapsed.node(i)) for i in found[1])
                 if found else "none in the pruned graph")
         click.echo(f"{len(fams)} families (heads or features at one position and key, not writing against each other; "
                    "graphs/families.py), "

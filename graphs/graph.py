@@ -594,6 +594,12 @@ class AttributionGraph:
             return [] if best is None else [best]
         return self._top_paths_nx(to, k, max_len, sources, min_len)
 
+    def feature_path(self, families: bool = False) -> tuple[float, list[str]] | None:
+        """The strongest path from a token's embedding through at least one head or feature into the target logit
+        (what `trace` prints as the strongest feature path; ``families``: on the collapsed graph), or None."""
+        found = self.top_paths(k=1, sources=(NodeKind.EMBEDDING,), min_len=3, families=families)
+        return found[0] if found else None
+
     def _strongest_path(self, to: str | None, max_len: int, sources: tuple[str, ...],
                         min_len: int = 2) -> tuple[float, list[str]] | None:
         """The strongest path of ``min_len`` to ``max_len`` nodes from a node of the types ``sources`` into ``to``:

@@ -297,11 +297,11 @@ def marked_path(graph: AttributionGraph) -> tuple[float, list[str]] | None:
     logit (as `trace` prints it), else the strongest direct one; None when the graph has none."""
     if not graph.logits():
         return None
-    for min_len in (3, 2):
-        found = graph.top_paths(k=1, sources=(NodeKind.EMBEDDING,), min_len=min_len)
-        if found:
-            return found[0]
-    return None
+    feature = graph.feature_path()
+    if feature is not None:
+        return feature
+    direct = graph.top_paths(k=1, sources=(NodeKind.EMBEDDING,), min_len=2)
+    return direct[0] if direct else None
 
 
 def path_edges(graph: AttributionGraph, path: list[str]) -> list[int]:

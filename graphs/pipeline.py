@@ -30,11 +30,13 @@ def trace_graphs(model, prompt, target: str | int | None = None, qk: bool = True
     defaults.  ``prompt``: text or token ids [1, n]; ``target``: a token (text or id) whose logit the graph must
     hold and end at; ``max_feature_nodes``: the features expanded, most influential first (None: all); ``full``: no file caps
     (by default the pruned graph keeps at most 1,500 features and 80,000 edges); ``qk_reference``: mean,
-    runner_up or none; ``families``: the rule to group by (`FamilyConfig`), None for none."""
+    runner_up or none; ``families``: the rule to group by (`FamilyConfig`), None for none.  A graph holding NaN or
+    infinite values (NaN weights in the model or its replacements) raises `BadGraphError`."""
     from .attribution import attribute
     from .families import find_families
     from .lens import add_lens
     from .prune import file_caps, prune
+    from .validate import check_finite
 
     whole = attribute(model, prompt, target=target, qk=qk, qk_heads=qk_heads, progress=progress, bos=bos,
                       max_feature_nodes=max_feature_nodes, qk_reference=None if qk_reference == "none" else qk_reference,
@@ -43,4 +45,5 @@ def trace_graphs(model, prompt, target: str | int | None = None, qk: bool = True
     if families is not None:  # those of the pruned graph's heads and features: the ones the pictures draw
         find_families(graph, model, families, also=whole)  # the whole graph's nodes get the same marks
     add_lens(graph, model)  # what each kept head, feature and family writes, in tokens: the pictures' third lines
+    check_finite(graph)  # NaN or infinite weights: one line, before anything is written
     return whole, graph

@@ -1,8 +1,8 @@
 """Influence, pruning, and the replacement / completeness scores.
 
 With A the normalised absolute adjacency (each target's incoming |weights| sum to 1), the influence of every
-node on the logits is  w A + w A^2 + ... = w A (I - A)^-1,  where w holds the logit nodes' probabilities
-(renormalised).  The graph is a DAG, so the power series ends after at most (depth) terms.
+node on the logits is  w + w A + w A^2 + ... = w (I - A)^-1,  where w holds the logit nodes' probabilities
+(renormalised; zero elsewhere, so a logit's influence is its own weight).  The graph is a DAG, so the power series ends after at most (depth) terms.
 """
 from __future__ import annotations
 
@@ -292,8 +292,8 @@ def signed_inputs(graph: AttributionGraph, node_index: int) -> dict[str, float]:
 def logit_decomposition(graph: AttributionGraph, target: int | None = None) -> dict:
     """The signed decomposition of the target logit (token id ``target``, default the graph's `target`: the one it
     was traced for, else the most probable logit node) and of its margin over the runner-up logit node: {"target": {...}, "runner_up": {...}, "margin":
-    {...}, "error_share": errors / margin}.  Unsigned scores (replacement, completeness) miss cancellation
-    between features and errors; this does not."""
+    {...}, "error_share": errors / margin, None for a margin under `SHARED_MARGIN` in size}.  Unsigned scores
+    (replacement, completeness) miss cancellation between features and errors; this does not."""
     logits = sorted((i for i, n in enumerate(graph.node_list) if n.type == NodeKind.LOGIT),
                     key=lambda i: -graph.node_list[i].prob)
     if not logits:
@@ -309,5 +309,8 @@ def logit_decomposition(graph: AttributionGraph, target: int | None = None) -> d
         margin = {k: out["target"][k] - out["runner_up"][k] for k in ("features", "errors", "embeddings", "constants",
                                                                      "dropped", "total")}
         out["margin"] = margin
-        out["error_share"] = margin["errors"] / margin["total"] if margin["total"] else None
+        out["error_share"] = margin["errors"] / margin["total"] if abs(margin["total"]) >= SHARED_MARGIN else None
     return out
+
+
+SHARED_MARGIN = 0.1  # a margin (in logits) from which the errors' share of it is given: nearer 0 it reads as 1000s of %

@@ -605,7 +605,8 @@ def test_dot_pins_nodes_and_edges_as_laid_out(graph, tmp_path):
 def test_a_margin_near_zero_gets_no_share(capsys):
     """The errors' (and the pruned-away) share of a margin near 0 would read as thousands of percent: below
     SHARED_MARGIN trace gives the amounts alone."""
-    from cli.trace import SHARED_MARGIN, _print_decomposition
+    from cli.trace import _print_decomposition
+    from graphs.prune import SHARED_MARGIN
 
     def part(errors, total, dropped=0.0):
         return {"features": total - errors - dropped, "errors": errors, "embeddings": 0.0, "constants": 0.0,
