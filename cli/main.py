@@ -124,6 +124,11 @@ def fetch_data(dest, work):
 @click.option("--lorsa-init", type=click.Choice(["model", "random"]), default="model", show_default=True)
 @click.option("--lorsa-bos-weight", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="Weight of position 0's (BOS's) relative error in each Lorsa's loss; 0 leaves it out.")
+@click.option("--lorsa-freq-penalty", type=FiniteRange(min=0), default=0.0, show_default=True,
+              help="Weight of a penalty on what heads firing on more than --lorsa-freq-target of the tokens write "
+                   "(so that fewer heads fire on nearly every token and more of the others fire); 0: none.")
+@click.option("--lorsa-freq-target", type=FiniteRange(min=0, min_open=True, max=1), default=0.2, show_default=True,
+              help="The firing frequency above which --lorsa-freq-penalty counts a head.")
 @click.option("--allow-weak-config", is_flag=True, help="Train a Lorsa that breaks the paper's d_qk / n_qk constraints.")
 @click.option("--tc-expansion", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--tc-top-k", type=click.IntRange(min=1), default=32, show_default=True)
@@ -148,7 +153,7 @@ def fetch_data(dest, work):
                    "an --out other than the starting folder.")
 def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_len, lr, out, resume, texts,
               corpora_only, cache_activations, lorsa_qk_per_head, lorsa_heads_per_group, lorsa_d_qk, lorsa_top_k, lorsa_init,
-              lorsa_bos_weight, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
+              lorsa_bos_weight, lorsa_freq_penalty, lorsa_freq_target, allow_weak_config, tc_expansion, tc_top_k, tc_skip, init_from, tc_jacobian, tc_jacobian_readout,
               tc_token_norm, tc_bos_weight, joint, kl_coef, recon_coef, tc_readout_coef, resample_every, overwrite):
     """Train Lorsa and/or transcoders for every layer of a model (one pass over the data feeds them all), or,
     with --joint, fine-tune them all together for faithfulness.
@@ -182,7 +187,8 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     cfg = TrainConfig(what=what, layers=_layer_list(layers), steps=steps, batch_size=batch_size,
                       lorsa_qk_per_head=lorsa_qk_per_head, lorsa_heads_per_group=lorsa_heads_per_group,
                       lorsa_d_qk=lorsa_d_qk, lorsa_top_k=lorsa_top_k, lorsa_init=lorsa_init,
-                      lorsa_bos_weight=lorsa_bos_weight, allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
+                      lorsa_bos_weight=lorsa_bos_weight, lorsa_freq_penalty=lorsa_freq_penalty,
+                      lorsa_freq_target=lorsa_freq_target, allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
                       tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
                       tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **given)
     metrics, folder = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations,
@@ -223,13 +229,14 @@ def _print_saved(folder, model_name: str) -> None:
 
 # `circuits train` options that only one of its two kinds of run reads
 _PER_LAYER_ONLY = ("what", "layers", "cache_activations", "lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk",
-                   "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "allow_weak_config", "tc_expansion", "tc_top_k",
+                   "lorsa_top_k", "lorsa_init", "lorsa_bos_weight", "lorsa_freq_penalty", "lorsa_freq_target",
+                   "allow_weak_config", "tc_expansion", "tc_top_k",
                    "tc_skip", "tc_bos_weight")
 _JOINT_ONLY = ("kl_coef", "recon_coef", "tc_readout_coef", "resample_every")
 
 
 _LORSA_ONLY = ("lorsa_qk_per_head", "lorsa_heads_per_group", "lorsa_d_qk", "lorsa_top_k", "lorsa_init",
-               "lorsa_bos_weight", "allow_weak_config")
+               "lorsa_bos_weight", "lorsa_freq_penalty", "lorsa_freq_target", "allow_weak_config")
 _TRANSCODER_ONLY = ("tc_expansion", "tc_top_k", "tc_skip", "tc_bos_weight", "tc_token_norm", "tc_jacobian",
                     "tc_jacobian_readout")
 
@@ -439,7 +446,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     model's first-order prediction of it ("linear": how far the ablation is from the graph's linear regime).
     A family (--family) is ablated as one unit; with it or --demean, a zero ablation is compared with the attribution
     graph's prediction (a family's: its members' sum)."""
-    from graphs.patching import PathPatcher, parse_component
+    from graphs.patching import GraphPrediction, PathPatcher, parse_component
     from replacement.assemble import ReplacementModel
     from replacement.errors import BadInputError
     from replacement.models import load_model
@@ -484,7 +491,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     metric += " - its mean over the vocabulary" if demean else ""
     click.echo(f"clean {metric} = {patcher.clean:.4f}" + (" (norms frozen)" if freeze_norms else ""))
     wanted = demean and baseline is None and (bool(families) or mode == "zero")
-    predicted = _GraphPrediction(model, ids, t_id, target is not None) if wanted else None
+    predicted = GraphPrediction(model, ids, t_id, target is not None) if wanted else None
     if families:
         _patch_families(predicted, patcher, families, mode, together, comps)
         if together:
@@ -507,38 +514,7 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
             click.echo("  (with --demean, each line also gives the attribution graph's prediction)")
 
 
-class _GraphPrediction:
-    """The prompt's attribution graph as `trace` builds it with its defaults (`graphs.pipeline.trace_graphs`), full and pruned,
-    and each node's predicted effect of a zero ablation on the target's demeaned logit (`graph_effects`: its total
-    linear effect through transcoder features)."""
-
-    def __init__(self, model, ids, t_id: int, asked: bool):
-        from graphs.patching import graph_effects
-        from graphs.pipeline import trace_graphs
-
-        # as `trace` would build it: with --target only when one was asked for (a target weighs in pruning)
-        self.graph, self.pruned = trace_graphs(model, ids, target=t_id if asked else None)  # families mark both
-        self.effects = graph_effects(self.graph, self.graph.logit(t_id).id)
-        self.kept = graph_effects(self.pruned, self.pruned.logit(t_id).id)  # pruning keeps every logit node
-
-    def full(self, components) -> float:
-        """The full graph's prediction of ablating ``components`` together: the sum of theirs."""
-        return sum(float(self.effects[self.graph.index[str(c)]]) for c in components if str(c) in self.graph.index)
-
-    def in_pruned(self, components) -> float:
-        """The same on the pruned graph, as graph.json holds it."""
-        return sum(float(self.kept[self.pruned.index[str(c)]]) for c in components if str(c) in self.pruned.index)
-
-    def describe(self, components) -> str:
-        """What a component line adds: the two graphs' predictions, or why there is none."""
-        missing = [str(c) for c in components if str(c) not in self.graph.index]
-        if len(missing) == len(components):
-            return "graph: no node (an original head, a unit not active, or one left out by --max-feature-nodes)"
-        also = f" ({', '.join(missing)} no node)" if missing else ""
-        return f"graph {self.full(components):+.4f}, pruned {self.in_pruned(components):+.4f}{also}"
-
-
-def _patch_families(predicted: _GraphPrediction, patcher, families, mode: str, together: bool, components: list) -> None:
+def _patch_families(predicted: "GraphPrediction", patcher, families, mode: str, together: bool, components: list) -> None:
     """Ablate each named family's members together (with ``together``, all families and ``components`` as one unit),
     and print the effect beside the graph's prediction of a zero ablation (the sum of the members' effects on the
     target's demeaned logit through transcoder features); the families are those `trace` finds with its defaults."""

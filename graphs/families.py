@@ -375,10 +375,9 @@ def family_components(f: Family) -> tuple:
 
 def predicted_effect(graph: AttributionGraph, f: Family, logit_id: str) -> float:
     """The graph's prediction of zero-ablating the family: the sum of its members' `graph_effects` on the logit."""
-    from .patching import graph_effects
+    from .patching import graph_effects, set_effect
 
-    effects = graph_effects(graph, logit_id)
-    return sum(float(effects[graph.index[m]]) for m in f.members)
+    return set_effect(graph, graph_effects(graph, logit_id), f.members)
 
 
 # -- the collapsed graph ----------------------------------------------------------------------------------------

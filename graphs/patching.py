@@ -373,6 +373,44 @@ def graph_effects(graph, logit_id: str) -> torch.Tensor:
     return -e
 
 
+def set_effect(graph, effects: torch.Tensor, units) -> float:
+    """The graph's prediction of zero-ablating ``units`` (node ids or components) together, from `graph_effects`'
+    ``effects`` [n_nodes]: the sum of theirs (a unit with no node in the graph adds nothing)."""
+    return sum(float(effects[graph.index[str(u)]]) for u in units if str(u) in graph.index)
+
+
+class GraphPrediction:
+    """The prompt's attribution graph as `trace` builds it with its defaults (`graphs.pipeline.trace_graphs`), full and
+    pruned, and each node's predicted effect of a zero ablation on the logit of token ``t_id`` (demeaned; `graph_effects`:
+    its total linear effect through transcoder features), to print beside path patching (`circuits patch`);
+    ``asked``: the token was asked for (as `trace --target`, which weighs in pruning)."""
+
+    def __init__(self, model, ids, t_id: int, asked: bool):
+        from .pipeline import trace_graphs
+
+        # as `trace` would build it: with --target only when one was asked for (a target weighs in pruning)
+        self.graph, self.pruned = trace_graphs(model, ids, target=t_id if asked else None)  # families mark both
+        self.effects = graph_effects(self.graph, self.graph.logit(t_id).id)
+        self.kept = graph_effects(self.pruned, self.pruned.logit(t_id).id)  # pruning keeps every logit node
+
+    def full(self, components) -> float:
+        """The full graph's prediction of ablating ``components`` together: the sum of theirs."""
+        return set_effect(self.graph, self.effects, components)
+
+    def in_pruned(self, components) -> float:
+        """The same on the pruned graph, as graph.json holds it."""
+        return set_effect(self.pruned, self.kept, components)
+
+    def describe(self, components) -> str:
+        """What a component line adds: the two graphs' predictions, or why there is none."""
+        missing = [str(c) for c in components if str(c) not in self.graph.index]
+        if len(missing) == len(components):
+            return "graph: no node (an original head, a unit not active, or one left out by --max-feature-nodes)"
+        also = f" ({', '.join(missing)} no node)" if missing else ""
+        return f"graph {self.full(components):+.4f}, pruned {self.in_pruned(components):+.4f}{also}"
+
+
+
 def agreement(predicted, patched, k: int = 5) -> tuple[float, int, int]:
     """How well predicted effects [m] (e.g. a graph's, listed most influential first) match path patching [m]:
     their correlation (nan under 3 entries), and how many agree in sign among the first k entries and among

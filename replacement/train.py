@@ -69,6 +69,8 @@ class TrainConfig:
     lorsa_top_k: int = 64
     lorsa_init: str = "model"  # model | random
     lorsa_bos_weight: float = 0.0  # > 0: position 0's relative error joins the loss at this weight (lorsa_loss)
+    lorsa_freq_penalty: float = 0.0  # > 0: `frequency_penalty` on heads firing on more than lorsa_freq_target
+    lorsa_freq_target: float = 0.2  # of the tokens (an average over recent steps)
     allow_weak_config: bool = False
     # transcoders
     tc_expansion: int = 8
@@ -105,6 +107,7 @@ class Unit:
         self.opt = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999))
         n_units = module.decoder()[0].shape[0]
         self.since_fired = torch.zeros(n_units, dtype=torch.long)
+        self.freq = torch.zeros(n_units)  # each unit's firing frequency, a running average over steps (FREQ_DECAY)
         self.c_x = self.c_y = 1.0
 
     def forward(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, SparseCode, torch.Tensor]:
@@ -240,6 +243,24 @@ def bos_term(y_hat0: torch.Tensor, y0: torch.Tensor, scale: torch.Tensor) -> tor
     every later position reads it (in the pure replacement, llama's layer-0 Lorsa alone then cost 0.71 nats)."""
     rel = (y_hat0 - y0).pow(2).sum(-1).mean() / y0.pow(2).sum(-1).mean().clamp_min(1e-12)
     return rel * scale.detach()
+
+
+FREQ_DECAY = 0.99  # the running average of firing frequencies takes 1% of each step's (the first step's whole)
+
+
+def frequency_penalty(code: SparseCode, w_norm: torch.Tensor, freq: torch.Tensor, target: float,
+                      y: torch.Tensor) -> torch.Tensor:
+    """sum_h max(0, f_h / target - 1) x mean_t a_t^h |w_o^h|, over mean_t |y_t|.
+
+    code: [T, K] active units per token, w_norm [N] decoder norms, freq [N] firing frequencies (held fixed),
+    y [T, d] the targets.  What the units that fire on more than ``target`` of the tokens write, weighted by how
+    far over it they are and relative to the target's size: it lowers those units' outputs, so they lose more of
+    the top-K contests to others, which then take part of a dense unit's direction each (a Lorsa writes its layer's
+    most common directions with a few heads that fire on nearly every token and fill most of its K slots, and the
+    rest of its heads then rarely or never fire)."""
+    over = torch.relu(freq.to(w_norm.device) / target - 1)
+    size = code.values * (w_norm * over)[code.indices]  # [T, K]
+    return size.sum(-1).mean() / y.norm(dim=-1).mean().clamp_min(1e-12)
 
 
 def lorsa_loss(y_hat: torch.Tensor, y: torch.Tensor, bos_weight: float = 0.0) -> torch.Tensor:
@@ -417,6 +438,7 @@ class Trainer:
             tensors.update({f"{u.name}.param.{n}": p for n, p in u.module.state_dict().items()})
             tensors.update({f"{u.name}.{k}": v for k, v in ckpt.optimizer_tensors(u.opt, names).items()})
             tensors[f"{u.name}.since_fired"] = u.since_fired
+            tensors[f"{u.name}.freq"] = u.freq
             tensors[f"{u.name}.scales"] = torch.tensor([u.c_x, u.c_y], dtype=torch.float64)
         meta = {"step": self.step, "elapsed_s": self.elapsed, "config": asdict(self.cfg), "model": self.adapter.name,
                 "inputs": self.inputs}
@@ -452,6 +474,7 @@ class Trainer:
             ckpt.restore_optimizer(u.opt, dict(u.module.named_parameters()),
                                    {k[len(u.name) + 1:]: v for k, v in tensors.items() if k.startswith(u.name + ".opt.")})
             u.since_fired = tensors[f"{u.name}.since_fired"].cpu()
+            u.freq = tensors.get(f"{u.name}.freq", torch.zeros_like(u.freq)).cpu()  # states saved before it: none
             u.c_x, u.c_y = tensors[f"{u.name}.scales"].tolist()
         self.step, self.elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
 
@@ -487,6 +510,10 @@ class Trainer:
             else:
                 mse = lorsa_loss(y_hat, y, self.cfg.lorsa_bos_weight) if u.kind == "lorsa" else (y_hat - y).pow(2).mean()
             loss = mse + self.cfg.aux_coef * self._aux_loss(u, pre.float(), y_hat, y)
+            if u.kind == "lorsa" and self.cfg.lorsa_freq_penalty > 0:
+                flat = SparseCode(_drop_bos(u, code.values.float()), _drop_bos(u, code.indices))
+                loss = loss + self.cfg.lorsa_freq_penalty * frequency_penalty(
+                    flat, u.module.W_O.norm(dim=-1), u.freq, self.cfg.lorsa_freq_target, _drop_bos(u, y))
             if u.kind == "transcoder" and self.cfg.tc_bos_weight > 0:  # _xy leaves BOS out: its rows apart
                 x0, y0 = _bos_xy(u, acts)
                 with autocast:
@@ -509,7 +536,8 @@ class Trainer:
                                           if step == self.resumed_at else ""))
             u.opt.zero_grad(set_to_none=True)
             loss.backward()
-            fired = (_drop_bos(u, code.dense(pre.shape[-1])) > 0).any(0)
+            active = _drop_bos(u, code.dense(pre.shape[-1])) > 0  # [T, N]
+            fired, share = active.any(0), active.float().mean(0)
             if self.world > 1:
                 for p in u.module.parameters():
                     dist.all_reduce(p.grad)
@@ -517,10 +545,13 @@ class Trainer:
                 fired = fired.to(torch.int32)
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
                 fired = fired.bool()
+                dist.all_reduce(share)
+                share /= self.world
             torch.nn.utils.clip_grad_norm_(u.module.parameters(), self.cfg.grad_clip)
             u.opt.step()
             n_tok = _drop_bos(u, y).shape[0] * self.world
             u.since_fired = torch.where(fired.cpu(), torch.zeros_like(u.since_fired), u.since_fired + n_tok)
+            u.freq = share.cpu() if step == 0 else FREQ_DECAY * u.freq + (1 - FREQ_DECAY) * share.cpu()
             with torch.no_grad():
                 out[u.name] = fvu(_drop_bos(u, y_hat), _drop_bos(u, y)).item()
         self.jacobian_errors = jac_errors

@@ -957,3 +957,64 @@ def test_signals_are_held_until_the_renames_end():
     finally:
         signal.signal(signal.SIGINT, before)
     assert handler is record  # put back after the block
+
+def test_frequency_penalty_in_closed_form():
+    """Two tokens, K = 2, three heads: only the head over the target frequency counts, by how far over it is,
+    times what it writes (activation x decoder norm), over the targets' mean norm."""
+    from replacement.sparse import SparseCode
+    from replacement.train import frequency_penalty
+
+    code = SparseCode(torch.tensor([[2.0, 1.0], [0.5, 3.0]]), torch.tensor([[0, 1], [1, 2]]))
+    w_norm = torch.tensor([1.0, 2.0, 4.0])
+    freq = torch.tensor([0.1, 0.6, 0.2])  # target 0.2: head 1 is over it by 0.6 / 0.2 - 1 = 2, heads 0 and 2 are not
+    y = torch.tensor([[3.0, 4.0], [0.0, 5.0]])  # norms 5 and 5
+    want = 2 * (1.0 * 2.0 + 0.5 * 2.0) / 2 / 5.0
+    assert frequency_penalty(code, w_norm, freq, 0.2, y).item() == pytest.approx(want)
+    # its gradient reaches the over-frequent head's decoder norm only
+    w = w_norm.clone().requires_grad_()
+    frequency_penalty(code, w, freq, 0.2, y).backward()
+    assert w.grad[0] == w.grad[2] == 0 < w.grad[1]
+
+
+def test_the_frequency_penalty_lowers_dense_heads_and_resumes_exactly(tmp_path):
+    """With the penalty, the Lorsa's most frequent heads fire less often than without it (same data, same
+    steps), and the running frequencies it reads are saved with the state: a resumed run ends where an
+    uninterrupted one does."""
+    adapter = ModelAdapter(tiny_neox(), name="t")
+    cfgs = {c: TrainConfig(what="lorsa", steps=60, lr=3e-3, lorsa_freq_penalty=c, lorsa_freq_target=0.05, **SMALL)
+            for c in (0.0, 1.0)}
+    runs = {}
+    for c, cfg in cfgs.items():
+        runs[c] = Trainer(adapter, cfg, _source(), tmp_path / f"{c}.safetensors")
+        runs[c].train(resume=False, progress=False)
+    for plain, penalised in zip(runs[0.0].units, runs[1.0].units):
+        top = plain.freq.topk(3).values.sum()
+        assert penalised.freq.topk(3).values.sum() < top, (plain.name, top, penalised.freq.topk(3).values)
+    half = Trainer(adapter, cfgs[1.0], _source(), tmp_path / "h.safetensors")
+    half.train(resume=False, progress=False, stop_after=30)
+    resumed = Trainer(adapter, cfgs[1.0], _source(), tmp_path / "h.safetensors")
+    resumed.train(resume=True, progress=False)
+    for u, v in zip(runs[1.0].units, resumed.units):
+        torch.testing.assert_close(u.freq, v.freq, atol=1e-6, rtol=0)
+        for (n, p), q in zip(u.module.named_parameters(), v.module.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{u.name}.{n}")
+
+
+def test_the_train_command_defaults_are_the_configs():
+    """`circuits train`'s option defaults are TrainConfig's (per-layer) and JointConfig's (--joint): written twice
+    (the command must not import torch to list its options), they must not drift apart."""
+    from cli.main import _JOINT_ONLY, train_cmd
+    from replacement.joint import JointConfig
+
+    per_layer, joint = TrainConfig(), JointConfig()
+    checked = 0
+    for param in train_cmd.params:
+        flag = getattr(param, "is_flag", False) and not isinstance(param.default, bool)
+        default = False if flag else param.default  # click keeps an unset flag's default as a sentinel
+        if default is None:
+            continue  # each kind's own (seq_len, lr)
+        for cfg in ((joint,) if param.name in _JOINT_ONLY else (per_layer, joint)):
+            if hasattr(cfg, param.name):
+                assert getattr(cfg, param.name) == default, (param.name, type(cfg).__name__)
+                checked += 1
+    assert checked >= 15
