@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .data import random_token_pool
 from .errors import BadInputError, CircuitsError
-from .models import ModelAdapter
+from .models import ModelAdapter, start_token
 
 
 INDUCTION_GAP = 30  # random tokens between the copies in `circuits eval`'s second induction measure
@@ -24,13 +24,20 @@ def _token_losses(adapter: ModelAdapter, ids: torch.Tensor, hooks_fn=None) -> to
     return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
+def first_token(adapter: ModelAdapter) -> int:
+    """The token every row of an evaluation starts with: the one every traced prompt starts with (`start_token`:
+    BOS, or circuit-tracer's stand-in), else the config's bos_token_id, else 0 (a model without a tokenizer)."""
+    tok = start_token(adapter.tokenizer) if adapter.tokenizer is not None else None
+    return next((i for i in (tok, adapter.config.bos_token_id) if i is not None), 0)
+
+
 def repeated_span_prompt(adapter: ModelAdapter, span: int = 8, seed: int = 1, prefix: int = 0) -> tuple[torch.Tensor, int]:
     """``BOS + p + r + r[:-1]`` [1, n] (p: ``prefix`` random tokens, r: a random span of ``span``) and r[-1], the
     next token, which only induction predicts (match the current token earlier, copy what followed it)."""
     g = torch.Generator().manual_seed(seed)
     pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     p, r = (pool[torch.randint(0, len(pool), (k,), generator=g)] for k in (prefix, span))
-    return torch.cat([torch.tensor([adapter.tokenizer.bos_token_id]), p, r, r[:-1]])[None], int(r[-1])
+    return torch.cat([torch.tensor([first_token(adapter)]), p, r, r[:-1]])[None], int(r[-1])
 
 
 @torch.no_grad()
@@ -44,7 +51,7 @@ def induction_losses(adapter: ModelAdapter, span: int = 20, n_seqs: int = 64, se
     pool = random_token_pool(adapter.tokenizer, adapter.vocab_size)
     r = pool[torch.randint(0, len(pool), (n_seqs, span), generator=g)]
     between = pool[torch.randint(0, len(pool), (n_seqs, gap), generator=g)]
-    bos = adapter.config.bos_token_id if adapter.config.bos_token_id is not None else int(pool[0])
+    bos = first_token(adapter)
     ids = torch.cat([torch.full((n_seqs, 1), bos), r, between, r], dim=1).to(adapter.device)
     logits = adapter.run(ids, hooks=hooks_fn() if hooks_fn else None).logits[:, :-1].float()
     logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # [B, n-1]: logp[:, i] predicts ids[:, i+1]
@@ -76,7 +83,7 @@ def addition_accuracy(adapter: ModelAdapter, pairs: list[tuple[int, int]], batch
     correct, wrong = 0, []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i : i + batch]
-        ids = torch.tensor([[tok.bos_token_id, bare[a], plus, spaced[b], eq] for a, b in chunk], device=adapter.device)
+        ids = torch.tensor([[first_token(adapter), bare[a], plus, spaced[b], eq] for a, b in chunk], device=adapter.device)
         pred = adapter.run(ids, hooks=hooks_fn() if hooks_fn else None).logits[:, -1].argmax(-1).tolist()
         for (a, b), p in zip(chunk, pred):
             if p == spaced[a + b]:
@@ -92,7 +99,7 @@ def text_windows(adapter: ModelAdapter, tokens: torch.Tensor, seq_len: int, n_se
     if len(tokens) < n + 2:
         return None
     starts = torch.linspace(0, len(tokens) - n - 1, n_seqs).long().tolist()
-    bos = adapter.tokenizer.bos_token_id
+    bos = first_token(adapter)
     return torch.stack([torch.cat([torch.tensor([bos]), tokens[s : s + n].long()]) for s in starts]).to(adapter.device)
 
 
@@ -189,7 +196,7 @@ def natural_copy_cases(tokenizer, texts: list[str], n_per_kind: int = 200, conte
     * ``partial``: as ``sentence`` with S of 12+ tokens, but the repeat starts a third to a half into S.
     Every piece is tokenised with a leading space, so both copies are the same tokens."""
     rng = random.Random(seed)
-    bos = tokenizer.bos_token_id
+    bos = start_token(tokenizer)
     enc = lambda s: tokenizer.encode(" " + s.strip(), add_special_tokens=False)  # noqa: E731
     sentences = [" ".join(s.split()) for t in texts for s in _SENTENCE_END.split(t)]
     sentences = [s for s in sentences if s]

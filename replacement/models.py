@@ -221,9 +221,12 @@ class ModelAdapter:
         return blk.post_attention_layernorm if which == "attn" else blk.post_feedforward_layernorm
 
     def window(self, layer: int) -> int | None:
-        """The sliding window of a layer's attention (Gemma-2's local layers), else None."""
+        """The sliding window of a layer's attention (Gemma-2's local layers; every Mistral layer, whose config
+        has one: Mistral-7B-v0.1's 4,096 tokens), else None."""
         types = getattr(self.config, "layer_types", None)
-        return self.config.sliding_window if types and types[layer] == "sliding_attention" else None
+        if types:
+            return self.config.sliding_window if types[layer] == "sliding_attention" else None
+        return getattr(self.config, "sliding_window", None) if self.config.model_type == "mistral" else None
 
     # -- properties ---------------------------------------------------------------------------------------
 
@@ -369,18 +372,26 @@ class ModelAdapter:
     # -- forward ------------------------------------------------------------------------------------------
 
     def _norm(self, norm, x, name, hooks, cache):
-        """Apply an RMSNorm/LayerNorm with its scale exposed as ``name`` [B, n, 1]."""
+        """Apply an RMSNorm/LayerNorm with its scale exposed as ``name`` [B, n, 1].  Rounded as HF's norms round,
+        so that a bfloat16 model runs as HF runs it: x * rsqrt(variance + eps) in float32, then RMSNorm casts
+        before its weight, Gemma-2's after its (1 + weight); a LayerNorm whose scale no hook changed is torch's
+        own layer_norm (it rounds once, after the weight and bias, from statistics computed its own way)."""
         xf = x.float()
-        if isinstance(norm, torch.nn.LayerNorm):
+        layernorm = isinstance(norm, torch.nn.LayerNorm)
+        if layernorm:
             xf = xf - xf.mean(-1, keepdim=True)
-        scale = (xf.pow(2).mean(-1, keepdim=True) + (norm.eps if isinstance(norm, torch.nn.LayerNorm) or self.gemma else norm.variance_epsilon)).sqrt()
-        scale = self._hook(name, scale, hooks, cache)
+        var = xf.pow(2).mean(-1, keepdim=True) + (norm.eps if layernorm or self.gemma else norm.variance_epsilon)
+        scale = var.sqrt()
+        hooked = self._hook(name, scale, hooks, cache)
+        if layernorm and hooked is scale:
+            return torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        xn = xf * torch.rsqrt(var) if hooked is scale else xf / hooked  # a hook may freeze the scale
         if self.gemma:  # Gemma-2 multiplies in float32, then casts
-            return ((xf / scale) * (1.0 + norm.weight.float())).to(x.dtype)
-        y = (xf / scale).to(x.dtype) * norm.weight
-        if getattr(norm, "bias", None) is not None:
-            y = y + norm.bias
-        return y
+            return (xn * (1.0 + norm.weight.float())).to(x.dtype)
+        if layernorm:
+            y = xn * norm.weight.float()
+            return (y if norm.bias is None else y + norm.bias.float()).to(x.dtype)
+        return xn.to(x.dtype) * norm.weight
 
     @staticmethod
     def _hook(name, t, hooks, cache):
@@ -480,7 +491,7 @@ class ModelAdapter:
         if self.post_norm(L, "mlp") is not None:
             m_out = self._norm(self.post_norm(L, "mlp"), m_out, hook_name(L, "ln2_post.scale"), hooks, cache)
         m_out = h("mlp.out", m_out)
-        x = x + a_out + m_out if self.parallel_residual else x + m_out
+        x = m_out + a_out + x if self.parallel_residual else x + m_out  # HF's order (it rounds in bfloat16)
         return h("resid_post", x)
 
     @torch.no_grad()

@@ -26,7 +26,11 @@ def token_text(tokenizer, token_id: int) -> str:
     """One token as text.  A token holding part of a multi-byte character (which decodes to U+FFFD alone)
     reads as its bytes, e.g. ``<0xE2>`` or ``<0xE2><0x80>``, as does a sentencepiece byte-fallback token where its
     byte is a character (``<0x61>``, which is not the token ``a``), and a sentencepiece token that starts a word
-    (``▁s``) with its space (`` s``, where ``s`` continues a word), so that distinct tokens never read the same."""
+    (``▁s``) with its space (`` s``, where ``s`` continues a word), so that distinct tokens never read the same.
+    An id the tokenizer has no token for (a padded vocabulary: Pythia's unembedding has 50,304 rows for 50,277
+    tokens) reads ``<id N>``."""
+    if not 0 <= token_id < len(tokenizer):
+        return f"<id {token_id}>"
     text = tokenizer.decode([token_id])
     piece = tokenizer.convert_ids_to_tokens(token_id)
     if isinstance(piece, str) and _BYTE_PIECE.fullmatch(piece):  # sentencepiece's byte fallback: <0x61> is not "a"
@@ -68,7 +72,9 @@ codecs.register_error(_HEX_BYTES, _hex_bytes)
 
 
 def special_ids(tokenizer, vocab: int) -> list[int]:
-    """The tokenizer's special tokens (padding, end of text, ...) within the unembedding's ``vocab`` rows: never
-    listed in a lens, since their unembedding rows are often the longest (pythia's <|pad|> and <|endoftext|>
-    top a quarter of random directions) and they say nothing about what a unit does."""
-    return [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab]
+    """The tokenizer's special tokens (padding, end of text, ...) within the unembedding's ``vocab`` rows, and the
+    rows past its last token (a padded vocabulary): never listed in a lens, since special tokens' unembedding rows
+    are often the longest (pythia's <|pad|> and <|endoftext|> top a quarter of random directions), padded rows
+    stand for no text, and neither says anything about what a unit does."""
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab]
+    return sorted(set(special) | set(range(len(tokenizer), vocab)))

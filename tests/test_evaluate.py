@@ -87,3 +87,28 @@ def test_eval_and_heads_read_the_shipped_sample_and_fail_in_one_line_without_it(
             assert r.exit_code == 1 and len(lines) == 1 and "held-out text sample" in lines[0], r.output
     finally:
         corpus._shipped_heldout.cache_clear()
+
+
+def test_eval_rows_start_as_traced_prompts_do(monkeypatch):
+    """Every row `circuits eval` runs starts with the token every traced prompt starts with (the tokenizer's BOS),
+    not the config's bos_token_id: a config keeping LlamaConfig's default 1 beside a tokenizer whose BOS is 0 had
+    its induction rows start with an ordinary token, and nothing said so."""
+    from replacement.evaluate import addition_accuracy, text_windows
+    from replacement.models import encode_prompt
+
+    adapter = load_model("toy")
+    bos = adapter.tokenizer.bos_token_id
+    monkeypatch.setattr(adapter.config, "bos_token_id", bos + 7)
+    firsts = set()
+    run = adapter.run
+
+    def spy(ids, **kw):
+        firsts.update(ids[:, 0].tolist())
+        return run(ids, **kw)
+
+    monkeypatch.setattr(adapter, "run", spy)
+    induction_losses(adapter, span=5, n_seqs=2)
+    addition_accuracy(adapter, [(1, 2)])
+    firsts.update(text_windows(adapter, torch.arange(10, 60), 16, 2)[:, 0].tolist())
+    firsts.add(repeated_span_prompt(adapter, span=3)[0][0, 0].item())
+    assert firsts == {int(encode_prompt(adapter.tokenizer, "a b", adapter.context)[0, 0])} == {bos}

@@ -204,6 +204,22 @@ def test_every_token_trace_prints_names_that_token(saved_model):
         assert single_token(sp, p) == vocab[p] and single_token(sp, " " + p) == vocab["\u2581" + p]
 
 
+def test_ids_past_the_tokenizer_read_apart_and_stay_out_of_lenses(saved_model):
+    """A padded vocabulary (Pythia: 50,304 unembedding rows, 50,277 tokens): the ids past the tokenizer all read
+    '' (trace's top predictions read '' 0.477, '' 0.358 and warned that the pure replacement predicts '', the real
+    model ''); they now read as their ids, and a lens never lists them, as it never lists special tokens."""
+    from transformers import AutoTokenizer
+
+    from replacement.tokenizer import special_ids, token_text
+
+    tok = AutoTokenizer.from_pretrained(saved_model)
+    n = len(tok)
+    assert [token_text(tok, i) for i in (n, n + 1)] == [f"<id {n}>", f"<id {n + 1}>"]
+    assert token_text(tok, n - 1) != token_text(tok, n) != ""
+    assert special_ids(tok, n + 3)[-3:] == [n, n + 1, n + 2]
+    assert set(special_ids(tok, n)) == {i for i in tok.all_special_ids if i < n}
+
+
 def test_queries(graph):
     logit = graph.logits()[0]
     paths = graph.top_paths(k=3)
