@@ -7,6 +7,7 @@ each global batch, and gradients are all-reduced; only rank 0 evaluates and save
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def output_folder(adapter, out: str | Path | None, init_from: str | Path | None 
     return Path(out) if out is not None else default_train_folder(adapter)
 
 
+def within_context(cfg, adapter):
+    """``cfg`` with its sequence length capped at the model's context, saying so in a line on stderr when it was
+    longer (it was cut without a word)."""
+    if cfg.seq_len <= adapter.context:
+        return cfg
+    print(f"note: --seq-len {cfg.seq_len} is longer than {adapter.name}'s context of {adapter.context} tokens; "
+          f"training on windows of {adapter.context}", file=sys.stderr)
+    return replace(cfg, seq_len=adapter.context)
+
+
 def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
                        out: str | Path | None = None, resume: bool = True, texts: list[str] | None = None,
                        cache_folder: str | Path | None = None, overwrite: bool = False) -> tuple[dict[str, dict], Path]:
@@ -75,7 +86,7 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
     device, world, rank = distributed_setup(device)
     try:
         adapter = load_model(model_name, device, dtype)
-        cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
+        cfg = within_context(cfg, adapter)
         check_units(adapter, cfg)  # before the activations are cached, which can take long
         source, eval_source = text_sources(adapter, texts, cfg) if texts else (None, None)
         folder = output_folder(adapter, out)
@@ -101,7 +112,7 @@ def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: s
     from .models import load_model
 
     adapter = load_model(model_name, device, dtype)
-    cfg = replace(cfg, seq_len=min(cfg.seq_len, adapter.context))
+    cfg = within_context(cfg, adapter)
     folder = output_folder(adapter, out, init_from)
     with exclusive_folder(folder, "the output folder"):
         return fit_joint(adapter, cfg, init_from, folder, resume=resume, source=joint_source(adapter, cfg, texts),

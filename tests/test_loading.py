@@ -379,3 +379,13 @@ def test_an_hf_id_takes_a_revision(tmp_path, monkeypatch):
     for bad in ("someone/tiny@", "someone@v2", "someone/tiny@v2@v3", "tiny@v2/x"):
         with pytest.raises(ModelLoadError, match="unknown model|no such model"):
             load_model(bad)
+
+
+def test_a_seq_len_past_the_context_is_said(saved_model, tmp_path):
+    """`circuits train --seq-len` longer than the model's context (64 here) trains on windows of the context, and
+    says so in a line (it was cut without a word)."""
+    (tmp_path / "t.txt").write_text("the cat sat on the mat. 1 + 2 = 3\n" * 400)
+    r = _cli("circuits", "train", "--model", str(saved_model), "--what", "transcoder", "--layers", "0", "--steps", "2",
+             "--batch-size", "2", "--seq-len", "1000", "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "note: --seq-len 1000 is longer than tiny-llama's context of 64 tokens; training on windows of 64" in r.stderr
