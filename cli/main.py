@@ -210,13 +210,14 @@ def _print_saved(folder, model_name: str) -> None:
     holds some layers or kinds only (later --replacements folders replace earlier ones' modules)."""
     from transformers import AutoConfig
 
+    from replacement.assemble import required_modules
     from replacement.models import resolve_model_path
     from replacement.store import read_folder_config
 
     held = set(read_folder_config(Path(folder) / "config.json").get("modules", {}))
     path, _, revision = resolve_model_path(model_name)
     n_layers = AutoConfig.from_pretrained(path, revision=revision).num_hidden_layers
-    whole = {f"layer{L}.{k}" for L in range(n_layers) for k in ("lorsa", "transcoder")} <= held
+    whole = {f"layer{L}.{k}" for k, L in required_modules(n_layers)} <= held
     own = Path(path) / "replacements"  # the model's own set (beside a bundled or local model)
     if not whole and own.resolve() == Path(folder).resolve():  # the model's own set is this one, incomplete
         click.echo(f"saved in {folder}, which holds {', '.join(sorted(held))} only: a trace needs every layer's Lorsa "
@@ -514,10 +515,11 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
             click.echo("  (with --demean, each line also gives the attribution graph's prediction)")
 
 
-def _patch_families(predicted: "GraphPrediction", patcher, families, mode: str, together: bool, components: list) -> None:
+def _patch_families(predicted, patcher, families, mode: str, together: bool, components: list) -> None:
     """Ablate each named family's members together (with ``together``, all families and ``components`` as one unit),
     and print the effect beside the graph's prediction of a zero ablation (the sum of the members' effects on the
-    target's demeaned logit through transcoder features); the families are those `trace` finds with its defaults."""
+    target's demeaned logit through transcoder features); the families are those `trace` finds with its defaults
+    (``predicted``: the prompt's `graphs.patching.GraphPrediction`)."""
     from graphs.families import family, family_components
 
     graph = predicted.graph

@@ -58,6 +58,13 @@ class Record:
     logits_linear: torch.Tensor | None = None  # [n, V] before the logits' soft-capping (Gemma-2), else None
 
 
+def required_modules(n_layers: int, attention: str = "lorsa") -> set[tuple[str, int]]:
+    """The modules a replacement model needs: a transcoder per MLP, and a Lorsa per attention layer unless the
+    attention is the real one, frozen."""
+    need = {("transcoder", L) for L in range(n_layers)}
+    return need | {("lorsa", L) for L in range(n_layers)} if attention == "lorsa" else need
+
+
 class ReplacementModel:
     def __init__(self, adapter: ModelAdapter, modules: dict[tuple[str, int], torch.nn.Module], attention: str = "lorsa"):
         if attention not in ("lorsa", "frozen"):
@@ -69,10 +76,7 @@ class ReplacementModel:
         self.lorsas = {L: m for (k, L), m in modules.items() if k == "lorsa"}
         self._codes: dict = {}  # {layer: SparseCode} of the run in progress (`_module_hooks`)
         self.origins: dict[tuple[str, int], Path] = {}  # the folder (`load`) or file (`use_module`) of each module
-        need = {("transcoder", L) for L in range(adapter.n_layers)}
-        if attention == "lorsa":
-            need |= {("lorsa", L) for L in range(adapter.n_layers)}
-        missing = sorted(need - set(modules))
+        missing = sorted(required_modules(adapter.n_layers, attention) - set(modules))
         if missing:
             what = "all" if attention == "lorsa" else "transcoder"
             raise CircuitsError(
