@@ -820,7 +820,8 @@ def sample_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
     weights: a trace fingerprints them each time)."""
     for name, p in sorted(tensors.items()):
         t = p.detach().flatten()
-        idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long().to(t.device)
+        # float32 spacing (the fingerprints recorded so far); past 2^24 entries its last index rounds past the end
+        idx = torch.linspace(0, t.numel() - 1, steps=min(64, t.numel())).long().clamp_(max=t.numel() - 1).to(t.device)
         h.update(name.encode())
         h.update(t[idx].float().cpu().to(torch.bfloat16).float().numpy().tobytes())
 

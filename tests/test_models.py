@@ -216,3 +216,23 @@ def test_unknown_hook_and_capture_names_raise(adapter, ids):
     with pytest.raises(UnknownHookError, match="unknown hook point 'attn.outt'"):
         hook_name(0, "attn.outt")
     assert issubclass(UnknownHookError, CircuitsError)
+
+
+def test_fingerprints_take_tensors_of_any_size():
+    """`sample_tensors` (every trace fingerprints the model with it) reads 64 evenly spaced entries: a tensor of
+    more than 2^24 entries (Pythia-160M's embedding has 38.6M) made float32's spacing round the last index past the
+    end, an IndexError in every attribution of such a model; the entries it reads are the ones computed exactly."""
+    import hashlib
+
+    from replacement.models import sample_tensors
+
+    n = 38_633_472
+    t = torch.arange(n, dtype=torch.float64).to(torch.bfloat16)
+    h = hashlib.sha256()
+    sample_tensors(h, {"w": t})
+    idx = torch.linspace(0, n - 1, 64).long().clamp(max=n - 1)
+    assert idx[-1] == n - 1 and (idx[1:] > idx[:-1]).all()
+    want = hashlib.sha256()
+    want.update(b"w")
+    want.update(t[idx].float().to(torch.bfloat16).float().numpy().tobytes())
+    assert h.hexdigest() == want.hexdigest()
