@@ -18,7 +18,8 @@ family rule asked for:
 
 One line per prompt and rule, flushed as it goes (the run is long on a busy machine), then a summary per rule.
 
-    python benchmarks/bench_families.py [--model toy pythia] [--seeds 20] [--cosine 0.0 ...] [--layer-span 0 ...]
+    python benchmarks/bench_families.py [--model toy pythia] [--seeds 20] [--first-seed 1] [--cosine 0.0 ...]
+                                        [--layer-span 0 ...]
                                         [--direction read weights target] [--replacements DIR]
 """
 from __future__ import annotations

@@ -44,6 +44,9 @@ def run(n: int, batch: int, steps: int, device: str = "cpu", threads: int = 2) -
 
 
 def main():
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options; --help says what it does
     H, n_qk = 32 * 64, 32
     print("Lorsa layer: d=256, n_qk=32, d_qk=32, 64 heads per group (H=2048), K=64, Adam, fp32, 2 threads")
     r = run(128, 16, 10)

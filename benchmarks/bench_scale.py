@@ -3,7 +3,8 @@ no download) with random replacements of the paper's sizes (8 QK groups per mode
 group, K = 64; transcoders as wide as the Lorsa layer, K = 64), traced under the node budget.
 
     python benchmarks/bench_scale.py [--shape pythia160m|llama1b] [--tokens 16,64,256] [--max-feature-nodes 1500]
-                                     [--device cpu|cuda]
+                                     [--device cpu|cuda] [--dtype float32|bfloat16] [--qk-per-head 8]
+                                     [--heads-per-group 64]
 
 Each prompt length runs in a fresh process (so that each peak is its own): the memory estimate and its
 verdict (graphs/budget.py), then the time of the record + budgeted attribution + pruning (with QK for the

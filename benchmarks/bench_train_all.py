@@ -1,6 +1,9 @@
 """One pass over the data for every module (`--what all`) against training each module separately.
 
-    python benchmarks/bench_train_all.py [--model llama] [--steps 20]
+    python benchmarks/bench_train_all.py [--model llama] [--steps 20] [--text FILE ...]
+
+It trains on the recipe's corpora ($CIRCUITS_DATA; `circuits fetch-data` downloads them), or on text files given
+with --text.
 
 Both variants train the same modules on the same batches; the figure is tokens of text processed per second
 per module trained (higher is better), and the wall time to give every module `steps` updates.
@@ -20,13 +23,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--text", nargs="+", default=None, help="text files to train on (default: the recipe's corpora)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     adapter = load_model(args.model)
     base = dict(steps=args.steps, batch_size=16, seq_len=128, checkpoint_every=10**9, norm_batches=1)
     from replacement.activations import default_source
+    from replacement.errors import CircuitsError
+    from replacement.launch import text_sources
 
-    source = default_source(adapter, 128)
+    try:
+        source = (text_sources(adapter, args.text, TrainConfig(**base))[0] if args.text
+                  else default_source(adapter, 128))
+    except CircuitsError as e:  # no corpora: say so in a line (and how to get them)
+        raise SystemExit(f"error: {e}") from None
 
     def timed(cfg):
         tr = Trainer(adapter, cfg, source, "/dev/null")

@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import signal
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -109,7 +110,16 @@ def main() -> None:
     from cli.main import circuits
     from cli.trace import trace
 
-    w = world()
+    w, here = world(), os.getcwd()
+    try:
+        sweep(names, w, trace, circuits)
+    finally:  # the scratch model, text and outputs go with the run
+        os.chdir(here)
+        shutil.rmtree(w["W"], ignore_errors=True)
+
+
+def sweep(names: list[str], w: dict, trace, circuits) -> None:
+    """Every hostile value of every option of the ``names`` commands, in the scratch world ``w``."""
     os.environ["CIRCUITS_CACHE"] = str(w["W"] / "cache")
     os.chdir(w["W"])
     signal.signal(signal.SIGALRM, _alarm)

@@ -4,11 +4,13 @@
 
 Shows the Lorsa heads at the last position whose z patterns attend to the operand positions (the operand
 movers), the transcoder features downstream of them and the ` 98` logit; confirms the top two movers by path
-patching; and draws an operand plot: a 100 x 100 heat map (PNG) of one head's activation over `a + b =`.
+patching; and draws an operand plot: a 100 x 100 heat map of one head's activation over `a + b =`, as a PNG and
+as an SVG that labels its axes, title and colour scale (the PNG inside it).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import struct
 import zlib
 from pathlib import Path
@@ -41,6 +43,35 @@ def write_png(path: Path, values: torch.Tensor) -> Path:
     return path
 
 
+def write_labelled_svg(path: Path, png: Path, title: str, scale: float, n: int = 100) -> Path:
+    """``png`` (an n x n heat map, `write_png`) inside an SVG with its title, its axes (a down, b across, ticks at
+    0, 50 and n - 1) and its colour scale (blue -scale, white 0, red +scale)."""
+    side, left, top = 400, 60, 50
+    at = lambda k: (k + 0.5) * side / n  # noqa: E731  the centre of cell k
+    ticks = [0, n // 2, n - 1]
+    parts = [f'<text x="{left + side / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+             f'<image x="{left}" y="{top}" width="{side}" height="{side}" style="image-rendering:pixelated" '
+             f'href="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"/>',
+             f'<rect x="{left}" y="{top}" width="{side}" height="{side}" fill="none" stroke="black"/>',
+             f'<text x="{left + side / 2}" y="{top + side + 36}" text-anchor="middle" font-size="13">b (second operand)</text>',
+             f'<text x="18" y="{top + side / 2}" text-anchor="middle" font-size="13" '
+             f'transform="rotate(-90 18 {top + side / 2})">a (first operand)</text>']
+    for k in ticks:
+        parts += [f'<text x="{left + at(k)}" y="{top + side + 16}" text-anchor="middle" font-size="11">{k}</text>',
+                  f'<text x="{left - 6}" y="{top + at(k) + 4}" text-anchor="end" font-size="11">{k}</text>']
+    bar = left + side + 20
+    parts += ['<defs><linearGradient id="z" x1="0" y1="0" x2="0" y2="1"><stop offset="0" stop-color="rgb(255,0,0)"/>'
+              '<stop offset="0.5" stop-color="white"/><stop offset="1" stop-color="rgb(0,0,255)"/></linearGradient></defs>',
+              f'<rect x="{bar}" y="{top}" width="14" height="{side}" fill="url(#z)" stroke="black"/>']
+    for frac, label in ((0, f"+{scale:.3g}"), (0.5, "0"), (1, f"-{scale:.3g}")):
+        parts.append(f'<text x="{bar + 18}" y="{top + frac * side + 4}" font-size="11">{label}</text>')
+    w, h = bar + 70, top + side + 50
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           f'font-family="sans-serif"><rect width="{w}" height="{h}" fill="white"/>' + "".join(parts) + "</svg>\n")
+    path.write_text(svg)
+    return path
+
+
 @torch.no_grad()
 def operand_plot(model, layer: int, head: int, path: Path) -> Path:
     """Head activation (z) at the last position of `a + b =` for every a, b in 0..99."""
@@ -57,7 +88,10 @@ def operand_plot(model, layer: int, head: int, path: Path) -> Path:
         ids = torch.tensor([[tok.bos_token_id, bare[x], plus, spaced[y], eq] for y in range(100)])
         attn_in = a.run(ids, capture=[hook_name(layer, "attn.in")]).cache[hook_name(layer, "attn.in")]
         grid[x] = lorsa.head_activations(attn_in.float())[:, -1, head]
-    return write_png(path, grid)
+    png = write_png(path, grid)
+    write_labelled_svg(path.with_suffix(".svg"), png, f"lorsa.{layer}.{head}: its activation z at = of a + b =",
+                       float(grid.abs().max()))
+    return png
 
 
 PROMPT, ANSWER = "36 + 62 =", " 98"
@@ -94,7 +128,8 @@ def analyse(out: str | Path = "examples/out", verbose: bool = True, plot: bool =
     if plot and movers:
         h = movers[0].head
         png = operand_plot(model, h.layer, h.index, Path(out) / "operand_plot.png")
-        say(f"wrote {png} (activation of {h.id.split('@')[0]} over a + b =, a down, b across)")
+        say(f"wrote {png} and {png.with_suffix('.svg')} (activation of {h.id.split('@')[0]} over a + b =, a down, "
+            "b across; the SVG labels its axes and colour scale)")
     return graph, full, movers, checks, png
 
 

@@ -178,8 +178,10 @@ def test_addition_circuit(tmp_path):
         signs.append(agreement([float(pred[g.index[h.id]]) for h in heads], patched)[1])
     assert sum(signs) / len(signs) >= 4, signs
     png = _example("arithmetic").operand_plot(rm, movers[0].head.layer, movers[0].head.index, tmp_path / "p.png")
+    svg = png.with_suffix(".svg").read_text()
     png = png.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert "a (first operand)" in svg and "b (second operand)" in svg and "base64," in svg  # labelled, PNG inside
 
 
 def test_queries_example(tmp_path, monkeypatch, capsys):
