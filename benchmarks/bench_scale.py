@@ -7,7 +7,7 @@ group, K = 64; transcoders as wide as the Lorsa layer, K = 64), traced under the
                                      [--heads-per-group 64]
 
 Each prompt length runs in a fresh process (so that each peak is its own): the memory estimate and its
-verdict (graphs/budget.py), then the time of the record + budgeted attribution + pruning (with QK for the
+verdict (graphs/memory_estimate.py), then the time of the record + budgeted attribution + pruning (with QK for the
 25 most influential heads), the graph's size, and the peak resident memory (and peak CUDA memory on a GPU).
 Random weights make every head and feature slot active, the worst case for the graph's size.
 """
@@ -77,7 +77,7 @@ def run_one(model, device: str, n_tokens: int, max_feature_nodes: int) -> dict:
     import torch
 
     from graphs.attribution import attribute
-    from graphs.budget import estimate
+    from graphs.memory_estimate import estimate
     from replacement.memory import available_bytes
     from graphs.prune import FILE_MAX_EDGES, FILE_MAX_FEATURES, prune
 

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
-from graphs.budget import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
+from graphs.memory_estimate import DEFAULT_MAX_FEATURE_NODES  # noqa: E402
 from graphs.families import FamilyConfig  # noqa: E402
 from graphs.files import FORMATS, RENDERED, parse_formats  # noqa: E402
 from graphs.layout import DEFAULT_DRAW_NODES  # noqa: E402
@@ -118,7 +118,7 @@ def _load(model_name, device, dtype, prompt, replacements, attention, max_featur
     """(the replacement model, the prompt's ids [1, n]), refused in one line if its graph would not fit in memory.
     The model is loaded once per process: a second trace in the same process (the library or a test calling
     `trace`) reuses it ("warm" in docs/speed.md and benchmarks/bench_trace.py)."""
-    from graphs.budget import check_graph
+    from graphs.memory_estimate import check_graph
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
 

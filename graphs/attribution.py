@@ -105,7 +105,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     graph instead (``find_families(prune(graph), model)``): on a full graph of 20M edges the read directions cost
     ~0.7 GB beyond the memory guard's estimate, and the families a picture draws are those of its nodes.
     ``check_memory``: first refuse in one line (BadInputError) a graph whose estimated size exceeds the memory
-    available (graphs/budget.py; ``$CIRCUITS_MEMORY_BUDGET`` sets it), rather than be killed by the kernel."""
+    available (graphs/memory_estimate.py; ``$CIRCUITS_MEMORY_BUDGET`` sets it), rather than be killed by the kernel."""
     t0 = time.time()
     if bos not in ("keep", "zero"):
         raise BadInputError(f"bos must be 'keep' or 'zero', not {bos!r}")
@@ -120,7 +120,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
     a = model.adapter
     ids = a.prompt_ids(prompt)
     if check_memory:
-        from .budget import check_graph
+        from .memory_estimate import check_graph
 
         check_graph(model, ids, max_feature_nodes)
     rec = model.record(ids[0], sparse=sparse_record)

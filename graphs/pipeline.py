@@ -15,7 +15,7 @@ names the same members.
 """
 from __future__ import annotations
 
-from .budget import DEFAULT_MAX_FEATURE_NODES
+from .memory_estimate import DEFAULT_MAX_FEATURE_NODES
 from .families import DEFAULT_FAMILIES
 from .prune import EDGE_THRESHOLD, NODE_THRESHOLD
 

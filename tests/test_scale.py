@@ -1,4 +1,4 @@
-"""Working at real sizes: the file caps of a default trace, and (graphs/budget.py) what bounds memory."""
+"""Working at real sizes: the file caps of a default trace, and (graphs/memory_estimate.py) what bounds memory."""
 from __future__ import annotations
 
 import pytest

@@ -13,7 +13,7 @@ weight and kind tensors, merged once, plus pruning's per-edge temporaries): the 
 attribution + pruning over the loaded model was 72 bytes per edge at 31 tokens (1.37 GB), 67 at 60 (4.6 GB), and
 about 60 at 127 tokens (18.7 GB, the figure of issue 21); measured again with the jointly trained replacements,
 72.006 at 31 tokens (1,440,055,296 bytes), and 71.5 with today's (1.91 GB for 26.7M edges, the whole process),
-so 76 bounds it from above with a 5% margin (tests/test_budget.py measures it again).  With a node budget
+so 76 bounds it from above with a 5% margin (tests/test_memory_estimate.py measures it again).  With a node budget
 (``max_feature_nodes``, graphs/budgeted.py) `estimate` bounds the budgeted graph: the logits' rows and that many of
 the longest feature rows.
 """

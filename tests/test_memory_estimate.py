@@ -1,4 +1,4 @@
-"""The memory estimate made before attribution (graphs/budget.py): an upper bound on the edges counted in real
+"""The memory estimate made before attribution (graphs/memory_estimate.py): an upper bound on the edges counted in real
 graphs, the budget's parsing, and the one-line refusal of `trace` above the budget."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from graphs.attribution import attribute
-from graphs.budget import BYTES_PER_EDGE, check, estimate
+from graphs.memory_estimate import BYTES_PER_EDGE, check, estimate
 from replacement.memory import available_bytes, parse_bytes
 from replacement.errors import BadInputError
 from replacement.models import ModelAdapter
@@ -106,7 +106,7 @@ def test_attribute_refuses_above_the_budget_before_building(monkeypatch):
 MEASURE = """
 import json, resource, sys
 from graphs.attribution import attribute
-from graphs.budget import estimate
+from graphs.memory_estimate import estimate
 from graphs.prune import prune
 from replacement.assemble import ReplacementModel
 from replacement.models import load_model
