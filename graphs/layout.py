@@ -333,8 +333,11 @@ def drawing(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, order:
     nodes, the marked path's (`marked_path`, unless given: one for every picture of a graph) among them."""
     marked = marked if marked is not None else marked_path(graph)
     nodes = draw_budget(graph, max_nodes, must=tuple(marked[1]) if marked else ())
-    on_path = path_edges(graph, marked[1]) if marked else []
-    edges = drawn_edges(graph, {n.id for n in nodes}, EDGES_PER_NODE * len(nodes), order, must=on_path)
+    ids = {n.id for n in nodes}
+    E = graph.edge_arrays
+    on_path = [e for e in (path_edges(graph, marked[1]) if marked else [])  # a budget under the path's length
+               if graph.node_list[int(E.src[e])].id in ids and graph.node_list[int(E.tgt[e])].id in ids]  # cuts it
+    edges = drawn_edges(graph, ids, EDGES_PER_NODE * len(nodes), order, must=on_path)
     return Drawing(nodes, edges, edge_widths(graph, edges), set(on_path), marked)
 
 

@@ -189,8 +189,11 @@ def _rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
     broadcasts against x's leading dims: each pair (a, b) becomes (a + ib) * rot, as rotate-half's
     (a cos - b sin, b cos + a sin)."""
     h = rot.shape[-1]
-    z = torch.view_as_complex(x[..., : 2 * h].unflatten(-1, (h, 2)))
-    z.mul_(rot)
+    pairs = x[..., : 2 * h].unflatten(-1, (h, 2))
+    if x.shape[-1] % 2 == 0:  # a complex view of x itself
+        torch.view_as_complex(pairs).mul_(rot)
+    else:  # an odd d_qk: no complex view of x's rows, so rotate a copy and write it back
+        x[..., : 2 * h] = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * rot).flatten(-2)
 
 
 def qk_attribution(lin, nodes: list[Node], sources: dict, head_rows: list[int], top_keys: int = 3,

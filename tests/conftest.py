@@ -64,9 +64,11 @@ def ids():
 
 
 def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa_k=4, seed=0, attention="lorsa",
-                        skip=False):
+                        skip=False, d_qk=None):
     """A ReplacementModel with random (untrained) Lorsa and transcoders (with random skip connections if
-    ``skip``): the graph maths must hold anyway."""
+    ``skip``; Lorsa QK width ``d_qk``, default the model's head dimension): the graph maths must hold anyway."""
+    from dataclasses import replace
+
     from replacement.assemble import ReplacementModel
     from replacement.lorsa import LorsaConfig, lorsa_for_model
     from replacement.transcoder import Transcoder, TranscoderConfig
@@ -75,6 +77,7 @@ def random_replacements(adapter, n_features=32, tc_k=4, heads_per_group=4, lorsa
     modules = {}
     for L in range(adapter.n_layers):
         cfg = LorsaConfig.default_for(adapter, L, heads_per_group=heads_per_group, qk_per_head=1, top_k=lorsa_k)
+        cfg = cfg if d_qk is None else replace(cfg, d_qk=d_qk)
         lorsa = lorsa_for_model(adapter, L, cfg)
         tc = Transcoder(TranscoderConfig(adapter.d_model, n_features, tc_k, layer=L, skip=skip))
         with torch.no_grad():

@@ -99,6 +99,20 @@ def _svg(graph, tmp_path, draw_nodes):
     return svg.parse(render(write_dot(graph, tmp_path / "g.dot", draw_nodes), "svg").read_text())
 
 
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_a_budget_shorter_than_the_marked_path_draws_its_drawn_part(graph, tmp_path, budget):
+    """`--draw-nodes` under the marked path's length (1 to 4 here) raised a KeyError in every picture: the path's
+    edges were drawn whatever the budget kept; now the highlighter marks the edges between drawn nodes only."""
+    from graphs.layout import marked_path
+
+    root = _svg(graph, tmp_path, draw_nodes=budget)
+    boxes = {k for k in svg.node_boxes(root) if k in graph.index}
+    path = marked_path(graph)[1]
+    assert len(path) > budget and boxes == set(path[:budget])  # the path's first nodes: the budget's first claim
+    marked = {(e["source"], e["target"]) for e in svg.edges(root) if e["highlight"]}
+    assert marked == {(a, b) for a, b in zip(path, path[1:]) if a in boxes and b in boxes}
+
+
 def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
     from graphs.layout import node_name
 

@@ -12,13 +12,14 @@ from tests.conftest import attn_norm_linear, independent_qk, node_write, random_
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_llama(attention_bias=True), tiny_neox,
-                                  lambda: tiny_neox(use_parallel_residual=False)],
-                         ids=["llama_rope_gqa", "neox_partial_rotary", "neox_sequential"])
+                                  lambda: tiny_neox(use_parallel_residual=False), "odd"],
+                         ids=["llama_rope_gqa", "neox_partial_rotary", "neox_sequential", "llama_odd_d_qk"])
 @pytest.mark.parametrize("skip", [False, True], ids=["", "skip"])
 def test_pair_table_sums_to_the_real_score(make, skip):
-    """With ``skip`` every transcoder has a skip connection: layer 1's heads read layer 0's skip output."""
-    adapter = ModelAdapter(make(), name="m")
-    model = random_replacements(adapter, skip=skip)
+    """With ``skip`` every transcoder has a skip connection: layer 1's heads read layer 0's skip output.  An odd
+    QK width (``--lorsa-d-qk 17`` beside a rotary map of 16) raised a RuntimeError in the rotary step."""
+    adapter = ModelAdapter(tiny_llama() if make == "odd" else make(), name="m")
+    model = random_replacements(adapter, skip=skip, d_qk=adapter.d_head + 1 if make == "odd" else None)
     torch.manual_seed(3)
     ids = torch.randint(0, 97, (1, 10))
     graph = attribute(model, ids, qk_top_keys=3)
