@@ -399,7 +399,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     modules = load_replacements(start, adapter, earlier_version=start_folder is not None)
     state = out / ".train_state.joint.safetensors"
     if out.resolve() != start.resolve():  # refining the start folder in place is what was asked
-        refuse_replacing(out, list(modules), state, resume, overwrite)
+        refuse_replacing(out, list(modules), state, resume, overwrite, model_fingerprint(adapter))
     source = source or joint_source(adapter, cfg)
     trainer = JointTrainer(adapter, modules, cfg, source, state)
     trainer.train(resume=resume, progress=progress)

@@ -34,17 +34,25 @@ def save_module(module, kind: str, folder: str | Path, fingerprint: str, model_n
     return save_modules([(module, kind, metrics)], folder, fingerprint, model_name, dtype)[0]
 
 
-def refuse_replacing(folder: Path, keys, state: Path, resume: bool, overwrite: bool) -> None:
+def refuse_replacing(folder: Path, keys, state: Path, resume: bool, overwrite: bool,
+                     fingerprint: str | None = None) -> None:
     """BadInputError (one line) if ``folder`` holds a module of ``keys`` [(kind, layer)] that a run would replace:
     hours of training are not replaced unasked.  Allowed with ``overwrite``, or when the run resumes its state
     ``state`` there and every such module is older than it (then they were there when that run began; one written
-    since is another run's)."""
+    since is another run's).  With the ``fingerprint`` of the model the run trains for: also if the folder's
+    config.json belongs to another model, whose modules the run's save would drop from it, whichever it replaces."""
     from .errors import BadInputError
 
+    names = lambda ks: ", ".join(f"layer{L}.{k}" for k, L in ks)  # noqa: E731
+    cfg_path = folder / "config.json"
+    there = read_folder_config(cfg_path) if fingerprint is not None and cfg_path.is_file() else {}
+    if there.get("fingerprint") not in (None, fingerprint) and there.get("modules") and not overwrite:
+        raise BadInputError(f"{folder} holds the replacements of another model ({there.get('model')!r}: "
+                            f"{len(there['modules'])} modules); saving this run's there starts the folder afresh and "
+                            "they would no longer load: add --overwrite to do so, or --out another folder")
     held = [(k, L) for k, L in keys if (folder / module_filename(k, L)).is_file()]
     if not held or overwrite:
         return
-    names = lambda ks: ", ".join(f"layer{L}.{k}" for k, L in ks)  # noqa: E731
     if resume and state.is_file():
         since = [(k, L) for k, L in held
                  if (folder / module_filename(k, L)).stat().st_mtime_ns > state.stat().st_mtime_ns]

@@ -718,11 +718,13 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def check_replaceable(adapter, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> Path:
     """The training state a run into ``out`` keeps; BadInputError if ``out`` already holds a module the run would
     replace (`store.refuse_replacing`): unless ``overwrite``, or the run resumes an interrupted one there."""
+    from .models import model_fingerprint
     from .store import refuse_replacing
 
     state = out / f".train_state.{cfg.what}.safetensors"
     layers = cfg.layers if cfg.layers is not None else range(adapter.n_layers)
-    refuse_replacing(out, [(k, L) for L in layers for k in cfg.kinds()], state, resume, overwrite)
+    refuse_replacing(out, [(k, L) for L in layers for k in cfg.kinds()], state, resume, overwrite,
+                     model_fingerprint(adapter))
     return state
 
 

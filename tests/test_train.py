@@ -20,7 +20,7 @@ from replacement.models import ModelAdapter, model_fingerprint
 from replacement.store import load_module, load_replacements, save_module
 from replacement.train import TrainConfig, Trainer, TrainingDiverged, evaluate_modules, fit_replacements, fold_scales
 from replacement.transcoder import Transcoder, TranscoderConfig
-from tests.conftest import tiny_llama, tiny_neox
+from tests.conftest import random_replacements, tiny_llama, tiny_neox
 
 SMALL = dict(batch_size=4, seq_len=16, lorsa_heads_per_group=4, lorsa_qk_per_head=2, lorsa_top_k=4,
              tc_expansion=2, tc_top_k=4, checkpoint_every=5, warmup=2, norm_batches=1)
@@ -297,6 +297,32 @@ def test_a_folder_holding_the_modules_is_replaced_only_when_asked_or_resumed(tmp
     with pytest.raises(BadInputError, match="layer1.transcoder, saved after the interrupted run"):
         check_replaceable(adapter, cfg, tmp_path, True, False)
     check_replaceable(adapter, cfg, tmp_path, True, True)
+
+
+def test_a_folder_of_another_models_replacements_is_started_afresh_only_when_asked(tmp_path):
+    """Training into a folder that holds another model's set starts its config.json afresh: the other modules no
+    longer load.  That was done without a word when the run replaced none of them (and the refusal named only the
+    one it replaced); it is now refused unless --overwrite, naming the other model."""
+    import json
+
+    from replacement.errors import BadInputError
+    from replacement.models import model_fingerprint
+    from replacement.store import load_replacements, save_modules
+    from replacement.train import check_replaceable
+
+    other = ModelAdapter(tiny_neox(), name="other")
+    rm = random_replacements(other)
+    save_modules([(m, "transcoder", None) for m in rm.transcoders.values()], tmp_path, model_fingerprint(other),
+                 other.name)
+    adapter = ModelAdapter(tiny_llama(), name="t")
+    cfg = TrainConfig(what="lorsa", layers=[0], steps=2, **SMALL)  # replaces none of the folder's modules
+    with pytest.raises(BadInputError, match=r"holds the replacements of another model \('other': 2 modules\)"):
+        check_replaceable(adapter, cfg, tmp_path, True, False)
+    assert sorted(json.loads((tmp_path / "config.json").read_text())["modules"]) == [
+        "layer0.transcoder", "layer1.transcoder"]
+    assert len(load_replacements(tmp_path, other)) == 2  # untouched
+    check_replaceable(adapter, cfg, tmp_path, True, True)  # --overwrite: asked for
+    check_replaceable(other, TrainConfig(what="lorsa", steps=2, **SMALL), tmp_path, True, False)  # its own model
 
 
 def test_nan_stops_and_keeps_the_checkpoint(tmp_path):
