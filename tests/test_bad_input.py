@@ -43,6 +43,18 @@ CASES = [
     Case("correspond-empty-layer", ["circuits", "correspond", "--model", "{M}", "--layer", ""],
          "Invalid value for '--layer': is empty"),  # was: every layer
     Case("train-empty-out", ["circuits", "train", "--model", "{M}", "--out", ""], "Invalid value for '--out': is empty"),
+    # the empty ones below were read as their defaults: every layer, ./graph.json, $CIRCUITS_DATA, the current folder
+    Case("train-empty-layers", ["circuits", "train", "--model", "{M}", "--layers", ""],
+         "Invalid value for '--layers': is empty"),
+    Case("query-empty-graph", ["circuits", "query", ""], "Invalid value for 'graph_json': is empty"),
+    Case("render-empty-graph", ["circuits", "render", " "], "Invalid value for 'graph_json': is empty"),
+    Case("query-empty-compare", ["circuits", "query", "{PREV}", "--compare", ""], "Invalid value for '--compare': is empty"),
+    Case("fetch-data-empty-dest", ["circuits", "fetch-data", "--dest", ""], "Invalid value for '--dest': is empty"),
+    Case("fetch-data-empty-work", ["circuits", "fetch-data", "--work", " "], "Invalid value for '--work': is empty"),
+    Case("train-replacements-empty-workdir", ["circuits", "train-replacements", "--model", "toy", "--workdir", ""],
+         "Invalid value for '--workdir': is empty"),
+    Case("train-lm-empty-workdir", ["circuits", "train-lm", "--model", "toy", "--workdir", ""],
+         "Invalid value for '--workdir': is empty"),
     Case("train-empty-text", ["circuits", "train", "--model", "{M}", "--text", ""], "Invalid value for '--text': is empty"),
     Case("dash-prompt", ["trace", "-5 + 3 =", "--model", "{M}"],
          "No such option '-5'. (see --help; a prompt that starts with - goes after --: ... -- '-5 + 3 ='"),
