@@ -390,6 +390,9 @@ def _print_copying(stats: dict, indent: str) -> None:
     click.echo(f"{indent}copying in held-out natural text (tokens of the second copy after its first; "
                "in brackets the same tokens in the first copy):")
     for kind, s in stats.items():
+        if not s["tokens"]:
+            click.echo(f"{indent}  {kind:<9} no case in this text")
+            continue
         click.echo(f"{indent}  {kind:<9} {s['n']} cases: top-1 {s['copy_top1']:.1%}, mean p {s['copy_prob']:.3f} "
                    f"({s['first_top1']:.1%}, {s['first_prob']:.3f})")
 

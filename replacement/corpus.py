@@ -34,7 +34,8 @@ def training_files(folder: str | Path | None = None) -> list[str]:
     if missing:
         raise BadInputError(
             f"no training corpus: {folder} lacks {', '.join(missing)}; `circuits fetch-data` rebuilds them there "
-            "(or set CIRCUITS_DATA to their folder), or pass your own with --text FILE")
+            "(or set CIRCUITS_DATA to their folder); train (without --corpora-only), train-lm, eval and heads also "
+            "take your own with --text FILE")
     return [str(folder / f) for f in CORPUS_FILES]
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -276,6 +276,7 @@ def correspond(model, layer: int, cfg: CorrespondConfig | None = None, source=No
     if cfg.n_seqs < 1 or not 0 < cfg.share <= 1 or cfg.few < 1:
         raise BadInputError("n_seqs and few must be at least 1 and share in (0, 1]")
     seq_len = min(cfg.seq_len, a.context)
+    cfg = replace(cfg, seq_len=seq_len)  # what was read, as correspond.json records it
     source = source or default_source(a, seq_len, cfg.seed, heldout=True)
     moments = new_moments(model, layer)
     for b in progress_bar(range(math.ceil(cfg.n_seqs / cfg.batch_size)), "correspond", not progress):

@@ -252,7 +252,7 @@ def natural_copying(adapter: ModelAdapter, texts: list[str], n_per_kind: int = 2
             s["tokens"] += c.length - 1
     for s in stats.values():
         for key in ("copy_prob", "copy_top1", "first_prob", "first_top1"):
-            s[key] /= max(1, s["tokens"])
+            s[key] = s[key] / s["tokens"] if s["tokens"] else None  # no case in the text: nothing measured, not 0%
     return stats
 
 

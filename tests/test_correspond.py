@@ -130,3 +130,14 @@ def test_bad_layer_is_one_line():
     model = random_replacements(ModelAdapter(tiny_llama(), name="m"))
     with pytest.raises(BadInputError, match="no Lorsa for layer 7"):
         cs.correspond(model, 7, CFG, RandomTokenSource(97, 8))
+
+
+def test_a_seq_len_past_the_context_is_recorded_as_read():
+    """`--seq-len 500` on a model of context 64 reads 64-token windows; correspond.json recorded 500."""
+    from dataclasses import replace
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter, heads_per_group=4, lorsa_k=3)
+    cfg = replace(CFG, seq_len=500, n_seqs=1, batch_size=1)
+    res = cs.correspond(model, 1, cfg, RandomTokenSource(97, adapter.context, seed=5))
+    assert res.to_json()["config"]["seq_len"] == adapter.context == res.tokens + 1

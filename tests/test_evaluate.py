@@ -112,3 +112,16 @@ def test_eval_rows_start_as_traced_prompts_do(monkeypatch):
     firsts.update(text_windows(adapter, torch.arange(10, 60), 16, 2)[:, 0].tolist())
     firsts.add(repeated_span_prompt(adapter, span=3)[0][0, 0].item())
     assert firsts == {int(encode_prompt(adapter.tokenizer, "a b", adapter.context)[0, 0])} == {bos}
+
+
+def test_copying_with_no_case_in_the_text_measures_nothing(capsys):
+    """A text holding no copying case gave '0 cases: top-1 0.0%', read as a measured 0%: its figures are None,
+    and eval prints that the text has no case."""
+    from cli.main import _print_copying
+    from replacement.evaluate import natural_copying
+
+    stats = natural_copying(load_model("toy"), ["a b c"])
+    assert stats and all(s["n"] == 0 and s["copy_top1"] is None and s["first_prob"] is None for s in stats.values())
+    _print_copying(stats, "")
+    out = capsys.readouterr().out
+    assert "no case in this text" in out and "0.0%" not in out
