@@ -57,6 +57,11 @@ def compare(a: AttributionGraph, b: AttributionGraph, align: str = "id") -> list
     graph holds changes by its whole influence); logits, all at the last position, match by token."""
     if align not in ALIGNS:
         raise BadInputError(f"unknown alignment {align!r}; use one of {', '.join(ALIGNS)}")
+    for key, what in (("model_fingerprint", "models"), ("replacements_fingerprint", "replacements")):
+        fa, fb = a.settings.get(key), b.settings.get(key)
+        if fa and fb and fa != fb:  # a unit's id names another unit there (graphs written before record neither)
+            raise BadInputError(f"the graphs were traced with different {what} ({a.settings.get('model')!r} "
+                                f"{fa} and {b.settings.get('model')!r} {fb}): their nodes do not correspond")
     if align == "id" and len(a.tokens) != len(b.tokens):
         raise BadInputError(f"the prompts have {len(a.tokens)} and {len(b.tokens)} tokens: match nodes by position "
                             "from the end (align='end', query --align end)")

@@ -233,3 +233,7 @@ def test_compare_matches_nodes_by_id_or_from_the_end(small_model, tmp_path):
     assert r.exit_code == 0 and f"{both} nodes in both" in r.output and f"  {unit.key} " in r.output, r.output
     r = CliRunner().invoke(circuits, ["query", str(pa), "--align", "end"])
     assert r.exit_code == 1 and "give the other with --compare" in r.output
+    other = attribute(small_model, [0, 5, 9, 15, 3], target=7, qk=False)  # graphs of another model's: not matched
+    other.settings["model_fingerprint"] = "0123456789abcdef"  # (ids would name other units there, unsaid)
+    with pytest.raises(BadInputError, match="traced with different models"):
+        compare(a, other)
