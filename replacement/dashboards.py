@@ -286,6 +286,18 @@ def default_source_name(adapter) -> str:
     return "heldout-sample:" + hashlib.sha256(HELDOUT_SAMPLE.read_bytes()).hexdigest()[:16]
 
 
+def texts_name(texts) -> str:
+    """The dashboards' sample when it is ``texts``: each file by its contents (a SHA-256), so that an edited file, or
+    another of the same name, is scanned anew (keyed by name, the old text's contexts were shown)."""
+    def name(t) -> str:
+        try:
+            return hashlib.sha256(Path(t).read_bytes()).hexdigest()[:16]
+        except OSError:  # not a readable file: reading it says why, in one line
+            return str(t)
+
+    return "texts:" + "|".join(sorted(name(t) for t in texts))
+
+
 def cache_key(model, cfg: DashboardConfig, source_name: str) -> str:
     """Model fingerprint + the replacement weights + the sample: any change gives a new key."""
     from .models import model_fingerprint
@@ -380,7 +392,7 @@ def load_or_build(model, cfg: DashboardConfig | None = None, texts: list[str] | 
         if a.tokenizer is None:
             raise BadInputError(f"text files cannot be read: {NO_TOKENIZER}")
         source = TextSource(a.tokenizer, list(texts), min(cfg.seq_len, a.context), cfg.seed, heldout=True)
-        source_name = "|".join(sorted(texts))
+        source_name = texts_name(texts)
     folder = Path(cache_dir or default_cache_dir()) / f"{a.name.replace('/', '--')}-{cache_key(model, cfg, source_name)}"
     files = {L: folder / f"layer{L}.safetensors" for L in range(a.n_layers)}
     if not rebuild and all(f.is_file() for f in files.values()):

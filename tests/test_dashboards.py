@@ -165,6 +165,22 @@ def test_cache_is_reused_and_keyed_by_the_weights(built, monkeypatch):
             model.transcoders[0].W_dec.div_(1.5)
 
 
+def test_a_text_sample_is_keyed_by_its_contents(tmp_path):
+    """Dashboards built from --text files are cached under their contents: an edited file of the same name is
+    scanned anew (keyed by the name, the old text's contexts were shown); the same contents are reused."""
+    from replacement.dashboards import texts_name
+
+    a, b = tmp_path / "a" / "t.txt", tmp_path / "b" / "t.txt"
+    for path, text in ((a, "fruit and apples"), (b, "ships and sails")):
+        path.parent.mkdir()
+        path.write_text(text)
+    assert texts_name([str(a)]) != texts_name([str(b)])
+    before = texts_name([str(a)])
+    a.write_text("ships and sails")
+    assert texts_name([str(a)]) == texts_name([str(b)]) != before
+    assert texts_name([str(tmp_path / "missing.txt")]).endswith("missing.txt")  # reading it says why, later
+
+
 def test_bad_index_is_one_clear_error(built):
     from replacement.errors import BadInputError
 
