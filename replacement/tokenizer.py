@@ -76,5 +76,7 @@ def special_ids(tokenizer, vocab: int) -> list[int]:
     rows past its last token (a padded vocabulary): never listed in a lens, since special tokens' unembedding rows
     are often the longest (pythia's <|pad|> and <|endoftext|> top a quarter of random directions), padded rows
     stand for no text, and neither says anything about what a unit does."""
+    if tokenizer is None:  # a model without one: token ids only
+        return []
     special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab]
     return sorted(set(special) | set(range(len(tokenizer), vocab)))
