@@ -595,6 +595,10 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     from replacement.models import load_model
 
     refuse_file("--cache-dir", cache_dir)
+    top_given = click.get_current_context().get_parameter_source("top") == click.core.ParameterSource.COMMANDLINE
+    if top_given and (head is not None or feature is not None):
+        raise BadInputError("--top sets how many heads and features a layer's list shows; with --head or --feature "
+                            "one is shown: leave it out")
     adapter = load_model(model_name, device, dtype)
     if not 0 <= layer < adapter.n_layers:
         raise BadInputError(f"--layer {layer} out of range: {adapter.name} has layers 0-{adapter.n_layers - 1}")

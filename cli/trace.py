@@ -80,6 +80,15 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     if attention == "frozen" and qk_given:  # no Lorsa heads: nothing they set is read
         raise BadInputError(f"{qk_given[0]} sets the Lorsa heads' QK explanations; --attention frozen has no Lorsa "
                             "heads: leave it out")
+    if not qk and qk_given:
+        raise BadInputError(f"{qk_given[0]} sets the QK explanations, which --no-qk leaves out: drop one of them")
+    picture = [o for o, name in (("--draw-nodes", "draw_nodes"), ("--expand-families", "expand_families"))
+               if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if picture and not set(fmts) & (set(RENDERED) | {"dot", "html"}):
+        raise BadInputError(f"{picture[0]} sets what a picture draws, and --format {fmt} draws none: add dot, svg, "
+                            "png or html, or leave it out")
+    if expand_families and not families:
+        raise BadInputError("--expand-families draws the members of families, which --no-families does not find")
     _check_prompt_and_target(model_name, prompt, target)
     family_cfg = _family_config(families, family_cosine)
     settings = {"attention": attention, "target": target, "node_threshold": node_threshold,

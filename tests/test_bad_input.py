@@ -46,6 +46,14 @@ CASES = [
     # the empty ones below were read as their defaults: every layer, ./graph.json, $CIRCUITS_DATA, the current folder
     Case("train-empty-layers", ["circuits", "train", "--model", "{M}", "--layers", ""],
          "Invalid value for '--layers': is empty"),
+    # options that set what the run leaves out were ignored without a word
+    Case("no-qk-qk-heads", T + ["--no-qk", "--qk-heads", "3"], "--qk-heads sets the QK explanations, which --no-qk"),
+    Case("no-qk-qk-reference", T + ["--no-qk", "--qk-reference", "runner_up"], "--qk-reference sets the QK"),
+    Case("json-draw-nodes", T + ["--format", "json", "--draw-nodes", "5"], "--format json draws none"),
+    Case("no-families-expand", T + ["--no-families", "--expand-families"],
+         "--expand-families draws the members of families, which --no-families does not find"),
+    Case("heads-top-with-head", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--head", "1", "--top", "5"],
+         "--top sets how many heads and features a layer's list shows"),
     Case("query-empty-graph", ["circuits", "query", ""], "Invalid value for 'graph_json': is empty"),
     Case("render-empty-graph", ["circuits", "render", " "], "Invalid value for 'graph_json': is empty"),
     Case("query-empty-compare", ["circuits", "query", "{PREV}", "--compare", ""], "Invalid value for '--compare': is empty"),
