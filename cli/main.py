@@ -11,7 +11,7 @@ from graphs.graph import ID_PREFIXES, NODE_TYPES, NodeKind
 from graphs.layout import DEFAULT_DRAW_NODES
 from replacement.bundle import PRESET_NAMES
 
-from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, not_empty, refuse_file
+from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, not_empty, printable, refuse_file
 
 
 @click.group(cls=FriendlyGroup)
@@ -52,6 +52,7 @@ def models(search_dirs):
                    "WORKDIR/<model>-<last stage>/hf).")
 def train_lm(presets, workdir, texts, steps, resume, compile_, install):
     """Train the bundled language models (the project's recipe)."""
+    refuse_file("--workdir", workdir)  # before the tokenizer's training, not after it
     from replacement.lm.presets import PRESETS
     from replacement.lm.recipe import run_recipe
 
@@ -275,6 +276,7 @@ def _refuse_ignored_options(ctx: click.Context, joint: bool) -> None:
 def train_replacements_cmd(model_name, workdir, install):
     """Train a bundled model's replacements as the bundled ones were: its chain of `circuits train` runs
     (per layer, joint rounds, retrained transcoders), each starting from the last; resumable."""
+    refuse_file("--workdir", workdir)
     from replacement.bundle import preset_folder
     from replacement.recipe import RECIPES, copy_set, run_stages
 
@@ -736,7 +738,7 @@ def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, fe
             run.commit(["correspond.json", "correspond.dot"])
             raise
         json_path, dot_path, png_path = run.commit(["correspond.json", "correspond.dot", png.name])
-        click.echo(f"wrote {json_path}, {png_path} (drawn from {dot_path.name})")
+        click.echo(f"wrote {printable(json_path)}, {printable(png_path)} (drawn from {dot_path.name})")
 
 
 @circuits.command()
@@ -770,7 +772,7 @@ def render(graph_json, fmt, draw_nodes, expand_families):
         written = write_all(g, run.path(src.stem), fmts, draw_nodes, dashboards=(lambda: kept) if kept else None,
                             expand_families=expand_families)
         for path in run.commit([p.name for p in written.values()]):
-            click.echo(f"wrote {path}")
+            click.echo(f"wrote {printable(path)}")
 
 
 MAX_PATHS = 100  # query --paths

@@ -19,7 +19,8 @@ from graphs.prune import EDGE_THRESHOLD, FILE_MAX_EDGES, FILE_MAX_FEATURES, NODE
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, not_empty, spinner  # noqa: E402
+from .common import (REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, not_empty,  # noqa: E402
+                     printable, spinner)
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 DEFAULT_FORMATS = "json,dot,svg"
@@ -116,7 +117,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     if no_dot:
         click.echo("note: graphviz's `dot` is not installed, so no graph.svg was drawn (apt-get install graphviz); "
                    "graph.dot holds the picture and --format html needs no graphviz")
-    click.echo("wrote " + ", ".join(str(p) for p in written))
+    click.echo("wrote " + ", ".join(printable(p) for p in written))  # a folder's name may hold a line break
     click.echo(f"time: {time.time() - T_START:.2f}s in all (" + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + ")")
 
 

@@ -146,7 +146,8 @@ def single_token(tokenizer, text: str, what: str = "target") -> int:
     if len(ids) == 1:
         return ids[0]
     if named is not None:
-        raise BadInputError(f"{what} {text!r} is a special token (BOS, padding, ...), which is never a target")
+        raise BadInputError(f"{what} {text!r} is a special token (BOS, padding, ...), which is never a logit a graph "
+                            "explains or compares")
     raise BadInputError(f"{what} {text!r} is not a single token of this model's vocabulary ({len(ids)} tokens), nor "
                         f"a token's piece or bytes as trace prints them (<0x82>)")
 

@@ -54,6 +54,8 @@ CASES = [
          "--expand-families draws the members of families, which --no-families does not find"),
     Case("heads-top-with-head", ["circuits", "heads", "--model", "{M}", "--layer", "0", "--head", "1", "--top", "5"],
          "--top sets how many heads and features a layer's list shows"),
+    Case("train-lm-workdir-file", ["circuits", "train-lm", "--model", "toy", "--workdir", "{TEXT}"],
+         "is a file, not a folder"),
     Case("query-empty-graph", ["circuits", "query", ""], "Invalid value for 'graph_json': is empty"),
     Case("render-empty-graph", ["circuits", "render", " "], "Invalid value for 'graph_json': is empty"),
     Case("query-empty-compare", ["circuits", "query", "{PREV}", "--compare", ""], "Invalid value for '--compare': is empty"),
