@@ -55,7 +55,7 @@ def gb(b: int) -> str:
     """A byte count for a message: GB to one decimal from 0.1 GB up, else whole MB, KB or bytes."""
     if b >= 2**30 / 10:
         return f"{b / 2**30:.1f} GB"
-    return f"{b / 2**20:.0f} MB" if b >= 2**20 else f"{b / 2**10:.0f} KB" if b >= 2**10 else f"{b} bytes"
+    return f"{b / 2**20:.0f} MB" if b >= 2**20 else f"{b / 2**10:.0f} KB" if b >= 2**10 else f"{int(b)} bytes"
 
 
 def _meminfo_available() -> int | None:
