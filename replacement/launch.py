@@ -65,12 +65,13 @@ def output_folder(adapter, out: str | Path | None, init_from: str | Path | None 
 
 
 def within_context(cfg, adapter):
-    """``cfg`` with its sequence length capped at the model's context, saying so in a line on stderr when it was
-    longer (it was cut without a word)."""
+    """``cfg`` with its sequence length capped at the model's context, saying so in a line on stderr when one asked
+    for was longer (it was cut without a word; the default, capped for a short model, is not worth a line)."""
     if cfg.seq_len <= adapter.context:
         return cfg
-    print(f"note: --seq-len {cfg.seq_len} is longer than {adapter.name}'s context of {adapter.context} tokens; "
-          f"training on windows of {adapter.context}", file=sys.stderr)
+    if cfg.seq_len != type(cfg)().seq_len:
+        print(f"note: --seq-len {cfg.seq_len} is longer than {adapter.name}'s context of {adapter.context} tokens; "
+              f"training on windows of {adapter.context}", file=sys.stderr)
     return replace(cfg, seq_len=adapter.context)
 
 
