@@ -597,7 +597,7 @@ class AttributionGraph:
     def feature_path(self, families: bool = False) -> tuple[float, list[str]] | None:
         """The strongest path from a token's embedding through at least one head or feature into the target logit
         (what `trace` prints as the strongest feature path; ``families``: on the collapsed graph), or None."""
-        found = self.top_paths(k=1, sources=(NodeKind.EMBEDDING,), min_len=3, families=families)
+        found = self.top_paths(to=self.target.id, k=1, sources=(NodeKind.EMBEDDING,), min_len=3, families=families)
         return found[0] if found else None
 
     def _strongest_path(self, to: str | None, max_len: int, sources: tuple[str, ...],
