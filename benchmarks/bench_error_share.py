@@ -38,6 +38,9 @@ def main():
               f"constants {m['constants']:+.2f}; errors' share " + ("none" if share is None else f"{share:+.2f}"),
               flush=True)
     given = [s for s in shares if s is not None]
+    if not given:
+        print(f"{len(shares)} prompts, every margin too near 0 for a share")
+        return
     sizes = [abs(s) for s in given]
     print(f"{len(shares)} prompts ({len(shares) - len(given)} with a margin too near 0 for a share): errors' share "
           f"median {statistics.median(given):+.3f}, median size {statistics.median(sizes):.3f}, at most 0.3 in size "

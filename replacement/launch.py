@@ -65,14 +65,20 @@ def output_folder(adapter, out: str | Path | None, init_from: str | Path | None 
 
 
 def within_context(cfg, adapter):
-    """``cfg`` with its sequence length capped at the model's context, saying so in a line on stderr when one asked
-    for was longer (it was cut without a word; the default, capped for a short model, is not worth a line)."""
+    """(``cfg`` with its sequence length capped at the model's context, a note to print once the run's checks pass
+    when a length asked for was longer, else None: it was cut without a word; the default, capped for a short
+    model, is not worth a line)."""
     if cfg.seq_len <= adapter.context:
-        return cfg
-    if cfg.seq_len != type(cfg)().seq_len:
-        print(f"note: --seq-len {cfg.seq_len} is longer than {adapter.name}'s context of {adapter.context} tokens; "
-              f"training on windows of {adapter.context}", file=sys.stderr)
-    return replace(cfg, seq_len=adapter.context)
+        return cfg, None
+    note = None if cfg.seq_len == type(cfg)().seq_len else (
+        f"note: --seq-len {cfg.seq_len} is longer than {adapter.name}'s context of {adapter.context} tokens; "
+        f"training on windows of {adapter.context}")
+    return replace(cfg, seq_len=adapter.context), note
+
+
+def _say(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)
 
 
 def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", dtype: str = "float32",
@@ -87,11 +93,12 @@ def train_replacements(model_name: str, cfg: TrainConfig, device: str = "cpu", d
     device, world, rank = distributed_setup(device)
     try:
         adapter = load_model(model_name, device, dtype)
-        cfg = within_context(cfg, adapter)
+        cfg, note = within_context(cfg, adapter)
         check_units(adapter, cfg)  # before the activations are cached, which can take long
         source, eval_source = text_sources(adapter, texts, cfg) if texts else (None, None)
         folder = output_folder(adapter, out)
         check_replaceable(adapter, cfg, folder, resume, overwrite)  # before the activations are cached
+        _say(note)
         with exclusive_folder(folder, "the output folder", lock=rank == 0):  # a torchrun job's ranks share it
             shards = cached_activations(adapter, cfg, source, cache_folder) if cache_folder else None
             return fit_replacements(adapter, cfg, folder, resume=resume, source=source, eval_source=eval_source,
@@ -113,8 +120,9 @@ def train_joint(model_name: str, cfg: JointConfig, device: str = "cpu", dtype: s
     from .models import load_model
 
     adapter = load_model(model_name, device, dtype)
-    cfg = within_context(cfg, adapter)
+    cfg, note = within_context(cfg, adapter)
     folder = output_folder(adapter, out, init_from)
+    _say(note)
     with exclusive_folder(folder, "the output folder"):
         return fit_joint(adapter, cfg, init_from, folder, resume=resume, source=joint_source(adapter, cfg, texts),
                          eval_source=joint_eval_source(adapter, cfg, texts), overwrite=overwrite), folder

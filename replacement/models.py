@@ -382,11 +382,13 @@ class ModelAdapter:
         if layernorm:
             xf = xf - xf.mean(-1, keepdim=True)
         var = xf.pow(2).mean(-1, keepdim=True) + (norm.eps if layernorm or self.gemma else norm.variance_epsilon)
-        scale = var.sqrt()
-        hooked = self._hook(name, scale, hooks, cache)
-        if layernorm and hooked is scale:
+        own = var.sqrt()
+        # a hook gets a copy (it may change it in place); a scale frozen at its own value runs the norm as it is
+        scale = self._hook(name, own.clone() if hooks and name in hooks else own, hooks, cache)
+        as_is = scale is own or torch.equal(scale, own)
+        if layernorm and as_is:
             return torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        xn = xf * torch.rsqrt(var) if hooked is scale else xf / hooked  # a hook may freeze the scale
+        xn = xf * torch.rsqrt(var) if as_is else xf / scale
         if self.gemma:  # Gemma-2 multiplies in float32, then casts
             return (xn * (1.0 + norm.weight.float())).to(x.dtype)
         if layernorm:

@@ -130,3 +130,27 @@ def test_a_bfloat16_model_runs_as_hf_does_and_its_capture_as_its_plain_run(arch,
         captured = adapter.run(ids, capture=True).logits.float()
     assert torch.equal(captured, plain)
     torch.testing.assert_close(plain, theirs, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_a_norm_scale_hook_is_read_however_it_changes_the_scale(arch, ids):
+    """A hook on a norm's scale is honoured whether it returns a new tensor or changes the one it is given in place
+    (the latter was ignored for a while); frozen at its own values the run is unchanged, bit for bit in bfloat16
+    (`patch --freeze-norms` compares such runs with the clean one)."""
+    from replacement.hooks import hook_name
+    from tests.conftest import tiny_llama, tiny_neox
+
+    model = {"llama": tiny_llama, "neox": tiny_neox}[arch]()
+    a = ModelAdapter(model)
+    name = hook_name(0, "ln1.scale")
+    with torch.no_grad():
+        clean = a.run(ids).logits
+        returned = a.run(ids, hooks={name: lambda t, n: t * 2}).logits
+        in_place = a.run(ids, hooks={name: lambda t, n: t.mul_(2)}).logits
+    assert not torch.allclose(returned, clean, atol=1e-3) and torch.equal(in_place, returned)
+    model.config._attn_implementation = "eager"
+    b = ModelAdapter(model.to(torch.bfloat16))
+    with torch.no_grad():
+        run = b.run(ids, capture=True)
+        frozen = b.run(ids, hooks={n: (lambda t, _, v=v: v) for n, v in run.cache.items() if n.endswith(".scale")})
+    assert torch.equal(frozen.logits, run.logits)

@@ -247,6 +247,9 @@ CASES = [
          "--qk-heads sets the Lorsa heads' QK explanations; --attention frozen has no Lorsa heads"),
     Case("train-top-k-beyond-features", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--tc-top-k",
                                          "100000"], "layer 0's transcoder: --tc-top-k 100000 is not between"),
+    Case("train-long-seq-len-and-bad-top-k", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--seq-len",
+                                              "1000", "--tc-top-k", "100000"],  # the length's note waits for the checks
+         "layer 0's transcoder: --tc-top-k 100000 is not between"),
     Case("train-joint-batch-beyond-memory", ["circuits", "train", "--model", "{M}", "--joint", "--batch-size",
                                              "1000000000000", "--text", "{TEXT}"], "out of memory: an allocation of"),
     Case("train-lr-past-float32", ["circuits", "train", "--model", "{M}", "--lr", "1e308"],
