@@ -104,19 +104,21 @@ def test_attribute_refuses_above_the_budget_before_building(monkeypatch):
 
 
 MEASURE = """
-import json, resource, sys
+import json, sys
 from graphs.attribution import attribute
 from graphs.memory_estimate import estimate
 from graphs.prune import prune
 from replacement.assemble import ReplacementModel
 from replacement.models import load_model
+def high_water():  # this process's peak resident memory (not ru_maxrss: Linux carries the parent's over a fork)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 a = load_model("llama"); m = ReplacementModel.load(a)
 ids = a.tokenize(" ".join(str(i) for i in range(30)))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = high_water()
 g = attribute(m, ids)
 edges = len(g.edge_arrays)
 prune(g)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 e = estimate(ids.shape[1], [m.lorsas[L].cfg.top_k for L in range(4)], [m.transcoders[L].cfg.top_k for L in range(4)])
 print(json.dumps({"edges": edges, "est_edges": e.edges, "est_bytes": e.bytes, "used": peak - base}))
 """
