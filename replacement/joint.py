@@ -398,15 +398,15 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     out = Path(out_folder) if out_folder else start if start_folder else default_train_folder(adapter)
     modules = load_replacements(start, adapter, earlier_version=start_folder is not None)
     state = out / ".train_state.joint.safetensors"
+    fp = model_fingerprint(adapter)
     if out.resolve() != start.resolve():  # refining the start folder in place is what was asked
-        refuse_replacing(out, list(modules), state, resume, overwrite, model_fingerprint(adapter))
+        refuse_replacing(out, list(modules), state, resume, overwrite, fp)
     source = source or joint_source(adapter, cfg)
     trainer = JointTrainer(adapter, modules, cfg, source, state)
     trainer.train(resume=resume, progress=progress)
     folded = trainer.folded_modules()
 
     metrics = evaluate_modules(adapter, folded, eval_source or joint_eval_source(adapter, cfg))
-    fp = model_fingerprint(adapter)
     old = saved_metrics(start)
     items = []
     for (kind, L), m in folded.items():
