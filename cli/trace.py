@@ -85,7 +85,7 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
         raise BadInputError(f"{qk_given[0]} sets the QK explanations, which --no-qk leaves out: drop one of them")
     picture = [o for o, name in (("--draw-nodes", "draw_nodes"), ("--expand-families", "expand_families"))
                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-    if picture and not set(fmts) & (set(RENDERED) | {"dot", "html"}):
+    if picture and set(fmts) <= {"json"}:  # every other format draws the graph
         raise BadInputError(f"{picture[0]} sets what a picture draws, and --format {fmt} draws none: add dot, svg, "
                             "png or html, or leave it out")
     if expand_families and not families:
