@@ -213,12 +213,12 @@ def _print_saved(folder, model_name: str) -> None:
 
     from replacement.assemble import required_modules
     from replacement.models import resolve_model_path
-    from replacement.store import read_folder_config
+    from replacement.store import module_key, read_folder_config
 
     held = set(read_folder_config(Path(folder) / "config.json").get("modules", {}))
     path, _, revision = resolve_model_path(model_name)
     n_layers = AutoConfig.from_pretrained(path, revision=revision).num_hidden_layers
-    whole = {f"layer{L}.{k}" for k, L in required_modules(n_layers)} <= held
+    whole = {module_key(k, L) for k, L in required_modules(n_layers)} <= held
     own = Path(path) / "replacements"  # the model's own set (beside a bundled or local model)
     if not whole and own.resolve() == Path(folder).resolve():  # the model's own set is this one, incomplete
         click.echo(f"saved in {folder}, which holds {', '.join(sorted(held))} only: a trace needs every layer's Lorsa "

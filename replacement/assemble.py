@@ -117,12 +117,13 @@ class ReplacementModel:
 
         from .bundle import BUNDLE_DIR
         from .models import model_fingerprint, sample_tensors
+        from .store import module_key
 
         by_folder: dict[str, list[str]] = {}
         for (kind, L), folder in sorted(self.origins.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             folder = Path(folder).resolve()
             name = f"bundled:{folder.parent.name}" if folder.parent.parent == BUNDLE_DIR else str(folder)
-            by_folder.setdefault(name, []).append(f"layer{L}.{kind}")
+            by_folder.setdefault(name, []).append(module_key(kind, L))
         h = hashlib.sha256()
         for kind, mods in (("lorsa", self.lorsas), ("transcoder", self.transcoders)):
             for L in sorted(mods):

@@ -311,6 +311,7 @@ def modules_on_text(model, tokens: torch.Tensor) -> dict[str, dict]:
     fraction and spliced loss (`train.evaluate_modules`), and the top-1 agreement and KL of the model with that
     module alone spliced in, every other block real."""
     from .activations import TextSource
+    from .store import module_key
     from .train import evaluate_modules
 
     adapter = model.adapter
@@ -322,7 +323,7 @@ def modules_on_text(model, tokens: torch.Tensor) -> dict[str, dict]:
     for (kind, L) in modules:
         alone = agreement(adapter, tokens, lambda key=(kind, L): model.sparse_hooks(only={key}))
         if alone:  # {} when the text is shorter than one window
-            out[f"layer{L}.{kind}"] |= {"top1_agreement_alone": alone["top1_agreement"], "kl_alone": alone["kl"]}
+            out[module_key(kind, L)] |= {"top1_agreement_alone": alone["top1_agreement"], "kl_alone": alone["kl"]}
     return out
 
 

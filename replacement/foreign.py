@@ -1,4 +1,6 @@
-"""Replacement folders from elsewhere, detected from their files and loaded as our modules.
+"""Replacement folders from elsewhere, detected from their files and loaded as our modules; every other tool's
+file layout is read here (and circuit-tracer's written: `write_circuit_tracer`), so lorsa.py and transcoder.py hold
+the maths alone.
 
     ours             config.json with "modules", layer{L}.{lorsa|transcoder}.safetensors   (replacement/store.py)
     circuit-tracer   config.yaml (model_kind: transcoder_set) and/or layer_{L}.safetensors: per-layer transcoders,
@@ -24,6 +26,8 @@ import torch
 
 from .errors import ForeignFormatError
 from .hooks import hook_name
+from .lorsa import Lorsa, LorsaConfig, inv_freq_of
+from .transcoder import Transcoder, TranscoderConfig
 
 # circuit-tracer hook names a transcoder may read (the MLP's input after its norm, or the residual stream before
 # it) and write ("what the MLP adds to the residual"); what each read is called here (replacement/hooks.py)
@@ -137,13 +141,11 @@ def circuit_tracer_config(folder: Path, default_in: str = "mlp.hook_in") -> tupl
 
 def load_circuit_tracer(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
     """Per-layer transcoders ``layer_{L}.safetensors`` (or those config.yaml lists by local path)."""
-    from .transcoder import Transcoder
-
     conf, reads, k = circuit_tracer_config(folder)
     files = _ct_layer_files(folder, conf)
     if not files:
         raise ForeignFormatError(f"{folder} has a circuit-tracer config.yaml but no layer_<L>.safetensors files")
-    out = {("transcoder", L): Transcoder.from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
+    out = {("transcoder", L): transcoder_from_circuit_tracer_file(_existing(p, L), L, k) for L, p in files.items()}
     return reading(out, reads, folder)
 
 
@@ -158,11 +160,8 @@ def reading(modules: dict, reads: str, folder: Path) -> dict:
 
 
 def load_circuit_tracer_clt(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
-    """A cross-layer transcoder: ``W_enc_{L}`` / ``W_dec_{L}.safetensors`` (replacement/transcoder.py's
-    `clt_from_circuit_tracer`), with the hooks and top_k of its config.yaml (circuit-tracer's default input hook
+    """A cross-layer transcoder: ``W_enc_{L}`` / ``W_dec_{L}.safetensors`` (`clt_from_circuit_tracer`), with the hooks and top_k of its config.yaml (circuit-tracer's default input hook
     for a CLT without one is hook_resid_mid)."""
-    from .transcoder import clt_from_circuit_tracer
-
     _, reads, k = circuit_tracer_config(folder, default_in="hook_resid_mid")
     layers = clt_from_circuit_tracer(folder, k)
     if len(layers) != adapter.n_layers:
@@ -213,6 +212,170 @@ def _check_ct_hooks(conf: dict, folder: Path, default_in: str = "mlp.hook_in") -
     return CT_INPUT_HOOKS[hin]
 
 
+def write_circuit_tracer(tc: Transcoder, folder: str | Path, layer: int, model_kind: str = "transcoder_set") -> Path:
+    """Write transcoder ``tc`` as circuit-tracer's ``layer_{i}.safetensors`` and the set's ``config.yaml`` (its input hook from
+    ``tc.cfg.reads``, the output hook ``mlp.hook_out``, and ``top_k``).  A folder whose config.yaml says otherwise
+    (another input, another K: circuit-tracer reads one config for every layer) is refused in one line.
+
+    circuit-tracer has no top-K: it keeps every feature its ReLU (JumpReLU) passes, so it runs a top-K
+    transcoder as a wider code than ours (a warning says so); this tool's reader applies the ``top_k`` line."""
+    import warnings
+
+    from .checkpoint import atomic_save
+    from .io import atomic_write_text
+
+    folder = Path(folder)
+    if tc.W_skip is not None and tc.cfg.reads != "mlp.in":  # what circuit-tracer (and our reader) refuse
+        raise ForeignFormatError(f"a transcoder reading {tc.cfg.reads} with a skip connection has no "
+                                 "circuit-tracer form (a skip reads the MLP's input, mlp.hook_in)")
+    hook_in = next(h for h, reads in CT_INPUT_HOOKS.items() if reads == tc.cfg.reads)
+    settings = {"model_kind": model_kind, "feature_input_hook": hook_in, "feature_output_hook": CT_OUTPUT_HOOKS[0]}
+    if tc.cfg.top_k:
+        settings["top_k"] = tc.cfg.top_k
+    cfg_path = folder / "config.yaml"
+    if cfg_path.is_file():
+        there = _read_yaml(cfg_path)
+        same = lambda k: there.get(k) == settings.get(k) or (  # noqa: E731  the MLP's output, by either name
+            k == "feature_output_hook" and there.get(k) in CT_OUTPUT_HOOKS)
+        clash = [k for k in sorted(set(settings) | {"top_k"}) if not same(k)]
+        if clash:
+            k = clash[0]
+            raise ForeignFormatError(f"{cfg_path} has {k} {there.get(k, 'none')!r} where this transcoder needs "
+                                     f"{settings.get(k, 'none')!r}: circuit-tracer reads one config for every "
+                                     "layer, so write it into another folder")
+    if tc.cfg.top_k:
+        warnings.warn(f"circuit-tracer has no top-K: it keeps every feature its activation passes, so it runs "
+                      f"this K = {tc.cfg.top_k} transcoder as a wider code (this tool's reader applies the "
+                      "top_k line of config.yaml)", stacklevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    t = {"W_enc": tc.W_enc, "b_enc": tc.b_enc, "W_dec": tc.W_dec, "b_dec": tc.b_dec}
+    if tc.W_skip is not None:
+        t["W_skip"] = tc.W_skip.t()  # circuit-tracer: skip = x @ W_skip.T
+    if tc.threshold is not None:
+        t["activation_function.threshold"] = tc.threshold
+    path = folder / f"layer_{layer}.safetensors"
+    atomic_save(t, path)
+    if not cfg_path.is_file():
+        atomic_write_text(cfg_path, "".join(f"{k}: {v}\n" for k, v in settings.items()))
+    return path
+
+def transcoder_from_circuit_tracer(folder: str | Path, layer: int, top_k: int | None = None) -> Transcoder:
+    """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``, reading the input its ``config.yaml`` names;
+    ``top_k`` (else ``top_k`` in its ``config.yaml``, else none): see `transcoder_from_circuit_tracer_file`."""
+    folder = Path(folder)
+    _, reads, k = circuit_tracer_config(folder)
+    tc = transcoder_from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k if top_k is None else top_k)
+    return reading({("transcoder", layer): tc}, reads, folder)[("transcoder", layer)]
+
+def transcoder_from_circuit_tracer_file(path: str | Path, layer: int, top_k: int = 0) -> Transcoder:
+    """One circuit-tracer per-layer file: ReLU, or JumpReLU where it holds ``activation_function.threshold``;
+    with a skip where it holds ``W_skip`` (applied as x @ W_skip.T).  ``top_k`` > 0 keeps only the k
+    strongest features; 0 keeps every feature that passes its activation (circuit-tracer's rule)."""
+    from .checkpoint import load
+
+    t, _ = load(path)
+    N, d = _check_circuit_tracer_tensors(t, Path(path))
+    W_skip, theta = t.get("W_skip"), t.get("activation_function.threshold")
+    tc = Transcoder(TranscoderConfig(d_model=d, n_features=N, top_k=top_k, skip=W_skip is not None, layer=layer,
+                                     jumprelu=theta is not None))
+    tc.assign_weights(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], None if W_skip is None else W_skip.t())
+    if theta is not None:
+        with torch.no_grad():
+            tc.threshold.copy_(theta.float().reshape(-1).expand(N))  # [N], [1, N] or one value
+    return tc
+
+def clt_from_circuit_tracer(folder: str | Path, top_k: int = 0) -> dict[int, Transcoder]:
+    """circuit-tracer's cross-layer transcoder folder (what its ``CrossLayerTranscoder.to_safetensors`` writes),
+    as one `Transcoder` per layer L (``n_later`` = n_layers - 1 - L):
+
+        W_enc_{L}.safetensors   W_enc_{L} [N, d], b_enc_{L} [N], b_dec_{L} [d] (the bias of layer L's MLP
+                                output), threshold_{L} [N] (JumpReLU; absent: ReLU)
+        W_dec_{L}.safetensors   W_dec_{L} [N, n_layers - L, d]: slice j is the decoder into layer L + j
+
+    Layers are 0 .. n_layers - 1 with no gap.  Anything missing, misshapen or not finite: ForeignFormatError."""
+    from .checkpoint import load
+
+    folder = Path(folder)
+    layers = sorted(int(m.group(1)) for p in folder.glob("W_enc_*.safetensors")
+                    if (m := re.fullmatch(r"W_enc_(\d+)\.safetensors", p.name)))
+    if not layers:
+        raise ForeignFormatError(f"{folder} holds no W_enc_<L>.safetensors files of a circuit-tracer CLT")
+    n = len(layers)
+    if layers != list(range(n)):
+        raise ForeignFormatError(f"{folder}: the CLT's W_enc_<L>.safetensors files must be layers 0..{n - 1} with "
+                                 f"no gap; found {layers}")
+    out, jump = {}, None
+    for L in range(n):
+        enc, _ = load(folder / f"W_enc_{L}.safetensors")
+        dec_path = folder / f"W_dec_{L}.safetensors"
+        if not dec_path.is_file():
+            raise ForeignFormatError(f"{folder} is a partial CLT: W_enc_{L}.safetensors has no W_dec_{L}.safetensors")
+        dec, _ = load(dec_path)
+        t = _clt_layer_tensors(enc, dec, L, n, folder)
+        N, d = t["W_enc"].shape
+        if jump is None:
+            jump, width = "threshold" in t, (N, d)
+        if ("threshold" in t) != jump or (N, d) != width:
+            raise ForeignFormatError(f"{folder}: the CLT's layer {L} differs from layer 0 (features, width or "
+                                     "activation); every layer must share them")
+        tc = Transcoder(TranscoderConfig(d_model=d, n_features=N, top_k=top_k, layer=L, jumprelu=jump,
+                                         n_later=n - 1 - L))
+        W_dec = t["W_dec"]  # [N, n - L, d]
+        tc.assign_weights(t["W_enc"], t["b_enc"], W_dec[:, 0], t["b_dec"])
+        with torch.no_grad():
+            if tc.W_dec_later is not None:
+                tc.W_dec_later.copy_(W_dec[:, 1:])
+            if jump:
+                tc.threshold.copy_(t["threshold"].float().reshape(-1).expand(N))
+        out[L] = tc
+    return out
+
+
+def _clt_layer_tensors(enc: dict, dec: dict, L: int, n: int, folder: Path) -> dict:
+    """One CLT layer's tensors under our names (W_enc, b_enc, b_dec, W_dec, threshold), checked."""
+    names = {"W_enc": (enc, f"W_enc_{L}"), "b_enc": (enc, f"b_enc_{L}"), "b_dec": (enc, f"b_dec_{L}"),
+             "W_dec": (dec, f"W_dec_{L}"), "threshold": (enc, f"threshold_{L}")}
+    missing = [key for name, (src, key) in names.items() if key not in src and name != "threshold"]
+    if missing:
+        raise ForeignFormatError(f"{folder} is not a complete circuit-tracer CLT: layer {L} lacks {', '.join(missing)}")
+    t = {name: src[key] for name, (src, key) in names.items() if key in src}
+    N, d = t["W_enc"].shape if t["W_enc"].dim() == 2 else (-1, -1)
+    want = {"W_enc": (N, d), "b_enc": (N,), "b_dec": (d,), "W_dec": (N, n - L, d)}
+    for name, shape in want.items():
+        if tuple(t[name].shape) != shape:
+            raise ForeignFormatError(f"{folder}: the CLT's {names[name][1]} has shape {tuple(t[name].shape)}, expected "
+                                     f"{shape} (a CLT of {n} layers)")
+    theta = t.get("threshold")
+    if theta is not None and (theta.numel() not in (1, N) or bool((theta.float() < 0).any())):
+        raise ForeignFormatError(f"{folder}: threshold_{L} must be {N} values >= 0 (or one)")
+    bad = [names[k][1] for k, v in t.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ForeignFormatError(f"{folder}: the CLT's {bad[0]} holds NaN or infinite values")
+    return t
+
+
+def _check_circuit_tracer_tensors(t: dict, path: Path) -> tuple[int, int]:
+    """(n_features, d_model) of a circuit-tracer per-layer file; ForeignFormatError (one line) if a tensor is
+    missing, misshapen, not finite, or a threshold is negative (JumpReLU features would then write negative
+    activations, which no graph node can carry)."""
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in t]
+    if missing or "log_thresholds" in t:
+        what = f"lacks {', '.join(missing)}" if missing else "holds log_thresholds (not a circuit-tracer layout)"
+        raise ForeignFormatError(f"{path} is not a circuit-tracer transcoder file: it {what}")
+    N, d = t["W_enc"].shape if t["W_enc"].dim() == 2 else (-1, -1)
+    want = {"W_enc": (N, d), "W_dec": (N, d), "b_enc": (N,), "b_dec": (d,), "W_skip": (d, d)}
+    for k, shape in want.items():
+        if k in t and tuple(t[k].shape) != shape:
+            raise ForeignFormatError(f"{path}: {k} has shape {tuple(t[k].shape)}, expected {shape}")
+    theta = t.get("activation_function.threshold")
+    if theta is not None and (theta.numel() not in (1, N) or bool((theta.float() < 0).any())):
+        raise ForeignFormatError(f"{path}: activation_function.threshold must be {N} values >= 0 (or one)")
+    bad = [k for k, v in t.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ForeignFormatError(f"{path}: {bad[0]} holds NaN or infinite values")
+    return N, d
+
+
 # -- Llamascopium ----------------------------------------------------------------------------------------
 
 
@@ -228,8 +391,6 @@ def _llamascope_parts(folder: Path) -> list[Path]:
 
 def load_llamascope(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
     from .checkpoint import load
-    from .lorsa import from_llamascope
-    from .transcoder import Transcoder
 
     out = {}
     for part in _llamascope_parts(folder):
@@ -240,15 +401,61 @@ def load_llamascope(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Mod
         keys = set(load(part / "sae_weights.safetensors")[0])
         if "W_Q" in keys:
             _check_llamascope_hooks(conf, part, "lorsa")
-            out[("lorsa", L)] = _checked(lambda: from_llamascope(part, L, adapter), part)
+            out[("lorsa", L)] = _checked(lambda: lorsa_from_llamascope(part, L, adapter), part)
         elif "W_E" in keys:
             _check_llamascope_hooks(conf, part, "transcoder")
             k = _config_top_k(conf.get("top_k"), part / "config.json")
-            out[("transcoder", L)] = _checked(lambda: Transcoder.from_llamascope(
+            out[("transcoder", L)] = _checked(lambda: transcoder_from_llamascope(
                 part / "sae_weights.safetensors", top_k=k, layer=L), part)
         else:
             raise ForeignFormatError(f"{part}/sae_weights.safetensors is neither a Lorsa (W_Q) nor a transcoder (W_E)")
     return out
+
+
+def transcoder_from_llamascope(path: str | Path, top_k: int, layer: int = 0) -> Transcoder:
+    """A Llamascopium transcoder file's layout: ``W_E [d, d_tc]``, ``b_E``, ``W_D [d_tc, d]``, ``b_D``."""
+    from .checkpoint import load
+
+    t, _ = load(path)
+    tc = Transcoder(TranscoderConfig(d_model=t["W_E"].shape[0], n_features=t["W_E"].shape[1], top_k=top_k, layer=layer))
+    tc.assign_weights(t["W_E"].t(), t["b_E"], t["W_D"], t["b_D"])
+    return tc
+
+
+def lorsa_from_llamascope(folder, layer: int = 0, adapter=None) -> Lorsa:
+    """Load an OpenMOSS Llamascopium Lorsa (``config.json`` + ``sae_weights.safetensors``).  Its rotary map is
+    the config's ``rotary_dim`` and ``rotary_base``; one the config leaves out is the model's (``adapter``: a
+    Lorsa uses its model's rotary map), else none (no ``rotary_dim``) and 10,000."""
+    from .checkpoint import CheckpointError, load
+
+    folder = Path(folder)
+    conf = json.loads((folder / "config.json").read_text())
+    t, _ = load(folder / "sae_weights.safetensors")
+    if "ln_q.w" in t or "ln_k.w" in t:
+        raise CheckpointError("Llamascopium Lorsa with q/k layer norms (ln_q/ln_k) is not supported yet")
+    n_qk, d, d_qk = t["W_Q"].shape
+    H = t["W_V"].shape[0]
+    rd, base = conf.get("rotary_dim"), conf.get("rotary_base")
+    model_map = adapter is not None and base is None and rd in (None, adapter.rotary_dim) and adapter.rotary_dim > 0
+    if adapter is not None and rd is None:
+        rd = adapter.rotary_dim
+    rd, base = rd or 0, 10000.0 if base is None else base  # rd: checked by LorsaConfig
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < 1e300:
+        raise CheckpointError(f"{folder}/config.json: rotary_base {base!r} is not a positive number")
+    cfg = LorsaConfig(d_model=d, n_qk=n_qk, d_qk=d_qk, heads_per_group=H // n_qk, top_k=conf["top_k"],
+                      rotary_dim=rd, layer=layer)
+    if conf.get("n_qk_heads", n_qk) != n_qk or conf.get("d_qk_head", d_qk) != d_qk:
+        raise CheckpointError(f"{folder}: config.json and the weights disagree on the QK shape")
+    if model_map:  # the model's own frequencies (scaled variants included)
+        inv, scale = inv_freq_of(adapter)
+    else:
+        inv, scale = (1.0 / (float(base) ** (torch.arange(0, rd, 2).float() / rd)) if rd else None), 1.0
+    lorsa = Lorsa(cfg, inv_freq=inv, rope_scaling=scale)
+    with torch.no_grad():
+        for ours, theirs in (("W_Q", "W_Q"), ("W_K", "W_K"), ("b_Q", "b_Q"), ("b_K", "b_K"), ("W_V", "W_V"),
+                             ("b_V", "b_V"), ("W_O", "W_O"), ("b_O", "b_D")):
+            getattr(lorsa, ours).copy_(t[theirs].float())
+    return lorsa
 
 
 # what a module replacing a layer's attention or MLP may read and write (TransformerLens hook names, the end of

@@ -390,8 +390,8 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     bundled preset's).  Modules another folder ``out_folder`` holds already are not replaced unless ``overwrite``
     (`store.refuse_replacing`).  Returns the metrics."""
     from .models import model_fingerprint
-    from .store import (default_folder, default_train_folder, load_replacements, refuse_replacing, save_modules,
-                        saved_metrics)
+    from .store import (default_folder, default_train_folder, load_replacements, module_key, refuse_replacing,
+                        save_modules, saved_metrics)
     from .train import evaluate_modules
 
     start = Path(start_folder) if start_folder else default_folder(adapter)
@@ -410,7 +410,7 @@ def fit_joint(adapter, cfg: JointConfig, start_folder: str | Path | None = None,
     old = saved_metrics(start)
     items = []
     for (kind, L), m in folded.items():
-        name = f"layer{L}.{kind}"
+        name = module_key(kind, L)
         prior = old.get(name, {})
         info = dict(metrics[name], joint_steps=trainer.step, joint_seconds=round(trainer.elapsed, 1),
                     joint_resampled=trainer.resampled, joint_config=asdict(cfg),

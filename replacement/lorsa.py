@@ -201,45 +201,6 @@ class Lorsa(nn.Module):
                     b[g, :dh] = bm[h, :dh].float()
 
 
-def from_llamascope(folder, layer: int = 0, adapter=None) -> Lorsa:
-    """Load an OpenMOSS Llamascopium Lorsa (``config.json`` + ``sae_weights.safetensors``).  Its rotary map is
-    the config's ``rotary_dim`` and ``rotary_base``; one the config leaves out is the model's (``adapter``: a
-    Lorsa uses its model's rotary map), else none (no ``rotary_dim``) and 10,000."""
-    import json
-    from pathlib import Path
-
-    from .checkpoint import CheckpointError, load
-
-    folder = Path(folder)
-    conf = json.loads((folder / "config.json").read_text())
-    t, _ = load(folder / "sae_weights.safetensors")
-    if "ln_q.w" in t or "ln_k.w" in t:
-        raise CheckpointError("Llamascopium Lorsa with q/k layer norms (ln_q/ln_k) is not supported yet")
-    n_qk, d, d_qk = t["W_Q"].shape
-    H = t["W_V"].shape[0]
-    rd, base = conf.get("rotary_dim"), conf.get("rotary_base")
-    model_map = adapter is not None and base is None and rd in (None, adapter.rotary_dim) and adapter.rotary_dim > 0
-    if adapter is not None and rd is None:
-        rd = adapter.rotary_dim
-    rd, base = rd or 0, 10000.0 if base is None else base  # rd: checked by LorsaConfig
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < 1e300:
-        raise CheckpointError(f"{folder}/config.json: rotary_base {base!r} is not a positive number")
-    cfg = LorsaConfig(d_model=d, n_qk=n_qk, d_qk=d_qk, heads_per_group=H // n_qk, top_k=conf["top_k"],
-                      rotary_dim=rd, layer=layer)
-    if conf.get("n_qk_heads", n_qk) != n_qk or conf.get("d_qk_head", d_qk) != d_qk:
-        raise CheckpointError(f"{folder}: config.json and the weights disagree on the QK shape")
-    if model_map:  # the model's own frequencies (scaled variants included)
-        inv, scale = _inv_freq_of(adapter)
-    else:
-        inv, scale = (1.0 / (float(base) ** (torch.arange(0, rd, 2).float() / rd)) if rd else None), 1.0
-    lorsa = Lorsa(cfg, inv_freq=inv, rope_scaling=scale)
-    with torch.no_grad():
-        for ours, theirs in (("W_Q", "W_Q"), ("W_K", "W_K"), ("b_Q", "b_Q"), ("b_K", "b_K"), ("W_V", "W_V"),
-                             ("b_V", "b_V"), ("W_O", "W_O"), ("b_O", "b_D")):
-            getattr(lorsa, ours).copy_(t[theirs].float())
-    return lorsa
-
-
 def one_head_lorsa(adapter, layer: int, head: int) -> Lorsa:
     """A Lorsa with one QK group that equals one real head (closed form, used by the tests).
 
@@ -252,7 +213,7 @@ def one_head_lorsa(adapter, layer: int, head: int) -> Lorsa:
     dh = adapter.d_head
     cfg = LorsaConfig(d_model=adapter.d_model, n_qk=1, d_qk=dh, heads_per_group=2 * dh, top_k=2 * dh,
                       rotary_dim=adapter.rotary_dim, layer=layer)
-    cos_inv = _inv_freq_of(adapter)
+    cos_inv = inv_freq_of(adapter)
     lorsa = Lorsa(cfg, inv_freq=cos_inv[0], rope_scaling=cos_inv[1])
     with torch.no_grad():
         lorsa.W_Q[0] = Wq[head].float()
@@ -269,7 +230,7 @@ def one_head_lorsa(adapter, layer: int, head: int) -> Lorsa:
     return lorsa
 
 
-def _inv_freq_of(adapter) -> tuple[torch.Tensor, float]:
+def inv_freq_of(adapter) -> tuple[torch.Tensor, float]:
     """The wrapped model's rotary inverse frequencies and cos/sin scaling factor."""
     rot = adapter._rotary_module
     inv = rot.inv_freq.detach().float().cpu()
@@ -278,7 +239,7 @@ def _inv_freq_of(adapter) -> tuple[torch.Tensor, float]:
 
 def lorsa_for_model(adapter, layer: int, cfg: LorsaConfig | None = None, allow_weak: bool = False) -> Lorsa:
     cfg = cfg or LorsaConfig.default_for(adapter, layer)
-    inv, scale = _inv_freq_of(adapter)
+    inv, scale = inv_freq_of(adapter)
     rd = cfg.rotary_dim
     if rd and rd != adapter.rotary_dim:
         raise ValueError(f"rotary_dim {rd} differs from the model's {adapter.rotary_dim}")

@@ -25,8 +25,13 @@ from .transcoder import Transcoder, TranscoderConfig
 KINDS = {"lorsa": (Lorsa, LorsaConfig), "transcoder": (Transcoder, TranscoderConfig)}
 
 
+def module_key(kind: str, layer: int) -> str:
+    """A module's name in a replacement set, ``layer{L}.{kind}``: config.json's key, metrics' key, its file's stem."""
+    return f"layer{layer}.{kind}"
+
+
 def module_filename(kind: str, layer: int) -> str:
-    return f"layer{layer}.{kind}.safetensors"
+    return f"{module_key(kind, layer)}.safetensors"
 
 
 def save_module(module, kind: str, folder: str | Path, fingerprint: str, model_name: str, metrics: dict | None = None,
@@ -43,7 +48,7 @@ def refuse_replacing(folder: Path, keys, state: Path, resume: bool, overwrite: b
     config.json belongs to another model, whose modules the run's save would drop from it, whichever it replaces."""
     from .errors import BadInputError
 
-    names = lambda ks: ", ".join(f"layer{L}.{k}" for k, L in ks)  # noqa: E731
+    names = lambda ks: ", ".join(module_key(k, L) for k, L in ks)  # noqa: E731
     cfg_path = folder / "config.json"
     there = read_folder_config(cfg_path) if fingerprint is not None and cfg_path.is_file() else {}
     if there.get("fingerprint") not in (None, fingerprint) and there.get("modules") and not overwrite:
@@ -112,7 +117,7 @@ def _update_folder_config(folder: Path, fingerprint: str, model_name: str,
         cfg = {}  # a folder retrained for another model starts afresh
     cfg.update(model=model_name, fingerprint=fingerprint)
     for kind, layer, metrics, crc in entries:
-        cfg.setdefault("modules", {})[f"layer{layer}.{kind}"] = {"file": module_filename(kind, layer), "metrics": metrics,
+        cfg.setdefault("modules", {})[module_key(kind, layer)] = {"file": module_filename(kind, layer), "metrics": metrics,
                                                                  "crc32": crc}
     atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
 
@@ -190,7 +195,7 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
         if module.cfg.d_model != adapter.d_model or module.cfg.layer >= adapter.n_layers:
             raise CheckpointError(f"{folder / entry['file']} does not fit {adapter.name}: width {module.cfg.d_model}, "
                                   f"layer {module.cfg.layer}")
-        if f"layer{module.cfg.layer}.{meta['kind']}" != key:  # two entries would claim one module, the other missing
+        if module_key(meta['kind'], module.cfg.layer) != key:  # two entries would claim one module, the other missing
             raise CheckpointError(f"{path} holds layer{module.cfg.layer}.{meta['kind']}, but config.json lists it "
                                   f"as {key}")
         crc = entry.get("crc32")  # (sets saved before 2026-12-07 record none) bytes that read, but not as saved

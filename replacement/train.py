@@ -669,6 +669,8 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
     half of the tokens (``dense_units``) and how many of a token's L0 they are on average (``dense_l0``), and the next-token loss
     with that one layer spliced (its attention by Lorsa, or its MLP by the transcoder) against the clean
     loss and the loss with that output zero-ablated. BOS is excluded everywhere."""
+    from .store import module_key
+
     points = sorted({p for (k, L) in modules for p in hook_points(k, L)})
     stats = {key: {"se": 0.0, "n": 0, "fires": None, "spliced": 0.0, "zero": 0.0}
              for key in modules}
@@ -700,7 +702,7 @@ def evaluate_modules(adapter, modules: dict[tuple[str, int], torch.nn.Module], s
         y = torch.cat(ys[(kind, L)])
         var = (y - y.mean(0)).pow(2).sum().item()
         dense = s["fires"] > s["n"] / 2  # units active on more than half of the tokens
-        out[f"layer{L}.{kind}"] = {
+        out[module_key(kind, L)] = {
             "fvu": s["se"] / var, "l0": s["fires"].sum().item() / s["n"], "dead_fraction": (s["fires"] == 0).float().mean().item(),
             "dense_units": int(dense.sum()), "dense_l0": s["fires"][dense].sum().item() / s["n"],
             "clean_loss": clean_loss, "spliced_loss": s["spliced"] / n_pred, "zero_ablation_loss": s["zero"] / n_pred,
@@ -735,7 +737,7 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     that already holds one of them is refused (BadInputError) unless ``overwrite``, or a run there is resumed."""
     from .activations import default_source
     from .models import model_fingerprint
-    from .store import default_train_folder, save_modules
+    from .store import default_train_folder, module_key, save_modules
 
     out = Path(out_folder) if out_folder else default_train_folder(adapter)
     state = check_replaceable(adapter, cfg, out, resume, overwrite)
@@ -750,7 +752,7 @@ def fit_replacements(adapter, cfg: TrainConfig, out_folder: str | Path | None = 
     fp = model_fingerprint(adapter)
     items = []
     for (kind, L), m in modules.items():
-        info = dict(metrics[f"layer{L}.{kind}"], train_steps=trainer.step, train_seconds=round(trainer.elapsed, 1),
+        info = dict(metrics[module_key(kind, L)], train_steps=trainer.step, train_seconds=round(trainer.elapsed, 1),
                     train_tokens=trainer.step * cfg.batch_size * cfg.seq_len, train_source=getattr(source, "describe", type(source).__name__),
                     train_config=asdict(cfg))  # every setting of the run (lr, batch, BOS weights, ...), as the joint stage's
         items.append((m, kind, info))

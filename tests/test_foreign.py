@@ -3,13 +3,19 @@ without skip) and Llamascopium Lorsa, detected from their files, alone or mixed 
 tests/test_clt.py)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from replacement.errors import CircuitsError
-from replacement.transcoder import Transcoder
+from replacement import checkpoint as ckpt
+from replacement.errors import CircuitsError, ForeignFormatError
+from replacement.foreign import (lorsa_from_llamascope, transcoder_from_circuit_tracer, transcoder_from_circuit_tracer_file,
+                                transcoder_from_llamascope, write_circuit_tracer)
+from replacement.transcoder import Transcoder, TranscoderConfig
 from tests.conftest import ROOT
+from tests.test_train import _lorsa, _tc
 
 
 def _ct_tensors(d=8, N=16, seed=0, threshold=None, skip=False) -> dict:
@@ -49,7 +55,7 @@ def circuit_tracer_formula(t: dict, x: torch.Tensor):
 def test_circuit_tracer_transcoder_without_top_k_matches_its_formula(tmp_path, threshold, skip):
     t = _ct_tensors(threshold=threshold, skip=skip)
     write_ct_folder(tmp_path, {2: t})
-    tc = Transcoder.from_circuit_tracer(tmp_path, 2)
+    tc = transcoder_from_circuit_tracer(tmp_path, 2)
     assert tc.cfg.top_k == 0 and tc.cfg.jumprelu == (threshold is not None) and tc.cfg.skip == skip
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     a, out = circuit_tracer_formula(t, x)
@@ -67,8 +73,8 @@ def test_jumprelu_thresholds_change_the_active_set(tmp_path):
     write_ct_folder(tmp_path / "r", {0: {k: v for k, v in t.items() if k != "activation_function.threshold"}})
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        jump = (Transcoder.from_circuit_tracer(tmp_path / "j", 0)(x)[1].values > 0).sum()
-        relu = (Transcoder.from_circuit_tracer(tmp_path / "r", 0)(x)[1].values > 0).sum()
+        jump = (transcoder_from_circuit_tracer(tmp_path / "j", 0)(x)[1].values > 0).sum()
+        relu = (transcoder_from_circuit_tracer(tmp_path / "r", 0)(x)[1].values > 0).sum()
     pre = x @ t["W_enc"].T + t["b_enc"]
     assert int(jump) == int((pre > 0.5).sum()) < int(relu) == int((pre > 0).sum())
 
@@ -76,7 +82,7 @@ def test_jumprelu_thresholds_change_the_active_set(tmp_path):
 def test_circuit_tracer_top_k_keeps_the_strongest_writes(tmp_path):
     t = _ct_tensors(threshold=0.2)
     write_ct_folder(tmp_path, {0: t}, top_k=3)
-    tc = Transcoder.from_circuit_tracer(tmp_path, 0)
+    tc = transcoder_from_circuit_tracer(tmp_path, 0)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
     a, _ = circuit_tracer_formula(t, x)
     ranked = a * t["W_dec"].norm(dim=-1)
@@ -98,7 +104,7 @@ def test_bad_circuit_tracer_file_fails_in_one_line(tmp_path, break_it, message):
     break_it(t)
     write_ct_folder(tmp_path, {0: t})
     with pytest.raises(CircuitsError, match=message) as e:
-        Transcoder.from_circuit_tracer(tmp_path, 0)
+        transcoder_from_circuit_tracer(tmp_path, 0)
     assert "\n" not in str(e.value)
 
 
@@ -106,7 +112,7 @@ def test_jumprelu_transcoder_round_trips_through_our_format(tmp_path):
     from replacement.store import load_module, save_module
 
     write_ct_folder(tmp_path / "ct", {1: _ct_tensors(threshold=0.4, skip=True)})
-    tc = Transcoder.from_circuit_tracer(tmp_path / "ct", 1)
+    tc = transcoder_from_circuit_tracer(tmp_path / "ct", 1)
     save_module(tc, "transcoder", tmp_path / "ours", "fp", "m", dtype=torch.float32)
     back, _ = load_module(tmp_path / "ours" / "layer1.transcoder.safetensors")
     x = torch.randn(6, 8)
@@ -115,6 +121,71 @@ def test_jumprelu_transcoder_round_trips_through_our_format(tmp_path):
 
 
 # -- whole folders: detection, loading, mixing, the graph, the command line --------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:circuit-tracer has no top-K")  # checked in the next test
+def test_a_circuit_tracer_set_written_layer_by_layer_keeps_one_config(tmp_path):
+    """circuit-tracer reads one config.yaml for every layer of a set: a layer with another K or another input is
+    refused (it was written beside a config that read it back with the first layer's K), the input hook follows
+    what the transcoder reads, and a threshold stored as [1, N] (circuit-tracer loads it) reads as [N]."""
+    tc = _tc()
+    write_circuit_tracer(tc, tmp_path / "ct", layer=0)
+    write_circuit_tracer(tc, tmp_path / "ct", layer=1)  # the same settings: fine
+    other = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=tc.cfg.top_k + 1))
+    with pytest.raises(ForeignFormatError, match="top_k"):
+        write_circuit_tracer(other, tmp_path / "ct", layer=2)
+    assert not (tmp_path / "ct" / "layer_2.safetensors").exists()
+    mid = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=tc.cfg.top_k, reads="resid_mid"))
+    with pytest.raises(ForeignFormatError, match="feature_input_hook"):
+        write_circuit_tracer(mid, tmp_path / "ct", layer=2)
+    write_circuit_tracer(mid, tmp_path / "mid", layer=0)
+    assert "feature_input_hook: hook_resid_mid" in (tmp_path / "mid" / "config.yaml").read_text()
+    assert transcoder_from_circuit_tracer(tmp_path / "mid", 0).cfg.reads == "resid_mid"  # read back as written
+    skip = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=5, reads="resid_mid", skip=True))
+    with pytest.raises(ForeignFormatError, match="with a skip connection has no circuit-tracer form"):
+        write_circuit_tracer(skip, tmp_path / "skip", layer=0)
+    # a JumpReLU threshold as [1, N]
+    t, _ = ckpt.load(tmp_path / "ct" / "layer_0.safetensors")
+    theta = torch.rand(1, 32) * 0.1
+    ckpt.atomic_save(t | {"activation_function.threshold": theta}, tmp_path / "j.safetensors")
+    jump = transcoder_from_circuit_tracer_file(tmp_path / "j.safetensors", 0)
+    assert jump.cfg.jumprelu and torch.equal(jump.threshold, theta[0])
+
+
+def test_circuit_tracer_and_llamascope_transcoders(tmp_path):
+    tc = _tc()
+    x = torch.randn(5, 64)
+    with pytest.warns(UserWarning, match="circuit-tracer has no top-K"):
+        path = write_circuit_tracer(tc, tmp_path / "ct", layer=3)
+    t, _ = ckpt.load(path)
+    assert t["W_enc"].shape == (32, 64) and t["W_dec"].shape == (32, 64)
+    conf = (tmp_path / "ct" / "config.yaml").read_text()
+    for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
+        assert key in conf
+    back = transcoder_from_circuit_tracer(tmp_path / "ct", 3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], tc(x)[0])
+    # a Llamascopium file written in its own layout: W_E [d, d_tc], W_D [d_tc, d]
+    ckpt.atomic_save({"W_E": tc.W_enc.detach().t().contiguous(), "b_E": tc.b_enc.detach(), "W_D": tc.W_dec.detach(),
+                      "b_D": tc.b_dec.detach()}, tmp_path / "ls.safetensors")
+    ls = transcoder_from_llamascope(tmp_path / "ls.safetensors", top_k=5)
+    with torch.no_grad():
+        torch.testing.assert_close(ls(x)[0], tc(x)[0])
+
+
+def test_llamascope_lorsa_loader(tmp_path):
+    m = _lorsa(rd=4)
+    t = {k: v.detach().clone() for k, v in m.named_parameters()}
+    t["b_D"] = t.pop("b_O")
+    ckpt.atomic_save(t, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "n_qk_heads": 2, "d_qk_head": 8, "top_k": 2, "rotary_dim": 4, "rotary_base": 10000,
+        "norm_activation": "none", "hook_point_in": "blocks.0.ln1.hook_normalized",
+        "hook_point_out": "blocks.0.hook_attn_out"}))
+    loaded = lorsa_from_llamascope(tmp_path)
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], m(x)[0])
 
 
 def _ct_set(folder, adapter, threshold=0.3, skip=False, top_k=None, layers=None):
@@ -172,8 +243,6 @@ def test_lorsa_from_ours_and_transcoders_from_circuit_tracer_mix(tmp_path, saved
 def test_a_graph_records_which_folder_each_module_came_from(tmp_path, saved_model):
     """graph.json's settings name the model's fingerprint and, per folder, the modules taken from it: here the
     layer-1 transcoder from a circuit-tracer folder given second, everything else from the model's own set."""
-    import json
-
     from graphs.attribution import attribute
     from graphs.export import write_json
     from replacement.assemble import ReplacementModel

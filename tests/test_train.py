@@ -15,7 +15,7 @@ import torch
 from replacement import checkpoint as ckpt
 from replacement.activations import RandomTokenSource, hook_points
 from replacement.hooks import hook_name
-from replacement.lorsa import Lorsa, LorsaConfig, from_llamascope
+from replacement.lorsa import Lorsa, LorsaConfig
 from replacement.models import ModelAdapter, model_fingerprint
 from replacement.store import load_module, load_replacements, save_module
 from replacement.train import TrainConfig, Trainer, TrainingDiverged, evaluate_modules, fit_replacements, fold_scales
@@ -498,73 +498,6 @@ def test_training_can_start_from_a_saved_folder(tmp_path):
     assert tc.cfg.skip and not tc.W_skip.any()
     for n, p in plain.named_parameters():
         torch.testing.assert_close(getattr(tc, n), p.float(), rtol=1e-5, atol=1e-6, msg=n)
-
-
-@pytest.mark.filterwarnings("ignore:circuit-tracer has no top-K")  # checked in the next test
-def test_a_circuit_tracer_set_written_layer_by_layer_keeps_one_config(tmp_path):
-    """circuit-tracer reads one config.yaml for every layer of a set: a layer with another K or another input is
-    refused (it was written beside a config that read it back with the first layer's K), the input hook follows
-    what the transcoder reads, and a threshold stored as [1, N] (circuit-tracer loads it) reads as [N]."""
-    from replacement.errors import ForeignFormatError
-
-    tc = _tc()
-    tc.to_circuit_tracer(tmp_path / "ct", layer=0)
-    tc.to_circuit_tracer(tmp_path / "ct", layer=1)  # the same settings: fine
-    other = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=tc.cfg.top_k + 1))
-    with pytest.raises(ForeignFormatError, match="top_k"):
-        other.to_circuit_tracer(tmp_path / "ct", layer=2)
-    assert not (tmp_path / "ct" / "layer_2.safetensors").exists()
-    mid = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=tc.cfg.top_k, reads="resid_mid"))
-    with pytest.raises(ForeignFormatError, match="feature_input_hook"):
-        mid.to_circuit_tracer(tmp_path / "ct", layer=2)
-    mid.to_circuit_tracer(tmp_path / "mid", layer=0)
-    assert "feature_input_hook: hook_resid_mid" in (tmp_path / "mid" / "config.yaml").read_text()
-    assert Transcoder.from_circuit_tracer(tmp_path / "mid", 0).cfg.reads == "resid_mid"  # read back as written
-    skip = Transcoder(TranscoderConfig(d_model=64, n_features=32, top_k=5, reads="resid_mid", skip=True))
-    with pytest.raises(ForeignFormatError, match="with a skip connection has no circuit-tracer form"):
-        skip.to_circuit_tracer(tmp_path / "skip", layer=0)
-    # a JumpReLU threshold as [1, N]
-    t, _ = ckpt.load(tmp_path / "ct" / "layer_0.safetensors")
-    theta = torch.rand(1, 32) * 0.1
-    ckpt.atomic_save(t | {"activation_function.threshold": theta}, tmp_path / "j.safetensors")
-    jump = Transcoder.from_circuit_tracer_file(tmp_path / "j.safetensors", 0)
-    assert jump.cfg.jumprelu and torch.equal(jump.threshold, theta[0])
-
-
-def test_circuit_tracer_and_llamascope_transcoders(tmp_path):
-    tc = _tc()
-    x = torch.randn(5, 64)
-    with pytest.warns(UserWarning, match="circuit-tracer has no top-K"):
-        path = tc.to_circuit_tracer(tmp_path / "ct", layer=3)
-    t, _ = ckpt.load(path)
-    assert t["W_enc"].shape == (32, 64) and t["W_dec"].shape == (32, 64)
-    conf = (tmp_path / "ct" / "config.yaml").read_text()
-    for key in ("model_kind", "feature_input_hook", "feature_output_hook"):
-        assert key in conf
-    back = Transcoder.from_circuit_tracer(tmp_path / "ct", 3)
-    with torch.no_grad():
-        torch.testing.assert_close(back(x)[0], tc(x)[0])
-    # a Llamascopium file written in its own layout: W_E [d, d_tc], W_D [d_tc, d]
-    ckpt.atomic_save({"W_E": tc.W_enc.detach().t().contiguous(), "b_E": tc.b_enc.detach(), "W_D": tc.W_dec.detach(),
-                      "b_D": tc.b_dec.detach()}, tmp_path / "ls.safetensors")
-    ls = Transcoder.from_llamascope(tmp_path / "ls.safetensors", top_k=5)
-    with torch.no_grad():
-        torch.testing.assert_close(ls(x)[0], tc(x)[0])
-
-
-def test_llamascope_lorsa_loader(tmp_path):
-    m = _lorsa(rd=4)
-    t = {k: v.detach().clone() for k, v in m.named_parameters()}
-    t["b_D"] = t.pop("b_O")
-    ckpt.atomic_save(t, tmp_path / "sae_weights.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "n_qk_heads": 2, "d_qk_head": 8, "top_k": 2, "rotary_dim": 4, "rotary_base": 10000,
-        "norm_activation": "none", "hook_point_in": "blocks.0.ln1.hook_normalized",
-        "hook_point_out": "blocks.0.hook_attn_out"}))
-    loaded = from_llamascope(tmp_path)
-    x = torch.randn(2, 7, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x)[0], m(x)[0])
 
 
 def _held_active_set(tc, code):
