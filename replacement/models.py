@@ -133,7 +133,24 @@ def check_length(n: int, context: int, what: str = "prompt") -> None:
 
 def single_token(tokenizer, text: str, what: str = "target") -> int:
     """The id of ``text`` if it is exactly one token (a spelled-out special token is not), else of the vocabulary
-    piece or bytes it names as `tokenizer.token_text` prints tokens (``▁s``, ``<0x82>``); else BadInputError."""
+    piece or bytes it names as `tokenizer.token_text` prints tokens (``▁s``, ``<0x82>``), else of the token it
+    names as `trace` prints tokens between quotes (``\\n`` for a line break); else BadInputError."""
+    from .tokenizer import unescape_printed
+
+    try:
+        return _single_token(tokenizer, text, what)
+    except BadInputError:
+        plain = unescape_printed(text)
+        if plain == text:
+            raise
+        try:
+            return _single_token(tokenizer, plain, what)
+        except BadInputError:
+            pass
+        raise  # the message about the text as given
+
+
+def _single_token(tokenizer, text: str, what: str) -> int:
     from .tokenizer import token_by_name, token_text
 
     ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if tokenizer is not None else []

@@ -45,6 +45,16 @@ def token_text(tokenizer, token_id: int) -> str:
     return bytes(byte_of[c] for c in piece).decode("utf-8", errors=_HEX_BYTES)
 
 
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[nrt\\'\"])")
+_ESCAPED = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", "'": "'", '"': '"'}
+
+
+def unescape_printed(text: str) -> str:
+    """A token as `trace` prints it between quotes (Python's escapes: ``\\n``, ``\\t``, ``\\x82``, ``\\\\``), typed
+    back on a command line, as the text it stands for."""
+    return _ESCAPE.sub(lambda m: _ESCAPED.get(m[1]) or chr(int(m[1][1:], 16)), text)
+
+
 def token_by_name(tokenizer, name: str) -> int | None:
     """The token a name stands for where the name does not encode to one token: a vocabulary piece (``▁s``,
     ``Ġ98``), or a token's bytes as `token_text` prints them (``<0x82>``); None if there is none."""

@@ -197,7 +197,8 @@ def _sentencepiece_style_tokenizer():
 
 def test_every_token_trace_prints_names_that_token(saved_model):
     """`token_text` reads every token apart (bytes as <0x82>, a sentencepiece word start with its space), and what
-    it prints, given back as a --target (`single_token`), is that token: byte-level BPE and sentencepiece style."""
+    it prints, given back as a --target (`single_token`), is that token: byte-level BPE and sentencepiece style;
+    so is the token as `trace` prints it between quotes (``'\\n'``), typed back without them."""
     from transformers import AutoTokenizer
 
     from replacement.models import single_token
@@ -208,6 +209,13 @@ def test_every_token_trace_prints_names_that_token(saved_model):
         texts = [token_text(tok, i) for i in ids]
         assert len(set(texts)) == len(texts)
         assert [single_token(tok, t) for t in texts] == ids
+        printed = [repr(t)[1:-1] for t in texts]  # as trace prints them between quotes: a line break as \\n
+        assert [single_token(tok, p) for p in printed] == ids
+    from replacement.models import load_tokenizer
+
+    toy = load_tokenizer("toy")[0]  # a vocabulary with a line break, a tab and a backslash
+    for t in ("\n", "\t", "\\"):
+        assert repr(t)[1:-1] != t and single_token(toy, repr(t)[1:-1]) == single_token(toy, t)
     sp = _sentencepiece_style_tokenizer()
     ids = sp.encode("this is his", add_special_tokens=False)
     assert [token_text(sp, i) for i in ids][0].startswith(" ")  # the word start's mark is its space
