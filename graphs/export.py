@@ -249,7 +249,8 @@ def to_dot(graph: AttributionGraph, draw_nodes: int = DEFAULT_DRAW_NODES, qk_per
     node_ids = [n.id for n in graph.node_list]
     pairs = [(node_ids[int(E.src[i])], node_ids[int(E.tgt[i])]) for i in chosen]
     qk_pairs = [(node_id, e.head) for e in qk for node_id in (e.query, e.key)]
-    routes = iter(edge_routes(g, pairs + qk_pairs, [float(E.w[i]) for i in chosen] + [0.0] * len(qk_pairs)))
+    routes = iter(edge_routes(g, pairs + qk_pairs, [float(E.w[i]) for i in chosen] + [0.0] * len(qk_pairs),
+                              marked={j for j, i in enumerate(chosen) if i in on_path}))
     curves = [_spline(next(routes)) for _ in chosen]
     for i, (source, target), curve in zip(chosen, pairs, curves):  # the marked path first, under a highlighter
         if i in on_path:

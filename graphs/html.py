@@ -377,7 +377,7 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None, marked=None) -> d
              for i, width in zip(d.edges, d.widths)]
     qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
     routes = iter(edge_routes(g, [(e[0], e[1]) for e in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)],
-                              [e[2] for e in edges] + [0.0] * (2 * len(qk))))
+                              [e[2] for e in edges] + [0.0] * (2 * len(qk)), marked={j for j, e in enumerate(edges) if e[4]}))
     for e in edges:  # each curve's control points' x: a bow around the nodes in its way (layout.edge_routes)
         r = next(routes)
         e += [round(r[2], 1), round(r[4], 1)]

@@ -499,7 +499,7 @@ MOST_BOWED = 64  # edges tried with bows a picture
 
 
 def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | None = None,
-                most: int = MOST_BOWED) -> list[tuple[float, ...]]:
+                most: int = MOST_BOWED, marked: set[int] | frozenset = frozenset()) -> list[tuple[float, ...]]:
     """Each edge (source id, target id) of the picture on grid ``g`` as a cubic Bezier curve (x0, y0, x1, y1, x2,
     y2, x3, y3), in grid coordinates (y up): from the top of the source's box to the bottom of the target's,
     leaving and arriving vertically (an S between columns, straight within one) where that passes no other drawn
@@ -508,7 +508,9 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | N
     tangles a dense column further).  An edge whose source is not below its target runs centre to centre.
     Checked on ``ROUTE_SAMPLES`` points of each curve; of the edges in another node's way, only the ``most``
     strongest (by ``strength``, default: in the order given) are tried with bows, so that a picture costs
-    milliseconds whatever its size."""
+    milliseconds whatever its size.  The edges of the marked path (``marked``: indices into ``pairs``) come first
+    and may bow up to twice as far; where no bow clears them, they take the one that passes the fewest nodes, so
+    that the highlighted band does not seem to run through a node that is not on it."""
     if not pairs:
         return []
     ids = list(g.xy)
@@ -541,17 +543,23 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | N
         inside = level[:, None, :, near] & ((px[..., None] - xy[near, 0]).abs() < half_w[near])  # [k, B, T, n]
         return inside.any(2).sum(-1), ((px >= LABEL_W) & (px <= g.width)).all(-1)
 
-    pick = torch.zeros(len(pairs), dtype=torch.long)
+    bow = torch.zeros(len(pairs))
     straight, _ = crossings(torch.arange(len(pairs)), bows[:1])
     blocked = ((straight[:, 0] > 0) & up).nonzero().flatten()  # only these need a bow
     if strength is not None:
         blocked = blocked[torch.tensor(strength)[blocked].abs().argsort(descending=True, stable=True)]
-    e = blocked[:most]
-    if len(e):
-        hits, within = crossings(e, bows)  # [k, B]
+    on_path = torch.tensor([int(i) in marked for i in blocked], dtype=torch.bool)
+    path, rest = blocked[on_path], blocked[~on_path][: max(most - int(on_path.sum()), 0)]
+    if len(rest):
+        hits, within = crossings(rest, bows)  # [k, B]
         rank = (hits.clamp(max=1) * 2 + ~within) * len(bows) + torch.arange(len(bows))  # clear, within, least bow
-        pick[e] = torch.where((hits == 0).any(-1), rank.argmin(-1), 0)
-    bow = bows[pick] * 4 / 3 * up  # an edge that does not go up stays straight
+        bow[rest] = torch.where((hits == 0).any(-1), bows[rank.argmin(-1)], 0.0)
+    if len(path):  # the fewest nodes passed, then within the grid, then the least bow
+        wide = torch.cat([bows, torch.tensor([s * k * (NODE_W + GAP) / 2 for k in (5, 6, 7, 8) for s in (1, -1)])])
+        hits, within = crossings(path, wide)
+        rank = (hits * 2 + ~within) * len(wide) + torch.arange(len(wide))
+        bow[path] = wide[rank.argmin(-1)]
+    bow = bow * 4 / 3 * up  # an edge that does not go up stays straight
     c1y, c2y = torch.where(up, m, y0), torch.where(up, m, y3)
     cols = (x1, y0, x1 + bow, c1y, x2 + bow, c2y, x2, y3)
     return list(zip(*(c.tolist() for c in cols)))

@@ -629,6 +629,31 @@ def test_edge_routes_bow_around_a_node_in_the_way():
     assert level == (x, 150.0, x, 150.0, xr, 150.0, xr, 150.0)
 
 
+def _passes(route, xy, w, h, skip=()):
+    """The nodes (centres ``xy``, boxes w x h) a route's Bezier curve passes, on a fine sampling."""
+    x0, y0, x1, y1, x2, y2, x3, y3 = route
+    t = torch.linspace(0, 1, 2001)[:, None]
+    pts = (1 - t) ** 3 * torch.tensor([x0, y0]) + 3 * (1 - t) ** 2 * t * torch.tensor([x1, y1]) + \
+        3 * (1 - t) * t ** 2 * torch.tensor([x2, y2]) + t ** 3 * torch.tensor([x3, y3])
+    return {k for k, (cx, cy) in xy.items() if k not in skip
+            and bool((((pts[:, 0] - cx).abs() < w / 2) & ((pts[:, 1] - cy).abs() < h / 2)).any())}
+
+
+def test_the_marked_path_bows_around_a_crowded_row():
+    """A row of five nodes between an edge's ends, too wide for the ordinary bows (1-4 half node widths): an
+    ordinary edge stays straight through the middle one, while an edge of the marked path bows further and passes
+    none (the highlighted band seemed to run through nodes that were not on the path)."""
+    from graphs.layout import GAP, NODE_H, NODE_W, Grid, edge_routes
+
+    x, step = 600.0, NODE_W + GAP
+    xy = {"low": (x, 50.0), "top": (x, 250.0)} | {f"mid{k}": (x + k * step, 150.0) for k in range(-2, 3)}
+    g = Grid(xy, {k: NODE_W for k in xy}, 1200.0, 300.0, [], [], (0.0, 300.0))
+    plain, marked = edge_routes(g, [("low", "top"), ("low", "top")], marked={1})
+    ends = ("low", "top")
+    assert plain[2] == x and _passes(plain, xy, NODE_W, NODE_H, ends) == {"mid0"}
+    assert marked[2] != x and _passes(marked, xy, NODE_W, NODE_H, ends) == set()
+
+
 def test_dot_pins_nodes_and_edges_as_laid_out(graph, tmp_path):
     """The DOT file is drawn as written (layout=nop2): every node at its grid position and every edge along its
     routed curve, whichever graphviz layout a plain `dot -Tsvg` would otherwise run."""
