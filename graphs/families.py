@@ -423,6 +423,7 @@ def collapse(graph: AttributionGraph, fams: list[Family] | None = None) -> Attri
     src, tgt, w, kind = collapse_edges(E.src, E.tgt, E.w, E.kind, group_of_t, is_member)
     out = AttributionGraph(graph.prompt, graph.tokens, graph.token_ids, nodes, EdgeArrays(src, tgt, w, kind),
                            dict(graph.settings), dict(graph.scores))
+    out.expanded = graph  # where the members' QK pairs are (`layout.drawn_qk` draws a family's)
     return out
 
 

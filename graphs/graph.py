@@ -405,6 +405,7 @@ class AttributionGraph:
         self.explain_heads = None  # attribute(..., qk_defer=True): explains Lorsa heads on demand (`prune` calls it)
         self.settings = settings or {}
         self.scores = scores or {}
+        self.expanded: AttributionGraph | None = None  # a collapsed graph's: the graph its families were found in
 
     @property
     def qk(self) -> list[QKLink]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph import (ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, input_shares, stage,
+from .graph import (ERROR_KINDS, FEATURE_KINDS, AttributionGraph, Node, NodeKind, QKLink, QKPair, input_shares, stage,
                     unit_label)
 from .lens import key_position, key_share
 
@@ -343,14 +343,33 @@ def drawing(graph: AttributionGraph, max_nodes: int = DEFAULT_DRAW_NODES, order:
 
 def drawn_qk(graph: AttributionGraph, ids: set[str], per_head: int = 1, most: int = 24) -> list[QKLink]:
     """The QK pairs to draw: each drawn head's ``per_head`` strongest pairs of drawn nodes, those at the key its
-    third line names first (`lens.key_position`: the key it takes most of its activation from), ``most`` in all."""
+    third line names first (`lens.key_position`: the key it takes most of its activation from), ``most`` in all.
+    A family of heads (a collapsed graph's node) draws its members' strongest pairs, each end a drawn node or a
+    member of a drawn family (`family_qk_pairs`)."""
     pairs = []
     for head in sorted(i for i in ids if graph.node(i).type == NodeKind.LORSA):
-        mine = [p for p in graph.qk_pairs(head) if p.query in ids and p.key in ids]  # strongest first
+        mine = [p for p in _head_pairs(graph, head) if p.query in ids and p.key in ids]  # strongest first
         if mine:
             key = key_position(graph.node(head))
             pairs += sorted(mine, key=lambda p: p.key_pos != key)[:per_head]  # stable: strongest first within
     return sorted(pairs, key=lambda e: -abs(e.weight))[:most]
+
+
+def _head_pairs(graph: AttributionGraph, head: str) -> list[QKLink]:
+    n = graph.node(head)
+    return family_qk_pairs(graph, n) if n.members and graph.expanded is not None else graph.qk_pairs(head)
+
+
+def family_qk_pairs(graph: AttributionGraph, family: Node) -> list[QKLink]:
+    """The QK pairs of a family of heads in collapsed ``graph``: every member's (in ``graph.expanded``), each as
+    its member's weight with the family as its head and each end that is a member of a family named by that
+    family, strongest first.  A picture's link between two families then says that a member of the one reads a
+    member of the other, as the members' own pairs say; the weights are the members' and are not summed."""
+    family_of = {m: n.id for n in graph.node_list if n.members for m in n.members}
+    links = [QKLink(family.id, link.entry, QKPair(family_of.get(link.query, link.query), family_of.get(link.key, link.key),
+                                                  link.weight))
+             for m in family.members for link in graph.expanded.qk_pairs(m)]
+    return sorted(links, key=lambda e: -abs(e.weight))
 
 
 

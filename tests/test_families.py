@@ -606,3 +606,35 @@ def test_families_come_in_order_of_rank_not_of_id_text():
         n.family, n.family_cosine = fid, 1.0
     g = AttributionGraph("a b c d", ["a", "b", "c", "d"], [1, 2, 3, 4], nodes, [])
     assert [f.id for f in g.families()] == ["fam.lorsa.1.2@3", "fam.lorsa.1.10@3"]
+
+
+def test_a_family_draws_its_members_qk_pairs_between_drawn_nodes():
+    """A collapsed graph's family of heads has no QK table of its own; its picture draws its members' strongest
+    pair, each end a drawn node or the family holding it (the induction family's link to the previous-token
+    family was lost).  Checked against the members' pairs in the uncollapsed graph, mapped by hand."""
+    from graphs.attribution import attribute
+    from graphs.layout import drawn_qk, family_qk_pairs
+    from replacement.models import ModelAdapter
+    from tests.conftest import random_replacements, tiny_llama
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    torch.manual_seed(1)
+    g = attribute(model, torch.randint(0, 97, (1, 8)), families=FamilyConfig(cosine=-1.0))
+    c = g.collapsed()
+    family_of = {m: f.id for f in g.families() for m in f.members}
+    heads = [n for n in c.node_list if n.members and n.type == L]
+    assert heads and c.expanded is g
+    ids = {n.id for n in c.node_list}
+    drawn = {(e.head, e.query, e.key, e.weight) for e in drawn_qk(c, ids, per_head=1, most=10**6)}
+    some = 0
+    for fam in heads:
+        by_hand = sorted(((family_of.get(p.query, p.query), family_of.get(p.key, p.key), p.weight)
+                          for m in fam.members for p in g.qk_pairs(m)), key=lambda t: -abs(t[2]))
+        assert [(e.query, e.key, e.weight) for e in family_qk_pairs(c, fam)] == by_hand
+        if by_hand:
+            some += 1
+            mine = {d for d in drawn if d[0] == fam.id}
+            assert len(mine) == 1 and all(d[1] in ids and d[2] in ids for d in mine)
+            assert abs(next(iter(mine))[3]) <= abs(by_hand[0][2])  # at its key first, then the strongest
+    assert some
