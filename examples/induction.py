@@ -10,7 +10,7 @@ that logit among those whose z pattern peaks on the token after the earlier occu
 strongest QK pair (query side: the current token; key side: a node written at the earlier position by an
 earlier layer's previous-token head) -- `graphs.circuits.induction_circuit` --, checks the head with path
 patching (alone, and together with every other last-position head attending there), and renders the circuit
-to SVG.
+to SVG and PNG (every node the report names drawn, each head apart).
 """
 from __future__ import annotations
 
@@ -78,7 +78,10 @@ def analyse(model_name: str = "pythia", out: str | Path = "examples/out", seed: 
     circuit = induction_circuit(full, logit.id, expected_peak, adapter.parallel_residual)
     checks = patch_checks(model, ids, answer, full, circuit)
     _report(say, adapter.tokenizer, ids, graph, full, logit, circuit, checks)
-    _write(say, graph, circuit_nodes(graph, circuit.head, logit), Path(out))
+    named = {n.id for n in (circuit.head, circuit.query, circuit.key, circuit.prev_head) if n is not None}
+    picture = full.subgraph(circuit_nodes(full, circuit.head, full.logit(answer)) | named)
+    add_lens(picture, model)
+    _write(say, graph, picture, Path(out))
     return graph, full, circuit, checks
 
 
@@ -108,15 +111,17 @@ def _report(say, tok, ids, graph, full, logit, c, checks) -> None:
         f"{checks['family_patched']:+.3f}; the graph predicts {checks['family_predicted']:+.3f}")
 
 
-def _write(say, graph, circuit: set[str], out: Path) -> None:
-    """The whole graph as JSON; the circuit alone as DOT and SVG."""
+def _write(say, graph, picture, out: Path) -> None:
+    """The pruned graph as JSON; the circuit alone (``picture``: the head, the logit, their strongest inputs, the
+    head's strongest QK pairs and the nodes the report names, from the full graph) as DOT, SVG and PNG."""
     from graphs.export import write_json
     from graphs.files import write_all
     from replacement.errors import BadInputError
 
     write_json(graph, out / "induction.json")
     try:
-        say(f"wrote {write_all(graph.subgraph(circuit), out / 'induction', ['svg'])['svg']}")
+        written = write_all(picture, out / "induction", ["svg", "png"], expand_families=True)
+        say(f"wrote {written['svg']} and {written['png']}")
     except BadInputError as e:  # no graphviz: the DOT is written all the same
         say(f"note: {e}")
 

@@ -124,12 +124,15 @@ def _carries_current_token(query: Node | None, head: Node, parallel_residual: bo
 
 def circuit_nodes(graph: AttributionGraph, head: Node, logit: Node, k: int = 6) -> set[str]:
     """A small picture of a head's circuit: the head, the logit, the ``k`` strongest sources of each, the
-    nodes of the head's ``k`` strongest QK pairs, and every embedding."""
+    nodes of the head's ``k`` strongest QK pairs, and the embeddings where these sit or where a head among them
+    attends most (its z pattern's peak): the tokens the circuit reads, not every token of a long prompt."""
     keep = {head.id, logit.id}
     keep |= {e.source for e in graph.incoming(head, k=k)} | {e.source for e in graph.incoming(logit, k=k)}
     for e in graph.qk_pairs(head)[:k]:
         keep |= {e.query, e.key}
-    return keep | {n.id for n in graph.nodes(type=NodeKind.EMBEDDING)}
+    nodes = [graph.node(i) for i in keep]
+    at = {n.pos for n in nodes} | {z_peak(n) for n in nodes if n.type == NodeKind.LORSA and n.z_pattern}
+    return keep | {n.id for n in graph.nodes(type=NodeKind.EMBEDDING) if n.pos in at}
 
 
 # -- addition -----------------------------------------------------------------------------------------------

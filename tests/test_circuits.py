@@ -52,8 +52,11 @@ def test_induction_heads_and_circuit():
     assert c.query.id == "lorsa.0.5@3" and c.query_source == 3 and c.query_reads_current  # it reads its own token
     assert c.key.id == "lorsa.0.4@1" and c.key_source == 0 and c.prev_head is c.key  # 0 = 1 - 1: previous token
     # k = 1: the strongest source of each, the strongest QK pair over every key position (emb@3 x emb@2, 9.0)
+    # and the embeddings where those sit (3) or their heads attend most: 1 (lorsa.1.7), 2 (lorsa.1.9); with k = 2
+    # also 0, where the previous-token head lorsa.0.4@1 attends
     embs = {"emb@0", "emb@1", "emb@2", "emb@3"}
-    assert circuit_nodes(g, c.head, g.node("logit.11@3"), k=1) == {"lorsa.1.7@3", "logit.11@3", "lorsa.1.9@3"} | embs
+    assert circuit_nodes(g, c.head, g.node("logit.11@3"), k=1) == {"lorsa.1.7@3", "logit.11@3", "lorsa.1.9@3"} | (
+        embs - {"emb@0"})
     assert circuit_nodes(g, c.head, g.node("logit.11@3"), k=2) == {
         "lorsa.1.7@3", "logit.11@3", "lorsa.1.9@3", "lorsa.1.7@3", "lorsa.0.5@3", "lorsa.0.4@1"} | embs
     with pytest.raises(LookupError):

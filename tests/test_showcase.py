@@ -124,12 +124,15 @@ def test_strongest_path_runs_through_an_induction_family(model, tmp_path):
 
 
 def test_induction_example(tmp_path):
-    """The example script finds the same head as the library, prints it, and writes the circuit's picture."""
+    """The example script finds the same head as the library, prints it, and writes the circuit's picture, which
+    draws the head and the key side it names (the previous-token head was left out where pruning dropped it)."""
     _need("toy")
     graph, full, c, checks = _example("induction").analyse("toy", tmp_path, verbose=False, prompt="random")
     assert c.head.id in full.index and c.head.pos == len(full.tokens) - 1
     assert (tmp_path / "induction.json").is_file()
     assert (tmp_path / "induction.svg").is_file() or (tmp_path / "induction.dot").is_file()
+    dot = (tmp_path / "induction.dot").read_text()
+    assert all(f'"{n.id}" [label=' in dot for n in (c.head, c.key, c.prev_head) if n is not None)
     assert checks["predicted"] < 0 and c.head in checks["family"]
 
 
