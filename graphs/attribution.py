@@ -34,6 +34,7 @@ import time
 import torch
 
 from replacement.assemble import Record, ReplacementModel
+from replacement.checks import check_count
 from replacement.errors import BadInputError
 from replacement.tokenizer import token_text
 
@@ -117,6 +118,7 @@ def attribute(model: ReplacementModel, prompt: str | torch.Tensor, *, target: st
         raise BadInputError("qk_top_keys, qk_top_pairs, max_logits and edges_per_target must be at least 1")
     if not 0 < logit_coverage <= 1:
         raise BadInputError(f"logit_coverage must be in (0, 1], not {logit_coverage}")
+    check_count("max_feature_nodes", max_feature_nodes)  # 0 or less made a graph of no features
     a = model.adapter
     ids = a.prompt_ids(prompt)
     if check_memory:

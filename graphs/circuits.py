@@ -17,17 +17,26 @@ from dataclasses import dataclass
 
 import torch
 
+from replacement.errors import BadInputError
+
 from .graph import AttributionGraph, Node, NodeKind, QKLink
+
+
+def _z_pattern(head: Node) -> torch.Tensor:
+    if not head.z_pattern:
+        raise BadInputError(f"{head.id} is a {head.type.value} node with no z pattern; only Lorsa heads (and their "
+                            "families) have one")
+    return torch.tensor(head.z_pattern).abs()
 
 
 def z_peak(head: Node) -> int:
     """The key position where a Lorsa head's z pattern is largest in size."""
-    return int(torch.tensor(head.z_pattern).abs().argmax())
+    return int(_z_pattern(head).argmax())
 
 
 def z_share(head: Node, pos: int) -> float:
     """The share of a Lorsa head's z pattern (in size) on key position ``pos``."""
-    zp = torch.tensor(head.z_pattern).abs()
+    zp = _z_pattern(head)
     return float(zp[pos] / zp.sum().clamp_min(1e-9)) if pos < len(zp) else 0.0
 
 
@@ -39,6 +48,8 @@ def induction_peak(graph: AttributionGraph, position: int | None = None) -> int 
     earlier occurrence of the token there (by token id), or None where that token occurs nowhere before it."""
     ids = graph.token_ids
     position = len(ids) - 1 if position is None else position
+    if not 0 <= position < len(ids):
+        raise BadInputError(f"position {position} is outside the prompt's {len(ids)} tokens")
     earlier = [p for p in range(position) if ids[p] == ids[position]]
     return earlier[-1] + 1 if earlier else None
 
@@ -60,6 +71,8 @@ def induction_heads(graph: AttributionGraph, logit_id: str, peak: int) -> list[N
     direct edge into it whose z pattern peaks at ``peak`` (the token after the earlier occurrence), the
     strongest (most positive) edge first."""
     logit = graph.node(logit_id)
+    if logit.type != NodeKind.LOGIT:
+        raise BadInputError(f"{logit.id} is a {logit.type.value} node, not a logit")
     into = {e.source: e.weight for e in graph.incoming(logit_id)}
     heads = [h for h in heads_attending(graph, logit.pos, peak) if h.id in into]
     return sorted(heads, key=lambda h: -into[h.id])
@@ -148,6 +161,12 @@ class OperandMover:
 def operand_movers(graph: AttributionGraph, operands: list[int], position: int, min_share: float = 0.5) -> list[OperandMover]:
     """The Lorsa heads at ``position`` that put more than ``min_share`` of their z pattern on one of the
     ``operands`` positions, in graph order."""
+    n = len(graph.tokens)
+    if isinstance(operands, int) or not all(isinstance(p, int) for p in operands):
+        raise BadInputError("operands is a list of positions (whole numbers)")
+    bad = next((p for p in [*operands, position] if not 0 <= p < n), None)
+    if bad is not None:
+        raise BadInputError(f"position {bad} is outside the prompt's {n} tokens")
     return [OperandMover(h, p, z_share(h, p)) for h in graph.nodes(type=NodeKind.LORSA, position=position)
             for p in operands if z_share(h, p) > min_share]
 
@@ -160,7 +179,9 @@ def downstream_features(graph: AttributionGraph, heads: list[Node]) -> list[str]
 
 def most_influential(graph: AttributionGraph, kind: NodeKind, k: int, influence: torch.Tensor | None = None) -> list[Node]:
     """The ``k`` nodes of ``kind`` with the largest influence on the logits (graphs/prune.py), largest first."""
+    from .graph import check_k
     from .prune import influence as influence_of
 
+    check_k(k)
     infl = influence_of(graph) if influence is None else influence
     return sorted(graph.nodes(type=kind), key=lambda n: -float(infl[graph.index[n.id]]))[:k]

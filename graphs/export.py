@@ -16,6 +16,7 @@ JSON layout (schema: graphs/schema/graph.schema.json, version 1):
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from replacement.errors import BadInputError
 from replacement.io import atomic_write_text
 
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
@@ -121,8 +123,9 @@ def to_dict(graph: AttributionGraph, slug: str | None = None) -> dict:
         "metadata": {"slug": slug or prompt_slug(graph.prompt), "scan": str(graph.settings.get("model", "")),
                      "prompt": graph.prompt, "prompt_tokens": graph.tokens, "prompt_token_ids": graph.token_ids,
                      "schema_version": SCHEMA_VERSION, "transcoder_list": transcoders,
-                     "node_threshold": graph.settings.get("node_threshold"), "settings": graph.settings,
-                     "scores": graph.scores},
+                     "node_threshold": graph.settings.get("node_threshold"),
+                     "settings": copy.deepcopy(graph.settings), "scores": copy.deepcopy(graph.scores)},  # not the
+                     # graph's own: a caller editing the dictionary would edit the graph
         "qParams": {"pinnedIds": [], "supernodes": [[f.id, *f.members] for f in graph.families()], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes, "links": links,
     }
@@ -134,8 +137,10 @@ def from_dict(d: dict) -> AttributionGraph:
     nodes = [_node_from_dict(x) for x in d["nodes"]]
     edges = [Edge(e["source"], e["target"], e["weight"], e["kind"]) for e in d["links"]]
     m = d["metadata"]
-    return AttributionGraph(m["prompt"], m["prompt_tokens"], m.get("prompt_token_ids", []), nodes, edges,
-                            m.get("settings", {}), m.get("scores", {}))
+    graph = AttributionGraph(m["prompt"], m["prompt_tokens"], m.get("prompt_token_ids", []), nodes, edges,
+                             m.get("settings", {}), m.get("scores", {}))
+    graph.marked_target = next((x["node_id"] for x in d["nodes"] if x.get("is_target_logit")), None)
+    return graph
 
 
 def validate(d: dict) -> None:
@@ -149,8 +154,11 @@ def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = Non
     """Write the graph's JSON.  ``to_dict`` makes it in the schema's shape by construction (the tests check every
     file they write against the schema); ``check_schema`` checks it here too, at a cost of the order of the
     attribution itself (jsonschema walks every node and link in Python).  NaN and infinities are refused either
-    way (`strict_dumps`)."""
+    way (`strict_dumps`), as is a graph with no logit node, which `read_json` would refuse."""
     path = Path(path)
+    if not graph.logits():
+        raise BadInputError("a graph file needs a logit node (the graph's target), and this graph holds none (a "
+                            "subgraph without one?): keep a logit in it")
     d = to_dict(graph, slug)
     if check_schema:
         validate(d)

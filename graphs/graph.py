@@ -20,6 +20,7 @@ graphs/qk.py); `AttributionGraph.qk` lists them as `QKLink`s.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -126,6 +127,19 @@ def input_shares(tgt: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
 def unit_label(kind: NodeKind, layer: int, index: int) -> str:
     """The short name of a Lorsa head (``L1.H5``) or transcoder feature (``L1.F5``)."""
     return f"L{layer}.{'H' if kind == NodeKind.LORSA else 'F'}{index}"
+
+
+class UnknownNodeError(BadInputError, KeyError):
+    """A node (or logit) the graph does not hold: a one-line `BadInputError`, and a `KeyError` as a lookup's miss."""
+
+    __str__ = BadInputError.__str__  # the message as written (KeyError's would quote it)
+
+
+def check_k(k: int | None) -> None:
+    """How many of the strongest to take: None (all) or at least 1; one line otherwise (a negative k sliced off the
+    weakest instead)."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+        raise BadInputError(f"k must be a whole number >= 1 (or None for all), not {k!r}")
 
 
 def kind_of(name: str) -> NodeKind:
@@ -406,6 +420,7 @@ class AttributionGraph:
         self.settings = settings or {}
         self.scores = scores or {}
         self.expanded: AttributionGraph | None = None  # a collapsed graph's: the graph its families were found in
+        self.marked_target: str | None = None  # a file's is_target_logit, where the scores name no target
 
     @property
     def qk(self) -> list[QKLink]:
@@ -447,12 +462,18 @@ class AttributionGraph:
             found = hits[0] if len(hits) == 1 else found
         return found
 
-    def node(self, node_id: str) -> Node:
-        """A node by its id, or by a name the pictures and printed paths give it (`resolve`)."""
+    def node(self, node_id: "str | Node | NodeKey") -> Node:
+        """A node by its id, or by a name the pictures and printed paths give it (`resolve`), or this graph's node
+        of a `Node` or `NodeKey` (by its id); `UnknownNodeError` (a BadInputError and a KeyError) if it holds none."""
+        if isinstance(node_id, (Node, NodeKey)):
+            node_id = node_id.id if isinstance(node_id, Node) else str(node_id)
+        if not isinstance(node_id, str):
+            raise BadInputError(f"a node is named by its id (text), a Node or a NodeKey, not {type(node_id).__name__}")
         found = self.resolve(node_id)
         if found not in self.index:
             family = node_id.startswith("fam.") and node_id in {f.id for f in self.families()}
-            raise KeyError(f"no node {node_id!r} in this graph" + ("; a family is a node of `collapsed()`" if family else ""))
+            raise UnknownNodeError(f"no node {node_id!r} in this graph" + ("; a family is a node of `collapsed()`"
+                                                                           if family else ""))
         return self.node_list[self.index[found]]
 
     def nodes(self, type: str | None = None, layer: int | None = None, position: int | None = None) -> list[Node]:
@@ -470,8 +491,9 @@ class AttributionGraph:
     @property
     def target(self) -> Node:
         """The logit node the graph was traced for: `attribute`'s ``target`` (`trace --target`), else the most
-        probable logit.  Paths end there by default; graph.json marks it ``is_target_logit``."""
-        traced = self.scores.get("logit_decomposition", {}).get("target", {}).get("node")
+        probable logit.  Paths end there by default; graph.json marks it ``is_target_logit`` (read back where its
+        scores name none)."""
+        traced = self.scores.get("logit_decomposition", {}).get("target", {}).get("node") or self.marked_target
         if traced in self.index:
             return self.node_list[self.index[traced]]
         if not self.logits():
@@ -484,9 +506,10 @@ class AttributionGraph:
         for n in self.nodes(type=NodeKind.LOGIT):
             if (n.index == token) if isinstance(token, int) else (n.label == token):
                 return n
-        raise KeyError(f"no logit node for token {token!r} in this graph")
+        raise UnknownNodeError(f"no logit node for token {token!r} in this graph")
 
     def _edges_where(self, mask: torch.Tensor, k: int | None) -> list[Edge]:
+        check_k(k)
         E = self.edge_arrays
         idx = mask.nonzero()[:, 0]
         idx = idx[E.w[idx].abs().argsort(descending=True)][:k]
@@ -498,6 +521,7 @@ class AttributionGraph:
         pairs instead (`QKLink`s, `qk_pairs`)."""
         nid = node if isinstance(node, str) else node.id
         if kind == "qk":
+            check_k(k)
             return self.qk_pairs(nid)[:k]
         mask = self.edge_arrays.tgt == self.index[self.node(nid).id]
         if kind is not None:
@@ -738,12 +762,17 @@ class AttributionGraph:
         return out
 
     def subgraph(self, node_ids) -> "AttributionGraph":
-        """The graph on the given nodes (ids of this graph) and the edges between them."""
-        keep = set(node_ids)
-        unknown = sorted(keep - set(self.index))
+        """The graph on the given nodes (ids of this graph, or names `node` reads) and the edges between them."""
+        if isinstance(node_ids, (str, Node, NodeKey)):
+            raise BadInputError("subgraph takes a collection of nodes; for one node, give [it]")
+        keep = set()
+        for n in node_ids:
+            n = n.id if isinstance(n, Node) else str(n) if isinstance(n, NodeKey) else n
+            keep.add(self.resolve(n) if isinstance(n, str) and n not in self.index else n)
+        unknown = sorted(str(n) for n in keep - set(self.index))
         if unknown:
-            raise BadInputError(f"no node {unknown[0]!r} in this graph" + (f" (and {len(unknown) - 1} more)"
-                                                                          if len(unknown) > 1 else ""))
+            raise UnknownNodeError(f"no node {unknown[0]!r} in this graph" + (f" (and {len(unknown) - 1} more)"
+                                                                              if len(unknown) > 1 else ""))
         kept = [i for i, n in enumerate(self.node_list) if n.id in keep]
         remap = torch.full((len(self.node_list),), -1, dtype=torch.long)
         remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))

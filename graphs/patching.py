@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from replacement.assemble import ReplacementModel, linear_mlp_hooks
+from replacement.checks import check_count
 from replacement.errors import BadInputError
 from replacement.hooks import hook_name
 
-from .graph import ERROR_KINDS, FEATURE_KINDS, NodeKey, NodeKind
+from .graph import ERROR_KINDS, FEATURE_KINDS, NodeKey, NodeKind, id_of_unit_label, kind_of
 
 HEAD = "head"  # an original attention head: not a node of the graph, so not a NodeKind
 _HEAD_PATTERN = re.compile(r"^head\.(\d+)\.(\d+)(?:@(\d+))?$")
@@ -38,6 +39,22 @@ class Component:
     index: int = -1
     pos: int | None = None  # None: at every position (each its own activation or error)
 
+    def __post_init__(self) -> None:
+        """The kind as a NodeKind (an id's prefix such as "tc" allowed), or HEAD; BadInputError (one line) for a kind
+        that cannot be patched (an embedding, a logit) or none at all, which an unchecked component ran as an
+        original head."""
+        kind = self.kind
+        if kind != HEAD:
+            try:
+                kind = kind_of(kind.value if isinstance(kind, NodeKind) else str(kind))
+            except BadInputError:
+                kind = None
+            if kind not in _PATCHABLE:
+                name = getattr(self.kind, "value", self.kind)
+                raise BadInputError(f"a component of kind {name!r} cannot be patched; the kinds are lorsa, transcoder "
+                                    f"(tc), attn_error, mlp_error and {HEAD!r} (an original head): {_FORMS}")
+            object.__setattr__(self, "kind", kind)
+
     def __str__(self) -> str:
         if self.kind == HEAD:
             return f"head.{self.layer}.{self.index}" + (f"@{self.pos}" if self.pos is not None else "")
@@ -50,12 +67,15 @@ class Component:
 
 def parse_component(text: str) -> Component:
     """A component from its name: a node id of a Lorsa head, transcoder feature or error node
-    (graphs/graph.py's `NodeKey`), or an original head ``head.L.H[@P]``."""
+    (graphs/graph.py's `NodeKey`) or the name `trace` prints for one (``L0.H221 @4``, ``L3 MLP error @4``), or an
+    original head ``head.L.H[@P]``."""
+    if not isinstance(text, str):
+        raise BadInputError(f"a component is named by text ({_FORMS}), not {type(text).__name__}")
     m = _HEAD_PATTERN.match(text.strip())
     if m:
         return Component(HEAD, int(m.group(1)), int(m.group(2)), None if m.group(3) is None else int(m.group(3)))
     try:
-        key = NodeKey.parse(text)
+        key = NodeKey.parse(id_of_unit_label(text))
     except BadInputError:
         raise BadInputError(f"cannot parse component {text!r}; use {_FORMS}") from None
     if key.kind not in _PATCHABLE:
@@ -98,14 +118,19 @@ class PathPatcher:
 
     @torch.no_grad()
     def _mean_outputs(self, prompts: list[torch.Tensor]) -> list[dict]:
-        """For mean ablation, per layer, over every position but BOS of the reference ``prompts`` (each [n] or
-        [1, n]): the mean activation of each Lorsa head [H] and transcoder feature [F], the mean error vectors
+        """For mean ablation, per layer, over every position but BOS of the reference ``prompts`` (each text, or
+        token ids [n] or [1, n]; cut to the context): the mean activation of each Lorsa head [H] and transcoder feature [F], the mean error vectors
         [d], and the mean output of each original attention head [heads, d]."""
         a = self.adapter
         bos = getattr(a.tokenizer, "bos_token_id", None) if a.tokenizer is not None else None
         sums, count = None, 0
+        if isinstance(prompts, str):
+            raise BadInputError("reference takes a list of prompts; for one, give [it]")
         for ids in prompts:
-            ids = ids.reshape(-1).to(a.device)[: a.context]
+            if isinstance(ids, str):
+                ids = a.tokenize(ids, truncate=True, what="reference prompt")
+            ids = a.prompt_ids(ids.reshape(-1)[: a.context] if isinstance(ids, torch.Tensor) else ids,
+                               "reference prompt")[0]
             keep = slice(1 if bos is not None and len(ids) and int(ids[0]) == bos else 0, None)
             rec = self.model.record(ids)
             per_layer = []
@@ -263,7 +288,8 @@ class PathPatcher:
         """Each entry's path-patching effect; an entry that is a tuple of components ablates them together; a
         component may be given by its name (`parse_component`)."""
         a = self.adapter
-        components = [_parsed(c) for c in components]
+        components = _parsed_list(components)
+        check_count("batch_size", batch_size)
         results = []
         shape = self.rec.layers[0].attn_out.shape
         for start in range(0, len(components), batch_size):
@@ -289,7 +315,7 @@ class PathPatcher:
         ``mlp_maps`` {L: f} replaces layer L's MLP by a linear map around the clean point, out = clean out +
         f(in - clean in), f: [n, d] -> [n, d] (e.g. its transcoder's Jacobian: what the graph sees there)."""
         a = self.adapter
-        components = [_parsed(c) for c in components]
+        components = _parsed_list(components)
         shape = self.rec.layers[0].attn_out.shape
         deltas = {(L, w): torch.zeros(1, *shape, device=self.rec.embed.device, requires_grad=True)
                   for L in range(a.n_layers) for w in ("attn", "mlp")}
@@ -306,6 +332,13 @@ class PathPatcher:
 
 def _members(group: Component | tuple[Component, ...]) -> tuple[Component, ...]:
     return group if isinstance(group, tuple) else (group,)
+
+
+def _parsed_list(components) -> list:
+    """The entries of a list of components (each a component, its name, or a tuple ablated together), read."""
+    if isinstance(components, (str, Component)):
+        raise BadInputError("effects take a list of components; for one, give [it]")
+    return [_parsed(c) for c in components]
 
 
 def _parsed(group):
@@ -341,10 +374,10 @@ def rank_lorsa_heads(model: ReplacementModel, ids: torch.Tensor, layer: int, tar
     ``mode="mean"`` ablates to)."""
     patcher = PathPatcher(model, ids, target, baseline, counterfactual, demean=demean, freeze_norms=freeze_norms,
                           reference=reference)
-    lr = patcher.rec.layers[layer]
-    if lr.lorsa_code is None:
-        raise BadInputError("ranking Lorsa heads needs --attention lorsa")
     positions = positions if positions is not None else [patcher.ids.shape[0] - 1]
+    for p in positions:  # the layer, the positions and the Lorsa modules, each in one line
+        patcher._check(Component(NodeKind.LORSA, layer, 0, p))
+    lr = patcher.rec.layers[layer]
     comps = [Component(NodeKind.LORSA, layer, h, p) for p in positions
              for v, h in zip(lr.lorsa_code.values[p].tolist(), lr.lorsa_code.indices[p].tolist()) if v > 0]
     return sorted(patcher.effects(comps, mode), key=lambda r: -abs(r.effect))
@@ -360,7 +393,7 @@ def graph_effects(graph, logit_id: str) -> torch.Tensor:
     returns (`graphs.pipeline.trace_graphs`' first graph) to compare with path patching."""
     E = graph.edge_arrays
     n = len(graph)
-    logit = graph.index[logit_id]
+    logit = graph.index[graph.node(logit_id).id]  # an id or a printed name; UnknownNodeError (one line) if none
     e = torch.zeros(n, dtype=torch.float64)
     direct = E.tgt == logit
     e.index_add_(0, E.src[direct], E.w[direct].double())

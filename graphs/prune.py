@@ -139,10 +139,11 @@ FILE_MAX_EDGES = 80_000
 
 def file_caps(max_nodes: int | None, full: bool) -> tuple[int | None, int | None]:
     """(max_nodes, max_edges) for `prune` in a command: the file caps unless ``full``; ``max_nodes`` (the
-    user's) wins where it is smaller."""
+    user's) wins where it is smaller (at least 1: 0 read as the file cap before)."""
+    check_count("max_nodes", max_nodes)
     if full:
         return max_nodes, None
-    return min(max_nodes or FILE_MAX_FEATURES, FILE_MAX_FEATURES), FILE_MAX_EDGES
+    return min(FILE_MAX_FEATURES if max_nodes is None else max_nodes, FILE_MAX_FEATURES), FILE_MAX_EDGES
 
 
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98  # the default pruning: `trace`'s, and every picture's in the README

@@ -130,6 +130,13 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
         _check_grid_place(n, n_tokens, where)
     if not any(n["type"] == "logit" for n in d["nodes"]):
         raise BadGraphError(f"{where}: the graph has no logit node")
+    marked = [n["node_id"] for n in d["nodes"] if n.get("is_target_logit")]
+    traced = scores.get("logit_decomposition", {}).get("target", {}).get("node") if isinstance(
+        scores.get("logit_decomposition"), dict) and isinstance(scores["logit_decomposition"].get("target"), dict) else None
+    if len(marked) > 1 or (marked and traced is not None and marked[0] != traced):
+        what = f"{_short(marked[0])} and {_short(marked[1])}" if len(marked) > 1 else _short(marked[0])
+        raise BadGraphError(f"{where}: is_target_logit marks {what}, but a graph has one target"
+                            + (f" (metadata.scores.logit_decomposition's: {_short(traced)})" if traced else ""))
     _check_families(d, where)
     _check_ids_and_causality(d, where)
 

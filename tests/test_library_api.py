@@ -237,3 +237,92 @@ def test_compare_matches_nodes_by_id_or_from_the_end(small_model, tmp_path):
     other.settings["model_fingerprint"] = "0123456789abcdef"  # (ids would name other units there, unsaid)
     with pytest.raises(BadInputError, match="traced with different models"):
         compare(a, other)
+
+
+def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(graph, tmp_path):
+    """The Python API audit's defects: a negative k sliced off the weakest edges; a missing node was a KeyError in
+    some calls, a BadInputError in others and a bare KeyError in graph_effects; node() refused a Node or NodeKey;
+    subgraph split a string into characters and did not read printed names; a graph without a logit saved and
+    then did not load; graph.json's is_target_logit was written and never read."""
+    from graphs.export import read_json, write_json
+    from graphs.graph import NodeKey, UnknownNodeError
+    from graphs.layout import node_name
+    from graphs.patching import graph_effects
+
+    target = graph.target
+    n_in = len(graph.incoming(target))
+    assert n_in > 2 and len(graph.incoming(target, k=2)) == 2
+    for k in (-1, 0, 1.5, True):
+        for call in (lambda: graph.incoming(target, k=k), lambda: graph.outgoing(graph.node_list[0], k=k)):
+            with pytest.raises(BadInputError, match="k must be"):
+                call()
+    head = graph.nodes(type="lorsa")[0]
+    assert graph.node(head) is head and graph.node(NodeKey.parse(head.id)) is head
+    assert graph.node(node_name(graph, head)) is head
+    for missing in (lambda: graph.node("lorsa.0.9999@1"), lambda: graph.subgraph(["nope"]),
+                    lambda: graph_effects(graph, "nope"), lambda: graph.logit("no such token")):
+        with pytest.raises(UnknownNodeError) as e:
+            missing()
+        assert isinstance(e.value, BadInputError) and isinstance(e.value, KeyError) and str(e.value).startswith("no ")
+    assert torch.equal(graph_effects(graph, node_name(graph, target)), graph_effects(graph, target.id))
+    with pytest.raises(BadInputError, match="a collection of nodes"):
+        graph.subgraph(head.id)
+    sub = graph.subgraph([node_name(graph, head), target, NodeKey.parse(graph.node_list[0].id)])
+    assert {n.id for n in sub.node_list} == {head.id, target.id, graph.node_list[0].id}
+    with pytest.raises(BadInputError, match="needs a logit node"):
+        write_json(graph.subgraph([head.id]), tmp_path / "x.json")
+    # the target a file marks is read back where its scores name none; two marks, or one against them, refused
+    other = next(n for n in graph.logits() if n.id != target.id)
+    d = to_dict(graph)
+    d["metadata"]["scores"].pop("logit_decomposition", None)
+    for node in d["nodes"]:
+        node["is_target_logit"] = node["node_id"] == other.id
+    (tmp_path / "marked.json").write_text(json.dumps(d))
+    assert read_json(tmp_path / "marked.json").target.id == other.id
+    d = to_dict(graph)
+    for node in d["nodes"]:
+        node["is_target_logit"] = node["node_id"] == other.id
+    (tmp_path / "clash.json").write_text(json.dumps(d))
+    from graphs.validate import BadGraphError
+
+    assert graph.scores["logit_decomposition"]["target"]["node"] == target.id != other.id
+    with pytest.raises(BadGraphError, match="is_target_logit marks"):
+        read_json(tmp_path / "clash.json")
+
+
+def test_circuit_helpers_and_patching_refuse_positions_layers_and_budgets_out_of_range(small_model, graph):
+    """rank_lorsa_heads and induction_peak leaked IndexErrors; the library took budgets the CLI refuses
+    (max_feature_nodes 0 made a graph of no features, max_nodes 0 read as the file cap); a reference prompt given
+    as text failed deep in torch; z_peak of a feature failed in torch."""
+    from graphs.circuits import induction_peak, operand_movers, z_peak
+    from graphs.patching import PathPatcher, rank_lorsa_heads
+    from graphs.pipeline import trace_graphs
+    from graphs.prune import file_caps
+
+    m = small_model
+    with pytest.raises(BadInputError, match="layer 9 does not exist"):
+        rank_lorsa_heads(m, [1, 2, 3], 9, 5)
+    with pytest.raises(BadInputError, match="position 9 is outside"):
+        rank_lorsa_heads(m, [1, 2, 3], 0, 5, positions=[9])
+    with pytest.raises(BadInputError, match="outside the prompt"):
+        induction_peak(graph, 99)
+    with pytest.raises(BadInputError, match="outside the prompt"):
+        operand_movers(graph, [99], 1)
+    with pytest.raises(BadInputError, match="no z pattern"):
+        z_peak(graph.nodes(type="tc")[0])
+    for bad in (0, -1):
+        with pytest.raises(BadInputError, match="max_feature_nodes must be at least 1"):
+            trace_graphs(m, [1, 2, 3], max_feature_nodes=bad)
+        with pytest.raises(BadInputError, match="max_nodes must be at least 1"):
+            file_caps(bad, full=False)
+    assert file_caps(None, False)[0] == file_caps(10 ** 9, False)[0] and file_caps(3, False)[0] == 3
+    from replacement.assemble import ReplacementModel
+    from replacement.models import load_model
+
+    toy = ReplacementModel.load(load_model("toy"))  # a model with a tokenizer, for prompts as text
+    ref = "the cat sat on the mat"
+    as_ids = PathPatcher(toy, "a b c", " d", reference=[toy.adapter.tokenize(ref)]).effects(["mlp_err.0@3"], mode="mean")
+    by_text = PathPatcher(toy, "a b c", " d", reference=[ref]).effects(["mlp_err.0@3"], mode="mean")
+    assert by_text[0].effect == as_ids[0].effect != 0
+    with pytest.raises(BadInputError, match="list of prompts"):
+        PathPatcher(toy, "a b c", " d", reference=ref)

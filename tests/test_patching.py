@@ -274,9 +274,19 @@ def test_graph_effects_closed_form():
 
 
 def test_bad_components():
-    for bad in ("lorsa.1.3", "foo.1.2@3", "tc.1@2", "attn_err.1.2@3"):
+    """Malformed names, and components of kinds that cannot be patched: one line each.  A `Component` built in
+    Python is checked too (one of an unknown kind, an embedding or a logit ran as an original head, silently), and
+    takes an id's prefix ("tc") as its kind."""
+    from graphs.patching import HEAD
+
+    for bad in ("lorsa.1.3", "foo.1.2@3", "tc.1@2", "attn_err.1.2@3", "emb@3", "logit.5@2"):
         with pytest.raises(BadInputError):
             parse_component(bad)
+    for kind in ("embedding", NodeKind.LOGIT, "logit", "foo", None):
+        with pytest.raises(BadInputError, match="cannot be patched"):
+            Component(kind, 0, 1, 2)
+    assert Component("tc", 1, 3, 2) == Component(NodeKind.TRANSCODER, 1, 3, 2) == parse_component("tc.1.3@2")
+    assert Component("mlp_err", 1, -1, 2) == parse_component("mlp_err.1@2") and Component(HEAD, 0, 1).kind == HEAD
 
 
 def test_agreement_by_hand():
