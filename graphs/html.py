@@ -90,6 +90,11 @@ function text(parent, x, y, lines, attrs) {
 }
 function shape(g, id, n, x, y) {
   const [fill, kind] = DATA.style[n.type], w = nodeW(id), h = DATA.node_h;
+  if (n.members) {  // a family: a double outline, as the DOT/SVG/PNG draw it
+    const o = {fill: 'none', stroke: '#333'};
+    if (kind === 'ellipse') el('ellipse', {cx: x, cy: y, rx: w / 2 + 3, ry: h / 2 + 3, ...o}, g);
+    else el('rect', {x: x - w / 2 - 3, y: y - h / 2 - 3, width: w + 6, height: h + 6, ...o}, g);
+  }
   if (kind === 'ellipse') return el('ellipse', {cx: x, cy: y, rx: w / 2, ry: h / 2, fill, stroke: '#333'}, g);
   if (kind === 'box') return el('rect', {x: x - w / 2, y: y - h / 2, width: w, height: h, fill, stroke: '#333'}, g);
   const a = w / 2, b = h / 2, c = 0.3 * a;  // an octagon, dashed: an error node
@@ -539,8 +544,13 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
 
     data = script_json(page_data(graph, dashboards, draw_nodes, expand_families=expand_families))
     title = f"{token_text(graph.prompt)} - attribution graph"
-    gists = gist_examples(graph)  # what a box's third line says, with this graph's strongest examples
+    families = graph.families()
+    opens = graph.collapsed() if families and not expand_families else graph  # the picture the page opens on
+    gists = gist_examples(opens)  # what a box's third line says, with that picture's strongest examples
     third = f" Third line: {html.escape('; '.join(gists))}." if gists else ""
+    family = (" Double outline: a family of heads (or features) at one position that attend to one key and do not "
+              "write against each other, one node whose edges are its members' sums (\u2190P: the key position its "
+              "heads attend to; fam K: its rank in its id); the box above draws its members.") if families else ""
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"toolbar\">"
             f"<input id=\"search\" type=\"search\" list=\"names\" placeholder=\"find a node: id, name or token\">"
@@ -555,10 +565,11 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"<div id=\"legend\"><span id=\"left-out\"></span><span id=\"zoom-note\"></span> Edges run upwards: blue excites, red inhibits, width by "
             f"how much of the logits' input flows along it; yellow: the strongest path from a token to the answer, its "
             f"nodes outlined; dashed: a "
-            f"head's QK pair; click a node to light up its edges. Grey: embedding, blue: Lorsa head, green: transcoder feature, "
-            f"pink: logit (demeaned), dashed octagon: error node (what the replacement misses; light: attention, dark: "
-            f"MLP; with its influence)."
-            f"{third}</div>"
+            f"head's QK pair (purple raises its score, orange lowers it); click a node to light up its edges. Grey: "
+            f"embedding, blue: Lorsa head, green: transcoder feature, "
+            f"pink: logit (its probability), dashed octagon: error node (what the replacement misses; light: attention, "
+            f"dark: MLP; with its influence)."
+            f"{html.escape(family)}{third}</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
             f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
             f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "

@@ -69,10 +69,14 @@ def _token(graph: AttributionGraph, pos: int) -> str:
     return token_text(graph.tokens[pos]) if 0 <= pos < len(graph.tokens) else "?"
 
 
+LABEL_CHAR_W = 7.0  # points a character of a column label takes (10-point bold; DejaVu Sans, which graphviz's
+# PNGs use, is wider than Helvetica: at 6.5, byte tokens such as "<0xC3>" in narrow columns ran together)
+
+
 def _label_room(width: float) -> int:
-    """How many characters of a token fit a column label ``width`` points wide (about 6.5 points a character, 2
-    for the quotes)."""
-    return max(2, int((width + COL_GAP) / 6.5) - 2)
+    """How many characters of a token fit a column label ``width`` points wide (``LABEL_CHAR_W`` points a
+    character, 2 for the quotes)."""
+    return max(2, int((width + COL_GAP) / LABEL_CHAR_W) - 2)
 
 
 def _column_label(graph: AttributionGraph, span: tuple[int, int], width: float) -> str:

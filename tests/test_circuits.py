@@ -125,8 +125,8 @@ def test_layout_places_a_node_above_the_logits_layer():
 def test_long_tokens_in_narrow_columns_get_staggered_labels():
     """Where a token does not fit its narrow column, every other column's labels move LABEL_STEP further out, and
     each label may reach over its neighbours' columns: " truth" is written whole, and no two labels on one line
-    overlap (about 6.5 points a character)."""
-    from graphs.layout import LABEL_STEP, grid
+    overlap (LABEL_CHAR_W points a character)."""
+    from graphs.layout import LABEL_CHAR_W, LABEL_STEP, grid
 
     toks = ["<s>", " It", " is", " a", " truth", " universally", " acknowledged", ",", " that"]
     nodes = [Node(f"emb@{p}", "embedding", -1, p, p) for p in range(len(toks))]
@@ -135,7 +135,7 @@ def test_long_tokens_in_narrow_columns_get_staggered_labels():
     assert [dy for *_, dy in placed.columns] == [LABEL_STEP * (c % 2) for c in range(len(toks))]
     assert [label.split("\n")[1] for _, label, _ in placed.columns][4:6] == ['" truth"', '" universally"']
     for odd in (0, 1):
-        line = [(x, 6.5 * len(label.split("\n")[1])) for x, label, dy in placed.columns if (dy > 0) == odd]
+        line = [(x, LABEL_CHAR_W * len(label.split("\n")[1])) for x, label, dy in placed.columns if (dy > 0) == odd]
         for (x0, w0), (x1, w1) in zip(line, line[1:]):
             assert x0 + w0 / 2 <= x1 - w1 / 2, (x0, w0, x1, w1)
     low, high = placed.header_y

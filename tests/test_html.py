@@ -12,6 +12,7 @@ import urllib.parse
 
 import pytest
 
+from graphs.layout import NODE_W
 from tests import svg
 
 
@@ -208,8 +209,9 @@ def test_a_long_prompt_opens_readable_on_the_last_positions(saved_model, tmp_pat
     last = len(graph.tokens) - 1
     assert top_logits(graph) <= inside
     assert any(data["nodes"][k]["pos"] == last and data["nodes"][k]["type"] != "logit" for k in inside)
-    widths = [b[2] - b[0] for k, b in boxes.items() if data["nodes"][k]["type"] != "embedding"]
-    assert all(abs(w - 60) < 1 for w in widths)  # every full-width node at 60 px
+    widths = [(b[2] - b[0]) * (NODE_W / (NODE_W + 6) if data["nodes"][k].get("members") else 1)  # a family's outer
+              for k, b in boxes.items() if data["nodes"][k]["type"] != "embedding"]  # outline 3 units further out
+    assert widths and all(abs(w - 60) < 1 for w in widths)  # every full-width node at 60 px
     assert "Opened at a readable size" in dom
     probe = out / "probe.html"
     probe.write_text((out / "graph.html").read_text(encoding="utf-8").replace("</body>", FIT_THEN_MEASURE, 1), encoding="utf-8")
@@ -395,3 +397,19 @@ def test_bundled_showcase_pictures(model_name, tmp_path):
     page = write_html(graph, tmp_path / "graph.html")
     aspect = check_opening_view(collapsed, _dom(chromium, page, tmp_path, extra=("--dump-dom",)), len(boxes))
     assert 0.5 <= aspect <= 3
+
+
+def test_the_page_draws_families_with_a_double_outline_and_says_so(tmp_path):
+    """A family is one node with a double outline on the page, as in the DOT/SVG/PNG and as the legend says (the
+    page drew one outline); a member drawn alone has one."""
+    from graphs.html import write_html
+    from tests.test_families import _graph
+
+    graph = _graph()
+    page = write_html(graph, tmp_path / "graph.html", draw_nodes=100)
+    dom = _dom(_chromium(), page, tmp_path, extra=("--dump-dom",))
+    drawn = dict(re.findall(r'<g class="node[^"]*" data-node="([^"]+)"[^>]*>(.*?)</g>', dom))
+    outlines = {k: len(re.findall(r"<(?:ellipse|rect|polygon)\b", inner)) for k, inner in drawn.items()}
+    fams = {k for k in outlines if k.startswith("fam.")}
+    assert fams and all(outlines[k] == 2 for k in fams) and all(v == 1 for k, v in outlines.items() if k not in fams)
+    assert "Double outline: a family" in page.read_text()
