@@ -408,8 +408,16 @@ def graph_effects(graph, logit_id: str) -> torch.Tensor:
 
 def set_effect(graph, effects: torch.Tensor, units) -> float:
     """The graph's prediction of zero-ablating ``units`` (node ids or components) together, from `graph_effects`'
-    ``effects`` [n_nodes]: the sum of theirs (a unit with no node in the graph adds nothing)."""
-    return sum(float(effects[graph.index[str(u)]]) for u in units if str(u) in graph.index)
+    ``effects`` [n_nodes]: the sum of theirs; a component at every position (``pos`` None) is its nodes at each
+    position (it summed to nothing); a unit with no node in the graph (an original head) adds nothing."""
+    return sum(float(effects[i]) for u in units for i in _node_indices(graph, u))
+
+
+def _node_indices(graph, unit) -> list[int]:
+    if isinstance(unit, Component) and unit.pos is None and unit.kind != HEAD:
+        return [i for i, n in enumerate(graph.node_list) if n.type == unit.kind and n.layer == unit.layer
+                and (unit.kind in ERROR_KINDS or n.index == unit.index)]
+    return [graph.index[str(unit)]] if str(unit) in graph.index else []
 
 
 class GraphPrediction:
@@ -436,7 +444,7 @@ class GraphPrediction:
 
     def describe(self, components) -> str:
         """What a component line adds: the two graphs' predictions, or why there is none."""
-        missing = [str(c) for c in components if str(c) not in self.graph.index]
+        missing = [str(c) for c in components if not _node_indices(self.graph, c)]
         if len(missing) == len(components):
             return "graph: no node (an original head, a unit not active, or one left out by --max-feature-nodes)"
         also = f" ({', '.join(missing)} no node)" if missing else ""

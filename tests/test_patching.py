@@ -302,3 +302,26 @@ def test_agreement_by_hand():
     assert corr == pytest.approx(float((p * r).sum() / (p.norm() * r.norm())), abs=1e-6)
     assert agreement([1.0, -1.0], [1.0, 1.0], k=2)[1:] == (1, 1)
     assert math.isnan(agreement([1.0, 2.0], [2.0, 1.0])[0])  # no correlation from under 3 entries
+
+
+def test_a_component_at_every_position_predicts_the_sum_of_its_nodes():
+    """`set_effect` of a head, feature or error node with no position is the sum of its nodes' predicted effects
+    at every position (its id, ``lorsa.L.H@None``, named no node, so it predicted nothing)."""
+    from graphs.attribution import attribute
+    from graphs.patching import set_effect
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    g = attribute(model, torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(3)), qk=False)
+    effects = graph_effects(g, g.target.id)
+    for kind in (NodeKind.LORSA, NodeKind.TRANSCODER, NodeKind.MLP_ERROR):
+        counts = {}
+        for n in g.nodes(type=kind):
+            counts.setdefault((n.layer, n.index), []).append(n)
+        last = len(g.tokens) - 1  # only the last position's nodes reach its logit through the MLPs
+        (layer, index), nodes = max(((k, v) for k, v in counts.items() if any(n.pos == last for n in v)),
+                                    key=lambda kv: len(kv[1]))
+        assert len(nodes) > 1
+        by_hand = sum(float(effects[g.index[n.id]]) for n in nodes)
+        assert set_effect(g, effects, [Component(kind, layer, index, None)]) == pytest.approx(by_hand, rel=1e-9)
+        assert by_hand != 0
