@@ -123,9 +123,11 @@ function draw(i) {
     el('path', {d: curve(a, b, c1, c2), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', class: 'edge',
                 'stroke-opacity': onPath ? 0.95 : 0.55, 'stroke-width': width,
                 'data-a': a, 'data-b': b}, root).appendChild(el('title', {})).textContent = `${name(a)} -> ${name(b)}: ${fmt(w)}`;
-  for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())
-    el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',
-                'stroke-opacity': 0.5, 'stroke-dasharray': '5 3', 'stroke-width': 1}, root);
+  for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())  // over the edges, so that
+    el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',  // a fan
+                'stroke-opacity': 0.9, 'stroke-dasharray': '5 3', 'stroke-width': 1.5}, root)  // of them hides none
+      .appendChild(el('title', {})).textContent = `QK pair of ${name(head)}: ${i ? 'key' : 'query'} side ${name(src)} ` +
+        `(query ${name(q)} x key ${name(k)}: ${fmt(w)})`;
   const onPath = new Set(step.edges.filter(e => e[4]).flatMap(e => [e[0], e[1]]));  // the marked path's nodes
   for (const [id, [x, y]] of Object.entries(step.xy)) {
     const n = DATA.nodes[id];
