@@ -771,8 +771,8 @@ def render(graph_json, fmt, draw_nodes, expand_families):
     with RunFolder(src.parent, flag="the graph's folder") as run:  # every file written, or none changed
         written = write_all(g, run.path(src.stem), fmts, draw_nodes, dashboards=(lambda: kept) if kept else None,
                             expand_families=expand_families)
-        for path in run.commit([p.name for p in written.values()]):
-            click.echo(f"wrote {printable(path)}")
+        for path in run.commit([written[f].name for f in written if f in fmts]):  # as trace: a DOT written
+            click.echo(f"wrote {printable(path)}")  # only to render from is not committed unless asked for
 
 
 MAX_PATHS = 100  # query --paths

