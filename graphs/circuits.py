@@ -178,10 +178,14 @@ def downstream_features(graph: AttributionGraph, heads: list[Node]) -> list[str]
 
 
 def most_influential(graph: AttributionGraph, kind: NodeKind, k: int, influence: torch.Tensor | None = None) -> list[Node]:
-    """The ``k`` nodes of ``kind`` with the largest influence on the logits (graphs/prune.py), largest first."""
+    """The ``k`` nodes of ``kind`` with the largest influence on the logits, largest first: ``influence`` [n_nodes]
+    if given, else the influence each node holds (`prune` sets it from the full graph: what `circuits query`, the
+    pictures and `compare` show), else, on a graph never pruned, computed on this graph (graphs/prune.py)."""
     from .graph import check_k
     from .prune import influence as influence_of
 
     check_k(k)
+    if influence is None and any(n.influence for n in graph.node_list):
+        influence = torch.tensor([n.influence for n in graph.node_list])
     infl = influence_of(graph) if influence is None else influence
     return sorted(graph.nodes(type=kind), key=lambda n: -float(infl[graph.index[n.id]]))[:k]

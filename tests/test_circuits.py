@@ -107,6 +107,9 @@ def test_operand_movers_downstream_and_influence():
     # influence (normalised |weights| into the logit: lorsa.0.1 1/8, lorsa.0.2 3/8, tc 4/8; tc passes 4/8 on
     # to lorsa.0.1, all it reads): lorsa.0.1 1/8 + 4/8 = 5/8 > lorsa.0.2 3/8 > the others' 0
     assert [h.id for h in most_influential(g, "lorsa", 2)] == ["lorsa.0.1@2", "lorsa.0.2@2"]
+    # once the nodes hold an influence (a pruned graph's, from its full graph), those rank them
+    g.node("lorsa.0.3@2").influence, g.node("lorsa.0.1@2").influence = 0.9, 0.1
+    assert [h.id for h in most_influential(g, "lorsa", 2)] == ["lorsa.0.3@2", "lorsa.0.1@2"]
 
 
 def test_layout_places_a_node_above_the_logits_layer():
