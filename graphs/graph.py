@@ -552,7 +552,8 @@ class AttributionGraph:
 
     def to_networkx(self, include_qk: bool = False):
         """A networkx DiGraph: node attributes are the Node's scalar fields (``type`` as its plain name; fields that
-        are None and the lists ``qk``, ``z_pattern`` and ``lens`` are left out, `node` has them), edge attributes
+        are None and the lists ``qk``, ``z_pattern``, ``lens`` and ``members`` are left out, `node` has them; a
+        collapsed graph's family node has ``is_family`` True and ``n_members``, every other node False), edge attributes
         ``weight`` and ``kind``, so that networkx's writers (GraphML, node-link JSON) take it as it is (but for
         GraphML, XML 1.0, a label holding a control character such as a token "\x01": node-link JSON keeps it).
 
@@ -565,7 +566,8 @@ class AttributionGraph:
         g = nx.MultiDiGraph() if include_qk else nx.DiGraph()
         for n in self.node_list:
             attrs = {k: v for k, v in n.__dict__.items() if k != "id" and isinstance(v, (int, float, str))}
-            g.add_node(n.id, **{**attrs, "type": n.type.value})
+            family = {"is_family": n.is_family} | ({"n_members": len(n.members)} if n.is_family else {})
+            g.add_node(n.id, **{**attrs, "type": n.type.value, **family})
         E = self.edge_arrays
         ids = [n.id for n in self.node_list]
         for s, t, w, k in zip(E.src.tolist(), E.tgt.tolist(), E.w.tolist(), E.kind.tolist()):

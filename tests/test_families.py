@@ -638,3 +638,13 @@ def test_a_family_draws_its_members_qk_pairs_between_drawn_nodes():
             assert len(mine) == 1 and all(d[1] in ids and d[2] in ids for d in mine)
             assert abs(next(iter(mine))[3]) <= abs(by_hand[0][2])  # at its key first, then the strongest
     assert some
+
+
+def test_a_collapsed_graph_in_networkx_tells_families_apart():
+    """A family node's type is its members' and its index its rank, so without more only its id prefix told it from
+    a head of that layer: it carries is_family and n_members (every other node is_family False)."""
+    c = _graph().collapsed()
+    g = c.to_networkx()
+    fams = [n for n in c.node_list if n.members]
+    assert fams and all(g.nodes[f.id]["is_family"] and g.nodes[f.id]["n_members"] == len(f.members) for f in fams)
+    assert not any(g.nodes[n.id]["is_family"] for n in c.node_list if not n.members)
