@@ -123,11 +123,11 @@ function draw(i) {
     el('path', {d: curve(a, b, c1, c2), fill: 'none', stroke: w > 0 ? '#2166ac' : '#b2182b', class: 'edge',
                 'stroke-opacity': onPath ? 0.95 : 0.55, 'stroke-width': width,
                 'data-a': a, 'data-b': b}, root).appendChild(el('title', {})).textContent = `${name(a)} -> ${name(b)}: ${fmt(w)}`;
-  for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())  // over the edges, so that
-    el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',  // a fan
-                'stroke-opacity': 0.9, 'stroke-dasharray': '5 3', 'stroke-width': 1.5}, root)  // of them hides none
-      .appendChild(el('title', {})).textContent = `QK pair of ${name(head)}: ${i ? 'key' : 'query'} side ${name(src)} ` +
-        `(query ${name(q)} x key ${name(k)}: ${fmt(w)})`;
+  for (const [q, k, head, w, ...c] of step.qk) for (const [i, src] of [q, k].entries())  // over the edges, whose
+    el('path', {d: curve(src, head, c[2 * i], c[2 * i + 1]), fill: 'none', stroke: w > 0 ? '#6a51a3' : '#e6550d',
+                'stroke-opacity': 0.9, 'stroke-dasharray': '5 3', 'stroke-width': 1.5}, root)  // fan hid them
+      .appendChild(el('title', {})).textContent = `QK pair of ${name(head)}: ${i ? 'key' : 'query'} side ` +
+        `${name(src)} (query ${name(q)} x key ${name(k)}: ${fmt(w)})`;
   const onPath = new Set(step.edges.filter(e => e[4]).flatMap(e => [e[0], e[1]]));  // the marked path's nodes
   for (const [id, [x, y]] of Object.entries(step.xy)) {
     const n = DATA.nodes[id];
@@ -384,7 +384,8 @@ def picture(graph: AttributionGraph, n_nodes: int, order=None, marked=None) -> d
              for i, width in zip(d.edges, d.widths)]
     qk = [[e.query, e.key, e.head, round(e.weight, 5)] for e in drawn_qk(graph, ids)]
     routes = iter(edge_routes(g, [(e[0], e[1]) for e in edges] + [(s, head) for q, k, head, _ in qk for s in (q, k)],
-                              [e[2] for e in edges] + [0.0] * (2 * len(qk)), marked={j for j, e in enumerate(edges) if e[4]}))
+                              [e[2] for e in edges] + [0.0] * (2 * len(qk)),
+                              marked={j for j, e in enumerate(edges) if e[4]}))
     for e in edges:  # each curve's control points' x: a bow around the nodes in its way (layout.edge_routes)
         r = next(routes)
         e += [round(r[2], 1), round(r[4], 1)]
@@ -569,8 +570,8 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"nodes outlined; dashed: a "
             f"head's QK pair (purple raises its score, orange lowers it); click a node to light up its edges. Grey: "
             f"embedding, blue: Lorsa head, green: transcoder feature, "
-            f"pink: logit (its probability), dashed octagon: error node (what the replacement misses; light: attention, "
-            f"dark: MLP; with its influence)."
+            f"pink: logit (its probability), dashed octagon: error node (what the replacement misses; light: "
+            f"attention, dark: MLP; with its influence)."
             f"{html.escape(family)}{third}</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
             f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "

@@ -370,8 +370,8 @@ def family_qk_pairs(graph: AttributionGraph, family: Node) -> list[QKLink]:
     family, strongest first.  A picture's link between two families then says that a member of the one reads a
     member of the other, as the members' own pairs say; the weights are the members' and are not summed."""
     family_of = {m: n.id for n in graph.node_list if n.members for m in n.members}
-    links = [QKLink(family.id, link.entry, QKPair(family_of.get(link.query, link.query), family_of.get(link.key, link.key),
-                                                  link.weight))
+    named = lambda node_id: family_of.get(node_id, node_id)  # noqa: E731
+    links = [QKLink(family.id, link.entry, QKPair(named(link.query), named(link.key), link.weight))
              for m in family.members for link in graph.expanded.qk_pairs(m)]
     return sorted(links, key=lambda e: -abs(e.weight))
 

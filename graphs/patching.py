@@ -119,8 +119,8 @@ class PathPatcher:
     @torch.no_grad()
     def _mean_outputs(self, prompts: list[torch.Tensor]) -> list[dict]:
         """For mean ablation, per layer, over every position but BOS of the reference ``prompts`` (each text, or
-        token ids [n] or [1, n]; cut to the context): the mean activation of each Lorsa head [H] and transcoder feature [F], the mean error vectors
-        [d], and the mean output of each original attention head [heads, d]."""
+        token ids [n] or [1, n]; cut to the context): the mean activation of each Lorsa head [H] and transcoder
+        feature [F], the mean error vectors [d], and the mean output of each original attention head [heads, d]."""
         a = self.adapter
         bos = getattr(a.tokenizer, "bos_token_id", None) if a.tokenizer is not None else None
         sums, count = None, 0

@@ -131,8 +131,9 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
     if not any(n["type"] == "logit" for n in d["nodes"]):
         raise BadGraphError(f"{where}: the graph has no logit node")
     marked = [n["node_id"] for n in d["nodes"] if n.get("is_target_logit")]
-    traced = scores.get("logit_decomposition", {}).get("target", {}).get("node") if isinstance(
-        scores.get("logit_decomposition"), dict) and isinstance(scores["logit_decomposition"].get("target"), dict) else None
+    decomposition = scores.get("logit_decomposition")
+    target = decomposition.get("target") if isinstance(decomposition, dict) else None
+    traced = target.get("node") if isinstance(target, dict) else None
     if len(marked) > 1 or (marked and traced is not None and marked[0] != traced):
         what = f"{_short(marked[0])} and {_short(marked[1])}" if len(marked) > 1 else _short(marked[0])
         raise BadGraphError(f"{where}: is_target_logit marks {what}, but a graph has one target"

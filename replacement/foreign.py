@@ -160,8 +160,9 @@ def reading(modules: dict, reads: str, folder: Path) -> dict:
 
 
 def load_circuit_tracer_clt(folder: Path, adapter) -> dict[tuple[str, int], torch.nn.Module]:
-    """A cross-layer transcoder: ``W_enc_{L}`` / ``W_dec_{L}.safetensors`` (`clt_from_circuit_tracer`), with the hooks and top_k of its config.yaml (circuit-tracer's default input hook
-    for a CLT without one is hook_resid_mid)."""
+    """A cross-layer transcoder: ``W_enc_{L}`` / ``W_dec_{L}.safetensors`` (`clt_from_circuit_tracer`), with the
+    hooks and top_k of its config.yaml (circuit-tracer's default input hook for a CLT without one is
+    hook_resid_mid)."""
     _, reads, k = circuit_tracer_config(folder, default_in="hook_resid_mid")
     layers = clt_from_circuit_tracer(folder, k)
     if len(layers) != adapter.n_layers:
@@ -213,9 +214,10 @@ def _check_ct_hooks(conf: dict, folder: Path, default_in: str = "mlp.hook_in") -
 
 
 def write_circuit_tracer(tc: Transcoder, folder: str | Path, layer: int, model_kind: str = "transcoder_set") -> Path:
-    """Write transcoder ``tc`` as circuit-tracer's ``layer_{i}.safetensors`` and the set's ``config.yaml`` (its input hook from
-    ``tc.cfg.reads``, the output hook ``mlp.hook_out``, and ``top_k``).  A folder whose config.yaml says otherwise
-    (another input, another K: circuit-tracer reads one config for every layer) is refused in one line.
+    """Write transcoder ``tc`` as circuit-tracer's ``layer_{i}.safetensors`` and the set's ``config.yaml`` (its
+    input hook from ``tc.cfg.reads``, the output hook ``mlp.hook_out``, and ``top_k``).  A folder whose config.yaml
+    says otherwise (another input, another K: circuit-tracer reads one config for every layer) is refused in one
+    line.
 
     circuit-tracer has no top-K: it keeps every feature its ReLU (JumpReLU) passes, so it runs a top-K
     transcoder as a wider code than ours (a warning says so); this tool's reader applies the ``top_k`` line."""
@@ -264,7 +266,8 @@ def transcoder_from_circuit_tracer(folder: str | Path, layer: int, top_k: int | 
     ``top_k`` (else ``top_k`` in its ``config.yaml``, else none): see `transcoder_from_circuit_tracer_file`."""
     folder = Path(folder)
     _, reads, k = circuit_tracer_config(folder)
-    tc = transcoder_from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer, k if top_k is None else top_k)
+    tc = transcoder_from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer,
+                                             k if top_k is None else top_k)
     return reading({("transcoder", layer): tc}, reads, folder)[("transcoder", layer)]
 
 def transcoder_from_circuit_tracer_file(path: str | Path, layer: int, top_k: int = 0) -> Transcoder:

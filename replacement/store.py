@@ -117,8 +117,8 @@ def _update_folder_config(folder: Path, fingerprint: str, model_name: str,
         cfg = {}  # a folder retrained for another model starts afresh
     cfg.update(model=model_name, fingerprint=fingerprint)
     for kind, layer, metrics, crc in entries:
-        cfg.setdefault("modules", {})[module_key(kind, layer)] = {"file": module_filename(kind, layer), "metrics": metrics,
-                                                                 "crc32": crc}
+        cfg.setdefault("modules", {})[module_key(kind, layer)] = {"file": module_filename(kind, layer),
+                                                                   "metrics": metrics, "crc32": crc}
     atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
 
 

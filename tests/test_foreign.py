@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from replacement import checkpoint as ckpt
 from replacement.errors import CircuitsError, ForeignFormatError
-from replacement.foreign import (lorsa_from_llamascope, transcoder_from_circuit_tracer, transcoder_from_circuit_tracer_file,
-                                transcoder_from_llamascope, write_circuit_tracer)
+from replacement.foreign import (lorsa_from_llamascope, transcoder_from_circuit_tracer,
+                                transcoder_from_circuit_tracer_file, transcoder_from_llamascope, write_circuit_tracer)
 from replacement.transcoder import Transcoder, TranscoderConfig
 from tests.conftest import ROOT
 from tests.test_train import _lorsa, _tc

@@ -321,7 +321,8 @@ def test_circuit_helpers_and_patching_refuse_positions_layers_and_budgets_out_of
 
     toy = ReplacementModel.load(load_model("toy"))  # a model with a tokenizer, for prompts as text
     ref = "the cat sat on the mat"
-    as_ids = PathPatcher(toy, "a b c", " d", reference=[toy.adapter.tokenize(ref)]).effects(["mlp_err.0@3"], mode="mean")
+    as_ids = PathPatcher(toy, "a b c", " d", reference=[toy.adapter.tokenize(ref)]).effects(["mlp_err.0@3"],
+                                                                                         mode="mean")
     by_text = PathPatcher(toy, "a b c", " d", reference=[ref]).effects(["mlp_err.0@3"], mode="mean")
     assert by_text[0].effect == as_ids[0].effect != 0
     with pytest.raises(BadInputError, match="list of prompts"):
