@@ -400,9 +400,12 @@ class ModelAdapter:
             xf = xf - xf.mean(-1, keepdim=True)
         var = xf.pow(2).mean(-1, keepdim=True) + (norm.eps if layernorm or self.gemma else norm.variance_epsilon)
         own = var.sqrt()
-        # a hook gets a copy (it may change it in place); a scale frozen at its own value runs the norm as it is
+        # a hook gets a copy (it may change it in place); a scale frozen at its own value runs the norm as it is,
+        # but where gradients flow through x: there a frozen scale is a constant, whose derivative the live norm's
+        # (through its variance) is not (path patching's linear effects with the norms frozen took the live one)
         scale = self._hook(name, own.clone() if hooks and name in hooks else own, hooks, cache)
-        as_is = scale is own or torch.equal(scale, own)
+        grad = torch.is_grad_enabled() and xf.requires_grad
+        as_is = scale is own or (not grad and torch.equal(scale, own))
         if layernorm and as_is:
             return torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         xn = xf * torch.rsqrt(var) if as_is else xf / scale

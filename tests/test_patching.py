@@ -162,6 +162,24 @@ def test_linear_effects_are_the_derivative_of_path_patching(make):
         assert lin == pytest.approx(expected, rel=2e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_neox])
+def test_with_the_norms_frozen_the_last_errors_effect_is_its_linear_effect(make):
+    """With every norm scale frozen (and attention frozen, as path patching has it), the last layer's MLP error at
+    the last position reaches the logit through fixed linear maps only (the final norm's frozen scale, the
+    unembedding): its patched effect and its linear effect are the same number.  The linear effect took the live
+    norm's derivative (through its variance) instead, since a scale frozen at its own value ran the norm as it is."""
+    adapter = ModelAdapter(make(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    last = f"mlp_err.{adapter.n_layers - 1}@8"
+    frozen = PathPatcher(model, ids, target=7, freeze_norms=True)
+    effect, = (r.effect for r in frozen.effects([last]))
+    linear, = frozen.linear_effects([last])
+    assert abs(effect) > 1e-4 and linear == pytest.approx(effect, rel=1e-4, abs=1e-6)
+    live, = PathPatcher(model, ids, target=7).linear_effects([last])
+    assert abs(live - linear) > 1e-3 * abs(linear)  # the norms' own response is what freezing them leaves out
+
+
 def test_linear_effects_through_mlp_maps():
     """Replacing an MLP by its own Jacobian at the clean point changes no slope; replacing MLP 0 by zero
     changes the slopes of layer-0 writes and leaves those of layer-1 writes alone."""
