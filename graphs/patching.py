@@ -23,6 +23,7 @@ from replacement.assemble import ReplacementModel, linear_mlp_hooks
 from replacement.checks import check_count
 from replacement.errors import BadInputError
 from replacement.hooks import hook_name
+from replacement.models import start_token
 
 from .graph import ERROR_KINDS, FEATURE_KINDS, NodeKey, NodeKind, id_of_unit_label, kind_of
 
@@ -122,7 +123,7 @@ class PathPatcher:
         token ids [n] or [1, n]; cut to the context): the mean activation of each Lorsa head [H] and transcoder
         feature [F], the mean error vectors [d], and the mean output of each original attention head [heads, d]."""
         a = self.adapter
-        bos = getattr(a.tokenizer, "bos_token_id", None) if a.tokenizer is not None else None
+        bos = start_token(a.tokenizer) if a.tokenizer is not None else None  # BOS, or the stand-in prompts start with
         sums, count = None, 0
         if isinstance(prompts, str):
             raise BadInputError("reference takes a list of prompts; for one, give [it]")

@@ -65,7 +65,10 @@ class TextSource:
 
             part = f"held-out part (the last {HELDOUT_FRACTION:.0%}) of the text" if heldout else "text"
             raise BadInputError(f"the {part} has {len(self.tokens)} tokens, fewer than one sequence of {seq_len}")
-        self.bos, self.seq_len, self.seed = tokenizer.bos_token_id, seq_len, seed
+        from .models import start_token
+
+        # each row starts as traced prompts do: BOS, or the stand-in of a tokenizer without one (Qwen2's)
+        self.bos, self.seq_len, self.seed = start_token(tokenizer), seq_len, seed
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

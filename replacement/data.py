@@ -169,7 +169,9 @@ class BatchMaker:
         self.mix = mixture
         self.seq_len = seq_len
         self.seed = seed
-        self.bos = tokenizer.bos_token_id
+        from .models import start_token
+
+        self.bos = start_token(tokenizer)  # BOS, or the stand-in traced prompts start with
         self.bare, self.spaced = number_token_ids(tokenizer)
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         (self.plus,), (self.eq,), (self.nl,) = enc(" +"), enc(" ="), enc("\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -977,3 +978,29 @@ def test_the_train_command_defaults_are_the_configs():
                 assert getattr(cfg, param.name) == default, (param.name, type(cfg).__name__)
                 checked += 1
     assert checked >= 15
+
+
+def test_a_tokenizer_without_bos_trains_from_text(saved_model, tmp_path):
+    """A tokenizer with no BOS token (Qwen2's): training windows start with the stand-in traced prompts start with
+    (`start_token`), as the docs say; TextSource read ``bos_token_id`` and every command that trains or scans text
+    (train, the joint stage, eval, heads, correspond) failed with a TypeError."""
+    from transformers import AutoTokenizer
+
+    from replacement.activations import TextSource
+    from replacement.models import load_model, start_token
+
+    tok = AutoTokenizer.from_pretrained(saved_model)
+    tok.bos_token = None
+    assert tok.bos_token_id is None and start_token(tok) is not None
+    src = TextSource(tok, torch.arange(5, 400) % 90 + 5, seq_len=16, seed=0)
+    rows = src.batch(0, 4)
+    assert rows.shape == (4, 16) and (rows[:, 0] == start_token(tok)).all()
+    adapter = load_model(str(saved_model))
+    adapter.tokenizer = tok
+    metrics = evaluate_modules(adapter, {("transcoder", 0): _tc_for(adapter)}, src, n_batches=1, batch_size=4)
+    assert math.isfinite(metrics["layer0.transcoder"]["fvu"])
+
+
+def _tc_for(adapter):
+    torch.manual_seed(0)
+    return Transcoder(TranscoderConfig(d_model=adapter.d_model, n_features=16, top_k=4))
