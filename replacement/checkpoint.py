@@ -23,8 +23,13 @@ __all__ = ["CheckpointError", "atomic_save", "check_finite", "check_same_setting
            "optimizer_tensors", "restore_optimizer", "restoring"]
 
 
+TEXT_KEYS = ("fingerprint", "model", "kind")  # metadata that is text; files before 2026-12-07 hold it unquoted
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    """Write ``tensors`` atomically, with ``metadata``'s values as JSON (text quoted: a fingerprint such as
+    6942162248e30930 written bare read back as the number inf, and that model's replacements never loaded)."""
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     try:
         with atomic_path(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -45,6 +50,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {e}") from None
     meta = {}
     for k, v in raw_meta.items():
+        if k in TEXT_KEYS and not v.startswith('"'):  # text written bare, before it was quoted
+            meta[k] = v
+            continue
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:

@@ -1004,3 +1004,21 @@ def test_a_tokenizer_without_bos_trains_from_text(saved_model, tmp_path):
 def _tc_for(adapter):
     torch.manual_seed(0)
     return Transcoder(TranscoderConfig(d_model=adapter.d_model, n_features=16, top_k=4))
+
+
+def test_text_metadata_reads_back_as_text(tmp_path):
+    """A model fingerprint such as 6942162248e30930 (about 1 in 850 of them) was written bare and read back as the
+    number inf, so that model's replacements never loaded: text metadata is written quoted, and files written before
+    (bare) still read as text."""
+    from safetensors.torch import save_file
+
+    fp = "6942162248e30930"
+    save_module(_tc(), "transcoder", tmp_path / "new", fp, "m")
+    module, meta = load_module(tmp_path / "new" / "layer0.transcoder.safetensors", fingerprint=fp)
+    assert meta["fingerprint"] == fp and module.cfg.n_features == 32
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "old.safetensors"),
+              metadata={"fingerprint": fp, "model": "123", "kind": "lorsa", "step": "7", "config": '{"a": 1}'})
+    _, meta = ckpt.load(tmp_path / "old.safetensors")
+    assert meta == {"fingerprint": fp, "model": "123", "kind": "lorsa", "step": 7, "config": {"a": 1}}
+    ckpt.atomic_save({"x": torch.zeros(1)}, tmp_path / "quoted.safetensors", {"fingerprint": "1234", "step": 7})
+    assert ckpt.load(tmp_path / "quoted.safetensors")[1] == {"fingerprint": "1234", "step": 7}
