@@ -289,7 +289,7 @@ CASES = [
     Case("family-cosine-without-families", T + ["--no-families", "--family-cosine", "0.5"],
          "--family-cosine is used only with families"),
     Case("patch-bad-component-before-loading", ["circuits", "patch", "the cat", "--model", "{M}", "--component",
-                                                "L0.H1@2"], "cannot parse component 'L0.H1@2'"),
+                                                "L0.X1@2"], "cannot parse component 'L0.X1@2'"),
     Case("train-seq-len-two", ["circuits", "train", "--model", "{M}", "--seq-len", "2", "--text", "{TEXT}"],
          "Invalid value for '--seq-len'"),
     Case("patch-family-baseline", ["circuits", "patch", "the cat", "--model", "{M}", "--family", "fam.lorsa.1.0@2",

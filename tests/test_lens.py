@@ -144,8 +144,9 @@ def test_query_prints_a_node_and_a_family_lens(saved_model, tmp_path):
 
 
 def test_legends_explain_the_third_line_with_the_graphs_strongest_examples(saved_model):
-    """The DOT legend and the page's name the strongest head's and feature's gist; a graph whose features carry
-    no lens (a graph.json from before) says nothing about features' third lines."""
+    """The DOT legend and the page's name the strongest head's and feature's gist (of the picture each opens on:
+    with families as one node, the collapsed graph's); a graph whose features carry no lens (a graph.json from
+    before) says nothing about features' third lines."""
     import html
 
     from graphs.pipeline import trace_graphs
@@ -160,10 +161,14 @@ def test_legends_explain_the_third_line_with_the_graphs_strongest_examples(saved
     _, graph = trace_graphs(model, adapter.tokenize("the cat sat on the mat. 1 + 2 ="), max_feature_nodes=None)
     head = max(graph.nodes(type="lorsa"), key=lambda n: n.influence)
     feature = max(graph.nodes(type="transcoder"), key=lambda n: n.influence)
-    dot, page = to_dot(graph, expand_families=True), to_html(graph)
+    dot, page = to_dot(graph, expand_families=True), to_html(graph, expand_families=True)
     for words in (f"{gist(graph, head)} the token head L{head.layer}.H{head.index} takes",
                   f"{gist(graph, feature)} the token feature L{feature.layer}.F{feature.index}'s output raises"):
         assert words.replace('"', '\\"') in dot and html.escape(words) in page
+    if graph.families():  # the page opens on the families as one node, and its legend names their examples
+        from graphs.layout import gist_examples
+
+        assert html.escape("; ".join(gist_examples(graph.collapsed()))) in to_html(graph)
     for n in graph.node_list:
         n.lens = None
     assert "output raises" not in to_dot(graph, expand_families=True) and "head L" in to_dot(graph, expand_families=True)
