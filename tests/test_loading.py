@@ -31,6 +31,19 @@ def test_local_folder_loads_and_matches(saved_llama):
     assert load_model("toy").model_arg == "toy"
 
 
+def test_a_local_folder_named_as_a_preset_is_not_the_preset(tmp_path):
+    """A local model in a folder called "llama" was taken for the bundled llama: training saved its replacements in
+    ./replacements/llama and trace looked for them in the package's bundled set, then blamed another version."""
+    from replacement.bundle import is_preset
+    from replacement.store import default_folder, default_train_folder
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    adapter = load_model(str(tmp_path / "llama"))
+    assert not is_preset(adapter.name) and adapter.model_arg == str(tmp_path / "llama")
+    assert default_folder(adapter) == default_train_folder(adapter) == tmp_path / "llama" / "replacements"
+    assert load_model(adapter.model_arg).name == adapter.name
+
+
 def test_bfloat16_load(tmp_path):
     tiny_neox().save_pretrained(tmp_path / "n")
     adapter = load_model(str(tmp_path / "n"), dtype="bfloat16")
