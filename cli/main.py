@@ -211,7 +211,7 @@ def _print_saved(folder, model_name: str) -> None:
     holds some layers or kinds only (later --replacements folders replace earlier ones' modules)."""
     from transformers import AutoConfig
 
-    from replacement.assemble import required_modules
+    from replacement.assemble import required_modules, train_commands
     from replacement.models import resolve_model_path
     from replacement.store import module_key, read_folder_config
 
@@ -221,8 +221,9 @@ def _print_saved(folder, model_name: str) -> None:
     whole = {module_key(k, L) for k, L in required_modules(n_layers)} <= held
     own = Path(path) / "replacements"  # the model's own set (beside a bundled or local model)
     if not whole and own.resolve() == Path(folder).resolve():  # the model's own set is this one, incomplete
+        missing = sorted((k, L) for k, L in required_modules(n_layers) if module_key(k, L) not in held)
         click.echo(f"saved in {folder}, which holds {', '.join(sorted(held))} only: a trace needs every layer's Lorsa "
-                   f"and transcoder; train the others too (circuits train --model {model_name} --what all)")
+                   f"and transcoder; train the others too ({train_commands(model_name, missing, n_layers)})")
         return
     under = "" if whole else f"--replacements {own if own.is_dir() else '<a complete set>'} "
     click.echo(f"saved in {folder}; to trace with them: trace PROMPT --model {model_name} {under}--replacements {folder}"

@@ -65,6 +65,19 @@ def required_modules(n_layers: int, attention: str = "lorsa") -> set[tuple[str, 
     return need | {("lorsa", L) for L in range(n_layers)} if attention == "lorsa" else need
 
 
+def train_commands(model_arg: str, missing, n_layers: int) -> str:
+    """The `circuits train` commands that train the modules ``missing`` [(kind, layer)] and no module a set holds
+    ("--what all" after Lorsa alone was refused: it would replace them): one, or one per kind where some layers lack
+    one kind and others the other."""
+    kinds = sorted({k for k, _ in missing})
+    layers = sorted({L for _, L in missing})
+    if len(kinds) > 1 and set(missing) != {(k, L) for k in kinds for L in layers}:
+        return " and ".join(train_commands(model_arg, [m for m in missing if m[0] == k], n_layers) for k in kinds)
+    what = kinds[0] if len(kinds) == 1 else "all"
+    return (f"circuits train --model {model_arg} --what {what}"
+            + ("" if len(layers) == n_layers else f" --layers {','.join(map(str, layers))}"))
+
+
 class ReplacementModel:
     def __init__(self, adapter: ModelAdapter, modules: dict[tuple[str, int], torch.nn.Module], attention: str = "lorsa"):
         if attention not in ("lorsa", "frozen"):
@@ -78,10 +91,9 @@ class ReplacementModel:
         self.origins: dict[tuple[str, int], Path] = {}  # the folder (`load`) or file (`use_module`) of each module
         missing = sorted(required_modules(adapter.n_layers, attention) - set(modules))
         if missing:
-            what = "all" if attention == "lorsa" else "transcoder"
             raise CircuitsError(
                 f"missing trained replacements {', '.join(f'layer{L}.{k}' for k, L in missing)}; "
-                f"train them with: circuits train --model {adapter.model_arg} --what {what}"
+                f"train them with: {train_commands(adapter.model_arg, missing, adapter.n_layers)}"
             )
 
     @classmethod

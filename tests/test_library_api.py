@@ -327,3 +327,22 @@ def test_circuit_helpers_and_patching_refuse_positions_layers_and_budgets_out_of
     assert by_text[0].effect == as_ids[0].effect != 0
     with pytest.raises(BadInputError, match="list of prompts"):
         PathPatcher(toy, "a b c", " d", reference=ref)
+
+
+def test_a_partial_set_names_the_runs_that_complete_it(small_model):
+    """A set of Lorsa alone was told to run `--what all`, which then refused to replace the Lorsa: the advice names
+    the missing kind and layers, one run per kind where layers lack different kinds."""
+    from replacement.assemble import ReplacementModel, train_commands
+    from replacement.errors import CircuitsError
+
+    adapter = small_model.adapter
+    lorsa = {("lorsa", L): m for L, m in small_model.lorsas.items()}
+    with pytest.raises(CircuitsError, match=r"--what transcoder$"):
+        ReplacementModel(adapter, lorsa)
+    one = lorsa | {("transcoder", 0): small_model.transcoders[0]}
+    with pytest.raises(CircuitsError, match=r"--what transcoder --layers 1$"):
+        ReplacementModel(adapter, one)
+    assert train_commands("m", [("lorsa", 0), ("transcoder", 1)], 2) == (
+        "circuits train --model m --what lorsa --layers 0 and circuits train --model m --what transcoder --layers 1")
+    assert train_commands("m", [(k, L) for k in ("lorsa", "transcoder") for L in (0, 1)], 2) == \
+        "circuits train --model m --what all"
