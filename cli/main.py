@@ -697,15 +697,17 @@ def correspond(model_name, device, dtype, layers, n_seqs, seq_len, share, few, t
 
 
 def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, few, top, replacements):
-    from replacement.assemble import ReplacementModel
+    from types import SimpleNamespace
+
     from replacement.correspond import CorrespondConfig, correspond as run_correspond, histogram_dot
     from replacement.errors import BadInputError
-    from replacement.foreign import replacement_specs
+    from replacement.foreign import load_specs, replacement_specs
     from replacement.io import atomic_write_text
     from replacement.models import load_model
 
     adapter = load_model(model_name, device, dtype)
-    model = ReplacementModel.load(adapter, replacement_specs(replacements), "lorsa")
+    modules = load_specs(replacement_specs(replacements), adapter, device)  # a set of Lorsa alone will do: no
+    model = SimpleNamespace(adapter=adapter, lorsas={L: m for (k, L), m in modules.items() if k == "lorsa"})  # tc read
     want = sorted(model.lorsas) if want is None else want
     missing = [L for L in want if L not in model.lorsas]
     if missing:

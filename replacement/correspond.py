@@ -265,7 +265,8 @@ def new_moments(model, layer: int) -> Moments:
 def correspond(model, layer: int, cfg: CorrespondConfig | None = None, source=None,
                progress: bool = False) -> Correspondence:
     """Every Lorsa head of ``layer`` matched to the original heads (module docstring) on ``cfg.n_seqs``
-    held-out sequences (``source``: an activations source; default: the model's held-out data)."""
+    held-out sequences (``source``: an activations source; default: the model's held-out data).  ``model``: a
+    ReplacementModel, or anything with its ``adapter`` and ``lorsas`` {layer: Lorsa} (no transcoder is read)."""
     from .activations import default_source
 
     cfg = cfg or CorrespondConfig()

@@ -141,3 +141,27 @@ def test_a_seq_len_past_the_context_is_recorded_as_read():
     cfg = replace(CFG, seq_len=500, n_seqs=1, batch_size=1)
     res = cs.correspond(model, 1, cfg, RandomTokenSource(97, adapter.context, seed=5))
     assert res.to_json()["config"]["seq_len"] == adapter.context == res.tokens + 1
+
+
+def test_the_command_needs_no_transcoders(saved_model, tmp_path):
+    """`circuits correspond` reads the Lorsa alone: a set of Lorsa without transcoders (trained with --what lorsa)
+    was refused for its missing transcoders."""
+    import os
+    import subprocess
+    import sys
+
+    from replacement.models import load_model, model_fingerprint
+    from replacement.store import load_replacements, save_module
+
+    adapter = load_model(str(saved_model))
+    mods = load_replacements(saved_model / "replacements", adapter)
+    for (kind, L), m in mods.items():
+        if kind == "lorsa":
+            save_module(m, "lorsa", tmp_path / "lorsa_only", model_fingerprint(adapter), adapter.name,
+                        dtype=torch.float32)
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "correspond", "--model",
+                        str(saved_model), "--layer", "0", "--n-seqs", "4", "--replacements", str(tmp_path / "lorsa_only"),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "CIRCUITS_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "layer 0:" in r.stdout and (tmp_path / "out").exists()
