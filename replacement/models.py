@@ -784,10 +784,13 @@ def _load_tokenizer(path: str, local_only: bool, revision: str | None = None):
 def _check_safetensors_only(path: str, name: str) -> None:
     """A local folder must hold its weights as safetensors: pickle files (``pytorch_model.bin``) are never loaded."""
     folder = Path(path)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+    weights = list(folder.glob("model*.safetensors")) if folder.is_dir() else []  # HF's names (sharded too), not
+    if folder.is_dir() and not weights:  # any other .safetensors beside them
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         why = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"
-        raise ModelLoadError(f"cannot load {name!r}: the folder holds {why}; convert them to safetensors")
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        also = f" (and {', '.join(others[:3])}, not named as HF names a model's weights: model.safetensors)" if others else ""
+        raise ModelLoadError(f"cannot load {name!r}: the folder holds {why}{also}; convert them to safetensors")
 
 
 def _quiet_hf() -> None:

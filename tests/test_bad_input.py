@@ -108,6 +108,8 @@ CASES = [
          "Validation error for field 'hidden_size': "),  # the reason, on the validator's next line, was cut off
     Case("model-truncated-safetensors", ["trace", "x", "--model", "{TRUNCATED}"], "cannot load the weights"),
     Case("model-pickle-only", ["trace", "x", "--model", "{PICKLE}"], "only pickle weights (pytorch_model.bin)"),
+    Case("model-pickle-beside-other-safetensors", ["trace", "x", "--model", "{PICKLEMIX}"],
+         "only pickle weights (pytorch_model.bin), which are never loaded (and extra.safetensors"),
     Case("long-prompt-before-weights", ["trace", "the cat " * 60, "--model", "{TRUNCATED}"],
          "longer than the model's context"),  # checked with the tokenizer alone: the broken weights never load
     Case("bad-target-before-weights", ["trace", "the cat", "--model", "{TRUNCATED}", "--target", "zz qq"],
@@ -378,6 +380,9 @@ def _broken_models(w: Path, names: dict) -> None:
     names["PICKLE"] = w / "pickle-only"
     shutil.copytree(m, names["PICKLE"], ignore=shutil.ignore_patterns("replacements", "*.safetensors"))
     (names["PICKLE"] / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    names["PICKLEMIX"] = w / "pickle-and-other-safetensors"  # an unrelated .safetensors beside the pickle
+    shutil.copytree(names["PICKLE"], names["PICKLEMIX"])
+    shutil.copy(m / "model.safetensors", names["PICKLEMIX"] / "extra.safetensors")
     names["NANMODEL"] = w / "nan-model"
     shutil.copytree(m, names["NANMODEL"])
     tensors = load_file(str(names["NANMODEL"] / "model.safetensors"))
