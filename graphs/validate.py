@@ -134,6 +134,10 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
     decomposition = scores.get("logit_decomposition")
     target = decomposition.get("target") if isinstance(decomposition, dict) else None
     traced = target.get("node") if isinstance(target, dict) else None
+    traced = traced if traced in seen else None  # a subgraph without the traced logit marks the likeliest it holds
+    not_logit = next((n["node_id"] for n in d["nodes"] if n.get("is_target_logit") and n["type"] != "logit"), None)
+    if not_logit is not None:
+        raise BadGraphError(f"{where}: is_target_logit marks {_short(not_logit)}, which is not a logit node")
     if len(marked) > 1 or (marked and traced is not None and marked[0] != traced):
         what = f"{_short(marked[0])} and {_short(marked[1])}" if len(marked) > 1 else _short(marked[0])
         raise BadGraphError(f"{where}: is_target_logit marks {what}, but a graph has one target"

@@ -288,6 +288,16 @@ def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(gra
     assert graph.scores["logit_decomposition"]["target"]["node"] == target.id != other.id
     with pytest.raises(BadGraphError, match="is_target_logit marks"):
         read_json(tmp_path / "clash.json")
+    d = to_dict(graph)
+    d["nodes"][0]["is_target_logit"] = True  # an embedding
+    for node in d["nodes"][1:]:
+        node["is_target_logit"] = False
+    (tmp_path / "notlogit.json").write_text(json.dumps(d))
+    with pytest.raises(BadGraphError, match="not a logit node"):
+        read_json(tmp_path / "notlogit.json")
+    # a subgraph without the traced logit, but other logits, saves and loads: the likeliest it holds is its target
+    sub = graph.subgraph([n.id for n in graph.node_list if n.id != target.id])
+    assert read_json(write_json(sub, tmp_path / "sub.json")).target.id == sub.target.id != target.id
 
 
 def test_circuit_helpers_and_patching_refuse_positions_layers_and_budgets_out_of_range(small_model, graph):
