@@ -708,6 +708,9 @@ def _correspond(run, model_name, device, dtype, want, n_seqs, seq_len, share, fe
     adapter = load_model(model_name, device, dtype)
     modules = load_specs(replacement_specs(replacements), adapter, device)  # a set of Lorsa alone will do: no
     model = SimpleNamespace(adapter=adapter, lorsas={L: m for (k, L), m in modules.items() if k == "lorsa"})  # tc read
+    if not model.lorsas:
+        raise BadInputError(f"the replacements hold no Lorsa, which correspond matches to the model's heads; train "
+                            f"them with: circuits train --model {adapter.model_arg} --what lorsa")
     want = sorted(model.lorsas) if want is None else want
     missing = [L for L in want if L not in model.lorsas]
     if missing:

@@ -91,8 +91,10 @@ class ReplacementModel:
         self.origins: dict[tuple[str, int], Path] = {}  # the folder (`load`) or file (`use_module`) of each module
         missing = sorted(required_modules(adapter.n_layers, attention) - set(modules))
         if missing:
+            from .store import module_key
+
             raise CircuitsError(
-                f"missing trained replacements {', '.join(f'layer{L}.{k}' for k, L in missing)}; "
+                f"missing trained replacements {', '.join(module_key(k, L) for k, L in missing)}; "
                 f"train them with: {train_commands(adapter.model_arg, missing, adapter.n_layers)}"
             )
 

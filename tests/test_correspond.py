@@ -165,3 +165,13 @@ def test_the_command_needs_no_transcoders(saved_model, tmp_path):
                        env={**os.environ, "CIRCUITS_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     assert "layer 0:" in r.stdout and (tmp_path / "out").exists()
+    # a set of transcoders alone: one line, not a silent nothing
+    for (kind, L), m in mods.items():
+        if kind == "transcoder":
+            save_module(m, "transcoder", tmp_path / "tc_only", model_fingerprint(adapter), adapter.name,
+                        dtype=torch.float32)
+    r = subprocess.run([sys.executable, "-c", "from cli.main import circuits; circuits()", "correspond", "--model",
+                        str(saved_model), "--layer", "0", "--replacements", str(tmp_path / "tc_only")],
+                       capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "CIRCUITS_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0 and "hold no Lorsa" in r.stderr, (r.stdout, r.stderr)
