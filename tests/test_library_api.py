@@ -267,6 +267,10 @@ def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(gra
     assert torch.equal(graph_effects(graph, node_name(graph, target)), graph_effects(graph, target.id))
     with pytest.raises(BadInputError, match="a collection of nodes"):
         graph.subgraph(head.id)
+    from graphs.compare import compare
+
+    with pytest.raises(BadInputError, match="compare takes two graphs"):
+        compare(graph, "traces/36-61")
     sub = graph.subgraph([node_name(graph, head), target, NodeKey.parse(graph.node_list[0].id)])
     assert {n.id for n in sub.node_list} == {head.id, target.id, graph.node_list[0].id}
     with pytest.raises(BadInputError, match="needs a logit node"):
