@@ -282,6 +282,8 @@ def find_families(graph: AttributionGraph, model=None, cfg: FamilyConfig = DEFAU
     families (`families`).  ``model`` is needed for ``direction="weights"`` only.  ``also``: another graph
     holding these nodes (the full graph a pruned one came from), whose nodes of the same ids get the same marks.
     A unit that writes nothing in the graph (no outgoing edge: a node kept for its QK pairs) joins no family."""
+    if not isinstance(cfg, FamilyConfig):
+        raise BadInputError(f"the family rule is a FamilyConfig (graphs.families), not {type(cfg).__name__}")
     kinds = (NodeKind.LORSA, NodeKind.TRANSCODER) if cfg.transcoders else (NodeKind.LORSA,)
     nodes = [n for n in graph.node_list if n.type in kinds]
     for n in graph.node_list + (also.node_list if also is not None else []):

@@ -109,6 +109,8 @@ class NodeKey:
     @staticmethod
     def parse(text: str) -> "NodeKey":
         """The key of a node id (see the module docstring); raises BadInputError (one line) otherwise."""
+        if not isinstance(text, str):
+            raise BadInputError(f"a node id is text ({ID_FORMS}), not {type(text).__name__}")
         m = _ID_PATTERN.match(text.strip())
         kind = _ID_KIND.get(m.group(1)) if m else None
         numbers = [int(x) for x in m.group(2).split(".")[1:]] if m else []

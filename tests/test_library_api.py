@@ -271,6 +271,8 @@ def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(gra
 
     with pytest.raises(BadInputError, match="compare takes two graphs"):
         compare(graph, "traces/36-61")
+    with pytest.raises(BadInputError, match="a node id is text"):
+        NodeKey.parse(5)
     sub = graph.subgraph([node_name(graph, head), target, NodeKey.parse(graph.node_list[0].id)])
     assert {n.id for n in sub.node_list} == {head.id, target.id, graph.node_list[0].id}
     with pytest.raises(BadInputError, match="needs a logit node"):
@@ -324,6 +326,8 @@ def test_circuit_helpers_and_patching_refuse_positions_layers_and_budgets_out_of
         operand_movers(graph, [99], 1)
     with pytest.raises(BadInputError, match="no z pattern"):
         z_peak(graph.nodes(type="tc")[0])
+    with pytest.raises(BadInputError, match="a FamilyConfig"):
+        trace_graphs(m, [1, 2, 3], families="yes")
     for bad in (0, -1):
         with pytest.raises(BadInputError, match="max_feature_nodes must be at least 1"):
             trace_graphs(m, [1, 2, 3], max_feature_nodes=bad)
