@@ -13,6 +13,7 @@ position; the transcoder features they write into are downstream of them.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +163,7 @@ def operand_movers(graph: AttributionGraph, operands: list[int], position: int, 
     """The Lorsa heads at ``position`` that put more than ``min_share`` of their z pattern on one of the
     ``operands`` positions, in graph order."""
     n = len(graph.tokens)
-    if isinstance(operands, int) or not all(isinstance(p, int) for p in operands):
+    if isinstance(operands, numbers.Integral) or not all(isinstance(p, numbers.Integral) for p in operands):
         raise BadInputError("operands is a list of positions (whole numbers)")
     bad = next((p for p in [*operands, position] if not 0 <= p < n), None)
     if bad is not None:

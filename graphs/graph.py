@@ -518,32 +518,33 @@ class AttributionGraph:
         ids = [n.id for n in self.node_list]
         return [Edge(ids[int(E.src[i])], ids[int(E.tgt[i])], float(E.w[i]), EdgeArrays.KINDS[int(E.kind[i])]) for i in idx]
 
-    def incoming(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> "list[Edge] | list[QKLink]":
+    def incoming(self, node: "str | Node | NodeKey", k: int | None = None,
+                 kind: str | None = None) -> "list[Edge] | list[QKLink]":
         """The ``k`` strongest edges into a node (all: None), of one kind (ov, direct) or any; ``kind="qk"``: its QK
         pairs instead (`QKLink`s, `qk_pairs`)."""
-        nid = node if isinstance(node, str) else node.id
+        nid = self.node(node).id  # an id, a printed name, a Node or a NodeKey
         if kind == "qk":
             check_k(k)
             return self.qk_pairs(nid)[:k]
-        mask = self.edge_arrays.tgt == self.index[self.node(nid).id]
+        mask = self.edge_arrays.tgt == self.index[nid]
         if kind is not None:
             mask &= self.edge_arrays.kind == _kind_code(kind, EdgeArrays.KINDS + ("qk",))
         return self._edges_where(mask, k)
 
-    def outgoing(self, node: "str | Node", k: int | None = None, kind: str | None = None) -> list[Edge]:
+    def outgoing(self, node: "str | Node | NodeKey", k: int | None = None, kind: str | None = None) -> list[Edge]:
         """The ``k`` strongest edges out of a node (all: None), of one kind (ov, direct) or any."""
-        nid = node if isinstance(node, str) else node.id
-        mask = self.edge_arrays.src == self.index[self.node(nid).id]
+        nid = self.node(node).id  # an id, a printed name, a Node or a NodeKey
+        mask = self.edge_arrays.src == self.index[nid]
         if kind is not None:
             mask &= self.edge_arrays.kind == _kind_code(kind, EdgeArrays.KINDS)
         return self._edges_where(mask, k)
 
-    def qk_pairs(self, node: "str | Node", outside: bool = False) -> list[QKLink]:
+    def qk_pairs(self, node: "str | Node | NodeKey", outside: bool = False) -> list[QKLink]:
         """The QK pairs of one Lorsa head (all its explained key positions), strongest first: those whose two nodes
         this graph holds, or with ``outside`` every pair, also those naming a node the graph does not hold (a
         budgeted graph leaves out the features it did not expand, which still enter the QK split; ``pair.query in
         graph.index`` tells them apart)."""
-        head = self.node(node if isinstance(node, str) else node.id)  # KeyError for a node the graph lacks
+        head = self.node(node)  # UnknownNodeError (a KeyError) for a node the graph lacks
         if head.type != NodeKind.LORSA:
             raise BadInputError(f"{head.id} is a {head.type.value} node; only Lorsa heads have QK pairs")
         if outside:

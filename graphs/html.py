@@ -551,9 +551,10 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
     opens = graph.collapsed() if families and not expand_families else graph  # the picture the page opens on
     gists = gist_examples(opens)  # what a box's third line says, with that picture's strongest examples
     third = f" Third line: {html.escape('; '.join(gists))}." if gists else ""
-    family = (" Double outline: a family of heads (or features) at one position that attend to one key and do not "
-              "write against each other, one node whose edges are its members' sums (\u2190P: the key position its "
-              "heads attend to; fam K: its rank in its id); the box above draws its members.") if families else ""
+    family = (" Double outline: a family, heads at one position that attend to one key (or features at one "
+              "position) and do not write against each other, one node whose edges are its members' sums (\u2190P: "
+              "the key position its heads attend to; fam K: its rank in its id); untick 'families as one node' to draw "
+              "its members.") if families else ""
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head>\n<body><div id=\"graph\"><div id=\"toolbar\">"
             f"<input id=\"search\" type=\"search\" list=\"names\" placeholder=\"find a node: id, name or token\">"

@@ -532,8 +532,8 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | N
     Checked on ``ROUTE_SAMPLES`` points of each curve; of the edges in another node's way, only the ``most``
     strongest (by ``strength``, default: in the order given) are tried with bows, so that a picture costs
     milliseconds whatever its size.  The edges of the marked path (``marked``: indices into ``pairs``) come first
-    and may bow up to twice as far; where no bow clears them, they take the one that passes the fewest nodes, so
-    that the highlighted band does not seem to run through a node that is not on it."""
+    and may bow up to twice as far; where no bow within the grid clears them, they take the one within it that
+    passes the fewest nodes, so that the highlighted band does not seem to run through a node that is not on it."""
     if not pairs:
         return []
     ids = list(g.xy)
@@ -577,10 +577,10 @@ def edge_routes(g: Grid, pairs: list[tuple[str, str]], strength: list[float] | N
         hits, within = crossings(rest, bows)  # [k, B]
         rank = (hits.clamp(max=1) * 2 + ~within) * len(bows) + torch.arange(len(bows))  # clear, within, least bow
         bow[rest] = torch.where((hits == 0).any(-1), bows[rank.argmin(-1)], 0.0)
-    if len(path):  # the fewest nodes passed, then within the grid, then the least bow
+    if len(path):  # within the grid (past its edge a curve is cut off), then the fewest nodes passed, the least bow
         wide = torch.cat([bows, torch.tensor([s * k * (NODE_W + GAP) / 2 for k in (5, 6, 7, 8) for s in (1, -1)])])
         hits, within = crossings(path, wide)
-        rank = (hits * 2 + ~within) * len(wide) + torch.arange(len(wide))
+        rank = ((~within) * (len(g.xy) + 1) + hits) * len(wide) + torch.arange(len(wide))
         bow[path] = wide[rank.argmin(-1)]
     bow = bow * 4 / 3 * up  # an edge that does not go up stays straight
     c1y, c2y = torch.where(up, m, y0), torch.where(up, m, y3)

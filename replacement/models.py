@@ -586,7 +586,7 @@ def resolve_model_path(name: str) -> tuple[str, str, str | None]:
             raise ModelLoadError(f"{name} is not an HF model folder (no config.json)")
         # named by its folder's name, or by its path where that name is a preset's: a local folder called "llama"
         # was taken for the bundled model (its replacements saved and looked for there)
-        return str(path), (str(path) if is_preset(path.name) else path.name), None
+        return str(path), (str(path.resolve()) if is_preset(path.name) else path.name), None
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
         raise ModelLoadError(f"no such model folder: {name}")
     repo, at, revision = name.partition("@")

@@ -20,6 +20,7 @@ def number_token_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_BYTES = re.compile(r"(<0x[0-9A-Fa-f]{2}>)+")  # a token read as its bytes (`token_text`)
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -69,6 +70,9 @@ def token_by_name(tokenizer, name: str) -> int | None:
     for piece in candidates:
         i = tokenizer.convert_tokens_to_ids(piece)  # the unknown token's id (or None) for a piece not in the vocabulary
         if isinstance(i, int) and i != unk and tokenizer.convert_ids_to_tokens(i) == piece:
+            printed = token_text(tokenizer, i)
+            if _BYTES.fullmatch(printed) and printed.upper() != name.upper():  # a byte-level piece such as "é" is
+                continue  # the byte 0xE9, not the text "é" (two bytes): trace prints it <0xE9>, and so must it be named
             return i
     return None
 

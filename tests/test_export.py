@@ -201,6 +201,7 @@ def test_every_token_trace_prints_names_that_token(saved_model):
     so is the token as `trace` prints it between quotes (``'\\n'``), typed back without them."""
     from transformers import AutoTokenizer
 
+    from replacement.errors import BadInputError
     from replacement.models import single_token
     from replacement.tokenizer import token_text
 
@@ -213,6 +214,10 @@ def test_every_token_trace_prints_names_that_token(saved_model):
         assert [single_token(tok, p) for p in printed] == ids
     from replacement.models import load_tokenizer
 
+    byte_level = AutoTokenizer.from_pretrained(saved_model)
+    assert len(byte_level.encode("é", add_special_tokens=False)) == 2 and byte_level.convert_tokens_to_ids("é") > 0
+    with pytest.raises(BadInputError, match="not a single token"):  # the piece "é" is the byte 0xE9, not the text
+        single_token(byte_level, "é")
     toy = load_tokenizer("toy")[0]  # a vocabulary with a line break, a tab and a backslash
     for t in ("\n", "\t", "\\"):
         assert repr(t)[1:-1] != t and single_token(toy, repr(t)[1:-1]) == single_token(toy, t)

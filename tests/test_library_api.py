@@ -258,6 +258,9 @@ def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(gra
                 call()
     head = graph.nodes(type="lorsa")[0]
     assert graph.node(head) is head and graph.node(NodeKey.parse(head.id)) is head
+    key = NodeKey.parse(target.id)
+    assert graph.incoming(key) == graph.incoming(target) and graph.outgoing(NodeKey.parse(head.id)) == graph.outgoing(head)
+    assert graph.qk_pairs(NodeKey.parse(head.id)) == graph.qk_pairs(head.id)
     assert graph.node(node_name(graph, head)) is head
     for missing in (lambda: graph.node("lorsa.0.9999@1"), lambda: graph.subgraph(["nope"]),
                     lambda: graph_effects(graph, "nope"), lambda: graph.logit("no such token")):
@@ -324,6 +327,9 @@ def test_circuit_helpers_and_patching_refuse_positions_layers_and_budgets_out_of
         induction_peak(graph, 99)
     with pytest.raises(BadInputError, match="outside the prompt"):
         operand_movers(graph, [99], 1)
+    import numpy as np
+
+    assert operand_movers(graph, [np.int64(0), 1], np.int64(3)) == operand_movers(graph, [0, 1], 3)
     with pytest.raises(BadInputError, match="no z pattern"):
         z_peak(graph.nodes(type="tc")[0])
     with pytest.raises(BadInputError, match="a FamilyConfig"):

@@ -31,7 +31,7 @@ def test_local_folder_loads_and_matches(saved_llama):
     assert load_model("toy").model_arg == "toy"
 
 
-def test_a_local_folder_named_as_a_preset_is_not_the_preset(tmp_path):
+def test_a_local_folder_named_as_a_preset_is_not_the_preset(tmp_path, monkeypatch):
     """A local model in a folder called "llama" was taken for the bundled llama: training saved its replacements in
     ./replacements/llama and trace looked for them in the package's bundled set, then blamed another version."""
     from replacement.bundle import is_preset
@@ -42,6 +42,10 @@ def test_a_local_folder_named_as_a_preset_is_not_the_preset(tmp_path):
     assert not is_preset(adapter.name) and adapter.model_arg == str(tmp_path / "llama")
     assert default_folder(adapter) == default_train_folder(adapter) == tmp_path / "llama" / "replacements"
     assert load_model(adapter.model_arg).name == adapter.name
+    monkeypatch.chdir(tmp_path)  # given as ./llama or llama/: the same folder, not the preset
+    for name in ("./llama", "llama/"):
+        a = load_model(name)
+        assert not is_preset(a.name) and default_folder(a).resolve() == (tmp_path / "llama" / "replacements")
 
 
 def test_bfloat16_load(tmp_path):
