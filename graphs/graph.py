@@ -613,6 +613,7 @@ class AttributionGraph:
         to = None if to is None else self.resolve(to)  # a name as printed
         if to is not None and to not in self.index and not (families and to in {f.id for f in self.families()}):
             raise BadInputError(f"no node {to!r} in this graph")
+        sources = (sources,) if isinstance(sources, str) else sources  # one kind given alone: not its characters
         sources = tuple(kind_of(x) for x in sources)  # a kind's name or an id's prefix ("emb")
         if families:
             collapsed = self.collapsed()

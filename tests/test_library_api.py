@@ -276,6 +276,7 @@ def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(gra
         compare(graph, "traces/36-61")
     with pytest.raises(BadInputError, match="a node id is text"):
         NodeKey.parse(5)
+    assert graph.top_paths(k=2, sources="emb") == graph.top_paths(k=2, sources=("embedding",))  # read 'e', 'm', 'b'
     sub = graph.subgraph([node_name(graph, head), target, NodeKey.parse(graph.node_list[0].id)])
     assert {n.id for n in sub.node_list} == {head.id, target.id, graph.node_list[0].id}
     with pytest.raises(BadInputError, match="needs a logit node"):
