@@ -376,7 +376,6 @@ def family_qk_pairs(graph: AttributionGraph, family: Node) -> list[QKLink]:
     return sorted(links, key=lambda e: -abs(e.weight))
 
 
-
 # -- where -------------------------------------------------------------------------------------------------------
 
 def n_layers(graph: AttributionGraph) -> int:

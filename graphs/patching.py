@@ -452,7 +452,6 @@ class GraphPrediction:
         return f"graph {self.full(components):+.4f}, pruned {self.in_pruned(components):+.4f}{also}"
 
 
-
 def agreement(predicted, patched, k: int = 5) -> tuple[float, int, int]:
     """How well predicted effects [m] (e.g. a graph's, listed most influential first) match path patching [m]:
     their correlation (nan under 3 entries), and how many agree in sign among the first k entries and among

@@ -261,6 +261,7 @@ def write_circuit_tracer(tc: Transcoder, folder: str | Path, layer: int, model_k
         atomic_write_text(cfg_path, "".join(f"{k}: {v}\n" for k, v in settings.items()))
     return path
 
+
 def transcoder_from_circuit_tracer(folder: str | Path, layer: int, top_k: int | None = None) -> Transcoder:
     """circuit-tracer's ``layer_{layer}.safetensors`` in ``folder``, reading the input its ``config.yaml`` names;
     ``top_k`` (else ``top_k`` in its ``config.yaml``, else none): see `transcoder_from_circuit_tracer_file`."""
@@ -269,6 +270,7 @@ def transcoder_from_circuit_tracer(folder: str | Path, layer: int, top_k: int | 
     tc = transcoder_from_circuit_tracer_file(folder / f"layer_{layer}.safetensors", layer,
                                              k if top_k is None else top_k)
     return reading({("transcoder", layer): tc}, reads, folder)[("transcoder", layer)]
+
 
 def transcoder_from_circuit_tracer_file(path: str | Path, layer: int, top_k: int = 0) -> Transcoder:
     """One circuit-tracer per-layer file: ReLU, or JumpReLU where it holds ``activation_function.threshold``;
@@ -286,6 +288,7 @@ def transcoder_from_circuit_tracer_file(path: str | Path, layer: int, top_k: int
         with torch.no_grad():
             tc.threshold.copy_(theta.float().reshape(-1).expand(N))  # [N], [1, N] or one value
     return tc
+
 
 def clt_from_circuit_tracer(folder: str | Path, top_k: int = 0) -> dict[int, Transcoder]:
     """circuit-tracer's cross-layer transcoder folder (what its ``CrossLayerTranscoder.to_safetensors`` writes),
