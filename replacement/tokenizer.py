@@ -53,7 +53,13 @@ _ESCAPED = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", "'": "'", '"': '"'}
 def unescape_printed(text: str) -> str:
     """A token as `trace` prints it between quotes (Python's escapes: ``\\n``, ``\\t``, ``\\x82``, ``\\\\``), typed
     back on a command line, as the text it stands for."""
-    return _ESCAPE.sub(lambda m: _ESCAPED.get(m[1]) or chr(int(m[1][1:], 16)), text)
+    def one(m: re.Match) -> str:
+        if m[1] in _ESCAPED:
+            return _ESCAPED[m[1]]
+        code = int(m[1][1:], 16)
+        return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else m[0]  # no such character: as is
+
+    return _ESCAPE.sub(one, text)
 
 
 def token_by_name(tokenizer, name: str) -> int | None:

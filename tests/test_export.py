@@ -221,6 +221,9 @@ def test_every_token_trace_prints_names_that_token(saved_model):
     toy = load_tokenizer("toy")[0]  # a vocabulary with a line break, a tab and a backslash
     for t in ("\n", "\t", "\\"):
         assert repr(t)[1:-1] != t and single_token(toy, repr(t)[1:-1]) == single_token(toy, t)
+    for bad in ("\\UFFFFFFFF", "\\ud800"):  # escapes of no character: refused in one line, as given
+        with pytest.raises(BadInputError, match="not a single token"):
+            single_token(toy, bad)
     sp = _sentencepiece_style_tokenizer()
     ids = sp.encode("this is his", add_special_tokens=False)
     assert [token_text(sp, i) for i in ids][0].startswith(" ")  # the word start's mark is its space
