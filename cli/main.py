@@ -426,7 +426,8 @@ def _print_faithfulness(f: dict) -> None:
 @click.argument("prompt")
 @model_options
 @click.option("--component", "components", multiple=True,
-              help="lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P (repeatable).")
+              help="lorsa.L.H@P, head.L.H[@P], tc.L.F@P, attn_err.L@P or mlp_err.L@P, or a name as trace prints it "
+                   "('L0.H221 @4', 'L3 MLP error @4') (repeatable).")
 @click.option("--family", "families", multiple=True,
               help="A family id of the prompt's graph (fam.lorsa.L.K@P, as trace and circuits query list them; "
                    "repeatable): all its members ablated together, against the graph's predicted effect.")
