@@ -12,8 +12,10 @@ bound is close: 26,963,802 edges at 31 tokens against 26,732,542 counted (2026-1
 weight and kind tensors, merged once, plus pruning's per-edge temporaries): the peak resident memory of
 attribution + pruning over the loaded model was 72 bytes per edge at 31 tokens (1.37 GB), 67 at 60 (4.6 GB), and
 about 60 at 127 tokens (18.7 GB, the figure of issue 21); measured again with the jointly trained replacements,
-72.006 at 31 tokens (1,440,055,296 bytes), and 71.5 with today's (1.91 GB for 26.7M edges, the whole process),
-so 76 bounds it from above with a 5% margin (tests/test_memory_estimate.py measures it again).  With a node budget
+72.006 at 31 tokens (1,440,055,296 bytes), and 71.5 with today's (1.91 GB for 26.7M edges, the whole process).
+The attributing process's own peak (VmHWM, as tests/test_memory_estimate.py measures it) moves from run to run of
+the same code: 72.5, 75.2 and 76.4 bytes an edge (2026-12-07, 27.0M edges), so 80 bounds it with a 5% margin over
+the largest (76 did not, once).  With a node budget
 (``max_feature_nodes``, graphs/budgeted.py) `estimate` bounds the budgeted graph: the logits' rows and that many of
 the longest feature rows.
 """
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 
 from replacement.memory import check_fits
 
-BYTES_PER_EDGE = 76
-DEFAULT_MAX_FEATURE_NODES = 1500  # `trace`'s node budget: 127 tokens on the bundled llama, <= 51M edges (3.6 GB)
+BYTES_PER_EDGE = 80
+DEFAULT_MAX_FEATURE_NODES = 1500  # `trace`'s node budget: 127 tokens on the bundled llama, <= 51M edges (4.1 GB)
 
 
 @dataclass
