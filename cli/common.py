@@ -230,6 +230,11 @@ REPLACEMENTS_HELP = ("Replacements folder (default: beside the model): ours, cir
                      "cached HF repo id; repeat to mix (a later folder replaces the modules it holds).")
 
 
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` (its parameter name) was given on the command line, not left at its default."""
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
 def not_empty(ctx, param, value):
     """A click callback: an option given as "" (or blanks) is refused, not read as its default."""
     values = value if isinstance(value, tuple) else (value,)

@@ -11,7 +11,8 @@ from graphs.graph import ID_PREFIXES, NODE_TYPES, NodeKind
 from graphs.layout import DEFAULT_DRAW_NODES
 from replacement.bundle import PRESET_NAMES
 
-from .common import REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, model_options, not_empty, printable, refuse_file
+from .common import (REPLACEMENTS_HELP, FiniteRange, FriendlyGroup, given, model_options, not_empty, printable,
+                     refuse_file)
 
 
 @click.group(cls=FriendlyGroup)
@@ -162,7 +163,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
     Under torchrun each process streams its rows of the global batch and gradients are all-reduced."""
     from replacement.launch import train_joint, train_replacements
 
-    given = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
+    chosen = {k: v for k, v in (("seq_len", seq_len), ("lr", lr)) if v is not None}  # else each stage's default
     refuse_file("--out", out)  # found now, not after the training
     refuse_file("--cache-activations", cache_activations)  # and not after the caching
     _refuse_ignored_options(click.get_current_context(), joint)
@@ -178,7 +179,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
 
         cfg = JointConfig(steps=steps, batch_size=batch_size, kl_coef=kl_coef, recon_coef=recon_coef,
                           tc_token_norm=tc_token_norm, tc_readout_coef=tc_readout_coef, tc_jacobian=tc_jacobian,
-                          tc_jacobian_readout=tc_jacobian_readout, resample_every=resample_every, **given)
+                          tc_jacobian_readout=tc_jacobian_readout, resample_every=resample_every, **chosen)
         metrics, folder = train_joint(model_name, cfg, device, dtype, init_from, out, resume, list(texts), overwrite)
         click.echo(_measured_on(texts))
         _print_replacement_metrics(metrics)
@@ -191,7 +192,7 @@ def train_cmd(model_name, device, dtype, what, layers, steps, batch_size, seq_le
                       lorsa_bos_weight=lorsa_bos_weight, lorsa_freq_penalty=lorsa_freq_penalty,
                       lorsa_freq_target=lorsa_freq_target, allow_weak_config=allow_weak_config, tc_expansion=tc_expansion, tc_top_k=tc_top_k, tc_skip=tc_skip,
                       tc_jacobian=tc_jacobian, tc_jacobian_readout=tc_jacobian_readout,
-                      tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **given)
+                      tc_token_norm=tc_token_norm, tc_bos_weight=tc_bos_weight, init_from=init_from, **chosen)
     metrics, folder = train_replacements(model_name, cfg, device, dtype, out, resume, list(texts), cache_activations,
                                          overwrite)
     if metrics:  # rank 0 of a torchrun job, or a plain run
@@ -253,7 +254,7 @@ def _refuse_ignored_options(ctx: click.Context, joint: bool) -> None:
     p = ctx.params
     other = {"lorsa": _TRANSCODER_ONLY, "transcoder": _LORSA_ONLY}.get(p["what"], ()) if not joint else ()
     for param in ctx.command.params:
-        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+        if not given(ctx, param.name):
             continue
         if param.name in (_PER_LAYER_ONLY if joint else _JOINT_ONLY):
             if joint:
@@ -599,8 +600,7 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
     from replacement.models import load_model
 
     refuse_file("--cache-dir", cache_dir)
-    top_given = click.get_current_context().get_parameter_source("top") == click.core.ParameterSource.COMMANDLINE
-    if top_given and (head is not None or feature is not None):
+    if given(click.get_current_context(), "top") and (head is not None or feature is not None):
         raise BadInputError("--top sets how many heads and features a layer's list shows; with --head or --feature "
                             "one is shown: leave it out")
     adapter = load_model(model_name, device, dtype)
@@ -833,18 +833,18 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
     from .common import printable as p
 
     ctx = click.get_current_context()
-    given = {name for name in ("node", "paths", "to_node", "node_type", "layer", "position", "other_json")
-             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    asked = {name for name in ("node", "paths", "to_node", "node_type", "layer", "position", "other_json")
+             if given(ctx, name)}
     asks = [what for what, names in (("--node", {"node"}), ("--paths/--to", {"paths", "to_node"}),
                                      ("--type/--layer/--position", {"node_type", "layer", "position"}),
-                                     ("--compare", {"other_json"})) if given & names]
+                                     ("--compare", {"other_json"})) if asked & names]
     if show_families and "--compare" in asks:
         asks.append("--families")
     if len(asks) > 1:  # one question a run: the others would be dropped without a word
         raise BadInputError(f"{' and '.join(asks)} ask different questions; give one of them")
     if node == "":
         raise BadInputError("--node is empty; name a node (an id or a picture's name)")
-    if ctx.get_parameter_source("align") == click.core.ParameterSource.COMMANDLINE and other_json is None:
+    if given(ctx, "align") and other_json is None:
         raise BadInputError("--align matches the nodes of two graphs; give the other with --compare")
     g = graphs.load(graph_json)
     click.echo(repr(g))

@@ -19,8 +19,8 @@ from graphs.prune import EDGE_THRESHOLD, FILE_MAX_EDGES, FILE_MAX_FEATURES, NODE
 from replacement.checks import check_count, check_fraction  # noqa: E402
 from replacement.errors import BadInputError  # noqa: E402
 
-from .common import (REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, model_options, not_empty,  # noqa: E402
-                     printable, spinner)
+from .common import (REPLACEMENTS_HELP, FiniteRange, FriendlyCommand, given, model_options,  # noqa: E402
+                     not_empty, printable, spinner)
 from .outputs import RunFolder, default_out_dir  # noqa: E402
 
 DEFAULT_FORMATS = "json,dot,svg"
@@ -76,15 +76,14 @@ def trace(prompt, model_name, device, dtype, out, attention, target, node_thresh
     fmts = _check_options(prompt, node_threshold, edge_threshold, max_nodes, qk_heads, draw_nodes, fmt)
     check_count("--max-feature-nodes", max_feature_nodes)
     ctx = click.get_current_context()
-    qk_given = [o for o, name in (("--qk-heads", "qk_heads"), ("--qk-reference", "qk_reference"))
-                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    qk_given = [o for o, name in (("--qk-heads", "qk_heads"), ("--qk-reference", "qk_reference")) if given(ctx, name)]
     if attention == "frozen" and qk_given:  # no Lorsa heads: nothing they set is read
         raise BadInputError(f"{qk_given[0]} sets the Lorsa heads' QK explanations; --attention frozen has no Lorsa "
                             "heads: leave it out")
     if not qk and qk_given:
         raise BadInputError(f"{qk_given[0]} sets the QK explanations, which --no-qk leaves out: drop one of them")
     picture = [o for o, name in (("--draw-nodes", "draw_nodes"), ("--expand-families", "expand_families"))
-               if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+               if given(ctx, name)]
     if picture and set(fmts) <= {"json"}:  # every other format draws the graph
         raise BadInputError(f"{picture[0]} sets what a picture draws, and --format {fmt} draws none: add dot, svg, "
                             "png or html, or leave it out")

@@ -130,12 +130,13 @@ def check_graph_dict(d, where: str | Path = "graph") -> None:
         _check_grid_place(n, n_tokens, where)
     if not any(n["type"] == "logit" for n in d["nodes"]):
         raise BadGraphError(f"{where}: the graph has no logit node")
-    marked = [n["node_id"] for n in d["nodes"] if n.get("is_target_logit")]
+    marks = [n for n in d["nodes"] if n.get("is_target_logit")]
+    marked = [n["node_id"] for n in marks]
     decomposition = scores.get("logit_decomposition")
     target = decomposition.get("target") if isinstance(decomposition, dict) else None
     traced = target.get("node") if isinstance(target, dict) else None
     traced = traced if traced in seen else None  # a subgraph without the traced logit marks the likeliest it holds
-    not_logit = next((n["node_id"] for n in d["nodes"] if n.get("is_target_logit") and n["type"] != "logit"), None)
+    not_logit = next((n["node_id"] for n in marks if n["type"] != "logit"), None)
     if not_logit is not None:
         raise BadGraphError(f"{where}: is_target_logit marks {_short(not_logit)}, which is not a logit node")
     if len(marked) > 1 or (marked and traced is not None and marked[0] != traced):
