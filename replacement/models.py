@@ -618,12 +618,19 @@ def local_checkpoints(extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
                 if cfg.resolve() in seen:  # a --search folder that is ./ (or inside it) lists each model once
                     continue
                 seen.add(cfg.resolve())
-                if not any(cfg.parent.glob("*.safetensors")):
+                pickles = _pickle_weights(cfg.parent)
+                if not any(cfg.parent.glob("*.safetensors")) and not pickles:
                     continue
                 config = _read_json(cfg)
                 if not isinstance(config, dict):  # an unreadable model config (a replacements folder's is an object)
                     found.append((str(cfg.parent), "local folder: config.json is not valid JSON; it does not load"))
-                elif isinstance(config.get("model_type"), str):
+                elif not isinstance(config.get("model_type"), str):
+                    continue
+                elif not any(cfg.parent.glob("model*.safetensors")):  # the names loading reads (_check_safetensors_only)
+                    found.append((str(cfg.parent), f"local folder: only pickle weights ({', '.join(pickles)}), which "
+                                                   "are never loaded: convert them to safetensors"
+                                  if pickles else "local folder: no model*.safetensors weights; it does not load"))
+                else:
                     found.append((str(cfg.parent), "local folder: " + describe_folder(cfg.parent, config)))
     return found
 
@@ -781,12 +788,17 @@ def _load_tokenizer(path: str, local_only: bool, revision: str | None = None):
         return None
 
 
+def _pickle_weights(folder: Path) -> list[str]:
+    """The names of a folder's pickle weight files (``pytorch_model.bin``, ``*.pt``), which are never loaded."""
+    return sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+
+
 def _check_safetensors_only(path: str, name: str) -> None:
     """A local folder must hold its weights as safetensors: pickle files (``pytorch_model.bin``) are never loaded."""
     folder = Path(path)
     weights = list(folder.glob("model*.safetensors")) if folder.is_dir() else []  # HF's names (sharded too), not
     if folder.is_dir() and not weights:  # any other .safetensors beside them
-        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        pickles = _pickle_weights(folder)
         why = f"only pickle weights ({', '.join(pickles)}), which are never loaded" if pickles else "no weights"
         others = sorted(p.name for p in folder.glob("*.safetensors"))
         also = f" (and {', '.join(others[:3])}, not named as HF names a model's weights: model.safetensors)" if others else ""

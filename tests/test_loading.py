@@ -275,6 +275,16 @@ def test_local_checkpoints_are_hf_models_only(saved_llama, tmp_path, monkeypatch
         load_model(str(cut))
     monkeypatch.chdir(tmp_path)  # ./ is searched anyway: --search . lists each model once
     assert [name for name, _ in local_checkpoints([tmp_path])].count(str(cut)) == 1
+    # a model whose weights are pickles only is listed, with why it does not load (not left out without a word)
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    shutil.copy(model_folder / "config.json", pick / "config.json")
+    (pick / "pytorch_model.bin").write_bytes(b"not read")
+    where = dict(local_checkpoints([pick]))[str(pick)]
+    assert where == ("local folder: only pickle weights (pytorch_model.bin), which are never loaded: convert them "
+                     "to safetensors"), where
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        load_model(str(pick))
 
 
 @pytest.mark.slow
