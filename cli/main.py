@@ -873,6 +873,7 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  <- {p(e.source):<28} {e.weight:+.4f} ({e.kind})")
         for e in c.outgoing(node, k=10):
             click.echo(f"  -> {p(e.target):<28} {e.weight:+.4f} ({e.kind})")
+        _echo_family_contrast(g, f, p)
     elif node:
         n = g.node(node)
         click.echo(f"{p(n.id)}: activation {n.activation:.4g}, influence {n.influence:.4g}")
@@ -920,6 +921,23 @@ def query(graph_json, node, paths, to_node, node_type, layer, position, show_fam
             click.echo(f"  {strength:.4f}  " + " -> ".join(p(x) for x in path))
         if not found:
             click.echo("  none: no edges reach it in this graph")
+
+
+def _echo_family_contrast(g, f, p) -> None:
+    """Why a family of heads looks at its key: its members' QK contrasts summed (`graphs.families.family_contrast`);
+    ``p`` prints a text safely."""
+    from graphs.contrast import describe_contrast
+    from graphs.families import family_contrast
+
+    found = family_contrast(g, f)
+    if found is None:
+        return
+    c, n = found
+    click.echo(f"  why its heads look at key pos {f.key_positions[0]} (graphs/families.py's family_contrast: the QK "
+               f"contrasts of {n} of its {len(f)} heads summed; the pairs and nodes sum each head's strongest few, "
+               "each end named by its family):")
+    for line in describe_contrast(c):
+        click.echo("    " + p(line))
 
 
 def _node_id(g, text: str, graph_json: str) -> str:

@@ -1,12 +1,14 @@
 """Head families on the induction showcase: many Lorsa heads, one behaviour, one node.
 
-    python examples/families.py [--model toy|pythia] [--seed N] [--cosine C] [--out examples/out]
+    python examples/families.py [--model toy|pythia] [--seed N] [--cosine C] [--out examples/out] [--why]
 
 On `examples/induction.py`'s natural-text prompt (a held-out sentence recurs, cut in the middle), groups the graph's
 active heads into families (graphs/families.py: one position, one key, one layer, output directions not
 opposed), lists the induction families (last position, keyed on the token after the earlier occurrence),
 prints the strongest path to the correct logit with and without families, path-patches the induction family as
 one unit against the graph's prediction (its members' sum), and draws the graph with each family as one node.
+With ``--why`` it also traces the prompt as `trace` does (with QK) and prints why the largest induction family
+looks at its key: its heads' contrastive QK splits summed, each end named by its family (`family_contrast`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def _induction_example():
 
 
 def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | None = None,
-            out: str | Path = "examples/out", verbose: bool = True) -> dict:
+            out: str | Path = "examples/out", verbose: bool = True, why: bool = False) -> dict:
     """Trace, group, patch and draw (module docstring); returns the figures printed."""
     from graphs.attribution import attribute
     from graphs.circuits import induction_families
@@ -68,6 +70,8 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
         result.update(patched=patched, predicted=effects[chosen.id])
         say(f"path patching {chosen.id} ({len(chosen)} heads together): {patched:+.3f}; the graph predicts "
             f"{effects[chosen.id]:+.3f} ({patched / effects[chosen.id]:.2f} of it)")
+    if why:
+        result["why"] = _why(model, ids, answer, peak, cfg, say)
     try:
         written = write_all(graph, Path(out) / f"families-{model_name}", ["json", "svg"])
         say("wrote " + ", ".join(str(p) for p in written.values()))
@@ -77,11 +81,35 @@ def analyse(model_name: str = "toy", seed: int | None = None, cosine: float | No
     return result
 
 
+def _why(model, ids, answer, peak, cfg, say):
+    """Why the largest induction family of the prompt traced as `trace` traces it (with QK) looks at its key: the
+    summed contrast (`graphs.families.family_contrast`), printed; returns (family, contrast, heads explained) or
+    None."""
+    from graphs.circuits import induction_families
+    from graphs.contrast import describe_contrast
+    from graphs.families import family_contrast
+    from graphs.pipeline import trace_graphs
+
+    _, traced = trace_graphs(model, ids, target=answer, families=cfg)
+    fams = induction_families(traced, ids.shape[1] - 1, peak)
+    found = family_contrast(traced, max(fams, key=len)) if fams else None
+    if found is None:
+        say("traced with QK: no induction family with a QK contrast at its key")
+        return None
+    f = max(fams, key=len)
+    say(f"traced with QK, why the induction family {f.id} ({len(f)} heads) looks at key {peak}: its heads' contrasts "
+        f"summed ({found[1]} of them)")
+    for line in describe_contrast(found[0], 3):
+        say("  " + line)
+    return f, found[0], found[1], traced
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--cosine", type=float, default=None)
     ap.add_argument("--out", default="examples/out")
+    ap.add_argument("--why", action="store_true", help="also why the largest induction family looks at its key (QK)")
     a = ap.parse_args()
-    analyse(a.model, a.seed, a.cosine, a.out)
+    analyse(a.model, a.seed, a.cosine, a.out, why=a.why)

@@ -204,16 +204,23 @@ def describe(entry, k: int = 3) -> list[str]:
              f"+ bias x bias {e.bias_x_bias:+.3f}"]
     if c is None:
         return lines + ["  (the only key: nothing to contrast)"]
-    ref = "the other keys' attention-weighted mean" if c.reference == "mean" else f"runner-up key pos {c.reference_pos}"
+    return lines + ["  " + line for line in describe_contrast(c, k)]
+
+
+def describe_contrast(c: QKContrast, k: int = 3) -> list[str]:
+    """Plain-text lines for why a key wins (a `QKContrast`: a head's, or a family's summed, `family_contrast`):
+    the difference's split, then its top pairs, key units and query nodes."""
+    ref = ("the other keys' attention-weighted mean" if c.reference == "mean" else
+           f"runner-up key pos {c.reference_pos}" if c.reference_pos >= 0 else "the runner-up keys")
     # shares of the difference only where its terms do not cancel (else a pair would show as +700% of it)
     whole = abs(c.pairs_total) + abs(c.query_bias_x_keys) + abs(c.position)
     shared = c.difference != 0 and whole <= 2 * abs(c.difference)
-    lines.append(f"  vs {ref} (score {c.reference_score:+.3f}): difference {c.difference:+.3f} = pairs "
-                 f"{c.pairs_total:+.3f} + query bias x keys {c.query_bias_x_keys:+.3f} + position {c.position:+.3f}"
-                 + ("" if shared or not c.difference else "; the terms cancel, so no shares of it are given"))
+    lines = [f"vs {ref} (score {c.reference_score:+.3f}): difference {c.difference:+.3f} = pairs "
+             f"{c.pairs_total:+.3f} + query bias x keys {c.query_bias_x_keys:+.3f} + position {c.position:+.3f}"
+             + ("" if shared or not c.difference else "; the terms cancel, so no shares of it are given")]
     share = lambda v: f" ({v / c.difference:+.0%})" if shared else ""  # noqa: E731
-    lines.append("    top pairs: " + ", ".join(f"{p.query} x {p.key} {p.weight:+.4f}{share(p.weight)}" for p in c.pairs[:k]))
-    lines.append("    key units (each summed over the keys with the contrast's weights, named where most of it comes "
+    lines.append("  top pairs: " + ", ".join(f"{p.query} x {p.key} {p.weight:+.4f}{share(p.weight)}" for p in c.pairs[:k]))
+    lines.append("  key units (each summed over the keys with the contrast's weights, named where most of it comes "
                  "from): " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.key_marginals[:k]))
-    lines.append("    query nodes: " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.query_marginals[:k]))
+    lines.append("  query nodes: " + ", ".join(f"{u} {v:+.4f}{share(v)}" for u, v in c.query_marginals[:k]))
     return lines

@@ -61,7 +61,7 @@ import torch
 
 from replacement.errors import BadInputError
 
-from .graph import AttributionGraph, EdgeArrays, Node, NodeKind
+from .graph import AttributionGraph, EdgeArrays, Node, NodeKind, QKContrast, QKPair
 
 KIND_TAG = {NodeKind.LORSA: "lorsa", NodeKind.TRANSCODER: "tc"}
 _FAMILY_ID = re.compile(r"^fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)$")
@@ -381,6 +381,43 @@ def predicted_effect(graph: AttributionGraph, f: Family, logit_id: str) -> float
 
     return set_effect(graph, graph_effects(graph, logit_id), f.members)
 
+
+
+def family_contrast(graph: AttributionGraph, f: Family) -> tuple[QKContrast, int] | None:
+    """Why a family of heads looks at its key rather than elsewhere: its members' `QKContrast`s at the family's
+    key position (graphs/contrast.py), summed over the members that have one, and how many members those are.
+    The difference, its parts (pairs_total, query_bias_x_keys, position) and the reference score are the members'
+    sums, exact; pairs and marginals sum what each member keeps (its strongest few, `trace`'s ``top_pairs``) by
+    node, each end that is a member of a family named by that family, strongest first, so they need not add up
+    to pairs_total.  ``reference_pos`` is the members' runner-up key when they share one, else -1.  ``graph``:
+    the graph that holds the members (a collapsed graph's ``expanded``).  None for a family of features, or when
+    no member holds a contrast at that key (traced without QK, or the key is the only one)."""
+    if f.kind != NodeKind.LORSA or not f.key_positions:
+        return None
+    key = f.key_positions[0]
+    contrasts = [e.contrast for m in f.members for e in graph.node(m).qk if e.key_pos == key and e.contrast]
+    if not contrasts:
+        return None
+    family_of = {m: g.id for g in families(graph) for m in g.members}
+    named = lambda node_id: family_of.get(node_id, node_id)  # noqa: E731
+
+    def summed(items) -> list[tuple]:  # (name, weight) pairs summed by name, strongest first
+        out: dict = {}
+        for k, w in items:
+            out[k] = out.get(k, 0.0) + w
+        return sorted(out.items(), key=lambda kv: -abs(kv[1]))
+
+    total = lambda field: sum(getattr(c, field) for c in contrasts)  # noqa: E731
+    refs = {c.reference_pos for c in contrasts}
+    return QKContrast(
+        reference=contrasts[0].reference, reference_pos=refs.pop() if len(refs) == 1 else -1,
+        reference_score=total("reference_score"), difference=total("difference"), pairs_total=total("pairs_total"),
+        query_bias_x_keys=total("query_bias_x_keys"), position=total("position"),
+        pairs=[QKPair(q, k, w) for (q, k), w in summed(((named(p.query), named(p.key)), p.weight)
+                                                        for c in contrasts for p in c.pairs)],
+        query_marginals=summed((named(u), w) for c in contrasts for u, w in c.query_marginals),
+        key_marginals=summed((named(u), w) for c in contrasts for u, w in c.key_marginals),
+    ), len(contrasts)
 
 # -- the collapsed graph ----------------------------------------------------------------------------------------
 

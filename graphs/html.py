@@ -272,18 +272,14 @@ function show(id) {
       rows += `<tr><td>key ${e.key_pos} (${tok(DATA.tokens[e.key_pos] ?? '')})</td><td>attn ${fmt(e.attention)}</td>` +
         `<td>score ${fmt(e.score)}</td></tr>`;
       for (const [q, k, v] of e.pairs.slice(0, 3)) rows += `<tr><td></td><td colspan="2" class="num">${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
-      const c = e.contrast;
-      if (c) {
-        const ref = c.reference === 'mean' ? 'the other keys\' attention-weighted mean' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
-        rows += `<tr class="why"><td></td><td colspan="2" class="num">why, vs ${ref}: ${fmt(c.difference)} = pairs ${fmt(c.pairs_total)}` +
-          ` + query bias &times; keys ${fmt(c.query_bias_x_keys)} + position ${fmt(c.position)}</td></tr>`;
-        for (const [q, k, v] of c.pairs.slice(0, 3)) rows += `<tr class="why"><td></td><td colspan="2" class="num">` +
-          `${link(q)} &times; ${link(k)}: ${fmt(v)}</td></tr>`;
-      }
+      if (e.contrast) rows += contrastRows(e.contrast, 3);
     }
     h += section('QK: top key positions, feature pairs, and why each key wins (norm scales frozen at this prompt\'s; a '
       + 'bias is the residual stream\'s constant part, the model\'s and the replacements\' biases)', `<table>${rows}</table>`);
   }
+  if (n.contrast) h += section(`QK: why its heads look at key ${n.key_pos} (${tok(DATA.tokens[n.key_pos] ?? '')}): the ` +
+    `contrasts of ${n.contrast_heads} of its ${n.members.length} heads summed; the pairs sum each head's strongest few, ` +
+    `each end named by its family`, `<table>${contrastRows(n.contrast, 5)}</table>`);
   const edges = (list, arrow) => list.map(([o, w]) => `<div class="num">${arrow} ${link(o)} ${fmt(w)}</div>`).join('');
   if (n.in.length || n.out.length) h += section('strongest edges', edges(n.in, '&larr; from') + edges(n.out, '&rarr; to'));
   const d = n.dash ? DATA.dashboards[n.dash] : null;
@@ -301,11 +297,20 @@ function show(id) {
     h += section('logit lens over the vocabulary (raw logits per unit of activation, not demeaned)',
       `<div class="num">highest ${d.logits_up.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>` +
       `<div class="num">lowest ${d.logits_down.map(([t, v]) => `${qtok(t)} ${fmt(v)}`).join(', ')}</div>`);
-  } else if (n.type === 'lorsa' || n.type === 'transcoder') {
+  } else if (!n.members && (n.type === 'lorsa' || n.type === 'transcoder')) {
     h += '<div class="num">(no dashboard in this file)</div>';
   }
   info.innerHTML = h;
   info.dataset.node = id;
+}
+function contrastRows(c, k) {  // why a key wins (a head's QKContrast, or a family's summed): its split, top pairs
+  const ref = c.reference === 'mean' ? 'the other keys\' attention-weighted mean' : c.reference_pos < 0 ?
+    'the runner-up keys' : `key ${c.reference_pos} (${tok(DATA.tokens[c.reference_pos] ?? '')})`;
+  let rows = `<tr class="why"><td></td><td colspan="2" class="num">why, vs ${ref}: ${fmt(c.difference)} = pairs ${fmt(c.pairs_total)}` +
+    ` + query bias &times; keys ${fmt(c.query_bias_x_keys)} + position ${fmt(c.position)}</td></tr>`;
+  for (const [q, kk, v] of c.pairs.slice(0, k)) rows += `<tr class="why"><td></td><td colspan="2" class="num">` +
+    `${link(q)} &times; ${link(kk)}: ${fmt(v)}</td></tr>`;
+  return rows;
 }
 function go(id) {  // select a node: draw it, bring it into view, fill the panel, mark it in the list
   if (DATA.nodes[id] && !(id in step.xy)) {  // a member while families are collapsed, or a family while expanded
@@ -426,7 +431,7 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
 
     from .export import STYLE as NODE_STYLE
 
-    from .families import collapse
+    from .families import collapse, family_contrast
 
     fams = graph.families()
     collapsed = collapse(graph, fams) if fams else None
@@ -447,9 +452,12 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
             "out": [[e.target, round(e.weight, 5)] for e in graph.outgoing(n, k=n_edges)], "family": n.family,
             "lens": n.lens,
         }
-    for f in fams:  # a family node: its members, and its summed edges in the collapsed graph
+    for f in fams:  # a family node: its members, its summed edges in the collapsed graph, why its heads look at its key
         n = collapsed.node(f.id)
+        contrast = family_contrast(graph, f)
         nodes[f.id] = {
+            "contrast": contrast[0].to_json() if contrast else None, "contrast_heads": contrast[1] if contrast else 0,
+            "key_pos": f.key_positions[0] if f.key_positions else None,
             "title": node_name(collapsed, n), "label": box_label(collapsed, n), "meaning": "", "type": n.type,
             "pos": n.pos, "rank": None, "activation": n.activation, "influence": n.influence, "z_pattern": n.z_pattern,
             "qk": None, "dash": None, "members": f.members, "mean_cosine": f.mean_cosine,

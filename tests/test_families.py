@@ -348,6 +348,41 @@ def test_html_page_switches_between_families_and_members():
     assert 'id="families"' in to_html(g)
 
 
+
+def test_family_contrast_sums_members_and_names_ends_by_family(tmp_path):
+    """A closed-form case: two members of a family hold a contrast at the family's key (a third none); the family's
+    is their sum, term by term, with a pair whose end is a member of another family named by that family and the
+    same pair of two members summed; the page's panel data carries it."""
+    from graphs.families import family_contrast
+    from graphs.graph import QKContrast, QKEntry, QKPair
+    from graphs.html import page_data
+
+    g = _graph()
+    a, b, _ = family(g, "fam.lorsa.1.0@2").members
+    g.node(a).qk = [QKEntry(1, 0.8, contrast=QKContrast("mean", -1, 1.0, 2.0, [QKPair("emb@2", "lorsa.2.3@2", 1.5),
+                                                                              QKPair("emb@2", "emb@1", 0.25)],
+                                                       1.75, 0.5, -0.25, [("emb@2", 1.5)], [("lorsa.2.3@2", 1.5)]))]
+    g.node(b).qk = [QKEntry(1, 0.6, contrast=QKContrast("mean", -1, 3.0, 1.0, [QKPair("emb@2", "lorsa.1.4@2", -0.5)],
+                                                       -0.5, 1.0, 0.5, [("emb@2", 0.5)], [("lorsa.1.4@2", -0.5)])),
+                    QKEntry(0, 0.1)]  # another key: not the family's
+    c, n = family_contrast(g, family(g, "fam.lorsa.1.0@2"))
+    assert n == 2
+    assert (c.reference_score, c.difference, c.pairs_total, c.query_bias_x_keys, c.position) == (4.0, 3.0, 1.25, 1.5, 0.25)
+    assert [(p.query, p.key, p.weight) for p in c.pairs] == [("emb@2", "fam.lorsa.1.1@2", 1.0), ("emb@2", "emb@1", 0.25)]
+    assert c.query_marginals == [("emb@2", 2.0)] and c.key_marginals == [("fam.lorsa.1.1@2", 1.0)]
+    assert family_contrast(g, family(g, "fam.lorsa.1.1@2")) is None  # no member holds a contrast
+    assert family_contrast(g, family(g, "fam.tc.2.0@2")) is None  # features have no QK
+    d = page_data(g, draw_nodes=100)
+    assert d["nodes"]["fam.lorsa.1.0@2"]["contrast"] == c.to_json() and d["nodes"]["fam.lorsa.1.0@2"]["contrast_heads"] == 2
+    assert d["nodes"]["fam.lorsa.1.1@2"]["contrast"] is None
+    path = str(g.save(tmp_path / "g.json"))  # and `circuits query --node` prints it
+    r = _circuits("query", path, "--node", "fam.lorsa.1.0@2")
+    assert r.returncode == 0, r.stderr
+    assert ("why its heads look at key pos 1 (graphs/families.py's family_contrast: the QK contrasts of 2 of its 3 "
+            "heads summed" in r.stdout)
+    assert "difference +3.000 = pairs +1.250 + query bias x keys +1.500 + position +0.250" in r.stdout, r.stdout
+    assert "top pairs: emb@2 x fam.lorsa.1.1@2 +1.0000" in r.stdout
+
 # -- on a model ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -648,3 +683,42 @@ def test_a_collapsed_graph_in_networkx_tells_families_apart():
     fams = [n for n in c.node_list if n.members]
     assert fams and all(g.nodes[f.id]["is_family"] and g.nodes[f.id]["n_members"] == len(f.members) for f in fams)
     assert not any(g.nodes[n.id]["is_family"] for n in c.node_list if not n.members)
+
+
+def test_family_contrast_sums_its_heads_real_score_differences():
+    """Why a family of heads looks at its key (`family_contrast`): its difference is the sum over its members of
+    each head's score at the key minus the other keys' attention-weighted mean, computed here from the Lorsa
+    module's own Q and K (as tests/test_contrast.py does for one head); with every pair kept, its pairs add up to
+    its pairs_total, and each pair's ends are nodes or families of the graph."""
+    from graphs.attribution import attribute
+    from graphs.families import family_contrast
+    from replacement.models import ModelAdapter
+    from tests.conftest import random_replacements, tiny_llama
+    from tests.test_contrast import _real_scores
+
+    model = random_replacements(ModelAdapter(tiny_llama(), name="m"))
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (1, 9))
+    g = attribute(model, ids, qk_top_keys=9, qk_top_pairs=10_000, families=FamilyConfig(cosine=-1.0))
+    rec = model.record(ids)
+    names = set(g.index) | {f.id for f in g.families()}
+    checked = 0
+    for f in g.families():
+        if f.kind != L or f.pos == 0:
+            assert family_contrast(g, f) is None
+            continue
+        c, n = family_contrast(g, f)
+        s, want = f.key_positions[0], 0.0
+        for m in map(g.node, f.members):
+            A = rec.layers[m.layer].lorsa_pattern[m.index // model.lorsas[m.layer].cfg.heads_per_group, m.pos, : m.pos + 1]
+            scores, rest = _real_scores(model, rec, m), A.clone()
+            rest[s] = 0
+            want += float(scores[s] - rest @ scores / rest.sum())
+        assert n == len(f)  # every key is explained (qk_top_keys covers them all)
+        assert c.difference == pytest.approx(want, rel=1e-4, abs=1e-4)
+        assert c.difference == pytest.approx(c.pairs_total + c.query_bias_x_keys + c.position, rel=1e-5, abs=1e-5)
+        assert sum(p.weight for p in c.pairs) == pytest.approx(c.pairs_total, rel=1e-4, abs=1e-4)
+        assert all(p.query in names and p.key in names for p in c.pairs)
+        assert [abs(p.weight) for p in c.pairs] == sorted((abs(p.weight) for p in c.pairs), reverse=True)
+        checked += 1
+    assert checked >= 2

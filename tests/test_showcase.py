@@ -108,6 +108,30 @@ def test_induction_family(model, tmp_path):
     assert (tmp_path / f"families-{model}.json").is_file()
 
 
+@pytest.mark.parametrize("model", ["toy", "pythia"])
+def test_induction_familys_key_is_chosen_by_a_previous_token_unit(model, tmp_path):
+    """Why the largest induction family looks at its key (`family_contrast`, traced as `trace` traces): its
+    strongest contrastive pair reads, on the key side, a layer-0 Lorsa unit (a head, or a family of heads) at the
+    key position whose z pattern peaks on the token before it: the previous-token composition of an induction
+    head, found by the tool on held-out text (pythia: the current token's embedding x a 13-head layer-0 family at
+    the key that attends to the token before it)."""
+    from graphs.families import family
+
+    _need(model)
+    r = _example("families").analyse(model, out=tmp_path, verbose=False, why=True)
+    assert r["why"] is not None
+    f, c, heads, graph = r["why"]
+    peak = f.key_positions[0]
+    assert heads == len(f) and c.difference > 0
+    top = c.pairs[0]
+    key = family(graph, top.key) if top.key.startswith("fam.") else graph.node(top.key)
+    members = [graph.node(m) for m in key.members] if top.key.startswith("fam.") else [key]
+    assert {m.layer for m in members} == {0} and {m.pos for m in members} == {peak}
+    assert all(max(range(len(m.z_pattern)), key=lambda i: abs(m.z_pattern[i])) == peak - 1 for m in members), top.key
+    assert top.weight > 0 and graph.node(top.query if not top.query.startswith("fam.") else
+                                         family(graph, top.query).members[0]).pos == len(graph.tokens) - 1
+
+
 @pytest.mark.parametrize("model", [
     "pythia",
     pytest.param("toy", marks=pytest.mark.xfail(strict=True, reason=(
