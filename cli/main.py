@@ -1,4 +1,5 @@
-"""`circuits`: everything except `trace` (models, train-lm, eval)."""
+"""`circuits`: every command but `trace` (models, train-lm, fetch-data, train, train-replacements, eval, patch,
+heads, correspond, render, query)."""
 from __future__ import annotations
 
 import json
@@ -488,9 +489,9 @@ def patch(prompt, model_name, device, dtype, components, target, baseline, mode,
     adapter = load_model(model_name, device, dtype)
     ids = adapter.tokenize(prompt)
     model = ReplacementModel.load(adapter, replacement_specs(replacements), attention)
-    t_id = (_single_token(adapter, target, "--target") if target is not None
+    t_id = (adapter.token_id(target, "--target") if target is not None
             else int(adapter.next_token_probs(ids).argmax()))
-    b_id = _single_token(adapter, baseline, "--baseline") if baseline is not None else None
+    b_id = adapter.token_id(baseline, "--baseline") if baseline is not None else None
     if b_id is not None and b_id == t_id:
         raise BadInputError(f"--baseline {baseline!r} is the target itself: their difference is 0 whatever is patched")
     cf = adapter.tokenize(counterfactual, what="counterfactual prompt") if counterfactual is not None else None
@@ -569,12 +570,6 @@ def _reference_prompts(adapter, path: str) -> list:
         click.echo(f"note: {cut} of the {len(lines)} prompts of --mean-over are longer than the model's context; "
                    f"their first {adapter.context} tokens are used")
     return ids
-
-
-def _single_token(adapter, text: str, option: str) -> int:
-    from replacement.models import single_token
-
-    return single_token(adapter.tokenizer, text, option)
 
 
 @circuits.command()

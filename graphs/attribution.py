@@ -416,18 +416,19 @@ def target_rows(lin: Linearised, groups: dict, n_nodes: int, kind: NodeKind, L: 
     return W, const
 
 
-def emit_edges(W: torch.Tensor, target_rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
+def emit_edges(W: torch.Tensor, rows: list[int], const: torch.Tensor, nodes: list[Node], store: "EdgeArrays",
                 kind: str, keep: int | None) -> None:
     """Move a batch of dense rows W [B, n_nodes] into the sparse edge store (nonzero entries only, row by row;
-    on the CPU)."""
+    on the CPU); ``rows`` [B]: the targets' node rows, ``const`` [B] their constant terms; ``keep``: at most this
+    many edges per target (None: all)."""
     W, const = W.cpu(), const.cpu()
-    for row, c in zip(target_rows, const.tolist()):
+    for row, c in zip(rows, const.tolist()):
         nodes[row].const = c
     if keep is None:
         r, cols = W.nonzero(as_tuple=True)  # row-major: each target's edges together, in source order
-        store.add(cols, torch.tensor(target_rows)[r], W[r, cols], kind)
+        store.add(cols, torch.tensor(rows)[r], W[r, cols], kind)
         return
-    for r, row in enumerate(target_rows):
+    for r, row in enumerate(rows):
         w = W[r]
         nz = w.nonzero()[:, 0]
         if len(nz) > keep:

@@ -20,7 +20,7 @@ import torch
 
 from replacement.errors import BadInputError
 
-from .graph import AttributionGraph, Node, NodeKind, QKLink
+from .graph import AttributionGraph, Node, NodeKind, QKLink, check_k
 
 
 def _z_pattern(head: Node) -> torch.Tensor:
@@ -182,7 +182,6 @@ def most_influential(graph: AttributionGraph, kind: NodeKind, k: int, influence:
     """The ``k`` nodes of ``kind`` with the largest influence on the logits, largest first: ``influence`` [n_nodes]
     if given, else the influence each node holds (`prune` sets it from the full graph: what `circuits query`, the
     pictures and `compare` show), else, on a graph never pruned, computed on this graph (graphs/prune.py)."""
-    from .graph import check_k
     from .prune import influence as influence_of
 
     check_k(k)

@@ -61,10 +61,10 @@ import torch
 
 from replacement.errors import BadInputError
 
-from .graph import AttributionGraph, EdgeArrays, Node, NodeKind, QKContrast, QKPair
+from .graph import FAMILY_ID, AttributionGraph, EdgeArrays, Node, NodeKind, QKContrast, QKPair
 
 KIND_TAG = {NodeKind.LORSA: "lorsa", NodeKind.TRANSCODER: "tc"}
-_FAMILY_ID = re.compile(r"^fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)$")
+_FAMILY_ID = re.compile(rf"^{FAMILY_ID.pattern}$")
 
 
 @dataclass(frozen=True)
@@ -472,7 +472,7 @@ def _family_node(graph: AttributionGraph, f: Family) -> Node:
     if all(m.z_pattern is not None for m in ms):
         width = max(len(m.z_pattern) for m in ms)
         z = [sum(m.z_pattern[s] for m in ms if s < len(m.z_pattern)) for s in range(width)]
-    rank = int(_FAMILY_ID.match(f.id).group(3))
+    rank = _rank(f.id)
     return Node(f.id, f.kind, f.layers[0], f.pos, rank, activation=sum(m.activation for m in ms),
                 influence=sum(m.influence for m in ms), label=family_label(f), const=sum(m.const for m in ms),
                 preact=sum(m.preact for m in ms), dropped=sum(m.dropped for m in ms), z_pattern=z,

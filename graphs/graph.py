@@ -1,7 +1,8 @@
 """`AttributionGraph`: typed nodes, typed weighted edges, typed QK results, the prompt, settings, and queries.
 
 A node's identity is a `NodeKey` (kind, layer, index, position).  Its string form, the node id, is made by
-`NodeKey.__str__` and read back by `NodeKey.parse`, and nowhere else; ids never collide between kinds:
+`NodeKey.__str__` (`NodeKey.ids` for many nodes of one kind and layer at once) and read back by `NodeKey.parse`;
+a family's id is made by graphs/families.py's `family_id` and read by `FAMILY_ID`; ids never collide between kinds:
 
     emb@{pos}                 token embedding at a position
     lorsa.{L}.{head}@{pos}    a Lorsa head active at a query position
@@ -161,7 +162,8 @@ _NAMES = ((re.compile(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)"),  # a head or feature 
            lambda m: NodeKey(NodeKind.ATTN_ERROR if m[2] == "attn" else NodeKind.MLP_ERROR, int(m[1]), pos=int(m[3]))))
 
 
-FAMILY_ID = re.compile(r"fam\.(?:lorsa|tc)\.\d+\.\d+@(\d+)")  # a family's id (graphs/families.py's `family_id`), its position
+# a family's id fam.{lorsa|tc}.{L}.{K}@{P} (graphs/families.py's `family_id`): groups tag, layer, rank, position
+FAMILY_ID = re.compile(r"fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)")
 _FAMILY_NAME = re.compile(rf"family .*?({FAMILY_ID.pattern})(?: |$)")  # as `layout.node_name` names one
 _LOGIT_NAME = re.compile(r'logit "(.*)"(?: \(p=[^)]*\))?(?: @(\d+))?$')
 

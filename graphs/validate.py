@@ -189,7 +189,7 @@ def _check_ids_and_causality(d: dict, where) -> None:
     for n in d["nodes"]:
         if family(n):
             m = FAMILY_ID.fullmatch(n["node_id"])
-            ok = m is not None and int(m[1]) == n["ctx_idx"]
+            ok = m is not None and int(m[4]) == n["ctx_idx"]
         else:
             ok = n["node_id"] == str(NodeKey(n["type"], int(n["model_layer"]), int(n["index"]), int(n["ctx_idx"])))
         if not ok:

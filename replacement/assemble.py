@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import CircuitsError
-from .hooks import EMBED, FINAL_SCALE, LOGITS, hook_name, layer_names
+from .hooks import EMBED, FINAL_OUT, FINAL_SCALE, LOGITS, hook_name, layer_names
 from .models import ModelAdapter, freeze_hooks
 from .norms import norm_bias, norm_weight
 from .sparse import SparseCode, decode
@@ -177,7 +177,7 @@ class ReplacementModel:
                      attention=self.attention, cache=c)
         if getattr(self.adapter, "logit_softcap", None):
             U = self.adapter.unembedding
-            rec.logits_linear = c["ln_final.out"] @ U.weight.float().t() + (0 if U.bias is None else U.bias.float())
+            rec.logits_linear = c[FINAL_OUT] @ U.weight.float().t() + (0 if U.bias is None else U.bias.float())
         codes = {}
         for L in range(self.adapter.n_layers):
             at = {p: c[hook_name(L, p)] for p in ("attn.in", "attn.out", "mlp.in", "mlp.out", "ln1.scale", "ln2.scale",

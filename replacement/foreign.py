@@ -213,7 +213,7 @@ def _check_ct_hooks(conf: dict, folder: Path, default_in: str = "mlp.hook_in") -
     return CT_INPUT_HOOKS[hin]
 
 
-def write_circuit_tracer(tc: Transcoder, folder: str | Path, layer: int, model_kind: str = "transcoder_set") -> Path:
+def write_circuit_tracer(tc: Transcoder, folder: str | Path, layer: int) -> Path:
     """Write transcoder ``tc`` as circuit-tracer's ``layer_{i}.safetensors`` and the set's ``config.yaml`` (its
     input hook from ``tc.cfg.reads``, the output hook ``mlp.hook_out``, and ``top_k``).  A folder whose config.yaml
     says otherwise (another input, another K: circuit-tracer reads one config for every layer) is refused in one
@@ -231,7 +231,7 @@ def write_circuit_tracer(tc: Transcoder, folder: str | Path, layer: int, model_k
         raise ForeignFormatError(f"a transcoder reading {tc.cfg.reads} with a skip connection has no "
                                  "circuit-tracer form (a skip reads the MLP's input, mlp.hook_in)")
     hook_in = next(h for h, reads in CT_INPUT_HOOKS.items() if reads == tc.cfg.reads)
-    settings = {"model_kind": model_kind, "feature_input_hook": hook_in, "feature_output_hook": CT_OUTPUT_HOOKS[0]}
+    settings = {"model_kind": "transcoder_set", "feature_input_hook": hook_in, "feature_output_hook": CT_OUTPUT_HOOKS[0]}
     if tc.cfg.top_k:
         settings["top_k"] = tc.cfg.top_k
     cfg_path = folder / "config.yaml"

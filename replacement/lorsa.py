@@ -141,6 +141,7 @@ class Lorsa(nn.Module):
         return z.transpose(1, 2).reshape(B, n, self.cfg.n_heads)
 
     def encode(self, x: torch.Tensor, pattern: torch.Tensor | None = None, k: int | None = None) -> SparseCode:
+        """x [B, n, d] -> the TopK code, values/indices [B, n, K] (``pattern`` as in `head_activations`)."""
         return self.code_of(self.head_activations(x, pattern), k)
 
     def code_of(self, z: torch.Tensor, k: int | None = None) -> SparseCode:
@@ -152,9 +153,11 @@ class Lorsa(nn.Module):
         return self.W_O, self.b_O
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """z [B, n, H] from x [B, n, d] (`head_activations`, live patterns): the training engine's name for it."""
         return self.head_activations(x)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
+        """y [..., d] = sum of the active heads' a^h w_o^h + b_o, from a code [..., K]."""
         return decode(code, self.W_O, self.b_O)
 
     def forward(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> tuple[torch.Tensor, SparseCode]:
@@ -213,8 +216,8 @@ def one_head_lorsa(adapter, layer: int, head: int) -> Lorsa:
     dh = adapter.d_head
     cfg = LorsaConfig(d_model=adapter.d_model, n_qk=1, d_qk=dh, heads_per_group=2 * dh, top_k=2 * dh,
                       rotary_dim=adapter.rotary_dim, layer=layer)
-    cos_inv = inv_freq_of(adapter)
-    lorsa = Lorsa(cfg, inv_freq=cos_inv[0], rope_scaling=cos_inv[1])
+    inv, scale = inv_freq_of(adapter)
+    lorsa = Lorsa(cfg, inv_freq=inv, rope_scaling=scale)
     with torch.no_grad():
         lorsa.W_Q[0] = Wq[head].float()
         lorsa.W_K[0] = Wk[head].float()

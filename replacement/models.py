@@ -59,6 +59,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., r]: (-x2, x1) for the halves x1, x2 of the last dimension (HF's rotary convention)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 

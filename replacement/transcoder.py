@@ -95,6 +95,8 @@ class Transcoder(nn.Module):
         return x @ self.W_enc.t() + self.b_enc
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> SparseCode:
+        """x [..., d] -> the code, values/indices [..., K] (K: ``k``, else the config's top_k; 0: every feature that
+        passes, `gated_code`)."""
         k = k or self.cfg.top_k
         if self.threshold is None and k:
             return topk_relu(self.pre_activations(x), self.write_norms(), k)
@@ -108,6 +110,8 @@ class Transcoder(nn.Module):
         return torch.zeros_like(x) if self.W_skip is None else x @ self.W_skip.to(x.dtype)
 
     def decode(self, code: SparseCode, x: torch.Tensor | None = None) -> torch.Tensor:
+        """y [..., d] from a code [..., K]: into this layer's MLP output only (a CLT's later decoders are
+        `ReplacementModel.mlp_replacement`'s), plus the skip of x [..., d] where there is one."""
         y = decode(code, self.W_dec, self.b_dec)
         if self.W_skip is not None:
             if x is None:
@@ -116,6 +120,7 @@ class Transcoder(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+        """x [..., d] -> (y [..., d], code [..., K])."""
         code = self.encode(x)
         return self.decode(code, x), code
 
