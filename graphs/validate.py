@@ -165,13 +165,15 @@ def _check_grid_place(n: dict, n_tokens: int, where) -> None:
 def _check_families(d: dict, where) -> None:
     """Each family's members are heads (``fam.lorsa``) or transcoder features (``fam.tc``) at the position its id
     names (graphs/families.py), so that a family collapses into one node of one kind at one position."""
+    from .graph import FAMILY_ID
+
     tags = {"lorsa": "lorsa", "transcoder": "tc"}
     for n in d["nodes"]:
         fid = n.get("family")
         if fid is None:
             continue
-        tag, at = fid.split(".")[1], int(fid.rsplit("@", 1)[1])
-        if tags.get(n["type"]) != tag or n["ctx_idx"] != at:
+        m = FAMILY_ID.fullmatch(fid) if isinstance(fid, str) else None
+        if m is None or tags.get(n["type"]) != m[1] or n["ctx_idx"] != int(m[4]):
             raise BadGraphError(f"{where}: node {_short(n['node_id'])} ({n['type']} at position {n['ctx_idx']}) "
                                 f"cannot belong to family {_short(fid)}")
 
