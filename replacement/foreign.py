@@ -432,13 +432,13 @@ def lorsa_from_llamascope(folder, layer: int = 0, adapter=None) -> Lorsa:
     """Load an OpenMOSS Llamascopium Lorsa (``config.json`` + ``sae_weights.safetensors``).  Its rotary map is
     the config's ``rotary_dim`` and ``rotary_base``; one the config leaves out is the model's (``adapter``: a
     Lorsa uses its model's rotary map), else none (no ``rotary_dim``) and 10,000."""
-    from .checkpoint import CheckpointError, load
+    from .checkpoint import load
 
     folder = Path(folder)
     conf = json.loads((folder / "config.json").read_text())
     t, _ = load(folder / "sae_weights.safetensors")
     if "ln_q.w" in t or "ln_k.w" in t:
-        raise CheckpointError("Llamascopium Lorsa with q/k layer norms (ln_q/ln_k) is not supported yet")
+        raise ForeignFormatError("Llamascopium Lorsa with q/k layer norms (ln_q/ln_k) is not supported yet")
     n_qk, d, d_qk = t["W_Q"].shape
     H = t["W_V"].shape[0]
     rd, base = conf.get("rotary_dim"), conf.get("rotary_base")
@@ -447,11 +447,11 @@ def lorsa_from_llamascope(folder, layer: int = 0, adapter=None) -> Lorsa:
         rd = adapter.rotary_dim
     rd, base = rd or 0, 10000.0 if base is None else base  # rd: checked by LorsaConfig
     if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < 1e300:
-        raise CheckpointError(f"{folder}/config.json: rotary_base {base!r} is not a positive number")
+        raise ForeignFormatError(f"{folder}/config.json: rotary_base {base!r} is not a positive number")
     cfg = LorsaConfig(d_model=d, n_qk=n_qk, d_qk=d_qk, heads_per_group=H // n_qk, top_k=conf["top_k"],
                       rotary_dim=rd, layer=layer)
     if conf.get("n_qk_heads", n_qk) != n_qk or conf.get("d_qk_head", d_qk) != d_qk:
-        raise CheckpointError(f"{folder}: config.json and the weights disagree on the QK shape")
+        raise ForeignFormatError(f"{folder}: config.json and the weights disagree on the QK shape")
     if model_map:  # the model's own frequencies (scaled variants included)
         inv, scale = inv_freq_of(adapter)
     else:
