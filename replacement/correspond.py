@@ -73,7 +73,7 @@ class Correspondence:
     config: CorrespondConfig
     heads: list[HeadMatch]
     original_overlap: list[list[float]]  # [M, M] pattern overlap between original heads
-    group_overlap: list[list[float]] = field(default_factory=list)  # [G, M]
+    group_overlap: list[list[float]] = field(default_factory=list)  # [G, M] each QK group's pattern with each original head's
 
     def counts(self) -> dict[str, int]:
         return {k: sum(h.kind == k for h in self.heads) for k in KINDS}
@@ -91,7 +91,7 @@ class Correspondence:
     def to_json(self) -> dict:
         return {"model": self.model, "layer": self.layer, "tokens": self.tokens, "config": asdict(self.config),
                 "summary": self.summary(), "original_overlap": self.original_overlap,
-                "heads": [asdict(h) for h in self.heads]}
+                "group_overlap": self.group_overlap, "heads": [asdict(h) for h in self.heads]}
 
 
 def _mean(x: list[float]) -> float:

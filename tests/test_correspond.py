@@ -122,6 +122,8 @@ def test_a_head_reading_one_original_value_channel_matches_that_head(make):
     assert h.kind == ("one" if h.fired else "dead")
     assert h.pattern_head == m_head and h.pattern_overlap == pytest.approx(1.0, abs=1e-4)
     assert res.original_overlap[m_head][m_head] == pytest.approx(1.0, abs=1e-5)
+    g = 2 * i // lorsa.cfg.heads_per_group  # correspond.json keeps each QK group's overlaps with every original head
+    assert res.to_json()["group_overlap"][g][m_head] == pytest.approx(h.pattern_overlap, abs=1e-5)
 
 
 def test_bad_layer_is_one_line():
