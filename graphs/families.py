@@ -383,22 +383,24 @@ def predicted_effect(graph: AttributionGraph, f: Family, logit_id: str) -> float
 
 
 
-def family_contrast(graph: AttributionGraph, f: Family) -> tuple[QKContrast, int] | None:
+def family_contrast(graph: AttributionGraph, f: Family, fams: list[Family] | None = None
+                    ) -> tuple[QKContrast, int] | None:
     """Why a family of heads looks at its key rather than elsewhere: its members' `QKContrast`s at the family's
     key position (graphs/contrast.py), summed over the members that have one, and how many members those are.
     The difference, its parts (pairs_total, query_bias_x_keys, position) and the reference score are the members'
     sums, exact; pairs and marginals sum what each member keeps (its strongest few, `trace`'s ``top_pairs``) by
     node, each end that is a member of a family named by that family, strongest first, so they need not add up
     to pairs_total.  ``reference_pos`` is the members' runner-up key when they share one, else -1.  ``graph``:
-    the graph that holds the members (a collapsed graph's ``expanded``).  None for a family of features, or when
-    no member holds a contrast at that key (traced without QK, or the key is the only one)."""
+    the graph that holds the members (a collapsed graph's ``expanded``); ``fams``: its `families` (found again
+    when not given).  None for a family of features, or when no member holds a contrast at that key (traced
+    without QK, or the key is the only one)."""
     if f.kind != NodeKind.LORSA or not f.key_positions:
         return None
     key = f.key_positions[0]
     contrasts = [e.contrast for m in f.members for e in graph.node(m).qk if e.key_pos == key and e.contrast]
     if not contrasts:
         return None
-    family_of = {m: g.id for g in families(graph) for m in g.members}
+    family_of = {m: g.id for g in (families(graph) if fams is None else fams) for m in g.members}
     named = lambda node_id: family_of.get(node_id, node_id)  # noqa: E731
 
     def summed(items) -> list[tuple]:  # (name, weight) pairs summed by name, strongest first

@@ -454,7 +454,7 @@ def page_data(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAUL
         }
     for f in fams:  # a family node: its members, its summed edges in the collapsed graph, why its heads look at its key
         n = collapsed.node(f.id)
-        contrast = family_contrast(graph, f)
+        contrast = family_contrast(graph, f, fams)
         nodes[f.id] = {
             "contrast": contrast[0].to_json() if contrast else None, "contrast_heads": contrast[1] if contrast else 0,
             "key_pos": f.key_positions[0] if f.key_positions else None,
