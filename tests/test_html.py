@@ -256,6 +256,13 @@ def test_node_anchor_on_an_undrawn_node_draws_it_and_fills_the_panel(page, tmp_p
     assert "z pattern on this prompt" in panel and "logit lens" in panel and "QK: top key positions" in panel
     if data["nodes"][head]["pos"] > 0:  # why the head's keys win, beside the raw split (none with a single key)
         assert "why, vs the other keys' attention-weighted mean" in panel
+    fam = next(k for k, n in data["nodes"].items() if n.get("members") and n["contrast"])  # a family of heads: why
+    dom = _dom(chromium, out / "graph.html", tmp_path, "#node=" + urllib.parse.quote(fam), ("--dump-dom",))
+    panel = _panel(dom)  # its heads look at its key, their contrasts summed
+    n_heads = len(data["nodes"][fam]["members"])
+    assert f"QK: why its heads look at key {data['nodes'][fam]['key_pos']} " in panel and \
+        f"the contrasts of {data['nodes'][fam]['contrast_heads']} of its {n_heads} heads summed" in panel
+    assert "why, vs the other keys' attention-weighted mean" in panel and "(no dashboard in this file)" not in panel
     other, _ = data["nodes"][head]["out"][0]  # edge lists name the node at the other end (type, layer, token)
     name = html_lib.escape(data["nodes"][other]["title"], quote=False)
     assert f'<a href="#node={urllib.parse.quote(other)}">{name}</a>' in panel
