@@ -612,7 +612,7 @@ def heads(model_name, device, dtype, layer, head, feature, top, n_seqs, texts, c
         if i is not None and not 0 <= i < n:
             raise BadInputError(f"{flag} {i} out of range: layer {layer} has {n}")
     cfg = DashboardConfig(n_seqs=n_seqs)  # the sample's codes stay in memory until every layer's tables are built:
-    check_fits(sample_bytes(model, cfg), f"--n-seqs {n_seqs}", f"scan fewer sequences (default {cfg.n_seqs})",
+    check_fits(sample_bytes(model, cfg), f"--n-seqs {n_seqs}", f"scan fewer sequences (default {DashboardConfig.n_seqs})",
                detail=" of activations")
     dash = load_or_build(model, cfg, list(texts) or None, cache_dir, rebuild)
     picks = [("lorsa", head)] if head is not None else []

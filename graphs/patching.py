@@ -447,7 +447,8 @@ class GraphPrediction:
         """What a component line adds: the two graphs' predictions, or why there is none."""
         missing = [str(c) for c in components if not _node_indices(self.graph, c)]
         if len(missing) == len(components):
-            return "graph: no node (an original head, a unit not active, or one left out by --max-feature-nodes)"
+            return ("graph: no node (an original head, a unit not active, or one `trace`'s default node budget, "
+                    "--max-feature-nodes, leaves out)")
         also = f" ({', '.join(missing)} no node)" if missing else ""
         return f"graph {self.full(components):+.4f}, pruned {self.in_pruned(components):+.4f}{also}"
 
