@@ -111,6 +111,32 @@ def test_edges_are_real_effects(arch, attention, skip):
         assert abs(change - e.weight) <= 1e-4 * max(1.0, abs(e.weight)), (e, change)
 
 
+@pytest.mark.parametrize("arch", ["llama", "neox_parallel"])
+def test_z_patterns_are_each_heads_pattern_row_times_its_values(arch):
+    """Each Lorsa node's z pattern against a brute force from the module's weights on what attention reads in the
+    adapter's own run: its QK group's causal softmax(q_t . k_s / sqrt(d_qk)) row times its values w_v . x_s + b_v,
+    s <= t; it sums to the node's pre-activation.  Heads of every group (h // heads_per_group is not h % n_qk for
+    most of them)."""
+    import math
+
+    _, model, ids = _setup(arch)
+    graph = attribute(model, ids, qk=False)
+    with torch.no_grad():
+        cache = model.adapter.run(ids, capture=True).cache
+    heads = graph.nodes(type="lorsa")
+    hpg, n_qk = model.lorsas[0].cfg.heads_per_group, model.lorsas[0].cfg.n_qk
+    assert sum(h.index // hpg != h.index % n_qk for h in heads) > 10
+    for h in heads:
+        lorsa, x, t = model.lorsas[h.layer], cache[f"blocks.{h.layer}.attn.in"][0], h.pos
+        with torch.no_grad():
+            q, k = lorsa.qk(x[None])
+            g = h.index // hpg
+            A = (k[0, g, : t + 1] @ q[0, g, t] / math.sqrt(lorsa.cfg.d_qk)).softmax(-1)
+            want = A * (x[: t + 1] @ lorsa.W_V[h.index] + lorsa.b_V[h.index])
+        assert h.z_pattern == pytest.approx(want.tolist(), rel=1e-4, abs=2e-5), h.id
+        assert sum(h.z_pattern) == pytest.approx(h.preact, rel=1e-4, abs=1e-4), h.id
+
+
 def test_parallel_block_has_no_same_layer_attention_to_mlp_edge():
     _, model, ids = _setup("neox_parallel")
     graph = attribute(model, ids)

@@ -132,6 +132,44 @@ def test_family_edges_are_exact_sums_of_members(seed):
     assert c.node("emb@0") is g.node("emb@0")
 
 
+def test_a_family_node_holds_its_members_sums_and_keeps_the_identity():
+    """Brute force over the members: a collapsed family's activation, influence, pre-activation, constants and dropped
+    weight are its members' sums, and (each member's incoming edges + const + dropped = preact) its incoming edges +
+    const + dropped + the members' edges into each other (dropped by the collapse) = its pre-activation."""
+    g = _graph(1)
+    rng = random.Random(5)
+    into = {}
+    for e in g.edges:
+        into[e.target] = into.get(e.target, 0.0) + e.weight
+    for n in g.node_list:  # every target's identity, as `attribute` makes it
+        n.const, n.dropped, n.influence = rng.uniform(-1, 1), rng.uniform(-1, 1), rng.uniform(0, 1)
+        n.preact = into.get(n.id, 0.0) + n.const + n.dropped
+    c = collapse(g)
+    for f in g.families():
+        ms = [g.node(m) for m in f.members]
+        node = c.node(f.id)
+        for field in ("activation", "influence", "preact", "const", "dropped"):
+            assert getattr(node, field) == pytest.approx(sum(getattr(m, field) for m in ms), abs=1e-9), (f.id, field)
+        internal = sum(e.weight for e in g.edges if e.source in f.members and e.target in f.members)
+        incoming = sum(e.weight for e in c.edges if e.target == f.id)
+        assert incoming + node.const + node.dropped + internal == pytest.approx(node.preact, abs=1e-5), f.id
+
+
+def test_family_cosines_are_cosines_with_the_members_mean_unit_direction():
+    """`Node.family_cosine` (what `find_families` marks each member with, via `mean_direction_cosines`) against a
+    brute force: the cosine of each member's direction with the mean of the members' unit directions, for
+    directions of different sizes that are not parallel (where the mean of unit vectors is shorter than 1)."""
+    from graphs.families import mean_direction_cosines
+
+    d = torch.randn(5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = d * torch.tensor([0.5, 1.0, 2.0, 3.0, 7.0], dtype=torch.float64)[:, None]
+    unit = [row / math.sqrt(sum(float(x) ** 2 for x in row)) for row in d]
+    mean = sum(unit) / len(unit)
+    want = [float(u @ mean) / math.sqrt(float(mean @ mean)) for u in unit]
+    assert mean_direction_cosines(d).tolist() == pytest.approx(want, abs=1e-9)
+    assert math.sqrt(float(mean @ mean)) < 0.9  # the normalisation matters here
+
+
 def test_read_directions_are_outgoing_edges_per_activation():
     from graphs.families import find_families, read_directions
 

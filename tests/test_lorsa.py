@@ -91,6 +91,26 @@ def test_z_pattern_sums_to_z():
             torch.testing.assert_close(zp.sum(-1), z[:, t, head], atol=1e-5, rtol=1e-5)
 
 
+def test_z_patterns_take_each_heads_own_qk_group():
+    """`z_patterns` for every head at every query position, one call, against a brute force per head: its QK
+    group's causal softmax(q_t . k_s / sqrt(d_qk)) row times the head's values w_v . x_s + b_v.  Every head of
+    every group (h // heads_per_group differs from h % n_qk for most of them: a group index taken the wrong way
+    passed heads 0, 7 and 14)."""
+    lorsa = _random_lorsa()
+    x = torch.randn(8, 16)
+    H, n = lorsa.cfg.n_heads, x.shape[0]
+    heads, queries = torch.arange(H).repeat_interleave(n), torch.arange(n).repeat(H)
+    with torch.no_grad():
+        got = lorsa.z_patterns(x, heads, queries)  # [H n, n]
+        q, k = lorsa.qk(x[None])
+        for h in range(H):
+            g = h // lorsa.cfg.heads_per_group
+            scores = q[0, g] @ k[0, g].t() / lorsa.cfg.d_qk ** 0.5
+            A = scores.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf")).softmax(-1)  # [t, s]
+            v = x @ lorsa.W_V[h] + lorsa.b_V[h]  # [s]
+            torch.testing.assert_close(got[h * n : (h + 1) * n], A * v[None], atol=1e-5, rtol=1e-5, msg=f"head {h}")
+
+
 def test_rotary_matches_the_model():
     adapter = ModelAdapter(tiny_neox())
     lorsa = lorsa_for_model(adapter, 0, LorsaConfig.default_for(adapter, 0, heads_per_group=2, top_k=2))

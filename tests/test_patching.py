@@ -49,6 +49,31 @@ def test_path_patching_equals_brute_force(make, comp):
     assert abs(expected) > 1e-6  # the ablation does something
 
 
+def test_demeaned_metric_is_the_target_logit_less_the_mean_logit():
+    """With ``demean`` the metric is the target's logit minus the mean logit over the vocabulary (what the graph's
+    logit nodes hold): the clean value from the adapter's own run, and an original head's effect from the brute
+    force that overwrites every head's z (the ablated one zeroed), both demeaned here by hand."""
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        clean = adapter.run(ids, capture=[f"blocks.{L}.attn.z" for L in range(adapter.n_layers)])
+        hooks = {}
+        for L in range(adapter.n_layers):
+            z = clean.cache[f"blocks.{L}.attn.z"].clone()
+            if L == 1:
+                z[0, :, 2] = 0  # head.1.2 at every position
+            hooks[f"blocks.{L}.attn.z"] = lambda t, n, z=z: z
+        patched = adapter.run(ids, hooks=hooks).logits[0, -1]
+    base = clean.logits[0, -1]
+    p = PathPatcher(model, ids, target=7, demean=True)
+    assert p.clean == pytest.approx(float(base[7] - base.mean()), abs=1e-5)
+    res = p.effects(["head.1.2"])[0]
+    expected = float((patched[7] - patched.mean()) - (base[7] - base.mean()))
+    assert res.effect == pytest.approx(expected, abs=1e-5)
+    assert abs(float(patched.mean() - base.mean())) > 1e-4  # the mean moves: demeaning matters here
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
 def test_replacement_nodes_equal_brute_force(make):
     """Zero-ablating a Lorsa head, a transcoder feature or an error node (each kind, each layer, at the last
@@ -119,6 +144,29 @@ def test_a_unit_at_every_position_is_each_position_ablated_together():
         p.effects(["lorsa one"])
     with pytest.raises(BadInputError, match="not int"):
         p.effects([3])
+
+
+def test_a_units_write_at_a_position_is_its_nodes_write_there_alone():
+    """`write` of a Lorsa head or transcoder feature at position p, for a unit active at earlier positions too: the
+    graph node's write there (activation x its W_O row or decoder row: tests/conftest.py's node_write) at p, zero at
+    every other position.  (The path-patching effect alone cannot tell: with attention frozen, writes at earlier
+    positions never reach the last position's logits.)"""
+    from graphs.attribution import attribute
+    from tests.conftest import node_write
+
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(6))
+    graph = attribute(model, ids, qk=False)
+    p = PathPatcher(model, ids, target=7)
+    for kind in ("lorsa", "transcoder"):
+        at: dict[tuple[int, int], list] = {}
+        for n in graph.nodes(type=kind):
+            at.setdefault((n.layer, n.index), []).append(n)
+        node = max((ns for ns in at.values() if len(ns) > 1), key=len)[-1]  # a later one of its positions
+        got = p.write(parse_component(node.id), p.rec)
+        torch.testing.assert_close(got[node.pos], node_write(graph, model, p.rec, node.id), rtol=1e-5, atol=1e-6)
+        assert not got[torch.arange(ids.shape[1]) != node.pos].any(), node.id
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_neox], ids=["llama", "neox"])
@@ -238,6 +286,49 @@ def test_mean_ablation_equals_brute_force(make):
     res = path_patch(model, ids, "head.1.2@8", target=7, mode="mean", reference=refs)
     assert res.effect == pytest.approx(expected, abs=1e-5)
     assert abs(expected) > 1e-6
+
+
+def _word_tokenizer(vocab_size: int, bos: int):
+    """A word-level tokenizer ("t0" .. "tN") whose BOS is token ``bos``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token=f"t{bos}")
+
+
+def test_mean_ablation_leaves_out_each_reference_prompts_bos():
+    """With a tokenizer that has a BOS, each reference prompt's BOS (position 0) is left out of the means: an
+    original head's mean ablation equals a forward pass whose z at the position is the head's mean z over positions
+    1.. of the reference prompts (brute force), and a Lorsa head's mean write is its activation summed by hand over
+    those positions, divided by their count."""
+    adapter = ModelAdapter(tiny_llama(), tokenizer=_word_tokenizer(97, 96), name="m")
+    model = random_replacements(adapter)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.tensor([96]), torch.randint(0, 96, (8,), generator=g)])
+    refs = [torch.cat([torch.tensor([96]), torch.randint(0, 96, (n,), generator=g)]) for n in (4, 6)]
+    with torch.no_grad():
+        zs = [adapter.run(r[None], capture=["blocks.1.attn.z"]).cache["blocks.1.attn.z"][0, 1:, 2] for r in refs]
+        clean = adapter.run(ids[None], capture=[f"blocks.{L}.attn.z" for L in range(adapter.n_layers)]).cache
+        hooks = {}
+        for L in range(adapter.n_layers):
+            z = clean[f"blocks.{L}.attn.z"].clone()
+            if L == 1:
+                z[0, 8, 2] = torch.cat(zs).mean(0)
+            hooks[f"blocks.{L}.attn.z"] = lambda t, n, z=z: z
+        expected = float(adapter.run(ids[None], hooks=hooks).logits[0, -1, 7] - adapter.run(ids[None]).logits[0, -1, 7])
+    res = path_patch(model, ids, "head.1.2@8", target=7, mode="mean", reference=refs)
+    assert res.effect == pytest.approx(expected, abs=1e-5) and abs(expected) > 1e-6
+    recs = [model.record(r) for r in refs]
+    code0 = recs[0].layers[1].lorsa_code
+    h = int(code0.indices[1, 0])  # a head active after BOS
+    total = sum(float(v) for rec in recs for p in range(1, rec.ids.shape[0])
+                for v, i in zip(rec.layers[1].lorsa_code.values[p].tolist(), rec.layers[1].lorsa_code.indices[p].tolist())
+                if i == h)
+    want = total / sum(rec.ids.shape[0] - 1 for rec in recs) * model.lorsas[1].W_O[h].float()
+    got = PathPatcher(model, ids, target=7, reference=refs).mean_write(parse_component(f"lorsa.1.{h}@5"))
+    torch.testing.assert_close(got[5], want, rtol=1e-5, atol=1e-6)
 
 
 def test_mean_writes_of_heads_features_and_errors():

@@ -522,6 +522,56 @@ def test_transcoder_jvp_equals_autograd(skip):
     torch.testing.assert_close(tc.vjp(code, v), vjp(v)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_jvp_holds_a_selected_but_inactive_feature_at_zero(skip):
+    """Where fewer than K features have a positive pre-activation, top-K still selects K, some of them at value 0;
+    those are inactive and carry no derivative: `jvp` and `vjp` against autograd through the held active set
+    (ReLU of the selected pre-activations), on an encoder bias that leaves most tokens with under K active."""
+    tc = _tc(skip=skip)
+    with torch.no_grad():
+        tc.b_enc.sub_(1.5)  # most pre-activations below 0
+        if skip:
+            tc.W_skip.normal_(0, 0.1)
+    x, v = torch.randn(7, 64), torch.randn(7, 64)
+    code = tc.encode(x)
+    assert (code.values == 0).any() and (code.values > 0).any()  # selected-but-inactive features exist
+    _, want = torch.func.jvp(_held_active_set(tc, code), (x,), (v,))
+    torch.testing.assert_close(tc.jvp(code, v), want, atol=1e-5, rtol=1e-5)
+    _, vjp = torch.func.vjp(_held_active_set(tc, code), x)
+    torch.testing.assert_close(tc.vjp(code, v), vjp(v)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_later", [0, 2], ids=["per_layer", "cross_layer"])
+def test_transcoder_topk_ranks_features_by_what_they_write(n_later):
+    """Brute force: the K features kept at a token are the K largest ReLU(pre) x the size of everything the feature
+    writes per unit of activation, sqrt(|W_dec[f]|^2 + sum_T |W_dec_later[f, T]|^2) (a cross-layer feature writes
+    into later layers too), each with value ReLU(pre).  Decoder sizes spread over 100x, so that ranking by the
+    pre-activation alone, or by the own-layer decoder alone, keeps other features."""
+    torch.manual_seed(0)
+    tc = Transcoder(TranscoderConfig(d_model=16, n_features=24, top_k=4, n_later=n_later))
+    spread = lambda: torch.logspace(-1, 1, 24)[torch.randperm(24)]  # noqa: E731
+    with torch.no_grad():
+        tc.W_dec.mul_(spread()[:, None])
+        if n_later:
+            tc.W_dec_later.normal_(0, 0.25).mul_(spread()[:, None, None])
+    x = torch.randn(12, 16)
+    with torch.no_grad():
+        code = tc.encode(x)
+        pre = x @ tc.W_enc.t() + tc.b_enc
+    dec, later = tc.W_dec.detach().tolist(), tc.W_dec_later.detach().flatten(1).tolist() if n_later else [[]] * 24
+    size = torch.tensor([math.sqrt(sum(w * w for w in dec[f]) + sum(w * w for w in later[f])) for f in range(24)])
+    others = 0
+    for t in range(12):
+        want = (torch.relu(pre[t]) * size).topk(4).indices
+        assert set(code.indices[t].tolist()) == set(want.tolist()), t
+        torch.testing.assert_close(code.dense(24)[t, want], torch.relu(pre[t, want]))
+        others += set(torch.relu(pre[t]).topk(4).indices.tolist()) != set(want.tolist())
+        if n_later:
+            own = torch.tensor([math.sqrt(sum(w * w for w in dec[f])) for f in range(24)])
+            others += set((torch.relu(pre[t]) * own).topk(4).indices.tolist()) != set(want.tolist())
+    assert others >= 6  # the sizes decide the kept set at many tokens
+
+
 def test_jacobian_error_against_full_jacobians():
     """The relative JVP error (normalised units) equals one built from full Jacobian matrices, token by token."""
     from types import SimpleNamespace
