@@ -61,7 +61,9 @@ def test_graph_reconstruction_on_bundled(replaced):
 
 
 def test_pure_sparse_model_agreement(replaced):
-    """Next-token agreement of the pure sparse model (no error terms) with the real model (reported)."""
+    """Next-token agreement of the pure sparse model (no error terms) with the real model (reported), on a
+    sentence none of them trained on: the bundled sets of 2026-12-06 agree on 76-84% of its 25 tokens (their
+    held-out figures: 79-87%, README); a set for another model, a wrong layer or a broken load agrees on few."""
 
     name, model = replaced
     ids = model.adapter.tokenize("It is a truth universally acknowledged, that a single man in possession of a good")
@@ -69,7 +71,7 @@ def test_pure_sparse_model_agreement(replaced):
     real = model.adapter.run(ids).logits[0].argmax(-1)
     agreement = (sparse == real).float().mean().item()
     print(f"{name}: pure sparse model agrees with the real model on {agreement:.0%} of next tokens")
-    assert agreement > 0.2
+    assert agreement >= 0.6
 
 
 def test_graph_effects_equal_small_patches_in_the_replacement_model():
