@@ -31,8 +31,12 @@ def _z_pattern(head: Node) -> torch.Tensor:
 
 
 def z_peak(head: Node) -> int:
-    """The key position where a Lorsa head's z pattern is largest in size."""
-    return int(_z_pattern(head).argmax())
+    """The key position a Lorsa head takes most of its activation from (`families.z_key`, the rule every view
+    shares)."""
+    from .families import z_key
+
+    _z_pattern(head)  # a node without a pattern: one line
+    return max(z_key(head.z_pattern), 0)
 
 
 def z_share(head: Node, pos: int) -> float:

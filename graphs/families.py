@@ -8,8 +8,9 @@ The rule (`FamilyConfig`; every field is a knob):
 
 - candidates are the graph's Lorsa heads and, with ``transcoders``, its transcoder features; heads and
   features never share a family, and all members sit at one (query) position;
-- **key position**: a head's key is the position where its z pattern is largest in size (``key_rule="peak"``),
-  and a head whose peak holds less than ``min_share`` of its z pattern (in size) joins no family; members share
+- **key position**: a head's key is the position its z pattern gives most of its activation (``key_rule="peak"``,
+  `z_key`: the largest entry; the pictures' ←P and `graphs.circuits` read keys by the same rule), and a head whose
+  peak holds less than ``min_share`` of its z pattern (in size) joins no family; members share
   the key.  A transcoder feature reads its own position, which is its key;
 - **layers**: the members' layers span at most ``layer_span`` (0: one layer, the default; 1: adjacent layers).
   One layer, because heads of adjacent layers compose: a layer-1 induction head reads what layer-0 heads wrote,
@@ -139,15 +140,19 @@ class Family:
 
 # -- the rule, on plain tensors -------------------------------------------------------------------------------
 
-def z_key(z_pattern: list[float], min_share: float) -> int:
-    """The key position where a z pattern [n_keys] is largest in size, or -1 if that holds less than
-    ``min_share`` of the pattern's total size."""
-    z = [abs(x) for x in z_pattern]  # plain floats: a tensor per head cost more than the rule itself
-    total = sum(z)
+def z_key(z_pattern: list[float], min_share: float = 0.0) -> int:
+    """The key position a head takes most of its activation from: where its z pattern [n_keys] (A_{t,s} v_s, which
+    sums to the activation) is largest, the first such as argmax (a negative entry takes activation away, so it is
+    the answer only where no entry is positive: then the largest in size); -1 for an empty or all-zero pattern, or
+    if the peak holds less than ``min_share`` of the pattern's total size.  The one rule for a head's key: the
+    families', the pictures' (`lens.key_position`) and the circuits' (`circuits.z_peak`)."""
+    z = list(z_pattern)  # plain floats: a tensor per head cost more than the rule itself
+    total = sum(abs(x) for x in z)
     if not z or total <= 0:
         return -1
-    peak = max(range(len(z)), key=z.__getitem__)  # the first largest, as argmax
-    return peak if z[peak] / total >= min_share else -1
+    size = z if max(z) > 0 else [abs(x) for x in z]
+    peak = max(range(len(z)), key=size.__getitem__)
+    return peak if abs(z[peak]) / total >= min_share else -1
 
 
 def group(units: list[Unit], directions: torch.Tensor, cfg: FamilyConfig) -> list[list[int]]:

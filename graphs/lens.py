@@ -56,14 +56,12 @@ def add_lens(graph: AttributionGraph, model, k: int = LENS_TOKENS) -> None:
 
 
 def key_position(n: Node) -> int | None:
-    """The key position a Lorsa head (or a family of heads) takes most of its activation from: where its z
-    pattern (A_{t,s} v_s, which sums to the activation) is largest (the first such, as argmax; a negative entry
-    takes activation away, so it is never the answer while a positive one exists); None for other nodes or an
-    empty pattern."""
-    z = n.z_pattern
-    if not z:
-        return None
-    return max(range(len(z)), key=lambda s: z[s])
+    """The key position a Lorsa head (or a family of heads) takes most of its activation from (`families.z_key`:
+    where its z pattern is largest); None for other nodes or an empty or all-zero pattern."""
+    from .families import z_key
+
+    p = z_key(n.z_pattern) if n.z_pattern else -1
+    return None if p < 0 else p
 
 
 def key_share(n: Node) -> float:

@@ -14,9 +14,9 @@ def _induction_graph(parallel: bool = False) -> AttributionGraph:
     layer 1: two heads at position 3 peaking at 1 (edges +2 and +1 into the logit), one peaking at 2 (+5)."""
     emb = [Node(f"emb@{p}", "embedding", -1, p, 10 + p) for p in range(4)]
     prev = Node("lorsa.0.4@1", "lorsa", 0, 1, 4, activation=1.0, z_pattern=[0.9, 0.1])
-    own = Node("lorsa.0.5@3", "lorsa", 0, 3, 5, activation=1.0, z_pattern=[0.0, 0.1, 0.1, -0.8])
+    own = Node("lorsa.0.5@3", "lorsa", 0, 3, 5, activation=1.0, z_pattern=[0.0, 0.1, 0.1, 0.8])
     pairs = [QKPair("emb@3", "emb@1", 0.5), QKPair("lorsa.0.5@3", "lorsa.0.4@1", -2.0)]
-    strong = Node("lorsa.1.7@3", "lorsa", 1, 3, 7, activation=1.0, z_pattern=[0.1, -0.7, 0.1, 0.1],
+    strong = Node("lorsa.1.7@3", "lorsa", 1, 3, 7, activation=1.0, z_pattern=[0.1, 0.7, 0.1, 0.1],
                   qk=[QKEntry(1, 0.8, 3.0, pairs), QKEntry(2, 0.1, 0.2, [QKPair("emb@3", "emb@2", 9.0)])])
     weak = Node("lorsa.1.8@3", "lorsa", 1, 3, 8, activation=1.0, z_pattern=[0.0, 0.6, 0.2, 0.2])
     other = Node("lorsa.1.9@3", "lorsa", 1, 3, 9, activation=1.0, z_pattern=[0.0, 0.1, 0.8, 0.1])
@@ -30,9 +30,10 @@ def _induction_graph(parallel: bool = False) -> AttributionGraph:
 
 
 def test_z_peak_and_share():
-    h = Node("lorsa.1.7@3", "lorsa", 1, 3, 7, z_pattern=[0.1, -0.7, 0.1, 0.1])
-    assert z_peak(h) == 1
-    assert z_share(h, 1) == pytest.approx(0.7) and z_share(h, 0) == pytest.approx(0.1) and z_share(h, 9) == 0.0
+    h = Node("lorsa.1.7@3", "lorsa", 1, 3, 7, z_pattern=[0.1, -0.7, 0.2, 0.1])
+    assert z_peak(h) == 2  # the largest entry: key 1 takes activation away (the rule the pictures and families use)
+    assert z_peak(Node("lorsa.1.7@3", "lorsa", 1, 3, 7, z_pattern=[-0.1, -0.7, -0.2])) == 1  # none positive: size
+    assert z_share(h, 1) == pytest.approx(0.7 / 1.1) and z_share(h, 0) == pytest.approx(0.1 / 1.1) and z_share(h, 9) == 0.0
 
 
 def test_induction_heads_and_circuit():

@@ -56,9 +56,10 @@ def test_layer_span_and_threshold_and_order():
 
 
 def test_z_key_and_min_share():
-    assert z_key([0.1, -0.7, 0.2], 0.0) == 1  # the largest in size, whatever its sign
-    assert z_key([0.1, -0.7, 0.2], 0.7) == 1 and z_key([0.1, -0.7, 0.2], 0.71) == -1
-    assert z_key([0.0, 0.0], 0.0) == -1
+    assert z_key([0.1, -0.7, 0.2], 0.0) == 2  # the largest entry: a negative one takes activation away
+    assert z_key([0.1, -0.7, 0.2], 0.2) == 2 and z_key([0.1, -0.7, 0.2], 0.21) == -1  # 0.2 of the size 1.0
+    assert z_key([-0.1, -0.7, -0.2], 0.7) == 1  # no entry positive: the largest in size
+    assert z_key([0.0, 0.0], 0.0) == -1 and z_key([], 0.0) == -1
     with pytest.raises(BadInputError):
         FamilyConfig(cosine=1.5)
     with pytest.raises(BadInputError):
@@ -447,7 +448,7 @@ def test_find_families_on_a_traced_graph(traced):
         assert {m.pos for m in ms} == {f.pos} and {m.type for m in ms} == {f.kind}
         assert max(f.layers) - min(f.layers) <= 1
         if f.kind == L:
-            peaks = {int(torch.tensor(m.z_pattern).abs().argmax()) for m in ms}
+            peaks = {int(torch.tensor(m.z_pattern).argmax()) for m in ms}  # every member's largest entry
             assert peaks == set(f.key_positions) and len(peaks) == 1
     # the directions are the heads' W_O rows and the features' decoders
     h = next(n for n in g.node_list if n.type == L)
@@ -456,7 +457,7 @@ def test_find_families_on_a_traced_graph(traced):
     slots = {}
     for n in g.node_list:
         if n.type == L:
-            slots.setdefault((n.pos, int(torch.tensor(n.z_pattern).abs().argmax()), n.layer), set()).add(n.family)
+            slots.setdefault((n.pos, int(torch.tensor(n.z_pattern).argmax()), n.layer), set()).add(n.family)
     assert all(len(fs) == 1 for fs in slots.values())
     before = [(f.id, f.members) for f in fams]
     again = find_families(g, model, FamilyConfig(cosine=-1.0))
