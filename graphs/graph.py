@@ -610,8 +610,15 @@ class AttributionGraph:
         edges this graph holds: a pruned graph's shares, and so its strengths, are a little larger than the full's);
         paths come out strongest first (networkx's shortest simple paths on -log shares; the strongest alone,
         k = 1, by `_strongest_path` on the edge arrays, without networkx)."""
-        if k < 1 or max_len < 1:
-            raise BadInputError(f"top_paths needs k >= 1 and max_len >= 1 (k={k}, max_len={max_len})")
+        whole = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
+        if not (whole(k) and whole(max_len) and whole(min_len)) or k < 1 or max_len < 1:
+            # a k of 1.5 was never len(out): every simple path into the target was enumerated, without end
+            raise BadInputError(f"top_paths needs whole numbers k >= 1 and max_len >= 1 (k={k!r}, max_len={max_len!r}, "
+                                f"min_len={min_len!r})")
+        if isinstance(to, (Node, NodeKey)):  # as `node` takes them
+            to = to.id if isinstance(to, Node) else str(to)
+        if to is not None and not isinstance(to, str):
+            raise BadInputError(f"to= names a node by its id (text), a Node or a NodeKey, not {type(to).__name__}")
         to = None if to is None else self.resolve(to)  # a name as printed
         if to is not None and to not in self.index and not (families and to in {f.id for f in self.families()}):
             raise BadInputError(f"no node {to!r} in this graph")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from replacement.errors import BadInputError
@@ -33,9 +34,22 @@ def _finite_float(text: str) -> float:
     return x
 
 
+def _float_sized_int(text: str) -> int:
+    """A JSON integer, refused beyond the float range: every number of a graph is read as a float somewhere
+    (``1`` followed by 400 zeros passed the schema as a number, then `render` raised OverflowError)."""
+    x = int(text)
+    if abs(x) > _FLOAT_MAX_INT:
+        raise ValueError(f"number {text[:20]}... is too large for a float")
+    return x
+
+
+_FLOAT_MAX_INT = int(sys.float_info.max)
+
+
 def strict_loads(text: str):
-    """``json.loads`` that rejects NaN, Infinity and overflowing numbers (raises ValueError or RecursionError)."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    """``json.loads`` that rejects NaN, Infinity and overflowing numbers, written with or without a decimal point
+    (raises ValueError or RecursionError)."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_float_sized_int)
 
 
 def strict_dumps(obj) -> str:

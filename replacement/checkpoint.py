@@ -84,9 +84,15 @@ def restoring(path: str | Path, what: str = "training state"):
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], tensors: dict) -> None:
+    """Adam's state of each parameter from ``tensors``; a ValueError (`restoring` makes it one line) for moments
+    of another shape or of no float type, which Adam's first step met as a RuntimeError traceback."""
     for name, p in named_params.items():
         prefix = f"opt.{name}."
         st = {k[len(prefix):]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
+        for key, v in st.items():
+            if key != "step" and (v.shape != p.shape or not v.is_floating_point()):
+                raise ValueError(f"optimizer state {name}.{key} is {str(v.dtype).removeprefix('torch.')} "
+                                 f"{list(v.shape)}, its parameter {list(p.shape)}")
         if st:
             if "step" in st:
                 st["step"] = st["step"].float().cpu()
@@ -103,6 +109,10 @@ def load_training_state(path: str | Path, model_name: str, device="cpu", what: s
     if not path.is_file():
         return None
     tensors, meta = load(path, device)
+    if not isinstance(meta.get("inputs") or {}, dict):  # an edited file: was an AttributeError traceback
+        raise CheckpointError(f"{path} is not a complete {what} (its inputs record is a "
+                              f"{type(meta['inputs']).__name__}, not an object); start afresh with --no-resume "
+                              "(the file is kept)")
     weights = "the model's weights"
     same_weights = inputs is not None and (meta.get("inputs") or {}).get(weights) == inputs.get(weights)
     if meta.get("model") != model_name and not same_weights:

@@ -473,6 +473,11 @@ class Trainer:
                     "--lorsa-*); resume with the same settings or start afresh with --no-resume") from None
             ckpt.restore_optimizer(u.opt, dict(u.module.named_parameters()),
                                    {k[len(u.name) + 1:]: v for k, v in tensors.items() if k.startswith(u.name + ".opt.")})
+            for counter in ("since_fired", "freq"):  # of another shape: a RuntimeError traceback at the next step
+                saved = tensors.get(f"{u.name}.{counter}", getattr(u, counter))  # freq: states saved before it, none
+                if saved.shape != getattr(u, counter).shape:
+                    raise ValueError(f"{u.name}.{counter} has shape {list(saved.shape)}, the run's units "
+                                     f"{list(getattr(u, counter).shape)}")
             u.since_fired = tensors[f"{u.name}.since_fired"].cpu()
             u.freq = tensors.get(f"{u.name}.freq", torch.zeros_like(u.freq)).cpu()  # states saved before it: none
             u.c_x, u.c_y = tensors[f"{u.name}.scales"].tolist()

@@ -167,6 +167,8 @@ CASES = [
     Case("query-deeply-nested", ["circuits", "query", "{G}/nested.json"], "nested too deeply"),
     Case("query-nan", ["circuits", "query", "{G}/nan.json"], "NaN is not a number in strict JSON"),
     Case("query-huge-number", ["circuits", "query", "{G}/huge.json"], "too large for a float"),
+    Case("render-huge-integer", ["circuits", "render", "{G}/bigint.json", "--format", "dot"],
+         "is too large for a float"),  # an integer, not 1e400: it passed, and render raised OverflowError
     Case("query-weight-beyond-float32", ["circuits", "query", "{G}/bigweight.json"], "too large (beyond float32)"),
     Case("query-weights-sum-beyond-float32", ["circuits", "query", "{G}/bigsum.json", "--paths", "3"],
          "sum beyond float32"),  # it said no edge reached the logit
@@ -311,6 +313,12 @@ CASES = [
                                                  "--layers", "1", "--steps", "4", "--batch-size", "4", "--seq-len",
                                                  "16", "--tc-expansion", "2", "--text", "{TEXT}", "--out",
                                                  "{TRAIN_NOTENSOR}"], "is not a complete training state"),
+    *[Case(f"train-resume-state-{what}", ["circuits", "train", "--model", "{M}", "--what", "transcoder", "--layers", "1",
+                                          "--steps", "4", "--batch-size", "4", "--seq-len", "16", "--tc-expansion", "2",
+                                          "--text", "{TEXT}", "--out", "{%s}" % name], expect)
+      for what, name, expect in (("moment-of-another-shape", "TRAIN_BADOPT", "optimizer state"),
+                                 ("freq-of-another-shape", "TRAIN_BADFREQ", ".freq has shape [3]"),
+                                 ("inputs-not-an-object", "TRAIN_INPUTS", "its inputs record is a list"))],
 ]
 
 
@@ -481,6 +489,7 @@ def _graph_files(w: Path, names: dict) -> None:
     mutated("dangling.json", lambda x: x["links"].append({"source": "emb@0", "target": "tc.9.9@99", "weight": 1.0,
                                                            "kind": "direct"}))
     mutated("types.json", lambda x: x["nodes"][0].update(ctx_idx="a"))
+    mutated("bigint.json", lambda x: x["nodes"][-1].update(activation=10**400, influence=-10**400))
     mutated("bigweight.json", lambda x: [e.update(weight=1e308) for e in x["links"]])
     mutated("bigsum.json", lambda x: [e.update(weight=-3e38) for e in x["links"]])  # each fits float32, sums do not
     mutated("v2.json", lambda x: x["metadata"].update(schema_version=2))
@@ -531,6 +540,17 @@ def _training_states(w: Path, names: dict, ckpt) -> None:
             meta = {k: v for k, v in meta.items() if k != "step"}
         else:
             del tensors[next(k for k in tensors if k.endswith(".since_fired"))]
+        ckpt.atomic_save(tensors, names[name] / state.name, meta)
+    for name, edit in (("TRAIN_BADOPT", "moment"), ("TRAIN_BADFREQ", "freq"), ("TRAIN_INPUTS", "inputs")):
+        names[name] = w / name.lower()  # edited: each was a traceback (Adam's first step, the freq update, .get)
+        shutil.copytree(names["TRAIN"], names[name])
+        tensors, meta = ckpt.load(names[name] / state.name)
+        if edit == "moment":
+            tensors[next(k for k in tensors if k.endswith(".exp_avg"))] = torch.zeros(3)
+        elif edit == "freq":
+            tensors[next(k for k in tensors if k.endswith(".freq"))] = torch.zeros(3)
+        else:
+            meta["inputs"] = [1, 2]
         ckpt.atomic_save(tensors, names[name] / state.name, meta)
 
 

@@ -371,3 +371,26 @@ def test_a_partial_set_names_the_runs_that_complete_it(small_model):
         "circuits train --model m --what lorsa --layers 0 and circuits train --model m --what transcoder --layers 1")
     assert train_commands("m", [(k, L) for k in ("lorsa", "transcoder") for L in (0, 1)], 2) == \
         "circuits train --model m --what all"
+
+
+def test_top_paths_refuses_a_k_that_is_not_a_whole_number_at_once(graph):
+    """top_paths(k=1.5) never reached len(out) == k: it enumerated every simple path into the target (it ran on
+    without end on a trace's graph); k='3' and k=None were TypeErrors from a comparison, to=5 an AttributeError.
+    A Node names the node as `node` takes it."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("top_paths did not answer within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        for bad in (dict(k=1.5), dict(k="3"), dict(k=None), dict(k=2.0), dict(max_len=3.5), dict(min_len=None)):
+            with pytest.raises(BadInputError, match="top_paths needs whole numbers"):
+                graph.top_paths(**bad)
+        with pytest.raises(BadInputError, match="to= names a node by its id"):
+            graph.top_paths(to=5)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert graph.top_paths(to=graph.target, k=2) == graph.top_paths(to=graph.target.id, k=2)
