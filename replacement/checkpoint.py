@@ -31,7 +31,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     6942162248e30930 written bare read back as the number inf, and that model's replacements never loaded)."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, durable=True) as tmp:  # training states and modules: on the disk before the rename
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     except SafetensorError as e:  # how safetensors reports a failed write (e.g. no space left)
         raise CheckpointError(f"cannot write {path}: {e}") from None

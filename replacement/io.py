@@ -29,9 +29,12 @@ def temp_path(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """``with atomic_path(p) as tmp:`` write ``tmp``; on leaving, it is renamed to ``p`` (its folder created
-    first).  On any failure (a full disk, Ctrl-C) the temporary file is removed and ``p`` is untouched."""
+    first).  On any failure (a full disk, Ctrl-C) the temporary file is removed and ``p`` is untouched.
+    ``durable``: the file's bytes reach the disk before the rename, and the rename after it (fsync), so that a
+    power cut or a kernel crash, not only a killed process, leaves the old file or the new one, never an empty one
+    (checkpoints and modules: hours of training; a graph or a page can be written again)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -39,10 +42,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if tmp.exists():  # some writers (safetensors) create their file private (0600): give it the usual mode
             os.chmod(tmp, 0o666 & ~_UMASK)
+            if durable:
+                _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk; a file system that cannot (some network or
+    virtual ones refuse a folder's fsync) is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def make_folder(folder: str | Path, what: str) -> Path:

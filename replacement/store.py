@@ -199,6 +199,9 @@ def load_replacements(folder: str | Path, adapter, device=None, earlier_version:
             raise CheckpointError(f"{path} holds layer{module.cfg.layer}.{meta['kind']}, but config.json lists it "
                                   f"as {key}")
         crc = entry.get("crc32")  # (sets saved before 2026-12-07 record none) bytes that read, but not as saved
+        if crc is not None and (isinstance(crc, bool) or not isinstance(crc, int)):  # a check skipped without a word
+            raise CheckpointError(f"{folder / 'config.json'}: the crc32 of {key} is {crc!r}, not a whole number; "
+                                  "the file was edited by hand: restore it, or train the set again")
         if isinstance(crc, int) and file_checksum(path) != crc:
             waiting = path.with_name(STAGED + path.name)
             if waiting.is_file() and file_checksum(waiting) == crc:

@@ -141,6 +141,8 @@ CASES = [
     # weights of another type were cast to float and traced (the graph quietly another)
     Case("replacements-damaged-bytes", T + ["--replacements", "{REP_FLIP}"],
          "layer0.transcoder.safetensors is damaged: its bytes differ from those saved"),  # it traced another graph
+    Case("replacements-crc-not-a-number", T + ["--replacements", "{REP_CRCSTR}"],
+         "the crc32 of layer0.transcoder is '12', not a whole number"),  # the damage check was skipped
     Case("replacements-int-weights", T + ["--replacements", "{REP_INT}"], "tensor W_enc is int32; a module's tensors are"),
     Case("replacements-fp8-weights", T + ["--replacements", "{REP_FP8}"], "tensor W_dec is float8_e4m3fn"),
     Case("replacements-zero-rope-scaling", T + ["--replacements", "{REP_ROPE0}"], "rope_scaling must be one positive number"),
@@ -447,6 +449,10 @@ def _broken_replacements(w: Path, names: dict, ckpt) -> None:
     data = bytearray(module.read_bytes())
     data[-40] ^= 0x10
     module.write_bytes(bytes(data))
+    cfg_path = variant("REP_CRCSTR") / "config.json"  # a checksum edited into text (or a float)
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules"]["layer0.transcoder"]["crc32"] = "12"
+    cfg_path.write_text(json.dumps(cfg))
     for name, key, dtype in (("REP_INT", "W_enc", torch.int32), ("REP_FP8", "W_dec", torch.float8_e4m3fn)):
         module = variant(name) / "layer0.transcoder.safetensors"
         tensors, meta = ckpt.load(module)

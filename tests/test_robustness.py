@@ -441,3 +441,33 @@ def test_a_loss_diverging_later_does_not_blame_the_state(tmp_path):
     # it diverged at step 1, before the first checkpoint: the message must not point at a file that is not there
     assert not (tmp_path / "s.safetensors").exists()
     assert "no checkpoint had been saved yet" in str(e.value) and "--no-resume" not in str(e.value)
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """`checkpoint.atomic_save` (training states, modules) flushes the new file to the disk before renaming it over
+    the old one, and the folder's entries after (os.fsync, recorded here in order with os.replace), so a power cut
+    leaves the old file or the new one; a graph's write (`atomic_path` by default) does not wait for the disk."""
+    from replacement import checkpoint as ckpt
+    from replacement import io
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        calls.append(("replace", str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "state.safetensors"
+    ckpt.atomic_save({"w": torch.ones(3)}, path, {"step": 1})
+    assert calls == [("fsync", str(io.temp_path(path))), ("replace", str(path)), ("fsync", str(tmp_path))]
+    assert ckpt.load(path)[0]["w"].tolist() == [1.0, 1.0, 1.0]
+    calls.clear()
+    with io.atomic_path(tmp_path / "graph.json") as tmp:
+        tmp.write_text("{}")
+    assert calls == [("replace", str(tmp_path / "graph.json"))]
