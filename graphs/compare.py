@@ -57,9 +57,9 @@ def compare(a: AttributionGraph, b: AttributionGraph, align: str = "id") -> list
     graph holds changes by its whole influence); logits, all at the last position, match by token."""
     if align not in ALIGNS:
         raise BadInputError(f"unknown alignment {align!r}; use one of {', '.join(ALIGNS)}")
-    bad = next((g for g in (a, b) if not isinstance(g, AttributionGraph)), None)
-    if bad is not None:
-        raise BadInputError(f"compare takes two graphs (graphs.load(folder or graph.json)), not {type(bad).__name__}")
+    bad = [g for g in (a, b) if not isinstance(g, AttributionGraph)]  # (None itself is one: not next(..., None))
+    if bad:
+        raise BadInputError(f"compare takes two graphs (graphs.load(folder or graph.json)), not {type(bad[0]).__name__}")
     for key, what in (("model_fingerprint", "models"), ("replacements_fingerprint", "replacements")):
         fa, fb = a.settings.get(key), b.settings.get(key)
         if fa and fb and fa != fb:  # a unit's id names another unit there (graphs written before record neither)

@@ -159,10 +159,15 @@ def write_json(graph: AttributionGraph, path: str | Path, slug: str | None = Non
     if not graph.logits():
         raise BadInputError("a graph file needs a logit node (the graph's target), and this graph holds none (a "
                             "subgraph without one?): keep a logit in it")
+    if path.is_dir():  # os.replace named the temporary file: "Is a directory: '.g.tmp123' -> 'g'"
+        raise BadInputError(f"{path} is a folder; name the graph's file, e.g. {path / 'graph.json'}")
     d = to_dict(graph, slug)
     if check_schema:
         validate(d)
-    atomic_write_text(path, strict_dumps(d))
+    try:
+        atomic_write_text(path, strict_dumps(d))
+    except OSError as e:  # a read-only folder, a full disk: the error names the file asked for, not the temporary
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     return path
 
 

@@ -485,6 +485,9 @@ class AttributionGraph:
         any); an unknown type is a BadInputError.  A collapsed graph's family nodes have their members' type
         (`Node.is_family` tells them apart)."""
         type = None if type is None else kind_of(type)
+        for name, value in (("layer", layer), ("position", position)):  # "1" matched nothing, without a word
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise BadInputError(f"nodes(): {name} must be a whole number (or None), not {value!r}")
         return [n for n in self.node_list if (type is None or n.type == type) and (layer is None or n.layer == layer)
                 and (position is None or n.pos == position)]
 

@@ -274,6 +274,11 @@ def test_queries_answer_bad_arguments_in_one_line_and_take_what_names_a_node(gra
 
     with pytest.raises(BadInputError, match="compare takes two graphs"):
         compare(graph, "traces/36-61")
+    with pytest.raises(BadInputError, match="not NoneType"):  # None itself passed the check (an AttributeError)
+        compare(graph, None)
+    with pytest.raises(BadInputError, match="layer must be a whole number"):  # "1" matched nothing, without a word
+        graph.nodes(layer="1")
+    assert graph.nodes(layer=1) == [n for n in graph.node_list if n.layer == 1]
     with pytest.raises(BadInputError, match="a node id is text"):
         NodeKey.parse(5)
     assert graph.top_paths(k=2, sources="emb") == graph.top_paths(k=2, sources=("embedding",))  # read 'e', 'm', 'b'
@@ -394,3 +399,17 @@ def test_top_paths_refuses_a_k_that_is_not_a_whole_number_at_once(graph):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert graph.top_paths(to=graph.target, k=2) == graph.top_paths(to=graph.target.id, k=2)
+
+
+def test_saving_a_graph_names_the_file_asked_for(graph, tmp_path):
+    """`save` into a folder is one line naming the file to give (os.replace named the temporary file: "Is a
+    directory: '.g.tmp123' -> 'g'"); an error writing it names the path asked for, not its temporary name."""
+    (tmp_path / "g").mkdir()
+    with pytest.raises(BadInputError, match="is a folder; name the graph's file, e.g. .*g/graph.json"):
+        graph.save(tmp_path / "g")
+    with pytest.raises(FileNotFoundError) as e:
+        graph.save("/proc/no/graph.json")
+    assert e.value.filename == "/proc/no/graph.json"
+    from graphs.export import read_json
+
+    assert read_json(graph.save(tmp_path / "g" / "graph.json")) == graph
