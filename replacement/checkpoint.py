@@ -227,6 +227,26 @@ def run_inputs(adapter, source, start: dict[str, torch.Tensor] | None = None) ->
     return out
 
 
+def resume(trainer, defaults, what: str = "training state") -> bool:
+    """Restore a trainer (`train.Trainer`, `joint.JointTrainer`: its ``state_file``, ``adapter``, ``cfg``,
+    ``inputs``, ``_restore`` and ``step``) from its saved state, refused in one line unless the state was saved
+    under the same settings (``defaults``: the config class's defaults, for states saved before a setting
+    existed) and from the same inputs; False where there is no state."""
+    from dataclasses import asdict
+
+    state = load_training_state(trainer.state_file, trainer.adapter.name, trainer.adapter.device, what,
+                                inputs=trainer.inputs)
+    if state is None:
+        return False
+    tensors, meta = state
+    with restoring(trainer.state_file, what):
+        check_same_settings(trainer.state_file, meta.get("config"), asdict(trainer.cfg), asdict(defaults))
+        check_same_inputs(trainer.state_file, meta.get("inputs"), trainer.inputs)
+        trainer._restore(tensors, meta)
+    trainer.saved_step = trainer.step
+    return True
+
+
 def check_same_inputs(path: str | Path, saved: dict | None, now: dict) -> None:
     """A `CheckpointError` naming what differs when a state was saved from another model, text or start (states
     saved before these were recorded are not checked)."""

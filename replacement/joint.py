@@ -318,17 +318,7 @@ class JointTrainer:
         self.saved_step = self.step
 
     def load_state(self) -> bool:
-        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device, "joint-training state",
-                                         inputs=self.inputs)
-        if state is None:
-            return False
-        tensors, meta = state
-        with ckpt.restoring(self.state_file, "joint-training state"):
-            ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(JointConfig()))
-            ckpt.check_same_inputs(self.state_file, meta.get("inputs"), self.inputs)
-            self._restore(tensors, meta)
-        self.saved_step = self.step
-        return True
+        return ckpt.resume(self, JointConfig(), "joint-training state")
 
     def _restore(self, tensors: dict, meta: dict) -> None:
         """The modules' weights, the optimizer, firing records, scales and the step, from a saved state."""

@@ -446,17 +446,7 @@ class Trainer:
         self.saved_step = self.step
 
     def load_state(self) -> bool:
-        state = ckpt.load_training_state(self.state_file, self.adapter.name, self.adapter.device,
-                                         inputs=self.inputs)
-        if state is None:
-            return False
-        tensors, meta = state
-        with ckpt.restoring(self.state_file):
-            ckpt.check_same_settings(self.state_file, meta.get("config"), asdict(self.cfg), asdict(TrainConfig()))
-            ckpt.check_same_inputs(self.state_file, meta.get("inputs"), self.inputs)
-            self._restore(tensors, meta)
-        self.saved_step = self.step
-        return True
+        return ckpt.resume(self, TrainConfig())
 
     def _restore(self, tensors: dict, meta: dict) -> None:
         """Every unit's weights, optimizer, silence counters and scales, and the step, from a saved state."""
