@@ -694,16 +694,10 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
     """Load a preset, a local HF folder, or an HF hub id into a `ModelAdapter`."""
     import warnings
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    _quiet_hf()
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    path, display, revision = resolve_model_path(name)
-    local_only = not Path(path).exists() and not _hub_reachable()
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only, revision=revision)
-    except Exception as e:  # noqa: BLE001 - an unreadable config.json raises OSError, ValueError or JSONDecodeError
-        raise ModelLoadError(f"cannot load {name!r}: {_unloadable(e, local_only, revision)}") from None
+    config, path, display, revision, local_only = _load_config(name)
     if config.model_type not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(SUPPORTED))}")
     _check_safetensors_only(path, name)
@@ -734,16 +728,24 @@ def load_model(name: str, device: str | None = "cpu", dtype: str | torch.dtype =
 def load_tokenizer(name: str) -> tuple[object | None, int]:
     """The tokenizer (None if the model has none) and context length of a model, without loading its weights:
     prompts and targets are checked with them before the (slow) model load."""
+    config, path, _, revision, local_only = _load_config(name)
+    return _load_tokenizer(path, local_only, revision), context_of(config, name)
+
+
+def _load_config(name: str) -> tuple:
+    """(its HF config, path, display name, revision, local_only) of a model named as `resolve_model_path` takes
+    it; ``local_only``: an HF id read from the local cache, the hub being unreachable.  ModelLoadError (one line)
+    for a config.json that cannot be read."""
     from transformers import AutoConfig
 
     _quiet_hf()
-    path, _, revision = resolve_model_path(name)
+    path, display, revision = resolve_model_path(name)
     local_only = not Path(path).exists() and not _hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only, revision=revision)
-    except Exception as e:  # noqa: BLE001 - reported in full by load_model
+    except Exception as e:  # noqa: BLE001 - an unreadable config.json raises OSError, ValueError or JSONDecodeError
         raise ModelLoadError(f"cannot load {name!r}: {_unloadable(e, local_only, revision)}") from None
-    return _load_tokenizer(path, local_only, revision), context_of(config, name)
+    return config, path, display, revision, local_only
 
 
 def _unloadable(error: Exception, local_only: bool, revision: str | None) -> str:
