@@ -34,7 +34,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, LABEL_W, NODE_H, NODE_W, Grid, box_label, drawing, drawn_qk, edge_routes, gist,
-                     gist_examples, grid, meaning, node_name, prompt_tail, quoted, token_text)
+                     gist_examples, grid, meaning, node_name, prompt_tail, quoted, one_line)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
@@ -337,7 +337,7 @@ def _legend(graph: AttributionGraph, drawn: int, families: list = (), marked: tu
               "its target's input x the target's influence); dashed: a head's QK pair (query and key side; purple "
               "raises its score, orange lowers it)"]
     if marked:
-        lines.append(f"yellow: the strongest path from a token to {quoted(token_text(graph.target.label))}, its nodes outlined (strength "
+        lines.append(f"yellow: the strongest path from a token to {quoted(one_line(graph.target.label))}, its nodes outlined (strength "
                      f"{marked[0]:.3f}: the product of its edges' shares)")
     gists = gist_examples(graph)
     if gists:
@@ -355,7 +355,7 @@ def _family_example(graph: AttributionGraph, f) -> str:
     from .families import family_label
 
     what = "heads" if f.kind == NodeKind.LORSA else "features"
-    tok = lambda p: quoted(token_text(graph.tokens[p])) if 0 <= p < len(graph.tokens) else f"@{p}"  # noqa: E731
+    tok = lambda p: quoted(one_line(graph.tokens[p])) if 0 <= p < len(graph.tokens) else f"@{p}"  # noqa: E731
     reads = f"attend to {f.key_positions[0]} {tok(f.key_positions[0])}" if f.kind == NodeKind.LORSA else "read it"
     layers = "-".join(map(str, sorted({f.layers[0], f.layers[-1]})))
     return (f"{family_label(f)}: {len(f)} {what} of layer{'s' * ('-' in layers)} {layers} at {tok(f.pos)} "

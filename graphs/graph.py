@@ -459,9 +459,9 @@ class AttributionGraph:
         found = name if name in self.index else id_of_unit_label(name)
         logit = _LOGIT_NAME.match(name.strip())
         if found not in self.index and logit:
-            from .layout import token_text
+            from .layout import one_line
 
-            hits = [n.id for n in self.nodes(type=NodeKind.LOGIT) if token_text(n.label) == logit[1]
+            hits = [n.id for n in self.nodes(type=NodeKind.LOGIT) if one_line(n.label) == logit[1]
                     and (logit[2] is None or n.pos == int(logit[2]))]
             found = hits[0] if len(hits) == 1 else found
         return found

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .graph import FEATURE_KINDS, AttributionGraph, NodeKind
 from .layout import (DEFAULT_DRAW_NODES, LABEL_W, NODE_H, NODE_W, box_label, drawing, drawn_qk, edge_order, edge_routes,
-                     gist_examples, grid, marked_path, meaning, node_name, token_text)
+                     gist_examples, grid, marked_path, meaning, node_name, one_line)
 
 STYLE = """
 body { margin: 0; font-family: Helvetica, Arial, sans-serif; font-size: 13px; display: flex; height: 100vh; overflow: hidden; }
@@ -554,7 +554,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
     import html
 
     data = script_json(page_data(graph, dashboards, draw_nodes, expand_families=expand_families))
-    title = f"{token_text(graph.prompt)} - attribution graph"
+    title = f"{one_line(graph.prompt)} - attribution graph"
     families = graph.families()
     opens = graph.collapsed() if families and not expand_families else graph  # the picture the page opens on
     gists = gist_examples(opens)  # what a box's third line says, with that picture's strongest examples
@@ -583,7 +583,7 @@ def to_html(graph: AttributionGraph, dashboards=None, draw_nodes: int = DEFAULT_
             f"attention, dark: MLP; with its influence)."
             f"{html.escape(family)}{third}</div>"
             f"<svg id=\"scene\" xmlns=\"http://www.w3.org/2000/svg\" preserveAspectRatio=\"xMidYMid meet\"></svg></div>\n"
-            f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(token_text(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
+            f"<div id=\"panel\"><div id=\"info\"><h2>{html.escape(one_line(graph.prompt))}</h2><div class=\"meta\">Click, search for or "
             f"hover over a node.</div></div><div id=\"list\"><h3>All {len(graph.node_list)} nodes, most influential first "
             f"(grey: not drawn at this threshold, alone or in its family)</h3><ol id=\"node-list\"></ol></div></div>\n"
             f"<script id=\"graph-data\" type=\"application/json\">{data}</script>\n<script>{SCRIPT}</script>\n"

@@ -45,7 +45,7 @@ MEANING = {NodeKind.ATTN_ERROR: "an error node: what layer {L}'s Lorsa heads mis
 
 # -- labels ---------------------------------------------------------------------------------------------------
 
-def token_text(text: str, limit: int | None = None) -> str:
+def one_line(text: str, limit: int | None = None) -> str:
     """A token as one readable line: newlines, tabs and other control characters escaped (``\\n``), a backslash
     doubled (so that the two characters ``\\n`` never read as a newline)."""
     out = "".join({"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}.get(
@@ -54,9 +54,9 @@ def token_text(text: str, limit: int | None = None) -> str:
 
 
 def prompt_tail(text: str, limit: int = 120) -> str:
-    """A prompt as one readable line (`token_text`), a long one cut to its last ``limit`` characters (what the
+    """A prompt as one readable line (`one_line`), a long one cut to its last ``limit`` characters (what the
     logits continue) after an ellipsis."""
-    line = token_text(text)
+    line = one_line(text)
     return line if len(line) <= limit else "…" + line[-(limit - 1):]
 
 
@@ -66,7 +66,7 @@ def quoted(text: str) -> str:
 
 
 def _token(graph: AttributionGraph, pos: int) -> str:
-    return token_text(graph.tokens[pos]) if 0 <= pos < len(graph.tokens) else "?"
+    return one_line(graph.tokens[pos]) if 0 <= pos < len(graph.tokens) else "?"
 
 
 LABEL_CHAR_W = 7.0  # points a character of a column label takes (10-point bold; DejaVu Sans, which graphviz's
@@ -85,7 +85,7 @@ def _column_label(graph: AttributionGraph, span: tuple[int, int], width: float) 
     pos, last = span
     if last > pos:
         return f"{pos}-{last}\n…"
-    return f"{pos}\n" + quoted(token_text(graph.tokens[pos], _label_room(width)) if pos < len(graph.tokens) else "?")
+    return f"{pos}\n" + quoted(one_line(graph.tokens[pos], _label_room(width)) if pos < len(graph.tokens) else "?")
 
 
 def _column_labels(graph: AttributionGraph, spans: list[tuple[int, int]], col_x: list[float],
@@ -94,7 +94,7 @@ def _column_labels(graph: AttributionGraph, spans: list[tuple[int, int]], col_x:
     own column (a long prompt's narrow columns), every other column's labels sit ``LABEL_STEP`` further from the
     grid (dy), so that each label may reach over its neighbours' columns, whose labels are on the other line."""
     n = len(col_w)
-    tokens = [token_text(graph.tokens[a]) if a == b and a < len(graph.tokens) else "…" if a < b else "?"
+    tokens = [one_line(graph.tokens[a]) if a == b and a < len(graph.tokens) else "…" if a < b else "?"
               for a, b in spans]
     stagger = any(len(tokens[c]) > _label_room(col_w[c]) for c in range(n))
     out = []
@@ -129,9 +129,9 @@ def box_label(graph: AttributionGraph, n: Node) -> str:
     """The text inside a drawn node: what it is (its row says the layer, its column the token) and where, and for
     a head or feature a third line, its `gist`; distinct nodes get distinct labels."""
     if n.type == NodeKind.LOGIT:
-        return quoted(token_text(n.label, MAX_TOKEN_CHARS)) + "\n" + (f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
+        return quoted(one_line(n.label, MAX_TOKEN_CHARS)) + "\n" + (f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
     if n.type == NodeKind.EMBEDDING:
-        return f"{token_text(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)}\n@{n.pos}"
+        return f"{one_line(n.label or graph.tokens[n.pos], MAX_EMBED_CHARS)}\n@{n.pos}"
     if n.type not in FEATURE_KINDS:  # an error node: "L1 MLP" over "error @4" over its influence, "infl 3.1%"
         share = 100 * n.influence
         return f"L{n.layer} {_error_part(n)}\nerror @{n.pos}\ninfl " + (f"{share:.2g}%" if share >= 0.1 else "<0.1%")
@@ -153,9 +153,9 @@ def gist(graph: AttributionGraph, n: Node) -> str:
         if p is None or p >= len(graph.tokens):
             return ""
         more = "+" if key_share(n) < 0.5 else ""  # other keys give more than that one
-        return "\u2190" + quoted(token_text(graph.tokens[p], MAX_GIST_CHARS)) + more
+        return "\u2190" + quoted(one_line(graph.tokens[p], MAX_GIST_CHARS)) + more
     if n.type == NodeKind.TRANSCODER and n.lens:
-        return "\u2192" + quoted(token_text(n.lens[0][0], MAX_GIST_CHARS))
+        return "\u2192" + quoted(one_line(n.lens[0][0], MAX_GIST_CHARS))
     return ""
 
 
@@ -183,7 +183,7 @@ def node_name(graph: AttributionGraph, n: Node) -> str:
     if n.type == NodeKind.EMBEDDING:
         return f"emb {at}"
     if n.type == NodeKind.LOGIT:
-        return f'logit "{token_text(n.label)}" (p={n.prob:.3f}) @{n.pos}'
+        return f'logit "{one_line(n.label)}" (p={n.prob:.3f}) @{n.pos}'
     if n.type in ERROR_KINDS:
         return f"L{n.layer} {_error_part(n)} error {at}"
     line = gist(graph, n)

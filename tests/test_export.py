@@ -162,7 +162,7 @@ def test_dot_draws_the_most_influential_nodes_on_a_grid(graph, tmp_path):
 def test_node_names_are_distinct_and_readable(graph, saved_model):
     from transformers import AutoTokenizer
 
-    from graphs.layout import box_label, node_name, token_text
+    from graphs.layout import box_label, node_name, one_line
     from replacement.tokenizer import token_text as decode
 
     for label in (node_name, box_label):
@@ -171,8 +171,8 @@ def test_node_names_are_distinct_and_readable(graph, saved_model):
     for n in graph.logits():  # a drawn logit's probability: two decimals, and "p<0.01" rather than "p=0.00"
         assert box_label(graph, n).endswith(f"p={n.prob:.2f}" if n.prob >= 0.005 else "p<0.01")
         assert not box_label(graph, n).endswith("p=0.00")
-    assert token_text("a\nb\tc\x01") == "a\\nb\\tc\\x01"
-    assert token_text("\\") == "\\\\" and token_text("\\n") != token_text("\n")  # a backslash is doubled
+    assert one_line("a\nb\tc\x01") == "a\\nb\\tc\\x01"
+    assert one_line("\\") == "\\\\" and one_line("\\n") != one_line("\n")  # a backslash is doubled
     tok = AutoTokenizer.from_pretrained(saved_model)
     texts = [decode(tok, i) for i in range(len(tok))]
     assert len(set(texts)) == len(texts) and "\ufffd" not in "".join(texts)

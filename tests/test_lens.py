@@ -70,7 +70,7 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
     from graphs.export import from_dict, to_dict
     from graphs.families import collapse, find_families, output_directions
     from graphs.layout import MAX_GIST_CHARS, box_label, quoted
-    from graphs.layout import token_text as token_text_line
+    from graphs.layout import one_line
     from graphs.validate import check_graph_dict
     from replacement.assemble import ReplacementModel
     from replacement.models import load_model
@@ -91,11 +91,11 @@ def test_traced_graph_names_what_its_units_write(saved_model, tmp_path):
         lines = box_label(graph, n).split("\n")
         assert len(lines) == 3
         if n.type == NodeKind.TRANSCODER:
-            assert lines[2] == "\u2192" + quoted(token_text_line(n.lens[0][0], MAX_GIST_CHARS))
+            assert lines[2] == "\u2192" + quoted(one_line(n.lens[0][0], MAX_GIST_CHARS))
         else:
             z = torch.tensor(n.z_pattern)
             key, share = int(z.argmax()), float(z.max() / z.clamp(min=0).sum())
-            assert lines[2] == "\u2190" + quoted(token_text_line(graph.tokens[key], MAX_GIST_CHARS)) + \
+            assert lines[2] == "\u2190" + quoted(one_line(graph.tokens[key], MAX_GIST_CHARS)) + \
                 ("+" if share < 0.5 else "")
     fams = graph.families()
     assert fams  # the random replacements' heads at the last position group
