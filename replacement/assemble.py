@@ -88,6 +88,7 @@ class ReplacementModel:
         self.transcoders = {L: m for (k, L), m in modules.items() if k == "transcoder"}
         self.lorsas = {L: m for (k, L), m in modules.items() if k == "lorsa"}
         self._codes: dict = {}  # {layer: SparseCode} of the run in progress (`_module_hooks`)
+        self._last_in: dict = {}  # {hook name: tensor} each module's input in the run in progress (`_module_hooks`)
         self.origins: dict[tuple[str, int], Path] = {}  # the folder (`load`) or file (`use_module`) of each module
         missing = sorted(required_modules(adapter.n_layers, attention) - set(modules))
         if missing:
