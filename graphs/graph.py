@@ -166,6 +166,7 @@ _NAMES = ((re.compile(r"L(\d+)\.([HF])(\d+)\s*@\s*(\d+)"),  # a head or feature 
 FAMILY_ID = re.compile(r"fam\.(lorsa|tc)\.(\d+)\.(\d+)@(\d+)")
 _FAMILY_NAME = re.compile(rf"family .*?({FAMILY_ID.pattern})(?: |$)")  # as `layout.node_name` names one
 _LOGIT_NAME = re.compile(r'logit "(.*)"(?: \(p=[^)]*\))?(?: @(\d+))?$')
+_FAMILY_BOX = re.compile(r"L(\d+)(?:-\d+)? x\d+(?: ←\d+)?\s+fam (\d+) @(\d+)")  # a family's box in a picture
 
 
 def id_of_unit_label(text: str) -> str:
@@ -454,8 +455,9 @@ class AttributionGraph:
 
     def resolve(self, name: str) -> str:
         """The id ``name`` stands for: an id as it is, or a name the pictures and printed paths give a node
-        (`id_of_unit_label`: a unit's or a family's), or a logit as `trace` prints it (``logit " 98" (p=0.958)
-        @4``); the text itself, stripped, when it names nothing here."""
+        (`id_of_unit_label`: a unit's or a family's), a logit as `trace` prints it (``logit " 98" (p=0.958)
+        @4``), or a family as its box in a picture reads (``L1 x21 ←60 fam 0 @64``); the text itself, stripped, when
+        it names nothing here."""
         found = name if name in self.index else id_of_unit_label(name)
         logit = _LOGIT_NAME.match(name.strip())
         if found not in self.index and logit:
@@ -464,6 +466,11 @@ class AttributionGraph:
             hits = [n.id for n in self.nodes(type=NodeKind.LOGIT) if one_line(n.label) == logit[1]
                     and (logit[2] is None or n.pos == int(logit[2]))]
             found = hits[0] if len(hits) == 1 else found
+        box = _FAMILY_BOX.match(name.strip())  # "L1 x21 ←60 fam 0 @64", as a picture's box reads (layout.box_label)
+        if found not in self.index and box:
+            ids = {f.id for f in self.families()}  # "←key": heads; none: features (or heads with no key)
+            tags = ("lorsa",) if "\u2190" in box[0] else ("tc", "lorsa")
+            found = next((i for i in (f"fam.{t}.{box[1]}.{box[2]}@{box[3]}" for t in tags) if i in ids), found)
         return found
 
     def node(self, node_id: "str | Node | NodeKey") -> Node:

@@ -342,6 +342,11 @@ def test_json_schema_and_round_trip(tmp_path):
     assert graphs.load(tmp_path / "old.json").node(fam.id).activation == fam.activation
     from graphs.layout import node_name
     assert c.node(node_name(c, fam)) is fam and node_name(c, fam).count(f"@{fam.pos}") == 1  # as trace prints it
+    from graphs.layout import box_label
+
+    for f in g.families():  # and as a picture's box reads ("L1 x3 ←1" over "fam 0 @2"), lines joined or not
+        box = box_label(c, c.node(f.id))
+        assert g.resolve(box) == f.id and g.resolve(" ".join(box.split("\n")[:2])) == f.id, box
     with pytest.raises(BadInputError, match="is a family node"):
         fam.key
     # a family id in the wrong form breaks the schema; a member of the wrong kind or position the reader's check
@@ -459,6 +464,10 @@ def test_find_families_on_a_traced_graph(traced):
         if n.type == L:
             slots.setdefault((n.pos, int(torch.tensor(n.z_pattern).argmax()), n.layer), set()).add(n.family)
     assert all(len(fs) == 1 for fs in slots.values())
+    from graphs.layout import box_label  # a box's name resolves to its family, heads and features of one layer
+    c = g.collapsed()  # and rank apart ("←key" marks heads)
+    assert all(g.resolve(" ".join(box_label(c, c.node(f.id)).split("\n")[:2])) == f.id for f in fams)
+    assert any(f.id.replace("lorsa", "tc") in {x.id for x in fams} for f in fams if f.kind == L)  # such a pair is here
     before = [(f.id, f.members) for f in fams]
     again = find_families(g, model, FamilyConfig(cosine=-1.0))
     assert [(f.id, f.members) for f in again] == before  # deterministic
