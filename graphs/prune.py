@@ -17,7 +17,7 @@ from .graph import ERROR_KINDS, FEATURE_KINDS, TARGET_KINDS, AttributionGraph, N
 
 
 def normalised_weights(graph: AttributionGraph) -> torch.Tensor:
-    """|w| / (sum of |w| into the same target), per OV/direct edge."""
+    """[n_edges] |w| / (sum of |w| into the same target), per OV/direct edge (`graph.edge_arrays`' order)."""
     E = graph.edge_arrays
     return input_shares(E.tgt, E.w, len(graph))
 
@@ -114,7 +114,8 @@ class GrowingInfluence:
 
 def scores(graph: AttributionGraph, infl: torch.Tensor | None = None) -> dict[str, float]:
     """Replacement score: the share of the logits' influence that ends in embeddings rather than error
-    nodes.  Completeness: the influence-weighted share of each node's input that comes from non-error nodes."""
+    nodes.  Completeness: the influence-weighted share of each node's input that comes from non-error nodes.
+    ``infl`` [n_nodes]: each node's influence on the logits (`influence`, computed when not given)."""
     infl = influence(graph) if infl is None else infl
     types = [n.type for n in graph.node_list]
     emb = sum(float(infl[i]) for i, t in enumerate(types) if t == NodeKind.EMBEDDING)

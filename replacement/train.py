@@ -475,7 +475,11 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------
 
-    def _aux_loss(self, u: Unit, pre, y_hat, y) -> torch.Tensor:
+    def _aux_loss(self, u: Unit, pre: torch.Tensor, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """AuxK: the dead units (silent for ``dead_after_tokens`` tokens) fit what the live ones miss.  pre [B, n, H]
+        the unit's pre-activations, y_hat and y [B, n, d] its output and the target; the dead units' top 2K
+        (at most) by pre-activation x decoder size decode the residual y - y_hat, whose relative squared error
+        (BOS left out where the unit leaves it out) is the loss, a scalar."""
         dead = u.since_fired.to(pre.device) > self.cfg.dead_after_tokens
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.aux_coef == 0:
