@@ -476,8 +476,8 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------------------
 
     def _aux_loss(self, u: Unit, pre: torch.Tensor, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """AuxK: the dead units (silent for ``dead_after_tokens`` tokens) fit what the live ones miss.  pre [B, n, H]
-        the unit's pre-activations, y_hat and y [B, n, d] its output and the target; the dead units' top 2K
+        """AuxK: the dead units (silent for ``dead_after_tokens`` tokens) fit what the live ones miss.  pre [..., units]
+        the module's pre-activations, y_hat and y [..., d] its output and the target; the dead units' top 2K
         (at most) by pre-activation x decoder size decode the residual y - y_hat, whose relative squared error
         (BOS left out where the unit leaves it out) is the loss, a scalar."""
         dead = u.since_fired.to(pre.device) > self.cfg.dead_after_tokens
