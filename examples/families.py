@@ -97,8 +97,8 @@ def _why(model, ids, answer, peak, cfg, say):
         say("traced with QK: no induction family with a QK contrast at its key")
         return None
     f = max(fams, key=len)
-    say(f"traced with QK, why the induction family {f.id} ({len(f)} heads) looks at key {peak}: its heads' contrasts "
-        f"summed ({found[1]} of them)")
+    say(f"traced again as `trace` traces (with QK; its own families), why its induction family {f.id} ({len(f)} heads) "
+        f"looks at key {peak}: its heads' contrasts summed ({found[1]} of them)")
     for line in describe_contrast(found[0], 3):
         say("  " + line)
     return f, found[0], found[1], traced

@@ -8,7 +8,7 @@ block's nodes at positions 0..t (through its pattern); a transcoder feature and 
 own position (through frozen attention, with ``attention="frozen"``, at positions 0..t too).  On the bundled
 llama nearly every head and feature slot is active (K = 64 for both since its transcoders were widened), so the
 bound is close: 26,963,802 edges at 31 tokens against 26,732,542 counted (2026-12-07), 95.8M at 60, 416.3M at 127
-(31.6 GB; when every transcoder had K = 32 it was exact, 19,999,002 at 31 tokens).  Each edge costs ``BYTES_PER_EDGE`` at the peak (the edge store's index,
+(33.3 GB at 80 bytes an edge; when every transcoder had K = 32 it was exact, 19,999,002 at 31 tokens).  Each edge costs ``BYTES_PER_EDGE`` at the peak (the edge store's index,
 weight and kind tensors, merged once, plus pruning's per-edge temporaries): the peak resident memory of
 attribution + pruning over the loaded model was 72 bytes per edge at 31 tokens (1.37 GB), 67 at 60 (4.6 GB), and
 about 60 at 127 tokens (18.7 GB, the figure of issue 21); measured again with the jointly trained replacements,
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from replacement.memory import check_fits
 
 BYTES_PER_EDGE = 80
-DEFAULT_MAX_FEATURE_NODES = 1500  # `trace`'s node budget: 127 tokens on the bundled llama, <= 51M edges (4.1 GB)
+DEFAULT_MAX_FEATURE_NODES = 1500  # `trace`'s node budget: 127 tokens on the bundled llama, <= 67.9M edges (5.4 GB)
 
 
 @dataclass

@@ -145,18 +145,23 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write bytes to ``path`` atomically (see `atomic_path`)."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = False) -> None:
+    """Write bytes to ``path`` atomically (see `atomic_path`, ``durable`` too)."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text to ``path`` atomically (see `atomic_path`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, durable: bool = False) -> None:
+    """Write UTF-8 text to ``path`` atomically (see `atomic_path`, ``durable`` too)."""
+    atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "make_folder", "temp_path"]
+def fsync_folder(folder: str | Path) -> None:
+    """Flush a folder's entries (renames into it) to the disk, where the file system can."""
+    _fsync(Path(folder))
+
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_folder", "make_folder", "temp_path"]
 
 
 def progress_bar(iterable=None, desc: str = "", disable: bool = False, total: int | None = None, initial: int = 0):

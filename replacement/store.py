@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_save, load, signals_held
-from .io import atomic_write_text
+from .io import atomic_write_text, fsync_folder
 from .lorsa import Lorsa, LorsaConfig
 from .transcoder import Transcoder, TranscoderConfig
 
@@ -100,6 +100,7 @@ def save_modules(items: list[tuple[torch.nn.Module, str, dict | None]], folder: 
                                                                 for (module, kind, metrics), crc in zip(items, sums)])
         for path in staged:
             os.replace(path.with_name(STAGED + path.name), path)
+        fsync_folder(folder)  # the renames on the disk before the caller removes the training state
     return staged
 
 
@@ -119,7 +120,8 @@ def _update_folder_config(folder: Path, fingerprint: str, model_name: str,
     for kind, layer, metrics, crc in entries:
         cfg.setdefault("modules", {})[module_key(kind, layer)] = {"file": module_filename(kind, layer),
                                                                    "metrics": metrics, "crc32": crc}
-    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True))
+    # durable: the set's modules are staged durably, and a power cut must not leave an empty config.json naming none
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True), durable=True)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

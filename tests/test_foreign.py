@@ -188,6 +188,23 @@ def test_llamascope_lorsa_loader(tmp_path):
         torch.testing.assert_close(loaded(x)[0], m(x)[0])
 
 
+def test_llamascope_lorsa_it_cannot_read_is_a_foreign_format_error(tmp_path):
+    """What `lorsa_from_llamascope` cannot read (q/k norms, a rotary base that is no number, a config that disagrees
+    with the weights) is a ForeignFormatError, as the module says of every foreign file (it was CheckpointError)."""
+    m = _lorsa(rd=4)
+    for name, edit, match in (("qk-norm", lambda t, c: t.update({"ln_q.w": torch.ones(8)}), "q/k layer norms"),
+                              ("base", lambda t, c: c.update(rotary_base="x"), "rotary_base 'x' is not a positive"),
+                              ("shape", lambda t, c: c.update(d_qk_head=4), "disagree on the QK shape")):
+        folder = write_llamascope_lorsa(tmp_path / name, m, 0)
+        t = dict(ckpt.load(folder / "sae_weights.safetensors")[0])
+        c = json.loads((folder / "config.json").read_text())
+        edit(t, c)
+        save_file(t, str(folder / "sae_weights.safetensors"))
+        (folder / "config.json").write_text(json.dumps(c))
+        with pytest.raises(ForeignFormatError, match=match):
+            lorsa_from_llamascope(folder)
+
+
 def _ct_set(folder, adapter, threshold=0.3, skip=False, top_k=None, layers=None):
     """circuit-tracer transcoders for every layer of ``adapter`` (or ``layers``), written in its layout."""
     d = adapter.d_model

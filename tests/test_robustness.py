@@ -471,3 +471,33 @@ def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
     with io.atomic_path(tmp_path / "graph.json") as tmp:
         tmp.write_text("{}")
     assert calls == [("replace", str(tmp_path / "graph.json"))]
+
+
+def test_a_saved_set_reaches_the_disk_before_its_training_state_goes(tmp_path, monkeypatch):
+    """`store.save_modules` (the end of a training run, which then removes its state): every staged module and the
+    set's config.json are flushed before their renames, and the folder after the last rename, so that a power cut
+    after the state is gone never leaves an empty config.json (or entries not yet on the disk) naming no set."""
+    from replacement import io, store
+    from replacement.transcoder import Transcoder, TranscoderConfig
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        calls.append(("replace", str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    folder = tmp_path / "set"
+    tc = Transcoder(TranscoderConfig(d_model=4, n_features=8, top_k=2, layer=0))
+    store.save_modules([(tc, "transcoder", None)], folder, "fp", "m")
+    cfg, module = folder / "config.json", folder / store.module_filename("transcoder", 0)
+    i = calls.index(("replace", str(cfg)))
+    assert calls[i - 1] == ("fsync", str(io.temp_path(cfg)))  # config.json's bytes before its rename
+    j = calls.index(("replace", str(module)))
+    assert i < j and calls[j + 1:] == [("fsync", str(folder))]  # the module moved in, then the folder's entries

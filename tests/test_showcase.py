@@ -54,8 +54,8 @@ def test_induction_circuit(model, prompt):
     assert head.pos == n - 1 and c.peak == expected_peak and head.layer >= 1
     assert full.node(logit_id).prob == max(x.prob for x in full.logits())
     into = {e.source: e.weight for e in full.incoming(logit_id)}
-    rivals = [h for h in full.nodes(type="lorsa", position=n - 1) if h.id in into
-              and max(range(len(h.z_pattern)), key=lambda s: abs(h.z_pattern[s])) == expected_peak]
+    rivals = [h for h in full.nodes(type="lorsa", position=n - 1) if h.id in into  # keyed by the largest z entry
+              and max(range(len(h.z_pattern)), key=lambda s: h.z_pattern[s]) == expected_peak]
     assert into[head.id] > 0 and into[head.id] == max(into[h.id] for h in rivals)
     # its QK pairs explain its attention to that key position
     assert any(e.key_pos == expected_peak for e in head.qk) and c.pairs
