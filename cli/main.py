@@ -926,11 +926,16 @@ def _echo_family_contrast(g, f, p) -> None:
 
     found = family_contrast(g, f)
     if found is None:
+        if f.kind == "lorsa":  # a family of features has no attention to explain
+            click.echo("  (no QK contrast for its heads at their key: traced without QK (--no-qk), or the key is "
+                       "the only one)")
         return
     c, n = found
-    click.echo(f"  why its heads look at key pos {f.key_positions[0]} (graphs/families.py's family_contrast: the QK "
-               f"contrasts of {n} of its {len(f)} heads summed; the pairs and nodes sum each head's strongest few, "
-               "each end named by its family):")
+    key = f.key_positions[0]
+    token = repr(g.tokens[key]) if 0 <= key < len(g.tokens) else "?"
+    click.echo(p(f"  why its heads look at key pos {key} ({token}) (graphs/families.py's family_contrast: the QK "
+                 f"contrasts of {n} of its {len(f)} heads summed, scores too; the pairs and nodes sum each head's "
+                 "strongest few, each end named by its family):"))
     for line in describe_contrast(c):
         click.echo("    " + p(line))
 

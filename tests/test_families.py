@@ -422,10 +422,12 @@ def test_family_contrast_sums_members_and_names_ends_by_family(tmp_path):
     path = str(g.save(tmp_path / "g.json"))  # and `circuits query --node` prints it
     r = _circuits("query", path, "--node", "fam.lorsa.1.0@2")
     assert r.returncode == 0, r.stderr
-    assert ("why its heads look at key pos 1 (graphs/families.py's family_contrast: the QK contrasts of 2 of its 3 "
-            "heads summed" in r.stdout)
+    assert ("why its heads look at key pos 1 ('b') (graphs/families.py's family_contrast: the QK contrasts of 2 of "
+            "its 3 heads summed, scores too" in r.stdout), r.stdout
     assert "difference +3.000 = pairs +1.250 + query bias x keys +1.500 + position +0.250" in r.stdout, r.stdout
     assert "top pairs: emb@2 x fam.lorsa.1.1@2 +1.0000" in r.stdout
+    r = _circuits("query", path, "--node", "fam.lorsa.1.1@2")  # a family of heads without one says why
+    assert r.returncode == 0 and "(no QK contrast for its heads at their key" in r.stdout, r.stderr
 
 # -- on a model ------------------------------------------------------------------------------------------------------
 
