@@ -63,7 +63,7 @@ def random_pairs(n: int, seed: int = 0) -> list[tuple[int, int]]:
 def main():
     from graphs.patching import PathPatcher, agreement
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama")
     ap.add_argument("--pairs", default="36+62,23+45,51+38,17+64,72+19,44+33")
     ap.add_argument("--random", type=int, default=0, help="use this many random pairs instead of --pairs")
@@ -93,4 +93,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

@@ -37,7 +37,7 @@ print(json.dumps({"n": n, "seconds": dt, "seconds_ov": g.settings["seconds_ov"],
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama")
     ap.add_argument("--lengths", default="8,16,32,64")
     args = ap.parse_args()

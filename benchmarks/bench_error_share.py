@@ -19,7 +19,7 @@ def main():
     from replacement.data import addition_split
     from replacement.models import load_model
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama")
     ap.add_argument("--replacements", default=None, help="a replacements folder (default: the bundled one)")
     ap.add_argument("--every", type=int, default=25, help="take every N-th held-out pair (500 pairs)")
@@ -48,4 +48,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

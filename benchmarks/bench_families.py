@@ -69,7 +69,7 @@ def measure(model, full, ids, answer: int, peak: int, configs: list) -> list[dic
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["toy"])
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--first-seed", type=int, default=1)
@@ -135,4 +135,6 @@ def _spread(ratios: list[float]) -> str:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

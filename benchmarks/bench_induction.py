@@ -30,7 +30,7 @@ def probe(adapter, span: int, prefix: int, seed: int) -> tuple[float, list[float
 def main():
     from replacement.models import load_model
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--spans", default="3,5,8,12,16,24")
     ap.add_argument("--prefixes", default="0,10,40")
@@ -53,4 +53,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

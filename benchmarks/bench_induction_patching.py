@@ -16,7 +16,7 @@ from _examples import example as example_module
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--prompt", choices=["natural", "random"], default="random",
@@ -50,4 +50,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

@@ -24,7 +24,7 @@ def _agreement(predicted: list[float], reference: list[float]) -> str:
 def main():
     from graphs.patching import PathPatcher
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama")
     ap.add_argument("--pair", default="36+62")
     ap.add_argument("--module", action="append", default=[], help="a saved module to use instead (repeatable)")
@@ -54,4 +54,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

@@ -65,4 +65,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

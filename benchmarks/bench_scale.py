@@ -104,7 +104,7 @@ def run_one(model, device: str, n_tokens: int, max_feature_nodes: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="pythia160m")
     ap.add_argument("--tokens", default="16,64,256")
     ap.add_argument("--max-feature-nodes", type=int, default=1500)

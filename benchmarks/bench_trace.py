@@ -64,10 +64,19 @@ def _child_cpu() -> float:
 def cold_run(args: list[str]) -> tuple[float, float, float]:
     """(whole command, attribution + pruning, the command's CPU time) seconds of one fresh `trace` process."""
     t, c = time.time(), _child_cpu()
-    out = subprocess.run([sys.executable, "-c", COLD, *args], check=True, capture_output=True, text=True, env=ENV)
+    out = _checked([sys.executable, "-c", COLD, *args])
     wall = time.time() - t
     m = re.search(r"attribution \+ pruning ([\d.]+)s", out.stdout)
     return wall, float(m.group(1)) if m else float("nan"), _child_cpu() - c
+
+
+def _checked(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a `trace` process; one line (its own last) and no traceback where it fails."""
+    out = subprocess.run(argv, capture_output=True, text=True, env=ENV)
+    if out.returncode != 0:
+        last = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()[-1]
+        raise SystemExit(f"error: trace failed: {last.removeprefix('error: ')}")
+    return out
 
 
 def deps_run(model_type: str) -> float:
@@ -102,7 +111,7 @@ def _med(xs: list[float]) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama")
     ap.add_argument("--prompt", default="36 + 62 =")
     ap.add_argument("--runs", type=int, default=3)
@@ -120,7 +129,7 @@ def main():
                 busy.append(loaded(cold_run, args))
         warm = []
         for _ in range(a.runs):
-            out = subprocess.run([sys.executable, "-c", WARM, *args], check=True, capture_output=True, text=True, env=ENV)
+            out = _checked([sys.executable, "-c", WARM, *args])
             warm.append(tuple(map(float, out.stdout.strip().splitlines()[-1].split())))
         sizes = {p.name: p.stat().st_size for p in sorted(Path(tmp).iterdir())}
     print(f"trace {a.prompt!r} --model {a.model} (json, dot, svg), {os.cpu_count()} cores, load average before "
@@ -142,4 +151,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

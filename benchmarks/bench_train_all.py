@@ -20,7 +20,7 @@ def main():
     from replacement.models import load_model
     from replacement.train import TrainConfig, Trainer
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--text", nargs="+", default=None, help="text files to train on (default: the recipe's corpora)")
@@ -60,4 +60,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

@@ -102,8 +102,16 @@ make_transcoders(int(sys.argv[2]), int(sys.argv[3]), "relu", 0, Path(sys.argv[4]
 def venv() -> Path:
     """circuit-tracer's venv: $CIRCUIT_TRACER_VENV, or .venv-circuit-tracer (built here if missing)."""
     path = Path(os.environ.get("CIRCUIT_TRACER_VENV") or ROOT / ".venv-circuit-tracer")
-    if not (path / "bin" / "python").exists():
-        subprocess.run(["bash", str(ROOT / "benchmarks" / "make_circuit_tracer_venv.sh"), str(path)], check=True)
+    python = path / "bin" / "python"
+    ready = python.exists() and subprocess.run([str(python), "-c", "import circuit_tracer"], capture_output=True,
+                                               env=_env(1, ct=True)).returncode == 0
+    if not ready:  # missing, or a build that stopped half-way
+        print(f"no circuit-tracer venv at {path}: building one with benchmarks/make_circuit_tracer_venv.sh (pip, "
+              "network needed)", flush=True)
+        r = subprocess.run(["bash", str(ROOT / "benchmarks" / "make_circuit_tracer_venv.sh"), str(path)])
+        if r.returncode != 0:
+            raise SystemExit(f"error: could not build circuit-tracer's venv at {path} (make_circuit_tracer_venv.sh "
+                             f"ended with {r.returncode}; it installs from PyPI); set CIRCUIT_TRACER_VENV to a built one")
     return path
 
 
@@ -195,7 +203,7 @@ def _med(xs: list[float]) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--sizes", default="small,large")

@@ -32,8 +32,12 @@ def page(model_name: str, folder: Path) -> Path:
     return write_html(graph, folder / f"{model_name}.html", load_or_build(model))
 
 
+def find_chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
 def screenshot(html: Path, png: Path) -> None:
-    chromium = next(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n))
+    chromium = find_chromium()
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
                         "--virtual-time-budget=10000", f"--window-size={WINDOW}", "--hide-scrollbars",
@@ -43,10 +47,14 @@ def screenshot(html: Path, png: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent),
+                    help="folder for the PNGs (default: docs/, over the tracked screenshots)")
     ap.add_argument("--model", nargs="+", choices=["llama", "pythia"], default=["llama", "pythia"])
     args = ap.parse_args()
+    if find_chromium() is None:  # before the traces: say so in a line, not a StopIteration after minutes of work
+        raise SystemExit("error: no headless Chromium found (chromium, chromium-browser or google-chrome on PATH; "
+                         "apt-get install chromium)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shots = {"llama": "page-llama-addition.png", "pythia": "page-pythia-induction.png"}
@@ -57,4 +65,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

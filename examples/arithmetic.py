@@ -172,10 +172,10 @@ def _write(say, graph, out: Path) -> None:
 
     try:
         say(f"wrote {write_all(graph, out / 'arithmetic', ['json', 'svg'])['svg']}")
-    except BadInputError as e:  # no graphviz: the JSON and DOT are written all the same
-        say(f"note: {e}")
+    except BadInputError as e:  # no graphviz: the JSON and DOT are written all the same (graphs.files.write_all)
+        say(f"note: {e}; wrote {out / 'arithmetic.json'} and {out / 'arithmetic.dot'}")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples/out")
+    ap.add_argument("--out", default="examples/out", help="output folder (default: examples/out, relative to the current folder; git ignores it at the repository root)")
     analyse(ap.parse_args().out)

@@ -80,4 +80,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

@@ -7,7 +7,7 @@ For every Lorsa layer: how many Lorsa heads one original head explains (R^2 >= 0
 how many are spread, and how many are dead (replacement/correspond.py), then the best-matched heads; with
 --compare, the same for other Lorsa (e.g. trained from a random initialisation: `circuits train --what lorsa
 --lorsa-init random --out FOLDER`), the transcoders staying the bundled ones.  Writes one bar chart of all of
-them (correspond.png) and the per-head table (correspond.json) into --out.
+them (correspond.png, drawn from correspond.dot by graphviz) and the per-head table (correspond.json) into --out.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--n-seqs", type=int, default=16)
-    ap.add_argument("--out", default="examples/out")
+    ap.add_argument("--out", default="examples/out", help="output folder (default: examples/out, relative to the current folder; git ignores it at the repository root)")
     ap.add_argument("--compare", action="append", default=[], help="NAME=FOLDER: other Lorsa checkpoints of the model.")
     args = ap.parse_args()
 
-    from graphs.export import render
+    from graphs.export import RenderError, render
     from replacement.assemble import ReplacementModel
     from replacement.correspond import CorrespondConfig, correspond, histogram_dot
     from replacement.io import atomic_write_text
@@ -58,8 +58,13 @@ def main():
     atomic_write_text(out / "correspond.json", json.dumps(table, indent=1))
     dot = out / "correspond.dot"
     atomic_write_text(dot, histogram_dot(series, f"{args.model}: which original heads each Lorsa head comes from"))
-    print(f"wrote {out / 'correspond.json'}, {render(dot, 'png')}")
+    try:
+        print(f"wrote {out / 'correspond.json'}, {render(dot, 'png')} (drawn from {dot.name})")
+    except RenderError as e:  # no graphviz: the JSON and the DOT are written all the same
+        print(f"wrote {out / 'correspond.json'}, {dot}; note: {e}")
 
 
 if __name__ == "__main__":
-    main()
+    from replacement.errors import run_script
+
+    run_script(main)

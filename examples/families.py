@@ -109,7 +109,9 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="toy")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--cosine", type=float, default=None)
-    ap.add_argument("--out", default="examples/out")
+    ap.add_argument("--out", default="examples/out", help="output folder (default: examples/out, relative to the current folder; git ignores it at the repository root)")
     ap.add_argument("--why", action="store_true", help="also why the largest induction family looks at its key (QK)")
     a = ap.parse_args()
-    analyse(a.model, a.seed, a.cosine, a.out, why=a.why)
+    from replacement.errors import run_script
+
+    run_script(lambda: analyse(a.model, a.seed, a.cosine, a.out, why=a.why))

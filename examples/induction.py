@@ -128,8 +128,10 @@ def _write(say, graph, picture, out: Path) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="pythia")
-    ap.add_argument("--out", default="examples/out")
+    ap.add_argument("--out", default="examples/out", help="output folder (default: examples/out, relative to the current folder; git ignores it at the repository root)")
     ap.add_argument("--prompt", choices=["natural", "random"], default="natural")
     ap.add_argument("--seed", type=int, default=None)
     a = ap.parse_args()
-    analyse(a.model, a.out, a.seed, prompt=a.prompt)
+    from replacement.errors import run_script
+
+    run_script(lambda: analyse(a.model, a.out, a.seed, prompt=a.prompt))

@@ -52,4 +52,6 @@ if __name__ == "__main__":
     graph = ap.parse_args().graph
     if graph is not None and not (Path(graph).is_file() or (Path(graph) / "graph.json").is_file()):
         ap.error(f"no graph file {graph!r}")
-    main(graph)
+    from replacement.errors import run_script
+
+    run_script(lambda: main(graph))

@@ -43,15 +43,18 @@ def write_all(graph: AttributionGraph, base: str | Path, formats: list[str], dra
     ``"dot"`` that was not asked for.  ``dashboards``: called (only if html is asked for) for the page's
     feature dashboards.  ``expand_families``: the pictures draw each family's members rather than one node per
     family (the page opens so too; its "families as one node" box switches between the two).  A failed rendering
-    is a `BadInputError`."""
+    is a `BadInputError`, raised once the other formats are written (graphviz missing: the JSON is kept)."""
     from .export import Rendering, RenderError, write_dot, write_json
 
-    base, written, renderings = Path(base), {}, {}
+    base, written, renderings, failed = Path(base), {}, {}, None
     try:
         if {"dot", *RENDERED} & set(formats):  # first, so that dot renders while the other files are written
             written["dot"] = write_dot(graph, base.with_suffix(".dot"), draw_nodes, expand_families)
             for f in (f for f in RENDERED if f in formats):
-                renderings[f] = Rendering(written["dot"], f)
+                try:
+                    renderings[f] = Rendering(written["dot"], f)
+                except RenderError as e:  # no graphviz: said at the end, once the other files are written
+                    failed = failed or e
         if "json" in formats:
             written["json"] = write_json(graph, base.with_suffix(".json"))
         if "html" in formats:
@@ -61,6 +64,8 @@ def write_all(graph: AttributionGraph, base: str | Path, formats: list[str], dra
             written["html"] = write_html(graph, base.with_suffix(".html"), dash, draw_nodes, expand_families)
         for f, r in renderings.items():
             written[f] = r.wait()
+        if failed is not None:
+            raise failed
     except RenderError as e:
         raise BadInputError(str(e)) from None
     finally:

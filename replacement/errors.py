@@ -32,3 +32,13 @@ class CheckpointError(CircuitsError):
 
 class ForeignFormatError(CircuitsError, ValueError):
     """A replacement folder or file written by another tool that is corrupt, partial, or does not fit the model."""
+
+
+def run_script(main, *args, **kwargs):
+    """A script's entry point (benchmarks/, examples/, docs/screenshots.py): ``main(*args, **kwargs)``, where a
+    `CircuitsError` (a model, folder or file it needs is missing or unusable) ends the script in one line, not a
+    traceback."""
+    try:
+        return main(*args, **kwargs)
+    except CircuitsError as e:
+        raise SystemExit(f"error: {e}") from None

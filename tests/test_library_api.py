@@ -40,6 +40,19 @@ def test_write_all_writes_each_format_and_the_dot_that_rendering_needs(graph, tm
         assert written["svg"].read_text().lstrip().startswith(("<?xml", "<svg", "<!DOCTYPE"))
 
 
+def test_write_all_without_graphviz_keeps_the_other_formats(graph, tmp_path, monkeypatch):
+    """With no `dot` on PATH, asking for json and svg writes the JSON and the DOT and then says, in one line, that
+    nothing was drawn (the rendering was started first and failed before the JSON was written: a script that
+    caught the error had no graph.json)."""
+    import graphs.export
+
+    monkeypatch.setattr(graphs.export.shutil, "which", lambda name: None)
+    with pytest.raises(BadInputError, match="graphviz's `dot` is not installed"):
+        write_all(graph, tmp_path / "g", ["json", "svg"], 20)
+    assert json.loads((tmp_path / "g.json").read_text()) == json.loads(json.dumps(to_dict(graph)))
+    assert (tmp_path / "g.dot").read_text() == to_dot(graph, 20) and not (tmp_path / "g.svg").exists()
+
+
 def test_nodes_filters_by_type_layer_and_position_and_refuses_an_unknown_type(graph):
     brute = [n for n in graph.node_list if n.type == "lorsa" and n.layer == 1 and n.pos == 7]
     assert graph.nodes(type="lorsa", layer=1, position=7) == brute and brute
