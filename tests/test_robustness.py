@@ -443,13 +443,8 @@ def test_a_loss_diverging_later_does_not_blame_the_state(tmp_path):
     assert "no checkpoint had been saved yet" in str(e.value) and "--no-resume" not in str(e.value)
 
 
-def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
-    """`checkpoint.atomic_save` (training states, modules) flushes the new file to the disk before renaming it over
-    the old one, and the folder's entries after (os.fsync, recorded here in order with os.replace), so a power cut
-    leaves the old file or the new one; a graph's write (`atomic_path` by default) does not wait for the disk."""
-    from replacement import checkpoint as ckpt
-    from replacement import io
-
+def _record_fsyncs_and_renames(monkeypatch) -> list:
+    """[("fsync", path) or ("replace", destination)], in order, of every os.fsync and os.replace from now on."""
     calls = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -463,6 +458,17 @@ def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """`checkpoint.atomic_save` (training states, modules) flushes the new file to the disk before renaming it over
+    the old one, and the folder's entries after (os.fsync, recorded here in order with os.replace), so a power cut
+    leaves the old file or the new one; a graph's write (`atomic_path` by default) does not wait for the disk."""
+    from replacement import checkpoint as ckpt
+    from replacement import io
+
+    calls = _record_fsyncs_and_renames(monkeypatch)
     path = tmp_path / "state.safetensors"
     ckpt.atomic_save({"w": torch.ones(3)}, path, {"step": 1})
     assert calls == [("fsync", str(io.temp_path(path))), ("replace", str(path)), ("fsync", str(tmp_path))]
@@ -480,19 +486,7 @@ def test_a_saved_set_reaches_the_disk_before_its_training_state_goes(tmp_path, m
     from replacement import io, store
     from replacement.transcoder import Transcoder, TranscoderConfig
 
-    calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(a, b):
-        calls.append(("replace", str(b)))
-        real_replace(a, b)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    calls = _record_fsyncs_and_renames(monkeypatch)
     folder = tmp_path / "set"
     tc = Transcoder(TranscoderConfig(d_model=4, n_features=8, top_k=2, layer=0))
     store.save_modules([(tc, "transcoder", None)], folder, "fp", "m")
