@@ -387,7 +387,6 @@ def predicted_effect(graph: AttributionGraph, f: Family, logit_id: str) -> float
     return set_effect(graph, graph_effects(graph, logit_id), f.members)
 
 
-
 def family_contrast(graph: AttributionGraph, f: Family, fams: list[Family] | None = None
                     ) -> tuple[QKContrast, int] | None:
     """Why a family of heads looks at its key rather than elsewhere: its members' `QKContrast`s at the family's
@@ -425,6 +424,7 @@ def family_contrast(graph: AttributionGraph, f: Family, fams: list[Family] | Non
         query_marginals=summed((named(u), w) for c in contrasts for u, w in c.query_marginals),
         key_marginals=summed((named(u), w) for c in contrasts for u, w in c.key_marginals),
     ), len(contrasts)
+
 
 # -- the collapsed graph ----------------------------------------------------------------------------------------
 
