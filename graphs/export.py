@@ -34,7 +34,7 @@ from replacement.io import atomic_write_text
 from .graph import FEATURE_KINDS, AttributionGraph, Edge, EdgeArrays, Node, NodeKind, QKEntry
 from .validate import load_graph_dict, strict_dumps
 from .layout import (DEFAULT_DRAW_NODES, LABEL_W, NODE_H, NODE_W, Grid, box_label, drawing, drawn_qk, edge_routes, gist,
-                     gist_examples, grid, meaning, node_name, prompt_tail, quoted, one_line)
+                     gist_examples, grid, meaning, node_name, one_line, prompt_tail, quoted)
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "graph.schema.json"
