@@ -296,14 +296,16 @@ class PathPatcher:
         for start in range(0, len(components), batch_size):
             batch = components[start : start + batch_size]
             B = len(batch)
-            deltas = {}
+            deltas, changed = {}, [False] * B
             for b, group in enumerate(batch):
                 for c in _members(group):
                     for key, d in self.deltas(c, mode).items():
                         deltas.setdefault(key, torch.zeros(B, *shape, device=self.rec.embed.device))[b] += d
+                        changed[b] = changed[b] or bool(d.any())
             logits = a.run(self.ids[None].expand(B, -1), hooks=self._hooks(deltas)).logits
-            for c, m in zip(batch, self.metric(logits).tolist()):
-                results.append(PatchResult(c, self.clean, m, m - self.clean))
+            for c, m, moved in zip(batch, self.metric(logits).tolist(), changed):
+                m = m if moved else self.clean  # nothing written changes (a unit not active, zero-ablated): the
+                results.append(PatchResult(c, self.clean, m, m - self.clean))  # clean run itself, not a batch's rounding
         return results
 
     def linear_effects(self, components: list[Component | tuple[Component, ...]], mode: str = "zero",

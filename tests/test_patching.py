@@ -434,3 +434,19 @@ def test_a_component_at_every_position_predicts_the_sum_of_its_nodes():
         by_hand = sum(float(effects[g.index[n.id]]) for n in nodes)
         assert set_effect(g, effects, [Component(kind, layer, index, None)]) == pytest.approx(by_hand, rel=1e-9)
         assert by_hand != 0
+
+
+def test_a_unit_not_active_has_no_effect_exactly_even_batched_with_others():
+    """Zero-ablating a Lorsa head that does not fire changes no write: its effect is exactly 0 (the clean run itself),
+    also when it shares a batch with a head that fires, whose batched run rounds apart from the clean one (the
+    bundled llama printed "effect -0.0000" for an idle head beside an active one)."""
+    adapter = ModelAdapter(tiny_llama(), name="m")
+    model = random_replacements(adapter)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    p = PathPatcher(model, ids, target=7)
+    code = p.rec.layers[0].lorsa_code
+    fired = set(code.indices[8][code.values[8] != 0].tolist())
+    idle = next(h for h in range(model.lorsas[0].cfg.n_heads) if h not in fired)
+    idle_res, active_res = p.effects([f"lorsa.0.{idle}@8", f"lorsa.0.{min(fired)}@8"])
+    assert idle_res.effect == 0.0 and idle_res.patched == p.clean
+    assert abs(active_res.effect) > 0
